@@ -1,0 +1,3 @@
+from minismtp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Events the protocol core hands to the I/O layer, and the envelope they describe.
+
+Events are facts about what the client did. The ones marked "decision" leave the core
+PAUSED until the I/O layer answers with `accept()` or `reject(reply)`; the rest only inform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Everything known about a transaction when its body starts."""
+
+    helo: str
+    esmtp: bool
+    sender: str  # "" is the null reverse-path <>
+    recipients: tuple[str, ...]
+    smtputf8: bool = False
+    body_8bitmime: bool = False
+    declared_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Decision: HELO or EHLO with the client's claimed name."""
+
+    name: str
+    extended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom:
+    """Decision: MAIL FROM, already checked for syntax and declared size."""
+
+    sender: str
+    size: int | None
+    smtputf8: bool
+    body_8bitmime: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    """Decision: RCPT TO, already checked for syntax and the recipient limit."""
+
+    recipient: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataStarted:
+    """Decision: DATA; on accept the core sends 354 and starts scanning the body."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class BodyChunk:
+    """Unstuffed body bytes: a view borrowed from the receive buffer.
+
+    Valid until more data is fed to the core (the next `free_view()`/`receive_data()`),
+    so every chunk of one read may be gathered and written together.
+    """
+
+    data: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """Decision: the terminator arrived; accept(queue_id) only once the body is stored."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRejected:
+    """The core refused a complete body itself (too big, bare LF) and already replied.
+
+    Whatever was stored for it must be discarded.
+    """
+
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """RSET or a new HELO/EHLO dropped the transaction in progress (already answered)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """Decision: QUIT; accept sends 221 and closes."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The core will say nothing more: flush what is queued, then close the socket."""
+
+    reason: str
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes, then ask again
+PAUSED = _Sentinel("PAUSED")  # answer the last decision event first
+
+Event = (
+    Hello | MailFrom | RcptTo | DataStarted | BodyChunk | MessageEnd | MessageRejected
+    | Reset | Quit | ConnectionClosed
+)
+DECISIONS = (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit)

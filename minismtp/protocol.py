@@ -1,0 +1,485 @@
+"""SmtpServerConnection: the sans-IO SMTP server state machine (RFC 5321).
+
+Untrusted input: every byte the client sends. Commands are bounded by the line limit,
+the body by the message-size limit, errors by a budget; nothing here can raise on input.
+
+Theory of operation
+-------------------
+The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)`, or
+`receive_data()`), then calls `next_event()` until it returns NEED_DATA or PAUSED:
+
+- Protocol errors (unknown verb, bad syntax, wrong order, line too long, bare LF) are
+  answered here; the replies wait in an internal buffer read by `data_to_send()`.
+- A *decision* event (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit) pauses the
+  core until the I/O layer calls `accept()` or `reject(reply)`; only then are later
+  pipelined commands looked at, so replies always leave in command order (RFC 2920).
+- In DATA the body scanner hands out BodyChunk views of the buffer itself; the core
+  counts them against the size limit and the bare-LF policy and answers 552/550 itself
+  after the terminator (a "delayed reject": it never stops reading mid-DATA).
+
+States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
+missing entry is the 503 (`_BAD_SEQUENCE`), decided in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from minismtp import replies
+from minismtp.buffer import ReceiveBuffer
+from minismtp.events import (
+    NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
+    MessageEnd, MessageRejected, Quit, RcptTo, Reset,
+)
+from minismtp.replies import Reply
+from minismtp.scanner import NEED_MORE, TOO_LONG, LineScanner, scan_body
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    hostname: str = "localhost"
+    max_message_bytes: int = 32 * 1024 * 1024
+    max_recipients: int = 1000  # RFC 5321 4.5.3.1.8: at least 100
+    max_command_bytes: int = 512  # RFC 5321 4.5.3.1.4, CRLF included
+    max_errors: int = 20  # protocol errors before 421 (Postfix smtpd_hard_error_limit)
+    reject_bare_lf: bool = True
+    command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
+    data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
+
+
+class State(enum.Enum):
+    START = "start"  # the greeting is not decided yet
+    WAIT_HELO = "wait-helo"
+    READY = "ready"  # greeted, no transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"
+    NO_SERVICE = "no-service"  # negative greeting: only QUIT (RFC 5321 3.1)
+    CLOSED = "closed"
+
+
+S = State
+_HELLO_STATES = (S.WAIT_HELO, S.READY, S.MAIL, S.RCPT)
+_NEXT_STATE: dict[tuple[State, str], State] = {
+    **{(s, "HELO"): S.READY for s in _HELLO_STATES},
+    **{(s, "EHLO"): S.READY for s in _HELLO_STATES},
+    (S.READY, "MAIL"): S.MAIL,
+    (S.MAIL, "RCPT"): S.RCPT,
+    (S.RCPT, "RCPT"): S.RCPT,
+    (S.RCPT, "DATA"): S.DATA,
+}
+_ANY_STATE = frozenset({"RSET", "NOOP", "QUIT", "VRFY", "HELP"})
+_NOT_IMPLEMENTED = frozenset({
+    "EXPN", "TURN", "ETRN", "ATRN", "AUTH", "STARTTLS", "BDAT", "SEND", "SOML", "SAML",
+})
+
+
+def _bad_sequence(state: State, verb: str, rcpt_attempted: bool) -> Reply:
+    if state is S.NO_SERVICE:
+        return replies.NO_SERVICE_SEQUENCE
+    if state is S.WAIT_HELO and verb == "MAIL":
+        return replies.NEED_HELO
+    if verb == "MAIL":
+        return replies.NESTED_MAIL
+    if verb == "RCPT" or state in (S.WAIT_HELO, S.READY):
+        return replies.NEED_MAIL
+    if verb == "DATA":
+        return replies.NO_VALID_RECIPIENTS if rcpt_attempted else replies.NEED_RCPT
+    return replies.BAD_SEQUENCE
+
+
+# RFC 5321 4.1.2 Path, leniently: quoted local parts may hold spaces and ">".
+_PATH = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^<>"\s])*)>')
+_MAX_PATH_CHARS = 256  # RFC 5321 4.5.3.1.3, brackets included
+_SIZE_DIGITS = re.compile(r"\d{1,20}")
+# An LF without its CR. A regex with a literal first byte lets sre jump from LF to LF in
+# C; two bytes.count() passes were 3x slower on typical bodies. Chunks never split a CRLF
+# (see scanner.py), and searching the chunk's own view keeps the look-behind inside it.
+_find_bare_lf = re.compile(rb"\n(?<!\r\n)").search
+
+
+class _Syntax(Exception):
+    """A command argument is malformed; carries the reply to send."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+
+def _parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
+    """Split "FROM:<a@b> X=Y" into ("a@b", ["X=Y"]); source routes are dropped."""
+    if arg[: len(prefix)].upper() != prefix:
+        raise _Syntax(replies.MAIL_SYNTAX if prefix == "FROM:" else replies.RCPT_SYNTAX)
+    rest = arg[len(prefix):].lstrip(" ")
+    m = _PATH.match(rest)
+    if m is None or (m.end() < len(rest) and rest[m.end()] != " "):
+        raise _Syntax(bad)
+    address = m.group(1)
+    if address.startswith("@"):  # RFC 5321 4.1.2 / C: accept and ignore a source route
+        _, colon, address = address.partition(":")
+        if not colon:
+            raise _Syntax(bad)
+    if len(address) + 2 > _MAX_PATH_CHARS or not _address_chars_ok(address):
+        raise _Syntax(bad)
+    return address, rest[m.end():].split()
+
+
+def _address_chars_ok(address: str) -> bool:
+    if not address.isprintable():  # no controls; spaces only get here inside quotes
+        return False
+    try:
+        address.encode("utf-8")  # surrogates stand for bytes that were not UTF-8
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_mailbox(address: str) -> bool:
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain) and not domain.startswith(".") and ".." not in domain
+
+
+class SmtpServerConnection:
+    """One SMTP session, from greeting to close. See the module docstring."""
+
+    def __init__(self, settings: Settings = Settings()) -> None:
+        self.settings = settings
+        self.buffer = ReceiveBuffer(settings.command_buffer_bytes)
+        self.state = S.START
+        self._lines = LineScanner(settings.max_command_bytes)
+        self._out: list[bytes] = []
+        self._pending: object | None = None  # the decision event awaiting an answer
+        self._close_reason = ""
+        self._errors = 0
+        self._helo = ""
+        self._esmtp = False
+        self._reset_transaction()
+        self._handlers: dict[str, Callable[[str], object | None]] = {
+            "HELO": self._helo_cmd, "EHLO": self._ehlo_cmd, "MAIL": self._mail_cmd,
+            "RCPT": self._rcpt_cmd, "DATA": self._data_cmd, "RSET": self._rset_cmd,
+            "NOOP": self._noop_cmd, "QUIT": self._quit_cmd, "VRFY": self._vrfy_cmd,
+            "HELP": self._help_cmd,
+        }
+
+    # -- I/O layer API -------------------------------------------------------------
+
+    def greet(self, reply: Reply | None = None) -> None:
+        """Send the greeting. 421 closes; any other non-2xx leaves only QUIT usable."""
+        if self.state is not S.START:
+            raise RuntimeError("greet() is called once, first")
+        reply = reply or replies.greeting(self.settings.hostname)
+        self._out.append(reply.wire)
+        if reply.code == 421:
+            self._close("greeting refused")
+        else:
+            self.state = S.WAIT_HELO if reply.is_positive else S.NO_SERVICE
+
+    def receive_data(self, data: bytes) -> int:
+        """Copy bytes in (tests, small inputs); return how many fitted. 0 means: drain
+        events first (or the core is closed)."""
+        if self.state is S.CLOSED:
+            return 0
+        return self.buffer.feed(data)
+
+    def next_event(self) -> object:
+        """The next event, NEED_DATA (feed more bytes) or PAUSED (answer first)."""
+        if self._pending is not None or self.state is S.START:
+            return PAUSED
+        if self.state is S.CLOSED:
+            return ConnectionClosed(self._close_reason)
+        if self.state is S.DATA:
+            return self._next_body_event()
+        return self._next_command_event()
+
+    def accept(self, queue_id: str | None = None) -> None:
+        """Answer the pending decision positively (MessageEnd needs the queue id)."""
+        event = self._take_pending()
+        kind = type(event)
+        if kind is Hello:
+            self._reset_transaction()
+            self._helo, self._esmtp = event.name, event.extended
+            s = self.settings
+            self._out.append(
+                replies.ehlo(s.hostname, s.max_message_bytes).wire if event.extended
+                else replies.helo(s.hostname).wire)
+            self.state = S.READY
+        elif kind is MailFrom:
+            self._sender = event.sender
+            self._smtputf8, self._body_8bit = event.smtputf8, event.body_8bitmime
+            self._declared_size = event.size
+            self._out.append(replies.SENDER_OK.wire)
+            self.state = S.MAIL
+        elif kind is RcptTo:
+            self._recipients.append(event.recipient)
+            self._out.append(replies.RECIPIENT_OK.wire)
+            self.state = S.RCPT
+        elif kind is DataStarted:
+            self._out.append(replies.START_INPUT.wire)
+            self._start_body()
+        elif kind is MessageEnd:
+            if not queue_id:
+                raise ValueError("accepting a message needs its queue id")
+            self._out.append(replies.queued(queue_id).wire)
+            self._end_transaction()
+        else:  # Quit
+            self._out.append(replies.CLOSING.wire)
+            self._close("quit")
+
+    def reject(self, reply: Reply) -> None:
+        """Answer the pending decision with `reply`; the state stays where it was."""
+        event = self._take_pending()
+        self._out.append(reply.wire)
+        if isinstance(event, MessageEnd):
+            self._end_transaction()
+        elif isinstance(event, Quit):
+            self._close("quit")
+
+    def shutdown(self, reply: Reply) -> None:
+        """Send a last reply (timeout, shutting down) and close, whatever was pending."""
+        if self.state is not S.CLOSED:
+            self._pending = None
+            self._out.append(reply.wire)
+            self._close(f"closed by server: {reply.code}")
+
+    def disconnect(self, reason: str = "dropped by server") -> None:
+        """Close without a word (fault injection)."""
+        self._pending = None
+        self._out.clear()
+        self._close(reason)
+
+    def data_to_send(self) -> bytes:
+        """Replies queued so far, in order, as one batch."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.state in (S.MAIL, S.RCPT, S.DATA) or isinstance(
+            self._pending, (DataStarted, MessageEnd))
+
+    @property
+    def closed(self) -> bool:
+        return self.state is S.CLOSED
+
+    # -- commands ------------------------------------------------------------------
+
+    def _next_command_event(self) -> object:
+        buf = self.buffer
+        while self.state is not S.CLOSED:
+            line, buf.start = self._lines.next_line(buf.data, buf.start, buf.end)
+            if line is NEED_MORE:
+                self._maybe_shrink()
+                return NEED_DATA
+            if line is TOO_LONG:
+                self._error(replies.LINE_TOO_LONG)
+                continue
+            if line.bare_lf and self.settings.reject_bare_lf:
+                self._error(replies.BARE_LF_COMMAND)
+                continue
+            text = str(buf.data[line.start:line.stop], "utf-8", "surrogateescape")
+            event = self._dispatch(text)
+            if event is not None:
+                if type(event) in _INFORMATIONAL:
+                    return event
+                self._pending = event
+                return event
+        return ConnectionClosed(self._close_reason)
+
+    def _dispatch(self, text: str) -> object | None:
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        handler = self._handlers.get(verb)
+        if handler is None:
+            self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
+                        else replies.UNRECOGNIZED)
+            return None
+        if verb not in _ANY_STATE and (self.state, verb) not in _NEXT_STATE:
+            self._error(_bad_sequence(self.state, verb, self._rcpt_attempts > 0))
+            return None
+        if self.state is S.NO_SERVICE and verb != "QUIT":
+            self._error(replies.NO_SERVICE_SEQUENCE)
+            return None
+        try:
+            return handler(arg.strip(" "))
+        except _Syntax as problem:
+            self._error(problem.reply)
+            return None
+
+    def _helo_cmd(self, arg: str) -> object:
+        if not arg or not arg.isprintable():
+            raise _Syntax(replies.HELO_SYNTAX)
+        return Hello(arg, extended=False)
+
+    def _ehlo_cmd(self, arg: str) -> object:
+        if not arg or not arg.isprintable():
+            raise _Syntax(replies.EHLO_SYNTAX)
+        return Hello(arg, extended=True)
+
+    def _mail_cmd(self, arg: str) -> object | None:
+        sender, params = _parse_path(arg, "FROM:", replies.BAD_SENDER)
+        if sender and not _is_mailbox(sender):
+            raise _Syntax(replies.BAD_SENDER)
+        size, body, smtputf8 = None, None, False
+        for param in params:
+            key, eq, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE" and eq and size is None and _SIZE_DIGITS.fullmatch(value):
+                size = int(value)
+            elif key == "BODY" and eq and body is None and value.upper() in ("7BIT", "8BITMIME"):
+                body = value.upper()
+            elif key == "SMTPUTF8" and not eq and not smtputf8:
+                smtputf8 = True
+            elif key in ("SIZE", "BODY", "SMTPUTF8"):
+                raise _Syntax(replies.BAD_PARAMETER_VALUE)
+            else:
+                raise _Syntax(replies.UNKNOWN_PARAMETER)
+        if not self._esmtp and params:
+            raise _Syntax(replies.UNKNOWN_PARAMETER)  # RFC 5321 4.1.1.11: HELO means no extensions
+        if not smtputf8 and not sender.isascii():
+            raise _Syntax(replies.NEED_SMTPUTF8)
+        if size is not None and size > self.settings.max_message_bytes:
+            self._out.append(replies.MESSAGE_TOO_BIG.wire)  # a limit, not a client error
+            return None
+        return MailFrom(sender, size, smtputf8, body == "8BITMIME")
+
+    def _rcpt_cmd(self, arg: str) -> object | None:
+        recipient, params = _parse_path(arg, "TO:", replies.BAD_RECIPIENT)
+        if not (_is_mailbox(recipient) or recipient.lower() == "postmaster"):
+            raise _Syntax(replies.BAD_RECIPIENT)
+        if params:
+            raise _Syntax(replies.UNKNOWN_PARAMETER)
+        if not self._smtputf8 and not recipient.isascii():
+            raise _Syntax(replies.NEED_SMTPUTF8)
+        self._rcpt_attempts += 1
+        if len(self._recipients) >= self.settings.max_recipients:
+            self._out.append(replies.TOO_MANY_RECIPIENTS.wire)
+            return None
+        return RcptTo(recipient)
+
+    def _data_cmd(self, arg: str) -> object:
+        if arg:
+            raise _Syntax(replies.NO_ARGUMENTS)
+        return DataStarted(Envelope(
+            self._helo, self._esmtp, self._sender, tuple(self._recipients),
+            self._smtputf8, self._body_8bit, self._declared_size))
+
+    def _rset_cmd(self, arg: str) -> object | None:
+        if arg:
+            raise _Syntax(replies.NO_ARGUMENTS)
+        self._out.append(replies.OK.wire)
+        if self.state in (S.MAIL, S.RCPT):
+            self._reset_transaction()
+            self.state = S.READY
+            return Reset()
+        return None
+
+    def _noop_cmd(self, arg: str) -> None:
+        self._out.append(replies.OK.wire)
+
+    def _quit_cmd(self, arg: str) -> object:
+        return Quit()
+
+    def _vrfy_cmd(self, arg: str) -> None:
+        if not arg:
+            raise _Syntax(replies.VRFY_SYNTAX)
+        self._out.append(replies.CANNOT_VRFY.wire)
+
+    def _help_cmd(self, arg: str) -> None:
+        self._out.append(replies.HELP.wire)
+
+    # -- body ----------------------------------------------------------------------
+
+    def _start_body(self) -> None:
+        self.state = S.DATA
+        self._at_line_start = True
+        self._body_bytes = 0
+        self._body_refused = ""  # why the body will be refused at its end, once known
+        self._lines.reset()
+
+    def _next_body_event(self) -> object:
+        buf = self.buffer
+        data = buf.data
+        limit = self.settings.max_message_bytes
+        while True:
+            pos = buf.start
+            start, stop, buf.start, self._at_line_start, done = scan_body(
+                data, pos, buf.end, self._at_line_start)
+            if done:
+                return self._end_body()
+            if stop > start:
+                self._body_bytes += stop - start
+                if self._body_refused:
+                    continue  # keep reading to the terminator, store nothing more
+                if self._body_bytes > limit:
+                    self._body_refused = "message too big"
+                    continue
+                chunk = buf.view(start, stop)
+                if self.settings.reject_bare_lf and _find_bare_lf(chunk) is not None:
+                    self._body_refused = "bare LF in body"
+                else:
+                    return BodyChunk(chunk)
+            elif buf.start == pos:
+                self._maybe_grow()
+                return NEED_DATA
+
+    def _end_body(self) -> object:
+        size, refused = self._body_bytes, self._body_refused
+        if not refused:
+            self._pending = MessageEnd(size)
+            self.state = S.READY  # the body is over; the decision decides the reply
+            return self._pending
+        self._out.append((replies.MESSAGE_TOO_BIG if refused == "message too big"
+                          else replies.BARE_LF_DATA).wire)
+        self._end_transaction()
+        return MessageRejected(size, refused)
+
+    def _maybe_grow(self) -> None:
+        # A body larger than the command buffer streams in: read it in big gulps.
+        buf, cap = self.buffer, self.settings.data_buffer_bytes
+        if self._body_bytes > buf.capacity and buf.capacity < cap:
+            buf.resize(cap)
+
+    def _maybe_shrink(self) -> None:
+        buf, cap = self.buffer, self.settings.command_buffer_bytes
+        if buf.capacity > cap and len(buf) <= cap // 2:
+            buf.resize(cap)
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _take_pending(self) -> object:
+        event, self._pending = self._pending, None
+        if event is None:
+            raise RuntimeError("no decision is pending")
+        return event
+
+    def _reset_transaction(self) -> None:
+        self._sender = ""
+        self._recipients: list[str] = []
+        self._rcpt_attempts = 0
+        self._smtputf8 = False
+        self._body_8bit = False
+        self._declared_size: int | None = None
+
+    def _end_transaction(self) -> None:
+        self._reset_transaction()
+        self.state = S.READY
+
+    def _error(self, reply: Reply) -> None:
+        self._out.append(reply.wire)
+        self._errors += 1
+        if self._errors >= self.settings.max_errors:
+            self._out.append(replies.TOO_MANY_ERRORS.wire)
+            self._close("too many errors")
+
+    def _close(self, reason: str) -> None:
+        self.state = S.CLOSED
+        self._close_reason = reason
+
+
+_INFORMATIONAL = (Reset,)

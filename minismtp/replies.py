@@ -1,0 +1,126 @@
+"""Every SMTP reply minismtp sends, as values named by meaning.
+
+A reply keeps its enhanced status code (RFC 3463) apart from its text, so nothing leaves
+without one; only the greeting and the HELO/EHLO answer carry none (RFC 2034 section 3).
+Wire bytes are built once, when the reply is made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_TEXT_OK = re.compile(r"[\x20-\x7e]*")  # a reply is printable ASCII: no CR/LF injection
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced: str | None
+    text: str | tuple[str, ...]
+    wire: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"reply code out of range: {self.code}")
+        if self.enhanced is not None:
+            if not _ENHANCED.fullmatch(self.enhanced) or self.enhanced[0] != str(self.code)[0]:
+                raise ValueError(f"enhanced code {self.enhanced!r} does not fit {self.code}")
+        lines = self.lines
+        for line in lines:
+            if not _TEXT_OK.fullmatch(line):
+                raise ValueError(f"reply text must be printable ASCII: {line!r}")
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        last = len(lines) - 1
+        wire = "".join(
+            f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+            for i, line in enumerate(lines)
+        )
+        object.__setattr__(self, "wire", wire.encode("ascii"))
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return (self.text,) if isinstance(self.text, str) else self.text
+
+    @property
+    def is_temporary(self) -> bool:
+        return self.code // 100 == 4
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @classmethod
+    def parse(cls, line: str) -> Reply:
+        """Build a reply from config text such as "450 4.2.0 Mailbox busy"."""
+        m = re.fullmatch(r"([2-5]\d\d)(?: ([245]\.\d{1,3}\.\d{1,3}))?(?: (.*))?", line.strip())
+        if not m:
+            raise ValueError(f'not an SMTP reply: "{line}" (expected e.g. "450 4.2.0 Busy")')
+        code = int(m.group(1))
+        enhanced = m.group(2) or f"{code // 100}.0.0"
+        return cls(code, enhanced, m.group(3) or "Error")
+
+
+def greeting(hostname: str) -> Reply:
+    return Reply(220, None, f"{hostname} ESMTP minismtp")
+
+
+def ehlo(hostname: str, max_message_bytes: int) -> Reply:
+    return Reply(250, None, (
+        hostname, "PIPELINING", f"SIZE {max_message_bytes}", "8BITMIME",
+        "ENHANCEDSTATUSCODES", "SMTPUTF8",
+    ))
+
+
+def helo(hostname: str) -> Reply:
+    return Reply(250, None, hostname)
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+START_INPUT = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+CLOSING = Reply(221, "2.0.0", "Bye")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+
+# Sequence and syntax (RFC 5321 section 4.2.4; enhanced codes RFC 3463).
+UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.6", "Error: command line too long")
+BARE_LF_COMMAND = Reply(500, "5.5.2", "Error: bare <LF> received; lines must end with <CR><LF>")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Error: bad sequence of commands")
+NO_SERVICE_SEQUENCE = Reply(503, "5.7.0", "Error: no service, only QUIT is accepted")
+HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: no arguments allowed")
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Bad parameter value")
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
+
+# Limits.
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds fixed maximum message size")
+BARE_LF_DATA = Reply(550, "5.5.2", "Error: bare <LF> in message body; lines must end with <CR><LF>")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors, closing connection")
+
+# Conditions the I/O layer reports.
+LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Error: too many connections, try again later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
