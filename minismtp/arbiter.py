@@ -1,0 +1,386 @@
+"""The master process: binds, forks workers and supervises them until told to stop.
+
+Untrusted input: none from the network (the master never reads client bytes); signals
+and the YAML file on reload, which is validated in full before anything changes.
+
+Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
+more/less. Handlers do nothing; `signal.set_wakeup_fd` carries the signal number into
+the master's own loop, where it is dispatched. WARNING: never log or do other work in a
+signal handler: a lock held by the interrupted code (logging's, malloc's) deadlocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from minismtp import exitcodes
+from minismtp.config import Config, ConfigError, ListenAddress, load_config
+from minismtp.delivery import DeliveryError, make_backend
+from minismtp.heartbeat import HeartbeatBoard
+from minismtp.worker import Worker
+
+log = logging.getLogger("minismtp.master")
+
+MAX_WORKERS = 1024  # heartbeat slots; far above what one machine's cores can use
+_LOOP_S = 0.5  # heartbeat and back-off checks at least this often
+_KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is killed
+_SHORT_LIFE_S = 5.0  # a worker dying younger than this counts towards spawn back-off
+_HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+            signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+
+@dataclass
+class WorkerRecord:
+    pid: int
+    slot: int
+    generation: int
+    started: float
+    retiring_since: float | None = None  # when it was sent SIGTERM
+    killed: bool = False
+
+
+# -- policy: pure functions over worker records, unit-tested without forking --------
+
+def spawn_delay(crash_streak: int) -> float:
+    """Back-off before the next spawn after `crash_streak` workers died young in a row."""
+    return 0.0 if crash_streak <= 0 else min(30.0, 0.1 * 2 ** (crash_streak - 1))
+
+
+def stale_workers(records: list[WorkerRecord], beats: dict[int, float], now: float,
+                  timeout_s: float) -> list[WorkerRecord]:
+    """Workers whose last heartbeat (by slot) is older than `timeout_s`."""
+    return [r for r in records if not r.killed and now - beats[r.slot] > timeout_s]
+
+
+def workers_to_retire(records: list[WorkerRecord], generation: int, target: int
+                      ) -> list[WorkerRecord]:
+    """Old generations, then the oldest of the current one beyond `target`."""
+    active = [r for r in records if r.retiring_since is None]
+    old = [r for r in active if r.generation != generation]
+    current = sorted((r for r in active if r.generation == generation), key=lambda r: r.started)
+    return old + current[: max(0, len(current) - target)]
+
+
+def workers_missing(records: list[WorkerRecord], generation: int, target: int) -> int:
+    current = [r for r in records if r.generation == generation and r.retiring_since is None]
+    return max(0, target - len(current))
+
+
+def overdue(records: list[WorkerRecord], now: float, grace_s: float) -> list[WorkerRecord]:
+    """Retiring workers that ignored SIGTERM for longer than `grace_s`."""
+    return [r for r in records if r.retiring_since is not None and not r.killed
+            and now - r.retiring_since > grace_s]
+
+
+# -- sockets -----------------------------------------------------------------------
+
+def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = True
+         ) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        if listen:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+class Arbiter:
+    def __init__(self, config: Config, config_path: str | None,
+                 overrides: dict[str, object] | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.target = config.server.workers
+        self.generation = 0
+        self.workers: dict[int, WorkerRecord] = {}
+        self.listeners: dict[str, socket.socket] = {}  # by configured address text
+        self.board = HeartbeatBoard(MAX_WORKERS)
+        self.free_slots = list(range(MAX_WORKERS - 1, -1, -1))
+        self.crash_streak = 0
+        self.next_spawn_at = 0.0
+        self.stopping = False
+        self.stop_deadline = float("inf")
+        self.sel = selectors.DefaultSelector()
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._dispatch = {
+            signal.SIGHUP: self._reload, signal.SIGTERM: self._stop_gracefully,
+            signal.SIGINT: self._stop_gracefully, signal.SIGQUIT: self._stop_now,
+            signal.SIGTTIN: self._more_workers, signal.SIGTTOU: self._fewer_workers,
+        }
+
+    # -- start and main loop ---------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self._bind_all(self.config)
+            self._prepare_delivery(self.config)
+        except (OSError, DeliveryError) as exc:
+            log.error("cannot start: %s", exc)
+            return exitcodes.FAILURE
+        self._init_signals()
+        for text, sock in self.listeners.items():
+            log.info("listening on %s", bound_address(sock))
+        log.info("starting %d worker(s), delivery=%s", self.target, self.config.delivery.backend)
+        try:
+            while not (self.stopping and not self.workers):
+                self._maintain(time.monotonic())
+                self._wait_for_signals(_LOOP_S)
+                self._reap()
+        finally:
+            self._kill_all(signal.SIGKILL)
+            for sock in self.listeners.values():
+                sock.close()
+        log.info("master exiting")
+        return exitcodes.OK
+
+    def _init_signals(self) -> None:
+        for sig in _HANDLED:
+            signal.signal(sig, _ignore_signal)
+        for sock in (self._wakeup_r, self._wakeup_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        self.sel.register(self._wakeup_r, selectors.EVENT_READ)
+
+    def _wait_for_signals(self, timeout: float) -> None:
+        if not self.sel.select(timeout):
+            return
+        try:
+            signums = self._wakeup_r.recv(256)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in signums:
+            action = self._dispatch.get(signum)
+            if action is not None:
+                action()
+
+    def _maintain(self, now: float) -> None:
+        records = list(self.workers.values())
+        if self.stopping:
+            if now > self.stop_deadline:
+                self._kill_all(signal.SIGKILL)
+            return
+        beats = {r.slot: self.board.last(r.slot) for r in records}
+        for record in stale_workers(records, beats, now, self.config.server.worker_timeout):
+            log.error("worker %d missed its heartbeat for %.0fs, killing it",
+                      record.pid, now - beats[record.slot])
+            self._signal(record, signal.SIGKILL)
+            record.killed = True
+        for record in workers_to_retire(records, self.generation, self.target):
+            self._signal(record, signal.SIGTERM)
+            record.retiring_since = now
+        grace = self.config.server.shutdown_timeout + _KILL_GRACE_S
+        for record in overdue(records, now, grace):
+            log.warning("worker %d did not stop in %.0fs, killing it", record.pid, grace)
+            self._signal(record, signal.SIGKILL)
+            record.killed = True
+        if self.crash_streak and any(now - r.started > _SHORT_LIFE_S for r in records
+                                     if r.retiring_since is None):
+            self.crash_streak = 0
+        if now >= self.next_spawn_at:
+            for _ in range(workers_missing(records, self.generation, self.target)):
+                self._spawn(now)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.workers.pop(pid, None)
+            if record is None:
+                continue  # not ours (or already forgotten): reaped, not reported
+            self.free_slots.append(record.slot)
+            self._report_exit(record, status)
+
+    def _report_exit(self, record: WorkerRecord, status: int) -> None:
+        expected = record.retiring_since is not None or self.stopping
+        if os.WIFEXITED(status):
+            code = os.WEXITSTATUS(status)
+            how, clean = f"exited with status {code}", code == exitcodes.OK
+        else:
+            how, clean = f"was killed by signal {os.WTERMSIG(status)}", False
+        if expected and (clean or record.killed):
+            log.debug("worker %d %s", record.pid, how)
+            return
+        log.error("worker %d %s; replacing it", record.pid, how)
+        now = time.monotonic()
+        if now - record.started < _SHORT_LIFE_S:
+            self.crash_streak += 1
+            self.next_spawn_at = now + spawn_delay(self.crash_streak)
+
+    # -- workers ---------------------------------------------------------------------
+
+    def _spawn(self, now: float) -> None:
+        slot = self.free_slots.pop()
+        self.board.beat(slot, now)
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = WorkerRecord(pid, slot, self.generation, now)
+            return
+        code = exitcodes.WORKER_CRASHED
+        try:
+            code = self._become_worker(slot)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else exitcodes.OK
+        except BaseException:
+            log.exception("worker %d crashed", os.getpid())
+        finally:
+            os._exit(code)  # this must never return into the master's code
+
+    def _become_worker(self, slot: int) -> int:
+        signal.set_wakeup_fd(-1)
+        for sig in _HANDLED:
+            signal.signal(sig, signal.SIG_DFL)
+        self.sel.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        config = self.config
+        try:
+            listeners = self._worker_listeners(config)
+            _drop_privileges(config.server.user)
+            delivery = config.delivery
+            backend = make_backend(delivery.backend, delivery.path, delivery.fsync,
+                                   delivery.layout, config.server.hostname)
+        except (OSError, DeliveryError, KeyError) as exc:
+            log.error("worker %d cannot start: %s", os.getpid(), exc)
+            return exitcodes.WORKER_BOOT_FAILED
+        return Worker(config, listeners, backend, self.board, slot).run()
+
+    def _worker_listeners(self, config: Config) -> list[socket.socket]:
+        if not config.server.reuse_port:
+            return list(self.listeners.values())
+        # Each worker its own socket on the port the master reserved: the kernel spreads
+        # connections evenly instead of waking every worker on one shared queue.
+        own = []
+        for address, placeholder in zip(config.server.listen, self.listeners.values()):
+            port = placeholder.getsockname()[1]
+            own.append(bind(ListenAddress(address.host, port, address.family),
+                            config.server.backlog, reuse_port=True))
+        for placeholder in self.listeners.values():
+            placeholder.close()
+        return own
+
+    def _signal(self, record: WorkerRecord, signum: int) -> None:
+        try:
+            os.kill(record.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _kill_all(self, signum: int) -> None:
+        for record in self.workers.values():
+            self._signal(record, signum)
+            record.killed = record.killed or signum == signal.SIGKILL
+
+    # -- signal actions ----------------------------------------------------------------
+
+    def _stop_gracefully(self) -> None:
+        if self.stopping:
+            return
+        log.info("stopping: workers finish the transactions in flight (up to %.0fs)",
+                 self.config.server.shutdown_timeout)
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.config.server.shutdown_timeout + _KILL_GRACE_S
+        self._kill_all(signal.SIGTERM)
+
+    def _stop_now(self) -> None:
+        log.info("stopping now")
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + 1.0
+        self._kill_all(signal.SIGQUIT)
+
+    def _more_workers(self) -> None:
+        self.target += 1
+        log.info("workers: %d", self.target)
+
+    def _fewer_workers(self) -> None:
+        self.target = max(1, self.target - 1)
+        log.info("workers: %d", self.target)
+
+    def _reload(self) -> None:
+        if self.stopping:
+            return
+        try:
+            config = load_config(self.config_path, self.overrides)
+            self._bind_all(config)
+            self._prepare_delivery(config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            log.error("reload refused: still running on the previous configuration")
+            return
+        except (OSError, DeliveryError) as exc:
+            log.error("reload refused: %s; still running on the previous configuration", exc)
+            return
+        for text in [t for t in self.listeners if t not in {str(a) for a in config.server.listen}]:
+            self.listeners.pop(text).close()
+        self.config = config
+        self.target = config.server.workers
+        self.generation += 1
+        log.info("reloaded %s: starting generation %d with %d worker(s)",
+                 self.config_path or "embedded defaults", self.generation, self.target)
+
+    def _bind_all(self, config: Config) -> None:
+        """Bind the addresses not bound yet; on failure close what this call bound."""
+        fresh: dict[str, socket.socket] = {}
+        server = config.server
+        try:
+            for address in server.listen:
+                text = str(address)
+                if text not in self.listeners and text not in fresh:
+                    try:
+                        fresh[text] = bind(address, server.backlog, server.reuse_port,
+                                           listen=not server.reuse_port)
+                    except OSError as exc:
+                        raise OSError(exc.errno, f"cannot listen on {text}: {exc.strerror}")
+        except OSError:
+            for sock in fresh.values():
+                sock.close()
+            raise
+        self.listeners.update(fresh)
+        for text in fresh:
+            if self.generation:
+                log.info("listening on %s", bound_address(fresh[text]))
+
+    def _prepare_delivery(self, config: Config) -> None:
+        d = config.delivery
+        make_backend(d.backend, d.path, d.fsync, d.layout, config.server.hostname).prepare()
+        if d.backend == "maildir" and config.server.user and os.geteuid() == 0:
+            user = pwd.getpwnam(config.server.user)
+            for sub in ("", "tmp", "new", "cur"):
+                os.chown(os.path.join(d.path, sub), user.pw_uid, user.pw_gid)
+
+
+def _drop_privileges(user: str | None) -> None:
+    if not user or os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """Nothing here: the wakeup fd tells the loop (see the module docstring)."""

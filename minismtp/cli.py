@@ -1,0 +1,67 @@
+"""The `minismtp` command: serve, check-config, --version.
+
+Untrusted input: command-line arguments and the configuration file, both validated by
+`config.load_config`; every problem is printed as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from minismtp import __version__, exitcodes
+from minismtp.config import ConfigError, dump_config, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minismtp", description="A fast, pre-forked SMTP receiver.")
+    parser.add_argument("--version", action="version", version=f"minismtp {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the server (master and workers)")
+    serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    serve.add_argument("--listen", metavar="HOST:PORT", action="append",
+                       help="listen here instead of server.listen (repeatable)")
+    serve.add_argument("--workers", metavar="N", help="worker count (an integer or auto)")
+    check = commands.add_parser("check-config",
+                                help="validate a configuration and print the effective one")
+    check.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    if getattr(args, "listen", None):
+        overrides["server.listen"] = args.listen
+    if getattr(args, "workers", None) is not None:
+        workers = args.workers
+        overrides["server.workers"] = int(workers) if workers.isdigit() else workers
+    return overrides
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(asctime)s minismtp[%(process)d] %(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return exitcodes.CONFIG
+    overrides = _overrides(args)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"minismtp: {problem}", file=sys.stderr)
+        return exitcodes.CONFIG
+    if args.command == "check-config":
+        sys.stdout.write(dump_config(config))
+        return exitcodes.OK
+    _setup_logging(config.logging.level)
+    from minismtp.arbiter import Arbiter  # the server's modules only when serving
+
+    return Arbiter(config, args.config, overrides).run()

@@ -1,0 +1,89 @@
+"""The delivery interface: a `Backend` opens one `Sink` per message being received.
+
+Untrusted input: the `Envelope` (HELO name, sender, recipients) and the body bytes all come
+from the client. Every backend must treat them as hostile: envelope strings may hold control
+characters, path separators or anything else the protocol core let through.
+
+Everything here runs inside a worker's single-threaded event loop, so a sink must be cheap:
+`write()` gets views borrowed from the receive buffer, valid only during the call, and must
+hand them to the OS (or drop them) at once, never keep or copy them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..events import Envelope
+
+__all__ = ["Backend", "DeliveryError", "Peer", "Sink"]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The remote end of a session, as the OS reported it (not as the client claims)."""
+
+    address: str  # IP text, e.g. "127.0.0.1" or "::1"
+    port: int
+
+
+class DeliveryError(Exception):
+    """A message could not be stored.
+
+    `temporary` selects the reply class (4xx or 5xx). The message text is for the log
+    only: it may name local paths, so it must never be sent to the peer.
+    """
+
+    def __init__(self, message: str, temporary: bool = True) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class Sink(ABC):
+    """One message being received.
+
+    Call order: `write()` any number of times, then exactly one of `commit()` or `abort()`.
+    After a failed `write()` later writes are ignored and `commit()` raises; `abort()` is
+    always safe, including twice or after a failed `write()`/`commit()`.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def write(self, data: memoryview | bytes) -> None:
+        """Append a body segment; `data` is borrowed and must not be kept.
+
+        Raises DeliveryError on failure (and drops what was written).
+        """
+
+    @abstractmethod
+    def commit(self) -> str:
+        """Make the message durable and return its queue id (printable ASCII, no spaces).
+
+        Raises DeliveryError on failure; then nothing of the message remains visible.
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop everything written so far. Never raises."""
+
+
+class Backend(ABC):
+    """A place where messages are stored; one instance per process, made from config."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Check and set up storage once, in the master, before workers are forked.
+
+        Raises DeliveryError with a message naming the unusable path.
+        """
+
+    @abstractmethod
+    def open(self, envelope: Envelope, peer: Peer) -> Sink:
+        """Start storing one message. Raises DeliveryError if it cannot be started."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release whatever the backend holds open. Never raises."""

@@ -1,0 +1,421 @@
+"""Maildir delivery: tmp/ -> new/, and a 250 reply only once the message is on disk.
+
+Untrusted input (SECURITY): the HELO name, sender, recipients and body come from the client.
+- Trace headers: control characters (CR, LF, TAB, NUL, DEL, C1, U+2028/9) become "?", so
+  a hostile HELO or address can never start a header line of its own.
+- Directory names (layout "per_recipient"): each component is percent-encoded outside
+  [A-Za-z0-9._+-], never "", "." or "..", never hidden, capped with a hash suffix; the
+  directory is then checked with realpath to lie inside delivery.path (a symlink planted
+  in the tree is refused, not followed).
+
+Layout "single" uses the Maildir at delivery.path; "per_recipient" writes one file in the
+shared `<path>/tmp/` and hard-links it into each `<path>/<domain>/<local-part>/new/`. Every
+copy carries all `Delivered-To:` lines, so recipients see each other's addresses (Bcc too).
+
+Commit follows CPython's `Maildir.add` and goes further: fsync the file, link it into new/
+(never clobbers), unlink the tmp name, fsync the new/ directory so the entry survives a
+crash. Any failure removes every name the message got.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import os
+import re
+import socket
+import stat
+import time
+from contextlib import suppress
+from email.utils import formatdate
+
+from ..events import Envelope
+from .base import Backend, DeliveryError, Peer, Sink
+
+__all__ = ["MaildirBackend", "MaildirSink", "clean_tmp", "mailbox_parts", "trace_headers"]
+
+TMP_MAX_AGE_S = 36 * 3600  # Maildir convention: tmp/ files this old are debris of a crash
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NO_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})  # fs without hard links
+_MAX_COMPONENT = 200  # bytes; NAME_MAX is 255 on common filesystems
+_MAX_MAILBOXES = 4096  # verified mailbox directories remembered per process
+
+# Unique names: <seconds>.M<usec>P<pid>Q<counter>.<host>. The pid is cached and refreshed
+# in each forked child; the counter makes names distinct within one process and microsecond.
+_pid = os.getpid()
+_counter = itertools.count(1)
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+# --- untrusted strings -> header text and path components -------------------------------
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
+_PERCENT = tuple(chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256))
+_RESERVED_DOMAINS = frozenset({"tmp", "new", "cur", "_local"})  # names we use ourselves
+_LOCAL_DOMAIN = "_local"  # folder for a bare "postmaster" (RFC 5321 section 4.1.1.3)
+
+
+def _to_bytes(text: str) -> bytes:
+    """Encode envelope text, restoring raw bytes the core kept as surrogate escapes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _clean(text: str) -> str:
+    return _CONTROL.sub("?", text)
+
+
+def _component(text: str) -> str:
+    """One safe, non-empty path component that is never "." or ".." nor hidden."""
+    raw = _to_bytes(text)
+    out = "".join([_PERCENT[b] for b in raw])
+    if not out:
+        return "%"  # "%" alone is never produced by encoding, so it cannot collide
+    if out[0] == ".":
+        out = "%2E" + out[1:]
+    if len(out) > _MAX_COMPONENT:
+        # "~" is always percent-encoded above, so a hashed name cannot collide with a plain one
+        out = out[: _MAX_COMPONENT - 17] + "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return out
+
+
+def mailbox_parts(recipient: str) -> tuple[str, str]:
+    """Map a recipient to (domain folder, local-part folder), both safe path components.
+
+    The domain is case-insensitive and lower-cased; the local part keeps its case
+    (RFC 5321 section 2.4). A recipient without "@" goes to the "_local" folder.
+    """
+    local, at, domain = recipient.rpartition("@")
+    if not at:
+        return _LOCAL_DOMAIN, _component(recipient.lower())
+    folder = _component(domain.lower())
+    if folder in _RESERVED_DOMAINS:
+        folder = f"%{ord(folder[0]):02X}{folder[1:]}"
+    return folder, _component(local)
+
+
+def _encode_host(host: str) -> str:
+    """Host part of a Maildir name: "/" -> "\\057", ":" -> "\\072", any other unsafe byte too."""
+    out = "".join([chr(b) if b in _SAFE else f"\\{b:03o}" for b in _to_bytes(host)])
+    return out[:100] or "localhost"
+
+
+def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
+                  when_s: float) -> bytes:
+    """Return-Path, one Delivered-To per recipient, and Received (RFC 5321 section 4.4)."""
+    lines = [f"Return-Path: <{_clean(envelope.sender)}>"]
+    lines += [f"Delivered-To: {_clean(rcpt)}" for rcpt in envelope.recipients]
+    # RFC 6531 section 4.3 registers "UTF8SMTP" for ESMTP with SMTPUTF8
+    protocol = "UTF8SMTP" if envelope.smtputf8 else "ESMTP" if envelope.esmtp else "SMTP"
+    address = _clean(peer.address)
+    literal = f"[IPv6:{address}]" if ":" in address else f"[{address}]"
+    received = (
+        f"Received: from {_clean(envelope.helo) or 'unknown'} ({literal})\r\n"
+        f"\tby {_clean(hostname)} (minismtp) with {protocol} id {queue_id}"
+    )
+    date = formatdate(when_s, localtime=True)
+    if len(envelope.recipients) == 1:
+        received += f"\r\n\tfor <{_clean(envelope.recipients[0])}>; {date}"
+    else:
+        received += f";\r\n\t{date}"
+    lines.append(received)
+    lines.append("")
+    return _to_bytes("\r\n".join(lines))
+
+
+# --- file system helpers -----------------------------------------------------------------
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path is not None:
+        with suppress(OSError):
+            os.unlink(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir(path: str, fsync: bool) -> None:
+    """Create one directory (0700) if missing; make its entry durable when created."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
+        return
+    if fsync:
+        _fsync_dir(os.path.dirname(path))
+
+
+def clean_tmp(path: str, max_age_s: float = TMP_MAX_AGE_S) -> int:
+    """Remove files older than `max_age_s` (by mtime) from the Maildir `path`'s tmp/.
+
+    Returns how many were removed. Directories are left alone; OSError other than a file
+    vanishing meanwhile propagates.
+    """
+    cutoff = time.time() - max_age_s
+    removed = 0
+    with os.scandir(os.path.join(path, "tmp")) as entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) or st.st_mtime >= cutoff:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+    return removed
+
+
+# --- sink and backend ----------------------------------------------------------------------
+
+
+class MaildirSink(Sink):
+    """One message in tmp/. `_fd < 0` means finished: committed, aborted or failed."""
+
+    __slots__ = ("_backend", "_fd", "_tmp_path", "_name", "queue_id", "_targets")
+
+    def __init__(self, backend: MaildirBackend, fd: int, tmp_path: str, name: str,
+                 queue_id: str, targets: tuple[str, ...]) -> None:
+        self._backend = backend
+        self._fd = fd
+        self._tmp_path: str | None = tmp_path
+        self._name = name
+        self.queue_id = queue_id
+        self._targets = targets  # new/ directories, each ending in os.sep
+
+    def write(self, data: memoryview | bytes) -> None:
+        fd = self._fd
+        if fd < 0:
+            return
+        try:
+            n = os.write(fd, data)
+            while n < len(data):
+                # Short write: go on with the remainder, a view of the same memory (no copy).
+                if n == 0:
+                    raise OSError(errno.ENOSPC, "no progress writing")
+                data = memoryview(data)[n:]
+                n = os.write(fd, data)
+        except OSError as exc:
+            path = self._tmp_path
+            self.abort()
+            raise DeliveryError(f'delivery: writing "{path}": {_why(exc)}') from exc
+
+    def commit(self) -> str:
+        fd = self._fd
+        if fd < 0:
+            raise DeliveryError(f"delivery: {self.queue_id} not stored (write failed or aborted)")
+        self._fd = -1
+        tmp_path = self._tmp_path
+        assert tmp_path is not None
+        linked: list[str] = []
+        try:
+            try:
+                if self._backend.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._backend._publish(tmp_path, self._name, self._targets, linked)
+        except OSError as exc:
+            for path in linked:
+                _unlink_quietly(path)
+            self._tmp_path = None
+            _unlink_quietly(tmp_path)
+            where = exc.filename or tmp_path
+            raise DeliveryError(f'delivery: storing "{where}": {_why(exc)}') from exc
+        self._tmp_path = None
+        return self.queue_id
+
+    def abort(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
+        tmp_path, self._tmp_path = self._tmp_path, None
+        _unlink_quietly(tmp_path)
+
+
+class MaildirBackend(Backend):
+    """Stores messages as Maildir files under `path` (see the module docstring)."""
+
+    __slots__ = ("path", "fsync", "per_recipient", "hostname", "_host", "_tmp", "_new",
+                 "_new_fd", "_real_root", "_mailboxes")
+
+    def __init__(self, path: str, fsync: bool = True, layout: str = "single",
+                 hostname: str = "") -> None:
+        if layout not in ("single", "per_recipient"):
+            raise ValueError(f"unknown Maildir layout {layout!r}")
+        self.path = os.path.abspath(path)
+        self.fsync = fsync
+        self.per_recipient = layout == "per_recipient"
+        self.hostname = hostname or socket.gethostname()
+        self._host = _encode_host(socket.gethostname())
+        self._tmp = os.path.join(self.path, "tmp", "")
+        self._new = os.path.join(self.path, "new", "")
+        self._new_fd = -1
+        self._real_root: str | None = None
+        self._mailboxes: dict[tuple[str, str], str] = {}
+
+    def _path_error(self, reason: str) -> DeliveryError:
+        return DeliveryError(f'delivery.path "{self.path}": {reason}')
+
+    def prepare(self) -> None:
+        path = self.path
+        try:
+            os.makedirs(path, 0o700, exist_ok=True)
+        except FileExistsError:
+            raise self._path_error("not a directory") from None
+        except OSError as exc:
+            raise self._path_error(f"cannot create: {_why(exc)}") from exc
+        if not os.path.isdir(path):
+            raise self._path_error("not a directory")
+        for sub in ("tmp",) if self.per_recipient else ("tmp", "new", "cur"):
+            try:
+                _mkdir(os.path.join(path, sub), self.fsync)
+            except OSError as exc:
+                raise self._path_error(f"cannot create {sub}/: {_why(exc)}") from exc
+        try:
+            clean_tmp(path)
+        except OSError as exc:
+            raise self._path_error(f"cannot clean tmp/: {_why(exc)}") from exc
+        self._probe()
+        self._real_root = os.path.realpath(path)
+
+    def _probe(self) -> None:
+        """Prove tmp/ is writable (and supports hard links when the layout needs them)."""
+        probe = f"{self._tmp}.probe.{os.getpid()}"
+        _unlink_quietly(probe)
+        try:
+            fd = os.open(probe, _OPEN_FLAGS, 0o600)
+            try:
+                os.write(fd, b"probe\n")
+            finally:
+                os.close(fd)
+            if self.per_recipient:
+                os.link(probe, probe + ".link")
+                os.unlink(probe + ".link")
+        except OSError as exc:
+            raise self._path_error(f"not writable: {_why(exc)}") from exc
+        finally:
+            _unlink_quietly(probe)
+        if not self.per_recipient and not os.access(self._new, os.W_OK | os.X_OK):
+            raise self._path_error("new/ is not writable")
+
+    def open(self, envelope: Envelope, peer: Peer) -> MaildirSink:
+        targets = self._targets(envelope.recipients) if self.per_recipient else ()
+        for _ in range(5):  # an O_EXCL clash needs a pid reused within one microsecond
+            seconds, rest_ns = divmod(time.time_ns(), 1_000_000_000)
+            queue_id = f"{seconds}.M{rest_ns // 1000}P{_pid}Q{next(_counter)}"
+            name = f"{queue_id}.{self._host}"
+            tmp_path = self._tmp + name
+            try:
+                fd = os.open(tmp_path, _OPEN_FLAGS, 0o600)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise DeliveryError(f'delivery: creating "{tmp_path}": {_why(exc)}') from exc
+        else:
+            raise DeliveryError(f'delivery: no unique name in "{self._tmp}"')
+        sink = MaildirSink(self, fd, tmp_path, name, queue_id, targets)
+        sink.write(trace_headers(envelope, peer, self.hostname, queue_id, seconds))
+        return sink
+
+    def _targets(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
+        """The distinct new/ directories for the recipients, created on first use."""
+        if not recipients:
+            raise DeliveryError("delivery: no recipients to store for", temporary=False)
+        targets: list[str] = []
+        for rcpt in recipients:
+            parts = mailbox_parts(rcpt)
+            new_dir = self._mailboxes.get(parts)
+            if new_dir is None:
+                new_dir = self._make_mailbox(parts, rcpt)
+            if new_dir not in targets:
+                targets.append(new_dir)
+        return tuple(targets)
+
+    def _make_mailbox(self, parts: tuple[str, str], rcpt: str) -> str:
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.path)
+        inside = self._real_root + os.sep
+        mailbox = os.path.join(self.path, *parts)
+        outside = DeliveryError(f"delivery: recipient {rcpt!r} maps outside delivery.path")
+        # Checked before creating (a planted symlink must not be followed by mkdir) and
+        # after (the directories now exist, so realpath sees every link on the way).
+        if not os.path.realpath(mailbox).startswith(inside):
+            raise outside
+        try:
+            _mkdir(os.path.join(self.path, parts[0]), self.fsync)
+            _mkdir(mailbox, self.fsync)
+            for sub in ("tmp", "new", "cur"):
+                _mkdir(os.path.join(mailbox, sub), self.fsync)
+        except OSError as exc:
+            raise DeliveryError(f'delivery: creating "{mailbox}": {_why(exc)}') from exc
+        if not os.path.realpath(mailbox).startswith(inside):
+            raise outside
+        if len(self._mailboxes) >= _MAX_MAILBOXES:
+            self._mailboxes.clear()
+        self._mailboxes[parts] = new_dir = os.path.join(mailbox, "new", "")
+        return new_dir
+
+    def _publish(self, tmp_path: str, name: str, targets: tuple[str, ...],
+                 linked: list[str]) -> None:
+        """Give the closed tmp file its name(s) in new/; append each to `linked` at once."""
+        if not self.per_recipient:
+            new_path = self._new + name
+            try:
+                os.link(tmp_path, new_path)
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                os.rename(tmp_path, new_path)  # CPython Maildir.add's fallback
+                linked.append(new_path)
+            else:
+                linked.append(new_path)
+                os.unlink(tmp_path)
+            if self.fsync:
+                if self._new_fd < 0:  # opened once per process, kept until close()
+                    self._new_fd = os.open(self._new, _DIR_FLAGS)
+                os.fsync(self._new_fd)
+            return
+        try:
+            for new_dir in targets:
+                os.link(tmp_path, new_dir + name)
+                linked.append(new_dir + name)
+            os.unlink(tmp_path)
+            if self.fsync:
+                for new_dir in targets:
+                    _fsync_dir(new_dir)
+        except OSError:
+            self._mailboxes.clear()  # a mailbox may have been removed: re-create next time
+            raise
+
+    def close(self) -> None:
+        fd, self._new_fd = self._new_fd, -1
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
+        self._mailboxes.clear()

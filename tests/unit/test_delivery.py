@@ -1,0 +1,482 @@
+"""Delivery backends against real files: Maildir (both layouts) and discard."""
+
+from __future__ import annotations
+
+import errno
+import mailbox
+import os
+import socket
+import stat
+import time
+from email.parser import BytesParser
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import pytest
+
+from minismtp.delivery import (
+    Backend, DeliveryError, Peer, Sink, make_backend,
+)
+from minismtp.delivery import maildir
+from minismtp.delivery.maildir import MaildirBackend, clean_tmp, mailbox_parts
+from minismtp.delivery.null import DiscardBackend
+from minismtp.events import Envelope
+
+PEER = Peer("192.0.2.7", 40123)
+HOST = "mx.example.net"
+BODY = (
+    b"From: a@example.org\r\nSubject: caf\xc3\xa9 \xff\xfe\r\n\r\n"
+    b".leading dot stays unstuffed\r\n..two dots\r\n\r\n"
+    b"8-bit: \x80\x81\xe9\r\n" + b"x" * 5000 + b"\r\n.\r\nnot the end\r\n"
+)
+
+
+def envelope(*recipients: str, helo: str = "client.example", sender: str = "a@example.org",
+             esmtp: bool = True, smtputf8: bool = False) -> Envelope:
+    return Envelope(helo=helo, esmtp=esmtp, sender=sender,
+                    recipients=recipients or ("b@example.net",), smtputf8=smtputf8)
+
+
+def backend(tmp_path: Path, layout: str = "single", fsync: bool = True) -> MaildirBackend:
+    b = make_backend("maildir", str(tmp_path / "mail"), fsync, layout, HOST)
+    assert isinstance(b, MaildirBackend)
+    b.prepare()
+    return b
+
+
+def write_in_segments(sink: Sink, body: bytes = BODY) -> None:
+    """Feed the body as views borrowed from one buffer, at uneven split points."""
+    buf = bytearray(body)
+    view = memoryview(buf)
+    pos, step = 0, 1
+    while pos < len(buf):
+        sink.write(view[pos:pos + step])
+        pos += step
+        step = step * 3 % 997 + 1
+    view.release()
+    buf[:] = b"resized"  # BufferError if the sink still held a view of the buffer
+
+
+def deliver(b: Backend, env: Envelope | None = None, body: bytes = BODY) -> str:
+    sink = b.open(env or envelope(), PEER)
+    write_in_segments(sink, body)
+    return sink.commit()
+
+
+def files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file())
+
+
+def stored(tmp_path: Path) -> bytes:
+    (path,) = files(tmp_path / "mail" / "new")
+    return path.read_bytes()
+
+
+def split_headers(data: bytes) -> tuple[bytes, bytes]:
+    """The trace block (up to the first line not starting a trace header) and the rest."""
+    assert data.endswith(BODY)
+    head = data[: len(data) - len(BODY)]
+    for line in head.split(b"\r\n")[:-1]:
+        assert line.startswith((b"Return-Path: ", b"Delivered-To: ", b"Received: ", b"\t"))
+    return head, data[len(head):]
+
+
+# --- stored content ----------------------------------------------------------------------
+
+
+def test_file_is_trace_headers_then_exact_body(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    queue_id = deliver(b, envelope("b@example.net", "c@example.com"))
+    data = stored(tmp_path)
+    head, body = split_headers(data)
+    assert body == BODY
+    assert head.endswith(b"\r\n") and b"\n" not in head.replace(b"\r\n", b"")
+    msg = BytesParser().parsebytes(data)
+    assert msg["Return-Path"] == "<a@example.org>"
+    assert msg.get_all("Delivered-To") == ["b@example.net", "c@example.com"]
+    received = " ".join(msg["Received"].split())
+    assert received.startswith("from client.example ([192.0.2.7]) by mx.example.net (minismtp)")
+    assert f"with ESMTP id {queue_id};" in received
+    assert " for " not in received  # two recipients: no "for" clause
+    assert msg["Subject"] is not None and len(msg.get_all("Received")) == 1
+
+
+def test_received_for_one_recipient_and_date(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    before = time.time()
+    queue_id = deliver(b, envelope("only@example.net", sender=""))
+    msg = BytesParser().parsebytes(stored(tmp_path))
+    assert msg["Return-Path"] == "<>"
+    received = " ".join(msg["Received"].split())
+    assert f"id {queue_id} for <only@example.net>; " in received
+    when = parsedate_to_datetime(received.rpartition("; ")[2])
+    assert before - 2 <= when.timestamp() <= time.time() + 1
+    assert when.tzinfo is not None
+
+
+@pytest.mark.parametrize(("esmtp", "smtputf8", "word"), [
+    (False, False, "SMTP"), (True, False, "ESMTP"), (True, True, "UTF8SMTP"),
+])
+def test_received_protocol(tmp_path: Path, esmtp: bool, smtputf8: bool, word: str) -> None:
+    deliver(backend(tmp_path), envelope(esmtp=esmtp, smtputf8=smtputf8))
+    received = BytesParser().parsebytes(stored(tmp_path))["Received"]
+    assert f" with {word} id " in " ".join(received.split())
+
+
+def test_ipv6_peer_is_an_address_literal(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    sink = b.open(envelope(), Peer("::1", 1))
+    sink.commit()
+    assert b"from client.example ([IPv6:::1])\r\n" in stored(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["helo", "sender", "rcpt"])
+def test_hostile_envelope_cannot_inject_header(tmp_path: Path, field: str) -> None:
+    evil = "x\r\nX-Evil: 1\n\rX-Evil: 2\x00\x0bX-Evil: 3\u2028X-Evil: 4"
+    env = envelope(
+        evil if field == "rcpt" else "b@example.net",
+        helo=evil if field == "helo" else "client.example",
+        sender=evil if field == "sender" else "a@example.org",
+    )
+    deliver(backend(tmp_path), env)
+    data = stored(tmp_path)
+    msg = BytesParser().parsebytes(data)
+    assert msg["X-Evil"] is None
+    head, _ = split_headers(data)
+    assert b"\r\nX-Evil" not in head and b"\nX-Evil" not in head and b"\rX-Evil" not in head
+
+
+def test_surrogate_escaped_bytes_are_restored(tmp_path: Path) -> None:
+    rcpt = b"j\xc3\xb6rg\xff@example.net".decode("utf-8", "surrogateescape")
+    deliver(backend(tmp_path), envelope(rcpt, smtputf8=True))
+    assert b"Delivered-To: j\xc3\xb6rg\xff@example.net\r\n" in stored(tmp_path)
+
+
+# --- Maildir behaviour -----------------------------------------------------------------
+
+
+def test_mailbox_finds_every_message_and_tmp_stays_empty(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    ids = []
+    for i in range(200):
+        ids.append(deliver(b, body=b"Subject: %d\r\n\r\nbody\r\n" % i))
+        assert files(tmp_path / "mail" / "tmp") == []
+    assert len(set(ids)) == 200
+    for queue_id in ids:
+        assert queue_id.isascii() and queue_id.isprintable() and " " not in queue_id
+    box = mailbox.Maildir(str(tmp_path / "mail"), create=False)
+    subjects = sorted(int(m["Subject"]) for m in box)
+    assert subjects == list(range(200))
+    host = maildir._encode_host(socket.gethostname())
+    names = {p.name for p in files(tmp_path / "mail" / "new")}
+    assert names == {f"{queue_id}.{host}" for queue_id in ids}
+    b.close()
+
+
+def test_names_unique_across_backends_at_same_time(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(maildir.time, "time_ns", lambda: 1_700_000_000_123_456_000)
+    one, two = backend(tmp_path), backend(tmp_path)
+    ids = [deliver(one), deliver(two), deliver(one), deliver(two)]
+    assert len(set(ids)) == 4
+    assert all(q.startswith(f"1700000000.M123456P{os.getpid()}Q") for q in ids)
+    assert len(files(tmp_path / "mail" / "new")) == 4
+
+
+def test_hostname_encoding_in_file_name() -> None:
+    assert maildir._encode_host("a/b:c") == "a\\057b\\072c"
+    assert maildir._encode_host("h\nx y") == "h\\012x\\040y"
+    assert maildir._encode_host("mx-1.example_x") == "mx-1.example_x"
+
+
+def test_abort_leaves_nothing_and_is_idempotent(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    sink = b.open(envelope(), PEER)
+    sink.write(b"partial")
+    sink.abort()
+    sink.abort()
+    sink.write(b"ignored after abort")
+    with pytest.raises(DeliveryError):
+        sink.commit()
+    for sub in ("tmp", "new", "cur"):
+        assert files(tmp_path / "mail" / sub) == []
+
+
+def test_abort_after_commit_keeps_the_message(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    sink = b.open(envelope(), PEER)
+    sink.commit()
+    sink.abort()
+    assert len(files(tmp_path / "mail" / "new")) == 1
+
+
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch) -> None:
+    real_write = os.write
+    monkeypatch.setattr(maildir.os, "write", lambda fd, data: real_write(fd, data[:7]))
+    deliver(backend(tmp_path))
+    assert split_headers(stored(tmp_path))[1] == BODY
+
+
+def test_write_failure_removes_everything(tmp_path: Path, monkeypatch) -> None:
+    b = backend(tmp_path)
+    real_write = os.write
+    budget = [1000]
+
+    def failing_write(fd: int, data) -> int:
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, data[: budget[0]])
+        budget[0] -= n
+        return n
+
+    monkeypatch.setattr(maildir.os, "write", failing_write)
+    sink = b.open(envelope(), PEER)
+    with pytest.raises(DeliveryError) as info:
+        write_in_segments(sink)
+    assert info.value.temporary and "No space left" in str(info.value)
+    sink.write(b"ignored")  # later writes do nothing
+    with pytest.raises(DeliveryError):
+        sink.commit()
+    sink.abort()
+    for sub in ("tmp", "new"):
+        assert files(tmp_path / "mail" / sub) == []
+
+
+@pytest.mark.parametrize("failing", ["fsync", "link", "dir_fsync", "close"])
+def test_commit_failure_removes_everything(tmp_path: Path, monkeypatch, failing: str) -> None:
+    b = backend(tmp_path)
+    sink = b.open(envelope(), PEER)
+    write_in_segments(sink)
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if failing == "fsync" or (failing == "dir_fsync" and len(calls) == 2):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    def fail(*args: object) -> None:
+        for arg in args:
+            if isinstance(arg, int):
+                real_close(arg)
+        raise OSError(errno.EIO, "Input/output error")
+
+    real_close = os.close
+    monkeypatch.setattr(maildir.os, "fsync", fsync)
+    if failing in ("link", "close"):
+        monkeypatch.setattr(maildir.os, failing, fail)
+    with pytest.raises(DeliveryError, match="Input/output error"):
+        sink.commit()
+    monkeypatch.undo()
+    sink.abort()
+    for sub in ("tmp", "new"):
+        assert files(tmp_path / "mail" / sub) == []
+
+
+def test_link_unsupported_falls_back_to_rename(tmp_path: Path, monkeypatch) -> None:
+    b = backend(tmp_path)
+
+    def no_link(src: str, dst: str) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(maildir.os, "link", no_link)
+    queue_id = deliver(b)
+    assert files(tmp_path / "mail" / "tmp") == []
+    (path,) = files(tmp_path / "mail" / "new")
+    assert path.name.startswith(queue_id + ".")
+
+
+def test_no_fsync_still_delivers(tmp_path: Path, monkeypatch) -> None:
+    b = backend(tmp_path, fsync=False)
+
+    def no_fsync(fd: int) -> None:
+        raise AssertionError("fsync called with fsync disabled")
+
+    monkeypatch.setattr(maildir.os, "fsync", no_fsync)
+    deliver(b)
+    assert split_headers(stored(tmp_path))[1] == BODY
+
+
+# --- per-recipient layout ----------------------------------------------------------------
+
+HOSTILE = [
+    "../../etc@x", "a/b@c", "x@../..", "..@..", ".@.", "@", "@x", "x@", "postmaster",
+    "PostMaster", "nul\x00l@x", "ctl\r\n\x7f@x\ty", "back\\slash@x\\y", ".hidden@.dom",
+    "a" * 600 + "@" + "b" * 600, "/abs@/etc", "x@tmp", "x@NEW", "x@_local", "\"q@t\"@x",
+    "Case@Example.COM", "case@example.com", "%2E%2E@x", "\udcff\udcfe@x", "~@~",
+]
+
+
+def test_per_recipient_one_file_linked_into_each_mailbox(tmp_path: Path) -> None:
+    b = backend(tmp_path, "per_recipient")
+    queue_id = deliver(b, envelope("alice@Example.NET", "bob@example.net", "alice@example.net"))
+    root = tmp_path / "mail"
+    (alice,) = files(root / "example.net" / "alice" / "new")
+    (bob,) = files(root / "example.net" / "bob" / "new")
+    assert alice.name == bob.name and alice.name.startswith(queue_id + ".")
+    assert os.path.samefile(alice, bob) and alice.stat().st_nlink == 2
+    assert files(root / "tmp") == []
+    assert alice.read_bytes().endswith(BODY)
+    for mbox in ("alice", "bob"):
+        box = mailbox.Maildir(str(root / "example.net" / mbox), create=False)
+        assert len(box) == 1
+        assert stat.S_IMODE((root / "example.net" / mbox).stat().st_mode) == 0o700
+
+
+def test_hostile_recipients_stay_inside_delivery_path(tmp_path: Path) -> None:
+    b = backend(tmp_path, "per_recipient")
+    for rcpt in HOSTILE:
+        deliver(b, envelope(rcpt))
+    deliver(b, envelope(*HOSTILE))
+    root = os.path.realpath(tmp_path / "mail")
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            assert name not in ("", ".", "..") and "\x00" not in name
+            assert os.path.realpath(os.path.join(dirpath, name)).startswith(root + os.sep)
+            assert len(name.encode()) <= 255
+        count += len(filenames)
+    # one file per message, then one link per distinct mailbox ("postmaster" and
+    # "PostMaster" share one; local parts keep their case, so "Case@" and "case@" do not)
+    assert count == len(HOSTILE) + len(HOSTILE) - 1
+    assert sorted(os.listdir(tmp_path)) == ["mail"]
+    assert os.listdir(os.path.join(root, "tmp")) == []
+
+
+def test_mailbox_parts() -> None:
+    assert mailbox_parts("Joe.Q+x@Example.COM") == ("example.com", "Joe.Q+x")
+    assert mailbox_parts("PostMaster") == ("_local", "postmaster")
+    assert mailbox_parts("../../etc@x") == ("x", "%2E.%2F..%2Fetc")
+    assert mailbox_parts("x@../..") == ("%2E.%2F..", "x")
+    assert mailbox_parts("..@..") == ("%2E.", "%2E.")
+    assert mailbox_parts("@") == ("%", "%")
+    assert mailbox_parts("x@tmp")[0] == "%74mp"
+    assert mailbox_parts("x@_local")[0] == "%5Flocal"
+    long_a, long_b = mailbox_parts("a" * 300 + "1@x"), mailbox_parts("a" * 300 + "2@x")
+    assert len(long_a[1]) == 200 and "~" in long_a[1] and long_a != long_b
+
+
+def test_symlink_in_tree_is_refused(tmp_path: Path) -> None:
+    b = backend(tmp_path, "per_recipient")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "mail" / "evil.example").symlink_to(outside)
+    with pytest.raises(DeliveryError, match="outside delivery.path"):
+        b.open(envelope("x@evil.example"), PEER)
+    assert list(outside.iterdir()) == []
+    assert files(tmp_path / "mail" / "tmp") == []
+
+
+def test_removed_mailbox_is_recreated(tmp_path: Path) -> None:
+    b = backend(tmp_path, "per_recipient")
+    deliver(b, envelope("x@example.net"))
+    sink = b.open(envelope("x@example.net"), PEER)
+    for sub in ("tmp", "new", "cur"):
+        for path in files(tmp_path / "mail" / "example.net" / "x" / sub):
+            path.unlink()
+        (tmp_path / "mail" / "example.net" / "x" / sub).rmdir()
+    with pytest.raises(DeliveryError):
+        sink.commit()
+    deliver(b, envelope("x@example.net"))
+    assert len(files(tmp_path / "mail" / "example.net" / "x" / "new")) == 1
+
+
+# --- prepare() ---------------------------------------------------------------------------
+
+
+def test_prepare_creates_private_directories(tmp_path: Path) -> None:
+    backend(tmp_path)
+    for sub in ("tmp", "new", "cur"):
+        assert stat.S_IMODE((tmp_path / "mail" / sub).stat().st_mode) == 0o700
+    assert files(tmp_path / "mail" / "tmp") == []  # the probe is gone
+
+
+def test_prepare_cleans_stale_tmp_files(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    tmp = tmp_path / "mail" / "tmp"
+    stale, fresh = tmp / "stale", tmp / "fresh"
+    stale.write_bytes(b"old")
+    fresh.write_bytes(b"new")
+    (tmp / "subdir").mkdir()
+    old = time.time() - 37 * 3600
+    os.utime(stale, (old, old))
+    os.utime(tmp / "subdir", (old, old))
+    b.prepare()
+    assert sorted(p.name for p in tmp.iterdir()) == ["fresh", "subdir"]
+    assert clean_tmp(str(tmp_path / "mail"), max_age_s=-1) == 1  # "fresh" now counts as old
+
+
+def test_prepare_refuses_a_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "mail"
+    path.write_bytes(b"")
+    b = make_backend("maildir", str(path), True, "single", HOST)
+    with pytest.raises(DeliveryError, match=f'delivery.path "{path}": not a directory'):
+        b.prepare()
+    below = make_backend("maildir", str(path / "sub"), True, "single", HOST)
+    with pytest.raises(DeliveryError, match=f'delivery.path "{path / "sub"}"'):
+        below.prepare()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_prepare_refuses_an_unwritable_directory(tmp_path: Path) -> None:
+    path = tmp_path / "mail"
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True)
+    (path / "tmp").chmod(0o500)
+    try:
+        with pytest.raises(DeliveryError, match=f'delivery.path "{path}"'):
+            make_backend("maildir", str(path), True, "single", HOST).prepare()
+    finally:
+        (path / "tmp").chmod(0o700)
+
+
+def test_prepare_per_recipient_makes_shared_tmp_only(tmp_path: Path) -> None:
+    backend(tmp_path, "per_recipient")
+    assert sorted(os.listdir(tmp_path / "mail")) == ["tmp"]
+
+
+# --- discard and the factory -------------------------------------------------------------
+
+
+def test_discard_counts_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    b = make_backend("discard", str(tmp_path / "mail"), True, "single", HOST)
+    assert isinstance(b, DiscardBackend)
+    b.prepare()
+    ids = []
+    for _ in range(1000):
+        sink = b.open(envelope(), PEER)
+        write_in_segments(sink)
+        ids.append(sink.commit())
+    aborted = b.open(envelope(), PEER)
+    aborted.write(b"xyz")
+    aborted.abort()
+    aborted.abort()
+    b.close()
+    assert len(set(ids)) == 1000
+    assert all(q.isascii() and q.isprintable() and " " not in q for q in ids)
+    assert (b.messages, b.nbytes) == (1000, 1000 * len(BODY))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_discard_ids_differ_after_fork() -> None:
+    b = DiscardBackend()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_fd, b.open(envelope(), PEER).commit().encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    child_id = os.read(read_fd, 100).decode()
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    assert child_id.startswith(f"D{pid:x}.")
+    assert b.open(envelope(), PEER).commit() != child_id
+
+
+def test_make_backend_rejects_unknown_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="backend"):
+        make_backend("mbox", str(tmp_path), True, "single", HOST)
+    with pytest.raises(ValueError, match="layout"):
+        make_backend("maildir", str(tmp_path), True, "flat", HOST)
