@@ -35,7 +35,7 @@ from minismtp.events import (
     MessageEnd, MessageRejected, Quit, RcptTo, Reset,
 )
 from minismtp.replies import Reply
-from minismtp.scanner import NEED_MORE, TOO_LONG, LineScanner, scan_body
+from minismtp.scanner import NEED_MORE, TOO_LONG, BodyScanner, LineScanner
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +397,7 @@ class SmtpServerConnection:
 
     def _start_body(self) -> None:
         self.state = S.DATA
-        self._at_line_start = True
+        self._body = BodyScanner()
         self._body_bytes = 0
         self._body_refused = ""  # why the body will be refused at its end, once known
         self._lines.reset()
@@ -405,26 +405,28 @@ class SmtpServerConnection:
     def _next_body_event(self) -> object:
         buf = self.buffer
         data = buf.data
+        body = self._body
         limit = self.settings.max_message_bytes
         while True:
-            pos = buf.start
-            start, stop, buf.start, self._at_line_start, done = scan_body(
-                data, pos, buf.end, self._at_line_start)
-            if done:
+            if body.done:  # only after the last piece of body went out
                 return self._end_body()
-            if stop > start:
-                self._body_bytes += stop - start
+            pos = buf.start
+            buf.start = body.step(data, pos, buf.end)
+            copied = body.copied
+            size = len(copied) if copied is not None else body.stop - body.start
+            if size:
+                self._body_bytes += size
                 if self._body_refused:
                     continue  # keep reading to the terminator, store nothing more
                 if self._body_bytes > limit:
                     self._body_refused = "message too big"
                     continue
-                chunk = buf.view(start, stop)
+                chunk = buf.view(body.start, body.stop) if copied is None else memoryview(copied)
                 if self.settings.reject_bare_lf and _find_bare_lf(chunk) is not None:
                     self._body_refused = "bare LF in body"
                 else:
                     return BodyChunk(chunk)
-            elif buf.start == pos:
+            elif buf.start == pos and not body.done:
                 self._maybe_grow()
                 return NEED_DATA
 

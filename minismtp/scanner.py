@@ -1,7 +1,8 @@
 """Scanners that walk the receive buffer with `find`, never line by line in Python.
 
 Untrusted input: client bytes of any length and content. Both scanners work on
-`buf[start:end]` in place and report offsets; neither copies or keeps the bytes.
+`buf[start:end]` in place and report offsets; neither keeps bytes between calls, and
+only runs of dot-stuffed body lines are ever copied (see below).
 
 Theory of operation
 -------------------
@@ -10,13 +11,15 @@ once as TOO_LONG and then skipped up to its LF without being kept, so a megabyte
 costs no memory. Whether the LF had its CR before it is reported, and the protocol core
 applies the bare-LF policy.
 
-Body (`scan_body`): only CRLF "." CRLF ends DATA (RFC 5321 section 4.1.1.4); "\\n.\\n",
+Body (`BodyScanner`): only CRLF "." CRLF ends DATA (RFC 5321 section 4.1.1.4); "\\n.\\n",
 "\\r\\n.\\n", "\\n.\\r\\n" and "\\r.\\r\\n" are body bytes (the SMTP smuggling defence).
-One search for b"\\r\\n." finds the terminator and every stuffed dot: the CRLF is emitted with
-the text before it, and the dot is then looked at "at line start", the one bit of state
-carried between calls (true when DATA begins). There a dot followed by CRLF is the end;
-any other dot is a stuffing dot and is skipped (section 4.5.2). A lone trailing CR is never
-emitted, since it may start the next CRLF; so every CRLF lies inside one emitted segment.
+One search for b"\\r\\n." per read finds the terminator or the first stuffed dot; body
+before it is handed out as a slice of the buffer, never copied. From a stuffed dot on, the
+rest of the read is unstuffed in bulk (one `replace`, up to the terminator), holding back
+the last few bytes that could begin a terminator. The one bit carried between reads is
+"at line start" (true when DATA begins, or when a read ended in CRLF): there a dot before
+CRLF is the end and any other dot is a stuffing dot (section 4.5.2). A lone trailing CR is
+never handed out, since it may start the next CRLF, so every CRLF lies inside one piece.
 """
 
 from __future__ import annotations
@@ -75,34 +78,82 @@ class LineScanner:
         self._scanned = 0
 
 
-def scan_body(
-    buf: bytearray, pos: int, end: int, at_line_start: bool
-) -> tuple[int, int, int, bool, bool]:
-    """Take one step through a dot-stuffed body in `buf[pos:end]`.
+class BodyScanner:
+    """Walks a dot-stuffed body; each `step()` finds at most one piece of body.
 
-    Returns (seg_start, seg_stop, next_pos, at_line_start, done): `buf[seg_start:seg_stop]`
-    is unstuffed body (possibly empty); scanning resumes at `next_pos` with the returned
-    line-start bit. `done` means the terminator ended at `next_pos`. When nothing was
-    consumed (`next_pos == pos` and not done) more bytes are needed.
+    After `step(buf, pos, end)` returns the offset to resume from, the piece is either
+    `buf[start:stop]` (a zero-copy slice, possibly empty) or, when `copied` is not None,
+    those bytes instead; `done` means the terminator ended just before the returned
+    offset. A return equal to `pos` (and not done) means: more bytes are needed.
+
+    Bodies without stuffed dots are found by one `find` per read and never copied. Once
+    a stuffed dot turns up, the rest of the read is unstuffed in bulk with one C-level
+    `replace` up to the terminator (or up to the last bytes that could begin one, which
+    are kept for the next read): a body whose every line starts with "." would otherwise
+    cost a Python step, an event and a write per line.
     """
-    if at_line_start:
-        if pos >= end:
-            return pos, pos, pos, True, False
-        if buf[pos] == DOT:
-            if end - pos < 3:
-                if end - pos == 1 or buf[pos + 1] == CR:
-                    return pos, pos, pos, True, False  # "." or ".\r": could be the end
-            elif buf[pos + 1] == CR and buf[pos + 2] == LF:
-                return pos, pos, pos + 3, True, True
-            pos += 1  # a stuffing dot: drop it, the line goes on
-    hit = buf.find(b"\r\n.", pos, end)
-    if hit >= 0:
-        return pos, hit + 2, hit + 2, True, False
-    if pos == end:
-        return pos, pos, pos, False, False
-    last = buf[end - 1]
-    if last == CR:
-        return pos, end - 1, end - 1, False, False  # keep the CR: it may start a CRLF
-    if last == LF and end - pos >= 2 and buf[end - 2] == CR:
-        return pos, end, end, True, False
-    return pos, end, end, False, False
+
+    __slots__ = ("at_line_start", "start", "stop", "copied", "done")
+
+    def __init__(self) -> None:
+        self.at_line_start = True  # the next byte begins a line (true when DATA begins)
+        self.start = self.stop = 0
+        self.copied: bytes | None = None
+        self.done = False
+
+    def step(self, buf: bytearray, pos: int, end: int) -> int:
+        self.copied = None
+        self.start = self.stop = pos
+        if self.at_line_start:
+            if pos >= end:
+                return pos
+            if buf[pos] == DOT:
+                if end - pos < 3:
+                    if end - pos == 1 or buf[pos + 1] == CR:
+                        return pos  # "." or ".\r": could be the end
+                elif buf[pos + 1] == CR and buf[pos + 2] == LF:
+                    self.done = True
+                    return pos + 3
+                pos += 1  # a stuffing dot: drop it, the line goes on
+                self.start = self.stop = pos
+            self.at_line_start = False
+        hit = buf.find(b"\r\n.", pos, end)
+        if hit > pos:
+            self.stop = hit  # plain body up to the next "\r\n."
+            return hit
+        if hit == pos:
+            return self._unstuff_run(buf, pos, end)
+        if pos == end:
+            return pos
+        last = buf[end - 1]
+        if last == CR:
+            self.stop = end - 1  # keep the CR: it may start a CRLF
+            return end - 1
+        self.stop = end
+        self.at_line_start = last == LF and end - pos >= 2 and buf[end - 2] == CR
+        return end
+
+    def _unstuff_run(self, buf: bytearray, pos: int, end: int) -> int:
+        """From a "\r\n." at `pos`: unstuff up to the terminator or the safe end."""
+        term = buf.find(TERMINATOR, pos, end)
+        if term >= 0:
+            stop, resume = term + 2, term + 5  # the terminator's first CRLF is body
+            self.done = True
+        else:
+            stop = resume = _safe_end(buf, pos, end)
+        if stop - pos > 2:
+            self.copied = buf[pos:stop].replace(b"\r\n.", b"\r\n")
+        else:
+            self.stop = stop  # just the CRLF before the terminator, or nothing yet
+        return resume
+
+
+TERMINATOR = b"\r\n.\r\n"
+
+
+def _safe_end(buf: bytearray, pos: int, end: int) -> int:
+    """`end`, less any trailing bytes that could begin a terminator."""
+    for keep in (4, 3, 2, 1):
+        if end - keep >= pos and buf[end - keep:end] == TERMINATOR[:keep]:
+            return end - keep
+    return end

@@ -1,0 +1,569 @@
+"""Config loading: defaults, the example file, every kind of bad value, overrides, dumps."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minismtp.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    DeliveryConfig,
+    LimitsConfig,
+    ListenAddress,
+    LoggingConfig,
+    ServerConfig,
+    dump_config,
+    load_config,
+    parse_listen,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
+SCHEMA = {
+    "server": ["hostname", "listen", "workers", "max_connections", "reuse_port", "backlog",
+               "worker_timeout", "shutdown_timeout", "user"],
+    "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
+               "data_timeout", "min_data_rate", "max_errors", "bare_lf"],
+    "delivery": ["backend", "path", "fsync", "layout"],
+    "logging": ["level"],
+}
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "minismtp.yaml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path=None, overrides=None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+# --- defaults and the example file ---------------------------------------------------
+
+
+def test_defaults_without_a_file():
+    config = load_config()
+    assert config.source is None
+    assert config.server == ServerConfig(
+        hostname=socket.gethostname(),
+        listen=(ListenAddress("127.0.0.1", 2525, socket.AF_INET),),
+        workers=os.cpu_count() or 1,
+        max_connections=4096,
+        reuse_port=False,
+        backlog=4096,
+        worker_timeout=30.0,
+        shutdown_timeout=30.0,
+        user=None,
+    )
+    assert config.limits == LimitsConfig(
+        max_message_size=32 * 1024 * 1024,
+        max_recipients=1000,
+        max_command_length=512,
+        command_timeout=300.0,
+        data_timeout=600.0,
+        min_data_rate=500,
+        max_errors=20,
+        bare_lf="reject",
+    )
+    assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
+    assert config.logging == LoggingConfig("info")
+
+
+def test_config_is_frozen():
+    config = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.limits.max_recipients = 5  # type: ignore[misc]
+
+
+def test_settings_table_matches_the_schema_and_the_dataclasses():
+    assert [setting.name for setting in SETTINGS] == [
+        f"{section}.{key}" for section, keys in SCHEMA.items() for key in keys
+    ]
+    for section, cls in [("server", ServerConfig), ("limits", LimitsConfig),
+                         ("delivery", DeliveryConfig), ("logging", LoggingConfig)]:
+        assert [f.name for f in dataclasses.fields(cls)] == SCHEMA[section]
+    assert all(setting.doc for setting in SETTINGS)
+
+
+def test_example_file_loads_to_the_defaults():
+    config = load_config(EXAMPLE)
+    assert config == load_config()
+    assert config.source == str(EXAMPLE)
+
+
+def test_example_file_shows_every_key():
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for section, keys in SCHEMA.items():
+        assert f"\n{section}:\n" in text
+        for key in keys:
+            assert f"  {key}:" in text or f"  # {key}:" in text, key
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "server:\nlimits:\n"])
+def test_empty_file_or_empty_sections_mean_defaults(tmp_path, text):
+    assert load_config(write(tmp_path, text)) == load_config()
+
+
+def test_source_does_not_take_part_in_equality(tmp_path):
+    config = load_config(write(tmp_path, "server:\n  workers: 3\n"))
+    assert config.source == str(tmp_path / "minismtp.yaml")
+    assert config == load_config(overrides={"server.workers": 3})
+
+
+# --- one bad value, one exact line ---------------------------------------------------
+
+BAD_VALUES = [
+    # wrong type, out of range, bool for int, fractional float
+    ("limits", "max_recipients: ten",
+     'limits.max_recipients: must be an integer >= 1, got "ten"'),
+    ("limits", "max_recipients: 0", "limits.max_recipients: must be an integer >= 1, got 0"),
+    ("limits", "max_recipients: true",
+     "limits.max_recipients: must be an integer >= 1, got true"),
+    ("limits", "max_recipients: 2.5", "limits.max_recipients: must be an integer >= 1, got 2.5"),
+    ("limits", "max_recipients: [1]",
+     "limits.max_recipients: must be an integer >= 1, got a list"),
+    ("limits", "max_recipients:", "limits.max_recipients: must be an integer >= 1, got null"),
+    ("limits", "max_command_length: 100",
+     "limits.max_command_length: must be an integer from 512 to 65536, got 100"),
+    ("limits", "max_command_length: 65537",
+     "limits.max_command_length: must be an integer from 512 to 65536, got 65537"),
+    ("limits", "min_data_rate: -1", "limits.min_data_rate: must be an integer >= 0, got -1"),
+    ("limits", "max_errors: false", "limits.max_errors: must be an integer >= 1, got false"),
+    ("server", "backlog: 0", "server.backlog: must be an integer >= 1, got 0"),
+    ("server", "workers: 0", 'server.workers: must be an integer >= 1 or "auto", got 0'),
+    ("server", "workers: AUTO", 'server.workers: must be an integer >= 1 or "auto", got "AUTO"'),
+    ("server", "workers: true", 'server.workers: must be an integer >= 1 or "auto", got true'),
+    # booleans must be real YAML booleans
+    ("server", 'reuse_port: "yes"', 'server.reuse_port: must be true or false, got "yes"'),
+    ("server", "reuse_port: 1", "server.reuse_port: must be true or false, got 1"),
+    ("delivery", 'fsync: "false"', 'delivery.fsync: must be true or false, got "false"'),
+    # durations
+    ("limits", "command_timeout: 0",
+     'limits.command_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got 0'),
+    ("limits", "command_timeout: 5 minutes",
+     'limits.command_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", '
+     'got "5 minutes"'),
+    ("limits", "data_timeout: -1s",
+     'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got "-1s"'),
+    ("limits", "data_timeout: 1d",
+     'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got "1d"'),
+    ("limits", "data_timeout: .inf",
+     'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got inf'),
+    ("server", "worker_timeout: true",
+     'server.worker_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got true'),
+    ("server", "shutdown_timeout: -1",
+     'server.shutdown_timeout: must be a duration >= 0 such as "30s", "5m" or "500ms", got -1'),
+    # sizes
+    ("limits", "max_message_size: 10X",
+     'limits.max_message_size: must be a size >= 1 such as 512, "64K" or "10M", got "10X"'),
+    ("limits", "max_message_size: 0",
+     'limits.max_message_size: must be a size >= 1 such as 512, "64K" or "10M", got 0'),
+    ("limits", "max_message_size: 0.0001K",
+     'limits.max_message_size: must be a size >= 1 such as 512, "64K" or "10M", got "0.0001K"'),
+    ("limits", "max_message_size: 1.5",
+     'limits.max_message_size: must be a size >= 1 such as 512, "64K" or "10M", got 1.5'),
+    ("limits", "max_message_size: 10 MB MB",
+     'limits.max_message_size: must be a size >= 1 such as 512, "64K" or "10M", '
+     'got "10 MB MB"'),
+    # enums
+    ("limits", "bare_lf: maybe",
+     'limits.bare_lf: must be one of "reject", "accept", got "maybe"'),
+    ("limits", "bare_lf: no", 'limits.bare_lf: must be one of "reject", "accept", got false'),
+    ("delivery", "backend: mbox",
+     'delivery.backend: must be one of "maildir", "discard", got "mbox"'),
+    ("delivery", "layout: Single",
+     'delivery.layout: must be one of "single", "per_recipient", got "Single"'),
+    ("logging", "level: loud",
+     'logging.level: must be one of "debug", "info", "warning", "error", got "loud"'),
+    # strings
+    ("delivery", 'path: ""', 'delivery.path: must be a non-empty string, got ""'),
+    ("delivery", "path: 5", "delivery.path: must be a non-empty string, got 5"),
+    ("server", 'hostname: "mx 1"',
+     'server.hostname: must be a host name of printable ASCII, no spaces, got "mx 1"'),
+    ("server", 'hostname: "mx\\r\\n"',
+     'server.hostname: must be a host name of printable ASCII, no spaces, got "mx\\r\\n"'),
+    ("server", "hostname: 2525",
+     "server.hostname: must be a host name of printable ASCII, no spaces, got 2525"),
+    ("server", 'user: ""', 'server.user: must be a user name or null, got ""'),
+    ("server", "user: 0", "server.user: must be a user name or null, got 0"),
+    # listen, as a whole and per entry
+    ("server", "listen: []",
+     'server.listen: must be a non-empty list of "host:port" addresses, got an empty list'),
+    ("server", "listen: {a: 1}",
+     'server.listen: must be a non-empty list of "host:port" addresses, got a mapping'),
+    ("server", 'listen: ["[::1]"]',
+     'server.listen[0]: missing port (use "host:port" or "[v6addr]:port"), got "[::1]"'),
+    ("server", 'listen: ["127.0.0.1:25", "host:99999"]',
+     'server.listen[1]: port must be a number from 0 to 65535, got "host:99999"'),
+    ("server", 'listen: ["localhost"]',
+     'server.listen[0]: missing port (use "host:port" or "[v6addr]:port"), got "localhost"'),
+    ("server", 'listen: ["host:"]',
+     'server.listen[0]: port must be a number from 0 to 65535, got "host:"'),
+    ("server", 'listen: ["host:smtp"]',
+     'server.listen[0]: port must be a number from 0 to 65535, got "host:smtp"'),
+    ("server", 'listen: ["::1:25"]',
+     'server.listen[0]: IPv6 addresses need brackets, as in "[::1]:2525", got "::1:25"'),
+    ("server", 'listen: ["[::1:25"]',
+     'server.listen[0]: missing "]" after the IPv6 address, got "[::1:25"'),
+    ("server", 'listen: ["[1.2.3.4]:25"]',
+     'server.listen[0]: not an IPv6 address in brackets, got "[1.2.3.4]:25"'),
+    ("server", 'listen: ["[::1]25"]',
+     'server.listen[0]: missing port (use "host:port" or "[v6addr]:port"), got "[::1]25"'),
+    ("server", 'listen: [":25"]',
+     'server.listen[0]: missing host (use "0.0.0.0" or "[::]" for all), got ":25"'),
+    ("server", 'listen: ["300.1.1.1:25"]',
+     'server.listen[0]: invalid IPv4 address, got "300.1.1.1:25"'),
+    ("server", 'listen: ["bad_host!:25"]',
+     'server.listen[0]: invalid host name, got "bad_host!:25"'),
+    ("server", "listen: [25]", 'server.listen[0]: must be a "host:port" string, got 25'),
+    ("server", 'listen: ["127.0.0.1:25", "127.0.0.1:25"]',
+     'server.listen[1]: duplicate address, got "127.0.0.1:25"'),
+]
+
+
+@pytest.mark.parametrize(("section", "line", "expected"), BAD_VALUES)
+def test_bad_value_gives_one_exact_line(tmp_path, section, line, expected):
+    path = write(tmp_path, f"{section}:\n  {line}\n")
+    assert problems_of(path) == [expected]
+
+
+def test_values_that_look_odd_but_are_fine(tmp_path):
+    path = write(tmp_path, """\
+server:
+  workers: 2.0                  # a whole float is an integer
+  max_connections: "100"        # so is a digit string (command-line values are text)
+  listen: "127.0.0.1:0"         # one address needs no list
+  user: mail
+limits:
+  max_recipients: 1
+logging:
+  level: WARNING
+""")
+    config = load_config(path)
+    assert config.server.workers == 2 and type(config.server.workers) is int
+    assert config.server.max_connections == 100
+    assert config.server.listen == (ListenAddress("127.0.0.1", 0, socket.AF_INET),)
+    assert config.server.user == "mail"
+    assert config.limits.max_recipients == 1
+    assert config.logging.level == "warning"
+
+
+def test_listen_port_zero_may_repeat():
+    config = load_config(overrides={"server.listen": ["127.0.0.1:0", "127.0.0.1:0"]})
+    assert len(config.server.listen) == 2
+
+
+# --- structure: unknown keys and sections, wrong shapes -------------------------------
+
+
+def test_unknown_key_suggests_the_near_one(tmp_path):
+    path = write(tmp_path, "limits:\n  max_recipent: 5\n")
+    assert problems_of(path) == [
+        'limits.max_recipent: unknown key (did you mean "max_recipients"?)'
+    ]
+
+
+def test_unknown_key_without_a_near_one(tmp_path):
+    assert problems_of(write(tmp_path, "delivery:\n  colour: blue\n")) == [
+        "delivery.colour: unknown key"
+    ]
+
+
+def test_unknown_section_suggests_the_near_one(tmp_path):
+    assert problems_of(write(tmp_path, "limit:\n  max_errors: 3\n")) == [
+        'limit: unknown section (did you mean "limits"?)'
+    ]
+
+
+def test_key_at_top_level_points_to_its_section(tmp_path):
+    assert problems_of(write(tmp_path, "workers: 4\n")) == [
+        'workers: unknown section (did you mean "server.workers"?)'
+    ]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("server: [1, 2]\n", "server: must be a mapping, got a list"),
+    ("limits: 5\n", "limits: must be a mapping, got 5"),
+    ("logging: debug\n", 'logging: must be a mapping, got "debug"'),
+])
+def test_section_that_is_not_a_mapping(tmp_path, text, expected):
+    assert problems_of(write(tmp_path, text)) == [expected]
+
+
+@pytest.mark.parametrize(("text", "got"), [
+    ("- server\n- limits\n", "a list"),
+    ("just words\n", '"just words"'),
+    ("42\n", "42"),
+])
+def test_top_level_that_is_not_a_mapping(tmp_path, text, got):
+    path = write(tmp_path, text)
+    assert problems_of(path) == [f'config: "{path}" must be a mapping of sections, got {got}']
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    path = write(tmp_path, """\
+server:
+  workers: 0
+  listen: ["[::1]", "127.0.0.1:2525", "host:99999"]
+  reuse_port: "no"
+limit:
+  max_errors: 3
+limits:
+  max_recipent: 5
+  max_message_size: 10X
+delivery:
+  backend: mbox
+""")
+    assert problems_of(path) == [
+        'limit: unknown section (did you mean "limits"?)',
+        'limits.max_recipent: unknown key (did you mean "max_recipients"?)',
+        'server.listen[0]: missing port (use "host:port" or "[v6addr]:port"), got "[::1]"',
+        'server.listen[2]: port must be a number from 0 to 65535, got "host:99999"',
+        'server.workers: must be an integer >= 1 or "auto", got 0',
+        'server.reuse_port: must be true or false, got "no"',
+        'limits.max_message_size: must be a size >= 1 such as 512, "64K" or "10M", got "10X"',
+        'delivery.backend: must be one of "maildir", "discard", got "mbox"',
+    ]
+
+
+# --- files that cannot be read or parsed ----------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert problems_of(path) == [f'config: cannot read "{path}": No such file or directory']
+
+
+def test_directory_instead_of_a_file(tmp_path):
+    assert problems_of(tmp_path) == [f'config: cannot read "{tmp_path}": Is a directory']
+
+
+@pytest.mark.parametrize(("text", "line", "column", "problem"), [
+    ("server:\n  workers: 2\n   backlog: 5\n", 3, 11, "mapping values are not allowed here"),
+    ("server:\n  workers: [1, 2\nlimits: {}\n", 3, 7, "expected ',' or ']', but got ':'"),
+    ("server:\n  listen: [::1]:25\n", 2, 12, "expected the node content, but found ':'"),
+    ('logging:\n  level: "info\n', 3, 1, "found unexpected end of stream"),
+])
+def test_invalid_yaml_names_line_and_column(tmp_path, text, line, column, problem):
+    path = write(tmp_path, text)
+    assert problems_of(path) == [
+        f'config: invalid YAML in "{path}" at line {line}, column {column}: {problem}'
+    ]
+
+
+@pytest.mark.parametrize("data", [
+    b"server:\n  hostname: \xff\xfe\xfd\n",  # not UTF-8
+    b"logging:\n  level: 2024-13-45\n",  # a date YAML cannot build
+    b"[" * 5000,  # nested past the recursion limit
+])
+def test_unparsable_yaml_is_one_line_not_a_traceback(tmp_path, data):
+    path = write(tmp_path, data)
+    [problem] = problems_of(path)
+    assert problem.startswith(f'config: invalid YAML in "{path}"')
+    assert "\n" not in problem
+
+
+@pytest.mark.parametrize("text", [
+    "server:\n  listen: {a: 1}\n",
+    "server:\n  hostname: 2024-01-01\n",
+    "limits:\n  data_timeout: " + "9" * 400 + "\n",
+    "limits:\n  max_message_size: " + "9" * 400 + "M\n",
+    "? [a, b]\n: c\n",
+    "server:\n  ? [a]\n  : 1\n",
+    "server: !!binary aGVsbG8=\n",
+    "1: 2\nnull: 3\n",
+    "server:\n  1: 2\n",
+])
+def test_strange_documents_give_config_error_only(tmp_path, text):
+    problems = problems_of(write(tmp_path, text))
+    assert problems and all("\n" not in problem for problem in problems)
+
+
+# --- overrides --------------------------------------------------------------------------
+
+
+def test_overrides_apply_over_the_file(tmp_path):
+    path = write(tmp_path, "server:\n  workers: 3\n  backlog: 10\n")
+    config = load_config(path, {"server.workers": 2, "server.listen": ["127.0.0.1:0"]})
+    assert config.server.workers == 2
+    assert config.server.backlog == 10
+    assert config.server.listen == (ListenAddress("127.0.0.1", 0, socket.AF_INET),)
+
+
+def test_overrides_are_validated_like_file_values(tmp_path):
+    path = write(tmp_path, "server:\n  workers: 0\n")
+    assert problems_of(path, {
+        "server.workers": 2,  # fixes the file's mistake
+        "limits.max_recipients": True,
+        "server.listen": ["[::1]"],
+        "server.worker": 3,
+        "bogus": 1,
+    }) == [
+        'server.worker: unknown key (did you mean "server.workers"?)',
+        "bogus: unknown key",
+        'server.listen[0]: missing port (use "host:port" or "[v6addr]:port"), got "[::1]"',
+        "limits.max_recipients: must be an integer >= 1, got true",
+    ]
+
+
+def test_override_can_set_null():
+    assert load_config(overrides={"server.user": "nobody"}).server.user == "nobody"
+    assert problems_of(overrides={"delivery.path": None}) == [
+        "delivery.path: must be a non-empty string, got null"
+    ]
+
+
+# --- durations and sizes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [
+    (30, 30.0),
+    (1.5, 1.5),
+    ("30", 30.0),
+    ("30s", 30.0),
+    ("30S", 30.0),
+    ("1.5s", 1.5),
+    (".5s", 0.5),
+    ("500ms", 0.5),
+    ("100ms", 0.1),
+    ("1ms", 0.001),
+    ("9ms", 0.009),
+    ("5m", 300.0),
+    ("1h", 3600.0),
+    ("1.5h", 5400.0),
+    (" 10 s ", 10.0),
+])
+def test_durations(raw, seconds):
+    assert load_config(overrides={"limits.command_timeout": raw}).limits.command_timeout == seconds
+
+
+@pytest.mark.parametrize("raw", ["", "s", "ms", "1x", "1.2.3s", "-5s", "5 min", "1e3", "nan"])
+def test_bad_durations(raw):
+    [problem] = problems_of(overrides={"limits.data_timeout": raw})
+    assert problem.startswith("limits.data_timeout: must be a duration > 0")
+
+
+def test_huge_integer_is_described_not_printed():
+    assert problems_of(overrides={"limits.max_recipients": -(10**5000)}) == [
+        "limits.max_recipients: must be an integer >= 1, got a very large integer"
+    ]
+
+
+def test_zero_shutdown_timeout_is_allowed():
+    config = load_config(overrides={"server.shutdown_timeout": "0s"})
+    assert config.server.shutdown_timeout == 0.0
+
+
+@pytest.mark.parametrize(("raw", "size"), [
+    (1, 1),
+    (1024.0, 1024),
+    ("512", 512),
+    ("512b", 512),
+    ("512K", 512 * 1024),
+    ("512k", 512 * 1024),
+    ("10M", 10 * 1024**2),
+    ("10MB", 10 * 1024**2),
+    ("10MiB", 10 * 1024**2),
+    ("10 mib", 10 * 1024**2),
+    ("1G", 1024**3),
+    ("1.5M", 3 * 512 * 1024),
+    ("0.5K", 512),
+    ("2T", 2 * 1024**4),
+])
+def test_sizes(raw, size):
+    config = load_config(overrides={"limits.max_message_size": raw})
+    assert config.limits.max_message_size == size
+
+
+@pytest.mark.parametrize(
+    "raw", ["", "K", "-1K", "10X", "10KK", "1iB", "1e6", "0.1", "1.5", "1.0001K", True])
+def test_bad_sizes(raw):
+    [problem] = problems_of(overrides={"limits.max_message_size": raw})
+    assert problem.startswith("limits.max_message_size: must be a size >= 1")
+
+
+# --- dump_config ------------------------------------------------------------------------
+
+
+def _round_trip(tmp_path: Path, config: Config) -> Config:
+    return load_config(write(tmp_path, dump_config(config), "dumped.yaml"))
+
+
+def test_dump_of_defaults_round_trips_with_the_schema_order(tmp_path):
+    config = load_config()
+    text = dump_config(config)
+    document = yaml.safe_load(text)
+    assert list(document) == list(SCHEMA)
+    assert {section: list(keys) for section, keys in document.items()} == SCHEMA
+    assert document["limits"]["max_message_size"] == "32M"
+    assert document["limits"]["data_timeout"] == "10m"
+    assert document["server"]["listen"] == ["127.0.0.1:2525"]
+    assert _round_trip(tmp_path, config) == config
+
+
+def test_dump_of_unusual_values_round_trips(tmp_path):
+    config = load_config(overrides={
+        "server.hostname": "true",  # must come back as a string, not a bool
+        "server.listen": ["[::1]:25", "0.0.0.0:0", "localhost:2525", "[fe80::1%eth0]:26"],
+        "server.workers": 3,
+        "server.reuse_port": True,
+        "server.worker_timeout": 0.1,
+        "server.shutdown_timeout": 0,
+        "server.user": "null",
+        "limits.max_message_size": 1_000_001,
+        "limits.command_timeout": "90s",
+        "limits.data_timeout": 1e-5,
+        "limits.min_data_rate": 0,
+        "limits.bare_lf": "accept",
+        "delivery.backend": "discard",
+        "delivery.path": "/var/mail with space: and #hash",
+        "delivery.fsync": False,
+        "delivery.layout": "per_recipient",
+        "logging.level": "DEBUG",
+    })
+    assert _round_trip(tmp_path, config) == config
+
+
+def test_dump_of_a_loaded_file_round_trips(tmp_path):
+    config = load_config(EXAMPLE, {"limits.command_timeout": "1.25s", "server.backlog": 7})
+    assert _round_trip(tmp_path, config) == config
+
+
+# --- listen addresses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "host", "port", "family", "shown"), [
+    ("127.0.0.1:2525", "127.0.0.1", 2525, socket.AF_INET, "127.0.0.1:2525"),
+    ("0.0.0.0:0", "0.0.0.0", 0, socket.AF_INET, "0.0.0.0:0"),
+    ("[::1]:2525", "::1", 2525, socket.AF_INET6, "[::1]:2525"),
+    ("[::]:25", "::", 25, socket.AF_INET6, "[::]:25"),
+    ("[0:0:0::1]:65535", "::1", 65535, socket.AF_INET6, "[::1]:65535"),
+    ("[2001:DB8::1]:25", "2001:db8::1", 25, socket.AF_INET6, "[2001:db8::1]:25"),
+    ("localhost:2525", "localhost", 2525, socket.AF_INET, "localhost:2525"),
+    ("mx-1.example.org:25", "mx-1.example.org", 25, socket.AF_INET, "mx-1.example.org:25"),
+])
+def test_parse_listen(text, host, port, family, shown):
+    address = parse_listen(text)
+    assert (address.host, address.port, address.family) == (host, port, family)
+    assert str(address) == shown
+    assert parse_listen(str(address)) == address
+
+
+@pytest.mark.parametrize("text", ["[::1]", "host:99999", "::1", "", ":", "-bad-:25", "a..b:1"])
+def test_parse_listen_raises_value_error_with_one_line(text):
+    with pytest.raises(ValueError) as info:
+        parse_listen(text)
+    assert "\n" not in str(info.value) and str(info.value)
