@@ -41,9 +41,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper())
     logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
+        level=numeric, stream=sys.stderr,
         format="%(asctime)s minismtp[%(process)d] %(levelname)s %(message)s")
+    # The master's few lines (addresses, reloads, stops, summary) are always wanted:
+    # a quiet log level is for the per-message lines.
+    logging.getLogger("minismtp.master").setLevel(min(numeric, logging.INFO))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import time
 from minismtp import exitcodes, replies
 from minismtp.config import Config
 from minismtp.delivery import Backend, DeliveryError, Peer, Sink
+from minismtp.delivery.group import GroupCommitter
 from minismtp.events import (
     NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
     MessageEnd, MessageRejected, Quit, RcptTo, Reset,
@@ -33,7 +34,8 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _ACCEPTS_PER_WAKEUP = 64  # drain the accept queue, but let established clients run too
 _RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
 _TICK_S = 1.0  # heartbeat, parent check and shutdown checks at least this often
-_LISTENER, _WAKEUP = object(), object()
+_ACCEPT_PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
+_LISTENER, _WAKEUP, _COMMITS = object(), object(), object()
 
 
 def protocol_settings(config: Config) -> Settings:
@@ -54,7 +56,7 @@ class Session:
 
     __slots__ = (
         "sock", "conn", "peer", "sink", "sink_failed", "out", "mask", "deadline",
-        "timer_at", "data_started", "data_bytes", "envelope", "closed",
+        "timer_at", "data_started", "data_bytes", "envelope", "paused", "closed",
     )
 
     def __init__(self, sock: socket.socket, conn: SmtpServerConnection, peer: Peer) -> None:
@@ -70,6 +72,7 @@ class Session:
         self.data_started = 0.0
         self.data_bytes = 0
         self.envelope: Envelope | None = None  # of the message in DATA, for the log line
+        self.paused = False  # a decision is deferred (commit in progress): do not read
         self.closed = False
 
 
@@ -92,6 +95,9 @@ class Worker:
         self.parent = os.getppid()
         self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self.accept_paused_until = 0.0
+        self.committer: GroupCommitter[tuple[Session, int]] | None = (
+            GroupCommitter(backend) if backend.commit_blocks else None)
         self._handlers = {
             Hello: self._on_hello, MailFrom: self._on_simple, RcptTo: self._on_simple,
             Quit: self._on_simple, DataStarted: self._on_data, MessageEnd: self._on_end,
@@ -116,6 +122,8 @@ class Worker:
         self._init_signals()
         for listener in self.listeners:
             self.sel.register(listener, _READ, _LISTENER)
+        if self.committer is not None:
+            self.sel.register(self.committer.wakeup, _READ, _COMMITS)
         log.debug("worker %d serving", os.getpid())
         last_tick = 0.0
         try:
@@ -129,6 +137,8 @@ class Worker:
                     data = key.data
                     if data is _LISTENER:
                         self._accept(key.fileobj)
+                    elif data is _COMMITS:
+                        self._on_commits()
                     elif data is _WAKEUP:
                         self._read_signals()
                     else:
@@ -140,11 +150,17 @@ class Worker:
         finally:
             for session in list(self.sessions.values()):
                 self._close(session, "worker exit")
+            if self.committer is not None:
+                self.committer.stop()
             self.backend.close()
         return exitcodes.OK
 
     def _tick(self, now: float) -> bool:
         self.board.beat(self.slot, now)
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            for listener in self.listeners:
+                self.sel.register(listener, _READ, _LISTENER)
         if os.getppid() != self.parent:
             log.warning("worker %d: master went away, exiting", os.getpid())
             self._begin_stop(now)
@@ -175,9 +191,11 @@ class Worker:
         self.stopping = True
         self.stop_deadline = now + self.config.server.shutdown_timeout
         for listener in self.listeners:
-            self.sel.unregister(listener)
+            if not self.accept_paused_until:
+                self.sel.unregister(listener)
             listener.close()
         self.listeners = []
+        self.accept_paused_until = 0.0
         for session in list(self.sessions.values()):
             if not session.conn.in_transaction:
                 session.conn.shutdown(replies.SHUTTING_DOWN)
@@ -195,10 +213,17 @@ class Worker:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept: %s", exc.strerror)
+                    log.error("accept: %s; pausing accepts", exc.strerror)
+                    self._pause_accepting()
                     return
                 raise
             self._start_session(sock, addr)
+
+    def _pause_accepting(self) -> None:
+        if not self.accept_paused_until:
+            self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE_S
+            for listener in self.listeners:
+                self.sel.unregister(listener)
 
     def _start_session(self, sock: socket.socket, addr: tuple) -> None:
         sock.setblocking(False)
@@ -286,21 +311,37 @@ class Worker:
 
     def _on_end(self, session: Session, event: MessageEnd) -> None:
         sink, session.sink = session.sink, None
-        envelope = session.envelope
         if sink is None or session.sink_failed:
+            self._answer_end(session, event.size, DeliveryError("write failed"))
+        elif self.committer is not None:
+            session.paused = True  # the reply waits for the disk; other clients do not
+            self._set_deadline(session, time.monotonic() + self.config.limits.command_timeout)
+            self.committer.submit((session, event.size), sink)
+        else:
+            try:
+                result: str | DeliveryError = sink.commit()
+            except DeliveryError as exc:
+                result = exc
+            self._answer_end(session, event.size, result)
+
+    def _on_commits(self) -> None:
+        for (session, size), result in self.committer.take_done():
+            if session.closed:
+                if isinstance(result, str):
+                    log.info("id=%s stored, but the client left before the reply", result)
+                continue
+            session.paused = False
+            self._answer_end(session, size, result)
+            self._drive(session)  # pipelined commands may be waiting behind the reply
+
+    def _answer_end(self, session: Session, size: int, result: str | DeliveryError) -> None:
+        if isinstance(result, str):
+            session.conn.accept(result)
+            self._log_transaction(session, session.envelope, size, "250 queued", result)
+        else:
+            log.error("cannot store message from %s: %s", session.peer.address, result)
             session.conn.reject(replies.LOCAL_ERROR)
-            self._log_transaction(session, envelope, event.size, "451 local error", "-")
-            return
-        try:
-            queue_id = sink.commit()
-        except DeliveryError as exc:
-            log.error("cannot store message from %s: %s", session.peer.address, exc)
-            sink.abort()
-            session.conn.reject(replies.LOCAL_ERROR)
-            self._log_transaction(session, envelope, event.size, "451 local error", "-")
-            return
-        session.conn.accept(queue_id)
-        self._log_transaction(session, envelope, event.size, "250 queued", queue_id)
+            self._log_transaction(session, session.envelope, size, "451 local error", "-")
         self._set_deadline(session, time.monotonic() + self.config.limits.command_timeout)
 
     def _on_rejected(self, session: Session, event: MessageRejected) -> None:
@@ -348,12 +389,15 @@ class Worker:
         elif session.conn.closed:
             self._close(session, "")
         else:
-            self._want(session, _READ)
+            self._want(session, 0 if session.paused else _READ)
 
     def _want(self, session: Session, mask: int) -> None:
+        """Select on `mask` (0: not at all), with a syscall only when it changes."""
         if session.mask == mask:
             return
-        if session.mask:
+        if not mask:
+            self.sel.unregister(session.sock)
+        elif session.mask:
             self.sel.modify(session.sock, mask, session)
         else:
             self.sel.register(session.sock, mask, session)

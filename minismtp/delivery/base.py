@@ -73,6 +73,23 @@ class Backend(ABC):
 
     __slots__ = ()
 
+    # True when commit() waits for the disk (fsync): the worker then commits off its
+    # event loop, in batches through commit_many(), instead of blocking every client.
+    commit_blocks = False
+
+    def commit_many(self, sinks: list[Sink]) -> list[str | DeliveryError]:
+        """Commit several messages; per message, its queue id or the error. Never raises.
+
+        Backends whose commits wait for the disk share that wait across the batch.
+        """
+        results: list[str | DeliveryError] = []
+        for sink in sinks:
+            try:
+                results.append(sink.commit())
+            except DeliveryError as exc:
+                results.append(exc)
+        return results
+
     @abstractmethod
     def prepare(self) -> None:
         """Check and set up storage once, in the master, before workers are forked.

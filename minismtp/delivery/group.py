@@ -1,0 +1,76 @@
+"""Group commit: durable commits run on one thread beside the worker's event loop.
+
+Untrusted input: none; this moves finished messages from the event loop to the disk.
+
+An fsync takes milliseconds, and a worker that waited for one per message would stall
+every other client meanwhile. Instead the loop hands finished messages to this thread and
+goes on serving; the thread commits whatever has queued up as one batch (the backend
+shares the waits across it, see `Backend.commit_many`) and wakes the loop through a
+socket, which then sends each 250, or 451 for a message that could not be stored. The
+GIL is released while the thread waits for the disk.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Generic, TypeVar
+
+from .base import Backend, DeliveryError, Sink
+
+Tag = TypeVar("Tag")  # what the loop needs back with each result (its session)
+
+
+class GroupCommitter(Generic[Tag]):
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._cond = threading.Condition()
+        self._queued: list[tuple[Tag, Sink]] = []
+        self._done: list[tuple[Tag, str | DeliveryError]] = []
+        self._stopping = False
+        self.wakeup, self._notify = socket.socketpair()  # the loop selects on `wakeup`
+        self.wakeup.setblocking(False)
+        self._notify.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, tag: Tag, sink: Sink) -> None:
+        with self._cond:
+            self._queued.append((tag, sink))
+            self._cond.notify()
+
+    def take_done(self) -> list[tuple[Tag, str | DeliveryError]]:
+        """Results ready for the loop; call when `wakeup` is readable."""
+        try:
+            while self.wakeup.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._cond:
+            done, self._done = self._done, []
+        return done
+
+    def stop(self) -> None:
+        """Finish every queued commit, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        self.wakeup.close()
+        self._notify.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queued and not self._stopping:
+                    self._cond.wait()
+                batch, self._queued = self._queued, []
+                if not batch and self._stopping:
+                    return
+            results = self._backend.commit_many([sink for _, sink in batch])
+            with self._cond:
+                self._done.extend(zip((tag for tag, _ in batch), results))
+            try:
+                self._notify.send(b"!")
+            except (BlockingIOError, InterruptedError):
+                pass  # a wakeup is already pending: the loop will take everything
