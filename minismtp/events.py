@@ -85,7 +85,10 @@ class MessageRejected:
 
 @dataclass(frozen=True, slots=True)
 class Reset:
-    """RSET or a new HELO/EHLO dropped the transaction in progress (already answered)."""
+    """RSET dropped the transaction in progress (already answered).
+
+    An accepted HELO/EHLO drops a transaction too, without a Reset event of its own.
+    """
 
 
 @dataclass(frozen=True, slots=True)

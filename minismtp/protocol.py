@@ -93,8 +93,8 @@ def _bad_sequence(state: State, verb: str, rcpt_attempted: bool) -> Reply:
 
 # RFC 5321 4.1.2 Path, leniently: quoted local parts may hold spaces and ">".
 _PATH = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^<>"\s])*)>')
-_MAX_PATH_CHARS = 256  # RFC 5321 4.5.3.1.3, brackets included
-_SIZE_DIGITS = re.compile(r"\d{1,20}")
+_MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3, brackets included
+_SIZE_DIGITS = re.compile(r"[0-9]{1,20}")  # RFC 1870: ASCII digits only
 # An LF without its CR. A regex with a literal first byte lets sre jump from LF to LF in
 # C; two bytes.count() passes were 3x slower on typical bodies. Chunks never split a CRLF
 # (see scanner.py), and searching the chunk's own view keeps the look-behind inside it.
@@ -119,9 +119,9 @@ def _parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
     address = m.group(1)
     if address.startswith("@"):  # RFC 5321 4.1.2 / C: accept and ignore a source route
         _, colon, address = address.partition(":")
-        if not colon:
+        if not colon or not address:  # a route must lead to a mailbox
             raise _Syntax(bad)
-    if len(address) + 2 > _MAX_PATH_CHARS or not _address_chars_ok(address):
+    if not _address_chars_ok(address) or len(address.encode()) + 2 > _MAX_PATH_OCTETS:
         raise _Syntax(bad)
     return address, rest[m.end():].split()
 
@@ -195,6 +195,8 @@ class SmtpServerConnection:
 
     def accept(self, queue_id: str | None = None) -> None:
         """Answer the pending decision positively (MessageEnd needs the queue id)."""
+        if isinstance(self._pending, MessageEnd) and not queue_id:
+            raise ValueError("accepting a message needs its queue id")
         event = self._take_pending()
         kind = type(event)
         if kind is Hello:
@@ -219,8 +221,6 @@ class SmtpServerConnection:
             self._out.append(replies.START_INPUT.wire)
             self._start_body()
         elif kind is MessageEnd:
-            if not queue_id:
-                raise ValueError("accepting a message needs its queue id")
             self._out.append(replies.queued(queue_id).wire)
             self._end_transaction()
         else:  # Quit
@@ -399,7 +399,7 @@ class SmtpServerConnection:
         self.state = S.DATA
         self._body = BodyScanner()
         self._body_bytes = 0
-        self._body_refused = ""  # why the body will be refused at its end, once known
+        self._bare_lf_seen = False
         self._lines.reset()
 
     def _next_body_event(self) -> object:
@@ -407,6 +407,7 @@ class SmtpServerConnection:
         data = buf.data
         body = self._body
         limit = self.settings.max_message_bytes
+        check_bare_lf = self.settings.reject_bare_lf
         while True:
             if body.done:  # only after the last piece of body went out
                 return self._end_body()
@@ -416,30 +417,32 @@ class SmtpServerConnection:
             size = len(copied) if copied is not None else body.stop - body.start
             if size:
                 self._body_bytes += size
-                if self._body_refused:
-                    continue  # keep reading to the terminator, store nothing more
-                if self._body_bytes > limit:
-                    self._body_refused = "message too big"
-                    continue
+                if self._bare_lf_seen:
+                    continue  # refused whatever follows: read on, store nothing more
                 chunk = buf.view(body.start, body.stop) if copied is None else memoryview(copied)
-                if self.settings.reject_bare_lf and _find_bare_lf(chunk) is not None:
-                    self._body_refused = "bare LF in body"
-                else:
+                # Bare LF is looked for even past the size limit, so which refusal a body
+                # gets never depends on how its bytes were split into reads.
+                if check_bare_lf and _find_bare_lf(chunk) is not None:
+                    self._bare_lf_seen = True
+                elif self._body_bytes <= limit:
                     return BodyChunk(chunk)
             elif buf.start == pos and not body.done:
                 self._maybe_grow()
                 return NEED_DATA
 
     def _end_body(self) -> object:
-        size, refused = self._body_bytes, self._body_refused
-        if not refused:
+        size = self._body_bytes
+        if self._bare_lf_seen:
+            refusal, reason = replies.BARE_LF_DATA, "bare LF in body"
+        elif size > self.settings.max_message_bytes:
+            refusal, reason = replies.MESSAGE_TOO_BIG, "message too big"
+        else:
             self._pending = MessageEnd(size)
             self.state = S.READY  # the body is over; the decision decides the reply
             return self._pending
-        self._out.append((replies.MESSAGE_TOO_BIG if refused == "message too big"
-                          else replies.BARE_LF_DATA).wire)
+        self._out.append(refusal.wire)
         self._end_transaction()
-        return MessageRejected(size, refused)
+        return MessageRejected(size, reason)
 
     def _maybe_grow(self) -> None:
         # A body larger than the command buffer streams in: read it in big gulps.
