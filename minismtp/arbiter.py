@@ -354,7 +354,7 @@ class Arbiter:
                         fresh[text] = bind(address, server.backlog, server.reuse_port,
                                            listen=not server.reuse_port)
                     except OSError as exc:
-                        raise OSError(exc.errno, f"cannot listen on {text}: {exc.strerror}")
+                        raise OSError(f"cannot listen on {text}: {exc.strerror}") from exc
         except OSError:
             for sock in fresh.values():
                 sock.close()

@@ -49,6 +49,11 @@ class Settings:
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
     data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
 
+    def __post_init__(self) -> None:
+        # A whole command line must fit, or the line scanner could never find its end.
+        if self.command_buffer_bytes <= self.max_command_bytes:
+            raise ValueError("command_buffer_bytes must exceed max_command_bytes")
+
 
 class State(enum.Enum):
     START = "start"  # the greeting is not decided yet

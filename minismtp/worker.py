@@ -280,9 +280,14 @@ class Worker:
             if event is NEED_DATA or event is PAUSED or kind is ConnectionClosed:
                 break
             handlers[kind](session, event)
-            if self.stopping and not conn.in_transaction and not conn.closed:
-                conn.shutdown(replies.SHUTTING_DOWN)
+            self._maybe_send_off(conn)  # before any pipelined command that follows
+        self._maybe_send_off(conn)  # also when the answer came from a deferred commit
         self._flush(session)
+
+    def _maybe_send_off(self, conn: SmtpServerConnection) -> None:
+        """While stopping, a session whose transaction is over gets 421 and is closed."""
+        if self.stopping and not conn.in_transaction and not conn.closed:
+            conn.shutdown(replies.SHUTTING_DOWN)
 
     # -- events --------------------------------------------------------------------
 

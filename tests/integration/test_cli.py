@@ -1,0 +1,193 @@
+"""The `minismtp` command as a subprocess: exit statuses and what it prints."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import minismtp
+
+CLI = [sys.executable, "-m", "minismtp"]
+RUN_TIMEOUT_S = 20
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def _problems(result: subprocess.CompletedProcess) -> list[str]:
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
+    assert all(line.startswith("minismtp: ") for line in lines), lines
+    return [line.removeprefix("minismtp: ") for line in lines]
+
+
+BAD_CONFIGS = {
+    "invalid-yaml": (
+        "server:\n  listen: [\"127.0.0.1:0\"\n  workers: 1\n",
+        [r'^config: invalid YAML in ".*bad\.yaml" at line \d+, column \d+: .+']),
+    "unknown-key": (
+        "server:\n  hostnme: mx.example.org\n",
+        [r'^server\.hostnme: unknown key \(did you mean "hostname"\?\)$']),
+    "unknown-section": (
+        "limit:\n  max_recipients: 10\n",
+        [r'^limit: unknown section \(did you mean "limits"\?\)$']),
+    "wrong-type": (
+        'limits:\n  max_recipients: "ten"\n',
+        [r'^limits\.max_recipients: must be an integer >= 1, got "ten"$']),
+    "out-of-range": (
+        "limits:\n  max_command_length: 100\n",
+        [r"^limits\.max_command_length: must be an integer from 512 to 65536, got 100$"]),
+    "several-at-once": (
+        "server:\n  workers: 0\n  listen: [\"nowhere\"]\n"
+        "limits:\n  command_timeout: soon\n  bare_lf: maybe\n"
+        "delivery:\n  fsync: \"yes\"\n",
+        [r"^server\.listen\[0\]: missing port",
+         r'^server\.workers: must be an integer >= 1 or "auto", got 0$',
+         r'^limits\.command_timeout: must be a duration > 0 .*got "soon"$',
+         r'^limits\.bare_lf: must be one of "reject", "accept", got "maybe"$',
+         r'^delivery\.fsync: must be true or false, got "yes"$']),
+}
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_key(tmp_path, case, command):
+    text, expected = BAD_CONFIGS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run(command, "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    problems = _problems(result)
+    assert len(problems) == len(expected), problems
+    for pattern in expected:
+        assert sum(bool(re.search(pattern, p)) for p in problems) == 1, (pattern, problems)
+    assert not (tmp_path / "var").exists()  # nothing started, nothing created
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    result = run("serve", "--config", str(missing), cwd=tmp_path)
+    assert result.returncode == 2
+    [problem] = _problems(result)
+    assert problem == f'config: cannot read "{missing}": No such file or directory'
+
+
+def test_bad_command_line_override(tmp_path):
+    result = run("serve", "--listen", "127.0.0.1", "--workers", "none", cwd=tmp_path)
+    assert result.returncode == 2
+    problems = _problems(result)
+    assert any(p.startswith("server.listen[0]: missing port") for p in problems), problems
+    assert any(p.startswith("server.workers: ") for p in problems), problems
+
+
+def test_check_config_prints_effective_yaml(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text("server:\n  hostname: mx.example.org\n  workers: 3\n"
+                    "limits:\n  max_message_size: 10M\n  command_timeout: 90s\n")
+    result = run("check-config", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    document = yaml.safe_load(result.stdout)
+    assert {"server", "limits", "delivery", "logging"} <= set(document)
+    assert document["server"]["hostname"] == "mx.example.org"
+    assert document["server"]["workers"] == 3
+    assert document["limits"]["max_message_size"] == "10M"
+    assert document["limits"]["command_timeout"] in ("90s", 90, 90.0)
+    assert document["limits"]["bare_lf"] == "reject"
+    # What it prints is itself a valid configuration that reads back the same.
+    again = tmp_path / "again.yaml"
+    again.write_text(result.stdout)
+    second = run("check-config", "--config", str(again), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert yaml.safe_load(second.stdout) == document
+
+
+def test_check_config_accepts_the_example_file(tmp_path):
+    example = Path(minismtp.__file__).resolve().parent.parent / "etc" / "minismtp.yaml"
+    if not example.is_file():
+        pytest.skip("etc/minismtp.yaml is not next to the package")
+    result = run("check-config", "--config", str(example), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["limits"]["bare_lf"] == "reject"
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"minismtp {minismtp.__version__}"
+
+
+def _read_stderr_into(proc: subprocess.Popen, lines: list[str]) -> threading.Thread:
+    def read() -> None:
+        for raw in proc.stderr:
+            lines.append(raw.decode("utf-8", "replace"))
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_serve_without_config_file(tmp_path):
+    proc = subprocess.Popen([*CLI, "serve", "--listen", "127.0.0.1:0", "--workers", "1"],
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    lines: list[str] = []
+    reader = _read_stderr_into(proc, lines)
+    try:
+        deadline = time.monotonic() + 15
+        port = None
+        while port is None and time.monotonic() < deadline:
+            for line in list(lines):
+                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+                if m:
+                    port = int(m.group(1))
+            time.sleep(0.05)
+        assert port, "".join(lines)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            f = s.makefile("rwb")
+            assert f.readline().startswith(b"220 ")
+            f.write(b"EHLO cli.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+                    b"DATA\r\n")
+            f.flush()
+            while not f.readline().startswith(b"354 "):
+                pass
+            f.write(b"Subject: defaults\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+            f.flush()
+            assert f.readline().startswith(b"250 2.0.0 Ok: queued as ")
+            assert f.readline().startswith(b"221 ")
+        # The embedded default delivery path, relative to the working directory.
+        stored = list((tmp_path / "var" / "mail" / "new").iterdir())
+        assert len(stored) == 1 and stored[0].read_bytes().endswith(b"\r\n\r\nhello\r\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        reader.join(5)
+    assert "Traceback" not in "".join(lines)
+
+
+def test_port_in_use_exits_1(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run("serve", "--listen", f"127.0.0.1:{port}", "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(rf"ERROR cannot start: .*cannot listen on 127\.0\.0\.1:{port}: "
+                     r"Address already in use$", lines[0]), lines

@@ -1,0 +1,94 @@
+"""Delivery through a real server: write failures and hostile per-recipient paths."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+from minismtp import replies
+
+FSIZE_LIMIT = 256 * 1024
+
+
+def _limit_file_size() -> None:
+    # Python starts with SIGXFSZ ignored, so a write past the limit fails with EFBIG.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT))
+
+
+def test_write_failure_answers_451_and_leaves_nothing(make_server, raw_clients):
+    server = make_server({"server": {"workers": 1}}, preexec_fn=_limit_file_size)
+    client = raw_clients(server.port)
+    client.hello()
+    big = b"Subject: big\r\n\r\n" + (b"z" * 1022 + b"\r\n") * 1024  # 1 MiB
+    reply = client.send_message(big)
+    assert reply.raw == replies.LOCAL_ERROR.wire
+    assert server.files("new") == [] and server.files("tmp") == []
+    server.wait_for_log(r"result=451 local error")
+    # Nothing about the failure reaches the client but the 451; the session goes on.
+    small = b"Subject: small\r\n\r\nfits\r\n"
+    queue_id = client.send_message(small).queue_id
+    client.cmd("QUIT", 221)
+    [(key, stored)] = server.maildir_messages()
+    assert key.startswith(queue_id + ".") and stored.endswith(small)
+    assert server.files("tmp") == []
+
+
+HOSTILE = {
+    # recipient: the RCPT reply expected
+    '"../../etc"@x': replies.RECIPIENT_OK,
+    "a/b@c": replies.RECIPIENT_OK,
+    '"../../etc"@x.example': replies.RECIPIENT_OK,
+    "a/b@c.example": replies.RECIPIENT_OK,
+    '"a@b"@../..': replies.BAD_RECIPIENT,
+    '"/etc/passwd"@x.example': replies.RECIPIENT_OK,
+    '"..\\/.."@x.example': replies.RECIPIENT_OK,
+    "x@..": replies.BAD_RECIPIENT,
+    "..@..": replies.BAD_RECIPIENT,
+    ".@tmp": replies.RECIPIENT_OK,
+    "..@new": replies.RECIPIENT_OK,
+    "postmaster": replies.RECIPIENT_OK,
+}
+
+
+def test_per_recipient_paths_stay_inside_delivery_path(make_server, raw_clients, tmp_path):
+    root = tmp_path / "spool" / "deep" / "mail"
+    server = make_server({"delivery": {"layout": "per_recipient", "path": str(root)}})
+    client = raw_clients(server.port)
+    client.hello()
+    stored_ids = []
+    for rcpt, expected in HOSTILE.items():
+        client.cmd("MAIL FROM:<hostile@example.org>", 250, "2.1.0")
+        client.send(f"RCPT TO:<{rcpt}>\r\n".encode())
+        assert client.reply().raw == expected.wire, rcpt
+        if expected is not replies.RECIPIENT_OK:
+            client.cmd("RSET", 250, "2.0.0")
+            continue
+        client.cmd("DATA", 354)
+        client.send(client.stuff(f"Subject: {rcpt}\r\n\r\nfor {rcpt}\r\n".encode()))
+        stored_ids.append((rcpt, client.reply().queue_id))
+    # One message for all of them at once, too: one copy per mailbox.
+    accepted = [r for r, e in HOSTILE.items() if e is replies.RECIPIENT_OK]
+    everyone = client.send_message(b"Subject: all\r\n\r\nall of you\r\n",
+                                   recipients=tuple(accepted)).queue_id
+    client.cmd("QUIT", 221)
+
+    real_root = os.path.realpath(root) + os.sep
+    everything = [Path(dirpath) / name for dirpath, dirnames, filenames in os.walk(tmp_path)
+                  for name in dirnames + filenames]
+    outside = [p for p in everything
+               if p != server.config_path and not os.path.realpath(p).startswith(real_root)
+               and not real_root.startswith(os.path.realpath(p) + os.sep)]
+    assert outside == []
+    new_files = [p for p in everything if p.parent.name == "new" and p.is_file()]
+    for rcpt, queue_id in stored_ids:
+        copies = [p for p in new_files if p.name.startswith(queue_id + ".")]
+        assert len(copies) == 1, (rcpt, copies)
+        assert copies[0].read_bytes().endswith(f"\r\n\r\nfor {rcpt}\r\n".encode())
+        assert f"Delivered-To: {rcpt}\r\n".encode() in copies[0].read_bytes()
+        # The mailbox is a directory two levels below the root: <domain>/<local>/new/.
+        mailbox = copies[0].parent.parent
+        assert mailbox.parent.parent == root, copies[0]
+    copies = [p for p in new_files if p.name.startswith(everyone + ".")]
+    assert len(copies) == len({p.parent for p in copies}) == len(accepted)
+    assert list((root / "tmp").iterdir()) == []
