@@ -1,4 +1,4 @@
-"""The `minismtp` command: serve, check-config, --version.
+"""The `minismtp` command: serve, check-config, stats, --version.
 
 Untrusted input: command-line arguments and the configuration file, both validated by
 `config.load_config`; every problem is printed as one line, never a traceback.
@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config",
                                 help="validate a configuration and print the effective one")
     check.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    stats = commands.add_parser("stats", help="show a running server's totals and rates")
+    stats.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    stats.add_argument("--once", action="store_true",
+                       help="print once and exit (the default when not on a terminal)")
     return parser
 
 
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         sys.stdout.write(dump_config(config))
         return exitcodes.OK
+    if args.command == "stats":
+        from minismtp import statsview
+
+        return statsview.run(config, args.once)
     _setup_logging(config.logging.level)
     from minismtp.arbiter import Arbiter  # the server's modules only when serving
 

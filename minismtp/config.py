@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from minismtp.faults import FaultsConfig, RuleProblems, dump_rules, parse_rules, parse_seed
+
 Parser = Callable[[Any], Any]
 
 
@@ -97,11 +99,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsConfig:
+    listen: ListenAddress | None = None  # None: no statistics endpoint
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     limits: LimitsConfig
     delivery: DeliveryConfig
     logging: LoggingConfig
+    faults: FaultsConfig = FaultsConfig()  # frozen values: one shared default is safe
+    stats: StatsConfig = StatsConfig()
     # Where it came from is not what it says: a reload that changes nothing compares equal.
     source: str | None = field(default=None, compare=False)
 
@@ -316,6 +325,14 @@ def _listen(value: object) -> tuple[ListenAddress, ...]:
     return tuple(addresses)
 
 
+def _stats_listen(value: object) -> ListenAddress | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f'must be a "host:port" string or null, got {_got(value)}')
+    return parse_listen(value)
+
+
 # Dumpers: typed value -> plain YAML value that parses back to an equal value.
 
 
@@ -388,6 +405,13 @@ SETTINGS: tuple[Setting, ...] = (
             "one Maildir for all, or one per recipient"),
     Setting("logging.level", "info", _choice("debug", "info", "warning", "error", fold_case=True),
             "least severe level logged"),
+    Setting("faults.seed", None, parse_seed,
+            "seed for every random fault decision; null = not reproducible"),
+    Setting("faults.rules", [], parse_rules,
+            "fault injection rules: stage, optional matches, rate, action", dump_rules),
+    Setting("stats.listen", None, _stats_listen,
+            '"host:port" serving GET /metrics and /stats; null = off',
+            lambda address: None if address is None else str(address)),
 )
 
 _SECTIONS: dict[str, type] = {
@@ -395,6 +419,8 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "delivery": DeliveryConfig,
     "logging": LoggingConfig,
+    "faults": FaultsConfig,
+    "stats": StatsConfig,
 }
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _KEYS = {section: [name.split(".")[1] for name in _BY_NAME if name.startswith(section + ".")]
@@ -476,8 +502,11 @@ def load_config(
             parsed[setting.name] = setting.parse(raw)
         except _ItemProblems as exc:
             problems.extend(f"{setting.name}[{index}]: {message}" for index, message in exc.items)
+        except RuleProblems as exc:
+            problems.extend(f"{setting.name}{path}: {message}" for path, message in exc.items)
         except ValueError as exc:
             problems.append(f"{setting.name}: {exc}")
+    problems.extend(_clashes(parsed))
     if problems:
         raise ConfigError(problems)
     sections = {
@@ -485,6 +514,22 @@ def load_config(
         for section, cls in _SECTIONS.items()
     }
     return Config(**sections, source=source)
+
+
+def _clashes(parsed: dict[str, object]) -> list[str]:
+    """Problems between settings: the stats endpoint cannot share a port with SMTP."""
+    stats = parsed.get("stats.listen")
+    smtp = parsed.get("server.listen")
+    if not isinstance(stats, ListenAddress) or not stats.port or not isinstance(smtp, tuple):
+        return []  # port 0 never clashes; a bad server.listen is reported already
+    for index, address in enumerate(smtp):
+        # A wildcard binds every address of its family, so it clashes with each of them.
+        hosts = {address.host, stats.host}
+        if (address.family, address.port) == (stats.family, stats.port) and (
+                len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
+            return [f"stats.listen: same port as server.listen[{index}] ({address}), "
+                    f"got {_got(str(stats))}"]
+    return []
 
 
 def _dump(setting: Setting, value: object) -> object:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,13 @@ from minismtp.config import (
     ListenAddress,
     LoggingConfig,
     ServerConfig,
+    StatsConfig,
     dump_config,
     load_config,
     parse_listen,
 )
+from minismtp.cli import main
+from minismtp.faults import FaultsConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
 SCHEMA = {
@@ -32,6 +37,8 @@ SCHEMA = {
                "data_timeout", "min_data_rate", "max_errors", "bare_lf"],
     "delivery": ["backend", "path", "fsync", "layout"],
     "logging": ["level"],
+    "faults": ["seed", "rules"],
+    "stats": ["listen"],
 }
 
 
@@ -567,3 +574,134 @@ def test_parse_listen_raises_value_error_with_one_line(text):
     with pytest.raises(ValueError) as info:
         parse_listen(text)
     assert "\n" not in str(info.value) and str(info.value)
+
+
+# --- faults and stats sections ----------------------------------------------------------
+
+LOADTEST = EXAMPLE.with_name("loadtest.yaml")
+
+
+def test_faults_and_stats_default_to_off():
+    config = load_config()
+    assert config.faults == FaultsConfig(seed=None, rules=())
+    assert config.stats == StatsConfig(listen=None)
+    assert [f.name for f in dataclasses.fields(FaultsConfig)] == SCHEMA["faults"]
+    assert [f.name for f in dataclasses.fields(StatsConfig)] == SCHEMA["stats"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.stats.listen = None  # type: ignore[misc]
+
+
+def test_config_can_still_be_built_from_the_four_original_sections():
+    config = load_config()
+    built = Config(config.server, config.limits, config.delivery, config.logging)
+    assert built == config
+
+
+def _commented_rules(text: str, start: str, end: str | None = None) -> list[dict]:
+    """The example rules commented out between two marker lines, as YAML would read them."""
+    lines = text.split("\n")
+    first = next(i for i, line in enumerate(lines) if line.strip() == start) + 1
+    last = len(lines) if end is None else next(
+        i for i, line in enumerate(lines) if i >= first and line.strip() == end)
+    wanted = [line.split("#", 1)[1] for line in lines[first:last]
+              if re.match(r"\s*#\s+(- )?\w+: ", line)]
+    return yaml.safe_load(textwrap.dedent("\n".join(wanted)))
+
+
+def test_loadtest_file_is_a_load_test_config(tmp_path, capsys):
+    config = load_config(LOADTEST)
+    assert config.delivery.backend == "discard" and config.delivery.fsync is False
+    assert config.server.workers == (os.cpu_count() or 1)
+    assert config.logging.level == "warning"
+    assert str(config.stats.listen) == "127.0.0.1:9025"
+    assert config.faults.seed is not None and config.faults.rules == ()
+    assert main(["check-config", "--config", str(LOADTEST)]) == 0
+    assert load_config(write(tmp_path, capsys.readouterr().out)) == config
+
+
+@pytest.mark.parametrize(("path", "start", "end"), [
+    (LOADTEST, "rules:", None),
+    (EXAMPLE, "# At most 64 rules. Examples:", "rules: []"),
+])
+def test_commented_example_rules_are_valid(path, start, end):
+    rules = _commented_rules(path.read_text(encoding="utf-8"), start, end)
+    assert len(rules) >= 4
+    config = load_config(path, {"faults.rules": rules})
+    assert len(config.faults.rules) == len(rules)
+    actions = {key for rule in rules for key in ("reply", "delay", "disconnect", "tarpit")
+               if key in rule}
+    assert actions == {"reply", "delay", "disconnect", "tarpit"}
+
+
+def test_dump_with_faults_and_stats_round_trips(tmp_path):
+    config = load_config(overrides={
+        "faults.seed": 12345,
+        "faults.rules": [
+            {"name": "busy-rcpt", "stage": "rcpt", "recipient": "*@busy.test", "rate": 0.3,
+             "reply": "450 4.2.0 Mailbox busy"},
+            {"stage": "end_of_data", "delay": {"min": "50ms", "max": 0.5}, "tarpit": 7.5,
+             "reply": "451"},
+            {"stage": "mail", "sender": "", "client": "2001:db8::/32", "delay": 0.2,
+             "disconnect": True},
+            {"stage": "quit", "reply": "221 2.0.0 Bye", "rate": 0},
+            {"stage": "connect", "client": "10.0.0.0/8", "sender": None, "tarpit": 1},
+        ],
+        "stats.listen": "[::1]:9025",
+    })
+    dumped = yaml.safe_load(dump_config(config))
+    assert dumped["stats"] == {"listen": "[::1]:9025"}
+    assert dumped["faults"]["rules"][0] == {
+        "name": "busy-rcpt", "stage": "rcpt", "recipient": "*@busy.test", "rate": 0.3,
+        "reply": "450 4.2.0 Mailbox busy"}
+    assert dumped["faults"]["rules"][1]["delay"] == {"min": 0.05, "max": 0.5}
+    assert _round_trip(tmp_path, config) == config
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("9025", 'stats.listen: missing port (use "host:port" or "[v6addr]:port"), got "9025"'),
+    (9025, 'stats.listen: must be a "host:port" string or null, got 9025'),
+    (["127.0.0.1:9025"], 'stats.listen: must be a "host:port" string or null, got a list'),
+    ("127.0.0.1:2525",
+     'stats.listen: same port as server.listen[0] (127.0.0.1:2525), got "127.0.0.1:2525"'),
+    ("0.0.0.0:2525",
+     'stats.listen: same port as server.listen[0] (127.0.0.1:2525), got "0.0.0.0:2525"'),
+])
+def test_bad_stats_listen(value, expected):
+    assert problems_of(overrides={"stats.listen": value}) == [expected]
+
+
+def test_stats_listen_may_share_only_what_does_not_clash():
+    for smtp, stats in [("127.0.0.1:2525", "127.0.0.2:2525"), ("127.0.0.1:0", "127.0.0.1:0"),
+                        ("[::1]:2525", "0.0.0.0:2525"), ("127.0.0.1:2525", "127.0.0.1:9025")]:
+        config = load_config(overrides={"server.listen": [smtp], "stats.listen": stats})
+        assert str(config.stats.listen) == stats
+
+
+def test_fault_problems_come_with_the_others(tmp_path):
+    path = write(tmp_path, """\
+server:
+  workers: 0
+faults:
+  seed: -3
+  rules:
+    - stage: rcpt
+      rate: 1.5
+      reply: "450 4.2.0 Mailbox busy"
+    - name: slow
+      stage: helo
+      recipient: "*@x.test"
+      delay: 1
+    - {stage: rcpt, disconnect: true, reply: "550 5.0.0 No"}
+  rule: []
+stats:
+  listen: "localhost"
+""")
+    assert problems_of(path) == [
+        'faults.rule: unknown key (did you mean "rules"?)',
+        'server.workers: must be an integer >= 1 or "auto", got 0',
+        "faults.seed: must be an integer >= 0 or null, got -3",
+        "faults.rules[0].rate: must be a number from 0 to 1, got 1.5",
+        'faults.rules[1].recipient: cannot match at stage "helo": only at rcpt, data, end_of_data',
+        "faults.rules[2].disconnect: cannot be combined with reply: a disconnect sends no reply",
+        'stats.listen: missing port (use "host:port" or "[v6addr]:port"), got "localhost"',
+    ]

@@ -1,0 +1,299 @@
+"""Live statistics: plain counters in each worker, a shared board, totals in the master.
+
+Untrusted input: none from the network. The board is shared memory that a worker writes
+and the master reads; a worker killed mid-write leaves a slot half old, half new, which
+the sequence number below detects (and `retire` clears before the slot is reused).
+
+Theory of operation. A worker counts into a `WorkerStats`: slotted attributes and lists
+of Python ints, so each increment is one attribute or list store, with no lock, syscall
+or message. About once a second, and at exit, `publish` copies every counter into the
+worker's slot of a `StatsBoard`, an anonymous shared mmap created by the master before
+fork (like `HeartbeatBoard`). The master reads the slots of live workers and adds them to
+a `Totals` of retired workers: when a worker exits, its slot is folded into that total
+and cleared, so totals never go backwards when workers are replaced. Gauges (open
+connections) describe the present, so they are not kept for exited workers.
+
+Slot layout, native byte order, 8-byte fields: a sequence number, the counters of
+`_COUNTERS`, the latency buckets, the latency sum (a double), one counter per reply
+code 400..599, one per fault rule. The writer makes the sequence odd, writes, makes it
+even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
+no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
+them out, which is enough for statistics.)
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Upper bounds, in seconds, of the end-of-data latency buckets; one more bucket is +Inf.
+LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                  1.0, 2.5, 5.0, 10.0)
+_BUCKETS = len(LATENCY_BOUNDS) + 1
+_COUNTERS = ("connections_open", "connections_total", "transactions", "messages_accepted",
+             "bytes_received")
+_GAUGES = frozenset({"connections_open"})
+_FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
+_SEQ = struct.Struct("=Q")
+_READ_TRIES = 100  # a publish takes microseconds; a slot stuck odd is a dead writer
+
+
+class WorkerStats:
+    """One worker's counters. Hot-path use, each a single store:
+
+    stats.connections_open += 1; stats.connections_total += 1; stats.transactions += 1
+    stats.messages_accepted += 1; stats.bytes_received += n
+    stats.replies[reply.code] += 1   # rejections: only codes 400..599 are published
+    stats.faults[rule.index] += 1; stats.observe_latency(seconds)
+    """
+
+    __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum")
+
+    def __init__(self, max_rules: int) -> None:
+        self.connections_open = 0
+        self.connections_total = 0
+        self.transactions = 0
+        self.messages_accepted = 0
+        self.bytes_received = 0
+        self.replies = [0] * 600  # indexed by the reply code itself: no arithmetic per use
+        self.faults = [0] * max_rules
+        self.latency_buckets = [0] * _BUCKETS
+        self.latency_sum = 0.0
+
+    def observe_latency(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bucket (Prometheus "le").
+        self.latency_buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def publish(self, board: StatsBoard, slot: int) -> None:
+        """Copy every counter into `slot` of the shared board (about once a second)."""
+        rules = board.max_rules
+        faults = self.faults[:rules]
+        faults += [0] * (rules - len(faults))  # fewer rules than the board has room for
+        board.write(slot, (
+            self.connections_open, self.connections_total, self.transactions,
+            self.messages_accepted, self.bytes_received, *self.latency_buckets,
+            self.latency_sum, *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
+        ))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One slot's counters as last published."""
+
+    connections_open: int
+    connections_total: int
+    transactions: int
+    messages_accepted: int
+    bytes_received: int
+    latency_buckets: tuple[int, ...]  # per bucket, not cumulative; the last is +Inf
+    latency_sum: float
+    rejections: dict[int, int]  # reply code -> count, nonzero only
+    faults: tuple[int, ...]  # by rule index
+
+
+@dataclass(slots=True)
+class Totals:
+    """Counters summed over workers; `workers` is set by whoever sums live slots."""
+
+    workers: int = 0
+    connections_open: int = 0
+    connections_total: int = 0
+    transactions: int = 0
+    messages_accepted: int = 0
+    bytes_received: int = 0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+    latency_sum: float = 0.0
+    rejections: dict[int, int] = field(default_factory=dict)
+    faults: list[int] = field(default_factory=list)
+
+    def add(self, snapshot: Snapshot, *, gauges: bool = True) -> None:
+        """Add a slot's counters; gauges=False for a worker that has gone."""
+        for name in _COUNTERS:
+            if gauges or name not in _GAUGES:
+                setattr(self, name, getattr(self, name) + getattr(snapshot, name))
+        for index, count in enumerate(snapshot.latency_buckets):
+            self.latency_buckets[index] += count
+        self.latency_sum += snapshot.latency_sum
+        for code, count in snapshot.rejections.items():
+            self.rejections[code] = self.rejections.get(code, 0) + count
+        if len(self.faults) < len(snapshot.faults):
+            self.faults.extend([0] * (len(snapshot.faults) - len(self.faults)))
+        for index, count in enumerate(snapshot.faults):
+            self.faults[index] += count
+
+    def copy(self) -> Totals:
+        return Totals(self.workers, self.connections_open, self.connections_total,
+                      self.transactions, self.messages_accepted, self.bytes_received,
+                      list(self.latency_buckets), self.latency_sum, dict(self.rejections),
+                      list(self.faults))
+
+    @property
+    def latency_count(self) -> int:
+        return sum(self.latency_buckets)
+
+
+class StatsBoard:
+    """One fixed-size slot of counters per worker, in memory shared across fork."""
+
+    def __init__(self, slots: int, max_rules: int) -> None:
+        self.slots = slots
+        self.max_rules = max_rules
+        fields = len(_COUNTERS) + _BUCKETS
+        # "=": no padding; the double lands on an 8-byte boundary after the counters.
+        self._body = struct.Struct(f"={fields}Qd{_CODES + max_rules}Q")
+        self._stride = _SEQ.size + self._body.size
+        self._map = mmap.mmap(-1, max(1, slots * self._stride))  # anonymous, shared
+
+    def write(self, slot: int, values: tuple[int | float, ...]) -> None:
+        """Store a slot's values in layout order (WorkerStats.publish builds them)."""
+        offset = slot * self._stride
+        seq = _SEQ.unpack_from(self._map, offset)[0]
+        _SEQ.pack_into(self._map, offset, seq + 1)  # odd: write in progress
+        self._body.pack_into(self._map, offset + _SEQ.size, *values)
+        _SEQ.pack_into(self._map, offset, seq + 2)
+
+    def read(self, slot: int) -> Snapshot:
+        offset = slot * self._stride
+        values: tuple[Any, ...] = ()
+        for _ in range(_READ_TRIES):
+            before = _SEQ.unpack_from(self._map, offset)[0]
+            values = self._body.unpack_from(self._map, offset + _SEQ.size)
+            if before % 2 == 0 and _SEQ.unpack_from(self._map, offset)[0] == before:
+                break
+        counters = len(_COUNTERS)
+        codes_at = counters + _BUCKETS + 1
+        codes = values[codes_at:codes_at + _CODES]
+        opened, connections, transactions, messages, nbytes = values[:counters]
+        return Snapshot(
+            opened, connections, transactions, messages, nbytes,
+            latency_buckets=values[counters:counters + _BUCKETS],
+            latency_sum=values[counters + _BUCKETS],
+            rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
+            faults=values[codes_at + _CODES:],
+        )
+
+    def clear(self, slot: int) -> None:
+        start = slot * self._stride
+        self._map[start:start + self._stride] = bytes(self._stride)
+
+    def retire(self, slot: int, retired: Totals) -> None:
+        """Fold the counters of an exited worker's slot into `retired`, then clear it.
+
+        Call after reaping the worker and before the slot is given to a new one.
+        """
+        retired.add(self.read(slot), gauges=False)
+        self.clear(slot)
+
+    def totals(self, live_slots: list[int], retired: Totals) -> Totals:
+        """`retired` plus every live slot, with `workers` = the number of live slots."""
+        totals = retired.copy()
+        for slot in live_slots:
+            totals.add(self.read(slot))
+        totals.workers = len(live_slots)
+        return totals
+
+    def close(self) -> None:
+        self._map.close()
+
+
+# -- presentation ----------------------------------------------------------------------
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+JSON_CONTENT_TYPE = "application/json"
+
+
+def _label(value: str) -> str:
+    # Text format escapes: rule names are restricted already, but the format is strict.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _le(bound: float) -> str:
+    return repr(bound)  # "0.0005", "1.0": shortest text that parses back to the bound
+
+
+def _cumulative(buckets: Sequence[int]) -> list[int]:
+    running, out = 0, []
+    for count in buckets:
+        running += count
+        out.append(running)
+    return out
+
+
+def _fault_counts(totals: Totals, rule_names: Sequence[str]) -> list[tuple[str, int]]:
+    # Counters are kept by rule index; only indices with a configured name are shown.
+    faults = totals.faults
+    return [(name, faults[i] if i < len(faults) else 0) for i, name in enumerate(rule_names)]
+
+
+def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
+    """Totals in the Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, doc: str, samples: list[tuple[str, object]]) -> None:
+        lines.extend((f"# HELP {name} {doc}", f"# TYPE {name} {kind}"))
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    family("minismtp_workers", "gauge", "Worker processes running.", [("", totals.workers)])
+    family("minismtp_connections_open", "gauge", "Client connections open now.",
+           [("", totals.connections_open)])
+    family("minismtp_connections_total", "counter", "Client connections accepted.",
+           [("", totals.connections_total)])
+    family("minismtp_transactions_total", "counter", "MAIL commands accepted.",
+           [("", totals.transactions)])
+    family("minismtp_messages_accepted_total", "counter", "Messages accepted (250 after DATA).",
+           [("", totals.messages_accepted)])
+    family("minismtp_received_bytes_total", "counter", "Bytes received from clients.",
+           [("", totals.bytes_received)])
+    family("minismtp_rejections_total", "counter", "4xx and 5xx replies sent, by code.",
+           [(f'{{code="{code}"}}', count) for code, count in sorted(totals.rejections.items())])
+    family("minismtp_faults_injected_total", "counter", "Faults injected, by rule.",
+           [(f'{{rule="{_label(name)}"}}', count)
+            for name, count in _fault_counts(totals, rule_names)])
+    cumulative = _cumulative(totals.latency_buckets)
+    name = "minismtp_end_of_data_seconds"
+    lines.extend((f"# HELP {name} Time from the end-of-data marker to the reply.",
+                  f"# TYPE {name} histogram"))
+    for bound, count in zip((*map(_le, LATENCY_BOUNDS), "+Inf"), cumulative):
+        lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+    lines.extend((f"{name}_sum {totals.latency_sum!r}", f"{name}_count {cumulative[-1]}"))
+    return "\n".join(lines) + "\n"
+
+
+def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
+    """Totals as a JSON-ready dict; latency buckets are cumulative, as in Prometheus."""
+    cumulative = _cumulative(totals.latency_buckets)
+    return {
+        "workers": totals.workers,
+        "connections": {"open": totals.connections_open, "total": totals.connections_total},
+        "transactions": totals.transactions,
+        "messages_accepted": totals.messages_accepted,
+        "bytes_received": totals.bytes_received,
+        "rejections": {str(code): count for code, count in sorted(totals.rejections.items())},
+        "faults": dict(_fault_counts(totals, rule_names)),
+        "end_of_data_seconds": {
+            "buckets": dict(zip((*map(_le, LATENCY_BOUNDS), "+Inf"), cumulative)),
+            "sum": totals.latency_sum,
+            "count": cumulative[-1],
+        },
+    }
+
+
+def json_body(totals: Totals, rule_names: Sequence[str]) -> bytes:
+    return json.dumps(to_json(totals, rule_names), separators=(",", ":")).encode()
+
+
+def summary_line(totals: Totals, elapsed_s: float) -> str:
+    """The master's one-line account of a run, e.g. for its log on SIGTERM.
+
+    MB are decimal (10**6 bytes), as in throughput figures.
+    """
+    rate = totals.messages_accepted / elapsed_s if elapsed_s > 0 else 0.0
+    return (f"run summary: {totals.messages_accepted} messages accepted, "
+            f"{totals.bytes_received / 1e6:.1f} MB received in {elapsed_s:.1f}s "
+            f"({rate:.1f} msg/s)")

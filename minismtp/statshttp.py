@@ -1,0 +1,260 @@
+"""A tiny non-blocking HTTP responder for the statistics, run in the master's selector loop.
+
+Untrusted input: HTTP requests from anyone who can reach `stats.listen` (request line,
+headers, timing). The master supervises every worker, so nothing here may block it or
+let a client grow its memory: the request head is read into a buffer of at most 8 KiB
+(431 beyond), every client has a deadline enforced by `expire()`, at most `max_clients`
+are open at once (more wait in the listen backlog), and no client behaviour makes
+`handle()` raise. Only `GET` is served; the response is written without blocking, then
+the connection is closed. Request bodies and extra bytes are ignored.
+
+Closing a socket that still has unread input makes the kernel send RST, which can
+destroy the response before the client reads it (an oversized request, say). So after
+responding we shut down our side and read to EOF first ("lingering close", as Apache
+does), within the same deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+
+from minismtp.stats import (
+    JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Totals, json_body, render_prometheus,
+)
+
+log = logging.getLogger("minismtp.stats")
+
+GetBody = Callable[[str], tuple[int, str, bytes] | None]
+
+MAX_REQUEST_BYTES = 8192
+_RECV_BYTES = 4096
+_ACCEPTS_PER_WAKEUP = 16
+_LINGER_S = 1.0  # after responding, how long to wait for the client's EOF
+_LINGER_BYTES = 65536  # and how much to read and drop meanwhile
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class _Client:
+    __slots__ = ("sock", "buf", "out", "deadline", "mask", "lingering", "drained")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.out = memoryview(b"")  # response bytes not yet sent (a view: no copy per send)
+        self.deadline = deadline
+        self.mask = 0
+        self.lingering = False  # response sent, our side shut down, waiting for EOF
+        self.drained = 0
+
+
+class StatsHttpServer:
+    """Serves GET requests on a listening socket; `get_body(path)` gives (status, content
+    type, body), or None for 404. Owns `sock` and closes it in `close()`.
+
+    Every key this server registers carries `data=self`; the master passes those keys to
+    `handle()`, and calls `expire(time.monotonic())` once per loop.
+    """
+
+    def __init__(self, sock: socket.socket, get_body: GetBody, *, timeout_s: float = 5.0,
+                 max_clients: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sock = sock
+        self._get_body = get_body
+        self.timeout_s = timeout_s
+        self.max_clients = max_clients
+        self._clock = clock
+        self._sel: selectors.BaseSelector | None = None
+        self._clients: dict[int, _Client] = {}
+        self._paused = False  # at max_clients: the listener is not registered
+        self._closing = False
+
+    def register(self, sel: selectors.BaseSelector) -> None:
+        self._sock.setblocking(False)
+        self._sel = sel
+        sel.register(self._sock, _READ, self)
+
+    def handle(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.fileobj is self._sock:
+            self._accept()
+            return
+        client = self._clients.get(key.fd)
+        if client is None or client.sock is not key.fileobj:
+            return  # an event for a client closed earlier in this round
+        try:
+            if client.lingering:
+                self._drain(client)
+            elif mask & _READ and not client.out:
+                self._read(client)
+            elif mask & _WRITE:
+                self._write(client)
+        except (BlockingIOError, InterruptedError):
+            pass  # a spurious wakeup: wait for the next event
+        except OSError:
+            self._drop(client)  # reset by peer and the like: nothing to tell anyone
+        except Exception:  # a bug here must not take the master down with it
+            log.exception("stats: internal error serving a request")
+            self._drop(client)
+
+    def expire(self, now: float) -> None:
+        """Close clients past their deadline (idle, slow, or not reading our answer)."""
+        for client in [c for c in self._clients.values() if c.deadline <= now]:
+            self._drop(client)
+
+    def close(self) -> None:
+        self._closing = True
+        for client in list(self._clients.values()):
+            self._drop(client)
+        if self._sel is not None and not self._paused:
+            self._sel.unregister(self._sock)
+        self._sock.close()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                log.warning("stats: accept failed: %s", exc.strerror or exc)
+                return  # EMFILE and the like: try again on the next wakeup
+            sock.setblocking(False)
+            client = _Client(sock, self._clock() + self.timeout_s)
+            self._clients[sock.fileno()] = client
+            self._want(client, _READ)
+            if len(self._clients) >= self.max_clients:
+                self._pause()
+                return
+
+    def _read(self, client: _Client) -> None:
+        data = client.sock.recv(_RECV_BYTES)
+        if not data:
+            self._drop(client)  # gone before finishing its request
+            return
+        client.buf += data
+        end = _head_end(client.buf)
+        if end < 0 and len(client.buf) <= MAX_REQUEST_BYTES:
+            return  # wait for the rest of the head
+        if end < 0 or end > MAX_REQUEST_BYTES:
+            client.out = memoryview(_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
+        else:
+            client.out = memoryview(self._respond(bytes(client.buf[:end])))
+        client.buf = bytearray()
+        self._write(client)
+
+    def _respond(self, head: bytes) -> bytes:
+        lines = head.replace(b"\r\n", b"\n").split(b"\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
+            return _response(HTTPStatus.BAD_REQUEST)
+        if any(line and b":" not in line for line in lines[1:]):
+            return _response(HTTPStatus.BAD_REQUEST)
+        if parts[0] != b"GET":
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra="Allow: GET\r\n")
+        target = parts[1].decode("latin-1")
+        if target.startswith(("http://", "https://")):  # absolute form, from proxies
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        if not target.startswith("/"):
+            return _response(HTTPStatus.BAD_REQUEST)
+        try:
+            found = self._get_body(target.split("?", 1)[0])
+        except Exception:  # the master's own bug: answer, log, and keep supervising
+            log.exception("stats: cannot produce %r", target)
+            return _response(HTTPStatus.INTERNAL_SERVER_ERROR)
+        if found is None:
+            return _response(HTTPStatus.NOT_FOUND)
+        status, content_type, body = found
+        return _response(HTTPStatus(status), body, content_type)
+
+    def _write(self, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0  # the socket buffer is full: the rest goes when it is writable
+        client.out = client.out[sent:]
+        if client.out:
+            self._want(client, _WRITE)  # the rest when the client reads
+            return
+        # All sent: say we are done and wait briefly for the client to close its side.
+        client.sock.shutdown(socket.SHUT_WR)
+        client.lingering = True
+        client.deadline = min(client.deadline, self._clock() + _LINGER_S)
+        self._want(client, _READ)
+
+    def _drain(self, client: _Client) -> None:
+        data = client.sock.recv(_RECV_BYTES)
+        client.drained += len(data)
+        if not data or client.drained > _LINGER_BYTES:
+            self._drop(client)
+
+    def _pause(self) -> None:
+        # At the cap, leave further connections in the kernel's backlog until a client
+        # goes (each has a deadline). Answering them 503 and closing would race their
+        # request: close with unread input sends RST, which can destroy the answer.
+        if self._sel is not None and not self._paused:
+            self._sel.unregister(self._sock)
+            self._paused = True
+
+    def _resume(self) -> None:
+        if self._sel is not None and self._paused and len(self._clients) < self.max_clients:
+            self._sel.register(self._sock, _READ, self)
+            self._paused = False
+
+    def _want(self, client: _Client, mask: int) -> None:
+        assert self._sel is not None, "register() first"
+        if client.mask == mask:
+            return
+        if client.mask:
+            self._sel.modify(client.sock, mask, self)
+        else:
+            self._sel.register(client.sock, mask, self)
+        client.mask = mask
+
+    def _drop(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        if fd >= 0 and self._clients.get(fd) is client:
+            del self._clients[fd]
+            if client.mask and self._sel is not None:
+                self._sel.unregister(client.sock)
+        client.sock.close()
+        if not self._closing:
+            self._resume()
+
+
+def _head_end(buf: bytearray) -> int:
+    """Length of the request head including its blank line, or -1 if not complete yet."""
+    ends = [i + len(mark) for mark in (b"\r\n\r\n", b"\n\n") if (i := buf.find(mark)) >= 0]
+    return min(ends) if ends else -1
+
+
+def _response(status: HTTPStatus, body: bytes | None = None,
+              content_type: str = "text/plain; charset=utf-8", extra: str = "") -> bytes:
+    if body is None:
+        body = f"{status.value} {status.phrase}\n".encode()
+    head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Cache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def pages(current: Callable[[], tuple[Totals, Sequence[str]]]) -> GetBody:
+    """A `get_body` serving /metrics and /stats from `current()` -> (totals, rule names)."""
+
+    def get_body(path: str) -> tuple[int, str, bytes] | None:
+        if path == "/metrics":
+            totals, names = current()
+            return 200, PROMETHEUS_CONTENT_TYPE, render_prometheus(totals, names).encode()
+        if path == "/stats":
+            totals, names = current()
+            return 200, JSON_CONTENT_TYPE, json_body(totals, names)
+        return None
+
+    return get_body

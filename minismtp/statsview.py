@@ -1,0 +1,190 @@
+"""`minismtp stats`: fetch the master's /stats and show totals and per-second rates.
+
+Untrusted input: the HTTP answer from whatever listens at `stats.listen`, which need not
+be minismtp at all. The body read is bounded, and an answer that is not the JSON shape
+`stats.to_json` makes is reported in one line, like every other failure: no traceback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from minismtp import exitcodes
+from minismtp.config import Config, ListenAddress
+from minismtp.stats import LATENCY_BOUNDS
+
+_TIMEOUT_S = 2.0
+_MAX_BYTES = 1 << 20  # a real answer is a few KiB even with every code and rule
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a wildcard is reached via loopback
+# Proxy settings in the environment are for the outside world, not for our own master.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_COUNTERS = (("connections", ("connections", "total")), ("transactions", ("transactions",)),
+             ("messages accepted", ("messages_accepted",)))
+
+
+class FetchError(Exception):
+    """The statistics could not be fetched; the message is one line for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float  # time.monotonic() when fetched
+    doc: dict[str, Any]
+
+
+def stats_url(address: ListenAddress) -> str:
+    host = _LOOPBACK.get(address.host, address.host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{address.port}/stats"
+
+
+def fetch(url: str, timeout_s: float = _TIMEOUT_S) -> Sample:
+    try:
+        with _OPENER.open(url, timeout=timeout_s) as response:
+            data = response.read(_MAX_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise FetchError(f"{url} answered {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        hint = (" (is minismtp running with this configuration?)"
+                if isinstance(reason, ConnectionRefusedError) else "")
+        raise FetchError(f"cannot reach {url}: {text}{hint}") from None
+    except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, bad HTTP
+        raise FetchError(f"cannot read {url}: {exc or type(exc).__name__}") from None
+    try:
+        if len(data) > _MAX_BYTES:
+            raise ValueError
+        doc = json.loads(data)
+        _check(doc)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise FetchError(f"{url} did not answer with minismtp statistics") from None
+    return Sample(time.monotonic(), doc)
+
+
+def _check(doc: object) -> None:
+    """Raise unless `doc` has every field the display uses, with numbers where expected."""
+    if not isinstance(doc, dict):
+        raise TypeError
+    numbers = [doc["workers"], doc["connections"]["open"], doc["connections"]["total"],
+               doc["transactions"], doc["messages_accepted"], doc["bytes_received"],
+               *doc["rejections"].values(), *doc["faults"].values(),
+               doc["end_of_data_seconds"]["sum"], doc["end_of_data_seconds"]["count"],
+               *doc["end_of_data_seconds"]["buckets"].values()]
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        raise TypeError
+    for bound in doc["end_of_data_seconds"]["buckets"]:
+        float(bound)  # "0.0005" ... "+Inf"; anything else raises ValueError
+
+
+def _field(doc: dict[str, Any], path: tuple[str, ...]) -> float:
+    value: object = doc
+    for key in path:  # a code or rule missing from an earlier sample counted 0 then
+        value = value.get(key, 0) if isinstance(value, dict) else 0
+    return value if isinstance(value, (int, float)) else 0
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _latency(doc: dict[str, Any]) -> str:
+    latency = doc["end_of_data_seconds"]
+    count = latency["count"]
+    if not count:
+        return "no messages yet"
+    parts = [f"mean {_seconds(latency['sum'] / count)}"]
+    for quantile in (0.5, 0.99):
+        for bound, cumulative in latency["buckets"].items():
+            if cumulative >= quantile * count:  # bucket bounds: an upper estimate
+                upper = float(bound)
+                within = (f"over {_seconds(LATENCY_BOUNDS[-1])}" if upper == float("inf")
+                          else f"<= {_seconds(upper)}")
+                parts.append(f"p{quantile * 100:g} {within}")
+                break
+    return ", ".join(parts)
+
+
+def render(url: str, current: Sample, previous: Sample | None) -> str:
+    """The screen: totals, and rates over the time since `previous` when there is one."""
+    doc = current.doc
+    elapsed = current.at - previous.at if previous else 0.0
+
+    def rate(path: tuple[str, ...]) -> float | None:
+        if previous is None or elapsed <= 0:
+            return None
+        delta = _field(doc, path) - _field(previous.doc, path)
+        return delta / elapsed if delta >= 0 else None  # negative: the server restarted
+
+    def row(label: str, total: str, per_s: str) -> str:
+        return f"{label:<28}{total:>14}{per_s:>14}".rstrip()
+
+    def shown(value: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    lines = [f"minismtp statistics from {url}: {doc['workers']} worker(s)", "",
+             row("", "total", "per second"),
+             row("connections open", str(doc["connections"]["open"]), "")]
+    for label, path in _COUNTERS:
+        lines.append(row(label, str(_field(doc, path)), shown(rate(path))))
+    received = rate(("bytes_received",))
+    lines.append(row("received", _size(doc["bytes_received"]),
+                     "-" if received is None else f"{_size(received)}/s"))
+    for code, count in doc["rejections"].items():
+        lines.append(row(f"rejected {code}", str(count), shown(rate(("rejections", code)))))
+    for name, count in doc["faults"].items():
+        lines.append(row(f"fault {name}", str(count), shown(rate(("faults", name)))))
+    lines.append(f"{'end of data latency':<28}{_latency(doc)}")
+    return "\n".join(lines) + "\n"
+
+
+def run(config: Config, once: bool, out: TextIO = sys.stdout, *,
+        interval_s: float = 1.0) -> int:
+    """Print totals and rates once (with `once`, or when `out` is not a terminal), else
+    refresh in place every `interval_s` until Ctrl-C."""
+    address = config.stats.listen
+    if address is None:
+        where = config.source or "the built-in defaults (use --config FILE)"
+        print(f"minismtp: stats.listen is not set in {where}", file=sys.stderr)
+        return exitcodes.CONFIG
+    if address.port == 0:  # the master picks a free port each run; nothing to find
+        print(f"minismtp: stats.listen has port 0 in {config.source or 'the overrides'}; "
+              "set a fixed port to use this command", file=sys.stderr)
+        return exitcodes.CONFIG
+    url = stats_url(address)
+    try:
+        previous = fetch(url)
+        if once or not out.isatty():
+            time.sleep(interval_s)  # a second sample, for rates
+            out.write(render(url, fetch(url), previous))
+            return exitcodes.OK
+        out.write(_CLEAR + render(url, previous, None))
+        while True:
+            out.flush()
+            time.sleep(interval_s)
+            current = fetch(url)
+            out.write(_CLEAR + render(url, current, previous))
+            previous = current
+    except FetchError as exc:
+        print(f"minismtp: {exc}", file=sys.stderr)
+        return exitcodes.FAILURE
+    except KeyboardInterrupt:
+        return exitcodes.OK
+    finally:
+        out.flush()

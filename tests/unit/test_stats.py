@@ -1,0 +1,278 @@
+"""Statistics: worker counters, the shared board, totals, and their three renderings."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+
+import pytest
+
+from minismtp.stats import (
+    LATENCY_BOUNDS, Snapshot, StatsBoard, Totals, WorkerStats, render_prometheus,
+    summary_line, to_json,
+)
+
+RULES = 4
+
+
+def busy_worker(scale: int = 1, rules: int = RULES) -> WorkerStats:
+    stats = WorkerStats(rules)
+    stats.connections_open += 2 * scale
+    stats.connections_total += 10 * scale
+    stats.transactions += 8 * scale
+    stats.messages_accepted += 7 * scale
+    stats.bytes_received += 1000 * scale
+    stats.replies[450] += 3 * scale
+    stats.replies[554] += scale
+    stats.replies[250] += 99  # not a rejection: not published
+    stats.faults[1] += 5 * scale
+    for seconds in (0.0001, 0.0005, 0.003, 0.2, 10.0, 60.0):
+        stats.observe_latency(seconds)
+    return stats
+
+
+def test_latency_buckets_follow_prometheus_le():
+    stats = WorkerStats(0)
+    for seconds in (0.0, 0.0005, 0.00051, 10.0, 10.5):
+        stats.observe_latency(seconds)
+    assert stats.latency_buckets[0] == 2  # <= 0.0005, the bound itself included
+    assert stats.latency_buckets[1] == 1
+    assert stats.latency_buckets[len(LATENCY_BOUNDS) - 1] == 1  # <= 10
+    assert stats.latency_buckets[-1] == 1  # +Inf
+    assert stats.latency_sum == pytest.approx(20.50101)
+
+
+def test_publish_and_read_round_trip():
+    board = StatsBoard(8, RULES)
+    busy_worker().publish(board, 5)
+    snapshot = board.read(5)
+    assert snapshot == Snapshot(
+        connections_open=2, connections_total=10, transactions=8, messages_accepted=7,
+        bytes_received=1000,
+        latency_buckets=(2, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1),
+        latency_sum=pytest.approx(70.2036), rejections={450: 3, 554: 1},
+        faults=(0, 5, 0, 0))
+    assert board.read(4) == board.read(6) == Snapshot(0, 0, 0, 0, 0, (0,) * 15, 0.0, {},
+                                                       (0,) * RULES)
+
+
+def test_board_is_shared_across_fork():
+    board = StatsBoard(2, RULES)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            busy_worker(scale=3).publish(board, 1)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert board.read(1).messages_accepted == 21
+
+
+def test_publish_with_fewer_rules_than_the_board_holds():
+    board = StatsBoard(1, 8)
+    busy_worker(rules=2).publish(board, 0)
+    assert board.read(0).faults == (0, 5, 0, 0, 0, 0, 0, 0)
+
+
+def test_publish_again_overwrites():
+    board = StatsBoard(1, RULES)
+    stats = busy_worker()
+    stats.publish(board, 0)
+    stats.messages_accepted += 100
+    stats.connections_open -= 2
+    stats.publish(board, 0)
+    snapshot = board.read(0)
+    assert (snapshot.messages_accepted, snapshot.connections_open) == (107, 0)
+
+
+def test_totals_across_three_slots():
+    board = StatsBoard(4, RULES)
+    for slot, scale in ((0, 1), (1, 2), (3, 4)):
+        busy_worker(scale).publish(board, slot)
+    totals = board.totals([0, 1, 3], Totals())
+    assert totals.workers == 3
+    assert (totals.connections_open, totals.connections_total) == (14, 70)
+    assert (totals.transactions, totals.messages_accepted, totals.bytes_received) \
+        == (56, 49, 7000)
+    assert totals.rejections == {450: 21, 554: 7}
+    assert totals.faults == [0, 35, 0, 0]
+    assert totals.latency_count == 18
+    assert totals.latency_sum == pytest.approx(3 * 70.2036)
+
+
+def test_retired_workers_keep_totals_monotonic():
+    board = StatsBoard(2, RULES)
+    retired = Totals()
+    busy_worker(scale=5).publish(board, 0)
+    busy_worker(scale=1).publish(board, 1)
+    before = board.totals([0, 1], retired)
+
+    board.retire(0, retired)  # the worker in slot 0 exited and was reaped
+    assert board.read(0) == StatsBoard(1, RULES).read(0)  # cleared for the next worker
+    after_exit = board.totals([1], retired)
+    busy_worker(scale=1).publish(board, 0)  # its replacement starts from zero
+    after_restart = board.totals([0, 1], retired)
+
+    for later in (after_exit, after_restart):
+        for name in ("connections_total", "transactions", "messages_accepted",
+                     "bytes_received", "latency_count"):
+            assert getattr(later, name) >= getattr(before, name), name
+        assert later.rejections[450] >= before.rejections[450]
+        assert later.faults[1] >= before.faults[1]
+    assert after_exit.messages_accepted == before.messages_accepted
+    assert after_restart.messages_accepted == before.messages_accepted + 7
+    # Open connections describe the present: a gone worker holds none.
+    assert (before.connections_open, after_exit.connections_open) == (12, 2)
+    assert retired.connections_open == 0 and retired.workers == 0
+
+
+def test_a_slot_left_mid_write_is_still_read():
+    board = StatsBoard(1, RULES)
+    busy_worker().publish(board, 0)
+    board._map[0:8] = struct.pack("=Q", 101)  # odd sequence: a writer died mid-publish
+    assert board.read(0).messages_accepted == 7  # bounded retries, then best effort
+    board.clear(0)
+    assert board.read(0).messages_accepted == 0
+
+
+# --- Prometheus text format -----------------------------------------------------------
+
+_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+
+
+def parse_prometheus(text: str) -> dict[str, dict]:
+    """A strict reading of text format 0.0.4: {family: {type, help, samples}}."""
+    assert text.endswith("\n") and "\n\n" not in text
+    families: dict[str, dict] = {}
+    current = None
+    for line in text.rstrip("\n").split("\n"):
+        if line.startswith("# HELP "):
+            name, _, doc = line[7:].partition(" ")
+            assert name not in families, f"family {name} twice"
+            assert doc
+            current = families[name] = {"help": doc, "type": None, "samples": []}
+            continue
+        if line.startswith("# TYPE "):
+            name, kind = line[7:].split(" ")
+            assert current is families.get(name) and current["type"] is None
+            assert not current["samples"], "TYPE after samples"
+            assert kind in ("counter", "gauge", "histogram")
+            current["type"] = kind
+            continue
+        assert not line.startswith("#"), line
+        match = _SAMPLE.fullmatch(line)
+        assert match, f"bad sample line {line!r}"
+        name, _, label_text, value = match.groups()
+        labels: dict[str, str] = {}
+        rest = label_text or ""
+        while rest:
+            label = _LABEL.match(rest)
+            assert label, f"bad labels in {line!r}"
+            labels[label[1]] = label[2]
+            rest = rest[label.end():]
+        number = float(value)  # "+Inf", "1e-05" and plain numbers all parse
+        assert current is not None and current["type"], f"sample before HELP/TYPE: {line}"
+        family = next(f for f in families if name == f or name.startswith(f + "_"))
+        assert families[family] is current, f"{name} outside its family"
+        if current["type"] == "histogram":
+            assert name[len(family):] in ("_bucket", "_sum", "_count")
+        else:
+            assert name == family
+        if current["type"] == "counter":
+            assert name.endswith("_total") and number >= 0
+        current["samples"].append((name, labels, number))
+    return families
+
+
+def check_histogram(family: dict, name: str) -> tuple[list[float], float]:
+    buckets = [(s[1]["le"], s[2]) for s in family["samples"] if s[0] == name + "_bucket"]
+    [count] = [s[2] for s in family["samples"] if s[0] == name + "_count"]
+    [total] = [s[2] for s in family["samples"] if s[0] == name + "_sum"]
+    bounds = [float(le) for le, _ in buckets]
+    counts = [n for _, n in buckets]
+    assert bounds == sorted(bounds) and bounds[-1] == math.inf
+    assert counts == sorted(counts), "buckets must be cumulative"
+    assert counts[-1] == count
+    return counts, total
+
+
+def test_prometheus_output_parses_strictly():
+    board = StatsBoard(3, RULES)
+    for slot in range(3):
+        busy_worker(slot + 1).publish(board, slot)
+    totals = board.totals([0, 1, 2], Totals())
+    families = parse_prometheus(render_prometheus(totals, ["busy-rcpt", "slow.end", "x_y"]))
+    assert {name: f["type"] for name, f in families.items()} == {
+        "minismtp_workers": "gauge",
+        "minismtp_connections_open": "gauge",
+        "minismtp_connections_total": "counter",
+        "minismtp_transactions_total": "counter",
+        "minismtp_messages_accepted_total": "counter",
+        "minismtp_received_bytes_total": "counter",
+        "minismtp_rejections_total": "counter",
+        "minismtp_faults_injected_total": "counter",
+        "minismtp_end_of_data_seconds": "histogram",
+    }
+    assert families["minismtp_workers"]["samples"] == [("minismtp_workers", {}, 3)]
+    assert families["minismtp_messages_accepted_total"]["samples"][0][2] == 42
+    assert [(s[1], s[2]) for s in families["minismtp_rejections_total"]["samples"]] == [
+        ({"code": "450"}, 18), ({"code": "554"}, 6)]
+    assert [(s[1], s[2]) for s in families["minismtp_faults_injected_total"]["samples"]] == [
+        ({"rule": "busy-rcpt"}, 0), ({"rule": "slow.end"}, 30), ({"rule": "x_y"}, 0)]
+    counts, total = check_histogram(families["minismtp_end_of_data_seconds"],
+                                     "minismtp_end_of_data_seconds")
+    assert len(counts) == len(LATENCY_BOUNDS) + 1
+    assert counts[-1] == 18 and total == pytest.approx(3 * 70.2036)
+
+
+def test_prometheus_output_of_nothing_parses():
+    families = parse_prometheus(render_prometheus(Totals(), []))
+    assert families["minismtp_rejections_total"]["samples"] == []
+    counts, total = check_histogram(families["minismtp_end_of_data_seconds"],
+                                    "minismtp_end_of_data_seconds")
+    assert counts == [0] * (len(LATENCY_BOUNDS) + 1) and total == 0
+
+
+def test_label_values_are_escaped():
+    totals = Totals(faults=[1])
+    families = parse_prometheus(render_prometheus(totals, ['a"b\\c\nd']))
+    [sample] = families["minismtp_faults_injected_total"]["samples"]
+    assert sample[1] == {"rule": 'a\\"b\\\\c\\nd'}
+
+
+# --- JSON and the summary line --------------------------------------------------------
+
+
+def test_json_shape():
+    board = StatsBoard(1, RULES)
+    busy_worker().publish(board, 0)
+    document = to_json(board.totals([0], Totals()), ["busy-rcpt", "slow"])
+    assert json.loads(json.dumps(document)) == document
+    latency = document.pop("end_of_data_seconds")
+    assert document == {
+        "workers": 1,
+        "connections": {"open": 2, "total": 10},
+        "transactions": 8,
+        "messages_accepted": 7,
+        "bytes_received": 1000,
+        "rejections": {"450": 3, "554": 1},
+        "faults": {"busy-rcpt": 0, "slow": 5},
+    }
+    assert list(latency["buckets"]) == [repr(b) for b in LATENCY_BOUNDS] + ["+Inf"]
+    assert list(latency["buckets"].values()) == [2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 5, 6]
+    assert latency["count"] == 6 and latency["sum"] == pytest.approx(70.2036)
+
+
+@pytest.mark.parametrize(("messages", "nbytes", "elapsed", "expected"), [
+    (12345, 12_300_000, 61.0,
+     "run summary: 12345 messages accepted, 12.3 MB received in 61.0s (202.4 msg/s)"),
+    (0, 0, 0.0, "run summary: 0 messages accepted, 0.0 MB received in 0.0s (0.0 msg/s)"),
+    (1, 512, 0.25, "run summary: 1 messages accepted, 0.0 MB received in 0.2s (4.0 msg/s)"),
+])
+def test_summary_line(messages, nbytes, elapsed, expected):
+    assert summary_line(Totals(messages_accepted=messages, bytes_received=nbytes),
+                        elapsed) == expected

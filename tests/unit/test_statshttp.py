@@ -1,0 +1,349 @@
+"""The stats HTTP responder and `minismtp stats`, over real loopback sockets.
+
+The server is driven the way the master drives it: a selector loop in the test's own
+thread calls handle() and expire(), while the client side runs in a helper thread.
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from minismtp import statsview
+from minismtp.cli import main
+from minismtp.config import load_config
+from minismtp.stats import StatsBoard, Totals, WorkerStats, to_json
+from minismtp.statshttp import StatsHttpServer, pages
+
+LOOP_LIMIT_S = 10.0
+NAMES = ["busy-rcpt"]
+
+
+def sample_totals() -> Totals:
+    board = StatsBoard(1, 2)
+    stats = WorkerStats(2)
+    stats.connections_total, stats.messages_accepted, stats.bytes_received = 5, 4, 2_500_000
+    stats.replies[450] += 2
+    stats.faults[0] += 1
+    stats.observe_latency(0.002)
+    stats.publish(board, 0)
+    return board.totals([0], Totals())
+
+
+@dataclass
+class Harness:
+    server: StatsHttpServer
+    sel: selectors.BaseSelector
+    port: int
+
+    def run(self, client: Callable[[], object]) -> object:
+        """Serve until `client` (in a thread) returns; give back its result or raise."""
+        outcome: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                outcome["value"] = client()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + LOOP_LIMIT_S
+        while thread.is_alive():
+            assert time.monotonic() < deadline, "client did not finish"
+            for key, mask in self.sel.select(0.02):
+                assert key.data is self.server
+                self.server.handle(key, mask)
+            self.server.expire(time.monotonic())
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        return outcome["value"]
+
+
+def make_harness(get_body=None, **kwargs) -> Iterator[Harness]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    sel = selectors.DefaultSelector()
+    server = StatsHttpServer(listener, get_body or pages(lambda: (sample_totals(), NAMES)),
+                             **kwargs)
+    server.register(sel)
+    try:
+        yield Harness(server, sel, listener.getsockname()[1])
+    finally:
+        server.close()
+        assert listener.fileno() == -1
+        assert not sel.get_map()
+        sel.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    yield from make_harness(timeout_s=0.5, max_clients=3)
+
+
+def request(port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def exchange(port: int, data: bytes, *, pause_s: float = 0.0) -> bytes:
+    """Send raw bytes (optionally one at a time), then read to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        if pause_s:
+            for byte in data:
+                sock.sendall(bytes([byte]))
+                time.sleep(pause_s)
+        else:
+            sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# --- the responder ------------------------------------------------------------------
+
+
+def test_metrics(harness):
+    status, headers, body = harness.run(lambda: request(harness.port, "GET", "/metrics"))
+    assert status == 200
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert int(headers["Content-Length"]) == len(body)
+    assert headers["Connection"] == "close"
+    text = body.decode()
+    assert "minismtp_messages_accepted_total 4\n" in text
+    assert 'minismtp_faults_injected_total{rule="busy-rcpt"} 1\n' in text
+
+
+def test_stats_json(harness):
+    status, headers, body = harness.run(lambda: request(harness.port, "GET", "/stats?x=1"))
+    assert (status, headers["Content-Type"]) == (200, "application/json")
+    assert json.loads(body) == to_json(sample_totals(), NAMES)
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/nope", 404),
+    ("GET", "/metrics/", 404),
+    ("POST", "/metrics", 405),
+    ("DELETE", "/stats", 405),
+    ("HEAD", "/stats", 405),
+])
+def test_other_requests(harness, method, path, status):
+    got, headers, _ = harness.run(lambda: request(harness.port, method, path))
+    assert got == status
+    if status == 405:
+        assert headers["Allow"] == "GET"
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    (b"GET /stats HTTP/1.0\r\n\r\n", b"200"),
+    (b"GET /stats HTTP/1.0\n\n", b"200"),  # bare LF line ends, as some tools send
+    (b"GET http://127.0.0.1/metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+    (b"GET /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b"200"),
+    (b"GET /stats\r\n\r\n", b"400"),  # HTTP/0.9 style
+    (b"GET /stats HTTP/2.0\r\n\r\n", b"400"),
+    (b"GET stats HTTP/1.1\r\n\r\n", b"400"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400"),  # TLS hello
+    (b"GET /stats HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"GET /stats HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n", b"431"),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"431"),
+])
+def test_raw_requests(harness, data, status):
+    response = harness.run(lambda: exchange(harness.port, data))
+    assert response.startswith(b"HTTP/1.1 " + status + b" ")
+
+
+def test_oversized_headers_never_complete(harness):
+    # Headers that keep coming: answered once 8 KiB have arrived, not buffered forever.
+    def client() -> bytes:
+        with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
+            sock.sendall(b"GET /stats HTTP/1.1\r\n" + b"X-Filler: abcdefgh\r\n" * 500)
+            return sock.recv(4096)
+    assert harness.run(client).startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+
+
+def test_request_split_into_single_bytes(harness):
+    response = harness.run(lambda: exchange(harness.port, b"GET /stats HTTP/1.0\r\n\r\n",
+                                            pause_s=0.002))
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /metrics HTTP/1.1\r\n"])
+def test_silent_client_is_closed_after_the_deadline(harness, sent):
+    def client() -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
+            sock.sendall(sent)
+            start = time.monotonic()
+            try:
+                data = sock.recv(100)
+            except ConnectionResetError:
+                data = b""
+            return data, time.monotonic() - start
+    data, waited = harness.run(client)
+    assert data == b""
+    assert 0.2 < waited < 3.0  # timeout_s=0.5: closed by expire(), not by the client
+    assert not harness.server._clients
+
+
+def test_clients_beyond_the_cap_wait_for_a_free_place(harness):
+    def client() -> tuple[bytes, float]:
+        idle = [socket.create_connection(("127.0.0.1", harness.port), timeout=5)
+                for _ in range(3)]
+        try:
+            time.sleep(0.1)  # let the loop accept them: now at max_clients=3
+            assert len(harness.server._clients) == 3
+            start = time.monotonic()
+            response = exchange(harness.port, b"GET /stats HTTP/1.0\r\n\n")
+            return response, time.monotonic() - start
+        finally:
+            for sock in idle:
+                sock.close()
+    response, waited = harness.run(client)
+    assert response.startswith(b"HTTP/1.1 200 OK")
+    assert waited > 0.2  # served once the idle ones reached their 0.5 s deadline
+
+
+def test_reset_by_the_client_is_not_an_error(harness):
+    def client() -> bytes:
+        sock = socket.create_connection(("127.0.0.1", harness.port), timeout=5)
+        sock.sendall(b"GET /stats HTTP/1.1\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        time.sleep(0.1)
+        return exchange(harness.port, b"GET /stats HTTP/1.0\r\n\r\n")
+    assert harness.run(client).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_failing_page_gives_500_and_the_server_goes_on():
+    def get_body(path: str):
+        if path == "/boom":
+            raise RuntimeError("bug")
+        return 200, "text/plain", b"fine"
+    for harness in make_harness(get_body):
+        assert harness.run(lambda: request(harness.port, "GET", "/boom"))[0] == 500
+        assert harness.run(lambda: request(harness.port, "GET", "/x"))[2] == b"fine"
+
+
+def test_a_large_answer_to_a_slow_reader_is_written_in_parts():
+    body = bytes(range(256)) * 2048  # 512 KiB, 64 times the send buffer
+    for harness in make_harness(lambda path: (200, "application/octet-stream", body)):
+        # Accepted sockets inherit the listener's small send buffer: many partial sends.
+        harness.server._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
+                sock.sendall(b"GET /big HTTP/1.0\r\n\r\n")
+                time.sleep(0.2)  # the server meets a full buffer and waits to write
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        response = harness.run(client)
+        head, _, got = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and got == body
+
+
+# --- minismtp stats -------------------------------------------------------------------
+
+
+def config_for(port: int):
+    return load_config(overrides={"stats.listen": f"127.0.0.1:{port}"})
+
+
+def test_view_once_prints_totals_and_rates(harness):
+    out = io.StringIO()
+    code = harness.run(lambda: statsview.run(config_for(harness.port), True, out,
+                                             interval_s=0.05))
+    assert code == 0
+    text = out.getvalue()
+    assert f"from http://127.0.0.1:{harness.port}/stats: 1 worker(s)" in text
+    assert "\x1b[" not in text
+    lines = {line[:28].strip(): line[28:].split() for line in text.splitlines()}
+    assert lines["messages accepted"] == ["4", "0.0"]  # unchanged between the samples
+    assert lines["received"] == ["2.5", "MB", "0", "B/s"]
+    assert lines["rejected 450"] == ["2", "0.0"]
+    assert lines["fault busy-rcpt"] == ["1", "0.0"]
+    assert "end of data latency         mean 2.0 ms, p50 <= 2.5 ms, p99 <= 2.5 ms" in text
+
+
+class FakeTerminal(io.StringIO):
+    def __init__(self, screens: int) -> None:
+        super().__init__()
+        self.screens = screens
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text.startswith("\x1b[H\x1b[2J"):
+            self.screens -= 1
+            if self.screens < 0:
+                raise KeyboardInterrupt  # the operator's Ctrl-C
+        return super().write(text)
+
+
+def test_view_refreshes_on_a_terminal_until_ctrl_c(harness):
+    out = FakeTerminal(screens=3)
+    code = harness.run(lambda: statsview.run(config_for(harness.port), False, out,
+                                             interval_s=0.02))
+    assert code == 0
+    assert out.getvalue().count("\x1b[H\x1b[2J") == 3
+    assert out.getvalue().count("messages accepted") == 3
+
+
+def test_view_of_something_else(capsys):
+    for harness in make_harness(lambda path: (200, "text/html", b"<html>hello</html>")):
+        code = harness.run(lambda: statsview.run(config_for(harness.port), True, io.StringIO(),
+                                                 interval_s=0.01))
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"minismtp: http://127.0.0.1:{harness.port}/stats did not answer with minismtp "
+        "statistics\n")
+
+
+def test_view_when_nothing_listens(capsys):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        assert statsview.run(config_for(port), True, io.StringIO()) == 1
+    assert capsys.readouterr().err == (
+        f"minismtp: cannot reach http://127.0.0.1:{port}/stats: Connection refused "
+        "(is minismtp running with this configuration?)\n")
+
+
+def test_view_without_stats_listen(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text("stats:\n  listen: null\n")
+    assert main(["stats", "--config", str(path), "--once"]) == 2
+    assert capsys.readouterr().err == f"minismtp: stats.listen is not set in {path}\n"
+    assert main(["stats"]) == 2
+    assert "stats.listen is not set in the built-in defaults" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("listen", "url"), [
+    ("0.0.0.0:9025", "http://127.0.0.1:9025/stats"),
+    ("[::]:9025", "http://[::1]:9025/stats"),
+    ("[::1]:9", "http://[::1]:9/stats"),
+    ("stats.example:80", "http://stats.example:80/stats"),
+])
+def test_stats_url(listen, url):
+    address = load_config(overrides={"stats.listen": listen}).stats.listen
+    assert statsview.stats_url(address) == url
