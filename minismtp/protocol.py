@@ -272,6 +272,10 @@ class SmtpServerConnection:
     def closed(self) -> bool:
         return self.state is S.CLOSED
 
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
     # -- commands ------------------------------------------------------------------
 
     def _next_command_event(self) -> object:

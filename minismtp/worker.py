@@ -34,6 +34,7 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _ACCEPTS_PER_WAKEUP = 64  # drain the accept queue, but let established clients run too
 _RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
 _TICK_S = 1.0  # heartbeat, parent check and shutdown checks at least this often
+_LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
 _ACCEPT_PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
 _LISTENER, _WAKEUP, _COMMITS = object(), object(), object()
 
@@ -56,7 +57,7 @@ class Session:
 
     __slots__ = (
         "sock", "conn", "peer", "sink", "sink_failed", "out", "mask", "deadline",
-        "timer_at", "data_started", "data_bytes", "envelope", "paused", "closed",
+        "timer_at", "data_started", "data_bytes", "envelope", "paused", "lingering", "closed",
     )
 
     def __init__(self, sock: socket.socket, conn: SmtpServerConnection, peer: Peer) -> None:
@@ -73,6 +74,7 @@ class Session:
         self.data_bytes = 0
         self.envelope: Envelope | None = None  # of the message in DATA, for the log line
         self.paused = False  # a decision is deferred (commit in progress): do not read
+        self.lingering = False  # last reply sent, write side shut: draining until EOF
         self.closed = False
 
 
@@ -243,6 +245,9 @@ class Worker:
         self._flush(session)
 
     def _on_readable(self, session: Session) -> None:
+        if session.lingering:
+            self._drain(session)
+            return
         conn = session.conn
         try:
             n = session.sock.recv_into(conn.buffer.free_view())
@@ -392,7 +397,7 @@ class Worker:
         if session.out:
             self._want(session, _WRITE)  # stop reading until the client takes our replies
         elif session.conn.closed:
-            self._close(session, "")
+            self._linger(session)
         else:
             self._want(session, 0 if session.paused else _READ)
 
@@ -434,12 +439,49 @@ class Worker:
             if session.deadline > now:
                 self._set_deadline(session, session.deadline)
                 continue
+            if session.lingering:
+                self._close(session, "")
+                continue
             log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
             self._abort_message(session)
             session.conn.shutdown(replies.TIMEOUT)
             self._flush(session)
-            if not session.closed:
+            if not (session.closed or session.lingering):
                 self._close(session, "timeout")  # it is not reading: do not wait for it
+
+    def _linger(self, session: Session) -> None:
+        """Close after a last reply without letting a reset destroy it.
+
+        Closing a socket that still has unread client bytes (pipelined commands after a
+        421, say) sends RST, and the client's kernel may then drop our reply before the
+        client reads it. So shut our side, read and discard until the client closes or
+        _LINGER_S passes, then close (the "lingering close" of HTTP servers). After QUIT
+        the client has nothing more to say: close at once.
+        """
+        if session.conn.close_reason == "quit" and not len(session.conn.buffer):
+            self._close(session, "")
+            return
+        try:
+            session.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(session, "")
+            return
+        session.lingering = True
+        self._want(session, _READ)
+        self._set_deadline(session, time.monotonic() + _LINGER_S)
+
+    def _drain(self, session: Session) -> None:
+        try:
+            for _ in range(16):  # bounded: a flooding client must not hold the loop
+                if not session.sock.recv(65536):
+                    break
+            else:
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(session, "")
 
     def _abort_message(self, session: Session) -> None:
         sink, session.sink = session.sink, None
