@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from minismtp import exitcodes
 from minismtp.config import Config, ConfigError, ListenAddress, load_config
 from minismtp.delivery import DeliveryError, make_backend
+from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import HeartbeatBoard
+from minismtp.stats import StatsBoard, Totals, summary_line
+from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.worker import Worker
 
 log = logging.getLogger("minismtp.master")
@@ -116,6 +119,10 @@ class Arbiter:
         self.workers: dict[int, WorkerRecord] = {}
         self.listeners: dict[str, socket.socket] = {}  # by configured address text
         self.board = HeartbeatBoard(MAX_WORKERS)
+        self.stats_board = StatsBoard(MAX_WORKERS, MAX_RULES)
+        self.retired = Totals()  # counters of workers that have exited
+        self.stats_http: StatsHttpServer | None = None
+        self.started = time.monotonic()
         self.free_slots = list(range(MAX_WORKERS - 1, -1, -1))
         self.crash_streak = 0
         self.next_spawn_at = 0.0
@@ -135,12 +142,16 @@ class Arbiter:
         try:
             self._bind_all(self.config)
             self._prepare_delivery(self.config)
+            self._start_stats_http(self.config)
         except (OSError, DeliveryError) as exc:
             log.error("cannot start: %s", exc)
             return exitcodes.FAILURE
         self._init_signals()
         for text, sock in self.listeners.items():
             log.info("listening on %s", bound_address(sock))
+        if self.stats_http is not None:
+            log.info("statistics on http://%s/metrics and /stats",
+                     bound_address(self.stats_http.sock))
         log.info("starting %d worker(s), delivery=%s", self.target, self.config.delivery.backend)
         try:
             while not (self.stopping and not self.workers):
@@ -151,6 +162,10 @@ class Arbiter:
             self._kill_all(signal.SIGKILL)
             for sock in self.listeners.values():
                 sock.close()
+            if self.stats_http is not None:
+                self.stats_http.close()
+        totals, _ = self._current_stats()
+        log.info("%s", summary_line(totals, time.monotonic() - self.started))
         log.info("master exiting")
         return exitcodes.OK
 
@@ -163,16 +178,21 @@ class Arbiter:
         self.sel.register(self._wakeup_r, selectors.EVENT_READ)
 
     def _wait_for_signals(self, timeout: float) -> None:
-        if not self.sel.select(timeout):
-            return
-        try:
-            signums = self._wakeup_r.recv(256)
-        except (BlockingIOError, InterruptedError):
-            return
-        for signum in signums:
-            action = self._dispatch.get(signum)
-            if action is not None:
-                action()
+        """Wait for a signal, serving statistics requests meanwhile."""
+        for key, mask in self.sel.select(timeout):
+            if key.data is not None:
+                key.data.handle(key, mask)  # the stats HTTP server's sockets
+                continue
+            try:
+                signums = self._wakeup_r.recv(256)
+            except (BlockingIOError, InterruptedError):
+                continue
+            for signum in signums:
+                action = self._dispatch.get(signum)
+                if action is not None:
+                    action()
+        if self.stats_http is not None:
+            self.stats_http.expire(time.monotonic())
 
     def _maintain(self, now: float) -> None:
         records = list(self.workers.values())
@@ -212,6 +232,7 @@ class Arbiter:
             record = self.workers.pop(pid, None)
             if record is None:
                 continue  # not ours (or already forgotten): reaped, not reported
+            self.stats_board.retire(record.slot, self.retired)  # totals never go back
             self.free_slots.append(record.slot)
             self._report_exit(record, status)
 
@@ -267,7 +288,9 @@ class Arbiter:
         except (OSError, DeliveryError, KeyError) as exc:
             log.error("worker %d cannot start: %s", os.getpid(), exc)
             return exitcodes.WORKER_BOOT_FAILED
-        return Worker(config, listeners, backend, self.board, slot).run()
+        if self.stats_http is not None:
+            self.stats_http.close_inherited()
+        return Worker(config, listeners, backend, self.board, slot, self.stats_board).run()
 
     def _worker_listeners(self, config: Config) -> list[socket.socket]:
         if not config.server.reuse_port:
@@ -336,11 +359,30 @@ class Arbiter:
             return
         for text in [t for t in self.listeners if t not in {str(a) for a in config.server.listen}]:
             self.listeners.pop(text).close()
+        if config.stats.listen != self.config.stats.listen:
+            log.warning("stats.listen changes take effect at the next start")
         self.config = config
         self.target = config.server.workers
         self.generation += 1
         log.info("reloaded %s: starting generation %d with %d worker(s)",
                  self.config_path or "embedded defaults", self.generation, self.target)
+
+    def _start_stats_http(self, config: Config) -> None:
+        address = config.stats.listen
+        if address is None:
+            return
+        try:
+            sock = bind(address, 64, reuse_port=False)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address} (stats.listen): {exc.strerror}") from exc
+        self.stats_http = StatsHttpServer(sock, pages(self._current_stats))
+        self.stats_http.register(self.sel)
+
+    def _current_stats(self) -> tuple[Totals, list[str]]:
+        live = [record.slot for record in self.workers.values()]
+        totals = self.stats_board.totals(live, self.retired)
+        totals.workers = len(live)
+        return totals, [rule.name for rule in self.config.faults.rules]
 
     def _bind_all(self, config: Config) -> None:
         """Bind the addresses not bound yet; on failure close what this call bound."""

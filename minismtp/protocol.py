@@ -158,6 +158,7 @@ class SmtpServerConnection:
         self._pending: object | None = None  # the decision event awaiting an answer
         self._close_reason = ""
         self._errors = 0
+        self.refusals: dict[int, int] = {}  # negative replies the core sent, by code
         self._helo = ""
         self._esmtp = False
         self._reset_transaction()
@@ -353,7 +354,7 @@ class SmtpServerConnection:
         if not smtputf8 and not sender.isascii():
             raise _Syntax(replies.NEED_SMTPUTF8)
         if size is not None and size > self.settings.max_message_bytes:
-            self._out.append(replies.MESSAGE_TOO_BIG.wire)  # a limit, not a client error
+            self._refuse(replies.MESSAGE_TOO_BIG)  # a limit, not a client error
             return None
         return MailFrom(sender, size, smtputf8, body == "8BITMIME")
 
@@ -367,7 +368,7 @@ class SmtpServerConnection:
             raise _Syntax(replies.NEED_SMTPUTF8)
         self._rcpt_attempts += 1
         if len(self._recipients) >= self.settings.max_recipients:
-            self._out.append(replies.TOO_MANY_RECIPIENTS.wire)
+            self._refuse(replies.TOO_MANY_RECIPIENTS)
             return None
         return RcptTo(recipient)
 
@@ -449,7 +450,7 @@ class SmtpServerConnection:
             self._pending = MessageEnd(size)
             self.state = S.READY  # the body is over; the decision decides the reply
             return self._pending
-        self._out.append(refusal.wire)
+        self._refuse(refusal)
         self._end_transaction()
         return MessageRejected(size, reason)
 
@@ -484,11 +485,16 @@ class SmtpServerConnection:
         self._reset_transaction()
         self.state = S.READY
 
-    def _error(self, reply: Reply) -> None:
+    def _refuse(self, reply: Reply) -> None:
         self._out.append(reply.wire)
+        self.refusals[reply.code] = self.refusals.get(reply.code, 0) + 1
+
+    def _error(self, reply: Reply) -> None:
+        """A client error: refused, and counted against the error budget."""
+        self._refuse(reply)
         self._errors += 1
         if self._errors >= self.settings.max_errors:
-            self._out.append(replies.TOO_MANY_ERRORS.wire)
+            self._refuse(replies.TOO_MANY_ERRORS)
             self._close("too many errors")
 
     def _close(self, reason: str) -> None:

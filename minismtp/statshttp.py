@@ -105,6 +105,17 @@ class StatsHttpServer:
         for client in [c for c in self._clients.values() if c.deadline <= now]:
             self._drop(client)
 
+    @property
+    def sock(self) -> socket.socket:
+        return self._sock
+
+    def close_inherited(self) -> None:
+        """In a forked worker: close the inherited sockets, touching no selector."""
+        for client in self._clients.values():
+            client.sock.close()
+        self._clients.clear()
+        self._sock.close()
+
     def close(self) -> None:
         self._closing = True
         for client in list(self._clients.values()):

@@ -3,13 +3,13 @@
 Untrusted input: client connections (bytes, timing, half-closed sockets). Every session
 has a deadline (command idle time, whole-DATA time, minimum DATA rate), output is
 written only when the socket is writable and reading stops while output is pending, so a
-client that never reads cannot make us buffer without bound.
+client that never reads cannot make us buffer without bound. Decisions (faults, storing
+the message, counters) are in `decisions.py`; this module moves bytes and keeps time.
 """
 
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
 import os
 import selectors
@@ -19,23 +19,24 @@ import time
 
 from minismtp import exitcodes, replies
 from minismtp.config import Config
+from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, DeliveryError, Peer, Sink
-from minismtp.delivery.group import GroupCommitter
-from minismtp.events import (
-    NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
-    MessageEnd, MessageRejected, Quit, RcptTo, Reset,
-)
+from minismtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, Envelope
+from minismtp.faults import FaultInjector
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.protocol import Settings, SmtpServerConnection, State
+from minismtp.stats import StatsBoard, WorkerStats
+from minismtp.timers import Timers
 
 log = logging.getLogger("minismtp.worker")
 
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _ACCEPTS_PER_WAKEUP = 64  # drain the accept queue, but let established clients run too
 _RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
-_TICK_S = 1.0  # heartbeat, parent check and shutdown checks at least this often
+_TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
 _LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
 _ACCEPT_PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
+_TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
 _LISTENER, _WAKEUP, _COMMITS = object(), object(), object()
 
 
@@ -56,8 +57,9 @@ class Session:
     """One client connection: socket, protocol state, message in progress, timers."""
 
     __slots__ = (
-        "sock", "conn", "peer", "sink", "sink_failed", "out", "mask", "deadline",
-        "timer_at", "data_started", "data_bytes", "envelope", "paused", "lingering", "closed",
+        "sock", "conn", "peer", "sink", "sink_failed", "out", "mask", "deadline", "timer_at",
+        "data_started", "data_bytes", "sender", "envelope", "size", "end_seen", "paused",
+        "tarpit_bps", "trickling", "lingering", "closed",
     )
 
     def __init__(self, sock: socket.socket, conn: SmtpServerConnection, peer: Peer) -> None:
@@ -69,11 +71,16 @@ class Session:
         self.out = b""  # reply bytes the socket did not take yet
         self.mask = 0
         self.deadline = 0.0
-        self.timer_at = float("inf")  # earliest live heap entry for this session
+        self.timer_at = float("inf")  # earliest live timer entry (see timers.py)
         self.data_started = 0.0
         self.data_bytes = 0
-        self.envelope: Envelope | None = None  # of the message in DATA, for the log line
-        self.paused = False  # a decision is deferred (commit in progress): do not read
+        self.sender = ""  # of the transaction in progress
+        self.envelope: Envelope | None = None  # of the message in DATA
+        self.size = 0  # of the message just ended
+        self.end_seen = 0.0  # when its terminator arrived
+        self.paused = False  # a decision is deferred (delay, commit): do not read
+        self.tarpit_bps = 0.0  # send the next reply this slowly (a fault rule)
+        self.trickling = False
         self.lingering = False  # last reply sent, write side shut: draining until EOF
         self.closed = False
 
@@ -81,38 +88,35 @@ class Session:
 class Worker:
     def __init__(
         self, config: Config, listeners: list[socket.socket], backend: Backend,
-        board: HeartbeatBoard, slot: int,
+        board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
     ) -> None:
         self.config = config
         self.listeners = listeners
         self.backend = backend
         self.board = board
         self.slot = slot
+        self.stats_board = stats_board
         self.settings = protocol_settings(config)
+        self.command_timeout = config.limits.command_timeout
         self.sessions: dict[int, Session] = {}
-        self.timers: list[tuple[float, int, Session]] = []
-        self._timer_seq = 0
+        self.timers = Timers()
         self.stopping = False
         self.stop_deadline = float("inf")
         self.parent = os.getppid()
         self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self.accept_paused_until = 0.0
-        self.committer: GroupCommitter[tuple[Session, int]] | None = (
-            GroupCommitter(backend) if backend.commit_blocks else None)
-        self._handlers = {
-            Hello: self._on_hello, MailFrom: self._on_simple, RcptTo: self._on_simple,
-            Quit: self._on_simple, DataStarted: self._on_data, MessageEnd: self._on_end,
-            MessageRejected: self._on_rejected, Reset: self._on_reset,
-        }
+        self.stats = WorkerStats(stats_board.max_rules)
+        self.decide = Decisions(self, FaultInjector(config.faults, slot), self.stats)
 
     # -- set-up and main loop ------------------------------------------------------
 
     def _init_signals(self) -> None:
         # Handlers do nothing: the wakeup fd carries the signal number into the loop.
-        # No logging or other work in a handler (a lock taken there can deadlock).
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGCHLD else signal.SIG_IGN)
+        # WARNING: no logging or other work in a handler (a lock taken there deadlocks).
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, _ignore_signal)
         for sock in (self._wakeup_r, self._wakeup_w):
@@ -124,9 +128,9 @@ class Worker:
         self._init_signals()
         for listener in self.listeners:
             self.sel.register(listener, _READ, _LISTENER)
-        if self.committer is not None:
-            self.sel.register(self.committer.wakeup, _READ, _COMMITS)
-        log.debug("worker %d serving", os.getpid())
+        committer = self.decide.committer
+        if committer is not None:
+            self.sel.register(committer.wakeup, _READ, _COMMITS)
         last_tick = 0.0
         try:
             while not (self.stopping and not self.sessions):
@@ -140,25 +144,27 @@ class Worker:
                     if data is _LISTENER:
                         self._accept(key.fileobj)
                     elif data is _COMMITS:
-                        self._on_commits()
+                        self.decide.on_commits()
                     elif data is _WAKEUP:
                         self._read_signals()
                     else:
                         if mask & _WRITE:
-                            self._on_writable(data)
+                            self._flush(data)
                         if mask & _READ and not data.closed:
                             self._on_readable(data)
-                self._expire(time.monotonic())
+                self.timers.expire(time.monotonic(), self._on_deadline)
         finally:
             for session in list(self.sessions.values()):
                 self._close(session, "worker exit")
-            if self.committer is not None:
-                self.committer.stop()
+            if committer is not None:
+                committer.stop()
             self.backend.close()
+            self.stats.publish(self.stats_board, self.slot)
         return exitcodes.OK
 
     def _tick(self, now: float) -> bool:
         self.board.beat(self.slot, now)
+        self.stats.publish(self.stats_board, self.slot)
         if self.accept_paused_until and now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
             for listener in self.listeners:
@@ -169,10 +175,8 @@ class Worker:
         return now < self.stop_deadline
 
     def _select_timeout(self, now: float) -> float:
-        timeout = _TICK_S
-        if self.timers:
-            timeout = min(timeout, max(0.0, self.timers[0][0] - now))
-        return timeout
+        due = self.timers.next_due()
+        return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_signals(self) -> None:
         try:
@@ -181,8 +185,7 @@ class Worker:
             return
         for signum in signums:
             if signum == signal.SIGQUIT:
-                self.stop_deadline = 0.0  # immediate: the loop ends at the next tick
-                raise SystemExit(exitcodes.OK)
+                raise SystemExit(exitcodes.OK)  # immediate stop
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._begin_stop(time.monotonic())
 
@@ -199,8 +202,8 @@ class Worker:
         self.listeners = []
         self.accept_paused_until = 0.0
         for session in list(self.sessions.values()):
-            if not session.conn.in_transaction:
-                session.conn.shutdown(replies.SHUTTING_DOWN)
+            if not session.paused:
+                self._maybe_send_off(session)
                 self._flush(session)
 
     # -- connections ---------------------------------------------------------------
@@ -230,19 +233,21 @@ class Worker:
     def _start_session(self, sock: socket.socket, addr: tuple) -> None:
         sock.setblocking(False)
         if len(self.sessions) >= self.config.server.max_connections:
+            self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
             try:
                 sock.send(replies.TOO_MANY_CONNECTIONS.wire)
             except OSError:
                 pass
             sock.close()
             return
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # we batch replies
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # we batch replies
         session = Session(sock, SmtpServerConnection(self.settings), Peer(addr[0], addr[1]))
         self.sessions[sock.fileno()] = session
-        self._set_deadline(session, time.monotonic() + self.config.limits.command_timeout)
-        session.conn.greet()
-        self._flush(session)
+        self.stats.connections_open += 1
+        self.stats.connections_total += 1
+        self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
+        self.decide.connect(session)
+        self.resume(session)
 
     def _on_readable(self, session: Session) -> None:
         if session.lingering:
@@ -260,19 +265,19 @@ class Worker:
             self._close(session, "client closed the connection")
             return
         conn.buffer.commit(n)
+        self.stats.bytes_received += n
         if conn.state is State.DATA:
             session.data_bytes += n
             self._set_data_deadline(session, time.monotonic())
-        self._drive(session)
+        self.resume(session)
 
-    def _on_writable(self, session: Session) -> None:
-        self._flush(session)
-
-    def _drive(self, session: Session) -> None:
+    def resume(self, session: Session) -> None:
         """Run the core until it wants more bytes or an answer; act on each event."""
+        if session.closed:
+            return
         conn = session.conn
-        handlers = self._handlers
-        while True:
+        handlers = self.decide.handlers
+        while not session.paused:
             event = conn.next_event()
             kind = type(event)
             if kind is BodyChunk:
@@ -280,111 +285,65 @@ class Worker:
                     try:
                         session.sink.write(event.data)
                     except DeliveryError as exc:
-                        self._sink_failed(session, exc)
+                        log.error("write failed for message from %s: %s",
+                                  session.peer.address, exc)
+                        session.sink_failed = True  # read on to the end, then 451
+                        self.abort_message(session)
                 continue
             if event is NEED_DATA or event is PAUSED or kind is ConnectionClosed:
                 break
-            handlers[kind](session, event)
-            self._maybe_send_off(conn)  # before any pipelined command that follows
-        self._maybe_send_off(conn)  # also when the answer came from a deferred commit
+            handler = handlers.get(kind)
+            if handler is not None:
+                handler(session, event)
+            self._maybe_send_off(session)  # before any pipelined command that follows
+        if session.closed:
+            return
+        self._maybe_send_off(session)  # also when the answer came from a deferred commit
         self._flush(session)
 
-    def _maybe_send_off(self, conn: SmtpServerConnection) -> None:
+    def _maybe_send_off(self, session: Session) -> None:
         """While stopping, a session whose transaction is over gets 421 and is closed."""
-        if self.stopping and not conn.in_transaction and not conn.closed:
+        conn = session.conn
+        if self.stopping and not conn.in_transaction and not conn.closed and not session.paused:
+            self.stats.replies[replies.SHUTTING_DOWN.code] += 1
             conn.shutdown(replies.SHUTTING_DOWN)
 
-    # -- events --------------------------------------------------------------------
+    # -- called by decisions -------------------------------------------------------
 
-    def _on_simple(self, session: Session, event: object) -> None:
-        session.conn.accept()
-
-    def _on_hello(self, session: Session, event: Hello) -> None:
-        session.conn.accept()
-
-    def _on_reset(self, session: Session, event: Reset) -> None:
-        pass
-
-    def _on_data(self, session: Session, event: DataStarted) -> None:
-        try:
-            session.sink = self.backend.open(event.envelope, session.peer)
-        except DeliveryError as exc:
-            log.error("cannot store message from %s: %s", session.peer.address, exc)
-            session.conn.reject(replies.LOCAL_ERROR)
-            return
-        session.sink_failed = False
+    def data_started(self, session: Session) -> None:
         session.data_bytes = len(session.conn.buffer)
         session.data_started = now = time.monotonic()
-        session.conn.accept()
         self._set_data_deadline(session, now)
-        session.envelope = event.envelope
 
-    def _on_end(self, session: Session, event: MessageEnd) -> None:
-        sink, session.sink = session.sink, None
-        if sink is None or session.sink_failed:
-            self._answer_end(session, event.size, DeliveryError("write failed"))
-        elif self.committer is not None:
-            session.paused = True  # the reply waits for the disk; other clients do not
-            self._set_deadline(session, time.monotonic() + self.config.limits.command_timeout)
-            self.committer.submit((session, event.size), sink)
-        else:
-            try:
-                result: str | DeliveryError = sink.commit()
-            except DeliveryError as exc:
-                result = exc
-            self._answer_end(session, event.size, result)
+    def message_done(self, session: Session) -> None:
+        self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
 
-    def _on_commits(self) -> None:
-        for (session, size), result in self.committer.take_done():
-            if session.closed:
-                if isinstance(result, str):
-                    log.info("id=%s stored, but the client left before the reply", result)
-                continue
-            session.paused = False
-            self._answer_end(session, size, result)
-            self._drive(session)  # pipelined commands may be waiting behind the reply
-
-    def _answer_end(self, session: Session, size: int, result: str | DeliveryError) -> None:
-        if isinstance(result, str):
-            session.conn.accept(result)
-            self._log_transaction(session, session.envelope, size, "250 queued", result)
-        else:
-            log.error("cannot store message from %s: %s", session.peer.address, result)
-            session.conn.reject(replies.LOCAL_ERROR)
-            self._log_transaction(session, session.envelope, size, "451 local error", "-")
-        self._set_deadline(session, time.monotonic() + self.config.limits.command_timeout)
-
-    def _on_rejected(self, session: Session, event: MessageRejected) -> None:
+    def abort_message(self, session: Session) -> None:
         sink, session.sink = session.sink, None
         if sink is not None:
             sink.abort()
-        self._log_transaction(session, session.envelope, event.size, f"rejected: {event.reason}", "-")
-        self._set_deadline(session, time.monotonic() + self.config.limits.command_timeout)
 
-    def _sink_failed(self, session: Session, exc: DeliveryError) -> None:
-        log.error("write failed for message from %s: %s", session.peer.address, exc)
-        session.sink_failed = True
-        sink, session.sink = session.sink, None
-        if sink is not None:
-            sink.abort()  # keep reading to the terminator, then answer 451
+    def drop(self, session: Session, reason: str) -> None:
+        """Close without a word (fault injection)."""
+        session.conn.disconnect(reason)
+        self._close(session, reason)
 
-    def _log_transaction(self, session, envelope, size: int, result: str, queue_id: str) -> None:
-        if log.isEnabledFor(logging.INFO):
-            log.info("id=%s peer=%s from=<%s> rcpts=%d size=%d result=%s", queue_id,
-                     session.peer.address, envelope.sender, len(envelope.recipients), size,
-                     result)
-
-    # -- output, timers, close -----------------------------------------------------
+    # -- output, deadlines, close --------------------------------------------------
 
     def _flush(self, session: Session) -> None:
-        if session.closed:
+        if session.closed or session.trickling or session.lingering:
             return
         data = session.conn.data_to_send()
         if data:
             session.out = session.out + data if session.out else data
             if session.conn.state is not State.DATA:
                 # A reply means a command completed: the idle clock starts again.
-                self._set_deadline(session, time.monotonic() + self.config.limits.command_timeout)
+                self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
+        if session.out and session.tarpit_bps:
+            self._want(session, 0)
+            session.trickling = True
+            self._trickle(session)
+            return
         if session.out:
             try:
                 sent = session.sock.send(session.out)
@@ -401,6 +360,25 @@ class Worker:
         else:
             self._want(session, 0 if session.paused else _READ)
 
+    def _trickle(self, session: Session) -> None:
+        """Send the pending reply a few bytes per step (a tarpit fault)."""
+        step = max(1, int(session.tarpit_bps * _TARPIT_STEP_S))
+        try:
+            sent = session.sock.send(session.out[:step])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._close(session, f"write error: {exc.strerror}")
+            return
+        session.out = session.out[sent:]
+        if session.out:
+            delay = max(_TARPIT_STEP_S, step / session.tarpit_bps) if sent else _TARPIT_STEP_S
+            self.timers.call_at(time.monotonic() + delay, self._trickle, session)
+            return
+        session.trickling = False
+        session.tarpit_bps = 0.0  # one reply per rule firing
+        self.resume(session)
+
     def _want(self, session: Session, mask: int) -> None:
         """Select on `mask` (0: not at all), with a syscall only when it changes."""
         if session.mask == mask:
@@ -413,13 +391,6 @@ class Worker:
             self.sel.register(session.sock, mask, session)
         session.mask = mask
 
-    def _set_deadline(self, session: Session, deadline: float) -> None:
-        session.deadline = deadline
-        if deadline < session.timer_at:
-            self._timer_seq += 1
-            heapq.heappush(self.timers, (deadline, self._timer_seq, session))
-            session.timer_at = deadline
-
     def _set_data_deadline(self, session: Session, now: float) -> None:
         limits = self.config.limits
         deadline = min(now + limits.command_timeout, session.data_started + limits.data_timeout)
@@ -427,27 +398,23 @@ class Worker:
             # By time t the client must have sent min_data_rate * (t - start - grace) bytes.
             deadline = min(deadline, session.data_started + _RATE_GRACE_S
                            + session.data_bytes / limits.min_data_rate)
-        self._set_deadline(session, deadline)
+        self.timers.set_deadline(session, deadline)
 
-    def _expire(self, now: float) -> None:
-        timers = self.timers
-        while timers and timers[0][0] <= now:
-            when, _, session = heapq.heappop(timers)
-            if session.closed or when != session.timer_at:
-                continue  # superseded by an earlier entry, or the session is gone
-            session.timer_at = float("inf")
-            if session.deadline > now:
-                self._set_deadline(session, session.deadline)
-                continue
+    def _on_deadline(self, session: Session) -> None:
+        if session.lingering or session.paused:
             if session.lingering:
                 self._close(session, "")
-                continue
-            log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
-            self._abort_message(session)
-            session.conn.shutdown(replies.TIMEOUT)
-            self._flush(session)
-            if not (session.closed or session.lingering):
-                self._close(session, "timeout")  # it is not reading: do not wait for it
+            else:  # waiting on a slow disk: give it another round
+                self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
+            return
+        log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
+        self.abort_message(session)
+        self.stats.replies[replies.TIMEOUT.code] += 1
+        session.conn.shutdown(replies.TIMEOUT)
+        session.trickling = False
+        self._flush(session)
+        if not (session.closed or session.lingering):
+            self._close(session, "timeout")  # it is not reading: do not wait for it
 
     def _linger(self, session: Session) -> None:
         """Close after a last reply without letting a reset destroy it.
@@ -468,7 +435,7 @@ class Worker:
             return
         session.lingering = True
         self._want(session, _READ)
-        self._set_deadline(session, time.monotonic() + _LINGER_S)
+        self.timers.set_deadline(session, time.monotonic() + _LINGER_S)
 
     def _drain(self, session: Session) -> None:
         try:
@@ -483,20 +450,19 @@ class Worker:
             pass
         self._close(session, "")
 
-    def _abort_message(self, session: Session) -> None:
-        sink, session.sink = session.sink, None
-        if sink is not None:
-            sink.abort()
-
     def _close(self, session: Session, reason: str) -> None:
         if session.closed:
             return
         session.closed = True
-        self._abort_message(session)
+        self.abort_message(session)
         if session.mask:
             self.sel.unregister(session.sock)
         self.sessions.pop(session.sock.fileno(), None)
         session.sock.close()
+        stats = self.stats
+        stats.connections_open -= 1
+        for code, count in session.conn.refusals.items():
+            stats.replies[code] += count
         if reason:
             log.debug("closed %s: %s", session.peer.address, reason)
 
