@@ -19,7 +19,7 @@ class ReceiveBuffer:
     __slots__ = ("data", "_view", "start", "end")
 
     def __init__(self, capacity: int) -> None:
-        self.data = bytearray(capacity)
+        self.data = _take(capacity)
         self._view = memoryview(self.data)
         self.start = 0
         self.end = 0
@@ -73,6 +73,13 @@ class ReceiveBuffer:
         self._view = memoryview(data)
         self.start, self.end = 0, pending
 
+    def release(self) -> None:
+        """Give the storage back to the pool; the buffer is not used again."""
+        _give(self.data)
+        self.data = bytearray()
+        self._view = memoryview(self.data)
+        self.start = self.end = 0
+
     def _compact(self) -> None:
         pending = self.end - self.start
         self.data[:pending] = self.data[self.start:self.end]
@@ -80,7 +87,7 @@ class ReceiveBuffer:
 
 
 _SPARES: dict[int, list[bytearray]] = {}
-_MAX_SPARES = 32  # per size: enough for the connections of one worker in DATA at once
+_MAX_SPARES = 64  # per size: a burst of connection turnover, without hoarding memory
 
 
 def _take(capacity: int) -> bytearray:

@@ -162,12 +162,6 @@ class SmtpServerConnection:
         self._helo = ""
         self._esmtp = False
         self._reset_transaction()
-        self._handlers: dict[str, Callable[[str], object | None]] = {
-            "HELO": self._helo_cmd, "EHLO": self._ehlo_cmd, "MAIL": self._mail_cmd,
-            "RCPT": self._rcpt_cmd, "DATA": self._data_cmd, "RSET": self._rset_cmd,
-            "NOOP": self._noop_cmd, "QUIT": self._quit_cmd, "VRFY": self._vrfy_cmd,
-            "HELP": self._help_cmd,
-        }
 
     # -- I/O layer API -------------------------------------------------------------
 
@@ -227,7 +221,7 @@ class SmtpServerConnection:
             self._out.append(replies.START_INPUT.wire)
             self._start_body()
         elif kind is MessageEnd:
-            self._out.append(replies.queued(queue_id).wire)
+            self._out.append(replies.queued_wire(queue_id))
             self._end_transaction()
         else:  # Quit
             self._out.append(replies.CLOSING.wire)
@@ -304,7 +298,7 @@ class SmtpServerConnection:
     def _dispatch(self, text: str) -> object | None:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        handler = self._handlers.get(verb)
+        handler = _HANDLERS.get(verb)
         if handler is None:
             self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
                         else replies.UNRECOGNIZED)
@@ -316,7 +310,7 @@ class SmtpServerConnection:
             self._error(replies.NO_SERVICE_SEQUENCE)
             return None
         try:
-            return handler(arg.strip(" "))
+            return handler(self, arg.strip(" "))
         except _Syntax as problem:
             self._error(problem.reply)
             return None
@@ -503,3 +497,12 @@ class SmtpServerConnection:
 
 
 _INFORMATIONAL = (Reset,)
+
+
+_HANDLERS: dict[str, Callable[[SmtpServerConnection, str], object | None]] = {
+    "HELO": SmtpServerConnection._helo_cmd, "EHLO": SmtpServerConnection._ehlo_cmd,
+    "MAIL": SmtpServerConnection._mail_cmd, "RCPT": SmtpServerConnection._rcpt_cmd,
+    "DATA": SmtpServerConnection._data_cmd, "RSET": SmtpServerConnection._rset_cmd,
+    "NOOP": SmtpServerConnection._noop_cmd, "QUIT": SmtpServerConnection._quit_cmd,
+    "VRFY": SmtpServerConnection._vrfy_cmd, "HELP": SmtpServerConnection._help_cmd,
+}

@@ -7,6 +7,7 @@ Wire bytes are built once, when the reply is made.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -62,10 +63,13 @@ class Reply:
         return cls(code, enhanced, m.group(3) or "Error")
 
 
+# Built once per distinct argument: these are asked for on every connection.
+@functools.lru_cache(maxsize=8)
 def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP minismtp")
 
 
+@functools.lru_cache(maxsize=8)
 def ehlo(hostname: str, max_message_bytes: int) -> Reply:
     return Reply(250, None, (
         hostname, "PIPELINING", f"SIZE {max_message_bytes}", "8BITMIME",
@@ -73,12 +77,20 @@ def ehlo(hostname: str, max_message_bytes: int) -> Reply:
     ))
 
 
+@functools.lru_cache(maxsize=8)
 def helo(hostname: str) -> Reply:
     return Reply(250, None, hostname)
 
 
 def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def queued_wire(queue_id: str) -> bytes:
+    """The wire bytes of `queued(queue_id)`, without building a Reply per message."""
+    if not (queue_id.isascii() and queue_id.isprintable()):
+        raise ValueError(f"queue id must be printable ASCII: {queue_id!r}")
+    return b"250 2.0.0 Ok: queued as %s\r\n" % queue_id.encode()
 
 
 OK = Reply(250, "2.0.0", "Ok")

@@ -459,6 +459,7 @@ class Worker:
             self.sel.unregister(session.sock)
         self.sessions.pop(session.sock.fileno(), None)
         session.sock.close()
+        session.conn.buffer.release()
         stats = self.stats
         stats.connections_open -= 1
         for code, count in session.conn.refusals.items():
