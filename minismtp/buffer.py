@@ -88,6 +88,7 @@ class ReceiveBuffer:
 
 _SPARES: dict[int, list[bytearray]] = {}
 _MAX_SPARES = 64  # per size: a burst of connection turnover, without hoarding memory
+_MAX_SPARE_BYTES = 8 << 20  # and at most this much kept idle per size
 
 
 def _take(capacity: int) -> bytearray:
@@ -97,5 +98,5 @@ def _take(capacity: int) -> bytearray:
 
 def _give(data: bytearray) -> None:
     spares = _SPARES.setdefault(len(data), [])
-    if len(spares) < _MAX_SPARES:
+    if len(spares) < max(2, min(_MAX_SPARES, _MAX_SPARE_BYTES // max(1, len(data)))):
         spares.append(data)
