@@ -9,8 +9,9 @@ Untrusted input (SECURITY): the HELO name, sender, recipients and body come from
   in the tree is refused, not followed).
 
 Layout "single" uses the Maildir at delivery.path; "per_recipient" writes one file in the
-shared `<path>/tmp/` and hard-links it into each `<path>/<domain>/<local-part>/new/`. Every
-copy carries all `Delivered-To:` lines, so recipients see each other's addresses (Bcc too).
+shared `<path>/tmp/` and hard-links it into each `<path>/<domain>/<local-part>/new/`. The
+copies are one file, so a message to several recipients carries no `Delivered-To:` lines
+there (each would show every recipient, Bcc too); the mailbox it sits in is the record.
 
 Commit follows CPython's `Maildir.add` and goes further: fsync the file, link it into new/
 (never clobbers), unlink the tmp name, fsync the new/ directory so the entry survives a
@@ -113,10 +114,12 @@ def _encode_host(host: str) -> str:
 
 
 def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
-                  when_s: float) -> bytes:
-    """Return-Path, one Delivered-To per recipient, and Received (RFC 5321 section 4.4)."""
+                  when_s: float, list_recipients: bool = True) -> bytes:
+    """Return-Path, one Delivered-To per recipient (if `list_recipients`), and Received
+    (RFC 5321 section 4.4)."""
     lines = [f"Return-Path: <{_clean(envelope.sender)}>"]
-    lines += [f"Delivered-To: {_clean(rcpt)}" for rcpt in envelope.recipients]
+    if list_recipients:
+        lines += [f"Delivered-To: {_clean(rcpt)}" for rcpt in envelope.recipients]
     # RFC 6531 section 4.3 registers "UTF8SMTP" for ESMTP with SMTPUTF8
     protocol = "UTF8SMTP" if envelope.smtputf8 else "ESMTP" if envelope.esmtp else "SMTP"
     address = _clean(peer.address)
@@ -353,7 +356,9 @@ class MaildirBackend(Backend):
         else:
             raise DeliveryError(f'delivery: no unique name in "{self._tmp}"')
         sink = MaildirSink(self, fd, tmp_path, name, queue_id, targets)
-        sink.write(trace_headers(envelope, peer, self.hostname, queue_id, seconds))
+        shared_copy = self.per_recipient and len(envelope.recipients) > 1
+        sink.write(trace_headers(envelope, peer, self.hostname, queue_id, seconds,
+                                 list_recipients=not shared_copy))
         return sink
 
     def _targets(self, recipients: tuple[str, ...]) -> tuple[str, ...]:

@@ -322,6 +322,19 @@ def test_per_recipient_one_file_linked_into_each_mailbox(tmp_path: Path) -> None
         assert stat.S_IMODE((root / "example.net" / mbox).stat().st_mode) == 0o700
 
 
+def test_per_recipient_shared_copy_reveals_no_other_recipient(tmp_path: Path) -> None:
+    # One hard-linked file serves every mailbox: listing recipients in it would show
+    # each of them (Bcc included) to all the others.
+    b = backend(tmp_path, "per_recipient")
+    deliver(b, envelope("to@example.net", "bcc@example.net"))
+    (copy,) = files(tmp_path / "mail" / "example.net" / "to" / "new")
+    data = copy.read_bytes()
+    assert b"bcc@example.net" not in data and b"Delivered-To" not in data
+    deliver(b, envelope("solo@example.net"))
+    (single,) = files(tmp_path / "mail" / "example.net" / "solo" / "new")
+    assert b"Delivered-To: solo@example.net\r\n" in single.read_bytes()
+
+
 def test_hostile_recipients_stay_inside_delivery_path(tmp_path: Path) -> None:
     b = backend(tmp_path, "per_recipient")
     for rcpt in HOSTILE:
