@@ -228,13 +228,16 @@ class SmtpServerConnection:
             self._close("quit")
 
     def reject(self, reply: Reply) -> None:
-        """Answer the pending decision with `reply`; the state stays where it was."""
+        """Answer the pending decision with `reply`; the state stays where it was
+        (a 421 closes the session)."""
         event = self._take_pending()
         self._out.append(reply.wire)
         if isinstance(event, MessageEnd):
             self._end_transaction()
-        elif isinstance(event, Quit):
+        if isinstance(event, Quit):
             self._close("quit")
+        elif reply.code == 421:  # RFC 5321 3.8: 421 means the channel is being closed
+            self._close("closed by server: 421")
 
     def shutdown(self, reply: Reply) -> None:
         """Send a last reply (timeout, shutting down) and close, whatever was pending."""

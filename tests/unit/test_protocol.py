@@ -515,3 +515,17 @@ def test_size_takes_ascii_digits_only() -> None:
     c = Client("whole")
     assert c.send(EHLO + "MAIL FROM:<a@example.org> SIZE=١٠\r\n".encode()) == wire(
         EHLO_R, R.BAD_PARAMETER_VALUE)
+
+
+def test_reject_with_421_closes_the_session() -> None:
+    # RFC 5321 3.8: a 421 reply means the server is closing the transmission channel.
+    conn = SmtpServerConnection(Settings())
+    conn.greet()
+    conn.receive_data(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nNOOP\r\n")
+    assert isinstance(conn.next_event(), Hello)
+    conn.accept()
+    assert isinstance(conn.next_event(), MailFrom)
+    busy = Reply(421, "4.3.2", "go away")
+    conn.reject(busy)
+    assert isinstance(conn.next_event(), ConnectionClosed)
+    assert conn.data_to_send().endswith(busy.wire)  # and no reply to the NOOP
