@@ -47,48 +47,36 @@ class Decisions:
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
 
-    def connect(self, session: Session) -> None:
-        action = self.faults.check("connect", session.peer.address)
+    def _decide(self, session: Session, stage: str, proceed: Answer, refuse: Refuse,
+                sender: str | None = None, recipients: tuple[str, ...] = ()) -> None:
+        """Answer as usual (`proceed`), unless a fault rule fires at `stage`."""
+        action = self.faults.check(stage, session.peer.address, sender, recipients)
         if action is None:
-            session.conn.greet()
+            proceed(session)
         else:
-            self._inject(session, action, _greet, _greet_with)
+            self._inject(session, action, proceed, refuse)
+
+    def connect(self, session: Session) -> None:
+        self._decide(session, "connect", _greet, _greet_with)
 
     def hello(self, session: Session, event: Hello) -> None:
-        action = self.faults.check("helo", session.peer.address)
-        if action is None:
-            session.conn.accept()
-        else:
-            self._inject(session, action, _accept, _reject)
+        self._decide(session, "helo", _accept, _reject)
 
     def mail(self, session: Session, event: MailFrom) -> None:
-        action = self.faults.check("mail", session.peer.address, event.sender)
         session.sender = event.sender
-        if action is None:
-            self._accept_mail(session)
-        else:
-            self._inject(session, action, self._accept_mail, _reject)
+        self._decide(session, "mail", self._accept_mail, _reject, event.sender)
 
     def _accept_mail(self, session: Session) -> None:
         self.stats.transactions += 1
         session.conn.accept()
 
     def rcpt(self, session: Session, event: RcptTo) -> None:
-        action = self.faults.check("rcpt", session.peer.address, session.sender,
-                                   (event.recipient,))
-        if action is None:
-            session.conn.accept()
-        else:
-            self._inject(session, action, _accept, _reject)
+        self._decide(session, "rcpt", _accept, _reject, session.sender, (event.recipient,))
 
     def data(self, session: Session, event: DataStarted) -> None:
         session.envelope = envelope = event.envelope
-        action = self.faults.check("data", session.peer.address, envelope.sender,
-                                   envelope.recipients)
-        if action is None:
-            self._start_message(session)
-        else:
-            self._inject(session, action, self._start_message, _reject)
+        self._decide(session, "data", self._start_message, _reject, envelope.sender,
+                     envelope.recipients)
 
     def _start_message(self, session: Session) -> None:
         try:
@@ -105,23 +93,15 @@ class Decisions:
         session.end_seen = time.monotonic()
         session.size = event.size
         envelope = session.envelope
-        action = self.faults.check("end_of_data", session.peer.address, envelope.sender,
-                                   envelope.recipients)
-        if action is None:
-            self._store(session)
-        else:
-            self._inject(session, action, self._store, self._refuse_message)
+        self._decide(session, "end_of_data", self._store, self._refuse_message,
+                     envelope.sender, envelope.recipients)
 
     def rejected(self, session: Session, event: MessageRejected) -> None:
         self.worker.abort_message(session)
         self._log(session, event.size, f"rejected: {event.reason}", "-")
 
     def quit(self, session: Session, event: Quit) -> None:
-        action = self.faults.check("quit", session.peer.address, session.sender)
-        if action is None:
-            session.conn.accept()
-        else:
-            self._inject(session, action, _accept, _reject)
+        self._decide(session, "quit", _accept, _reject, session.sender)
 
     # -- storing a message -------------------------------------------------------
 
