@@ -50,6 +50,9 @@ class Decisions:
     def _decide(self, session: Session, stage: str, proceed: Answer, refuse: Refuse,
                 sender: str | None = None, recipients: tuple[str, ...] = ()) -> None:
         """Answer as usual (`proceed`), unless a fault rule fires at `stage`."""
+        if not self.faults.enabled:  # no `faults:` rules: the common, fast case
+            proceed(session)
+            return
         action = self.faults.check(stage, session.peer.address, sender, recipients)
         if action is None:
             proceed(session)

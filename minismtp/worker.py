@@ -295,10 +295,12 @@ class Worker:
             handler = handlers.get(kind)
             if handler is not None:
                 handler(session, event)
-            self._maybe_send_off(session)  # before any pipelined command that follows
+            if self.stopping:
+                self._maybe_send_off(session)  # before any pipelined command that follows
         if session.closed:
             return
-        self._maybe_send_off(session)  # also when the answer came from a deferred commit
+        if self.stopping:
+            self._maybe_send_off(session)  # also when the answer came from a deferred commit
         self._flush(session)
 
     def _maybe_send_off(self, session: Session) -> None:
