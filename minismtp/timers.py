@@ -6,7 +6,12 @@ Deadlines move on nearly every read, so they are not re-queued on every move: an
 keeps `deadline` (when it is really due) and `timer_at` (its earliest live heap entry).
 A later deadline only updates the attribute; when the old entry comes up it is pushed
 again for the new time. An earlier deadline gets an entry of its own, and the entries it
-supersedes are skipped. So nothing ever scans all connections.
+supersedes are skipped. So nothing ever scans all connections on an event.
+
+A closed owner's entries are dead weight until they come up, which for an idle deadline
+is minutes away; at thousands of connections a second that would hold every closed
+session in memory. So `forget()` counts them, and once they may make up half the heap
+it is rebuilt without them: O(n) now and then, O(1) per connection amortized.
 """
 
 from __future__ import annotations
@@ -23,9 +28,27 @@ class Owner(Protocol):
 
 
 class Timers:
+    _MIN_PURGE = 1024  # do not rebuild small heaps: dead entries there cost little
+
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Any, Callable[[Any], None] | None]] = []
         self._seq = itertools.count()  # ties break by order of arrival, never by owner
+        self._forgotten = 0  # owners closed since the last rebuild
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def forget(self, owner: Owner) -> None:
+        """`owner` was closed: its entries may go (call after setting `closed`)."""
+        self._forgotten += 1
+        heap = self._heap
+        # An owner leaves one or two entries (idle and DATA deadlines): rebuild once the
+        # forgotten could be half the heap. Each rebuild follows len/4 forgets, so the
+        # cost per connection stays constant.
+        if self._forgotten * 4 > len(heap) and len(heap) > self._MIN_PURGE:
+            heap[:] = [entry for entry in heap if not entry[2].closed]
+            heapq.heapify(heap)
+            self._forgotten = 0
 
     def set_deadline(self, owner: Owner, when: float) -> None:
         owner.deadline = when

@@ -31,7 +31,9 @@ from minismtp.timers import Timers
 log = logging.getLogger("minismtp.worker")
 
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-_ACCEPTS_PER_WAKEUP = 64  # drain the accept queue, but let established clients run too
+# Accepts per wakeup: every worker wakes on the shared socket, and the first to run
+# would take a whole burst; a few each spreads connections between workers.
+_ACCEPTS_PER_WAKEUP = 4
 _RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
 _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
 _LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
@@ -456,6 +458,7 @@ class Worker:
         if session.closed:
             return
         session.closed = True
+        self.timers.forget(session)
         self.abort_message(session)
         if session.mask:
             self.sel.unregister(session.sock)

@@ -272,3 +272,24 @@ def test_idle_connections_are_cheap(make_server):
     print(f"worker RSS {before} KiB -> {after} KiB with {IDLE_CONNECTIONS} idle connections: "
           f"{per_connection / 1024:.1f} KiB per connection")
     assert per_connection < 16 * 1024
+
+
+def test_closed_connections_leave_no_memory_behind(make_server):
+    # Each session leaves timer entries due minutes later (the idle deadline); thousands
+    # of short connections must not keep their sessions alive until then.
+    server = make_server({"server": {"workers": 1}})
+    [worker] = server.worker_pids()
+
+    def churn(count: int) -> None:
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                assert s.recv(512).startswith(b"220 ")
+                s.sendall(b"QUIT\r\n")
+                assert s.recv(512).startswith(b"221 ")
+
+    churn(1000)  # warm up: what every later session reuses
+    before = _steady_rss(server, worker)
+    churn(4000)
+    after = _steady_rss(server, worker)
+    print(f"worker RSS {before} KiB -> {after} KiB after 4000 more connections")
+    assert after - before < 2 * 1024
