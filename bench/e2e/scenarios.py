@@ -1,0 +1,292 @@
+"""Scenarios S1..S6, and how one scenario is run and measured against one server.
+
+Untrusted input: none beyond the clients' results (see clients.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from e2e import IDLE_CONNECTIONS, KIB, MIB, progress
+from e2e.clients import ClientResult, hold_idle, pipeline_client, smtp_source
+from e2e.procfs import (TICK, RssSampler, all_process_ticks, cpu_ticks, describe_process,
+                        listen_counters, machine_busy_ticks, tree_rss, wait_for_quiet)
+from e2e.servers import Server, ServerSpec
+from e2e.workdir import DEFERRED
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    size: int  # message payload bytes (0: no messages)
+    sessions: int
+    warmup: int  # warm-up messages; its rate sizes the measured runs
+    bounds: tuple[int, int]  # measured messages per run: (min, max)
+    client: str  # "smtp-source", "pipeline" or "idle"
+    keep_open: bool = False
+    headline: str = "msgs_per_s"  # the figure ratios are taken on
+    only: tuple[str, ...] = ()  # default servers, when not all
+
+    def run(self, server: Server, messages: int) -> ClientResult:
+        if self.client == "pipeline":
+            return pipeline_client(server.port, sessions=self.sessions, size=self.size,
+                                   messages=messages)
+        return smtp_source(server.port, sessions=min(self.sessions, messages),
+                           size=self.size, messages=messages, keep_open=self.keep_open)
+
+
+SCENARIOS = (
+    Scenario("S1", "1 KiB, one message per connection, 20 sessions", KIB, 20, 1000,
+             (2000, 200_000), "smtp-source"),
+    Scenario("S2", "1 KiB, connections kept open (-d), 20 sessions", KIB, 20, 2000,
+             (2000, 400_000), "smtp-source", keep_open=True),
+    Scenario("S3", "10 MiB messages, one session", 10 * MIB, 1, 2, (3, 400), "smtp-source",
+             headline="mb_per_s"),
+    Scenario("S4", "1 KiB, 1,000 connections at once", KIB, 1000, 2000, (3000, 200_000),
+             "smtp-source"),
+    Scenario("S5", "1 KiB, pipelined (EHLO, MAIL+RCPT+DATA, body+next), 20 sessions", KIB,
+             20, 2000, (2000, 400_000), "pipeline"),
+    Scenario("S6", f"memory with {IDLE_CONNECTIONS:,} idle connections", 0,
+             IDLE_CONNECTIONS, 0, (0, 0), "idle", headline="kib_per_conn",
+             only=("smtp-sink", "aiosmtpd-discard", "minismtp-discard")),
+)
+SCENARIO_BY_KEY = {scenario.key: scenario for scenario in SCENARIOS}
+
+
+def nice_count(value: float, low: int, high: int) -> int:
+    """Clamp to bounds and round to two significant digits (stable across runs)."""
+    value = max(low, min(high, value))
+    digits = max(0, int(math.floor(math.log10(value))) - 1) if value >= 1 else 0
+    return int(max(low, min(high, round(value, -digits))))
+
+
+class Measurement:
+    """Server CPU, RSS peak, machine CPU and listen-queue counters around one client run."""
+
+    def __init__(self, server: Server, count_connections: bool = False) -> None:
+        self.server = server
+        self.count_connections = count_connections
+
+    def __enter__(self) -> Measurement:
+        self.pids_before = self.server.tree()
+        self.cpu_before = cpu_ticks(self.pids_before)
+        self.listen_before = listen_counters()
+        self.busy_before = machine_busy_ticks()
+        self.self_before = resource.getrusage(resource.RUSAGE_SELF)
+        self.all_before = all_process_ticks()
+        self.sampler = RssSampler(self.server.proc.pid,
+                                  count_sockets=self.count_connections).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sampler.__exit__()
+        all_after = all_process_ticks()
+        pids_after = self.server.tree()
+        cpu_after = cpu_ticks(pids_after)
+        self.server_cpu = sum(ticks - self.cpu_before.get(pid, 0)
+                              for pid, ticks in cpu_after.items()) / TICK
+        self.lost = sorted(set(self.pids_before) - set(pids_after))  # their CPU is lost
+        self.new = sorted(set(pids_after) - set(self.pids_before))
+        after = listen_counters()
+        self.overflows = {key: after[key] - self.listen_before.get(key, 0) for key in after}
+        self.busy = (machine_busy_ticks() - self.busy_before) / TICK
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.harness_cpu = (usage.ru_utime - self.self_before.ru_utime
+                            + usage.ru_stime - self.self_before.ru_stime)
+        self.peak_rss = self.sampler.peak
+        # Who else used the CPUs meanwhile (processes alive at the end; the client is gone).
+        ours = set(self.pids_before) | set(pids_after) | {os.getpid()}
+        others = sorted(((ticks - self.all_before.get(pid, 0), pid)
+                         for pid, ticks in all_after.items() if pid not in ours),
+                        reverse=True)
+        self.foreign_top = [(describe_process(pid), used / TICK)
+                            for used, pid in others[:3] if used / TICK >= 0.05]
+
+
+def one_run(scenario: Scenario, server: Server, messages: int,
+            quiet_wait: float = 0.0) -> dict[str, Any]:
+    # The server is idle here, so what the machine is busy with is someone else's work.
+    busy = wait_for_quiet(quiet_wait) if quiet_wait > 0 else None
+    stored_before = server.maildir_count()[0] if server.spec.backend == "maildir" else 0
+    with Measurement(server, count_connections=scenario.sessions >= 100) as measured:
+        result = scenario.run(server, messages)
+    notes = []
+    if not result.ok:
+        notes.append(result.detail)
+    elif result.detail:
+        notes.append(result.detail)
+    if server.spec.backend == "maildir":
+        stored, leftover = server.maildir_count()
+        if stored - stored_before != result.messages:
+            notes.append(f"Maildir got {stored - stored_before} files in new/ for "
+                         f"{result.messages} messages")
+            result.ok = False
+        if leftover:
+            notes.append(f"{leftover} files left in tmp/")
+        if scenario.size >= MIB:
+            # Few, large files: removed now to bound the disk used. Small ones stay until
+            # the end of the benchmark (see DEFERRED): on ext4 without a journal, inodes
+            # freed in the last minutes are skipped when allocating, so deleting thousands
+            # of files here would slow every file the next runs create.
+            server.clear_maildir()
+    if not server.alive():
+        notes.append(f"server died (status {server.proc.returncode}): {server.log_tail()}")
+        result.ok = False
+    if measured.lost or measured.new:
+        notes.append(f"server processes changed during the run: gone {measured.lost}, "
+                     f"new {measured.new}")
+    # CPU used on the machine by anything but this server, this client and this harness:
+    # other work competing for the 2 cores makes the figures lower than they should be.
+    foreign = measured.busy - measured.server_cpu - result.client_cpu - measured.harness_cpu
+    seconds = result.seconds
+    return {
+        "ok": result.ok,
+        "messages": result.messages,
+        "requested": messages,
+        "seconds": seconds,
+        "msgs_per_s": result.messages / seconds if seconds > 0 else 0.0,
+        "mb_per_s": result.messages * scenario.size / seconds / 1e6 if seconds > 0 else 0.0,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "server_cpu_s": measured.server_cpu,
+        "server_cpu_us_per_msg": (measured.server_cpu / result.messages * 1e6
+                                  if result.messages else None),
+        "client_cpu_s": result.client_cpu,
+        "client_cpu_pct": 100 * result.client_cpu / seconds if seconds > 0 else None,
+        "foreign_cpu_s": max(0.0, foreign),
+        "peak_rss": measured.peak_rss,
+        "listen_overflows": measured.overflows.get("ListenOverflows", 0),
+        "listen_drops": measured.overflows.get("ListenDrops", 0),
+        "busy_cores_before": busy,
+        "foreign_top": measured.foreign_top,
+        "peak_connections": measured.sampler.peak_connections or None,
+        "notes": notes,
+    }
+
+
+def idle_run(server: Server) -> dict[str, Any]:
+    time.sleep(0.5)  # let the start-up settle
+    before = tree_rss(server.proc.pid)
+    listen_before = listen_counters()
+    started = time.perf_counter()
+    socks, failures, note = hold_idle(server.port, IDLE_CONNECTIONS)
+    opened = time.perf_counter() - started
+    try:
+        time.sleep(1.0)  # let the server finish the greetings' bookkeeping
+        with_conns = max(tree_rss(server.proc.pid) for _ in range(3))
+        alive_all = server.alive()
+    finally:
+        for sock in socks:
+            sock.close()
+    listen_after = listen_counters()
+    held = len(socks)
+    notes = [note] if note else []
+    if not alive_all:
+        notes.append(f"server died (status {server.proc.returncode}): {server.log_tail()}")
+    per_conn = (with_conns - before) / held if held else None
+    return {
+        "ok": held == IDLE_CONNECTIONS and alive_all,
+        "connections": held,
+        "failures": failures,
+        "seconds_to_open": opened,
+        "rss_idle_before": before,
+        "rss_with_connections": with_conns,
+        "peak_rss": with_conns,
+        "kib_per_conn": per_conn / KIB if per_conn is not None else None,
+        "listen_overflows": (listen_after.get("ListenOverflows", 0)
+                             - listen_before.get("ListenOverflows", 0)),
+        "listen_drops": (listen_after.get("ListenDrops", 0)
+                         - listen_before.get("ListenDrops", 0)),
+        "notes": notes,
+    }
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def bench_one(scenario: Scenario, spec: ServerSpec, args: argparse.Namespace,
+              label: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"scenario": scenario.key, "server": spec.name, "runs": []}
+    workdir = Path(tempfile.mkdtemp(prefix=f"{scenario.key}-{spec.name}-", dir=args.root))
+    entry["logs"] = str(workdir)
+    connections = IDLE_CONNECTIONS if scenario.client == "idle" else scenario.sessions
+    server = Server(spec, workdir, connections=connections)
+    try:
+        progress(f"{label}: starting {spec.name}")
+        server.start()
+        entry["port"] = server.port
+        if scenario.client == "idle":
+            progress(f"{label}: opening {IDLE_CONNECTIONS:,} idle connections")
+            if args.quiet_wait > 0:
+                wait_for_quiet(args.quiet_wait)
+            run = idle_run(server)
+            entry["runs"].append(run)
+            entry["status"] = "ok" if run["ok"] else "skipped"
+            if not run["ok"]:  # a peer that cannot hold them all is skipped, and says why
+                entry["reason"] = (f"cannot hold {IDLE_CONNECTIONS:,} idle connections: "
+                                   + "; ".join(run["notes"]))
+            entry["median"] = {key: run[key] for key in
+                               ("kib_per_conn", "peak_rss", "rss_idle_before",
+                                "rss_with_connections", "connections")}
+            entry["median"]["listen_overflows"] = run["listen_overflows"]
+            entry["notes"] = run["notes"]
+            return entry
+        # --quick: half the warm-up and half the least count (slow servers set the pace).
+        warm = max(1, scenario.warmup // 2) if args.quick else scenario.warmup
+        progress(f"{label}: {spec.name} warm-up, {warm:,} messages")
+        warmup = one_run(scenario, server, warm, args.quiet_wait)
+        entry["warmup"] = warmup
+        if not warmup["ok"]:
+            entry["status"] = "failed"
+            entry["notes"] = ["warm-up failed: " + "; ".join(warmup["notes"])]
+            return entry
+        low, high = scenario.bounds
+        low = max(2, low // 2) if args.quick else low
+        count = nice_count(warmup["msgs_per_s"] * args.target_seconds, low, high)
+        entry["messages_per_run"] = count
+        for index in range(args.runs):
+            progress(f"{label}: {spec.name} run {index + 1}/{args.runs}, {count:,} messages "
+                     f"(~{count / max(warmup['msgs_per_s'], 1e-9):.1f}s at warm-up rate)")
+            run = one_run(scenario, server, count, args.quiet_wait)
+            entry["runs"].append(run)
+            if not run["ok"]:
+                break
+        good = [run for run in entry["runs"] if run["ok"]]
+        entry["status"] = "ok" if len(good) == args.runs else "failed"
+        entry["median"] = {key: median_of(good or entry["runs"], key) for key in
+                           ("msgs_per_s", "mb_per_s", "p50_ms", "p99_ms", "server_cpu_s",
+                            "server_cpu_us_per_msg", "client_cpu_pct", "foreign_cpu_s")}
+        entry["median"]["peak_rss"] = max(run["peak_rss"] for run in entry["runs"])
+        entry["median"]["listen_overflows"] = sum(run["listen_overflows"]
+                                                  for run in entry["runs"])
+        if any(run.get("peak_connections") for run in entry["runs"]):
+            entry["median"]["peak_connections"] = max(run["peak_connections"] or 0
+                                                      for run in entry["runs"])
+        entry["notes"] = [note for run in entry["runs"] for note in run["notes"]]
+    except Exception as exc:  # one server's failure must not end the whole run
+        entry["status"] = "failed"
+        entry["notes"] = [f"{type(exc).__name__}: {exc}"]
+    finally:
+        server.stop()
+        problems = server.log_problems()
+        if problems:
+            entry["log_problems"] = problems[:20]
+            entry["log_problem_count"] = len(problems)
+        if entry.get("status") == "ok" and not problems:
+            DEFERRED.append(workdir)  # Maildir and logs, removed at the very end
+            entry.pop("logs", None)
+        else:
+            DEFERRED.append(server.maildir)  # keep the logs of a failure
+    return entry

@@ -1,0 +1,171 @@
+"""End-to-end benchmarks: minismtp beside Postfix's smtp-sink and aiosmtpd, in one run.
+
+    python bench/run.py [--scenarios S1,S2,...] [--servers NAME,...] [--runs 3] [--quick]
+                        [--target-seconds 4] [--json out.json]
+
+Install the peers first with `bash bench/setup.sh`. See bench/README.md for what each
+scenario measures and how to read the table. Everything runs on 127.0.0.1.
+
+For each scenario and server: start the server on a free port, wait for its 220 greeting,
+run one short warm-up (also used to size the measured runs: message count = rate x
+--target-seconds, clamped to the scenario's bounds, so that every run lasts a few seconds
+whatever the server's speed), run the scenario --runs times, stop the server. The table
+shows the median of each figure over the runs (peak RSS: the highest sample of any run).
+Every run is checked: the client exits 0 having counted every message, and for Maildir
+servers the files in new/ equal the messages sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from e2e import IDLE_CONNECTIONS, ROOT, progress
+from e2e.procfs import raise_nofile
+from e2e.report import judge_targets, render_report
+from e2e.scenarios import SCENARIO_BY_KEY, SCENARIOS, Scenario, bench_one
+from e2e.servers import BY_NAME, SERVERS, ServerSpec, find_program
+from e2e.workdir import ROOTS, filesystem_probe, make_root, remove_deferred
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "kernel": platform.release()}
+    try:
+        import aiosmtpd
+        found["aiosmtpd"] = aiosmtpd.__version__
+    except ImportError:
+        pass
+    try:
+        sys.path.insert(0, str(ROOT))
+        import minismtp
+        found["minismtp"] = minismtp.__version__
+    except ImportError:
+        pass
+    finally:
+        sys.path.pop(0)
+    postconf = find_program("postconf")
+    if postconf:
+        try:
+            out = subprocess.run([postconf, "-d", "-h", "mail_version"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip()
+            if out:
+                found["postfix"] = out
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return found
+
+
+def parse_list(text: str | None, known: dict[str, Any], what: str) -> list[str] | None:
+    if not text:
+        return None
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"run.py: unknown {what}: {', '.join(unknown)} "
+                         f"(known: {', '.join(known)})")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", help="comma-separated, e.g. S1,S3 (default: all)")
+    parser.add_argument("--servers", help="comma-separated names (default: all; S6 by "
+                        "default only the discard servers and smtp-sink)")
+    parser.add_argument("--runs", type=int, help="measured runs per scenario and server "
+                        "(default 3; 1 with --quick)")
+    parser.add_argument("--target-seconds", type=float, help="length of each measured run, "
+                        "by which the message count is sized (default 4; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="one short run each")
+    parser.add_argument("--quiet-wait", type=float, metavar="SECONDS",
+                        help="before each run, wait up to this long for other programs to "
+                        "leave the CPUs idle (0: do not wait; default 30, 10 with --quick)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON here")
+    parser.add_argument("--work-dir", metavar="DIR", help="where server folders (Maildirs, "
+                        "logs) are made (default: the temporary folder); removed at the end "
+                        "except the logs of failed servers")
+    args = parser.parse_args(argv)
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.target_seconds = args.target_seconds or (1.0 if args.quick else 4.0)
+    if args.quiet_wait is None:
+        args.quiet_wait = 10.0 if args.quick else 30.0
+    if args.runs < 1 or args.target_seconds <= 0:
+        parser.error("--runs must be >= 1 and --target-seconds > 0")
+    scenario_keys = parse_list(args.scenarios, SCENARIO_BY_KEY, "scenario") or [
+        s.key for s in SCENARIOS]
+    chosen_servers = parse_list(args.servers, BY_NAME, "server")
+
+    nofile = raise_nofile()
+    started = time.time()
+    args.root, root_note = make_root(args.work_dir)
+    ROOTS.append(args.root)
+    probe = filesystem_probe(args.root)
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "load_before": os.getloadavg(), "versions": versions(),
+        "runs": args.runs, "target_seconds": args.target_seconds, "quick": args.quick,
+        "nofile_limit": nofile, "work_dir": str(args.root), "work_dir_setup": root_note,
+        "filesystem": probe,
+        "somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip()
+        if Path("/proc/sys/net/core/somaxconn").exists() else None,
+    }
+    plan: list[tuple[Scenario, ServerSpec]] = []
+    for key in scenario_keys:
+        scenario = SCENARIO_BY_KEY[key]
+        names = chosen_servers or [s.name for s in SERVERS
+                                   if not scenario.only or s.name in scenario.only]
+        plan += [(scenario, BY_NAME[name]) for name in names]
+    progress(f"{len(plan)} scenario/server pairs, {args.runs} run(s) each, "
+             f"~{args.target_seconds:g}s per run; logs of failed servers are kept")
+    if nofile < IDLE_CONNECTIONS + 100 and "S6" in scenario_keys:
+        progress(f"note: open-file limit {nofile} < {IDLE_CONNECTIONS + 100}: S6 may fail")
+
+    entries = []
+    for index, (scenario, spec) in enumerate(plan, 1):
+        label = f"{scenario.key} [{index}/{len(plan)}]"
+        reason = spec.missing()
+        if reason is None and scenario.client == "smtp-source" and not find_program(
+                "smtp-source"):
+            reason = "smtp-source is not installed (bash bench/setup.sh installs postfix)"
+        if reason:
+            progress(f"{label}: skipping {spec.name}: {reason}")
+            entries.append({"scenario": scenario.key, "server": spec.name,
+                            "status": "skipped", "reason": reason})
+            continue
+        entry = bench_one(scenario, spec, args, label)
+        entries.append(entry)
+        if entry["status"] != "ok":
+            progress(f"{label}: {spec.name}: {entry['status'].upper()}: "
+                     + "; ".join(entry.get("notes") or [entry.get("reason", "")])[:300]
+                     + (f" (server logs kept in {entry['logs']})" if entry.get("logs") else ""))
+        if entry.get("log_problem_count"):
+            progress(f"{label}: {spec.name}: {entry['log_problem_count']} flagged log "
+                     f"line(s), e.g. {entry['log_problems'][0][:200]}")
+
+    verdicts = judge_targets(entries)
+    meta["load_after"] = os.getloadavg()
+    meta["elapsed_s"] = round(time.time() - started, 1)
+    print(render_report(meta, scenario_keys, entries, verdicts))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"meta": meta, "results": entries, "targets": verdicts}, file,
+                      indent=2, default=str)
+        progress(f"wrote {args.json}")
+    failed = [e for e in entries if e.get("status") == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        remove_deferred()
