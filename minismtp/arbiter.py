@@ -128,6 +128,7 @@ class Arbiter:
         self.next_spawn_at = 0.0
         self.stopping = False
         self.stop_deadline = float("inf")
+        self.exit_code = exitcodes.OK
         self.sel = selectors.DefaultSelector()
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._dispatch = {
@@ -140,10 +141,11 @@ class Arbiter:
 
     def run(self) -> int:
         try:
+            _check_user(self.config.server.user)
             self._bind_all(self.config)
             self._prepare_delivery(self.config)
             self._start_stats_http(self.config)
-        except (OSError, DeliveryError) as exc:
+        except (OSError, DeliveryError, LookupError) as exc:
             log.error("cannot start: %s", exc)
             return exitcodes.FAILURE
         self._init_signals()
@@ -167,7 +169,7 @@ class Arbiter:
         totals, _ = self._current_stats()
         log.info("%s", summary_line(totals, time.monotonic() - self.started))
         log.info("master exiting")
-        return exitcodes.OK
+        return self.exit_code
 
     def _init_signals(self) -> None:
         for sig in _HANDLED:
@@ -245,6 +247,13 @@ class Arbiter:
             how, clean = f"was killed by signal {os.WTERMSIG(status)}", False
         if expected and (clean or record.killed):
             log.debug("worker %d %s", record.pid, how)
+            return
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FAILED:
+            # Its own set-up failed (privileges, delivery): a new one would fail the same
+            # way, so stop rather than fork in a loop (gunicorn's WORKER_BOOT_ERROR).
+            log.error("worker %d could not start; stopping", record.pid)
+            self.exit_code = exitcodes.FAILURE
+            self._stop_gracefully()
             return
         log.error("worker %d %s; replacing it", record.pid, how)
         now = time.monotonic()
@@ -413,6 +422,14 @@ class Arbiter:
             user = pwd.getpwnam(config.server.user)
             for sub in ("", "tmp", "new", "cur"):
                 os.chown(os.path.join(d.path, sub), user.pw_uid, user.pw_gid)
+
+
+def _check_user(user: str | None) -> None:
+    if user and os.geteuid() == 0:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise LookupError(f'server.user: no such user "{user}"') from None
 
 
 def _drop_privileges(user: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -191,3 +192,14 @@ def test_port_in_use_exits_1(tmp_path):
     assert len(lines) == 1, lines
     assert re.search(rf"ERROR cannot start: .*cannot listen on 127\.0\.0\.1:{port}: "
                      r"Address already in use$", lines[0]), lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="server.user applies only when started as root")
+def test_unknown_user_exits_1_before_forking(tmp_path):
+    config = tmp_path / "user.yaml"
+    config.write_text('server:\n  listen: ["127.0.0.1:0"]\n  user: "no-such-user-x"\n')
+    result = run("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.rstrip().endswith(
+        'ERROR cannot start: server.user: no such user "no-such-user-x"'), result.stderr
