@@ -50,7 +50,7 @@ class Decisions:
     def _decide(self, session: Session, stage: str, proceed: Answer, refuse: Refuse,
                 sender: str | None = None, recipients: tuple[str, ...] = ()) -> None:
         """Answer as usual (`proceed`), unless a fault rule fires at `stage`."""
-        if not self.faults.enabled:  # no `faults:` rules: the common, fast case
+        if stage not in self.faults.stages:  # no rule watches this stage: the fast case
             proceed(session)
             return
         action = self.faults.check(stage, session.peer.address, sender, recipients)

@@ -112,7 +112,7 @@ def _action(rule: FaultRule, delay_s: float) -> FaultAction:
 class FaultInjector:
     """Per-worker rule matcher; `stream` (e.g. the worker slot) varies the seeded sequence."""
 
-    __slots__ = ("enabled", "_by_stage", "_rng", "_addresses")
+    __slots__ = ("enabled", "stages", "_by_stage", "_rng", "_inside")
 
     def __init__(self, config: FaultsConfig, stream: int) -> None:
         self.enabled = bool(config.rules)
@@ -120,11 +120,15 @@ class FaultInjector:
         for rule in config.rules:
             by_stage.setdefault(rule.stage, []).append(_Armed(rule))
         self._by_stage = {stage: tuple(armed) for stage, armed in by_stage.items()}
+        self.stages = frozenset(by_stage)  # stages some rule watches: others need no check()
         # A string seed is hashed (SHA-512) by random.seed, so nearby streams give
         # unrelated sequences, and the result does not depend on PYTHONHASHSEED.
         seed = None if config.seed is None else f"minismtp-faults:{config.seed}:{stream}"
         self._rng = random.Random(seed)
-        self._addresses: dict[str, Address | None] = {}
+        # (client, network) -> whether the client is inside: a client asks the same
+        # question at every stage, and ipaddress containment costs a microsecond.
+        self._inside: dict[tuple[str, int], bool] = {}  # keyed by rule index: hashing
+        # an ipaddress network is itself a Python-level call
 
     def check(self, stage: str, client: str, sender: str | None = None,
               recipients: Sequence[str] = ()) -> FaultAction | None:
@@ -145,9 +149,12 @@ class FaultInjector:
             if armed.recipient is not None:
                 if recipients_lower is None:
                     recipients_lower = [recipient.lower() for recipient in recipients]
-                if not any(map(armed.recipient, recipients_lower)):
+                if len(recipients_lower) == 1:  # RCPT asks about one recipient
+                    if not armed.recipient(recipients_lower[0]):
+                        continue
+                elif not any(map(armed.recipient, recipients_lower)):
                     continue
-            if armed.network is not None and not self._client_in(client, armed.network):
+            if armed.network is not None and not self._client_in(client, armed):
                 continue
             rule = armed.rule
             if rule.rate < 1.0 and self._rng.random() >= rule.rate:
@@ -157,16 +164,19 @@ class FaultInjector:
             return _action(rule, self._rng.uniform(armed.low_s, armed.high_s))
         return None
 
-    def _client_in(self, client: str, network: Network) -> bool:
-        try:
-            address = self._addresses[client]
-        except KeyError:
+    def _client_in(self, client: str, armed: _Armed) -> bool:
+        key = (client, armed.rule.index)
+        inside = self._inside.get(key)
+        if inside is None:
+            network = armed.network
             address = _parse_client(client)
-            if len(self._addresses) >= _CLIENT_CACHE_MAX:
-                self._addresses.clear()  # a bound, not an LRU: misses only cost a parse
-            self._addresses[client] = address
-        # An IPv4 address is never in an IPv6 network: `in` alone would compare raw ints.
-        return address is not None and address.version == network.version and address in network
+            # An IPv4 address is never in an IPv6 network: `in` alone would compare ints.
+            inside = (address is not None and address.version == network.version
+                      and address in network)
+            if len(self._inside) >= _CLIENT_CACHE_MAX:
+                self._inside.clear()  # a bound, not an LRU: misses only cost a parse
+            self._inside[key] = inside
+        return inside
 
 
 def _parse_client(client: str) -> Address | None:
