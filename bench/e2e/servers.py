@@ -45,6 +45,7 @@ class ServerSpec:
     compare_to: tuple[str, ...] = ()  # peers its ratios are taken against
     short: str = ""  # name in the ratio column
     extra_config: str = ""  # YAML sections appended to minismtp's generated config
+    reuse_port: bool = False  # minismtp: each worker its own SO_REUSEPORT socket
 
     def missing(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -79,6 +80,9 @@ SERVERS = (
     # The cost of fault rules that never fire (and of the counters, always on).
     ServerSpec("minismtp-faults", "minismtp", "discard", short="mini-faults",
                compare_to=("minismtp-discard",), extra_config=NO_MATCH_FAULTS),
+    ServerSpec("minismtp-reuseport", "minismtp", "discard", short="mini-rp",
+               compare_to=("smtp-sink", "aiosmtpd-discard", "minismtp-discard"),
+               reuse_port=True),
 )
 BY_NAME = {spec.name: spec for spec in SERVERS}
 SHORT = {spec.name: spec.short or spec.name for spec in SERVERS}
@@ -92,6 +96,7 @@ server:
   workers: {workers}
   max_connections: {max_connections}
   backlog: 4096
+  reuse_port: {reuse_port}
   shutdown_timeout: 2s
 limits:
   max_message_size: 64M
@@ -137,7 +142,8 @@ class Server:
         config = self.workdir / "minismtp.yaml"
         config.write_text(MINISMTP_CONFIG.format(
             workers=MINISMTP_WORKERS, max_connections=per_worker, backend=spec.backend,
-            path=json.dumps(str(self.maildir)), fsync=str(spec.fsync).lower())
+            path=json.dumps(str(self.maildir)), fsync=str(spec.fsync).lower(),
+            reuse_port=str(spec.reuse_port).lower())
             + spec.extra_config)
         return [sys.executable, "-m", "minismtp", "serve", "--config", str(config)]
 
