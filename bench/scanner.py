@@ -7,7 +7,8 @@ Run from the repository root:
 Each body is about `--size-mib` MiB of CRLF lines ("line" in the table: body line length,
 CRLF included), dot-stuffed and followed by ".\\r\\n":
 
-- typical: 76-byte lines (74 base64 characters + CRLF);
+- typical: 76-byte lines (74 base64 characters + CRLF), as in an attachment: no dots;
+- prose:   the same lines with two full stops in each (inside the line, like sentences);
 - dotted:  every line starts with "." (the worst case: every line is stuffed, "..xx\\r\\n");
 - short:   10-byte lines (8 characters + CRLF).
 
@@ -58,12 +59,15 @@ SETUP = b"EHLO b.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@b.example>\r\n
 
 
 class Body:
-    def __init__(self, name: str, text_len: int, dotted: bool, size: int) -> None:
+    def __init__(self, name: str, text_len: int, dotted: bool, size: int,
+                 prose: bool = False) -> None:
         rng = random.Random(text_len * 2 + dotted)  # deterministic content per body
         n_lines = max(1, size // (text_len + 2))
         chars = base64.b64encode(rng.randbytes(n_lines * text_len * 3 // 4 + 3))
         lines = [chars[i * text_len:(i + 1) * text_len] for i in range(n_lines)]
         lines = [b"." + line[1:] for line in lines] if dotted else lines
+        if prose:  # full stops inside every line, never at its start
+            lines = [line[:20] + b"." + line[21:60] + b"." + line[61:] for line in lines]
         self.name = name
         self.body = b"".join(line + b"\r\n" for line in lines)
         self.wire = b"".join(
@@ -206,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the raw numbers here")
     args = p.parse_args(argv)
     size = int(args.size_mib * (1 << 20))
-    bodies = [Body("typical", 74, False, size), Body("dotted", 74, True, size),
+    bodies = [Body("typical", 74, False, size), Body("prose", 74, False, size, prose=True),
+              Body("dotted", 74, True, size),
               Body("short", 8, False, size)]
 
     print(f"Python {platform.python_version()} on {platform.machine()}, "

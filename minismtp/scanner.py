@@ -117,7 +117,10 @@ class BodyScanner:
                 pos += 1  # a stuffing dot: drop it, the line goes on
                 self.start = self.stop = pos
             self.at_line_start = False
-        hit = buf.find(b"\r\n.", pos, end)
+        # A single-byte find is memchr: a run with no dot at all (base64, the bulk of large
+        # mail) has neither a terminator nor stuffing, and skips the 3-byte search.
+        dot = buf.find(b".", pos, end)
+        hit = -1 if dot < 0 else buf.find(b"\r\n.", max(pos, dot - 2), end)
         if hit > pos:
             self.stop = hit  # plain body up to the next "\r\n."
             return hit

@@ -39,6 +39,7 @@ _RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
 _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
 _LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
 _ACCEPT_PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
+_READS_PER_WAKEUP = 8  # at most, while a body fills the buffer: other clients wait meanwhile
 _TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
 _LISTENER, _WAKEUP, _COMMITS = object(), object(), object()
 
@@ -257,22 +258,29 @@ class Worker:
             self._drain(session)
             return
         conn = session.conn
-        try:
-            n = session.sock.recv_into(conn.buffer.free_view())
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._close(session, f"read error: {exc.strerror}")
-            return
-        if n == 0:
-            self._close(session, "client closed the connection")
-            return
-        conn.buffer.commit(n)
-        self.stats.bytes_received += n
-        if conn.state is State.DATA:
-            session.data_bytes += n
-            self._set_data_deadline(session, time.monotonic())
-        self.resume(session)
+        for _ in range(_READS_PER_WAKEUP):
+            view = conn.buffer.free_view()
+            try:
+                n = session.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._close(session, f"read error: {exc.strerror}")
+                return
+            if n == 0:
+                self._close(session, "client closed the connection")
+                return
+            conn.buffer.commit(n)
+            self.stats.bytes_received += n
+            in_data = conn.state is State.DATA
+            if in_data:
+                session.data_bytes += n
+                self._set_data_deadline(session, time.monotonic())
+            self.resume(session)
+            # A body streaming in fills the buffer read after read: take the next piece
+            # now rather than after another trip through select().
+            if not in_data or n < len(view) or session.closed or session.mask != _READ:
+                return
 
     def resume(self, session: Session) -> None:
         """Run the core until it wants more bytes or an answer; act on each event."""
