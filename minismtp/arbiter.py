@@ -255,7 +255,7 @@ class Arbiter:
             self.exit_code = exitcodes.FAILURE
             self._stop_gracefully()
             return
-        log.error("worker %d %s; replacing it", record.pid, how)
+        (log.warning if clean else log.error)("worker %d %s; replacing it", record.pid, how)
         now = time.monotonic()
         if now - record.started < _SHORT_LIFE_S:
             self.crash_streak += 1
@@ -307,8 +307,8 @@ class Arbiter:
         # Each worker its own socket on the port the master reserved: the kernel spreads
         # connections evenly instead of waking every worker on one shared queue.
         own = []
-        for address, placeholder in zip(config.server.listen, self.listeners.values()):
-            port = placeholder.getsockname()[1]
+        for address in config.server.listen:
+            port = self.listeners[str(address)].getsockname()[1]
             own.append(bind(ListenAddress(address.host, port, address.family),
                             config.server.backlog, reuse_port=True))
         for placeholder in self.listeners.values():
@@ -356,16 +356,22 @@ class Arbiter:
             return
         try:
             config = load_config(self.config_path, self.overrides)
-            self._bind_all(config)
+            _check_user(config.server.user)
             self._prepare_delivery(config)
+            fresh = self._bind_all(config)  # last: nothing after it can fail
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: %s", problem)
             log.error("reload refused: still running on the previous configuration")
             return
-        except (OSError, DeliveryError) as exc:
+        except (OSError, DeliveryError, LookupError) as exc:
             log.error("reload refused: %s; still running on the previous configuration", exc)
             return
+        except Exception:  # a reload must never take the running server down
+            log.exception("reload refused: still running on the previous configuration")
+            return
+        for sock in fresh.values():
+            log.info("listening on %s", bound_address(sock))
         for text in [t for t in self.listeners if t not in {str(a) for a in config.server.listen}]:
             self.listeners.pop(text).close()
         if config.stats.listen != self.config.stats.listen:
@@ -393,8 +399,9 @@ class Arbiter:
         totals.workers = len(live)
         return totals, [rule.name for rule in self.config.faults.rules]
 
-    def _bind_all(self, config: Config) -> None:
-        """Bind the addresses not bound yet; on failure close what this call bound."""
+    def _bind_all(self, config: Config) -> dict[str, socket.socket]:
+        """Bind the addresses not bound yet and return them; on failure close what this
+        call bound."""
         fresh: dict[str, socket.socket] = {}
         server = config.server
         try:
@@ -411,9 +418,7 @@ class Arbiter:
                 sock.close()
             raise
         self.listeners.update(fresh)
-        for text in fresh:
-            if self.generation:
-                log.info("listening on %s", bound_address(fresh[text]))
+        return fresh
 
     def _prepare_delivery(self, config: Config) -> None:
         d = config.delivery

@@ -146,7 +146,8 @@ class Worker:
                 for key, mask in self.sel.select(self._select_timeout(now)):
                     data = key.data
                     if data is _LISTENER:
-                        self._accept(key.fileobj)
+                        if not self.stopping:  # closed by a stop earlier in this batch
+                            self._accept(key.fileobj)
                     elif data is _COMMITS:
                         self.decide.on_commits()
                     elif data is _WAKEUP:
@@ -414,11 +415,12 @@ class Worker:
         self.timers.set_deadline(session, deadline)
 
     def _on_deadline(self, session: Session) -> None:
-        if session.lingering or session.paused:
-            if session.lingering:
-                self._close(session, "")
-            else:  # waiting on a slow disk: give it another round
-                self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
+        if session.lingering:
+            self._close(session, "")
+            return
+        if session.paused or session.trickling:
+            # Waiting on our side (a delay, the disk, a tarpit): the client is not idle.
+            self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
             return
         log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
         self.abort_message(session)

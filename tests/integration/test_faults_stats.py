@@ -334,7 +334,10 @@ def test_reply_rule_at_connect_leaves_only_quit(make_server, raw_clients):
 
 
 def test_tarpit_at_helo_trickles_the_reply_then_the_session_works(make_server, raw_clients):
+    # The idle timeout is shorter than the tarpitted reply: our own slowness must not
+    # count as the client's idleness and cut the reply short.
     server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "limits": {"command_timeout": "2s"},
                           "faults": {"rules": [{"name": "slow-ehlo", "stage": "helo",
                                                 "tarpit": 20}]}})
     client = raw_clients(server.port)

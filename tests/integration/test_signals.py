@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from minismtp import replies
+from minismtp import exitcodes, replies
 
 BODY_HEAD = b"Subject: in flight\r\n\r\n" + b"first half of the body\r\n" * 20
 BODY_TAIL = b"second half of the body\r\n" * 20
@@ -210,6 +210,15 @@ def test_sighup_with_broken_config_keeps_running(make_server):
     assert server.worker_pids() == [worker]  # no new generation was started
     assert server.count_log(r"reloaded ") == 0
 
+    if os.geteuid() == 0:  # server.user is looked up only when started as root
+        server.write_config({"server": {"hostname": "other.test", "user": "no-such-user-x"}})
+        mark = server.mark()
+        server.send_signal(signal.SIGHUP)
+        server.wait_for_log(r'reload refused: server\.user: no such user "no-such-user-x"',
+                            since=mark)
+        assert _greeting_hostname(server.port) == "kept.test"
+        assert server.worker_pids() == [worker]
+
 
 def test_ttin_ttou_change_worker_count(make_server):
     server = make_server({"server": {"workers": 1}})
@@ -301,3 +310,75 @@ def test_no_acknowledged_message_lost_while_workers_change(make_server, raw_clie
     for queue_id, body in acked:
         assert stored[queue_id].endswith(body)
     assert server.files("tmp") == []
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_reload_adding_an_address_with_reuse_port_keeps_the_old_one(make_server):
+    server = make_server({"server": {"workers": 1, "reuse_port": True,
+                                     "listen": ["127.0.0.1:0"]}})
+    assert _greeting_hostname(server.port) == "mx.test.invalid"
+    server.write_config({"server": {"listen": ["[::1]:0", "127.0.0.1:0"]}})
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    found = server.wait_for_log(r"listening on \[::1\]:(\d+)", since=mark)
+    server.wait_for_log(r"reloaded .*: starting generation 1", since=mark)
+    v6_port = int(found.group(1))
+    server.wait_until(lambda: len(server.worker_pids()) == 1 and server.count_log(
+        r"reloaded ") == 1, 10, message="the new generation")
+    time.sleep(0.5)  # the old worker retires; the new one binds its own sockets
+    # Each address still answers on its own port.
+    assert _greeting_hostname(server.port) == "mx.test.invalid"
+    with socket.create_connection(("::1", v6_port), timeout=5) as s:
+        assert s.recv(512).startswith(b"220 ")
+
+
+def test_worker_stop_during_a_busy_loop_turn_does_not_crash(make_server, raw_clients):
+    # A stop closes the listening sockets while the loop may still hold a readiness event
+    # for them from the same select(): accepting on a closed socket must not crash it.
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False}})
+    [worker] = server.worker_pids()
+    streams = []
+    for _ in range(3):
+        client = raw_clients(server.port)
+        client.hello()
+        client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        for code in (250, 250, 354):
+            client.expect(code)
+        streams.append(client)
+    stop = threading.Event()
+    chunk = (b"x" * 998 + b"\r\n") * 512
+
+    def pump(client) -> None:
+        deadline = time.monotonic() + 3
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                client.send(chunk)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=pump, args=(c,), daemon=True) for c in streams]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.kill(worker, signal.SIGTERM)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    for client in streams:
+        client.close()
+    time.sleep(1.0)  # the worker finishes its stop; a crash would be logged by now
+    bad = [line for line in server.lines
+           if "crashed" in line or "Bad file descriptor" in line
+           or f"exited with status {exitcodes.WORKER_CRASHED}" in line]
+    assert bad == []
