@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Callable
 from minismtp import replies
 from minismtp.delivery import DeliveryError
 from minismtp.delivery.group import GroupCommitter
-from minismtp.events import DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo
+from minismtp.events import (
+    DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, Reset,
+)
 from minismtp.faults import FaultAction, FaultInjector
 from minismtp.replies import Reply
 from minismtp.stats import WorkerStats
@@ -43,6 +45,7 @@ class Decisions:
         self.handlers = {
             Hello: self.hello, MailFrom: self.mail, RcptTo: self.rcpt, DataStarted: self.data,
             MessageEnd: self.end, MessageRejected: self.rejected, Quit: self.quit,
+            Reset: self.reset,
         }
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
@@ -63,6 +66,7 @@ class Decisions:
         self._decide(session, "connect", _greet, _greet_with)
 
     def hello(self, session: Session, event: Hello) -> None:
+        session.sender = ""  # an accepted HELO/EHLO ends any transaction
         self._decide(session, "helo", _accept, _reject)
 
     def mail(self, session: Session, event: MailFrom) -> None:
@@ -102,6 +106,10 @@ class Decisions:
     def rejected(self, session: Session, event: MessageRejected) -> None:
         self.worker.abort_message(session)
         self._log(session, event.size, f"rejected: {event.reason}", "-")
+        session.sender = ""
+
+    def reset(self, session: Session, event: Reset) -> None:
+        session.sender = ""  # no transaction: later rules must not match the old sender
 
     def quit(self, session: Session, event: Quit) -> None:
         self._decide(session, "quit", _accept, _reject, session.sender)
@@ -145,6 +153,7 @@ class Decisions:
             self.stats.replies[replies.LOCAL_ERROR.code] += 1
             session.conn.reject(replies.LOCAL_ERROR)
             self._log(session, session.size, "451 local error", "-")
+        session.sender = ""
         self.worker.message_done(session)
 
     def _refuse_message(self, session: Session, reply: Reply) -> None:
@@ -152,6 +161,7 @@ class Decisions:
         self.stats.observe_latency(time.monotonic() - session.end_seen)
         session.conn.reject(reply)  # counted by _inject
         self._log(session, session.size, f"{reply.code} injected", "-")
+        session.sender = ""
         self.worker.message_done(session)
 
     def _refuse(self, session: Session, reply: Reply) -> None:
