@@ -66,8 +66,7 @@ class Decisions:
         self._decide(session, "connect", _greet, _greet_with)
 
     def hello(self, session: Session, event: Hello) -> None:
-        session.sender = ""  # an accepted HELO/EHLO ends any transaction
-        self._decide(session, "helo", _accept, _reject)
+        self._decide(session, "helo", _accept_hello, _reject)
 
     def mail(self, session: Session, event: MailFrom) -> None:
         session.sender = event.sender
@@ -208,6 +207,11 @@ class Decisions:
 
 
 def _accept(session: Session) -> None:
+    session.conn.accept()
+
+
+def _accept_hello(session: Session) -> None:
+    session.sender = ""  # an accepted HELO/EHLO ends any transaction
     session.conn.accept()
 
 
