@@ -18,7 +18,7 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minismtp import exitcodes
 from minismtp.config import Config, ConfigError, ListenAddress, load_config

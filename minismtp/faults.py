@@ -23,9 +23,9 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
+from minismtp import values
 from minismtp.replies import Reply
 
 STAGES = ("connect", "helo", "mail", "rcpt", "data", "end_of_data", "quit")
@@ -204,7 +204,7 @@ def parse_seed(value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"must be an integer >= 0 or null, got {_got(value)}")
+        raise ValueError(f"must be an integer >= 0 or null, got {values.got(value)}")
     return value
 
 
@@ -213,7 +213,7 @@ def parse_rules(value: object) -> tuple[FaultRule, ...]:
     if value is None:  # `rules:` with every example commented out
         return ()
     if not isinstance(value, list):
-        raise ValueError(f"must be a list of rules, got {_got(value)}")
+        raise ValueError(f"must be a list of rules, got {values.got(value)}")
     if len(value) > MAX_RULES:
         raise ValueError(f"must have at most {MAX_RULES} rules, got {len(value)}")
     problems: list[tuple[str, str]] = []
@@ -229,22 +229,6 @@ def parse_rules(value: object) -> tuple[FaultRule, ...]:
     if problems:
         raise RuleProblems(problems)
     return tuple(rule for rule in rules if rule is not None)
-
-
-def _config() -> ModuleType:
-    # config imports this module for its dataclasses, so its parsing helpers are taken
-    # at call time, when both modules are complete, whichever was imported first.
-    from minismtp import config
-
-    return config
-
-
-def _got(value: object) -> str:
-    return str(_config()._got(value))
-
-
-def _suggest(word: str, choices: tuple[str, ...]) -> str:
-    return str(_config()._suggest(word, list(choices)))
 
 
 def _number(value: object) -> float | None:
@@ -273,11 +257,11 @@ class _Rule:
     def build(self) -> FaultRule | None:
         raw = self.raw
         if not isinstance(raw, dict):
-            self.problem(None, f"must be a mapping with a stage and an action, got {_got(raw)}")
+            self.problem(None, f"must be a mapping with a stage and an action, got {values.got(raw)}")
             return None
         for key in raw:
             if key not in _RULE_KEYS:
-                self.problem(str(key), f"unknown key{_suggest(str(key), _RULE_KEYS)}")
+                self.problem(str(key), f"unknown key{values.suggest(str(key), list(_RULE_KEYS))}")
         name = self.name(raw.get("name", f"rule{self.index}"))
         stage = self.stage(raw)
         sender = self.glob(raw, "sender", stage, _SENDER_STAGES, allow_empty=True)
@@ -297,7 +281,7 @@ class _Rule:
     def name(self, value: object) -> str:
         if not isinstance(value, str) or not _NAME.fullmatch(value):
             self.problem("name", 'must be 1 to 64 letters, digits, "_", "." or "-", '
-                         f"got {_got(value)}")
+                         f"got {values.got(value)}")
             return ""
         return value
 
@@ -308,8 +292,8 @@ class _Rule:
             return ""
         value = raw["stage"]
         if value not in STAGES:
-            hint = _suggest(value, STAGES) if isinstance(value, str) else ""
-            self.problem("stage", f"must be one of {listed}, got {_got(value)}{hint}")
+            hint = values.suggest(value, list(STAGES)) if isinstance(value, str) else ""
+            self.problem("stage", f"must be one of {listed}, got {values.got(value)}{hint}")
             return ""
         return str(value)
 
@@ -320,7 +304,7 @@ class _Rule:
             return None
         if not isinstance(value, str) or not (value or allow_empty):
             self.problem(key, f'must be an address pattern such as "*@example.test", '
-                         f"got {_got(value)}")
+                         f"got {values.got(value)}")
             return None
         if stage and stage not in stages:
             self.problem(key, f'cannot match at stage "{stage}": only at {", ".join(stages)}')
@@ -339,15 +323,15 @@ class _Rule:
                 meant = ipaddress.ip_network(value, strict=False)
             except ValueError:
                 pass
-        self.problem("client", f'has host bits set (did you mean "{meant}"?), got {_got(value)}'
+        self.problem("client", f'has host bits set (did you mean "{meant}"?), got {values.got(value)}'
                      if meant else 'must be a network such as "10.0.0.0/8" or '
-                     f'"2001:db8::/32", got {_got(value)}')
+                     f'"2001:db8::/32", got {values.got(value)}')
         return None
 
     def rate(self, value: object) -> float:
         rate = _number(value)
         if rate is None or not 0 <= rate <= 1:
-            self.problem("rate", f"must be a number from 0 to 1, got {_got(value)}")
+            self.problem("rate", f"must be a number from 0 to 1, got {values.got(value)}")
             return 0.0
         return rate
 
@@ -361,22 +345,21 @@ class _Rule:
                 raise ValueError
             reply = Reply.parse(value)
         except ValueError:  # not a reply, bad enhanced code, or non-printable text
-            self.problem("reply", f"{want}, got {_got(value)}")
+            self.problem("reply", f"{want}, got {values.got(value)}")
             return None
         if reply.code < 400 and not (stage == "quit" and reply.code == 221):
-            self.problem("reply", f"{want}, got {_got(value)}")
+            self.problem("reply", f"{want}, got {values.got(value)}")
             return None
         return reply
 
     def delay(self, value: object) -> DelayRange | None:
-        _to_seconds = _config()._to_seconds
         want = 'must be seconds >= 0 such as 0.2 or "200ms", or {min: ..., max: ...}'
         if value is None:
             return None
         if not isinstance(value, dict):
-            seconds = _to_seconds(value)
+            seconds = values.to_seconds(value)
             if seconds is None or seconds < 0:
-                self.problem("delay", f"{want}, got {_got(value)}")
+                self.problem("delay", f"{want}, got {values.got(value)}")
                 return None
             return DelayRange(seconds, seconds)
         bounds: dict[str, float] = {}
@@ -384,20 +367,20 @@ class _Rule:
             if key not in ("min", "max"):
                 self.problem(f"delay.{key}", 'unknown key (a range has only "min" and "max")')
         for key in ("min", "max"):
-            seconds = _to_seconds(value.get(key))
+            seconds = values.to_seconds(value.get(key))
             if seconds is None or seconds < 0:
                 self.problem(f"delay.{key}", 'must be seconds >= 0 such as 0.05 or "50ms", '
-                             f"got {_got(value.get(key))}")
+                             f"got {values.got(value.get(key))}")
             else:
                 bounds[key] = seconds
         if len(bounds) == 2 and bounds["min"] > bounds["max"]:
-            self.problem("delay", f"min must not exceed max, got min {_got(value['min'])} "
-                         f"and max {_got(value['max'])}")
+            self.problem("delay", f"min must not exceed max, got min {values.got(value['min'])} "
+                         f"and max {values.got(value['max'])}")
         return DelayRange(bounds["min"], bounds["max"]) if len(bounds) == 2 else None
 
     def disconnect(self, value: object) -> bool:
         if not isinstance(value, bool):  # "false" in quotes would read as true
-            self.problem("disconnect", f"must be true or false, got {_got(value)}")
+            self.problem("disconnect", f"must be true or false, got {values.got(value)}")
             return False
         return value
 
@@ -406,7 +389,7 @@ class _Rule:
             return None
         rate = _number(value)
         if rate is None or rate <= 0:
-            self.problem("tarpit", f"must be bytes per second > 0, got {_got(value)}")
+            self.problem("tarpit", f"must be bytes per second > 0, got {values.got(value)}")
             return None
         return rate
 

@@ -1,0 +1,280 @@
+"""Parsers for configuration values: raw YAML value -> typed value, or a ValueError
+whose text ("must be ..., got ...") follows the key path in the problem line.
+
+Untrusted input: values from the operator's YAML file and command line; every parser
+bounds what it accepts (digit counts, lengths) and raises nothing but ValueError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+Parser = Callable[[Any], Any]
+
+
+class ItemProblems(ValueError):
+    """Problems with items of a list value, as (index, message); reported as key[index]."""
+
+    def __init__(self, items: list[tuple[int, str]]) -> None:
+        super().__init__("; ".join(message for _, message in items))
+        self.items = items
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str  # an IP literal in canonical form, or a host name
+    port: int  # 0 = any free port
+    family: socket.AddressFamily  # AF_INET6 for IPv6 literals; names are bound as AF_INET
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_INET6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def got(value: object) -> str:
+    """Show a bad value the way the operator wrote it in YAML, briefly."""
+    if isinstance(value, str):  # quoted, control characters escaped
+        return json.dumps(value if len(value) <= 60 else value[:57] + "...", ensure_ascii=False)
+    if value is None or isinstance(value, bool):  # bool before int: True is an int
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses > 4300 digits
+        return "a very large integer"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple, Mapping)):
+        kind = "mapping" if isinstance(value, Mapping) else "list"
+        return f"a {kind}" if value else f"an empty {kind}"
+    return f"a {type(value).__name__}"  # e.g. YAML 1.1 reads 2024-01-01 as a date
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+# Parsers: raw value -> typed value, or ValueError("must be ..., got ...").
+
+_DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)  # bounded: int() refuses > 4300 digits
+
+
+def as_int(value: object) -> int | None:
+    """An int from an int, a whole float or a digit string (command-line values are text)."""
+    if isinstance(value, bool):  # YAML `true` must not pass as 1
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return int(value) if isinstance(value, str) and _DIGITS.fullmatch(value) else None
+
+
+def integer(low: int, high: int | None = None) -> Parser:
+    want = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(value: object) -> int:
+        number = as_int(value)
+        if number is None or number < low or (high is not None and number > high):
+            raise ValueError(f"must be {want}, got {got(value)}")
+        return number
+
+    return parse
+
+
+def worker_count(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1  # cpu_count() is None when it cannot tell
+    number = as_int(value)
+    if number is None or number < 1:
+        raise ValueError(f'must be an integer >= 1 or "auto", got {got(value)}')
+    return number
+
+
+def boolean(value: object) -> bool:
+    # Real YAML booleans only: the string "false" is truthy, a classic silent misconfiguration.
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {got(value)}")
+    return value
+
+
+def choice(*options: str, fold_case: bool = False) -> Parser:
+    listed = ", ".join(f'"{option}"' for option in options)
+
+    def parse(value: object) -> str:
+        text = value.lower() if fold_case and isinstance(value, str) else value
+        if text not in options:
+            raise ValueError(f"must be one of {listed}, got {got(value)}")
+        return text
+
+    return parse
+
+
+def string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {got(value)}")
+    return value
+
+
+_PRINTABLE = re.compile(r"[\x21-\x7e]+", re.ASCII)
+
+
+def printable_name(want: str, *, optional: bool = False) -> Parser:
+    # Host names go verbatim into the greeting and Received: headers: printable ASCII only.
+    def parse(value: object) -> str | None:
+        if optional and value is None:
+            return None
+        if not isinstance(value, str) or not _PRINTABLE.fullmatch(value):
+            raise ValueError(f"must be {want}, got {got(value)}")
+        return value
+
+    return parse
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?", re.ASCII | re.I)
+_SECONDS_PER = {"s": 1, "m": 60, "h": 3600}
+
+
+def to_seconds(value: object) -> float | None:
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+            number, unit = match[1], (match[2] or "s").lower()
+            # Divide for ms: 9 / 1000 == 0.009, but 9 * 0.001 == 0.009000000000000001.
+            seconds = float(number) / 1000 if unit == "ms" else float(number) * _SECONDS_PER[unit]
+        else:
+            return None
+    except OverflowError:  # float() of a 400-digit YAML integer
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def duration(*, allow_zero: bool) -> Parser:
+    want = f'a duration {">=" if allow_zero else ">"} 0 such as "30s", "5m" or "500ms"'
+
+    def parse(value: object) -> float:
+        seconds = to_seconds(value)
+        if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
+            raise ValueError(f"must be {want}, got {got(value)}")
+        return seconds
+
+    return parse
+
+
+_SIZE = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*(?:([kmgt])(?:i?b)?|b)?", re.A | re.I)
+_SIZE_SHIFT = {None: 0, "k": 10, "m": 20, "g": 30, "t": 40}  # binary multiples, like Postfix
+
+
+def size(value: object) -> int:
+    size = as_int(value)
+    if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+        exact = Fraction(match[1]) * (1 << _SIZE_SHIFT[match[2] and match[2].lower()])
+        size = int(exact) if exact.denominator == 1 else None  # "1.5M" yes, half a byte no
+    if size is None or size < 1:
+        raise ValueError(f'must be a size >= 1 such as 512, "64K" or "10M", got {got(value)}')
+    return size
+
+
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
+_NO_PORT = 'missing port (use "host:port" or "[v6addr]:port")'
+
+
+def _listen_host(host: str, quoted: str) -> str:
+    if not host:
+        raise ValueError(f'missing host (use "0.0.0.0" or "[::]" for all), got {quoted}')
+    if ":" in host:
+        raise ValueError(f'IPv6 addresses need brackets, as in "[::1]:2525", got {quoted}')
+    if re.fullmatch(r"[0-9.]+", host):  # looks like IPv4, so it must be valid IPv4
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError(f"invalid IPv4 address, got {quoted}") from None
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"invalid host name, got {quoted}")
+    return host
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse "host:port" or "[v6addr]:port"; a ValueError says what is wrong in one line."""
+    if not isinstance(text, str):
+        raise ValueError(f'must be a "host:port" string, got {got(text)}')
+    quoted = got(text)
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f'missing "]" after the IPv6 address, got {quoted}')
+        try:
+            host = str(ipaddress.IPv6Address(host))  # canonical: [0::1] and [::1] are equal
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets, got {quoted}") from None
+        if not rest.startswith(":"):
+            raise ValueError(f"{_NO_PORT}, got {quoted}")
+        port_text, family = rest[1:], socket.AF_INET6
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ValueError(f"{_NO_PORT}, got {quoted}")
+        host, family = _listen_host(host, quoted), socket.AF_INET
+    if not _DIGITS.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {quoted}")
+    return ListenAddress(host, int(port_text), family)
+
+
+def listen_list(value: object) -> tuple[ListenAddress, ...]:
+    items = [value] if isinstance(value, str) else value  # one address needs no list
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f'must be a non-empty list of "host:port" addresses, got {got(value)}')
+    addresses: list[ListenAddress] = []
+    problems: list[tuple[int, str]] = []
+    for index, item in enumerate(items):
+        try:
+            address = parse_listen(item)
+        except ValueError as exc:
+            problems.append((index, str(exc)))
+            continue
+        # Binding one address twice fails at start-up; port 0 picks a fresh port each time.
+        if address.port and address in addresses:
+            problems.append((index, f"duplicate address, got {got(item)}"))
+        addresses.append(address)
+    if problems:
+        raise ItemProblems(problems)
+    return tuple(addresses)
+
+
+def optional_listen(value: object) -> ListenAddress | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f'must be a "host:port" string or null, got {got(value)}')
+    return parse_listen(value)
+
+
+# Dumpers: typed value -> plain YAML value that parses back to an equal value.
+
+
+def dump_duration(seconds: float) -> object:
+    units = (("h", 3600), ("m", 60), ("s", 1))
+    candidates = [f"{seconds // scale:.0f}{unit}" for unit, scale in units
+                  if seconds >= scale or unit == "s"]
+    for text in [*candidates, f"{seconds * 1000:.0f}ms"]:
+        if to_seconds(text) == seconds:  # only if exact: float rounding can break one
+            return text
+    return seconds
+
+
+def dump_size(size: int) -> object:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return size
