@@ -4,9 +4,8 @@ Untrusted input: none from the network (the master never reads client bytes); si
 and the YAML file on reload, which is validated in full before anything changes.
 
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
-more/less. Handlers do nothing; `signal.set_wakeup_fd` carries the signal number into
-the master's own loop, where it is dispatched. WARNING: never log or do other work in a
-signal handler: a lock held by the interrupted code (logging's, malloc's) deadlocks.
+more/less. They arrive as bytes on a socket (`signals.py`) and are dispatched from the
+master's own loop, never from a handler.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from minismtp.config import Config, ConfigError, ListenAddress, load_config
 from minismtp.delivery import DeliveryError, make_backend
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import HeartbeatBoard
+from minismtp.signals import SignalWakeup
 from minismtp.stats import StatsBoard, Totals, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.worker import Worker
@@ -130,7 +130,7 @@ class Arbiter:
         self.stop_deadline = float("inf")
         self.exit_code = exitcodes.OK
         self.sel = selectors.DefaultSelector()
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self.wakeup = SignalWakeup()
         self._dispatch = {
             signal.SIGHUP: self._reload, signal.SIGTERM: self._stop_gracefully,
             signal.SIGINT: self._stop_gracefully, signal.SIGQUIT: self._stop_now,
@@ -172,12 +172,8 @@ class Arbiter:
         return self.exit_code
 
     def _init_signals(self) -> None:
-        for sig in _HANDLED:
-            signal.signal(sig, _ignore_signal)
-        for sock in (self._wakeup_r, self._wakeup_w):
-            sock.setblocking(False)
-        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
-        self.sel.register(self._wakeup_r, selectors.EVENT_READ)
+        self.wakeup.install(_HANDLED)
+        self.sel.register(self.wakeup.sock, selectors.EVENT_READ)
 
     def _wait_for_signals(self, timeout: float) -> None:
         """Wait for a signal, serving statistics requests meanwhile."""
@@ -185,11 +181,7 @@ class Arbiter:
             if key.data is not None:
                 key.data.handle(key, mask)  # the stats HTTP server's sockets
                 continue
-            try:
-                signums = self._wakeup_r.recv(256)
-            except (BlockingIOError, InterruptedError):
-                continue
-            for signum in signums:
+            for signum in self.wakeup.read():
                 action = self._dispatch.get(signum)
                 if action is not None:
                     action()
@@ -281,12 +273,8 @@ class Arbiter:
             os._exit(code)  # this must never return into the master's code
 
     def _become_worker(self, slot: int) -> int:
-        signal.set_wakeup_fd(-1)
-        for sig in _HANDLED:
-            signal.signal(sig, signal.SIG_DFL)
+        self.wakeup.close(_HANDLED)  # the worker routes its own signals
         self.sel.close()
-        self._wakeup_r.close()
-        self._wakeup_w.close()
         config = self.config
         try:
             listeners = self._worker_listeners(config)
@@ -444,7 +432,3 @@ def _drop_privileges(user: str | None) -> None:
     os.setgroups([])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """Nothing here: the wakeup fd tells the loop (see the module docstring)."""

@@ -25,6 +25,7 @@ from minismtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, Enve
 from minismtp.faults import FaultInjector
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.protocol import Settings, SmtpServerConnection, State
+from minismtp.signals import SignalWakeup
 from minismtp.stats import StatsBoard, WorkerStats
 from minismtp.timers import Timers
 
@@ -108,7 +109,7 @@ class Worker:
         self.stop_deadline = float("inf")
         self.parent = os.getppid()
         self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self.wakeup = SignalWakeup()
         self.accept_paused_until = 0.0
         self.stats = WorkerStats(stats_board.max_rules)
         self.decide = Decisions(self, FaultInjector(config.faults, slot), self.stats)
@@ -116,17 +117,10 @@ class Worker:
     # -- set-up and main loop ------------------------------------------------------
 
     def _init_signals(self) -> None:
-        # Handlers do nothing: the wakeup fd carries the signal number into the loop.
-        # WARNING: no logging or other work in a handler (a lock taken there deadlocks).
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, _ignore_signal)
-        for sock in (self._wakeup_r, self._wakeup_w):
-            sock.setblocking(False)
-        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
-        self.sel.register(self._wakeup_r, _READ, _WAKEUP)
+            signal.signal(sig, signal.SIG_IGN)  # the master's business
+        self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+        self.sel.register(self.wakeup.sock, _READ, _WAKEUP)
 
     def run(self) -> int:
         self._init_signals()
@@ -184,11 +178,7 @@ class Worker:
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_signals(self) -> None:
-        try:
-            signums = self._wakeup_r.recv(64)
-        except (BlockingIOError, InterruptedError):
-            return
-        for signum in signums:
+        for signum in self.wakeup.read():
             if signum == signal.SIGQUIT:
                 raise SystemExit(exitcodes.OK)  # immediate stop
             if signum in (signal.SIGTERM, signal.SIGINT):
@@ -482,7 +472,3 @@ class Worker:
             stats.replies[code] += count
         if reason:
             log.debug("closed %s: %s", session.peer.address, reason)
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """Nothing here: the wakeup fd tells the loop (see Worker._init_signals)."""
