@@ -281,8 +281,7 @@ class SmtpServerConnection:
         while self.state is not S.CLOSED:
             line, buf.start = self._lines.next_line(buf.data, buf.start, buf.end)
             if line is NEED_MORE:
-                if buf.capacity > self.settings.command_buffer_bytes:
-                    self._maybe_shrink()
+                self._maybe_shrink()
                 return NEED_DATA
             if line is TOO_LONG:
                 self._error(replies.LINE_TOO_LONG)

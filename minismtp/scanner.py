@@ -13,7 +13,8 @@ applies the bare-LF policy.
 
 Body (`BodyScanner`): only CRLF "." CRLF ends DATA (RFC 5321 section 4.1.1.4); "\\n.\\n",
 "\\r\\n.\\n", "\\n.\\r\\n" and "\\r.\\r\\n" are body bytes (the SMTP smuggling defence).
-One search for b"\\r\\n." per read finds the terminator or the first stuffed dot; body
+Per read, a one-byte find for "." (memchr) settles a run with no dot at all (base64);
+otherwise one search for b"\\r\\n." finds the terminator or the first stuffed dot. Body
 before it is handed out as a slice of the buffer, never copied. From a stuffed dot on, the
 rest of the read is unstuffed in bulk (one `replace`, up to the terminator), holding back
 the last few bytes that could begin a terminator. The one bit carried between reads is
@@ -86,7 +87,8 @@ class BodyScanner:
     those bytes instead; `done` means the terminator ended just before the returned
     offset. A return equal to `pos` (and not done) means: more bytes are needed.
 
-    Bodies without stuffed dots are found by one `find` per read and never copied. Once
+    Bodies without stuffed dots cost a memchr and at most one `find` per read and are
+    never copied. Once
     a stuffed dot turns up, the rest of the read is unstuffed in bulk with one C-level
     `replace` up to the terminator (or up to the last bytes that could begin one, which
     are kept for the next read): a body whose every line starts with "." would otherwise
