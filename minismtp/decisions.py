@@ -42,10 +42,14 @@ class Decisions:
         self.backend = worker.backend
         self.committer: GroupCommitter[tuple[Session, int]] | None = (
             GroupCommitter(worker.backend) if worker.backend.commit_blocks else None)
-        self.handlers = {
-            Hello: self.hello, MailFrom: self.mail, RcptTo: self.rcpt, DataStarted: self.data,
-            MessageEnd: self.end, MessageRejected: self.rejected, Quit: self.quit,
-            Reset: self.reset,
+        watched = faults.stages
+        self.handlers: dict[type, Callable[[Session, object], None]] = {
+            # Where no rule watches a stage, the event goes straight to its usual answer.
+            Hello: self.hello if "helo" in watched else _accept_hello,
+            RcptTo: self.rcpt if "rcpt" in watched else _accept,
+            Quit: self.quit if "quit" in watched else _accept,
+            MailFrom: self.mail, DataStarted: self.data, MessageEnd: self.end,
+            MessageRejected: self.rejected, Reset: self.reset,
         }
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
@@ -206,11 +210,11 @@ class Decisions:
         self.worker.timers.call_at(time.monotonic() + action.delay_s, after_delay, session)
 
 
-def _accept(session: Session) -> None:
+def _accept(session: Session, event: object = None) -> None:
     session.conn.accept()
 
 
-def _accept_hello(session: Session) -> None:
+def _accept_hello(session: Session, event: object = None) -> None:
     session.sender = ""  # an accepted HELO/EHLO ends any transaction
     session.conn.accept()
 

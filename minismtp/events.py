@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Plain slotted dataclasses, not frozen ones: a frozen __init__ stores each field through
+# object.__setattr__, three times the cost, and several events are made per message.
+# Treat them as read-only all the same.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Envelope:
     """Everything known about a transaction when its body starts."""
 
@@ -22,7 +26,7 @@ class Envelope:
     declared_size: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hello:
     """Decision: HELO or EHLO with the client's claimed name."""
 
@@ -30,7 +34,7 @@ class Hello:
     extended: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MailFrom:
     """Decision: MAIL FROM, already checked for syntax and declared size."""
 
@@ -40,21 +44,21 @@ class MailFrom:
     body_8bitmime: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RcptTo:
     """Decision: RCPT TO, already checked for syntax and the recipient limit."""
 
     recipient: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataStarted:
     """Decision: DATA; on accept the core sends 354 and starts scanning the body."""
 
     envelope: Envelope
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BodyChunk:
     """Unstuffed body bytes: a view borrowed from the receive buffer.
 
@@ -65,14 +69,14 @@ class BodyChunk:
     data: memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageEnd:
     """Decision: the terminator arrived; accept(queue_id) only once the body is stored."""
 
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageRejected:
     """The core refused a complete body itself (too big, bare LF) and already replied.
 
@@ -83,7 +87,7 @@ class MessageRejected:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reset:
     """RSET dropped the transaction in progress (already answered).
 
@@ -91,12 +95,12 @@ class Reset:
     """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Quit:
     """Decision: QUIT; accept sends 221 and closes."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionClosed:
     """The core will say nothing more: flush what is queued, then close the socket."""
 

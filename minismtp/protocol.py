@@ -35,7 +35,7 @@ from minismtp.events import (
     MessageEnd, MessageRejected, Quit, RcptTo, Reset,
 )
 from minismtp.replies import Reply
-from minismtp.scanner import NEED_MORE, TOO_LONG, BodyScanner, LineScanner
+from minismtp.scanner import CR, NEED_MORE, BodyScanner, LineScanner
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,10 @@ class State(enum.Enum):
     DATA = "data"
     NO_SERVICE = "no-service"  # negative greeting: only QUIT (RFC 5321 3.1)
     CLOSED = "closed"
+
+    # Members are singletons, so identity hashing is exact; Enum's own __hash__ is
+    # Python code, and the transition table is looked up once per command.
+    __hash__ = object.__hash__
 
 
 S = State
@@ -187,18 +191,46 @@ class SmtpServerConnection:
         """The next event, NEED_DATA (feed more bytes) or PAUSED (answer first)."""
         if self._pending is not None or self.state is S.START:
             return PAUSED
-        if self.state is S.CLOSED:
-            return ConnectionClosed(self._close_reason)
         if self.state is S.DATA:
             return self._next_body_event()
-        return self._next_command_event()
+        # Commands are read here rather than in a method of their own: this runs two or
+        # three times per command, and a call is a good part of its cost.
+        buf = self.buffer
+        data = buf.data
+        next_line = self._lines.next_line
+        while self.state is not S.CLOSED:
+            lf, begin = next_line(data, buf.start, buf.end)
+            if lf < 0:
+                buf.start = begin
+                if lf == NEED_MORE:
+                    if len(data) > self.settings.command_buffer_bytes:
+                        self._maybe_shrink()
+                    return NEED_DATA
+                self._error(replies.LINE_TOO_LONG)
+                continue
+            buf.start = lf + 1
+            if lf > begin and data[lf - 1] == CR:
+                lf -= 1
+            elif self.settings.reject_bare_lf:
+                self._error(replies.BARE_LF_COMMAND)
+                continue
+            event = self._dispatch(str(data[begin:lf], "utf-8", "surrogateescape"))
+            if event is not None:
+                if type(event) in _INFORMATIONAL:
+                    return event
+                self._pending = event
+                return event
+        return ConnectionClosed(self._close_reason)
 
     def accept(self, queue_id: str | None = None) -> None:
         """Answer the pending decision positively (MessageEnd needs the queue id)."""
-        if isinstance(self._pending, MessageEnd) and not queue_id:
-            raise ValueError("accepting a message needs its queue id")
-        event = self._take_pending()
+        event, self._pending = self._pending, None
         kind = type(event)
+        if kind is MessageEnd and not queue_id:
+            self._pending = event
+            raise ValueError("accepting a message needs its queue id")
+        if event is None:
+            raise RuntimeError("no decision is pending")
         if kind is Hello:
             self._reset_transaction()
             self._helo, self._esmtp = event.name, event.extended
@@ -275,28 +307,6 @@ class SmtpServerConnection:
         return self._close_reason
 
     # -- commands ------------------------------------------------------------------
-
-    def _next_command_event(self) -> object:
-        buf = self.buffer
-        while self.state is not S.CLOSED:
-            line, buf.start = self._lines.next_line(buf.data, buf.start, buf.end)
-            if line is NEED_MORE:
-                self._maybe_shrink()
-                return NEED_DATA
-            if line is TOO_LONG:
-                self._error(replies.LINE_TOO_LONG)
-                continue
-            if line.bare_lf and self.settings.reject_bare_lf:
-                self._error(replies.BARE_LF_COMMAND)
-                continue
-            text = str(buf.data[line.start:line.stop], "utf-8", "surrogateescape")
-            event = self._dispatch(text)
-            if event is not None:
-                if type(event) in _INFORMATIONAL:
-                    return event
-                self._pending = event
-                return event
-        return ConnectionClosed(self._close_reason)
 
     def _dispatch(self, text: str) -> object | None:
         verb, _, arg = text.partition(" ")
@@ -460,7 +470,7 @@ class SmtpServerConnection:
     def _maybe_shrink(self) -> None:
         buf, cap = self.buffer, self.settings.command_buffer_bytes
         if buf.capacity > cap and len(buf) <= cap // 2:
-            buf.resize(cap)
+            buf.resize(cap)  # the body is over: give the large buffer back
 
     # -- bookkeeping ---------------------------------------------------------------
 

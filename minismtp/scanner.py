@@ -25,20 +25,11 @@ never handed out, since it may start the next CRLF, so every CRLF lies inside on
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 CR, LF, DOT = 0x0D, 0x0A, 0x2E
 
-
-class Line(NamedTuple):
-    start: int
-    stop: int  # end of the text, line ending excluded
-    next: int  # first byte after the line ending
-    bare_lf: bool  # the line ended with LF alone
-
-
-NEED_MORE = "need-more"
-TOO_LONG = "too-long"
+# What `LineScanner.next_line` reports instead of a line's LF offset (never >= 0).
+NEED_MORE = -1  # no whole line yet
+TOO_LONG = -2  # a line over the limit; it is dropped up to its LF
 
 
 class LineScanner:
@@ -53,8 +44,12 @@ class LineScanner:
         # it stays true when the buffer is compacted or replaced.
         self._scanned = 0
 
-    def next_line(self, buf: bytearray, start: int, end: int) -> tuple[str | Line, int]:
-        """Return (Line | NEED_MORE | TOO_LONG, offset consumed up to)."""
+    def next_line(self, buf: bytearray, start: int, end: int) -> tuple[int, int]:
+        """Return (lf, begin): the next line is buf[begin:lf] and its LF is at `lf`.
+
+        Or `lf` is NEED_MORE or TOO_LONG and `begin` is the offset consumed up to. Plain
+        ints, not a line object: this runs once per command, and the caller trims the CR.
+        """
         lf = buf.find(b"\n", start + self._scanned, end)
         self._scanned = 0
         if self.discarding:
@@ -71,8 +66,7 @@ class LineScanner:
             return NEED_MORE, start
         if lf + 1 - start > self.max_line_bytes:
             return TOO_LONG, lf + 1
-        bare = lf == start or buf[lf - 1] != CR
-        return Line(start, lf if bare else lf - 1, lf + 1, bare), lf + 1
+        return lf, start
 
     def reset(self) -> None:
         self.discarding = False

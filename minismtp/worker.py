@@ -102,7 +102,14 @@ class Worker:
         self.slot = slot
         self.stats_board = stats_board
         self.settings = protocol_settings(config)
-        self.command_timeout = config.limits.command_timeout
+        limits = config.limits
+        self.command_timeout = limits.command_timeout
+        self.data_timeout = limits.data_timeout
+        self.min_data_rate = limits.min_data_rate
+        self.max_connections = config.server.max_connections
+        # The loop's clock, read once per wakeup: deadlines are whole seconds, and every
+        # command would otherwise read the clock two or three times.
+        self.now = time.monotonic()
         self.sessions: dict[int, Session] = {}
         self.timers = Timers()
         self.stopping = False
@@ -132,12 +139,14 @@ class Worker:
         last_tick = 0.0
         try:
             while not (self.stopping and not self.sessions):
-                now = time.monotonic()
+                self.now = now = time.monotonic()
                 if now - last_tick >= _TICK_S:
                     last_tick = now
                     if not self._tick(now):
                         break
-                for key, mask in self.sel.select(self._select_timeout(now)):
+                events = self.sel.select(self._select_timeout(now))
+                self.now = time.monotonic()
+                for key, mask in events:
                     data = key.data
                     if data is _LISTENER:
                         if not self.stopping:  # closed by a stop earlier in this batch
@@ -151,7 +160,8 @@ class Worker:
                             self._flush(data)
                         if mask & _READ and not data.closed:
                             self._on_readable(data)
-                self.timers.expire(time.monotonic(), self._on_deadline)
+                self.now = now = time.monotonic()
+                self.timers.expire(now, self._on_deadline)
         finally:
             for session in list(self.sessions.values()):
                 self._close(session, "worker exit")
@@ -227,7 +237,7 @@ class Worker:
 
     def _start_session(self, sock: socket.socket, addr: tuple) -> None:
         sock.setblocking(False)
-        if len(self.sessions) >= self.config.server.max_connections:
+        if len(self.sessions) >= self.max_connections:
             self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
             try:
                 sock.send(replies.TOO_MANY_CONNECTIONS.wire)
@@ -235,12 +245,11 @@ class Worker:
                 pass
             sock.close()
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # we batch replies
         session = Session(sock, SmtpServerConnection(self.settings), Peer(addr[0], addr[1]))
         self.sessions[sock.fileno()] = session
         self.stats.connections_open += 1
         self.stats.connections_total += 1
-        self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
+        self.timers.set_deadline(session, self.now + self.command_timeout)
         self.decide.connect(session)
         self.resume(session)
 
@@ -249,8 +258,9 @@ class Worker:
             self._drain(session)
             return
         conn = session.conn
+        buffer = conn.buffer
         for _ in range(_READS_PER_WAKEUP):
-            view = conn.buffer.free_view()
+            view = buffer.free_view()
             try:
                 n = session.sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
@@ -261,16 +271,17 @@ class Worker:
             if n == 0:
                 self._close(session, "client closed the connection")
                 return
-            conn.buffer.commit(n)
+            buffer.commit(n)
             self.stats.bytes_received += n
-            in_data = conn.state is State.DATA
-            if in_data:
-                session.data_bytes += n
-                self._set_data_deadline(session, time.monotonic())
+            if conn.state is not State.DATA:
+                self.resume(session)
+                return
+            session.data_bytes += n
+            self._set_data_deadline(session, self.now)
             self.resume(session)
             # A body streaming in fills the buffer read after read: take the next piece
             # now rather than after another trip through select().
-            if not in_data or n < len(view) or session.closed or session.mask != _READ:
+            if n < len(view) or session.closed or session.mask != _READ:
                 return
 
     def resume(self, session: Session) -> None:
@@ -316,11 +327,11 @@ class Worker:
 
     def data_started(self, session: Session) -> None:
         session.data_bytes = len(session.conn.buffer)
-        session.data_started = now = time.monotonic()
+        session.data_started = now = self.now
         self._set_data_deadline(session, now)
 
     def message_done(self, session: Session) -> None:
-        self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
+        self.timers.set_deadline(session, self.now + self.command_timeout)
 
     def abort_message(self, session: Session) -> None:
         sink, session.sink = session.sink, None
@@ -337,12 +348,13 @@ class Worker:
     def _flush(self, session: Session) -> None:
         if session.closed or session.trickling or session.lingering:
             return
-        data = session.conn.data_to_send()
+        conn = session.conn
+        data = conn.data_to_send()
         if data:
             session.out = session.out + data if session.out else data
-            if session.conn.state is not State.DATA:
+            if conn.state is not State.DATA:
                 # A reply means a command completed: the idle clock starts again.
-                self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
+                self.timers.set_deadline(session, self.now + self.command_timeout)
         if session.out and session.tarpit_bps:
             self._want(session, 0)
             session.trickling = True
@@ -359,10 +371,12 @@ class Worker:
             session.out = session.out[sent:] if sent < len(session.out) else b""
         if session.out:
             self._want(session, _WRITE)  # stop reading until the client takes our replies
-        elif session.conn.closed:
+        elif conn.state is State.CLOSED:
             self._linger(session)
-        else:
-            self._want(session, 0 if session.paused else _READ)
+        elif session.paused:
+            self._want(session, 0)
+        elif session.mask != _READ:
+            self._want(session, _READ)
 
     def _trickle(self, session: Session) -> None:
         """Send the pending reply a few bytes per step (a tarpit fault)."""
@@ -396,12 +410,11 @@ class Worker:
         session.mask = mask
 
     def _set_data_deadline(self, session: Session, now: float) -> None:
-        limits = self.config.limits
-        deadline = min(now + limits.command_timeout, session.data_started + limits.data_timeout)
-        if limits.min_data_rate:
+        deadline = min(now + self.command_timeout, session.data_started + self.data_timeout)
+        if self.min_data_rate:
             # By time t the client must have sent min_data_rate * (t - start - grace) bytes.
             deadline = min(deadline, session.data_started + _RATE_GRACE_S
-                           + session.data_bytes / limits.min_data_rate)
+                           + session.data_bytes / self.min_data_rate)
         self.timers.set_deadline(session, deadline)
 
     def _on_deadline(self, session: Session) -> None:

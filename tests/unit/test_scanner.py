@@ -8,13 +8,16 @@ import pytest
 from _smtpdriver import reference_body, scan_body_chunks
 
 from minismtp.buffer import ReceiveBuffer
-from minismtp.scanner import NEED_MORE, TOO_LONG, BodyScanner, Line, LineScanner
+from minismtp.scanner import NEED_MORE, TOO_LONG, BodyScanner, LineScanner
 
 
-def next_line(data: bytes, start: int = 0, end: int | None = None, limit: int = 512,
-              scanner: LineScanner | None = None) -> tuple[object, int]:
+def next_line(data: bytes | bytearray, start: int = 0, end: int | None = None,
+              limit: int = 512, scanner: LineScanner | None = None) -> tuple[object, int]:
+    """(line bytes up to its LF, offset after it), or (NEED_MORE | TOO_LONG, consumed)."""
     scanner = scanner or LineScanner(limit)
-    return scanner.next_line(bytearray(data), start, len(data) if end is None else end)
+    buf = bytearray(data)
+    lf, begin = scanner.next_line(buf, start, len(data) if end is None else end)
+    return (bytes(buf[begin:lf]), lf + 1) if lf >= 0 else (lf, begin)
 
 
 def step(data: bytes, at_line_start: bool = True) -> tuple[bytes, int, bool]:
@@ -37,15 +40,15 @@ def scan(*chunks: bytes, capacity: int = 64) -> tuple[bytes, bytes]:
 # -- LineScanner ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("data, line, consumed", [
-    (b"NOOP\r\n", Line(0, 4, 6, False), 6),
-    (b"NOOP\n", Line(0, 4, 5, True), 5),
-    (b"\r\n", Line(0, 0, 2, False), 2),
-    (b"\n", Line(0, 0, 1, True), 1),
-    (b"NOOP\r\nQUIT\r\n", Line(0, 4, 6, False), 6),
-    (b"NO\rOP\r\n", Line(0, 5, 7, False), 7),  # a CR inside the line is text
-    (b"NOOP\r\r\n", Line(0, 5, 7, False), 7),
+    (b"NOOP\r\n", b"NOOP\r", 6),  # the CR is the caller's to trim (or to miss: bare LF)
+    (b"NOOP\n", b"NOOP", 5),
+    (b"\r\n", b"\r", 2),
+    (b"\n", b"", 1),
+    (b"NOOP\r\nQUIT\r\n", b"NOOP\r", 6),
+    (b"NO\rOP\r\n", b"NO\rOP\r", 7),
+    (b"NOOP\r\r\n", b"NOOP\r\r", 7),
 ])
-def test_line_endings(data: bytes, line: Line, consumed: int) -> None:
+def test_line_endings(data: bytes, line: bytes, consumed: int) -> None:
     assert next_line(data) == (line, consumed)
 
 
@@ -56,21 +59,21 @@ def test_partial_line_needs_more_and_consumes_nothing(data: bytes) -> None:
 
 def test_line_within_start_and_end_only() -> None:
     data = b"xxNOOP\r\nQUIT\r\n"
-    assert next_line(data, 2) == (Line(2, 6, 8, False), 8)
+    assert next_line(data, 2) == (b"NOOP\r", 8)
     assert next_line(data, 8, 12) == (NEED_MORE, 8)  # "QUIT" without its CRLF yet
 
 
 def test_partial_line_completed_by_a_later_read() -> None:
-    scanner, buf = LineScanner(512), bytearray(b"MAIL FROM:<a@b>\r\n")
-    assert scanner.next_line(buf, 0, 9) == (NEED_MORE, 0)
-    assert scanner.next_line(buf, 0, 16) == (NEED_MORE, 0)
-    assert scanner.next_line(buf, 0, 17) == (Line(0, 15, 17, False), 17)
+    scanner, data = LineScanner(512), b"MAIL FROM:<a@b>\r\n"
+    assert next_line(data, 0, 9, scanner=scanner) == (NEED_MORE, 0)
+    assert next_line(data, 0, 16, scanner=scanner) == (NEED_MORE, 0)
+    assert next_line(data, 0, 17, scanner=scanner) == (b"MAIL FROM:<a@b>\r", 17)
 
 
 @pytest.mark.parametrize("limit", [8, 512])
 def test_line_limit_counts_the_crlf(limit: int) -> None:
     fits = b"A" * (limit - 2) + b"\r\n"
-    assert next_line(fits, limit=limit) == (Line(0, limit - 2, limit, False), limit)
+    assert next_line(fits, limit=limit) == (fits[:-1], limit)
     assert next_line(b"A" + fits, limit=limit) == (TOO_LONG, limit + 1)
     assert next_line(b"A" * (limit - 1), limit=limit) == (NEED_MORE, 0)
     assert next_line(b"A" * (limit - 2) + b"\r", limit=limit) == (NEED_MORE, 0)
@@ -82,7 +85,7 @@ def test_long_line_is_reported_once_and_skipped_to_its_lf() -> None:
     assert next_line(b"ABCDEFGHIJ", scanner=scanner) == (TOO_LONG, 10)
     assert scanner.discarding
     assert next_line(b"KLMNOP", scanner=scanner) == (NEED_MORE, 6)  # dropped, not kept
-    assert next_line(b"QR\nNOOP\r\n", scanner=scanner) == (Line(3, 7, 9, False), 9)
+    assert next_line(b"QR\nNOOP\r\n", scanner=scanner) == (b"NOOP\r", 9)
     assert not scanner.discarding
 
 
@@ -96,20 +99,19 @@ def test_reset_forgets_a_long_line() -> None:
     scanner = LineScanner(8)
     next_line(b"ABCDEFGHIJ", scanner=scanner)
     scanner.reset()
-    assert next_line(b"NOOP\r\n", scanner=scanner) == (Line(0, 4, 6, False), 6)
+    assert next_line(b"NOOP\r\n", scanner=scanner) == (b"NOOP\r", 6)
 
 
 def test_line_search_survives_buffer_compaction() -> None:
     buf, scanner = ReceiveBuffer(12), LineScanner(512)
     assert buf.feed(b"NOOP\r\nVRFY abc\r\n") == 12
-    line, buf.start = scanner.next_line(buf.data, buf.start, buf.end)
-    assert line == Line(0, 4, 6, False)
-    line, buf.start = scanner.next_line(buf.data, buf.start, buf.end)
-    assert (line, buf.start) == (NEED_MORE, 6)
+    assert scanner.next_line(buf.data, buf.start, buf.end) == (5, 0)
+    buf.start = 6
+    assert scanner.next_line(buf.data, buf.start, buf.end) == (NEED_MORE, 6)
     assert buf.feed(b"bc\r\n") == 4  # the buffer was full: "VRFY a" moved to the front
     assert (buf.start, buf.capacity) == (0, 12)
-    line, buf.start = scanner.next_line(buf.data, buf.start, buf.end)
-    assert line == Line(0, 8, 10, False) and bytes(buf.data[0:8]) == b"VRFY abc"
+    assert scanner.next_line(buf.data, buf.start, buf.end) == (9, 0)
+    assert bytes(buf.data[0:9]) == b"VRFY abc\r"
 
 
 # -- BodyScanner, one step -----------------------------------------------------------
