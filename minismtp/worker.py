@@ -43,6 +43,7 @@ _ACCEPT_PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of 
 _READS_PER_WAKEUP = 8  # at most, while a body fills the buffer: other clients wait meanwhile
 _TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
 _LISTENER, _WAKEUP, _COMMITS = object(), object(), object()
+_DATA, _CLOSED = State.DATA, State.CLOSED  # globals: Enum class attributes are slow to read
 
 
 def protocol_settings(config: Config) -> Settings:
@@ -273,7 +274,7 @@ class Worker:
                 return
             buffer.commit(n)
             self.stats.bytes_received += n
-            if conn.state is not State.DATA:
+            if conn.state is not _DATA:
                 self.resume(session)
                 return
             session.data_bytes += n
@@ -352,7 +353,7 @@ class Worker:
         data = conn.data_to_send()
         if data:
             session.out = session.out + data if session.out else data
-            if conn.state is not State.DATA:
+            if conn.state is not _DATA:
                 # A reply means a command completed: the idle clock starts again.
                 self.timers.set_deadline(session, self.now + self.command_timeout)
         if session.out and session.tarpit_bps:
@@ -371,7 +372,7 @@ class Worker:
             session.out = session.out[sent:] if sent < len(session.out) else b""
         if session.out:
             self._want(session, _WRITE)  # stop reading until the client takes our replies
-        elif conn.state is State.CLOSED:
+        elif conn.state is _CLOSED:
             self._linger(session)
         elif session.paused:
             self._want(session, 0)
