@@ -200,6 +200,10 @@ class SmtpServerConnection:
         # three times per command, and a call is a good part of its cost.
         buf = self.buffer
         data = buf.data
+        if buf.start == buf.end and len(data) <= self.settings.command_buffer_bytes:
+            # Nothing buffered, nothing to shrink: the usual case after an answer.
+            return NEED_DATA if self.state is not S.CLOSED else ConnectionClosed(
+                self._close_reason)
         next_line = self._lines.next_line
         while self.state is not S.CLOSED:
             lf, begin = next_line(data, buf.start, buf.end)
