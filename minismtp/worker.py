@@ -10,6 +10,7 @@ the message, counters) are in `decisions.py`; this module moves bytes and keeps 
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import selectors
@@ -131,6 +132,10 @@ class Worker:
         self.sel.register(self.wakeup.sock, _READ, _WAKEUP)
 
     def run(self) -> int:
+        # Everything alive now (modules, config) lives as long as the process: keep it out
+        # of the collector's full passes, which would otherwise walk it again and again as
+        # sessions come and go (and, after a fork, touch pages shared with the master).
+        gc.freeze()
         self._init_signals()
         for listener in self.listeners:
             self.sel.register(listener, _READ, _LISTENER)
