@@ -7,7 +7,9 @@ against precompiled globs and networks, never interpreted.
 
 Theory of operation. Rules are grouped by stage once, in `FaultInjector.__init__`, so a
 stage without rules costs one dict lookup. For each check the rules of that stage are
-tried in order; the first whose matches all hold and whose `rate` draw fires wins. The
+tried in order; the first whose matches all hold and whose `rate` draw fires wins. Which
+rules an envelope matches is remembered per stage (a bounded dict keyed by what that
+stage's rules look at), so repeated senders, recipients and clients cost a lookup. The
 random generator is consulted only for a rule that matched and has `rate < 1` (and for a
 delay range when that rule fires), so traffic no rule matches neither costs a draw nor
 shifts the sequence: with `faults.seed` set, one worker's decisions replay exactly.
@@ -37,6 +39,8 @@ _RULE_KEYS = ("name", "stage", "sender", "recipient", "client", "rate", "reply",
               "disconnect", "tarpit")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)  # a Prometheus label value as is
 _CLIENT_CACHE_MAX = 4096  # distinct client addresses remembered per worker
+_MATCH_CACHE_MAX = 4096  # envelopes whose matching rules are remembered, per stage
+_CACHED_RECIPIENTS = 4  # longer recipient lists are matched afresh, never kept
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -105,6 +109,34 @@ class _Armed:
         self.action = _action(rule, self.low_s) if self.low_s == self.high_s else None
 
 
+class _StageRules:
+    """One stage's rules, and which of them each envelope seen so far matches.
+
+    A load test sends the same few senders and recipients over and over, and a glob or
+    network match costs far more than a dict lookup. The key holds only what the stage's
+    rules look at, so rules on the client alone are matched once per client address.
+    """
+
+    __slots__ = ("rules", "seen", "by_sender", "by_recipients", "by_client")
+
+    def __init__(self, rules: tuple[_Armed, ...]) -> None:
+        self.rules = rules
+        self.seen: dict[tuple[Any, ...], tuple[_Armed, ...]] = {}
+        self.by_sender = any(armed.sender is not None for armed in rules)
+        self.by_recipients = any(armed.recipient is not None for armed in rules)
+        self.by_client = any(armed.network is not None for armed in rules)
+
+    def key(self, client: str, sender: str | None,
+            recipients: Sequence[str]) -> tuple[Any, ...] | None:
+        """The cache key (only what these rules look at), or None: too many recipients."""
+        if not self.by_recipients:
+            return (client if self.by_client else None, sender if self.by_sender else None)
+        if len(recipients) > _CACHED_RECIPIENTS:
+            return None
+        return (client if self.by_client else None, sender if self.by_sender else None,
+                tuple(recipients))
+
+
 def _action(rule: FaultRule, delay_s: float) -> FaultAction:
     return FaultAction(rule, rule.reply, delay_s, rule.disconnect, rule.tarpit_bps)
 
@@ -119,7 +151,7 @@ class FaultInjector:
         by_stage: dict[str, list[_Armed]] = {}
         for rule in config.rules:
             by_stage.setdefault(rule.stage, []).append(_Armed(rule))
-        self._by_stage = {stage: tuple(armed) for stage, armed in by_stage.items()}
+        self._by_stage = {stage: _StageRules(tuple(armed)) for stage, armed in by_stage.items()}
         self.stages = frozenset(by_stage)  # stages some rule watches: others need no check()
         # A string seed is hashed (SHA-512) by random.seed, so nearby streams give
         # unrelated sequences, and the result does not depend on PYTHONHASHSEED.
@@ -133,29 +165,19 @@ class FaultInjector:
     def check(self, stage: str, client: str, sender: str | None = None,
               recipients: Sequence[str] = ()) -> FaultAction | None:
         """The fault to inject at `stage` for this client and envelope, or None."""
-        rules = self._by_stage.get(stage)
-        if rules is None:
+        stage_rules = self._by_stage.get(stage)
+        if stage_rules is None:
             return None
-        sender_lower: str | None = None
-        recipients_lower: list[str] | None = None
-        for armed in rules:
-            if armed.sender is not None:
-                if sender is None:
-                    continue
-                if sender_lower is None:
-                    sender_lower = sender.lower()
-                if not armed.sender(sender_lower):
-                    continue
-            if armed.recipient is not None:
-                if recipients_lower is None:
-                    recipients_lower = [recipient.lower() for recipient in recipients]
-                if len(recipients_lower) == 1:  # RCPT asks about one recipient
-                    if not armed.recipient(recipients_lower[0]):
-                        continue
-                elif not any(map(armed.recipient, recipients_lower)):
-                    continue
-            if armed.network is not None and not self._client_in(client, armed):
-                continue
+        key = stage_rules.key(client, sender, recipients)
+        matching = stage_rules.seen.get(key) if key is not None else None
+        if matching is None:
+            matching = tuple(armed for armed in stage_rules.rules
+                             if self._matches(armed, client, sender, recipients))
+            if key is not None:
+                if len(stage_rules.seen) >= _MATCH_CACHE_MAX:
+                    stage_rules.seen.clear()  # a bound, not an LRU: a miss only re-matches
+                stage_rules.seen[key] = matching
+        for armed in matching:
             rule = armed.rule
             if rule.rate < 1.0 and self._rng.random() >= rule.rate:
                 continue
@@ -163,6 +185,15 @@ class FaultInjector:
                 return armed.action
             return _action(rule, self._rng.uniform(armed.low_s, armed.high_s))
         return None
+
+    def _matches(self, armed: _Armed, client: str, sender: str | None,
+                 recipients: Sequence[str]) -> bool:
+        if armed.sender is not None and (sender is None or not armed.sender(sender.lower())):
+            return False
+        if armed.recipient is not None and not any(
+                armed.recipient(recipient.lower()) for recipient in recipients):
+            return False
+        return armed.network is None or self._client_in(client, armed)
 
     def _client_in(self, client: str, armed: _Armed) -> bool:
         key = (client, armed.rule.index)

@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from minismtp.config import ConfigError, load_config
+from minismtp import faults as faults_module
 from minismtp.faults import (
     MAX_RULES, STAGES, DelayRange, FaultAction, FaultInjector, FaultsConfig,
 )
@@ -293,6 +294,49 @@ def test_only_rules_of_the_stage_apply_and_the_first_match_wins():
     for stage in set(STAGES) - {"rcpt", "quit"}:
         assert injector.check(stage, "192.0.2.1", "s@x", ["x@a.test"]) is None
     assert injector.check("bogus", "192.0.2.1") is None
+
+
+def test_remembered_matches_give_the_same_answers_as_fresh_ones():
+    config = faults(
+        {"name": "s", "stage": "data", "sender": "*@bad.test", "reply": "550 5.7.1 S"},
+        {"name": "r", "stage": "data", "recipient": "x*@t.test", "reply": "550 5.7.1 R"},
+        {"name": "c", "stage": "data", "client": "10.0.0.0/8", "reply": "450 4.7.1 C"},
+    )
+    cases = [
+        ("192.0.2.1", "a@bad.test", ["y@t.test"], "s"),
+        ("192.0.2.1", "a@ok.test", ["y@t.test"], None),
+        ("192.0.2.1", "a@ok.test", ["y@t.test", "x1@t.test"], "r"),
+        ("192.0.2.1", "a@ok.test", [f"y{i}@t.test" for i in range(9)] + ["x@t.test"], "r"),
+        ("192.0.2.1", "a@ok.test", [f"y{i}@t.test" for i in range(10)], None),  # not kept
+        ("10.1.2.3", "a@ok.test", ["y@t.test"], "c"),
+        ("10.1.2.3", "A@BAD.TEST", ["y@t.test"], "s"),
+    ]
+    warm = FaultInjector(config, 0)
+    for _ in range(3):  # the second and third rounds come from the cache
+        for client, sender, recipients, name in cases:
+            action = warm.check("data", client, sender, recipients)
+            assert (action and action.rule.name) == name, (client, sender, recipients)
+            fresh = FaultInjector(config, 0).check("data", client, sender, recipients)
+            assert (fresh and fresh.rule.name) == name
+
+
+def test_a_stage_remembers_only_what_its_rules_look_at():
+    injector = FaultInjector(faults({"stage": "end_of_data", "client": "10.0.0.0/8",
+                                     "delay": 1}), 0)
+    for i in range(50):  # many senders and recipients, two clients: two entries
+        assert injector.check("end_of_data", "10.0.0.1", f"s{i}@x", [f"r{i}@y"])
+        assert injector.check("end_of_data", "192.0.2.1", f"s{i}@x", [f"r{i}@y"]) is None
+    assert len(injector._by_stage["end_of_data"].seen) == 2
+
+
+def test_the_match_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(faults_module, "_MATCH_CACHE_MAX", 8)
+    injector = FaultInjector(faults({"stage": "mail", "sender": "*@bad.test",
+                                     "reply": "550 5.7.1 No"}), 0)
+    for i in range(100):  # a client sending a new sender every time
+        assert injector.check("mail", "192.0.2.1", f"u{i}@ok.test") is None
+        assert len(injector._by_stage["mail"].seen) <= 8
+    assert injector.check("mail", "192.0.2.1", "u1@bad.test") is not None
 
 
 def test_rate_zero_never_fires():
