@@ -126,16 +126,6 @@ class _StageRules:
         self.by_recipients = any(armed.recipient is not None for armed in rules)
         self.by_client = any(armed.network is not None for armed in rules)
 
-    def key(self, client: str, sender: str | None,
-            recipients: Sequence[str]) -> tuple[Any, ...] | None:
-        """The cache key (only what these rules look at), or None: too many recipients."""
-        if not self.by_recipients:
-            return (client if self.by_client else None, sender if self.by_sender else None)
-        if len(recipients) > _CACHED_RECIPIENTS:
-            return None
-        return (client if self.by_client else None, sender if self.by_sender else None,
-                tuple(recipients))
-
 
 def _action(rule: FaultRule, delay_s: float) -> FaultAction:
     return FaultAction(rule, rule.reply, delay_s, rule.disconnect, rule.tarpit_bps)
@@ -168,12 +158,18 @@ class FaultInjector:
         stage_rules = self._by_stage.get(stage)
         if stage_rules is None:
             return None
-        key = stage_rules.key(client, sender, recipients)
-        matching = stage_rules.seen.get(key) if key is not None else None
+        # The key holds only what this stage's rules look at (built here, not in a method:
+        # this runs for every command of every session while rules are configured).
+        by_recipients = stage_rules.by_recipients
+        cacheable = not by_recipients or len(recipients) <= _CACHED_RECIPIENTS
+        key = (client if stage_rules.by_client else None,
+               sender if stage_rules.by_sender else None,
+               tuple(recipients) if by_recipients and cacheable else None)
+        matching = stage_rules.seen.get(key) if cacheable else None
         if matching is None:
             matching = tuple(armed for armed in stage_rules.rules
                              if self._matches(armed, client, sender, recipients))
-            if key is not None:
+            if cacheable:
                 if len(stage_rules.seen) >= _MATCH_CACHE_MAX:
                     stage_rules.seen.clear()  # a bound, not an LRU: a miss only re-matches
                 stage_rules.seen[key] = matching
