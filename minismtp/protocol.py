@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from minismtp import replies
+from minismtp.arguments import (
+    ArgumentError, is_mailbox, parse_mail_parameters, parse_path,
+)
 from minismtp.buffer import ReceiveBuffer
 from minismtp.events import (
     NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
@@ -103,54 +106,10 @@ def _bad_sequence(state: State, verb: str, rcpt_attempted: bool) -> Reply:
     return replies.BAD_SEQUENCE
 
 
-# RFC 5321 4.1.2 Path, leniently: quoted local parts may hold spaces and ">".
-_PATH = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^<>"\s])*)>')
-_MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3, brackets included
-_SIZE_DIGITS = re.compile(r"[0-9]{1,20}")  # RFC 1870: ASCII digits only
 # An LF without its CR. A regex with a literal first byte lets sre jump from LF to LF in
 # C; two bytes.count() passes were 3x slower on typical bodies. Chunks never split a CRLF
 # (see scanner.py), and searching the chunk's own view keeps the look-behind inside it.
 _find_bare_lf = re.compile(rb"\n(?<!\r\n)").search
-
-
-class _Syntax(Exception):
-    """A command argument is malformed; carries the reply to send."""
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-
-
-def _parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
-    """Split "FROM:<a@b> X=Y" into ("a@b", ["X=Y"]); source routes are dropped."""
-    if arg[: len(prefix)].upper() != prefix:
-        raise _Syntax(replies.MAIL_SYNTAX if prefix == "FROM:" else replies.RCPT_SYNTAX)
-    rest = arg[len(prefix):].lstrip(" ")
-    m = _PATH.match(rest)
-    if m is None or (m.end() < len(rest) and rest[m.end()] != " "):
-        raise _Syntax(bad)
-    address = m.group(1)
-    if address.startswith("@"):  # RFC 5321 4.1.2 / C: accept and ignore a source route
-        _, colon, address = address.partition(":")
-        if not colon or not address:  # a route must lead to a mailbox
-            raise _Syntax(bad)
-    if not _address_chars_ok(address) or len(address.encode()) + 2 > _MAX_PATH_OCTETS:
-        raise _Syntax(bad)
-    return address, rest[m.end():].split()
-
-
-def _address_chars_ok(address: str) -> bool:
-    if not address.isprintable():  # no controls; spaces only get here inside quotes
-        return False
-    try:
-        address.encode("utf-8")  # surrogates stand for bytes that were not UTF-8
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _is_mailbox(address: str) -> bool:
-    local, at, domain = address.rpartition("@")
-    return bool(at and local and domain) and not domain.startswith(".") and ".." not in domain
 
 
 class SmtpServerConnection:
@@ -331,55 +290,42 @@ class SmtpServerConnection:
             return None
         try:
             return handler(self, arg.strip(" "))
-        except _Syntax as problem:
+        except ArgumentError as problem:
             self._error(problem.reply)
             return None
 
     def _helo_cmd(self, arg: str) -> object:
         if not arg or not arg.isprintable():
-            raise _Syntax(replies.HELO_SYNTAX)
+            raise ArgumentError(replies.HELO_SYNTAX)
         return Hello(arg, extended=False)
 
     def _ehlo_cmd(self, arg: str) -> object:
         if not arg or not arg.isprintable():
-            raise _Syntax(replies.EHLO_SYNTAX)
+            raise ArgumentError(replies.EHLO_SYNTAX)
         return Hello(arg, extended=True)
 
     def _mail_cmd(self, arg: str) -> object | None:
-        sender, params = _parse_path(arg, "FROM:", replies.BAD_SENDER)
-        if sender and not _is_mailbox(sender):
-            raise _Syntax(replies.BAD_SENDER)
-        size, body, smtputf8 = None, None, False
-        for param in params:
-            key, eq, value = param.partition("=")
-            key = key.upper()
-            if key == "SIZE" and eq and size is None and _SIZE_DIGITS.fullmatch(value):
-                size = int(value)
-            elif key == "BODY" and eq and body is None and value.upper() in ("7BIT", "8BITMIME"):
-                body = value.upper()
-            elif key == "SMTPUTF8" and not eq and not smtputf8:
-                smtputf8 = True
-            elif key in ("SIZE", "BODY", "SMTPUTF8"):
-                raise _Syntax(replies.BAD_PARAMETER_VALUE)
-            else:
-                raise _Syntax(replies.UNKNOWN_PARAMETER)
+        sender, params = parse_path(arg, "FROM:", replies.BAD_SENDER)
+        if sender and not is_mailbox(sender):
+            raise ArgumentError(replies.BAD_SENDER)
+        size, body, smtputf8 = parse_mail_parameters(params)
         if not self._esmtp and params:
-            raise _Syntax(replies.UNKNOWN_PARAMETER)  # RFC 5321 4.1.1.11: HELO means no extensions
+            raise ArgumentError(replies.UNKNOWN_PARAMETER)  # RFC 5321 4.1.1.11: HELO means no extensions
         if not smtputf8 and not sender.isascii():
-            raise _Syntax(replies.NEED_SMTPUTF8)
+            raise ArgumentError(replies.NEED_SMTPUTF8)
         if size is not None and size > self.settings.max_message_bytes:
             self._refuse(replies.MESSAGE_TOO_BIG)  # a limit, not a client error
             return None
         return MailFrom(sender, size, smtputf8, body == "8BITMIME")
 
     def _rcpt_cmd(self, arg: str) -> object | None:
-        recipient, params = _parse_path(arg, "TO:", replies.BAD_RECIPIENT)
-        if not (_is_mailbox(recipient) or recipient.lower() == "postmaster"):
-            raise _Syntax(replies.BAD_RECIPIENT)
+        recipient, params = parse_path(arg, "TO:", replies.BAD_RECIPIENT)
+        if not (is_mailbox(recipient) or recipient.lower() == "postmaster"):
+            raise ArgumentError(replies.BAD_RECIPIENT)
         if params:
-            raise _Syntax(replies.UNKNOWN_PARAMETER)
+            raise ArgumentError(replies.UNKNOWN_PARAMETER)
         if not self._smtputf8 and not recipient.isascii():
-            raise _Syntax(replies.NEED_SMTPUTF8)
+            raise ArgumentError(replies.NEED_SMTPUTF8)
         self._rcpt_attempts += 1
         if len(self._recipients) >= self.settings.max_recipients:
             self._refuse(replies.TOO_MANY_RECIPIENTS)
@@ -388,14 +334,14 @@ class SmtpServerConnection:
 
     def _data_cmd(self, arg: str) -> object:
         if arg:
-            raise _Syntax(replies.NO_ARGUMENTS)
+            raise ArgumentError(replies.NO_ARGUMENTS)
         return DataStarted(Envelope(
             self._helo, self._esmtp, self._sender, tuple(self._recipients),
             self._smtputf8, self._body_8bit, self._declared_size))
 
     def _rset_cmd(self, arg: str) -> object | None:
         if arg:
-            raise _Syntax(replies.NO_ARGUMENTS)
+            raise ArgumentError(replies.NO_ARGUMENTS)
         self._out.append(replies.OK.wire)
         if self.state in (S.MAIL, S.RCPT):
             self._reset_transaction()
@@ -411,7 +357,7 @@ class SmtpServerConnection:
 
     def _vrfy_cmd(self, arg: str) -> None:
         if not arg:
-            raise _Syntax(replies.VRFY_SYNTAX)
+            raise ArgumentError(replies.VRFY_SYNTAX)
         self._out.append(replies.CANNOT_VRFY.wire)
 
     def _help_cmd(self, arg: str) -> None:

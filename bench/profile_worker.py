@@ -1,0 +1,99 @@
+"""Profile one minismtp worker under a bench scenario's load, in this process.
+
+    python bench/profile_worker.py S1                 # 20,000 messages, top 30 by own time
+    python bench/profile_worker.py S3 --messages 20 --sort cumulative
+    python bench/profile_worker.py S5 --top 50
+
+A real `Worker` (discard delivery, default limits) runs under cProfile on a listener bound
+to 127.0.0.1, while the scenario's client (smtp-source, or bench/pipeline_client.py for
+S5) sends to it from a thread; when the client is done the worker is told to stop. Only
+the worker is profiled: the client's time and the kernel's show up as the time spent in
+socket calls. cProfile roughly triples the cost of each Python call, so read the table for
+where time goes, not for how fast it is (that is bench/run.py's job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from e2e import KIB, MIB  # noqa: E402
+from e2e.clients import pipeline_client, smtp_source  # noqa: E402
+
+from minismtp.arbiter import bind  # noqa: E402
+from minismtp.config import load_config  # noqa: E402
+from minismtp.delivery import make_backend  # noqa: E402
+from minismtp.heartbeat import HeartbeatBoard  # noqa: E402
+from minismtp.stats import StatsBoard  # noqa: E402
+from minismtp.worker import Worker  # noqa: E402
+
+# scenario: (message bytes, sessions, keep connections open, default message count)
+LOADS = {
+    "S1": (KIB, 20, False, 20_000),
+    "S2": (KIB, 20, True, 40_000),
+    "S3": (10 * MIB, 1, False, 30),
+    "S5": (KIB, 20, True, 60_000),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=sorted(LOADS))
+    parser.add_argument("--messages", type=int, help="messages to send (default by scenario)")
+    parser.add_argument("--sort", default="tottime", help="pstats sort key (default tottime)")
+    parser.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
+    args = parser.parse_args()
+    size, sessions, keep_open, default_count = LOADS[args.scenario]
+    messages = args.messages or default_count
+
+    config = load_config(overrides={
+        "server.listen": ["127.0.0.1:0"], "delivery.backend": "discard",
+        "logging.level": "warning", "limits.max_message_size": 64 * MIB,
+    })
+    listener = bind(config.server.listen[0], 4096, reuse_port=False)
+    port = listener.getsockname()[1]
+    backend = make_backend("discard", "", False, "single", config.server.hostname)
+    worker = Worker(config, [listener], backend, HeartbeatBoard(1), 0, StatsBoard(1, 64))
+    outcome = {}
+
+    def load() -> None:
+        time.sleep(0.3)  # let the worker reach its loop
+        started = time.perf_counter()
+        if args.scenario == "S5":
+            result = pipeline_client(port, sessions=sessions, size=size, messages=messages)
+        else:
+            result = smtp_source(port, sessions=min(sessions, messages), size=size,
+                                 messages=messages, keep_open=keep_open)
+        outcome["result"], outcome["seconds"] = result, time.perf_counter() - started
+        os.kill(os.getpid(), signal.SIGQUIT)  # the worker's immediate stop
+
+    threading.Thread(target=load, daemon=True).start()
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        worker.run()
+    except SystemExit:
+        pass
+    profile.disable()
+
+    result, seconds = outcome.get("result"), outcome.get("seconds", 0.0)
+    delivered = f"{result.messages:,} delivered" if result is not None else "client failed"
+    detail = f" ({result.detail})" if result is not None and result.detail else ""
+    print(f"{args.scenario}: {messages:,} messages of {size:,} bytes over {sessions} "
+          f"session(s): {delivered} in {seconds:.1f}s under the profiler{detail}")
+    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
+    return 0 if result is not None and result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

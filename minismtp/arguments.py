@@ -1,0 +1,79 @@
+"""The arguments of MAIL and RCPT: paths and parameters (RFC 5321 4.1.2, RFC 1870, 6152,
+6531). Pure functions of strings, for the protocol core.
+
+Untrusted input: the text after the verb, decoded with surrogateescape (so bytes that
+were not UTF-8 show up as surrogates and are refused here). Every problem raises
+ArgumentError carrying the reply to send; nothing else can escape.
+"""
+
+from __future__ import annotations
+
+import re
+
+from minismtp import replies
+from minismtp.replies import Reply
+
+# RFC 5321 4.1.2 Path, leniently: quoted local parts may hold spaces and ">".
+_PATH = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^<>"\s])*)>')
+_MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3, brackets included
+_SIZE_DIGITS = re.compile(r"[0-9]{1,20}")  # RFC 1870: ASCII digits only
+
+
+class ArgumentError(Exception):
+    """A command argument is malformed; carries the reply to send."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+
+def parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
+    """Split "FROM:<a@b> X=Y" into ("a@b", ["X=Y"]); source routes are dropped."""
+    if arg[: len(prefix)].upper() != prefix:
+        raise ArgumentError(replies.MAIL_SYNTAX if prefix == "FROM:" else replies.RCPT_SYNTAX)
+    rest = arg[len(prefix):].lstrip(" ")
+    m = _PATH.match(rest)
+    if m is None or (m.end() < len(rest) and rest[m.end()] != " "):
+        raise ArgumentError(bad)
+    address = m.group(1)
+    if address.startswith("@"):  # RFC 5321 4.1.2 / C: accept and ignore a source route
+        _, colon, address = address.partition(":")
+        if not colon or not address:  # a route must lead to a mailbox
+            raise ArgumentError(bad)
+    if not _address_chars_ok(address) or len(address.encode()) + 2 > _MAX_PATH_OCTETS:
+        raise ArgumentError(bad)
+    return address, rest[m.end():].split()
+
+
+def _address_chars_ok(address: str) -> bool:
+    if not address.isprintable():  # no controls; spaces only get here inside quotes
+        return False
+    try:
+        address.encode("utf-8")  # surrogates stand for bytes that were not UTF-8
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_mailbox(address: str) -> bool:
+    """local@domain, with neither part empty and no empty domain label at the start."""
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain) and not domain.startswith(".") and ".." not in domain
+
+
+def parse_mail_parameters(params: list[str]) -> tuple[int | None, str | None, bool]:
+    """(SIZE, BODY, SMTPUTF8) from MAIL's parameters; each may be given once."""
+    size, body, smtputf8 = None, None, False
+    for param in params:
+        key, eq, value = param.partition("=")
+        key = key.upper()
+        if key == "SIZE" and eq and size is None and _SIZE_DIGITS.fullmatch(value):
+            size = int(value)
+        elif key == "BODY" and eq and body is None and value.upper() in ("7BIT", "8BITMIME"):
+            body = value.upper()
+        elif key == "SMTPUTF8" and not eq and not smtputf8:
+            smtputf8 = True
+        elif key in ("SIZE", "BODY", "SMTPUTF8"):
+            raise ArgumentError(replies.BAD_PARAMETER_VALUE)
+        else:
+            raise ArgumentError(replies.UNKNOWN_PARAMETER)
+    return size, body, smtputf8
