@@ -43,6 +43,7 @@ class Decisions:
         self.committer: GroupCommitter[tuple[Session, int]] | None = (
             GroupCommitter(worker.backend) if worker.backend.commit_blocks else None)
         watched = faults.stages
+        self.greet_at_once = "connect" not in watched
         self.handlers: dict[type, Callable[[Session, object], None]] = {
             # Where no rule watches a stage, the event goes straight to its usual answer.
             Hello: self.hello if "helo" in watched else _accept_hello,
@@ -67,7 +68,10 @@ class Decisions:
             self._inject(session, action, proceed, refuse)
 
     def connect(self, session: Session) -> None:
-        self._decide(session, "connect", _greet, _greet_with)
+        if self.greet_at_once:
+            session.conn.greet()
+        else:
+            self._decide(session, "connect", _greet, _greet_with)
 
     def hello(self, session: Session, event: Hello) -> None:
         self._decide(session, "helo", _accept_hello, _reject)

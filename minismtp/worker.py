@@ -257,7 +257,7 @@ class Worker:
         self.stats.connections_total += 1
         self.timers.set_deadline(session, self.now + self.command_timeout)
         self.decide.connect(session)
-        self.resume(session)
+        self._flush(session)  # the greeting; the client has said nothing yet
 
     def _on_readable(self, session: Session) -> None:
         if session.lingering:
