@@ -355,29 +355,35 @@ class Worker:
         if session.closed or session.trickling or session.lingering:
             return
         conn = session.conn
-        data = conn.data_to_send()
-        if data:
-            session.out = session.out + data if session.out else data
+        out = conn.data_to_send()
+        if out:
             if conn.state is not _DATA:
                 # A reply means a command completed: the idle clock starts again.
                 self.timers.set_deadline(session, self.now + self.command_timeout)
-        if session.out and session.tarpit_bps:
-            self._want(session, 0)
-            session.trickling = True
-            self._trickle(session)
-            return
-        if session.out:
+            if session.out:
+                out = session.out + out
+        else:
+            out = session.out
+        if out:
+            if session.tarpit_bps:
+                session.out = out
+                self._want(session, 0)
+                session.trickling = True
+                self._trickle(session)
+                return
             try:
-                sent = session.sock.send(session.out)
+                sent = session.sock.send(out)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self._close(session, f"write error: {exc.strerror}")
                 return
-            session.out = session.out[sent:] if sent < len(session.out) else b""
-        if session.out:
-            self._want(session, _WRITE)  # stop reading until the client takes our replies
-        elif conn.state is _CLOSED:
+            if sent < len(out):
+                session.out = out[sent:]
+                self._want(session, _WRITE)  # stop reading until the client takes replies
+                return
+            session.out = b""
+        if conn.state is _CLOSED:
             self._linger(session)
         elif session.paused:
             self._want(session, 0)
