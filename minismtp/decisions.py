@@ -26,7 +26,8 @@ from minismtp.replies import Reply
 from minismtp.stats import WorkerStats
 
 if TYPE_CHECKING:
-    from minismtp.worker import Session, Worker
+    from minismtp.session import Session
+    from minismtp.worker import Worker
 
 log = logging.getLogger("minismtp.worker")
 

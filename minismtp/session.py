@@ -1,0 +1,62 @@
+"""A client connection as a worker sees it, and the core settings its connections share.
+
+Untrusted input: none here; a Session only holds what the worker and the core made of
+the client's bytes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from minismtp.config import Config
+from minismtp.delivery import Peer, Sink
+from minismtp.events import Envelope
+from minismtp.protocol import Settings, SmtpServerConnection
+
+if TYPE_CHECKING:
+    import socket
+
+
+def protocol_settings(config: Config) -> Settings:
+    limits = config.limits
+    return Settings(
+        hostname=config.server.hostname,
+        max_message_bytes=limits.max_message_size,
+        max_recipients=limits.max_recipients,
+        max_command_bytes=limits.max_command_length,
+        max_errors=limits.max_errors,
+        reject_bare_lf=limits.bare_lf == "reject",
+        command_buffer_bytes=max(4096, 2 * limits.max_command_length),
+    )
+
+
+class Session:
+    """One client connection: socket, protocol state, message in progress, timers."""
+
+    __slots__ = (
+        "sock", "conn", "peer", "sink", "sink_failed", "out", "mask", "deadline", "timer_at",
+        "data_started", "data_bytes", "sender", "envelope", "size", "end_seen", "paused",
+        "tarpit_bps", "trickling", "lingering", "closed",
+    )
+
+    def __init__(self, sock: socket.socket, conn: SmtpServerConnection, peer: Peer) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.peer = peer
+        self.sink: Sink | None = None
+        self.sink_failed = False
+        self.out = b""  # reply bytes the socket did not take yet
+        self.mask = 0
+        self.deadline = 0.0
+        self.timer_at = float("inf")  # earliest live timer entry (see timers.py)
+        self.data_started = 0.0
+        self.data_bytes = 0
+        self.sender = ""  # of the transaction in progress
+        self.envelope: Envelope | None = None  # of the message in DATA
+        self.size = 0  # of the message just ended
+        self.end_seen = 0.0  # when its terminator arrived
+        self.paused = False  # a decision is deferred (delay, commit): do not read
+        self.tarpit_bps = 0.0  # send the next reply this slowly (a fault rule)
+        self.trickling = False
+        self.lingering = False  # last reply sent, write side shut: draining until EOF
+        self.closed = False
