@@ -162,7 +162,6 @@ class Decisions:
             session.conn.reject(replies.LOCAL_ERROR)
             self._log(session, session.size, "451 local error", "-")
         session.sender = ""
-        self.worker.message_done(session)
 
     def _refuse_message(self, session: Session, reply: Reply) -> None:
         self.worker.abort_message(session)
@@ -170,7 +169,6 @@ class Decisions:
         session.conn.reject(reply)  # counted by _inject
         self._log(session, session.size, f"{reply.code} injected", "-")
         session.sender = ""
-        self.worker.message_done(session)
 
     def _refuse(self, session: Session, reply: Reply) -> None:
         self.stats.replies[reply.code] += 1

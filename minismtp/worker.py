@@ -297,9 +297,6 @@ class Worker:
         session.data_started = now = self.now
         self._set_data_deadline(session, now)
 
-    def message_done(self, session: Session) -> None:
-        self.timers.set_deadline(session, self.now + self.command_timeout)
-
     def abort_message(self, session: Session) -> None:
         sink, session.sink = session.sink, None
         if sink is not None:
