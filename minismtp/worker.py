@@ -208,7 +208,7 @@ class Worker:
         if len(self.sessions) >= self.max_connections:
             self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
             try:
-                sock.send(replies.TOO_MANY_CONNECTIONS.wire)
+                sock.send(replies.TOO_MANY_CONNECTIONS.wire, _MSG_MORE)  # with the FIN below
             except OSError:
                 pass
             sock.close()
