@@ -67,8 +67,8 @@ class Worker:
         self.data_timeout = limits.data_timeout
         self.min_data_rate = limits.min_data_rate
         self.max_connections = config.server.max_connections
-        # The loop's clock, read once per wakeup: deadlines are whole seconds, and every
-        # command would otherwise read the clock two or three times.
+        # The loop's clock, read when select() returns and again before timers run:
+        # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
         self.now = time.monotonic()
         self.sessions: dict[int, Session] = {}
         self.timers = Timers()
@@ -105,9 +105,9 @@ class Worker:
         if committer is not None:
             self.sel.register(committer.wakeup, _READ, _COMMITS)
         last_tick = 0.0
+        self.now = now = time.monotonic()
         try:
             while not (self.stopping and not self.sessions):
-                self.now = now = time.monotonic()
                 if now - last_tick >= _TICK_S:
                     last_tick = now
                     if not self._tick(now):
