@@ -32,26 +32,25 @@ def parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
         raise ArgumentError(replies.MAIL_SYNTAX if prefix == "FROM:" else replies.RCPT_SYNTAX)
     rest = arg[len(prefix):].lstrip(" ")
     m = _PATH.match(rest)
-    if m is None or (m.end() < len(rest) and rest[m.end()] != " "):
+    if m is None:
+        raise ArgumentError(bad)
+    end = m.end()
+    if end < len(rest) and rest[end] != " ":
         raise ArgumentError(bad)
     address = m.group(1)
     if address.startswith("@"):  # RFC 5321 4.1.2 / C: accept and ignore a source route
         _, colon, address = address.partition(":")
         if not colon or not address:  # a route must lead to a mailbox
             raise ArgumentError(bad)
-    if not _address_chars_ok(address) or len(address.encode()) + 2 > _MAX_PATH_OCTETS:
-        raise ArgumentError(bad)
-    return address, rest[m.end():].split()
-
-
-def _address_chars_ok(address: str) -> bool:
     if not address.isprintable():  # no controls; spaces only get here inside quotes
-        return False
+        raise ArgumentError(bad)
     try:
-        address.encode("utf-8")  # surrogates stand for bytes that were not UTF-8
+        octets = len(address.encode())  # surrogates stand for bytes that were not UTF-8
     except UnicodeEncodeError:
-        return False
-    return True
+        raise ArgumentError(bad) from None
+    if octets + 2 > _MAX_PATH_OCTETS:
+        raise ArgumentError(bad)
+    return address, rest[end:].split()
 
 
 def is_mailbox(address: str) -> bool:
