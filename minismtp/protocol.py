@@ -169,8 +169,7 @@ class SmtpServerConnection:
             if lf < 0:
                 buf.start = begin
                 if lf == NEED_MORE:
-                    if len(data) > self.settings.command_buffer_bytes:
-                        self._maybe_shrink()
+                    self._maybe_shrink()
                     return NEED_DATA
                 self._error(replies.LINE_TOO_LONG)
                 continue
@@ -190,13 +189,10 @@ class SmtpServerConnection:
 
     def accept(self, queue_id: str | None = None) -> None:
         """Answer the pending decision positively (MessageEnd needs the queue id)."""
-        event, self._pending = self._pending, None
-        kind = type(event)
-        if kind is MessageEnd and not queue_id:
-            self._pending = event
+        if type(self._pending) is MessageEnd and not queue_id:
             raise ValueError("accepting a message needs its queue id")
-        if event is None:
-            raise RuntimeError("no decision is pending")
+        event = self._take_pending()
+        kind = type(event)
         if kind is Hello:
             self._reset_transaction()
             self._helo, self._esmtp = event.name, event.extended
