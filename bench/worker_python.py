@@ -7,7 +7,7 @@ End-to-end figures (bench/run.py) mix minismtp's Python with the kernel's loopba
 work and the scheduler, and move by 5-10% between runs on a shared machine. This drives a
 real `Worker` (discard delivery, default limits) through its own read, core, decision and
 flush code with scripted in-memory sockets, so what is left is the Python cost alone,
-steady to about 2%: the figure to watch when changing the command path. It leaves out
+steady to about 3%: the figure to watch when changing the command path. It leaves out
 what only a real socket costs (the socket object, the selector, the syscalls).
 
 - S1 shape: a new connection per message: greeting, HELO, MAIL, RCPT, DATA, 1 KiB body,
