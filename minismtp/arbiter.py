@@ -230,7 +230,6 @@ class Arbiter:
             if record is None:
                 continue  # not ours (or already forgotten): reaped, not reported
             self.stats_board.retire(record.slot, self.retired)  # totals never go back
-            self.board.clear(record.slot)  # the next worker in line accepts at once
             self.free_slots.append(record.slot)
             self._report_exit(record, status)
 

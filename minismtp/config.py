@@ -49,7 +49,6 @@ class ServerConfig:
     workers: int
     max_connections: int
     reuse_port: bool
-    accept_policy: str
     backlog: int
     worker_timeout: float
     shutdown_timeout: float
@@ -120,9 +119,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.workers", "auto", parsing.worker_count, 'worker processes; "auto" = one per CPU'),
     Setting("server.max_connections", 4096, _positive, "open client connections per worker"),
     Setting("server.reuse_port", False, parsing.boolean, "SO_REUSEPORT: one socket per worker"),
-    Setting("server.accept_policy", "fill", parsing.choice("fill", "spread"),
-            "fill: one worker accepts until it is saturated and a CPU is idle for the next; "
-            "spread: every worker accepts (always so with reuse_port)"),
     Setting("server.backlog", 4096, _positive, "listen() backlog"),
     Setting("server.worker_timeout", "30s", _timeout,
             "heartbeat age after which the master kills a worker", parsing.dump_duration),

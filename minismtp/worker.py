@@ -19,7 +19,6 @@ import socket
 import time
 
 from minismtp import exitcodes, replies
-from minismtp.accepting import AcceptGate
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, DeliveryError, Peer
@@ -41,7 +40,6 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _ACCEPTS_PER_WAKEUP = 64
 _RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
 _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
-_GATE_S = 0.25  # while not accepting, look this often whether we should (accepting.py)
 _LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
 _ACCEPT_PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
 _READS_PER_WAKEUP = 8  # at most, while a body fills the buffer: other clients wait meanwhile
@@ -80,10 +78,6 @@ class Worker:
         self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
         self.wakeup = SignalWakeup()
         self.accept_paused_until = 0.0
-        self.listening = False  # the listeners are registered with the selector
-        server = config.server
-        self.gate = AcceptGate(board, slot, server.accept_policy == "fill" and not server.reuse_port,
-                               server.max_connections)
         self.stats = WorkerStats(stats_board.max_rules)
         self.decide = Decisions(self, FaultInjector(config.faults, slot), self.stats)
 
@@ -105,21 +99,19 @@ class Worker:
         # dozen connections, to find nothing. Cycles are rare here; collect less often.
         gc.set_threshold(_GC_THRESHOLD, *gc.get_threshold()[1:])
         self._init_signals()
+        for listener in self.listeners:
+            self.sel.register(listener, _READ, _LISTENER)
         committer = self.decide.committer
         if committer is not None:
             self.sel.register(committer.wakeup, _READ, _COMMITS)
-        last_tick = last_gate = 0.0
+        last_tick = 0.0
         self.now = now = time.monotonic()
         try:
             while not (self.stopping and not self.sessions):
                 if now - last_tick >= _TICK_S:
-                    last_tick = last_gate = now
+                    last_tick = now
                     if not self._tick(now):
                         break
-                elif not self.listening and now - last_gate >= _GATE_S:
-                    last_gate = now
-                    self.gate.decide(now)
-                    self._sync_listening(now)
                 events = self.sel.select(self._select_timeout(now))
                 self.now = time.monotonic()
                 for key, mask in events:
@@ -148,9 +140,12 @@ class Worker:
         return exitcodes.OK
 
     def _tick(self, now: float) -> bool:
-        self.gate.publish(now, len(self.sessions), self.stopping)
+        self.board.beat(self.slot, now)
         self.stats.publish(self.stats_board, self.slot)
-        self._sync_listening(now)
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            for listener in self.listeners:
+                self.sel.register(listener, _READ, _LISTENER)
         if os.getppid() != self.parent:
             log.warning("worker %d: master went away, exiting", os.getpid())
             self._begin_stop(now)
@@ -158,20 +153,7 @@ class Worker:
 
     def _select_timeout(self, now: float) -> float:
         due = self.timers.next_due()
-        longest = _TICK_S if self.listening else _GATE_S
-        return longest if due is None else min(longest, max(0.0, due - now))
-
-    def _sync_listening(self, now: float) -> None:
-        """Register the listeners while this worker should accept, and not otherwise."""
-        want = self.gate.accepting and not self.stopping and now >= self.accept_paused_until
-        if want == self.listening:
-            return
-        for listener in self.listeners:
-            if want:
-                self.sel.register(listener, _READ, _LISTENER)
-            else:
-                self.sel.unregister(listener)
-        self.listening = want
+        return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_signals(self) -> None:
         for signum in self.wakeup.read():
@@ -186,11 +168,12 @@ class Worker:
             return
         self.stopping = True
         self.stop_deadline = now + self.config.server.shutdown_timeout
-        self._sync_listening(now)
-        self.gate.publish(now, len(self.sessions), stopping=True)  # others take over now
         for listener in self.listeners:
+            if not self.accept_paused_until:
+                self.sel.unregister(listener)
             listener.close()
         self.listeners = []
+        self.accept_paused_until = 0.0
         for session in list(self.sessions.values()):
             if not session.paused:
                 self._maybe_send_off(session)
@@ -215,9 +198,10 @@ class Worker:
             self._start_session(sock, addr)
 
     def _pause_accepting(self) -> None:
-        now = time.monotonic()
-        self.accept_paused_until = now + _ACCEPT_PAUSE_S
-        self._sync_listening(now)
+        if not self.accept_paused_until:
+            self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE_S
+            for listener in self.listeners:
+                self.sel.unregister(listener)
 
     def _start_session(self, sock: socket.socket, addr: tuple) -> None:
         sock.setblocking(False)

@@ -31,8 +31,8 @@ from minismtp.faults import FaultsConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
 SCHEMA = {
-    "server": ["hostname", "listen", "workers", "max_connections", "reuse_port", "accept_policy",
-               "backlog", "worker_timeout", "shutdown_timeout", "user"],
+    "server": ["hostname", "listen", "workers", "max_connections", "reuse_port", "backlog",
+               "worker_timeout", "shutdown_timeout", "user"],
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
                "data_timeout", "min_data_rate", "max_errors", "bare_lf"],
     "delivery": ["backend", "path", "fsync", "layout"],
@@ -70,7 +70,6 @@ def test_defaults_without_a_file():
         workers=os.cpu_count() or 1,
         max_connections=4096,
         reuse_port=False,
-        accept_policy="fill",
         backlog=4096,
         worker_timeout=30.0,
         shutdown_timeout=30.0,
@@ -157,8 +156,6 @@ BAD_VALUES = [
     # booleans must be real YAML booleans
     ("server", 'reuse_port: "yes"', 'server.reuse_port: must be true or false, got "yes"'),
     ("server", "reuse_port: 1", "server.reuse_port: must be true or false, got 1"),
-    ("server", "accept_policy: even",
-     'server.accept_policy: must be one of "fill", "spread", got "even"'),
     ("delivery", 'fsync: "false"', 'delivery.fsync: must be true or false, got "false"'),
     # durations
     ("limits", "command_timeout: 0",
