@@ -46,6 +46,7 @@ class ServerSpec:
     short: str = ""  # name in the ratio column
     extra_config: str = ""  # YAML sections appended to minismtp's generated config
     reuse_port: bool = False  # minismtp: each worker its own SO_REUSEPORT socket
+    sched_batch: bool = True  # minismtp: workers under SCHED_BATCH (the default)
 
     def missing(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -83,6 +84,10 @@ SERVERS = (
     ServerSpec("minismtp-reuseport", "minismtp", "discard", short="mini-rp",
                compare_to=("smtp-sink", "aiosmtpd-discard", "minismtp-discard"),
                reuse_port=True),
+    # Workers under the ordinary policy: a woken worker preempts whatever runs (the client).
+    ServerSpec("minismtp-nobatch", "minismtp", "discard", short="mini-nobatch",
+               compare_to=("smtp-sink", "aiosmtpd-discard", "minismtp-discard"),
+               sched_batch=False),
 )
 BY_NAME = {spec.name: spec for spec in SERVERS}
 SHORT = {spec.name: spec.short or spec.name for spec in SERVERS}
@@ -97,6 +102,7 @@ server:
   max_connections: {max_connections}
   backlog: 4096
   reuse_port: {reuse_port}
+  sched_batch: {sched_batch}
   shutdown_timeout: 2s
 limits:
   max_message_size: 64M
@@ -143,7 +149,7 @@ class Server:
         config.write_text(MINISMTP_CONFIG.format(
             workers=MINISMTP_WORKERS, max_connections=per_worker, backend=spec.backend,
             path=json.dumps(str(self.maildir)), fsync=str(spec.fsync).lower(),
-            reuse_port=str(spec.reuse_port).lower())
+            reuse_port=str(spec.reuse_port).lower(), sched_batch=str(spec.sched_batch).lower())
             + spec.extra_config)
         return [sys.executable, "-m", "minismtp", "serve", "--config", str(config)]
 

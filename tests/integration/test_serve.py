@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import threading
 import time
 from email.parser import BytesParser
 from email.policy import compat32
+
+import pytest
 
 from minismtp import replies
 
@@ -231,3 +234,14 @@ def test_discard_backend_stores_nothing(make_server, raw_clients, tmp_path):
     client.cmd("QUIT", 221)
     leftovers = [p for p in tmp_path.rglob("*") if p != server.config_path]
     assert leftovers == []
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH here")
+@pytest.mark.parametrize("batch", [True, False])
+def test_workers_run_under_the_configured_scheduling_policy(make_server, batch):
+    server = make_server({"server": {"workers": 2, "sched_batch": batch}})
+    expected = os.SCHED_BATCH if batch else os.SCHED_OTHER
+    pids = server.worker_pids()
+    server.wait_until(lambda: all(os.sched_getscheduler(pid) == expected for pid in pids), 5,
+                      message="each worker under its policy")
+    assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER  # the master is not a worker

@@ -31,7 +31,8 @@ from minismtp.faults import FaultsConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
 SCHEMA = {
-    "server": ["hostname", "listen", "workers", "max_connections", "reuse_port", "backlog",
+    "server": ["hostname", "listen", "workers", "max_connections", "reuse_port", "sched_batch",
+               "backlog",
                "worker_timeout", "shutdown_timeout", "user"],
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
                "data_timeout", "min_data_rate", "max_errors", "bare_lf"],
@@ -70,6 +71,7 @@ def test_defaults_without_a_file():
         workers=os.cpu_count() or 1,
         max_connections=4096,
         reuse_port=False,
+        sched_batch=True,
         backlog=4096,
         worker_timeout=30.0,
         shutdown_timeout=30.0,
@@ -156,6 +158,7 @@ BAD_VALUES = [
     # booleans must be real YAML booleans
     ("server", 'reuse_port: "yes"', 'server.reuse_port: must be true or false, got "yes"'),
     ("server", "reuse_port: 1", "server.reuse_port: must be true or false, got 1"),
+    ("server", "sched_batch: batch", 'server.sched_batch: must be true or false, got "batch"'),
     ("delivery", 'fsync: "false"', 'delivery.fsync: must be true or false, got "false"'),
     # durations
     ("limits", "command_timeout: 0",
