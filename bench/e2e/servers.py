@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -144,7 +143,9 @@ class Server:
             if spec.backend == "maildir":
                 command += ["--maildir", str(self.maildir)]
             return command
-        per_worker = max(4096, math.ceil(self.connections / MINISMTP_WORKERS) + 1000)
+        # On one shared socket the split between workers is up to the scheduler: a burst
+        # of S6's 10,000 connections can land mostly on one, so each may hold them all.
+        per_worker = max(4096, self.connections + 1000)
         config = self.workdir / "minismtp.yaml"
         config.write_text(MINISMTP_CONFIG.format(
             workers=MINISMTP_WORKERS, max_connections=per_worker, backend=spec.backend,
