@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from minismtp import values as parsing
-from minismtp.faults import FaultsConfig, RuleProblems, dump_rules, parse_rules, parse_seed
+from minismtp.faultrules import RuleProblems, dump_rules, parse_rules, parse_seed
+from minismtp.faults import FaultsConfig
 from minismtp.values import ListenAddress, Parser, parse_listen
 
 __all__ = [
