@@ -17,16 +17,19 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass
 
 from minismtp import exitcodes
 from minismtp.config import Config, ConfigError, ListenAddress, load_config
 from minismtp.delivery import DeliveryError, make_backend
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import HeartbeatBoard
+from minismtp.listen import bind, bound_address
 from minismtp.signals import SignalWakeup
 from minismtp.stats import StatsBoard, Totals, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
+from minismtp.supervision import (
+    WorkerRecord, overdue, spawn_delay, stale_workers, workers_missing, workers_to_retire,
+)
 from minismtp.worker import Worker
 
 log = logging.getLogger("minismtp.master")
@@ -37,78 +40,6 @@ _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is k
 _SHORT_LIFE_S = 5.0  # a worker dying younger than this counts towards spawn back-off
 _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
             signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
-
-
-@dataclass
-class WorkerRecord:
-    pid: int
-    slot: int
-    generation: int
-    started: float
-    retiring_since: float | None = None  # when it was sent SIGTERM
-    killed: bool = False
-
-
-# -- policy: pure functions over worker records, unit-tested without forking --------
-
-def spawn_delay(crash_streak: int) -> float:
-    """Back-off before the next spawn after `crash_streak` workers died young in a row."""
-    return 0.0 if crash_streak <= 0 else min(30.0, 0.1 * 2 ** (crash_streak - 1))
-
-
-def stale_workers(records: list[WorkerRecord], beats: dict[int, float], now: float,
-                  timeout_s: float) -> list[WorkerRecord]:
-    """Workers whose last heartbeat (by slot) is older than `timeout_s`."""
-    return [r for r in records if not r.killed and now - beats[r.slot] > timeout_s]
-
-
-def workers_to_retire(records: list[WorkerRecord], generation: int, target: int
-                      ) -> list[WorkerRecord]:
-    """Old generations, then the oldest of the current one beyond `target`."""
-    active = [r for r in records if r.retiring_since is None]
-    old = [r for r in active if r.generation != generation]
-    current = sorted((r for r in active if r.generation == generation), key=lambda r: r.started)
-    return old + current[: max(0, len(current) - target)]
-
-
-def workers_missing(records: list[WorkerRecord], generation: int, target: int) -> int:
-    current = [r for r in records if r.generation == generation and r.retiring_since is None]
-    return max(0, target - len(current))
-
-
-def overdue(records: list[WorkerRecord], now: float, grace_s: float) -> list[WorkerRecord]:
-    """Retiring workers that ignored SIGTERM for longer than `grace_s`."""
-    return [r for r in records if r.retiring_since is not None and not r.killed
-            and now - r.retiring_since > grace_s]
-
-
-# -- sockets -----------------------------------------------------------------------
-
-def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = True
-         ) -> socket.socket:
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if address.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
-        # Replies go out whole, one send per batch: no Nagle delay. Linux copies this to
-        # every accepted socket, which saves the worker a syscall per connection.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if listen:
-            sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def bound_address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 class Arbiter:

@@ -1,0 +1,64 @@
+"""The master's supervision rules, on records alone: back-off, stale beats, retiring, respawn."""
+
+from __future__ import annotations
+
+import pytest
+
+from minismtp.supervision import (
+    WorkerRecord, overdue, spawn_delay, stale_workers, workers_missing, workers_to_retire,
+)
+
+
+def record(pid: int, generation: int = 0, started: float = 0.0, **kwargs) -> WorkerRecord:
+    return WorkerRecord(pid, slot=pid % 10, generation=generation, started=started, **kwargs)
+
+
+@pytest.mark.parametrize("streak, delay", [
+    (-1, 0.0), (0, 0.0), (1, 0.1), (2, 0.2), (3, 0.4), (9, 25.6), (10, 30.0), (50, 30.0),
+])
+def test_spawn_back_off_doubles_up_to_thirty_seconds(streak, delay):
+    assert spawn_delay(streak) == pytest.approx(delay)
+
+
+def test_stale_workers_are_those_whose_beat_is_older_than_the_timeout():
+    fresh, old, killed = record(1), record(2), record(3, killed=True)
+    beats = {fresh.slot: 95.0, old.slot: 69.0, killed.slot: 0.0}
+    assert stale_workers([fresh, old, killed], beats, now=100.0, timeout_s=30.0) == [old]
+    # Exactly at the timeout is not yet stale.
+    assert stale_workers([old], {old.slot: 70.0}, now=100.0, timeout_s=30.0) == []
+
+
+def test_retire_the_old_generation_first():
+    old_a, old_b = record(1, generation=0), record(2, generation=0)
+    new_a, new_b = record(3, generation=1, started=5.0), record(4, generation=1, started=6.0)
+    assert workers_to_retire([old_a, new_a, old_b, new_b], generation=1, target=2) == [
+        old_a, old_b]
+
+
+def test_beyond_the_target_the_oldest_of_the_current_generation_goes():
+    young, oldest, middle = (record(1, started=30.0), record(2, started=10.0),
+                             record(3, started=20.0))
+    assert workers_to_retire([young, oldest, middle], generation=0, target=1) == [
+        oldest, middle]
+    assert workers_to_retire([young, oldest, middle], generation=0, target=3) == []
+
+
+def test_a_worker_already_retiring_is_not_retired_twice():
+    leaving = record(1, generation=0, retiring_since=50.0)
+    assert workers_to_retire([leaving, record(2, generation=1)], 1, target=1) == []
+
+
+def test_missing_workers_count_only_the_current_generation_not_retiring():
+    records = [record(1, generation=0), record(2, generation=1),
+               record(3, generation=1, retiring_since=5.0)]
+    assert workers_missing(records, generation=1, target=3) == 2
+    assert workers_missing(records, generation=1, target=1) == 0
+    assert workers_missing([], generation=0, target=2) == 2
+
+
+def test_overdue_workers_ignored_sigterm_past_the_grace():
+    late = record(1, retiring_since=10.0)
+    on_time = record(2, retiring_since=40.0)
+    already_killed = record(3, retiring_since=0.0, killed=True)
+    working = record(4)
+    assert overdue([late, on_time, already_killed, working], now=50.0, grace_s=35.0) == [late]
