@@ -30,7 +30,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from e2e import KIB, MIB  # noqa: E402
 from e2e.clients import pipeline_client, smtp_source  # noqa: E402
 
-from minismtp.listen import bind  # noqa: E402
+from minismtp.arbiter import bind  # noqa: E402
 from minismtp.config import load_config  # noqa: E402
 from minismtp.delivery import make_backend  # noqa: E402
 from minismtp.heartbeat import HeartbeatBoard  # noqa: E402

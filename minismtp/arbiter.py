@@ -23,7 +23,6 @@ from minismtp.config import Config, ConfigError, ListenAddress, load_config
 from minismtp.delivery import DeliveryError, make_backend
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import HeartbeatBoard
-from minismtp.listen import bind, bound_address
 from minismtp.signals import SignalWakeup
 from minismtp.stats import StatsBoard, Totals, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
@@ -40,6 +39,35 @@ _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is k
 _SHORT_LIFE_S = 5.0  # a worker dying younger than this counts towards spawn back-off
 _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
             signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+
+# -- sockets -----------------------------------------------------------------------
+
+def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = True
+         ) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        # Replies go out whole, one send per batch: no Nagle delay. Linux copies this to
+        # every accepted socket, which saves the worker a syscall per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if listen:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 class Arbiter:

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from minismtp.listen import bind
+from minismtp.arbiter import bind
 from minismtp.values import parse_listen
 
 
