@@ -1,12 +1,10 @@
 """Maildir delivery: tmp/ -> new/, and a 250 reply only once the message is on disk.
 
 Untrusted input (SECURITY): the HELO name, sender, recipients and body come from the client.
-- Trace headers: control characters (CR, LF, TAB, NUL, DEL, C1, U+2028/9) become "?", so
-  a hostile HELO or address can never start a header line of its own.
-- Directory names (layout "per_recipient"): each component is percent-encoded outside
-  [A-Za-z0-9._+-], never "", "." or "..", never hidden, capped with a hash suffix; the
-  directory is then checked with realpath to lie inside delivery.path (a symlink planted
-  in the tree is refused, not followed).
+The envelope strings reach headers and directory names only through untrusted.py (control
+characters replaced, path components percent-encoded); a recipient's directory is then
+checked with realpath to lie inside delivery.path (a symlink planted in the tree is
+refused, not followed). The body is written as received.
 
 Layout "single" uses the Maildir at delivery.path; "per_recipient" writes one file in the
 shared `<path>/tmp/` and hard-links it into each `<path>/<domain>/<local-part>/new/`. The
@@ -21,26 +19,23 @@ crash. Any failure removes every name the message got.
 from __future__ import annotations
 
 import errno
-import hashlib
 import itertools
 import os
-import re
 import socket
 import stat
 import time
 from contextlib import suppress
-from email.utils import formatdate
 
 from ..events import Envelope
 from .base import Backend, DeliveryError, Peer, Sink
+from .untrusted import encode_host, mailbox_parts, trace_headers
 
-__all__ = ["MaildirBackend", "MaildirSink", "clean_tmp", "mailbox_parts", "trace_headers"]
+__all__ = ["MaildirBackend", "MaildirSink", "clean_tmp"]
 
 TMP_MAX_AGE_S = 36 * 3600  # Maildir convention: tmp/ files this old are debris of a crash
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NO_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})  # fs without hard links
-_MAX_COMPONENT = 200  # bytes; NAME_MAX is 255 on common filesystems
 _MAX_MAILBOXES = 4096  # verified mailbox directories remembered per process
 
 # Unique names: <seconds>.M<usec>P<pid>Q<counter>.<host>. The pid is cached and refreshed
@@ -55,87 +50,6 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-
-
-# --- untrusted strings -> header text and path components -------------------------------
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
-_PERCENT = tuple(chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256))
-_RESERVED_DOMAINS = frozenset({"tmp", "new", "cur", "_local"})  # names we use ourselves
-_LOCAL_DOMAIN = "_local"  # folder for a bare "postmaster" (RFC 5321 section 4.1.1.3)
-
-
-def _to_bytes(text: str) -> bytes:
-    """Encode envelope text, restoring raw bytes the core kept as surrogate escapes."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass")
-
-
-def _clean(text: str) -> str:
-    return _CONTROL.sub("?", text)
-
-
-def _component(text: str) -> str:
-    """One safe, non-empty path component that is never "." or ".." nor hidden."""
-    raw = _to_bytes(text)
-    out = "".join([_PERCENT[b] for b in raw])
-    if not out:
-        return "%"  # "%" alone is never produced by encoding, so it cannot collide
-    if out[0] == ".":
-        out = "%2E" + out[1:]
-    if len(out) > _MAX_COMPONENT:
-        # "~" is always percent-encoded above, so a hashed name cannot collide with a plain one
-        out = out[: _MAX_COMPONENT - 17] + "~" + hashlib.sha256(raw).hexdigest()[:16]
-    return out
-
-
-def mailbox_parts(recipient: str) -> tuple[str, str]:
-    """Map a recipient to (domain folder, local-part folder), both safe path components.
-
-    The domain is case-insensitive and lower-cased; the local part keeps its case
-    (RFC 5321 section 2.4). A recipient without "@" goes to the "_local" folder.
-    """
-    local, at, domain = recipient.rpartition("@")
-    if not at:
-        return _LOCAL_DOMAIN, _component(recipient.lower())
-    folder = _component(domain.lower())
-    if folder in _RESERVED_DOMAINS:
-        folder = f"%{ord(folder[0]):02X}{folder[1:]}"
-    return folder, _component(local)
-
-
-def _encode_host(host: str) -> str:
-    """Host part of a Maildir name: "/" -> "\\057", ":" -> "\\072", any other unsafe byte too."""
-    out = "".join([chr(b) if b in _SAFE else f"\\{b:03o}" for b in _to_bytes(host)])
-    return out[:100] or "localhost"
-
-
-def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
-                  when_s: float, list_recipients: bool = True) -> bytes:
-    """Return-Path, one Delivered-To per recipient (if `list_recipients`), and Received
-    (RFC 5321 section 4.4)."""
-    lines = [f"Return-Path: <{_clean(envelope.sender)}>"]
-    if list_recipients:
-        lines += [f"Delivered-To: {_clean(rcpt)}" for rcpt in envelope.recipients]
-    # RFC 6531 section 4.3 registers "UTF8SMTP" for ESMTP with SMTPUTF8
-    protocol = "UTF8SMTP" if envelope.smtputf8 else "ESMTP" if envelope.esmtp else "SMTP"
-    address = _clean(peer.address)
-    literal = f"[IPv6:{address}]" if ":" in address else f"[{address}]"
-    received = (
-        f"Received: from {_clean(envelope.helo) or 'unknown'} ({literal})\r\n"
-        f"\tby {_clean(hostname)} (minismtp) with {protocol} id {queue_id}"
-    )
-    date = formatdate(when_s, localtime=True)
-    if len(envelope.recipients) == 1:
-        received += f"\r\n\tfor <{_clean(envelope.recipients[0])}>; {date}"
-    else:
-        received += f";\r\n\t{date}"
-    lines.append(received)
-    lines.append("")
-    return _to_bytes("\r\n".join(lines))
 
 
 # --- file system helpers -----------------------------------------------------------------
@@ -287,7 +201,7 @@ class MaildirBackend(Backend):
         self.fsync = fsync
         self.per_recipient = layout == "per_recipient"
         self.hostname = hostname or socket.gethostname()
-        self._host = _encode_host(socket.gethostname())
+        self._host = encode_host(socket.gethostname())
         self._tmp = os.path.join(self.path, "tmp", "")
         self._new = os.path.join(self.path, "new", "")
         self._new_fd = -1

@@ -17,8 +17,9 @@ import pytest
 from minismtp.delivery import (
     Backend, DeliveryError, Peer, Sink, make_backend,
 )
-from minismtp.delivery import maildir
-from minismtp.delivery.maildir import MaildirBackend, clean_tmp, mailbox_parts
+from minismtp.delivery import maildir, untrusted
+from minismtp.delivery.maildir import MaildirBackend, clean_tmp
+from minismtp.delivery.untrusted import mailbox_parts
 from minismtp.delivery.null import DiscardBackend
 from minismtp.events import Envelope
 
@@ -167,7 +168,7 @@ def test_mailbox_finds_every_message_and_tmp_stays_empty(tmp_path: Path) -> None
     box = mailbox.Maildir(str(tmp_path / "mail"), create=False)
     subjects = sorted(int(m["Subject"]) for m in box)
     assert subjects == list(range(200))
-    host = maildir._encode_host(socket.gethostname())
+    host = untrusted.encode_host(socket.gethostname())
     names = {p.name for p in files(tmp_path / "mail" / "new")}
     assert names == {f"{queue_id}.{host}" for queue_id in ids}
     b.close()
@@ -183,9 +184,9 @@ def test_names_unique_across_backends_at_same_time(tmp_path: Path, monkeypatch) 
 
 
 def test_hostname_encoding_in_file_name() -> None:
-    assert maildir._encode_host("a/b:c") == "a\\057b\\072c"
-    assert maildir._encode_host("h\nx y") == "h\\012x\\040y"
-    assert maildir._encode_host("mx-1.example_x") == "mx-1.example_x"
+    assert untrusted.encode_host("a/b:c") == "a\\057b\\072c"
+    assert untrusted.encode_host("h\nx y") == "h\\012x\\040y"
+    assert untrusted.encode_host("mx-1.example_x") == "mx-1.example_x"
 
 
 def test_abort_leaves_nothing_and_is_idempotent(tmp_path: Path) -> None:
