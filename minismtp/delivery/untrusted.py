@@ -6,7 +6,8 @@ Untrusted input (SECURITY): the HELO name, sender and recipients come from the c
 - Directory names (layout "per_recipient"): each component is percent-encoded outside
   [A-Za-z0-9._+-], never "", "." or "..", never hidden, capped with a hash suffix
   (maildir.py then checks with realpath that the directory lies inside delivery.path).
-- The host part of file names: "/", ":" and any other unsafe byte become octal escapes.
+- The host part of file names (this machine's name, which may hold "/" or ":"): unsafe
+  bytes become octal escapes.
 """
 
 from __future__ import annotations
