@@ -50,7 +50,7 @@ class ServerConfig:
     workers: int
     max_connections: int
     reuse_port: bool
-    sched_batch: bool
+    sched_batch: bool | None  # None: auto
     backlog: int
     worker_timeout: float
     shutdown_timeout: float
@@ -121,8 +121,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.workers", "auto", parsing.worker_count, 'worker processes; "auto" = one per CPU'),
     Setting("server.max_connections", 4096, _positive, "open client connections per worker"),
     Setting("server.reuse_port", False, parsing.boolean, "SO_REUSEPORT: one socket per worker"),
-    Setting("server.sched_batch", True, parsing.boolean,
-            "workers run as SCHED_BATCH (Linux): woken, they do not preempt other tasks"),
+    Setting("server.sched_batch", "auto", parsing.boolean_or_auto,
+            "workers run as SCHED_BATCH (Linux): woken, they do not preempt other tasks; "
+            "auto: unless delivery waits for fsync",
+            lambda value: "auto" if value is None else value),
     Setting("server.backlog", 4096, _positive, "listen() backlog"),
     Setting("server.worker_timeout", "30s", _timeout,
             "heartbeat age after which the master kills a worker", parsing.dump_duration),

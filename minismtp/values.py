@@ -107,6 +107,15 @@ def boolean(value: object) -> bool:
     return value
 
 
+def boolean_or_auto(value: object) -> bool | None:
+    """true, false, or "auto" (None: the program decides)."""
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ValueError(f'must be true, false or "auto", got {got(value)}')
+    return value
+
+
 def choice(*options: str, fold_case: bool = False) -> Parser:
     listed = ", ".join(f'"{option}"' for option in options)
 

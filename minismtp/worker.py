@@ -98,7 +98,10 @@ class Worker:
         # the collector sees as growth: at the default threshold (700) it ran every few
         # dozen connections, to find nothing. Cycles are rare here; collect less often.
         gc.set_threshold(_GC_THRESHOLD, *gc.get_threshold()[1:])
-        if self.config.server.sched_batch:
+        batch = self.config.server.sched_batch
+        if batch is None:  # auto: not where replies wait for the disk (etc/minismtp.yaml)
+            batch = not self.backend.commit_blocks
+        if batch:
             _batch_scheduling()
         self._init_signals()
         for listener in self.listeners:

@@ -45,7 +45,7 @@ class ServerSpec:
     short: str = ""  # name in the ratio column
     extra_config: str = ""  # YAML sections appended to minismtp's generated config
     reuse_port: bool = False  # minismtp: each worker its own SO_REUSEPORT socket
-    sched_batch: bool = True  # minismtp: workers under SCHED_BATCH (the default)
+    sched_batch: str = "auto"  # minismtp: SCHED_BATCH workers unless delivery fsyncs
 
     def missing(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -86,7 +86,7 @@ SERVERS = (
     # Workers under the ordinary policy: a woken worker preempts whatever runs (the client).
     ServerSpec("minismtp-nobatch", "minismtp", "discard", short="mini-nobatch",
                compare_to=("smtp-sink", "aiosmtpd-discard", "minismtp-discard"),
-               sched_batch=False),
+               sched_batch="false"),
 )
 BY_NAME = {spec.name: spec for spec in SERVERS}
 SHORT = {spec.name: spec.short or spec.name for spec in SERVERS}
@@ -150,7 +150,7 @@ class Server:
         config.write_text(MINISMTP_CONFIG.format(
             workers=MINISMTP_WORKERS, max_connections=per_worker, backend=spec.backend,
             path=json.dumps(str(self.maildir)), fsync=str(spec.fsync).lower(),
-            reuse_port=str(spec.reuse_port).lower(), sched_batch=str(spec.sched_batch).lower())
+            reuse_port=str(spec.reuse_port).lower(), sched_batch=spec.sched_batch)
             + spec.extra_config)
         return [sys.executable, "-m", "minismtp", "serve", "--config", str(config)]
 

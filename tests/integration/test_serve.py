@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -247,11 +248,20 @@ def _batch_allowed() -> bool:
 
 
 @pytest.mark.skipif(not _batch_allowed(), reason="SCHED_BATCH cannot be chosen here")
-@pytest.mark.parametrize("batch", [True, False])
-def test_workers_run_under_the_configured_scheduling_policy(make_server, batch):
-    server = make_server({"server": {"workers": 2, "sched_batch": batch}})
-    expected = os.SCHED_BATCH if batch else os.SCHED_OTHER
-    pids = server.worker_pids()
-    server.wait_until(lambda: all(os.sched_getscheduler(pid) == expected for pid in pids), 5,
-                      message="each worker under its policy")
+@pytest.mark.parametrize("batch, delivery, expected", [
+    (True, {"fsync": True}, "SCHED_BATCH"),
+    (False, {"backend": "discard"}, "SCHED_OTHER"),
+    ("auto", {"backend": "discard"}, "SCHED_BATCH"),
+    ("auto", {"fsync": False}, "SCHED_BATCH"),
+    ("auto", {"fsync": True}, "SCHED_OTHER"),  # replies wait for the disk: wake promptly
+])
+def test_workers_run_under_the_configured_scheduling_policy(make_server, batch, delivery,
+                                                            expected):
+    server = make_server({"server": {"workers": 1, "sched_batch": batch},
+                          "delivery": delivery})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+        assert client.recv(100).startswith(b"220 ")  # the worker is in its loop: policy set
+    [worker] = server.worker_pids()
+    assert os.sched_getscheduler(worker) == getattr(os, expected)
+    assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER  # the master is not a worker
     assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER  # the master is not a worker

@@ -71,7 +71,7 @@ def test_defaults_without_a_file():
         workers=os.cpu_count() or 1,
         max_connections=4096,
         reuse_port=False,
-        sched_batch=True,
+        sched_batch=None,
         backlog=4096,
         worker_timeout=30.0,
         shutdown_timeout=30.0,
@@ -158,7 +158,8 @@ BAD_VALUES = [
     # booleans must be real YAML booleans
     ("server", 'reuse_port: "yes"', 'server.reuse_port: must be true or false, got "yes"'),
     ("server", "reuse_port: 1", "server.reuse_port: must be true or false, got 1"),
-    ("server", "sched_batch: batch", 'server.sched_batch: must be true or false, got "batch"'),
+    ("server", "sched_batch: batch",
+     'server.sched_batch: must be true, false or "auto", got "batch"'),
     ("delivery", 'fsync: "false"', 'delivery.fsync: must be true or false, got "false"'),
     # durations
     ("limits", "command_timeout: 0",
