@@ -189,6 +189,7 @@ class Arbiter:
             if record is None:
                 continue  # not ours (or already forgotten): reaped, not reported
             self.stats_board.retire(record.slot, self.retired)  # totals never go back
+            self.board.vacate(record.slot)
             self.free_slots.append(record.slot)
             self._report_exit(record, status)
 
@@ -219,9 +220,14 @@ class Arbiter:
 
     def _spawn(self, now: float) -> None:
         slot = self.free_slots.pop()
-        self.board.beat(slot, now)
+        self.board.hand_out(slot, now)
+        # Until the worker has handlers of its own, a signal sent to it would run the
+        # master's, which notify the master's loop: the worker would never see a SIGTERM
+        # sent right after it was forked. Blocked, it waits for the worker (worker.py).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
             self.workers[pid] = WorkerRecord(pid, slot, self.generation, now)
             return
         code = exitcodes.WORKER_CRASHED

@@ -1,28 +1,64 @@
-"""Worker liveness stamps in shared memory: one float per worker slot, no syscall to beat.
+"""Worker liveness and load in shared memory: no syscall to beat or to count.
 
-The master creates the board before forking; workers write `time.monotonic()` into their
-slot (CLOCK_MONOTONIC is the same clock in every process) and the master reads them.
+The master creates the board before forking. Per worker slot, the worker writes
+`time.monotonic()` (CLOCK_MONOTONIC is the same clock in every process) and the number of
+sessions it holds, or NOT_ACCEPTING while it takes no new connections (starting, paused,
+stopping). The master reads the beats; workers read each other's loads to share one
+listening queue evenly (balance.py). The master keeps `span` above every slot it has
+handed out, so a worker looks at a few slots, not at all of them.
 """
 
 from __future__ import annotations
 
 import mmap
-import struct
 import time
 
-_SLOT = struct.Struct("d")
+NOT_ACCEPTING = -1
+_DOUBLE = 8  # bytes per slot in each array: a double beat, a 64-bit load
 
 
 class HeartbeatBoard:
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._map = mmap.mmap(-1, slots * _SLOT.size)  # anonymous, shared across fork
+        self._map = mmap.mmap(-1, _DOUBLE * (2 * slots + 1))  # anonymous, shared across fork
+        whole = memoryview(self._map)
+        self._beats = whole[: _DOUBLE * slots].cast("d")
+        self.loads = whole[_DOUBLE * slots: 2 * _DOUBLE * slots].cast("q")
+        self._span = whole[2 * _DOUBLE * slots:].cast("q")
+        whole.release()
+        for slot in range(slots):
+            self.loads[slot] = NOT_ACCEPTING
 
     def beat(self, slot: int, now: float | None = None) -> None:
-        _SLOT.pack_into(self._map, slot * _SLOT.size, time.monotonic() if now is None else now)
+        self._beats[slot] = time.monotonic() if now is None else now
 
     def last(self, slot: int) -> float:
-        return _SLOT.unpack_from(self._map, slot * _SLOT.size)[0]
+        return self._beats[slot]
+
+    def hand_out(self, slot: int, now: float) -> None:
+        """The master gives `slot` to a new worker: alive from `now`, not accepting yet."""
+        self._beats[slot] = now
+        self.loads[slot] = NOT_ACCEPTING
+        if slot >= self._span[0]:
+            self._span[0] = slot + 1
+
+    def vacate(self, slot: int) -> None:
+        """The slot's worker has exited."""
+        self.loads[slot] = NOT_ACCEPTING
+
+    def lightest_sibling(self, slot: int, now: float, max_age: float) -> int | None:
+        """The fewest sessions held by another live, accepting worker; None if none is."""
+        loads, beats = self.loads, self._beats
+        lightest = None
+        for other in range(self._span[0]):
+            load = loads[other]
+            if load < 0 or other == slot or now - beats[other] > max_age:
+                continue
+            if lightest is None or load < lightest:
+                lightest = load
+        return lightest
 
     def close(self) -> None:
+        for view in (self._beats, self.loads, self._span):
+            view.release()
         self._map.close()

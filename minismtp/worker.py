@@ -18,13 +18,13 @@ import signal
 import socket
 import time
 
-from minismtp import exitcodes, replies
+from minismtp import balance, exitcodes, replies
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, DeliveryError, Peer
 from minismtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
 from minismtp.faults import FaultInjector
-from minismtp.heartbeat import HeartbeatBoard
+from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 from minismtp.protocol import SmtpServerConnection, State
 from minismtp.session import Session, protocol_settings
 from minismtp.signals import SignalWakeup
@@ -67,6 +67,9 @@ class Worker:
         self.data_timeout = limits.data_timeout
         self.min_data_rate = limits.min_data_rate
         self.max_connections = config.server.max_connections
+        # One queue shared with sibling workers: take no more than a fair part (balance.py).
+        self.balancing = not config.server.reuse_port
+        self.loads = board.loads
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
         self.now = time.monotonic()
@@ -77,7 +80,8 @@ class Worker:
         self.parent = os.getppid()
         self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
         self.wakeup = SignalWakeup()
-        self.accept_paused_until = 0.0
+        self.accept_paused_until = 0.0  # out of descriptors: accept again at a tick after
+        self.accept_deferred_until = 0.0  # left to a lighter sibling until then (balance.py)
         self.stats = WorkerStats(stats_board.max_rules)
         self.decide = Decisions(self, FaultInjector(config.faults, slot), self.stats)
 
@@ -88,6 +92,9 @@ class Worker:
             signal.signal(sig, signal.SIG_IGN)  # the master's business
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
         self.sel.register(self.wakeup.sock, _READ, _WAKEUP)
+        # The master forks us with its signals blocked (arbiter.py): what arrived since
+        # is delivered now, to our own handlers.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
     def run(self) -> int:
         # Everything alive now (modules, config) lives as long as the process: keep it out
@@ -104,8 +111,7 @@ class Worker:
         if batch:
             _batch_scheduling()
         self._init_signals()
-        for listener in self.listeners:
-            self.sel.register(listener, _READ, _LISTENER)
+        self._listen()
         committer = self.decide.committer
         if committer is not None:
             self.sel.register(committer.wakeup, _READ, _COMMITS)
@@ -135,6 +141,8 @@ class Worker:
                             self._on_readable(data)
                 self.now = now = time.monotonic()
                 self.timers.expire(now, self._on_deadline)
+                if self.accept_deferred_until and now >= self.accept_deferred_until:
+                    self._end_deferral()
         finally:
             for session in list(self.sessions.values()):
                 self._close(session, "worker exit")
@@ -149,8 +157,7 @@ class Worker:
         self.stats.publish(self.stats_board, self.slot)
         if self.accept_paused_until and now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
-            for listener in self.listeners:
-                self.sel.register(listener, _READ, _LISTENER)
+            self._listen()
         if os.getppid() != self.parent:
             log.warning("worker %d: master went away, exiting", os.getpid())
             self._begin_stop(now)
@@ -158,6 +165,8 @@ class Worker:
 
     def _select_timeout(self, now: float) -> float:
         due = self.timers.next_due()
+        if self.accept_deferred_until and (due is None or self.accept_deferred_until < due):
+            due = self.accept_deferred_until
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_signals(self) -> None:
@@ -173,12 +182,12 @@ class Worker:
             return
         self.stopping = True
         self.stop_deadline = now + self.config.server.shutdown_timeout
+        self._unlisten()
         for listener in self.listeners:
-            if not self.accept_paused_until:
-                self.sel.unregister(listener)
             listener.close()
         self.listeners = []
-        self.accept_paused_until = 0.0
+        self.accept_paused_until = self.accept_deferred_until = 0.0
+        self._publish_load()
         for session in list(self.sessions.values()):
             if not session.paused:
                 self._maybe_send_off(session)
@@ -187,7 +196,26 @@ class Worker:
     # -- connections ---------------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
-        for _ in range(_ACCEPTS_PER_WAKEUP):
+        most = _ACCEPTS_PER_WAKEUP
+        if self.balancing:
+            lightest = self.board.lightest_sibling(self.slot, self.now, balance.MAX_AGE_S)
+            most = balance.accept_room(len(self.sessions), lightest, most)
+            if not most:
+                if balance.burst_waiting(listener):
+                    self._unlisten()
+                    self.accept_deferred_until = self.now + balance.DEFER_S
+                    return
+                most = _ACCEPTS_PER_WAKEUP
+        self._take(listener, most)
+
+    def _take(self, listener: socket.socket, most: int) -> None:
+        if self.wakeup.pending():
+            # A stop may be waiting in this same batch of events: a connection taken
+            # now would only get 421 (and could have gone to a new worker instead).
+            self._read_signals()
+        if self.stopping:
+            return
+        for _ in range(most):
             try:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -204,9 +232,33 @@ class Worker:
 
     def _pause_accepting(self) -> None:
         if not self.accept_paused_until:
+            self._unlisten()
             self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE_S
+            self._publish_load()
+
+    def _end_deferral(self) -> None:
+        """Take what the siblings left queued (they may be busy), then listen again."""
+        self.accept_deferred_until = 0.0
+        self._listen()
+        for listener in self.listeners:
+            if self.accept_paused_until:
+                break  # out of descriptors
+            self._take(listener, _ACCEPTS_PER_WAKEUP)
+
+    def _listen(self) -> None:
+        for listener in self.listeners:
+            self.sel.register(listener, _READ, _LISTENER)
+        self._publish_load()
+
+    def _unlisten(self) -> None:
+        if not (self.accept_paused_until or self.accept_deferred_until):
             for listener in self.listeners:
                 self.sel.unregister(listener)
+
+    def _publish_load(self) -> None:
+        """Sessions held, for siblings sharing the queue; none while not taking more."""
+        idle = self.stopping or self.accept_paused_until
+        self.loads[self.slot] = NOT_ACCEPTING if idle else len(self.sessions)
 
     def _start_session(self, sock: socket.socket, addr: tuple) -> None:
         sock.setblocking(False)
@@ -220,6 +272,7 @@ class Worker:
             return
         session = Session(sock, SmtpServerConnection(self.settings), Peer(addr[0], addr[1]))
         self.sessions[sock.fileno()] = session
+        self.loads[self.slot] = len(self.sessions)
         self.stats.connections_open += 1
         self.stats.connections_total += 1
         self.timers.set_deadline(session, self.now + self.command_timeout)
@@ -455,6 +508,7 @@ class Worker:
         if session.mask:
             self.sel.unregister(session.sock)
         self.sessions.pop(session.sock.fileno(), None)
+        self._publish_load()
         session.sock.close()
         session.conn.buffer.release()
         stats = self.stats

@@ -264,4 +264,3 @@ def test_workers_run_under_the_configured_scheduling_policy(make_server, batch, 
     [worker] = server.worker_pids()
     assert os.sched_getscheduler(worker) == getattr(os, expected)
     assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER  # the master is not a worker
-    assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER  # the master is not a worker

@@ -112,6 +112,23 @@ def test_sigterm_closes_session_once_its_transaction_ends(make_server, raw_clien
     server.wait_for_log(rf"worker {worker} exited with status 0", since=mark)
 
 
+def test_sigterm_just_after_a_worker_is_replaced_reaches_the_new_worker(make_server):
+    """A worker forked a moment before a stop must stop too, not linger to the deadline."""
+    server = make_server({"server": {"workers": 2, "shutdown_timeout": "10s"}})
+    before = server.worker_pids()
+    os.kill(before[0], signal.SIGKILL)
+
+    def replaced() -> list[int] | None:
+        pids = server.worker_pids()
+        return pids if len(pids) == 2 and before[0] not in pids else None
+
+    server.wait_until(replaced, 5, interval=0.001, message="a replacement worker")
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)  # forwarded while the new worker is still starting
+    assert server.wait(15) == 0
+    assert time.monotonic() - started < 5  # not the 10 s shutdown_timeout and its grace
+
+
 def test_sigterm_when_idle_exits_zero(make_server):
     server = make_server({"server": {"workers": 2}})
     server.send_signal(signal.SIGTERM)

@@ -1,0 +1,54 @@
+"""How many connections a worker may take from a listening queue it shares with siblings.
+
+Untrusted input: none (session counts that workers publish on the heartbeat board, and
+the kernel's count of connections waiting to be accepted).
+
+Every worker waiting on one listening socket is woken by a new connection, and the first
+to run used to drain the queue. Short sessions do not mind where they land, but long ones
+stay there: when 20 kept-open sessions opened together all went to one worker (a third
+of bench/ S2's rounds), that worker did all the work while the other idled, and the
+round ran at 18,000 msgs/s instead of 21,000 to 24,000.
+
+So when a burst waits in the queue, a worker already holding MARGIN more sessions than
+its lightest sibling leaves the queue to that sibling for a moment (DEFER_S). Whatever is
+still queued when the moment ends it takes after all, so a sibling that is slow or stuck
+delays connections by DEFER_S at most. Without a burst it takes what is there: short
+sessions arrive a few at a time, and waiting for a sibling to wake up (it may not run at
+once, see worker.py's SCHED_BATCH) cost bench/ S1 a tenth of its rate.
+With reuse_port each worker has a queue of its own, and this does not apply.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+
+MARGIN = 4  # sessions a worker may hold above its lightest sibling
+BURST = 8  # queued connections that make a burst
+DEFER_S = 0.002  # how long a worker leaves the queue to a lighter sibling
+MAX_AGE_S = 3.0  # a sibling whose heartbeat is older may be stuck: do not wait for it
+
+# Linux's struct tcp_info: for a listening socket tcpi_unacked is the accept queue length.
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_UNACKED = struct.Struct("=I")
+_UNACKED_OFFSET = 24  # after 8 one-byte fields and tcpi_rto, ato, snd_mss, rcv_mss
+_INFO_BYTES = _UNACKED_OFFSET + _UNACKED.size
+
+
+def accept_room(mine: int, lightest: int | None, most: int) -> int:
+    """How many to accept now, holding `mine` sessions, of at most `most` (0: maybe defer)."""
+    if lightest is None:
+        return most
+    return max(0, min(most, lightest + MARGIN + 1 - mine))
+
+
+def burst_waiting(listener: socket.socket) -> bool:
+    """Whether at least BURST connections wait in `listener`'s accept queue."""
+    if _TCP_INFO is None:
+        return False  # cannot tell: take them, as without balancing
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _INFO_BYTES)
+    except OSError:
+        return False
+    return len(info) >= _INFO_BYTES and _UNACKED.unpack_from(info, _UNACKED_OFFSET)[0] >= BURST

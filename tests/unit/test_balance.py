@@ -1,0 +1,104 @@
+"""Sharing one listening queue: the accept rule, the burst test and the load board."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+from minismtp import balance
+from minismtp.balance import MARGIN, accept_room, burst_waiting
+from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
+
+
+@pytest.mark.parametrize("mine, lightest, most, room", [
+    (0, None, 64, 64),  # no sibling to leave anything to
+    (30, None, 64, 64),
+    (0, 0, 64, MARGIN + 1),  # may lead its lightest sibling by MARGIN sessions
+    (MARGIN, 0, 64, 1),
+    (MARGIN + 1, 0, 64, 0),
+    (50, 3, 64, 0),
+    (3, 50, 64, 52),
+    (0, 100, 64, 64),  # never more than `most` at once
+])
+def test_accept_room_keeps_a_worker_within_margin_of_its_lightest_sibling(
+        mine, lightest, most, room):
+    assert accept_room(mine, lightest, most) == room
+
+
+def _queue(listener: socket.socket, count: int) -> list[socket.socket]:
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(listener.getsockname())
+        clients.append(client)
+    return clients
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's tcp_info")
+def test_burst_waiting_reads_the_accept_queue_length():
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
+        assert not burst_waiting(listener)
+        clients = _queue(listener, balance.BURST - 1)
+        assert not burst_waiting(listener)
+        clients += _queue(listener, 1)
+        assert burst_waiting(listener)
+        listener.accept()[0].close()  # one fewer waiting: below a burst again
+        assert not burst_waiting(listener)
+        for client in clients:
+            client.close()
+
+
+def test_burst_waiting_is_false_where_the_queue_cannot_be_read():
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as not_tcp:
+        assert not burst_waiting(not_tcp)
+
+
+@pytest.fixture
+def board():
+    board = HeartbeatBoard(8)
+    yield board
+    board.close()
+
+
+def test_no_sibling_until_the_master_hands_slots_out(board):
+    assert board.lightest_sibling(0, now=10.0, max_age=3.0) is None
+    board.hand_out(0, now=10.0)
+    board.loads[0] = 0
+    assert board.lightest_sibling(0, now=10.0, max_age=3.0) is None  # only itself
+
+
+def test_lightest_sibling_is_the_live_accepting_one_with_fewest_sessions(board):
+    for slot, load in enumerate([9, 7, 2, 5]):
+        board.hand_out(slot, now=10.0)
+        board.loads[slot] = load
+    assert board.lightest_sibling(0, now=11.0, max_age=3.0) == 2
+    assert board.lightest_sibling(2, now=11.0, max_age=3.0) == 5  # not itself
+    board.loads[2] = NOT_ACCEPTING  # starting, paused or stopping: not a candidate
+    assert board.lightest_sibling(0, now=11.0, max_age=3.0) == 5
+    board.beat(3, 6.0)  # silent for 5 s: it may be stuck
+    assert board.lightest_sibling(0, now=11.0, max_age=3.0) == 7
+    board.vacate(1)
+    assert board.lightest_sibling(0, now=11.0, max_age=3.0) is None
+
+
+def test_hand_out_marks_the_slot_alive_but_not_accepting(board):
+    board.hand_out(5, now=42.0)
+    assert board.last(5) == 42.0
+    assert board.loads[5] == NOT_ACCEPTING
+    board.loads[5] = 0
+    assert board.lightest_sibling(0, now=42.0, max_age=3.0) == 0  # slots below 5 are empty
+
+
+def test_the_board_is_shared_with_forked_workers(board):
+    board.hand_out(0, now=1.0)
+    board.hand_out(1, now=1.0)
+    pid = os.fork()
+    if pid == 0:
+        board.loads[1] = 17
+        board.beat(1, 2.0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert board.loads[1] == 17
+    assert board.lightest_sibling(0, now=2.5, max_age=3.0) == 17
