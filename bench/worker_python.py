@@ -94,7 +94,7 @@ def make_worker() -> Worker:
 def s1_shape(worker: Worker, messages: int) -> None:
     for n in range(messages):
         sock = ScriptedSocket(CONNECTION, 1000 + n % 64)
-        worker._start_session(sock, ("127.0.0.1", 40000))  # type: ignore[arg-type]
+        worker.start_session(sock, ("127.0.0.1", 40000))  # type: ignore[arg-type]
         session = worker.sessions[sock.fd]
         for _ in CONNECTION:
             worker._on_readable(session)
@@ -104,7 +104,7 @@ def s1_shape(worker: Worker, messages: int) -> None:
 
 def s2_shape(worker: Worker, messages: int) -> None:
     sock = ScriptedSocket([b"HELO localhost\r\n"] + TRANSACTION * messages, 999)
-    worker._start_session(sock, ("127.0.0.1", 40000))  # type: ignore[arg-type]
+    worker.start_session(sock, ("127.0.0.1", 40000))  # type: ignore[arg-type]
     session = worker.sessions[sock.fd]
     for _ in range(len(sock.reads)):
         worker._on_readable(session)

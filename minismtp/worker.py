@@ -9,7 +9,6 @@ the message, counters) are in `decisions.py`; this module moves bytes and keeps 
 
 from __future__ import annotations
 
-import errno
 import gc
 import logging
 import os
@@ -18,13 +17,14 @@ import signal
 import socket
 import time
 
-from minismtp import balance, exitcodes, replies
+from minismtp import exitcodes, replies
+from minismtp.acceptor import LISTENER, Acceptor
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, DeliveryError, Peer
 from minismtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
 from minismtp.faults import FaultInjector
-from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
+from minismtp.heartbeat import HeartbeatBoard
 from minismtp.protocol import SmtpServerConnection, State
 from minismtp.session import Session, protocol_settings
 from minismtp.signals import SignalWakeup
@@ -34,18 +34,13 @@ from minismtp.timers import Timers
 log = logging.getLogger("minismtp.worker")
 
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-# Accepts per wakeup: drain a burst quickly (4 instead of 64 cost S4 in bench/ a third
-# of its rate). The first worker to wake may take most of a burst; reuse_port spreads
-# connections evenly instead.
-_ACCEPTS_PER_WAKEUP = 64
 _RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
 _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
 _LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
-_ACCEPT_PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
 _READS_PER_WAKEUP = 8  # at most, while a body fills the buffer: other clients wait meanwhile
 _GC_THRESHOLD = 10_000  # tracked allocations (net of frees) between young collections
 _TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
-_LISTENER, _WAKEUP, _COMMITS = object(), object(), object()
+_WAKEUP, _COMMITS = object(), object()
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the bytes for what follows
 _DATA, _CLOSED = State.DATA, State.CLOSED  # globals: Enum class attributes are slow to read
 
@@ -56,7 +51,6 @@ class Worker:
         board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
     ) -> None:
         self.config = config
-        self.listeners = listeners
         self.backend = backend
         self.board = board
         self.slot = slot
@@ -67,9 +61,7 @@ class Worker:
         self.data_timeout = limits.data_timeout
         self.min_data_rate = limits.min_data_rate
         self.max_connections = config.server.max_connections
-        # One queue shared with sibling workers: take no more than a fair part (balance.py).
-        self.balancing = not config.server.reuse_port
-        self.loads = board.loads
+        self.loads = board.loads  # this worker's session count, for its siblings
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
         self.now = time.monotonic()
@@ -80,8 +72,8 @@ class Worker:
         self.parent = os.getppid()
         self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
         self.wakeup = SignalWakeup()
-        self.accept_paused_until = 0.0  # out of descriptors: accept again at a tick after
-        self.accept_deferred_until = 0.0  # left to a lighter sibling until then (balance.py)
+        # With reuse_port the queue is this worker's own; otherwise it shares it fairly.
+        self.acceptor = Acceptor(self, listeners, board, slot, not config.server.reuse_port)
         self.stats = WorkerStats(stats_board.max_rules)
         self.decide = Decisions(self, FaultInjector(config.faults, slot), self.stats)
 
@@ -111,7 +103,8 @@ class Worker:
         if batch:
             _batch_scheduling()
         self._init_signals()
-        self._listen()
+        acceptor = self.acceptor
+        acceptor.listen()
         committer = self.decide.committer
         if committer is not None:
             self.sel.register(committer.wakeup, _READ, _COMMITS)
@@ -127,13 +120,13 @@ class Worker:
                 self.now = time.monotonic()
                 for key, mask in events:
                     data = key.data
-                    if data is _LISTENER:
+                    if data is LISTENER:
                         if not self.stopping:  # closed by a stop earlier in this batch
-                            self._accept(key.fileobj)
+                            acceptor.on_readable(key.fileobj)
                     elif data is _COMMITS:
                         self.decide.on_commits()
                     elif data is _WAKEUP:
-                        self._read_signals()
+                        self.read_signals()
                     else:
                         if mask & _WRITE:
                             self._flush(data)
@@ -141,8 +134,8 @@ class Worker:
                             self._on_readable(data)
                 self.now = now = time.monotonic()
                 self.timers.expire(now, self._on_deadline)
-                if self.accept_deferred_until and now >= self.accept_deferred_until:
-                    self._end_deferral()
+                if acceptor.deferred_until and now >= acceptor.deferred_until:
+                    acceptor.end_deferral()
         finally:
             for session in list(self.sessions.values()):
                 self._close(session, "worker exit")
@@ -155,9 +148,7 @@ class Worker:
     def _tick(self, now: float) -> bool:
         self.board.beat(self.slot, now)
         self.stats.publish(self.stats_board, self.slot)
-        if self.accept_paused_until and now >= self.accept_paused_until:
-            self.accept_paused_until = 0.0
-            self._listen()
+        self.acceptor.tick(now)
         if os.getppid() != self.parent:
             log.warning("worker %d: master went away, exiting", os.getpid())
             self._begin_stop(now)
@@ -165,11 +156,12 @@ class Worker:
 
     def _select_timeout(self, now: float) -> float:
         due = self.timers.next_due()
-        if self.accept_deferred_until and (due is None or self.accept_deferred_until < due):
-            due = self.accept_deferred_until
+        deferred = self.acceptor.deferred_until
+        if deferred and (due is None or deferred < due):
+            due = deferred
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
-    def _read_signals(self) -> None:
+    def read_signals(self) -> None:
         for signum in self.wakeup.read():
             if signum == signal.SIGQUIT:
                 raise SystemExit(exitcodes.OK)  # immediate stop
@@ -182,12 +174,7 @@ class Worker:
             return
         self.stopping = True
         self.stop_deadline = now + self.config.server.shutdown_timeout
-        self._unlisten()
-        for listener in self.listeners:
-            listener.close()
-        self.listeners = []
-        self.accept_paused_until = self.accept_deferred_until = 0.0
-        self._publish_load()
+        self.acceptor.close()
         for session in list(self.sessions.values()):
             if not session.paused:
                 self._maybe_send_off(session)
@@ -195,72 +182,7 @@ class Worker:
 
     # -- connections ---------------------------------------------------------------
 
-    def _accept(self, listener: socket.socket) -> None:
-        most = _ACCEPTS_PER_WAKEUP
-        if self.balancing:
-            lightest = self.board.lightest_sibling(self.slot, self.now, balance.MAX_AGE_S)
-            most = balance.accept_room(len(self.sessions), lightest, most)
-            if not most:
-                if balance.burst_waiting(listener):
-                    self._unlisten()
-                    self.accept_deferred_until = self.now + balance.DEFER_S
-                    return
-                most = _ACCEPTS_PER_WAKEUP
-        self._take(listener, most)
-
-    def _take(self, listener: socket.socket, most: int) -> None:
-        if self.wakeup.pending():
-            # A stop may be waiting in this same batch of events: a connection taken
-            # now would only get 421 (and could have gone to a new worker instead).
-            self._read_signals()
-        if self.stopping:
-            return
-        for _ in range(most):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return  # another worker won the race, or the queue is empty
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept: %s; pausing accepts", exc.strerror)
-                    self._pause_accepting()
-                    return
-                raise
-            self._start_session(sock, addr)
-
-    def _pause_accepting(self) -> None:
-        if not self.accept_paused_until:
-            self._unlisten()
-            self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE_S
-            self._publish_load()
-
-    def _end_deferral(self) -> None:
-        """Take what the siblings left queued (they may be busy), then listen again."""
-        self.accept_deferred_until = 0.0
-        self._listen()
-        for listener in self.listeners:
-            if self.accept_paused_until:
-                break  # out of descriptors
-            self._take(listener, _ACCEPTS_PER_WAKEUP)
-
-    def _listen(self) -> None:
-        for listener in self.listeners:
-            self.sel.register(listener, _READ, _LISTENER)
-        self._publish_load()
-
-    def _unlisten(self) -> None:
-        if not (self.accept_paused_until or self.accept_deferred_until):
-            for listener in self.listeners:
-                self.sel.unregister(listener)
-
-    def _publish_load(self) -> None:
-        """Sessions held, for siblings sharing the queue; none while not taking more."""
-        idle = self.stopping or self.accept_paused_until
-        self.loads[self.slot] = NOT_ACCEPTING if idle else len(self.sessions)
-
-    def _start_session(self, sock: socket.socket, addr: tuple) -> None:
+    def start_session(self, sock: socket.socket, addr: tuple) -> None:
         sock.setblocking(False)
         if len(self.sessions) >= self.max_connections:
             self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
@@ -508,7 +430,7 @@ class Worker:
         if session.mask:
             self.sel.unregister(session.sock)
         self.sessions.pop(session.sock.fileno(), None)
-        self._publish_load()
+        self.acceptor.publish_load()
         session.sock.close()
         session.conn.buffer.release()
         stats = self.stats

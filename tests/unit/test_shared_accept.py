@@ -32,7 +32,7 @@ def shared():
         backend = make_backend("discard", "", False, "single", config.server.hostname)
         board.hand_out(slot, time.monotonic())
         worker = Worker(config, [listener], backend, board, slot, stats_board)
-        worker._listen()
+        worker.acceptor.listen()
         workers.append(worker)
     clients: list[socket.socket] = []
 
@@ -55,7 +55,7 @@ def shared():
 def _step(worker: Worker, listener: socket.socket) -> None:
     """One wake-up on the listener, as the loop would run it."""
     worker.now = time.monotonic()
-    worker._accept(listener)
+    worker.acceptor.on_readable(listener)
 
 
 def _listening(worker: Worker, listener: socket.socket) -> bool:
@@ -67,10 +67,10 @@ def test_a_burst_is_left_to_the_sibling_beyond_the_margin(shared):
     queue(20)
     _step(first, listener)  # its margin over the empty sibling
     assert len(first.sessions) == balance.MARGIN + 1
-    assert first.accept_deferred_until == 0.0
+    assert first.acceptor.deferred_until == 0.0
     _step(first, listener)  # still queued: a burst waits, and the sibling is lighter
     assert len(first.sessions) == balance.MARGIN + 1
-    assert first.accept_deferred_until > first.now  # it leaves the queue for a moment
+    assert first.acceptor.deferred_until > first.now  # it leaves the queue for a moment
     assert not _listening(first, listener)
     assert first.loads[first.slot] == balance.MARGIN + 1  # still a candidate for others
 
@@ -79,9 +79,9 @@ def test_a_burst_is_left_to_the_sibling_beyond_the_margin(shared):
     _step(second, listener)  # fewer than a burst left: no point waiting, take them
     assert len(second.sessions) == 20 - (balance.MARGIN + 1)
 
-    first._end_deferral()  # nothing left; it listens again
+    first.acceptor.end_deferral()  # nothing left; it listens again
     assert len(first.sessions) == balance.MARGIN + 1
-    assert first.accept_deferred_until == 0.0 and _listening(first, listener)
+    assert first.acceptor.deferred_until == 0.0 and _listening(first, listener)
 
 
 def test_a_sibling_that_never_comes_costs_one_deferral(shared):
@@ -90,8 +90,8 @@ def test_a_sibling_that_never_comes_costs_one_deferral(shared):
     _step(first, listener)
     _step(first, listener)
     assert len(first.sessions) == balance.MARGIN + 1
-    assert first.accept_deferred_until > 0.0
-    first._end_deferral()  # the second never ran: the first takes what waits
+    assert first.acceptor.deferred_until > 0.0
+    first.acceptor.end_deferral()  # the second never ran: the first takes what waits
     assert len(first.sessions) == 20
     assert len(second.sessions) == 0
 
@@ -102,7 +102,7 @@ def test_without_a_burst_a_worker_takes_what_is_queued(shared):
     _step(first, listener)  # its share, and the rest is too few to wait for a sibling
     _step(first, listener)
     assert len(first.sessions) == balance.BURST + balance.MARGIN
-    assert first.accept_deferred_until == 0.0
+    assert first.acceptor.deferred_until == 0.0
 
 
 def test_a_sibling_not_accepting_is_not_waited_for(shared):
@@ -111,12 +111,12 @@ def test_a_sibling_not_accepting_is_not_waited_for(shared):
     queue(20)
     _step(first, listener)
     assert len(first.sessions) == 20
-    assert first.accept_deferred_until == 0.0
+    assert first.acceptor.deferred_until == 0.0
 
 
 def test_with_reuse_port_a_worker_takes_its_own_queue(shared):
     (first, second), queue, listener = shared
-    first.balancing = False  # what reuse_port sets: the queue is this worker's alone
+    first.acceptor.balancing = False  # what reuse_port sets: the queue is this worker's alone
     queue(20)
     _step(first, listener)
     assert len(first.sessions) == 20
