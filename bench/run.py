@@ -6,11 +6,14 @@
 Install the peers first with `bash bench/setup.sh`. See bench/README.md for what each
 scenario measures and how to read the table. Everything runs on 127.0.0.1.
 
-For each scenario and server: start the server on a free port, wait for its 220 greeting,
-run one short warm-up (also used to size the measured runs: message count = rate x
+For each scenario: start each server on a free port, wait for its 220 greeting and run
+one short warm-up (also used to size the measured runs: message count = rate x
 --target-seconds, clamped to the scenario's bounds, so that every run lasts a few seconds
-whatever the server's speed), run the scenario --runs times, stop the server. The table
-shows the median of each figure over the runs (peak RSS: the highest sample of any run).
+whatever the server's speed). Then the measured runs go round the servers, --runs rounds
+(run 1 of each, run 2 of each, ..., each round starting one server further on), so that a
+slow spell of the machine falls on every server alike; then the servers stop. S6 holds
+10,000 connections, one server at a time. The table shows the median of each figure over
+the runs (peak RSS: the highest sample of any run).
 Every run is checked: the client exits 0 having counted every message, and for Maildir
 servers the files in new/ equal the messages sent.
 """
@@ -31,7 +34,7 @@ from typing import Any
 from e2e import IDLE_CONNECTIONS, ROOT, progress
 from e2e.procfs import raise_nofile
 from e2e.report import judge_targets, render_report
-from e2e.scenarios import SCENARIO_BY_KEY, SCENARIOS, Scenario, bench_one
+from e2e.scenarios import SCENARIO_BY_KEY, SCENARIOS, Contender, Scenario
 from e2e.servers import BY_NAME, SERVERS, ServerSpec, find_program
 from e2e.workdir import ROOTS, filesystem_probe, make_root, remove_deferred
 
@@ -72,6 +75,38 @@ def parse_list(text: str | None, known: dict[str, Any], what: str) -> list[str] 
         raise SystemExit(f"run.py: unknown {what}: {', '.join(unknown)} "
                          f"(known: {', '.join(known)})")
     return names
+
+
+def run_scenario(contenders: list[Contender], runs: int) -> list[dict[str, Any]]:
+    """Warm up every server, then measure them round by round (see the docstring)."""
+    if contenders and contenders[0].scenario.client == "idle":
+        batches = [[contender] for contender in contenders]  # one at a time: memory
+    else:
+        batches = [contenders]
+    entries = []
+    for batch in batches:
+        try:
+            for contender in batch:
+                contender.start()
+            for round_index in range(runs):
+                shift = round_index % len(batch)
+                for contender in batch[shift:] + batch[:shift]:
+                    contender.measure(round_index)
+        finally:
+            for contender in batch:
+                entries.append(report_entry(contender.finish(), contender.label))
+    return entries
+
+
+def report_entry(entry: dict[str, Any], label: str) -> dict[str, Any]:
+    if entry["status"] not in ("ok", "skipped"):
+        progress(f"{label}: {entry['server']}: {entry['status'].upper()}: "
+                 + "; ".join(entry.get("notes") or [entry.get("reason", "")])[:300]
+                 + (f" (server logs kept in {entry['logs']})" if entry.get("logs") else ""))
+    if entry.get("log_problem_count"):
+        progress(f"{label}: {entry['server']}: {entry['log_problem_count']} flagged log "
+                 f"line(s), e.g. {entry['log_problems'][0][:200]}")
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,26 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"note: open-file limit {nofile} < {IDLE_CONNECTIONS + 100}: S6 may fail")
 
     entries = []
-    for index, (scenario, spec) in enumerate(plan, 1):
-        label = f"{scenario.key} [{index}/{len(plan)}]"
-        reason = spec.missing()
-        if reason is None and scenario.client == "smtp-source" and not find_program(
-                "smtp-source"):
-            reason = "smtp-source is not installed (bash bench/setup.sh installs postfix)"
-        if reason:
-            progress(f"{label}: skipping {spec.name}: {reason}")
-            entries.append({"scenario": scenario.key, "server": spec.name,
-                            "status": "skipped", "reason": reason})
-            continue
-        entry = bench_one(scenario, spec, args, label)
-        entries.append(entry)
-        if entry["status"] != "ok":
-            progress(f"{label}: {spec.name}: {entry['status'].upper()}: "
-                     + "; ".join(entry.get("notes") or [entry.get("reason", "")])[:300]
-                     + (f" (server logs kept in {entry['logs']})" if entry.get("logs") else ""))
-        if entry.get("log_problem_count"):
-            progress(f"{label}: {spec.name}: {entry['log_problem_count']} flagged log "
-                     f"line(s), e.g. {entry['log_problems'][0][:200]}")
+    index = 0
+    for key in scenario_keys:
+        contenders = []
+        for scenario, spec in [(sc, sp) for sc, sp in plan if sc.key == key]:
+            index += 1
+            label = f"{scenario.key} [{index}/{len(plan)}]"
+            reason = spec.missing()
+            if reason is None and scenario.client == "smtp-source" and not find_program(
+                    "smtp-source"):
+                reason = "smtp-source is not installed (bash bench/setup.sh installs postfix)"
+            if reason:
+                progress(f"{label}: skipping {spec.name}: {reason}")
+                entries.append({"scenario": scenario.key, "server": spec.name,
+                                "status": "skipped", "reason": reason})
+                continue
+            contenders.append(Contender(scenario, spec, args, label))
+        entries += run_scenario(contenders, args.runs)
 
     verdicts = judge_targets(entries)
     meta["load_after"] = os.getloadavg()

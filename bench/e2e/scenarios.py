@@ -216,77 +216,125 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def bench_one(scenario: Scenario, spec: ServerSpec, args: argparse.Namespace,
-              label: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"scenario": scenario.key, "server": spec.name, "runs": []}
-    workdir = Path(tempfile.mkdtemp(prefix=f"{scenario.key}-{spec.name}-", dir=args.root))
-    entry["logs"] = str(workdir)
-    connections = IDLE_CONNECTIONS if scenario.client == "idle" else scenario.sessions
-    server = Server(spec, workdir, connections=connections)
-    try:
-        progress(f"{label}: starting {spec.name}")
-        server.start()
-        entry["port"] = server.port
-        if scenario.client == "idle":
-            progress(f"{label}: opening {IDLE_CONNECTIONS:,} idle connections")
-            if args.quiet_wait > 0:
-                wait_for_quiet(args.quiet_wait)
-            run = idle_run(server)
-            entry["runs"].append(run)
-            entry["status"] = "ok" if run["ok"] else "skipped"
-            if not run["ok"]:  # a peer that cannot hold them all is skipped, and says why
-                entry["reason"] = (f"cannot hold {IDLE_CONNECTIONS:,} idle connections: "
-                                   + "; ".join(run["notes"]))
-            entry["median"] = {key: run[key] for key in
-                               ("kib_per_conn", "peak_rss", "rss_idle_before",
-                                "rss_with_connections", "connections")}
-            entry["median"]["listen_overflows"] = run["listen_overflows"]
-            entry["notes"] = run["notes"]
-            return entry
-        # --quick: half the warm-up and half the least count (slow servers set the pace).
-        warm = max(1, scenario.warmup // 2) if args.quick else scenario.warmup
-        progress(f"{label}: {spec.name} warm-up, {warm:,} messages")
-        warmup = one_run(scenario, server, warm, args.quiet_wait)
-        entry["warmup"] = warmup
-        if not warmup["ok"]:
-            entry["status"] = "failed"
-            entry["notes"] = ["warm-up failed: " + "; ".join(warmup["notes"])]
-            return entry
-        low, high = scenario.bounds
-        low = max(2, low // 2) if args.quick else low
-        count = nice_count(warmup["msgs_per_s"] * args.target_seconds, low, high)
-        entry["messages_per_run"] = count
-        for index in range(args.runs):
-            progress(f"{label}: {spec.name} run {index + 1}/{args.runs}, {count:,} messages "
-                     f"(~{count / max(warmup['msgs_per_s'], 1e-9):.1f}s at warm-up rate)")
-            run = one_run(scenario, server, count, args.quiet_wait)
-            entry["runs"].append(run)
+class Contender:
+    """One server in one scenario: started and warmed up, then measured round by round.
+
+    The runs of all the servers of a scenario are interleaved (run 1 of each, then run 2
+    of each, ...), so a slow spell of this shared machine falls on all of them alike
+    instead of on whichever server happened to run in it.
+    """
+
+    def __init__(self, scenario: Scenario, spec: ServerSpec, args: argparse.Namespace,
+                 label: str) -> None:
+        self.scenario, self.spec, self.args, self.label = scenario, spec, args, label
+        self.entry: dict[str, Any] = {"scenario": scenario.key, "server": spec.name,
+                                      "runs": []}
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{scenario.key}-{spec.name}-",
+                                             dir=args.root))
+        self.entry["logs"] = str(self.workdir)
+        connections = IDLE_CONNECTIONS if scenario.client == "idle" else scenario.sessions
+        self.server = Server(spec, self.workdir, connections=connections)
+        self.count = 0
+        self.done = False  # finished early: failed, or nothing to run
+
+    def start(self) -> None:
+        """Start the server and warm it up, which sizes the measured runs."""
+        scenario, spec, args, entry = self.scenario, self.spec, self.args, self.entry
+        try:
+            progress(f"{self.label}: starting {spec.name}")
+            self.server.start()
+            entry["port"] = self.server.port
+            if scenario.client == "idle":
+                self._idle()
+                return
+            # --quick: half the warm-up and half the least count (slow servers set the pace).
+            warm = max(1, scenario.warmup // 2) if args.quick else scenario.warmup
+            progress(f"{self.label}: {spec.name} warm-up, {warm:,} messages")
+            warmup = one_run(scenario, self.server, warm, args.quiet_wait)
+            entry["warmup"] = warmup
+            if not warmup["ok"]:
+                self._fail("warm-up failed: " + "; ".join(warmup["notes"]))
+                return
+            low, high = scenario.bounds
+            low = max(2, low // 2) if args.quick else low
+            self.count = nice_count(warmup["msgs_per_s"] * args.target_seconds, low, high)
+            entry["messages_per_run"] = self.count
+        except Exception as exc:  # one server's failure must not end the whole run
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def measure(self, index: int) -> None:
+        """Measured run number `index` (from 0)."""
+        if self.done:
+            return
+        try:
+            warm_rate = max(self.entry["warmup"]["msgs_per_s"], 1e-9)
+            progress(f"{self.label}: {self.spec.name} run {index + 1}/{self.args.runs}, "
+                     f"{self.count:,} messages (~{self.count / warm_rate:.1f}s at warm-up "
+                     "rate)")
+            run = one_run(self.scenario, self.server, self.count, self.args.quiet_wait)
+            self.entry["runs"].append(run)
             if not run["ok"]:
-                break
-        good = [run for run in entry["runs"] if run["ok"]]
-        entry["status"] = "ok" if len(good) == args.runs else "failed"
-        entry["median"] = {key: median_of(good or entry["runs"], key) for key in
+                self.done = True
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def finish(self) -> dict[str, Any]:
+        """Stop the server; the entry with the medians of the runs."""
+        entry = self.entry
+        try:
+            if "status" not in entry:
+                self._summarise()
+        finally:
+            server = self.server
+            server.stop()
+            problems = server.log_problems()
+            if problems:
+                entry["log_problems"] = problems[:20]
+                entry["log_problem_count"] = len(problems)
+            if entry.get("status") == "ok" and not problems:
+                DEFERRED.append(self.workdir)  # Maildir and logs, removed at the very end
+                entry.pop("logs", None)
+            else:
+                DEFERRED.append(server.maildir)  # keep the logs of a failure
+        return entry
+
+    def _fail(self, note: str) -> None:
+        self.entry["status"] = "failed"
+        self.entry["notes"] = [note]
+        self.done = True
+
+    def _idle(self) -> None:
+        entry = self.entry
+        progress(f"{self.label}: opening {IDLE_CONNECTIONS:,} idle connections")
+        if self.args.quiet_wait > 0:
+            wait_for_quiet(self.args.quiet_wait)
+        run = idle_run(self.server)
+        entry["runs"].append(run)
+        entry["status"] = "ok" if run["ok"] else "skipped"
+        if not run["ok"]:  # a peer that cannot hold them all is skipped, and says why
+            entry["reason"] = (f"cannot hold {IDLE_CONNECTIONS:,} idle connections: "
+                               + "; ".join(run["notes"]))
+        entry["median"] = {key: run[key] for key in
+                           ("kib_per_conn", "peak_rss", "rss_idle_before",
+                            "rss_with_connections", "connections")}
+        entry["median"]["listen_overflows"] = run["listen_overflows"]
+        entry["notes"] = run["notes"]
+        self.done = True
+
+    def _summarise(self) -> None:
+        entry = self.entry
+        runs = entry["runs"]
+        good = [run for run in runs if run["ok"]]
+        entry["status"] = "ok" if len(good) == self.args.runs else "failed"
+        if not runs:
+            entry["notes"] = ["no measured run"]
+            return
+        entry["median"] = {key: median_of(good or runs, key) for key in
                            ("msgs_per_s", "mb_per_s", "p50_ms", "p99_ms", "server_cpu_s",
                             "server_cpu_us_per_msg", "client_cpu_pct", "foreign_cpu_s")}
-        entry["median"]["peak_rss"] = max(run["peak_rss"] for run in entry["runs"])
-        entry["median"]["listen_overflows"] = sum(run["listen_overflows"]
-                                                  for run in entry["runs"])
-        if any(run.get("peak_connections") for run in entry["runs"]):
+        entry["median"]["peak_rss"] = max(run["peak_rss"] for run in runs)
+        entry["median"]["listen_overflows"] = sum(run["listen_overflows"] for run in runs)
+        if any(run.get("peak_connections") for run in runs):
             entry["median"]["peak_connections"] = max(run["peak_connections"] or 0
-                                                      for run in entry["runs"])
-        entry["notes"] = [note for run in entry["runs"] for note in run["notes"]]
-    except Exception as exc:  # one server's failure must not end the whole run
-        entry["status"] = "failed"
-        entry["notes"] = [f"{type(exc).__name__}: {exc}"]
-    finally:
-        server.stop()
-        problems = server.log_problems()
-        if problems:
-            entry["log_problems"] = problems[:20]
-            entry["log_problem_count"] = len(problems)
-        if entry.get("status") == "ok" and not problems:
-            DEFERRED.append(workdir)  # Maildir and logs, removed at the very end
-            entry.pop("logs", None)
-        else:
-            DEFERRED.append(server.maildir)  # keep the logs of a failure
-    return entry
+                                                      for run in runs)
+        entry["notes"] = [note for run in runs for note in run["notes"]]
