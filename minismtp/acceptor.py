@@ -8,7 +8,8 @@ queue cannot make the loop spin:
 - a lighter sibling on the same queue while a burst waits (balance.py): defer for
   balance.DEFER_S, then take whatever is still queued;
 - a stop: the listeners are closed and siblings (or the next generation) take the queue.
-Siblings read this worker's session count on the heartbeat board, or NOT_ACCEPTING.
+Siblings read this worker's session count on the heartbeat board, or NOT_ACCEPTING
+while it is not listening (so two workers never defer to each other).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Acceptor:
 
     def publish_load(self) -> None:
         """Sessions held, for siblings sharing the queue; none while not taking more."""
-        idle = self.worker.stopping or self.paused_until
+        idle = self.worker.stopping or self.paused_until or self.deferred_until
         self.loads[self.slot] = NOT_ACCEPTING if idle else len(self.worker.sessions)
 
     def close(self) -> None:
@@ -87,6 +88,7 @@ class Acceptor:
                 if balance.burst_waiting(listener):
                     self._unlisten()
                     self.deferred_until = worker.now + balance.DEFER_S
+                    self.publish_load()  # deferring: the sibling must not wait for us
                     return
                 most = MOST_PER_WAKEUP
         self._take(listener, most)

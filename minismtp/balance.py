@@ -6,15 +6,17 @@ the kernel's count of connections waiting to be accepted).
 Every worker waiting on one listening socket is woken by a new connection, and the first
 to run used to drain the queue. Short sessions do not mind where they land, but long ones
 stay there: when 20 kept-open sessions opened together all went to one worker (a third
-of bench/ S2's rounds), that worker did all the work while the other idled, and the
-round ran at 18,000 msgs/s instead of 21,000 to 24,000.
+of bench/ S2's rounds), that worker did all the work while the other idled, and such
+rounds ran at 18,000 msgs/s instead of 20,000 to 24,000.
 
 So when a burst waits in the queue, a worker already holding MARGIN more sessions than
-its lightest sibling leaves the queue to that sibling for a moment (DEFER_S). Whatever is
-still queued when the moment ends it takes after all, so a sibling that is slow or stuck
-delays connections by DEFER_S at most. Without a burst it takes what is there: short
-sessions arrive a few at a time, and waiting for a sibling to wake up (it may not run at
-once, see worker.py's SCHED_BATCH) cost bench/ S1 a tenth of its rate.
+its lightest sibling leaves the queue to the others for DEFER_S, showing itself as not
+accepting meanwhile (so two workers never wait for each other). Whatever is still queued
+when the time is up it takes after all: a sibling that is busy or stuck delays a burst
+by DEFER_S at most. The wait is long enough for a sibling that does not preempt
+(worker.py's SCHED_BATCH) to get a CPU; at 2 ms the burst still often went back to the
+first worker. Without a burst a worker takes what is there: short sessions arrive a few
+at a time, and leaving each to a sibling not yet running halved bench/ S1's rate.
 With reuse_port each worker has a queue of its own, and this does not apply.
 """
 
@@ -26,7 +28,7 @@ import sys
 
 MARGIN = 4  # sessions a worker may hold above its lightest sibling
 BURST = 8  # queued connections that make a burst
-DEFER_S = 0.002  # how long a worker leaves the queue to a lighter sibling
+DEFER_S = 0.02  # how long a worker leaves the queue to a lighter sibling
 MAX_AGE_S = 3.0  # a sibling whose heartbeat is older may be stuck: do not wait for it
 
 # Linux's struct tcp_info: for a listening socket tcpi_unacked is the accept queue length.

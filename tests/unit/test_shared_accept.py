@@ -68,20 +68,34 @@ def test_a_burst_is_left_to_the_sibling_beyond_the_margin(shared):
     _step(first, listener)  # its margin over the empty sibling
     assert len(first.sessions) == balance.MARGIN + 1
     assert first.acceptor.deferred_until == 0.0
+    assert first.loads[first.slot] == balance.MARGIN + 1
     _step(first, listener)  # still queued: a burst waits, and the sibling is lighter
     assert len(first.sessions) == balance.MARGIN + 1
-    assert first.acceptor.deferred_until > first.now  # it leaves the queue for a moment
+    assert first.acceptor.deferred_until == pytest.approx(first.now + balance.DEFER_S)
     assert not _listening(first, listener)
-    assert first.loads[first.slot] == balance.MARGIN + 1  # still a candidate for others
+    # Not listening, so the sibling must not leave anything to it in turn.
+    assert first.loads[first.slot] == NOT_ACCEPTING
 
-    _step(second, listener)  # may lead the first by the margin, then it is its turn
-    assert len(second.sessions) == 2 * (balance.MARGIN + 1)
-    _step(second, listener)  # fewer than a burst left: no point waiting, take them
+    _step(second, listener)  # no sibling to share with meanwhile: it takes the rest
     assert len(second.sessions) == 20 - (balance.MARGIN + 1)
+    assert second.acceptor.deferred_until == 0.0
 
     first.acceptor.end_deferral()  # nothing left; it listens again
     assert len(first.sessions) == balance.MARGIN + 1
     assert first.acceptor.deferred_until == 0.0 and _listening(first, listener)
+    assert first.loads[first.slot] == balance.MARGIN + 1
+
+
+def test_the_lighter_worker_takes_its_share_of_a_burst_first(shared):
+    (first, second), queue, listener = shared
+    queue(30)
+    _step(first, listener)
+    _step(second, listener)  # may lead the first by the margin
+    assert len(second.sessions) == 2 * (balance.MARGIN + 1)
+    _step(second, listener)  # ahead and a burst still waits: its turn to defer
+    assert second.acceptor.deferred_until > 0.0
+    _step(first, listener)  # the second is not listening: take the rest
+    assert len(first.sessions) == 30 - 2 * (balance.MARGIN + 1)
 
 
 def test_a_sibling_that_never_comes_costs_one_deferral(shared):
