@@ -9,7 +9,7 @@ queue cannot make the loop spin:
   balance.DEFER_S, then take whatever is still queued;
 - a stop: the listeners are closed and siblings (or the next generation) take the queue.
 Siblings read this worker's session count on the heartbeat board, or NOT_ACCEPTING
-while it is not listening (so two workers never defer to each other).
+whenever it is not listening (so two workers never defer to each other).
 """
 
 from __future__ import annotations
@@ -45,40 +45,42 @@ class Acceptor:
         self.slot = slot
         self.loads = board.loads
         self.balancing = balancing  # one queue shared with siblings (not reuse_port)
+        self.listening = False  # the listeners are in the selector
         self.paused_until = 0.0  # out of descriptors: listen again at a tick after this
-        self.deferred_until = 0.0  # left to a lighter sibling until then
+        self.deferred_until = 0.0  # left to the siblings until then
 
-    def listen(self) -> None:
-        sel = self.worker.sel
-        for listener in self.listeners:
-            sel.register(listener, selectors.EVENT_READ, LISTENER)
-        self.publish_load()
-
-    def _unlisten(self) -> None:
-        if not (self.paused_until or self.deferred_until):
+    def refresh(self) -> None:
+        """Listen exactly when nothing holds accepting back; tell the siblings."""
+        wanted = not (self.paused_until or self.deferred_until or self.worker.stopping)
+        if wanted != self.listening:
+            sel = self.worker.sel
             for listener in self.listeners:
-                self.worker.sel.unregister(listener)
+                if wanted:
+                    sel.register(listener, selectors.EVENT_READ, LISTENER)
+                else:
+                    sel.unregister(listener)
+            self.listening = wanted
+        self.publish_load()
 
     def publish_load(self) -> None:
         """Sessions held, for siblings sharing the queue; none while not taking more."""
-        idle = self.worker.stopping or self.paused_until or self.deferred_until
-        self.loads[self.slot] = NOT_ACCEPTING if idle else len(self.worker.sessions)
+        self.loads[self.slot] = len(self.worker.sessions) if self.listening else NOT_ACCEPTING
 
     def close(self) -> None:
-        """Stop accepting for good: the queue is left to the others."""
-        self._unlisten()
+        """Stop accepting for good (the worker is stopping): the queue is left to others."""
+        self.refresh()
         for listener in self.listeners:
             listener.close()
         self.listeners = []
-        self.paused_until = self.deferred_until = 0.0
-        self.publish_load()
 
     def tick(self, now: float) -> None:
         if self.paused_until and now >= self.paused_until:
             self.paused_until = 0.0
-            self.listen()
+            self.refresh()
 
     def on_readable(self, listener: socket.socket) -> None:
+        if not self.listening:
+            return  # an event of this batch, from before a pause, deferral or stop
         most = MOST_PER_WAKEUP
         if self.balancing:
             worker = self.worker
@@ -86,20 +88,19 @@ class Acceptor:
             most = balance.accept_room(len(worker.sessions), lightest, most)
             if not most:
                 if balance.burst_waiting(listener):
-                    self._unlisten()
                     self.deferred_until = worker.now + balance.DEFER_S
-                    self.publish_load()  # deferring: the sibling must not wait for us
+                    self.refresh()
                     return
                 most = MOST_PER_WAKEUP
         self._take(listener, most)
 
     def end_deferral(self) -> None:
-        """Take what the siblings left queued (they may be busy), then listen again."""
+        """Take what the siblings left queued (they may be busy), then go on listening."""
         self.deferred_until = 0.0
-        self.listen()
+        self.refresh()
         for listener in self.listeners:
-            if self.paused_until:
-                break  # out of descriptors
+            if not self.listening:
+                break  # out of descriptors, or stopping
             self._take(listener, MOST_PER_WAKEUP)
 
     def _take(self, listener: socket.socket, most: int) -> None:
@@ -108,8 +109,8 @@ class Acceptor:
             # A stop may be waiting in this same batch of events: a connection taken
             # now would only get 421 (and could have gone to a new worker instead).
             worker.read_signals()
-        if worker.stopping:
-            return
+            if not self.listening:
+                return
         for _ in range(most):
             try:
                 sock, addr = listener.accept()
@@ -120,13 +121,8 @@ class Acceptor:
                     continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("accept: %s; pausing accepts", exc.strerror)
-                    self._pause()
+                    self.paused_until = time.monotonic() + PAUSE_S
+                    self.refresh()
                     return
                 raise
             worker.start_session(sock, addr)
-
-    def _pause(self) -> None:
-        if not self.paused_until:
-            self._unlisten()
-            self.paused_until = time.monotonic() + PAUSE_S
-            self.publish_load()

@@ -17,6 +17,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Iterable
 
 from minismtp import exitcodes
 from minismtp.config import Config, ConfigError, ListenAddress, load_config
@@ -224,15 +225,19 @@ class Arbiter:
         # Until the worker has handlers of its own, a signal sent to it would run the
         # master's, which notify the master's loop: the worker would never see a SIGTERM
         # sent right after it was forked. Blocked, it waits for the worker (worker.py).
-        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
-        pid = os.fork()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.workers[pid] = WorkerRecord(pid, slot, self.generation, now)
             return
         code = exitcodes.WORKER_CRASHED
         try:
-            code = self._become_worker(slot)
+            code = self._become_worker(slot, mask)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else exitcodes.OK
         except BaseException:
@@ -240,7 +245,7 @@ class Arbiter:
         finally:
             os._exit(code)  # this must never return into the master's code
 
-    def _become_worker(self, slot: int) -> int:
+    def _become_worker(self, slot: int, signal_mask: Iterable[int]) -> int:
         self.wakeup.close(_HANDLED)  # the worker routes its own signals
         self.sel.close()
         config = self.config
@@ -255,7 +260,8 @@ class Arbiter:
             return exitcodes.WORKER_BOOT_FAILED
         if self.stats_http is not None:
             self.stats_http.close_inherited()
-        return Worker(config, listeners, backend, self.board, slot, self.stats_board).run()
+        return Worker(config, listeners, backend, self.board, slot, self.stats_board,
+                      signal_mask).run()
 
     def _worker_listeners(self, config: Config) -> list[socket.socket]:
         if not config.server.reuse_port:

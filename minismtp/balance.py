@@ -42,15 +42,22 @@ def accept_room(mine: int, lightest: int | None, most: int) -> int:
     """How many to accept now, holding `mine` sessions, of at most `most` (0: maybe defer)."""
     if lightest is None:
         return most
-    return max(0, min(most, lightest + MARGIN + 1 - mine))
+    return max(0, min(most, lightest + MARGIN - mine))
 
 
-def burst_waiting(listener: socket.socket) -> bool:
-    """Whether at least BURST connections wait in `listener`'s accept queue."""
+def queued(listener: socket.socket) -> int | None:
+    """Connections waiting in `listener`'s accept queue; None where that cannot be read."""
     if _TCP_INFO is None:
-        return False  # cannot tell: take them, as without balancing
+        return None
     try:
         info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _INFO_BYTES)
     except OSError:
-        return False
-    return len(info) >= _INFO_BYTES and _UNACKED.unpack_from(info, _UNACKED_OFFSET)[0] >= BURST
+        return None
+    return _UNACKED.unpack_from(info, _UNACKED_OFFSET)[0] if len(info) >= _INFO_BYTES else None
+
+
+def burst_waiting(listener: socket.socket) -> bool:
+    """Whether at least BURST connections wait (False where that cannot be told: take
+    them, as without balancing)."""
+    waiting = queued(listener)
+    return waiting is not None and waiting >= BURST

@@ -16,6 +16,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Iterable
 
 from minismtp import exitcodes, replies
 from minismtp.acceptor import LISTENER, Acceptor
@@ -49,8 +50,10 @@ class Worker:
     def __init__(
         self, config: Config, listeners: list[socket.socket], backend: Backend,
         board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
+        signal_mask: Iterable[int] = (),
     ) -> None:
         self.config = config
+        self.signal_mask = signal_mask  # restored once our own handlers are in place
         self.backend = backend
         self.board = board
         self.slot = slot
@@ -61,7 +64,6 @@ class Worker:
         self.data_timeout = limits.data_timeout
         self.min_data_rate = limits.min_data_rate
         self.max_connections = config.server.max_connections
-        self.loads = board.loads  # this worker's session count, for its siblings
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
         self.now = time.monotonic()
@@ -86,7 +88,7 @@ class Worker:
         self.sel.register(self.wakeup.sock, _READ, _WAKEUP)
         # The master forks us with its signals blocked (arbiter.py): what arrived since
         # is delivered now, to our own handlers.
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
 
     def run(self) -> int:
         # Everything alive now (modules, config) lives as long as the process: keep it out
@@ -104,7 +106,7 @@ class Worker:
             _batch_scheduling()
         self._init_signals()
         acceptor = self.acceptor
-        acceptor.listen()
+        acceptor.refresh()
         committer = self.decide.committer
         if committer is not None:
             self.sel.register(committer.wakeup, _READ, _COMMITS)
@@ -121,8 +123,7 @@ class Worker:
                 for key, mask in events:
                     data = key.data
                     if data is LISTENER:
-                        if not self.stopping:  # closed by a stop earlier in this batch
-                            acceptor.on_readable(key.fileobj)
+                        acceptor.on_readable(key.fileobj)
                     elif data is _COMMITS:
                         self.decide.on_commits()
                     elif data is _WAKEUP:
@@ -137,6 +138,8 @@ class Worker:
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
                     acceptor.end_deferral()
         finally:
+            self.stopping = True
+            acceptor.refresh()  # not accepting, whatever ended the loop
             for session in list(self.sessions.values()):
                 self._close(session, "worker exit")
             if committer is not None:
@@ -194,7 +197,7 @@ class Worker:
             return
         session = Session(sock, SmtpServerConnection(self.settings), Peer(addr[0], addr[1]))
         self.sessions[sock.fileno()] = session
-        self.loads[self.slot] = len(self.sessions)
+        self.acceptor.publish_load()
         self.stats.connections_open += 1
         self.stats.connections_total += 1
         self.timers.set_deadline(session, self.now + self.command_timeout)

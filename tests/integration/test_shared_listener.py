@@ -28,6 +28,7 @@ def _stopped(pids: list[int]) -> None:
 def test_a_frozen_sibling_delays_a_burst_by_moments_only(make_server, raw_clients):
     server = make_server({"server": {"workers": 2}, "delivery": {"backend": "discard"}})
     workers = server.wait_for_workers(2)
+    time.sleep(0.3)  # both in their loops, listening: the frozen one looks alive and empty
     _stopped(workers)
     clients = [raw_clients(server.port) for _ in range(20)]
     frozen, awake = workers
@@ -35,12 +36,12 @@ def test_a_frozen_sibling_delays_a_burst_by_moments_only(make_server, raw_client
         started = time.monotonic()
         os.kill(awake, signal.SIGCONT)  # its sibling looks alive and empty, but never runs
         for client in clients:
-            client.expect(220, timeout=2.0)
+            client.expect(220, timeout=5.0)
         elapsed = time.monotonic() - started
     finally:
         os.kill(frozen, signal.SIGCONT)
-    # One deferral (balance.DEFER_S), then it takes the rest.
-    assert elapsed < 1.0, elapsed
+    # One deferral (balance.DEFER_S, 20 ms), then it takes the rest; not a wait for ever.
+    assert elapsed < 2.0, elapsed
 
 
 def test_a_stopping_worker_leaves_queued_connections_to_its_sibling(make_server, raw_clients):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 import time
@@ -13,10 +14,28 @@ from minismtp.config import load_config
 from minismtp.delivery import make_backend
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 from minismtp.stats import StatsBoard
+from minismtp.acceptor import LISTENER
 from minismtp.worker import Worker
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="a burst is read from Linux's tcp_info")
+
+
+def _worker(board: HeartbeatBoard, slot: int, listeners: list) -> Worker:
+    config = load_config(overrides={"delivery.backend": "discard"})
+    backend = make_backend("discard", "", False, "single", config.server.hostname)
+    board.hand_out(slot, time.monotonic())
+    worker = Worker(config, listeners, backend, board, slot, StatsBoard(4, 64))
+    worker.acceptor.refresh()
+    return worker
+
+
+def _dispose(worker: Worker) -> None:
+    for session in list(worker.sessions.values()):
+        worker._close(session, "")
+    worker.sel.close()
+    worker.wakeup.close()
+    worker.backend.close()
 
 
 @pytest.fixture
@@ -25,27 +44,20 @@ def shared():
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     listener.setblocking(False)
     board = HeartbeatBoard(4)
-    stats_board = StatsBoard(4, 64)
-    config = load_config(overrides={"delivery.backend": "discard"})
-    workers = []
-    for slot in (0, 1):
-        backend = make_backend("discard", "", False, "single", config.server.hostname)
-        board.hand_out(slot, time.monotonic())
-        worker = Worker(config, [listener], backend, board, slot, stats_board)
-        worker.acceptor.listen()
-        workers.append(worker)
+    workers = [_worker(board, slot, [listener]) for slot in (0, 1)]
     clients: list[socket.socket] = []
 
     def queue(count: int) -> None:
         for _ in range(count):
             clients.append(socket.create_connection(listener.getsockname()))
-        time.sleep(0.05)  # the handshakes complete in the kernel
+        deadline = time.monotonic() + 5
+        while balance.queued(listener) != count:  # a busy machine completes them later
+            assert time.monotonic() < deadline, f"{balance.queued(listener)} queued"
+            time.sleep(0.005)
 
     yield workers, queue, listener
     for worker in workers:
-        for session in list(worker.sessions.values()):
-            worker._close(session, "")
-        worker.sel.close()
+        _dispose(worker)
     for client in clients:
         client.close()
     listener.close()
@@ -55,6 +67,8 @@ def shared():
 def _step(worker: Worker, listener: socket.socket) -> None:
     """One wake-up on the listener, as the loop would run it."""
     worker.now = time.monotonic()
+    for slot in (0, 1):  # both alive, however slowly this machine runs the test
+        worker.board.beat(slot, worker.now)
     worker.acceptor.on_readable(listener)
 
 
@@ -66,24 +80,24 @@ def test_a_burst_is_left_to_the_sibling_beyond_the_margin(shared):
     (first, second), queue, listener = shared
     queue(20)
     _step(first, listener)  # its margin over the empty sibling
-    assert len(first.sessions) == balance.MARGIN + 1
+    assert len(first.sessions) == balance.MARGIN
     assert first.acceptor.deferred_until == 0.0
-    assert first.loads[first.slot] == balance.MARGIN + 1
+    assert first.board.loads[first.slot] == balance.MARGIN
     _step(first, listener)  # still queued: a burst waits, and the sibling is lighter
-    assert len(first.sessions) == balance.MARGIN + 1
+    assert len(first.sessions) == balance.MARGIN
     assert first.acceptor.deferred_until == pytest.approx(first.now + balance.DEFER_S)
     assert not _listening(first, listener)
     # Not listening, so the sibling must not leave anything to it in turn.
-    assert first.loads[first.slot] == NOT_ACCEPTING
+    assert first.board.loads[first.slot] == NOT_ACCEPTING
 
     _step(second, listener)  # no sibling to share with meanwhile: it takes the rest
-    assert len(second.sessions) == 20 - (balance.MARGIN + 1)
+    assert len(second.sessions) == 20 - balance.MARGIN
     assert second.acceptor.deferred_until == 0.0
 
     first.acceptor.end_deferral()  # nothing left; it listens again
-    assert len(first.sessions) == balance.MARGIN + 1
+    assert len(first.sessions) == balance.MARGIN
     assert first.acceptor.deferred_until == 0.0 and _listening(first, listener)
-    assert first.loads[first.slot] == balance.MARGIN + 1
+    assert first.board.loads[first.slot] == balance.MARGIN
 
 
 def test_the_lighter_worker_takes_its_share_of_a_burst_first(shared):
@@ -91,11 +105,11 @@ def test_the_lighter_worker_takes_its_share_of_a_burst_first(shared):
     queue(30)
     _step(first, listener)
     _step(second, listener)  # may lead the first by the margin
-    assert len(second.sessions) == 2 * (balance.MARGIN + 1)
+    assert len(second.sessions) == 2 * balance.MARGIN
     _step(second, listener)  # ahead and a burst still waits: its turn to defer
     assert second.acceptor.deferred_until > 0.0
     _step(first, listener)  # the second is not listening: take the rest
-    assert len(first.sessions) == 30 - 2 * (balance.MARGIN + 1)
+    assert len(first.sessions) == 30 - 2 * balance.MARGIN
 
 
 def test_a_sibling_that_never_comes_costs_one_deferral(shared):
@@ -103,7 +117,7 @@ def test_a_sibling_that_never_comes_costs_one_deferral(shared):
     queue(20)
     _step(first, listener)
     _step(first, listener)
-    assert len(first.sessions) == balance.MARGIN + 1
+    assert len(first.sessions) == balance.MARGIN
     assert first.acceptor.deferred_until > 0.0
     first.acceptor.end_deferral()  # the second never ran: the first takes what waits
     assert len(first.sessions) == 20
@@ -112,16 +126,16 @@ def test_a_sibling_that_never_comes_costs_one_deferral(shared):
 
 def test_without_a_burst_a_worker_takes_what_is_queued(shared):
     (first, second), queue, listener = shared
-    queue(balance.BURST - 1 + balance.MARGIN + 1)
+    queue(balance.BURST - 1 + balance.MARGIN)
     _step(first, listener)  # its share, and the rest is too few to wait for a sibling
     _step(first, listener)
-    assert len(first.sessions) == balance.BURST + balance.MARGIN
+    assert len(first.sessions) == balance.BURST - 1 + balance.MARGIN
     assert first.acceptor.deferred_until == 0.0
 
 
 def test_a_sibling_not_accepting_is_not_waited_for(shared):
     (first, second), queue, listener = shared
-    second.loads[second.slot] = NOT_ACCEPTING  # as while it stops or is out of descriptors
+    second.board.loads[second.slot] = NOT_ACCEPTING  # as while it stops or is out of descriptors
     queue(20)
     _step(first, listener)
     assert len(first.sessions) == 20
@@ -134,3 +148,85 @@ def test_with_reuse_port_a_worker_takes_its_own_queue(shared):
     queue(20)
     _step(first, listener)
     assert len(first.sessions) == 20
+
+
+class OutOfDescriptors:
+    """A listening socket whose accept() fails as when the process has no fd left."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def accept(self) -> tuple:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def close(self) -> None:
+        self.real.close()
+
+
+@pytest.fixture
+def two_listeners():
+    """One worker on two listening sockets (an IPv4 and an IPv6 address, say); the first
+    fails every accept with EMFILE."""
+    plain = socket.create_server(("127.0.0.1", 0), backlog=128)
+    failing = OutOfDescriptors(socket.create_server(("127.0.0.1", 0), backlog=128))
+    for sock in (plain, failing.real):
+        sock.setblocking(False)
+    board = HeartbeatBoard(4)
+    worker = _worker(board, 0, [failing, plain])
+    client = socket.create_connection(plain.getsockname())
+    yield worker, failing, plain
+    _dispose(worker)
+    client.close()
+    for sock in (plain, failing):
+        sock.close()
+    board.close()
+
+
+def _registered(worker: Worker) -> int:
+    return sum(key.data is LISTENER for key in worker.sel.get_map().values())
+
+
+def test_out_of_descriptors_pauses_both_listeners_until_a_later_tick(two_listeners):
+    worker, failing, plain = two_listeners
+    assert _registered(worker) == 2
+    _step(worker, failing)
+    assert worker.acceptor.paused_until > 0 and _registered(worker) == 0
+    assert worker.board.loads[0] == NOT_ACCEPTING
+    _step(worker, plain)  # an event of the same batch: nothing is taken while paused
+    assert worker.sessions == {}
+    worker.acceptor.tick(time.monotonic())  # too early
+    assert _registered(worker) == 0
+    worker.acceptor.tick(worker.acceptor.paused_until)
+    assert _registered(worker) == 2 and worker.board.loads[0] == 0
+    _step(worker, plain)
+    assert len(worker.sessions) == 1
+
+
+def test_a_deferral_that_ends_out_of_descriptors_stays_paused(two_listeners):
+    worker, failing, plain = two_listeners
+    acceptor = worker.acceptor
+    acceptor.deferred_until = time.monotonic() + balance.DEFER_S
+    acceptor.refresh()
+    assert _registered(worker) == 0
+    acceptor.end_deferral()  # listens, takes from the first listener: EMFILE
+    assert acceptor.paused_until > 0 and acceptor.deferred_until == 0.0
+    assert _registered(worker) == 0 and worker.sessions == {}
+    acceptor.tick(acceptor.paused_until)
+    assert _registered(worker) == 2
+
+
+def test_a_stop_while_deferred_or_paused_closes_the_listeners_once(two_listeners):
+    worker, failing, plain = two_listeners
+    acceptor = worker.acceptor
+    _step(worker, failing)  # paused
+    acceptor.deferred_until = time.monotonic()  # and deferred, as a batch could leave it
+    worker._begin_stop(time.monotonic())
+    assert _registered(worker) == 0 and acceptor.listeners == []
+    assert plain.fileno() == -1  # closed
+    assert worker.board.loads[0] == NOT_ACCEPTING
+    acceptor.end_deferral()
+    acceptor.tick(acceptor.paused_until + 1)
+    assert _registered(worker) == 0 and worker.board.loads[0] == NOT_ACCEPTING
