@@ -84,14 +84,23 @@ class Acceptor:
         most = MOST_PER_WAKEUP
         if self.balancing:
             worker = self.worker
-            lightest = self.board.lightest_sibling(self.slot, worker.now, balance.MAX_AGE_S)
-            most = balance.accept_room(len(worker.sessions), lightest, most)
-            if not most:
-                if balance.burst_waiting(listener):
-                    self.deferred_until = worker.now + balance.DEFER_S
-                    self.refresh()
-                    return
-                most = MOST_PER_WAKEUP
+            mine = len(worker.sessions)
+            lightest, others_total, others = self.board.siblings(self.slot, worker.now,
+                                                                 balance.MAX_AGE_S)
+            most = balance.accept_room(mine, lightest, most)
+            if not most:  # ahead of a sibling: look at the queue (one more syscall)
+                waiting = balance.queued(listener)
+                if waiting is None:
+                    most = MOST_PER_WAKEUP  # cannot tell: as without balancing
+                else:
+                    most = min(MOST_PER_WAKEUP,
+                               balance.share_room(mine, others_total, others, waiting))
+                    if most <= 0:
+                        if waiting >= balance.BURST:
+                            self.deferred_until = worker.now + balance.DEFER_S
+                            self.refresh()
+                            return
+                        most = MOST_PER_WAKEUP
         self._take(listener, most)
 
     def end_deferral(self) -> None:

@@ -9,14 +9,16 @@ stay there: when 20 kept-open sessions opened together all went to one worker (a
 of bench/ S2's rounds), that worker did all the work while the other idled, and such
 rounds ran at 18,000 msgs/s instead of 20,000 to 24,000.
 
-So when a burst waits in the queue, a worker already holding MARGIN more sessions than
-its lightest sibling leaves the queue to the others for DEFER_S, showing itself as not
-accepting meanwhile (so two workers never wait for each other). Whatever is still queued
-when the time is up it takes after all: a sibling that is busy or stuck delays a burst
-by DEFER_S at most. The wait is long enough for a sibling that does not preempt
-(worker.py's SCHED_BATCH) to get a CPU; at 2 ms the burst still often went back to the
-first worker. Without a burst a worker takes what is there: short sessions arrive a few
-at a time, and leaving each to a sibling not yet running halved bench/ S1's rate.
+So a worker takes freely while it holds at most MARGIN sessions more than its lightest
+sibling. Beyond that it reads the queue's length and takes up to its even share of all
+sessions, held and waiting. Beyond its share, with a burst waiting, it leaves the queue
+to the others for DEFER_S, showing itself as not accepting meanwhile (so two workers
+never wait for each other, and a sibling takes the rest). Whatever is still queued when
+the time is up it takes after all: a sibling that is busy or stuck delays a burst by
+DEFER_S at most. The wait is long enough for a sibling that does not preempt (worker.py's
+SCHED_BATCH) to get a CPU; at 2 ms the burst still often went back to the first worker.
+Without a burst a worker takes what is there: short sessions arrive a few at a time, and
+leaving each to a sibling not yet running halved bench/ S1's rate.
 With reuse_port each worker has a queue of its own, and this does not apply.
 """
 
@@ -45,6 +47,13 @@ def accept_room(mine: int, lightest: int | None, most: int) -> int:
     return max(0, min(most, lightest + MARGIN - mine))
 
 
+def share_room(mine: int, others_total: int, others: int, waiting: int) -> int:
+    """Room up to this worker's even share of all sessions, held and `waiting` (may be <= 0),
+    with `others` accepting siblings holding `others_total`."""
+    share = -(-(others_total + mine + waiting) // (others + 1))  # rounded up
+    return share - mine
+
+
 def queued(listener: socket.socket) -> int | None:
     """Connections waiting in `listener`'s accept queue; None where that cannot be read."""
     if _TCP_INFO is None:
@@ -54,10 +63,3 @@ def queued(listener: socket.socket) -> int | None:
     except OSError:
         return None
     return _UNACKED.unpack_from(info, _UNACKED_OFFSET)[0] if len(info) >= _INFO_BYTES else None
-
-
-def burst_waiting(listener: socket.socket) -> bool:
-    """Whether at least BURST connections wait (False where that cannot be told: take
-    them, as without balancing)."""
-    waiting = queued(listener)
-    return waiting is not None and waiting >= BURST

@@ -46,17 +46,19 @@ class HeartbeatBoard:
         """The slot's worker has exited."""
         self.loads[slot] = NOT_ACCEPTING
 
-    def lightest_sibling(self, slot: int, now: float, max_age: float) -> int | None:
-        """The fewest sessions held by another live, accepting worker; None if none is."""
+    def siblings(self, slot: int, now: float, max_age: float) -> tuple[int | None, int, int]:
+        """Other live, accepting workers: (fewest sessions held or None, sessions, count)."""
         loads, beats = self.loads, self._beats
-        lightest = None
+        lightest, total, count = None, 0, 0
         for other in range(self._span[0]):
             load = loads[other]
             if load < 0 or other == slot or now - beats[other] > max_age:
                 continue
+            total += load
+            count += 1
             if lightest is None or load < lightest:
                 lightest = load
-        return lightest
+        return lightest, total, count
 
     def close(self) -> None:
         for view in (self._beats, self.loads, self._span):

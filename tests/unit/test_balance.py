@@ -10,7 +10,7 @@ import time
 import pytest
 
 from minismtp import balance
-from minismtp.balance import MARGIN, accept_room, burst_waiting, queued
+from minismtp.balance import MARGIN, accept_room, queued, share_room
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 
 
@@ -39,25 +39,35 @@ def _queue(listener: socket.socket, count: int) -> list[socket.socket]:
     return clients
 
 
+@pytest.mark.parametrize("mine, others_total, others, waiting, room", [
+    (0, 0, 1, 20, 10),  # 20 arriving together at two idle workers: half each
+    (4, 0, 1, 16, 6),  # it took its margin already: up to half of everything
+    (10, 0, 1, 10, 0),  # its half taken: the rest is the sibling's
+    (10, 10, 1, 0, 0),
+    (0, 9, 2, 0, 3),  # three workers, 9 sessions: 3 each
+    (8, 3, 1, 2, -1),  # beyond its share: leave the rest, if worth waiting for
+    (5, 0, 0, 7, 7),  # no sibling accepting: everything
+])
+def test_share_room_is_up_to_an_even_share_of_held_and_waiting_sessions(
+        mine, others_total, others, waiting, room):
+    assert share_room(mine, others_total, others, waiting) == room
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's tcp_info")
-def test_burst_waiting_reads_the_accept_queue_length():
+def test_queued_reads_the_accept_queue_length():
     with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
         assert queued(listener) == 0
-        assert not burst_waiting(listener)
-        clients = _queue(listener, balance.BURST - 1)
-        assert not burst_waiting(listener)
-        clients += _queue(listener, 1)
-        assert burst_waiting(listener)
-        listener.accept()[0].close()  # one fewer waiting: below a burst again
-        assert not burst_waiting(listener)
+        clients = _queue(listener, balance.BURST)
+        assert queued(listener) == balance.BURST
+        listener.accept()[0].close()
+        assert queued(listener) == balance.BURST - 1
         for client in clients:
             client.close()
 
 
-def test_burst_waiting_is_false_where_the_queue_cannot_be_read():
+def test_queued_is_none_where_the_queue_cannot_be_read():
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as not_tcp:
         assert queued(not_tcp) is None
-        assert not burst_waiting(not_tcp)
 
 
 @pytest.fixture
@@ -68,24 +78,24 @@ def board():
 
 
 def test_no_sibling_until_the_master_hands_slots_out(board):
-    assert board.lightest_sibling(0, now=10.0, max_age=3.0) is None
+    assert board.siblings(0, now=10.0, max_age=3.0) == (None, 0, 0)
     board.hand_out(0, now=10.0)
     board.loads[0] = 0
-    assert board.lightest_sibling(0, now=10.0, max_age=3.0) is None  # only itself
+    assert board.siblings(0, now=10.0, max_age=3.0) == (None, 0, 0)  # only itself
 
 
-def test_lightest_sibling_is_the_live_accepting_one_with_fewest_sessions(board):
+def test_siblings_are_the_live_accepting_workers_but_itself(board):
     for slot, load in enumerate([9, 7, 2, 5]):
         board.hand_out(slot, now=10.0)
         board.loads[slot] = load
-    assert board.lightest_sibling(0, now=11.0, max_age=3.0) == 2
-    assert board.lightest_sibling(2, now=11.0, max_age=3.0) == 5  # not itself
-    board.loads[2] = NOT_ACCEPTING  # starting, paused or stopping: not a candidate
-    assert board.lightest_sibling(0, now=11.0, max_age=3.0) == 5
+    assert board.siblings(0, now=11.0, max_age=3.0) == (2, 14, 3)
+    assert board.siblings(2, now=11.0, max_age=3.0) == (5, 21, 3)  # not itself
+    board.loads[2] = NOT_ACCEPTING  # starting, paused, deferring or stopping
+    assert board.siblings(0, now=11.0, max_age=3.0) == (5, 12, 2)
     board.beat(3, 6.0)  # silent for 5 s: it may be stuck
-    assert board.lightest_sibling(0, now=11.0, max_age=3.0) == 7
+    assert board.siblings(0, now=11.0, max_age=3.0) == (7, 7, 1)
     board.vacate(1)
-    assert board.lightest_sibling(0, now=11.0, max_age=3.0) is None
+    assert board.siblings(0, now=11.0, max_age=3.0) == (None, 0, 0)
 
 
 def test_hand_out_marks_the_slot_alive_but_not_accepting(board):
@@ -93,7 +103,7 @@ def test_hand_out_marks_the_slot_alive_but_not_accepting(board):
     assert board.last(5) == 42.0
     assert board.loads[5] == NOT_ACCEPTING
     board.loads[5] = 0
-    assert board.lightest_sibling(0, now=42.0, max_age=3.0) == 0  # slots below 5 are empty
+    assert board.siblings(0, now=42.0, max_age=3.0) == (0, 0, 1)  # slots below 5: empty
 
 
 def test_the_board_is_shared_with_forked_workers(board):
@@ -106,4 +116,4 @@ def test_the_board_is_shared_with_forked_workers(board):
         os._exit(0)
     os.waitpid(pid, 0)
     assert board.loads[1] == 17
-    assert board.lightest_sibling(0, now=2.5, max_age=3.0) == 17
+    assert board.siblings(0, now=2.5, max_age=3.0) == (17, 17, 1)

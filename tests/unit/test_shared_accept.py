@@ -76,48 +76,52 @@ def _listening(worker: Worker, listener: socket.socket) -> bool:
     return listener in [key.fileobj for key in worker.sel.get_map().values()]
 
 
-def test_a_burst_is_left_to_the_sibling_beyond_the_margin(shared):
+def test_a_burst_is_split_evenly_and_the_rest_left_to_the_sibling(shared):
     (first, second), queue, listener = shared
     queue(20)
-    _step(first, listener)  # its margin over the empty sibling
+    _step(first, listener)  # its margin over the empty sibling, without a syscall more
     assert len(first.sessions) == balance.MARGIN
-    assert first.acceptor.deferred_until == 0.0
     assert first.board.loads[first.slot] == balance.MARGIN
-    _step(first, listener)  # still queued: a burst waits, and the sibling is lighter
-    assert len(first.sessions) == balance.MARGIN
+    _step(first, listener)  # then up to half of everything, held and waiting
+    assert len(first.sessions) == 10
+    assert first.acceptor.deferred_until == 0.0
+    _step(first, listener)  # its half taken, a burst waits: it leaves it to the sibling
+    assert len(first.sessions) == 10
     assert first.acceptor.deferred_until == pytest.approx(first.now + balance.DEFER_S)
     assert not _listening(first, listener)
     # Not listening, so the sibling must not leave anything to it in turn.
     assert first.board.loads[first.slot] == NOT_ACCEPTING
 
     _step(second, listener)  # no sibling to share with meanwhile: it takes the rest
-    assert len(second.sessions) == 20 - balance.MARGIN
+    assert len(second.sessions) == 10
     assert second.acceptor.deferred_until == 0.0
 
     first.acceptor.end_deferral()  # nothing left; it listens again
-    assert len(first.sessions) == balance.MARGIN
+    assert len(first.sessions) == 10
     assert first.acceptor.deferred_until == 0.0 and _listening(first, listener)
-    assert first.board.loads[first.slot] == balance.MARGIN
+    assert first.board.loads[first.slot] == 10
 
 
-def test_the_lighter_worker_takes_its_share_of_a_burst_first(shared):
+def test_the_sibling_takes_its_share_and_defers_in_turn(shared):
     (first, second), queue, listener = shared
     queue(30)
     _step(first, listener)
     _step(second, listener)  # may lead the first by the margin
     assert len(second.sessions) == 2 * balance.MARGIN
-    _step(second, listener)  # ahead and a burst still waits: its turn to defer
+    _step(second, listener)  # then up to half of all 30
+    assert len(second.sessions) == 15
+    _step(second, listener)  # its half taken and a burst waits: its turn to defer
     assert second.acceptor.deferred_until > 0.0
-    _step(first, listener)  # the second is not listening: take the rest
-    assert len(first.sessions) == 30 - 2 * balance.MARGIN
+    _step(first, listener)  # the second is not listening: the first takes the rest
+    assert len(first.sessions) == 15
 
 
 def test_a_sibling_that_never_comes_costs_one_deferral(shared):
     (first, second), queue, listener = shared
     queue(20)
-    _step(first, listener)
-    _step(first, listener)
-    assert len(first.sessions) == balance.MARGIN
+    for _ in range(3):
+        _step(first, listener)
+    assert len(first.sessions) == 10
     assert first.acceptor.deferred_until > 0.0
     first.acceptor.end_deferral()  # the second never ran: the first takes what waits
     assert len(first.sessions) == 20
@@ -126,10 +130,12 @@ def test_a_sibling_that_never_comes_costs_one_deferral(shared):
 
 def test_without_a_burst_a_worker_takes_what_is_queued(shared):
     (first, second), queue, listener = shared
-    queue(balance.BURST - 1 + balance.MARGIN)
-    _step(first, listener)  # its share, and the rest is too few to wait for a sibling
-    _step(first, listener)
-    assert len(first.sessions) == balance.BURST - 1 + balance.MARGIN
+    queue(11)
+    _step(first, listener)  # its margin
+    _step(first, listener)  # its half
+    assert len(first.sessions) == 6
+    _step(first, listener)  # 5 left: too few to wait for a sibling
+    assert len(first.sessions) == 11
     assert first.acceptor.deferred_until == 0.0
 
 
