@@ -43,7 +43,6 @@ class Acceptor:
         self.listeners = listeners
         self.board = board
         self.slot = slot
-        self.loads = board.loads
         self.balancing = balancing  # one queue shared with siblings (not reuse_port)
         self.listening = False  # the listeners are in the selector
         self.paused_until = 0.0  # out of descriptors: listen again at a tick after this
@@ -64,7 +63,8 @@ class Acceptor:
 
     def publish_load(self) -> None:
         """Sessions held, for siblings sharing the queue; none while not taking more."""
-        self.loads[self.slot] = len(self.worker.sessions) if self.listening else NOT_ACCEPTING
+        load = len(self.worker.sessions) if self.listening else NOT_ACCEPTING
+        self.board.loads[self.slot] = load
 
     def close(self) -> None:
         """Stop accepting for good (the worker is stopping): the queue is left to others."""
@@ -83,24 +83,14 @@ class Acceptor:
             return  # an event of this batch, from before a pause, deferral or stop
         most = MOST_PER_WAKEUP
         if self.balancing:
-            worker = self.worker
-            mine = len(worker.sessions)
-            lightest, others_total, others = self.board.siblings(self.slot, worker.now,
-                                                                 balance.MAX_AGE_S)
-            most = balance.accept_room(mine, lightest, most)
-            if not most:  # ahead of a sibling: look at the queue (one more syscall)
-                waiting = balance.queued(listener)
-                if waiting is None:
-                    most = MOST_PER_WAKEUP  # cannot tell: as without balancing
-                else:
-                    most = min(MOST_PER_WAKEUP,
-                               balance.share_room(mine, others_total, others, waiting))
-                    if most <= 0:
-                        if waiting >= balance.BURST:
-                            self.deferred_until = worker.now + balance.DEFER_S
-                            self.refresh()
-                            return
-                        most = MOST_PER_WAKEUP
+            now = self.worker.now
+            siblings = self.board.siblings(self.slot, now, balance.MAX_AGE_S)
+            most = balance.how_many(len(self.worker.sessions), siblings,
+                                    lambda: balance.queued(listener), most)
+            if not most:
+                self.deferred_until = now + balance.DEFER_S
+                self.refresh()
+                return
         self._take(listener, most)
 
     def end_deferral(self) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+from collections.abc import Callable
 
 MARGIN = 4  # sessions a worker may hold above its lightest sibling
 BURST = 8  # queued connections that make a burst
@@ -52,6 +53,24 @@ def share_room(mine: int, others_total: int, others: int, waiting: int) -> int:
     with `others` accepting siblings holding `others_total`."""
     share = -(-(others_total + mine + waiting) // (others + 1))  # rounded up
     return share - mine
+
+
+def how_many(mine: int, siblings: tuple[int | None, int, int],
+             waiting: Callable[[], int | None], most: int) -> int:
+    """The whole rule (module docstring): how many to accept now, of at most `most`; 0 means
+    leave the queue to the siblings for DEFER_S. `siblings` is HeartbeatBoard.siblings();
+    `waiting()` reads the queue's length (a syscall), only once ahead of a sibling."""
+    lightest, others_total, others = siblings
+    room = accept_room(mine, lightest, most)
+    if room:
+        return room
+    queue = waiting()
+    if queue is None:
+        return most  # cannot tell: as without balancing
+    room = share_room(mine, others_total, others, queue)
+    if room > 0:
+        return min(most, room)
+    return 0 if queue >= BURST else most
 
 
 def queued(listener: socket.socket) -> int | None:

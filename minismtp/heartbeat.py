@@ -3,9 +3,10 @@
 The master creates the board before forking. Per worker slot, the worker writes
 `time.monotonic()` (CLOCK_MONOTONIC is the same clock in every process) and the number of
 sessions it holds, or NOT_ACCEPTING while it takes no new connections (starting, out of
-descriptors, leaving a burst to its siblings, stopping). The master reads the beats; workers read each other's loads to share one
-listening queue evenly (balance.py). The master keeps `span` above every slot it has
-handed out, so a worker looks at a few slots, not at all of them.
+descriptors, leaving a burst to its siblings, stopping). The master reads the beats;
+workers read each other's loads to share one listening queue evenly (balance.py). The
+master keeps `span` above every slot it has handed out, so a worker looks at a few
+slots, not at all of them.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from minismtp import balance
-from minismtp.balance import MARGIN, accept_room, queued, share_room
+from minismtp.balance import BURST, MARGIN, accept_room, how_many, queued, share_room
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 
 
@@ -51,6 +51,22 @@ def _queue(listener: socket.socket, count: int) -> list[socket.socket]:
 def test_share_room_is_up_to_an_even_share_of_held_and_waiting_sessions(
         mine, others_total, others, waiting, room):
     assert share_room(mine, others_total, others, waiting) == room
+
+
+def _never() -> int:
+    raise AssertionError("the queue is read only once ahead of a sibling")
+
+
+@pytest.mark.parametrize("mine, siblings, waiting, room", [
+    (7, (None, 0, 0), _never, 64),  # alone: take what is there
+    (0, (0, 0, 1), _never, MARGIN),  # within the margin: no syscall
+    (MARGIN, (0, 0, 1), lambda: 16, 6),  # ahead: up to an even share of all 20
+    (10, (0, 0, 1), lambda: 10, 0),  # share taken, a burst waits: leave it
+    (10, (0, 0, 1), lambda: BURST - 1, 64),  # too few waiting to leave: take them
+    (10, (0, 0, 1), lambda: None, 64),  # queue unreadable: as without balancing
+])
+def test_how_many_composes_margin_share_and_burst(mine, siblings, waiting, room):
+    assert how_many(mine, siblings, waiting, 64) == room
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's tcp_info")
