@@ -14,7 +14,7 @@ CRLF included), dot-stuffed and followed by ".\\r\\n":
 
 Implementations, all reading the wire bytes in 256 KiB pieces:
 
-- BodyScanner:     minismtp.scanner.BodyScanner looped over a 256 KiB ReceiveBuffer the way the
+- BodyScanner:     minismtp.smtp.scanner.BodyScanner looped over a 256 KiB ReceiveBuffer the way the
                  core does; each read is copied in by slice assignment (standing in for
                  recv_into), and the segments of one read are collected as memoryviews;
 - core (bare LF reject/allow): SmtpServerConnection already in DATA (EHLO, MAIL, RCPT and
@@ -48,10 +48,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout
 
-from minismtp.buffer import ReceiveBuffer  # noqa: E402
-from minismtp.events import NEED_DATA, BodyChunk, MessageEnd  # noqa: E402
-from minismtp.protocol import Settings, SmtpServerConnection  # noqa: E402
-from minismtp.scanner import BodyScanner  # noqa: E402
+from minismtp.smtp.buffer import ReceiveBuffer  # noqa: E402
+from minismtp.smtp.events import NEED_DATA, BodyChunk, MessageEnd  # noqa: E402
+from minismtp.smtp.protocol import Settings, SmtpServerConnection  # noqa: E402
+from minismtp.smtp.scanner import BodyScanner  # noqa: E402
 
 READ = 256 * 1024  # bytes per simulated recv_into, and the BodyScanner receive buffer
 TARGET_MBPS, TARGET_RATIO = 1000.0, 20.0  # 1 GB/s and 20x naive, on the typical body

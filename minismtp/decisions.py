@@ -15,14 +15,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from minismtp import replies
+from minismtp.smtp import replies
 from minismtp.delivery import DeliveryError
 from minismtp.delivery.group import GroupCommitter
-from minismtp.events import (
+from minismtp.smtp.events import (
     DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, Reset,
 )
 from minismtp.faults import FaultAction, FaultInjector
-from minismtp.replies import Reply
+from minismtp.smtp.replies import Reply
 from minismtp.stats import WorkerStats
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import Any
 
 from minismtp import values
 from minismtp.faults import MAX_RULES, STAGES, DelayRange, FaultRule, Network
-from minismtp.replies import Reply
+from minismtp.smtp.replies import Reply
 
 _RECIPIENT_STAGES = ("rcpt", "data", "end_of_data")  # before RCPT there is no recipient
 _SENDER_STAGES = ("mail", "rcpt", "data", "end_of_data", "quit")

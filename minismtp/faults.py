@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from minismtp.replies import Reply
+from minismtp.smtp.replies import Reply
 
 STAGES = ("connect", "helo", "mail", "rcpt", "data", "end_of_data", "quit")
 MAX_RULES = 64  # the stats board reserves one counter per rule before any worker forks

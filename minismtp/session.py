@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from minismtp.config import Config
 from minismtp.delivery import Peer, Sink
-from minismtp.events import Envelope
-from minismtp.protocol import Settings, SmtpServerConnection
+from minismtp.smtp.events import Envelope
+from minismtp.smtp.protocol import Settings, SmtpServerConnection
 
 if TYPE_CHECKING:
     import socket

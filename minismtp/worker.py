@@ -18,15 +18,16 @@ import socket
 import time
 from collections.abc import Iterable
 
-from minismtp import exitcodes, replies
+from minismtp import exitcodes
+from minismtp.smtp import replies
 from minismtp.acceptor import LISTENER, Acceptor
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, DeliveryError, Peer
-from minismtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
+from minismtp.smtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
 from minismtp.faults import FaultInjector
 from minismtp.heartbeat import HeartbeatBoard
-from minismtp.protocol import SmtpServerConnection, State
+from minismtp.smtp.protocol import SmtpServerConnection, State
 from minismtp.session import Session, protocol_settings
 from minismtp.signals import SignalWakeup
 from minismtp.stats import StatsBoard, WorkerStats

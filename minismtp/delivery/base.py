@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
-from ..events import Envelope
+from ..smtp.events import Envelope
 
 __all__ = ["Backend", "DeliveryError", "Peer", "Sink"]
 

@@ -26,7 +26,7 @@ import stat
 import time
 from contextlib import suppress
 
-from ..events import Envelope
+from ..smtp.events import Envelope
 from .base import Backend, DeliveryError, Peer, Sink
 from .untrusted import encode_host, mailbox_parts, trace_headers
 

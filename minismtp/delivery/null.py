@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 
-from ..events import Envelope
+from ..smtp.events import Envelope
 from .base import Backend, Peer, Sink
 
 __all__ = ["DiscardBackend", "DiscardSink"]

@@ -16,7 +16,7 @@ import hashlib
 import re
 from email.utils import formatdate
 
-from ..events import Envelope
+from ..smtp.events import Envelope
 from .base import Peer
 
 _MAX_COMPONENT = 200  # bytes; NAME_MAX is 255 on common filesystems

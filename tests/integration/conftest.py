@@ -24,9 +24,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.smtpdriver import stuff
+
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything here starts real processes: `pytest -m "not integration"` leaves it out."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -346,7 +356,7 @@ class RawClient:
     def stuff(body: bytes) -> bytes:
         """Dot-stuff a CRLF body (RFC 5321 section 4.5.2) and add the terminator."""
         assert body == b"" or body.endswith(b"\r\n"), "a body is whole CRLF lines"
-        return re.sub(rb"(?m)^\.", b"..", body) + b".\r\n"
+        return stuff(body) + b".\r\n"
 
     @staticmethod
     def envelope(sender: str, recipients: list[str]) -> bytes:

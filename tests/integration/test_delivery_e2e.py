@@ -6,7 +6,7 @@ import os
 import resource
 from pathlib import Path
 
-from minismtp import replies
+from minismtp.smtp import replies
 
 FSIZE_LIMIT = 256 * 1024
 

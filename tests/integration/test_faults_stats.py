@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from minismtp import replies
+from minismtp.smtp import replies
 
 HOST = "127.0.0.1"
 STATS_WAIT_S = 5.0  # workers publish about once a second

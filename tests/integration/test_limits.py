@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from minismtp import replies
+from minismtp.smtp import replies
 
 SIZE_LIMIT = 10 * 1024
 

@@ -15,7 +15,7 @@ from email.policy import compat32
 
 import pytest
 
-from minismtp import replies
+from minismtp.smtp import replies
 
 SENDER = "alice@example.org"
 RECIPIENTS = ["bob@example.net", "carol@example.com"]

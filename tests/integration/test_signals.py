@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from minismtp import exitcodes, replies
+from minismtp import exitcodes
+from minismtp.smtp import replies
 
 BODY_HEAD = b"Subject: in flight\r\n\r\n" + b"first half of the body\r\n" * 20
 BODY_TAIL = b"second half of the body\r\n" * 20

@@ -7,22 +7,17 @@ for any body and any chunking: same bytes, same end, and what follows is a comma
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "unit"))
-from _smtpdriver import (  # noqa: E402
-    MODES, OPEN, Client, has_bare_lf, open_reply, queued, reference_body, reply_lines,
-    scan_body_chunks, stuff,
-)
-
-from minismtp import replies as R  # noqa: E402
-from minismtp.events import (  # noqa: E402
+from minismtp.smtp import replies as R
+from minismtp.smtp.events import (
     BodyChunk, ConnectionClosed, DataStarted, Hello, MailFrom, MessageEnd, MessageRejected,
     Quit, RcptTo, Reset,
+)
+from support.smtpdriver import (
+    MODES, OPEN, Client, has_bare_lf, open_reply, queued, reference_body, reply_lines,
+    scan_body_chunks, stuff,
 )
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

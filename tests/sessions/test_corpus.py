@@ -8,16 +8,14 @@ from RFC 5321 and the reply texts, not recorded from the core.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import pytest
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "unit"))
-from _smtpdriver import MODES, Client, reply_lines  # noqa: E402
+from minismtp.smtp.events import ConnectionClosed, MailFrom, MessageEnd
+from minismtp.smtp.protocol import Settings
+from support.smtpdriver import MODES, Client, reply_lines
 
-from minismtp.events import ConnectionClosed, MailFrom, MessageEnd  # noqa: E402
-from minismtp.protocol import Settings  # noqa: E402
+HERE = pathlib.Path(__file__).resolve().parent
 
 SETTINGS = Settings(hostname="mx.test", max_message_bytes=2048)
 SESSIONS = sorted(path.stem for path in HERE.glob("*.in"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from minismtp import replies
-from minismtp.arguments import ArgumentError, is_mailbox, parse_mail_parameters, parse_path
+from minismtp.smtp import replies
+from minismtp.smtp.arguments import ArgumentError, is_mailbox, parse_mail_parameters, parse_path
 
 
 def refusal(call, *args) -> object:

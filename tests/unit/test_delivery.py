@@ -21,7 +21,7 @@ from minismtp.delivery import maildir, untrusted
 from minismtp.delivery.maildir import MaildirBackend, clean_tmp
 from minismtp.delivery.untrusted import mailbox_parts
 from minismtp.delivery.null import DiscardBackend
-from minismtp.events import Envelope
+from minismtp.smtp.events import Envelope
 
 PEER = Peer("192.0.2.7", 40123)
 HOST = "mx.example.net"

@@ -11,7 +11,7 @@ from minismtp import faults as faults_module
 from minismtp.faults import (
     MAX_RULES, STAGES, DelayRange, FaultAction, FaultInjector, FaultsConfig,
 )
-from minismtp.replies import Reply
+from minismtp.smtp.replies import Reply
 
 
 def faults(*rules: dict, seed: int | None = 7) -> FaultsConfig:

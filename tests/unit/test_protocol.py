@@ -1,24 +1,24 @@
 """The sans-IO core, bytes in and events plus reply bytes out (h11's receive_and_get).
 
-Every scenario runs in each chunking of `_smtpdriver.MODES`: whole, byte by byte, line by
+Every scenario runs in each chunking of `support.smtpdriver.MODES`: whole, byte by byte, line by
 line and at random split points. Replies are compared as exact bytes, by reply name.
 """
 
 from __future__ import annotations
 
 import pytest
-from _smtpdriver import (
+from support.smtpdriver import (
     EHLO, EHLO_R, HELLO, HELO, MAIL, MODES, OPEN, RCPT, Client, case, ehlo_reply, hold,
     mail_from, mail_param, open_reply, queued, reject, wire,
 )
 
-from minismtp import replies as R
-from minismtp.events import (
+from minismtp.smtp import replies as R
+from minismtp.smtp.events import (
     NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
     MessageEnd, MessageRejected, Quit, RcptTo, Reset,
 )
-from minismtp.protocol import Settings, SmtpServerConnection
-from minismtp.replies import Reply
+from minismtp.smtp.protocol import Settings, SmtpServerConnection
+from minismtp.smtp.replies import Reply
 
 DENIED = Reply(550, "5.7.1", "Access denied")
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from minismtp import replies
-from minismtp.replies import Reply
+from minismtp.smtp import replies
+from minismtp.smtp.replies import Reply
 
 
 def test_single_line_wire_carries_the_enhanced_code() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from _smtpdriver import reference_body, scan_body_chunks
+from support.smtpdriver import reference_body, scan_body_chunks
 
-from minismtp.buffer import ReceiveBuffer
-from minismtp.scanner import NEED_MORE, TOO_LONG, BodyScanner, LineScanner
+from minismtp.smtp.buffer import ReceiveBuffer
+from minismtp.smtp.scanner import NEED_MORE, TOO_LONG, BodyScanner, LineScanner
 
 
 def next_line(data: bytes | bytearray, start: int = 0, end: int | None = None,

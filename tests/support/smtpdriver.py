@@ -20,14 +20,14 @@ import re
 from itertools import count
 from typing import Callable
 
-from minismtp import replies
-from minismtp.buffer import ReceiveBuffer
-from minismtp.events import (
+from minismtp.smtp import replies
+from minismtp.smtp.buffer import ReceiveBuffer
+from minismtp.smtp.events import (
     DECISIONS, NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Hello, MailFrom,
     MessageEnd, MessageRejected,
 )
-from minismtp.protocol import Settings, SmtpServerConnection
-from minismtp.replies import Reply
+from minismtp.smtp.protocol import Settings, SmtpServerConnection
+from minismtp.smtp.replies import Reply
 
 MODES = ("whole", "bytewise", "lines", "random")
 HOSTNAME = "mx.test"
@@ -294,7 +294,7 @@ def scan_body_chunks(chunks: list[bytes], capacity: int = 64) -> tuple[list[byte
     Returns (body pieces, bytes left after the terminator), or None if the data ended
     first. Every piece is checked to be non-empty only where the scanner moved.
     """
-    from minismtp.scanner import BodyScanner  # here, so the core's tests never depend on it
+    from minismtp.smtp.scanner import BodyScanner  # here, so the core's tests never depend on it
 
     buf, scanner, pieces = ReceiveBuffer(capacity), BodyScanner(), []
     todo = [c for c in chunks if c]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from minismtp import replies
-from minismtp.replies import Reply
+from minismtp.smtp import replies
+from minismtp.smtp.replies import Reply
 
 # RFC 5321 4.1.2 Path, leniently: quoted local parts may hold spaces and ">".
 _PATH = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^<>"\s])*)>')

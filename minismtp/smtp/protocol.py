@@ -29,17 +29,17 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
-from minismtp import replies
-from minismtp.arguments import (
+from minismtp.smtp import replies
+from minismtp.smtp.arguments import (
     ArgumentError, is_mailbox, parse_mail_parameters, parse_path,
 )
-from minismtp.buffer import ReceiveBuffer
-from minismtp.events import (
+from minismtp.smtp.buffer import ReceiveBuffer
+from minismtp.smtp.events import (
     NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
     MessageEnd, MessageRejected, Quit, RcptTo, Reset,
 )
-from minismtp.replies import Reply
-from minismtp.scanner import CR, NEED_MORE, BodyScanner, LineScanner
+from minismtp.smtp.replies import Reply
+from minismtp.smtp.scanner import CR, NEED_MORE, BodyScanner, LineScanner
 
 
 @dataclass(frozen=True, slots=True)
