@@ -94,7 +94,7 @@ def make_worker() -> Worker:
 def s1_shape(worker: Worker, messages: int) -> None:
     for n in range(messages):
         sock = ScriptedSocket(CONNECTION, 1000 + n % 64)
-        worker.start_session(sock, ("127.0.0.1", 40000))  # type: ignore[arg-type]
+        worker._start_sessions([(sock, ("127.0.0.1", 40000))])  # type: ignore[list-item]
         session = worker.sessions[sock.fd]
         for _ in CONNECTION:
             worker._on_readable(session)
@@ -104,24 +104,27 @@ def s1_shape(worker: Worker, messages: int) -> None:
 
 def s2_shape(worker: Worker, messages: int) -> None:
     sock = ScriptedSocket([b"HELO localhost\r\n"] + TRANSACTION * messages, 999)
-    worker.start_session(sock, ("127.0.0.1", 40000))  # type: ignore[arg-type]
+    worker._start_sessions([(sock, ("127.0.0.1", 40000))])  # type: ignore[list-item]
     session = worker.sessions[sock.fd]
     for _ in range(len(sock.reads)):
         worker._on_readable(session)
     if sock.sends != len(sock.reads) + 1:
         raise SystemExit("S2 shape: a reply is missing")
-    worker._close(session, "")
+    worker.close(session, "")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--shape", choices=("S1", "S2"), help="only this one (default both)")
     args = parser.parse_args()
     worker = make_worker()
     print(f"Python {sys.version.split()[0]}, {args.messages:,} messages, "
           f"best and median of {args.repeat}")
-    for name, shape in (("S1 shape", s1_shape), ("S2 shape", s2_shape)):
+    shapes = [(name, shape) for name, shape in (("S1 shape", s1_shape), ("S2 shape", s2_shape))
+              if args.shape is None or name.startswith(args.shape)]
+    for name, shape in shapes:
         shape(worker, 1000)  # warm-up
         costs = []
         for _ in range(args.repeat):

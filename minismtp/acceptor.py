@@ -10,6 +10,10 @@ queue cannot make the loop spin:
 - a stop: the listeners are closed and siblings (or the next generation) take the queue.
 Siblings read this worker's session count on the heartbeat board, or NOT_ACCEPTING
 whenever it is not listening (so two workers never defer to each other).
+
+The acceptor knows no Worker: it gets the selector, the collection of sessions held (only
+its size is read) and a callback that reads pending signals, and hands back the sockets
+it accepted.
 """
 
 from __future__ import annotations
@@ -19,13 +23,10 @@ import logging
 import selectors
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sized
 
 from minismtp import balance
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
-
-if TYPE_CHECKING:
-    from minismtp.worker import Worker
 
 log = logging.getLogger("minismtp.worker")
 
@@ -34,25 +35,30 @@ log = logging.getLogger("minismtp.worker")
 MOST_PER_WAKEUP = 64
 PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
 LISTENER = object()  # selector data of a listening socket
+Accepted = list[tuple[socket.socket, tuple]]  # (connected socket, peer address)
 
 
 class Acceptor:
-    def __init__(self, worker: Worker, listeners: list[socket.socket], board: HeartbeatBoard,
-                 slot: int, balancing: bool) -> None:
-        self.worker = worker
+    def __init__(self, sel: selectors.BaseSelector, listeners: list[socket.socket],
+                 board: HeartbeatBoard, slot: int, balancing: bool, held: Sized,
+                 read_signals: Callable[[], None]) -> None:
+        self.sel = sel
         self.listeners = listeners
         self.board = board
         self.slot = slot
         self.balancing = balancing  # one queue shared with siblings (not reuse_port)
+        self.held = held  # the worker's sessions: their number is our load
+        self.read_signals = read_signals  # may stop us (close()) before we accept
         self.listening = False  # the listeners are in the selector
+        self.stopped = False  # closed for good
         self.paused_until = 0.0  # out of descriptors: listen again at a tick after this
         self.deferred_until = 0.0  # left to the siblings until then
 
     def refresh(self) -> None:
         """Listen exactly when nothing holds accepting back; tell the siblings."""
-        wanted = not (self.paused_until or self.deferred_until or self.worker.stopping)
+        wanted = not (self.paused_until or self.deferred_until or self.stopped)
         if wanted != self.listening:
-            sel = self.worker.sel
+            sel = self.sel
             for listener in self.listeners:
                 if wanted:
                     sel.register(listener, selectors.EVENT_READ, LISTENER)
@@ -63,11 +69,12 @@ class Acceptor:
 
     def publish_load(self) -> None:
         """Sessions held, for siblings sharing the queue; none while not taking more."""
-        load = len(self.worker.sessions) if self.listening else NOT_ACCEPTING
+        load = len(self.held) if self.listening else NOT_ACCEPTING
         self.board.loads[self.slot] = load
 
     def close(self) -> None:
         """Stop accepting for good (the worker is stopping): the queue is left to others."""
+        self.stopped = True
         self.refresh()
         for listener in self.listeners:
             listener.close()
@@ -78,41 +85,42 @@ class Acceptor:
             self.paused_until = 0.0
             self.refresh()
 
-    def on_readable(self, listener: socket.socket) -> None:
+    def on_readable(self, listener: socket.socket, now: float) -> Accepted:
         if not self.listening:
-            return  # an event of this batch, from before a pause, deferral or stop
+            return []  # an event of this batch, from before a pause, deferral or stop
         most = MOST_PER_WAKEUP
         if self.balancing:
-            now = self.worker.now
             siblings = self.board.siblings(self.slot, now, balance.MAX_AGE_S)
-            most = balance.how_many(len(self.worker.sessions), siblings,
+            most = balance.how_many(len(self.held), siblings,
                                     lambda: balance.queued(listener), most)
             if not most:
                 self.deferred_until = now + balance.DEFER_S
                 self.refresh()
-                return
-        self._take(listener, most)
+                return []
+        accepted: Accepted = []
+        self._take(listener, most, accepted)
+        return accepted
 
-    def end_deferral(self) -> None:
+    def end_deferral(self) -> Accepted:
         """Take what the siblings left queued (they may be busy), then go on listening."""
         self.deferred_until = 0.0
         self.refresh()
+        accepted: Accepted = []
         for listener in self.listeners:
             if not self.listening:
                 break  # out of descriptors, or stopping
-            self._take(listener, MOST_PER_WAKEUP)
+            self._take(listener, MOST_PER_WAKEUP, accepted)
+        return accepted
 
-    def _take(self, listener: socket.socket, most: int) -> None:
-        worker = self.worker
-        if worker.wakeup.pending():
-            # A stop may be waiting in this same batch of events: a connection taken
-            # now would only get 421 (and could have gone to a new worker instead).
-            worker.read_signals()
-            if not self.listening:
-                return
+    def _take(self, listener: socket.socket, most: int, accepted: Accepted) -> None:
+        # A stop may be waiting in this same batch of events: a connection taken now
+        # would only get 421 (and could have gone to a new worker instead).
+        self.read_signals()
+        if not self.listening:
+            return
         for _ in range(most):
             try:
-                sock, addr = listener.accept()
+                accepted.append(listener.accept())
             except (BlockingIOError, InterruptedError):
                 return  # another worker won the race, or the queue is empty
             except OSError as exc:
@@ -124,4 +132,3 @@ class Acceptor:
                     self.refresh()
                     return
                 raise
-            worker.start_session(sock, addr)

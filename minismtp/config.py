@@ -65,6 +65,7 @@ class LimitsConfig:
     command_timeout: float
     data_timeout: float
     min_data_rate: int
+    min_data_rate_grace: float
     max_errors: int
     bare_lf: str
 
@@ -144,6 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
             "deadline for the whole DATA phase", parsing.dump_duration),
     Setting("limits.min_data_rate", 500, parsing.integer(0),
             "bytes/s during DATA below which to disconnect; 0 = off"),
+    Setting("limits.min_data_rate_grace", "5s", parsing.duration(allow_zero=True),
+            "how long DATA may start slowly before min_data_rate applies", parsing.dump_duration),
     Setting("limits.max_errors", 20, _positive, "protocol errors before 421 and disconnect"),
     Setting("limits.bare_lf", "reject", parsing.choice("reject", "accept"),
             "bare LF in DATA: reject the message, or accept it"),

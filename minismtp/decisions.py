@@ -4,9 +4,9 @@ Untrusted input: envelope strings and body chunks from the core (already parsed 
 bounded there); they are passed to fault matching and to the delivery backend as data.
 
 Each decision is answered at once, or deferred: a fault rule's delay, or a durable
-commit on the group-commit thread. A deferred session is `paused` (the worker does not
-read from it) until the answer is given and the worker is asked to `resume` it, so
-replies still leave in command order.
+commit on the group-commit thread (storage.py). A deferred session is `paused` (the loop
+does not read from it) until the answer is given and the loop is asked to `resume` it,
+so replies still leave in command order. The loop is seen only through `loop.Loop`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from minismtp.smtp import replies
-from minismtp.delivery import DeliveryError
-from minismtp.delivery.group import GroupCommitter
-from minismtp.smtp.events import (
-    DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, Reset,
-)
 from minismtp.faults import FaultAction, FaultInjector
+from minismtp.smtp import replies
+from minismtp.smtp.events import (
+    DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo,
+)
 from minismtp.smtp.replies import Reply
 from minismtp.stats import WorkerStats
+from minismtp.storage import Result, Storage
 
 if TYPE_CHECKING:
+    from minismtp.loop import Loop
     from minismtp.session import Session
-    from minismtp.worker import Worker
 
 log = logging.getLogger("minismtp.worker")
 
@@ -36,22 +35,21 @@ Refuse = Callable[["Session", Reply], None]
 
 
 class Decisions:
-    def __init__(self, worker: Worker, faults: FaultInjector, stats: WorkerStats) -> None:
-        self.worker = worker
+    def __init__(self, loop: Loop, storage: Storage, faults: FaultInjector,
+                 stats: WorkerStats) -> None:
+        self.loop = loop
+        self.storage = storage
         self.faults = faults
         self.stats = stats
-        self.backend = worker.backend
-        self.committer: GroupCommitter[tuple[Session, int]] | None = (
-            GroupCommitter(worker.backend) if worker.backend.commit_blocks else None)
         watched = faults.stages
         self.greet_at_once = "connect" not in watched
         self.handlers: dict[type, Callable[[Session, object], None]] = {
             # Where no rule watches a stage, the event goes straight to its usual answer.
-            Hello: self.hello if "helo" in watched else _accept_hello,
+            Hello: self.hello if "helo" in watched else _accept,
             RcptTo: self.rcpt if "rcpt" in watched else _accept,
             Quit: self.quit if "quit" in watched else _accept,
             MailFrom: self.mail, DataStarted: self.data, MessageEnd: self.end,
-            MessageRejected: self.rejected, Reset: self.reset,
+            MessageRejected: self.rejected,
         }
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
@@ -75,10 +73,9 @@ class Decisions:
             self._decide(session, "connect", _greet, _greet_with)
 
     def hello(self, session: Session, event: Hello) -> None:
-        self._decide(session, "helo", _accept_hello, _reject)
+        self._decide(session, "helo", _accept, _reject)
 
     def mail(self, session: Session, event: MailFrom) -> None:
-        session.sender = event.sender
         self._decide(session, "mail", self._accept_mail, _reject, event.sender)
 
     def _accept_mail(self, session: Session) -> None:
@@ -86,7 +83,8 @@ class Decisions:
         session.conn.accept()
 
     def rcpt(self, session: Session, event: RcptTo) -> None:
-        self._decide(session, "rcpt", _accept, _reject, session.sender, (event.recipient,))
+        self._decide(session, "rcpt", _accept, _reject, session.conn.sender,
+                     (event.recipient,))
 
     def data(self, session: Session, event: DataStarted) -> None:
         session.envelope = envelope = event.envelope
@@ -94,15 +92,11 @@ class Decisions:
                      envelope.recipients)
 
     def _start_message(self, session: Session) -> None:
-        try:
-            session.sink = self.backend.open(session.envelope, session.peer)
-        except DeliveryError as exc:
-            log.error("cannot store message from %s: %s", session.peer.address, exc)
+        if not self.storage.open(session):
             self._refuse(session, replies.LOCAL_ERROR)
             return
-        session.sink_failed = False
         session.conn.accept()
-        self.worker.data_started(session)
+        self.loop.data_started(session)
 
     def end(self, session: Session, event: MessageEnd) -> None:
         session.end_seen = time.monotonic()
@@ -112,45 +106,31 @@ class Decisions:
                      envelope.sender, envelope.recipients)
 
     def rejected(self, session: Session, event: MessageRejected) -> None:
-        self.worker.abort_message(session)
+        self.storage.abort(session)
         self._log(session, event.size, f"rejected: {event.reason}", "-")
-        session.sender = ""
-
-    def reset(self, session: Session, event: Reset) -> None:
-        session.sender = ""  # no transaction: later rules must not match the old sender
 
     def quit(self, session: Session, event: Quit) -> None:
-        self._decide(session, "quit", _accept, _reject, session.sender)
+        self._decide(session, "quit", _accept, _reject, session.conn.sender)
 
     # -- storing a message -------------------------------------------------------
 
     def _store(self, session: Session) -> None:
-        sink, session.sink = session.sink, None
-        if sink is None or session.sink_failed:
-            self._answer_end(session, DeliveryError("write failed"))
-        elif self.committer is not None:
-            session.paused = True  # the reply waits for the disk; other clients do not
-            self.committer.submit((session, session.size), sink)
-        else:
-            try:
-                result: str | DeliveryError = sink.commit()
-            except DeliveryError as exc:
-                result = exc
+        result = self.storage.commit(session)
+        if result is not None:
             self._answer_end(session, result)
 
     def on_commits(self) -> None:
-        """The group-commit thread finished a batch: answer each message."""
-        assert self.committer is not None
-        for (session, size), result in self.committer.take_done():
+        """Deferred commits are done: answer each message."""
+        for session, result in self.storage.take_done():
             if session.closed:
                 if isinstance(result, str):
                     log.info("id=%s stored, but the client left before the reply", result)
                 continue
             session.paused = False
             self._answer_end(session, result)
-            self.worker.resume(session)  # pipelined commands may wait behind the reply
+            self.loop.resume(session)  # pipelined commands may wait behind the reply
 
-    def _answer_end(self, session: Session, result: str | DeliveryError) -> None:
+    def _answer_end(self, session: Session, result: Result) -> None:
         self.stats.observe_latency(time.monotonic() - session.end_seen)
         if isinstance(result, str):
             self.stats.messages_accepted += 1
@@ -161,14 +141,12 @@ class Decisions:
             self.stats.replies[replies.LOCAL_ERROR.code] += 1
             session.conn.reject(replies.LOCAL_ERROR)
             self._log(session, session.size, "451 local error", "-")
-        session.sender = ""
 
     def _refuse_message(self, session: Session, reply: Reply) -> None:
-        self.worker.abort_message(session)
+        self.storage.abort(session)
         self.stats.observe_latency(time.monotonic() - session.end_seen)
         session.conn.reject(reply)  # counted by _inject
         self._log(session, session.size, f"{reply.code} injected", "-")
-        session.sender = ""
 
     def _refuse(self, session: Session, reply: Reply) -> None:
         self.stats.replies[reply.code] += 1
@@ -193,7 +171,9 @@ class Decisions:
 
         def finish(session: Session) -> None:
             if action.disconnect:
-                self.worker.drop(session, f"fault rule {action.rule.name}: disconnect")
+                reason = f"fault rule {action.rule.name}: disconnect"
+                session.conn.disconnect(reason)
+                self.loop.close(session, reason)
             elif action.reply is not None:
                 self.stats.replies[action.reply.code] += 1
                 refuse(session, action.reply)
@@ -208,17 +188,12 @@ class Decisions:
         def after_delay(session: Session) -> None:
             session.paused = False
             finish(session)
-            self.worker.resume(session)
+            self.loop.resume(session)
 
-        self.worker.timers.call_at(time.monotonic() + action.delay_s, after_delay, session)
+        self.loop.timers.call_at(self.loop.now + action.delay_s, after_delay, session)
 
 
 def _accept(session: Session, event: object = None) -> None:
-    session.conn.accept()
-
-
-def _accept_hello(session: Session, event: object = None) -> None:
-    session.sender = ""  # an accepted HELO/EHLO ends any transaction
     session.conn.accept()
 
 

@@ -14,7 +14,7 @@ from minismtp.smtp.events import Envelope
 from minismtp.smtp.protocol import Settings, SmtpServerConnection
 
 if TYPE_CHECKING:
-    import socket
+    from minismtp.transport import PlainTransport
 
 
 def protocol_settings(config: Config) -> Settings:
@@ -31,27 +31,26 @@ def protocol_settings(config: Config) -> Settings:
 
 
 class Session:
-    """One client connection: socket, protocol state, message in progress, timers."""
+    """One client connection: transport, protocol state, message in progress, timers."""
 
     __slots__ = (
-        "sock", "conn", "peer", "sink", "sink_failed", "out", "mask", "deadline", "timer_at",
-        "data_started", "data_bytes", "sender", "envelope", "size", "end_seen", "paused",
+        "transport", "conn", "peer", "sink", "sink_failed", "mask", "deadline", "timer_at",
+        "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
         "tarpit_bps", "trickling", "lingering", "closed",
     )
 
-    def __init__(self, sock: socket.socket, conn: SmtpServerConnection, peer: Peer) -> None:
-        self.sock = sock
+    def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer
+                 ) -> None:
+        self.transport = transport
         self.conn = conn
         self.peer = peer
-        self.sink: Sink | None = None
+        self.sink: Sink | None = None  # opened, written and closed by storage.py only
         self.sink_failed = False
-        self.out = b""  # reply bytes the socket did not take yet
-        self.mask = 0
+        self.mask = 0  # what the loop's selector watches for: READ, WRITE or 0
         self.deadline = 0.0
         self.timer_at = float("inf")  # earliest live timer entry (see timers.py)
         self.data_started = 0.0
         self.data_bytes = 0
-        self.sender = ""  # of the transaction in progress
         self.envelope: Envelope | None = None  # of the message in DATA
         self.size = 0  # of the message just ended
         self.end_seen = 0.0  # when its terminator arrived

@@ -1,10 +1,15 @@
-"""A worker process: one `selectors` loop gluing sockets, the protocol core and delivery.
+"""A worker process: one `selectors` loop gluing transports, the protocol core and delivery.
 
 Untrusted input: client connections (bytes, timing, half-closed sockets). Every session
 has a deadline (command idle time, whole-DATA time, minimum DATA rate), output is
 written only when the socket is writable and reading stops while output is pending, so a
-client that never reads cannot make us buffer without bound. Decisions (faults, storing
-the message, counters) are in `decisions.py`; this module moves bytes and keeps time.
+client that never reads cannot make us buffer without bound.
+
+This module is the loop: readiness -> transport -> core -> events, and the clock. The
+rest has a home of its own: which connections to take (`acceptor.py`), replies going out
+and the tarpit (`output.py`), answers to decision events (`decisions.py`), a message's
+sink (`storage.py`), socket I/O (`transport.py`). They see the loop only through
+`loop.Loop`, which this class implements.
 """
 
 from __future__ import annotations
@@ -19,32 +24,31 @@ import time
 from collections.abc import Iterable
 
 from minismtp import exitcodes
-from minismtp.smtp import replies
 from minismtp.acceptor import LISTENER, Acceptor
 from minismtp.config import Config
 from minismtp.decisions import Decisions
-from minismtp.delivery import Backend, DeliveryError, Peer
-from minismtp.smtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
+from minismtp.delivery import Backend, Peer
 from minismtp.faults import FaultInjector
 from minismtp.heartbeat import HeartbeatBoard
-from minismtp.smtp.protocol import SmtpServerConnection, State
+from minismtp.loop import READ, WRITE
+from minismtp.output import Output
 from minismtp.session import Session, protocol_settings
 from minismtp.signals import SignalWakeup
+from minismtp.smtp import replies
+from minismtp.smtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
+from minismtp.smtp.protocol import SmtpServerConnection, State
 from minismtp.stats import StatsBoard, WorkerStats
+from minismtp.storage import Storage
 from minismtp.timers import Timers
+from minismtp.transport import PlainTransport
 
 log = logging.getLogger("minismtp.worker")
 
-_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-_RATE_GRACE_S = 5.0  # DATA may start slowly before min_data_rate applies
 _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
-_LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
 _READS_PER_WAKEUP = 8  # at most, while a body fills the buffer: other clients wait meanwhile
 _GC_THRESHOLD = 10_000  # tracked allocations (net of frees) between young collections
-_TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
 _WAKEUP, _COMMITS = object(), object()
-_MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the bytes for what follows
-_DATA, _CLOSED = State.DATA, State.CLOSED  # globals: Enum class attributes are slow to read
+_DATA = State.DATA  # a global: Enum class attributes are slow to read
 
 
 class Worker:
@@ -55,7 +59,6 @@ class Worker:
     ) -> None:
         self.config = config
         self.signal_mask = signal_mask  # restored once our own handlers are in place
-        self.backend = backend
         self.board = board
         self.slot = slot
         self.stats_board = stats_board
@@ -64,6 +67,7 @@ class Worker:
         self.command_timeout = limits.command_timeout
         self.data_timeout = limits.data_timeout
         self.min_data_rate = limits.min_data_rate
+        self.rate_grace = limits.min_data_rate_grace
         self.max_connections = config.server.max_connections
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
@@ -76,9 +80,14 @@ class Worker:
         self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
         self.wakeup = SignalWakeup()
         # With reuse_port the queue is this worker's own; otherwise it shares it fairly.
-        self.acceptor = Acceptor(self, listeners, board, slot, not config.server.reuse_port)
+        self.acceptor = Acceptor(self.sel, listeners, board, slot, not config.server.reuse_port,
+                                 self.sessions, self._read_pending_signals)
         self.stats = WorkerStats(stats_board.max_rules)
-        self.decide = Decisions(self, FaultInjector(config.faults, slot), self.stats)
+        self.storage = Storage(backend)
+        self.output = Output(self)
+        self.flush = self.output.flush  # bound once: called for every batch of replies
+        self.decide = Decisions(self, self.storage, FaultInjector(config.faults, slot),
+                                self.stats)
 
     # -- set-up and main loop ------------------------------------------------------
 
@@ -86,7 +95,7 @@ class Worker:
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # the master's business
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
-        self.sel.register(self.wakeup.sock, _READ, _WAKEUP)
+        self.sel.register(self.wakeup.sock, READ, _WAKEUP)
         # The master forks us with its signals blocked (arbiter.py): what arrived since
         # is delivered now, to our own handlers.
         signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
@@ -102,15 +111,15 @@ class Worker:
         gc.set_threshold(_GC_THRESHOLD, *gc.get_threshold()[1:])
         batch = self.config.server.sched_batch
         if batch is None:  # auto: not where replies wait for the disk (etc/minismtp.yaml)
-            batch = not self.backend.commit_blocks
+            batch = self.storage.wakeup is None
         if batch:
             _batch_scheduling()
         self._init_signals()
         acceptor = self.acceptor
         acceptor.refresh()
-        committer = self.decide.committer
-        if committer is not None:
-            self.sel.register(committer.wakeup, _READ, _COMMITS)
+        if self.storage.wakeup is not None:
+            self.sel.register(self.storage.wakeup, READ, _COMMITS)
+        flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         last_tick = 0.0
         self.now = now = time.monotonic()
         try:
@@ -124,28 +133,26 @@ class Worker:
                 for key, mask in events:
                     data = key.data
                     if data is LISTENER:
-                        acceptor.on_readable(key.fileobj)
+                        start(acceptor.on_readable(key.fileobj, self.now))
                     elif data is _COMMITS:
                         self.decide.on_commits()
                     elif data is _WAKEUP:
                         self.read_signals()
                     else:
-                        if mask & _WRITE:
-                            self._flush(data)
-                        if mask & _READ and not data.closed:
-                            self._on_readable(data)
+                        if mask & WRITE:
+                            flush(data)
+                        if mask & READ and not data.closed:
+                            on_readable(data)
                 self.now = now = time.monotonic()
                 self.timers.expire(now, self._on_deadline)
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
-                    acceptor.end_deferral()
+                    start(acceptor.end_deferral())
         finally:
             self.stopping = True
-            acceptor.refresh()  # not accepting, whatever ended the loop
+            acceptor.close()  # not accepting, whatever ended the loop
             for session in list(self.sessions.values()):
-                self._close(session, "worker exit")
-            if committer is not None:
-                committer.stop()
-            self.backend.close()
+                self.close(session, "worker exit")
+            self.storage.close()
             self.stats.publish(self.stats_board, self.slot)
         return exitcodes.OK
 
@@ -153,7 +160,7 @@ class Worker:
         self.board.beat(self.slot, now)
         self.stats.publish(self.stats_board, self.slot)
         self.acceptor.tick(now)
-        if os.getppid() != self.parent:
+        if os.getppid() != self.parent and not self.stopping:
             log.warning("worker %d: master went away, exiting", os.getpid())
             self._begin_stop(now)
         return now < self.stop_deadline
@@ -164,6 +171,10 @@ class Worker:
         if deferred and (due is None or deferred < due):
             due = deferred
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
+
+    def _read_pending_signals(self) -> None:
+        if self.wakeup.pending():
+            self.read_signals()
 
     def read_signals(self) -> None:
         for signum in self.wakeup.read():
@@ -182,46 +193,47 @@ class Worker:
         for session in list(self.sessions.values()):
             if not session.paused:
                 self._maybe_send_off(session)
-                self._flush(session)
+                self.output.flush(session)
 
     # -- connections ---------------------------------------------------------------
 
-    def start_session(self, sock: socket.socket, addr: tuple) -> None:
-        sock.setblocking(False)
-        if len(self.sessions) >= self.max_connections:
-            self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
-            try:
-                sock.send(replies.TOO_MANY_CONNECTIONS.wire, _MSG_MORE)  # with the FIN below
-            except OSError:
-                pass
-            sock.close()
-            return
-        session = Session(sock, SmtpServerConnection(self.settings), Peer(addr[0], addr[1]))
-        self.sessions[sock.fileno()] = session
-        self.acceptor.publish_load()
-        self.stats.connections_open += 1
-        self.stats.connections_total += 1
-        self.timers.set_deadline(session, self.now + self.command_timeout)
-        self.decide.connect(session)
-        self._flush(session)  # the greeting; the client has said nothing yet
+    def _start_sessions(self, accepted: list[tuple[socket.socket, tuple]]) -> None:
+        for sock, addr in accepted:
+            sock.setblocking(False)
+            transport = PlainTransport(sock)
+            if len(self.sessions) >= self.max_connections:
+                self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
+                transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
+                continue
+            session = Session(transport, SmtpServerConnection(self.settings),
+                              Peer(addr[0], addr[1]))
+            self.sessions[sock.fileno()] = session
+            self.stats.connections_open += 1
+            self.stats.connections_total += 1
+            self.timers.set_deadline(session, self.now + self.command_timeout)
+            self.decide.connect(session)
+            self.flush(session)  # the greeting; the client has said nothing yet
+        if accepted:
+            self.acceptor.publish_load()
 
     def _on_readable(self, session: Session) -> None:
         if session.lingering:
-            self._drain(session)
+            self.output.drain(session)
             return
         conn = session.conn
         buffer = conn.buffer
+        transport = session.transport
         for _ in range(_READS_PER_WAKEUP):
             view = buffer.free_view()
             try:
-                n = session.sock.recv_into(view)
+                n = transport.read_into(view)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._close(session, f"read error: {exc.strerror}")
+                self.close(session, f"read error: {exc.strerror}")
                 return
             if n == 0:
-                self._close(session, "client closed the connection")
+                self.close(session, "client closed the connection")
                 return
             buffer.commit(n)
             self.stats.bytes_received += n
@@ -233,7 +245,7 @@ class Worker:
             self.resume(session)
             # A body streaming in fills the buffer read after read: take the next piece
             # now rather than after another trip through select().
-            if n < len(view) or session.closed or session.mask != _READ:
+            if n < len(view) or session.closed or session.mask != READ:
                 return
 
     def resume(self, session: Session) -> None:
@@ -242,18 +254,12 @@ class Worker:
             return
         conn = session.conn
         handlers = self.decide.handlers
+        write = self.storage.write
         while not session.paused:
             event = conn.next_event()
             kind = type(event)
             if kind is BodyChunk:
-                if session.sink is not None:
-                    try:
-                        session.sink.write(event.data)
-                    except DeliveryError as exc:
-                        log.error("write failed for message from %s: %s",
-                                  session.peer.address, exc)
-                        session.sink_failed = True  # read on to the end, then 451
-                        self.abort_message(session)
+                write(session, event.data)
                 continue
             if event is NEED_DATA or event is PAUSED or kind is ConnectionClosed:
                 break
@@ -266,7 +272,7 @@ class Worker:
             return
         if self.stopping:
             self._maybe_send_off(session)  # also when the answer came from a deferred commit
-        self._flush(session)
+        self.flush(session)
 
     def _maybe_send_off(self, session: Session) -> None:
         """While stopping, a session whose transaction is over gets 421 and is closed."""
@@ -275,167 +281,37 @@ class Worker:
             self.stats.replies[replies.SHUTTING_DOWN.code] += 1
             conn.shutdown(replies.SHUTTING_DOWN)
 
-    # -- called by decisions -------------------------------------------------------
+    # -- the Loop interface (loop.py) beyond resume() ----------------------------------
 
     def data_started(self, session: Session) -> None:
         session.data_bytes = len(session.conn.buffer)
         session.data_started = now = self.now
         self._set_data_deadline(session, now)
 
-    def abort_message(self, session: Session) -> None:
-        sink, session.sink = session.sink, None
-        if sink is not None:
-            sink.abort()
-
-    def drop(self, session: Session, reason: str) -> None:
-        """Close without a word (fault injection)."""
-        session.conn.disconnect(reason)
-        self._close(session, reason)
-
-    # -- output, deadlines, close --------------------------------------------------
-
-    def _flush(self, session: Session) -> None:
-        if session.closed or session.trickling or session.lingering:
-            return
-        conn = session.conn
-        out = conn.data_to_send()
-        if out:
-            if conn.state is not _DATA:
-                # A reply means a command completed: the idle clock starts again.
-                self.timers.set_deadline(session, self.now + self.command_timeout)
-            if session.out:
-                out = session.out + out
-        else:
-            out = session.out
-        if out:
-            if session.tarpit_bps:
-                session.out = out
-                self._want(session, 0)
-                session.trickling = True
-                self._trickle(session)
-                return
-            try:
-                # A last reply waits for the FIN that follows at once (_linger), so the
-                # two leave as one segment: one wake-up of the client instead of two.
-                sent = session.sock.send(out, _MSG_MORE if conn.state is _CLOSED else 0)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._close(session, f"write error: {exc.strerror}")
-                return
-            if sent < len(out):
-                session.out = out[sent:]
-                self._want(session, _WRITE)  # stop reading until the client takes replies
-                return
-            session.out = b""
-        if conn.state is _CLOSED:
-            self._linger(session)
-        elif session.paused:
-            self._want(session, 0)
-        elif session.mask != _READ:
-            self._want(session, _READ)
-
-    def _trickle(self, session: Session) -> None:
-        """Send the pending reply a few bytes per step (a tarpit fault)."""
-        step = max(1, int(session.tarpit_bps * _TARPIT_STEP_S))
-        try:
-            sent = session.sock.send(session.out[:step])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._close(session, f"write error: {exc.strerror}")
-            return
-        session.out = session.out[sent:]
-        if session.out:
-            delay = max(_TARPIT_STEP_S, step / session.tarpit_bps) if sent else _TARPIT_STEP_S
-            self.timers.call_at(time.monotonic() + delay, self._trickle, session)
-            return
-        session.trickling = False
-        session.tarpit_bps = 0.0  # one reply per rule firing
-        self.resume(session)
-
-    def _want(self, session: Session, mask: int) -> None:
+    def want(self, session: Session, mask: int) -> None:
         """Select on `mask` (0: not at all), with a syscall only when it changes."""
         if session.mask == mask:
             return
         if not mask:
-            self.sel.unregister(session.sock)
+            self.sel.unregister(session.transport)
         elif session.mask:
-            self.sel.modify(session.sock, mask, session)
+            self.sel.modify(session.transport, mask, session)
         else:
-            self.sel.register(session.sock, mask, session)
+            self.sel.register(session.transport, mask, session)
         session.mask = mask
 
-    def _set_data_deadline(self, session: Session, now: float) -> None:
-        deadline = min(now + self.command_timeout, session.data_started + self.data_timeout)
-        if self.min_data_rate:
-            # By time t the client must have sent min_data_rate * (t - start - grace) bytes.
-            deadline = min(deadline, session.data_started + _RATE_GRACE_S
-                           + session.data_bytes / self.min_data_rate)
-        self.timers.set_deadline(session, deadline)
-
-    def _on_deadline(self, session: Session) -> None:
-        if session.lingering:
-            self._close(session, "")
-            return
-        if session.paused or session.trickling:
-            # Waiting on our side (a delay, the disk, a tarpit): the client is not idle.
-            self.timers.set_deadline(session, time.monotonic() + self.command_timeout)
-            return
-        log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
-        self.abort_message(session)
-        self.stats.replies[replies.TIMEOUT.code] += 1
-        session.conn.shutdown(replies.TIMEOUT)
-        session.trickling = False
-        self._flush(session)
-        if not (session.closed or session.lingering):
-            self._close(session, "timeout")  # it is not reading: do not wait for it
-
-    def _linger(self, session: Session) -> None:
-        """Close after a last reply without letting a reset destroy it.
-
-        Closing a socket that still has unread client bytes (pipelined commands after a
-        421, say) sends RST, and the client's kernel may then drop our reply before the
-        client reads it. So shut our side, read and discard until the client closes or
-        _LINGER_S passes, then close (the "lingering close" of HTTP servers). After QUIT
-        the client has nothing more to say: close at once.
-        """
-        if session.conn.close_reason == "quit" and not len(session.conn.buffer):
-            self._close(session, "")
-            return
-        try:
-            session.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(session, "")
-            return
-        session.lingering = True
-        self._want(session, _READ)
-        self.timers.set_deadline(session, time.monotonic() + _LINGER_S)
-
-    def _drain(self, session: Session) -> None:
-        try:
-            for _ in range(16):  # bounded: a flooding client must not hold the loop
-                if not session.sock.recv(65536):
-                    break
-            else:
-                return
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass
-        self._close(session, "")
-
-    def _close(self, session: Session, reason: str) -> None:
+    def close(self, session: Session, reason: str) -> None:
         if session.closed:
             return
         session.closed = True
         self.timers.forget(session)
-        self.abort_message(session)
+        self.storage.abort(session)
+        transport = session.transport
         if session.mask:
-            self.sel.unregister(session.sock)
-        self.sessions.pop(session.sock.fileno(), None)
+            self.sel.unregister(transport)
+        self.sessions.pop(transport.fileno(), None)
         self.acceptor.publish_load()
-        session.sock.close()
+        transport.close()
         session.conn.buffer.release()
         stats = self.stats
         stats.connections_open -= 1
@@ -443,6 +319,32 @@ class Worker:
             stats.replies[code] += count
         if reason:
             log.debug("closed %s: %s", session.peer.address, reason)
+
+    # -- deadlines -------------------------------------------------------------------
+
+    def _set_data_deadline(self, session: Session, now: float) -> None:
+        deadline = min(now + self.command_timeout, session.data_started + self.data_timeout)
+        if self.min_data_rate:
+            # By time t the client must have sent min_data_rate * (t - start - grace) bytes.
+            deadline = min(deadline, session.data_started + self.rate_grace
+                           + session.data_bytes / self.min_data_rate)
+        self.timers.set_deadline(session, deadline)
+
+    def _on_deadline(self, session: Session) -> None:
+        if session.lingering:
+            self.close(session, "")
+            return
+        if session.paused or session.trickling:
+            # Waiting on our side (a delay, the disk, a tarpit): the client is not idle.
+            self.timers.set_deadline(session, self.now + self.command_timeout)
+            return
+        log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
+        self.storage.abort(session)
+        self.stats.replies[replies.TIMEOUT.code] += 1
+        session.conn.shutdown(replies.TIMEOUT)
+        self.output.flush(session)
+        if not (session.closed or session.lingering):
+            self.close(session, "timeout")  # it is not reading: do not wait for it
 
 
 def _batch_scheduling() -> None:

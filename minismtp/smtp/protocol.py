@@ -265,6 +265,12 @@ class SmtpServerConnection:
         return self.state is S.CLOSED
 
     @property
+    def sender(self) -> str:
+        """The accepted sender of the transaction in progress; "" outside one (and for
+        the null sender <>)."""
+        return self._sender
+
+    @property
     def close_reason(self) -> str:
         return self._close_reason
 

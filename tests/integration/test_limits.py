@@ -169,14 +169,16 @@ def _trickle(client, piece: bytes, every_s: float, limit_s: float) -> tuple[byte
 
 def test_trickling_client_cut_off_by_min_data_rate(make_server, raw_clients):
     server = make_server({"server": {"workers": 1},
-                          "limits": {"command_timeout": "30s", "min_data_rate": 1000}})
+                          "limits": {"command_timeout": "30s", "min_data_rate": 1000,
+                                     "min_data_rate_grace": "1s"}})
     client = raw_clients(server.port)
     client.hello()
     client.send(client.envelope("slow@example.org", ["r@example.org"]))
     assert [r.code for r in client.replies(3)] == [250, 250, 354]
-    reply, elapsed = _trickle(client, b"x", 0.5, limit_s=15)
+    reply, elapsed = _trickle(client, b"x", 0.25, limit_s=15)
     assert reply == replies.TIMEOUT.wire
-    assert elapsed < 10, elapsed  # the rate limit, not the 30 s command timeout
+    # The grace, then a few bytes' worth at 1000 B/s: not the 30 s command timeout.
+    assert 0.9 <= elapsed < 6, elapsed
     print(f"trickling client cut off after {elapsed:.1f}s")
     assert client.wait_closed() == b""
     assert server.files("new") == [] and server.files("tmp") == []

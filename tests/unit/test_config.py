@@ -35,7 +35,7 @@ SCHEMA = {
                "backlog",
                "worker_timeout", "shutdown_timeout", "user"],
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
-               "data_timeout", "min_data_rate", "max_errors", "bare_lf"],
+               "data_timeout", "min_data_rate", "min_data_rate_grace", "max_errors", "bare_lf"],
     "delivery": ["backend", "path", "fsync", "layout"],
     "logging": ["level"],
     "faults": ["seed", "rules"],
@@ -84,6 +84,7 @@ def test_defaults_without_a_file():
         command_timeout=300.0,
         data_timeout=600.0,
         min_data_rate=500,
+        min_data_rate_grace=5.0,
         max_errors=20,
         bare_lf="reject",
     )

@@ -1,8 +1,13 @@
-"""Two real workers on one listening socket, stepped by hand: who takes a queued burst."""
+"""Two acceptors on one listening socket, stepped by hand: who takes a queued burst.
+
+An acceptor knows no worker: each here has its own selector, and the sockets it hands
+back stand for the sessions its worker would hold.
+"""
 
 from __future__ import annotations
 
 import errno
+import selectors
 import socket
 import sys
 import time
@@ -10,41 +15,44 @@ import time
 import pytest
 
 from minismtp import balance
-from minismtp.config import load_config
-from minismtp.delivery import make_backend
+from minismtp.acceptor import LISTENER, Acceptor
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
-from minismtp.stats import StatsBoard
-from minismtp.acceptor import LISTENER
-from minismtp.worker import Worker
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="a burst is read from Linux's tcp_info")
 
 
-def _worker(board: HeartbeatBoard, slot: int, listeners: list) -> Worker:
-    config = load_config(overrides={"delivery.backend": "discard"})
-    backend = make_backend("discard", "", False, "single", config.server.hostname)
-    board.hand_out(slot, time.monotonic())
-    worker = Worker(config, listeners, backend, board, slot, StatsBoard(4, 64))
-    worker.acceptor.refresh()
-    return worker
+class Taker:
+    """An acceptor with what a worker would give it: a selector and its sessions."""
 
+    def __init__(self, board: HeartbeatBoard, slot: int, listeners: list) -> None:
+        self.board, self.slot = board, slot
+        self.sel = selectors.DefaultSelector()
+        self.sessions: list[tuple[socket.socket, tuple]] = []  # as accepted
+        self.stop_requested = False
+        board.hand_out(slot, time.monotonic())
+        self.acceptor = Acceptor(self.sel, listeners, board, slot, True, self.sessions,
+                                 self._read_signals)
+        self.acceptor.refresh()
+        self.now = time.monotonic()
 
-def _dispose(worker: Worker) -> None:
-    for session in list(worker.sessions.values()):
-        worker._close(session, "")
-    worker.sel.close()
-    worker.wakeup.close()
-    worker.backend.close()
+    def _read_signals(self) -> None:
+        if self.stop_requested:
+            self.acceptor.close()
+
+    def dispose(self) -> None:
+        for sock, _ in self.sessions:
+            sock.close()
+        self.sel.close()
 
 
 @pytest.fixture
 def shared():
-    """A listening socket, a board, two workers on them, and a way to queue clients."""
+    """A listening socket, a board, two acceptors on them, and a way to queue clients."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     listener.setblocking(False)
     board = HeartbeatBoard(4)
-    workers = [_worker(board, slot, [listener]) for slot in (0, 1)]
+    takers = [Taker(board, slot, [listener]) for slot in (0, 1)]
     clients: list[socket.socket] = []
 
     def queue(count: int) -> None:
@@ -55,25 +63,31 @@ def shared():
             assert time.monotonic() < deadline, f"{balance.queued(listener)} queued"
             time.sleep(0.005)
 
-    yield workers, queue, listener
-    for worker in workers:
-        _dispose(worker)
+    yield takers, queue, listener
+    for taker in takers:
+        taker.dispose()
     for client in clients:
         client.close()
     listener.close()
     board.close()
 
 
-def _step(worker: Worker, listener: socket.socket) -> None:
+def _step(taker: Taker, listener: socket.socket) -> None:
     """One wake-up on the listener, as the loop would run it."""
-    worker.now = time.monotonic()
+    taker.now = time.monotonic()
     for slot in (0, 1):  # both alive, however slowly this machine runs the test
-        worker.board.beat(slot, worker.now)
-    worker.acceptor.on_readable(listener)
+        taker.board.beat(slot, taker.now)
+    taker.sessions.extend(taker.acceptor.on_readable(listener, taker.now))
+    taker.acceptor.publish_load()
 
 
-def _listening(worker: Worker, listener: socket.socket) -> bool:
-    return listener in [key.fileobj for key in worker.sel.get_map().values()]
+def _end_deferral(taker: Taker) -> None:
+    taker.sessions.extend(taker.acceptor.end_deferral())
+    taker.acceptor.publish_load()
+
+
+def _listening(taker: Taker, listener: socket.socket) -> bool:
+    return listener in [key.fileobj for key in taker.sel.get_map().values()]
 
 
 def test_a_burst_is_split_evenly_and_the_rest_left_to_the_sibling(shared):
@@ -96,7 +110,7 @@ def test_a_burst_is_split_evenly_and_the_rest_left_to_the_sibling(shared):
     assert len(second.sessions) == 10
     assert second.acceptor.deferred_until == 0.0
 
-    first.acceptor.end_deferral()  # nothing left; it listens again
+    _end_deferral(first)  # nothing left; it listens again
     assert len(first.sessions) == 10
     assert first.acceptor.deferred_until == 0.0 and _listening(first, listener)
     assert first.board.loads[first.slot] == 10
@@ -123,7 +137,7 @@ def test_a_sibling_that_never_comes_costs_one_deferral(shared):
         _step(first, listener)
     assert len(first.sessions) == 10
     assert first.acceptor.deferred_until > 0.0
-    first.acceptor.end_deferral()  # the second never ran: the first takes what waits
+    _end_deferral(first)  # the second never ran: the first takes what waits
     assert len(first.sessions) == 20
     assert len(second.sessions) == 0
 
@@ -174,24 +188,24 @@ class OutOfDescriptors:
 
 @pytest.fixture
 def two_listeners():
-    """One worker on two listening sockets (an IPv4 and an IPv6 address, say); the first
+    """One acceptor on two listening sockets (an IPv4 and an IPv6 address, say); the first
     fails every accept with EMFILE."""
     plain = socket.create_server(("127.0.0.1", 0), backlog=128)
     failing = OutOfDescriptors(socket.create_server(("127.0.0.1", 0), backlog=128))
     for sock in (plain, failing.real):
         sock.setblocking(False)
     board = HeartbeatBoard(4)
-    worker = _worker(board, 0, [failing, plain])
+    worker = Taker(board, 0, [failing, plain])
     client = socket.create_connection(plain.getsockname())
     yield worker, failing, plain
-    _dispose(worker)
+    worker.dispose()
     client.close()
     for sock in (plain, failing):
         sock.close()
     board.close()
 
 
-def _registered(worker: Worker) -> int:
+def _registered(worker: Taker) -> int:
     return sum(key.data is LISTENER for key in worker.sel.get_map().values())
 
 
@@ -202,7 +216,7 @@ def test_out_of_descriptors_pauses_both_listeners_until_a_later_tick(two_listene
     assert worker.acceptor.paused_until > 0 and _registered(worker) == 0
     assert worker.board.loads[0] == NOT_ACCEPTING
     _step(worker, plain)  # an event of the same batch: nothing is taken while paused
-    assert worker.sessions == {}
+    assert worker.sessions == []
     worker.acceptor.tick(time.monotonic())  # too early
     assert _registered(worker) == 0
     worker.acceptor.tick(worker.acceptor.paused_until)
@@ -217,9 +231,9 @@ def test_a_deferral_that_ends_out_of_descriptors_stays_paused(two_listeners):
     acceptor.deferred_until = time.monotonic() + balance.DEFER_S
     acceptor.refresh()
     assert _registered(worker) == 0
-    acceptor.end_deferral()  # listens, takes from the first listener: EMFILE
+    _end_deferral(worker)  # listens, takes from the first listener: EMFILE
     assert acceptor.paused_until > 0 and acceptor.deferred_until == 0.0
-    assert _registered(worker) == 0 and worker.sessions == {}
+    assert _registered(worker) == 0 and worker.sessions == []
     acceptor.tick(acceptor.paused_until)
     assert _registered(worker) == 2
 
@@ -229,10 +243,24 @@ def test_a_stop_while_deferred_or_paused_closes_the_listeners_once(two_listeners
     acceptor = worker.acceptor
     _step(worker, failing)  # paused
     acceptor.deferred_until = time.monotonic()  # and deferred, as a batch could leave it
-    worker._begin_stop(time.monotonic())
+    acceptor.close()  # the worker stops
     assert _registered(worker) == 0 and acceptor.listeners == []
     assert plain.fileno() == -1  # closed
     assert worker.board.loads[0] == NOT_ACCEPTING
-    acceptor.end_deferral()
+    _end_deferral(worker)
     acceptor.tick(acceptor.paused_until + 1)
     assert _registered(worker) == 0 and worker.board.loads[0] == NOT_ACCEPTING
+
+
+def test_a_stop_read_before_accepting_takes_nothing(shared):
+    (first, second), queue, listener = shared
+    own = listener.dup()  # as a forked worker has its own descriptor of the shared socket
+    stopping = Taker(first.board, 2, [own])
+    queue(3)
+    stopping.stop_requested = True  # a SIGTERM that arrived in the same batch of events
+    _step(stopping, own)
+    assert stopping.sessions == [] and stopping.acceptor.listeners == []
+    assert own.fileno() == -1 and stopping.board.loads[2] == NOT_ACCEPTING
+    _step(second, listener)  # the queue is left whole to the sibling
+    assert len(second.sessions) == 3
+    stopping.dispose()

@@ -1,0 +1,131 @@
+"""Replies going out: from the core's output to the client, and the session's last words.
+
+Untrusted input: none read here except what a lingering client still sends (drained and
+dropped, a bounded amount per event). The hazard is a client that does not read: reply
+bytes the socket does not take wait in the transport, and the loop stops reading from
+that client until they are gone, so its pipelined commands cannot make us buffer
+replies without bound.
+
+A tarpit fault sends a reply a few bytes per step on a timer (`trickle`). A closing
+session shuts its write side and drains what the client still sends before closing
+(`linger`), so a reset cannot destroy the last reply.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from minismtp.loop import READ, WRITE, Loop
+from minismtp.smtp.protocol import State
+from minismtp.transport import MSG_MORE
+
+if TYPE_CHECKING:
+    from minismtp.session import Session
+
+_DATA, _CLOSED = State.DATA, State.CLOSED  # globals: Enum class attributes are slow to read
+TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
+LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
+
+
+class Output:
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.timers = loop.timers  # the loop's own, for as long as it runs
+        self.command_timeout = loop.command_timeout
+
+    def flush(self, session: Session) -> None:
+        """Send what the core has queued, then watch the connection for what comes next:
+        writable while replies wait, readable otherwise, nothing while a decision is
+        pending (pipelined commands stay in the kernel until it is answered)."""
+        if session.closed or session.trickling or session.lingering:
+            return
+        conn = session.conn
+        transport = session.transport
+        out = conn.data_to_send()
+        if out and conn.state is not _DATA:
+            # A reply means a command completed: the idle clock starts again.
+            self.timers.set_deadline(session, self.loop.now + self.command_timeout)
+        pending = transport.pending
+        if out or pending:
+            if pending:
+                out = pending + out
+            if session.tarpit_bps:
+                transport.pending = out
+                self._start_trickle(session)
+                return
+            try:
+                # A last reply waits for the FIN that follows at once (linger), so the
+                # two leave as one segment: one wake-up of the client instead of two.
+                sent = transport.write(out, MSG_MORE if conn.state is _CLOSED else 0)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.loop.close(session, f"write error: {exc.strerror}")
+                return
+            if sent < len(out):
+                transport.pending = out[sent:]
+                self.loop.want(session, WRITE)  # stop reading until the client takes replies
+                return
+            if pending:
+                transport.pending = b""
+        if conn.state is _CLOSED:
+            self.linger(session)
+        elif session.paused:
+            self.loop.want(session, 0)
+        elif session.mask != READ:
+            self.loop.want(session, READ)
+
+    # -- tarpit --------------------------------------------------------------------
+
+    def _start_trickle(self, session: Session) -> None:
+        self.loop.want(session, 0)
+        session.trickling = True
+        self.trickle(session)
+
+    def trickle(self, session: Session) -> None:
+        """Send the pending reply a few bytes per step (a tarpit fault)."""
+        loop = self.loop
+        transport = session.transport
+        step = max(1, int(session.tarpit_bps * TARPIT_STEP_S))
+        try:
+            sent = transport.write(transport.pending[:step], 0)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            loop.close(session, f"write error: {exc.strerror}")
+            return
+        transport.pending = transport.pending[sent:]
+        if transport.pending:
+            delay = max(TARPIT_STEP_S, step / session.tarpit_bps) if sent else TARPIT_STEP_S
+            self.timers.call_at(loop.now + delay, self.trickle, session)
+            return
+        session.trickling = False
+        session.tarpit_bps = 0.0  # one reply per rule firing
+        loop.resume(session)
+
+    # -- the end ---------------------------------------------------------------------
+
+    def linger(self, session: Session) -> None:
+        """Close after a last reply without letting a reset destroy it.
+
+        Closing a socket that still has unread client bytes (pipelined commands after a
+        421, say) sends RST, and the client's kernel may then drop our reply before the
+        client reads it. So shut our side, read and discard until the client closes or
+        LINGER_S passes, then close (the "lingering close" of HTTP servers). After QUIT
+        the client has nothing more to say: close at once.
+        """
+        loop = self.loop
+        if session.conn.close_reason == "quit" and not len(session.conn.buffer):
+            loop.close(session, "")
+            return
+        if not session.transport.shutdown_write():
+            loop.close(session, "")
+            return
+        session.lingering = True
+        loop.want(session, READ)
+        self.timers.set_deadline(session, loop.now + LINGER_S)
+
+    def drain(self, session: Session) -> None:
+        """A lingering client sent more: drop it; close once it is done."""
+        if session.transport.discard_input():
+            self.loop.close(session, "")

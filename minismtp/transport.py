@@ -1,0 +1,74 @@
+"""A client connection's byte stream, as the worker's loop sees it.
+
+Untrusted input: whatever the client sends or fails to read. A transport only moves
+bytes: reads go straight into the core's receive buffer (`recv_into`, no copy), and reply
+bytes the socket does not take at once wait in `pending` (output.py keeps it) until the
+connection is writable again. The loop never touches a socket itself; it asks the
+transport. `PlainTransport` is the TCP socket as it is; a TLS transport offers the same
+attributes over an encrypted socket.
+
+`read_into(view)` and `write(data, flags)` behave as a socket's `recv_into` and `send`:
+the count of bytes moved (0 read: end of stream), BlockingIOError or InterruptedError when
+nothing can move now, another OSError when the connection is broken (the caller closes
+the session). For a plain socket they are the socket's own methods, so the calls that
+every command makes cost nothing more than before there was a transport.
+"""
+
+from __future__ import annotations
+
+import socket
+
+MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the bytes for what follows
+_DRAIN_READS = 16  # per readiness event while lingering: a flooding client must not hold us
+
+
+class PlainTransport:
+    __slots__ = ("sock", "pending", "read_into", "write")
+
+    # Bytes received but not yet seen by the loop: never for a plain socket (select()
+    # sees everything); a TLS transport may hold decrypted bytes select() cannot see.
+    has_buffered_input = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""  # reply bytes the connection did not take yet
+        self.read_into = sock.recv_into
+        self.write = sock.send
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self.pending)
+
+    def shutdown_write(self) -> bool:
+        """Send FIN: we will write no more. False if the connection is already gone."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        return True
+
+    def discard_input(self) -> bool:
+        """Read and drop what the client sends; True once it is done (EOF or error)."""
+        try:
+            for _ in range(_DRAIN_READS):
+                if not self.sock.recv(65536):
+                    return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def refuse(self, wire: bytes) -> None:
+        """Best effort: one last reply and close, for a connection never served."""
+        try:
+            self.sock.send(wire, MSG_MORE)  # with the FIN that close() sends
+        except OSError:
+            pass
+        self.sock.close()
