@@ -21,10 +21,10 @@ from pathlib import Path
 from minismtp.config import SETTINGS, Setting
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BEGIN = ("<!-- settings table: generated from minismtp/config.py SETTINGS by "
-         "`python -m minismtp.settings_doc --write`; edit the Setting, not this table -->")
-END = "<!-- end of settings table -->"
 REGENERATE = "python -m minismtp.settings_doc --write"
+BEGIN = (f"<!-- settings table: generated from minismtp/config.py SETTINGS by `{REGENERATE}`; "
+         "edit the Setting, not this table -->")
+END = "<!-- end of settings table -->"
 
 
 def shown_default(setting: Setting) -> str:
