@@ -1,7 +1,7 @@
 """End-to-end benchmarks: minismtp beside Postfix's smtp-sink and aiosmtpd, in one run.
 
     python bench/run.py [--scenarios S1,S2,...] [--servers NAME,...] [--runs 3] [--quick]
-                        [--target-seconds 4] [--json out.json]
+                        [--target-seconds 4] [--json out.json] [--baseline CHECKOUT]
 
 Install the peers first with `bash bench/setup.sh`. See bench/README.md for what each
 scenario measures and how to read the table. Everything runs on 127.0.0.1.
@@ -35,11 +35,21 @@ from e2e import IDLE_CONNECTIONS, ROOT, progress
 from e2e.procfs import raise_nofile
 from e2e.report import judge_targets, render_report
 from e2e.scenarios import SCENARIO_BY_KEY, SCENARIOS, Contender, Scenario
-from e2e.servers import BY_NAME, SERVERS, ServerSpec, find_program
+from e2e.servers import BY_NAME, SERVERS, ServerSpec, add_baseline, find_program
 from e2e.workdir import ROOTS, filesystem_probe, make_root, remove_deferred
 
 
-def versions() -> dict[str, str]:
+def commit_of(checkout: Path) -> str:
+    """The checkout's commit, "+" if it has changes; "?" when git cannot tell."""
+    try:
+        out = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty=+",
+                              "--abbrev=10"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "?"
+
+
+def versions(baseline: Path | None) -> dict[str, str]:
     found = {"python": platform.python_version(), "kernel": platform.release()}
     try:
         import aiosmtpd
@@ -54,6 +64,9 @@ def versions() -> dict[str, str]:
         pass
     finally:
         sys.path.pop(0)
+    found["commit"] = commit_of(ROOT)
+    if baseline is not None:
+        found["baseline"] = f"{baseline.resolve()} at {commit_of(baseline)}"
     postconf = find_program("postconf")
     if postconf:
         try:
@@ -123,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each run, wait up to this long for other programs to "
                         "leave the CPUs idle (0: do not wait; default 30, 10 with --quick)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON here")
+    parser.add_argument("--baseline", metavar="CHECKOUT", type=Path,
+                        help="also run each chosen minismtp server from this other checkout "
+                        "(rows NAME@baseline), e.g. a git worktree of the commit before a change")
     parser.add_argument("--work-dir", metavar="DIR", help="where server folders (Maildirs, "
                         "logs) are made (default: the temporary folder); removed at the end "
                         "except the logs of failed servers")
@@ -144,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     probe = filesystem_probe(args.root)
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(), "load_before": os.getloadavg(), "versions": versions(),
+        "cpus": os.cpu_count(), "load_before": os.getloadavg(),
+        "versions": versions(args.baseline),
         "runs": args.runs, "target_seconds": args.target_seconds, "quick": args.quick,
         "nofile_limit": nofile, "work_dir": str(args.root), "work_dir_setup": root_note,
         "filesystem": probe,
@@ -156,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario = SCENARIO_BY_KEY[key]
         names = chosen_servers or [s.name for s in SERVERS
                                    if not scenario.only or s.name in scenario.only]
+        if args.baseline is not None:
+            names = add_baseline(names, args.baseline)
         plan += [(scenario, BY_NAME[name]) for name in names]
     progress(f"{len(plan)} scenario/server pairs, {args.runs} run(s) each, "
              f"~{args.target_seconds:g}s per run; logs of failed servers are kept")

@@ -7,7 +7,7 @@ Every worker waiting on one listening socket is woken by a new connection, and t
 to run used to drain the queue. Short sessions do not mind where they land, but long ones
 stay there: when 20 kept-open sessions opened together all went to one worker (a third
 of bench/ S2's rounds), that worker did all the work while the other idled, and such
-rounds ran at 18,000 msgs/s instead of 20,000 to 24,000.
+rounds ran markedly slower (figures in bench/README.md).
 
 So a worker takes freely while it holds at most MARGIN sessions more than its lightest
 sibling. Beyond that it reads the queue's length and takes up to its even share of all

@@ -7,9 +7,10 @@ input can raise (a typo must end neither in a traceback nor in a silently ignore
 
 Each setting is declared once in SETTINGS (name, default, parser, doc), in the spirit of
 gunicorn's `Setting`; the value parsers live in `values.py`. Loading, the section
-dataclasses and `dump_config` all walk that one table. Defaults are raw YAML values that
-go through the same parsers as user values, so a default can never be something a user
-could not write.
+dataclasses, `dump_config` and README.md's settings table (`settings_doc.py`) all walk
+that one table; a test checks that etc/minismtp.yaml shows every default. Defaults are raw
+YAML values that go through the same parsers as user values, so a default can never be
+something a user could not write.
 """
 
 from __future__ import annotations
@@ -103,67 +104,87 @@ class Config:
 @dataclass(frozen=True, slots=True)
 class Setting:
     name: str  # "section.key"
-    default: object  # raw, as written in YAML; a callable is called at load time
+    default: object  # raw, as written in YAML; a callable is called at load time (its
+    # docstring says what it gives, in the README)
     parse: Parser
-    doc: str
+    doc: str  # its "meaning" cell in README.md's table (Markdown): see settings_doc.py
     dump: Callable[[Any], object] | None = None  # None: the value is plain YAML already
+
+
+def _host_name() -> str:
+    """host name"""
+    return socket.gethostname()
 
 
 _positive = parsing.integer(1)
 _timeout = parsing.duration(allow_zero=False)
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("server.hostname", socket.gethostname,
+    Setting("server.hostname", _host_name,
             parsing.printable_name("a host name of printable ASCII, no spaces"),
-            "name in the greeting and Received: headers"),
+            "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no spaces)"),
     Setting("server.listen", ["127.0.0.1:2525"], parsing.listen_list,
-            '"host:port" or "[v6addr]:port" addresses to bind; port 0 = any',
+            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port',
             lambda addresses: [str(address) for address in addresses]),
-    Setting("server.workers", "auto", parsing.worker_count, 'worker processes; "auto" = one per CPU'),
-    Setting("server.max_connections", 4096, _positive, "open client connections per worker"),
-    Setting("server.reuse_port", False, parsing.boolean, "SO_REUSEPORT: one socket per worker"),
+    Setting("server.workers", "auto", parsing.worker_count,
+            "worker processes (`auto` = CPU count)"),
+    Setting("server.max_connections", 4096, _positive,
+            "open connections per worker; beyond it `421 4.3.2`"),
+    Setting("server.reuse_port", False, parsing.boolean,
+            "each worker binds its own `SO_REUSEPORT` socket; off, workers share one socket "
+            "and split bursts of new connections between them"),
     Setting("server.sched_batch", "auto", parsing.boolean_or_auto,
-            "workers run as SCHED_BATCH (Linux): woken, they do not preempt other tasks; "
-            "auto: unless delivery waits for fsync",
+            "workers run as `SCHED_BATCH` (Linux): woken, they do not preempt other tasks; "
+            "`auto`: unless delivery waits for fsync",
             lambda value: "auto" if value is None else value),
-    Setting("server.backlog", 4096, _positive, "listen() backlog"),
+    Setting("server.backlog", 4096, _positive, "listen backlog (the kernel caps it)"),
     Setting("server.worker_timeout", "30s", _timeout,
-            "heartbeat age after which the master kills a worker", parsing.dump_duration),
+            "heartbeat age after which the master kills a worker and starts another",
+            parsing.dump_duration),
     Setting("server.shutdown_timeout", "30s", parsing.duration(allow_zero=True),
-            "graceful stop: time for transactions in flight", parsing.dump_duration),
+            "time for transactions in flight on stop/reload; `0` = no wait",
+            parsing.dump_duration),
     Setting("server.user", None, parsing.printable_name("a user name or null", optional=True),
-            "user the workers switch to when started as root"),
+            "when started as root, workers run as this user"),
     Setting("limits.max_message_size", "32M", parsing.size,
-            "largest message in bytes (EHLO SIZE)", parsing.dump_size),
+            "EHLO `SIZE`; larger bodies get `552 5.3.4` after their end", parsing.dump_size),
     Setting("limits.max_recipients", 1000, _positive,
-            "RCPT TO per message (RFC 5321 4.5.3.1.8 asks >= 100)"),
+            "more get `452 4.5.3` (RFC 5321 4.5.3.1.8: at least 100)"),
     Setting("limits.max_command_length", 512, parsing.integer(512, 65536),
-            "command line octets incl. CRLF (RFC 5321 4.5.3.1.4)"),
+            "octets with CRLF, up to 65536 (RFC 5321 4.5.3.1.4: 512); longer lines get "
+            "`500 5.5.6` and are skipped unbuffered"),
     Setting("limits.command_timeout", "300s", _timeout,
-            "wait for the next command (RFC 5321 4.5.3.2.7)", parsing.dump_duration),
+            "idle time between commands, then `421 4.4.2` (RFC 5321 4.5.3.2.7: 5 minutes)",
+            parsing.dump_duration),
     Setting("limits.data_timeout", "10m", _timeout,
-            "deadline for the whole DATA phase", parsing.dump_duration),
+            "deadline for a whole DATA phase", parsing.dump_duration),
     Setting("limits.min_data_rate", 500, parsing.integer(0),
-            "bytes/s during DATA below which to disconnect; 0 = off"),
+            "bytes/s a DATA phase must average (after `limits.min_data_rate_grace`); "
+            "`0` = off"),
     Setting("limits.min_data_rate_grace", "5s", parsing.duration(allow_zero=True),
-            "how long DATA may start slowly before min_data_rate applies", parsing.dump_duration),
-    Setting("limits.max_errors", 20, _positive, "protocol errors before 421 and disconnect"),
+            "how long a DATA phase may start slowly before `limits.min_data_rate` applies",
+            parsing.dump_duration),
+    Setting("limits.max_errors", 20, _positive, "protocol errors before `421 4.7.0`"),
     Setting("limits.bare_lf", "reject", parsing.choice("reject", "accept"),
-            "bare LF in DATA: reject the message, or accept it"),
+            "`reject`: a bare LF gets `500 5.5.2` in a command, `550 5.5.2` after a body; "
+            "`accept`: taken as is"),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
-            "where accepted messages go"),
-    Setting("delivery.path", "./var/mail", parsing.string, "Maildir root, relative to the working dir"),
-    Setting("delivery.fsync", True, parsing.boolean, "fsync file and directory before the 250"),
+            "`maildir` or `discard`"),
+    Setting("delivery.path", "./var/mail", parsing.string,
+            "Maildir root (`tmp/`, `new/`, `cur/` made with mode 0700), relative to the "
+            "working directory"),
+    Setting("delivery.fsync", True, parsing.boolean,
+            "a `250` means the file and its directory entry are on disk"),
     Setting("delivery.layout", "single", parsing.choice("single", "per_recipient"),
-            "one Maildir for all, or one per recipient"),
+            "`single`, or `per_recipient`: `<path>/<domain>/<local-part>/`"),
     Setting("logging.level", "info", parsing.choice("debug", "info", "warning", "error", fold_case=True),
-            "least severe level logged"),
+            "`debug`, `info`, `warning`, `error`"),
     Setting("faults.seed", None, parse_seed,
-            "seed for every random fault decision; null = not reproducible"),
+            "seed for the fault rules' random choices; `null` = different every run"),
     Setting("faults.rules", [], parse_rules,
-            "fault injection rules: stage, optional matches, rate, action", dump_rules),
+            "fault rules, at most 64 (see *Load testing* below)", dump_rules),
     Setting("stats.listen", None, parsing.optional_listen,
-            '"host:port" serving GET /metrics and /stats; null = off',
+            "`host:port` serving `/metrics` and `/stats`; `null` = off",
             lambda address: None if address is None else str(address)),
 )
 

@@ -9,7 +9,8 @@ Theory of operation. Rules are grouped by stage once, in `FaultInjector.__init__
 stage without rules costs one dict lookup. For each check the rules of that stage are
 tried in order; the first whose matches all hold and whose `rate` draw fires wins. Which
 rules an envelope matches is remembered per stage (a bounded dict keyed by what that
-stage's rules look at), so repeated senders, recipients and clients cost a lookup. The
+stage's rules look at; envelopes of more than _CACHED_RECIPIENTS recipients are matched
+afresh), so repeated senders, recipients and clients cost a lookup. The
 random generator is consulted only for a rule that matched and has `rate < 1` (and for a
 delay range when that rule fires), so traffic no rule matches neither costs a draw nor
 shifts the sequence: with `faults.seed` set, one worker's decisions replay exactly.
@@ -31,7 +32,7 @@ from minismtp.smtp.replies import Reply
 STAGES = ("connect", "helo", "mail", "rcpt", "data", "end_of_data", "quit")
 MAX_RULES = 64  # the stats board reserves one counter per rule before any worker forks
 
-_CLIENT_CACHE_MAX = 4096  # distinct client addresses remembered per worker
+_CLIENT_CACHE_MAX = 4096  # (client address, network rule) answers remembered per worker
 _MATCH_CACHE_MAX = 4096  # envelopes whose matching rules are remembered, per stage
 _CACHED_RECIPIENTS = 4  # longer recipient lists are matched afresh, never kept
 
@@ -140,10 +141,12 @@ class FaultInjector:
         # unrelated sequences, and the result does not depend on PYTHONHASHSEED.
         seed = None if config.seed is None else f"minismtp-faults:{config.seed}:{stream}"
         self._rng = random.Random(seed)
-        # (client, network) -> whether the client is inside: a client asks the same
-        # question at every stage, and ipaddress containment costs a microsecond.
-        self._inside: dict[tuple[str, int], bool] = {}  # keyed by rule index: hashing
-        # an ipaddress network is itself a Python-level call
+        # (client, rule index) -> whether the client is inside the rule's network. A
+        # stage's envelope cache misses whenever the sender or recipients change, but this
+        # answer does not depend on them, and parsing the address and testing containment
+        # are Python-level ipaddress work. Keyed by the rule's index, not its network:
+        # hashing an ipaddress network is itself a Python-level call.
+        self._inside: dict[tuple[str, int], bool] = {}
 
     def check(self, stage: str, client: str, sender: str | None = None,
               recipients: Sequence[str] = ()) -> FaultAction | None:

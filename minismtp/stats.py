@@ -133,10 +133,6 @@ class Totals:
                       list(self.latency_buckets), self.latency_sum, dict(self.rejections),
                       list(self.faults))
 
-    @property
-    def latency_count(self) -> int:
-        return sum(self.latency_buckets)
-
 
 class StatsBoard:
     """One fixed-size slot of counters per worker, in memory shared across fork."""

@@ -46,6 +46,7 @@ class ServerSpec:
     extra_config: str = ""  # YAML sections appended to minismtp's generated config
     reuse_port: bool = False  # minismtp: each worker its own SO_REUSEPORT socket
     sched_batch: str = "auto"  # minismtp: SCHED_BATCH workers unless delivery fsyncs
+    checkout: Path | None = None  # minismtp: the checkout it runs from; None: this one
 
     def missing(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -55,6 +56,8 @@ class ServerSpec:
             return "aiosmtpd is not installed (bash bench/setup.sh: pip install aiosmtpd)"
         if self.kind == "minismtp" and importlib.util.find_spec("yaml") is None:
             return "PyYAML, minismtp's one dependency, is not installed (pip install -e .)"
+        if self.checkout and not (self.checkout / "minismtp" / "__main__.py").is_file():
+            return f"{self.checkout} holds no minismtp package (minismtp/__main__.py)"
         return None
 
 
@@ -90,6 +93,27 @@ SERVERS = (
 )
 BY_NAME = {spec.name: spec for spec in SERVERS}
 SHORT = {spec.name: spec.short or spec.name for spec in SERVERS}
+BASELINE = "@baseline"  # suffix of a minismtp server run from another checkout
+
+
+def add_baseline(names: list[str], checkout: Path) -> list[str]:
+    """`names`, each minismtp server followed by its twin run from `checkout` (say, the
+    commit before a change): same configuration, measured in the same rounds. The twin's
+    ratios are taken against the same peers, and the original's also against its twin.
+    Twins are registered in BY_NAME and SHORT, where the report looks servers up."""
+    out = []
+    for name in names:
+        out.append(name)
+        spec = BY_NAME[name]
+        if spec.kind != "minismtp" or spec.checkout is not None:
+            continue
+        twin = dataclasses.replace(spec, name=name + BASELINE, short="baseline",
+                                   checkout=checkout.resolve())
+        BY_NAME[twin.name], SHORT[twin.name] = twin, twin.short
+        if twin.name not in spec.compare_to:
+            BY_NAME[name] = dataclasses.replace(spec, compare_to=(*spec.compare_to, twin.name))
+        out.append(twin.name)
+    return out
 
 MINISMTP_WORKERS = 2  # one per core of the machines this is run on
 MINISMTP_CONFIG = """\
@@ -155,7 +179,7 @@ class Server:
         return [sys.executable, "-m", "minismtp", "serve", "--config", str(config)]
 
     def start(self, timeout: float = 20.0) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))  # measure this checkout
+        env = dict(os.environ, PYTHONPATH=str(self.spec.checkout or ROOT))
         env.pop("PYTHONASYNCIODEBUG", None)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(

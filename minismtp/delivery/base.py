@@ -32,13 +32,10 @@ class Peer(NamedTuple):
 class DeliveryError(Exception):
     """A message could not be stored.
 
-    `temporary` selects the reply class (4xx or 5xx). The message text is for the log
-    only: it may name local paths, so it must never be sent to the peer.
+    The client is always answered `451 4.3.0` (`replies.LOCAL_ERROR`): storage trouble is
+    ours, so the client keeps the message and tries again later. The message text is for
+    the log only: it may name local paths, so it must never be sent to the peer.
     """
-
-    def __init__(self, message: str, temporary: bool = True) -> None:
-        super().__init__(message)
-        self.temporary = temporary
 
 
 class Sink(ABC):

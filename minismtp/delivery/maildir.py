@@ -278,7 +278,7 @@ class MaildirBackend(Backend):
     def _targets(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
         """The distinct new/ directories for the recipients, created on first use."""
         if not recipients:
-            raise DeliveryError("delivery: no recipients to store for", temporary=False)
+            raise DeliveryError("delivery: no recipients to store for")
         targets: list[str] = []
         for rcpt in recipients:
             parts = mailbox_parts(rcpt)

@@ -120,8 +120,4 @@ class _Sentinel:
 NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes, then ask again
 PAUSED = _Sentinel("PAUSED")  # answer the last decision event first
 
-Event = (
-    Hello | MailFrom | RcptTo | DataStarted | BodyChunk | MessageEnd | MessageRejected
-    | Reset | Quit | ConnectionClosed
-)
 DECISIONS = (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit)

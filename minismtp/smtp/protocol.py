@@ -18,7 +18,7 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   after the terminator (a "delayed reject": it never stops reading mid-DATA).
 
 States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
-missing entry is the 503 (`_BAD_SEQUENCE`), decided in one place.
+missing entry is the 503 (`_bad_sequence` picks its wording), decided in one place.
 """
 
 from __future__ import annotations

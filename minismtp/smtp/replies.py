@@ -45,10 +45,6 @@ class Reply:
         return (self.text,) if isinstance(self.text, str) else self.text
 
     @property
-    def is_temporary(self) -> bool:
-        return self.code // 100 == 4
-
-    @property
     def is_positive(self) -> bool:
         return self.code < 400
 

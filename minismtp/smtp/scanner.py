@@ -133,7 +133,7 @@ class BodyScanner:
         return end
 
     def _unstuff_run(self, buf: bytearray, pos: int, end: int) -> int:
-        """From a "\r\n." at `pos`: unstuff up to the terminator or the safe end."""
+        r"""From a "\r\n." at `pos`: unstuff up to the terminator or the safe end."""
         term = buf.find(TERMINATOR, pos, end)
         if term >= 0:
             stop, resume = term + 2, term + 5  # the terminator's first CRLF is body

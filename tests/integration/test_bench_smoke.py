@@ -1,0 +1,75 @@
+"""bench/run.py end to end, smallest size: one scenario, real minismtp servers, 127.0.0.1.
+
+These check that the harness works (starts the server, drives a client, reads /proc,
+writes its table and JSON), never how fast anything is: only that a rate was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 120.0
+
+# S5's client is bench/pipeline_client.py (Python), so no Postfix tools are needed.
+SMALLEST = ["--scenarios", "S5", "--servers", "minismtp-discard", "--quick", "--runs", "1",
+            "--target-seconds", "0.05", "--quiet-wait", "0"]
+
+
+def run_bench(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "e2e.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), *SMALLEST, "--work-dir", str(work),
+         "--json", str(out), *extra],
+        cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert out.exists(), done.stderr[-2000:]
+    return done, json.loads(out.read_text())
+
+
+def rows(stdout: str, scenario: str) -> dict[str, str]:
+    """Table rows of one scenario by server name."""
+    found = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        if len(cells) > 2 and cells[0] == scenario:
+            found[cells[1]] = line
+    return found
+
+
+def test_one_scenario_runs_end_to_end_and_measures_a_rate(tmp_path):
+    done, report = run_bench(tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [entry] = report["results"]
+    assert (entry["scenario"], entry["server"], entry["status"]) == ("S5", "minismtp-discard", "ok")
+    assert len(entry["runs"]) == 1 and entry["runs"][0]["ok"]
+    assert entry["messages_per_run"] > 0
+    assert entry["median"]["msgs_per_s"] > 0
+    assert entry["median"]["server_cpu_s"] > 0
+    assert list(rows(done.stdout, "S5")) == ["minismtp-discard"]
+
+
+def test_baseline_rows_run_the_other_checkout(tmp_path):
+    # A checkout whose minismtp exits at once with status 3: its row can only fail that
+    # way if the server really was started from there.
+    other = tmp_path / "other"
+    (other / "minismtp").mkdir(parents=True)
+    (other / "minismtp" / "__init__.py").write_text("")
+    (other / "minismtp" / "__main__.py").write_text("raise SystemExit(3)\n")
+
+    done, report = run_bench(tmp_path, "--baseline", str(other))
+    assert done.returncode == 1  # a server failed
+    by_server = {entry["server"]: entry for entry in report["results"]}
+    assert list(by_server) == ["minismtp-discard", "minismtp-discard@baseline"]
+    assert by_server["minismtp-discard"]["status"] == "ok"
+    assert by_server["minismtp-discard"]["median"]["msgs_per_s"] > 0
+    failed = by_server["minismtp-discard@baseline"]
+    assert failed["status"] == "failed"
+    assert "minismtp-discard@baseline exited with status 3" in failed["notes"][0]
+    assert report["meta"]["versions"]["baseline"] == f"{other.resolve()} at ?"
+    assert "FAILED: RuntimeError: minismtp-discard@baseline exited with status 3" in \
+        rows(done.stdout, "S5")["minismtp-discard@baseline"]
