@@ -30,8 +30,8 @@ from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 
 log = logging.getLogger("minismtp.worker")
 
-# At most per wake-up: drain a burst quickly (4 instead of 64 cost S4 in bench/ a third of
-# its rate) without holding the loop away from its sessions for long.
+# At most per wake-up: drain a burst quickly (a small quota cost S4 much of its rate, see
+# bench/README.md) without holding the loop away from its sessions for long.
 MOST_PER_WAKEUP = 64
 PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
 LISTENER = object()  # selector data of a listening socket
