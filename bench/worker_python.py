@@ -76,7 +76,7 @@ class ScriptedSocket:
         pass
 
 
-class NoSelector:
+class NoPoller:
     def register(self, *args: object) -> None:
         pass
 
@@ -87,7 +87,7 @@ def make_worker() -> Worker:
     config = load_config(overrides={"delivery.backend": "discard", "logging.level": "warning"})
     backend = make_backend("discard", "", False, "single", config.server.hostname)
     worker = Worker(config, [], backend, HeartbeatBoard(1), 0, StatsBoard(1, 64))
-    worker.sel = NoSelector()  # type: ignore[assignment]
+    worker.poller = NoPoller()  # type: ignore[assignment]
     return worker
 
 

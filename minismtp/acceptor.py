@@ -11,22 +11,23 @@ queue cannot make the loop spin:
 Siblings read this worker's session count on the heartbeat board, or NOT_ACCEPTING
 whenever it is not listening (so two workers never defer to each other).
 
-The acceptor knows no Worker: it gets the selector, the collection of sessions held (only
+The acceptor knows no Worker: it gets the poller, the collection of sessions held (only
 its size is read) and a callback that reads pending signals, and hands back the sockets
-it accepted.
+it accepted. A listener's owner in the poller is a `Listening`.
 """
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
-import selectors
 import socket
 import time
 from collections.abc import Callable, Sized
 
 from minismtp import balance
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
+from minismtp.poller import READ, Poller
 
 log = logging.getLogger("minismtp.worker")
 
@@ -34,15 +35,26 @@ log = logging.getLogger("minismtp.worker")
 # bench/README.md) without holding the loop away from its sessions for long.
 MOST_PER_WAKEUP = 64
 PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
-LISTENER = object()  # selector data of a listening socket
-Accepted = list[tuple[socket.socket, tuple]]  # (connected socket, peer address)
+# (connected socket, peer address). The sockets are the C type `_socket.socket` that
+# `socket.socket` wraps: the same methods the transports call, without the Python-level
+# wrapper whose construction cost a few microseconds per connection (bench/README.md).
+Accepted = list[tuple[_socket.socket, tuple]]
+
+
+class Listening:
+    """A listening socket, as the owner of its descriptor in the poller."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
 
 
 class Acceptor:
-    def __init__(self, sel: selectors.BaseSelector, listeners: list[socket.socket],
+    def __init__(self, poller: Poller, listeners: list[socket.socket],
                  board: HeartbeatBoard, slot: int, balancing: bool, held: Sized,
                  read_signals: Callable[[], None]) -> None:
-        self.sel = sel
+        self.poller = poller
         self.listeners = listeners
         self.board = board
         self.slot = slot
@@ -58,12 +70,12 @@ class Acceptor:
         """Listen exactly when nothing holds accepting back; tell the siblings."""
         wanted = not (self.paused_until or self.deferred_until or self.stopped)
         if wanted != self.listening:
-            sel = self.sel
+            poller = self.poller
             for listener in self.listeners:
                 if wanted:
-                    sel.register(listener, selectors.EVENT_READ, LISTENER)
+                    poller.register(listener.fileno(), READ, Listening(listener))
                 else:
-                    sel.unregister(listener)
+                    poller.unregister(listener.fileno())
             self.listening = wanted
         self.publish_load()
 
@@ -118,9 +130,11 @@ class Acceptor:
         self.read_signals()
         if not self.listening:
             return
+        family, kind, proto = listener.family, listener.type, listener.proto
         for _ in range(most):
             try:
-                accepted.append(listener.accept())
+                fd, address = listener._accept()  # what socket.accept() does, minus its wrapper
+                accepted.append((_socket.socket(family, kind, proto, fd), address))
             except (BlockingIOError, InterruptedError):
                 return  # another worker won the race, or the queue is empty
             except OSError as exc:

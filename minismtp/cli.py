@@ -12,6 +12,7 @@ import sys
 
 from minismtp import __version__, exitcodes
 from minismtp.config import ConfigError, dump_config, load_config
+from minismtp.msglog import LOG_FORMAT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def _setup_logging(level: str) -> None:
     numeric = getattr(logging, level.upper())
     logging.basicConfig(
         level=numeric, stream=sys.stderr,
-        format="%(asctime)s minismtp[%(process)d] %(levelname)s %(message)s")
+        format=LOG_FORMAT)
     # The master's few lines (addresses, reloads, stops, summary) are always wanted:
     # a quiet log level is for the per-message lines.
     logging.getLogger("minismtp.master").setLevel(min(numeric, logging.INFO))

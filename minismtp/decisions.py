@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from minismtp.faults import FaultAction, FaultInjector
+from minismtp.msglog import MessageLog
 from minismtp.smtp import replies
 from minismtp.smtp.events import (
     DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo,
@@ -36,8 +37,9 @@ Refuse = Callable[["Session", Reply], None]
 
 class Decisions:
     def __init__(self, loop: Loop, storage: Storage, faults: FaultInjector,
-                 stats: WorkerStats) -> None:
+                 stats: WorkerStats, msglog: MessageLog) -> None:
         self.loop = loop
+        self.msglog = msglog
         self.storage = storage
         self.faults = faults
         self.stats = stats
@@ -153,11 +155,10 @@ class Decisions:
         session.conn.reject(reply)
 
     def _log(self, session: Session, size: int, result: str, queue_id: str) -> None:
-        if log.isEnabledFor(logging.INFO):
+        if self.msglog.enabled:
             envelope = session.envelope
-            log.info("id=%s peer=%s from=<%s> rcpts=%d size=%d result=%s", queue_id,
-                     session.peer.address, envelope.sender, len(envelope.recipients), size,
-                     result)
+            self.msglog.add(f"id={queue_id} peer={session.peer.address} from=<{envelope.sender}> "
+                            f"rcpts={len(envelope.recipients)} size={size} result={result}")
 
     # -- fault injection ---------------------------------------------------------
 

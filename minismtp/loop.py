@@ -7,14 +7,15 @@ be driven by a small fake in tests and nothing below the loop imports it back.
 
 from __future__ import annotations
 
-import selectors
 from typing import TYPE_CHECKING, Protocol
+
+from minismtp.poller import READ, WRITE
 
 if TYPE_CHECKING:
     from minismtp.session import Session
     from minismtp.timers import Timers
 
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+__all__ = ["READ", "WRITE", "Loop"]
 
 
 class Loop(Protocol):

@@ -34,7 +34,7 @@ class Session:
     """One client connection: transport, protocol state, message in progress, timers."""
 
     __slots__ = (
-        "transport", "conn", "peer", "sink", "sink_failed", "mask", "deadline", "timer_at",
+        "transport", "fd", "conn", "peer", "sink", "sink_failed", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
         "tarpit_bps", "trickling", "lingering", "closed",
     )
@@ -42,6 +42,7 @@ class Session:
     def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer
                  ) -> None:
         self.transport = transport
+        self.fd = transport.fileno()  # the same for the connection's life, TLS or not
         self.conn = conn
         self.peer = peer
         self.sink: Sink | None = None  # opened, written and closed by storage.py only

@@ -16,6 +16,7 @@ every command makes cost nothing more than before there was a transport.
 
 from __future__ import annotations
 
+import _socket
 import socket
 
 MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the bytes for what follows
@@ -29,7 +30,7 @@ class PlainTransport:
     # sees everything); a TLS transport may hold decrypted bytes select() cannot see.
     has_buffered_input = False
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.pending = b""  # reply bytes the connection did not take yet
         self.read_into = sock.recv_into

@@ -1,4 +1,4 @@
-"""A worker process: one `selectors` loop gluing transports, the protocol core and delivery.
+"""A worker process: one event loop gluing transports, the protocol core and delivery.
 
 Untrusted input: client connections (bytes, timing, half-closed sockets). Every session
 has a deadline (command idle time, whole-DATA time, minimum DATA rate), output is
@@ -17,21 +17,22 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import selectors
 import signal
 import socket
 import time
 from collections.abc import Iterable
 
 from minismtp import exitcodes
-from minismtp.acceptor import LISTENER, Acceptor
+from minismtp.acceptor import Accepted, Acceptor, Listening
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, Peer
 from minismtp.faults import FaultInjector
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.loop import READ, WRITE
+from minismtp.msglog import MessageLog
 from minismtp.output import Output
+from minismtp.poller import Poller
 from minismtp.session import Session, protocol_settings
 from minismtp.signals import SignalWakeup
 from minismtp.smtp import replies
@@ -77,17 +78,18 @@ class Worker:
         self.stopping = False
         self.stop_deadline = float("inf")
         self.parent = os.getppid()
-        self.sel = selectors.DefaultSelector()  # our own: an inherited epoll is shared state
+        self.poller = Poller()  # our own: an inherited epoll is shared state
         self.wakeup = SignalWakeup()
         # With reuse_port the queue is this worker's own; otherwise it shares it fairly.
-        self.acceptor = Acceptor(self.sel, listeners, board, slot, not config.server.reuse_port,
+        self.acceptor = Acceptor(self.poller, listeners, board, slot, not config.server.reuse_port,
                                  self.sessions, self._read_pending_signals)
         self.stats = WorkerStats(stats_board.max_rules)
         self.storage = Storage(backend)
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies
+        self.msglog = MessageLog(log)
         self.decide = Decisions(self, self.storage, FaultInjector(config.faults, slot),
-                                self.stats)
+                                self.stats, self.msglog)
 
     # -- set-up and main loop ------------------------------------------------------
 
@@ -95,7 +97,7 @@ class Worker:
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # the master's business
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
-        self.sel.register(self.wakeup.sock, READ, _WAKEUP)
+        self.poller.register(self.wakeup.sock.fileno(), READ, _WAKEUP)
         # The master forks us with its signals blocked (arbiter.py): what arrived since
         # is delivered now, to our own handlers.
         signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
@@ -118,8 +120,9 @@ class Worker:
         acceptor = self.acceptor
         acceptor.refresh()
         if self.storage.wakeup is not None:
-            self.sel.register(self.storage.wakeup, READ, _COMMITS)
+            self.poller.register(self.storage.wakeup.fileno(), READ, _COMMITS)
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
+        msglog = self.msglog
         last_tick = 0.0
         self.now = now = time.monotonic()
         try:
@@ -128,25 +131,26 @@ class Worker:
                     last_tick = now
                     if not self._tick(now):
                         break
-                events = self.sel.select(self._select_timeout(now))
+                events = self.poller.poll(self._select_timeout(now))
                 self.now = time.monotonic()
-                for key, mask in events:
-                    data = key.data
-                    if data is LISTENER:
-                        start(acceptor.on_readable(key.fileobj, self.now))
-                    elif data is _COMMITS:
-                        self.decide.on_commits()
-                    elif data is _WAKEUP:
-                        self.read_signals()
-                    else:
+                for owner, mask in events:
+                    kind = owner.__class__
+                    if kind is Session:
                         if mask & WRITE:
-                            flush(data)
-                        if mask & READ and not data.closed:
-                            on_readable(data)
+                            flush(owner)
+                        if mask & READ and not owner.closed:
+                            on_readable(owner)
+                    elif kind is Listening:
+                        start(acceptor.on_readable(owner.sock, self.now))
+                    elif owner is _COMMITS:
+                        self.decide.on_commits()
+                    elif owner is _WAKEUP:
+                        self.read_signals()
                 self.now = now = time.monotonic()
                 self.timers.expire(now, self._on_deadline)
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
                     start(acceptor.end_deferral())
+                msglog.flush()  # this turn's lines: all a SIGKILL can cost
         finally:
             self.stopping = True
             acceptor.close()  # not accepting, whatever ended the loop
@@ -154,6 +158,7 @@ class Worker:
                 self.close(session, "worker exit")
             self.storage.close()
             self.stats.publish(self.stats_board, self.slot)
+            self.msglog.close()
         return exitcodes.OK
 
     def _tick(self, now: float) -> bool:
@@ -197,7 +202,7 @@ class Worker:
 
     # -- connections ---------------------------------------------------------------
 
-    def _start_sessions(self, accepted: list[tuple[socket.socket, tuple]]) -> None:
+    def _start_sessions(self, accepted: Accepted) -> None:
         for sock, addr in accepted:
             sock.setblocking(False)
             transport = PlainTransport(sock)
@@ -207,7 +212,7 @@ class Worker:
                 continue
             session = Session(transport, SmtpServerConnection(self.settings),
                               Peer(addr[0], addr[1]))
-            self.sessions[sock.fileno()] = session
+            self.sessions[session.fd] = session
             self.stats.connections_open += 1
             self.stats.connections_total += 1
             self.timers.set_deadline(session, self.now + self.command_timeout)
@@ -293,11 +298,11 @@ class Worker:
         if session.mask == mask:
             return
         if not mask:
-            self.sel.unregister(session.transport)
+            self.poller.unregister(session.fd)
         elif session.mask:
-            self.sel.modify(session.transport, mask, session)
+            self.poller.modify(session.fd, mask)
         else:
-            self.sel.register(session.transport, mask, session)
+            self.poller.register(session.fd, mask, session)
         session.mask = mask
 
     def close(self, session: Session, reason: str) -> None:
@@ -308,8 +313,8 @@ class Worker:
         self.storage.abort(session)
         transport = session.transport
         if session.mask:
-            self.sel.unregister(transport)
-        self.sessions.pop(transport.fileno(), None)
+            self.poller.unregister(session.fd)
+        self.sessions.pop(session.fd, None)
         self.acceptor.publish_load()
         transport.close()
         session.conn.buffer.release()

@@ -7,7 +7,6 @@ back stand for the sessions its worker would hold.
 from __future__ import annotations
 
 import errno
-import selectors
 import socket
 import sys
 import time
@@ -15,23 +14,24 @@ import time
 import pytest
 
 from minismtp import balance
-from minismtp.acceptor import LISTENER, Acceptor
+from minismtp.acceptor import Acceptor, Listening
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
+from minismtp.poller import Poller
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="a burst is read from Linux's tcp_info")
 
 
 class Taker:
-    """An acceptor with what a worker would give it: a selector and its sessions."""
+    """An acceptor with what a worker would give it: a poller and its sessions."""
 
     def __init__(self, board: HeartbeatBoard, slot: int, listeners: list) -> None:
         self.board, self.slot = board, slot
-        self.sel = selectors.DefaultSelector()
+        self.poller = Poller()
         self.sessions: list[tuple[socket.socket, tuple]] = []  # as accepted
         self.stop_requested = False
         board.hand_out(slot, time.monotonic())
-        self.acceptor = Acceptor(self.sel, listeners, board, slot, True, self.sessions,
+        self.acceptor = Acceptor(self.poller, listeners, board, slot, True, self.sessions,
                                  self._read_signals)
         self.acceptor.refresh()
         self.now = time.monotonic()
@@ -43,7 +43,7 @@ class Taker:
     def dispose(self) -> None:
         for sock, _ in self.sessions:
             sock.close()
-        self.sel.close()
+        self.poller.close()
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def _end_deferral(taker: Taker) -> None:
 
 
 def _listening(taker: Taker, listener: socket.socket) -> bool:
-    return listener in [key.fileobj for key in taker.sel.get_map().values()]
+    return listener.fileno() in taker.poller
 
 
 def test_a_burst_is_split_evenly_and_the_rest_left_to_the_sibling(shared):
@@ -179,7 +179,10 @@ class OutOfDescriptors:
     def fileno(self) -> int:
         return self.real.fileno()
 
-    def accept(self) -> tuple:
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)  # family, type, proto
+
+    def _accept(self) -> tuple:
         raise OSError(errno.EMFILE, "Too many open files")
 
     def close(self) -> None:
@@ -206,7 +209,7 @@ def two_listeners():
 
 
 def _registered(worker: Taker) -> int:
-    return sum(key.data is LISTENER for key in worker.sel.get_map().values())
+    return sum(isinstance(owner, Listening) for owner in worker.poller.owners())
 
 
 def test_out_of_descriptors_pauses_both_listeners_until_a_later_tick(two_listeners):

@@ -1,0 +1,61 @@
+"""Readiness for a worker's loop: `select.epoll` with a dict from descriptor to its owner.
+
+Untrusted input: none (descriptors and masks come from the loop itself).
+
+The `selectors` module does the same with a Python layer per call: a SelectorKey per
+registration, a lookup through the file object, a list of (key, events) per wake-up.
+A worker registers and unregisters every connection and wakes up for every command, so
+that layer was a measurable part of each message's cost (bench/README.md); this keeps
+only the dict. Where epoll is missing, `select.poll` has the same interface.
+
+Masks are READ and WRITE (epoll's own bits). An error or hang-up on a descriptor is
+reported as both, as `selectors` does, so the owner's next read or write meets it.
+"""
+
+from __future__ import annotations
+
+import select
+
+_EPOLL = hasattr(select, "epoll")
+READ = select.EPOLLIN if _EPOLL else select.POLLIN
+WRITE = select.EPOLLOUT if _EPOLL else select.POLLOUT
+_TROUBLE = (select.EPOLLERR | select.EPOLLHUP) if _EPOLL else (select.POLLERR | select.POLLHUP)
+_MAX_EVENTS = 256  # per wake-up; more wait for the next one (level-triggered)
+
+
+class Poller:
+    def __init__(self) -> None:
+        self._poll = select.epoll() if _EPOLL else select.poll()
+        self._owners: dict[int, object] = {}
+
+    def register(self, fd: int, mask: int, owner: object) -> None:
+        self._poll.register(fd, mask)
+        self._owners[fd] = owner
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._poll.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        del self._owners[fd]
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self._owners
+
+    def owners(self) -> list[object]:
+        return list(self._owners.values())
+
+    def poll(self, timeout_s: float) -> list[tuple[object, int]]:
+        """(owner, mask) for each ready descriptor, waiting at most `timeout_s`."""
+        if _EPOLL:
+            ready = self._poll.poll(timeout_s, _MAX_EVENTS)
+        else:
+            ready = self._poll.poll(timeout_s * 1000.0)
+        owners = self._owners
+        return [(owners[fd], mask | (READ | WRITE) if mask & _TROUBLE else mask)
+                for fd, mask in ready if fd in owners]
+
+    def close(self) -> None:
+        if _EPOLL:
+            self._poll.close()
+        self._owners.clear()
