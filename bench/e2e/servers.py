@@ -46,6 +46,7 @@ class ServerSpec:
     extra_config: str = ""  # YAML sections appended to minismtp's generated config
     reuse_port: bool = False  # minismtp: each worker its own SO_REUSEPORT socket
     sched_batch: str = "auto"  # minismtp: SCHED_BATCH workers unless delivery fsyncs
+    log_level: str = "warning"  # minismtp: "info" (the default) logs a line per message
     checkout: Path | None = None  # minismtp: the checkout it runs from; None: this one
 
     def missing(self) -> str | None:
@@ -90,6 +91,9 @@ SERVERS = (
     ServerSpec("minismtp-nobatch", "minismtp", "discard", short="mini-nobatch",
                compare_to=("smtp-sink", "aiosmtpd-discard", "minismtp-discard"),
                sched_batch="false"),
+    # The default log level: one line per message, written to a file as a service's log.
+    ServerSpec("minismtp-info", "minismtp", "discard", short="mini-info",
+               compare_to=("smtp-sink", "minismtp-discard"), log_level="info"),
 )
 BY_NAME = {spec.name: spec for spec in SERVERS}
 SHORT = {spec.name: spec.short or spec.name for spec in SERVERS}
@@ -134,7 +138,7 @@ delivery:
   path: {path}
   fsync: {fsync}
 logging:
-  level: warning
+  level: {log_level}
 """
 
 
@@ -174,7 +178,7 @@ class Server:
         config.write_text(MINISMTP_CONFIG.format(
             workers=MINISMTP_WORKERS, max_connections=per_worker, backend=spec.backend,
             path=json.dumps(str(self.maildir)), fsync=str(spec.fsync).lower(),
-            reuse_port=str(spec.reuse_port).lower(), sched_batch=spec.sched_batch)
+            reuse_port=str(spec.reuse_port).lower(), sched_batch=spec.sched_batch, log_level=spec.log_level)
             + spec.extra_config)
         return [sys.executable, "-m", "minismtp", "serve", "--config", str(config)]
 
