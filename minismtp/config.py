@@ -125,7 +125,8 @@ SETTINGS: tuple[Setting, ...] = (
             "workers run as SCHED_BATCH (Linux): woken, they do not preempt other tasks; "
             "auto: unless delivery waits for fsync",
             lambda value: "auto" if value is None else value),
-    Setting("server.backlog", 4096, _positive, "listen() backlog"),
+    # listen() takes a C int (and the kernel caps it at net.core.somaxconn anyway).
+    Setting("server.backlog", 4096, parsing.integer(1, 2**31 - 1), "listen() backlog"),
     Setting("server.worker_timeout", "30s", _timeout,
             "heartbeat age after which the master kills a worker", parsing.dump_duration),
     Setting("server.shutdown_timeout", "30s", parsing.duration(allow_zero=True),

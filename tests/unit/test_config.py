@@ -151,7 +151,9 @@ BAD_VALUES = [
      "limits.max_command_length: must be an integer from 512 to 65536, got 65537"),
     ("limits", "min_data_rate: -1", "limits.min_data_rate: must be an integer >= 0, got -1"),
     ("limits", "max_errors: false", "limits.max_errors: must be an integer >= 1, got false"),
-    ("server", "backlog: 0", "server.backlog: must be an integer >= 1, got 0"),
+    ("server", "backlog: 0", "server.backlog: must be an integer from 1 to 2147483647, got 0"),
+    ("server", "backlog: 2147483648",  # more than listen()'s C int
+     "server.backlog: must be an integer from 1 to 2147483647, got 2147483648"),
     ("server", "workers: 0", 'server.workers: must be an integer >= 1 or "auto", got 0'),
     ("server", "workers: AUTO", 'server.workers: must be an integer >= 1 or "auto", got "AUTO"'),
     ("server", "workers: true", 'server.workers: must be an integer >= 1 or "auto", got true'),
@@ -709,3 +711,20 @@ stats:
         "faults.rules[2].disconnect: cannot be combined with reply: a disconnect sends no reply",
         'stats.listen: missing port (use "host:port" or "[v6addr]:port"), got "localhost"',
     ]
+
+
+@pytest.mark.parametrize("workers", ["\u00b2", "\u0663", "1\u00b2"])
+def test_workers_override_takes_ascii_digits_only(tmp_path, workers, capsys, monkeypatch):
+    # "²" and "٣" pass str.isdigit() but int() refuses "²": a ConfigError, never a ValueError.
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides={"server.workers": workers})
+    expected = f'server.workers: must be an integer >= 1 or "auto", got "{workers}"'
+    assert caught.value.problems == [expected]
+    monkeypatch.chdir(tmp_path)  # serve must stop before creating anything
+    assert main(["serve", "--listen", "127.0.0.1:0", "--workers", workers]) == 2
+    assert capsys.readouterr().err == f"minismtp: {expected}\n"
+    assert not (tmp_path / "var").exists()
+
+
+def test_workers_override_as_text_is_an_integer():
+    assert load_config(overrides={"server.workers": "3"}).server.workers == 3
