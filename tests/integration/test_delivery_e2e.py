@@ -92,3 +92,38 @@ def test_per_recipient_paths_stay_inside_delivery_path(make_server, raw_clients,
     copies = [p for p in new_files if p.name.startswith(everyone + ".")]
     assert len(copies) == len({p.parent for p in copies}) == len(accepted)
     assert list((root / "tmp").iterdir()) == []
+
+
+def test_hostile_helo_names_cannot_forge_the_received_header(make_server, raw_clients):
+    # The core takes any printable HELO argument, 8-bit and spaces included; what reaches
+    # the header is one ASCII token outside SMTPUTF8, UTF-8 only with it.
+    server = make_server({"server": {"workers": 1}})
+    client = raw_clients(server.port)
+    client.expect(220)
+    sent = {
+        "forged": (b"EHLO evil (trusted.example [10.0.0.1]) by mx; x", b"MAIL FROM:<a@x.example>",
+                   b"Received: from evil??trusted.example?[10.0.0.1]??by?mx??x ([127.0.0.1])"),
+        "8-bit": ("EHLO caf\u00e9.example".encode(), b"MAIL FROM:<a@x.example>",
+                  b"Received: from caf?.example ([127.0.0.1])"),
+        "utf8": ("EHLO caf\u00e9.example".encode(), b"MAIL FROM:<a@x.example> SMTPUTF8",
+                 "Received: from caf\u00e9.example ([127.0.0.1])".encode()),
+    }
+    expected = {}
+    for name, (ehlo, mail, received) in sent.items():
+        client.send(ehlo + b"\r\n")
+        client.expect(250)
+        client.send(mail + b"\r\nRCPT TO:<r@y.example>\r\nDATA\r\n")
+        client.expect(250, "2.1.0")
+        client.expect(250, "2.1.5")
+        client.expect(354)
+        client.send(client.stuff(f"Subject: {name}\r\n\r\nbody\r\n".encode()))
+        expected[client.reply().queue_id] = received
+    client.cmd("QUIT", 221)
+    messages = server.maildir_messages()
+    assert len(messages) == 3
+    for key, data in messages:
+        [received] = [line for queue_id, line in expected.items() if key.startswith(queue_id + ".")]
+        received_line = data.split(b"\r\n")[2]  # after Return-Path and Delivered-To
+        assert received_line == received
+        if b"caf\xc3\xa9" not in received_line:
+            assert data.split(b"\r\n\r\n")[0].isascii()

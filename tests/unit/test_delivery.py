@@ -147,10 +147,61 @@ def test_hostile_envelope_cannot_inject_header(tmp_path: Path, field: str) -> No
     assert b"\r\nX-Evil" not in head and b"\nX-Evil" not in head and b"\rX-Evil" not in head
 
 
-def test_surrogate_escaped_bytes_are_restored(tmp_path: Path) -> None:
+def test_bytes_that_were_not_utf8_never_reach_a_header(tmp_path: Path) -> None:
     rcpt = b"j\xc3\xb6rg\xff@example.net".decode("utf-8", "surrogateescape")
     deliver(backend(tmp_path), envelope(rcpt, smtputf8=True))
-    assert b"Delivered-To: j\xc3\xb6rg\xff@example.net\r\n" in stored(tmp_path)
+    assert b"Delivered-To: j\xc3\xb6rg?@example.net\r\n" in stored(tmp_path)
+
+
+def received_from_line(tmp_path: Path) -> bytes:
+    head, _ = split_headers(stored(tmp_path))
+    return next(line for line in head.split(b"\r\n") if line.startswith(b"Received: "))
+
+
+@pytest.mark.parametrize(("helo", "smtputf8", "shown"), [
+    ("client.example", False, b"client.example"),
+    ("[192.0.2.1]", False, b"[192.0.2.1]"),
+    ("[IPv6:2001:db8::1]", False, b"[IPv6:2001:db8::1]"),
+    ("my_host-1.example", False, b"my_host-1.example"),
+    # a forged hop: spaces and parentheses would make a second "from ... (...)"
+    ("evil (trusted.example [10.0.0.1]) by mx.example.net", False,
+     b"evil??trusted.example?[10.0.0.1]??by?mx.example.net"),
+    ("x;Mon, 1 Jan 2024 00:00:00 +0000", False, b"x?Mon??1?Jan?2024?00:00:00??0000"),
+    ("a)b(c\"d<e>f\\g", False, b"a?b?c?d?e?f?g"),
+    ("caf\u00e9.example", False, b"caf?.example"),  # not SMTPUTF8: ASCII only
+    ("caf\u00e9.example", True, "caf\u00e9.example".encode()),
+    ("caf\u00e9\u00a0(x)\ufeff", True, "caf\u00e9??x??".encode()),  # no-break space, BOM
+    ("\u2028\x85\x00", True, b"???"),
+    ("(", False, b"?"),
+])
+def test_helo_name_cannot_fake_trace_structure(tmp_path: Path, helo: str, smtputf8: bool,
+                                               shown: bytes) -> None:
+    deliver(backend(tmp_path), envelope(helo=helo, smtputf8=smtputf8))
+    assert received_from_line(tmp_path) == b"Received: from " + shown + b" ([192.0.2.7])"
+
+
+@pytest.mark.parametrize(("address", "smtputf8", "shown"), [
+    ("a@example.org", False, "a@example.org"),
+    ("o'hara+tag/x=y@[192.0.2.1]", False, "o'hara+tag/x=y@[192.0.2.1]"),
+    ('"john doe (x); <y>"@example.org', False, '"john doe (x); <y>"@example.org'),
+    ('"a\\"b"@example.org', False, '"a\\"b"@example.org'),  # escaped quote kept whole
+    ("a(b)c;d,e@example.org", False, "a?b?c?d?e@example.org"),
+    ('a"b@example.org', False, "a?b@example.org"),  # a stray quote cannot open a string
+    ('"unclosed\\"@example.org', False, "?unclosed??@example.org"),
+    ("j\u00f6rg@example.org", False, "j?rg@example.org"),
+    ("j\u00f6rg@example.org", True, "j\u00f6rg@example.org"),
+    ('"\u00f6 \u00a0"@example.org', True, '"\u00f6 ?"@example.org'),
+])
+def test_addresses_keep_the_shape_of_a_mailbox(tmp_path: Path, address: str, smtputf8: bool,
+                                               shown: str) -> None:
+    deliver(backend(tmp_path), envelope(address, sender=address, smtputf8=smtputf8))
+    head, _ = split_headers(stored(tmp_path))
+    expected = shown.encode()
+    assert head.startswith(b"Return-Path: <" + expected + b">\r\nDelivered-To: " + expected
+                           + b"\r\nReceived: ")
+    assert b"\tfor <" + expected + b">; " in head
+    if not smtputf8:
+        assert head.isascii()
 
 
 # --- Maildir behaviour -----------------------------------------------------------------
