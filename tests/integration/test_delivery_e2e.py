@@ -127,3 +127,40 @@ def test_hostile_helo_names_cannot_forge_the_received_header(make_server, raw_cl
         assert received_line == received
         if b"caf\xc3\xa9" not in received_line:
             assert data.split(b"\r\n\r\n")[0].isascii()
+
+
+def test_per_recipient_mailboxes_are_made_only_for_stored_messages(make_server, raw_clients,
+                                                                   tmp_path):
+    root = tmp_path / "boxes"
+    server = make_server({"server": {"workers": 1},
+                          "delivery": {"layout": "per_recipient", "path": str(root)}})
+    many = [f"user{i}@d{i % 7}.example" for i in range(300)]
+    # Two transactions with many fresh recipients that never end in a stored message:
+    # the client leaves mid-body; the body is refused (a bare LF).
+    for rest, reply in ((b"x" * 1000 + b"\r\n", None),
+                        (b"bare\nLF\r\n.\r\n", replies.BARE_LF_DATA)):
+        client = raw_clients(server.port)
+        client.hello()
+        client.send(client.envelope("s@x.example", many))
+        client.expect(250, "2.1.0")
+        client.replies(len(many))
+        client.expect(354)
+        client.send(b"Subject: never stored\r\n\r\n" + rest)
+        if reply is not None:
+            assert client.reply().raw == reply.wire
+        client.close()
+    client = raw_clients(server.port)
+    client.hello()
+    queue_id = client.send_message(b"Subject: kept\r\n\r\nkept\r\n", recipients=(
+        "a@one.example", "b@one.example", "c@two.example")).queue_id
+    client.cmd("QUIT", 221)
+    boxes = ["one.example/a", "one.example/b", "two.example/c"]
+    directories = sorted(str(Path(d).relative_to(root) / n)
+                         for d, names, _ in os.walk(root) for n in names)
+    assert directories == sorted(["tmp", "one.example", "two.example", *boxes,
+                                  *(f"{b}/{s}" for b in boxes for s in ("cur", "new", "tmp"))])
+    for box in boxes:
+        [copy] = list((root / box / "new").iterdir())
+        assert copy.name.startswith(queue_id + ".")
+    server.wait_until(lambda: not list((root / "tmp").iterdir()), 5,
+                      message="the abandoned bodies' tmp files removed")
