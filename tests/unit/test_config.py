@@ -35,7 +35,7 @@ SCHEMA = {
                "backlog",
                "worker_timeout", "shutdown_timeout", "user"],
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
-               "data_timeout", "min_data_rate", "max_errors", "bare_lf"],
+               "data_timeout", "min_data_rate", "max_errors", "max_junk_commands", "bare_lf"],
     "delivery": ["backend", "path", "fsync", "layout"],
     "logging": ["level"],
     "faults": ["seed", "rules"],
@@ -85,6 +85,7 @@ def test_defaults_without_a_file():
         data_timeout=600.0,
         min_data_rate=500,
         max_errors=20,
+        max_junk_commands=100,
         bare_lf="reject",
     )
     assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
@@ -151,6 +152,8 @@ BAD_VALUES = [
      "limits.max_command_length: must be an integer from 512 to 65536, got 65537"),
     ("limits", "min_data_rate: -1", "limits.min_data_rate: must be an integer >= 0, got -1"),
     ("limits", "max_errors: false", "limits.max_errors: must be an integer >= 1, got false"),
+    ("limits", "max_junk_commands: -1",
+     "limits.max_junk_commands: must be an integer >= 0, got -1"),
     ("server", "backlog: 0", "server.backlog: must be an integer from 1 to 2147483647, got 0"),
     ("server", "backlog: 2147483648",  # more than listen()'s C int
      "server.backlog: must be an integer from 1 to 2147483647, got 2147483648"),
@@ -728,3 +731,12 @@ def test_workers_override_takes_ascii_digits_only(tmp_path, workers, capsys, mon
 
 def test_workers_override_as_text_is_an_integer():
     assert load_config(overrides={"server.workers": "3"}).server.workers == 3
+
+
+@pytest.mark.xfail(strict=True, reason="minismtp/session.py protocol_settings does not pass "
+                   "limits.max_junk_commands to the core yet; remove this mark with that line")
+def test_max_junk_commands_reaches_the_core():
+    from minismtp.session import protocol_settings
+
+    config = load_config(overrides={"limits.max_junk_commands": 7})
+    assert protocol_settings(config).max_junk_commands == 7
