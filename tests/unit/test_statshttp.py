@@ -186,18 +186,21 @@ def test_request_split_into_single_bytes(harness):
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
+def send_and_wait_for_close(port: int, sent: bytes) -> tuple[bytes, float]:
+    """Send `sent`, then wait for the server's close: (what came, seconds waited)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(sent)
+        start = time.monotonic()
+        try:
+            data = sock.recv(100)
+        except ConnectionResetError:
+            data = b""
+        return data, time.monotonic() - start
+
+
 @pytest.mark.parametrize("sent", [b"", b"GET /metrics HTTP/1.1\r\n"])
 def test_silent_client_is_closed_after_the_deadline(harness, sent):
-    def client() -> tuple[bytes, float]:
-        with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
-            sock.sendall(sent)
-            start = time.monotonic()
-            try:
-                data = sock.recv(100)
-            except ConnectionResetError:
-                data = b""
-            return data, time.monotonic() - start
-    data, waited = harness.run(client)
+    data, waited = harness.run(lambda: send_and_wait_for_close(harness.port, sent))
     assert data == b""
     assert 0.2 < waited < 3.0  # timeout_s=0.5: closed by expire(), not by the client
     assert not harness.server._clients
@@ -322,16 +325,8 @@ def test_hundreds_of_idle_connections_do_not_lock_out_a_dashboard():
 
 def test_a_request_must_arrive_within_the_request_timeout():
     for harness in make_harness(timeout_s=30, request_timeout_s=0.3):
-        def client() -> tuple[bytes, float]:
-            with connect(harness.port) as sock:
-                sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
-                start = time.monotonic()
-                try:
-                    data = sock.recv(100)
-                except ConnectionResetError:
-                    data = b""
-                return data, time.monotonic() - start
-        data, waited = harness.run(client)
+        data, waited = harness.run(lambda: send_and_wait_for_close(  # never the blank line
+            harness.port, b"GET /metrics HTTP/1.1\r\n"))
         assert data == b"" and waited < 5  # closed by the request deadline, not the 30 s one
         assert not harness.server._clients and not harness.server._per_address
 
