@@ -164,3 +164,15 @@ def test_per_recipient_mailboxes_are_made_only_for_stored_messages(make_server, 
         assert copy.name.startswith(queue_id + ".")
     server.wait_until(lambda: not list((root / "tmp").iterdir()), 5,
                       message="the abandoned bodies' tmp files removed")
+
+
+def test_cannot_store_names_the_path_that_failed(make_server, raw_clients):
+    server = make_server({"server": {"workers": 1}})
+    (server.mail_dir / "new").rmdir()  # the link into new/ fails; tmp/ is fine
+    client = raw_clients(server.port)
+    client.hello()
+    assert client.send_message(b"Subject: x\r\n\r\nx\r\n").raw == replies.LOCAL_ERROR.wire
+    m = server.wait_for_log(r'cannot store message from 127\.0\.0\.1: delivery: storing "(.*)": '
+                            r"No such file or directory")
+    assert m.group(1).startswith(str(server.mail_dir / "new") + os.sep)
+    assert server.files("tmp") == []
