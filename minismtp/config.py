@@ -148,9 +148,8 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes/s during DATA below which to disconnect; 0 = off"),
     Setting("limits.max_errors", 20, _positive, "protocol errors before 421 and disconnect"),
     Setting("limits.max_junk_commands", 100, parsing.integer(0),
-            "HELO, EHLO, NOOP, RSET, VRFY and HELP a session may send before each one "
-            "counts as an error (Postfix smtpd_junk_command_limit); a stored message "
-            "resets the count"),
+            "HELO, EHLO, NOOP, RSET, VRFY, HELP per session (reset by a stored message) "
+            "before each further one counts as an error"),
     Setting("limits.bare_lf", "reject", parsing.choice("reject", "accept"),
             "bare LF in DATA: reject the message, or accept it"),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),

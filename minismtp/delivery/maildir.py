@@ -304,7 +304,7 @@ class MaildirBackend(Backend):
     def _mailbox_names(recipients: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         """The distinct (domain, local part) folders of the recipients, in order."""
         if not recipients:
-            raise DeliveryError("delivery: no recipients to store for", temporary=False)
+            raise DeliveryError("delivery: no recipients to store for")
         return tuple(dict.fromkeys(mailbox_parts(rcpt) for rcpt in recipients))
 
     def _make_mailboxes(self, mailboxes: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
