@@ -40,8 +40,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     if getattr(args, "listen", None):
         overrides["server.listen"] = args.listen
     if getattr(args, "workers", None) is not None:
-        workers = args.workers
-        overrides["server.workers"] = int(workers) if workers.isdigit() else workers
+        # Passed as text: the setting's parser takes ASCII digits only ("²" passes
+        # str.isdigit() but not int()), and names the key when it refuses.
+        overrides["server.workers"] = args.workers
     return overrides
 
 

@@ -68,6 +68,7 @@ class LimitsConfig:
     min_data_rate: int
     min_data_rate_grace: float
     max_errors: int
+    max_junk_commands: int
     bare_lf: str
 
 
@@ -137,7 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
             "workers run as `SCHED_BATCH` (Linux): woken, they do not preempt other tasks; "
             "`auto`: unless delivery waits for fsync",
             lambda value: "auto" if value is None else value),
-    Setting("server.backlog", 4096, _positive, "listen backlog (the kernel caps it)"),
+    # listen() takes a C int (and the kernel caps it at net.core.somaxconn anyway).
+    Setting("server.backlog", 4096, parsing.integer(1, 2**31 - 1),
+            "listen backlog (the kernel caps it)"),
     Setting("server.worker_timeout", "30s", _timeout,
             "heartbeat age after which the master kills a worker and starts another",
             parsing.dump_duration),
@@ -165,6 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
             "how long a DATA phase may start slowly before `limits.min_data_rate` applies",
             parsing.dump_duration),
     Setting("limits.max_errors", 20, _positive, "protocol errors before `421 4.7.0`"),
+    Setting("limits.max_junk_commands", 100, parsing.integer(0),
+            "HELO, EHLO, NOOP, RSET, VRFY and HELP per session (reset by a stored message) "
+            "before each further one counts as a protocol error"),
     Setting("limits.bare_lf", "reject", parsing.choice("reject", "accept"),
             "`reject`: a bare LF gets `500 5.5.2` in a command, `550 5.5.2` after a body; "
             "`accept`: taken as is"),
@@ -176,7 +182,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("delivery.fsync", True, parsing.boolean,
             "a `250` means the file and its directory entry are on disk"),
     Setting("delivery.layout", "single", parsing.choice("single", "per_recipient"),
-            "`single`, or `per_recipient`: `<path>/<domain>/<local-part>/`"),
+            "`single`, or `per_recipient`: `<path>/<domain>/<local-part>/`, made when a "
+            "message for it is stored (at most 100 new mailboxes per message; past that "
+            "`451`, and a retry makes the rest)"),
     Setting("logging.level", "info", parsing.choice("debug", "info", "warning", "error", fold_case=True),
             "`debug`, `info`, `warning`, `error`"),
     Setting("faults.seed", None, parse_seed,

@@ -25,6 +25,7 @@ def protocol_settings(config: Config) -> Settings:
         max_recipients=limits.max_recipients,
         max_command_bytes=limits.max_command_length,
         max_errors=limits.max_errors,
+        max_junk_commands=limits.max_junk_commands,
         reject_bare_lf=limits.bare_lf == "reject",
         command_buffer_bytes=max(4096, 2 * limits.max_command_length),
     )

@@ -4,9 +4,18 @@ Untrusted input: HTTP requests from anyone who can reach `stats.listen` (request
 headers, timing). The master supervises every worker, so nothing here may block it or
 let a client grow its memory: the request head is read into a buffer of at most 8 KiB
 (431 beyond), every client has a deadline enforced by `expire()`, at most `max_clients`
-are open at once (more wait in the listen backlog), and no client behaviour makes
-`handle()` raise. Only `GET` is served; the response is written without blocking, then
-the connection is closed. Request bodies and extra bytes are ignored.
+are open at once, and no client behaviour makes `handle()` raise. Only `GET` is served;
+the response is written without blocking, then the connection is closed. Request bodies
+and extra bytes are ignored.
+
+Idle connections must not lock a dashboard out (hundreds of them used to fill the table
+for 5 s windows). So a client must send its whole request head within
+`request_timeout_s`, one address holds at most `max_per_address` connections, and a new
+connection that finds either limit reached closes the oldest connection still waiting for
+its request (of its address, or of all) rather than waiting itself. Only when every place
+is taken by a request being answered do new connections wait in the listen backlog. A new
+connection is read at once: a request already sent with it is answered in the same turn,
+before later connections can push it out.
 
 Closing a socket that still has unread input makes the kernel send RST, which can
 destroy the response before the client reads it (an oversized request, say). So after
@@ -41,14 +50,19 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class _Client:
-    __slots__ = ("sock", "buf", "out", "deadline", "mask", "lingering", "drained")
+    __slots__ = ("sock", "address", "buf", "out", "accepted", "deadline", "mask", "answered",
+                 "lingering", "drained")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, address: str, accepted: float,
+                 deadline: float) -> None:
         self.sock = sock
+        self.address = address  # the peer's IP: connections are limited per address
         self.buf = bytearray()
         self.out = memoryview(b"")  # response bytes not yet sent (a view: no copy per send)
+        self.accepted = accepted
         self.deadline = deadline
         self.mask = 0
+        self.answered = False  # a whole request arrived (it is being answered)
         self.lingering = False  # response sent, our side shut down, waiting for EOF
         self.drained = 0
 
@@ -62,14 +76,18 @@ class StatsHttpServer:
     """
 
     def __init__(self, sock: socket.socket, get_body: GetBody, *, timeout_s: float = 5.0,
-                 max_clients: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+                 request_timeout_s: float = 2.0, max_clients: int = 32,
+                 max_per_address: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
         self._sock = sock
         self._get_body = get_body
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # for the whole exchange
+        self.request_timeout_s = request_timeout_s  # for the request head to arrive
         self.max_clients = max_clients
+        self.max_per_address = max_per_address
         self._clock = clock
         self._sel: selectors.BaseSelector | None = None
-        self._clients: dict[int, _Client] = {}
+        self._clients: dict[int, _Client] = {}  # in the order accepted: oldest first
+        self._per_address: dict[str, int] = {}
         self._paused = False  # at max_clients: the listener is not registered
         self._closing = False
 
@@ -85,6 +103,9 @@ class StatsHttpServer:
         client = self._clients.get(key.fd)
         if client is None or client.sock is not key.fileobj:
             return  # an event for a client closed earlier in this round
+        self._serve(client, mask)
+
+    def _serve(self, client: _Client, mask: int) -> None:
         try:
             if client.lingering:
                 self._drain(client)
@@ -114,6 +135,7 @@ class StatsHttpServer:
         for client in self._clients.values():
             client.sock.close()
         self._clients.clear()
+        self._per_address.clear()
         self._sock.close()
 
     def close(self) -> None:
@@ -128,8 +150,11 @@ class StatsHttpServer:
 
     def _accept(self) -> None:
         for _ in range(_ACCEPTS_PER_WAKEUP):
+            if len(self._clients) >= self.max_clients and self._oldest_waiting() is None:
+                self._pause()  # every place is answering a request: wait in the backlog
+                return
             try:
-                sock, _ = self._sock.accept()
+                sock, peer = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -138,12 +163,41 @@ class StatsHttpServer:
                 log.warning("stats: accept failed: %s", exc.strerror or exc)
                 return  # EMFILE and the like: try again on the next wakeup
             sock.setblocking(False)
-            client = _Client(sock, self._clock() + self.timeout_s)
-            self._clients[sock.fileno()] = client
-            self._want(client, _READ)
-            if len(self._clients) >= self.max_clients:
-                self._pause()
-                return
+            address = peer[0] if isinstance(peer, tuple) else str(peer)
+            if self._make_room(address):
+                self._add(sock, address)
+            else:
+                sock.close()  # every place of its address is answering a request
+
+    def _make_room(self, address: str) -> bool:
+        """Free a place for a new client from `address`: close the oldest client still
+        waiting for its request, of that address if it has all its places, else of all
+        if the table is full. False if each such place is answering a request."""
+        if self._per_address.get(address, 0) >= self.max_per_address:
+            oldest = self._oldest_waiting(address)
+        elif len(self._clients) >= self.max_clients:
+            oldest = self._oldest_waiting()
+        else:
+            return True
+        if oldest is None:
+            return False
+        self._drop(oldest)
+        return True
+
+    def _add(self, sock: socket.socket, address: str) -> None:
+        now = self._clock()
+        client = _Client(sock, address, now, now + min(self.request_timeout_s, self.timeout_s))
+        self._clients[sock.fileno()] = client
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        self._want(client, _READ)
+        self._serve(client, _READ)  # its request may be here already
+
+    def _oldest_waiting(self, address: str | None = None) -> _Client | None:
+        """The oldest client (of `address`, if given) still waiting for its request."""
+        for client in self._clients.values():
+            if not client.answered and address in (None, client.address):
+                return client
+        return None
 
     def _read(self, client: _Client) -> None:
         data = client.sock.recv(_RECV_BYTES)
@@ -154,6 +208,8 @@ class StatsHttpServer:
         end = _head_end(client.buf)
         if end < 0 and len(client.buf) <= MAX_REQUEST_BYTES:
             return  # wait for the rest of the head
+        client.answered = True
+        client.deadline = client.accepted + self.timeout_s
         if end < 0 or end > MAX_REQUEST_BYTES:
             client.out = memoryview(_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
         else:
@@ -233,6 +289,9 @@ class StatsHttpServer:
         fd = client.sock.fileno()
         if fd >= 0 and self._clients.get(fd) is client:
             del self._clients[fd]
+            left = self._per_address.pop(client.address) - 1
+            if left:
+                self._per_address[client.address] = left
             if client.mask and self._sel is not None:
                 self._sel.unregister(client.sock)
         client.sock.close()

@@ -11,6 +11,13 @@ shared `<path>/tmp/` and hard-links it into each `<path>/<domain>/<local-part>/n
 copies are one file, so a message to several recipients carries no `Delivered-To:` lines
 there (each would show every recipient, Bcc too); the mailbox it sits in is the record.
 
+Mailboxes are made at commit, for a message being stored, never when DATA starts: a
+transaction abandoned before its end leaves no directory behind, and the mkdirs and their
+fsyncs run where commits run, off the event loop (`commit_blocks` is always true for this
+layout). One message makes at most MAX_NEW_MAILBOXES of them; past that it gets a
+temporary error and keeps those made, so the client's retry goes on where it stopped.
+This bounds the stall a fresh recipient list costs the other messages of its worker.
+
 Commit follows CPython's `Maildir.add` and goes further: fsync the file, link it into new/
 (never clobbers), unlink the tmp name, fsync the new/ directory so the entry survives a
 crash. Any failure removes every name the message got.
@@ -37,6 +44,11 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NO_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})  # fs without hard links
 _MAX_MAILBOXES = 4096  # verified mailbox directories remembered per process
+# New mailboxes one message may make (layout "per_recipient"): each costs 5 mkdirs and up
+# to 3 directory fsyncs on the commit thread, which the worker's other commits wait for.
+# 100 is what RFC 5321 4.5.3.1.8 says a server must take per message, so any list of up
+# to 100 fresh recipients is stored at once; a longer one, over as many retries as needed.
+MAX_NEW_MAILBOXES = 100
 
 # Unique names: <seconds>.M<usec>P<pid>Q<counter>.<host>. The pid is cached and refreshed
 # in each forked child; the counter makes names distinct within one process and microsecond.
@@ -69,20 +81,25 @@ def _fsync_dir(path: str) -> None:
     fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        exc.filename = path  # so the log names the directory, not the message
+        raise
     finally:
         os.close(fd)
 
 
-def _mkdir(path: str, fsync: bool) -> None:
-    """Create one directory (0700) if missing; make its entry durable when created."""
+def _mkdir(path: str, fsync: bool) -> bool:
+    """Create one directory (0700) if missing; make its entry durable when created (unless
+    the caller does that itself, `fsync` False). True if it was created."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
-        return
+        return False
     if fsync:
         _fsync_dir(os.path.dirname(path))
+    return True
 
 
 def clean_tmp(path: str, max_age_s: float = TMP_MAX_AGE_S) -> int:
@@ -112,16 +129,18 @@ def clean_tmp(path: str, max_age_s: float = TMP_MAX_AGE_S) -> int:
 class MaildirSink(Sink):
     """One message in tmp/. `_fd < 0` means finished: committed, aborted or failed."""
 
-    __slots__ = ("_backend", "_fd", "_tmp_path", "_name", "queue_id", "_targets", "_linked")
+    __slots__ = ("_backend", "_fd", "_tmp_path", "_name", "queue_id", "_mailboxes",
+                 "_targets", "_linked")
 
     def __init__(self, backend: MaildirBackend, fd: int, tmp_path: str, name: str,
-                 queue_id: str, targets: tuple[str, ...]) -> None:
+                 queue_id: str, mailboxes: tuple[tuple[str, str], ...]) -> None:
         self._backend = backend
         self._fd = fd
         self._tmp_path: str | None = tmp_path
         self._name = name
         self.queue_id = queue_id
-        self._targets = targets  # new/ directories, each ending in os.sep
+        self._mailboxes = mailboxes  # per_recipient: (domain, local part) folders, distinct
+        self._targets: tuple[str, ...] = ()  # their new/ directories, once made at commit
         self._linked: list[str] = []  # its names in new/ once committed
 
     def write(self, data: memoryview | bytes) -> None:
@@ -156,13 +175,18 @@ class MaildirSink(Sink):
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if self._mailboxes:
+                self._targets = self._backend._make_mailboxes(self._mailboxes)
             self._backend._publish(tmp_path, self._name, self._targets, linked, sync_dirs)
-        except OSError as exc:
+        except (OSError, DeliveryError) as exc:
             for path in linked:
                 _unlink_quietly(path)
             self._tmp_path = None
             _unlink_quietly(tmp_path)
-            where = exc.filename or tmp_path
+            if isinstance(exc, DeliveryError):
+                raise
+            # The path that failed: for link() the new name (filename2), not the tmp file.
+            where = exc.filename2 or exc.filename or tmp_path
             raise DeliveryError(f'delivery: storing "{where}": {_why(exc)}') from exc
         self._tmp_path = None
         self._linked = linked
@@ -254,7 +278,8 @@ class MaildirBackend(Backend):
             raise self._path_error("new/ is not writable")
 
     def open(self, envelope: Envelope, peer: Peer) -> MaildirSink:
-        targets = self._targets(envelope.recipients) if self.per_recipient else ()
+        # Only names here (no system call): the mailboxes are made by commit().
+        mailboxes = self._mailbox_names(envelope.recipients) if self.per_recipient else ()
         for _ in range(5):  # an O_EXCL clash needs a pid reused within one microsecond
             seconds, rest_ns = divmod(time.time_ns(), 1_000_000_000)
             queue_id = f"{seconds}.M{rest_ns // 1000}P{_pid}Q{next(_counter)}"
@@ -269,49 +294,71 @@ class MaildirBackend(Backend):
                 raise DeliveryError(f'delivery: creating "{tmp_path}": {_why(exc)}') from exc
         else:
             raise DeliveryError(f'delivery: no unique name in "{self._tmp}"')
-        sink = MaildirSink(self, fd, tmp_path, name, queue_id, targets)
+        sink = MaildirSink(self, fd, tmp_path, name, queue_id, mailboxes)
         shared_copy = self.per_recipient and len(envelope.recipients) > 1
         sink.write(trace_headers(envelope, peer, self.hostname, queue_id, seconds,
                                  list_recipients=not shared_copy))
         return sink
 
-    def _targets(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
-        """The distinct new/ directories for the recipients, created on first use."""
+    @staticmethod
+    def _mailbox_names(recipients: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        """The distinct (domain, local part) folders of the recipients, in order."""
         if not recipients:
             raise DeliveryError("delivery: no recipients to store for")
+        return tuple(dict.fromkeys(mailbox_parts(rcpt) for rcpt in recipients))
+
+    def _make_mailboxes(self, mailboxes: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+        """The new/ directories of `mailboxes`, made where missing (at commit, off the
+        loop): at most MAX_NEW_MAILBOXES per call, each directory made durable before
+        this returns, every parent fsynced once however many entries it gained."""
         targets: list[str] = []
-        for rcpt in recipients:
-            parts = mailbox_parts(rcpt)
-            new_dir = self._mailboxes.get(parts)
-            if new_dir is None:
-                new_dir = self._make_mailbox(parts, rcpt)
-            if new_dir not in targets:
+        parents: set[str] = set()  # directories that gained an entry
+        made = 0
+        try:
+            for parts in mailboxes:
+                new_dir = self._mailboxes.get(parts)
+                if new_dir is None:
+                    if made >= MAX_NEW_MAILBOXES:
+                        raise DeliveryError(
+                            f"delivery: message needs more than {MAX_NEW_MAILBOXES} new "
+                            f"mailboxes; made {made}, the rest when the client retries")
+                    new_dir, created = self._make_mailbox(parts, parents)
+                    made += created
                 targets.append(new_dir)
+        finally:
+            if self.fsync:  # also after a failure: what was made stays, made durable
+                for parent in parents:
+                    _fsync_dir(parent)
         return tuple(targets)
 
-    def _make_mailbox(self, parts: tuple[str, str], rcpt: str) -> str:
+    def _make_mailbox(self, parts: tuple[str, str], parents: set[str]) -> tuple[str, bool]:
+        """One mailbox's new/ directory and whether anything had to be made for it; the
+        directories that gained an entry are added to `parents` (to be fsynced)."""
         if self._real_root is None:
             self._real_root = os.path.realpath(self.path)
         inside = self._real_root + os.sep
         mailbox = os.path.join(self.path, *parts)
-        outside = DeliveryError(f"delivery: recipient {rcpt!r} maps outside delivery.path")
+        outside = DeliveryError(f'delivery: mailbox "{mailbox}" lies outside delivery.path')
         # Checked before creating (a planted symlink must not be followed by mkdir) and
         # after (the directories now exist, so realpath sees every link on the way).
         if not os.path.realpath(mailbox).startswith(inside):
             raise outside
+        created = False
         try:
-            _mkdir(os.path.join(self.path, parts[0]), self.fsync)
-            _mkdir(mailbox, self.fsync)
-            for sub in ("tmp", "new", "cur"):
-                _mkdir(os.path.join(mailbox, sub), self.fsync)
+            for path in (os.path.join(self.path, parts[0]), mailbox,
+                         *(os.path.join(mailbox, sub) for sub in ("tmp", "new", "cur"))):
+                if _mkdir(path, fsync=False):
+                    parents.add(os.path.dirname(path))
+                    created = True
         except OSError as exc:
-            raise DeliveryError(f'delivery: creating "{mailbox}": {_why(exc)}') from exc
+            raise DeliveryError(f'delivery: creating "{exc.filename or mailbox}": '
+                                f"{_why(exc)}") from exc
         if not os.path.realpath(mailbox).startswith(inside):
             raise outside
         if len(self._mailboxes) >= _MAX_MAILBOXES:
             self._mailboxes.clear()
         self._mailboxes[parts] = new_dir = os.path.join(mailbox, "new", "")
-        return new_dir
+        return new_dir, created
 
     def _publish(self, tmp_path: str, name: str, targets: tuple[str, ...],
                  linked: list[str], sync_dirs: bool = True) -> None:
@@ -350,7 +397,8 @@ class MaildirBackend(Backend):
 
     @property
     def commit_blocks(self) -> bool:  # type: ignore[override]
-        return self.fsync
+        # per_recipient: commit may make mailboxes (mkdir, and fsync when on).
+        return self.fsync or self.per_recipient
 
     def commit_many(self, sinks: list[Sink]) -> list[str | DeliveryError]:
         """Group commit: each file is fsynced, then every new/ directory the batch

@@ -2,7 +2,13 @@
 
 Untrusted input (SECURITY): the HELO name, sender and recipients come from the client.
 - Trace headers: control characters (CR, LF, TAB, NUL, DEL, C1, U+2028/9) become "?", so
-  a hostile HELO or address can never start a header line of its own.
+  a hostile HELO or address can never start a header line of its own. Beyond that each
+  client string may only hold what its place allows, the rest becoming "?" (as Postfix
+  prints unprintables): the HELO name letters, digits and ".-_[]:" (a domain or an address
+  literal), so spaces, parentheses and semicolons cannot forge a `from` clause, comment or
+  date; an address the characters of a mailbox (RFC 5322 atext, ".@[]:", and quoted
+  strings kept whole, quotes balanced). Outside SMTPUTF8 every header byte is ASCII, so a
+  non-ASCII HELO name becomes "?" there too (RFC 6532 allows UTF-8 only with SMTPUTF8).
 - Directory names (layout "per_recipient"): each component is percent-encoded outside
   [A-Za-z0-9._+-], never "", "." or "..", never hidden, capped with a hash suffix
   (maildir.py then checks with realpath that the directory lies inside delivery.path).
@@ -37,6 +43,43 @@ def _to_bytes(text: str) -> bytes:
 
 def _clean(text: str) -> str:
     return _CONTROL.sub("?", text)
+
+
+_HELO_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_[]:")
+_ATEXT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                   "!#$%&'*+-/=?^_`{|}~.@[]:")  # RFC 5322 atext, plus what joins a mailbox
+_QTEXT = frozenset(chr(c) for c in range(0x20, 0x7F))  # inside quotes: printable, space too
+# A quoted string (quotes balanced, escapes kept), a run of anything else, or a stray quote.
+_ADDRESS_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[^"]+|"', re.DOTALL)
+
+
+def _only(text: str, allowed: frozenset[str], utf8: bool) -> str:
+    """`text` with every character outside `allowed` as "?"; with `utf8`, non-ASCII
+    characters that print and are not spaces are kept too (RFC 6532)."""
+    if text.isascii() and allowed.issuperset(text):
+        return text  # the usual case, without a loop
+    return "".join([
+        ch if ch in allowed or (utf8 and ch > "\x7f" and ch.isprintable() and not ch.isspace())
+        else "?" for ch in text])
+
+
+def helo_text(name: str, utf8: bool) -> str:
+    """The client's HELO name as one token of a `from` clause, never "" (RFC 5321 4.4)."""
+    return _only(name, _HELO_ASCII, utf8) or "unknown"
+
+
+def address_text(address: str, utf8: bool) -> str:
+    """An envelope address for <...> in a header: quoted strings stay whole (their
+    quotes and escapes intact), anything outside a mailbox's characters becomes "?"."""
+    if address.isascii() and _ATEXT.issuperset(address):
+        return address
+    out = []
+    for token in _ADDRESS_TOKEN.findall(address):
+        if len(token) > 1 and token[0] == '"':
+            out.append('"' + _only(token[1:-1], _QTEXT, utf8) + '"')
+        else:
+            out.append(_only(token, _ATEXT, utf8))
+    return "".join(out)
 
 
 def _component(text: str) -> str:
@@ -78,20 +121,21 @@ def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
                   when_s: float, list_recipients: bool = True) -> bytes:
     """Return-Path, one Delivered-To per recipient (if `list_recipients`), and Received
     (RFC 5321 section 4.4)."""
-    lines = [f"Return-Path: <{_clean(envelope.sender)}>"]
+    utf8 = envelope.smtputf8
+    lines = [f"Return-Path: <{address_text(envelope.sender, utf8)}>"]
     if list_recipients:
-        lines += [f"Delivered-To: {_clean(rcpt)}" for rcpt in envelope.recipients]
+        lines += [f"Delivered-To: {address_text(rcpt, utf8)}" for rcpt in envelope.recipients]
     # RFC 6531 section 4.3 registers "UTF8SMTP" for ESMTP with SMTPUTF8
     protocol = "UTF8SMTP" if envelope.smtputf8 else "ESMTP" if envelope.esmtp else "SMTP"
     address = _clean(peer.address)
     literal = f"[IPv6:{address}]" if ":" in address else f"[{address}]"
     received = (
-        f"Received: from {_clean(envelope.helo) or 'unknown'} ({literal})\r\n"
+        f"Received: from {helo_text(envelope.helo, utf8)} ({literal})\r\n"
         f"\tby {_clean(hostname)} (minismtp) with {protocol} id {queue_id}"
     )
     date = formatdate(when_s, localtime=True)
     if len(envelope.recipients) == 1:
-        received += f"\r\n\tfor <{_clean(envelope.recipients[0])}>; {date}"
+        received += f"\r\n\tfor <{address_text(envelope.recipients[0], utf8)}>; {date}"
     else:
         received += f";\r\n\t{date}"
     lines.append(received)

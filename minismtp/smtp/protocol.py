@@ -16,6 +16,10 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
 - In DATA the body scanner hands out BodyChunk views of the buffer itself; the core
   counts them against the size limit and the bare-LF policy and answers 552/550 itself
   after the terminator (a "delayed reject": it never stops reading mid-DATA).
+- Errors are counted against `max_errors` (then 421 and close). Junk commands, the ones a
+  client can repeat forever at no cost (HELO, EHLO, NOOP, RSET, VRFY, HELP), are answered
+  as usual, but past `max_junk_commands` of them each one also counts as an error; see
+  `_count_junk` for the exact rule.
 
 States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
 missing entry is the 503 (`_bad_sequence` picks its wording), decided in one place.
@@ -49,6 +53,7 @@ class Settings:
     max_recipients: int = 1000  # RFC 5321 4.5.3.1.8: at least 100
     max_command_bytes: int = 512  # RFC 5321 4.5.3.1.4, CRLF included
     max_errors: int = 20  # protocol errors before 421 (Postfix smtpd_hard_error_limit)
+    max_junk_commands: int = 100  # then each one is an error (smtpd_junk_command_limit)
     reject_bare_lf: bool = True
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
     data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
@@ -87,6 +92,9 @@ _NEXT_STATE: dict[tuple[State, str], State] = {
     (S.RCPT, "DATA"): S.DATA,
 }
 _ANY_STATE = frozenset({"RSET", "NOOP", "QUIT", "VRFY", "HELP"})
+# Commands that move no mail and can be repeated at will (Postfix flags HELO, EHLO, RSET,
+# NOOP, VRFY and ETRN with SMTPD_CMD_FLAG_LIMIT; ETRN is not implemented here, HELP is).
+_JUNK = frozenset({"HELO", "EHLO", "NOOP", "RSET", "VRFY", "HELP"})
 _NOT_IMPLEMENTED = frozenset({
     "EXPN", "TURN", "ETRN", "ATRN", "AUTH", "STARTTLS", "BDAT", "SEND", "SOML", "SAML",
 })
@@ -124,6 +132,7 @@ class SmtpServerConnection:
         self._pending: object | None = None  # the decision event awaiting an answer
         self._close_reason = ""
         self._errors = 0
+        self._junk_commands = 0
         self.refusals: dict[int, int] = {}  # negative replies the core sent, by code
         self._helo = ""
         self._esmtp = False
@@ -201,6 +210,7 @@ class SmtpServerConnection:
                 replies.ehlo(s.hostname, s.max_message_bytes).wire if event.extended
                 else replies.helo(s.hostname).wire)
             self.state = S.READY
+            self._count_junk()  # after the reply: a decision, counted once it is answered
         elif kind is MailFrom:
             self._sender = event.sender
             self._smtputf8, self._body_8bit = event.smtputf8, event.body_8bitmime
@@ -217,6 +227,7 @@ class SmtpServerConnection:
         elif kind is MessageEnd:
             self._out.append(replies.queued_wire(queue_id))
             self._end_transaction()
+            self._junk_commands = 0  # a stored message earns a fresh allowance (Postfix too)
         else:  # Quit
             self._out.append(replies.CLOSING.wire)
             self._close("quit")
@@ -232,6 +243,8 @@ class SmtpServerConnection:
             self._close("quit")
         elif reply.code == 421:  # RFC 5321 3.8: 421 means the channel is being closed
             self._close("closed by server: 421")
+        elif isinstance(event, Hello):
+            self._count_junk()
 
     def shutdown(self, reply: Reply) -> None:
         """Send a last reply (timeout, shutting down) and close, whatever was pending."""
@@ -291,10 +304,13 @@ class SmtpServerConnection:
             self._error(replies.NO_SERVICE_SEQUENCE)
             return None
         try:
-            return handler(self, arg.strip(" "))
+            event = handler(self, arg.strip(" "))
         except ArgumentError as problem:
             self._error(problem.reply)
-            return None
+            event = None
+        if verb in _JUNK and type(event) is not Hello:  # Hello: counted when answered
+            self._count_junk()
+        return event
 
     def _helo_cmd(self, arg: str) -> object:
         if not arg or not arg.isprintable():
@@ -454,10 +470,29 @@ class SmtpServerConnection:
     def _error(self, reply: Reply) -> None:
         """A client error: refused, and counted against the error budget."""
         self._refuse(reply)
+        self._count_error()
+
+    def _count_error(self) -> None:
         self._errors += 1
-        if self._errors >= self.settings.max_errors:
+        if self._errors >= self.settings.max_errors and self.state is not S.CLOSED:
             self._refuse(replies.TOO_MANY_ERRORS)
             self._close("too many errors")
+
+    def _count_junk(self) -> None:
+        """One junk command was answered (whatever its reply, a syntax error included).
+
+        Like Postfix's smtpd_junk_command_limit: the first `max_junk_commands` of them are
+        free; each later one counts as an error too, so a session of nothing but NOOPs
+        ends with 421 after max_junk_commands + max_errors of them (the reply to the last
+        one is sent first), and a NOOP every few seconds cannot keep it open past the
+        command timeout forever. Only a stored message (250 after DATA) resets the
+        count; RSET, a new EHLO or a refused message do not. Postfix frees one command
+        more (it compares before incrementing) and also forgives earlier errors after a
+        stored message; here the error count is never reset.
+        """
+        self._junk_commands += 1
+        if self._junk_commands > self.settings.max_junk_commands:
+            self._count_error()
 
     def _close(self, reason: str) -> None:
         self.state = S.CLOSED

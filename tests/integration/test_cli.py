@@ -58,6 +58,9 @@ BAD_CONFIGS = {
          r'^limits\.command_timeout: must be a duration > 0 .*got "soon"$',
          r'^limits\.bare_lf: must be one of "reject", "accept", got "maybe"$',
          r'^delivery\.fsync: must be true or false, got "yes"$']),
+    "backlog-past-c-int": (  # listen() would raise OverflowError
+        "server:\n  backlog: 2147483648\n",
+        [r"^server\.backlog: must be an integer from 1 to 2147483647, got 2147483648$"]),
 }
 
 
@@ -91,6 +94,16 @@ def test_bad_command_line_override(tmp_path):
     problems = _problems(result)
     assert any(p.startswith("server.listen[0]: missing port") for p in problems), problems
     assert any(p.startswith("server.workers: ") for p in problems), problems
+
+
+@pytest.mark.parametrize("workers", ["\u00b2", "\u0663", "1\u00b2"])
+def test_workers_that_are_digits_only_to_unicode(tmp_path, workers):
+    # str.isdigit() accepts these; int() refuses "²": one line naming the key, not a traceback.
+    result = run("serve", "--listen", "127.0.0.1:0", "--workers", workers, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert _problems(result) == [
+        f'server.workers: must be an integer >= 1 or "auto", got "{workers}"']
+    assert not (tmp_path / "var").exists()
 
 
 def test_check_config_prints_effective_yaml(tmp_path):

@@ -92,3 +92,87 @@ def test_per_recipient_paths_stay_inside_delivery_path(make_server, raw_clients,
     copies = [p for p in new_files if p.name.startswith(everyone + ".")]
     assert len(copies) == len({p.parent for p in copies}) == len(accepted)
     assert list((root / "tmp").iterdir()) == []
+
+
+def test_hostile_helo_names_cannot_forge_the_received_header(make_server, raw_clients):
+    # The core takes any printable HELO argument, 8-bit and spaces included; what reaches
+    # the header is one ASCII token outside SMTPUTF8, UTF-8 only with it.
+    server = make_server({"server": {"workers": 1}})
+    client = raw_clients(server.port)
+    client.expect(220)
+    sent = {
+        "forged": (b"EHLO evil (trusted.example [10.0.0.1]) by mx; x", b"MAIL FROM:<a@x.example>",
+                   b"Received: from evil??trusted.example?[10.0.0.1]??by?mx??x ([127.0.0.1])"),
+        "8-bit": ("EHLO caf\u00e9.example".encode(), b"MAIL FROM:<a@x.example>",
+                  b"Received: from caf?.example ([127.0.0.1])"),
+        "utf8": ("EHLO caf\u00e9.example".encode(), b"MAIL FROM:<a@x.example> SMTPUTF8",
+                 "Received: from caf\u00e9.example ([127.0.0.1])".encode()),
+    }
+    expected = {}
+    for name, (ehlo, mail, received) in sent.items():
+        client.send(ehlo + b"\r\n")
+        client.expect(250)
+        client.send(mail + b"\r\nRCPT TO:<r@y.example>\r\nDATA\r\n")
+        client.expect(250, "2.1.0")
+        client.expect(250, "2.1.5")
+        client.expect(354)
+        client.send(client.stuff(f"Subject: {name}\r\n\r\nbody\r\n".encode()))
+        expected[client.reply().queue_id] = received
+    client.cmd("QUIT", 221)
+    messages = server.maildir_messages()
+    assert len(messages) == 3
+    for key, data in messages:
+        [received] = [line for queue_id, line in expected.items() if key.startswith(queue_id + ".")]
+        received_line = data.split(b"\r\n")[2]  # after Return-Path and Delivered-To
+        assert received_line == received
+        if b"caf\xc3\xa9" not in received_line:
+            assert data.split(b"\r\n\r\n")[0].isascii()
+
+
+def test_per_recipient_mailboxes_are_made_only_for_stored_messages(make_server, raw_clients,
+                                                                   tmp_path):
+    root = tmp_path / "boxes"
+    server = make_server({"server": {"workers": 1},
+                          "delivery": {"layout": "per_recipient", "path": str(root)}})
+    many = [f"user{i}@d{i % 7}.example" for i in range(300)]
+    # Two transactions with many fresh recipients that never end in a stored message:
+    # the client leaves mid-body; the body is refused (a bare LF).
+    for rest, reply in ((b"x" * 1000 + b"\r\n", None),
+                        (b"bare\nLF\r\n.\r\n", replies.BARE_LF_DATA)):
+        client = raw_clients(server.port)
+        client.hello()
+        client.send(client.envelope("s@x.example", many))
+        client.expect(250, "2.1.0")
+        client.replies(len(many))
+        client.expect(354)
+        client.send(b"Subject: never stored\r\n\r\n" + rest)
+        if reply is not None:
+            assert client.reply().raw == reply.wire
+        client.close()
+    client = raw_clients(server.port)
+    client.hello()
+    queue_id = client.send_message(b"Subject: kept\r\n\r\nkept\r\n", recipients=(
+        "a@one.example", "b@one.example", "c@two.example")).queue_id
+    client.cmd("QUIT", 221)
+    boxes = ["one.example/a", "one.example/b", "two.example/c"]
+    directories = sorted(str(Path(d).relative_to(root) / n)
+                         for d, names, _ in os.walk(root) for n in names)
+    assert directories == sorted(["tmp", "one.example", "two.example", *boxes,
+                                  *(f"{b}/{s}" for b in boxes for s in ("cur", "new", "tmp"))])
+    for box in boxes:
+        [copy] = list((root / box / "new").iterdir())
+        assert copy.name.startswith(queue_id + ".")
+    server.wait_until(lambda: not list((root / "tmp").iterdir()), 5,
+                      message="the abandoned bodies' tmp files removed")
+
+
+def test_cannot_store_names_the_path_that_failed(make_server, raw_clients):
+    server = make_server({"server": {"workers": 1}})
+    (server.mail_dir / "new").rmdir()  # the link into new/ fails; tmp/ is fine
+    client = raw_clients(server.port)
+    client.hello()
+    assert client.send_message(b"Subject: x\r\n\r\nx\r\n").raw == replies.LOCAL_ERROR.wire
+    m = server.wait_for_log(r'cannot store message from 127\.0\.0\.1: delivery: storing "(.*)": '
+                            r"No such file or directory")
+    assert m.group(1).startswith(str(server.mail_dir / "new") + os.sep)
+    assert server.files("tmp") == []

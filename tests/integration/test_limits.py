@@ -295,3 +295,14 @@ def test_closed_connections_leave_no_memory_behind(make_server):
     after = _steady_rss(server, worker)
     print(f"worker RSS {before} KiB -> {after} KiB after 4000 more connections")
     assert after - before < 2 * 1024
+
+
+def test_pipelined_junk_commands_end_in_421(make_server, raw_clients):
+    # With the defaults (100 junk commands, 20 errors) a flood of NOOPs gets 120 answers,
+    # the last followed by 421, instead of an answer for every one of them.
+    server = make_server({"server": {"workers": 1}})
+    client = raw_clients(server.port)
+    client.hello()  # EHLO is the first junk command
+    client.send(b"NOOP\r\n" * 1000)
+    rest = client.wait_closed(10)
+    assert rest == replies.OK.wire * 119 + replies.TOO_MANY_ERRORS.wire

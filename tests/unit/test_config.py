@@ -35,7 +35,8 @@ SCHEMA = {
                "backlog",
                "worker_timeout", "shutdown_timeout", "user"],
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
-               "data_timeout", "min_data_rate", "min_data_rate_grace", "max_errors", "bare_lf"],
+               "data_timeout", "min_data_rate", "min_data_rate_grace", "max_errors",
+               "max_junk_commands", "bare_lf"],
     "delivery": ["backend", "path", "fsync", "layout"],
     "logging": ["level"],
     "faults": ["seed", "rules"],
@@ -86,6 +87,7 @@ def test_defaults_without_a_file():
         min_data_rate=500,
         min_data_rate_grace=5.0,
         max_errors=20,
+        max_junk_commands=100,
         bare_lf="reject",
     )
     assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
@@ -144,7 +146,11 @@ BAD_VALUES = [
      "limits.max_command_length: must be an integer from 512 to 65536, got 65537"),
     ("limits", "min_data_rate: -1", "limits.min_data_rate: must be an integer >= 0, got -1"),
     ("limits", "max_errors: false", "limits.max_errors: must be an integer >= 1, got false"),
-    ("server", "backlog: 0", "server.backlog: must be an integer >= 1, got 0"),
+    ("limits", "max_junk_commands: -1",
+     "limits.max_junk_commands: must be an integer >= 0, got -1"),
+    ("server", "backlog: 0", "server.backlog: must be an integer from 1 to 2147483647, got 0"),
+    ("server", "backlog: 2147483648",  # more than listen()'s C int
+     "server.backlog: must be an integer from 1 to 2147483647, got 2147483648"),
     ("server", "workers: 0", 'server.workers: must be an integer >= 1 or "auto", got 0'),
     ("server", "workers: AUTO", 'server.workers: must be an integer >= 1 or "auto", got "AUTO"'),
     ("server", "workers: true", 'server.workers: must be an integer >= 1 or "auto", got true'),
@@ -702,3 +708,27 @@ stats:
         "faults.rules[2].disconnect: cannot be combined with reply: a disconnect sends no reply",
         'stats.listen: missing port (use "host:port" or "[v6addr]:port"), got "localhost"',
     ]
+
+
+@pytest.mark.parametrize("workers", ["\u00b2", "\u0663", "1\u00b2"])
+def test_workers_override_takes_ascii_digits_only(tmp_path, workers, capsys, monkeypatch):
+    # "²" and "٣" pass str.isdigit() but int() refuses "²": a ConfigError, never a ValueError.
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides={"server.workers": workers})
+    expected = f'server.workers: must be an integer >= 1 or "auto", got "{workers}"'
+    assert caught.value.problems == [expected]
+    monkeypatch.chdir(tmp_path)  # serve must stop before creating anything
+    assert main(["serve", "--listen", "127.0.0.1:0", "--workers", workers]) == 2
+    assert capsys.readouterr().err == f"minismtp: {expected}\n"
+    assert not (tmp_path / "var").exists()
+
+
+def test_workers_override_as_text_is_an_integer():
+    assert load_config(overrides={"server.workers": "3"}).server.workers == 3
+
+
+def test_max_junk_commands_reaches_the_core():
+    from minismtp.session import protocol_settings
+
+    config = load_config(overrides={"limits.max_junk_commands": 7})
+    assert protocol_settings(config).max_junk_commands == 7

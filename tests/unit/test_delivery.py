@@ -147,10 +147,61 @@ def test_hostile_envelope_cannot_inject_header(tmp_path: Path, field: str) -> No
     assert b"\r\nX-Evil" not in head and b"\nX-Evil" not in head and b"\rX-Evil" not in head
 
 
-def test_surrogate_escaped_bytes_are_restored(tmp_path: Path) -> None:
+def test_bytes_that_were_not_utf8_never_reach_a_header(tmp_path: Path) -> None:
     rcpt = b"j\xc3\xb6rg\xff@example.net".decode("utf-8", "surrogateescape")
     deliver(backend(tmp_path), envelope(rcpt, smtputf8=True))
-    assert b"Delivered-To: j\xc3\xb6rg\xff@example.net\r\n" in stored(tmp_path)
+    assert b"Delivered-To: j\xc3\xb6rg?@example.net\r\n" in stored(tmp_path)
+
+
+def received_from_line(tmp_path: Path) -> bytes:
+    head, _ = split_headers(stored(tmp_path))
+    return next(line for line in head.split(b"\r\n") if line.startswith(b"Received: "))
+
+
+@pytest.mark.parametrize(("helo", "smtputf8", "shown"), [
+    ("client.example", False, b"client.example"),
+    ("[192.0.2.1]", False, b"[192.0.2.1]"),
+    ("[IPv6:2001:db8::1]", False, b"[IPv6:2001:db8::1]"),
+    ("my_host-1.example", False, b"my_host-1.example"),
+    # a forged hop: spaces and parentheses would make a second "from ... (...)"
+    ("evil (trusted.example [10.0.0.1]) by mx.example.net", False,
+     b"evil??trusted.example?[10.0.0.1]??by?mx.example.net"),
+    ("x;Mon, 1 Jan 2024 00:00:00 +0000", False, b"x?Mon??1?Jan?2024?00:00:00??0000"),
+    ("a)b(c\"d<e>f\\g", False, b"a?b?c?d?e?f?g"),
+    ("caf\u00e9.example", False, b"caf?.example"),  # not SMTPUTF8: ASCII only
+    ("caf\u00e9.example", True, "caf\u00e9.example".encode()),
+    ("caf\u00e9\u00a0(x)\ufeff", True, "caf\u00e9??x??".encode()),  # no-break space, BOM
+    ("\u2028\x85\x00", True, b"???"),
+    ("(", False, b"?"),
+])
+def test_helo_name_cannot_fake_trace_structure(tmp_path: Path, helo: str, smtputf8: bool,
+                                               shown: bytes) -> None:
+    deliver(backend(tmp_path), envelope(helo=helo, smtputf8=smtputf8))
+    assert received_from_line(tmp_path) == b"Received: from " + shown + b" ([192.0.2.7])"
+
+
+@pytest.mark.parametrize(("address", "smtputf8", "shown"), [
+    ("a@example.org", False, "a@example.org"),
+    ("o'hara+tag/x=y@[192.0.2.1]", False, "o'hara+tag/x=y@[192.0.2.1]"),
+    ('"john doe (x); <y>"@example.org', False, '"john doe (x); <y>"@example.org'),
+    ('"a\\"b"@example.org', False, '"a\\"b"@example.org'),  # escaped quote kept whole
+    ("a(b)c;d,e@example.org", False, "a?b?c?d?e@example.org"),
+    ('a"b@example.org', False, "a?b@example.org"),  # a stray quote cannot open a string
+    ('"unclosed\\"@example.org', False, "?unclosed??@example.org"),
+    ("j\u00f6rg@example.org", False, "j?rg@example.org"),
+    ("j\u00f6rg@example.org", True, "j\u00f6rg@example.org"),
+    ('"\u00f6 \u00a0"@example.org', True, '"\u00f6 ?"@example.org'),
+])
+def test_addresses_keep_the_shape_of_a_mailbox(tmp_path: Path, address: str, smtputf8: bool,
+                                               shown: str) -> None:
+    deliver(backend(tmp_path), envelope(address, sender=address, smtputf8=smtputf8))
+    head, _ = split_headers(stored(tmp_path))
+    expected = shown.encode()
+    assert head.startswith(b"Return-Path: <" + expected + b">\r\nDelivered-To: " + expected
+                           + b"\r\nReceived: ")
+    assert b"\tfor <" + expected + b">; " in head
+    if not smtputf8:
+        assert head.isascii()
 
 
 # --- Maildir behaviour -----------------------------------------------------------------
@@ -323,6 +374,95 @@ def test_per_recipient_one_file_linked_into_each_mailbox(tmp_path: Path) -> None
         assert stat.S_IMODE((root / "example.net" / mbox).stat().st_mode) == 0o700
 
 
+def tree(root: Path) -> list[str]:
+    """Every directory under `root`, relative, sorted."""
+    return sorted(str(Path(dirpath).relative_to(root) / name)
+                  for dirpath, dirnames, _ in os.walk(root) for name in dirnames)
+
+
+def test_per_recipient_makes_no_directory_before_commit(tmp_path: Path, monkeypatch) -> None:
+    b = backend(tmp_path, "per_recipient")
+    made: list[str] = []
+    real_mkdir = os.mkdir
+    monkeypatch.setattr(maildir.os, "mkdir", lambda path, mode=0o777: (
+        made.append(path), real_mkdir(path, mode))[1])
+    recipients = tuple(f"user{i}@d{i % 3}.example" for i in range(50))
+    for _ in range(3):  # transactions abandoned before the end of their body
+        sink = b.open(envelope(*recipients), PEER)
+        write_in_segments(sink)
+        sink.abort()
+    assert made == [] and tree(tmp_path / "mail") == ["tmp"]
+    assert files(tmp_path / "mail" / "tmp") == []
+
+
+def test_per_recipient_commit_makes_exactly_the_mailboxes_of_its_recipients(
+        tmp_path: Path, monkeypatch) -> None:
+    b = backend(tmp_path, "per_recipient")
+    synced: list[str] = []
+    real_fsync_dir = maildir._fsync_dir
+    monkeypatch.setattr(maildir, "_fsync_dir", lambda path: (
+        synced.append(path.rstrip(os.sep)), real_fsync_dir(path))[1])
+    queue_id = deliver(b, envelope("a@one.example", "b@one.example", "A@ONE.example",
+                                   "c@two.example"))
+    root = tmp_path / "mail"
+    boxes = ["one.example/A", "one.example/a", "one.example/b", "two.example/c"]
+    assert tree(root) == sorted(["tmp", "one.example", "two.example", *boxes,
+                                 *(f"{box}/{sub}" for box in boxes for sub in ("cur", "new",
+                                                                               "tmp"))])
+    for box in boxes:
+        (copy,) = files(root / box / "new")
+        assert copy.name.startswith(queue_id + ".")
+    # Each directory that gained an entry is fsynced once, then each new/ after the link.
+    parents = [str(root), str(root / "one.example"), str(root / "two.example"),
+               *(str(root / box) for box in boxes)]
+    assert sorted(synced) == sorted(parents + [str(root / box / "new") for box in boxes])
+    synced.clear()
+    deliver(b, envelope("a@one.example"))  # known now: nothing made, only new/ synced
+    assert synced == [str(root / "one.example" / "a" / "new")]
+
+
+def test_per_recipient_commits_off_the_loop_even_without_fsync(tmp_path: Path) -> None:
+    # mkdir may wait for the disk too: the worker must commit on its commit thread.
+    assert backend(tmp_path / "a", "per_recipient", fsync=False).commit_blocks is True
+    assert backend(tmp_path / "b", "per_recipient", fsync=True).commit_blocks is True
+    assert backend(tmp_path / "c", "single", fsync=False).commit_blocks is False
+    assert backend(tmp_path / "d", "single", fsync=True).commit_blocks is True
+
+
+def test_new_mailboxes_per_message_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(maildir, "MAX_NEW_MAILBOXES", 3)
+    b = backend(tmp_path, "per_recipient")
+    deliver(b, envelope("old@x.example"))
+    recipients = ("old@x.example", *(f"new{i}@x.example" for i in range(5)))
+    with pytest.raises(DeliveryError, match="more than 3 new mailboxes; made 3"):
+        deliver(b, envelope(*recipients))
+    root = tmp_path / "mail"
+    assert sorted(p.name for p in (root / "x.example").iterdir()) == [
+        "new0", "new1", "new2", "old"]
+    assert [p for p in root.rglob("*") if p.is_file()] == [
+        next((root / "x.example" / "old" / "new").iterdir())]  # only the first message
+    queue_id = deliver(b, envelope(*recipients))  # the retry makes the other two
+    for rcpt in recipients:
+        (copy,) = [p for p in files(root / "x.example" / rcpt.split("@")[0] / "new")
+                   if p.name.startswith(queue_id + ".")]
+    assert files(root / "tmp") == []
+
+
+def test_failed_link_names_the_path_in_new(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    sink = b.open(envelope(), PEER)
+    write_in_segments(sink)
+    (tmp_path / "mail" / "new").rmdir()  # link() into new/ now fails
+    with pytest.raises(DeliveryError) as info:
+        sink.commit()
+    message = str(info.value)
+    new_dir = str(tmp_path / "mail" / "new") + os.sep
+    assert message.startswith(f'delivery: storing "{new_dir}{sink.queue_id}.')
+    assert message.endswith('": No such file or directory')
+    assert "/tmp/" + sink.queue_id not in message
+    assert files(tmp_path / "mail" / "tmp") == []
+
+
 def test_per_recipient_shared_copy_reveals_no_other_recipient(tmp_path: Path) -> None:
     # One hard-linked file serves every mailbox: listing recipients in it would show
     # each of them (Bcc included) to all the others.
@@ -374,8 +514,9 @@ def test_symlink_in_tree_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (tmp_path / "mail" / "evil.example").symlink_to(outside)
+    sink = b.open(envelope("x@evil.example"), PEER)
     with pytest.raises(DeliveryError, match="outside delivery.path"):
-        b.open(envelope("x@evil.example"), PEER)
+        sink.commit()
     assert list(outside.iterdir()) == []
     assert files(tmp_path / "mail" / "tmp") == []
 

@@ -330,6 +330,79 @@ def test_default_error_budget_is_20() -> None:
     assert c.send(b"XYZZY\r\nNOOP\r\n") == wire(R.UNRECOGNIZED, R.TOO_MANY_ERRORS)
 
 
+# -- junk commands (Postfix's smtpd_junk_command_limit) ------------------------------
+
+JUNK = [(b"NOOP\r\n", R.OK), (b"RSET\r\n", R.OK), (b"HELP\r\n", R.HELP),
+        (b"VRFY bob\r\n", R.CANNOT_VRFY), (EHLO, EHLO_R), (HELO, HELO_R)]
+
+
+@pytest.mark.parametrize(("line", "reply"), JUNK, ids=[j[0].split()[0].decode() for j in JUNK])
+def test_junk_past_the_limit_counts_as_errors(mode: str, line: bytes, reply) -> None:
+    c = Client(mode, max_junk_commands=3, max_errors=2)
+    # three free, then each one is answered as usual and counts as an error: at the
+    # second error the reply is followed by 421 and the session is over
+    assert c.send(line * 4) == wire(*[reply] * 4)
+    assert not c.conn.closed
+    assert c.send(line + b"NOOP\r\n") == wire(reply, R.TOO_MANY_ERRORS)
+    assert c.conn.closed and isinstance(c.events[-1], ConnectionClosed)
+
+
+def test_default_junk_limit_is_100_then_the_error_budget() -> None:
+    assert Settings().max_junk_commands == 100
+    c = Client()
+    assert c.send(b"NOOP\r\n" * 119) == wire(*[R.OK] * 119)  # 100 free + 19 errors
+    assert c.send(b"NOOP\r\nNOOP\r\n") == wire(R.OK, R.TOO_MANY_ERRORS)  # the 20th
+
+
+def test_junk_and_other_errors_share_the_budget(mode: str) -> None:
+    c = Client(mode, max_junk_commands=1, max_errors=3)
+    assert c.send(b"NOOP\r\nXYZZY\r\nNOOP\r\n") == wire(R.OK, R.UNRECOGNIZED, R.OK)
+    # a junk command with bad syntax is both an error and junk, as in Postfix
+    assert c.send(b"RSET x\r\nNOOP\r\n") == wire(R.NO_ARGUMENTS, R.TOO_MANY_ERRORS)
+    assert c.conn.closed
+
+
+def test_mail_rcpt_data_and_quit_are_not_junk(mode: str) -> None:
+    c = Client(mode, max_junk_commands=1, max_errors=1)
+    session = OPEN + b"body\r\n.\r\n" + MAIL + RCPT + b"RSET\r\n" + MAIL + b"QUIT\r\n"
+    assert c.send(session) == wire(EHLO_R, R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT,
+                                   queued("Q1"), R.SENDER_OK, R.RECIPIENT_OK, R.OK,
+                                   R.SENDER_OK, R.CLOSING)
+
+
+def test_a_stored_message_resets_the_junk_count(mode: str) -> None:
+    c = Client(mode, max_junk_commands=2, max_errors=1)
+    assert c.send(EHLO + b"NOOP\r\n") == wire(EHLO_R, R.OK)  # both free ones used
+    assert c.send(MAIL + RCPT + b"DATA\r\nbody\r\n.\r\n") == wire(
+        R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, queued("Q1"))
+    assert c.send(b"NOOP\r\nRSET\r\n") == wire(R.OK, R.OK)  # free again
+    assert c.send(b"HELP\r\n") == wire(R.HELP, R.TOO_MANY_ERRORS)
+
+
+def test_a_refused_message_does_not_reset_the_junk_count(mode: str) -> None:
+    c = Client(mode, max_junk_commands=2, max_errors=1, max_message_bytes=10,
+               policy=reject(MessageEnd, DENIED))
+    assert c.send(EHLO + b"NOOP\r\n") == wire(ehlo_reply(10), R.OK)
+    assert c.send(MAIL + RCPT + b"DATA\r\nbody\r\n.\r\n") == wire(
+        R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, DENIED)
+    assert c.send(MAIL + RCPT + b"DATA\r\n" + b"x" * 20 + b"\r\n.\r\n") == wire(
+        R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, R.MESSAGE_TOO_BIG)
+    assert c.send(b"RSET\r\n") == wire(R.OK, R.TOO_MANY_ERRORS)
+
+
+def test_a_rejected_hello_is_junk_too(mode: str) -> None:
+    c = Client(mode, max_junk_commands=0, max_errors=2, policy=reject(Hello, DENIED))
+    assert c.send(EHLO) == wire(DENIED)
+    assert c.send(HELO) == wire(DENIED, R.TOO_MANY_ERRORS)
+    assert c.conn.closed
+
+
+def test_junk_closing_the_session_mid_pipeline_drops_the_rest(mode: str) -> None:
+    c = Client(mode, max_junk_commands=0, max_errors=1)
+    assert c.send(b"RSET\r\n" + MAIL + b"NOOP\r\n") == wire(R.OK, R.TOO_MANY_ERRORS)
+    assert c.of(MailFrom) == []
+
+
 def test_limits_and_policy_refusals_are_not_errors(mode: str) -> None:
     c = Client(mode, max_errors=1, max_recipients=1, max_message_bytes=50,
                policy=reject(RcptTo, USER_UNKNOWN, lambda e: e.recipient.startswith("x")))

@@ -72,10 +72,10 @@ class Harness:
         return outcome["value"]
 
 
-def make_harness(get_body=None, **kwargs) -> Iterator[Harness]:
+def make_harness(get_body=None, backlog: int = 16, **kwargs) -> Iterator[Harness]:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
+    listener.listen(backlog)
     sel = selectors.DefaultSelector()
     server = StatsHttpServer(listener, get_body or pages(lambda: (sample_totals(), NAMES)),
                              **kwargs)
@@ -186,39 +186,149 @@ def test_request_split_into_single_bytes(harness):
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
+def send_and_wait_for_close(port: int, sent: bytes) -> tuple[bytes, float]:
+    """Send `sent`, then wait for the server's close: (what came, seconds waited)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(sent)
+        start = time.monotonic()
+        try:
+            data = sock.recv(100)
+        except ConnectionResetError:
+            data = b""
+        return data, time.monotonic() - start
+
+
 @pytest.mark.parametrize("sent", [b"", b"GET /metrics HTTP/1.1\r\n"])
 def test_silent_client_is_closed_after_the_deadline(harness, sent):
-    def client() -> tuple[bytes, float]:
-        with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
-            sock.sendall(sent)
-            start = time.monotonic()
-            try:
-                data = sock.recv(100)
-            except ConnectionResetError:
-                data = b""
-            return data, time.monotonic() - start
-    data, waited = harness.run(client)
+    data, waited = harness.run(lambda: send_and_wait_for_close(harness.port, sent))
     assert data == b""
     assert 0.2 < waited < 3.0  # timeout_s=0.5: closed by expire(), not by the client
     assert not harness.server._clients
 
 
-def test_clients_beyond_the_cap_wait_for_a_free_place(harness):
-    def client() -> tuple[bytes, float]:
-        idle = [socket.create_connection(("127.0.0.1", harness.port), timeout=5)
-                for _ in range(3)]
+def is_closed_by_server(sock: socket.socket) -> bool:
+    """True if the server closed `sock` (EOF or reset); False if it is still open."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+
+
+def test_a_full_table_closes_the_client_waiting_longest(harness):
+    def client() -> tuple[bytes, list[bool]]:
+        idle = [connect(harness.port) for _ in range(3)]  # max_clients=3, nothing sent
         try:
-            time.sleep(0.1)  # let the loop accept them: now at max_clients=3
-            assert len(harness.server._clients) == 3
-            start = time.monotonic()
+            wait_until_accepted(harness, 3)
             response = exchange(harness.port, b"GET /stats HTTP/1.0\r\n\n")
-            return response, time.monotonic() - start
+            time.sleep(0.05)
+            return response, [is_closed_by_server(sock) for sock in idle]
         finally:
             for sock in idle:
                 sock.close()
-    response, waited = harness.run(client)
-    assert response.startswith(b"HTTP/1.1 200 OK")
-    assert waited > 0.2  # served once the idle ones reached their 0.5 s deadline
+    response, closed = harness.run(client)
+    assert response.startswith(b"HTTP/1.1 200 OK")  # at once: not after the idle deadline
+    assert closed == [True, False, False]
+
+
+def wait_until_accepted(harness: Harness, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(harness.server._clients) < count:
+        assert time.monotonic() < deadline, "the server did not accept in time"
+        time.sleep(0.01)
+
+
+def test_clients_being_answered_are_not_closed_for_new_ones():
+    # Three slow readers of a large answer hold every place (max_clients=3): a new client
+    # waits in the backlog until their deadline frees one, instead of closing them.
+    body = b"x" * (4 << 20)
+    for harness in make_harness(lambda path: (200, "application/octet-stream", body),
+                                timeout_s=0.5, max_clients=3):
+        harness.server._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+
+        def client() -> tuple[bytes, float]:
+            readers = [connect(harness.port) for _ in range(3)]
+            try:
+                for sock in readers:
+                    sock.sendall(b"GET /big HTTP/1.0\r\n\r\n")
+                deadline = time.monotonic() + 5
+                while not all(c.answered for c in list(harness.server._clients.values())) \
+                        or len(harness.server._clients) < 3:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                start = time.monotonic()
+                sock = connect(harness.port)
+                sock.sendall(b"GET /small HTTP/1.0\r\n\r\n")
+                head = sock.recv(15)
+                sock.close()
+                return head, time.monotonic() - start
+            finally:
+                for sock in readers:
+                    sock.close()
+        head, waited = harness.run(client)
+        assert head == b"HTTP/1.1 200 OK"
+        assert waited > 0.2  # served once the readers reached their 0.5 s deadline
+
+
+def test_connections_are_limited_per_address():
+    for harness in make_harness(max_clients=10, max_per_address=2):
+        def client() -> tuple[list[bool], list[bool], bytes]:
+            first = [connect(harness.port, "127.0.0.2") for _ in range(3)]
+            other = [connect(harness.port, "127.0.0.3") for _ in range(2)]
+            try:
+                wait_until_accepted(harness, 4)
+                time.sleep(0.05)
+                a = [is_closed_by_server(sock) for sock in first]
+                b = [is_closed_by_server(sock) for sock in other]
+                with connect(harness.port, "127.0.0.3") as sock:  # pushes out 127.0.0.3's oldest
+                    sock.sendall(b"GET /stats HTTP/1.0\r\n\r\n")
+                    response = sock.recv(15)
+                time.sleep(0.05)
+                return a, b + [is_closed_by_server(sock) for sock in other], response
+            finally:
+                for sock in first + other:
+                    sock.close()
+        first, other, response = harness.run(client)
+        assert first == [True, False, False]
+        assert other == [False, False, True, False]
+        assert response == b"HTTP/1.1 200 OK"
+
+
+def test_hundreds_of_idle_connections_do_not_lock_out_a_dashboard():
+    # The limits the master runs with: 32 clients, 4 per address, 2 s for a request.
+    for harness in make_harness(backlog=64):
+        assert (harness.server.max_clients, harness.server.max_per_address,
+                harness.server.request_timeout_s) == (32, 4, 2.0)
+
+        def client() -> tuple[int, bytes, list[bool]]:
+            idle: list[socket.socket] = []
+            try:
+                for _ in range(300):
+                    idle.append(connect(harness.port))
+                status, _, body = request(harness.port, "GET", "/metrics")
+                time.sleep(0.05)
+                return status, body, [is_closed_by_server(sock) for sock in idle]
+            finally:
+                for sock in idle:
+                    sock.close()
+        status, body, closed = harness.run(client)
+        assert status == 200 and b"minismtp_messages_accepted_total 4\n" in body
+        # the dashboard took one of the address's 4 places: the 3 newest idle ones stay
+        assert closed == [True] * 297 + [False] * 3
+
+
+def test_a_request_must_arrive_within_the_request_timeout():
+    for harness in make_harness(timeout_s=30, request_timeout_s=0.3):
+        data, waited = harness.run(lambda: send_and_wait_for_close(  # never the blank line
+            harness.port, b"GET /metrics HTTP/1.1\r\n"))
+        assert data == b"" and waited < 5  # closed by the request deadline, not the 30 s one
+        assert not harness.server._clients and not harness.server._per_address
 
 
 def test_reset_by_the_client_is_not_an_error(harness):
