@@ -20,11 +20,12 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from minismtp import exitcodes
-from minismtp.config import Config, ConfigError, load_config
+from minismtp.config import Config
 from minismtp.debris import Sweeper
 from minismtp.delivery import DeliveryError, make_backend
 from minismtp.startup import (
-    check_user, drop_privileges, prepare_delivery, report_where_stuck, tmp_dir,
+    check_user, drop_privileges, load_for_reload, prepare_delivery, report_where_stuck,
+    tmp_dir,
 )
 from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
@@ -340,17 +341,18 @@ class Arbiter:
             return
         fresh: dict[str, socket.socket] = {}
         try:
-            config = self._load_for_reload()
+            config = load_for_reload(self.config_path, self.overrides)
             if config is None:
                 return
             fresh = self.listeners.bind_missing(config)
             config = switch_reuse_port(self.listeners, self.config, config)
             config = self._switch_stats(config)
         except OSError as exc:
+            self.listeners.drop_unlisted(self.config)  # what this reload bound, if anything
             log.error("reload refused: %s; still running on the previous configuration", exc)
             return
         except Exception:  # a reload must never take the running server down
-            self.listeners.drop_unlisted(self.config)  # what this reload bound
+            self.listeners.drop_unlisted(self.config)
             log.exception("reload refused: still running on the previous configuration")
             return
         for sock in fresh.values():
@@ -365,22 +367,6 @@ class Arbiter:
         self.generation += 1
         log.info("reloaded %s: starting generation %d with %d worker(s)",
                  self.config_path or "embedded defaults", self.generation, self.target)
-
-    def _load_for_reload(self) -> Config | None:
-        """The new configuration, checked as far as can be without changing anything;
-        None (each problem logged) if it is refused."""
-        try:
-            config = load_config(self.config_path, self.overrides)
-            check_user(config.server.user)
-            prepare_delivery(config)
-            return config
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload refused: %s", problem)
-        except (OSError, DeliveryError, LookupError) as exc:
-            log.error("reload refused: %s", exc)
-        log.error("reload refused: still running on the previous configuration")
-        return None
 
     def _switch_stats(self, config: Config) -> Config:
         """Serve statistics on the new address, or keep the old one if it cannot be bound."""

@@ -57,11 +57,15 @@ class Sweeper:
                                 exc.strerror or exc)
                     self._finish()
                     continue
-            for entry in self._entries:
-                budget -= 1
-                self._maybe_remove(entry, pid)
-                if budget <= 0:
-                    return
+            try:
+                for entry in self._entries:
+                    budget -= 1
+                    self._maybe_remove(entry, pid)
+                    if budget <= 0:
+                        return
+            except OSError as exc:
+                log.warning("cannot clean %s after worker %d: %s", tmp_dir, pid,
+                            exc.strerror or exc)
             self._finish()
 
     def _maybe_remove(self, entry: os.DirEntry[str], pid: int) -> None:

@@ -7,12 +7,15 @@ Untrusted input: none (the validated configuration).
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import pwd
 import sys
 
-from minismtp.config import Config
-from minismtp.delivery import make_backend
+from minismtp.config import Config, ConfigError, load_config
+from minismtp.delivery import DeliveryError, make_backend
+
+log = logging.getLogger("minismtp.master")
 
 
 def check_user(user: str | None) -> None:
@@ -39,6 +42,23 @@ def prepare_delivery(config: Config) -> None:
         user = pwd.getpwnam(config.server.user)
         for sub in ("", "tmp", "new", "cur"):
             os.chown(os.path.join(d.path, sub), user.pw_uid, user.pw_gid)
+
+
+def load_for_reload(path: str | None, overrides: dict[str, object]) -> Config | None:
+    """The configuration a HUP asks for, checked as far as can be without changing
+    anything; None (each problem logged) if the reload is refused."""
+    try:
+        config = load_config(path, overrides)
+        check_user(config.server.user)
+        prepare_delivery(config)
+        return config
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused: %s", problem)
+    except (OSError, DeliveryError, LookupError) as exc:
+        log.error("reload refused: %s", exc)
+    log.error("reload refused: still running on the previous configuration")
+    return None
 
 
 def tmp_dir(config: Config) -> str | None:

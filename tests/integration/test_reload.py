@@ -222,3 +222,18 @@ def test_reload_moves_the_stats_endpoint_or_keeps_it(make_server):
         pass
     else:
         raise AssertionError("the old stats endpoint is still open")
+
+
+def test_ttou_with_reuse_port_leaves_no_socket_without_a_worker(make_server):
+    server = make_server({"server": {"workers": 2, "reuse_port": True}})
+    old = set(server.worker_pids())
+    inodes = _listening_inodes(server.port)
+    assert len(inodes) == 2
+    mark = server.mark()
+    server.send_signal(signal.SIGTTOU)
+    server.wait_for_log(r"workers: 1, as generation 1$", since=mark)
+    [survivor] = _new_generation(server, old, 1)
+    assert _sockets_of(survivor, inodes) == inodes  # the leaver's share too
+    assert _listening_inodes(server.port) == inodes  # no socket was closed
+    for _ in range(20):  # whichever socket the kernel picks, someone accepts
+        assert _hostname(server.port) == "mx.test.invalid"
