@@ -10,6 +10,21 @@ from minismtp.config import ConfigError, load_config
 from minismtp.values import MAX_WORKERS
 
 
+@pytest.fixture
+def make_arbiter():
+    made: list[Arbiter] = []
+
+    def make(workers: int) -> Arbiter:
+        made.append(Arbiter(load_config(overrides={"server.workers": workers}), None))
+        return made[-1]
+
+    yield make
+    for arbiter in made:  # never run: only its selector, wakeup pair and boards to close
+        arbiter.sel.close()
+        arbiter.wakeup.close()
+        arbiter.board.close()
+
+
 def test_the_board_holds_two_full_generations():
     assert BOARD_SLOTS == 2 * MAX_WORKERS
 
@@ -27,15 +42,15 @@ def test_auto_never_exceeds_the_cap(monkeypatch):
     assert load_config(overrides={"server.workers": "auto"}).server.workers == MAX_WORKERS
 
 
-def test_ttin_at_the_cap_keeps_the_count(caplog):
-    arbiter = Arbiter(load_config(overrides={"server.workers": MAX_WORKERS}), None)
+def test_ttin_at_the_cap_keeps_the_count(make_arbiter, caplog):
+    arbiter = make_arbiter(MAX_WORKERS)
     arbiter._more_workers()
     assert arbiter.target == MAX_WORKERS
     assert f"workers: {MAX_WORKERS}, the most there can be; TTIN ignored" in caplog.text
 
 
-def test_with_every_slot_taken_a_spawn_waits_instead_of_failing(caplog):
-    arbiter = Arbiter(load_config(overrides={"server.workers": 2}), None)
+def test_with_every_slot_taken_a_spawn_waits_instead_of_failing(make_arbiter, caplog):
+    arbiter = make_arbiter(2)
     arbiter.free_slots = []  # a retiring generation and a new one fill the board
     assert arbiter._spawn(now=0.0) is False
     assert arbiter._spawn(now=1.0) is False
