@@ -6,6 +6,13 @@ and the YAML file on reload, which is validated in full before anything changes.
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
 more/less. They arrive as bytes on a socket (`signals.py`) and are dispatched from the
 master's own loop, never from a handler.
+
+A reload applies every changed key, or refuses one it cannot apply with a log line and
+keeps its old value (RESTART_ONLY names the keys that would need a restart: none). The
+listening sockets belong to the master for as long as their address is configured
+(`listeners.py`), so workers come and go without a queued connection being reset. A
+worker that misses its heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files
+a dead worker left in tmp/ are swept (`debris.py`).
 """
 
 from __future__ import annotations
@@ -23,16 +30,16 @@ from minismtp import exitcodes
 from minismtp.config import Config
 from minismtp.debris import Sweeper
 from minismtp.delivery import DeliveryError, make_backend
-from minismtp.startup import (
-    check_user, drop_privileges, load_for_reload, prepare_delivery, report_where_stuck,
-    tmp_dir,
-)
 from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_port
 from minismtp.logsetup import apply_level
 from minismtp.signals import SignalWakeup
+from minismtp.startup import (
+    check_user, drop_privileges, load_for_reload, prepare_delivery, report_where_stuck,
+    tmp_dir,
+)
 from minismtp.stats import StatsBoard, Totals, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
