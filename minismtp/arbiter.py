@@ -159,9 +159,9 @@ class Arbiter:
         for record in workers_to_retire(records, self.generation, self.target):
             self._signal(record, signal.SIGTERM)
             record.retiring_since = now
-        grace = self.config.server.shutdown_timeout + _KILL_GRACE_S
-        for record in overdue(records, now, grace):
-            log.warning("worker %d did not stop in %.0fs, killing it", record.pid, grace)
+        for record in overdue(records, now, _KILL_GRACE_S):
+            log.warning("worker %d did not stop in %.0fs, killing it", record.pid,
+                        record.shutdown_timeout_s + _KILL_GRACE_S)
             self._signal(record, signal.SIGKILL)
             record.killed = True
         if self.crash_streak and any(now - r.started > _SHORT_LIFE_S for r in records
@@ -259,8 +259,9 @@ class Arbiter:
             raise
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            self.workers[pid] = WorkerRecord(pid, slot, self.generation, now, index=index,
-                                             tmp_dir=tmp_dir(self.config))
+            self.workers[pid] = WorkerRecord(
+                pid, slot, self.generation, now, index=index, tmp_dir=tmp_dir(self.config),
+                shutdown_timeout_s=self.config.server.shutdown_timeout)
             return True
         code = exitcodes.WORKER_CRASHED
         try:
@@ -313,7 +314,10 @@ class Arbiter:
         log.info("stopping: workers finish the transactions in flight (up to %.0fs)",
                  self.config.server.shutdown_timeout)
         self.stopping = True
-        self.stop_deadline = time.monotonic() + self.config.server.shutdown_timeout + _KILL_GRACE_S
+        # Workers of an older generation may have been given longer to finish.
+        longest = max([r.shutdown_timeout_s for r in self.workers.values()],
+                      default=self.config.server.shutdown_timeout)
+        self.stop_deadline = time.monotonic() + longest + _KILL_GRACE_S
         self._kill_all(signal.SIGTERM)
 
     def _stop_now(self) -> None:

@@ -21,6 +21,7 @@ class WorkerRecord:
     index: int = 0  # its place in its generation (which reuse_port sockets it takes)
     aborted_at: float | None = None  # when it was sent SIGABRT for a missed heartbeat
     tmp_dir: str | None = None  # the Maildir tmp/ it writes in, swept when it dies
+    shutdown_timeout_s: float = 0.0  # its own config's: a reload does not change it
 
 
 def spawn_delay(crash_streak: int) -> float:
@@ -76,6 +77,7 @@ def free_index(records: list[WorkerRecord], generation: int) -> int:
 
 
 def overdue(records: list[WorkerRecord], now: float, grace_s: float) -> list[WorkerRecord]:
-    """Retiring workers that ignored SIGTERM for longer than `grace_s`."""
+    """Retiring workers that ignored SIGTERM for longer than their own shutdown timeout
+    plus `grace_s`: a worker finishes transactions by the config it was started with."""
     return [r for r in records if r.retiring_since is not None and not r.killed
-            and now - r.retiring_since > grace_s]
+            and now - r.retiring_since > r.shutdown_timeout_s + grace_s]

@@ -103,3 +103,12 @@ def test_free_index_is_the_lowest_place_no_working_member_holds():
     assert free_index(records, generation=1) == 1
     assert free_index([], generation=0) == 0
     assert free_index([record(1, index=0), record(2, index=1)], generation=0) == 2
+
+
+def test_each_worker_is_given_its_own_shutdown_timeout():
+    # After a reload shortened server.shutdown_timeout, a worker of the old generation
+    # still has its old, longer time to finish its transactions.
+    old = record(1, generation=0, retiring_since=10.0, shutdown_timeout_s=30.0)
+    new = record(2, generation=1, retiring_since=10.0, shutdown_timeout_s=5.0)
+    assert overdue([old, new], now=26.0, grace_s=5.0) == [new]
+    assert overdue([old, new], now=46.0, grace_s=5.0) == [old, new]
