@@ -6,69 +6,64 @@ and the YAML file on reload, which is validated in full before anything changes.
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
 more/less. They arrive as bytes on a socket (`signals.py`) and are dispatched from the
 master's own loop, never from a handler.
+
+A reload applies every changed key, or refuses one it cannot apply with a log line and
+keeps its old value (RESTART_ONLY names the keys that would need a restart: none). The
+listening sockets belong to the master for as long as their address is configured
+(`listeners.py`), so workers come and go without a queued connection being reset. A
+worker that misses its heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files
+a dead worker left in tmp/ are swept (`debris.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pwd
 import selectors
 import signal
 import socket
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 from minismtp import exitcodes
-from minismtp.config import Config, ConfigError, ListenAddress, load_config
+from minismtp.config import Config
+from minismtp.debris import Sweeper
 from minismtp.delivery import DeliveryError, make_backend
+from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import HeartbeatBoard
+from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_port
+from minismtp.logsetup import apply_level
 from minismtp.signals import SignalWakeup
+from minismtp.startup import (
+    check_user, drop_privileges, load_for_reload, prepare_delivery, report_where_stuck,
+    tmp_dir,
+)
 from minismtp.stats import StatsBoard, Totals, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
-    WorkerRecord, overdue, spawn_delay, stale_workers, workers_missing, workers_to_retire,
+    WorkerRecord, free_index, overdue, spawn_delay, stale_signals, workers_missing,
+    workers_to_retire,
 )
+from minismtp.values import MAX_WORKERS
 from minismtp.worker import Worker
+
+__all__ = ["RESTART_ONLY", "Arbiter", "MAX_WORKERS", "bind", "bound_address"]
 
 log = logging.getLogger("minismtp.master")
 
-MAX_WORKERS = 1024  # heartbeat slots; far above what one machine's cores can use
+# Settings a reload cannot change. None: each key applies on HUP, or is refused with a log
+# line and keeps its old value (README "Reloading"; a test keeps the two in agreement).
+RESTART_ONLY: frozenset[str] = frozenset()
+BOARD_SLOTS = 2 * MAX_WORKERS  # a retiring generation and a new one, side by side
 _LOOP_S = 0.5  # heartbeat and back-off checks at least this often
 _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is killed
+_ABORT_GRACE_S = 2.0  # after a SIGABRT for a missed heartbeat, SIGKILL if still alive
+_SWEEP_BUDGET = 2000  # tmp/ entries looked at per loop turn after a worker died
 _SHORT_LIFE_S = 5.0  # a worker dying younger than this counts towards spawn back-off
 _HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
             signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
-
-
-# -- sockets -----------------------------------------------------------------------
-
-def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = True
-         ) -> socket.socket:
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if address.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
-        # Replies go out whole, one send per batch: no Nagle delay. Linux copies this to
-        # every accepted socket, which saves the worker a syscall per connection.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if listen:
-            sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def bound_address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 class Arbiter:
@@ -80,13 +75,16 @@ class Arbiter:
         self.target = config.server.workers
         self.generation = 0
         self.workers: dict[int, WorkerRecord] = {}
-        self.listeners: dict[str, socket.socket] = {}  # by configured address text
-        self.board = HeartbeatBoard(MAX_WORKERS)
-        self.stats_board = StatsBoard(MAX_WORKERS, MAX_RULES)
+        self.worker_config = config  # with max_connections fitted to the descriptor limit
+        self.listeners = ListenerPool()
+        self.board = HeartbeatBoard(BOARD_SLOTS)
+        self.stats_board = StatsBoard(BOARD_SLOTS, MAX_RULES)
+        self.sweeper = Sweeper()
         self.retired = Totals()  # counters of workers that have exited
         self.stats_http: StatsHttpServer | None = None
         self.started = time.monotonic()
-        self.free_slots = list(range(MAX_WORKERS - 1, -1, -1))
+        self.free_slots = list(range(BOARD_SLOTS - 1, -1, -1))
+        self.waiting_for_slots = False
         self.crash_streak = 0
         self.next_spawn_at = 0.0
         self.stopping = False
@@ -104,19 +102,17 @@ class Arbiter:
 
     def run(self) -> int:
         try:
-            _check_user(self.config.server.user)
-            self._bind_all(self.config)
-            self._prepare_delivery(self.config)
-            self._start_stats_http(self.config)
+            check_user(self.config.server.user)
+            self.listeners.bind_missing(self.config)
+            prepare_delivery(self.config)
+            self._start_stats_http(self._bind_stats(self.config))
         except (OSError, DeliveryError, LookupError) as exc:
             log.error("cannot start: %s", exc)
             return exitcodes.FAILURE
         self._init_signals()
-        for text, sock in self.listeners.items():
-            log.info("listening on %s", bound_address(sock))
-        if self.stats_http is not None:
-            log.info("statistics on http://%s/metrics and /stats",
-                     bound_address(self.stats_http.sock))
+        for group in self.listeners.groups.values():
+            log.info("listening on %s", bound_address(group[0]))
+        self.worker_config = fit_connections(self.config, self.listeners.count())
         log.info("starting %d worker(s), delivery=%s", self.target, self.config.delivery.backend)
         try:
             while not (self.stopping and not self.workers):
@@ -125,8 +121,9 @@ class Arbiter:
                 self._reap()
         finally:
             self._kill_all(signal.SIGKILL)
-            for sock in self.listeners.values():
-                sock.close()
+            self.listeners.close()
+            while self.sweeper.busy:  # what the last workers left; nothing runs any more
+                self.sweeper.sweep(_SWEEP_BUDGET, ())
             if self.stats_http is not None:
                 self.stats_http.close()
         totals, _ = self._current_stats()
@@ -153,22 +150,18 @@ class Arbiter:
 
     def _maintain(self, now: float) -> None:
         records = list(self.workers.values())
+        self.sweeper.sweep(_SWEEP_BUDGET, self.workers)
         if self.stopping:
             if now > self.stop_deadline:
                 self._kill_all(signal.SIGKILL)
             return
-        beats = {r.slot: self.board.last(r.slot) for r in records}
-        for record in stale_workers(records, beats, now, self.config.server.worker_timeout):
-            log.error("worker %d missed its heartbeat for %.0fs, killing it",
-                      record.pid, now - beats[record.slot])
-            self._signal(record, signal.SIGKILL)
-            record.killed = True
+        self._check_heartbeats(records, now)
         for record in workers_to_retire(records, self.generation, self.target):
             self._signal(record, signal.SIGTERM)
             record.retiring_since = now
-        grace = self.config.server.shutdown_timeout + _KILL_GRACE_S
-        for record in overdue(records, now, grace):
-            log.warning("worker %d did not stop in %.0fs, killing it", record.pid, grace)
+        for record in overdue(records, now, _KILL_GRACE_S):
+            log.warning("worker %d did not stop in %.0fs, killing it", record.pid,
+                        record.shutdown_timeout_s + _KILL_GRACE_S)
             self._signal(record, signal.SIGKILL)
             record.killed = True
         if self.crash_streak and any(now - r.started > _SHORT_LIFE_S for r in records
@@ -176,7 +169,22 @@ class Arbiter:
             self.crash_streak = 0
         if now >= self.next_spawn_at:
             for _ in range(workers_missing(records, self.generation, self.target)):
-                self._spawn(now)
+                if not self._spawn(now):
+                    break
+
+    def _check_heartbeats(self, records: list[WorkerRecord], now: float) -> None:
+        beats = {r.slot: self.board.last(r.slot) for r in records}
+        timeout = self.config.server.worker_timeout
+        for record, signum in stale_signals(records, beats, now, timeout, _ABORT_GRACE_S):
+            if signum == signal.SIGABRT:
+                log.error("worker %d missed its heartbeat for %.0fs: SIGABRT (it writes "
+                          "where it was stuck to the log)", record.pid, now - beats[record.slot])
+                record.aborted_at = now
+            else:
+                log.error("worker %d still alive %.0fs after SIGABRT: killing it",
+                          record.pid, _ABORT_GRACE_S)
+                record.killed = True
+            self._signal(record, signum)
 
     def _reap(self) -> None:
         while True:
@@ -192,6 +200,8 @@ class Arbiter:
             self.stats_board.retire(record.slot, self.retired)  # totals never go back
             self.board.vacate(record.slot)
             self.free_slots.append(record.slot)
+            if record.tmp_dir is not None and status != 0:  # 0: exited with status 0
+                self.sweeper.add(record.tmp_dir, pid)  # it may have died mid-DATA
             self._report_exit(record, status)
 
     def _report_exit(self, record: WorkerRecord, status: int) -> None:
@@ -219,7 +229,23 @@ class Arbiter:
 
     # -- workers ---------------------------------------------------------------------
 
-    def _spawn(self, now: float) -> None:
+    def _spawn(self, now: float) -> bool:
+        """Fork a worker of the current generation; False if none could be started now."""
+        if not self.free_slots:
+            if not self.waiting_for_slots:
+                log.warning("all %d worker slots taken: new workers wait for retiring ones "
+                            "to exit", BOARD_SLOTS)
+            self.waiting_for_slots = True
+            return False
+        self.waiting_for_slots = False
+        index = free_index(list(self.workers.values()), self.generation)
+        try:
+            listeners = self.listeners.for_worker(self.config, index, self.target)
+        except OSError as exc:
+            log.error("cannot start a worker: %s", exc)
+            self.crash_streak += 1
+            self.next_spawn_at = now + spawn_delay(self.crash_streak)
+            return False
         slot = self.free_slots.pop()
         self.board.hand_out(slot, now)
         # Until the worker has handlers of its own, a signal sent to it would run the
@@ -233,11 +259,13 @@ class Arbiter:
             raise
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            self.workers[pid] = WorkerRecord(pid, slot, self.generation, now)
-            return
+            self.workers[pid] = WorkerRecord(
+                pid, slot, self.generation, now, index=index, tmp_dir=tmp_dir(self.config),
+                shutdown_timeout_s=self.config.server.shutdown_timeout)
+            return True
         code = exitcodes.WORKER_CRASHED
         try:
-            code = self._become_worker(slot, mask)
+            code = self._become_worker(slot, mask, listeners)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else exitcodes.OK
         except BaseException:
@@ -245,13 +273,17 @@ class Arbiter:
         finally:
             os._exit(code)  # this must never return into the master's code
 
-    def _become_worker(self, slot: int, signal_mask: Iterable[int]) -> int:
+    def _become_worker(self, slot: int, signal_mask: Iterable[int],
+                       listeners: list[socket.socket]) -> int:
         self.wakeup.close(_HANDLED)  # the worker routes its own signals
         self.sel.close()
-        config = self.config
+        report_where_stuck()
+        for sock in self.listeners.all():
+            if sock not in listeners:
+                sock.close()  # the master's, and other workers' share
+        config = self.worker_config
         try:
-            listeners = self._worker_listeners(config)
-            _drop_privileges(config.server.user)
+            drop_privileges(config.server.user)
             delivery = config.delivery
             backend = make_backend(delivery.backend, delivery.path, delivery.fsync,
                                    delivery.layout, config.server.hostname)
@@ -262,20 +294,6 @@ class Arbiter:
             self.stats_http.close_inherited()
         return Worker(config, listeners, backend, self.board, slot, self.stats_board,
                       signal_mask).run()
-
-    def _worker_listeners(self, config: Config) -> list[socket.socket]:
-        if not config.server.reuse_port:
-            return list(self.listeners.values())
-        # Each worker its own socket on the port the master reserved: the kernel spreads
-        # connections evenly instead of waking every worker on one shared queue.
-        own = []
-        for address in config.server.listen:
-            port = self.listeners[str(address)].getsockname()[1]
-            own.append(bind(ListenAddress(address.host, port, address.family),
-                            config.server.backlog, reuse_port=True))
-        for placeholder in self.listeners.values():
-            placeholder.close()
-        return own
 
     def _signal(self, record: WorkerRecord, signum: int) -> None:
         try:
@@ -296,7 +314,10 @@ class Arbiter:
         log.info("stopping: workers finish the transactions in flight (up to %.0fs)",
                  self.config.server.shutdown_timeout)
         self.stopping = True
-        self.stop_deadline = time.monotonic() + self.config.server.shutdown_timeout + _KILL_GRACE_S
+        # Workers of an older generation may have been given longer to finish.
+        longest = max([r.shutdown_timeout_s for r in self.workers.values()],
+                      default=self.config.server.shutdown_timeout)
+        self.stop_deadline = time.monotonic() + longest + _KILL_GRACE_S
         self._kill_all(signal.SIGTERM)
 
     def _stop_now(self) -> None:
@@ -306,103 +327,94 @@ class Arbiter:
         self._kill_all(signal.SIGQUIT)
 
     def _more_workers(self) -> None:
+        if self.target >= MAX_WORKERS:
+            log.warning("workers: %d, the most there can be; TTIN ignored", self.target)
+            return
         self.target += 1
         log.info("workers: %d", self.target)
 
     def _fewer_workers(self) -> None:
-        self.target = max(1, self.target - 1)
-        log.info("workers: %d", self.target)
+        target = max(1, self.target - 1)
+        if target != self.target and self.config.server.reuse_port:
+            # A worker takes its own share of the reuse_port sockets (listeners.py):
+            # retired alone, it would leave that share with nobody to accept from.
+            # A new generation shares every socket out again.
+            self.generation += 1
+            log.info("workers: %d, as generation %d", target, self.generation)
+        else:
+            log.info("workers: %d", target)
+        self.target = target
+
+    # -- reload ------------------------------------------------------------------------
 
     def _reload(self) -> None:
         if self.stopping:
             return
+        fresh: dict[str, socket.socket] = {}
         try:
-            config = load_config(self.config_path, self.overrides)
-            _check_user(config.server.user)
-            self._prepare_delivery(config)
-            fresh = self._bind_all(config)  # last: nothing after it can fail
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload refused: %s", problem)
-            log.error("reload refused: still running on the previous configuration")
-            return
-        except (OSError, DeliveryError, LookupError) as exc:
+            config = load_for_reload(self.config_path, self.overrides)
+            if config is None:
+                return
+            fresh = self.listeners.bind_missing(config)
+            config = switch_reuse_port(self.listeners, self.config, config)
+            config = self._switch_stats(config)
+        except OSError as exc:
+            self.listeners.drop_unlisted(self.config)  # what this reload bound, if anything
             log.error("reload refused: %s; still running on the previous configuration", exc)
             return
         except Exception:  # a reload must never take the running server down
+            self.listeners.drop_unlisted(self.config)
             log.exception("reload refused: still running on the previous configuration")
             return
         for sock in fresh.values():
             log.info("listening on %s", bound_address(sock))
-        for text in [t for t in self.listeners if t not in {str(a) for a in config.server.listen}]:
-            self.listeners.pop(text).close()
-        if config.stats.listen != self.config.stats.listen:
-            log.warning("stats.listen changes take effect at the next start")
+        self.listeners.drop_unlisted(config)
+        if config.server.backlog != self.config.server.backlog:
+            self.listeners.set_backlog(config.server.backlog)
+        apply_level(config.logging.level)
         self.config = config
         self.target = config.server.workers
+        self.worker_config = fit_connections(config, self.listeners.count())
         self.generation += 1
         log.info("reloaded %s: starting generation %d with %d worker(s)",
                  self.config_path or "embedded defaults", self.generation, self.target)
 
-    def _start_stats_http(self, config: Config) -> None:
+    def _switch_stats(self, config: Config) -> Config:
+        """Serve statistics on the new address, or keep the old one if it cannot be bound."""
+        old = self.config.stats
+        if config.stats.listen == old.listen:
+            return config
+        try:
+            server = self._bind_stats(config)
+        except OSError as exc:
+            log.error("reload: stats.listen stays %s: %s", old.listen or "null", exc)
+            return replace(config, stats=old)
+        if self.stats_http is not None:
+            self.stats_http.close()
+            self.stats_http = None
+        self._start_stats_http(server)
+        return config
+
+    # -- statistics, descriptors, delivery ----------------------------------------------
+
+    def _bind_stats(self, config: Config) -> StatsHttpServer | None:
         address = config.stats.listen
         if address is None:
-            return
+            return None
         try:
             sock = bind(address, 64, reuse_port=False)
         except OSError as exc:
             raise OSError(f"cannot listen on {address} (stats.listen): {exc.strerror}") from exc
-        self.stats_http = StatsHttpServer(sock, pages(self._current_stats))
-        self.stats_http.register(self.sel)
+        return StatsHttpServer(sock, pages(self._current_stats))
+
+    def _start_stats_http(self, server: StatsHttpServer | None) -> None:
+        if server is not None:
+            self.stats_http = server
+            server.register(self.sel)
+            log.info("statistics on http://%s/metrics and /stats", bound_address(server.sock))
 
     def _current_stats(self) -> tuple[Totals, list[str]]:
         live = [record.slot for record in self.workers.values()]
         totals = self.stats_board.totals(live, self.retired)
         totals.workers = len(live)
         return totals, [rule.name for rule in self.config.faults.rules]
-
-    def _bind_all(self, config: Config) -> dict[str, socket.socket]:
-        """Bind the addresses not bound yet and return them; on failure close what this
-        call bound."""
-        fresh: dict[str, socket.socket] = {}
-        server = config.server
-        try:
-            for address in server.listen:
-                text = str(address)
-                if text not in self.listeners and text not in fresh:
-                    try:
-                        fresh[text] = bind(address, server.backlog, server.reuse_port,
-                                           listen=not server.reuse_port)
-                    except OSError as exc:
-                        raise OSError(f"cannot listen on {text}: {exc.strerror}") from exc
-        except OSError:
-            for sock in fresh.values():
-                sock.close()
-            raise
-        self.listeners.update(fresh)
-        return fresh
-
-    def _prepare_delivery(self, config: Config) -> None:
-        d = config.delivery
-        make_backend(d.backend, d.path, d.fsync, d.layout, config.server.hostname).prepare()
-        if d.backend == "maildir" and config.server.user and os.geteuid() == 0:
-            user = pwd.getpwnam(config.server.user)
-            for sub in ("", "tmp", "new", "cur"):
-                os.chown(os.path.join(d.path, sub), user.pw_uid, user.pw_gid)
-
-
-def _check_user(user: str | None) -> None:
-    if user and os.geteuid() == 0:
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            raise LookupError(f'server.user: no such user "{user}"') from None
-
-
-def _drop_privileges(user: str | None) -> None:
-    if not user or os.geteuid() != 0:
-        return
-    entry = pwd.getpwnam(user)
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)

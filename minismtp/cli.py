@@ -7,12 +7,11 @@ Untrusted input: command-line arguments and the configuration file, both validat
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from minismtp import __version__, exitcodes
 from minismtp.config import ConfigError, dump_config, load_config
-from minismtp.msglog import LOG_FORMAT
+from minismtp.logsetup import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,16 +45,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return overrides
 
 
-def _setup_logging(level: str) -> None:
-    numeric = getattr(logging, level.upper())
-    logging.basicConfig(
-        level=numeric, stream=sys.stderr,
-        format=LOG_FORMAT)
-    # The master's few lines (addresses, reloads, stops, summary) are always wanted:
-    # a quiet log level is for the per-message lines.
-    logging.getLogger("minismtp.master").setLevel(min(numeric, logging.INFO))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -75,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         from minismtp import statsview
 
         return statsview.run(config, args.once)
-    _setup_logging(config.logging.level)
+    setup_logging(config.logging.level)
     from minismtp.arbiter import Arbiter  # the server's modules only when serving
 
     return Arbiter(config, args.config, overrides).run()

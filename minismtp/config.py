@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,12 +210,12 @@ _KEYS = {section: [name.split(".")[1] for name in _BY_NAME if name.startswith(se
          for section in _SECTIONS}
 
 
+MAX_CONFIG_BYTES = 1 << 20  # far above any real configuration; the master reads it on HUP
+
+
 def _read(path: str, problems: list[str]) -> object:
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        problems.append(f'config: cannot read "{path}": {exc.strerror or exc}')
+    data = _read_bytes(path, problems)
+    if data is None:
         return None
     try:
         return yaml.safe_load(data)
@@ -229,6 +230,40 @@ def _read(path: str, problems: list[str]) -> object:
     except RecursionError:  # the composer recurses once per nesting level
         problems.append(f'config: invalid YAML in "{path}": nested too deeply')
     return None
+
+
+def _read_bytes(path: str, problems: list[str]) -> bytes | None:
+    """The file's bytes, or None with a problem. The master runs this on HUP, so nothing
+    here may block or grow without bound: a FIFO would hang open() (O_NONBLOCK does not),
+    /dev/zero never ends, and a huge file would keep the master parsing for minutes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        problems.append(f'config: cannot read "{path}": {exc.strerror or exc}')
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            problems.append(f'config: cannot read "{path}": {what}')
+            return None
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES:  # at most the limit plus one byte
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        problems.append(f'config: cannot read "{path}": {exc.strerror or exc}')
+        return None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        problems.append(f'config: "{path}" is larger than {MAX_CONFIG_BYTES} bytes (1 MiB), '
+                        "the most a configuration may be")
+        return None
+    return b"".join(chunks)
 
 
 def _collect(document: object, path: str, problems: list[str]) -> dict[str, object]:

@@ -22,7 +22,7 @@ import os
 import select
 import time
 
-LOG_FORMAT = "%(asctime)s minismtp[%(process)d] %(levelname)s %(message)s"
+from minismtp.logsetup import LOG_FORMAT
 _ATOMIC_BYTES = getattr(select, "PIPE_BUF", 4096)  # a pipe write up to this is never split
 
 

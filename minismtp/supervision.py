@@ -6,6 +6,7 @@ from the arbiter's processes and signals so each rule can be tested without fork
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 
@@ -16,7 +17,11 @@ class WorkerRecord:
     generation: int
     started: float
     retiring_since: float | None = None  # when it was sent SIGTERM
-    killed: bool = False
+    killed: bool = False  # sent SIGKILL
+    index: int = 0  # its place in its generation (which reuse_port sockets it takes)
+    aborted_at: float | None = None  # when it was sent SIGABRT for a missed heartbeat
+    tmp_dir: str | None = None  # the Maildir tmp/ it writes in, swept when it dies
+    shutdown_timeout_s: float = 0.0  # its own config's: a reload does not change it
 
 
 def spawn_delay(crash_streak: int) -> float:
@@ -28,6 +33,23 @@ def stale_workers(records: list[WorkerRecord], beats: dict[int, float], now: flo
                   timeout_s: float) -> list[WorkerRecord]:
     """Workers whose last heartbeat (by slot) is older than `timeout_s`."""
     return [r for r in records if not r.killed and now - beats[r.slot] > timeout_s]
+
+
+def stale_signals(records: list[WorkerRecord], beats: dict[int, float], now: float,
+                  timeout_s: float, abort_grace_s: float) -> list[tuple[WorkerRecord, int]]:
+    """Who gets which signal for a missed heartbeat (gunicorn's order).
+
+    First SIGABRT: a worker stuck in a loop or a system call writes where it was
+    (faulthandler) and dies. Then SIGKILL, `abort_grace_s` after the SIGABRT, to one
+    still alive: stopped, or stuck where not even that handler can run. Each once.
+    """
+    actions: list[tuple[WorkerRecord, int]] = []
+    for record in stale_workers(records, beats, now, timeout_s):
+        if record.aborted_at is None:
+            actions.append((record, signal.SIGABRT))
+        elif now - record.aborted_at > abort_grace_s:
+            actions.append((record, signal.SIGKILL))
+    return actions
 
 
 def workers_to_retire(records: list[WorkerRecord], generation: int, target: int
@@ -44,7 +66,18 @@ def workers_missing(records: list[WorkerRecord], generation: int, target: int) -
     return max(0, target - len(current))
 
 
+def free_index(records: list[WorkerRecord], generation: int) -> int:
+    """The lowest place in the current generation that no working member holds: a
+    replacement takes the place (and the sockets) of the worker it replaces."""
+    taken = {r.index for r in records if r.generation == generation and r.retiring_since is None}
+    index = 0
+    while index in taken:
+        index += 1
+    return index
+
+
 def overdue(records: list[WorkerRecord], now: float, grace_s: float) -> list[WorkerRecord]:
-    """Retiring workers that ignored SIGTERM for longer than `grace_s`."""
+    """Retiring workers that ignored SIGTERM for longer than their own shutdown timeout
+    plus `grace_s`: a worker finishes transactions by the config it was started with."""
     return [r for r in records if r.retiring_since is not None and not r.killed
-            and now - r.retiring_since > grace_s]
+            and now - r.retiring_since > r.shutdown_timeout_s + grace_s]

@@ -91,12 +91,19 @@ def integer(low: int, high: int | None = None) -> Parser:
     return parse
 
 
+# The master's heartbeat board has 2 * MAX_WORKERS slots: a generation being retired and
+# the new one a reload starts must fit side by side.
+MAX_WORKERS = 512
+
+
 def worker_count(value: object) -> int:
-    if value == "auto":
-        return os.cpu_count() or 1  # cpu_count() is None when it cannot tell
+    if value == "auto":  # cpu_count() is None when it cannot tell
+        return min(MAX_WORKERS, os.cpu_count() or 1)
     number = as_int(value)
     if number is None or number < 1:
         raise ValueError(f'must be an integer >= 1 or "auto", got {got(value)}')
+    if number > MAX_WORKERS:
+        raise ValueError(f"must be at most {MAX_WORKERS}, got {got(value)}")
     return number
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from minismtp import msglog
-from minismtp.msglog import LOG_FORMAT, MessageLog
+from minismtp.logsetup import LOG_FORMAT
+from minismtp.msglog import MessageLog
 
 LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} minismtp\[(\d+)\] (\w+) (.*)")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from minismtp.supervision import (
-    WorkerRecord, overdue, spawn_delay, stale_workers, workers_missing, workers_to_retire,
+    WorkerRecord, free_index, overdue, spawn_delay, stale_signals, stale_workers,
+    workers_missing, workers_to_retire,
 )
 
 
@@ -62,3 +65,50 @@ def test_overdue_workers_ignored_sigterm_past_the_grace():
     already_killed = record(3, retiring_since=0.0, killed=True)
     working = record(4)
     assert overdue([late, on_time, already_killed, working], now=50.0, grace_s=35.0) == [late]
+
+
+def test_a_stale_worker_gets_sigabrt_first():
+    fresh, stale = record(1), record(2)
+    beats = {fresh.slot: 95.0, stale.slot: 60.0}
+    assert stale_signals([fresh, stale], beats, now=100.0, timeout_s=30.0,
+                         abort_grace_s=2.0) == [(stale, signal.SIGABRT)]
+
+
+def test_sigkill_follows_only_once_the_abort_grace_has_passed():
+    aborted = record(1, aborted_at=100.0)
+    beats = {aborted.slot: 60.0}
+    assert stale_signals([aborted], beats, now=101.0, timeout_s=30.0, abort_grace_s=2.0) == []
+    assert stale_signals([aborted], beats, now=102.0, timeout_s=30.0, abort_grace_s=2.0) == []
+    assert stale_signals([aborted], beats, now=102.5, timeout_s=30.0, abort_grace_s=2.0) == [
+        (aborted, signal.SIGKILL)]
+
+
+def test_a_killed_worker_gets_no_more_signals():
+    killed = record(1, aborted_at=50.0, killed=True)
+    assert stale_signals([killed], {killed.slot: 0.0}, now=100.0, timeout_s=30.0,
+                         abort_grace_s=2.0) == []
+
+
+def test_a_worker_that_beats_again_after_sigabrt_is_left_alone():
+    # It handled the signal (or the beat was late, not stuck): no SIGKILL for a live worker.
+    recovered = record(1, aborted_at=90.0)
+    assert stale_signals([recovered], {recovered.slot: 99.0}, now=100.0, timeout_s=30.0,
+                         abort_grace_s=2.0) == []
+
+
+def test_free_index_is_the_lowest_place_no_working_member_holds():
+    records = [record(1, generation=1, index=0), record(2, generation=1, index=2),
+               record(3, generation=0, index=1),  # an old generation's place is free
+               record(4, generation=1, index=1, retiring_since=5.0)]  # so is a leaver's
+    assert free_index(records, generation=1) == 1
+    assert free_index([], generation=0) == 0
+    assert free_index([record(1, index=0), record(2, index=1)], generation=0) == 2
+
+
+def test_each_worker_is_given_its_own_shutdown_timeout():
+    # After a reload shortened server.shutdown_timeout, a worker of the old generation
+    # still has its old, longer time to finish its transactions.
+    old = record(1, generation=0, retiring_since=10.0, shutdown_timeout_s=30.0)
+    new = record(2, generation=1, retiring_since=10.0, shutdown_timeout_s=5.0)
+    assert overdue([old, new], now=26.0, grace_s=5.0) == [new]
+    assert overdue([old, new], now=46.0, grace_s=5.0) == [old, new]

@@ -1,0 +1,92 @@
+"""Removing the half-written message files a dead worker left in a Maildir's tmp/.
+
+Untrusted input: the file names found in tmp/. The directory is the operator's and other
+programs may share it, so only a regular file whose name has the exact form the Maildir
+sink gives (`<seconds>.M<usec>P<pid>Q<counter>.<host>`, delivery/maildir.py) with the
+dead worker's pid is removed: never a directory, never anything outside tmp/ (new/ holds
+acknowledged mail). A tmp/ directory may hold many files, so the master sweeps a bounded
+number of entries per turn of its loop and resumes on the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections import deque
+from collections.abc import Container, Iterator
+
+log = logging.getLogger("minismtp.master")
+
+_NAME = re.compile(r"[0-9]+\.M[0-9]+P([0-9]+)Q[0-9]+\..*", re.ASCII | re.DOTALL)
+
+
+def owner_pid(name: str) -> int | None:
+    """The pid in a Maildir sink's file name, or None for any other name."""
+    match = _NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+class Sweeper:
+    def __init__(self) -> None:
+        self._jobs: deque[tuple[str, int]] = deque()  # (tmp/ directory, dead pid)
+        self._entries: Iterator[os.DirEntry[str]] | None = None
+        self._removed = 0
+
+    def add(self, tmp_dir: str, pid: int) -> None:
+        self._jobs.append((tmp_dir, pid))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    def sweep(self, budget: int, live_pids: Container[int]) -> None:
+        """Look at up to `budget` entries. A job whose pid a live worker has since been
+        given is dropped: the files with that pid are its own, in use."""
+        while self._jobs and budget > 0:
+            tmp_dir, pid = self._jobs[0]
+            if pid in live_pids:
+                self._finish()
+                continue
+            if self._entries is None:
+                try:
+                    self._entries = os.scandir(tmp_dir)
+                except OSError as exc:
+                    log.warning("cannot clean %s after worker %d: %s", tmp_dir, pid,
+                                exc.strerror or exc)
+                    self._finish()
+                    continue
+            try:
+                for entry in self._entries:
+                    budget -= 1
+                    self._maybe_remove(entry, pid)
+                    if budget <= 0:
+                        return
+            except OSError as exc:
+                log.warning("cannot clean %s after worker %d: %s", tmp_dir, pid,
+                            exc.strerror or exc)
+            self._finish()
+
+    def _maybe_remove(self, entry: os.DirEntry[str], pid: int) -> None:
+        if owner_pid(entry.name) != pid:
+            return
+        try:
+            if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                return
+            os.unlink(entry.path)
+            self._removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", entry.path, exc.strerror or exc)
+
+    def _finish(self) -> None:
+        tmp_dir, pid = self._jobs.popleft()
+        if self._entries is not None:
+            self._entries.close()  # type: ignore[attr-defined]
+            self._entries = None
+        if self._removed:
+            log.info("removed %d unfinished message file(s) of worker %d from %s",
+                     self._removed, pid, tmp_dir)
+        self._removed = 0

@@ -1,0 +1,171 @@
+"""The master's listening sockets: per configured address, a group of sockets that outlive
+the workers accepting from them.
+
+Untrusted input: none (addresses from the validated configuration).
+
+A listening socket that is closed resets every connection queued on it, so the master
+keeps each socket open for as long as its address is configured, and a worker that stops
+closes only its own descriptor. The next generation's workers inherit the same sockets:
+no queue is ever dropped by a reload.
+
+- `server.reuse_port` off: every worker accepts from every socket of every group (one
+  socket per address, unless reuse_port was on earlier in this run).
+- on: the sockets of a group share one port with SO_REUSEPORT and the kernel spreads new
+  connections over them. Worker `index` of `target` accepts from sockets index,
+  index + target, ... of each group, so with every index running each socket has a worker.
+  A group grows (a new socket listens) before the worker that needs it is forked, and never
+  shrinks while its address is configured: a shrunken group would drop a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import replace
+
+from minismtp.config import Config, ListenAddress
+
+log = logging.getLogger("minismtp.master")
+
+
+def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = True
+         ) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        # Replies go out whole, one send per batch: no Nagle delay. Linux copies this to
+        # every accepted socket, which saves the worker a syscall per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if listen:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def shares_port(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
+def worker_positions(group_size: int, index: int, target: int) -> range:
+    """Which sockets of a group worker `index` of `target` accepts from (reuse_port on)."""
+    return range(index, group_size, max(1, target))
+
+
+class ListenerPool:
+    def __init__(self) -> None:
+        self.groups: dict[str, list[socket.socket]] = {}  # by configured address text
+
+    def count(self) -> int:
+        return sum(len(group) for group in self.groups.values())
+
+    def all(self) -> list[socket.socket]:
+        return [sock for group in self.groups.values() for sock in group]
+
+    def bind_missing(self, config: Config) -> dict[str, socket.socket]:
+        """Bind the first socket of each address not bound yet and return those; on
+        failure close what this call bound and raise OSError naming the address."""
+        fresh: dict[str, socket.socket] = {}
+        server = config.server
+        try:
+            for address in server.listen:
+                text = str(address)
+                if text in self.groups or text in fresh:
+                    continue
+                try:
+                    fresh[text] = bind(address, server.backlog, server.reuse_port)
+                except OSError as exc:
+                    raise OSError(f"cannot listen on {text}: {exc.strerror}") from exc
+        except OSError:
+            for sock in fresh.values():
+                sock.close()
+            raise
+        for text, sock in fresh.items():
+            self.groups[text] = [sock]
+        return fresh
+
+    def drop_unlisted(self, config: Config) -> None:
+        """Close the groups of addresses the configuration no longer names."""
+        wanted = {str(address) for address in config.server.listen}
+        for text in [t for t in self.groups if t not in wanted]:
+            for sock in self.groups.pop(text):
+                sock.close()
+
+    def set_backlog(self, backlog: int) -> None:
+        for sock in self.all():
+            sock.listen(backlog)  # Linux: listen() again only changes the backlog
+
+    def allow_reuse_port(self, config: Config) -> None:
+        """Let every group take SO_REUSEPORT sockets (reuse_port turned on by a reload):
+        set it on the sockets bound without it and prove it with a second socket.
+
+        Raises OSError, having changed nothing, when the kernel does not allow it.
+        """
+        changed = [sock for sock in self.all() if not shares_port(sock)]
+        sizes = {text: len(group) for text, group in self.groups.items()}
+        for sock in changed:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            self.grow(config, 2)
+        except OSError:
+            for text, size in sizes.items():
+                group = self.groups[text]
+                for sock in group[size:]:
+                    sock.close()
+                del group[size:]
+            for sock in changed:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+            raise
+
+    def grow(self, config: Config, size: int) -> None:
+        """Give every group at least `size` sockets (reuse_port on)."""
+        server = config.server
+        for address in server.listen:
+            group = self.groups[str(address)]
+            port = group[0].getsockname()[1]  # the port the first one got (port 0)
+            while len(group) < size:
+                try:
+                    group.append(bind(ListenAddress(address.host, port, address.family),
+                                      server.backlog, reuse_port=True))
+                except OSError as exc:
+                    raise OSError(f"cannot add a socket on {address}: {exc.strerror}") from exc
+
+    def for_worker(self, config: Config, index: int, target: int) -> list[socket.socket]:
+        """The sockets worker `index` of `target` accepts from; grows groups as needed."""
+        if not config.server.reuse_port:
+            return self.all()
+        self.grow(config, index + 1)
+        return [group[position] for group in self.groups.values()
+                for position in worker_positions(len(group), index, target)]
+
+    def close(self) -> None:
+        for sock in self.all():
+            sock.close()
+        self.groups.clear()
+
+
+def switch_reuse_port(pool: ListenerPool, current: Config, config: Config) -> Config:
+    """`config`, or `config` with reuse_port kept off. Turning it off needs nothing (the
+    workers share every socket); turning it on needs the sockets bound without it to take
+    SO_REUSEPORT siblings. If the kernel refuses, it stays off (logged) and the rest of
+    the reload still applies."""
+    if not config.server.reuse_port or current.server.reuse_port:
+        return config
+    try:
+        pool.allow_reuse_port(config)
+    except OSError as exc:
+        log.error("reload: server.reuse_port stays false until a restart: %s", exc)
+        return replace(config, server=replace(config.server, reuse_port=False))
+    return config

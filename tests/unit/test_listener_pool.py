@@ -1,0 +1,102 @@
+"""The master's listening sockets: who accepts from which, and groups that never shrink."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from minismtp.config import load_config
+from minismtp.listeners import ListenerPool, shares_port, switch_reuse_port, worker_positions
+
+
+def config(reuse_port: bool, workers: int = 2, listen: tuple[str, ...] = ("127.0.0.1:0",)):
+    return load_config(overrides={"server.reuse_port": reuse_port, "server.workers": workers,
+                                  "server.listen": list(listen)})
+
+
+@pytest.fixture
+def pool():
+    made = ListenerPool()
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("group_size", range(1, 9))
+@pytest.mark.parametrize("target", range(1, 6))
+def test_every_socket_of_a_group_has_exactly_one_worker_of_a_full_generation(group_size, target):
+    taken = [p for index in range(target) for p in worker_positions(group_size, index, target)]
+    assert sorted(taken) == list(range(group_size))
+
+
+def test_reuse_port_gives_each_worker_its_own_socket(pool):
+    on = config(reuse_port=True)
+    pool.bind_missing(on)
+    first, second = pool.for_worker(on, 0, 2), pool.for_worker(on, 1, 2)
+    assert len(first) == len(second) == 1 and first[0] is not second[0]
+    assert first[0].getsockname() == second[0].getsockname()
+    assert all(shares_port(sock) for sock in first + second)
+    # The next generation's workers get the very same sockets: no queue is dropped.
+    assert pool.for_worker(on, 0, 2) == first and pool.for_worker(on, 1, 2) == second
+
+
+def test_fewer_workers_share_out_every_socket_of_a_group(pool):
+    on = config(reuse_port=True)
+    pool.bind_missing(on)
+    for index in range(4):
+        pool.for_worker(on, index, 4)
+    assert pool.count() == 4
+    shares = [pool.for_worker(on, index, 3) for index in range(3)]
+    assert sorted(id(s) for share in shares for s in share) == sorted(map(id, pool.all()))
+
+
+def test_without_reuse_port_every_worker_takes_every_socket(pool):
+    on, off = config(reuse_port=True), config(reuse_port=False)
+    pool.bind_missing(on)
+    pool.for_worker(on, 1, 2)
+    assert pool.for_worker(off, 0, 2) == pool.for_worker(off, 1, 2) == pool.all()
+    assert pool.count() == 2
+
+
+def test_turning_reuse_port_on_lets_the_first_socket_take_siblings(pool):
+    off, on = config(reuse_port=False), config(reuse_port=True)
+    pool.bind_missing(off)
+    [original] = pool.all()
+    assert not shares_port(original)
+    assert switch_reuse_port(pool, off, on) is on
+    assert shares_port(original) and pool.count() == 2
+    assert pool.for_worker(on, 0, 2) == [original]
+
+
+def test_when_the_kernel_refuses_reuse_port_stays_off(pool, monkeypatch, caplog):
+    off, on = config(reuse_port=False), config(reuse_port=True)
+    pool.bind_missing(off)
+    [original] = pool.all()
+
+    def refuse(*args, **kwargs):
+        raise OSError("cannot add a socket on 127.0.0.1:0: Address already in use")
+
+    monkeypatch.setattr(pool, "grow", refuse)
+    kept = switch_reuse_port(pool, off, on)
+    assert kept.server.reuse_port is False and kept.server.workers == on.server.workers
+    assert not shares_port(original) and pool.all() == [original]
+    assert "server.reuse_port stays false until a restart" in caplog.text
+
+
+def test_a_removed_address_closes_its_group(pool):
+    both = config(reuse_port=False, listen=("127.0.0.1:0", "127.0.0.2:0"))
+    pool.bind_missing(both)
+    gone = pool.groups["127.0.0.2:0"][0]
+    pool.drop_unlisted(config(reuse_port=False))
+    assert list(pool.groups) == ["127.0.0.1:0"] and gone.fileno() == -1
+
+
+def test_a_bind_failure_closes_what_the_call_bound(pool):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        clash = config(reuse_port=False, listen=("127.0.0.1:0", f"127.0.0.1:{port}"))
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            pool.bind_missing(clash)
+    assert pool.groups == {}

@@ -1,0 +1,58 @@
+"""The worker count is capped at what the master's heartbeat board holds: in the
+configuration, for TTIN, and while an old generation and a new one overlap."""
+
+from __future__ import annotations
+
+import pytest
+
+from minismtp.arbiter import BOARD_SLOTS, Arbiter
+from minismtp.config import ConfigError, load_config
+from minismtp.values import MAX_WORKERS
+
+
+@pytest.fixture
+def make_arbiter():
+    made: list[Arbiter] = []
+
+    def make(workers: int) -> Arbiter:
+        made.append(Arbiter(load_config(overrides={"server.workers": workers}), None))
+        return made[-1]
+
+    yield make
+    for arbiter in made:  # never run: only its selector, wakeup pair and boards to close
+        arbiter.sel.close()
+        arbiter.wakeup.close()
+        arbiter.board.close()
+
+
+def test_the_board_holds_two_full_generations():
+    assert BOARD_SLOTS == 2 * MAX_WORKERS
+
+
+def test_more_workers_than_the_cap_are_refused():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"server.workers": MAX_WORKERS + 1})
+    assert info.value.problems == [
+        f"server.workers: must be at most {MAX_WORKERS}, got {MAX_WORKERS + 1}"]
+    assert load_config(overrides={"server.workers": MAX_WORKERS}).server.workers == MAX_WORKERS
+
+
+def test_auto_never_exceeds_the_cap(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4 * MAX_WORKERS)
+    assert load_config(overrides={"server.workers": "auto"}).server.workers == MAX_WORKERS
+
+
+def test_ttin_at_the_cap_keeps_the_count(make_arbiter, caplog):
+    arbiter = make_arbiter(MAX_WORKERS)
+    arbiter._more_workers()
+    assert arbiter.target == MAX_WORKERS
+    assert f"workers: {MAX_WORKERS}, the most there can be; TTIN ignored" in caplog.text
+
+
+def test_with_every_slot_taken_a_spawn_waits_instead_of_failing(make_arbiter, caplog):
+    arbiter = make_arbiter(2)
+    arbiter.free_slots = []  # a retiring generation and a new one fill the board
+    assert arbiter._spawn(now=0.0) is False
+    assert arbiter._spawn(now=1.0) is False
+    assert arbiter.workers == {}
+    assert caplog.text.count("worker slots taken") == 1  # said once, not every turn
