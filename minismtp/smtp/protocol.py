@@ -19,6 +19,14 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
 
 States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
 missing entry is the 503 (`_bad_sequence` picks its wording), decided in one place.
+
+STARTTLS (RFC 3207), when `Settings.starttls` offers it: accepting the StartTls decision
+queues 220, drops whatever the client sent after the command line (plaintext injected
+before the handshake, CVE-2011-0411; counted in `discarded_after_starttls`) and leaves
+the core PAUSED in STARTING_TLS. The I/O layer flushes the 220, completes the handshake
+and calls `tls_started(description)`: the session starts afresh, without HELO or
+transaction (RFC 3207 4.2). For implicit TLS (RFC 8314) it calls `tls_started()` before
+`greet()`. Until TLS is up, `Settings.require_tls` answers MAIL, RCPT and DATA with 530.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from minismtp.smtp.arguments import (
 from minismtp.smtp.buffer import ReceiveBuffer
 from minismtp.smtp.events import (
     NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
-    MessageEnd, MessageRejected, Quit, RcptTo, Reset,
+    MessageEnd, MessageRejected, Quit, RcptTo, Reset, StartTls,
 )
 from minismtp.smtp.replies import Reply
 from minismtp.smtp.scanner import CR, NEED_MORE, BodyScanner, LineScanner
@@ -52,6 +60,11 @@ class Settings:
     reject_bare_lf: bool = True
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
     data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
+    # STARTTLS offered (EHLO lists it). Not offered, the command gets 502 like any other
+    # extension we lack; offered but refused by a decision (fault rule, no usable
+    # context), 454 4.7.0 (`replies.TLS_NOT_AVAILABLE`).
+    starttls: bool = False
+    require_tls: bool = False  # MAIL, RCPT, DATA get 530 5.7.0 until TLS is up
 
     def __post_init__(self) -> None:
         # A whole command line must fit, or the line scanner could never find its end.
@@ -67,6 +80,7 @@ class State(enum.Enum):
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"
     NO_SERVICE = "no-service"  # negative greeting: only QUIT (RFC 5321 3.1)
+    STARTING_TLS = "starting-tls"  # 220 to STARTTLS sent; waiting for tls_started()
     CLOSED = "closed"
 
     # Members are singletons, so identity hashing is exact; Enum's own __hash__ is
@@ -85,8 +99,12 @@ _NEXT_STATE: dict[tuple[State, str], State] = {
     (S.MAIL, "RCPT"): S.RCPT,
     (S.RCPT, "RCPT"): S.RCPT,
     (S.RCPT, "DATA"): S.DATA,
+    # Not inside a transaction (RFC 3207 4); a HELO first is not required.
+    (S.WAIT_HELO, "STARTTLS"): S.STARTING_TLS,
+    (S.READY, "STARTTLS"): S.STARTING_TLS,
 }
 _ANY_STATE = frozenset({"RSET", "NOOP", "QUIT", "VRFY", "HELP"})
+_NEEDS_TLS = frozenset({"MAIL", "RCPT", "DATA"})  # with require_tls, 530 until TLS is up
 _NOT_IMPLEMENTED = frozenset({
     "EXPN", "TURN", "ETRN", "ATRN", "AUTH", "STARTTLS", "BDAT", "SEND", "SOML", "SAML",
 })
@@ -127,6 +145,10 @@ class SmtpServerConnection:
         self.refusals: dict[int, int] = {}  # negative replies the core sent, by code
         self._helo = ""
         self._esmtp = False
+        self._handlers = _HANDLERS_STARTTLS if settings.starttls else _HANDLERS
+        self.tls: str | None = None  # once TLS is up: its description (tls.describe())
+        self._tls_needed = settings.require_tls  # and not in TLS yet
+        self.discarded_after_starttls = 0  # bytes dropped at the switch (CVE-2011-0411)
         self._reset_transaction()
 
     # -- I/O layer API -------------------------------------------------------------
@@ -151,7 +173,7 @@ class SmtpServerConnection:
 
     def next_event(self) -> object:
         """The next event, NEED_DATA (feed more bytes) or PAUSED (answer first)."""
-        if self._pending is not None or self.state is S.START:
+        if self._pending is not None or self.state is S.START or self.state is S.STARTING_TLS:
             return PAUSED
         if self.state is S.DATA:
             return self._next_body_event()
@@ -197,8 +219,9 @@ class SmtpServerConnection:
             self._reset_transaction()
             self._helo, self._esmtp = event.name, event.extended
             s = self.settings
+            offer_tls = s.starttls and self.tls is None
             self._out.append(
-                replies.ehlo(s.hostname, s.max_message_bytes).wire if event.extended
+                replies.ehlo(s.hostname, s.max_message_bytes, offer_tls).wire if event.extended
                 else replies.helo(s.hostname).wire)
             self.state = S.READY
         elif kind is MailFrom:
@@ -217,6 +240,10 @@ class SmtpServerConnection:
         elif kind is MessageEnd:
             self._out.append(replies.queued_wire(queue_id))
             self._end_transaction()
+        elif kind is StartTls:
+            self._out.append(replies.READY_FOR_TLS.wire)
+            self._drop_buffered()
+            self.state = S.STARTING_TLS
         else:  # Quit
             self._out.append(replies.CLOSING.wire)
             self._close("quit")
@@ -232,6 +259,21 @@ class SmtpServerConnection:
             self._close("quit")
         elif reply.code == 421:  # RFC 5321 3.8: 421 means the channel is being closed
             self._close("closed by server: 421")
+
+    def tls_started(self, description: str = "") -> None:
+        """TLS is up: after an accepted STARTTLS once the handshake completed, or for
+        implicit TLS before `greet()`. `description` (`tls.describe()`) goes into the
+        envelope, hence the Received header. After STARTTLS the session starts afresh:
+        no HELO, no transaction (RFC 3207 4.2)."""
+        if self.state is S.STARTING_TLS:
+            self._drop_buffered()  # nothing sent in plaintext may count as said in TLS
+            self._reset_transaction()
+            self._helo, self._esmtp = "", False
+            self.state = S.WAIT_HELO
+        elif self.state is not S.START or self.tls is not None:
+            raise RuntimeError("tls_started() follows an accepted STARTTLS, or comes first")
+        self.tls = description
+        self._tls_needed = False
 
     def shutdown(self, reply: Reply) -> None:
         """Send a last reply (timeout, shutting down) and close, whatever was pending."""
@@ -274,15 +316,23 @@ class SmtpServerConnection:
     def close_reason(self) -> str:
         return self._close_reason
 
+    @property
+    def awaiting_tls(self) -> bool:
+        """STARTTLS was accepted: flush the 220, then hand the socket to TLS."""
+        return self.state is S.STARTING_TLS
+
     # -- commands ------------------------------------------------------------------
 
     def _dispatch(self, text: str) -> object | None:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        handler = _HANDLERS.get(verb)
+        handler = self._handlers.get(verb)
         if handler is None:
             self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
                         else replies.UNRECOGNIZED)
+            return None
+        if self._tls_needed and verb in _NEEDS_TLS:
+            self._error(replies.MUST_STARTTLS)
             return None
         if verb not in _ANY_STATE and (self.state, verb) not in _NEXT_STATE:
             self._error(_bad_sequence(self.state, verb, self._rcpt_attempts > 0))
@@ -339,7 +389,7 @@ class SmtpServerConnection:
             raise ArgumentError(replies.NO_ARGUMENTS)
         return DataStarted(Envelope(
             self._helo, self._esmtp, self._sender, tuple(self._recipients),
-            self._smtputf8, self._body_8bit, self._declared_size))
+            self._smtputf8, self._body_8bit, self._declared_size, self.tls))
 
     def _rset_cmd(self, arg: str) -> object | None:
         if arg:
@@ -356,6 +406,13 @@ class SmtpServerConnection:
 
     def _quit_cmd(self, arg: str) -> object:
         return Quit()
+
+    def _starttls_cmd(self, arg: str) -> object:
+        if self.tls is not None:
+            raise ArgumentError(replies.TLS_ALREADY_ACTIVE)
+        if arg:
+            raise ArgumentError(replies.STARTTLS_SYNTAX)
+        return StartTls()
 
     def _vrfy_cmd(self, arg: str) -> None:
         if not arg:
@@ -443,6 +500,12 @@ class SmtpServerConnection:
         self._body_8bit = False
         self._declared_size: int | None = None
 
+    def _drop_buffered(self) -> None:
+        buf = self.buffer
+        self.discarded_after_starttls += len(buf)
+        buf.start = buf.end
+        self._lines.reset()
+
     def _end_transaction(self) -> None:
         self._reset_transaction()
         self.state = S.READY
@@ -474,3 +537,4 @@ _HANDLERS: dict[str, Callable[[SmtpServerConnection, str], object | None]] = {
     "NOOP": SmtpServerConnection._noop_cmd, "QUIT": SmtpServerConnection._quit_cmd,
     "VRFY": SmtpServerConnection._vrfy_cmd, "HELP": SmtpServerConnection._help_cmd,
 }
+_HANDLERS_STARTTLS = {**_HANDLERS, "STARTTLS": SmtpServerConnection._starttls_cmd}
