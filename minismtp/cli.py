@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"minismtp: {problem}", file=sys.stderr)
         return exitcodes.CONFIG
     if args.command == "check-config":
+        for warning in config.warnings:
+            print(f"minismtp: warning: {warning}", file=sys.stderr)
         sys.stdout.write(dump_config(config))
         return exitcodes.OK
     if args.command == "stats":
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return statsview.run(config, args.once)
     _setup_logging(config.logging.level)
+    for warning in config.warnings:
+        logging.getLogger("minismtp.master").warning("%s", warning)
     from minismtp.arbiter import Arbiter  # the server's modules only when serving
 
     return Arbiter(config, args.config, overrides).run()
