@@ -4,6 +4,7 @@ on certificate files, and the server context built from them (minismtp/tls.py)."
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -366,3 +367,39 @@ def test_reload_keeps_the_old_context_when_the_new_pair_is_broken(pair, rsa_pair
     fresh = tls.reloaded_context(current, TlsConfig((CertificatePair(*rsa_pair),)))
     assert fresh is not current and isinstance(fresh, ssl.SSLContext)
     assert tls.reloaded_context(current, TlsConfig()) is None
+
+
+def test_sessions_resume_across_forked_processes(pair, client_context):
+    """The context built before fork: a ticket from one child resumes with another (a
+    context built in each child would have ticket keys of its own: no resumption)."""
+    context = tls.server_context(TlsConfig((CertificatePair(*pair),)))
+
+    def session_via_child(session):
+        server_end, client_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the "worker": serve one handshake, then exit without returning
+            code = 1
+            try:
+                client_end.close()
+                server_end.settimeout(10)
+                with context.wrap_socket(server_end, server_side=True) as secure:
+                    secure.sendall(b"220 x\r\n")
+                    secure.recv(100)
+                code = 0
+            finally:
+                os._exit(code)
+        server_end.close()
+        client_end.settimeout(10)
+        with client_context.wrap_socket(client_end, server_hostname="mx.test",
+                                        session=session) as secure:
+            assert secure.recv(100) == b"220 x\r\n"  # the tickets arrive with it
+            reused, got = secure.session_reused, secure.session
+            secure.sendall(b"QUIT\r\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        return reused, got
+
+    reused, session = session_via_child(None)
+    assert not reused
+    reused, _ = session_via_child(session)
+    assert reused
