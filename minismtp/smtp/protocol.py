@@ -10,9 +10,9 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
 
 - Protocol errors (unknown verb, bad syntax, wrong order, line too long, bare LF) are
   answered here; the replies wait in an internal buffer read by `data_to_send()`.
-- A *decision* event (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit) pauses the
-  core until the I/O layer calls `accept()` or `reject(reply)`; only then are later
-  pipelined commands looked at, so replies always leave in command order (RFC 2920).
+- A *decision* event (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit, StartTls)
+  pauses the core until the I/O layer calls `accept()` or `reject(reply)`; only then are
+  later pipelined commands looked at, so replies always leave in command order (RFC 2920).
 - In DATA the body scanner hands out BodyChunk views of the buffer itself; the core
   counts them against the size limit and the bare-LF policy and answers 552/550 itself
   after the terminator (a "delayed reject": it never stops reading mid-DATA).
