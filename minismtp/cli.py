@@ -7,6 +7,7 @@ Untrusted input: command-line arguments and the configuration file, both validat
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from minismtp import __version__, exitcodes
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"minismtp: {problem}", file=sys.stderr)
         return exitcodes.CONFIG
     if args.command == "check-config":
+        for warning in config.warnings:
+            print(f"minismtp: warning: {warning}", file=sys.stderr)
         sys.stdout.write(dump_config(config))
         return exitcodes.OK
     if args.command == "stats":
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return statsview.run(config, args.once)
     setup_logging(config.logging.level)
+    for warning in config.warnings:
+        logging.getLogger("minismtp.master").warning("%s", warning)
     from minismtp.arbiter import Arbiter  # the server's modules only when serving
 
     return Arbiter(config, args.config, overrides).run()

@@ -28,12 +28,12 @@ import yaml
 from minismtp import values as parsing
 from minismtp.faultrules import RuleProblems, dump_rules, parse_rules, parse_seed
 from minismtp.faults import FaultsConfig
-from minismtp.values import ListenAddress, Parser, parse_listen
+from minismtp.values import CertificatePair, ListenAddress, Listener, Parser, parse_listen
 
 __all__ = [
-    "SETTINGS", "Config", "ConfigError", "DeliveryConfig", "LimitsConfig", "ListenAddress",
-    "LoggingConfig", "ServerConfig", "Setting", "StatsConfig", "dump_config", "load_config",
-    "parse_listen",
+    "SETTINGS", "CertificatePair", "Config", "ConfigError", "DeliveryConfig", "LimitsConfig",
+    "ListenAddress", "Listener", "LoggingConfig", "ServerConfig", "Setting", "StatsConfig",
+    "TlsConfig", "dump_config", "load_config", "parse_listen",
 ]
 
 
@@ -48,7 +48,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     hostname: str
-    listen: tuple[ListenAddress, ...]
+    listen: tuple[Listener, ...]
     workers: int
     max_connections: int
     reuse_port: bool
@@ -71,6 +71,7 @@ class LimitsConfig:
     max_errors: int
     max_junk_commands: int
     bare_lf: str
+    tls_handshake_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,14 @@ class StatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    certificates: tuple[CertificatePair, ...] = ()  # none: no TLS anywhere
+    min_version: str = "TLSv1.2"
+    ciphers: str | None = None  # OpenSSL cipher string (TLS 1.2); None: Python's defaults
+    session_tickets: int = 2  # TLS 1.3 tickets sent after each full handshake
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     limits: LimitsConfig
@@ -99,8 +108,11 @@ class Config:
     logging: LoggingConfig
     faults: FaultsConfig = FaultsConfig()  # frozen values: one shared default is safe
     stats: StatsConfig = StatsConfig()
+    tls: TlsConfig = TlsConfig()
     # Where it came from is not what it says: a reload that changes nothing compares equal.
     source: str | None = field(default=None, compare=False)
+    # Lines worth a look that do not stop the server (a certificate past its dates).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +138,11 @@ SETTINGS: tuple[Setting, ...] = (
             parsing.printable_name("a host name of printable ASCII, no spaces"),
             "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no spaces)"),
     Setting("server.listen", ["127.0.0.1:2525"], parsing.listen_list,
-            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port',
-            lambda addresses: [str(address) for address in addresses]),
+            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. An entry '
+            "may be a mapping: `address`, `tls` (`none`, `starttls`, `implicit`; default "
+            "`starttls` with `tls.certificates`, else `none`), `require_tls` (`true`: no "
+            "mail before STARTTLS)",
+            lambda listeners: [str(listener) for listener in listeners]),
     Setting("server.workers", "auto", parsing.worker_count,
             "worker processes (`auto` = CPU count)"),
     Setting("server.max_connections", 4096, _positive,
@@ -175,6 +190,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.bare_lf", "reject", parsing.choice("reject", "accept"),
             "`reject`: a bare LF gets `500 5.5.2` in a command, `550 5.5.2` after a body; "
             "`accept`: taken as is"),
+    Setting("limits.tls_handshake_timeout", "30s", _timeout,
+            "time a TLS handshake may take (STARTTLS or implicit)", parsing.dump_duration),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),
     Setting("delivery.path", "./var/mail", parsing.string,
@@ -195,6 +212,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stats.listen", None, parsing.optional_listen,
             "`host:port` serving `/metrics` and `/stats`; `null` = off",
             lambda address: None if address is None else str(address)),
+    Setting("tls.certificates", [], parsing.certificate_list,
+            "`{cert, key}` PEM file pairs (one per key type, e.g. ECDSA and RSA: each client "
+            "gets the first its signature algorithms allow); none: no TLS",
+            lambda pairs: [{"cert": pair.cert, "key": pair.key} for pair in pairs]),
+    Setting("tls.min_version", "TLSv1.2", parsing.choice("TLSv1.2", "TLSv1.3"),
+            "oldest TLS version accepted: `TLSv1.2` or `TLSv1.3`"),
+    Setting("tls.ciphers", None, parsing.optional_string,
+            "OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's); `null` = "
+            "Python's defaults"),
+    Setting("tls.session_tickets", 2, parsing.integer(0, 16),
+            "TLS 1.3 session tickets sent per full handshake (resumption across workers: "
+            "they share the keys); `0` = none"),
 )
 
 _SECTIONS: dict[str, type] = {
@@ -204,6 +233,7 @@ _SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "faults": FaultsConfig,
     "stats": StatsConfig,
+    "tls": TlsConfig,
 }
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 _KEYS = {section: [name.split(".")[1] for name in _BY_NAME if name.startswith(section + ".")]
@@ -319,18 +349,52 @@ def load_config(
             parsed[setting.name] = setting.parse(raw)
         except parsing.ItemProblems as exc:
             problems.extend(f"{setting.name}[{index}]: {message}" for index, message in exc.items)
-        except RuleProblems as exc:
+        except (RuleProblems, parsing.PathProblems) as exc:
             problems.extend(f"{setting.name}{path}: {message}" for path, message in exc.items)
         except ValueError as exc:
             problems.append(f"{setting.name}: {exc}")
     problems.extend(_clashes(parsed))
+    problems.extend(_resolve_listeners(parsed))
     if problems:
         raise ConfigError(problems)
     sections = {
         section: cls(**{key: parsed[f"{section}.{key}"] for key in _KEYS[section]})
         for section, cls in _SECTIONS.items()
     }
-    return Config(**sections, source=source)
+    return Config(**sections, source=source, warnings=tuple(_check_tls(sections["tls"])))
+
+
+def _check_tls(config: TlsConfig) -> list[str]:
+    """Load what TLS needs as a worker would (files, pairs, cipher string): problems
+    raise ConfigError; a certificate past its dates is only a warning."""
+    if not config.certificates:
+        return []
+    from minismtp import tls  # ssl only where TLS is configured
+
+    tls.server_context(config)
+    return tls.certificate_warnings(config)
+
+
+def _default_tls(certificates: object) -> str:
+    return "starttls" if certificates else "none"
+
+
+def _resolve_listeners(parsed: dict[str, object]) -> list[str]:
+    """Give each listener its TLS mode; a mode that needs certificates needs them."""
+    listeners = parsed.get("server.listen")
+    if not isinstance(listeners, tuple):
+        return []  # reported already
+    certificates = parsed.get("tls.certificates")
+    default, problems, resolved = _default_tls(certificates), [], []
+    for index, listener in enumerate(listeners):
+        mode = listener.tls or default
+        if mode != "none" and not certificates:
+            problems.append(f'server.listen[{index}].tls: "{mode}" needs tls.certificates')
+        elif listener.require_tls and mode == "none":
+            problems.append(f"server.listen[{index}].require_tls: needs tls: starttls")
+        resolved.append(Listener(listener.address, mode, listener.require_tls))
+    parsed["server.listen"] = tuple(resolved)
+    return problems
 
 
 def _clashes(parsed: dict[str, object]) -> list[str]:
@@ -362,6 +426,8 @@ def dump_config(config: Config) -> str:
         }
         for section in _SECTIONS
     }
+    document["server"]["listen"] = parsing.dump_listeners(
+        config.server.listen, _default_tls(config.tls.certificates))
     header = "# minismtp effective configuration\n"
     if config.source is not None:
         header += f"# file: {json.dumps(config.source, ensure_ascii=False)}, plus any overrides\n"

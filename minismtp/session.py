@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from minismtp.config import Config
+from minismtp.config import Config, Listener
 from minismtp.delivery import Peer, Sink
 from minismtp.smtp.events import Envelope
 from minismtp.smtp.protocol import Settings, SmtpServerConnection
@@ -17,9 +17,14 @@ if TYPE_CHECKING:
     from minismtp.transport import PlainTransport
 
 
-def protocol_settings(config: Config) -> Settings:
+def protocol_settings(config: Config, listener: Listener | None = None) -> Settings:
+    """The core's settings for connections from `listener` (None: plaintext, no STARTTLS).
+    An implicit TLS listener offers no STARTTLS: its sessions start with tls_started()."""
     limits = config.limits
+    starttls = listener is not None and listener.tls == "starttls"
     return Settings(
+        starttls=starttls,
+        require_tls=starttls and listener.require_tls,
         hostname=config.server.hostname,
         max_message_bytes=limits.max_message_size,
         max_recipients=limits.max_recipients,

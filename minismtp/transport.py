@@ -18,6 +18,14 @@ from __future__ import annotations
 
 import _socket
 import socket
+from typing import TYPE_CHECKING
+
+from minismtp.loop import READ, WRITE
+
+if TYPE_CHECKING:
+    import ssl
+
+    from minismtp.tlstransport import TlsTransport
 
 MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the bytes for what follows
 _DRAIN_READS = 16  # per readiness event while lingering: a flooding client must not hold us
@@ -29,6 +37,9 @@ class PlainTransport:
     # Bytes received but not yet seen by the loop: never for a plain socket (select()
     # sees everything); a TLS transport may hold decrypted bytes select() cannot see.
     has_buffered_input = False
+    # What a blocked read or write waits for (tlstransport.py: under TLS either may be
+    # either); for a plain socket, always the obvious.
+    read_wants, write_wants = READ, WRITE
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
@@ -65,6 +76,17 @@ class PlainTransport:
 
     def close(self) -> None:
         self.sock.close()
+
+    def start_tls(self, context: ssl.SSLContext) -> TlsTransport:
+        """STARTTLS: the same connection under TLS, its handshake to come. This transport
+        is finished: its socket is detached (fileno() -1), so unregister it from the
+        selector first. The caller guarantees the 220 went out whole (nothing pending)
+        and that the core dropped every byte read past the STARTTLS line."""
+        from minismtp.tlstransport import TlsTransport
+
+        if self.pending:
+            raise RuntimeError("the reply to STARTTLS must be sent before the handshake")
+        return TlsTransport.wrap(self.sock, context)
 
     def refuse(self, wire: bytes) -> None:
         """Best effort: one last reply and close, for a connection never served."""

@@ -42,6 +42,54 @@ class ListenAddress:
         return f"{self.host}:{self.port}"
 
 
+TLS_MODES = ("none", "starttls", "implicit")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One `server.listen` entry: an address and how its connections use TLS.
+
+    Written as a string (the address, default TLS mode) or a mapping of the keys in
+    `LISTENER_KEYS`. `tls` is None only between parsing and `config.load_config`, which
+    resolves it: "starttls" when tls.certificates are set, else "none". The address's
+    `host`, `port`, `family` and `str()` are the listener's own, so code that binds or
+    names a listener treats it as its address.
+    """
+
+    address: ListenAddress
+    tls: str | None = None  # one of TLS_MODES
+    require_tls: bool = False  # STARTTLS listeners: MAIL, RCPT, DATA need TLS first
+
+    @property
+    def host(self) -> str:
+        return self.address.host
+
+    @property
+    def port(self) -> int:
+        return self.address.port
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return self.address.family
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificatePair:
+    cert: str  # PEM certificate, then its chain
+    key: str  # PEM private key, unencrypted
+
+
+class PathProblems(ValueError):
+    """Problems below a setting, as (path such as "[1].tls", message)."""
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{path}: {message}" for path, message in items))
+        self.items = items
+
+
 def got(value: object) -> str:
     """Show a bad value the way the operator wrote it in YAML, briefly."""
     if isinstance(value, str):  # quoted, control characters escaped
@@ -142,6 +190,44 @@ def string(value: object) -> str:
 
 
 _PRINTABLE = re.compile(r"[\x21-\x7e]+", re.ASCII)
+
+
+def optional_string(value: object) -> str | None:
+    return None if value is None else string(value)
+
+
+_PAIR_KEYS = ("cert", "key")
+
+
+def certificate_list(value: object) -> tuple[CertificatePair, ...]:
+    """tls.certificates: a list of {cert, key} file paths (read and checked by tls.py)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of {{cert, key}} mappings, got {got(value)}")
+    pairs, problems = [], []
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            problems.append((f"[{index}]", f"must be a mapping with cert and key, got {got(item)}"))
+            continue
+        for key in item:
+            if key not in _PAIR_KEYS:
+                problems.append((f"[{index}].{key}",
+                                 f"unknown key{suggest(str(key), list(_PAIR_KEYS))}"))
+        paths = {}
+        for key in _PAIR_KEYS:
+            if key not in item:
+                problems.append((f"[{index}]", f'missing key "{key}"'))
+                continue
+            try:
+                paths[key] = string(item[key])
+            except ValueError as exc:
+                problems.append((f"[{index}].{key}", str(exc)))
+        if len(paths) == 2:
+            pairs.append(CertificatePair(**paths))
+    if problems:
+        raise PathProblems(problems)
+    return tuple(pairs)
 
 
 def printable_name(want: str, *, optional: bool = False) -> Parser:
@@ -247,25 +333,75 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host, int(port_text), family)
 
 
-def listen_list(value: object) -> tuple[ListenAddress, ...]:
+# The keys a listener mapping may hold. Each parses its own value into a Listener field;
+# later per-listener keys (a name, limits, ...) join here.
+LISTENER_KEYS: dict[str, tuple[str, Parser]] = {
+    "tls": ("tls", choice(*TLS_MODES)),
+    "require_tls": ("require_tls", boolean),
+}
+
+
+def _listener(item: object, index: int, problems: list[tuple[str, str]]) -> Listener | None:
+    if not isinstance(item, Mapping):
+        try:
+            return Listener(parse_listen(item))  # a string, or a message naming the type
+        except ValueError as exc:
+            problems.append((f"[{index}]", str(exc)))
+            return None
+    fields: dict[str, object] = {}
+    ok = True
+    if "address" not in item:
+        problems.append((f"[{index}]", 'missing key "address"'))
+        ok = False
+    for key, raw in item.items():
+        key = str(key)
+        where = f"[{index}].{key}"
+        try:
+            if key == "address":
+                fields["address"] = parse_listen(raw)
+            elif key in LISTENER_KEYS:
+                name, parse = LISTENER_KEYS[key]
+                fields[name] = parse(raw)
+            else:
+                problems.append((where, f"unknown key{suggest(key, ['address', *LISTENER_KEYS])}"))
+                ok = False
+        except ValueError as exc:
+            problems.append((where, str(exc)))
+            ok = False
+    return Listener(**fields) if ok else None  # type: ignore[arg-type]
+
+
+def listen_list(value: object) -> tuple[Listener, ...]:
     items = [value] if isinstance(value, str) else value  # one address needs no list
     if not isinstance(items, (list, tuple)) or not items:
         raise ValueError(f'must be a non-empty list of "host:port" addresses, got {got(value)}')
-    addresses: list[ListenAddress] = []
-    problems: list[tuple[int, str]] = []
+    listeners: list[Listener] = []
+    problems: list[tuple[str, str]] = []
     for index, item in enumerate(items):
-        try:
-            address = parse_listen(item)
-        except ValueError as exc:
-            problems.append((index, str(exc)))
+        listener = _listener(item, index, problems)
+        if listener is None:
             continue
         # Binding one address twice fails at start-up; port 0 picks a fresh port each time.
-        if address.port and address in addresses:
-            problems.append((index, f"duplicate address, got {got(item)}"))
-        addresses.append(address)
+        if listener.port and any(other.address == listener.address for other in listeners):
+            problems.append((f"[{index}]", f"duplicate address, got {got(str(listener))}"))
+        listeners.append(listener)
     if problems:
-        raise ItemProblems(problems)
-    return tuple(addresses)
+        raise PathProblems(problems)
+    return tuple(listeners)
+
+
+def dump_listeners(listeners: tuple[Listener, ...], default_tls: str) -> list[object]:
+    """A string for a listener in the default TLS mode, else a mapping."""
+    out: list[object] = []
+    for listener in listeners:
+        if listener.tls == default_tls and not listener.require_tls:
+            out.append(str(listener))
+            continue
+        entry: dict[str, object] = {"address": str(listener), "tls": listener.tls}
+        if listener.require_tls:
+            entry["require_tls"] = True
+        out.append(entry)
+    return out
 
 
 def optional_listen(value: object) -> ListenAddress | None:

@@ -127,11 +127,15 @@ def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
         lines += [f"Delivered-To: {address_text(rcpt, utf8)}" for rcpt in envelope.recipients]
     # RFC 6531 section 4.3 registers "UTF8SMTP" for ESMTP with SMTPUTF8
     protocol = "UTF8SMTP" if envelope.smtputf8 else "ESMTP" if envelope.esmtp else "SMTP"
+    if envelope.tls is not None and envelope.esmtp:  # RFC 3848 ESMTPS, RFC 6531 UTF8SMTPS
+        protocol += "S"
+    # Postfix's comment: "(using TLSv1.3 with cipher ... (256/256 bits))", from tls.describe()
+    using = f"\t(using {_clean(envelope.tls)})\r\n" if envelope.tls else ""
     address = _clean(peer.address)
     literal = f"[IPv6:{address}]" if ":" in address else f"[{address}]"
     received = (
         f"Received: from {helo_text(envelope.helo, utf8)} ({literal})\r\n"
-        f"\tby {_clean(hostname)} (minismtp) with {protocol} id {queue_id}"
+        f"{using}\tby {_clean(hostname)} (minismtp) with {protocol} id {queue_id}"
     )
     date = formatdate(when_s, localtime=True)
     if len(envelope.recipients) == 1:

@@ -24,6 +24,7 @@ class Envelope:
     smtputf8: bool = False
     body_8bitmime: bool = False
     declared_size: int | None = None
+    tls: str | None = None  # the session's TLS, as `tls.describe()` gave it; None: plaintext
 
 
 @dataclass(slots=True)
@@ -101,6 +102,17 @@ class Quit:
 
 
 @dataclass(slots=True)
+class StartTls:
+    """Decision: STARTTLS (RFC 3207), offered and in a state that allows it.
+
+    accept() queues `220 2.0.0 Ready to start TLS`, drops every byte buffered after the
+    command (see `SmtpServerConnection.discarded_after_starttls`) and waits, PAUSED, for
+    the I/O layer to flush that reply, complete the handshake and call `tls_started()`.
+    reject(reply) keeps the session in plaintext (454 4.7.0, or 421 to close).
+    """
+
+
+@dataclass(slots=True)
 class ConnectionClosed:
     """The core will say nothing more: flush what is queued, then close the socket."""
 
@@ -120,4 +132,4 @@ class _Sentinel:
 NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes, then ask again
 PAUSED = _Sentinel("PAUSED")  # answer the last decision event first
 
-DECISIONS = (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit)
+DECISIONS = (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit, StartTls)

@@ -10,9 +10,9 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
 
 - Protocol errors (unknown verb, bad syntax, wrong order, line too long, bare LF) are
   answered here; the replies wait in an internal buffer read by `data_to_send()`.
-- A *decision* event (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit) pauses the
-  core until the I/O layer calls `accept()` or `reject(reply)`; only then are later
-  pipelined commands looked at, so replies always leave in command order (RFC 2920).
+- A *decision* event (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit, StartTls)
+  pauses the core until the I/O layer calls `accept()` or `reject(reply)`; only then are
+  later pipelined commands looked at, so replies always leave in command order (RFC 2920).
 - In DATA the body scanner hands out BodyChunk views of the buffer itself; the core
   counts them against the size limit and the bare-LF policy and answers 552/550 itself
   after the terminator (a "delayed reject": it never stops reading mid-DATA).
@@ -23,6 +23,14 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
 
 States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
 missing entry is the 503 (`_bad_sequence` picks its wording), decided in one place.
+
+STARTTLS (RFC 3207), when `Settings.starttls` offers it: accepting the StartTls decision
+queues 220, drops whatever the client sent after the command line (plaintext injected
+before the handshake, CVE-2011-0411; counted in `discarded_after_starttls`) and leaves
+the core PAUSED in STARTING_TLS. The I/O layer flushes the 220, completes the handshake
+and calls `tls_started(description)`: the session starts afresh, without HELO or
+transaction (RFC 3207 4.2). For implicit TLS (RFC 8314) it calls `tls_started()` before
+`greet()`. Until TLS is up, `Settings.require_tls` answers MAIL, RCPT and DATA with 530.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from minismtp.smtp.arguments import (
 from minismtp.smtp.buffer import ReceiveBuffer
 from minismtp.smtp.events import (
     NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
-    MessageEnd, MessageRejected, Quit, RcptTo, Reset,
+    MessageEnd, MessageRejected, Quit, RcptTo, Reset, StartTls,
 )
 from minismtp.smtp.replies import Reply
 from minismtp.smtp.scanner import CR, NEED_MORE, BodyScanner, LineScanner
@@ -57,6 +65,11 @@ class Settings:
     reject_bare_lf: bool = True
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
     data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
+    # STARTTLS offered (EHLO lists it). Not offered, the command gets 502 like any other
+    # extension we lack; offered but refused by a decision (fault rule, no usable
+    # context), 454 4.7.0 (`replies.TLS_NOT_AVAILABLE`).
+    starttls: bool = False
+    require_tls: bool = False  # MAIL, RCPT, DATA get 530 5.7.0 until TLS is up
 
     def __post_init__(self) -> None:
         # A whole command line must fit, or the line scanner could never find its end.
@@ -72,6 +85,7 @@ class State(enum.Enum):
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"
     NO_SERVICE = "no-service"  # negative greeting: only QUIT (RFC 5321 3.1)
+    STARTING_TLS = "starting-tls"  # 220 to STARTTLS sent; waiting for tls_started()
     CLOSED = "closed"
 
     # Members are singletons, so identity hashing is exact; Enum's own __hash__ is
@@ -90,11 +104,15 @@ _NEXT_STATE: dict[tuple[State, str], State] = {
     (S.MAIL, "RCPT"): S.RCPT,
     (S.RCPT, "RCPT"): S.RCPT,
     (S.RCPT, "DATA"): S.DATA,
+    # Not inside a transaction (RFC 3207 4); a HELO first is not required.
+    (S.WAIT_HELO, "STARTTLS"): S.STARTING_TLS,
+    (S.READY, "STARTTLS"): S.STARTING_TLS,
 }
 _ANY_STATE = frozenset({"RSET", "NOOP", "QUIT", "VRFY", "HELP"})
 # Commands that move no mail and can be repeated at will (Postfix flags HELO, EHLO, RSET,
 # NOOP, VRFY and ETRN with SMTPD_CMD_FLAG_LIMIT; ETRN is not implemented here, HELP is).
 _JUNK = frozenset({"HELO", "EHLO", "NOOP", "RSET", "VRFY", "HELP"})
+_NEEDS_TLS = frozenset({"MAIL", "RCPT", "DATA"})  # with require_tls, 530 until TLS is up
 _NOT_IMPLEMENTED = frozenset({
     "EXPN", "TURN", "ETRN", "ATRN", "AUTH", "STARTTLS", "BDAT", "SEND", "SOML", "SAML",
 })
@@ -136,6 +154,10 @@ class SmtpServerConnection:
         self.refusals: dict[int, int] = {}  # negative replies the core sent, by code
         self._helo = ""
         self._esmtp = False
+        self._handlers = _HANDLERS_STARTTLS if settings.starttls else _HANDLERS
+        self.tls: str | None = None  # once TLS is up: its description (tls.describe())
+        self._tls_needed = settings.require_tls  # and not in TLS yet
+        self.discarded_after_starttls = 0  # bytes dropped at the switch (CVE-2011-0411)
         self._reset_transaction()
 
     # -- I/O layer API -------------------------------------------------------------
@@ -160,7 +182,7 @@ class SmtpServerConnection:
 
     def next_event(self) -> object:
         """The next event, NEED_DATA (feed more bytes) or PAUSED (answer first)."""
-        if self._pending is not None or self.state is S.START:
+        if self._pending is not None or self.state is S.START or self.state is S.STARTING_TLS:
             return PAUSED
         if self.state is S.DATA:
             return self._next_body_event()
@@ -206,8 +228,9 @@ class SmtpServerConnection:
             self._reset_transaction()
             self._helo, self._esmtp = event.name, event.extended
             s = self.settings
+            offer_tls = s.starttls and self.tls is None
             self._out.append(
-                replies.ehlo(s.hostname, s.max_message_bytes).wire if event.extended
+                replies.ehlo(s.hostname, s.max_message_bytes, offer_tls).wire if event.extended
                 else replies.helo(s.hostname).wire)
             self.state = S.READY
             self._count_junk()  # after the reply: a decision, counted once it is answered
@@ -228,6 +251,10 @@ class SmtpServerConnection:
             self._out.append(replies.queued_wire(queue_id))
             self._end_transaction()
             self._junk_commands = 0  # a stored message earns a fresh allowance (Postfix too)
+        elif kind is StartTls:
+            self._out.append(replies.READY_FOR_TLS.wire)
+            self._drop_buffered()
+            self.state = S.STARTING_TLS
         else:  # Quit
             self._out.append(replies.CLOSING.wire)
             self._close("quit")
@@ -245,6 +272,21 @@ class SmtpServerConnection:
             self._close("closed by server: 421")
         elif isinstance(event, Hello):
             self._count_junk()
+
+    def tls_started(self, description: str = "") -> None:
+        """TLS is up: after an accepted STARTTLS once the handshake completed, or for
+        implicit TLS before `greet()`. `description` (`tls.describe()`) goes into the
+        envelope, hence the Received header. After STARTTLS the session starts afresh:
+        no HELO, no transaction (RFC 3207 4.2)."""
+        if self.state is S.STARTING_TLS:
+            self._drop_buffered()  # nothing sent in plaintext may count as said in TLS
+            self._reset_transaction()
+            self._helo, self._esmtp = "", False
+            self.state = S.WAIT_HELO
+        elif self.state is not S.START or self.tls is not None:
+            raise RuntimeError("tls_started() follows an accepted STARTTLS, or comes first")
+        self.tls = description
+        self._tls_needed = False
 
     def shutdown(self, reply: Reply) -> None:
         """Send a last reply (timeout, shutting down) and close, whatever was pending."""
@@ -287,15 +329,23 @@ class SmtpServerConnection:
     def close_reason(self) -> str:
         return self._close_reason
 
+    @property
+    def awaiting_tls(self) -> bool:
+        """STARTTLS was accepted: flush the 220, then hand the socket to TLS."""
+        return self.state is S.STARTING_TLS
+
     # -- commands ------------------------------------------------------------------
 
     def _dispatch(self, text: str) -> object | None:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        handler = _HANDLERS.get(verb)
+        handler = self._handlers.get(verb)
         if handler is None:
             self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
                         else replies.UNRECOGNIZED)
+            return None
+        if self._tls_needed and verb in _NEEDS_TLS:
+            self._error(replies.MUST_STARTTLS)
             return None
         if verb not in _ANY_STATE and (self.state, verb) not in _NEXT_STATE:
             self._error(_bad_sequence(self.state, verb, self._rcpt_attempts > 0))
@@ -355,7 +405,7 @@ class SmtpServerConnection:
             raise ArgumentError(replies.NO_ARGUMENTS)
         return DataStarted(Envelope(
             self._helo, self._esmtp, self._sender, tuple(self._recipients),
-            self._smtputf8, self._body_8bit, self._declared_size))
+            self._smtputf8, self._body_8bit, self._declared_size, self.tls))
 
     def _rset_cmd(self, arg: str) -> object | None:
         if arg:
@@ -372,6 +422,13 @@ class SmtpServerConnection:
 
     def _quit_cmd(self, arg: str) -> object:
         return Quit()
+
+    def _starttls_cmd(self, arg: str) -> object:
+        if self.tls is not None:
+            raise ArgumentError(replies.TLS_ALREADY_ACTIVE)
+        if arg:
+            raise ArgumentError(replies.STARTTLS_SYNTAX)
+        return StartTls()
 
     def _vrfy_cmd(self, arg: str) -> None:
         if not arg:
@@ -459,6 +516,12 @@ class SmtpServerConnection:
         self._body_8bit = False
         self._declared_size: int | None = None
 
+    def _drop_buffered(self) -> None:
+        buf = self.buffer
+        self.discarded_after_starttls += len(buf)
+        buf.start = buf.end
+        self._lines.reset()
+
     def _end_transaction(self) -> None:
         self._reset_transaction()
         self.state = S.READY
@@ -509,3 +572,4 @@ _HANDLERS: dict[str, Callable[[SmtpServerConnection, str], object | None]] = {
     "NOOP": SmtpServerConnection._noop_cmd, "QUIT": SmtpServerConnection._quit_cmd,
     "VRFY": SmtpServerConnection._vrfy_cmd, "HELP": SmtpServerConnection._help_cmd,
 }
+_HANDLERS_STARTTLS = {**_HANDLERS, "STARTTLS": SmtpServerConnection._starttls_cmd}

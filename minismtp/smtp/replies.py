@@ -66,9 +66,11 @@ def greeting(hostname: str) -> Reply:
 
 
 @functools.lru_cache(maxsize=8)
-def ehlo(hostname: str, max_message_bytes: int) -> Reply:
+def ehlo(hostname: str, max_message_bytes: int, starttls: bool = False) -> Reply:
+    """The EHLO reply; `starttls` lists STARTTLS (offered, and not in TLS yet)."""
+    tls = ("STARTTLS",) if starttls else ()
     return Reply(250, None, (
-        hostname, "PIPELINING", f"SIZE {max_message_bytes}", "8BITMIME",
+        hostname, "PIPELINING", f"SIZE {max_message_bytes}", *tls, "8BITMIME",
         "ENHANCEDSTATUSCODES", "SMTPUTF8",
     ))
 
@@ -97,6 +99,8 @@ CLOSING = Reply(221, "2.0.0", "Bye")
 HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
 CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 section 4
+
 # Sequence and syntax (RFC 5321 section 4.2.4; enhanced codes RFC 3463).
 UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.6", "Error: command line too long")
@@ -120,6 +124,12 @@ BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Bad parameter value")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
+
+STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 section 4
+# STARTTLS offered, but refused this time (a fault rule, no usable context): RFC 3207 4.
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 
 # Limits.
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")

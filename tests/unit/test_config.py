@@ -19,6 +19,7 @@ from minismtp.config import (
     DeliveryConfig,
     LimitsConfig,
     ListenAddress,
+    Listener,
     LoggingConfig,
     ServerConfig,
     StatsConfig,
@@ -36,11 +37,12 @@ SCHEMA = {
                "worker_timeout", "shutdown_timeout", "user"],
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
                "data_timeout", "min_data_rate", "min_data_rate_grace", "max_errors",
-               "max_junk_commands", "bare_lf"],
+               "max_junk_commands", "bare_lf", "tls_handshake_timeout"],
     "delivery": ["backend", "path", "fsync", "layout"],
     "logging": ["level"],
     "faults": ["seed", "rules"],
     "stats": ["listen"],
+    "tls": ["certificates", "min_version", "ciphers", "session_tickets"],
 }
 
 
@@ -68,7 +70,7 @@ def test_defaults_without_a_file():
     assert config.source is None
     assert config.server == ServerConfig(
         hostname=socket.gethostname(),
-        listen=(ListenAddress("127.0.0.1", 2525, socket.AF_INET),),
+        listen=(Listener(ListenAddress("127.0.0.1", 2525, socket.AF_INET), "none"),),
         workers=os.cpu_count() or 1,
         max_connections=4096,
         reuse_port=False,
@@ -89,6 +91,7 @@ def test_defaults_without_a_file():
         max_errors=20,
         max_junk_commands=100,
         bare_lf="reject",
+        tls_handshake_timeout=30.0,
     )
     assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
     assert config.logging == LoggingConfig("info")
@@ -265,7 +268,8 @@ logging:
     config = load_config(path)
     assert config.server.workers == 2 and type(config.server.workers) is int
     assert config.server.max_connections == 100
-    assert config.server.listen == (ListenAddress("127.0.0.1", 0, socket.AF_INET),)
+    assert config.server.listen == (
+        Listener(ListenAddress("127.0.0.1", 0, socket.AF_INET), "none"),)
     assert config.server.user == "mail"
     assert config.limits.max_recipients == 1
     assert config.logging.level == "warning"
@@ -410,7 +414,8 @@ def test_overrides_apply_over_the_file(tmp_path):
     config = load_config(path, {"server.workers": 2, "server.listen": ["127.0.0.1:0"]})
     assert config.server.workers == 2
     assert config.server.backlog == 10
-    assert config.server.listen == (ListenAddress("127.0.0.1", 0, socket.AF_INET),)
+    assert config.server.listen == (
+        Listener(ListenAddress("127.0.0.1", 0, socket.AF_INET), "none"),)
 
 
 def test_overrides_are_validated_like_file_values(tmp_path):

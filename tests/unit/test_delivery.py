@@ -124,6 +124,31 @@ def test_received_protocol(tmp_path: Path, esmtp: bool, smtputf8: bool, word: st
     assert f" with {word} id " in " ".join(received.split())
 
 
+TLS = "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
+
+
+@pytest.mark.parametrize(("esmtp", "smtputf8", "word"), [
+    (False, False, "SMTP"), (True, False, "ESMTPS"), (True, True, "UTF8SMTPS"),
+])
+def test_received_over_tls(tmp_path: Path, esmtp: bool, smtputf8: bool, word: str) -> None:
+    env = Envelope(helo="client.example", esmtp=esmtp, sender="a@example.org",
+                   recipients=("b@example.net",), smtputf8=smtputf8, tls=TLS)
+    queue_id = deliver(backend(tmp_path), env)
+    data = stored(tmp_path)
+    assert (b"Received: from client.example ([192.0.2.7])\r\n"
+            b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n"
+            b"\tby mx.example.net (minismtp) with %s id %s\r\n" % (
+                word.encode(), queue_id.encode())) in data
+    split_headers(data)
+
+
+def test_received_tls_text_is_cleaned(tmp_path: Path) -> None:
+    env = Envelope(helo="c", esmtp=True, sender="", recipients=("b@example.net",),
+                   tls="TLSv1.3\r\nX-Injected: 1")
+    deliver(backend(tmp_path), env)
+    assert b"\t(using TLSv1.3??X-Injected: 1)\r\n" in stored(tmp_path)
+
+
 def test_ipv6_peer_is_an_address_literal(tmp_path: Path) -> None:
     b = backend(tmp_path)
     sink = b.open(envelope(), Peer("::1", 1))

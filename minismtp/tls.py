@@ -1,0 +1,154 @@
+"""The server's TLS context: certificates, protocol floor, ciphers, session tickets.
+
+Untrusted input: none from clients here; the certificate and key files named in the
+configuration (read, checked and loaded by OpenSSL through `ssl`). Nothing here
+implements cryptography: it only configures OpenSSL.
+
+Build the context once, in the master, before forking (`server_context`): every worker
+then inherits the same SSL_CTX, hence the same session-ticket keys, so a client that got
+a ticket from one worker resumes its session with any other (TLS 1.3 tickets and TLS 1.2
+tickets alike). A context built in each worker would have keys of its own, and
+resumption would work only when the kernel happened to pick the same worker. A new
+generation after a reload gets a new context (`reloaded_context`), hence new keys:
+tickets from before the reload then fall back to a full handshake, nothing worse.
+
+All pairs go into one context: OpenSSL keeps one certificate per key type (RSA, ECDSA,
+Ed25519) and picks for each client the one its signature algorithms allow. Pairs of one
+key type replace each other, so they are loaded last to first: the first listed wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+
+from minismtp.config import ConfigError, TlsConfig
+from minismtp.values import got
+
+__all__ = ["certificate_warnings", "describe", "reloaded_context", "server_context"]
+
+log = logging.getLogger("minismtp.master")
+
+_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+# No renegotiation (a client-driven CPU cost, and the 2009 prefix-injection attacks):
+# OpenSSL 1.1.0h and later; TLS 1.3 has none anyway.
+_NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+
+
+def _no_password() -> bytes:
+    # Without a callback, OpenSSL would prompt on the terminal for an encrypted key.
+    return b""
+
+
+def server_context(config: TlsConfig) -> ssl.SSLContext:
+    """The server-side context for `config`; ConfigError lists every problem, each
+    naming its key (unreadable files, a key that does not fit its certificate, a cipher
+    string that selects nothing). No client certificates are asked for."""
+    problems: list[str] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = _VERSIONS[config.min_version]
+    context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+                        | _NO_RENEGOTIATION)
+    context.num_tickets = config.session_tickets
+    if config.ciphers is not None:
+        try:
+            context.set_ciphers(config.ciphers)
+        except ssl.SSLError:
+            problems.append(f"tls.ciphers: selects no cipher OpenSSL knows, got {got(config.ciphers)}")
+    for index in reversed(range(len(config.certificates))):
+        problems[:0] = _load_pair(context, config, index)
+    if not config.certificates:
+        problems.append("tls.certificates: at least one {cert, key} pair is needed for TLS")
+    if problems:
+        raise ConfigError(problems)
+    return context
+
+
+def _load_pair(context: ssl.SSLContext, config: TlsConfig, index: int) -> list[str]:
+    pair = config.certificates[index]
+    where = f"tls.certificates[{index}]"
+    problems = []
+    for key, path in (("cert", pair.cert), ("key", pair.key)):
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as exc:
+            problems.append(f'{where}.{key}: cannot read "{path}": {exc.strerror or exc}')
+    if problems:
+        return problems
+    try:
+        context.load_cert_chain(pair.cert, pair.key, password=_no_password)
+    except ssl.SSLError as exc:
+        # A key of the certificate's type but another pair's; a key of another type.
+        if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+            return [f'{where}.key: "{pair.key}" is not the key of "{pair.cert}"']
+        if _decode_cert(pair.cert) is None:
+            return [f'{where}.cert: no PEM certificate in "{pair.cert}"']
+        return [f'{where}.key: no PEM private key (unencrypted) in "{pair.key}"']
+    return []
+
+
+def _decode_cert(path: str) -> dict | None:
+    """The certificate's fields, or None. `ssl` decodes files only through this private
+    helper (CPython's own tests use it); without it, the date checks are skipped."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:
+        return None
+    try:
+        return decode(path)
+    except (ssl.SSLError, OSError, ValueError):
+        return None
+
+
+def certificate_warnings(config: TlsConfig, now: float | None = None) -> list[str]:
+    """One line per certificate past its notAfter or before its notBefore: an expired
+    certificate still encrypts (most MTAs do not verify), so it warns, not refuses."""
+    now = time.time() if now is None else now
+    warnings = []
+    for index, pair in enumerate(config.certificates):
+        fields = _decode_cert(pair.cert)
+        if fields is None:
+            continue
+        where = f'tls.certificates[{index}].cert: "{pair.cert}"'
+        try:
+            not_before = ssl.cert_time_to_seconds(fields["notBefore"])
+            not_after = ssl.cert_time_to_seconds(fields["notAfter"])
+        except (KeyError, ValueError):
+            continue
+        if now > not_after:
+            warnings.append(f"{where} expired on {fields['notAfter']}")
+        elif now < not_before:
+            warnings.append(f"{where} is not valid before {fields['notBefore']}")
+    return warnings
+
+
+def reloaded_context(current: ssl.SSLContext | None, config: TlsConfig
+                     ) -> ssl.SSLContext | None:
+    """For a reload: the context of the new configuration, or, if it cannot be built (a
+    certificate replaced by a broken one meanwhile), `current`, with the reasons logged.
+    None when the new configuration has no certificates."""
+    if not config.certificates:
+        return None
+    try:
+        context = server_context(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("TLS reload refused: %s", problem)
+        log.error("TLS reload refused: keeping the previous certificates")
+        return current
+    for warning in certificate_warnings(config):
+        log.warning("%s", warning)
+    return context
+
+
+def describe(ssl_object: ssl.SSLSocket | ssl.SSLObject) -> str:
+    """Protocol and cipher in Postfix's words, for logs and the Received header (which
+    wraps it as "(using ...)"): "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256
+    bits)". Python gives the secret bits only, so both figures are those."""
+    cipher = ssl_object.cipher()
+    if cipher is None:
+        return "TLS (handshake not complete)"
+    name, protocol, bits = cipher
+    return f"{ssl_object.version() or protocol} with cipher {name} ({bits}/{bits} bits)"
