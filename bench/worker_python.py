@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minismtp.config import load_config  # noqa: E402
 from minismtp.delivery import make_backend  # noqa: E402
 from minismtp.heartbeat import HeartbeatBoard  # noqa: E402
+from minismtp.session import protocol_settings  # noqa: E402
 from minismtp.stats import StatsBoard  # noqa: E402
 from minismtp.worker import Worker  # noqa: E402
 
@@ -88,13 +89,14 @@ def make_worker() -> Worker:
     backend = make_backend("discard", "", False, "single", config.server.hostname)
     worker = Worker(config, [], backend, HeartbeatBoard(1), 0, StatsBoard(1, 64))
     worker.poller = NoPoller()  # type: ignore[assignment]
+    worker.profiles[None] = (protocol_settings(config), False)  # a plaintext listener
     return worker
 
 
 def s1_shape(worker: Worker, messages: int) -> None:
     for n in range(messages):
         sock = ScriptedSocket(CONNECTION, 1000 + n % 64)
-        worker._start_sessions([(sock, ("127.0.0.1", 40000))])  # type: ignore[list-item]
+        worker._start_sessions([(sock, ("127.0.0.1", 40000), None)])  # type: ignore[list-item]
         session = worker.sessions[sock.fd]
         for _ in CONNECTION:
             worker._on_readable(session)
@@ -104,7 +106,7 @@ def s1_shape(worker: Worker, messages: int) -> None:
 
 def s2_shape(worker: Worker, messages: int) -> None:
     sock = ScriptedSocket([b"HELO localhost\r\n"] + TRANSACTION * messages, 999)
-    worker._start_sessions([(sock, ("127.0.0.1", 40000))])  # type: ignore[list-item]
+    worker._start_sessions([(sock, ("127.0.0.1", 40000), None)])  # type: ignore[list-item]
     session = worker.sessions[sock.fd]
     for _ in range(len(sock.reads)):
         worker._on_readable(session)

@@ -35,10 +35,11 @@ log = logging.getLogger("minismtp.worker")
 # bench/README.md) without holding the loop away from its sessions for long.
 MOST_PER_WAKEUP = 64
 PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
-# (connected socket, peer address). The sockets are the C type `_socket.socket` that
-# `socket.socket` wraps: the same methods the transports call, without the Python-level
-# wrapper whose construction cost a few microseconds per connection (bench/README.md).
-Accepted = list[tuple[_socket.socket, tuple]]
+# (connected socket, peer address, the listening socket it came from). The sockets are
+# the C type `_socket.socket` that `socket.socket` wraps: the same methods the transports
+# call, without the Python-level wrapper whose construction cost a few microseconds per
+# connection (bench/README.md).
+Accepted = list[tuple[_socket.socket, tuple, socket.socket]]
 
 
 class Listening:
@@ -134,7 +135,7 @@ class Acceptor:
         for _ in range(most):
             try:
                 fd, address = listener._accept()  # what socket.accept() does, minus its wrapper
-                accepted.append((_socket.socket(family, kind, proto, fd), address))
+                accepted.append((_socket.socket(family, kind, proto, fd), address, listener))
             except (BlockingIOError, InterruptedError):
                 return  # another worker won the race, or the queue is empty
             except OSError as exc:

@@ -22,6 +22,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -46,6 +47,7 @@ from minismtp.supervision import (
     WorkerRecord, free_index, overdue, spawn_delay, stale_signals, workers_missing,
     workers_to_retire,
 )
+from minismtp.tls import reloaded_context
 from minismtp.values import MAX_WORKERS
 from minismtp.worker import Worker
 
@@ -80,6 +82,7 @@ class Arbiter:
         self.board = HeartbeatBoard(BOARD_SLOTS)
         self.stats_board = StatsBoard(BOARD_SLOTS, MAX_RULES)
         self.sweeper = Sweeper()
+        self.tls_context: ssl.SSLContext | None = None  # with tls.certificates
         self.retired = Totals()  # counters of workers that have exited
         self.stats_http: StatsHttpServer | None = None
         self.started = time.monotonic()
@@ -106,6 +109,8 @@ class Arbiter:
             self.listeners.bind_missing(self.config)
             prepare_delivery(self.config)
             self._start_stats_http(self._bind_stats(self.config))
+            # Built once, here, so that every worker shares its session-ticket keys (tls.py).
+            self.tls_context = reloaded_context(None, self.config.tls)
         except (OSError, DeliveryError, LookupError) as exc:
             log.error("cannot start: %s", exc)
             return exitcodes.FAILURE
@@ -292,8 +297,8 @@ class Arbiter:
             return exitcodes.WORKER_BOOT_FAILED
         if self.stats_http is not None:
             self.stats_http.close_inherited()
-        return Worker(config, listeners, backend, self.board, slot, self.stats_board,
-                      signal_mask).run()
+        return Worker(config, self.listeners.entries(config, listeners), backend, self.board,
+                      slot, self.stats_board, signal_mask, self.tls_context).run()
 
     def _signal(self, record: WorkerRecord, signum: int) -> None:
         try:
@@ -372,6 +377,7 @@ class Arbiter:
         if config.server.backlog != self.config.server.backlog:
             self.listeners.set_backlog(config.server.backlog)
         apply_level(config.logging.level)
+        self.tls_context = reloaded_context(self.tls_context, config.tls)
         self.config = config
         self.target = config.server.workers
         self.worker_config = fit_connections(config, self.listeners.count())

@@ -19,7 +19,7 @@ from minismtp.faults import FaultAction, FaultInjector
 from minismtp.msglog import MessageLog
 from minismtp.smtp import replies
 from minismtp.smtp.events import (
-    DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo,
+    DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, StartTls,
 )
 from minismtp.smtp.replies import Reply
 from minismtp.stats import WorkerStats
@@ -50,6 +50,7 @@ class Decisions:
             Hello: self.hello if "helo" in watched else _accept,
             RcptTo: self.rcpt if "rcpt" in watched else _accept,
             Quit: self.quit if "quit" in watched else _accept,
+            StartTls: self.starttls if "starttls" in watched else _accept,
             MailFrom: self.mail, DataStarted: self.data, MessageEnd: self.end,
             MessageRejected: self.rejected,
         }
@@ -111,6 +112,11 @@ class Decisions:
         self.storage.abort(session)
         self._log(session, event.size, f"rejected: {event.reason}", "-")
 
+    def starttls(self, session: Session, event: StartTls) -> None:
+        """A rule may refuse it (454 4.7.0, say) or drop the connection, so that load
+        tests can exercise a client's fallback to plaintext."""
+        self._decide(session, "starttls", _accept, _reject)
+
     def quit(self, session: Session, event: Quit) -> None:
         self._decide(session, "quit", _accept, _reject, session.conn.sender)
 
@@ -157,8 +163,9 @@ class Decisions:
     def _log(self, session: Session, size: int, result: str, queue_id: str) -> None:
         if self.msglog.enabled:
             envelope = session.envelope
+            tls = f" tls={envelope.tls.split(' (', 1)[0]}" if envelope.tls else ""
             self.msglog.add(f"id={queue_id} peer={session.peer.address} from=<{envelope.sender}> "
-                            f"rcpts={len(envelope.recipients)} size={size} result={result}")
+                            f"rcpts={len(envelope.recipients)} size={size}{tls} result={result}")
 
     # -- fault injection ---------------------------------------------------------
 

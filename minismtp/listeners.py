@@ -24,6 +24,7 @@ import socket
 from dataclasses import replace
 
 from minismtp.config import Config, ListenAddress
+from minismtp.values import Listener
 
 log = logging.getLogger("minismtp.master")
 
@@ -149,6 +150,13 @@ class ListenerPool:
         self.grow(config, index + 1)
         return [group[position] for group in self.groups.values()
                 for position in worker_positions(len(group), index, target)]
+
+    def entries(self, config: Config, socks: list[socket.socket]
+                ) -> list[tuple[socket.socket, Listener]]:
+        """Each of `socks` with the `server.listen` entry it was bound for."""
+        entry = {str(listener): listener for listener in config.server.listen}
+        text = {sock: text for text, group in self.groups.items() for sock in group}
+        return [(sock, entry[text[sock]]) for sock in socks]
 
     def close(self) -> None:
         for sock in self.all():

@@ -29,6 +29,12 @@ class Loop(Protocol):
     def resume(self, session: Session) -> None:
         """Run the core on what is buffered, act on its events, send the replies."""
 
+    def read(self, session: Session) -> None:
+        """Read what the connection has (as when it is readable), then resume."""
+
+    def start_tls(self, session: Session) -> None:
+        """The 220 to STARTTLS went out whole: start the handshake."""
+
     def close(self, session: Session, reason: str) -> None:
         """Close the connection at once and forget the session."""
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from minismtp.loop import READ, WRITE, Loop
+from minismtp.loop import READ, Loop
 from minismtp.smtp.protocol import State
 from minismtp.transport import MSG_MORE
 
 if TYPE_CHECKING:
     from minismtp.session import Session
 
-_DATA, _CLOSED = State.DATA, State.CLOSED  # globals: Enum class attributes are slow to read
+# Globals: Enum class attributes are slow to read.
+_DATA, _CLOSED, _STARTING_TLS = State.DATA, State.CLOSED, State.STARTING_TLS
 TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
 LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
 
@@ -64,12 +65,16 @@ class Output:
                 return
             if sent < len(out):
                 transport.pending = out[sent:]
-                self.loop.want(session, WRITE)  # stop reading until the client takes replies
+                # Stop reading until the client takes replies (a TLS write may instead
+                # wait for a record to be read: then READ).
+                self.loop.want(session, transport.write_wants)
                 return
             if pending:
                 transport.pending = b""
         if conn.state is _CLOSED:
             self.linger(session)
+        elif conn.state is _STARTING_TLS:
+            self.loop.start_tls(session)  # the 220 is out, all of it
         elif session.paused:
             self.loop.want(session, 0)
         elif session.mask != READ:

@@ -14,6 +14,7 @@ from minismtp.smtp.events import Envelope
 from minismtp.smtp.protocol import Settings, SmtpServerConnection
 
 if TYPE_CHECKING:
+    from minismtp.handshake import Handshake
     from minismtp.transport import PlainTransport
 
 
@@ -40,7 +41,7 @@ class Session:
     """One client connection: transport, protocol state, message in progress, timers."""
 
     __slots__ = (
-        "transport", "fd", "conn", "peer", "sink", "sink_failed", "mask", "deadline", "timer_at",
+        "transport", "fd", "conn", "peer", "handshake", "sink", "sink_failed", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
         "tarpit_bps", "trickling", "lingering", "closed",
     )
@@ -49,6 +50,7 @@ class Session:
                  ) -> None:
         self.transport = transport
         self.fd = transport.fileno()  # the same for the connection's life, TLS or not
+        self.handshake: Handshake | None = None  # while a TLS handshake runs
         self.conn = conn
         self.peer = peer
         self.sink: Sink | None = None  # opened, written and closed by storage.py only

@@ -14,8 +14,9 @@ and cleared, so totals never go backwards when workers are replaced. Gauges (ope
 connections) describe the present, so they are not kept for exited workers.
 
 Slot layout, native byte order, 8-byte fields: a sequence number, the counters of
-`_COUNTERS`, the latency buckets, the latency sum (a double), one counter per reply
-code 400..599, one per fault rule. The writer makes the sequence odd, writes, makes it
+`_COUNTERS`, the latency buckets, the latency sum (a double), the TLS handshake failures
+by reason, the handshake-time buckets, their sum (a double), one counter per reply code
+400..599, one per fault rule. The writer makes the sequence odd, writes, makes it
 even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
 no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
 them out, which is enough for statistics.)
@@ -35,8 +36,16 @@ from typing import Any
 LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                   1.0, 2.5, 5.0, 10.0)
 _BUCKETS = len(LATENCY_BOUNDS) + 1
+# TLS handshakes: upper bounds of the duration buckets (s), and the failure reasons counted
+# (tlstransport.handshake_reason's usual words; anything else is "other").
+HANDSHAKE_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_HANDSHAKE_BUCKETS = len(HANDSHAKE_BOUNDS) + 1
+HANDSHAKE_FAILURES = ("timeout", "unexpected eof", "connection reset", "wrong version number",
+                      "http request", "unsupported protocol", "no shared cipher", "stopping",
+                      "other")
+_FAILURE_INDEX = {reason: index for index, reason in enumerate(HANDSHAKE_FAILURES)}
 _COUNTERS = ("connections_open", "connections_total", "transactions", "messages_accepted",
-             "bytes_received")
+             "bytes_received", "tls_sessions", "tls_discarded_bytes")
 _GAUGES = frozenset({"connections_open"})
 _FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
 _SEQ = struct.Struct("=Q")
@@ -50,9 +59,12 @@ class WorkerStats:
     stats.messages_accepted += 1; stats.bytes_received += n
     stats.replies[reply.code] += 1   # rejections: only codes 400..599 are published
     stats.faults[rule.index] += 1; stats.observe_latency(seconds)
+    stats.tls_sessions += 1; stats.tls_discarded_bytes += n   # plaintext after STARTTLS
+    stats.observe_handshake(seconds); stats.count_handshake_failure(reason)
     """
 
-    __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum")
+    __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum",
+                 "tls_failures", "handshake_buckets", "handshake_sum")
 
     def __init__(self, max_rules: int) -> None:
         self.connections_open = 0
@@ -64,6 +76,18 @@ class WorkerStats:
         self.faults = [0] * max_rules
         self.latency_buckets = [0] * _BUCKETS
         self.latency_sum = 0.0
+        self.tls_sessions = 0
+        self.tls_discarded_bytes = 0
+        self.tls_failures = [0] * len(HANDSHAKE_FAILURES)
+        self.handshake_buckets = [0] * _HANDSHAKE_BUCKETS
+        self.handshake_sum = 0.0
+
+    def observe_handshake(self, seconds: float) -> None:
+        self.handshake_buckets[bisect_left(HANDSHAKE_BOUNDS, seconds)] += 1
+        self.handshake_sum += seconds
+
+    def count_handshake_failure(self, reason: str) -> None:
+        self.tls_failures[_FAILURE_INDEX.get(reason, _FAILURE_INDEX["other"])] += 1
 
     def observe_latency(self, seconds: float) -> None:
         # bisect_left: a value equal to a bound falls in that bucket (Prometheus "le").
@@ -77,8 +101,10 @@ class WorkerStats:
         faults += [0] * (rules - len(faults))  # fewer rules than the board has room for
         board.write(slot, (
             self.connections_open, self.connections_total, self.transactions,
-            self.messages_accepted, self.bytes_received, *self.latency_buckets,
-            self.latency_sum, *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
+            self.messages_accepted, self.bytes_received, self.tls_sessions,
+            self.tls_discarded_bytes, *self.latency_buckets, self.latency_sum,
+            *self.tls_failures, *self.handshake_buckets, self.handshake_sum,
+            *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
         ))
 
 
@@ -91,8 +117,13 @@ class Snapshot:
     transactions: int
     messages_accepted: int
     bytes_received: int
+    tls_sessions: int
+    tls_discarded_bytes: int
     latency_buckets: tuple[int, ...]  # per bucket, not cumulative; the last is +Inf
     latency_sum: float
+    tls_failures: tuple[int, ...]  # by HANDSHAKE_FAILURES
+    handshake_buckets: tuple[int, ...]
+    handshake_sum: float
     rejections: dict[int, int]  # reply code -> count, nonzero only
     faults: tuple[int, ...]  # by rule index
 
@@ -107,8 +138,13 @@ class Totals:
     transactions: int = 0
     messages_accepted: int = 0
     bytes_received: int = 0
+    tls_sessions: int = 0
+    tls_discarded_bytes: int = 0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     latency_sum: float = 0.0
+    tls_failures: list[int] = field(default_factory=lambda: [0] * len(HANDSHAKE_FAILURES))
+    handshake_buckets: list[int] = field(default_factory=lambda: [0] * _HANDSHAKE_BUCKETS)
+    handshake_sum: float = 0.0
     rejections: dict[int, int] = field(default_factory=dict)
     faults: list[int] = field(default_factory=list)
 
@@ -117,9 +153,13 @@ class Totals:
         for name in _COUNTERS:
             if gauges or name not in _GAUGES:
                 setattr(self, name, getattr(self, name) + getattr(snapshot, name))
-        for index, count in enumerate(snapshot.latency_buckets):
-            self.latency_buckets[index] += count
+        for mine, theirs in ((self.latency_buckets, snapshot.latency_buckets),
+                             (self.tls_failures, snapshot.tls_failures),
+                             (self.handshake_buckets, snapshot.handshake_buckets)):
+            for index, count in enumerate(theirs):
+                mine[index] += count
         self.latency_sum += snapshot.latency_sum
+        self.handshake_sum += snapshot.handshake_sum
         for code, count in snapshot.rejections.items():
             self.rejections[code] = self.rejections.get(code, 0) + count
         if len(self.faults) < len(snapshot.faults):
@@ -130,8 +170,10 @@ class Totals:
     def copy(self) -> Totals:
         return Totals(self.workers, self.connections_open, self.connections_total,
                       self.transactions, self.messages_accepted, self.bytes_received,
-                      list(self.latency_buckets), self.latency_sum, dict(self.rejections),
-                      list(self.faults))
+                      self.tls_sessions, self.tls_discarded_bytes,
+                      list(self.latency_buckets), self.latency_sum, list(self.tls_failures),
+                      list(self.handshake_buckets), self.handshake_sum,
+                      dict(self.rejections), list(self.faults))
 
 
 class StatsBoard:
@@ -140,9 +182,10 @@ class StatsBoard:
     def __init__(self, slots: int, max_rules: int) -> None:
         self.slots = slots
         self.max_rules = max_rules
-        fields = len(_COUNTERS) + _BUCKETS
-        # "=": no padding; the double lands on an 8-byte boundary after the counters.
-        self._body = struct.Struct(f"={fields}Qd{_CODES + max_rules}Q")
+        # "=": no padding; every field is 8 bytes, so each lands on an 8-byte boundary.
+        self._body = struct.Struct(
+            f"={len(_COUNTERS) + _BUCKETS}Qd{len(HANDSHAKE_FAILURES) + _HANDSHAKE_BUCKETS}Qd"
+            f"{_CODES + max_rules}Q")
         self._stride = _SEQ.size + self._body.size
         self._map = mmap.mmap(-1, max(1, slots * self._stride))  # anonymous, shared
 
@@ -162,16 +205,22 @@ class StatsBoard:
             values = self._body.unpack_from(self._map, offset + _SEQ.size)
             if before % 2 == 0 and _SEQ.unpack_from(self._map, offset)[0] == before:
                 break
-        counters = len(_COUNTERS)
-        codes_at = counters + _BUCKETS + 1
-        codes = values[codes_at:codes_at + _CODES]
-        opened, connections, transactions, messages, nbytes = values[:counters]
+        fields = iter(values)
+
+        def take(count: int) -> tuple[Any, ...]:
+            return tuple(next(fields) for _ in range(count))
+
+        counters = dict(zip(_COUNTERS, take(len(_COUNTERS))))
+        latency_buckets, latency_sum = take(_BUCKETS), next(fields)
+        tls_failures = take(len(HANDSHAKE_FAILURES))
+        handshake_buckets, handshake_sum = take(_HANDSHAKE_BUCKETS), next(fields)
+        codes = take(_CODES)
         return Snapshot(
-            opened, connections, transactions, messages, nbytes,
-            latency_buckets=values[counters:counters + _BUCKETS],
-            latency_sum=values[counters + _BUCKETS],
+            **counters, latency_buckets=latency_buckets, latency_sum=latency_sum,
+            tls_failures=tls_failures, handshake_buckets=handshake_buckets,
+            handshake_sum=handshake_sum,
             rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
-            faults=values[codes_at + _CODES:],
+            faults=tuple(fields),
         )
 
     def clear(self, slot: int) -> None:
@@ -251,13 +300,28 @@ def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
     family("minismtp_faults_injected_total", "counter", "Faults injected, by rule.",
            [(f'{{rule="{_label(name)}"}}', count)
             for name, count in _fault_counts(totals, rule_names)])
-    cumulative = _cumulative(totals.latency_buckets)
-    name = "minismtp_end_of_data_seconds"
-    lines.extend((f"# HELP {name} Time from the end-of-data marker to the reply.",
-                  f"# TYPE {name} histogram"))
-    for bound, count in zip((*map(_le, LATENCY_BOUNDS), "+Inf"), cumulative):
-        lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
-    lines.extend((f"{name}_sum {totals.latency_sum!r}", f"{name}_count {cumulative[-1]}"))
+    family("minismtp_tls_sessions_total", "counter", "TLS handshakes completed.",
+           [("", totals.tls_sessions)])
+    family("minismtp_tls_handshake_failures_total", "counter",
+           "TLS handshakes that failed, by reason.",
+           [(f'{{reason="{reason}"}}', count)
+            for reason, count in zip(HANDSHAKE_FAILURES, totals.tls_failures)])
+    family("minismtp_tls_plaintext_discarded_bytes_total", "counter",
+           "Bytes a client sent after STARTTLS before the handshake, dropped unread.",
+           [("", totals.tls_discarded_bytes)])
+
+    def histogram(name: str, doc: str, bounds: tuple[float, ...], buckets: Sequence[int],
+                  total: float) -> None:
+        cumulative = _cumulative(buckets)
+        lines.extend((f"# HELP {name} {doc}", f"# TYPE {name} histogram"))
+        for bound, count in zip((*map(_le, bounds), "+Inf"), cumulative):
+            lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+        lines.extend((f"{name}_sum {total!r}", f"{name}_count {cumulative[-1]}"))
+
+    histogram("minismtp_end_of_data_seconds", "Time from the end-of-data marker to the reply.",
+              LATENCY_BOUNDS, totals.latency_buckets, totals.latency_sum)
+    histogram("minismtp_tls_handshake_seconds", "Time of completed TLS handshakes.",
+              HANDSHAKE_BOUNDS, totals.handshake_buckets, totals.handshake_sum)
     return "\n".join(lines) + "\n"
 
 
@@ -276,6 +340,12 @@ def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
             "buckets": dict(zip((*map(_le, LATENCY_BOUNDS), "+Inf"), cumulative)),
             "sum": totals.latency_sum,
             "count": cumulative[-1],
+        },
+        "tls": {
+            "sessions": totals.tls_sessions,
+            "handshake_failures": dict(zip(HANDSHAKE_FAILURES, totals.tls_failures)),
+            "plaintext_discarded_bytes": totals.tls_discarded_bytes,
+            "handshake_seconds_sum": totals.handshake_sum,
         },
     }
 

@@ -150,6 +150,13 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
         lines.append(row(f"rejected {code}", str(count), shown(rate(("rejections", code)))))
     for name, count in doc["faults"].items():
         lines.append(row(f"fault {name}", str(count), shown(rate(("faults", name)))))
+    tls = doc.get("tls")  # absent from a server older than TLS
+    if tls and (tls["sessions"] or any(tls["handshake_failures"].values())):
+        lines.append(row("tls sessions", str(tls["sessions"]),
+                         shown(rate(("tls", "sessions")))))
+        for reason, count in tls["handshake_failures"].items():
+            if count:
+                lines.append(row(f"tls failed: {reason}", str(count), ""))
     lines.append(f"{'end of data latency':<28}{_latency(doc)}")
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 
@@ -28,6 +29,7 @@ from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, Peer
 from minismtp.faults import FaultInjector
+from minismtp.handshake import Handshake, Handshakes
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.loop import READ, WRITE
 from minismtp.msglog import MessageLog
@@ -42,6 +44,7 @@ from minismtp.stats import StatsBoard, WorkerStats
 from minismtp.storage import Storage
 from minismtp.timers import Timers
 from minismtp.transport import PlainTransport
+from minismtp.values import Listener
 
 log = logging.getLogger("minismtp.worker")
 
@@ -54,16 +57,20 @@ _DATA = State.DATA  # a global: Enum class attributes are slow to read
 
 class Worker:
     def __init__(
-        self, config: Config, listeners: list[socket.socket], backend: Backend,
-        board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
-        signal_mask: Iterable[int] = (),
+        self, config: Config, listeners: list[tuple[socket.socket, Listener]],
+        backend: Backend, board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
+        signal_mask: Iterable[int] = (), tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.signal_mask = signal_mask  # restored once our own handlers are in place
         self.board = board
         self.slot = slot
         self.stats_board = stats_board
-        self.settings = protocol_settings(config)
+        # Per listening socket: the core's settings for its connections, and whether
+        # they start with a TLS handshake.
+        self.profiles = {sock: (protocol_settings(config, entry if tls_context else None),
+                                tls_context is not None and entry.tls == "implicit")
+                         for sock, entry in listeners}
         limits = config.limits
         self.command_timeout = limits.command_timeout
         self.data_timeout = limits.data_timeout
@@ -81,7 +88,7 @@ class Worker:
         self.poller = Poller()  # our own: an inherited epoll is shared state
         self.wakeup = SignalWakeup()
         # With reuse_port the queue is this worker's own; otherwise it shares it fairly.
-        self.acceptor = Acceptor(self.poller, listeners, board, slot, not config.server.reuse_port,
+        self.acceptor = Acceptor(self.poller, [sock for sock, _ in listeners], board, slot, not config.server.reuse_port,
                                  self.sessions, self._read_pending_signals)
         self.stats = WorkerStats(stats_board.max_rules)
         self.storage = Storage(backend)
@@ -90,6 +97,9 @@ class Worker:
         self.msglog = MessageLog(log)
         self.decide = Decisions(self, self.storage, FaultInjector(config.faults, slot),
                                 self.stats, self.msglog)
+        self.handshakes = None if tls_context is None else Handshakes(
+            self, self.poller, tls_context, self.stats, limits.tls_handshake_timeout,
+            self._greet)
 
     # -- set-up and main loop ------------------------------------------------------
 
@@ -142,6 +152,8 @@ class Worker:
                             on_readable(owner)
                     elif kind is Listening:
                         start(acceptor.on_readable(owner.sock, self.now))
+                    elif kind is Handshake:
+                        self.handshakes.step(owner)
                     elif owner is _COMMITS:
                         self.decide.on_commits()
                     elif owner is _WAKEUP:
@@ -196,30 +208,39 @@ class Worker:
         self.stop_deadline = now + self.config.server.shutdown_timeout
         self.acceptor.close()
         for session in list(self.sessions.values()):
-            if not session.paused:
+            if session.handshake is not None:
+                self.handshakes.abandon(session)
+            elif not session.paused:
                 self._maybe_send_off(session)
                 self.output.flush(session)
 
     # -- connections ---------------------------------------------------------------
 
     def _start_sessions(self, accepted: Accepted) -> None:
-        for sock, addr in accepted:
+        profiles = self.profiles
+        for sock, addr, listener in accepted:
             sock.setblocking(False)
             transport = PlainTransport(sock)
             if len(self.sessions) >= self.max_connections:
                 self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
                 transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
                 continue
-            session = Session(transport, SmtpServerConnection(self.settings),
-                              Peer(addr[0], addr[1]))
+            settings, implicit_tls = profiles[listener]
+            session = Session(transport, SmtpServerConnection(settings), Peer(addr[0], addr[1]))
             self.sessions[session.fd] = session
             self.stats.connections_open += 1
             self.stats.connections_total += 1
-            self.timers.set_deadline(session, self.now + self.command_timeout)
-            self.decide.connect(session)
-            self.flush(session)  # the greeting; the client has said nothing yet
+            if implicit_tls:
+                self.handshakes.begin_implicit(session, sock)  # then the greeting
+            else:
+                self.timers.set_deadline(session, self.now + self.command_timeout)
+                self._greet(session)
         if accepted:
             self.acceptor.publish_load()
+
+    def _greet(self, session: Session) -> None:
+        self.decide.connect(session)
+        self.flush(session)  # the greeting; the client has said nothing yet
 
     def _on_readable(self, session: Session) -> None:
         if session.lingering:
@@ -233,6 +254,8 @@ class Worker:
             try:
                 n = transport.read_into(view)
             except (BlockingIOError, InterruptedError):
+                if transport.read_wants is not READ:  # TLS: a record must go out first
+                    self.want(session, READ | WRITE)
                 return
             except OSError as exc:
                 self.close(session, f"read error: {exc.strerror}")
@@ -244,13 +267,16 @@ class Worker:
             self.stats.bytes_received += n
             if conn.state is not _DATA:
                 self.resume(session)
+                if transport.has_buffered_input and not session.closed and session.mask == READ:
+                    continue  # TLS: decrypted bytes wait that select() cannot see
                 return
             session.data_bytes += n
             self._set_data_deadline(session, self.now)
             self.resume(session)
             # A body streaming in fills the buffer read after read: take the next piece
             # now rather than after another trip through select().
-            if n < len(view) or session.closed or session.mask != READ:
+            if (n < len(view) and not transport.has_buffered_input) or session.closed \
+                    or session.mask != READ:
                 return
 
     def resume(self, session: Session) -> None:
@@ -288,6 +314,13 @@ class Worker:
 
     # -- the Loop interface (loop.py) beyond resume() ----------------------------------
 
+    def read(self, session: Session) -> None:
+        self._on_readable(session)
+
+    def start_tls(self, session: Session) -> None:
+        assert self.handshakes is not None  # the core offers STARTTLS only with a context
+        self.handshakes.begin_starttls(session)
+
     def data_started(self, session: Session) -> None:
         session.data_bytes = len(session.conn.buffer)
         session.data_started = now = self.now
@@ -311,6 +344,8 @@ class Worker:
         session.closed = True
         self.timers.forget(session)
         self.storage.abort(session)
+        if session.handshake is not None:
+            self.handshakes.forget(session)
         transport = session.transport
         if session.mask:
             self.poller.unregister(session.fd)
@@ -336,6 +371,9 @@ class Worker:
         self.timers.set_deadline(session, deadline)
 
     def _on_deadline(self, session: Session) -> None:
+        if session.handshake is not None:
+            self.handshakes.expire(session)  # a client mid-handshake reads no reply
+            return
         if session.lingering:
             self.close(session, "")
             return

@@ -28,7 +28,7 @@ class Taker:
     def __init__(self, board: HeartbeatBoard, slot: int, listeners: list) -> None:
         self.board, self.slot = board, slot
         self.poller = Poller()
-        self.sessions: list[tuple[socket.socket, tuple]] = []  # as accepted
+        self.sessions: list[tuple] = []  # as accepted: (socket, address, listener)
         self.stop_requested = False
         board.hand_out(slot, time.monotonic())
         self.acceptor = Acceptor(self.poller, listeners, board, slot, True, self.sessions,
@@ -41,7 +41,7 @@ class Taker:
             self.acceptor.close()
 
     def dispose(self) -> None:
-        for sock, _ in self.sessions:
+        for sock, _, _ in self.sessions:
             sock.close()
         self.poller.close()
 

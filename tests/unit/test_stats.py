@@ -31,6 +31,11 @@ def busy_worker(scale: int = 1, rules: int = RULES) -> WorkerStats:
     stats.faults[1] += 5 * scale
     for seconds in (0.0001, 0.0005, 0.003, 0.2, 10.0, 60.0):
         stats.observe_latency(seconds)
+    stats.tls_sessions += 4 * scale
+    stats.tls_discarded_bytes += 31 * scale
+    stats.observe_handshake(0.004)
+    stats.count_handshake_failure("wrong version number")
+    stats.count_handshake_failure("a reason nobody listed")
     return stats
 
 
@@ -51,12 +56,15 @@ def test_publish_and_read_round_trip():
     snapshot = board.read(5)
     assert snapshot == Snapshot(
         connections_open=2, connections_total=10, transactions=8, messages_accepted=7,
-        bytes_received=1000,
+        bytes_received=1000, tls_sessions=4, tls_discarded_bytes=31,
         latency_buckets=(2, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1),
-        latency_sum=pytest.approx(70.2036), rejections={450: 3, 554: 1},
-        faults=(0, 5, 0, 0))
-    assert board.read(4) == board.read(6) == Snapshot(0, 0, 0, 0, 0, (0,) * 15, 0.0, {},
-                                                       (0,) * RULES)
+        latency_sum=pytest.approx(70.2036),
+        tls_failures=(0, 0, 0, 1, 0, 0, 0, 0, 1),
+        handshake_buckets=(0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        handshake_sum=pytest.approx(0.004),
+        rejections={450: 3, 554: 1}, faults=(0, 5, 0, 0))
+    assert board.read(4) == board.read(6) == Snapshot(
+        0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0, {}, (0,) * RULES)
 
 
 def test_board_is_shared_across_fork():
@@ -101,6 +109,9 @@ def test_totals_across_three_slots():
     assert totals.faults == [0, 35, 0, 0]
     assert sum(totals.latency_buckets) == 18
     assert totals.latency_sum == pytest.approx(3 * 70.2036)
+    assert (totals.tls_sessions, totals.tls_discarded_bytes) == (28, 217)
+    assert totals.tls_failures == [0, 0, 0, 3, 0, 0, 0, 0, 3]
+    assert sum(totals.handshake_buckets) == 3
 
 
 def test_retired_workers_keep_totals_monotonic():
@@ -217,8 +228,20 @@ def test_prometheus_output_parses_strictly():
         "minismtp_rejections_total": "counter",
         "minismtp_faults_injected_total": "counter",
         "minismtp_end_of_data_seconds": "histogram",
+        "minismtp_tls_sessions_total": "counter",
+        "minismtp_tls_handshake_failures_total": "counter",
+        "minismtp_tls_plaintext_discarded_bytes_total": "counter",
+        "minismtp_tls_handshake_seconds": "histogram",
     }
     assert families["minismtp_workers"]["samples"] == [("minismtp_workers", {}, 3)]
+    assert families["minismtp_tls_sessions_total"]["samples"][0][2] == 24
+    failures = {s[1]["reason"]: s[2]
+                for s in families["minismtp_tls_handshake_failures_total"]["samples"]}
+    assert failures["wrong version number"] == 3 and failures["other"] == 3
+    assert sum(failures.values()) == 6
+    counts, _ = check_histogram(families["minismtp_tls_handshake_seconds"],
+                                "minismtp_tls_handshake_seconds")
+    assert counts[-1] == 3
     assert families["minismtp_messages_accepted_total"]["samples"][0][2] == 42
     assert [(s[1], s[2]) for s in families["minismtp_rejections_total"]["samples"]] == [
         ({"code": "450"}, 18), ({"code": "554"}, 6)]
@@ -262,6 +285,15 @@ def test_json_shape():
         "bytes_received": 1000,
         "rejections": {"450": 3, "554": 1},
         "faults": {"busy-rcpt": 0, "slow": 5},
+        "tls": {
+            "sessions": 4,
+            "handshake_failures": {
+                "timeout": 0, "unexpected eof": 0, "connection reset": 0,
+                "wrong version number": 1, "http request": 0, "unsupported protocol": 0,
+                "no shared cipher": 0, "stopping": 0, "other": 1},
+            "plaintext_discarded_bytes": 31,
+            "handshake_seconds_sum": pytest.approx(0.004),
+        },
     }
     assert list(latency["buckets"]) == [repr(b) for b in LATENCY_BOUNDS] + ["+Inf"]
     assert list(latency["buckets"].values()) == [2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 5, 6]
