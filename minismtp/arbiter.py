@@ -35,7 +35,7 @@ from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_port
-from minismtp.logsetup import apply_level
+from minismtp.logsetup import apply_format, apply_level
 from minismtp.signals import SignalWakeup
 from minismtp.startup import (
     check_user, drop_privileges, load_for_reload, prepare_delivery, report_where_stuck,
@@ -377,6 +377,7 @@ class Arbiter:
         if config.server.backlog != self.config.server.backlog:
             self.listeners.set_backlog(config.server.backlog)
         apply_level(config.logging.level)
+        apply_format(config.logging.format)
         self.tls_context = reloaded_context(self.tls_context, config.tls)
         self.config = config
         self.target = config.server.workers

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         from minismtp import statsview
 
         return statsview.run(config, args.once)
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, config.logging.format)
     for warning in config.warnings:
         logging.getLogger("minismtp.master").warning("%s", warning)
     from minismtp.arbiter import Arbiter  # the server's modules only when serving

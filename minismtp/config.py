@@ -85,6 +85,7 @@ class DeliveryConfig:
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str
+    format: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +206,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`451`, and a retry makes the rest)"),
     Setting("logging.level", "info", parsing.choice("debug", "info", "warning", "error", fold_case=True),
             "`debug`, `info`, `warning`, `error`"),
+    Setting("logging.format", "text", parsing.choice("text", "json"),
+            "`text`: one line per record; `json`: one JSON object per line (every record, "
+            "the per-message and per-session lines included)"),
     Setting("faults.seed", None, parse_seed,
             "seed for the fault rules' random choices; `null` = different every run"),
     Setting("faults.rules", [], parse_rules,

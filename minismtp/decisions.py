@@ -163,9 +163,8 @@ class Decisions:
     def _log(self, session: Session, size: int, result: str, queue_id: str) -> None:
         if self.msglog.enabled:
             envelope = session.envelope
-            tls = f" tls={envelope.tls.split(' (', 1)[0]}" if envelope.tls else ""
-            self.msglog.add(f"id={queue_id} peer={session.peer.address} from=<{envelope.sender}> "
-                            f"rcpts={len(envelope.recipients)} size={size}{tls} result={result}")
+            self.msglog.message(queue_id, session.peer.address, envelope.sender,
+                                len(envelope.recipients), size, envelope.tls, result)
 
     # -- fault injection ---------------------------------------------------------
 

@@ -1,20 +1,56 @@
-"""Log set-up for the server: one stream, and a level a reload can change.
+"""Log set-up for the server: one stream, a level and a format a reload can change.
 
-Untrusted input: none (the validated logging.level).
+Untrusted input: none here (the validated logging settings); what records carry is
+escaped by the formatters (JSON) or was made printable where it came from.
+
+Two formats (`logging.format`): `text`, one line per record in LOG_FORMAT, and `json`,
+one JSON object per line, for log shippers. The per-message and per-session lines of
+msglog.py follow the same choice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 
 # Every line of the server's log, the per-message lines of msglog.py included.
 LOG_FORMAT = "%(asctime)s minismtp[%(process)d] %(levelname)s %(message)s"
+FORMATS = ("text", "json")
 
 
-def setup_logging(level: str) -> None:
+def timestamp(now: float) -> str:
+    """ISO 8601 local time with milliseconds and the UTC offset, as JSON lines carry it."""
+    local = time.localtime(now)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", local) + f".{int(now % 1 * 1000):03d}"
+            + time.strftime("%z", local))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, pid, level, logger, message (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = {"time": timestamp(record.created), "pid": record.process,
+                    "level": record.levelname, "logger": record.name,
+                    "message": record.getMessage()}
+        if record.exc_info:
+            document["exc"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+def setup_logging(level: str, form: str = "text") -> None:
     logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT)
     apply_level(level)
+    apply_format(form)
+
+
+def apply_format(form: str) -> None:
+    """Use `form` ("text" or "json") for every record from now on, in this process and
+    in workers forked later."""
+    formatter = JsonFormatter() if form == "json" else logging.Formatter(LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
 
 
 def apply_level(level: str) -> None:

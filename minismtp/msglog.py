@@ -1,7 +1,9 @@
-"""The per-message log lines: formatted here, written in batches once per loop turn.
+"""The per-message and per-session log lines: formatted here, written in batches once
+per loop turn.
 
 Untrusted input: the envelope sender, which goes into the line as the `logging` module
-would have put it (the core admits only printable text there).
+would have put it (the core admits only printable text there); command verbs (the core
+counts unknown ones as "unknown", so none is client text).
 
 Why not `logging`: each record costs a LogRecord, a Formatter pass, a lock and a write
 system call, several microseconds per message (bench/README.md), which at `info` (the
@@ -17,12 +19,13 @@ stop flushes; a worker killed with SIGKILL loses at most the lines of its curren
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
 import time
 
-from minismtp.logsetup import LOG_FORMAT
+from minismtp.logsetup import LOG_FORMAT, JsonFormatter, timestamp
 _ATOMIC_BYTES = getattr(select, "PIPE_BUF", 4096)  # a pipe write up to this is never split
 
 
@@ -36,8 +39,9 @@ class MessageLog:
         self._logger = logger
         self._root = root = root or logging.getLogger()
         self._lines: list[bytes] = []
-        self._fd, self._encoding = _plain_stream(root.handlers)
-        self._prefix = f" minismtp[{os.getpid()}] INFO "
+        self._fd, self._encoding, self.json = _plain_stream(root.handlers)
+        self._pid = os.getpid()
+        self._prefix = f" minismtp[{self._pid}] INFO "
         self._second = -1
         self._stamp = ""
         self._filter: _FlushFirst | None = None
@@ -46,17 +50,49 @@ class MessageLog:
             for handler in root.handlers:
                 handler.addFilter(self._filter)
 
-    def add(self, message: str) -> None:
+    def message(self, queue_id: str, peer: str, sender: str, recipients: int, size: int,
+                tls: str | None, result: str) -> None:
+        """The line of one message's outcome (stored, refused, failed)."""
+        if self.json:
+            self._add_json({"event": "message", "id": queue_id, "peer": peer,
+                            "from": sender, "rcpts": recipients, "size": size, "tls": tls,
+                            "result": result})
+            return
+        tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
+        self._add(f"id={queue_id} peer={peer} from=<{sender}> rcpts={recipients} "
+                  f"size={size}{tls_text} result={result}")
+
+    def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
+                end: str, tls: str | None) -> None:
+        """A session's summary when it closes, in Postfix's style: "disconnect from ...
+        ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5 end=quit"."""
+        if self.json:
+            self._add_json({"event": "disconnect", "peer": peer, "port": port,
+                            "commands": commands, "total": sum(commands.values()),
+                            "errors": errors, "end": end, "tls": tls})
+            return
+        counts = " ".join(f"{verb.lower()}={count}" for verb, count in commands.items())
+        tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
+        self._add(f"disconnect from {peer}:{port} {counts}{' ' if counts else ''}"
+                  f"commands={sum(commands.values())} errors={errors}{tls_text} end={end}")
+
+    def _add(self, text: str) -> None:
         if self._fd is None:  # not a plain stream: the slow, general way
-            self._logger.info("%s", message)
+            self._logger.info("%s", text)
             return
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        line = f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{message}\n"
+        line = f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n"
         self._lines.append(line.encode(self._encoding, "backslashreplace"))
+
+    def _add_json(self, fields: dict[str, object]) -> None:
+        document = {"time": timestamp(time.time()), "pid": self._pid, "level": "INFO",
+                    **fields}
+        self._lines.append(json.dumps(document, ensure_ascii=False).encode(
+            self._encoding, "backslashreplace") + b"\n")
 
     def flush(self) -> None:
         """Write the batch in pieces of whole lines, each at most PIPE_BUF bytes."""
@@ -101,17 +137,20 @@ class _FlushFirst(logging.Filter):
         return True
 
 
-def _plain_stream(handlers: list[logging.Handler]) -> tuple[int | None, str]:
-    """The descriptor of the one stream handler that `cli` installs, and its encoding;
-    None where logging is set up otherwise (lines then go through `logging`)."""
+def _plain_stream(handlers: list[logging.Handler]) -> tuple[int | None, str, bool]:
+    """The descriptor of the one stream handler that `logsetup` installs, its encoding,
+    and whether it writes JSON; None where logging is set up otherwise (lines then go
+    through `logging`, as text)."""
     if len(handlers) != 1 or type(handlers[0]) is not logging.StreamHandler:
-        return None, "utf-8"
+        return None, "utf-8", False
     handler = handlers[0]
     formatter = handler.formatter
-    if formatter is None or formatter._fmt != LOG_FORMAT:
-        return None, "utf-8"
+    as_json = isinstance(formatter, JsonFormatter)
+    if not as_json and (formatter is None or formatter._fmt != LOG_FORMAT):
+        return None, "utf-8", False
     try:
         handler.flush()
-        return handler.stream.fileno(), getattr(handler.stream, "encoding", None) or "utf-8"
+        stream = handler.stream
+        return stream.fileno(), getattr(stream, "encoding", None) or "utf-8", as_json
     except (AttributeError, OSError, ValueError):
-        return None, "utf-8"
+        return None, "utf-8", False

@@ -43,7 +43,7 @@ class Session:
     __slots__ = (
         "transport", "fd", "conn", "peer", "handshake", "sink", "sink_failed", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
-        "tarpit_bps", "trickling", "lingering", "closed",
+        "tarpit_bps", "trickling", "lingering", "closed", "end",
     )
 
     def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer
@@ -68,3 +68,4 @@ class Session:
         self.trickling = False
         self.lingering = False  # last reply sent, write side shut: draining until EOF
         self.closed = False
+        self.end = ""  # how the session ended, when the worker decided it (the log's end=)

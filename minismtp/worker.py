@@ -224,6 +224,9 @@ class Worker:
             if len(self.sessions) >= self.max_connections:
                 self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
                 transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
+                if self.msglog.enabled:
+                    self.msglog.session(addr[0], addr[1], {}, 0,
+                                        "refused: too many connections", None)
                 continue
             settings, implicit_tls = profiles[listener]
             session = Session(transport, SmtpServerConnection(settings), Peer(addr[0], addr[1]))
@@ -310,6 +313,7 @@ class Worker:
         conn = session.conn
         if self.stopping and not conn.in_transaction and not conn.closed and not session.paused:
             self.stats.replies[replies.SHUTTING_DOWN.code] += 1
+            session.end = "server stopping"
             conn.shutdown(replies.SHUTTING_DOWN)
 
     # -- the Loop interface (loop.py) beyond resume() ----------------------------------
@@ -355,8 +359,15 @@ class Worker:
         session.conn.buffer.release()
         stats = self.stats
         stats.connections_open -= 1
-        for code, count in session.conn.refusals.items():
+        conn = session.conn
+        for code, count in conn.refusals.items():
             stats.replies[code] += count
+        if self.msglog.enabled:
+            end = session.end or reason or conn.close_reason or "closed"
+            if conn.foreign_protocol:
+                end += f" (the client sent a {conn.foreign_protocol})"
+            self.msglog.session(session.peer.address, session.peer.port, conn.commands,
+                                conn.errors, end, conn.tls)
         if reason:
             log.debug("closed %s: %s", session.peer.address, reason)
 
@@ -382,6 +393,7 @@ class Worker:
             self.timers.set_deadline(session, self.now + self.command_timeout)
             return
         log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
+        session.end = f"timeout in state {session.conn.state.value}"
         self.storage.abort(session)
         self.stats.replies[replies.TIMEOUT.code] += 1
         session.conn.shutdown(replies.TIMEOUT)

@@ -118,6 +118,22 @@ _NOT_IMPLEMENTED = frozenset({
 })
 
 
+# What a client that does not speak SMTP sends first, for the log: a TLS ClientHello (a
+# client expecting implicit TLS), an HTTP request, a PROXY protocol (v1) header.
+_HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "OPTIONS", "CONNECT", "DELETE"})
+
+
+def _foreign_protocol(line: str) -> str:
+    if line[:1] == "\x16":
+        return "TLS handshake"
+    verb = line.split(" ", 1)[0].upper()
+    if verb in _HTTP_VERBS:
+        return "HTTP request"
+    if verb == "PROXY":  # version 1; version 2's binary signature begins with an empty line
+        return "PROXY protocol header"
+    return ""
+
+
 def _bad_sequence(state: State, verb: str, rcpt_attempted: bool) -> Reply:
     if state is S.NO_SERVICE:
         return replies.NO_SERVICE_SEQUENCE
@@ -152,6 +168,10 @@ class SmtpServerConnection:
         self._errors = 0
         self._junk_commands = 0
         self.refusals: dict[int, int] = {}  # negative replies the core sent, by code
+        # Commands received, by verb (unknown verbs as one "unknown": the keys stay few),
+        # for the session's summary line; and what a first unknown line looked like.
+        self.commands: dict[str, int] = {}
+        self.foreign_protocol = ""
         self._helo = ""
         self._esmtp = False
         self._handlers = _HANDLERS_STARTTLS if settings.starttls else _HANDLERS
@@ -326,6 +346,11 @@ class SmtpServerConnection:
         return self._sender
 
     @property
+    def errors(self) -> int:
+        """Protocol errors so far (the budget is Settings.max_errors)."""
+        return self._errors
+
+    @property
     def close_reason(self) -> str:
         return self._close_reason
 
@@ -340,10 +365,15 @@ class SmtpServerConnection:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         handler = self._handlers.get(verb)
+        commands = self.commands
         if handler is None:
+            if not commands:
+                self.foreign_protocol = _foreign_protocol(text)
+            commands["unknown"] = commands.get("unknown", 0) + 1
             self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
                         else replies.UNRECOGNIZED)
             return None
+        commands[verb] = commands.get(verb, 0) + 1
         if self._tls_needed and verb in _NEEDS_TLS:
             self._error(replies.MUST_STARTTLS)
             return None

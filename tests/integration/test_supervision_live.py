@@ -36,9 +36,10 @@ def test_a_stopped_worker_gets_sigabrt_then_sigkill_and_is_replaced(make_server,
     assert client.send_message(b"Subject: after\r\n\r\nserved\r\n").code == 250
 
 
-def test_sigabrt_makes_a_worker_log_where_it_was(make_server):
+def test_sigabrt_makes_a_worker_log_where_it_was(make_server, raw_clients):
     server = make_server({"server": {"workers": 1}})
     [worker] = server.worker_pids()
+    raw_clients(server.port).expect(220)  # its loop runs: its start-up is over
     mark = server.mark()
     os.kill(worker, signal.SIGABRT)
     server.wait_for_log(r"^Fatal Python error: Aborted", since=mark)

@@ -39,7 +39,7 @@ SCHEMA = {
                "data_timeout", "min_data_rate", "min_data_rate_grace", "max_errors",
                "max_junk_commands", "bare_lf", "tls_handshake_timeout"],
     "delivery": ["backend", "path", "fsync", "layout"],
-    "logging": ["level"],
+    "logging": ["level", "format"],
     "faults": ["seed", "rules"],
     "stats": ["listen"],
     "tls": ["certificates", "min_version", "ciphers", "session_tickets"],
@@ -94,7 +94,7 @@ def test_defaults_without_a_file():
         tls_handshake_timeout=30.0,
     )
     assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
-    assert config.logging == LoggingConfig("info")
+    assert config.logging == LoggingConfig("info", "text")
 
 
 def test_config_is_frozen():

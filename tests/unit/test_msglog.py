@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pathlib
 import re
 from pathlib import Path
 
 import pytest
 
 from minismtp import msglog
-from minismtp.logsetup import LOG_FORMAT
+from minismtp.logsetup import LOG_FORMAT, JsonFormatter
 from minismtp.msglog import MessageLog
+
+def stored(log: MessageLog, queue_id: str, size: int = 100) -> str:
+    """Log a stored message; the text its line must carry."""
+    log.message(queue_id, "127.0.0.1", "a@example.org", 1, size, None, "250 queued")
+    return f"id={queue_id} peer=127.0.0.1 from=<a@example.org> rcpts=1 size={size} result=250 queued"
+
 
 LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} minismtp\[(\d+)\] (\w+) (.*)")
 
@@ -56,34 +64,32 @@ def test_a_line_reads_like_a_logging_record(logfile):
     logger, lines = logfile
     log = logger.message_log()
     assert log.enabled
-    log.add("id=1 peer=127.0.0.1 result=250 queued")
+    text = stored(log, "Q1")
     logger.worker.info("id=2 through logging")
     log.close()
     pid = str(os.getpid())
-    assert lines() == [(pid, "INFO", "id=1 peer=127.0.0.1 result=250 queued"),
-                       (pid, "INFO", "id=2 through logging")]
+    assert lines() == [(pid, "INFO", text), (pid, "INFO", "id=2 through logging")]
 
 
 def test_nothing_is_written_before_the_turn_ends(logfile):
     logger, lines = logfile
     log = logger.message_log()
-    log.add("first")
-    log.add("second")
+    first, second = stored(log, "Q1"), stored(log, "Q2")
     assert lines() == []
     log.flush()
-    assert [message for _, _, message in lines()] == ["first", "second"]
+    assert [message for _, _, message in lines()] == [first, second]
     log.close()
 
 
 def test_other_records_of_the_process_come_after_the_lines_before_them(logfile):
     logger, lines = logfile
     log = logger.message_log()
-    log.add("a message")
+    first = stored(log, "Q1")
     logger.worker.error("a storage error")
-    log.add("another message")
+    second = stored(log, "Q2")
     log.close()
     assert [(level, message) for _, level, message in lines()] == [
-        ("INFO", "a message"), ("ERROR", "a storage error"), ("INFO", "another message")]
+        ("INFO", first), ("ERROR", "a storage error"), ("INFO", second)]
 
 
 def test_each_write_is_whole_lines_within_pipe_buf(logfile, monkeypatch):
@@ -99,10 +105,10 @@ def test_each_write_is_whole_lines_within_pipe_buf(logfile, monkeypatch):
 
     monkeypatch.setattr(msglog.os, "write", write)
     for n in range(200):
-        log.add(f"id={n} " + "x" * 90)
+        stored(log, f"Q{n}")
     log.flush()
     assert len(sizes) > 1 and max(sizes) <= msglog._ATOMIC_BYTES
-    assert [message.split()[0] for _, _, message in lines()] == [f"id={n}" for n in range(200)]
+    assert [message.split()[0] for _, _, message in lines()] == [f"id=Q{n}" for n in range(200)]
     log.close()
 
 
@@ -111,9 +117,9 @@ def test_a_partial_write_is_completed(logfile, monkeypatch):
     log = logger.message_log()
     real_write = os.write
     monkeypatch.setattr(msglog.os, "write", lambda fd, data: real_write(fd, data[:7]))
-    log.add("written seven bytes at a time")
+    text = stored(log, "Q7")
     log.close()
-    assert [message for _, _, message in lines()] == ["written seven bytes at a time"]
+    assert [message for _, _, message in lines()] == [text]
 
 
 def test_disabled_above_info(logfile):
@@ -134,6 +140,42 @@ def test_logging_set_up_otherwise_gets_the_lines_through_logging(logfile):
 
     root.addHandler(Collect())
     log = logger.message_log()
-    log.add("through logging")
+    text = stored(log, "Q1")
     log.close()
-    assert records == ["through logging"]
+    assert records == [text]
+
+
+def test_a_session_summary_names_its_commands_and_how_it_ended(logfile):
+    logger, lines = logfile
+    log = logger.message_log()
+    log.session("192.0.2.7", 40001, {"EHLO": 1, "MAIL": 1, "RCPT": 2, "DATA": 1, "QUIT": 1},
+                1, "quit", "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)")
+    log.session("192.0.2.8", 40002, {}, 0, "TLS handshake failed: timeout", None)
+    log.close()
+    assert [message for _, _, message in lines()] == [
+        "disconnect from 192.0.2.7:40001 ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6 "
+        "errors=1 tls=TLSv1.3 end=quit",
+        "disconnect from 192.0.2.8:40002 commands=0 errors=0 end=TLS handshake failed: timeout",
+    ]
+
+
+def test_json_lines_carry_the_fields(logfile):
+    logger, lines = logfile
+    handler = logger.root.handlers[0]
+    handler.setFormatter(JsonFormatter())
+    log = logger.message_log()
+    log.message("Q1", "127.0.0.1", 'a"b@example.org', 2, 100, None, "250 queued")
+    logger.worker.warning("a warning")
+    log.session("127.0.0.1", 40000, {"EHLO": 1}, 0, "quit", None)
+    log.close()
+    handler.stream.flush()
+    records = [json.loads(line) for line in
+               pathlib.Path(handler.stream.name).read_text(encoding="utf-8").splitlines()]
+    assert [record["level"] for record in records] == ["INFO", "WARNING", "INFO"]
+    assert {k: records[0][k] for k in ("event", "id", "from", "rcpts", "size", "result")} == {
+        "event": "message", "id": "Q1", "from": 'a"b@example.org', "rcpts": 2, "size": 100,
+        "result": "250 queued"}
+    assert records[1]["message"] == "a warning" and records[1]["pid"] == os.getpid()
+    assert records[2]["event"] == "disconnect" and records[2]["commands"] == {"EHLO": 1}
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4}", r["time"])
+               for r in records)

@@ -198,7 +198,9 @@ def test_smtplib_starttls_then_mail(context, client_context):
     (envelope,) = served.envelopes
     assert envelope.tls == served.descriptions[0]
     assert served.descriptions[0].startswith("TLSv1.3 with cipher ")
-    assert served.handshake_waits[0] == READ
+    # The server waits for the client's flights (READ), unless one had already arrived;
+    # on loopback its own flight always fits the socket buffer (never WRITE).
+    assert set(served.handshake_waits) <= {READ}
 
 
 def test_require_tls_refuses_mail_in_plaintext(context):

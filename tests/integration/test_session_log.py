@@ -1,0 +1,67 @@
+"""The log a session leaves: one summary line when it closes, whatever ended it, and the
+same lines as JSON objects with `logging.format: json`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from minismtp.smtp import replies
+
+
+def test_a_session_ends_with_its_summary(make_server, raw_clients):
+    server = make_server({"server": {"workers": 1}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send_message(b"Subject: hi\r\n\r\nhello\r\n")
+    client.send(b"QUIT\r\n")
+    client.expect(221)
+    port = client.sock.getsockname()[1]
+    line = server.wait_for_log(rf"INFO disconnect from 127\.0\.0\.1:{port} .*")
+    assert line.group(0).endswith(
+        f"disconnect from 127.0.0.1:{port} ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5 "
+        "errors=0 end=quit")
+
+
+def test_a_client_speaking_tls_on_a_plain_port_is_named(make_server, raw_clients):
+    # What a client expecting implicit TLS sends first: a ClientHello record.
+    server = make_server({"server": {"workers": 1}, "limits": {"max_errors": 2}})
+    client = raw_clients(server.port)
+    client.expect(220)
+    port = client.sock.getsockname()[1]
+    client.send(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n" + b"\x00" * 4 + b"\r\n")
+    assert [client.reply().code for _ in range(2)] == [500, 500]  # one per line
+    assert client.reply().raw == replies.TOO_MANY_ERRORS.wire
+    line = server.wait_for_log(rf"disconnect from 127\.0\.0\.1:{port} .*")
+    assert line.group(0).endswith(
+        "unknown=2 commands=2 errors=2 end=too many errors (the client sent a TLS handshake)")
+
+
+def test_an_idle_client_is_logged_as_timed_out(make_server, raw_clients):
+    server = make_server({"server": {"workers": 1}, "limits": {"command_timeout": "1s"}})
+    client = raw_clients(server.port)
+    client.hello()
+    port = client.sock.getsockname()[1]
+    assert client.reply(timeout=5).raw == replies.TIMEOUT.wire
+    server.wait_for_log(rf"disconnect from 127\.0\.0\.1:{port} ehlo=1 commands=1 errors=0 "
+                        r"end=timeout in state ready$")
+
+
+def test_json_format_makes_every_line_an_object(make_server, raw_clients):
+    server = make_server({"server": {"workers": 1}, "logging": {"format": "json"}})
+    client = raw_clients(server.port)
+    client.hello()
+    queued = client.send_message(b"Subject: hi\r\n\r\nhello\r\n")
+    client.send(b"QUIT\r\n")
+    client.expect(221)
+    server.wait_for_log(r'"event": "disconnect"')
+    records = [json.loads(line) for line in server.log_text().splitlines() if line.strip()]
+    assert {"listening", "message", "disconnect"} <= {
+        record.get("event") or record["message"].split()[0] for record in records}
+    [message] = [r for r in records if r.get("event") == "message"]
+    assert (message["id"], message["from"], message["result"]) == (
+        queued.queue_id, "sender@example.org", "250 queued")
+    [summary] = [r for r in records if r.get("event") == "disconnect"]
+    assert summary["commands"] == {"EHLO": 1, "MAIL": 1, "RCPT": 1, "DATA": 1, "QUIT": 1}
+    assert summary["end"] == "quit" and summary["errors"] == 0
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+[+-]\d{4}", r["time"]) for r in records)
