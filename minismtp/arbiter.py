@@ -33,9 +33,10 @@ from minismtp.debris import Sweeper
 from minismtp.delivery import DeliveryError, make_backend
 from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
-from minismtp.heartbeat import HeartbeatBoard
+from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_port
 from minismtp.logsetup import apply_format, apply_level
+from minismtp.sdnotify import Notifier
 from minismtp.signals import SignalWakeup
 from minismtp.startup import (
     check_user, drop_privileges, load_for_reload, prepare_delivery, report_where_stuck,
@@ -82,6 +83,7 @@ class Arbiter:
         self.board = HeartbeatBoard(BOARD_SLOTS)
         self.stats_board = StatsBoard(BOARD_SLOTS, MAX_RULES)
         self.sweeper = Sweeper()
+        self.notifier = Notifier()  # systemd's Type=notify, when run by systemd
         self.tls_context: ssl.SSLContext | None = None  # with tls.certificates
         self.retired = Totals()  # counters of workers that have exited
         self.stats_http: StatsHttpServer | None = None
@@ -122,6 +124,8 @@ class Arbiter:
         try:
             while not (self.stopping and not self.workers):
                 self._maintain(time.monotonic())
+                if not (self.notifier.ready or self.stopping):
+                    self._maybe_ready()
                 self._wait_for_signals(_LOOP_S)
                 self._reap()
         finally:
@@ -319,6 +323,7 @@ class Arbiter:
         log.info("stopping: workers finish the transactions in flight (up to %.0fs)",
                  self.config.server.shutdown_timeout)
         self.stopping = True
+        self.notifier.notify_stopping()
         # Workers of an older generation may have been given longer to finish.
         longest = max([r.shutdown_timeout_s for r in self.workers.values()],
                       default=self.config.server.shutdown_timeout)
@@ -328,6 +333,7 @@ class Arbiter:
     def _stop_now(self) -> None:
         log.info("stopping now")
         self.stopping = True
+        self.notifier.notify_stopping()
         self.stop_deadline = time.monotonic() + 1.0
         self._kill_all(signal.SIGQUIT)
 
@@ -352,9 +358,24 @@ class Arbiter:
 
     # -- reload ------------------------------------------------------------------------
 
+    def _maybe_ready(self) -> None:
+        """Tell systemd we are ready once every worker of this generation accepts."""
+        current = [r for r in self.workers.values()
+                   if r.generation == self.generation and r.retiring_since is None]
+        if len(current) == self.target and all(
+                self.board.loads[r.slot] != NOT_ACCEPTING for r in current):
+            addresses = ", ".join(bound_address(group[0])
+                                  for group in self.listeners.groups.values())
+            self.notifier.notify_ready(f"{len(current)} worker(s) on {addresses}")
+
     def _reload(self) -> None:
         if self.stopping:
             return
+        self.notifier.notify_reloading()
+        self.notifier.ready = False  # READY again once the new generation accepts
+        self._apply_reload()
+
+    def _apply_reload(self) -> None:
         fresh: dict[str, socket.socket] = {}
         try:
             config = load_for_reload(self.config_path, self.overrides)
