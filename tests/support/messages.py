@@ -105,3 +105,13 @@ def attachment_message(size: int, seed: int = 1, sender: str = "sender@example.o
     msg.add_attachment(attachment, maintype="application", subtype="octet-stream",
                        filename="random.bin")
     return msg.as_bytes(), attachment
+
+
+def expect_lf_stored(raw: bytes, sent: bytes) -> None:
+    """Assert that a message sent with LF-only lines (curl and smtplib pass a file's or a
+    bytes object's LF lines on unchanged) is stored whole with LF endings: no CR anywhere
+    in the file. Such a client ends the data with CRLF, dot, CRLF after the last LF, so a
+    server that takes the LF as a line end (as Postfix does) may store one empty line more."""
+    assert b"\r" not in raw, f"CR in the stored file: {raw[:300]!r}"
+    _, message = split_trace(raw)
+    assert message in (sent, sent + b"\n"), f"stored {message!r}, sent {sent!r}"
