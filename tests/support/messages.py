@@ -14,22 +14,23 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 
-TRACE_FIELDS = (b"return-path:", b"delivered-to:", b"received:")
-
-
 def split_trace(raw: bytes) -> tuple[bytes, bytes]:
-    """(minismtp's trace headers, the message after them) of a stored file."""
-    pos = 0
-    while pos < len(raw):
+    """(minismtp's trace headers, the message after them) of a stored file: one
+    `Return-Path:`, any `Delivered-To:`, then one `Received:` with its folded lines (a
+    `Received:` after that is the message's own, from an earlier hop)."""
+    def line_at(pos: int) -> bytes:
         end = raw.find(b"\n", pos)
-        end = len(raw) if end < 0 else end + 1
-        line = raw[pos:end]
-        is_trace = line.lower().startswith(TRACE_FIELDS)
-        continues = pos > 0 and line[:1] in (b" ", b"\t")
-        if not (is_trace or continues):
-            break
-        pos = end
-    assert pos > 0, f"no trace headers at the start of {raw[:200]!r}"
+        return raw[pos:] if end < 0 else raw[pos:end + 1]
+
+    pos = 0
+    assert raw.startswith(b"Return-Path: "), raw[:200]
+    pos += len(line_at(pos))
+    while raw.startswith(b"Delivered-To: ", pos):
+        pos += len(line_at(pos))
+    assert raw.startswith(b"Received: ", pos), raw[:500]
+    pos += len(line_at(pos))
+    while raw[pos:pos + 1] in (b" ", b"\t"):
+        pos += len(line_at(pos))
     return raw[:pos], raw[pos:]
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from support.server import children_of
 
 # Daemons and admin tools live outside a non-root PATH.
 _EXTRA_DIRS = ("/usr/sbin", "/sbin", "/usr/lib/postfix/sbin")
@@ -63,8 +67,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
     """True once something accepts connections on `port`, False after `timeout` seconds."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -86,3 +88,51 @@ def shared_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --- processes a neighbour leaves behind ------------------------------------------------
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (None once it is gone or a zombie): with the pid
+    it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def process_tree(pid: int) -> dict[int, int]:
+    """{pid: start time} of `pid` and all its descendants alive now."""
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo and len(found) < 10_000:
+        current = todo.pop()
+        started = start_time(current)
+        if started is None or current in found:
+            continue
+        found[current] = started
+        todo.extend(children_of(current))
+    return found
+
+
+def still_running(tree: dict[int, int]) -> list[int]:
+    return sorted(pid for pid, started in tree.items() if start_time(pid) == started)
+
+
+def end_processes(tree: dict[int, int], timeout: float) -> list[int]:
+    """Wait up to `timeout` for the processes in `tree` to exit, then SIGKILL those left
+    (the same processes: pid and start time); returns the pids that had to be killed."""
+    deadline = time.monotonic() + timeout
+    while still_running(tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = still_running(tree)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
