@@ -12,7 +12,7 @@ import pytest
 
 from support.messages import line_ending, split_trace
 
-pytestmark = pytest.mark.neighbour("postfix", "postconf")
+pytestmark = pytest.mark.neighbour("postfix")
 
 BURST = 100
 DRAIN_TIMEOUT_S = 90
