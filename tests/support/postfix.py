@@ -1,0 +1,185 @@
+"""A throwaway Postfix instance relaying to minismtp: the `postfix` fixture.
+
+Everything of the instance lives in one temporary directory: `conf/` (main.cf, master.cf,
+given to every command with `-c`), `queue/` (queue_directory, made by `postfix start`),
+`data/` and the log, `postfix.log` (`maillog_file`, written by the `postlog` service).
+Its smtpd listens on a free 127.0.0.1 port for the test's injection; its smtp client
+relays everything to `relayhost = [127.0.0.1]:<minismtp's port>`. It has no local
+domain, no aliases, no TLS and no chroot, and leaves the system's Postfix (if any) alone.
+
+Postfix starts as root and runs its daemons as `mail_owner = postfix`, the user Debian's
+package creates. The fixture stops the instance with `postfix -c conf stop` and then makes
+sure none of its processes is left (killing any that are), also when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from support.neighbours import (end_processes, free_port, missing, process_tree, program,
+                                require_root, start_time, wait_for_port)
+
+START_ATTEMPTS = 3  # a free port can be taken between choosing it and binding it
+COMMAND_TIMEOUT_S = 60
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+syslog_name = postfix-minismtp-test
+maillog_file = {root}/postfix.log
+maillog_file_prefixes = {root}
+myhostname = relay.test.invalid
+mydomain = test.invalid
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:{relay_port}
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+biff = no
+"""
+
+# No chroot (column 5 "n"): the daemons need nothing copied into the queue directory.
+MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n -  0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n -  - trivial-rewrite
+bounce    unix  - - n -  0 bounce
+defer     unix  - - n -  0 bounce
+trace     unix  - - n -  0 bounce
+verify    unix  - - n -  1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -  - proxymap
+smtp      unix  - - n -  - smtp
+relay     unix  - - n -  - smtp
+showq     unix  n - n -  - showq
+error     unix  - - n -  - error
+retry     unix  - - n -  - error
+discard   unix  - - n -  - discard
+anvil     unix  - - n -  1 anvil
+scache    unix  - - n -  1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+SENT = re.compile(r"status=sent \(250 2\.0\.0 Ok: queued as (\S+)\)")
+
+
+class Postfix:
+    def __init__(self, root: Path, relay_port: int) -> None:
+        self.root = root
+        self.conf = root / "conf"
+        self.relay_port = relay_port
+        self.port = 0
+        self.log_path = root / "postfix.log"
+        self.tree: dict[int, int] = {}
+        self.started = False
+
+    def _postfix(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([program("postfix"), "-c", str(self.conf), *args],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+
+    def start(self) -> Postfix:
+        for sub in ("conf", "queue", "data"):
+            (self.root / sub).mkdir(exist_ok=True)
+        owner = pwd.getpwnam("postfix")
+        (self.root / "data").chmod(0o700)
+        os.chown(self.root / "data", owner.pw_uid, owner.pw_gid)
+        (self.conf / "main.cf").write_text(
+            MAIN_CF.format(root=self.root, relay_port=self.relay_port))
+        failures = []
+        for _ in range(START_ATTEMPTS):
+            self.port = free_port()
+            (self.conf / "master.cf").write_text(MASTER_CF.format(port=self.port))
+            result = self._postfix("start")
+            self.started = True
+            self.remember_processes()
+            if result.returncode == 0 and wait_for_port(self.port, 15):
+                return self
+            failures.append(f"exit {result.returncode}: {result.stderr.strip()}")
+            self.stop()
+        raise AssertionError(f"Postfix did not start: {failures}\n{self.log()[-3000:]}")
+
+    def master_pid(self) -> int | None:
+        try:
+            return int((self.root / "queue" / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def remember_processes(self) -> None:
+        """Note the master and its children now: once the master is gone they are
+        re-parented, and only this record still tells them apart."""
+        pid = self.master_pid()
+        if pid is not None and start_time(pid) is not None:
+            self.tree.update(process_tree(pid))
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def sent_ids(self) -> list[str]:
+        """minismtp's queue ids from the log's status=sent lines, one per delivery."""
+        return SENT.findall(self.log())
+
+    def queued(self) -> list[Path]:
+        """Message files still in the instance's queues."""
+        files = []
+        for queue in QUEUES:
+            directory = self.root / "queue" / queue
+            if directory.is_dir():
+                files += [p for p in directory.rglob("*") if p.is_file()]
+        return files
+
+    def stop(self) -> list[int]:
+        """Stop the instance; returns the pids that had to be killed (none, normally)."""
+        if not self.started:
+            return []
+        self.remember_processes()
+        self._postfix("stop")
+        self.started = False
+        return end_processes(self.tree, timeout=20)
+
+
+@pytest.fixture
+def postfix(shared_tmp: Path) -> Iterator[Callable[[int], Postfix]]:
+    """`postfix(relay_port)` starts an instance relaying to 127.0.0.1:relay_port."""
+    require_root("Postfix")
+    program("postfix")
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        missing("no `postfix` user (the postfix package creates it)")
+    instances: list[Postfix] = []
+
+    def start(relay_port: int) -> Postfix:
+        root = shared_tmp / f"postfix{len(instances)}"
+        root.mkdir()
+        instance = Postfix(root, relay_port)
+        instances.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in instances:
+        killed = instance.stop()
+        assert not killed, f"Postfix processes still running after stop: {killed}"
