@@ -40,8 +40,10 @@ def prepare_delivery(config: Config) -> None:
     make_backend(d.backend, d.path, d.fsync, d.layout, config.server.hostname).prepare()
     if d.backend == "maildir" and config.server.user and os.geteuid() == 0:
         user = pwd.getpwnam(config.server.user)
-        for sub in ("", "tmp", "new", "cur"):
-            os.chown(os.path.join(d.path, sub), user.pw_uid, user.pw_gid)
+        for sub in ("", "tmp", "new", "cur"):  # per_recipient's root has only tmp/
+            path = os.path.join(d.path, sub)
+            if os.path.isdir(path):
+                os.chown(path, user.pw_uid, user.pw_gid)
 
 
 def load_for_reload(path: str | None, overrides: dict[str, object]) -> Config | None:

@@ -64,8 +64,6 @@ def test_imap_fetches_the_stored_message(make_server, shared_tmp, dovecot, layou
         imap.logout()
 
 
-@pytest.mark.xfail(strict=True, reason="startup.prepare_delivery chowns new/ and cur/, "
-                   "which the per_recipient root does not have")
 def test_per_recipient_root_with_server_user(make_server, shared_tmp):
     """Started as root with `server.user` and `layout: per_recipient` on a new path,
     minismtp starts and hands the root (and its tmp/) to that user, as it does for

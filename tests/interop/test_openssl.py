@@ -17,7 +17,6 @@ pytestmark = pytest.mark.neighbour("openssl")
 HOSTNAME = "mx.test.invalid"
 
 
-@pytest.mark.xfail(strict=True, reason="needs TLS wired into the worker")
 def test_starttls_session(make_server, tmp_path):
     """openssl s_client negotiates STARTTLS (RFC 3207) after EHLO, verifies the server's
     certificate against the test CA and its name, and sends a whole transaction over
