@@ -187,9 +187,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_junk_commands", 100, parsing.integer(0),
             "HELO, EHLO, NOOP, RSET, VRFY and HELP per session (reset by a stored message) "
             "before each further one counts as a protocol error"),
-    Setting("limits.bare_lf", "reject", parsing.choice("reject", "accept"),
-            "`reject`: a bare LF gets `500 5.5.2` in a command, `550 5.5.2` after a body; "
-            "`accept`: taken as is"),
+    Setting("limits.bare_lf", "normalize", parsing.choice("normalize", "reject", "accept"),
+            "a line ending in LF without CR (a bare LF). `normalize` (Postfix 3.9's "
+            "default): a line end, in commands and in the body, stored like any other; a "
+            "`.` after it is unstuffed, never the end of DATA; `reject`: `500 5.5.2` for "
+            "such a command, `550 5.5.2` after such a body; `accept`: the body is stored "
+            "as it came (mixed line endings). Under every policy only "
+            "`<CR><LF>.<CR><LF>` ends DATA"),
     Setting("limits.tls_handshake_timeout", "30s", _timeout,
             "time a TLS handshake may take (STARTTLS or implicit)", parsing.dump_duration),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),

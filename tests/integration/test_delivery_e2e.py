@@ -132,7 +132,7 @@ def test_hostile_helo_names_cannot_forge_the_received_header(make_server, raw_cl
 def test_per_recipient_mailboxes_are_made_only_for_stored_messages(make_server, raw_clients,
                                                                    tmp_path):
     root = tmp_path / "boxes"
-    server = make_server({"server": {"workers": 1},
+    server = make_server({"server": {"workers": 1}, "limits": {"bare_lf": "reject"},
                           "delivery": {"layout": "per_recipient", "path": str(root)}})
     many = [f"user{i}@d{i % 7}.example" for i in range(300)]
     # Two transactions with many fresh recipients that never end in a stored message:

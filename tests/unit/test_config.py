@@ -90,7 +90,7 @@ def test_defaults_without_a_file():
         min_data_rate_grace=5.0,
         max_errors=20,
         max_junk_commands=100,
-        bare_lf="reject",
+        bare_lf="normalize",
         tls_handshake_timeout=30.0,
     )
     assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
@@ -193,8 +193,9 @@ BAD_VALUES = [
      'got "10 MB MB"'),
     # enums
     ("limits", "bare_lf: maybe",
-     'limits.bare_lf: must be one of "reject", "accept", got "maybe"'),
-    ("limits", "bare_lf: no", 'limits.bare_lf: must be one of "reject", "accept", got false'),
+     'limits.bare_lf: must be one of "normalize", "reject", "accept", got "maybe"'),
+    ("limits", "bare_lf: no",
+     'limits.bare_lf: must be one of "normalize", "reject", "accept", got false'),
     ("delivery", "backend: mbox",
      'delivery.backend: must be one of "maildir", "discard", got "mbox"'),
     ("delivery", "layout: Single",
