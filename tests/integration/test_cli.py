@@ -182,7 +182,7 @@ def test_serve_without_config_file(tmp_path):
             assert f.readline().startswith(b"221 ")
         # The embedded default delivery path, relative to the working directory.
         stored = list((tmp_path / "var" / "mail" / "new").iterdir())
-        assert len(stored) == 1 and stored[0].read_bytes().endswith(b"\r\n\r\nhello\r\n")
+        assert len(stored) == 1 and stored[0].read_bytes().endswith(b"\n\nhello\n")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
