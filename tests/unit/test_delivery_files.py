@@ -12,11 +12,13 @@ from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.smtpdriver import MODES, OPEN, Client, stuff
 
 from minismtp.config import ConfigError, load_config
 from minismtp.delivery import DeliveryError, Peer, make_backend
-from minismtp.delivery.maildir import MaildirBackend
+from minismtp.delivery.maildir import MaildirBackend, to_lf
 from minismtp.smtp.events import Envelope
 
 PEER = Peer("192.0.2.7", 40123)
@@ -251,3 +253,23 @@ def test_random_chunk_edges_never_split_a_crlf() -> None:
             client.send(OPEN + body)
             for before, after in zip(client.chunks, client.chunks[1:]):
                 assert not (before.endswith(b"\r") and after.startswith(b"\n"))
+
+
+@pytest.mark.parametrize("piece, lf", [
+    (b"a\r\nb\r\n", b"a\nb\n"),
+    (b"a\rb\r\n", b"a\rb\n"),  # a bare CR stays
+    (b"a\r\r\n", b"a\r\n"),  # CR, then a CRLF
+    (b"\r\n\r\n", b"\n\n"),
+    (b"end\r", b"end\r"),  # a CR that ends a piece is bare: no LF follows it (see above)
+    (b"\n\r\n", b"\n\n"),  # a bare LF (bare_lf accept) stays a line end
+    (b"", b""),
+])
+def test_to_lf(piece: bytes, lf: bytes) -> None:
+    assert to_lf(memoryview(bytearray(piece))) == lf == piece.replace(b"\r\n", b"\n")
+
+
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"\r\r\n", b"."]),
+                max_size=40).map(b"".join))
+@settings(max_examples=200, deadline=None)
+def test_to_lf_is_replace(piece: bytes) -> None:
+    assert to_lf(memoryview(piece)) == piece.replace(b"\r\n", b"\n")
