@@ -106,9 +106,15 @@ def delivery_problems(config: Config) -> list[str]:
     problems = []
     if d.group is not None:
         try:
-            grp.getgrnam(d.group)
+            gid = grp.getgrnam(d.group).gr_gid
         except KeyError:
             problems.append(f'delivery.group: no such group "{d.group}"')
+        else:
+            # As root the master makes the directories with the group (set-group-ID, so
+            # whatever the workers make inherits it); otherwise this user must be in it.
+            if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+                problems.append(f'delivery.group: this user is not in group "{d.group}", '
+                                "so cannot give it the files (run as root, or join it)")
     if config.server.user:
         try:
             user = pwd.getpwnam(config.server.user)

@@ -273,3 +273,21 @@ def test_to_lf(piece: bytes, lf: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 def test_to_lf_is_replace(piece: bytes) -> None:
     assert to_lf(memoryview(piece)) == piece.replace(b"\r\n", b"\n")
+
+
+def test_check_config_problems_for_the_group(tmp_path: Path, monkeypatch) -> None:
+    from minismtp import startup
+
+    group = _other_group()
+    config = load_config(overrides={"delivery.path": str(tmp_path / "mail"),
+                                    "delivery.group": group.gr_name})
+    monkeypatch.setattr(startup.os, "geteuid", lambda: 0)
+    assert startup.delivery_problems(config) == []
+    monkeypatch.setattr(startup.os, "geteuid", lambda: 4242)  # not root, not a member
+    monkeypatch.setattr(startup.os, "getegid", lambda: 4242)
+    monkeypatch.setattr(startup.os, "getgroups", lambda: [4242])
+    assert startup.delivery_problems(config) == [
+        f'delivery.group: this user is not in group "{group.gr_name}", so cannot give it '
+        "the files (run as root, or join it)"]
+    missing = load_config(overrides={"delivery.group": "no-such-grp"})
+    assert startup.delivery_problems(missing) == ['delivery.group: no such group "no-such-grp"']
