@@ -17,9 +17,10 @@ Implementations, all reading the wire bytes in 256 KiB pieces:
 - BodyScanner:     minismtp.smtp.scanner.BodyScanner looped over a 256 KiB ReceiveBuffer the way the
                  core does; each read is copied in by slice assignment (standing in for
                  recv_into), and the segments of one read are collected as memoryviews;
-- core (bare LF reject/allow): SmtpServerConnection already in DATA (EHLO, MAIL, RCPT and
-                 DATA accepted), fed through buffer.free_view()/commit(n), counting
-                 BodyChunk bytes; Settings(max_message_bytes=1<<30), reject_bare_lf on/off;
+- core (bare LF normalize/reject/allow): SmtpServerConnection already in DATA (EHLO,
+                 MAIL, RCPT and DATA accepted), fed through buffer.free_view()/commit(n),
+                 counting BodyChunk bytes; Settings(max_message_bytes=1<<30), each
+                 bare_lf policy;
 - naive:         what a straightforward Python server does: split each read on CRLF with
                  a per-line loop, unstuff, stop at ".", keep the lines in a list and join.
 
@@ -110,9 +111,9 @@ def run_BodyScanner(wire: bytes, out: bytearray) -> int:
             return o
 
 
-def core_in_data(reject_bare_lf: bool):
+def core_in_data(bare_lf: str):
     """A connection with EHLO, MAIL, RCPT and DATA accepted (set up outside the timing)."""
-    conn = SmtpServerConnection(Settings(max_message_bytes=1 << 30, reject_bare_lf=reject_bare_lf))
+    conn = SmtpServerConnection(Settings(max_message_bytes=1 << 30, bare_lf=bare_lf))
     conn.greet()
     conn.receive_data(SETUP)
     for _ in range(4):  # Hello, MailFrom, RcptTo, DataStarted
@@ -181,8 +182,9 @@ def run_naive(wire: bytes, out: bytearray) -> int:
 
 IMPLEMENTATIONS = {  # name -> prepare() returning run(wire, out) -> bytes written
     "BodyScanner": lambda: run_BodyScanner,
-    "core (bare LF reject)": lambda: core_in_data(True),
-    "core (bare LF allow)": lambda: core_in_data(False),
+    "core (bare LF normalize)": lambda: core_in_data("normalize"),
+    "core (bare LF reject)": lambda: core_in_data("reject"),
+    "core (bare LF allow)": lambda: core_in_data("accept"),
     "naive": lambda: run_naive,
 }
 

@@ -30,7 +30,7 @@ from dataclasses import replace
 from minismtp import exitcodes
 from minismtp.config import Config
 from minismtp.debris import Sweeper
-from minismtp.delivery import DeliveryError, make_backend
+from minismtp.delivery import DeliveryError
 from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
@@ -39,8 +39,8 @@ from minismtp.logsetup import apply_format, apply_level
 from minismtp.sdnotify import Notifier
 from minismtp.signals import SignalWakeup
 from minismtp.startup import (
-    check_user, drop_privileges, load_for_reload, prepare_delivery, report_where_stuck,
-    tmp_dir,
+    check_user, drop_privileges, load_for_reload, make_delivery, prepare_delivery,
+    report_where_stuck, tmp_dir,
 )
 from minismtp.stats import StatsBoard, Totals, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
@@ -293,9 +293,7 @@ class Arbiter:
         config = self.worker_config
         try:
             drop_privileges(config.server.user)
-            delivery = config.delivery
-            backend = make_backend(delivery.backend, delivery.path, delivery.fsync,
-                                   delivery.layout, config.server.hostname)
+            backend = make_delivery(config)
         except (OSError, DeliveryError, KeyError) as exc:
             log.error("worker %d cannot start: %s", os.getpid(), exc)
             return exitcodes.WORKER_BOOT_FAILED

@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"minismtp: {problem}", file=sys.stderr)
         return exitcodes.CONFIG
     if args.command == "check-config":
+        from minismtp.startup import delivery_problems
+
+        problems = delivery_problems(config)
+        for problem in problems:
+            print(f"minismtp: {problem}", file=sys.stderr)
+        if problems:
+            return exitcodes.CONFIG
         for warning in config.warnings:
             print(f"minismtp: warning: {warning}", file=sys.stderr)
         sys.stdout.write(dump_config(config))

@@ -80,6 +80,11 @@ class DeliveryConfig:
     path: str
     fsync: bool
     layout: str
+    line_endings: str = "lf"
+    envelope_recipients: str = "one"
+    group: str | None = None
+    file_mode: int = 0o600
+    dir_mode: int = 0o700
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,22 +193,46 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_junk_commands", 100, parsing.integer(0),
             "HELO, EHLO, NOOP, RSET, VRFY and HELP per session (reset by a stored message) "
             "before each further one counts as a protocol error"),
-    Setting("limits.bare_lf", "reject", parsing.choice("reject", "accept"),
-            "`reject`: a bare LF gets `500 5.5.2` in a command, `550 5.5.2` after a body; "
-            "`accept`: taken as is"),
+    Setting("limits.bare_lf", "normalize", parsing.choice("normalize", "reject", "accept"),
+            "a line ending in LF without CR (a bare LF). `normalize` (Postfix 3.9's "
+            "default): a line end, in commands and in the body, stored like any other; a "
+            "`.` after it is unstuffed, never the end of DATA; `reject`: `500 5.5.2` for "
+            "such a command, `550 5.5.2` after such a body; `accept`: the body is stored "
+            "as it came (mixed line endings). Under every policy only "
+            "`<CR><LF>.<CR><LF>` ends DATA"),
     Setting("limits.tls_handshake_timeout", "30s", _timeout,
             "time a TLS handshake may take (STARTTLS or implicit)", parsing.dump_duration),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),
     Setting("delivery.path", "./var/mail", parsing.string,
-            "Maildir root (`tmp/`, `new/`, `cur/` made with mode 0700), relative to the "
-            "working directory"),
+            "Maildir root (`tmp/`, `new/`, `cur/` made with `delivery.dir_mode`), relative "
+            "to the working directory"),
     Setting("delivery.fsync", True, parsing.boolean,
             "a `250` means the file and its directory entry are on disk"),
     Setting("delivery.layout", "single", parsing.choice("single", "per_recipient"),
             "`single`, or `per_recipient`: `<path>/<domain>/<local-part>/`, made when a "
             "message for it is stored (at most 100 new mailboxes per message; past that "
             "`451`, and a retry makes the rest)"),
+    Setting("delivery.line_endings", "lf", parsing.choice("lf", "crlf"),
+            "line endings of stored files, trace headers included: `lf`, the Maildir "
+            "convention that mail readers expect; `crlf`, the wire form unchanged"),
+    Setting("delivery.envelope_recipients", "one", parsing.choice("all", "one", "none"),
+            "how a stored file records its envelope recipients: `one`, a `Delivered-To:` "
+            "only for a message to exactly one recipient; `all`, one per recipient, which "
+            "shows each recipient, Bcc included, to everyone reading the mailbox (with "
+            "`per_recipient` a message to several gets none whatever this says: its one "
+            "file is in each mailbox); `none`, none, nor a `for` clause in `Received:`"),
+    Setting("delivery.group", None,
+            parsing.printable_name("a group name or null", optional=True),
+            "group of the Maildir's files and directories, so that a reader running as "
+            "another user in it (Dovecot's mail user) can read them; directories get it "
+            "with the set-group-ID bit, which passes it on; `null` = the process's"),
+    Setting("delivery.file_mode", "0600", parsing.file_mode(0o600),
+            'mode of stored files, an octal string such as `"0640"` (group may read); '
+            "not narrowed by the umask", parsing.dump_mode),
+    Setting("delivery.dir_mode", "0700", parsing.file_mode(0o700),
+            'mode of directories minismtp makes, an octal string such as `"0750"`; '
+            "existing ones are left as they are", parsing.dump_mode),
     Setting("logging.level", "info", parsing.choice("debug", "info", "warning", "error", fold_case=True),
             "`debug`, `info`, `warning`, `error`"),
     Setting("logging.format", "text", parsing.choice("text", "json"),

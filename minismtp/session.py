@@ -32,7 +32,7 @@ def protocol_settings(config: Config, listener: Listener | None = None) -> Setti
         max_command_bytes=limits.max_command_length,
         max_errors=limits.max_errors,
         max_junk_commands=limits.max_junk_commands,
-        reject_bare_lf=limits.bare_lf == "reject",
+        bare_lf=limits.bare_lf,
         command_buffer_bytes=max(4096, 2 * limits.max_command_length),
     )
 

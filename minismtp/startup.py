@@ -7,13 +7,15 @@ Untrusted input: none (the validated configuration).
 from __future__ import annotations
 
 import faulthandler
+import grp
 import logging
 import os
 import pwd
+import stat
 import sys
 
 from minismtp.config import Config, ConfigError, load_config
-from minismtp.delivery import DeliveryError, make_backend
+from minismtp.delivery import Backend, DeliveryError, make_backend
 
 log = logging.getLogger("minismtp.master")
 
@@ -35,15 +37,29 @@ def drop_privileges(user: str | None) -> None:
     os.setuid(entry.pw_uid)
 
 
+def make_delivery(config: Config) -> Backend:
+    """The configured backend, every delivery setting applied (in the master to check and
+    prepare, in each worker to store)."""
+    d = config.delivery
+    return make_backend(d.backend, d.path, d.fsync, d.layout, config.server.hostname,
+                        line_endings=d.line_endings,
+                        envelope_recipients=d.envelope_recipients, group=d.group,
+                        file_mode=d.file_mode, dir_mode=d.dir_mode)
+
+
 def prepare_delivery(config: Config) -> None:
     d = config.delivery
-    make_backend(d.backend, d.path, d.fsync, d.layout, config.server.hostname).prepare()
+    make_delivery(config).prepare()
     if d.backend == "maildir" and config.server.user and os.geteuid() == 0:
         user = pwd.getpwnam(config.server.user)
-        for sub in ("", "tmp", "new", "cur"):  # per_recipient's root has only tmp/
+        gid = grp.getgrnam(d.group).gr_gid if d.group else user.pw_gid
+        for sub in ("", "tmp", "new", "cur"):
             path = os.path.join(d.path, sub)
-            if os.path.isdir(path):
-                os.chown(path, user.pw_uid, user.pw_gid)
+            if not os.path.isdir(path):
+                continue  # per_recipient: the root and tmp/ only
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            os.chown(path, user.pw_uid, gid)
+            os.chmod(path, mode)  # the set-group-ID bit may not survive chown
 
 
 def load_for_reload(path: str | None, overrides: dict[str, object]) -> Config | None:
@@ -78,3 +94,54 @@ def report_where_stuck() -> None:
     faulthandler writes from the C signal handler, so it works even while the worker is
     blocked in a system call or looping without returning to the interpreter's loop."""
     faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
+def delivery_problems(config: Config) -> list[str]:
+    """What keeps the workers (as server.user) from storing: a group that does not exist,
+    a delivery.path they cannot reach. Checked from the file system's modes, since
+    trying as that user would need the master to change identity."""
+    d = config.delivery
+    if d.backend != "maildir":
+        return []
+    problems = []
+    if d.group is not None:
+        try:
+            gid = grp.getgrnam(d.group).gr_gid
+        except KeyError:
+            problems.append(f'delivery.group: no such group "{d.group}"')
+        else:
+            # As root the master makes the directories with the group (set-group-ID, so
+            # whatever the workers make inherits it); otherwise this user must be in it.
+            if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+                problems.append(f'delivery.group: this user is not in group "{d.group}", '
+                                "so cannot give it the files (run as root, or join it)")
+    if config.server.user:
+        try:
+            user = pwd.getpwnam(config.server.user)
+        except KeyError:
+            return [*problems, f'server.user: no such user "{config.server.user}"']
+        problem = _unreachable(os.path.abspath(d.path), user)
+        if problem:
+            problems.append(f'delivery.path: server.user "{user.pw_name}" {problem}')
+    return problems
+
+
+def _unreachable(path: str, user: pwd.struct_passwd) -> str | None:
+    """Why `user` could not get to `path` (a directory above it it may not search), or
+    None. The Maildir's own directories are no obstacle: the master, as root, makes them
+    and gives them to the user at start."""
+    if user.pw_uid == 0:
+        return None
+    gids = {user.pw_gid, *(g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem)}
+    parts = path.split(os.sep)
+    for depth in range(1, len(parts)):
+        above = os.sep.join(parts[:depth]) or os.sep
+        try:
+            st = os.stat(above)
+        except OSError:
+            return None  # made by the master at start
+        shift = 6 if st.st_uid == user.pw_uid else 3 if st.st_gid in gids else 0
+        if not (st.st_mode >> shift) & 1:
+            return (f'cannot reach "{path}": "{above}" is mode {stat.S_IMODE(st.st_mode):04o}'
+                    f", owner {st.st_uid}, group {st.st_gid}")
+    return None

@@ -144,6 +144,32 @@ def integer(low: int, high: int | None = None) -> Parser:
 MAX_WORKERS = 512
 
 
+def file_mode(owner: int) -> Parser:
+    """Permission bits: an octal string ("0640", "640", "0o640") or an int (YAML reads an
+    unquoted 0640 as octal already); at most 0777, and with every bit of `owner` (the
+    owner must be able to write what it makes)."""
+    want = f'an octal mode such as "{0o640 if owner == 0o600 else 0o750:04o}", from ' \
+           f'"{owner:04o}" to "0777" and with the owner\'s "{owner:04o}"'
+
+    def parse(value: object) -> int:
+        number = None
+        if isinstance(value, str):  # octal, whatever its first digit
+            text = value.strip().lower().removeprefix("0o")
+            if text and len(text) <= 4 and all(c in "01234567" for c in text):
+                number = int(text, 8)
+        else:
+            number = as_int(value)
+        if number is None or not 0 <= number <= 0o777 or number & owner != owner:
+            raise ValueError(f"must be {want}, got {got(value)}")
+        return number
+
+    return parse
+
+
+def dump_mode(mode: int) -> str:
+    return f"{mode:04o}"
+
+
 def worker_count(value: object) -> int:
     if value == "auto":  # cpu_count() is None when it cannot tell
         return min(MAX_WORKERS, os.cpu_count() or 1)

@@ -18,15 +18,20 @@ BACKENDS = ("maildir", "discard")
 LAYOUTS = ("single", "per_recipient")  # Maildir at delivery.path, or one per recipient
 
 
-def make_backend(backend: str, path: str, fsync: bool, layout: str, hostname: str) -> Backend:
-    """Build the configured backend; `path`, `fsync` and `layout` matter only for Maildir.
+def make_backend(backend: str, path: str, fsync: bool, layout: str, hostname: str,
+                 **maildir: object) -> Backend:
+    """Build the configured backend; `path`, `fsync`, `layout` and the `maildir` keywords
+    (line_endings, envelope_recipients, group, file_mode, dir_mode: MaildirBackend's)
+    matter only for Maildir.
 
-    Raises ValueError for an unknown backend or layout (config validates both first).
+    Raises ValueError for an unknown backend or layout (config validates both first),
+    DeliveryError for a group that does not exist.
     """
     if backend == "maildir":
         if layout not in LAYOUTS:
             raise ValueError(f"unknown delivery layout {layout!r}; expected one of {LAYOUTS}")
-        return MaildirBackend(path, fsync=fsync, layout=layout, hostname=hostname)
+        return MaildirBackend(path, fsync=fsync, layout=layout, hostname=hostname,
+                              **maildir)  # type: ignore[arg-type]
     if backend == "discard":
         return DiscardBackend()
     raise ValueError(f"unknown delivery backend {backend!r}; expected one of {BACKENDS}")

@@ -50,7 +50,9 @@ class Sink(ABC):
 
     @abstractmethod
     def write(self, data: memoryview | bytes) -> None:
-        """Append a body segment; `data` is borrowed and must not be kept.
+        """Append a body segment; `data` is borrowed and must not be kept. Callers never
+        split a CRLF between two calls (the core's body pieces never do), so a sink may
+        change line endings one segment at a time.
 
         Raises DeliveryError on failure (and drops what was written).
         """

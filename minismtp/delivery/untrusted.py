@@ -118,13 +118,17 @@ def encode_host(host: str) -> str:
 
 
 def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
-                  when_s: float, list_recipients: bool = True) -> bytes:
-    """Return-Path, one Delivered-To per recipient (if `list_recipients`), and Received
-    (RFC 5321 section 4.4)."""
+                  when_s: float, delivered_to: tuple[str, ...] | None = None,
+                  for_clause: bool = True) -> bytes:
+    """Return-Path, one Delivered-To per address of `delivered_to` (None: every
+    recipient), and Received (RFC 5321 section 4.4), whose "for" clause names a sole
+    recipient unless `for_clause` is false. Lines end in CRLF, as on the wire (the sink
+    changes them with the body's when delivery.line_endings says so)."""
     utf8 = envelope.smtputf8
     lines = [f"Return-Path: <{address_text(envelope.sender, utf8)}>"]
-    if list_recipients:
-        lines += [f"Delivered-To: {address_text(rcpt, utf8)}" for rcpt in envelope.recipients]
+    if delivered_to is None:
+        delivered_to = envelope.recipients
+    lines += [f"Delivered-To: {address_text(rcpt, utf8)}" for rcpt in delivered_to]
     # RFC 6531 section 4.3 registers "UTF8SMTP" for ESMTP with SMTPUTF8
     protocol = "UTF8SMTP" if envelope.smtputf8 else "ESMTP" if envelope.esmtp else "SMTP"
     if envelope.tls is not None and envelope.esmtp:  # RFC 3848 ESMTPS, RFC 6531 UTF8SMTPS
@@ -138,7 +142,7 @@ def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
         f"{using}\tby {_clean(hostname)} (minismtp) with {protocol} id {queue_id}"
     )
     date = formatdate(when_s, localtime=True)
-    if len(envelope.recipients) == 1:
+    if len(envelope.recipients) == 1 and for_clause:
         received += f"\r\n\tfor <{address_text(envelope.recipients[0], utf8)}>; {date}"
     else:
         received += f";\r\n\t{date}"

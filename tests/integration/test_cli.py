@@ -56,7 +56,7 @@ BAD_CONFIGS = {
         [r"^server\.listen\[0\]: missing port",
          r'^server\.workers: must be an integer >= 1 or "auto", got 0$',
          r'^limits\.command_timeout: must be a duration > 0 .*got "soon"$',
-         r'^limits\.bare_lf: must be one of "reject", "accept", got "maybe"$',
+         r'^limits\.bare_lf: must be one of "normalize", "reject", "accept", got "maybe"$',
          r'^delivery\.fsync: must be true or false, got "yes"$']),
     "backlog-past-c-int": (  # listen() would raise OverflowError
         "server:\n  backlog: 2147483648\n",
@@ -119,7 +119,7 @@ def test_check_config_prints_effective_yaml(tmp_path):
     assert document["server"]["workers"] == 3
     assert document["limits"]["max_message_size"] == "10M"
     assert document["limits"]["command_timeout"] in ("90s", 90, 90.0)
-    assert document["limits"]["bare_lf"] == "reject"
+    assert document["limits"]["bare_lf"] == "normalize"
     # What it prints is itself a valid configuration that reads back the same.
     again = tmp_path / "again.yaml"
     again.write_text(result.stdout)
@@ -134,7 +134,7 @@ def test_check_config_accepts_the_example_file(tmp_path):
         pytest.skip("etc/minismtp.yaml is not next to the package")
     result = run("check-config", "--config", str(example), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout)["limits"]["bare_lf"] == "reject"
+    assert yaml.safe_load(result.stdout)["limits"]["bare_lf"] == "normalize"
 
 
 def test_version():
@@ -182,7 +182,7 @@ def test_serve_without_config_file(tmp_path):
             assert f.readline().startswith(b"221 ")
         # The embedded default delivery path, relative to the working directory.
         stored = list((tmp_path / "var" / "mail" / "new").iterdir())
-        assert len(stored) == 1 and stored[0].read_bytes().endswith(b"\r\n\r\nhello\r\n")
+        assert len(stored) == 1 and stored[0].read_bytes().endswith(b"\n\nhello\n")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:

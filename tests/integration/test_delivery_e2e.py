@@ -30,7 +30,7 @@ def test_write_failure_answers_451_and_leaves_nothing(make_server, raw_clients):
     queue_id = client.send_message(small).queue_id
     client.cmd("QUIT", 221)
     [(key, stored)] = server.maildir_messages()
-    assert key.startswith(queue_id + ".") and stored.endswith(small)
+    assert key.startswith(queue_id + ".") and stored.endswith(server.stored_form(small))
     assert server.files("tmp") == []
 
 
@@ -84,8 +84,9 @@ def test_per_recipient_paths_stay_inside_delivery_path(make_server, raw_clients,
     for rcpt, queue_id in stored_ids:
         copies = [p for p in new_files if p.name.startswith(queue_id + ".")]
         assert len(copies) == 1, (rcpt, copies)
-        assert copies[0].read_bytes().endswith(f"\r\n\r\nfor {rcpt}\r\n".encode())
-        assert f"Delivered-To: {rcpt}\r\n".encode() in copies[0].read_bytes()
+        data = copies[0].read_bytes()
+        assert data.endswith(server.stored_form(f"\r\n\r\nfor {rcpt}\r\n".encode()))
+        assert server.stored_form(f"Delivered-To: {rcpt}\r\n".encode()) in data
         # The mailbox is a directory two levels below the root: <domain>/<local>/new/.
         mailbox = copies[0].parent.parent
         assert mailbox.parent.parent == root, copies[0]
@@ -123,7 +124,7 @@ def test_hostile_helo_names_cannot_forge_the_received_header(make_server, raw_cl
     assert len(messages) == 3
     for key, data in messages:
         [received] = [line for queue_id, line in expected.items() if key.startswith(queue_id + ".")]
-        received_line = data.split(b"\r\n")[2]  # after Return-Path and Delivered-To
+        received_line = data.split(b"\n")[2]  # after Return-Path and Delivered-To (LF)
         assert received_line == received
         if b"caf\xc3\xa9" not in received_line:
             assert data.split(b"\r\n\r\n")[0].isascii()
@@ -132,7 +133,7 @@ def test_hostile_helo_names_cannot_forge_the_received_header(make_server, raw_cl
 def test_per_recipient_mailboxes_are_made_only_for_stored_messages(make_server, raw_clients,
                                                                    tmp_path):
     root = tmp_path / "boxes"
-    server = make_server({"server": {"workers": 1},
+    server = make_server({"server": {"workers": 1}, "limits": {"bare_lf": "reject"},
                           "delivery": {"layout": "per_recipient", "path": str(root)}})
     many = [f"user{i}@d{i % 7}.example" for i in range(300)]
     # Two transactions with many fresh recipients that never end in a stored message:

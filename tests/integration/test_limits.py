@@ -49,7 +49,7 @@ def test_terminator_split_at_every_offset(make_server, raw_clients):
               for key, data in server.maildir_messages()}
     assert len(stored) == len(cases)
     for queue_id, body in expected.items():
-        assert stored[queue_id].endswith(b"\r\n" + body), queue_id
+        assert stored[queue_id].endswith(server.stored_form(b"\r\n" + body)), queue_id
     assert server.files("tmp") == []
 
 
@@ -75,13 +75,30 @@ def test_smuggling_with_bare_lf_accepted_stores_one_message(make_server, raw_cli
     assert client.wait_closed() == b""
     [(key, stored)] = server.maildir_messages()
     assert key.startswith(queue_id + ".")
-    assert stored.endswith(b"\r\n\r\nhello" + SMUGGLED[:-3])
-    assert b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nsmuggled\r\n" in stored
+    # Stored as it came ("\n.\r\n" keeps its dot), but for the LF line endings of the file.
+    assert stored.endswith(server.stored_form(b"\r\n\r\nhello" + SMUGGLED[:-3]))
+    assert b"MAIL FROM:<evil@x>\nRCPT TO:<v@x>\nDATA\nsmuggled\n" in stored
+    assert server.count_log(r"result=250 queued") == 1
+
+
+def test_smuggling_with_bare_lf_normalized_stores_one_message(make_server, raw_clients):
+    """Under the default, "\n.\r\n" is an empty line (its dot unstuffed), not the end."""
+    server = make_server()  # limits.bare_lf defaults to normalize
+    client = raw_clients(server.port)
+    _smuggle(client)
+    queue_id = client.reply().queue_id
+    client.send(b"QUIT\r\n")
+    assert client.reply().raw == replies.CLOSING.wire
+    assert client.wait_closed() == b""
+    [(key, stored)] = server.maildir_messages()
+    assert key.startswith(queue_id + ".")
+    assert stored.endswith(server.stored_form(
+        b"\r\n\r\nhello\r\n\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nsmuggled\r\n"))
     assert server.count_log(r"result=250 queued") == 1
 
 
 def test_smuggling_with_bare_lf_rejected_stores_nothing(make_server, raw_clients):
-    server = make_server()  # limits.bare_lf defaults to reject
+    server = make_server({"limits": {"bare_lf": "reject"}})
     client = raw_clients(server.port)
     _smuggle(client)
     assert client.reply().raw == replies.BARE_LF_DATA.wire
@@ -102,8 +119,8 @@ def test_smuggling_with_bare_cr_is_body(make_server, raw_clients):
     assert client.reply().raw == replies.CLOSING.wire
     [(key, stored)] = server.maildir_messages()
     assert key.startswith(queue_id + ".")
-    assert stored.endswith(b"hello\r.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\n"
-                           b"smuggled\r\n")
+    assert stored.endswith(server.stored_form(
+        b"hello\r.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nsmuggled\r\n"))
 
 
 # --- message size ----------------------------------------------------------------------------
@@ -125,7 +142,7 @@ def test_oversize_body_refused_after_terminator(make_server, raw_clients):
     # The session is still in step: a small message on the same connection goes through.
     queue_id = client.send_message(b"Subject: small\r\n\r\nok\r\n").queue_id
     [(key, stored)] = server.maildir_messages()
-    assert key.startswith(queue_id + ".") and stored.endswith(b"\r\n\r\nok\r\n")
+    assert key.startswith(queue_id + ".") and stored.endswith(b"\n\nok\n")
     server.wait_for_log(r"result=rejected: message too big")
 
 

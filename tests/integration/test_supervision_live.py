@@ -111,4 +111,4 @@ def test_connections_beyond_the_descriptor_limit_get_421_and_data_still_works(
     queued = busy.reply()
     assert queued.code == 250, queued
     [(key, stored)] = server.maildir_messages()
-    assert key.startswith(queued.queue_id + ".") and stored.endswith(b"still stored\r\n")
+    assert key.startswith(queued.queue_id + ".") and stored.endswith(b"still stored\n")

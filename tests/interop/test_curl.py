@@ -17,7 +17,6 @@ from support.messages import expect_lf_stored, expect_stored, stored_file, text_
 pytestmark = pytest.mark.neighbour("curl")
 
 QUEUED = re.compile(r"^< 250 2\.0\.0 Ok: queued as (\S+)$", re.M)
-NEEDS_NORMALIZE = "needs limits.bare_lf: normalize"
 
 
 def curl(port: int, path: Path) -> subprocess.CompletedProcess:
@@ -40,7 +39,6 @@ def test_crlf_file_stored_byte_for_byte(server, tmp_path):
     expect_stored(stored_file(server.mail_dir, qid), message)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_NORMALIZE)
 def test_lf_file_is_stored_with_lf_endings(server, tmp_path):
     """A file with LF-only lines, sent by curl as it is, is accepted with the server's
     default settings and stored readable, with LF endings. (Without a dot-led line:

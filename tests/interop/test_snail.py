@@ -22,7 +22,6 @@ def snail(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, env=env, timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason="needs delivery.line_endings: lf (the new default)")
 def test_snail_reads_the_headers_and_body(server):
     """With the default settings a stored message reads cleanly in a Unix mail reader:
     the header summary shows the subject as sent (no stray CR shown as a control

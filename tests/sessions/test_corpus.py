@@ -1,33 +1,40 @@
 """Replay the session corpus: NAME.in (client bytes) against NAME.out (server bytes, exact).
 
 Each session is fed whole, byte by byte, line by line and at several random splittings,
-with every decision accepted (queue ids "Q1", "Q2", ...). The .out files were written
-from RFC 5321 and the reply texts, not recorded from the core.
+with every decision accepted (queue ids "Q1", "Q2", ...), under each bare-LF policy:
+NAME.out holds the replies under "reject", NAME.POLICY.out those under another policy
+where they differ. The .out files were written from RFC 5321 and the reply texts (the
+.normalize and .accept ones checked by hand against the rules in scanner.py).
 """
 
 from __future__ import annotations
 
 import pathlib
+from dataclasses import replace
 
 import pytest
 
 from minismtp.smtp.events import ConnectionClosed, MailFrom, MessageEnd
-from minismtp.smtp.protocol import Settings
+from minismtp.smtp.protocol import BARE_LF_POLICIES, Settings
 from support.smtpdriver import MODES, Client, reply_lines
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-SETTINGS = Settings(hostname="mx.test", max_message_bytes=2048)
+SETTINGS = Settings(hostname="mx.test", max_message_bytes=2048, bare_lf="reject")
 SESSIONS = sorted(path.stem for path in HERE.glob("*.in"))
 CHUNKINGS = [(mode, 0) for mode in MODES] + [("random", seed) for seed in (1, 2, 3, 4)]
 
 
-def load(name: str) -> tuple[bytes, bytes]:
-    return (HERE / f"{name}.in").read_bytes(), (HERE / f"{name}.out").read_bytes()
+def load(name: str, bare_lf: str = "reject") -> tuple[bytes, bytes]:
+    expected = HERE / f"{name}.{bare_lf}.out"
+    if not expected.is_file():
+        expected = HERE / f"{name}.out"
+    return (HERE / f"{name}.in").read_bytes(), expected.read_bytes()
 
 
-def replay(data: bytes, mode: str, seed: int) -> Client:
-    client = Client(mode, settings=SETTINGS, seed=seed)
+def replay(data: bytes, mode: str, seed: int, bare_lf: str = "reject") -> Client:
+    settings = SETTINGS if bare_lf == "reject" else replace(SETTINGS, bare_lf=bare_lf)
+    client = Client(mode, settings=settings, seed=seed)
     client.send(data)
     return client
 
@@ -39,10 +46,11 @@ def test_corpus_is_complete() -> None:
 
 
 @pytest.mark.parametrize("mode, seed", CHUNKINGS, ids=[f"{m}-{s}" for m, s in CHUNKINGS])
+@pytest.mark.parametrize("bare_lf", BARE_LF_POLICIES)
 @pytest.mark.parametrize("name", SESSIONS)
-def test_session(name: str, mode: str, seed: int) -> None:
-    data, expected = load(name)
-    client = replay(data, mode, seed)
+def test_session(name: str, bare_lf: str, mode: str, seed: int) -> None:
+    data, expected = load(name, bare_lf)
+    client = replay(data, mode, seed, bare_lf)
     got = b"".join(client.batches)
     assert reply_lines(got) == reply_lines(expected)  # line by line first: a readable diff
     assert got == expected
@@ -66,9 +74,10 @@ def test_queue_ids_follow_the_accepted_messages(name: str) -> None:
     assert b"queued as Q%d\r\n" % (accepted + 1) not in expected
 
 
-def test_smuggled_commands_stay_in_the_body() -> None:
+@pytest.mark.parametrize("bare_lf", BARE_LF_POLICIES)
+def test_smuggled_commands_stay_in_the_body(bare_lf: str) -> None:
     data, _ = load("smuggling")
-    client = replay(data, "bytewise", 0)
+    client = replay(data, "bytewise", 0, bare_lf)
     senders = [e.sender for e in client.of(MailFrom)]
     assert senders == ["user@example.org", "user@example.org"]
     first = client.bodies[0]

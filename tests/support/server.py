@@ -140,6 +140,14 @@ class Server:
     def hostname(self) -> str:
         return self.config["server"]["hostname"]
 
+    @property
+    def line_endings(self) -> str:
+        return self.config["delivery"].get("line_endings", "lf")
+
+    def stored_form(self, wire: bytes) -> bytes:
+        """CRLF text as this server stores it (delivery.line_endings, default lf)."""
+        return wire.replace(b"\r\n", b"\n") if self.line_endings == "lf" else wire
+
     def write_config(self, overrides: dict | None = None) -> None:
         """Write the config file, after merging `overrides` into the current settings."""
         if overrides:

@@ -282,6 +282,31 @@ def reference_body(stream: bytes) -> tuple[bytes, int] | None:
     return None
 
 
+def reference_body_normalized(stream: bytes) -> tuple[bytes, int] | None:
+    """`reference_body` under bare_lf "normalize": a line ends at CRLF or at a bare LF
+    and is handed on with CRLF; only a "." line between two CRLFs (or first, ended by
+    CRLF) ends the data; any other line loses one leading dot."""
+    body, line, crlf_before = bytearray(), bytearray(), True
+    for offset in range(len(stream)):
+        line.append(stream[offset])
+        if line[-1:] != b"\n":
+            continue
+        crlf = line[-2:] == b"\r\n"
+        text = line[:-2] if crlf else line[:-1]
+        if text == b"." and crlf and crlf_before:
+            return bytes(body), offset + 1
+        body += (text[1:] if text[:1] == b"." else text) + b"\r\n"
+        line.clear()
+        crlf_before = crlf
+    return None
+
+
+def stuff_lines(body: bytes) -> bytes:
+    """Dot-stuff a body whose lines end in CRLF or bare LF, at every line start (as
+    smtplib does: after every LF)."""
+    return re.sub(rb"(?m)^\.", b"..", body)
+
+
 def stuff(body: bytes) -> bytes:
     """Dot-stuff a body of CRLF-terminated lines, as a client does before DATA's end."""
     lines = body.split(b"\r\n")

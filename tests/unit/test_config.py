@@ -38,7 +38,8 @@ SCHEMA = {
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
                "data_timeout", "min_data_rate", "min_data_rate_grace", "max_errors",
                "max_junk_commands", "bare_lf", "tls_handshake_timeout"],
-    "delivery": ["backend", "path", "fsync", "layout"],
+    "delivery": ["backend", "path", "fsync", "layout", "line_endings", "envelope_recipients",
+                 "group", "file_mode", "dir_mode"],
     "logging": ["level", "format"],
     "faults": ["seed", "rules"],
     "stats": ["listen"],
@@ -90,7 +91,7 @@ def test_defaults_without_a_file():
         min_data_rate_grace=5.0,
         max_errors=20,
         max_junk_commands=100,
-        bare_lf="reject",
+        bare_lf="normalize",
         tls_handshake_timeout=30.0,
     )
     assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
@@ -193,8 +194,9 @@ BAD_VALUES = [
      'got "10 MB MB"'),
     # enums
     ("limits", "bare_lf: maybe",
-     'limits.bare_lf: must be one of "reject", "accept", got "maybe"'),
-    ("limits", "bare_lf: no", 'limits.bare_lf: must be one of "reject", "accept", got false'),
+     'limits.bare_lf: must be one of "normalize", "reject", "accept", got "maybe"'),
+    ("limits", "bare_lf: no",
+     'limits.bare_lf: must be one of "normalize", "reject", "accept", got false'),
     ("delivery", "backend: mbox",
      'delivery.backend: must be one of "maildir", "discard", got "mbox"'),
     ("delivery", "layout: Single",

@@ -38,8 +38,12 @@ def envelope(*recipients: str, helo: str = "client.example", sender: str = "a@ex
                     recipients=recipients or ("b@example.net",), smtputf8=smtputf8)
 
 
-def backend(tmp_path: Path, layout: str = "single", fsync: bool = True) -> MaildirBackend:
-    b = make_backend("maildir", str(tmp_path / "mail"), fsync, layout, HOST)
+def backend(tmp_path: Path, layout: str = "single", fsync: bool = True,
+            **options: object) -> MaildirBackend:
+    """A prepared Maildir backend; most tests here look at the wire form of the file and
+    at every recipient, so crlf and all unless `options` say otherwise."""
+    options = {"line_endings": "crlf", "envelope_recipients": "all", **options}
+    b = make_backend("maildir", str(tmp_path / "mail"), fsync, layout, HOST, **options)
     assert isinstance(b, MaildirBackend)
     b.prepare()
     return b

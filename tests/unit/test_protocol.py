@@ -65,9 +65,14 @@ HELLO_CASES = [
     case("ehlo-blank-name", b"EHLO   \r\n", R.EHLO_SYNTAX, events=[]),
     case("helo-control-char", b"HELO bad\x01name\r\n", R.HELO_SYNTAX, events=[]),
     case("bare-lf-command", b"EHLO client.example\nNOOP\r\n", R.BARE_LF_COMMAND, R.OK,
-         events=[]),
+         events=[], bare_lf="reject"),
     case("bare-lf-command-allowed", b"EHLO client.example\nNOOP\n", EHLO_R, R.OK,
-         events=[HELLO], reject_bare_lf=False),
+         events=[HELLO], bare_lf="accept"),
+    case("bare-lf-command-normalized", b"EHLO client.example\nNOOP\n", EHLO_R, R.OK,
+         events=[HELLO]),  # the default, as Postfix 3.9's
+    case("bare-lf-commands-to-data", b"EHLO client.example\nMAIL FROM:<a@b.example>\n"
+         b"RCPT TO:<c@mx.test>\nDATA\n", EHLO_R, R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT,
+         bare_lf="normalize"),
     case("ehlo-again-drops-transaction", EHLO + MAIL + RCPT + EHLO + RCPT + b"DATA\r\n",
          EHLO_R, R.SENDER_OK, R.RECIPIENT_OK, EHLO_R, R.NEED_MAIL, R.NEED_MAIL),
 ]
@@ -488,7 +493,7 @@ def test_oversized_body_is_refused_after_its_end(mode: str) -> None:
 
 
 def test_bare_lf_in_body_is_refused_after_its_end(mode: str) -> None:
-    c = Client(mode)
+    c = Client(mode, bare_lf="reject")
     c.send(OPEN)
     assert c.send(b"one\ntwo\r\n") == b""
     assert c.send(b".\r\nNOOP\r\n") == wire(R.BARE_LF_DATA, R.OK)
@@ -496,9 +501,42 @@ def test_bare_lf_in_body_is_refused_after_its_end(mode: str) -> None:
 
 
 def test_bare_lf_in_body_is_kept_when_allowed(mode: str) -> None:
-    c = Client(mode, reject_bare_lf=False)
+    c = Client(mode, bare_lf="accept")
     assert c.send(OPEN + b"one\ntwo\n\r\n.\r\n").endswith(queued("Q1"))
     assert c.bodies == [b"one\ntwo\n\r\n"]
+
+
+# (client bytes after DATA up to its end, the body handed on) under "normalize"
+NORMALIZED = [
+    (b"one\ntwo\n\r\n.\r\n", b"one\r\ntwo\r\n\r\n"),  # curl --upload-file, LF file
+    (b"one\ntwo\r\n.\r\n", b"one\r\ntwo\r\n"),  # smtplib: bytes as given, then CRLF.CRLF
+    (b"\n\n\r\n.\r\n", b"\r\n\r\n\r\n"),  # empty lines, a body opening with one
+    (b"a\n..b\n..\r\n.\r\n", b"a\r\n.b\r\n.\r\n"),  # stuffed after a bare LF: unstuffed
+    (b"a\n.b\r\n.\r\n", b"a\r\nb\r\n"),  # a line start is a line start
+    (b".\n.\r\n.\r\n", b"\r\n\r\n"),  # ".\n" first, then ".\r\n" after a bare LF: no end
+    (b"a\n.\n.\r\n.\r\n", b"a\r\n\r\n\r\n"),
+    (b"a\r\r\nb\rc\n\r\n.\r\n", b"a\r\r\nb\rc\r\n\r\n"),  # a bare CR stays as it is
+]
+
+
+@pytest.mark.parametrize("data, body", NORMALIZED)
+def test_bare_lf_in_body_is_a_line_end_when_normalized(mode: str, data: bytes, body: bytes
+                                                       ) -> None:
+    c = Client(mode, bare_lf="normalize")
+    assert c.send(OPEN + data + b"NOOP\n") == wire(open_reply(), queued("Q1"), R.OK)
+    assert c.bodies == [body]
+    assert c.of(MessageEnd) == [MessageEnd(len(body))]  # the size of what is handed on
+    for before, after in zip(c.chunks, c.chunks[1:]):  # what sinks rely on
+        assert not (before.endswith(b"\r") and after.startswith(b"\n")), (before, after)
+
+
+def test_normalized_body_counts_against_the_size_limit_as_handed_on(mode: str) -> None:
+    c = Client(mode, bare_lf="normalize", max_message_bytes=12)
+    c.send(OPEN)
+    assert c.send(b"123456789\n\r\n.\r\n") == R.MESSAGE_TOO_BIG.wire  # 12 bytes sent, 13 kept
+    assert c.send(MAIL + RCPT + b"DATA\r\n12345678\n\r\n.\r\n") == wire(
+        R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, queued("Q1"))
+    assert c.bodies[-1] == b"12345678\r\n\r\n"
 
 
 SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@mx.test>\r\nDATA\r\nforged\r\n"
@@ -508,16 +546,20 @@ SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@mx.test>\r\nDATA\r\nforged\r\
     (b"\n.\n", b"\n.\n"), (b"\r\n.\n", b"\r\n\n"),  # the dot after CRLF is a stuffing dot
     (b"\n.\r\n", b"\n.\r\n"), (b"\r.\r\n", b"\r.\r\n"),
 ])
-@pytest.mark.parametrize("reject_bare_lf", [False, True])
+@pytest.mark.parametrize("bare_lf", ["normalize", "reject", "accept"])
 def test_smuggled_end_of_data_is_body(mode: str, fake_end: bytes, kept: bytes,
-                                      reject_bare_lf: bool) -> None:
-    c = Client(mode, reject_bare_lf=reject_bare_lf)
+                                      bare_lf: str) -> None:
+    c = Client(mode, bare_lf=bare_lf)
     data = b"Subject: hi\r\n\r\nhello" + fake_end + SMUGGLED + b".\r\nQUIT\r\n"
-    refused = reject_bare_lf and b"\n" in fake_end.replace(b"\r\n", b"")
+    has_bare_lf = b"\n" in fake_end.replace(b"\r\n", b"")
+    refused = bare_lf == "reject" and has_bare_lf
     end = R.BARE_LF_DATA.wire if refused else queued("Q1")
     assert c.send(OPEN + data) == wire(open_reply(), end, R.CLOSING)
     assert c.of(MailFrom) == [ALICE] and len(c.of(DataStarted)) == 1
-    if not refused:
+    if bare_lf == "normalize":  # each fake end is an empty line, its dot unstuffed
+        empty_line = b"\r\n\r\n" if has_bare_lf else b"\r.\r\n"
+        assert c.bodies == [b"Subject: hi\r\n\r\nhello" + empty_line + SMUGGLED]
+    elif not refused:
         assert c.bodies == [b"Subject: hi\r\n\r\nhello" + kept + SMUGGLED]
 
 
@@ -556,7 +598,7 @@ def test_buffer_grows_for_a_large_body_and_shrinks_after() -> None:
 def test_refusal_does_not_depend_on_the_chunking() -> None:
     answers = set()
     for sizes in ([1000], [11, 1000]):  # the bare LF at offset 10 is within the 64-byte limit
-        c = Client(max_message_bytes=64)
+        c = Client(max_message_bytes=64, bare_lf="reject")
         c.send(OPEN)
         c.send_sized(b"x" * 10 + b"\n" + b"y" * 60 + b"\r\n.\r\n", sizes)
         answers.add(c.replies[-60:])

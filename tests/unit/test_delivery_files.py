@@ -1,0 +1,293 @@
+"""Stored files as a Maildir reader sees them: line endings, the recipients recorded,
+modes and group (delivery.line_endings, envelope_recipients, file_mode, dir_mode, group).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import random
+import stat
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.smtpdriver import MODES, OPEN, Client, stuff
+
+from minismtp.config import ConfigError, load_config
+from minismtp.delivery import DeliveryError, Peer, make_backend
+from minismtp.delivery.maildir import MaildirBackend, to_lf
+from minismtp.smtp.events import Envelope
+
+PEER = Peer("192.0.2.7", 40123)
+BODY = (b"Subject: caf\xc3\xa9\r\n\r\nline one\r\n.dot\r\nbare\rCR\r\n\r\n\r\n"
+        + b"y" * 3000 + b"\r\nlast\r\n")
+
+
+def envelope(*recipients: str) -> Envelope:
+    return Envelope(helo="client.example", esmtp=True, sender="a@example.org",
+                    recipients=recipients or ("b@example.net",))
+
+
+def backend(tmp_path: Path, layout: str = "single", **options: object) -> MaildirBackend:
+    b = make_backend("maildir", str(tmp_path / "mail"), False, layout, "mx.example.net",
+                     **options)
+    assert isinstance(b, MaildirBackend)
+    b.prepare()
+    return b
+
+
+def stored_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "mail" / "new").iterdir())
+
+
+def only_file(tmp_path: Path) -> bytes:
+    (path,) = stored_files(tmp_path)
+    return path.read_bytes()
+
+
+def head_and_body(data: bytes, body_length: int) -> tuple[bytes, bytes]:
+    return data[:len(data) - body_length], data[len(data) - body_length:]
+
+
+# --- line endings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lf_file_from_the_cores_chunks(tmp_path: Path, mode: str) -> None:
+    """The core's body pieces, however the client's bytes were split, written one by
+    one: the file holds the body with LF line ends, a bare CR kept as it is."""
+    client = Client(mode, seed=7)
+    client.send(OPEN + stuff(BODY) + b".\r\n")
+    # What the sink relies on: no CRLF is split between two pieces.
+    for before, after in zip(client.chunks, client.chunks[1:]):
+        assert not (before.endswith(b"\r") and after.startswith(b"\n")), (before, after)
+    sink = backend(tmp_path).open(envelope(), PEER)
+    for chunk in client.chunks:
+        sink.write(memoryview(chunk))
+    sink.commit()
+    expected = BODY.replace(b"\r\n", b"\n")
+    head, body = head_and_body(only_file(tmp_path), len(expected))
+    assert body == expected
+    assert b"\r" not in head and head.startswith(b"Return-Path: <a@example.org>\n")
+    assert head.endswith(b"\n") and b"\n\tby mx.example.net (minismtp) with ESMTP id " in head
+
+
+def test_lf_file_from_normalized_bare_lf_lines(tmp_path: Path) -> None:
+    client = Client("bytewise", bare_lf="normalize")
+    client.send(OPEN + b"Subject: lf\n\nline one\n..dot\r\nline two\n\r\n.\r\n")
+    sink = backend(tmp_path).open(envelope(), PEER)
+    for chunk in client.chunks:
+        sink.write(chunk)
+    sink.commit()
+    assert only_file(tmp_path).endswith(b"\nSubject: lf\n\nline one\n.dot\nline two\n\n")
+
+
+def test_crlf_keeps_the_wire_form(tmp_path: Path) -> None:
+    sink = backend(tmp_path, line_endings="crlf").open(envelope(), PEER)
+    sink.write(BODY)
+    sink.commit()
+    head, body = head_and_body(only_file(tmp_path), len(BODY))
+    assert body == BODY
+    assert head.endswith(b"\r\n") and b"\n" not in head.replace(b"\r\n", b"")
+
+
+def test_lf_files_read_back_by_the_email_parser(tmp_path: Path) -> None:
+    sink = backend(tmp_path).open(envelope(), PEER)
+    sink.write(BODY)
+    sink.commit()
+    msg = BytesParser().parsebytes(only_file(tmp_path))
+    assert msg["Delivered-To"] == "b@example.net" and "\r" not in msg["Received"]
+    assert msg.get_payload(decode=True) == BODY.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")
+
+
+# --- envelope recipients ----------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["single", "per_recipient"])
+@pytest.mark.parametrize("record, one, several", [
+    ("one", [b"to@example.net"], []),
+    ("all", [b"to@example.net"], [b"to@example.net", b"bcc@example.net"]),
+    ("none", [], []),
+])
+def test_envelope_recipients_recorded(tmp_path: Path, layout: str, record: str,
+                                      one: list[bytes], several: list[bytes]) -> None:
+    b = backend(tmp_path, layout, envelope_recipients=record)
+    found = []
+    for recipients in (("to@example.net",), ("to@example.net", "bcc@example.net")):
+        sink = b.open(envelope(*recipients), PEER)
+        sink.write(b"Subject: x\r\n\r\nhi\r\n")
+        sink.commit()
+        box = (tmp_path / "mail" / "example.net" / "to" / "new" if layout == "per_recipient"
+               else tmp_path / "mail" / "new")
+        newest = max(box.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        data = newest.read_bytes()
+        for path in box.iterdir():
+            path.unlink()
+        found.append([line[len(b"Delivered-To: "):] for line in data.split(b"\n")
+                      if line.startswith(b"Delivered-To: ")])
+        assert (b"\tfor <to@example.net>;" in data) == (len(recipients) == 1
+                                                        and record != "none")
+    if layout == "per_recipient" and record == "all":
+        several = []  # one file in each mailbox: it names nobody
+    assert found == [one, several]
+
+
+# --- modes and group ----------------------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_default_modes_are_private(tmp_path: Path) -> None:
+    b = backend(tmp_path, "per_recipient")
+    sink = b.open(envelope("x@example.net"), PEER)
+    sink.commit()
+    root = tmp_path / "mail"
+    for directory in (root, root / "tmp", root / "example.net", root / "example.net" / "x",
+                      root / "example.net" / "x" / "new"):
+        assert _mode(directory) == 0o700, directory
+    (path,) = (root / "example.net" / "x" / "new").iterdir()
+    assert _mode(path) == 0o600
+
+
+def test_configured_modes_are_exact_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        b = backend(tmp_path, "per_recipient", file_mode=0o640, dir_mode=0o750)
+        sink = b.open(envelope("x@example.net"), PEER)
+        sink.commit()
+    finally:
+        os.umask(old)
+    root = tmp_path / "mail"
+    for directory in (root, root / "tmp", root / "example.net" / "x" / "cur"):
+        assert _mode(directory) == 0o750, directory
+    (path,) = (root / "example.net" / "x" / "new").iterdir()
+    assert _mode(path) == 0o640
+
+
+def _other_group() -> grp.struct_group:
+    """A group this process may give files to, other than its own (as root: any)."""
+    for group in grp.getgrall():
+        if group.gr_gid != os.getegid() and (os.geteuid() == 0
+                                             or group.gr_gid in os.getgroups()):
+            return group
+    pytest.skip("no second group to give files to")
+
+
+def test_group_owns_files_and_directories(tmp_path: Path) -> None:
+    group = _other_group()
+    b = backend(tmp_path, "per_recipient", group=group.gr_name, file_mode=0o640,
+                dir_mode=0o750)
+    sink = b.open(envelope("x@example.net"), PEER)
+    sink.commit()
+    root = tmp_path / "mail"
+    for directory in (root, root / "tmp", root / "example.net" / "x" / "new"):
+        st = directory.stat()
+        assert st.st_gid == group.gr_gid, directory
+        assert stat.S_IMODE(st.st_mode) == 0o750 | stat.S_ISGID, directory
+    (path,) = (root / "example.net" / "x" / "new").iterdir()
+    assert path.stat().st_gid == group.gr_gid and _mode(path) == 0o640
+
+
+def test_group_passes_on_by_the_directory_where_chown_is_not_allowed(
+        tmp_path: Path, monkeypatch) -> None:
+    group = _other_group()
+    b = backend(tmp_path, group=group.gr_name, file_mode=0o640)
+    b._chgrp_files = False  # as a worker outside the group: no fchown, the set-gid dir
+    sink = b.open(envelope(), PEER)
+    sink.commit()
+    (path,) = stored_files(tmp_path)
+    assert path.stat().st_gid == group.gr_gid
+
+
+def test_missing_group_is_named() -> None:
+    with pytest.raises(DeliveryError, match='delivery.group: no such group "no-such-grp"'):
+        make_backend("maildir", "unused", False, "single", "h", group="no-such-grp")
+
+
+# --- settings --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, mode", [
+    ("0640", 0o640), ("640", 0o640), ("0o750", 0o750), (0o640, 0o640), ("0777", 0o777),
+])
+def test_modes_parse(raw: object, mode: int) -> None:
+    config = load_config(overrides={"delivery.file_mode": raw})
+    assert config.delivery.file_mode == mode
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("file_mode", 640),  # decimal 640 is 0o1200: not a mode
+    ("file_mode", "0400"),  # the owner could not write
+    ("dir_mode", "0600"),  # nor search its directories
+    ("file_mode", "0x1a4"), ("file_mode", "rw-r-----"), ("file_mode", "01640"),
+    ("dir_mode", True),
+])
+def test_bad_modes_are_refused(key: str, raw: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={f"delivery.{key}": raw})
+    [problem] = info.value.problems
+    assert problem.startswith(f"delivery.{key}: must be an octal mode such as ")
+
+
+def test_envelope_recipients_and_line_endings_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"delivery.envelope_recipients": "first",
+                               "delivery.line_endings": "CRLF"})
+    assert info.value.problems == [
+        'delivery.line_endings: must be one of "lf", "crlf", got "CRLF"',
+        'delivery.envelope_recipients: must be one of "all", "one", "none", got "first"',
+    ]
+
+
+def test_random_chunk_edges_never_split_a_crlf() -> None:
+    """The guarantee the lf conversion rests on, over many random splittings of a body
+    dense with CR, LF, CRLF and dots, under each bare-LF policy."""
+    rng = random.Random(1)
+    pieces = [b"a", b"\r", b"\n", b"\r\n", b".", b"\r\n.", b"\r\n..", b"\n."]
+    for policy in ("normalize", "reject", "accept"):
+        for seed in range(40):
+            body = b"".join(rng.choice(pieces) for _ in range(200)) + b"\r\n.\r\n"
+            client = Client("random", seed=seed, bare_lf=policy)
+            client.send(OPEN + body)
+            for before, after in zip(client.chunks, client.chunks[1:]):
+                assert not (before.endswith(b"\r") and after.startswith(b"\n"))
+
+
+@pytest.mark.parametrize("piece, lf", [
+    (b"a\r\nb\r\n", b"a\nb\n"),
+    (b"a\rb\r\n", b"a\rb\n"),  # a bare CR stays
+    (b"a\r\r\n", b"a\r\n"),  # CR, then a CRLF
+    (b"\r\n\r\n", b"\n\n"),
+    (b"end\r", b"end\r"),  # a CR that ends a piece is bare: no LF follows it (see above)
+    (b"\n\r\n", b"\n\n"),  # a bare LF (bare_lf accept) stays a line end
+    (b"", b""),
+])
+def test_to_lf(piece: bytes, lf: bytes) -> None:
+    assert to_lf(memoryview(bytearray(piece))) == lf == piece.replace(b"\r\n", b"\n")
+
+
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"\r\r\n", b"."]),
+                max_size=40).map(b"".join))
+@settings(max_examples=200, deadline=None)
+def test_to_lf_is_replace(piece: bytes) -> None:
+    assert to_lf(memoryview(piece)) == piece.replace(b"\r\n", b"\n")
+
+
+def test_check_config_problems_for_the_group(tmp_path: Path, monkeypatch) -> None:
+    from minismtp import startup
+
+    group = _other_group()
+    config = load_config(overrides={"delivery.path": str(tmp_path / "mail"),
+                                    "delivery.group": group.gr_name})
+    monkeypatch.setattr(startup.os, "geteuid", lambda: 0)
+    assert startup.delivery_problems(config) == []
+    monkeypatch.setattr(startup.os, "geteuid", lambda: 4242)  # not root, not a member
+    monkeypatch.setattr(startup.os, "getegid", lambda: 4242)
+    monkeypatch.setattr(startup.os, "getgroups", lambda: [4242])
+    assert startup.delivery_problems(config) == [
+        f'delivery.group: this user is not in group "{group.gr_name}", so cannot give it '
+        "the files (run as root, or join it)"]
+    missing = load_config(overrides={"delivery.group": "no-such-grp"})
+    assert startup.delivery_problems(missing) == ['delivery.group: no such group "no-such-grp"']
