@@ -278,6 +278,8 @@ class Worker:
             if (n < len(view) and not transport.has_buffered_input) or session.closed \
                     or session.mask != READ:
                 return
+        if transport.has_buffered_input:
+            self.read_soon(session)  # the read budget ran out inside a TLS record
 
     def resume(self, session: Session) -> None:
         """Run the core until it wants more bytes or an answer; act on each event."""
@@ -316,6 +318,15 @@ class Worker:
 
     def read(self, session: Session) -> None:
         self._on_readable(session)
+
+    def read_soon(self, session: Session) -> None:
+        self.timers.call_at(self.now, self._read_buffered, session)
+
+    def _read_buffered(self, session: Session) -> None:
+        # Still wanted? The session may have paused, or be waiting to write, since.
+        if session.mask == READ and not session.lingering and session.handshake is None \
+                and session.transport.has_buffered_input:
+            self._on_readable(session)
 
     def start_tls(self, session: Session) -> None:
         assert self.handshakes is not None  # the core offers STARTTLS only with a context

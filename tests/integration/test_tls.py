@@ -179,6 +179,27 @@ def test_starttls_fault_disconnect_closes_without_a_reply(make_server, raw_clien
 
 # --- the encrypted path ------------------------------------------------------------------
 
+def test_pipelined_transactions_in_one_record_all_answered(starttls_server, raw_clients, pki):
+    """Several transactions in one TLS record, larger than one read: what OpenSSL already
+    decrypted must be served even while the worker waits for each commit (fsync)."""
+    client = raw_clients(starttls_server.port)
+    secure(client, pki.client_context())
+    bodies = [b"Subject: %d\r\n\r\n" % n + b"x" * 1500 + b"\r\n" for n in range(5)]
+    block = b"".join(client.envelope("a@example.org", ["r@example.org"]) + client.stuff(body)
+                     for body in bodies) + b"QUIT\r\n"
+    assert 4096 < len(block) < 16384  # one record, more than one read of the buffer
+    client.send(block)
+    ids = []
+    for _ in bodies:
+        assert client.reply().raw == replies.SENDER_OK.wire
+        assert client.reply().raw == replies.RECIPIENT_OK.wire
+        assert client.reply().code == 354
+        ids.append(client.reply().queue_id)
+    assert client.reply().raw == replies.CLOSING.wire
+    stored = stored_ids(starttls_server)
+    assert [stored[i].endswith(b"\r\n" + body) for i, body in zip(ids, bodies)] == [True] * 5
+
+
 def test_large_message_over_tls_is_stored_byte_for_byte(starttls_server, raw_clients, pki):
     client = raw_clients(starttls_server.port, timeout=60)
     secure(client, pki.client_context())
