@@ -1,0 +1,223 @@
+"""TLS handshakes that go wrong on a real server: each ends its own connection with a log
+line and a counter labelled from the fixed set, and the worker keeps serving (same pids,
+a normal session afterwards). Also: slow and stalled handshakes, a flood after TLS, and
+a graceful stop while a handshake is in progress."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import ssl
+import struct
+import time
+
+import pytest
+
+pytest.importorskip("trustme")
+
+from minismtp.smtp import replies  # noqa: E402
+from minismtp.stats import HANDSHAKE_FAILURES  # noqa: E402
+from support.tlsserver import (  # noqa: E402
+    HOST, NAME, Pki, client_hello, failures_key, free_port, metrics, start_tls, tls_overrides,
+    wait_for_metric,
+)
+
+FAILED = r"TLS handshake failed: peer=127\.0\.0\.1 reason=([a-z ]+)$"
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki()
+
+
+@pytest.fixture
+def tls_files(pki, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    Pki.write(pki.issue(), cert, key)
+    return cert, key
+
+
+@pytest.fixture
+def both(make_server, tls_files):
+    """One worker; an implicit-TLS listener (server.port) and a STARTTLS one."""
+    implicit, starttls = free_port(), free_port()
+    server = make_server(tls_overrides(
+        *tls_files,
+        [{"address": f"{HOST}:{implicit}", "tls": "implicit"},
+         {"address": f"{HOST}:{starttls}", "tls": "starttls"}],
+        limits={"tls_handshake_timeout": "1s"}))
+    server.starttls_port = starttls
+    server.pids = server.worker_pids()
+    return server
+
+
+def implicit_session(server, pki) -> None:
+    """A normal session on the implicit listener: greeting, EHLO, NOOP, QUIT."""
+    with socket.create_connection((HOST, server.port), timeout=10) as raw:
+        with pki.client_context().wrap_socket(raw, server_hostname=NAME) as sock:
+            assert sock.recv(512).startswith(b"220 ")
+            sock.sendall(b"NOOP\r\nQUIT\r\n")
+            data = b""
+            while data.count(b"\r\n") < 2:
+                piece = sock.recv(512)
+                assert piece, data
+                data += piece
+            assert data == replies.OK.wire + replies.CLOSING.wire
+
+
+def failed_with(server, mark: int, expected: str | None = None) -> str:
+    """The reason of the one handshake failure logged since `mark`; its counter shows 1."""
+    reason = server.wait_for_log(FAILED, since=mark).group(1)
+    assert reason in HANDSHAKE_FAILURES and reason != "other", reason
+    if expected is not None:
+        assert reason == expected
+    wait_for_metric(server, failures_key(reason), 1)
+    return reason
+
+
+def still_serving(server, pki) -> None:
+    implicit_session(server, pki)
+    assert server.worker_pids() == server.pids
+    assert "Traceback" not in server.log_text()
+
+
+def test_plaintext_smtp_on_the_implicit_port(both, raw_clients, pki):
+    mark = both.mark()
+    client = raw_clients(both.port)
+    client.send(b"EHLO x\r\n")
+    assert b"220" not in client.wait_closed()  # at most a TLS alert, never SMTP
+    failed_with(both, mark, "wrong version number")
+    still_serving(both, pki)
+
+
+def test_http_request_on_the_implicit_port(both, raw_clients, pki):
+    mark = both.mark()
+    client = raw_clients(both.port)
+    client.send(b"GET / HTTP/1.0\r\n\r\n")
+    assert b"220" not in client.wait_closed()
+    failed_with(both, mark, "http request")
+    still_serving(both, pki)
+
+
+def test_client_hello_on_the_starttls_port_before_starttls(both, raw_clients, pki):
+    hello = client_hello(pki.client_context())
+    client = raw_clients(both.starttls_port)
+    client.expect(220)
+    codes = []
+    for _ in range(50):  # bounded: max_errors closes well before
+        try:
+            client.send(hello + b"\r\n")
+            codes.append(client.reply(timeout=5).code)
+        except (ConnectionError, OSError):
+            break
+        if codes[-1] == 421:
+            break
+    assert codes and codes[-1] == 421 and all(code // 100 == 5 for code in codes[:-1]), codes
+    client.wait_closed()
+    assert metrics(both)["minismtp_tls_sessions_total"] == 0
+    still_serving(both, pki)
+
+
+def test_stalled_handshake_is_closed_at_its_deadline(both, raw_clients, pki):
+    mark = both.mark()
+    client = raw_clients(both.port)
+    client.send(client_hello(pki.client_context())[:20])
+    started = time.monotonic()
+    client.wait_closed(timeout=10)
+    took = time.monotonic() - started
+    assert 0.5 < took < 8, took  # limits.tls_handshake_timeout: 1s, checked once a second
+    failed_with(both, mark, "timeout")
+    still_serving(both, pki)
+
+
+def test_handshake_one_byte_at_a_time(both, pki):
+    """A real client handshake whose every byte travels in a segment of its own."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = pki.client_context().wrap_bio(incoming, outgoing, server_hostname=NAME)
+    with socket.create_connection((HOST, both.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def pump(done) -> None:
+            for _ in range(2000):
+                try:
+                    result = done()
+                except ssl.SSLWantReadError:
+                    result = None
+                for byte in outgoing.read():
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.0005)
+                if result is not None:
+                    return result
+                data = sock.recv(65536)
+                assert data, "server closed"
+                incoming.write(data)
+            raise AssertionError("no progress")
+
+        pump(lambda: tls.do_handshake() or True)
+        assert tls.version() == "TLSv1.3"
+        assert pump(lambda: tls.read(512)).startswith(b"220 ")
+        tls.write(b"EHLO slow.test\r\n")
+        assert pump(lambda: tls.read(4096)).startswith(b"250-")
+    assert wait_for_metric(both, "minismtp_tls_sessions_total", 1)
+    still_serving(both, pki)
+
+
+@pytest.mark.parametrize("how, expected", [("close", "unexpected eof"),
+                                           ("reset", "connection reset")])
+def test_client_vanishing_mid_handshake(both, pki, how, expected):
+    mark = both.mark()
+    sock = socket.create_connection((HOST, both.port), timeout=10)
+    sock.sendall(client_hello(pki.client_context())[:40])
+    time.sleep(0.2)  # the server has read and waits for the rest
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    failed_with(both, mark, expected)
+    still_serving(both, pki)
+
+
+def test_client_below_the_minimum_version(make_server, raw_clients, pki, tls_files):
+    server = make_server(tls_overrides(*tls_files, [{"address": f"{HOST}:0",
+                                                     "tls": "implicit"}],
+                                       tls={"min_version": "TLSv1.3"}))
+    mark = server.mark()
+    with socket.create_connection((HOST, server.port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            pki.client_context(ssl.TLSVersion.TLSv1_2).wrap_socket(raw, server_hostname=NAME)
+    failed_with(server, mark, "unsupported protocol")
+
+
+def test_flood_without_a_newline_after_tls(both, raw_clients, pki):
+    client = raw_clients(both.starttls_port)
+    client.hello()
+    client.cmd("STARTTLS", 220)
+    start_tls(client, pki.client_context())
+    client.cmd("EHLO client.test", 250)
+    [pid] = both.pids
+    before = both.rss_kib(pid)
+    chunk = b"x" * 65536
+    for _ in range(16):  # 1 MiB
+        client.send(chunk)
+    assert client.reply().raw == replies.LINE_TOO_LONG.wire
+    client.send(b"\r\n")
+    assert client.cmd("NOOP", 250).raw == replies.OK.wire
+    assert client.send_message(b"Subject: after\r\n\r\nok\r\n").code == 250
+    assert both.rss_kib(pid) - before < 4096, (before, both.rss_kib(pid))
+    still_serving(both, pki)
+
+
+def test_sigterm_during_a_handshake_exits_cleanly(both, pki):
+    mark = both.mark()
+    sock = socket.create_connection((HOST, both.port), timeout=10)
+    try:
+        sock.sendall(client_hello(pki.client_context())[:20])
+        time.sleep(0.2)
+        both.send_signal(signal.SIGTERM)
+        assert both.wait(15) == 0
+    finally:
+        sock.close()
+    both.wait_for_log(r"master exiting", since=mark)
+    assert "Traceback" not in both.log_text()
+    assert re.search(FAILED.replace("([a-z ]+)", "(stopping|timeout)"), both.log_text(mark),
+                     re.M)
