@@ -209,7 +209,7 @@ class Worker:
         self.acceptor.close()
         for session in list(self.sessions.values()):
             if session.handshake is not None:
-                self.handshakes.abandon(session)
+                self.handshakes.wind_down(session)  # then 421, once TLS is up
             elif not session.paused:
                 self._maybe_send_off(session)
                 self.output.flush(session)
@@ -239,7 +239,11 @@ class Worker:
             self.acceptor.publish_load()
 
     def _greet(self, session: Session) -> None:
-        self.decide.connect(session)
+        if self.stopping:  # implicit TLS came up while the worker stops: turned away
+            self.stats.replies[replies.SHUTTING_DOWN.code] += 1
+            session.conn.greet(replies.SHUTTING_DOWN)
+        else:
+            self.decide.connect(session)
         self.flush(session)  # the greeting; the client has said nothing yet
 
     def _on_readable(self, session: Session) -> None:
