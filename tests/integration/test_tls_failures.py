@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import time
+import warnings
 
 import pytest
 
@@ -91,10 +92,11 @@ def test_plaintext_smtp_on_the_implicit_port(both, raw_clients, pki):
     still_serving(both, pki)
 
 
-def test_http_request_on_the_implicit_port(both, raw_clients, pki):
+@pytest.mark.parametrize("request_line", [b"GET / HTTP/1.0", b"CONNECT mx.test:25 HTTP/1.1"])
+def test_http_request_on_the_implicit_port(both, raw_clients, pki, request_line):
     mark = both.mark()
     client = raw_clients(both.port)
-    client.send(b"GET / HTTP/1.0\r\n\r\n")
+    client.send(request_line + b"\r\n\r\n")
     assert b"220" not in client.wait_closed()
     failed_with(both, mark, "http request")
     still_serving(both, pki)
@@ -177,14 +179,31 @@ def test_client_vanishing_mid_handshake(both, pki, how, expected):
     still_serving(both, pki)
 
 
-def test_client_below_the_minimum_version(make_server, raw_clients, pki, tls_files):
+def _old_client(maximum: ssl.TLSVersion) -> ssl.SSLContext:
+    """A client that offers nothing newer than `maximum` (no verification: it never gets
+    that far). TLS 1.0 and 1.1 need security level 0 to be offered at all."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if maximum < ssl.TLSVersion.TLSv1_2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    context.maximum_version = maximum
+    return context
+
+
+@pytest.mark.parametrize("server_min, client_max", [
+    ("TLSv1.2", ssl.TLSVersion.TLSv1_1), ("TLSv1.3", ssl.TLSVersion.TLSv1_2)])
+def test_client_below_the_minimum_version(make_server, pki, tls_files, server_min,
+                                          client_max):
     server = make_server(tls_overrides(*tls_files, [{"address": f"{HOST}:0",
                                                      "tls": "implicit"}],
-                                       tls={"min_version": "TLSv1.3"}))
+                                       tls={"min_version": server_min}))
     mark = server.mark()
     with socket.create_connection((HOST, server.port), timeout=10) as raw:
         with pytest.raises(ssl.SSLError):
-            pki.client_context(ssl.TLSVersion.TLSv1_2).wrap_socket(raw, server_hostname=NAME)
+            _old_client(client_max).wrap_socket(raw, server_hostname=NAME)
     failed_with(server, mark, "unsupported protocol")
 
 
