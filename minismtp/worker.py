@@ -221,11 +221,17 @@ class Worker:
         for sock, addr, listener in accepted:
             sock.setblocking(False)
             transport = PlainTransport(sock)
-            if len(self.sessions) >= self.max_connections:
-                self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
-                transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
-                continue
             settings, implicit_tls = profiles[listener]
+            if len(self.sessions) >= self.max_connections:
+                # Counted as the 421 it is on a plain port; on an implicit-TLS port the
+                # client expects a ServerHello, and plaintext would only break its
+                # handshake: close without a word.
+                self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
+                if implicit_tls:
+                    transport.close()
+                else:
+                    transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
+                continue
             session = Session(transport, SmtpServerConnection(settings), Peer(addr[0], addr[1]))
             self.sessions[session.fd] = session
             self.stats.connections_open += 1
