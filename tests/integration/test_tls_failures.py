@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import struct
+import threading
 import time
 import warnings
 
@@ -47,7 +48,7 @@ def both(make_server, tls_files):
         *tls_files,
         [{"address": f"{HOST}:{implicit}", "tls": "implicit"},
          {"address": f"{HOST}:{starttls}", "tls": "starttls"}],
-        limits={"tls_handshake_timeout": "1s"}))
+        limits={"tls_handshake_timeout": "1s", "max_junk_commands": 10000}))
     server.starttls_port = starttls
     server.pids = server.worker_pids()
     return server
@@ -281,3 +282,50 @@ def test_handshake_in_progress_at_sigterm_finishes_then_421(both, pki):
         assert got == replies.SHUTTING_DOWN.wire
     assert both.wait(15) == 0
     assert "TLS handshake failed" not in both.log_text(mark)
+
+
+def test_implicit_port_at_max_connections_closes_without_plaintext(make_server, pki,
+                                                                   tls_files):
+    """At server.max_connections a plain listener answers 421 and closes; on an implicit
+    TLS port a plaintext reply would only be garbage to the client's handshake."""
+    server = make_server(tls_overrides(*tls_files, [{"address": f"{HOST}:0",
+                                                     "tls": "implicit"}],
+                                       server={"max_connections": 1}))
+    context = pki.client_context()
+    with socket.create_connection((HOST, server.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=NAME) as held:
+            assert held.recv(512).startswith(b"220 ")
+            with socket.create_connection((HOST, server.port), timeout=10) as second:
+                second.sendall(client_hello(context))
+                rest = b""
+                for _ in range(100):
+                    try:
+                        piece = second.recv(4096)
+                    except ConnectionResetError:  # closed with the hello unread
+                        break
+                    if not piece:
+                        break
+                    rest += piece
+                assert rest == b""
+
+
+def test_replies_to_a_client_that_does_not_read_arrive_whole(both, raw_clients, pki):
+    """Pipelined commands whose replies outrun the client's receive window: TLS writes
+    block (SSL_write wants to write) and are retried with more replies after them."""
+    client = raw_clients(both.starttls_port)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.hello()
+    client.cmd("STARTTLS", 220)
+    start_tls(client, pki.client_context())
+    count = 3000
+    block = b"EHLO client.test\r\nRSET\r\n" * (count // 2)
+    sender = threading.Thread(target=client.send, args=(block + b"QUIT\r\n",), daemon=True)
+    sender.start()
+    time.sleep(0.5)  # replies pile up on the server meanwhile
+    ehlo = client.reply()
+    assert ehlo.code == 250 and len(ehlo.lines) > 3
+    for n in range(1, count):
+        reply = client.reply()
+        assert reply.raw == (ehlo.raw if n % 2 == 0 else replies.OK.wire), (n, reply)
+    assert client.reply().raw == replies.CLOSING.wire
+    sender.join(10)
