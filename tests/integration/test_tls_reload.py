@@ -59,14 +59,17 @@ def send_one(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None 
             return pid, reused, new_session
 
 
-def test_session_resumes_with_the_other_worker(make_server, pki, tmp_path):
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2],
+                         ids=["TLSv1.3", "TLSv1.2"])
+def test_session_resumes_with_the_other_worker(make_server, pki, tmp_path, version):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     Pki.write(pki.issue(), cert, key)
     server = make_server(tls_overrides(cert, key, [{"address": f"{HOST}:0", "tls": "implicit"}],
                                        server={"workers": 2}))
     workers = set(server.worker_pids())
-    context = pki.client_context()
+    context = pki.client_context(version)
     first, reused, session = send_one(server.port, context)
+    assert session is not None
     assert first in workers and not reused
     seen = []
     for _ in range(60):  # bounded: the kernel picks the worker
