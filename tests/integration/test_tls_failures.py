@@ -185,12 +185,12 @@ def _old_client(maximum: ssl.TLSVersion) -> ssl.SSLContext:
     that far). TLS 1.0 and 1.1 need security level 0 to be offered at all."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    if maximum < ssl.TLSVersion.TLSv1_2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if maximum < ssl.TLSVersion.TLSv1_2:
             context.minimum_version = ssl.TLSVersion.TLSv1
             context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    context.maximum_version = maximum
+        context.maximum_version = maximum
     return context
 
 
