@@ -6,6 +6,7 @@ body, close_notify). Replies are compared with the core's own wire bytes."""
 from __future__ import annotations
 
 import re
+import signal
 import smtplib
 
 import pytest
@@ -217,3 +218,20 @@ def test_quit_under_tls_sends_close_notify(starttls_server, raw_clients, pki):
     plain = client.sock.unwrap()  # raises unless the server's close_notify arrives
     assert plain.recv(1) == b""  # and then the FIN
     plain.close()
+
+
+def test_idle_timeout_and_stop_answer_under_tls(make_server, raw_clients, pki, tls_files):
+    """The server's last words reach a TLS client encrypted: 421 4.4.2 at the idle
+    timeout, 421 4.3.2 to an idle session at SIGTERM."""
+    server = make_server(tls_overrides(*tls_files, [f"{HOST}:0"],
+                                      limits={"command_timeout": "1s"}))
+    idle = raw_clients(server.port)
+    secure(idle, pki.client_context())
+    assert idle.reply(timeout=10).raw == replies.TIMEOUT.wire
+    assert idle.wait_closed() == b""
+    waiting = raw_clients(server.port)
+    secure(waiting, pki.client_context())
+    server.send_signal(signal.SIGTERM)
+    assert waiting.reply().raw == replies.SHUTTING_DOWN.wire
+    assert server.wait(15) == 0
+    assert "Traceback" not in server.log_text()
