@@ -15,7 +15,7 @@ pytest.importorskip("trustme")
 
 from minismtp.smtp import replies  # noqa: E402
 from support.tlsserver import (  # noqa: E402
-    HOST, NAME, Pki, free_port, start_tls, tls_overrides, wait_for_metric,
+    HOST, NAME, Pki, free_ports, start_tls, tls_overrides, wait_for_metric,
 )
 
 MAIL_FROM = b"MAIL FROM:<a@example.org>\r\n"
@@ -104,7 +104,7 @@ def test_starttls_edges(starttls_server, raw_clients, pki):
 
 def test_require_tls_listener_and_a_plain_one_beside_it(make_server, raw_clients, pki,
                                                         tls_files):
-    strict, plain = free_port(), free_port()
+    strict, plain = free_ports(2)
     server = make_server(tls_overrides(*tls_files, [
         {"address": f"{HOST}:{strict}", "tls": "starttls", "require_tls": True},
         {"address": f"{HOST}:{plain}", "tls": "none"},

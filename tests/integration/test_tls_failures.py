@@ -21,7 +21,7 @@ pytest.importorskip("trustme")
 from minismtp.smtp import replies  # noqa: E402
 from minismtp.stats import HANDSHAKE_FAILURES  # noqa: E402
 from support.tlsserver import (  # noqa: E402
-    HOST, NAME, Pki, client_hello, failures_key, free_port, metrics, start_tls, tls_overrides,
+    HOST, NAME, Pki, client_hello, failures_key, free_ports, metrics, start_tls, tls_overrides,
     wait_for_metric,
 )
 
@@ -43,7 +43,7 @@ def tls_files(pki, tmp_path):
 @pytest.fixture
 def both(make_server, tls_files):
     """One worker; an implicit-TLS listener (server.port) and a STARTTLS one."""
-    implicit, starttls = free_port(), free_port()
+    implicit, starttls = free_ports(2)
     server = make_server(tls_overrides(
         *tls_files,
         [{"address": f"{HOST}:{implicit}", "tls": "implicit"},

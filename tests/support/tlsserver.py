@@ -54,18 +54,29 @@ def der(leaf: trustme.LeafCert) -> bytes:
     return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` different ports free now (all bound at once: the kernel may hand a
+    port it just released to the next bind)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def tls_overrides(cert: Path, key: Path, listen: list, **sections: dict) -> dict:
-    """Server overrides: `listen` entries, one certificate pair, statistics on a port."""
+    """Server overrides: `listen` entries, one certificate pair, statistics on a port
+    that none of the listeners names."""
+    taken = {int(re.search(r":(\d+)$", entry if isinstance(entry, str) else entry["address"])
+                 .group(1)) for entry in listen}
+    stats = next(port for port in free_ports(len(taken) + 1) if port not in taken)
     overrides = {
         "server": {"listen": listen, "workers": 1},
         "tls": {"certificates": [{"cert": str(cert), "key": str(key)}]},
-        "stats": {"listen": f"{HOST}:{free_port()}"},
+        "stats": {"listen": f"{HOST}:{stats}"},
     }
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
