@@ -198,7 +198,9 @@ def test_smtplib_starttls_then_mail(context, client_context):
     (envelope,) = served.envelopes
     assert envelope.tls == served.descriptions[0]
     assert served.descriptions[0].startswith("TLSv1.3 with cipher ")
-    assert served.handshake_waits[0] == READ
+    # The server waits for the ClientHello first; on a busy machine the client's
+    # flights may both be there whenever it looks, and it never waits at all.
+    assert served.handshake_waits[:1] in ([], [READ])
 
 
 def test_require_tls_refuses_mail_in_plaintext(context):
