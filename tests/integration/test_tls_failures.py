@@ -243,43 +243,48 @@ def test_sigterm_during_a_handshake_exits_cleanly(both, pki):
                      re.M)
 
 
-def test_handshake_in_progress_at_sigterm_finishes_then_421(both, pki):
+@pytest.mark.parametrize("mode", ["implicit", "starttls"])
+def test_handshake_in_progress_at_sigterm_finishes_then_421(both, raw_clients, pki, mode):
     """A stopping worker (SIGTERM; a reload retires workers the same way) lets a handshake
     in progress finish and turns the session away with 421 under TLS; it does not cut
     the handshake."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = pki.client_context().wrap_bio(incoming, outgoing, server_hostname=NAME)
-    with socket.create_connection((HOST, both.port), timeout=10) as sock:
+    client = raw_clients(both.port if mode == "implicit" else both.starttls_port)
+    if mode == "starttls":
+        client.hello()
+        client.cmd("STARTTLS", 220)
+    sock = client.sock
 
-        def step(call):
-            try:
-                return call()
-            except ssl.SSLWantReadError:
-                return None
-            finally:
-                sock.sendall(outgoing.read())
+    def step(call):
+        try:
+            return call()
+        except ssl.SSLWantReadError:
+            return None
+        finally:
+            sock.sendall(outgoing.read())
 
-        assert step(tls.do_handshake) is None  # the ClientHello goes out
-        data = sock.recv(65536)  # the server's flight: it waits for our Finished now
-        assert data[:1] == b"\x16"
-        mark = both.mark()
-        both.send_signal(signal.SIGTERM)
-        both.wait_for_log(r"stopping: workers finish", since=mark)
-        time.sleep(0.3)  # the worker has the signal too
-        incoming.write(data)
-        for _ in range(50):
-            if step(tls.do_handshake) is not None or tls.version():
-                break
-            incoming.write(sock.recv(65536))
-        got = b""
-        for _ in range(50):
-            got += step(lambda: tls.read(4096)) or b""
-            if got.endswith(b"\r\n"):
-                break
-            more = sock.recv(65536)
-            assert more, f"closed after {got!r}"
-            incoming.write(more)
-        assert got == replies.SHUTTING_DOWN.wire
+    assert step(tls.do_handshake) is None  # the ClientHello goes out
+    data = sock.recv(65536)  # the server's flight: it waits for our Finished now
+    assert data[:1] == b"\x16"
+    mark = both.mark()
+    both.send_signal(signal.SIGTERM)
+    both.wait_for_log(r"stopping: workers finish", since=mark)
+    time.sleep(0.3)  # the worker has the signal too
+    incoming.write(data)
+    for _ in range(50):
+        if step(tls.do_handshake) is not None or tls.version():
+            break
+        incoming.write(sock.recv(65536))
+    got = b""
+    for _ in range(50):
+        got += step(lambda: tls.read(4096)) or b""
+        if got.endswith(b"\r\n"):
+            break
+        more = sock.recv(65536)
+        assert more, f"closed after {got!r}"
+        incoming.write(more)
+    assert got == replies.SHUTTING_DOWN.wire
     assert both.wait(15) == 0
     assert "TLS handshake failed" not in both.log_text(mark)
 
