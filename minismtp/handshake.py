@@ -8,8 +8,9 @@ READ or WRITE, or failed with a short reason.
 While a handshake runs, the connection's owner in the poller is its `Handshake`, not
 the session, so the loop's path for sessions stays as it was; the session's own
 deadline is the handshake's (`limits.tls_handshake_timeout`), and a session whose
-handshake fails, stalls or is cut by a stop is closed without a word: no plaintext reply
-can be read by a client in the middle of a handshake.
+handshake fails or stalls is closed without a word: no plaintext reply can be read by a
+client in the middle of a handshake. A stopping worker lets handshakes in progress
+finish (briefly), then answers 421 under TLS.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("minismtp.worker")
 
+# A stopping worker waits this long for handshakes in progress: a real client's takes a
+# few round trips; one that sent nothing or stalled is not worth holding the stop for.
+STOP_GRACE_S = 2.0
+
 
 class Handshake:
     """The poller's owner of a connection while its TLS handshake runs."""
@@ -55,6 +60,7 @@ class Handshakes:
         self.stats = stats
         self.timeout_s = timeout_s
         self.greet = greet  # implicit TLS: the session's greeting, once TLS is up
+        self.stopping = False
 
     def begin_implicit(self, session: Session, sock: socket.socket) -> None:
         session.transport = TlsTransport.wrap(sock, self.context)
@@ -107,12 +113,17 @@ class Handshakes:
             loop.read(session)  # records came with the last flight: select() cannot see them
 
     def expire(self, session: Session) -> None:
-        """The handshake's deadline passed."""
-        self._failed(session, "timeout")
+        """The handshake's deadline passed (or the grace of a stopping worker)."""
+        self._failed(session, "stopping" if self.stopping else "timeout")
 
-    def abandon(self, session: Session) -> None:
-        """The worker stops: a handshake in progress ends here."""
-        self._failed(session, "stopping")
+    def wind_down(self, session: Session) -> None:
+        """The worker stops (SIGTERM, or retired by a reload): a handshake in progress may
+        still finish, within STOP_GRACE_S, and the session is then turned away with 421
+        like any idle one. Cutting it at once would fail the client's handshake whenever
+        a reload retires the worker that accepted it, with no reply to tell why."""
+        self.stopping = True
+        loop = self.loop
+        loop.timers.set_deadline(session, min(session.deadline, loop.now + STOP_GRACE_S))
 
     def forget(self, session: Session) -> None:
         """The session closes: stop watching its connection."""

@@ -32,6 +32,10 @@ class Loop(Protocol):
     def read(self, session: Session) -> None:
         """Read what the connection has (as when it is readable), then resume."""
 
+    def read_soon(self, session: Session) -> None:
+        """On the loop's next turn, read as if the connection were readable (TLS: bytes
+        wait decrypted inside OpenSSL, which select() does not see)."""
+
     def start_tls(self, session: Session) -> None:
         """The 220 to STARTTLS went out whole: start the handshake."""
 

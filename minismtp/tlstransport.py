@@ -57,6 +57,11 @@ class HandshakeFailed(Exception):
         self.reason = reason
 
 
+# OpenSSL reasons that are one of the counted ones (stats.HANDSHAKE_FAILURES) in other
+# words: a proxy's CONNECT is an HTTP request on a TLS port all the same.
+_SAME_AS = {"HTTPS_PROXY_REQUEST": "http request"}
+
+
 def handshake_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLEOFError):
         return "unexpected eof"
@@ -64,6 +69,8 @@ def handshake_reason(exc: BaseException) -> str:
         reason = exc.reason or ""
         if reason.startswith("UNEXPECTED_EOF"):
             return "unexpected eof"
+        if reason in _SAME_AS:
+            return _SAME_AS[reason]
         return reason.lower().replace("_", " ") if reason else "tls error"
     if isinstance(exc, ConnectionResetError):
         return "connection reset"

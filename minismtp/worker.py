@@ -209,7 +209,7 @@ class Worker:
         self.acceptor.close()
         for session in list(self.sessions.values()):
             if session.handshake is not None:
-                self.handshakes.abandon(session)
+                self.handshakes.wind_down(session)  # then 421, once TLS is up
             elif not session.paused:
                 self._maybe_send_off(session)
                 self.output.flush(session)
@@ -221,14 +221,20 @@ class Worker:
         for sock, addr, listener in accepted:
             sock.setblocking(False)
             transport = PlainTransport(sock)
+            settings, implicit_tls = profiles[listener]
             if len(self.sessions) >= self.max_connections:
+                # Counted as the 421 it is on a plain port; on an implicit-TLS port the
+                # client expects a ServerHello, and plaintext would only break its
+                # handshake: close without a word.
                 self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
-                transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
+                if implicit_tls:
+                    transport.close()
+                else:
+                    transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
                 if self.msglog.enabled:
                     self.msglog.session(addr[0], addr[1], {}, 0,
                                         "refused: too many connections", None)
                 continue
-            settings, implicit_tls = profiles[listener]
             session = Session(transport, SmtpServerConnection(settings), Peer(addr[0], addr[1]))
             self.sessions[session.fd] = session
             self.stats.connections_open += 1
@@ -242,7 +248,11 @@ class Worker:
             self.acceptor.publish_load()
 
     def _greet(self, session: Session) -> None:
-        self.decide.connect(session)
+        if self.stopping:  # implicit TLS came up while the worker stops: turned away
+            self.stats.replies[replies.SHUTTING_DOWN.code] += 1
+            session.conn.greet(replies.SHUTTING_DOWN)
+        else:
+            self.decide.connect(session)
         self.flush(session)  # the greeting; the client has said nothing yet
 
     def _on_readable(self, session: Session) -> None:
@@ -281,6 +291,8 @@ class Worker:
             if (n < len(view) and not transport.has_buffered_input) or session.closed \
                     or session.mask != READ:
                 return
+        if transport.has_buffered_input:
+            self.read_soon(session)  # the read budget ran out inside a TLS record
 
     def resume(self, session: Session) -> None:
         """Run the core until it wants more bytes or an answer; act on each event."""
@@ -320,6 +332,15 @@ class Worker:
 
     def read(self, session: Session) -> None:
         self._on_readable(session)
+
+    def read_soon(self, session: Session) -> None:
+        self.timers.call_at(self.now, self._read_buffered, session)
+
+    def _read_buffered(self, session: Session) -> None:
+        # Still wanted? The session may have paused, or be waiting to write, since.
+        if session.mask == READ and not session.lingering and session.handshake is None \
+                and session.transport.has_buffered_input:
+            self._on_readable(session)
 
     def start_tls(self, session: Session) -> None:
         assert self.handshakes is not None  # the core offers STARTTLS only with a context
