@@ -11,6 +11,7 @@ recipient and goes to the discard(8) transport, after Postfix has written it to 
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 from pathlib import Path
 
@@ -51,6 +52,10 @@ message_size_limit = {max_message_bytes}
 mailbox_size_limit = 0
 queue_minfree = 0
 default_process_limit = {process_limit}
+# Daemons live through the whole benchmark: the CPU time of a process that exits during a
+# run would be lost to the harness, which reads it from /proc.
+max_use = 1000000
+max_idle = 3600s
 smtpd_tls_security_level = may
 smtpd_tls_chain_files = {chain}
 smtpd_tls_loglevel = 0
@@ -104,6 +109,8 @@ def write_instance(folder: Path, *, port: int, chain: Path, implicit: bool,
     config, queue, data = folder / "postfix", folder / "queue", folder / "data"
     for path in (config, queue, data):
         path.mkdir(parents=True, exist_ok=True)
+    owner = pwd.getpwnam("postfix")
+    os.chown(data, owner.pw_uid, owner.pw_gid)  # the master's lock file goes there
     walk = folder
     while walk != walk.parent and walk != Path("/tmp"):
         mode = walk.stat().st_mode
