@@ -12,8 +12,8 @@ one short warm-up (also used to size the measured runs: message count = rate x
 whatever the server's speed). Then the measured runs go round the servers, --runs rounds
 (run 1 of each, run 2 of each, ..., each round starting one server further on), so that a
 slow spell of the machine falls on every server alike; then the servers stop. S6 holds
-10,000 connections, S9 1,000 TLS connections, one server at a time. The table shows the median of each figure over
-the runs (peak RSS: the highest sample of any run).
+10,000 connections and S9 1,000 TLS connections, one server at a time. The table shows the
+median of each figure over the runs (peak RSS: the highest sample of any run).
 Every run is checked: the client exits 0 having counted every message, and for Maildir
 servers the files in new/ equal the messages sent.
 """

@@ -116,7 +116,8 @@ def tls_client(port: int, *, mode: str, sessions: int, size: int, messages: int,
     detail = "" if ok else (f"tls_client exit {status}, {report['messages']}/{messages} "
                             f"delivered, {report['errors']} session errors: "
                             f"{report['error_samples']}")
-    if report.get("resumed"):
+    if report.get("resumed"):  # every handshake must be a full one
+        ok = False
         detail = (detail + "; " if detail else "") + f"{report['resumed']} handshakes resumed"
     # Its own wall clock, from the first session's start: interpreter start-up is not load.
     return ClientResult(ok, report["messages"], report["seconds"], cpu, detail=detail,

@@ -76,7 +76,7 @@ SCENARIOS = (
              IDLE_CONNECTIONS, 0, (0, 0), "idle", headline="kib_per_conn",
              only=("smtp-sink", "aiosmtpd-discard", "minismtp-discard")),
     Scenario("S7", "1 KiB, one message per connection, STARTTLS on each (full handshake), "
-             "20 sessions", KIB, 20, 500, (1000, 100_000), "tls", tls="starttls",
+             "20 sessions", KIB, 20, 400, (500, 100_000), "tls", tls="starttls",
              per_connection=True, only=TLS_PEERS),
     Scenario("S8", "10 MiB messages over implicit TLS, 998-character lines, one session",
              10 * MIB, 1, 2, (3, 400), "tls", tls="implicit", line_length=998,
