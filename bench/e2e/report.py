@@ -23,7 +23,9 @@ def ratio_text(entry: dict[str, Any], by_key: dict[tuple[str, str], dict]) -> st
         if other is None or other.get("status") != "ok" or entry.get("status") != "ok":
             continue
         if mine and theirs:
-            parts.append(f"{mine / theirs:.2f}x {SHORT[peer]}")
+            ratio = mine / theirs
+            parts.append(f"{ratio:.2f}x {SHORT[peer]}" if ratio >= 0.1
+                         else f"{ratio:.3f}x {SHORT[peer]}")
     if parts and scenario.headline == "kib_per_conn":
         return "mem " + ", ".join(parts)
     return ", ".join(parts)
