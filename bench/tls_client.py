@@ -29,6 +29,9 @@ whose bytes the server counted), errors, error_samples, seconds (from the first 
 last session's end), handshakes, resumed, and the TLS version and cipher of the last
 handshake. Exit status 0 only when every message was delivered. Only loopback addresses
 are accepted as the target.
+
+Untrusted input: the server's replies, read a line at a time and judged by their codes
+(a line too short to hold one is a session error), and the bare server's byte count.
 """
 
 from __future__ import annotations
