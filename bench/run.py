@@ -1,4 +1,4 @@
-"""End-to-end benchmarks: minismtp beside Postfix's smtp-sink and aiosmtpd, in one run.
+"""End-to-end benchmarks: minismtp beside Postfix (smtp-sink, smtpd) and aiosmtpd, in one run.
 
     python bench/run.py [--scenarios S1,S2,...] [--servers NAME,...] [--runs 3] [--quick]
                         [--target-seconds 4] [--json out.json] [--baseline CHECKOUT]
@@ -12,8 +12,8 @@ one short warm-up (also used to size the measured runs: message count = rate x
 whatever the server's speed). Then the measured runs go round the servers, --runs rounds
 (run 1 of each, run 2 of each, ..., each round starting one server further on), so that a
 slow spell of the machine falls on every server alike; then the servers stop. S6 holds
-10,000 connections, one server at a time. The table shows the median of each figure over
-the runs (peak RSS: the highest sample of any run).
+10,000 connections and S9 1,000 TLS connections, one server at a time. The table shows the
+median of each figure over the runs (peak RSS: the highest sample of any run).
 Every run is checked: the client exits 0 having counted every message, and for Maildir
 servers the files in new/ equal the messages sent.
 """
@@ -36,7 +36,8 @@ from e2e.procfs import raise_nofile
 from e2e.report import judge_targets, render_report
 from e2e.scenarios import SCENARIO_BY_KEY, SCENARIOS, Contender, Scenario
 from e2e.servers import BY_NAME, SERVERS, ServerSpec, add_baseline, find_program
-from e2e.workdir import ROOTS, filesystem_probe, make_root, remove_deferred
+from e2e.tlsfiles import make_certificate
+from e2e.workdir import DEFERRED, ROOTS, filesystem_probe, make_root, remove_deferred
 
 
 def commit_of(checkout: Path) -> str:
@@ -92,7 +93,7 @@ def parse_list(text: str | None, known: dict[str, Any], what: str) -> list[str] 
 
 def run_scenario(contenders: list[Contender], runs: int) -> list[dict[str, Any]]:
     """Warm up every server, then measure them round by round (see the docstring)."""
-    if contenders and contenders[0].scenario.client == "idle":
+    if contenders and contenders[0].scenario.idle:
         batches = [[contender] for contender in contenders]  # one at a time: memory
     else:
         batches = [contenders]
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in scenario_keys:
         scenario = SCENARIO_BY_KEY[key]
         names = chosen_servers or [s.name for s in SERVERS
-                                   if not scenario.only or s.name in scenario.only]
+                                   if (not scenario.only or s.name in scenario.only)
+                                   and (not s.scenarios or scenario.key in s.scenarios)]
         if args.baseline is not None:
             names = add_baseline(names, args.baseline)
         plan += [(scenario, BY_NAME[name]) for name in names]
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if nofile < IDLE_CONNECTIONS + 100 and "S6" in scenario_keys:
         progress(f"note: open-file limit {nofile} < {IDLE_CONNECTIONS + 100}: S6 may fail")
 
+    if any(SCENARIO_BY_KEY[key].tls for key in scenario_keys):
+        args.cert = make_certificate(args.root / "tls")  # ECDSA P-256, for every TLS server
+        DEFERRED.append(args.root / "tls")
+        progress(f"TLS certificate (ECDSA P-256): {args.cert.cert}")
     entries = []
     index = 0
     for key in scenario_keys:
@@ -192,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             if reason is None and scenario.client == "smtp-source" and not find_program(
                     "smtp-source"):
                 reason = "smtp-source is not installed (bash bench/setup.sh installs postfix)"
+            if reason is None and spec.scenarios and scenario.key not in spec.scenarios:
+                reason = f"runs only in {', '.join(spec.scenarios)}"
             if reason:
                 progress(f"{label}: skipping {spec.name}: {reason}")
                 entries.append({"scenario": scenario.key, "server": spec.name,

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Install the peers the end-to-end benchmark compares minismtp against, idempotently:
 #   - Postfix's smtp-sink (server) and smtp-source (load generator), from Debian's package;
-#   - aiosmtpd, from PyPI, into the Python that runs bench/run.py.
-# Postfix is installed for those two tools only: the "No configuration" answer keeps it from
-# being set up as the machine's mail system, and any postfix master the install started is
+#   - aiosmtpd and trustme, from PyPI, into the Python that runs bench/run.py.
+# The same postfix package gives the TLS scenarios their C reference: the harness starts a
+# private instance of Postfix's smtpd (bench/e2e/postfix.py); the package makes the postfix
+# user it runs as.
+# Postfix is not set up as the machine's mail system: the "No configuration" answer keeps it
+# from that, and any postfix master the install started is
 # stopped and disabled. Run as root (or with sudo available).
 #
 #   bash bench/setup.sh            # PYTHON=python3.11 bash bench/setup.sh for another Python
@@ -46,6 +49,14 @@ if "$PYTHON" -c "import aiosmtpd" >/dev/null 2>&1; then
 else
     echo "setup: installing aiosmtpd"
     "$PYTHON" -m pip install -q aiosmtpd
+fi
+
+# The TLS scenarios (S7-S9) make their certificate with trustme (minismtp's test extra).
+if "$PYTHON" -c "import trustme" >/dev/null 2>&1; then
+    echo "setup: trustme already installed"
+else
+    echo "setup: installing trustme"
+    "$PYTHON" -m pip install -q trustme
 fi
 
 # minismtp itself: the harness runs `python -m minismtp` from this checkout.

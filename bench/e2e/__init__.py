@@ -5,9 +5,11 @@ under test, which is parsed only to count replies; every address used is 127.0.0
 
 - procfs.py     process trees, CPU, RSS, open files and TCP counters read from /proc
 - workdir.py    the folder that holds every server's Maildir and logs; a file system probe
-- servers.py    the servers compared (smtp-sink, aiosmtpd, minismtp): start, port, stop
-- clients.py    smtp-source, bench/pipeline_client.py and the idle-connection holder
-- scenarios.py  S1..S6 and how one scenario is run and measured against one server
+- servers.py    the servers compared (smtp-sink, aiosmtpd, minismtp, Postfix, bare TLS)
+- postfix.py    a private Postfix instance (main.cf, master.cf) for postfix-tls
+- tlsfiles.py   the ECDSA P-256 certificate every TLS server uses, made at run time
+- clients.py    smtp-source, bench/pipeline_client.py, bench/tls_client.py, idle holders
+- scenarios.py  S1..S9 and how one scenario is run and measured against one server
 - report.py     the table, the ratios to peers and the targets
 """
 

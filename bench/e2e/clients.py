@@ -1,18 +1,21 @@
-"""The load clients: Postfix's smtp-source, bench/pipeline_client.py, and idle connections.
+"""The load clients: Postfix's smtp-source, bench/pipeline_client.py, bench/tls_client.py,
+and idle connections (plain, or TLS after STARTTLS).
 
-Untrusted input: the clients' output (smtp-source's -c counter, the pipelining client's
-JSON) and, for the idle connections, the servers' greetings, read only up to the first CRLF.
+Untrusted input: the clients' output (smtp-source's -c counter, the other clients' JSON)
+and, for the idle connections, the servers' replies, read only up to the end of a reply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import concurrent.futures
 import json
 import os
 import re
 import selectors
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,8 @@ class ClientResult:
     p50_ms: float | None = None
     p99_ms: float | None = None
     detail: str = ""
+    tls: str = ""  # tls_client: version and cipher negotiated
+    handshakes: int = 0
 
 
 def run_process(command: list[str], timeout: float) -> tuple[int, float, float, str, str]:
@@ -91,6 +96,96 @@ def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> Cl
     # Its own wall clock, from the first connect: interpreter start-up is not load.
     return ClientResult(ok, report["messages"], report["seconds"], cpu,
                         p50_ms=report["p50_ms"], p99_ms=report["p99_ms"], detail=detail)
+
+
+def tls_client(port: int, *, mode: str, sessions: int, size: int, messages: int,
+               line_length: int, per_connection: bool) -> ClientResult:
+    command = [sys.executable, str(BENCH / "tls_client.py"), "--host", HOST,
+               "--port", str(port), "--mode", mode, "--sessions", str(sessions),
+               "--size", str(size), "--messages", str(messages),
+               "--line-length", str(line_length), "--timeout", str(CLIENT_TIMEOUT_S - 10)]
+    if per_connection:
+        command.append("--per-connection")
+    status, wall, cpu, out, err = run_process(command, CLIENT_TIMEOUT_S)
+    try:
+        report = json.loads(out)
+    except ValueError:
+        return ClientResult(False, 0, wall, cpu, detail=f"tls_client exit {status}: "
+                                                        f"{err.strip()[-300:]}")
+    ok = status == 0 and report["messages"] == messages and not report["errors"]
+    detail = "" if ok else (f"tls_client exit {status}, {report['messages']}/{messages} "
+                            f"delivered, {report['errors']} session errors: "
+                            f"{report['error_samples']}")
+    if report.get("resumed"):  # every handshake must be a full one
+        ok = False
+        detail = (detail + "; " if detail else "") + f"{report['resumed']} handshakes resumed"
+    # Its own wall clock, from the first session's start: interpreter start-up is not load.
+    return ClientResult(ok, report["messages"], report["seconds"], cpu, detail=detail,
+                        tls=report.get("tls", ""), handshakes=report.get("handshakes", 0))
+
+
+def _reply(sock: socket.socket, code: bytes) -> bytes:
+    """One whole reply (blocking); ValueError unless its code is `code`."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ValueError("closed by the server")
+        data += chunk
+        last = data.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+        if data.endswith(b"\r\n") and last[3:4] != b"-":
+            break
+    if not data.startswith(code):
+        raise ValueError(f"{data[:60]!r} instead of {code.decode()}")
+    return data
+
+
+def _open_tls(port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
+    """Connect, EHLO, STARTTLS, handshake; the session is then left idle."""
+    sock = socket.create_connection((HOST, port), timeout=30)
+    try:
+        _reply(sock, b"220")
+        sock.sendall(b"EHLO idle.bench\r\n")
+        _reply(sock, b"250")
+        sock.sendall(b"STARTTLS\r\n")
+        _reply(sock, b"220")
+        return context.wrap_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def hold_idle_tls(port: int, count: int, *, timeout: float = 180.0,
+                  in_flight: int = 16) -> tuple[list[socket.socket], int, str]:
+    """Open `count` connections, each through STARTTLS and a full handshake, and keep them.
+
+    Blocking, `in_flight` at a time on threads (a handshake is a few round trips; the
+    harness's CPU is not measured here). Returns (sockets after the handshake, failures,
+    note), as hold_idle does.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.options |= ssl.OP_NO_TICKET
+    held: list[socket.socket] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+
+    def one(_: int) -> None:
+        if time.monotonic() > deadline:
+            errors.append("timeout")
+            return
+        try:
+            held.append(_open_tls(port, context))
+        except (OSError, ValueError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+        list(pool.map(one, range(count)))
+    note = ""
+    if len(held) < count:
+        note = (f"held {len(held)} of {count}: {len(errors)} failed"
+                + (f" (first error: {errors[0]})" if errors else ""))
+    return held, len(errors), note
 
 
 def hold_idle(port: int, count: int, *, timeout: float = 90.0,

@@ -84,6 +84,23 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_pss(pid: int) -> int:
+    """Total PSS (proportional set size) of a process tree: a page shared by n of its
+    processes counts 1/n in each, so a process per connection is not charged its shared
+    libraries again and again, as RSS charges them."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/smaps_rollup") as file:
+                for line in file:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def listen_counters() -> dict[str, int]:
     """TcpExt ListenOverflows and ListenDrops (machine-wide)."""
     try:

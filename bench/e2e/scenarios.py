@@ -1,4 +1,4 @@
-"""Scenarios S1..S6, and how one scenario is run and measured against one server.
+"""Scenarios S1..S9, and how one scenario is run and measured against one server.
 
 Untrusted input: none beyond the clients' results (see clients.py).
 """
@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from e2e import IDLE_CONNECTIONS, KIB, MIB, progress
-from e2e.clients import ClientResult, hold_idle, pipeline_client, smtp_source
+from e2e.clients import (ClientResult, hold_idle, hold_idle_tls, pipeline_client, smtp_source,
+                         tls_client)
 from e2e.procfs import (TICK, RssSampler, all_process_ticks, cpu_ticks, describe_process,
-                        listen_counters, machine_busy_ticks, tree_rss, wait_for_quiet)
+                        listen_counters, machine_busy_ticks, tree_pss, tree_rss, wait_for_quiet)
 from e2e.servers import Server, ServerSpec
 from e2e.workdir import DEFERRED
 
@@ -32,18 +33,33 @@ class Scenario:
     sessions: int
     warmup: int  # warm-up messages; its rate sizes the measured runs
     bounds: tuple[int, int]  # measured messages per run: (min, max)
-    client: str  # "smtp-source", "pipeline" or "idle"
+    client: str  # "smtp-source", "pipeline", "tls", "idle" or "tls-idle"
     keep_open: bool = False
+    tls: str = ""  # "starttls" or "implicit": how the servers' listeners speak TLS
+    per_connection: bool = False  # "tls": a connection (full handshake) per message
+    line_length: int = 76  # "tls": characters per body line
     headline: str = "msgs_per_s"  # the figure ratios are taken on
     only: tuple[str, ...] = ()  # default servers, when not all
 
+    @property
+    def idle(self) -> bool:
+        return self.client in ("idle", "tls-idle")
+
     def run(self, server: Server, messages: int) -> ClientResult:
+        if self.client == "tls":
+            mode = "bare" if server.spec.kind == "bare-tls" else self.tls
+            return tls_client(server.port, mode=mode, sessions=self.sessions, size=self.size,
+                              messages=messages, line_length=self.line_length,
+                              per_connection=self.per_connection)
         if self.client == "pipeline":
             return pipeline_client(server.port, sessions=self.sessions, size=self.size,
                                    messages=messages)
         return smtp_source(server.port, sessions=min(self.sessions, messages),
                            size=self.size, messages=messages, keep_open=self.keep_open)
 
+
+IDLE_TLS_CONNECTIONS = 1000  # S9
+TLS_PEERS = ("minismtp-discard", "aiosmtpd-discard", "postfix-tls")
 
 SCENARIOS = (
     Scenario("S1", "1 KiB, one message per connection, 20 sessions", KIB, 20, 1000,
@@ -59,6 +75,15 @@ SCENARIOS = (
     Scenario("S6", f"memory with {IDLE_CONNECTIONS:,} idle connections", 0,
              IDLE_CONNECTIONS, 0, (0, 0), "idle", headline="kib_per_conn",
              only=("smtp-sink", "aiosmtpd-discard", "minismtp-discard")),
+    Scenario("S7", "1 KiB, one message per connection, STARTTLS on each (full handshake), "
+             "20 sessions", KIB, 20, 400, (500, 100_000), "tls", tls="starttls",
+             per_connection=True, only=TLS_PEERS),
+    Scenario("S8", "10 MiB messages over implicit TLS, 998-character lines, one session",
+             10 * MIB, 1, 2, (3, 400), "tls", tls="implicit", line_length=998,
+             headline="mb_per_s", only=(*TLS_PEERS, "bare-tls")),
+    Scenario("S9", f"memory with {IDLE_TLS_CONNECTIONS:,} idle TLS connections (after "
+             "STARTTLS)", 0, IDLE_TLS_CONNECTIONS, 0, (0, 0), "tls-idle", tls="starttls",
+             headline="kib_per_conn", only=TLS_PEERS),
 )
 SCENARIO_BY_KEY = {scenario.key: scenario for scenario in SCENARIOS}
 
@@ -170,20 +195,28 @@ def one_run(scenario: Scenario, server: Server, messages: int,
         "busy_cores_before": busy,
         "foreign_top": measured.foreign_top,
         "peak_connections": measured.sampler.peak_connections or None,
+        "tls": result.tls or None,
+        "handshakes": result.handshakes or None,
         "notes": notes,
     }
 
 
-def idle_run(server: Server) -> dict[str, Any]:
+def idle_run(scenario: Scenario, server: Server) -> dict[str, Any]:
     time.sleep(0.5)  # let the start-up settle
     before = tree_rss(server.proc.pid)
+    pss_before = tree_pss(server.proc.pid)
     listen_before = listen_counters()
     started = time.perf_counter()
-    socks, failures, note = hold_idle(server.port, IDLE_CONNECTIONS)
+    count = scenario.sessions
+    if scenario.client == "tls-idle":
+        socks, failures, note = hold_idle_tls(server.port, count)
+    else:
+        socks, failures, note = hold_idle(server.port, count)
     opened = time.perf_counter() - started
     try:
         time.sleep(1.0)  # let the server finish the greetings' bookkeeping
         with_conns = max(tree_rss(server.proc.pid) for _ in range(3))
+        pss_with = tree_pss(server.proc.pid)
         alive_all = server.alive()
     finally:
         for sock in socks:
@@ -194,8 +227,9 @@ def idle_run(server: Server) -> dict[str, Any]:
     if not alive_all:
         notes.append(f"server died (status {server.proc.returncode}): {server.log_tail()}")
     per_conn = (with_conns - before) / held if held else None
+    pss_per_conn = (pss_with - pss_before) / held if held else None
     return {
-        "ok": held == IDLE_CONNECTIONS and alive_all,
+        "ok": held == count and alive_all,
         "connections": held,
         "failures": failures,
         "seconds_to_open": opened,
@@ -203,6 +237,7 @@ def idle_run(server: Server) -> dict[str, Any]:
         "rss_with_connections": with_conns,
         "peak_rss": with_conns,
         "kib_per_conn": per_conn / KIB if per_conn is not None else None,
+        "pss_kib_per_conn": pss_per_conn / KIB if pss_per_conn is not None else None,
         "listen_overflows": (listen_after.get("ListenOverflows", 0)
                              - listen_before.get("ListenOverflows", 0)),
         "listen_drops": (listen_after.get("ListenDrops", 0)
@@ -232,8 +267,8 @@ class Contender:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{scenario.key}-{spec.name}-",
                                              dir=args.root))
         self.entry["logs"] = str(self.workdir)
-        connections = IDLE_CONNECTIONS if scenario.client == "idle" else scenario.sessions
-        self.server = Server(spec, self.workdir, connections=connections)
+        self.server = Server(spec, self.workdir, connections=scenario.sessions,
+                             tls=scenario.tls, cert=getattr(args, "cert", None))
         self.count = 0
         self.done = False  # finished early: failed, or nothing to run
 
@@ -244,7 +279,7 @@ class Contender:
             progress(f"{self.label}: starting {spec.name}")
             self.server.start()
             entry["port"] = self.server.port
-            if scenario.client == "idle":
+            if scenario.idle:
                 self._idle()
                 return
             # --quick: half the warm-up and half the least count (slow servers set the pace).
@@ -305,17 +340,19 @@ class Contender:
 
     def _idle(self) -> None:
         entry = self.entry
-        progress(f"{self.label}: opening {IDLE_CONNECTIONS:,} idle connections")
+        count = self.scenario.sessions
+        progress(f"{self.label}: opening {count:,} idle "
+                 f"{'TLS ' if self.scenario.tls else ''}connections")
         if self.args.quiet_wait > 0:
             wait_for_quiet(self.args.quiet_wait)
-        run = idle_run(self.server)
+        run = idle_run(self.scenario, self.server)
         entry["runs"].append(run)
         entry["status"] = "ok" if run["ok"] else "skipped"
         if not run["ok"]:  # a peer that cannot hold them all is skipped, and says why
-            entry["reason"] = (f"cannot hold {IDLE_CONNECTIONS:,} idle connections: "
+            entry["reason"] = (f"cannot hold {count:,} idle connections: "
                                + "; ".join(run["notes"]))
         entry["median"] = {key: run[key] for key in
-                           ("kib_per_conn", "peak_rss", "rss_idle_before",
+                           ("kib_per_conn", "pss_kib_per_conn", "peak_rss", "rss_idle_before",
                             "rss_with_connections", "connections")}
         entry["median"]["listen_overflows"] = run["listen_overflows"]
         entry["notes"] = run["notes"]
@@ -338,3 +375,6 @@ class Contender:
             entry["median"]["peak_connections"] = max(run["peak_connections"] or 0
                                                       for run in runs)
         entry["notes"] = [note for run in runs for note in run["notes"]]
+        tls = sorted({run["tls"] for run in runs if run.get("tls")})
+        if tls:
+            entry["median"]["tls"] = ", ".join(tls)

@@ -73,3 +73,23 @@ def test_baseline_rows_run_the_other_checkout(tmp_path):
     assert report["meta"]["versions"]["baseline"] == f"{other.resolve()} at ?"
     assert "FAILED: RuntimeError: minismtp-discard@baseline exited with status 3" in \
         rows(done.stdout, "S5")["minismtp-discard@baseline"]
+
+
+def test_tls_scenarios_run_end_to_end(tmp_path):
+    # S7 (STARTTLS, a handshake per message) and S8 (implicit TLS, 10 MiB) against minismtp,
+    # and S8's bare TLS loop; the Python TLS client, so again no Postfix tools are needed.
+    done, report = run_bench(tmp_path, "--scenarios", "S7,S8",
+                             "--servers", "minismtp-discard,bare-tls")
+    assert done.returncode == 0, done.stderr[-2000:]
+    by_key = {(e["scenario"], e["server"]): e for e in report["results"]}
+    assert by_key[("S7", "bare-tls")]["status"] == "skipped"  # it speaks no SMTP
+    for key in (("S7", "minismtp-discard"), ("S8", "minismtp-discard"), ("S8", "bare-tls")):
+        entry = by_key[key]
+        assert entry["status"] == "ok", entry
+        [run] = entry["runs"]
+        assert run["ok"] and run["messages"] == run["requested"] == entry["messages_per_run"]
+        assert run["tls"].startswith("TLSv1.")
+    s7 = by_key[("S7", "minismtp-discard")]["runs"][0]
+    assert s7["handshakes"] == s7["messages"]  # a full handshake per message
+    assert by_key[("S8", "minismtp-discard")]["runs"][0]["handshakes"] == 1
+    assert "0.7x a bare Python TLS loop" in done.stdout
