@@ -42,9 +42,9 @@ Version 2 is binary: a 12-byte signature, version and command, family and protoc
 - A header longer than `V2_MAX_BYTES` (16 + 536) is refused as soon as its length field
   is read, without waiting for its bytes. 536 is the smallest TCP segment every host must
   take (576 - 40), which the specification says both header forms are designed to fit
-  in; TCP4 with HAProxy's usual TLVs (ALPN, authority, unique ID, TLS version and cipher)
-  stays well under it. A balancer configured to append a client certificate TLV will
-  exceed it, and such headers are refused.
+  in, and HAProxy's usual TLVs (ALPN, authority, unique ID, TLS version and cipher)
+  leave room. A balancer configured to append a client certificate TLV will exceed it,
+  and such headers are refused.
 
 IPv4-mapped IPv6 addresses (::ffff:a.b.c.d, which HAProxy sends over TCP6 when one side
 is IPv4 and the other IPv6) are reported as the IPv4 address they map, so the client
@@ -54,7 +54,7 @@ reads the same as over TCP4 (in logs, `Received:`, checks by network). An IPv6 z
 `accept` is what the listener expects: `Version.V1`, `Version.V2`, or `Version.ANY`, which
 picks by the first byte (CR for the version 2 signature, "P" for "PROXY "). Where only one
 version is accepted, a first byte that begins the other one fails at once with
-"unsupported version" (so "POST" on a v2-only port is counted so too): the label is
+"unsupported version" (and so does "POST" on a v2-only port): the label is
 judged from that byte alone, so that neither the answer nor its reason waits for more
 bytes or depends on how they were split. The same holds throughout: bytes fed whole
 and the same bytes fed in pieces give the same header or the same reason.
