@@ -77,6 +77,8 @@ def tls_overrides(cert: Path, key: Path, listen: list, **sections: dict) -> dict
         "server": {"listen": listen, "workers": 1},
         "tls": {"certificates": [{"cert": str(cert), "key": str(key)}]},
         "stats": {"listen": f"{HOST}:{stats}"},
+        # Stored as it came over the wire, so bodies compare byte for byte.
+        "delivery": {"line_endings": "crlf"},
     }
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
