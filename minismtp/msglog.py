@@ -38,7 +38,7 @@ class MessageLog:
         self.enabled = logger.isEnabledFor(logging.INFO)
         self._logger = logger
         self._root = root = root or logging.getLogger()
-        self._lines: list[bytes] = []
+        self._lines: list[str] = []  # encoded once per flush, not once per line
         self._fd, self._encoding, self.json = _plain_stream(root.handlers)
         self._pid = os.getpid()
         self._prefix = f" minismtp[{self._pid}] INFO "
@@ -72,9 +72,11 @@ class MessageLog:
                             "errors": errors, "end": end, "tls": tls})
             return
         counts = " ".join(f"{verb.lower()}={count}" for verb, count in commands.items())
+        # Like Postfix, what did not happen is not shown: errors only when there were some.
+        errors_text = f" errors={errors}" if errors else ""
         tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
         self._add(f"disconnect from {peer}:{port} {counts}{' ' if counts else ''}"
-                  f"commands={sum(commands.values())} errors={errors}{tls_text} end={end}")
+                  f"commands={sum(commands.values())}{errors_text}{tls_text} end={end}")
 
     def _add(self, text: str) -> None:
         if self._fd is None:  # not a plain stream: the slow, general way
@@ -85,30 +87,27 @@ class MessageLog:
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        line = f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n"
-        self._lines.append(line.encode(self._encoding, "backslashreplace"))
+        self._lines.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
 
     def _add_json(self, fields: dict[str, object]) -> None:
         document = {"time": timestamp(time.time()), "pid": self._pid, "level": "INFO",
                     **fields}
-        self._lines.append(json.dumps(document, ensure_ascii=False).encode(
-            self._encoding, "backslashreplace") + b"\n")
+        self._lines.append(json.dumps(document, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
         """Write the batch in pieces of whole lines, each at most PIPE_BUF bytes."""
-        lines = self._lines
-        if not lines:
+        if not self._lines:
             return
+        data = "".join(self._lines).encode(self._encoding, "backslashreplace")
         self._lines = []
-        piece: list[bytes] = []
-        size = 0
-        for line in lines:
-            if piece and size + len(line) > _ATOMIC_BYTES:
-                self._write(b"".join(piece))
-                piece, size = [], 0
-            piece.append(line)
-            size += len(line)
-        self._write(b"".join(piece))
+        start, end = 0, len(data)
+        while start < end:
+            stop = end
+            if stop - start > _ATOMIC_BYTES:  # cut after the last whole line that fits
+                cut = data.rfind(b"\n", start, start + _ATOMIC_BYTES)
+                stop = cut + 1 if cut >= 0 else data.index(b"\n", start) + 1
+            self._write(data[start:stop])
+            start = stop
 
     def close(self) -> None:
         self.flush()
