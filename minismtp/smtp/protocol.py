@@ -548,18 +548,18 @@ class SmtpServerConnection:
         if not self._auth_offered:
             raise ArgumentError(replies.AUTH_NEEDS_TLS)
         self.state = S.AUTH
-        self._grow_for_auth()
-        if mechanism == "PLAIN":
-            self._auth_step = "plain"
-            if not initial:
-                self._out.append(replies.AUTH_CONTINUE.wire)
-                return None
+        self._auth_step = "plain" if mechanism == "PLAIN" else "login-user"
+        if initial:
+            event = self._auth_response(initial)
         else:
-            self._auth_step = "login-user"
-            if not initial:
-                self._out.append(replies.AUTH_USERNAME.wire)
-                return None
-        return self._auth_response(initial)
+            event = None
+            self._out.append(replies.AUTH_CONTINUE.wire if mechanism == "PLAIN"
+                             else replies.AUTH_USERNAME.wire)
+        if self.state is S.AUTH and event is None:
+            # Responses follow. Only now may the buffer change: `next_event` then reads
+            # it afresh, as it does on every way into the exchange.
+            self._grow_for_auth()
+        return event
 
     def _next_auth_event(self) -> object | None:
         """Read response lines of the AUTH exchange: the AuthAttempt, NEED_DATA, or None
