@@ -66,6 +66,15 @@ class Users:
     def __repr__(self) -> str:
         return f"Users({self.path!r}, {len(self)} users)"
 
+    # By content, so a reload can tell whether the file changed (config.Config equality).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Users):
+            return NotImplemented
+        return self._hashes == other._hashes
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._hashes.items()))
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Users:
         """Read and check the file; raise UsersFileError listing every problem."""
