@@ -11,10 +11,13 @@ a socket, which then answers each attempt.
 
 How the worker uses it, in order:
 
-1. Once, after fork (threads do not survive a fork): `checker = AuthChecker(users.verify)`,
-   and register `checker.wakeup` for reading in its selector.
-2. On an `AuthAttempt` decision event from a session's core (the core is PAUSED):
-   `if not checker.submit(session, event.username, event.password):
+0. Per listener, the core's settings: `Settings(..., **core_settings(listener.auth))`
+   (session.protocol_settings), and what checks its passwords: `verifier(listener.auth)`.
+1. Once, after fork (threads do not survive a fork), if any listener offers AUTH:
+   `checker = AuthChecker()`, and register `checker.wakeup` for reading in the selector.
+2. On an `AuthAttempt` decision event from a session's core (the core is PAUSED), with
+   `verify` its listener's verifier:
+   `if not checker.submit(session, verify, event.username, event.password):
    conn.reject(replies.AUTH_TEMPORARY_FAILURE)` at once: the queue is full (a flood of
    AUTH), 454 4.7.0 and the client may try again later. Otherwise leave it PAUSED.
 3. When `checker.wakeup` is readable: for each `(session, ok)` in `checker.take_done()`,
@@ -36,7 +39,9 @@ import threading
 from typing import Callable, Generic, TypeVar
 
 from minismtp.smtp import replies
+from minismtp.smtp.protocol import AUTH_MECHANISMS
 from minismtp.smtp.replies import Reply
+from minismtp.values import ListenerAuth
 
 log = logging.getLogger("minismtp.worker")
 
@@ -59,17 +64,37 @@ def accept_any(user: str, password: str) -> bool:
     return True
 
 
-class AuthChecker(Generic[Tag]):
-    """Runs `verify(user, password)` on `threads` threads; see the module docstring."""
+def core_settings(auth: ListenerAuth) -> dict[str, object]:
+    """The `smtp.protocol.Settings` fields for a listener's `auth` mapping."""
+    if not auth.offered:
+        return {}
+    return {"auth_mechanisms": AUTH_MECHANISMS, "auth_plaintext": auth.allow_plaintext,
+            "auth_required": auth.require}
 
-    def __init__(self, verify: Verify, threads: int = DEFAULT_THREADS,
+
+def verifier(auth: ListenerAuth) -> Verify | None:
+    """What checks passwords for a listener (None: AUTH is off there). For htpasswd,
+    the users config.load_config loaded."""
+    if auth.mode == "accept_any":
+        return accept_any
+    if auth.mode == "htpasswd":
+        if auth.users is None:
+            raise ValueError("auth.users is loaded by config.load_config")
+        return auth.users.verify
+    return None
+
+
+class AuthChecker(Generic[Tag]):
+    """Runs password checks on `threads` threads; see the module docstring. Each check
+    names its verify function, so listeners with different users files share one."""
+
+    def __init__(self, threads: int = DEFAULT_THREADS,
                  max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         if threads < 1 or max_queued < 1:
             raise ValueError("threads and max_queued must be at least 1")
-        self._verify = verify
         self.max_queued = max_queued
         self._cond = threading.Condition()
-        self._queued: collections.deque[tuple[Tag, str, str]] = collections.deque()
+        self._queued: collections.deque[tuple[Tag, Verify, str, str]] = collections.deque()
         self._done: list[tuple[Tag, bool | None]] = []
         self._stopping = False
         self.wakeup, self._notify = socket.socketpair()  # the loop selects on `wakeup`
@@ -80,14 +105,15 @@ class AuthChecker(Generic[Tag]):
         for thread in self._threads:
             thread.start()
 
-    def submit(self, tag: Tag, user: str, password: str) -> bool:
-        """Queue a check; its result comes back with `tag` through `take_done`. False:
+    def submit(self, tag: Tag, verify: Verify, user: str, password: str) -> bool:
+        """Queue `verify(user, password)`; its result comes back with `tag` through
+        `take_done`. False:
         refused at once (the queue holds `max_queued` checks, or the checker stopped);
         answer 454 4.7.0 (`replies.AUTH_TEMPORARY_FAILURE`)."""
         with self._cond:
             if self._stopping or len(self._queued) >= self.max_queued:
                 return False
-            self._queued.append((tag, user, password))
+            self._queued.append((tag, verify, user, password))
             self._cond.notify()
         return True
 
@@ -126,9 +152,9 @@ class AuthChecker(Generic[Tag]):
                     self._cond.wait()
                 if self._stopping:
                     return
-                tag, user, password = self._queued.popleft()
+                tag, verify, user, password = self._queued.popleft()
             try:
-                ok: bool | None = bool(self._verify(user, password))
+                ok: bool | None = bool(verify(user, password))
             except Exception:  # a bug or a broken hash: the client gets 454, we the trace
                 log.exception("password check for user %r failed", user)
                 ok = None

@@ -93,9 +93,9 @@ class Settings:
     auth_mechanisms: tuple[str, ...] = ()
     auth_plaintext: bool = False
     auth_required: bool = False  # MAIL gets 530 5.7.0 until AUTH succeeded
-    # An AUTH response line, CRLF included. RFC 4954 4 lets it exceed the command limit
-    # (12288 octets); PLAIN credentials fit in far less, and the buffer grows to hold one
-    # only for the exchange.
+    # An AUTH response line, CRLF included (or max_command_bytes, if that is larger).
+    # RFC 4954 4 lets it exceed the command limit (12288 octets); PLAIN credentials fit
+    # in far less, and the buffer grows to hold one only for the exchange.
     max_auth_line_bytes: int = 12288
 
     def __post_init__(self) -> None:
@@ -108,8 +108,6 @@ class Settings:
             raise ValueError(f"auth_mechanisms must be among {AUTH_MECHANISMS}")
         if self.auth_required and not self.auth_mechanisms:
             raise ValueError("auth_required needs auth_mechanisms")
-        if self.max_auth_line_bytes < self.max_command_bytes:
-            raise ValueError("max_auth_line_bytes must be at least max_command_bytes")
 
 
 BARE_LF_POLICIES = ("normalize", "reject", "accept")
@@ -635,10 +633,12 @@ class SmtpServerConnection:
         self._error(reply)
 
     def _grow_for_auth(self) -> None:
+        s = self.settings
+        limit = max(s.max_auth_line_bytes, s.max_command_bytes)
         if self._auth_lines is None:
-            self._auth_lines = LineScanner(self.settings.max_auth_line_bytes)
+            self._auth_lines = LineScanner(limit)
         self._auth_lines.reset()
-        buf, need = self.buffer, self.settings.max_auth_line_bytes + 1
+        buf, need = self.buffer, limit + 1
         if buf.capacity < need:
             buf.resize(need)  # given back by _maybe_shrink once commands resume
 

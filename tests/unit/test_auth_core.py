@@ -111,8 +111,13 @@ def test_settings_are_checked():
         Settings(auth_mechanisms=("CRAM-MD5",))
     with pytest.raises(ValueError):
         Settings(auth_required=True)
-    with pytest.raises(ValueError):
-        Settings(auth_mechanisms=MECHS, max_auth_line_bytes=100)
+    Settings(auth_mechanisms=MECHS, max_command_bytes=65536, command_buffer_bytes=131072)
+
+
+def test_response_limit_is_never_below_the_command_limit(mode):
+    client = Client(mode, **OPEN, max_auth_line_bytes=100)
+    long_ok = b64(f"\0alice\0{'p' * 300}")
+    assert client.send(EHLO + b"AUTH PLAIN\r\n" + long_ok + b"\r\n").endswith(R.AUTH_OK.wire)
 
 
 # -- the exchanges -----------------------------------------------------------------

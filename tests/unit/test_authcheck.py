@@ -10,9 +10,11 @@ import time
 import bcrypt
 import pytest
 
-from minismtp.authcheck import AuthChecker, accept_any, verdict_reply
+from minismtp.authcheck import AuthChecker, accept_any, core_settings, verdict_reply, verifier
 from minismtp.htpasswd import Users
 from minismtp.smtp import replies as R
+from minismtp.smtp.protocol import Settings
+from minismtp.values import ListenerAuth
 
 
 def users(cost: int = 8) -> Users:
@@ -38,14 +40,14 @@ def test_twenty_checks_while_the_loop_keeps_running():
     bcrypt checks complete with the right answers. No timing is asserted but a generous
     bound on the longest gap between turns."""
     table = users()
-    checker: AuthChecker[int] = AuthChecker(table.verify)
+    checker: AuthChecker[int] = AuthChecker()
     try:
         expected = {}
         for n in range(20):
             user = f"user{n % 5}" if n % 4 else f"nobody{n}"  # some users do not exist
             password = f"pw{n % 5}" if n % 3 else "wrong"
             expected[n] = user.startswith("user") and password == f"pw{n % 5}"
-            assert checker.submit(n, user, password)
+            assert checker.submit(n, table.verify, user, password)
         results, turns, longest_gap = [], 0, 0.0
         last = time.monotonic()
         with selectors.DefaultSelector() as selector:
@@ -75,17 +77,17 @@ def test_a_full_queue_refuses_at_once():
         release.wait(30)
         return password == "right"
 
-    checker: AuthChecker[str] = AuthChecker(slow, threads=1, max_queued=3)
+    checker: AuthChecker[str] = AuthChecker(threads=1, max_queued=3)
     try:
-        assert checker.submit("a", "u", "right")
+        assert checker.submit("a", slow, "u", "right")
         assert started.acquire(timeout=30)  # "a" is running, not queued
-        assert all(checker.submit(tag, "u", "wrong") for tag in "bcd")
+        assert all(checker.submit(tag, slow, "u", "wrong") for tag in "bcd")
         assert checker.queued == 3
-        assert not checker.submit("e", "u", "right")  # beyond the bound: no memory, no wait
+        assert not checker.submit("e", slow, "u", "right")  # beyond the bound: no memory
         release.set()
         assert sorted(wait_for(checker, 4)) == [
             ("a", True), ("b", False), ("c", False), ("d", False)]
-        assert checker.submit("f", "u", "right")  # room again
+        assert checker.submit("f", slow, "u", "right")  # room again
         assert wait_for(checker, 1) == [("f", True)]
     finally:
         release.set()
@@ -96,9 +98,9 @@ def test_a_failing_check_is_a_temporary_failure(caplog):
     def broken(user: str, password: str) -> bool:
         raise ValueError("invalid salt")
 
-    checker: AuthChecker[int] = AuthChecker(broken)
+    checker: AuthChecker[int] = AuthChecker()
     try:
-        assert checker.submit(1, "alice", "hunter2")
+        assert checker.submit(1, broken, "alice", "hunter2")
         assert wait_for(checker, 1) == [(1, None)]
     finally:
         checker.stop()
@@ -107,13 +109,12 @@ def test_a_failing_check_is_a_temporary_failure(caplog):
 
 def test_stop_drops_what_has_not_started():
     release = threading.Event()
-    checker: AuthChecker[int] = AuthChecker(
-        lambda user, password: release.wait(30), threads=1)
+    checker: AuthChecker[int] = AuthChecker(threads=1)
     for n in range(5):
-        checker.submit(n, "u", "p")
+        checker.submit(n, lambda user, password: release.wait(30), "u", "p")
     release.set()
     checker.stop()  # returns: the running check finishes, the queued ones are dropped
-    assert not checker.submit(9, "u", "p")
+    assert not checker.submit(9, accept_any, "u", "p")
 
 
 def test_verdict_replies():
@@ -125,4 +126,17 @@ def test_verdict_replies():
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        AuthChecker(accept_any, threads=0)
+        AuthChecker(threads=0)
+
+
+def test_listener_settings_and_verifiers():
+    table = users(4)
+    assert core_settings(ListenerAuth()) == {}
+    assert verifier(ListenerAuth()) is None
+    auth = ListenerAuth("htpasswd", "/users", require=True, users=table)
+    assert core_settings(auth) == {"auth_mechanisms": ("PLAIN", "LOGIN"),
+                                   "auth_plaintext": False, "auth_required": True}
+    Settings(**core_settings(auth))  # the core takes them
+    assert verifier(auth)("user1", "pw1") and not verifier(auth)("user1", "pw2")
+    assert verifier(ListenerAuth("accept_any", allow_plaintext=True)) is accept_any
+    assert core_settings(ListenerAuth("accept_any", allow_plaintext=True))["auth_plaintext"]
