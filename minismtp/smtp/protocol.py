@@ -63,8 +63,8 @@ from minismtp.smtp.arguments import (
 )
 from minismtp.smtp.buffer import ReceiveBuffer
 from minismtp.smtp.events import (
-    NEED_DATA, PAUSED, AuthAttempt, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
-    MessageEnd, MessageRejected, Quit, RcptTo, Reset, StartTls,
+    NEED_DATA, PAUSED, AuthAttempt, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello,
+    MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, Reset, StartTls,
 )
 from minismtp.smtp.replies import Reply
 from minismtp.smtp.scanner import (
