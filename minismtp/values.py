@@ -15,7 +15,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -45,6 +45,27 @@ class ListenAddress:
 TLS_MODES = ("none", "starttls", "implicit")
 
 
+AUTH_MODES = ("off", "accept_any", "htpasswd")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerAuth:
+    """A listener's `auth` mapping: whether AUTH (RFC 4954) is offered and how passwords
+    are checked. `users` is the `htpasswd.Users` of `users_file`, loaded and checked by
+    `config.load_config` (None until then, and for the other modes); it compares by
+    content, so a reload notices a changed users file."""
+
+    mode: str = "off"  # off | accept_any (every password: load tests) | htpasswd
+    users_file: str | None = None  # htpasswd -B file; needed by, and only by, htpasswd
+    require: bool = False  # MAIL needs a successful AUTH first
+    allow_plaintext: bool = False  # offer AUTH before TLS is up (passwords in the clear)
+    users: Any = field(default=None, repr=False)
+
+    @property
+    def offered(self) -> bool:
+        return self.mode != "off"
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """One `server.listen` entry: an address and how its connections use TLS.
@@ -59,6 +80,7 @@ class Listener:
     address: ListenAddress
     tls: str | None = None  # one of TLS_MODES
     require_tls: bool = False  # STARTTLS listeners: MAIL, RCPT, DATA need TLS first
+    auth: ListenerAuth = ListenerAuth()  # frozen: one shared default is safe
 
     @property
     def host(self) -> str:
@@ -361,9 +383,67 @@ def parse_listen(text: str) -> ListenAddress:
 
 # The keys a listener mapping may hold. Each parses its own value into a Listener field;
 # later per-listener keys (a name, limits, ...) join here.
+_auth_mode_choice = choice(*AUTH_MODES)
+
+
+def _auth_mode(value: object) -> str:
+    # YAML 1.1 reads an unquoted `off` as false: take it as meant.
+    return "off" if value is False else _auth_mode_choice(value)
+
+
+_AUTH_KEYS: dict[str, Parser] = {
+    "mode": _auth_mode,
+    "users_file": string,
+    "require": boolean,
+    "allow_plaintext": boolean,
+}
+
+
+def listener_auth(value: object) -> ListenerAuth:
+    """A listener's `auth` mapping; problems as PathProblems (".mode", ...)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping (mode, users_file, require, allow_plaintext), "
+                         f"got {got(value)}")
+    fields: dict[str, object] = {}
+    problems: list[tuple[str, str]] = []
+    for key, raw in value.items():
+        key = str(key)
+        if key not in _AUTH_KEYS:
+            problems.append((f".{key}", f"unknown key{suggest(key, [*_AUTH_KEYS])}"))
+            continue
+        try:
+            fields[key] = _AUTH_KEYS[key](raw)
+        except ValueError as exc:
+            problems.append((f".{key}", str(exc)))
+    if not problems:
+        mode = fields.get("mode", "off")
+        if mode == "htpasswd" and "users_file" not in fields:
+            problems.append((".users_file", "needed by mode: htpasswd"))
+        elif mode != "htpasswd" and "users_file" in fields:
+            problems.append((".users_file", "only for mode: htpasswd"))
+        if mode == "off" and fields.get("require"):
+            problems.append((".require", "needs a mode other than off"))
+    if problems:
+        raise PathProblems(problems)
+    return ListenerAuth(**fields)  # type: ignore[arg-type]
+
+
+def dump_auth(auth: ListenerAuth) -> dict[str, object]:
+    """What `listener_auth` reads back to an equal ListenerAuth (users loaded again)."""
+    entry: dict[str, object] = {"mode": auth.mode}
+    if auth.users_file is not None:
+        entry["users_file"] = auth.users_file
+    if auth.require:
+        entry["require"] = True
+    if auth.allow_plaintext:
+        entry["allow_plaintext"] = True
+    return entry
+
+
 LISTENER_KEYS: dict[str, tuple[str, Parser]] = {
     "tls": ("tls", choice(*TLS_MODES)),
     "require_tls": ("require_tls", boolean),
+    "auth": ("auth", listener_auth),
 }
 
 
@@ -391,6 +471,9 @@ def _listener(item: object, index: int, problems: list[tuple[str, str]]) -> List
             else:
                 problems.append((where, f"unknown key{suggest(key, ['address', *LISTENER_KEYS])}"))
                 ok = False
+        except PathProblems as exc:  # a mapping of its own (auth): each key's problem
+            problems.extend((where + path, message) for path, message in exc.items)
+            ok = False
         except ValueError as exc:
             problems.append((where, str(exc)))
             ok = False
@@ -420,12 +503,15 @@ def dump_listeners(listeners: tuple[Listener, ...], default_tls: str) -> list[ob
     """A string for a listener in the default TLS mode, else a mapping."""
     out: list[object] = []
     for listener in listeners:
-        if listener.tls == default_tls and not listener.require_tls:
+        if listener.tls == default_tls and not listener.require_tls and (
+                listener.auth == ListenerAuth()):
             out.append(str(listener))
             continue
         entry: dict[str, object] = {"address": str(listener), "tls": listener.tls}
         if listener.require_tls:
             entry["require_tls"] = True
+        if listener.auth != ListenerAuth():
+            entry["auth"] = dump_auth(listener.auth)
         out.append(entry)
     return out
 

@@ -133,6 +133,10 @@ def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
     protocol = "UTF8SMTP" if envelope.smtputf8 else "ESMTP" if envelope.esmtp else "SMTP"
     if envelope.tls is not None and envelope.esmtp:  # RFC 3848 ESMTPS, RFC 6531 UTF8SMTPS
         protocol += "S"
+    # RFC 3848 ESMTPA/ESMTPSA, RFC 6531 UTF8SMTPA/UTF8SMTPSA. Who authenticated is for the
+    # log only: a header would show the account name to every reader of the message.
+    if envelope.authenticated_as is not None and envelope.esmtp:
+        protocol += "A"
     # Postfix's comment: "(using TLSv1.3 with cipher ... (256/256 bits))", from tls.describe()
     using = f"\t(using {_clean(envelope.tls)})\r\n" if envelope.tls else ""
     address = _clean(peer.address)

@@ -17,6 +17,9 @@ from minismtp.smtp.replies import Reply
 _PATH = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^<>"\s])*)>')
 _MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3, brackets included
 _SIZE_DIGITS = re.compile(r"[0-9]{1,20}")  # RFC 1870: ASCII digits only
+# RFC 3461 4: xtext, printable ASCII but "+" and "=", which "+XX" (upper-case hex) encodes;
+# "<>" (no identity) fits it too.
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 
 
 class ArgumentError(Exception):
@@ -59,9 +62,12 @@ def is_mailbox(address: str) -> bool:
     return bool(at and local and domain) and not domain.startswith(".") and ".." not in domain
 
 
-def parse_mail_parameters(params: list[str]) -> tuple[int | None, str | None, bool]:
-    """(SIZE, BODY, SMTPUTF8) from MAIL's parameters; each may be given once."""
-    size, body, smtputf8 = None, None, False
+def parse_mail_parameters(params: list[str], *,
+                          auth: bool = False) -> tuple[int | None, str | None, bool]:
+    """(SIZE, BODY, SMTPUTF8) from MAIL's parameters; each may be given once. With
+    `auth` (AUTH offered) an AUTH=<xtext> parameter is checked and ignored: it names
+    who submitted a relayed message (RFC 4954 5), and nothing here relays."""
+    size, body, smtputf8, seen_auth = None, None, False, False
     for param in params:
         key, eq, value = param.partition("=")
         key = key.upper()
@@ -71,7 +77,9 @@ def parse_mail_parameters(params: list[str]) -> tuple[int | None, str | None, bo
             body = value.upper()
         elif key == "SMTPUTF8" and not eq and not smtputf8:
             smtputf8 = True
-        elif key in ("SIZE", "BODY", "SMTPUTF8"):
+        elif key == "AUTH" and auth and eq and not seen_auth and _XTEXT.fullmatch(value):
+            seen_auth = True
+        elif key in ("SIZE", "BODY", "SMTPUTF8") or (key == "AUTH" and auth):
             raise ArgumentError(replies.BAD_PARAMETER_VALUE)
         else:
             raise ArgumentError(replies.UNKNOWN_PARAMETER)

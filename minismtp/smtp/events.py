@@ -25,6 +25,9 @@ class Envelope:
     body_8bitmime: bool = False
     declared_size: int | None = None
     tls: str | None = None  # the session's TLS, as `tls.describe()` gave it; None: plaintext
+    # The user an accepted AUTH named (RFC 4954); None: not authenticated. For the log
+    # and the Received protocol (ESMTPA, RFC 3848), never for a header.
+    authenticated_as: str | None = None
 
 
 @dataclass(slots=True)
@@ -112,6 +115,29 @@ class StartTls:
     """
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class AuthAttempt:
+    """Decision: credentials from an AUTH exchange (RFC 4954), decoded and well formed.
+
+    Check them off the event loop (bcrypt costs milliseconds: see authcheck.py), then
+    accept(), which sends `235 2.7.0` and sets `authenticated_as` to `username`, or
+    reject(replies.AUTH_FAILED) (535 5.7.8; 454 4.7.0 for a temporary failure). Either
+    way the exchange is over. A rejection counts against the error budget.
+
+    `authzid` is "" or equal to `username`: the core refuses any other (no proxy
+    authorization). The password is never shown: not in repr, not in any reply.
+    """
+
+    mechanism: str  # "PLAIN" or "LOGIN"
+    authzid: str
+    username: str
+    password: str  # bytes that were not UTF-8 are kept as surrogate escapes
+
+    def __repr__(self) -> str:
+        return (f"AuthAttempt(mechanism={self.mechanism!r}, authzid={self.authzid!r}, "
+                f"username={self.username!r}, password=<hidden>)")
+
+
 @dataclass(slots=True)
 class ConnectionClosed:
     """The core will say nothing more: flush what is queued, then close the socket."""
@@ -132,4 +158,4 @@ class _Sentinel:
 NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes, then ask again
 PAUSED = _Sentinel("PAUSED")  # answer the last decision event first
 
-DECISIONS = (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit, StartTls)
+DECISIONS = (Hello, MailFrom, RcptTo, DataStarted, MessageEnd, Quit, StartTls, AuthAttempt)

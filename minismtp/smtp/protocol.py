@@ -36,10 +36,22 @@ the core PAUSED in STARTING_TLS. The I/O layer flushes the 220, completes the ha
 and calls `tls_started(description)`: the session starts afresh, without HELO or
 transaction (RFC 3207 4.2). For implicit TLS (RFC 8314) it calls `tls_started()` before
 `greet()`. Until TLS is up, `Settings.require_tls` answers MAIL, RCPT and DATA with 530.
+
+AUTH (RFC 4954), PLAIN (RFC 4616) and LOGIN, when `Settings.auth_mechanisms` offers it:
+EHLO lists it once TLS is up (or at once with `auth_plaintext`; before that AUTH gets
+538). The exchange is state AUTH: each line the client sends is a base64 response, not a
+command, bounded by `max_auth_line_bytes` (the buffer grows to hold one), "*" cancels.
+Its end is the decision event AuthAttempt: accept() sends 235 and sets `authenticated_as`;
+reject(reply) sends 535 (or 454) and counts an error. Every other way out of the exchange
+(cancel, bad base64, a malformed response, a line too long) is answered here, counted as
+an error, and returns to READY. With `auth_required` MAIL gets 530 until AUTH succeeded.
+A STARTTLS forgets the authentication, as all else (RFC 3207 4.2). No reply and no event
+text ever holds the password (AuthAttempt's repr hides it).
 """
 
 from __future__ import annotations
 
+import binascii
 import enum
 import types
 from dataclasses import dataclass
@@ -51,8 +63,8 @@ from minismtp.smtp.arguments import (
 )
 from minismtp.smtp.buffer import ReceiveBuffer
 from minismtp.smtp.events import (
-    NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
-    MessageEnd, MessageRejected, Quit, RcptTo, Reset, StartTls,
+    NEED_DATA, PAUSED, AuthAttempt, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello,
+    MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, Reset, StartTls,
 )
 from minismtp.smtp.replies import Reply
 from minismtp.smtp.scanner import (
@@ -76,6 +88,15 @@ class Settings:
     # context), 454 4.7.0 (`replies.TLS_NOT_AVAILABLE`).
     starttls: bool = False
     require_tls: bool = False  # MAIL, RCPT, DATA get 530 5.7.0 until TLS is up
+    # AUTH (RFC 4954): the SASL mechanisms offered, from AUTH_MECHANISMS; none: AUTH is
+    # not offered (502). Without TLS it is offered only with auth_plaintext (else 538).
+    auth_mechanisms: tuple[str, ...] = ()
+    auth_plaintext: bool = False
+    auth_required: bool = False  # MAIL gets 530 5.7.0 until AUTH succeeded
+    # An AUTH response line, CRLF included (or max_command_bytes, if that is larger).
+    # RFC 4954 4 lets it exceed the command limit (12288 octets); PLAIN credentials fit
+    # in far less, and the buffer grows to hold one only for the exchange.
+    max_auth_line_bytes: int = 12288
 
     def __post_init__(self) -> None:
         # A whole command line must fit, or the line scanner could never find its end.
@@ -83,9 +104,14 @@ class Settings:
             raise ValueError("command_buffer_bytes must exceed max_command_bytes")
         if self.bare_lf not in BARE_LF_POLICIES:
             raise ValueError(f"bare_lf must be one of {BARE_LF_POLICIES}")
+        if not set(self.auth_mechanisms) <= set(AUTH_MECHANISMS):
+            raise ValueError(f"auth_mechanisms must be among {AUTH_MECHANISMS}")
+        if self.auth_required and not self.auth_mechanisms:
+            raise ValueError("auth_required needs auth_mechanisms")
 
 
 BARE_LF_POLICIES = ("normalize", "reject", "accept")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 
 
 class State(enum.Enum):
@@ -97,6 +123,7 @@ class State(enum.Enum):
     DATA = "data"
     NO_SERVICE = "no-service"  # negative greeting: only QUIT (RFC 5321 3.1)
     STARTING_TLS = "starting-tls"  # 220 to STARTTLS sent; waiting for tls_started()
+    AUTH = "auth"  # inside an AUTH exchange: lines are responses, not commands
     CLOSED = "closed"
 
     # Members are singletons, so identity hashing is exact; Enum's own __hash__ is
@@ -118,6 +145,7 @@ _NEXT_STATE: dict[tuple[State, str], State] = {
     # Not inside a transaction (RFC 3207 4); a HELO first is not required.
     (S.WAIT_HELO, "STARTTLS"): S.STARTING_TLS,
     (S.READY, "STARTTLS"): S.STARTING_TLS,
+    (S.READY, "AUTH"): S.AUTH,  # not inside a transaction (RFC 4954 4)
 }
 _ANY_STATE = frozenset({"RSET", "NOOP", "QUIT", "VRFY", "HELP"})
 # Commands that move no mail and can be repeated at will (Postfix flags HELO, EHLO, RSET,
@@ -148,8 +176,10 @@ def _foreign_protocol(line: str) -> str:
 def _bad_sequence(state: State, verb: str, rcpt_attempted: bool) -> Reply:
     if state is S.NO_SERVICE:
         return replies.NO_SERVICE_SEQUENCE
-    if state is S.WAIT_HELO and verb == "MAIL":
+    if state is S.WAIT_HELO and verb in ("MAIL", "AUTH"):
         return replies.NEED_HELO
+    if verb == "AUTH":
+        return replies.BAD_SEQUENCE
     if verb == "MAIL":
         return replies.NESTED_MAIL
     if verb == "RCPT" or state in (S.WAIT_HELO, S.READY):
@@ -191,12 +221,16 @@ class SmtpServerConnection:
         self.foreign_protocol = ""
         self._helo = ""
         self._esmtp = False
-        self._handlers = _HANDLERS_STARTTLS if settings.starttls else _HANDLERS
+        self._handlers = _HANDLER_SETS[settings.starttls, bool(settings.auth_mechanisms)]
         self._reject_bare_lf = settings.bare_lf == "reject"
         self._normalize_bare_lf = settings.bare_lf == "normalize"
         self.tls: str | None = None  # once TLS is up: its description (tls.describe())
         self._tls_needed = settings.require_tls  # and not in TLS yet
         self.discarded_after_starttls = 0  # bytes dropped at the switch (CVE-2011-0411)
+        self.authenticated_as: str | None = None  # set by accepting an AuthAttempt
+        self._auth_step = ""  # in state AUTH: "plain", "login-user" or "login-password"
+        self._auth_user = ""  # LOGIN: the username, while the password is awaited
+        self._auth_lines: LineScanner | None = None  # made at the first exchange
         self._reset_transaction()
 
     # -- I/O layer API -------------------------------------------------------------
@@ -225,6 +259,10 @@ class SmtpServerConnection:
             return PAUSED
         if self.state is S.DATA:
             return self._next_body_event()
+        if self.state is S.AUTH:
+            event = self._next_auth_event()
+            if event is not None:
+                return event  # else the exchange is over: back to commands
         # Commands are read here rather than in a method of their own: this runs two or
         # three times per command, and a call is a good part of its cost.
         buf = self.buffer
@@ -255,6 +293,11 @@ class SmtpServerConnection:
                     return event
                 self._pending = event
                 return event
+            if self.state is S.AUTH:  # AUTH began an exchange: read its responses
+                event = self._next_auth_event()
+                if event is not None:
+                    return event
+                data = buf.data  # the exchange may have grown the buffer
         return ConnectionClosed(self._close_reason)
 
     def accept(self, queue_id: str | None = None) -> None:
@@ -269,7 +312,8 @@ class SmtpServerConnection:
             s = self.settings
             offer_tls = s.starttls and self.tls is None
             self._out.append(
-                replies.ehlo(s.hostname, s.max_message_bytes, offer_tls).wire if event.extended
+                replies.ehlo(s.hostname, s.max_message_bytes, offer_tls,
+                             self._auth_offered).wire if event.extended
                 else replies.helo(s.hostname).wire)
             self.state = S.READY
             self._count_junk()  # after the reply: a decision, counted once it is answered
@@ -294,6 +338,10 @@ class SmtpServerConnection:
             self._out.append(replies.READY_FOR_TLS.wire)
             self._drop_buffered()
             self.state = S.STARTING_TLS
+        elif kind is AuthAttempt:
+            self._out.append(replies.AUTH_OK.wire)
+            self.authenticated_as = event.username
+            self.state = S.READY
         else:  # Quit
             self._out.append(replies.CLOSING.wire)
             self._close("quit")
@@ -305,6 +353,10 @@ class SmtpServerConnection:
         self._out.append(reply.wire)
         if isinstance(event, MessageEnd):
             self._end_transaction()
+        if isinstance(event, AuthAttempt):
+            self.state = S.READY
+            if reply.code != 421:
+                self._count_error()  # a failed attempt: guessing passwords ends in 421
         if isinstance(event, Quit):
             self._close("quit")
         elif reply.code == 421:  # RFC 5321 3.8: 421 means the channel is being closed
@@ -321,6 +373,7 @@ class SmtpServerConnection:
             self._drop_buffered()  # nothing sent in plaintext may count as said in TLS
             self._reset_transaction()
             self._helo, self._esmtp = "", False
+            self.authenticated_as = None  # RFC 3207 4.2: forget all said in plaintext
             self.state = S.WAIT_HELO
         elif self.state is not S.START or self.tls is not None:
             raise RuntimeError("tls_started() follows an accepted STARTTLS, or comes first")
@@ -374,6 +427,12 @@ class SmtpServerConnection:
         return self._close_reason
 
     @property
+    def _auth_offered(self) -> tuple[str, ...]:
+        """The mechanisms EHLO lists now: none before TLS unless auth_plaintext."""
+        s = self.settings
+        return s.auth_mechanisms if self.tls is not None or s.auth_plaintext else ()
+
+    @property
     def awaiting_tls(self) -> bool:
         """STARTTLS was accepted: flush the 220, then hand the socket to TLS."""
         return self.state is S.STARTING_TLS
@@ -422,10 +481,13 @@ class SmtpServerConnection:
         return Hello(arg, extended=True)
 
     def _mail_cmd(self, arg: str) -> object | None:
+        if self.settings.auth_required and self.authenticated_as is None:
+            raise ArgumentError(replies.AUTH_REQUIRED)
         sender, params = parse_path(arg, "FROM:", replies.BAD_SENDER)
         if sender and not is_mailbox(sender):
             raise ArgumentError(replies.BAD_SENDER)
-        size, body, smtputf8 = parse_mail_parameters(params)
+        size, body, smtputf8 = parse_mail_parameters(
+            params, auth=bool(self.settings.auth_mechanisms))
         if not self._esmtp and params:
             raise ArgumentError(replies.UNKNOWN_PARAMETER)  # RFC 5321 4.1.1.11: HELO means no extensions
         if not smtputf8 and not sender.isascii():
@@ -454,7 +516,8 @@ class SmtpServerConnection:
             raise ArgumentError(replies.NO_ARGUMENTS)
         return DataStarted(Envelope(
             self._helo, self._esmtp, self._sender, tuple(self._recipients),
-            self._smtputf8, self._body_8bit, self._declared_size, self.tls))
+            self._smtputf8, self._body_8bit, self._declared_size, self.tls,
+            self.authenticated_as))
 
     def _rset_cmd(self, arg: str) -> object | None:
         if arg:
@@ -478,6 +541,118 @@ class SmtpServerConnection:
         if arg:
             raise ArgumentError(replies.STARTTLS_SYNTAX)
         return StartTls()
+
+    def _auth_cmd(self, arg: str) -> object | None:
+        """AUTH mechanism [initial-response]: start the exchange (state AUTH), or end it
+        at once when the initial response completes the credentials."""
+        if self.authenticated_as is not None:
+            raise ArgumentError(replies.ALREADY_AUTHENTICATED)  # RFC 4954 4
+        if not self._esmtp:
+            raise ArgumentError(replies.AUTH_NEED_EHLO)
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism or " " in initial:
+            raise ArgumentError(replies.AUTH_SYNTAX)
+        if mechanism not in self.settings.auth_mechanisms:
+            raise ArgumentError(replies.AUTH_UNKNOWN_MECHANISM)
+        if not self._auth_offered:
+            raise ArgumentError(replies.AUTH_NEEDS_TLS)
+        self.state = S.AUTH
+        self._auth_step = "plain" if mechanism == "PLAIN" else "login-user"
+        if initial:
+            event = self._auth_response(initial)
+        else:
+            event = None
+            self._out.append(replies.AUTH_CONTINUE.wire if mechanism == "PLAIN"
+                             else replies.AUTH_USERNAME.wire)
+        if self.state is S.AUTH and event is None:
+            # Responses follow. Only now may the buffer change: `next_event` then reads
+            # it afresh, as it does on every way into the exchange.
+            self._grow_for_auth()
+        return event
+
+    def _next_auth_event(self) -> object | None:
+        """Read response lines of the AUTH exchange: the AuthAttempt, NEED_DATA, or None
+        once the exchange ended without one (refused here; commands follow)."""
+        buf = self.buffer
+        lines = self._auth_lines
+        assert lines is not None
+        while self.state is S.AUTH:
+            lf, begin = lines.next_line(buf.data, buf.start, buf.end)
+            if lf < 0:
+                buf.start = begin
+                if lf == NEED_MORE:
+                    return NEED_DATA
+                self._lines.discarding = lines.discarding  # the rest of it is no command
+                self._end_auth(replies.AUTH_LINE_TOO_LONG)
+                break
+            buf.start = lf + 1
+            if lf > begin and buf.data[lf - 1] == CR:
+                lf -= 1
+            elif self._reject_bare_lf:
+                self._end_auth(replies.BARE_LF_COMMAND)
+                break
+            event = self._auth_response(buf.data[begin:lf].decode("latin-1"))
+            if event is not None:
+                self._pending = event
+                return event
+        return None
+
+    def _auth_response(self, text: str) -> AuthAttempt | None:
+        """Take one response (or initial response): the event once the credentials are
+        complete, else None with the next 334 or a refusal queued."""
+        if text == "*":
+            self._end_auth(replies.AUTH_CANCELLED)  # RFC 4954 4: 501
+            return None
+        if text == "=":  # an initial response of zero length
+            decoded = b""
+        else:
+            try:
+                decoded = binascii.a2b_base64(text.encode("latin-1"), strict_mode=True)
+            except (binascii.Error, ValueError):
+                self._end_auth(replies.AUTH_BAD_BASE64)
+                return None
+            if not decoded and text:
+                self._end_auth(replies.AUTH_BAD_BASE64)
+                return None
+        value = decoded.decode("utf-8", "surrogateescape")
+        step = self._auth_step
+        if step == "login-user":
+            self._auth_user, self._auth_step = value, "login-password"
+            self._out.append(replies.AUTH_PASSWORD.wire)
+            return None
+        if step == "login-password":
+            user, self._auth_user = self._auth_user, ""
+            if not user or not value:
+                self._end_auth(replies.AUTH_BAD_RESPONSE)
+                return None
+            return AuthAttempt("LOGIN", "", user, value)
+        # RFC 4616 2: [authzid] NUL authcid NUL passwd, authcid and passwd not empty.
+        parts = value.split("\0")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            self._end_auth(replies.AUTH_BAD_RESPONSE)
+            return None
+        authzid, user, password = parts
+        if authzid not in ("", user):  # acting as someone else: not offered here
+            self._end_auth(replies.AUTH_FAILED)
+            return None
+        return AuthAttempt("PLAIN", authzid, user, password)
+
+    def _end_auth(self, reply: Reply) -> None:
+        """The exchange ends without an attempt to decide: refused, an error counted."""
+        self._auth_user = ""
+        self.state = S.READY
+        self._error(reply)
+
+    def _grow_for_auth(self) -> None:
+        s = self.settings
+        limit = max(s.max_auth_line_bytes, s.max_command_bytes)
+        if self._auth_lines is None:
+            self._auth_lines = LineScanner(limit)
+        self._auth_lines.reset()
+        buf, need = self.buffer, limit + 1
+        if buf.capacity < need:
+            buf.resize(need)  # given back by _maybe_shrink once commands resume
 
     def _vrfy_cmd(self, arg: str) -> None:
         if not arg:
@@ -640,3 +815,9 @@ _HANDLERS: dict[str, Callable[[SmtpServerConnection, str], object | None]] = {
     "VRFY": SmtpServerConnection._vrfy_cmd, "HELP": SmtpServerConnection._help_cmd,
 }
 _HANDLERS_STARTTLS = {**_HANDLERS, "STARTTLS": SmtpServerConnection._starttls_cmd}
+_HANDLER_SETS = {  # (STARTTLS offered, AUTH offered) -> the handlers
+    (False, False): _HANDLERS,
+    (True, False): _HANDLERS_STARTTLS,
+    (False, True): {**_HANDLERS, "AUTH": SmtpServerConnection._auth_cmd},
+    (True, True): {**_HANDLERS_STARTTLS, "AUTH": SmtpServerConnection._auth_cmd},
+}

@@ -66,11 +66,14 @@ def greeting(hostname: str) -> Reply:
 
 
 @functools.lru_cache(maxsize=8)
-def ehlo(hostname: str, max_message_bytes: int, starttls: bool = False) -> Reply:
-    """The EHLO reply; `starttls` lists STARTTLS (offered, and not in TLS yet)."""
+def ehlo(hostname: str, max_message_bytes: int, starttls: bool = False,
+         auth: tuple[str, ...] = ()) -> Reply:
+    """The EHLO reply; `starttls` lists STARTTLS (offered, and not in TLS yet), `auth`
+    the SASL mechanisms AUTH offers now (none: no AUTH line)."""
     tls = ("STARTTLS",) if starttls else ()
+    sasl = (f"AUTH {' '.join(auth)}",) if auth else ()
     return Reply(250, None, (
-        hostname, "PIPELINING", f"SIZE {max_message_bytes}", *tls, "8BITMIME",
+        hostname, "PIPELINING", f"SIZE {max_message_bytes}", *tls, *sasl, "8BITMIME",
         "ENHANCEDSTATUSCODES", "SMTPUTF8",
     ))
 
@@ -130,6 +133,24 @@ TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 section 4
 # STARTTLS offered, but refused this time (a fault rule, no usable context): RFC 3207 4.
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
+
+# AUTH (RFC 4954; enhanced codes section 6, 538 and 5.7.11 from RFC 5248's registry).
+AUTH_CONTINUE = Reply(334, None, "")  # "334 ": send the PLAIN response (RFC 4954 4)
+AUTH_USERNAME = Reply(334, None, "VXNlcm5hbWU6")  # LOGIN: base64 "Username:"
+AUTH_PASSWORD = Reply(334, None, "UGFzc3dvcmQ6")  # LOGIN: base64 "Password:"
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Invalid authentication response")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 
 # Limits.
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")

@@ -1,0 +1,167 @@
+"""Password checks on threads beside a worker's event loop, like delivery/group.py.
+
+Untrusted input: user names and passwords from SMTP clients, passed through unread to
+the verify function (htpasswd.Users.verify); and their number, which a client controls.
+
+A bcrypt check costs tens of milliseconds of CPU by design; run in the event loop, every
+AUTH would stall every other session of the worker. The loop submits each AuthAttempt
+here and goes on serving; a few threads run the checks (bcrypt releases the GIL while it
+hashes, so they run in parallel with the loop and each other) and wake the loop through
+a socket, which then answers each attempt.
+
+How the worker uses it, in order:
+
+0. Per listener, the core's settings: `Settings(..., **core_settings(listener.auth))`
+   (session.protocol_settings), and what checks its passwords: `verifier(listener.auth)`.
+1. Once, after fork (threads do not survive a fork), if any listener offers AUTH:
+   `checker = AuthChecker()`, and register `checker.wakeup` for reading in the selector.
+2. On an `AuthAttempt` decision event from a session's core (the core is PAUSED), with
+   `verify` its listener's verifier:
+   `if not checker.submit(session, verify, event.username, event.password):
+   conn.reject(replies.AUTH_TEMPORARY_FAILURE)` at once: the queue is full (a flood of
+   AUTH), 454 4.7.0 and the client may try again later. Otherwise leave it PAUSED.
+3. When `checker.wakeup` is readable: for each `(session, ok)` in `checker.take_done()`,
+   skip sessions closed meanwhile; else `reply = verdict_reply(ok)`, then
+   `conn.accept()` if reply is None (235; `conn.authenticated_as` is set), else
+   `conn.reject(reply)` (535 5.7.8, or 454 4.7.0 when the check itself failed); then
+   drain the core and flush, as after any decision.
+4. At exit: `checker.stop()` (checks not yet started are dropped; running ones finish).
+
+Log the user name and the outcome, never the password.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import threading
+from typing import Callable, Generic, TypeVar
+
+from minismtp.smtp import replies
+from minismtp.smtp.protocol import AUTH_MECHANISMS
+from minismtp.smtp.replies import Reply
+from minismtp.values import ListenerAuth
+
+log = logging.getLogger("minismtp.worker")
+
+Tag = TypeVar("Tag")  # what the loop needs back with each result (its session)
+Verify = Callable[[str, str], bool]  # (user, password) -> the password is right
+
+DEFAULT_THREADS = 2
+DEFAULT_MAX_QUEUED = 64  # waiting checks per worker; beyond, submit() refuses at once
+
+
+def verdict_reply(ok: bool | None) -> Reply | None:
+    """The answer to an AuthAttempt: None to accept (235), else the reply to reject with."""
+    if ok:
+        return None
+    return replies.AUTH_FAILED if ok is False else replies.AUTH_TEMPORARY_FAILURE
+
+
+def accept_any(user: str, password: str) -> bool:
+    """A verify function for load tests (auth mode `accept_any`): every password is right."""
+    return True
+
+
+def core_settings(auth: ListenerAuth) -> dict[str, object]:
+    """The `smtp.protocol.Settings` fields for a listener's `auth` mapping."""
+    if not auth.offered:
+        return {}
+    return {"auth_mechanisms": AUTH_MECHANISMS, "auth_plaintext": auth.allow_plaintext,
+            "auth_required": auth.require}
+
+
+def verifier(auth: ListenerAuth) -> Verify | None:
+    """What checks passwords for a listener (None: AUTH is off there). For htpasswd,
+    the users config.load_config loaded."""
+    if auth.mode == "accept_any":
+        return accept_any
+    if auth.mode == "htpasswd":
+        if auth.users is None:
+            raise ValueError("auth.users is loaded by config.load_config")
+        return auth.users.verify
+    return None
+
+
+class AuthChecker(Generic[Tag]):
+    """Runs password checks on `threads` threads; see the module docstring. Each check
+    names its verify function, so listeners with different users files share one."""
+
+    def __init__(self, threads: int = DEFAULT_THREADS,
+                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+        if threads < 1 or max_queued < 1:
+            raise ValueError("threads and max_queued must be at least 1")
+        self.max_queued = max_queued
+        self._cond = threading.Condition()
+        self._queued: collections.deque[tuple[Tag, Verify, str, str]] = collections.deque()
+        self._done: list[tuple[Tag, bool | None]] = []
+        self._stopping = False
+        self.wakeup, self._notify = socket.socketpair()  # the loop selects on `wakeup`
+        self.wakeup.setblocking(False)
+        self._notify.setblocking(False)
+        self._threads = [threading.Thread(target=self._run, name=f"auth-check-{n}",
+                                          daemon=True) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, tag: Tag, verify: Verify, user: str, password: str) -> bool:
+        """Queue `verify(user, password)`; its result comes back with `tag` through
+        `take_done`. False:
+        refused at once (the queue holds `max_queued` checks, or the checker stopped);
+        answer 454 4.7.0 (`replies.AUTH_TEMPORARY_FAILURE`)."""
+        with self._cond:
+            if self._stopping or len(self._queued) >= self.max_queued:
+                return False
+            self._queued.append((tag, verify, user, password))
+            self._cond.notify()
+        return True
+
+    def take_done(self) -> list[tuple[Tag, bool | None]]:
+        """Finished checks: (tag, True) right, (tag, False) wrong, (tag, None) the check
+        itself failed (logged). Call when `wakeup` is readable."""
+        try:
+            while self.wakeup.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._cond:
+            done, self._done = self._done, []
+        return done
+
+    @property
+    def queued(self) -> int:
+        """Checks waiting for a thread (not those running)."""
+        return len(self._queued)
+
+    def stop(self) -> None:
+        """Drop the checks not started, let the running ones finish, end the threads."""
+        with self._cond:
+            self._stopping = True
+            self._queued.clear()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+        self.wakeup.close()
+        self._notify.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queued and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                tag, verify, user, password = self._queued.popleft()
+            try:
+                ok: bool | None = bool(verify(user, password))
+            except Exception:  # a bug or a broken hash: the client gets 454, we the trace
+                log.exception("password check for user %r failed", user)
+                ok = None
+            del password
+            with self._cond:
+                self._done.append((tag, ok))
+            try:
+                self._notify.send(b"!")
+            except (BlockingIOError, InterruptedError):
+                pass  # a wakeup is already pending: the loop will take everything

@@ -1,0 +1,167 @@
+"""Users and their bcrypt password hashes, from a file in the format `htpasswd -B` writes.
+
+Untrusted input: the users file comes from the operator (mistakes, not malice: every bad
+line is reported as "path:line: what is wrong", all at once); the user name and password
+given to `verify` come from an SMTP client (any text, any length).
+
+Format: one `user:hash` per line; blank lines and lines starting with "#" are skipped.
+Only bcrypt hashes are taken (`$2y$`, `$2b$`, `$2a$`, as `htpasswd -B` makes them). The
+other kinds htpasswd can write are refused by name: MD5-crypt (`$apr1$`, its default
+before 2.4), SHA-1 (`{SHA}`), crypt (`-d`) and plain text are all far cheaper to guess.
+
+Checking a hash costs milliseconds of CPU by design, so `verify` belongs off the event
+loop (authcheck.py runs it on threads). It takes as long for a user that does not exist
+as for one that does (a bcrypt check against another hash, whose result is ignored), so
+timing does not tell a client which users exist; bcrypt.checkpw compares in constant time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import bcrypt
+
+# RFC-less but fixed: $2x$ cost $ 22 salt + 31 hash characters of bcrypt's base64.
+_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_OTHER_KINDS = (  # what htpasswd writes besides bcrypt, by its prefix
+    ("$apr1$", "MD5-crypt ($apr1$)"),
+    ("{SHA}", "SHA-1 ({SHA})"),
+    ("$1$", "MD5-crypt ($1$)"),
+    ("$5$", "SHA-256-crypt ($5$)"),
+    ("$6$", "SHA-512-crypt ($6$)"),
+)
+_DES_CRYPT = re.compile(r"[./A-Za-z0-9]{13}")
+# For a user that is not in the file, when the file has nobody to borrow a hash from.
+_DUMMY_HASH = b"$2b$10$SKJo9u7wq0vca1VG9k5kUOMnkckekWTleXfQPWNwizpva4bXQdfgG"
+_MAX_FILE_BYTES = 16 << 20  # read by the master at start and on HUP: bounded
+BCRYPT_MAX_PASSWORD_BYTES = 72  # bcrypt ignores what follows; htpasswd -B does the same
+
+
+class UsersFileError(ValueError):
+    """The users file cannot be used; `problems` holds one "path:line: ..." line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Users:
+    """The users of one file. Load with `Users.load(path)` (or `Users.parse`), then call
+    `verify(user, password)` from a thread that may block for a bcrypt check."""
+
+    def __init__(self, hashes: dict[str, bytes], path: str = "") -> None:
+        self._hashes = dict(hashes)
+        self.path = path
+        # A real hash of the file, so an unknown user costs what a known one does.
+        self._decoy = next(iter(self._hashes.values()), _DUMMY_HASH)
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._hashes
+
+    def __repr__(self) -> str:
+        return f"Users({self.path!r}, {len(self)} users)"
+
+    # By content, so a reload can tell whether the file changed (config.Config equality).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Users):
+            return NotImplemented
+        return self._hashes == other._hashes
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._hashes.items()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Users:
+        """Read and check the file; raise UsersFileError listing every problem."""
+        path = os.fspath(path)
+        return cls.parse(_read(path), path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: str = "<users>") -> Users:
+        hashes: dict[str, bytes] = {}
+        where_defined: dict[str, int] = {}
+        problems: list[str] = []
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            problem = _parse_line(raw, hashes, where_defined, number)
+            if problem:
+                problems.append(f"{path}:{number}: {problem}")
+        if problems:
+            raise UsersFileError(problems)
+        return cls(hashes, path)
+
+    def verify(self, user: str, password: str) -> bool:
+        """True if `password` is `user`'s. Blocks for one bcrypt check whatever the
+        answer (tens of milliseconds at the usual costs)."""
+        secret = password.encode("utf-8", "surrogateescape")[:BCRYPT_MAX_PASSWORD_BYTES]
+        stored = self._hashes.get(user)
+        if stored is None:
+            bcrypt.checkpw(secret, self._decoy)  # the same work, the answer ignored
+            return False
+        return bcrypt.checkpw(secret, stored)
+
+
+def _parse_line(raw: bytes, hashes: dict[str, bytes], where_defined: dict[str, int],
+                number: int) -> str:
+    """Add one line's user to `hashes`; return what is wrong with it, or ""."""
+    try:
+        line = raw.decode("utf-8").rstrip("\r\n\t ")
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    if not line.strip() or line.lstrip().startswith("#"):
+        return ""
+    user, colon, hashed = line.partition(":")
+    if not colon:
+        return 'expected "user:hash" (as htpasswd -B writes it)'
+    if not user or not user.isprintable() or user != user.strip():
+        return f"bad user name {user!r}"
+    if user in where_defined:
+        return f'user "{user}" is already defined on line {where_defined[user]}'
+    if not _BCRYPT.fullmatch(hashed):
+        return f'user "{user}": {_hash_problem(hashed)}'
+    cost = int(hashed[4:6])
+    if not 4 <= cost <= 31:
+        return f'user "{user}": bcrypt cost {cost} is out of range (4 to 31)'
+    hashes[user] = hashed.encode("ascii")
+    where_defined[user] = number
+    return ""
+
+
+def _hash_problem(hashed: str) -> str:
+    for prefix, kind in _OTHER_KINDS:
+        if hashed.startswith(prefix):
+            return f"{kind} hashes are not supported, only bcrypt: rehash with htpasswd -B"
+    if _DES_CRYPT.fullmatch(hashed):
+        return "crypt hashes are not supported, only bcrypt: rehash with htpasswd -B"
+    if hashed.startswith("$2"):
+        return "malformed bcrypt hash"
+    return "not a bcrypt hash (plain text?): make it with htpasswd -B"
+
+
+def _read(path: str) -> bytes:
+    """The file's bytes; a FIFO, a directory or a huge file is a problem, not a hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsersFileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsersFileError([f"{path}: not a regular file"])
+        chunks, size = [], 0
+        while size <= _MAX_FILE_BYTES:
+            chunk = os.read(fd, _MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise UsersFileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
+    if size > _MAX_FILE_BYTES:
+        raise UsersFileError([f"{path}: larger than {_MAX_FILE_BYTES} bytes"])
+    return b"".join(chunks)

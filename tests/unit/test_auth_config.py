@@ -1,0 +1,149 @@
+"""A listener's `auth` mapping: parsing, every refusal with its key path, the users file
+loaded and checked at load time (check-config names file and line), and dump_config
+round trips."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import bcrypt
+import pytest
+import yaml
+
+from minismtp.cli import main
+from minismtp.config import ConfigError, dump_config, load_config
+from minismtp.htpasswd import Users
+from minismtp.values import ListenAddress, Listener, ListenerAuth
+
+HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$", 1)
+
+
+def users_file(tmp_path: Path, text: str | None = None) -> str:
+    path = tmp_path / "users"
+    path.write_text(f"# made by htpasswd -B\nalice:{HASH}\n" if text is None else text)
+    return str(path)
+
+
+def config_file(tmp_path: Path, listen: str) -> Path:
+    path = tmp_path / "minismtp.yaml"
+    path.write_text(f"server:\n  listen:\n{listen}\n", encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.problems
+
+
+def test_default_is_off():
+    config = load_config(overrides={"server.listen": ["127.0.0.1:2525"]})
+    assert config.server.listen[0].auth == ListenerAuth()
+    assert not config.server.listen[0].auth.offered
+
+
+def test_htpasswd_listener_loads_its_users(tmp_path):
+    users = users_file(tmp_path)
+    config = load_config(config_file(tmp_path, f"""\
+    - address: "127.0.0.1:2587"
+      auth: {{mode: htpasswd, users_file: "{users}", require: true, allow_plaintext: true}}
+    - address: "127.0.0.1:2588"
+      auth: {{mode: accept_any, allow_plaintext: true}}"""))
+    first, second = config.server.listen
+    assert first == Listener(ListenAddress("127.0.0.1", 2587, socket.AF_INET), "none",
+                             auth=ListenerAuth("htpasswd", users, True, True,
+                                               users=Users.load(users)))
+    assert first.auth.users.verify("alice", "pw")
+    assert second.auth == ListenerAuth("accept_any", allow_plaintext=True)
+    assert any("accept_any takes every password" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize("auth, problem", [
+    ("{mode: htpasswd, allow_plaintext: true}",
+     "server.listen[0].auth.users_file: needed by mode: htpasswd"),
+    ('{mode: accept_any, users_file: "/x", allow_plaintext: true}',
+     "server.listen[0].auth.users_file: only for mode: htpasswd"),
+    ("{mode: off, require: true}",
+     "server.listen[0].auth.require: needs a mode other than off"),
+    ("{require: true}", "server.listen[0].auth.require: needs a mode other than off"),
+    ("{mode: ldap}",
+     'server.listen[0].auth.mode: must be one of "off", "accept_any", "htpasswd", got "ldap"'),
+    ("{mode: on}", "server.listen[0].auth.mode: must be one of"),
+    ("{mode: accept_any, requires: true}",
+     'server.listen[0].auth.requires: unknown key (did you mean "require"?)'),
+    ('{mode: accept_any, allow_plaintext: "yes"}',
+     'server.listen[0].auth.allow_plaintext: must be true or false, got "yes"'),
+    ("htpasswd", "server.listen[0].auth: must be a mapping"),
+    ("{mode: accept_any}", "server.listen[0].auth: AUTH is offered only under TLS"),
+])
+def test_refusals(tmp_path, auth, problem):
+    problems = problems_of(config_file(tmp_path, f"""\
+    - address: "127.0.0.1:2587"
+      auth: {auth}"""))
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_users_file_problems_name_file_and_line(tmp_path, capsys):
+    users = users_file(tmp_path, f"alice:{HASH}\nbob:$apr1$abcdefgh$0123456789abcdefghijkl\n"
+                                 f"alice:{HASH}\n")
+    path = config_file(tmp_path, f"""\
+    - address: "127.0.0.1:2587"
+      auth: {{mode: htpasswd, users_file: "{users}", allow_plaintext: true}}
+    - address: "127.0.0.1:2588"
+      auth: {{mode: htpasswd, users_file: "{users}", allow_plaintext: true}}""")
+    assert problems_of(path)[:2] == [
+        f"server.listen[0].auth.users_file: {users}:2: user \"bob\": MD5-crypt ($apr1$) "
+        "hashes are not supported, only bcrypt: rehash with htpasswd -B",
+        f'server.listen[0].auth.users_file: {users}:3: user "alice" is already defined '
+        "on line 1",
+    ]
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{users}:2:" in err and f"{users}:3:" in err
+
+
+def test_missing_users_file(tmp_path):
+    path = config_file(tmp_path, f"""\
+    - address: "127.0.0.1:2587"
+      auth: {{mode: htpasswd, users_file: "{tmp_path}/nope", allow_plaintext: true}}""")
+    assert problems_of(path) == [
+        f"server.listen[0].auth.users_file: {tmp_path}/nope: cannot read: "
+        "No such file or directory"]
+
+
+def test_dump_round_trips(tmp_path):
+    users = users_file(tmp_path)
+    config = load_config(config_file(tmp_path, f"""\
+    - "127.0.0.1:2525"
+    - address: "127.0.0.1:2587"
+      auth: {{mode: htpasswd, users_file: "{users}", require: true, allow_plaintext: true}}
+    - address: "127.0.0.1:2588"
+      auth: {{mode: accept_any, allow_plaintext: true}}
+    - address: "127.0.0.1:2589"
+      auth: {{mode: off, allow_plaintext: true}}"""))
+    text = dump_config(config)
+    assert yaml.safe_load(text)["server"]["listen"] == [
+        "127.0.0.1:2525",
+        {"address": "127.0.0.1:2587", "tls": "none", "auth": {
+            "mode": "htpasswd", "users_file": users, "require": True, "allow_plaintext": True}},
+        {"address": "127.0.0.1:2588", "tls": "none",
+         "auth": {"mode": "accept_any", "allow_plaintext": True}},
+        {"address": "127.0.0.1:2589", "tls": "none",
+         "auth": {"mode": "off", "allow_plaintext": True}},
+    ]
+    again = tmp_path / "again.yaml"
+    again.write_text(text)
+    assert load_config(again) == config
+
+
+def test_a_changed_users_file_changes_the_config(tmp_path):
+    """A reload compares configurations: new users must make them differ."""
+    users = users_file(tmp_path)
+    path = config_file(tmp_path, f"""\
+    - address: "127.0.0.1:2587"
+      auth: {{mode: htpasswd, users_file: "{users}", allow_plaintext: true}}""")
+    before = load_config(path)
+    assert load_config(path) == before
+    users_file(tmp_path, f"alice:{HASH}\nbob:{HASH}\n")
+    assert load_config(path) != before

@@ -1,0 +1,142 @@
+"""AuthChecker: bcrypt checks on threads while the calling thread stays responsive, the
+bounded queue, failures of the check itself, and stop()."""
+
+from __future__ import annotations
+
+import selectors
+import threading
+import time
+
+import bcrypt
+import pytest
+
+from minismtp.authcheck import AuthChecker, accept_any, core_settings, verdict_reply, verifier
+from minismtp.htpasswd import Users
+from minismtp.smtp import replies as R
+from minismtp.smtp.protocol import Settings
+from minismtp.values import ListenerAuth
+
+
+def users(cost: int = 8) -> Users:
+    lines = [f"user{n}:" + bcrypt.hashpw(f"pw{n}".encode(), bcrypt.gensalt(cost)).decode()
+             for n in range(5)]
+    return Users.parse("\n".join(lines).encode())
+
+
+def wait_for(checker: AuthChecker, count: int, timeout_s: float = 60.0) -> list:
+    """Results as an event loop would take them: select on `wakeup`, then take_done."""
+    results: list = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(checker.wakeup, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while len(results) < count and time.monotonic() < deadline:
+            if selector.select(timeout=0.5):
+                results += checker.take_done()
+    return results
+
+
+def test_twenty_checks_while_the_loop_keeps_running():
+    """The checks run beside the loop: it keeps turning, each turn short, while 20
+    bcrypt checks complete with the right answers. No timing is asserted but a generous
+    bound on the longest gap between turns."""
+    table = users()
+    checker: AuthChecker[int] = AuthChecker()
+    try:
+        expected = {}
+        for n in range(20):
+            user = f"user{n % 5}" if n % 4 else f"nobody{n}"  # some users do not exist
+            password = f"pw{n % 5}" if n % 3 else "wrong"
+            expected[n] = user.startswith("user") and password == f"pw{n % 5}"
+            assert checker.submit(n, table.verify, user, password)
+        results, turns, longest_gap = [], 0, 0.0
+        last = time.monotonic()
+        with selectors.DefaultSelector() as selector:
+            selector.register(checker.wakeup, selectors.EVENT_READ)
+            deadline = last + 120
+            while len(results) < 20 and time.monotonic() < deadline:
+                if selector.select(timeout=0.005):
+                    results += checker.take_done()
+                sum(range(1000))  # a little work per turn, as a loop does
+                now = time.monotonic()
+                longest_gap, last = max(longest_gap, now - last), now
+                turns += 1
+        assert dict(results) == expected
+        assert any(expected.values()) and not all(expected.values())
+        assert longest_gap < 1.0
+        assert turns > 20  # the loop turned while the checks ran
+    finally:
+        checker.stop()
+
+
+def test_a_full_queue_refuses_at_once():
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def slow(user: str, password: str) -> bool:
+        started.release()
+        release.wait(30)
+        return password == "right"
+
+    checker: AuthChecker[str] = AuthChecker(threads=1, max_queued=3)
+    try:
+        assert checker.submit("a", slow, "u", "right")
+        assert started.acquire(timeout=30)  # "a" is running, not queued
+        assert all(checker.submit(tag, slow, "u", "wrong") for tag in "bcd")
+        assert checker.queued == 3
+        assert not checker.submit("e", slow, "u", "right")  # beyond the bound: no memory
+        release.set()
+        assert sorted(wait_for(checker, 4)) == [
+            ("a", True), ("b", False), ("c", False), ("d", False)]
+        assert checker.submit("f", slow, "u", "right")  # room again
+        assert wait_for(checker, 1) == [("f", True)]
+    finally:
+        release.set()
+        checker.stop()
+
+
+def test_a_failing_check_is_a_temporary_failure(caplog):
+    def broken(user: str, password: str) -> bool:
+        raise ValueError("invalid salt")
+
+    checker: AuthChecker[int] = AuthChecker()
+    try:
+        assert checker.submit(1, broken, "alice", "hunter2")
+        assert wait_for(checker, 1) == [(1, None)]
+    finally:
+        checker.stop()
+    assert "alice" in caplog.text and "hunter2" not in caplog.text
+
+
+def test_stop_drops_what_has_not_started():
+    release = threading.Event()
+    checker: AuthChecker[int] = AuthChecker(threads=1)
+    for n in range(5):
+        checker.submit(n, lambda user, password: release.wait(30), "u", "p")
+    release.set()
+    checker.stop()  # returns: the running check finishes, the queued ones are dropped
+    assert not checker.submit(9, accept_any, "u", "p")
+
+
+def test_verdict_replies():
+    assert verdict_reply(True) is None
+    assert verdict_reply(False) is R.AUTH_FAILED
+    assert verdict_reply(None) is R.AUTH_TEMPORARY_FAILURE
+    assert accept_any("anyone", "")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        AuthChecker(threads=0)
+
+
+def test_listener_settings_and_verifiers():
+    table = users(4)
+    assert core_settings(ListenerAuth()) == {}
+    assert verifier(ListenerAuth()) is None
+    auth = ListenerAuth("htpasswd", "/users", require=True, users=table)
+    assert core_settings(auth) == {"auth_mechanisms": ("PLAIN", "LOGIN"),
+                                   "auth_plaintext": False, "auth_required": True}
+    Settings(**core_settings(auth))  # the core takes them
+    assert verifier(auth)("user1", "pw1") and not verifier(auth)("user1", "pw2")
+    assert verifier(ListenerAuth("accept_any", allow_plaintext=True)) is accept_any
+    assert core_settings(ListenerAuth("accept_any", allow_plaintext=True))["auth_plaintext"]
