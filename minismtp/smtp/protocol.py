@@ -196,12 +196,13 @@ class SmtpServerConnection:
     # on every command; past 30 attributes CPython also stops sharing dict keys between
     # instances, which made each connection measurably dearer (bench/worker_python.py).
     __slots__ = (
-        "buffer", "commands", "discarded_after_starttls", "foreign_protocol", "refusals",
-        "settings", "state", "tls", "_after_bare_lf", "_bare_lf_seen", "_body",
-        "_body_8bit", "_body_bytes", "_close_reason", "_declared_size", "_errors",
-        "_esmtp", "_handlers", "_helo", "_junk_commands", "_lines", "_normalize_bare_lf",
-        "_out", "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf", "_sender",
-        "_smtputf8", "_tls_needed",
+        "authenticated_as", "buffer", "commands", "discarded_after_starttls",
+        "foreign_protocol", "refusals", "settings", "state", "tls", "_after_bare_lf",
+        "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
+        "_body_bytes", "_close_reason", "_declared_size", "_errors", "_esmtp", "_handlers",
+        "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out", "_pending",
+        "_rcpt_attempts", "_recipients", "_reject_bare_lf", "_sender", "_smtputf8",
+        "_tls_needed",
     )
 
     def __init__(self, settings: Settings = Settings()) -> None:
