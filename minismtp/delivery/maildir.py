@@ -130,10 +130,11 @@ _find_bare_cr = re.compile(rb"\r(?!\n)").search
 def to_lf(data: memoryview | bytes) -> bytes:
     """`data` with each CRLF made LF, in C. No CRLF straddles two writes (see the module
     docstring), so none is missed at a piece's edge. With no bare CR in the piece (the
-    usual case; a regex search that jumps from CR to CR), deleting every CR is the same
-    and runs 1.4 to 2 times faster than `replace`, whose cost grows with each match."""
+    usual case; a regex search that jumps from CR to CR), deleting every CR is the same:
+    `replace` of one byte by nothing runs memchr from CR to CR, several times faster than
+    `translate` (a per-byte table) or than replacing CRLF (bench/README.md)."""
     if _find_bare_cr(data) is None:
-        return bytes(data).translate(None, b"\r")
+        return bytes(data).replace(b"\r", b"")
     return bytes(data).replace(b"\r\n", b"\n")
 
 

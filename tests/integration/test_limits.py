@@ -78,6 +78,7 @@ def test_smuggling_with_bare_lf_accepted_stores_one_message(make_server, raw_cli
     # Stored as it came ("\n.\r\n" keeps its dot), but for the LF line endings of the file.
     assert stored.endswith(server.stored_form(b"\r\n\r\nhello" + SMUGGLED[:-3]))
     assert b"MAIL FROM:<evil@x>\nRCPT TO:<v@x>\nDATA\nsmuggled\n" in stored
+    server.wait_for_log(r"disconnect from")  # the session's lines are all out by then
     assert server.count_log(r"result=250 queued") == 1
 
 
@@ -94,6 +95,7 @@ def test_smuggling_with_bare_lf_normalized_stores_one_message(make_server, raw_c
     assert key.startswith(queue_id + ".")
     assert stored.endswith(server.stored_form(
         b"\r\n\r\nhello\r\n\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nsmuggled\r\n"))
+    server.wait_for_log(r"disconnect from")  # the session's lines are all out by then
     assert server.count_log(r"result=250 queued") == 1
 
 
