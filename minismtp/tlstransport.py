@@ -84,6 +84,10 @@ class TlsTransport:
 
     __slots__ = ("sock", "pending", "handshake_wants", "read_wants", "write_wants")
 
+    # A read returns at most one record's plaintext (RFC 8446 5.1: 2^14 bytes), however
+    # much the socket holds: only a shorter read says the socket may be drained.
+    read_limit = 16384
+
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
         self.pending = b""  # reply bytes the connection did not take yet

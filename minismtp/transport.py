@@ -37,6 +37,7 @@ class PlainTransport:
     # Bytes received but not yet seen by the loop: never for a plain socket (select()
     # sees everything); a TLS transport may hold decrypted bytes select() cannot see.
     has_buffered_input = False
+    read_limit = 1 << 62  # a read takes all the view can hold (a TLS read: one record)
     # What a blocked read or write waits for (tlstransport.py: under TLS either may be
     # either); for a plain socket, always the obvious.
     read_wants, write_wants = READ, WRITE

@@ -49,7 +49,9 @@ from minismtp.values import Listener
 log = logging.getLogger("minismtp.worker")
 
 _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
-_READS_PER_WAKEUP = 8  # at most, while a body fills the buffer: other clients wait meanwhile
+# At most, while a body streams in (8 full reads of the 256 KiB buffer, or 128 TLS
+# records): other clients wait meanwhile.
+_READ_BYTES_PER_WAKEUP = 2 * 1024 * 1024
 _GC_THRESHOLD = 10_000  # tracked allocations (net of frees) between young collections
 _WAKEUP, _COMMITS = object(), object()
 _DATA = State.DATA  # a global: Enum class attributes are slow to read
@@ -262,7 +264,8 @@ class Worker:
         conn = session.conn
         buffer = conn.buffer
         transport = session.transport
-        for _ in range(_READS_PER_WAKEUP):
+        budget = _READ_BYTES_PER_WAKEUP
+        while budget > 0:
             view = buffer.free_view()
             try:
                 n = transport.read_into(view)
@@ -277,6 +280,7 @@ class Worker:
                 self.close(session, "client closed the connection")
                 return
             buffer.commit(n)
+            budget -= n
             self.stats.bytes_received += n
             if conn.state is not _DATA:
                 self.resume(session)
@@ -287,9 +291,11 @@ class Worker:
             self._set_data_deadline(session, self.now)
             self.resume(session)
             # A body streaming in fills the buffer read after read: take the next piece
-            # now rather than after another trip through select().
-            if (n < len(view) and not transport.has_buffered_input) or session.closed \
-                    or session.mask != READ:
+            # now rather than after another trip through select(). A read that did not
+            # fill what it could take found the socket drained (a TLS read takes at most
+            # one record, so only one shorter than a record says so).
+            if (n < min(len(view), transport.read_limit) and not transport.has_buffered_input) \
+                    or session.closed or session.mask != READ:
                 return
         if transport.has_buffered_input:
             self.read_soon(session)  # the read budget ran out inside a TLS record
