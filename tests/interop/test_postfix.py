@@ -4,6 +4,7 @@ minismtp (relayhost), as a smarthost setup would."""
 from __future__ import annotations
 
 import email
+import re
 import smtplib
 import time
 from email.policy import default
@@ -11,6 +12,7 @@ from email.policy import default
 import pytest
 
 from support.messages import line_ending, split_trace
+from support.tlsserver import Pki, tls_overrides
 
 pytestmark = pytest.mark.neighbour("postfix")
 
@@ -72,3 +74,28 @@ def test_postfix_relays_a_burst_of_100(server, postfix):
         expected_body = sent[message_id].split(b"\r\n\r\n", 1)[1].replace(b"\r\n", eol)
         assert message.split(eol + eol, 1)[1] == expected_body, message_id
     assert len(seen) == BURST
+
+
+def test_postfix_relays_over_tls_when_it_must(make_server, postfix, tmp_path):
+    """With `smtp_tls_security_level = encrypt` Postfix sends only over TLS: it takes
+    minismtp's STARTTLS, its log says so, and the stored message's Received line written
+    by minismtp says ESMTPS with the protocol and cipher."""
+    pki = Pki()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    Pki.write(pki.issue(), cert, key)
+    server = make_server(tls_overrides(cert, key, ["127.0.0.1:0"]))
+    relay = postfix(server.port, smtp_tls="encrypt", main_cf="smtp_tls_loglevel = 1\n")
+    message = burst_message(0)
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+        assert smtp.sendmail("sender@example.org", ["rcpt000@example.org"], message) == {}
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while time.monotonic() < deadline and not relay.sent_ids():
+        time.sleep(0.2)
+    log = relay.log()
+    assert len(relay.sent_ids()) == 1, log[-3000:]
+    assert re.search(r"TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:\d+: "
+                     r"TLSv1\.[23] with cipher", log), log[-3000:]
+    [path] = server.files("new")
+    trace, _ = split_trace(path.read_bytes())
+    assert re.search(rb"\(using TLSv1\.[23] with cipher [^\n]+\)\s+by mx\.test\.invalid "
+                     rb"\(minismtp\) with ESMTPS id", trace), trace

@@ -5,7 +5,8 @@ given to every command with `-c`), `queue/` (queue_directory, made by `postfix s
 `data/` and the log, `postfix.log` (`maillog_file`, written by the `postlog` service).
 Its smtpd listens on a free 127.0.0.1 port for the test's injection; its smtp client
 relays everything to `relayhost = [127.0.0.1]:<minismtp's port>`. It has no local
-domain, no aliases, no TLS and no chroot, and leaves the system's Postfix (if any) alone.
+domain, no aliases and no chroot; its smtp client uses TLS when told to (`smtp_tls`: may,
+encrypt); it leaves the system's Postfix (if any) alone.
 
 Postfix starts as root and runs its daemons as `mail_owner = postfix`, the user Debian's
 package creates. The fixture stops the instance with `postfix -c conf stop` and then makes
@@ -50,7 +51,7 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 relayhost = [127.0.0.1]:{relay_port}
-smtp_tls_security_level = none
+smtp_tls_security_level = {smtp_tls}
 smtpd_tls_security_level = none
 biff = no
 """
@@ -76,6 +77,7 @@ retry     unix  - - n -  - error
 discard   unix  - - n -  - discard
 anvil     unix  - - n -  1 anvil
 scache    unix  - - n -  1 scache
+tlsmgr    unix  - - n 1000? 1 tlsmgr
 postlog   unix-dgram n - n - 1 postlogd
 """
 
@@ -84,8 +86,11 @@ SENT = re.compile(r"status=sent \(250 2\.0\.0 Ok: queued as (\S+)\)")
 
 
 class Postfix:
-    def __init__(self, root: Path, relay_port: int) -> None:
+    def __init__(self, root: Path, relay_port: int, smtp_tls: str = "none",
+                 main_cf: str = "") -> None:
         self.root = root
+        self.smtp_tls = smtp_tls  # smtp_tls_security_level of its client: none, may, encrypt
+        self.extra_main_cf = main_cf  # more lines for main.cf
         self.conf = root / "conf"
         self.relay_port = relay_port
         self.port = 0
@@ -105,7 +110,8 @@ class Postfix:
         (self.root / "data").chmod(0o700)
         os.chown(self.root / "data", owner.pw_uid, owner.pw_gid)
         (self.conf / "main.cf").write_text(
-            MAIN_CF.format(root=self.root, relay_port=self.relay_port))
+            MAIN_CF.format(root=self.root, relay_port=self.relay_port, smtp_tls=self.smtp_tls)
+            + self.extra_main_cf)
         failures = []
         for _ in range(START_ATTEMPTS):
             self.port = free_port()
@@ -163,7 +169,8 @@ class Postfix:
 
 @pytest.fixture
 def postfix(shared_tmp: Path) -> Iterator[Callable[[int], Postfix]]:
-    """`postfix(relay_port)` starts an instance relaying to 127.0.0.1:relay_port."""
+    """`postfix(relay_port, smtp_tls="none", main_cf="")` starts an instance relaying to
+    127.0.0.1:relay_port, with `main_cf` lines added to its main.cf."""
     require_root("Postfix")
     program("postfix")
     try:
@@ -172,10 +179,10 @@ def postfix(shared_tmp: Path) -> Iterator[Callable[[int], Postfix]]:
         missing("no `postfix` user (the postfix package creates it)")
     instances: list[Postfix] = []
 
-    def start(relay_port: int) -> Postfix:
+    def start(relay_port: int, smtp_tls: str = "none", main_cf: str = "") -> Postfix:
         root = shared_tmp / f"postfix{len(instances)}"
         root.mkdir()
-        instance = Postfix(root, relay_port)
+        instance = Postfix(root, relay_port, smtp_tls, main_cf)
         instances.append(instance)
         return instance.start()
 
