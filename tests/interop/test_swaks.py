@@ -16,12 +16,13 @@ import pytest
 
 from support.messages import (attachment_message, eight_bit_message, expect_stored,
                               stored_file, text_message)
+from support.tlsserver import Pki, tls_overrides
 
 pytestmark = pytest.mark.neighbour("swaks")
 
 SENDER = "sender@example.org"
 RECIPIENT = "rcpt@example.org"
-QUEUED = re.compile(r"^<-  250 2\.0\.0 Ok: queued as (\S+)$", re.M)
+QUEUED = re.compile(r"^<[-~]  250 2\.0\.0 Ok: queued as (\S+)$", re.M)  # ~: under TLS
 TIMEOUT_S = 120
 
 
@@ -105,3 +106,23 @@ def test_eight_bit_body(server, tmp_path):
     result = swaks(server.port, message, tmp_path)
     assert "<-  250-8BITMIME" in result.stdout
     expect_stored(stored_file(server.mail_dir, queue_id(result)), message)
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_tls(make_server, tmp_path, mode):
+    """`--tls` (STARTTLS, RFC 3207) and `--tlsc` (TLS from the first byte, RFC 8314):
+    swaks reports the TLS session in its transcript, the message is stored byte for
+    byte, and minismtp's Received line says ESMTPS."""
+    pki = Pki()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    Pki.write(pki.issue(), cert, key)
+    listener = "127.0.0.1:0" if mode == "starttls" else {"address": "127.0.0.1:0",
+                                                        "tls": "implicit"}
+    server = make_server(tls_overrides(cert, key, [listener]))
+    message = text_message(f"swaks over TLS ({mode})", "over TLS\n")
+    result = swaks(server.port, message, tmp_path, "--tls" if mode == "starttls" else "--tlsc")
+    qid = queue_id(result)
+    assert re.search(r"=== TLS started with cipher TLSv1\.[23]:", result.stdout), result.stdout
+    stored = stored_file(server.mail_dir, qid)
+    expect_stored(stored, message)
+    assert b"with ESMTPS id" in stored
