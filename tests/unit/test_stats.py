@@ -237,6 +237,7 @@ def test_prometheus_output_parses_strictly():
         "minismtp_tls_sessions_total": "counter",
         "minismtp_tls_handshake_failures_total": "counter",
         "minismtp_tls_plaintext_discarded_bytes_total": "counter",
+        "minismtp_auth_total": "counter",
         "minismtp_tls_handshake_seconds": "histogram",
     }
     assert families["minismtp_workers"]["samples"] == [("minismtp_workers", {}, 3)]
