@@ -106,9 +106,7 @@ class Logins:
             session.paused = False
             if ok:
                 self.stats.auth_successes += 1
-                session.conn.accept()
-                log.info("auth: peer=%s user=%s ok", session.peer.address,
-                         printable(session.conn.authenticated_as or ""))
+                session.conn.accept()  # the user shows as auth= on the log lines
             else:
                 self._temporary(session, "the check failed")
             loop.resume(session)
