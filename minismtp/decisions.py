@@ -2,11 +2,12 @@
 
 Untrusted input: envelope strings and body chunks from the core (already parsed and
 bounded there); they are passed to fault matching and to the delivery backend as data.
+AUTH credentials go to logins.py unread.
 
-Each decision is answered at once, or deferred: a fault rule's delay, or a durable
-commit on the group-commit thread (storage.py). A deferred session is `paused` (the loop
-does not read from it) until the answer is given and the loop is asked to `resume` it,
-so replies still leave in command order. The loop is seen only through `loop.Loop`.
+Each decision is answered at once, or deferred: a fault rule's delay, a durable
+commit on the group-commit thread (storage.py), or a password check (logins.py). A
+deferred session is `paused` (the loop does not read from it) until the answer is given
+and the loop is asked to `resume` it, so replies still leave in command order. The loop is seen only through `loop.Loop`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from minismtp.faults import FaultAction, FaultInjector
 from minismtp.msglog import MessageLog
 from minismtp.smtp import replies
 from minismtp.smtp.events import (
-    AuthAttempt, DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, StartTls,
+    AuthAttempt, DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo,
+    StartTls,
 )
 from minismtp.smtp.replies import Reply
 from minismtp.stats import WorkerStats
