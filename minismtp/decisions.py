@@ -7,7 +7,8 @@ AUTH credentials go to logins.py unread.
 Each decision is answered at once, or deferred: a fault rule's delay, a durable
 commit on the group-commit thread (storage.py), or a password check (logins.py). A
 deferred session is `paused` (the loop does not read from it) until the answer is given
-and the loop is asked to `resume` it, so replies still leave in command order. The loop is seen only through `loop.Loop`.
+and the loop is asked to `resume` it, so replies still leave in command order. The loop
+is seen only through `loop.Loop`.
 """
 
 from __future__ import annotations
