@@ -408,11 +408,6 @@ def _auth_warnings(listeners: tuple[Listener, ...]) -> list[str]:
         if listener.auth.mode == "accept_any":
             warnings.append(f"server.listen[{index}].auth.mode: accept_any takes every "
                             "password (for load tests only)")
-        if listener.auth.offered:
-            # The core and the checks exist (smtp/protocol.py, authcheck.py); the worker
-            # does not offer AUTH yet. Said here so nobody counts on it meanwhile.
-            warnings.append(f"server.listen[{index}].auth: not served yet: workers do not "
-                            "offer AUTH in this version")
     return warnings
 
 

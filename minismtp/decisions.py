@@ -2,11 +2,13 @@
 
 Untrusted input: envelope strings and body chunks from the core (already parsed and
 bounded there); they are passed to fault matching and to the delivery backend as data.
+AUTH credentials go to logins.py unread.
 
-Each decision is answered at once, or deferred: a fault rule's delay, or a durable
-commit on the group-commit thread (storage.py). A deferred session is `paused` (the loop
-does not read from it) until the answer is given and the loop is asked to `resume` it,
-so replies still leave in command order. The loop is seen only through `loop.Loop`.
+Each decision is answered at once, or deferred: a fault rule's delay, a durable
+commit on the group-commit thread (storage.py), or a password check (logins.py). A
+deferred session is `paused` (the loop does not read from it) until the answer is given
+and the loop is asked to `resume` it, so replies still leave in command order. The loop
+is seen only through `loop.Loop`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from minismtp.faults import FaultAction, FaultInjector
 from minismtp.msglog import MessageLog
 from minismtp.smtp import replies
 from minismtp.smtp.events import (
-    DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo, StartTls,
+    AuthAttempt, DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo,
+    StartTls,
 )
 from minismtp.smtp.replies import Reply
 from minismtp.stats import WorkerStats
 from minismtp.storage import Result, Storage
 
 if TYPE_CHECKING:
+    from minismtp.logins import Logins
     from minismtp.loop import Loop
     from minismtp.session import Session
 
@@ -37,8 +41,9 @@ Refuse = Callable[["Session", Reply], None]
 
 class Decisions:
     def __init__(self, loop: Loop, storage: Storage, faults: FaultInjector,
-                 stats: WorkerStats, msglog: MessageLog) -> None:
+                 stats: WorkerStats, msglog: MessageLog, logins: Logins | None = None) -> None:
         self.loop = loop
+        self.logins = logins
         self.msglog = msglog
         self.storage = storage
         self.faults = faults
@@ -54,6 +59,8 @@ class Decisions:
             MailFrom: self.mail, DataStarted: self.data, MessageEnd: self.end,
             MessageRejected: self.rejected,
         }
+        if logins is not None:  # the core sends AuthAttempt only where AUTH is offered
+            self.handlers[AuthAttempt] = self.auth
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
 
@@ -117,6 +124,13 @@ class Decisions:
         tests can exercise a client's fallback to plaintext."""
         self._decide(session, "starttls", _accept, _reject)
 
+    def auth(self, session: Session, event: AuthAttempt) -> None:
+        """A rule may refuse it (454, say) or drop the connection before any password
+        check; otherwise logins.py checks it off the loop and answers later."""
+        assert self.logins is not None
+        check = self.logins.submit
+        self._decide(session, "auth", lambda session: check(session, event), _reject)
+
     def quit(self, session: Session, event: Quit) -> None:
         self._decide(session, "quit", _accept, _reject, session.conn.sender)
 
@@ -164,7 +178,8 @@ class Decisions:
         if self.msglog.enabled:
             envelope = session.envelope
             self.msglog.message(queue_id, session.peer.address, envelope.sender,
-                                len(envelope.recipients), size, envelope.tls, result)
+                                len(envelope.recipients), size, envelope.tls, result,
+                                envelope.authenticated_as)
 
     # -- fault injection ---------------------------------------------------------
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from minismtp.smtp.replies import Reply
 
-STAGES = ("connect", "helo", "starttls", "mail", "rcpt", "data", "end_of_data", "quit")
+STAGES = ("connect", "helo", "starttls", "auth", "mail", "rcpt", "data", "end_of_data",
+          "quit")
 MAX_RULES = 64  # the stats board reserves one counter per rule before any worker forks
 
 _CLIENT_CACHE_MAX = 4096  # (client address, network rule) answers remembered per worker

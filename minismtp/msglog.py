@@ -3,7 +3,8 @@ per loop turn.
 
 Untrusted input: the envelope sender, which goes into the line as the `logging` module
 would have put it (the core admits only printable text there); command verbs (the core
-counts unknown ones as "unknown", so none is client text).
+counts unknown ones as "unknown", so none is client text); the user name of an accepted
+AUTH, which may hold anything, so the text lines escape it (`printable`).
 
 Why not `logging`: each record costs a LogRecord, a Formatter pass, a lock and a write
 system call, several microseconds per message (bench/README.md), which at `info` (the
@@ -51,32 +52,42 @@ class MessageLog:
                 handler.addFilter(self._filter)
 
     def message(self, queue_id: str, peer: str, sender: str, recipients: int, size: int,
-                tls: str | None, result: str) -> None:
-        """The line of one message's outcome (stored, refused, failed)."""
+                tls: str | None, result: str, auth: str | None = None) -> None:
+        """The line of one message's outcome (stored, refused, failed); `auth`: the user
+        an accepted AUTH named (never a password)."""
         if self.json:
-            self._add_json({"event": "message", "id": queue_id, "peer": peer,
-                            "from": sender, "rcpts": recipients, "size": size, "tls": tls,
-                            "result": result})
+            fields = {"event": "message", "id": queue_id, "peer": peer,
+                      "from": sender, "rcpts": recipients, "size": size, "tls": tls,
+                      "result": result}
+            if auth is not None:
+                fields["auth"] = auth
+            self._add_json(fields)
             return
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
+        auth_text = "" if auth is None else f" auth={printable(auth)}"
         self._add(f"id={queue_id} peer={peer} from=<{sender}> rcpts={recipients} "
-                  f"size={size}{tls_text} result={result}")
+                  f"size={size}{tls_text}{auth_text} result={result}")
 
     def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
-                end: str, tls: str | None) -> None:
+                end: str, tls: str | None, auth: str | None = None) -> None:
         """A session's summary when it closes, in Postfix's style: "disconnect from ...
         ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5 end=quit"."""
         if self.json:
-            self._add_json({"event": "disconnect", "peer": peer, "port": port,
-                            "commands": commands, "total": sum(commands.values()),
-                            "errors": errors, "end": end, "tls": tls})
+            fields = {"event": "disconnect", "peer": peer, "port": port,
+                      "commands": commands, "total": sum(commands.values()),
+                      "errors": errors, "end": end, "tls": tls}
+            if auth is not None:
+                fields["auth"] = auth
+            self._add_json(fields)
             return
         counts = " ".join(f"{verb.lower()}={count}" for verb, count in commands.items())
         # Like Postfix, what did not happen is not shown: errors only when there were some.
         errors_text = f" errors={errors}" if errors else ""
         tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
+        auth_text = "" if auth is None else f" auth={printable(auth)}"
         self._add(f"disconnect from {peer}:{port} {counts}{' ' if counts else ''}"
-                  f"commands={sum(commands.values())}{errors_text}{tls_text} end={end}")
+                  f"commands={sum(commands.values())}{errors_text}{tls_text}{auth_text} "
+                  f"end={end}")
 
     def _add(self, text: str) -> None:
         if self._fd is None:  # not a plain stream: the slow, general way
@@ -153,3 +164,13 @@ def _plain_stream(handlers: list[logging.Handler]) -> tuple[int | None, str, boo
         return stream.fileno(), getattr(stream, "encoding", None) or "utf-8", as_json
     except (AttributeError, OSError, ValueError):
         return None, "utf-8", False
+
+
+def printable(text: str) -> str:
+    """`text` for a log line of space-separated fields: spaces, backslashes and what is
+    not printable escaped, so a user name cannot forge fields or lines."""
+    if text.isprintable() and " " not in text and "\\" not in text and "=" not in text:
+        return text
+    return "".join(c if c.isprintable() and c not in " \\=" else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                   for c in text)

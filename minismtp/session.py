@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from minismtp import authcheck
 from minismtp.config import Config, Listener
 from minismtp.delivery import Peer, Sink
 from minismtp.smtp.events import Envelope
@@ -18,11 +19,14 @@ if TYPE_CHECKING:
     from minismtp.transport import PlainTransport
 
 
-def protocol_settings(config: Config, listener: Listener | None = None) -> Settings:
-    """The core's settings for connections from `listener` (None: plaintext, no STARTTLS).
-    An implicit TLS listener offers no STARTTLS: its sessions start with tls_started()."""
+def protocol_settings(config: Config, listener: Listener | None = None, *,
+                      tls: bool = True) -> Settings:
+    """The core's settings for connections from `listener` (None: plaintext, no STARTTLS,
+    no AUTH). An implicit TLS listener offers no STARTTLS: its sessions start with
+    tls_started(). `tls` False: no TLS context, so no STARTTLS whatever the listener says
+    (AUTH stays as configured; without TLS, config.py admits it only with allow_plaintext)."""
     limits = config.limits
-    starttls = listener is not None and listener.tls == "starttls"
+    starttls = tls and listener is not None and listener.tls == "starttls"
     return Settings(
         starttls=starttls,
         require_tls=starttls and listener.require_tls,
@@ -34,6 +38,7 @@ def protocol_settings(config: Config, listener: Listener | None = None) -> Setti
         max_junk_commands=limits.max_junk_commands,
         bare_lf=limits.bare_lf,
         command_buffer_bytes=max(4096, 2 * limits.max_command_length),
+        **({} if listener is None else authcheck.core_settings(listener.auth)),
     )
 
 

@@ -45,7 +45,8 @@ HANDSHAKE_FAILURES = ("timeout", "unexpected eof", "connection reset", "wrong ve
                       "other")
 _FAILURE_INDEX = {reason: index for index, reason in enumerate(HANDSHAKE_FAILURES)}
 _COUNTERS = ("connections_open", "connections_total", "transactions", "messages_accepted",
-             "bytes_received", "tls_sessions", "tls_discarded_bytes")
+             "bytes_received", "tls_sessions", "tls_discarded_bytes", "auth_successes",
+             "auth_failures", "auth_temporary_failures")
 _GAUGES = frozenset({"connections_open"})
 _FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
 _SEQ = struct.Struct("=Q")
@@ -61,6 +62,8 @@ class WorkerStats:
     stats.faults[rule.index] += 1; stats.observe_latency(seconds)
     stats.tls_sessions += 1; stats.tls_discarded_bytes += n   # plaintext after STARTTLS
     stats.observe_handshake(seconds); stats.count_handshake_failure(reason)
+    stats.auth_successes += 1; stats.auth_failures += 1   # 235; 535
+    stats.auth_temporary_failures += 1                     # 454 (queue full, check failed)
     """
 
     __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum",
@@ -78,6 +81,9 @@ class WorkerStats:
         self.latency_sum = 0.0
         self.tls_sessions = 0
         self.tls_discarded_bytes = 0
+        self.auth_successes = 0
+        self.auth_failures = 0
+        self.auth_temporary_failures = 0
         self.tls_failures = [0] * len(HANDSHAKE_FAILURES)
         self.handshake_buckets = [0] * _HANDSHAKE_BUCKETS
         self.handshake_sum = 0.0
@@ -102,7 +108,8 @@ class WorkerStats:
         board.write(slot, (
             self.connections_open, self.connections_total, self.transactions,
             self.messages_accepted, self.bytes_received, self.tls_sessions,
-            self.tls_discarded_bytes, *self.latency_buckets, self.latency_sum,
+            self.tls_discarded_bytes, self.auth_successes, self.auth_failures,
+            self.auth_temporary_failures, *self.latency_buckets, self.latency_sum,
             *self.tls_failures, *self.handshake_buckets, self.handshake_sum,
             *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
         ))
@@ -119,6 +126,9 @@ class Snapshot:
     bytes_received: int
     tls_sessions: int
     tls_discarded_bytes: int
+    auth_successes: int
+    auth_failures: int
+    auth_temporary_failures: int
     latency_buckets: tuple[int, ...]  # per bucket, not cumulative; the last is +Inf
     latency_sum: float
     tls_failures: tuple[int, ...]  # by HANDSHAKE_FAILURES
@@ -147,6 +157,9 @@ class Totals:
     handshake_sum: float = 0.0
     rejections: dict[int, int] = field(default_factory=dict)
     faults: list[int] = field(default_factory=list)
+    auth_successes: int = 0
+    auth_failures: int = 0
+    auth_temporary_failures: int = 0
 
     def add(self, snapshot: Snapshot, *, gauges: bool = True) -> None:
         """Add a slot's counters; gauges=False for a worker that has gone."""
@@ -173,7 +186,8 @@ class Totals:
                       self.tls_sessions, self.tls_discarded_bytes,
                       list(self.latency_buckets), self.latency_sum, list(self.tls_failures),
                       list(self.handshake_buckets), self.handshake_sum,
-                      dict(self.rejections), list(self.faults))
+                      dict(self.rejections), list(self.faults), self.auth_successes,
+                      self.auth_failures, self.auth_temporary_failures)
 
 
 class StatsBoard:
@@ -309,6 +323,12 @@ def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
     family("minismtp_tls_plaintext_discarded_bytes_total", "counter",
            "Bytes a client sent after STARTTLS before the handshake, dropped unread.",
            [("", totals.tls_discarded_bytes)])
+    family("minismtp_auth_total", "counter",
+           "AUTH attempts answered, by result: success (235), failure (535), "
+           "temporary (454: too many waiting, or the check itself failed).",
+           [('{result="success"}', totals.auth_successes),
+            ('{result="failure"}', totals.auth_failures),
+            ('{result="temporary"}', totals.auth_temporary_failures)])
 
     def histogram(name: str, doc: str, bounds: tuple[float, ...], buckets: Sequence[int],
                   total: float) -> None:
@@ -346,6 +366,11 @@ def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
             "handshake_failures": dict(zip(HANDSHAKE_FAILURES, totals.tls_failures)),
             "plaintext_discarded_bytes": totals.tls_discarded_bytes,
             "handshake_seconds_sum": totals.handshake_sum,
+        },
+        "auth": {
+            "successes": totals.auth_successes,
+            "failures": totals.auth_failures,
+            "temporary_failures": totals.auth_temporary_failures,
         },
     }
 

@@ -157,6 +157,11 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
         for reason, count in tls["handshake_failures"].items():
             if count:
                 lines.append(row(f"tls failed: {reason}", str(count), ""))
+    auth = doc.get("auth")  # absent from a server older than AUTH
+    if auth and any(auth.values()):
+        for label, key in (("auth succeeded", "successes"), ("auth failed", "failures"),
+                           ("auth temporary failures", "temporary_failures")):
+            lines.append(row(label, str(auth[key]), shown(rate(("auth", key)))))
     lines.append(f"{'end of data latency':<28}{_latency(doc)}")
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ from minismtp.delivery import Backend, Peer
 from minismtp.faults import FaultInjector
 from minismtp.handshake import Handshake, Handshakes
 from minismtp.heartbeat import HeartbeatBoard
+from minismtp.logins import Logins
 from minismtp.loop import READ, WRITE
 from minismtp.msglog import MessageLog
 from minismtp.output import Output
@@ -53,7 +54,7 @@ _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this ofte
 # records): other clients wait meanwhile.
 _READ_BYTES_PER_WAKEUP = 2 * 1024 * 1024
 _GC_THRESHOLD = 10_000  # tracked allocations (net of frees) between young collections
-_WAKEUP, _COMMITS = object(), object()
+_WAKEUP, _COMMITS, _LOGINS = object(), object(), object()
 _DATA = State.DATA  # a global: Enum class attributes are slow to read
 
 
@@ -70,7 +71,7 @@ class Worker:
         self.stats_board = stats_board
         # Per listening socket: the core's settings for its connections, and whether
         # they start with a TLS handshake.
-        self.profiles = {sock: (protocol_settings(config, entry if tls_context else None),
+        self.profiles = {sock: (protocol_settings(config, entry, tls=tls_context is not None),
                                 tls_context is not None and entry.tls == "implicit")
                          for sock, entry in listeners}
         limits = config.limits
@@ -97,8 +98,10 @@ class Worker:
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies
         self.msglog = MessageLog(log)
+        self.logins = Logins.maybe(self, self.stats, [  # AUTH checks, if a listener offers it
+            (self.profiles[sock][0], entry.auth) for sock, entry in listeners])
         self.decide = Decisions(self, self.storage, FaultInjector(config.faults, slot),
-                                self.stats, self.msglog)
+                                self.stats, self.msglog, self.logins)
         self.handshakes = None if tls_context is None else Handshakes(
             self, self.poller, tls_context, self.stats, limits.tls_handshake_timeout,
             self._greet)
@@ -133,6 +136,8 @@ class Worker:
         acceptor.refresh()
         if self.storage.wakeup is not None:
             self.poller.register(self.storage.wakeup.fileno(), READ, _COMMITS)
+        if self.logins is not None:
+            self.poller.register(self.logins.wakeup.fileno(), READ, _LOGINS)
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         msglog = self.msglog
         last_tick = 0.0
@@ -160,6 +165,8 @@ class Worker:
                         self.decide.on_commits()
                     elif owner is _WAKEUP:
                         self.read_signals()
+                    elif owner is _LOGINS:
+                        self.logins.on_done()
                 self.now = now = time.monotonic()
                 self.timers.expire(now, self._on_deadline)
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
@@ -171,6 +178,8 @@ class Worker:
             for session in list(self.sessions.values()):
                 self.close(session, "worker exit")
             self.storage.close()
+            if self.logins is not None:
+                self.logins.stop()
             self.stats.publish(self.stats_board, self.slot)
             self.msglog.close()
         return exitcodes.OK
@@ -394,7 +403,7 @@ class Worker:
             if conn.foreign_protocol:
                 end += f" (the client sent a {conn.foreign_protocol})"
             self.msglog.session(session.peer.address, session.peer.port, conn.commands,
-                                conn.errors, end, conn.tls)
+                                conn.errors, end, conn.tls, conn.authenticated_as)
         if reason:
             log.debug("closed %s: %s", session.peer.address, reason)
 

@@ -147,3 +147,22 @@ def test_a_changed_users_file_changes_the_config(tmp_path):
     assert load_config(path) == before
     users_file(tmp_path, f"alice:{HASH}\nbob:{HASH}\n")
     assert load_config(path) != before
+
+
+def test_workers_offer_auth_as_each_listener_says(tmp_path):
+    """The core's settings per listener (session.protocol_settings), with no TLS context
+    at all: AUTH where the listener has it, nowhere else; no "not served" warning."""
+    from minismtp.session import protocol_settings
+    from minismtp.smtp.protocol import AUTH_MECHANISMS
+
+    config = load_config(config_file(tmp_path, """\
+    - address: "127.0.0.1:2587"
+      auth: {mode: accept_any, require: true, allow_plaintext: true}
+    - "127.0.0.1:2525\""""))
+    offering, plain = (protocol_settings(config, entry, tls=False)
+                       for entry in config.server.listen)
+    assert (offering.auth_mechanisms, offering.auth_plaintext, offering.auth_required) \
+        == (AUTH_MECHANISMS, True, True)
+    assert not offering.starttls
+    assert (plain.auth_mechanisms, plain.auth_required) == ((), False)
+    assert not any("not served" in warning for warning in config.warnings)

@@ -103,10 +103,10 @@ BAD_RULES = [
     ({"stage": "rcpt", "rate": "50%", "delay": 1},
      'faults.rules[0].rate: must be a number from 0 to 1, got "50%"'),
     ({"stage": "rctp", "delay": 1},
-     'faults.rules[0].stage: must be one of "connect", "helo", "starttls", "mail", "rcpt", "data", '
+     'faults.rules[0].stage: must be one of "connect", "helo", "starttls", "auth", "mail", "rcpt", "data", '
      '"end_of_data", "quit", got "rctp" (did you mean "rcpt"?)'),
     ({"delay": 1},
-     'faults.rules[0].stage: missing; must be one of "connect", "helo", "starttls", "mail", "rcpt", '
+     'faults.rules[0].stage: missing; must be one of "connect", "helo", "starttls", "auth", "mail", "rcpt", '
      '"data", "end_of_data", "quit"'),
     ({"stage": "rcpt", "disconnect": True, "reply": "450 4.2.0 Busy"},
      "faults.rules[0].disconnect: cannot be combined with reply: a disconnect sends no reply"),

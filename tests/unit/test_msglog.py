@@ -179,3 +179,39 @@ def test_json_lines_carry_the_fields(logfile):
     assert records[2]["event"] == "disconnect" and records[2]["commands"] == {"EHLO": 1}
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4}", r["time"])
                for r in records)
+
+
+def test_an_authenticated_user_is_named_and_escaped(logfile):
+    """auth=<user> on both lines; a user name is client text, so what could forge a field
+    or a line (space, "=", backslash, control characters) is escaped."""
+    logger, lines = logfile
+    log = logger.message_log()
+    log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued", "alice")
+    log.session("127.0.0.1", 40000, {"AUTH": 1}, 0, "quit", None, "bob x=1\nend=\\")
+    log.close()
+    assert [message for _, _, message in lines()] == [
+        "id=Q1 peer=127.0.0.1 from=<a@example.org> rcpts=1 size=100 auth=alice "
+        "result=250 queued",
+        "disconnect from 127.0.0.1:40000 auth=1 commands=1 auth=bob\\x20x\\x3d1\\x0aend\\x3d\\x5c "
+        "end=quit",
+    ]
+
+
+def test_json_lines_name_the_user_only_when_there_is_one(logfile):
+    logger, _ = logfile
+    handler = logger.root.handlers[0]
+    handler.setFormatter(JsonFormatter())
+    log = logger.message_log()
+    log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued", "al ice")
+    log.session("127.0.0.1", 40000, {}, 0, "quit", None)
+    log.close()
+    handler.stream.flush()
+    records = [json.loads(line) for line in
+               pathlib.Path(handler.stream.name).read_text(encoding="utf-8").splitlines()]
+    assert records[0]["auth"] == "al ice" and "auth" not in records[1]
+
+
+def test_printable_leaves_ordinary_names_alone():
+    assert msglog.printable("alice@example.org") == "alice@example.org"
+    assert msglog.printable("zoë") == "zoë"
+    assert msglog.printable("a\udcffb") == "a\\udcffb"  # a byte that was not UTF-8

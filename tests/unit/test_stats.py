@@ -33,6 +33,9 @@ def busy_worker(scale: int = 1, rules: int = RULES) -> WorkerStats:
         stats.observe_latency(seconds)
     stats.tls_sessions += 4 * scale
     stats.tls_discarded_bytes += 31 * scale
+    stats.auth_successes += 6 * scale
+    stats.auth_failures += 2 * scale
+    stats.auth_temporary_failures += scale
     stats.observe_handshake(0.004)
     stats.count_handshake_failure("wrong version number")
     stats.count_handshake_failure("a reason nobody listed")
@@ -57,6 +60,7 @@ def test_publish_and_read_round_trip():
     assert snapshot == Snapshot(
         connections_open=2, connections_total=10, transactions=8, messages_accepted=7,
         bytes_received=1000, tls_sessions=4, tls_discarded_bytes=31,
+        auth_successes=6, auth_failures=2, auth_temporary_failures=1,
         latency_buckets=(2, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1),
         latency_sum=pytest.approx(70.2036),
         tls_failures=(0, 0, 0, 1, 0, 0, 0, 0, 1),
@@ -64,7 +68,7 @@ def test_publish_and_read_round_trip():
         handshake_sum=pytest.approx(0.004),
         rejections={450: 3, 554: 1}, faults=(0, 5, 0, 0))
     assert board.read(4) == board.read(6) == Snapshot(
-        0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0, {}, (0,) * RULES)
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0, {}, (0,) * RULES)
 
 
 def test_board_is_shared_across_fork():
@@ -110,6 +114,8 @@ def test_totals_across_three_slots():
     assert sum(totals.latency_buckets) == 18
     assert totals.latency_sum == pytest.approx(3 * 70.2036)
     assert (totals.tls_sessions, totals.tls_discarded_bytes) == (28, 217)
+    assert (totals.auth_successes, totals.auth_failures,
+            totals.auth_temporary_failures) == (42, 14, 7)
     assert totals.tls_failures == [0, 0, 0, 3, 0, 0, 0, 0, 3]
     assert sum(totals.handshake_buckets) == 3
 
@@ -231,6 +237,7 @@ def test_prometheus_output_parses_strictly():
         "minismtp_tls_sessions_total": "counter",
         "minismtp_tls_handshake_failures_total": "counter",
         "minismtp_tls_plaintext_discarded_bytes_total": "counter",
+        "minismtp_auth_total": "counter",
         "minismtp_tls_handshake_seconds": "histogram",
     }
     assert families["minismtp_workers"]["samples"] == [("minismtp_workers", {}, 3)]
@@ -239,6 +246,8 @@ def test_prometheus_output_parses_strictly():
                 for s in families["minismtp_tls_handshake_failures_total"]["samples"]}
     assert failures["wrong version number"] == 3 and failures["other"] == 3
     assert sum(failures.values()) == 6
+    auth = {s[1]["result"]: s[2] for s in families["minismtp_auth_total"]["samples"]}
+    assert auth == {"success": 36, "failure": 12, "temporary": 6}
     counts, _ = check_histogram(families["minismtp_tls_handshake_seconds"],
                                 "minismtp_tls_handshake_seconds")
     assert counts[-1] == 3
@@ -294,6 +303,7 @@ def test_json_shape():
             "plaintext_discarded_bytes": 31,
             "handshake_seconds_sum": pytest.approx(0.004),
         },
+        "auth": {"successes": 6, "failures": 2, "temporary_failures": 1},
     }
     assert list(latency["buckets"]) == [repr(b) for b in LATENCY_BOUNDS] + ["+Inf"]
     assert list(latency["buckets"].values()) == [2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 5, 6]

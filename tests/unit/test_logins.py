@@ -1,0 +1,150 @@
+"""Logins, a worker's AUTH answers, with the real core and checker and a stand-in loop:
+right, wrong (late, on the loop's timers), refused when too many wait, dropped for a
+closed session; the counters; the password in no log record."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import selectors
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from minismtp.authcheck import AuthChecker
+from minismtp.delivery import Peer
+from minismtp.logins import FAILURE_DELAY_S, Logins
+from minismtp.smtp import replies as R
+from minismtp.smtp.events import NEED_DATA, AuthAttempt
+from minismtp.smtp.protocol import AUTH_MECHANISMS, Settings, SmtpServerConnection
+from minismtp.stats import WorkerStats
+from minismtp.timers import Timers
+from minismtp.values import ListenerAuth
+
+SETTINGS = Settings(auth_mechanisms=AUTH_MECHANISMS, auth_plaintext=True)
+SECRET = "s3cret-never-logged"
+
+
+class Loop:
+    """What Logins sees of the worker: the clock, the timers, resume()."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+        self.timers = Timers()
+        self.resumed: list[object] = []
+
+    def resume(self, session) -> None:
+        self.resumed.append(session)
+
+
+def session_at_auth(password: str, settings: Settings = SETTINGS):
+    """A session whose core has just given an AuthAttempt for alice."""
+    conn = SmtpServerConnection(settings)
+    conn.greet()
+    token = base64.b64encode(f"\0alice\0{password}".encode())
+    conn.receive_data(b"EHLO client.test\r\nAUTH PLAIN " + token + b"\r\n")
+    events = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+        if isinstance(event, AuthAttempt):
+            break
+        conn.accept()
+    assert isinstance(events[-1], AuthAttempt)
+    conn.data_to_send()
+    return SimpleNamespace(conn=conn, peer=Peer("192.0.2.1", 40000), paused=False,
+                           closed=False, deadline=0.0, timer_at=float("inf")), events[-1]
+
+
+def verify(user: str, password: str) -> bool:
+    return user == "alice" and password == "right"
+
+
+@pytest.fixture
+def logins():
+    loop = Loop()
+    stats = WorkerStats(0)
+    made = Logins(loop, stats, [(SETTINGS, ListenerAuth(mode="accept_any"))])
+    made._verifiers[id(SETTINGS)] = (SETTINGS, verify)  # a cheap verify for the tests
+    yield made
+    made.stop()
+
+
+def wait_done(logins: Logins, timeout_s: float = 10.0) -> None:
+    """Wait for the checker's wakeup, then call on_done, as the loop does."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(logins.wakeup, selectors.EVENT_READ)
+        assert selector.select(timeout=timeout_s), "no check finished"
+    logins.loop.now = time.monotonic()
+    logins.on_done()
+
+
+def test_a_right_password_is_answered_at_once(logins):
+    session, attempt = session_at_auth("right")
+    logins.submit(session, attempt)
+    assert session.paused
+    wait_done(logins)
+    assert not session.paused and logins.loop.resumed == [session]
+    assert session.conn.data_to_send() == R.AUTH_OK.wire
+    assert session.conn.authenticated_as == "alice"
+    assert logins.stats.auth_successes == 1
+
+
+def test_a_wrong_password_is_answered_after_the_delay(logins, caplog):
+    session, attempt = session_at_auth(SECRET)
+    caplog.set_level(logging.DEBUG)
+    logins.submit(session, attempt)
+    wait_done(logins)
+    loop = logins.loop
+    assert session.paused and not loop.resumed  # nothing yet: the delay runs
+    assert session.conn.data_to_send() == b""
+    loop.timers.expire(loop.now + FAILURE_DELAY_S * 0.5, lambda owner: None)
+    assert session.paused
+    loop.timers.expire(loop.now + FAILURE_DELAY_S, lambda owner: None)
+    assert not session.paused and loop.resumed == [session]
+    assert session.conn.data_to_send() == R.AUTH_FAILED.wire
+    assert session.conn.authenticated_as is None and session.conn.errors == 1
+    assert (logins.stats.auth_failures, logins.stats.replies[535]) == (1, 1)
+    assert "user=alice failed" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_a_closed_session_gets_nothing(logins):
+    right, attempt = session_at_auth("right")
+    logins.submit(right, attempt)
+    wrong, attempt = session_at_auth("wrong")
+    logins.submit(wrong, attempt)
+    right.closed = wrong.closed = True  # both clients left while their checks ran
+    deadline = time.monotonic() + 10
+    while len(logins.checker._done) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    wait_done(logins)
+    logins.loop.timers.expire(logins.loop.now + 2 * FAILURE_DELAY_S, lambda owner: None)
+    assert logins.loop.resumed == []
+    assert right.conn.data_to_send() == wrong.conn.data_to_send() == b""
+    assert logins.stats.auth_successes == logins.stats.auth_failures == 0
+
+
+def test_a_full_queue_gets_454_at_once():
+    loop, stats = Loop(), WorkerStats(0)
+    checker: AuthChecker = AuthChecker(threads=1, max_queued=1)
+    logins = Logins(loop, stats, [(SETTINGS, ListenerAuth(mode="accept_any"))], checker)
+    gate = threading.Event()
+    logins._verifiers[id(SETTINGS)] = (SETTINGS, lambda user, password: gate.wait(10))
+    try:
+        sessions = [session_at_auth("x") for _ in range(3)]
+        for session, attempt in sessions:
+            logins.submit(session, attempt)
+            time.sleep(0.05)  # the first is taken by the thread, the second waits
+        third = sessions[2][0]
+        assert not third.paused
+        assert third.conn.data_to_send() == R.AUTH_TEMPORARY_FAILURE.wire
+        assert (stats.auth_temporary_failures, stats.replies[454]) == (1, 1)
+    finally:
+        gate.set()
+        logins.stop()
+
+
+def test_no_threads_where_no_listener_offers_auth():
+    assert Logins.maybe(Loop(), WorkerStats(0), [(Settings(), ListenerAuth())]) is None
