@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("minismtp.worker")
 
+# A stopping worker waits this long for headers on their way: a balancer sends its header
+# with the connection's first segment, so a short wait covers all but a stalled peer.
+STOP_GRACE_S = 2.0
+
 _ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
            "any": proxyproto.Version.ANY}
 
@@ -69,6 +73,7 @@ class ProxyReads:
         self.poller = poller
         self.stats = stats
         self.timeout_s = timeout_s
+        self.stopping = False
 
     def begin(self, session: Session, proxy: ProxyProtocol,
               then: Callable[[Session], None]) -> None:
@@ -132,12 +137,17 @@ class ProxyReads:
         reader.then(session)
 
     def expire(self, session: Session) -> None:
-        """The header's deadline passed."""
-        self._failed(session, "timeout")
+        """The header's deadline passed (or the grace of a stopping worker)."""
+        self._failed(session, "stopping" if self.stopping else "timeout")
 
     def wind_down(self, session: Session) -> None:
-        """The worker stops: a connection still without its header was never served."""
-        self._failed(session, "stopping")
+        """The worker stops (SIGTERM, or retired by a reload): a header on its way may
+        still come, within STOP_GRACE_S, and the session then gets 421 like any idle one
+        (the client behind the balancer learns to try again); one that does not come in
+        time is closed as "stopping"."""
+        self.stopping = True
+        loop = self.loop
+        loop.timers.set_deadline(session, min(session.deadline, loop.now + STOP_GRACE_S))
 
     def forget(self, session: Session) -> None:
         """The header is in, or the session closes: stop watching for it."""
