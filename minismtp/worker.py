@@ -234,9 +234,10 @@ class Worker:
             if len(self.sessions) >= self.max_connections:
                 # Counted as the 421 it is on a plain port; on an implicit-TLS port the
                 # client expects a ServerHello, and plaintext would only break its
-                # handshake: close without a word.
+                # handshake, and on a PROXY port nothing is said before the header (the
+                # peer may not be a balancer at all): close without a word.
                 self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
-                if implicit_tls:
+                if implicit_tls or listener in self.proxied:
                     transport.close()
                 else:
                     transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)

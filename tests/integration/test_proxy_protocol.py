@@ -288,3 +288,18 @@ def test_plaintext_header_then_no_tls_is_a_handshake_failure(tls_proxied, raw_cl
     c.send(proxyheader.v2(("198.51.100.22", 1), DST) + b"EHLO client.test\r\n")
     closed_unanswered(c)
     server.wait_for_log(r"TLS handshake failed: peer=198\.51\.100\.22 ")
+
+
+def test_too_many_connections_on_a_proxy_port_closes_without_a_word(make_server, raw_clients):
+    overrides = proxy_overrides()
+    overrides["server"]["max_connections"] = 1
+    server = make_server(overrides)
+    held = raw_clients(server.port)
+    held.send(proxyheader.v2(("198.51.100.30", 1), DST))
+    held.expect(220)
+    extra = raw_clients(server.port)
+    extra.send(proxyheader.v2(("198.51.100.31", 1), DST))
+    closed_unanswered(extra)
+    server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ commands=0 "
+                        r"end=refused: too many connections")
+    held.cmd("QUIT", 221)
