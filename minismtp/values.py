@@ -493,7 +493,8 @@ def listener_proxy(value: object) -> ProxyProtocol:
         problems.append((".trusted", "needed: the load balancers' networks"))
     if problems:
         raise PathProblems(problems)
-    return ProxyProtocol(str(fields.get("version", "v2")), fields["trusted"])  # type: ignore[arg-type]
+    trusted = fields["trusted"]
+    return ProxyProtocol(str(fields.get("version", "v2")), trusted)  # type: ignore[arg-type]
 
 
 def dump_proxy(proxy: ProxyProtocol) -> dict[str, object]:

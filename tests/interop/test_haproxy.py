@@ -17,7 +17,6 @@ import signal
 import smtplib
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
