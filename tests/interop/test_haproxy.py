@@ -135,18 +135,20 @@ def stored(server: Server) -> dict[str, list[bytes]]:
     return out
 
 
-def send(port: int, source: str, marker: str) -> None:
+def send(port: int, source: str, marker: str) -> int:
+    """One message in a connection of its own; the client's port."""
     with smtplib.SMTP(HOST, port, timeout=CLIENT_TIMEOUT_S,
                       source_address=(source, 0)) as smtp:
+        client_port = smtp.sock.getsockname()[1]
         smtp.ehlo("client.test")
         smtp.sendmail("s@example.org", ["r@example.org"], message(marker))
         smtp.quit()
+    return client_port
 
 
 def test_minismtp_sees_the_clients_behind_haproxy(cluster):
     balancer, a, b = cluster
-    for i in range(4):  # round robin: each instance gets two
-        send(balancer.port, CLIENTS[0], f"seen-{i}")
+    ports = [send(balancer.port, CLIENTS[0], f"seen-{i}") for i in range(4)]
     copies = {**stored(a), **stored(b)}
     assert sorted(copies) == [f"seen-{i}" for i in range(4)]
     assert stored(a) and stored(b)  # round robin: two each, unless a check flapped
@@ -156,6 +158,10 @@ def test_minismtp_sees_the_clients_behind_haproxy(cluster):
         server.wait_for_log(r"id=\S+ peer=127\.0\.0\.2 from=<s@example\.org> .*result=250")
         server.wait_for_log(r"disconnect from 127\.0\.0\.2:\d+ ehlo=1 mail=1 rcpt=1 data=1 "
                             r"quit=1 commands=5 end=quit")
+    for client_port in ports:  # the client's own port too, not HAProxy's
+        line = rf"disconnect from 127\.0\.0\.2:{client_port} "
+        wait_until(lambda line=line: a.count_log(line) + b.count_log(line) == 1, 10,
+                   message=line)
     # The fault rule for 127.0.0.3 fires on either instance; 127.0.0.2 is untouched.
     refused_3 = r"disconnect from 127\.0\.0\.3:\d+ .*mail=1 "
     for attempt in range(1, 7):  # round robin: two are enough, unless a check flapped
