@@ -227,3 +227,10 @@ def test_losing_an_instance_under_load_loses_no_acknowledged_message(cluster):
     assert len(acked) - killed_at >= (threads_n * per_client - killed_at) // 2, failed
     assert in_a and len(in_b) > len(in_a)  # a served until killed; b took the rest
     wait_until(lambda: "is DOWN" in balancer.log(), 10, message="haproxy marking a DOWN")
+
+
+def test_the_shipped_example_config_is_valid():
+    example = Path(__file__).resolve().parents[2] / "etc" / "haproxy.cfg"
+    result = subprocess.run([program("haproxy"), "-c", "-f", str(example)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
