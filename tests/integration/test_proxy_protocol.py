@@ -9,6 +9,7 @@ reason, and the worker goes on serving.
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
 
@@ -303,3 +304,21 @@ def test_too_many_connections_on_a_proxy_port_closes_without_a_word(make_server,
     server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ commands=0 "
                         r"end=refused: too many connections")
     held.cmd("QUIT", 221)
+
+
+def test_a_header_completed_while_the_worker_stops_gets_421(proxied, raw_clients):
+    server = proxied
+    c = raw_clients(server.port)
+    header = proxyheader.v1(("198.51.100.40", 1), DST)
+    c.send(header[:10])
+    time.sleep(0.2)  # the worker has the connection, still without its header
+    mark = server.mark()
+    server.send_signal(signal.SIGTERM)
+    server.wait_for_log(r"stopping: workers finish", since=mark)
+    time.sleep(0.5)  # the worker has its SIGTERM too, as a rule (the grace is 2s)
+    c.send(header[10:])
+    codes = [c.reply().code]
+    if codes[0] == 220:  # a worker slower than that: then it sends the idle session off
+        codes.append(c.reply().code)
+    assert codes[-1] == 421, codes
+    assert server.wait(15) == 0
