@@ -72,6 +72,7 @@ class LimitsConfig:
     max_junk_commands: int
     bare_lf: str
     tls_handshake_timeout: float = 30.0
+    proxy_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`<CR><LF>.<CR><LF>` ends DATA"),
     Setting("limits.tls_handshake_timeout", "30s", _timeout,
             "time a TLS handshake may take (STARTTLS or implicit)", parsing.dump_duration),
+    Setting("limits.proxy_timeout", "10s", _timeout,
+            "time a load balancer has to send its whole PROXY header, on a listener with "
+            "`proxy_protocol`", parsing.dump_duration),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),
     Setting("delivery.path", "./var/mail", parsing.string,

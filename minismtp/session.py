@@ -16,6 +16,7 @@ from minismtp.smtp.protocol import Settings, SmtpServerConnection
 
 if TYPE_CHECKING:
     from minismtp.handshake import Handshake
+    from minismtp.proxyread import ProxyRead
     from minismtp.transport import PlainTransport
 
 
@@ -46,7 +47,7 @@ class Session:
     """One client connection: transport, protocol state, message in progress, timers."""
 
     __slots__ = (
-        "transport", "fd", "conn", "peer", "handshake", "sink", "sink_failed", "mask", "deadline", "timer_at",
+        "transport", "fd", "conn", "peer", "handshake", "preamble", "sink", "sink_failed", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
         "tarpit_bps", "trickling", "lingering", "closed", "end",
     )
@@ -56,6 +57,7 @@ class Session:
         self.transport = transport
         self.fd = transport.fileno()  # the same for the connection's life, TLS or not
         self.handshake: Handshake | None = None  # while a TLS handshake runs
+        self.preamble: ProxyRead | None = None  # while a PROXY header is read
         self.conn = conn
         self.peer = peer
         self.sink: Sink | None = None  # opened, written and closed by storage.py only

@@ -15,7 +15,8 @@ connections) describe the present, so they are not kept for exited workers.
 
 Slot layout, native byte order, 8-byte fields: a sequence number, the counters of
 `_COUNTERS`, the latency buckets, the latency sum (a double), the TLS handshake failures
-by reason, the handshake-time buckets, their sum (a double), one counter per reply code
+by reason, the handshake-time buckets, their sum (a double), the PROXY header failures by
+reason, one counter per reply code
 400..599, one per fault rule. The writer makes the sequence odd, writes, makes it
 even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
 no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
@@ -24,13 +25,16 @@ them out, which is enough for statistics.)
 
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 import struct
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from minismtp.smtp.proxyproto import REASONS as _PROXY_REASONS
 
 # Upper bounds, in seconds, of the end-of-data latency buckets; one more bucket is +Inf.
 LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -44,9 +48,14 @@ HANDSHAKE_FAILURES = ("timeout", "unexpected eof", "connection reset", "wrong ve
                       "http request", "unsupported protocol", "no shared cipher", "stopping",
                       "other")
 _FAILURE_INDEX = {reason: index for index, reason in enumerate(HANDSHAKE_FAILURES)}
+# PROXY headers that were not had (proxyread.py): the reader's own reasons, then the
+# parser's (proxyproto.REASONS), each a fixed label.
+PROXY_FAILURES = ("untrusted source", "timeout", "closed mid-header", "stopping",
+                  *sorted(_PROXY_REASONS))
+_PROXY_INDEX = {reason: index for index, reason in enumerate(PROXY_FAILURES)}
 _COUNTERS = ("connections_open", "connections_total", "transactions", "messages_accepted",
-             "bytes_received", "tls_sessions", "tls_discarded_bytes", "auth_successes",
-             "auth_failures", "auth_temporary_failures")
+             "bytes_received", "tls_sessions", "tls_discarded_bytes", "proxy_headers",
+             "auth_successes", "auth_failures", "auth_temporary_failures")
 _GAUGES = frozenset({"connections_open"})
 _FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
 _SEQ = struct.Struct("=Q")
@@ -62,12 +71,14 @@ class WorkerStats:
     stats.faults[rule.index] += 1; stats.observe_latency(seconds)
     stats.tls_sessions += 1; stats.tls_discarded_bytes += n   # plaintext after STARTTLS
     stats.observe_handshake(seconds); stats.count_handshake_failure(reason)
+    stats.proxy_headers += 1; stats.count_proxy_failure(reason)
     stats.auth_successes += 1; stats.auth_failures += 1   # 235; 535
     stats.auth_temporary_failures += 1                     # 454 (queue full, check failed)
     """
 
     __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum",
-                 "tls_failures", "handshake_buckets", "handshake_sum")
+                 "tls_failures", "handshake_buckets", "handshake_sum",
+                 "proxy_failures")
 
     def __init__(self, max_rules: int) -> None:
         self.connections_open = 0
@@ -87,6 +98,8 @@ class WorkerStats:
         self.tls_failures = [0] * len(HANDSHAKE_FAILURES)
         self.handshake_buckets = [0] * _HANDSHAKE_BUCKETS
         self.handshake_sum = 0.0
+        self.proxy_headers = 0
+        self.proxy_failures = [0] * len(PROXY_FAILURES)
 
     def observe_handshake(self, seconds: float) -> None:
         self.handshake_buckets[bisect_left(HANDSHAKE_BOUNDS, seconds)] += 1
@@ -94,6 +107,9 @@ class WorkerStats:
 
     def count_handshake_failure(self, reason: str) -> None:
         self.tls_failures[_FAILURE_INDEX.get(reason, _FAILURE_INDEX["other"])] += 1
+
+    def count_proxy_failure(self, reason: str) -> None:
+        self.proxy_failures[_PROXY_INDEX[reason]] += 1
 
     def observe_latency(self, seconds: float) -> None:
         # bisect_left: a value equal to a bound falls in that bucket (Prometheus "le").
@@ -108,9 +124,10 @@ class WorkerStats:
         board.write(slot, (
             self.connections_open, self.connections_total, self.transactions,
             self.messages_accepted, self.bytes_received, self.tls_sessions,
-            self.tls_discarded_bytes, self.auth_successes, self.auth_failures,
-            self.auth_temporary_failures, *self.latency_buckets, self.latency_sum,
-            *self.tls_failures, *self.handshake_buckets, self.handshake_sum,
+            self.tls_discarded_bytes, self.proxy_headers, self.auth_successes,
+            self.auth_failures, self.auth_temporary_failures, *self.latency_buckets,
+            self.latency_sum, *self.tls_failures, *self.handshake_buckets,
+            self.handshake_sum, *self.proxy_failures,
             *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
         ))
 
@@ -126,6 +143,7 @@ class Snapshot:
     bytes_received: int
     tls_sessions: int
     tls_discarded_bytes: int
+    proxy_headers: int
     auth_successes: int
     auth_failures: int
     auth_temporary_failures: int
@@ -134,6 +152,7 @@ class Snapshot:
     tls_failures: tuple[int, ...]  # by HANDSHAKE_FAILURES
     handshake_buckets: tuple[int, ...]
     handshake_sum: float
+    proxy_failures: tuple[int, ...]  # by PROXY_FAILURES
     rejections: dict[int, int]  # reply code -> count, nonzero only
     faults: tuple[int, ...]  # by rule index
 
@@ -150,11 +169,13 @@ class Totals:
     bytes_received: int = 0
     tls_sessions: int = 0
     tls_discarded_bytes: int = 0
+    proxy_headers: int = 0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
     latency_sum: float = 0.0
     tls_failures: list[int] = field(default_factory=lambda: [0] * len(HANDSHAKE_FAILURES))
     handshake_buckets: list[int] = field(default_factory=lambda: [0] * _HANDSHAKE_BUCKETS)
     handshake_sum: float = 0.0
+    proxy_failures: list[int] = field(default_factory=lambda: [0] * len(PROXY_FAILURES))
     rejections: dict[int, int] = field(default_factory=dict)
     faults: list[int] = field(default_factory=list)
     auth_successes: int = 0
@@ -168,7 +189,8 @@ class Totals:
                 setattr(self, name, getattr(self, name) + getattr(snapshot, name))
         for mine, theirs in ((self.latency_buckets, snapshot.latency_buckets),
                              (self.tls_failures, snapshot.tls_failures),
-                             (self.handshake_buckets, snapshot.handshake_buckets)):
+                             (self.handshake_buckets, snapshot.handshake_buckets),
+                             (self.proxy_failures, snapshot.proxy_failures)):
             for index, count in enumerate(theirs):
                 mine[index] += count
         self.latency_sum += snapshot.latency_sum
@@ -181,13 +203,8 @@ class Totals:
             self.faults[index] += count
 
     def copy(self) -> Totals:
-        return Totals(self.workers, self.connections_open, self.connections_total,
-                      self.transactions, self.messages_accepted, self.bytes_received,
-                      self.tls_sessions, self.tls_discarded_bytes,
-                      list(self.latency_buckets), self.latency_sum, list(self.tls_failures),
-                      list(self.handshake_buckets), self.handshake_sum,
-                      dict(self.rejections), list(self.faults), self.auth_successes,
-                      self.auth_failures, self.auth_temporary_failures)
+        """A copy whose lists and dicts are its own (field by field: no order to keep)."""
+        return Totals(**{f.name: copy.copy(getattr(self, f.name)) for f in fields(self)})
 
 
 class StatsBoard:
@@ -199,7 +216,7 @@ class StatsBoard:
         # "=": no padding; every field is 8 bytes, so each lands on an 8-byte boundary.
         self._body = struct.Struct(
             f"={len(_COUNTERS) + _BUCKETS}Qd{len(HANDSHAKE_FAILURES) + _HANDSHAKE_BUCKETS}Qd"
-            f"{_CODES + max_rules}Q")
+            f"{len(PROXY_FAILURES) + _CODES + max_rules}Q")
         self._stride = _SEQ.size + self._body.size
         self._map = mmap.mmap(-1, max(1, slots * self._stride))  # anonymous, shared
 
@@ -219,22 +236,23 @@ class StatsBoard:
             values = self._body.unpack_from(self._map, offset + _SEQ.size)
             if before % 2 == 0 and _SEQ.unpack_from(self._map, offset)[0] == before:
                 break
-        fields = iter(values)
+        items = iter(values)
 
         def take(count: int) -> tuple[Any, ...]:
-            return tuple(next(fields) for _ in range(count))
+            return tuple(next(items) for _ in range(count))
 
         counters = dict(zip(_COUNTERS, take(len(_COUNTERS))))
-        latency_buckets, latency_sum = take(_BUCKETS), next(fields)
+        latency_buckets, latency_sum = take(_BUCKETS), next(items)
         tls_failures = take(len(HANDSHAKE_FAILURES))
-        handshake_buckets, handshake_sum = take(_HANDSHAKE_BUCKETS), next(fields)
+        handshake_buckets, handshake_sum = take(_HANDSHAKE_BUCKETS), next(items)
+        proxy_failures = take(len(PROXY_FAILURES))
         codes = take(_CODES)
         return Snapshot(
             **counters, latency_buckets=latency_buckets, latency_sum=latency_sum,
             tls_failures=tls_failures, handshake_buckets=handshake_buckets,
-            handshake_sum=handshake_sum,
+            handshake_sum=handshake_sum, proxy_failures=proxy_failures,
             rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
-            faults=tuple(fields),
+            faults=tuple(items),
         )
 
     def clear(self, slot: int) -> None:
@@ -323,6 +341,14 @@ def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
     family("minismtp_tls_plaintext_discarded_bytes_total", "counter",
            "Bytes a client sent after STARTTLS before the handshake, dropped unread.",
            [("", totals.tls_discarded_bytes)])
+    family("minismtp_proxy_headers_total", "counter",
+           "PROXY protocol headers accepted from a load balancer.",
+           [("", totals.proxy_headers)])
+    family("minismtp_proxy_failures_total", "counter",
+           "Connections on PROXY protocol listeners closed before a header was had, "
+           "by reason.",
+           [(f'{{reason="{reason}"}}', count)
+            for reason, count in zip(PROXY_FAILURES, totals.proxy_failures)])
     family("minismtp_auth_total", "counter",
            "AUTH attempts answered, by result: success (235), failure (535), "
            "temporary (454: too many waiting, or the check itself failed).",
@@ -366,6 +392,10 @@ def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
             "handshake_failures": dict(zip(HANDSHAKE_FAILURES, totals.tls_failures)),
             "plaintext_discarded_bytes": totals.tls_discarded_bytes,
             "handshake_seconds_sum": totals.handshake_sum,
+        },
+        "proxy": {
+            "headers": totals.proxy_headers,
+            "failures": dict(zip(PROXY_FAILURES, totals.proxy_failures)),
         },
         "auth": {
             "successes": totals.auth_successes,

@@ -162,6 +162,13 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
         for label, key in (("auth succeeded", "successes"), ("auth failed", "failures"),
                            ("auth temporary failures", "temporary_failures")):
             lines.append(row(label, str(auth[key]), shown(rate(("auth", key)))))
+    proxy = doc.get("proxy")  # absent from a server older than the PROXY protocol
+    if proxy and (proxy["headers"] or any(proxy["failures"].values())):
+        lines.append(row("proxy headers", str(proxy["headers"]),
+                         shown(rate(("proxy", "headers")))))
+        for reason, count in proxy["failures"].items():
+            if count:
+                lines.append(row(f"proxy refused: {reason}", str(count), ""))
     lines.append(f"{'end of data latency':<28}{_latency(doc)}")
     return "\n".join(lines) + "\n"
 

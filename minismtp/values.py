@@ -66,6 +66,19 @@ class ListenerAuth:
         return self.mode != "off"
 
 
+PROXY_VERSIONS = ("v1", "v2", "any")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyProtocol:
+    """A listener's `proxy_protocol` mapping: its connections come from a load balancer
+    that sends a PROXY header first (`version` of it), and only from the `trusted`
+    networks; a connection from elsewhere is closed unread."""
+
+    version: str  # one of PROXY_VERSIONS
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """One `server.listen` entry: an address and how its connections use TLS.
@@ -81,6 +94,7 @@ class Listener:
     tls: str | None = None  # one of TLS_MODES
     require_tls: bool = False  # STARTTLS listeners: MAIL, RCPT, DATA need TLS first
     auth: ListenerAuth = ListenerAuth()  # frozen: one shared default is safe
+    proxy_protocol: ProxyProtocol | None = None  # a PROXY header comes first (proxyread.py)
 
     @property
     def host(self) -> str:
@@ -440,10 +454,58 @@ def dump_auth(auth: ListenerAuth) -> dict[str, object]:
     return entry
 
 
+def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f'must be a non-empty list of networks ("127.0.0.1/32"), '
+                         f"got {got(value)}")
+    networks = []
+    for item in value:
+        if not isinstance(item, str) or len(item) > 64:
+            raise ValueError(f"must be networks in CIDR form, got {got(item)}")
+        try:
+            networks.append(ipaddress.ip_network(item, strict=True))
+        except ValueError:
+            raise ValueError(f"not a network (host bits must be zero), got {got(item)}"
+                             ) from None
+    return tuple(networks)
+
+
+_PROXY_KEYS: dict[str, Parser] = {"version": choice(*PROXY_VERSIONS), "trusted": _networks}
+
+
+def listener_proxy(value: object) -> ProxyProtocol:
+    """A listener's `proxy_protocol` mapping; problems as PathProblems (".trusted", ...)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping (version, trusted), got {got(value)}")
+    fields: dict[str, object] = {}
+    problems: list[tuple[str, str]] = []
+    for key, raw in value.items():
+        key = str(key)
+        if key not in _PROXY_KEYS:
+            problems.append((f".{key}", f"unknown key{suggest(key, [*_PROXY_KEYS])}"))
+            continue
+        try:
+            fields[key] = _PROXY_KEYS[key](raw)
+        except ValueError as exc:
+            problems.append((f".{key}", str(exc)))
+    if "trusted" not in fields and not any(path == ".trusted" for path, _ in problems):
+        # No default: trusting everyone would let any client claim any address.
+        problems.append((".trusted", "needed: the load balancers' networks"))
+    if problems:
+        raise PathProblems(problems)
+    trusted = fields["trusted"]
+    return ProxyProtocol(str(fields.get("version", "v2")), trusted)  # type: ignore[arg-type]
+
+
+def dump_proxy(proxy: ProxyProtocol) -> dict[str, object]:
+    return {"version": proxy.version, "trusted": [str(net) for net in proxy.trusted]}
+
+
 LISTENER_KEYS: dict[str, tuple[str, Parser]] = {
     "tls": ("tls", choice(*TLS_MODES)),
     "require_tls": ("require_tls", boolean),
     "auth": ("auth", listener_auth),
+    "proxy_protocol": ("proxy_protocol", listener_proxy),
 }
 
 
@@ -504,7 +566,7 @@ def dump_listeners(listeners: tuple[Listener, ...], default_tls: str) -> list[ob
     out: list[object] = []
     for listener in listeners:
         if listener.tls == default_tls and not listener.require_tls and (
-                listener.auth == ListenerAuth()):
+                listener.auth == ListenerAuth()) and listener.proxy_protocol is None:
             out.append(str(listener))
             continue
         entry: dict[str, object] = {"address": str(listener), "tls": listener.tls}
@@ -512,6 +574,8 @@ def dump_listeners(listeners: tuple[Listener, ...], default_tls: str) -> list[ob
             entry["require_tls"] = True
         if listener.auth != ListenerAuth():
             entry["auth"] = dump_auth(listener.auth)
+        if listener.proxy_protocol is not None:
+            entry["proxy_protocol"] = dump_proxy(listener.proxy_protocol)
         out.append(entry)
     return out
 

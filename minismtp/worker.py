@@ -36,6 +36,7 @@ from minismtp.loop import READ, WRITE
 from minismtp.msglog import MessageLog
 from minismtp.output import Output
 from minismtp.poller import Poller
+from minismtp.proxyread import ProxyRead, ProxyReads
 from minismtp.session import Session, protocol_settings
 from minismtp.signals import SignalWakeup
 from minismtp.smtp import replies
@@ -74,6 +75,9 @@ class Worker:
         self.profiles = {sock: (protocol_settings(config, entry, tls=tls_context is not None),
                                 tls_context is not None and entry.tls == "implicit")
                          for sock, entry in listeners}
+        # Listening sockets whose connections send a PROXY header first.
+        self.proxied = {sock: entry.proxy_protocol for sock, entry in listeners
+                        if entry.proxy_protocol is not None}
         limits = config.limits
         self.command_timeout = limits.command_timeout
         self.data_timeout = limits.data_timeout
@@ -105,6 +109,7 @@ class Worker:
         self.handshakes = None if tls_context is None else Handshakes(
             self, self.poller, tls_context, self.stats, limits.tls_handshake_timeout,
             self._greet)
+        self.proxies = ProxyReads(self, self.poller, self.stats, limits.proxy_timeout)
 
     # -- set-up and main loop ------------------------------------------------------
 
@@ -161,6 +166,8 @@ class Worker:
                         start(acceptor.on_readable(owner.sock, self.now))
                     elif kind is Handshake:
                         self.handshakes.step(owner)
+                    elif kind is ProxyRead:
+                        self.proxies.step(owner)
                     elif owner is _COMMITS:
                         self.decide.on_commits()
                     elif owner is _WAKEUP:
@@ -219,7 +226,9 @@ class Worker:
         self.stop_deadline = now + self.config.server.shutdown_timeout
         self.acceptor.close()
         for session in list(self.sessions.values()):
-            if session.handshake is not None:
+            if session.preamble is not None:
+                self.proxies.wind_down(session)
+            elif session.handshake is not None:
                 self.handshakes.wind_down(session)  # then 421, once TLS is up
             elif not session.paused:
                 self._maybe_send_off(session)
@@ -236,9 +245,10 @@ class Worker:
             if len(self.sessions) >= self.max_connections:
                 # Counted as the 421 it is on a plain port; on an implicit-TLS port the
                 # client expects a ServerHello, and plaintext would only break its
-                # handshake: close without a word.
+                # handshake, and on a PROXY port nothing is said before the header (the
+                # peer may not be a balancer at all): close without a word.
                 self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
-                if implicit_tls:
+                if implicit_tls or listener in self.proxied:
                     transport.close()
                 else:
                     transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
@@ -250,13 +260,23 @@ class Worker:
             self.sessions[session.fd] = session
             self.stats.connections_open += 1
             self.stats.connections_total += 1
-            if implicit_tls:
-                self.handshakes.begin_implicit(session, sock)  # then the greeting
+            proxy = self.proxied.get(listener)
+            if proxy is not None:  # the balancer's header first, then as below
+                self.proxies.begin(session, proxy, self._begin_tls if implicit_tls
+                                   else self._begin_plain)
+            elif implicit_tls:
+                self._begin_tls(session)
             else:
-                self.timers.set_deadline(session, self.now + self.command_timeout)
-                self._greet(session)
+                self._begin_plain(session)
         if accepted:
             self.acceptor.publish_load()
+
+    def _begin_plain(self, session: Session) -> None:
+        self.timers.set_deadline(session, self.now + self.command_timeout)
+        self._greet(session)
+
+    def _begin_tls(self, session: Session) -> None:
+        self.handshakes.begin_implicit(session, session.transport.sock)  # then the greeting
 
     def _greet(self, session: Session) -> None:
         if self.stopping:  # implicit TLS came up while the worker stops: turned away
@@ -386,6 +406,8 @@ class Worker:
         self.storage.abort(session)
         if session.handshake is not None:
             self.handshakes.forget(session)
+        if session.preamble is not None:
+            self.proxies.forget(session)
         transport = session.transport
         if session.mask:
             self.poller.unregister(session.fd)
@@ -418,6 +440,9 @@ class Worker:
         self.timers.set_deadline(session, deadline)
 
     def _on_deadline(self, session: Session) -> None:
+        if session.preamble is not None:
+            self.proxies.expire(session)  # no greeting was sent: close without a word
+            return
         if session.handshake is not None:
             self.handshakes.expire(session)  # a client mid-handshake reads no reply
             return

@@ -20,7 +20,8 @@ __all__ = ["Backend", "DeliveryError", "Peer", "Sink"]
 
 
 class Peer(NamedTuple):
-    """The remote end of a session, as the OS reported it (not as the client claims).
+    """The remote end of a session, as the OS reported it (not as the client claims), or
+    as a trusted load balancer's PROXY header gave it (proxyread.py).
 
     A named tuple rather than a frozen dataclass: one is made per connection, at a third
     of the cost."""

@@ -392,6 +392,7 @@ def test_metrics_are_strict_prometheus_text_and_match_the_traffic(make_server, r
         "faults_injected_total": "counter", "end_of_data_seconds": "histogram",
         "tls_sessions_total": "counter", "tls_handshake_failures_total": "counter",
         "tls_plaintext_discarded_bytes_total": "counter", "tls_handshake_seconds": "histogram",
+        "proxy_headers_total": "counter", "proxy_failures_total": "counter",
         "auth_total": "counter"}
     plain = ("workers", "connections_open", "connections_total", "transactions_total",
              "messages_accepted_total")

@@ -1,5 +1,6 @@
 """Interop tests: real programs (swaks, curl, s-nail, Python's smtplib, Postfix relaying,
-Dovecot serving the Maildir over IMAP) against a real minismtp.
+Dovecot serving the Maildir over IMAP, HAProxy balancing two instances) against a real
+minismtp.
 
 Each test is marked `integration` and `interop`. `@pytest.mark.neighbour("swaks", ...)`
 names the programs a test runs: in CI a missing one fails the test, elsewhere it skips

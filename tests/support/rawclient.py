@@ -54,9 +54,13 @@ class RawClient:
         lines = [f"MAIL FROM:<{sender}>", *(f"RCPT TO:<{r}>" for r in recipients), "DATA"]
         return "".join(line + "\r\n" for line in lines).encode()
 
-    def __init__(self, port: int, host: str = HOST, timeout: float = 10.0) -> None:
+    def __init__(self, port: int, host: str = HOST, timeout: float = 10.0,
+                 source: str | None = None) -> None:
+        """`source`: the local address to connect from (127.0.0.2 and the like)."""
         self.timeout = timeout
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout,
+            source_address=None if source is None else (source, 0))
         self.buf = b""
         self.eof = False
 

@@ -37,7 +37,7 @@ SCHEMA = {
                "worker_timeout", "shutdown_timeout", "user"],
     "limits": ["max_message_size", "max_recipients", "max_command_length", "command_timeout",
                "data_timeout", "min_data_rate", "min_data_rate_grace", "max_errors",
-               "max_junk_commands", "bare_lf", "tls_handshake_timeout"],
+               "max_junk_commands", "bare_lf", "tls_handshake_timeout", "proxy_timeout"],
     "delivery": ["backend", "path", "fsync", "layout", "line_endings", "envelope_recipients",
                  "group", "file_mode", "dir_mode"],
     "logging": ["level", "format"],
@@ -93,6 +93,7 @@ def test_defaults_without_a_file():
         max_junk_commands=100,
         bare_lf="normalize",
         tls_handshake_timeout=30.0,
+        proxy_timeout=10.0,
     )
     assert config.delivery == DeliveryConfig("maildir", "./var/mail", True, "single")
     assert config.logging == LoggingConfig("info", "text")

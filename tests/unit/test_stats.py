@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from minismtp.stats import (
-    LATENCY_BOUNDS, Snapshot, StatsBoard, Totals, WorkerStats, render_prometheus,
+    LATENCY_BOUNDS, PROXY_FAILURES, Snapshot, StatsBoard, Totals, WorkerStats, render_prometheus,
     summary_line, to_json,
 )
 
@@ -39,6 +39,9 @@ def busy_worker(scale: int = 1, rules: int = RULES) -> WorkerStats:
     stats.observe_handshake(0.004)
     stats.count_handshake_failure("wrong version number")
     stats.count_handshake_failure("a reason nobody listed")
+    stats.proxy_headers += 6 * scale
+    stats.count_proxy_failure("untrusted source")
+    stats.count_proxy_failure("bad v2 tlv")
     return stats
 
 
@@ -65,10 +68,13 @@ def test_publish_and_read_round_trip():
         latency_sum=pytest.approx(70.2036),
         tls_failures=(0, 0, 0, 1, 0, 0, 0, 0, 1),
         handshake_buckets=(0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-        handshake_sum=pytest.approx(0.004),
+        handshake_sum=pytest.approx(0.004), proxy_headers=6,
+        proxy_failures=tuple(int(reason in ("untrusted source", "bad v2 tlv"))
+                             for reason in PROXY_FAILURES),
         rejections={450: 3, 554: 1}, faults=(0, 5, 0, 0))
     assert board.read(4) == board.read(6) == Snapshot(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0, {}, (0,) * RULES)
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0,
+        (0,) * len(PROXY_FAILURES), {}, (0,) * RULES)
 
 
 def test_board_is_shared_across_fork():
@@ -239,8 +245,14 @@ def test_prometheus_output_parses_strictly():
         "minismtp_tls_plaintext_discarded_bytes_total": "counter",
         "minismtp_auth_total": "counter",
         "minismtp_tls_handshake_seconds": "histogram",
+        "minismtp_proxy_headers_total": "counter",
+        "minismtp_proxy_failures_total": "counter",
     }
     assert families["minismtp_workers"]["samples"] == [("minismtp_workers", {}, 3)]
+    assert families["minismtp_proxy_headers_total"]["samples"][0][2] == 36
+    proxy_failures = {s[1]["reason"]: s[2]
+                      for s in families["minismtp_proxy_failures_total"]["samples"]}
+    assert proxy_failures["untrusted source"] == 3 and proxy_failures["timeout"] == 0
     assert families["minismtp_tls_sessions_total"]["samples"][0][2] == 24
     failures = {s[1]["reason"]: s[2]
                 for s in families["minismtp_tls_handshake_failures_total"]["samples"]}
@@ -302,6 +314,11 @@ def test_json_shape():
                 "no shared cipher": 0, "stopping": 0, "other": 1},
             "plaintext_discarded_bytes": 31,
             "handshake_seconds_sum": pytest.approx(0.004),
+        },
+        "proxy": {
+            "headers": 6,
+            "failures": {reason: int(reason in ("untrusted source", "bad v2 tlv"))
+                         for reason in PROXY_FAILURES},
         },
         "auth": {"successes": 6, "failures": 2, "temporary_failures": 1},
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import selectors
 import socket
 import struct
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from minismtp import statsview
+from minismtp import stats, statsview
 from minismtp.cli import main
 from minismtp.config import load_config
 from minismtp.stats import StatsBoard, Totals, WorkerStats, to_json
@@ -457,3 +458,15 @@ def test_view_without_stats_listen(tmp_path, capsys):
 def test_stats_url(listen, url):
     address = load_config(overrides={"stats.listen": listen}).stats.listen
     assert statsview.stats_url(address) == url
+
+
+def test_stats_view_shows_proxy_counts_only_when_there_are_some():
+    quiet = statsview.Sample(1.0, stats.to_json(stats.Totals(workers=1), []))
+    assert "proxy" not in statsview.render("http://x/stats", quiet, None)
+    totals = stats.Totals(workers=1, proxy_headers=5)
+    totals.proxy_failures[stats.PROXY_FAILURES.index("untrusted source")] = 2
+    text = statsview.render("http://x/stats", statsview.Sample(1.0, stats.to_json(totals, [])),
+                            None)
+    assert re.search(r"proxy headers +5", text)
+    assert re.search(r"proxy refused: untrusted source +2", text)
+    assert "proxy refused: timeout" not in text

@@ -1,0 +1,166 @@
+"""The PROXY header a load balancer sends first, read in a worker's loop before the session
+begins (listeners with `proxy_protocol`).
+
+Untrusted input: the first bytes of a connection, and its peer address. A peer outside
+the listener's `trusted` networks is closed at once, unread. From a trusted one, bytes are
+read until `proxyproto.parse` has a whole header, fails, or `limits.proxy_timeout` passes;
+nothing is sent meanwhile (no greeting: the balancer relays whatever we write to its
+client, and a header that never comes means the peer is not the balancer we expect).
+Every failure closes the connection without a word, with one log line and a count by
+reason (`stats.PROXY_FAILURES`).
+
+The header is consumed exactly, and nothing past it: each read first peeks at the socket
+(MSG_PEEK), and only bytes the parser has ruled to be header are taken from it. Whatever
+follows stays in the kernel for the next reader: the SMTP core's buffer on a plain
+listener, OpenSSL on an implicit-TLS one (the header comes before the ClientHello, as
+HAProxy sends it in TCP mode). `parse` answers NEED_MORE only while every byte present
+can still be header (a v1 line without its LF yet, a v2 header short of its length), so
+taking all peeked bytes then is exact too, and a partial header never leaves readable
+bytes behind for a level-triggered poller to spin on.
+
+While the header is read, the connection's owner in the poller is its `ProxyRead`, as a
+`Handshake` owns it during TLS (handshake.py), and the session's deadline is the
+header's. Once it is in, a PROXY command's source replaces `session.peer`, so logs,
+`Received:`, fault rules and stats see the client, not the balancer; LOCAL (the
+balancer's health checks) and addressless headers keep the real endpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Callable
+
+from minismtp.delivery import Peer
+from minismtp.loop import READ
+from minismtp.poller import Poller
+from minismtp.smtp import proxyproto
+from minismtp.stats import WorkerStats
+from minismtp.values import ProxyProtocol
+
+if TYPE_CHECKING:
+    from minismtp.loop import Loop
+    from minismtp.session import Session
+
+log = logging.getLogger("minismtp.worker")
+
+# A stopping worker waits this long for headers on their way: a balancer sends its header
+# with the connection's first segment, so a short wait covers all but a stalled peer.
+STOP_GRACE_S = 2.0
+
+_ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
+           "any": proxyproto.Version.ANY}
+
+
+class ProxyRead:
+    """The poller's owner of a connection while its PROXY header is read."""
+
+    __slots__ = ("session", "accept", "data", "watched", "then")
+
+    def __init__(self, session: Session, accept: proxyproto.Version,
+                 then: Callable[[Session], None]) -> None:
+        self.session = session
+        self.accept = accept
+        self.data = bytearray()  # header bytes taken so far; never past MAX_HEADER_BYTES
+        self.watched = False
+        self.then = then  # what the session does next: greet, or a TLS handshake
+
+
+class ProxyReads:
+    def __init__(self, loop: Loop, poller: Poller, stats: WorkerStats,
+                 timeout_s: float) -> None:
+        self.loop = loop
+        self.poller = poller
+        self.stats = stats
+        self.timeout_s = timeout_s
+        self.stopping = False
+
+    def begin(self, session: Session, proxy: ProxyProtocol,
+              then: Callable[[Session], None]) -> None:
+        """A new connection on a PROXY listener: read its header, then call `then`."""
+        if not proxyproto.trusted(session.peer.address, proxy.trusted):
+            self._failed(session, "untrusted source")
+            return
+        session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], then)
+        loop = self.loop
+        loop.timers.set_deadline(session, loop.now + self.timeout_s)
+        self.poller.register(session.fd, READ, reader)
+        reader.watched = True
+        self.step(reader)  # the header often came with the connection
+
+    def step(self, reader: ProxyRead) -> None:
+        """The connection is readable: take what belongs to the header."""
+        session = reader.session
+        sock = session.transport.sock
+        data = reader.data
+        try:
+            peeked = sock.recv(proxyproto.MAX_HEADER_BYTES - len(data), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._failed(session, "closed mid-header")
+            return
+        if not peeked:
+            self._failed(session, "closed mid-header")
+            return
+        have = len(data)
+        window = data + peeked
+        try:
+            header = proxyproto.parse(window, 0, len(window), reader.accept)
+        except proxyproto.ProxyError as exc:
+            self._failed(session, exc.reason)
+            return
+        # Take from the socket what is header: all of it while more is needed, else
+        # exactly the rest of the header. The peeked bytes are there: this cannot block.
+        take = len(peeked) if header is proxyproto.NEED_MORE else header.consumed - have
+        try:
+            taken = sock.recv(take)
+        except OSError:
+            self._failed(session, "closed mid-header")
+            return
+        if len(taken) != take:  # only a socket shut under us could do this
+            self._failed(session, "closed mid-header")
+            return
+        if header is proxyproto.NEED_MORE:
+            data += taken
+            return
+        self._done(reader, header)
+
+    def _done(self, reader: ProxyRead, header: proxyproto.ProxyHeader) -> None:
+        session = reader.session
+        self.forget(session)
+        self.stats.proxy_headers += 1
+        if header.command is proxyproto.Command.PROXY and header.source is not None:
+            log.debug("proxy: peer=%s is %s:%d (v%d)", session.peer.address,
+                      header.source[0], header.source[1], header.version)
+            session.peer = Peer(header.source[0], header.source[1])
+        reader.then(session)
+
+    def expire(self, session: Session) -> None:
+        """The header's deadline passed (or the grace of a stopping worker)."""
+        self._failed(session, "stopping" if self.stopping else "timeout")
+
+    def wind_down(self, session: Session) -> None:
+        """The worker stops (SIGTERM, or retired by a reload): a header on its way may
+        still come, within STOP_GRACE_S, and the session then gets 421 like any idle one
+        (the client behind the balancer learns to try again); one that does not come in
+        time is closed as "stopping"."""
+        self.stopping = True
+        loop = self.loop
+        loop.timers.set_deadline(session, min(session.deadline, loop.now + STOP_GRACE_S))
+
+    def forget(self, session: Session) -> None:
+        """The header is in, or the session closes: stop watching for it."""
+        reader = session.preamble
+        if reader is None:
+            return
+        if reader.watched:
+            self.poller.unregister(session.fd)
+            reader.watched = False
+        session.preamble = None
+
+    def _failed(self, session: Session, reason: str) -> None:
+        self.stats.count_proxy_failure(reason)
+        log.info("PROXY header refused: peer=%s reason=%s", session.peer.address, reason)
+        session.end = f"no PROXY header: {reason}"
+        self.loop.close(session, "")
