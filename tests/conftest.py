@@ -47,3 +47,21 @@ def raw_clients() -> Iterator[Callable[..., RawClient]]:
     yield connect
     for client in opened:
         client.close()
+
+
+# --- certificates for TLS servers (trustme: a throwaway CA per test module) -------------
+
+@pytest.fixture(scope="module")
+def pki():
+    from support.tlsserver import Pki  # trustme only where TLS is tested
+
+    return Pki()
+
+
+@pytest.fixture
+def tls_files(pki, tmp_path):
+    """A certificate and key for NAME and 127.0.0.1, as files: (cert, key)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    pki.write(pki.issue(), cert, key)
+    return cert, key
+

@@ -23,7 +23,7 @@ from minismtp.logins import FAILURE_DELAY_S  # noqa: E402
 from minismtp.smtp import replies  # noqa: E402
 from support.neighbours import missing, program  # noqa: E402
 from support.tlsserver import (  # noqa: E402
-    HOST, Pki, start_tls, tls_overrides, wait_for_metric,
+    HOST, start_tls, tls_overrides, wait_for_metric,
 )
 
 USER, PASSWORD = "alice", "correct horse battery staple"
@@ -31,18 +31,6 @@ WRONG = "Wrong-Guess-4417"  # must appear nowhere in the server's log
 SUCCESS = 'minismtp_auth_total{result="success"}'
 FAILURE = 'minismtp_auth_total{result="failure"}'
 BODY = b"Subject: authenticated\r\n\r\nhello\r\n"
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki()
-
-
-@pytest.fixture
-def tls_files(pki, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    Pki.write(pki.issue(), cert, key)
-    return cert, key
 
 
 def users_file(path, rounds: int = 4, **users: str):

@@ -15,23 +15,11 @@ pytest.importorskip("trustme")
 
 from minismtp.smtp import replies  # noqa: E402
 from support.tlsserver import (  # noqa: E402
-    HOST, NAME, Pki, free_ports, start_tls, tls_overrides, wait_for_metric,
+    HOST, NAME, free_ports, start_tls, tls_overrides, wait_for_metric,
 )
 
 MAIL_FROM = b"MAIL FROM:<a@example.org>\r\n"
 BODY = b"Subject: over TLS\r\n\r\nhello\r\n"
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki()
-
-
-@pytest.fixture
-def tls_files(pki, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    Pki.write(pki.issue(), cert, key)
-    return cert, key
 
 
 @pytest.fixture

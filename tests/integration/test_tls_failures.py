@@ -21,23 +21,11 @@ pytest.importorskip("trustme")
 from minismtp.smtp import replies  # noqa: E402
 from minismtp.stats import HANDSHAKE_FAILURES  # noqa: E402
 from support.tlsserver import (  # noqa: E402
-    HOST, NAME, Pki, client_hello, failures_key, free_ports, metrics, start_tls, tls_overrides,
+    HOST, NAME, client_hello, failures_key, free_ports, metrics, start_tls, tls_overrides,
     wait_for_metric,
 )
 
 FAILED = r"TLS handshake failed: peer=127\.0\.0\.1 reason=([a-z ]+)$"
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki()
-
-
-@pytest.fixture
-def tls_files(pki, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    Pki.write(pki.issue(), cert, key)
-    return cert, key
 
 
 @pytest.fixture

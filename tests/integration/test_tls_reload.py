@@ -20,11 +20,6 @@ from support.tlsserver import HOST, NAME, Pki, der, tls_overrides  # noqa: E402
 _PID = re.compile(r"P(\d+)Q")
 
 
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki()
-
-
 def read_reply(sock: ssl.SSLSocket, finals: int = 1) -> bytes:
     """Replies up to the `finals`-th final line ("NNN ..."); the client pipelines no
     further than that, so nothing more can arrive meanwhile."""
