@@ -12,6 +12,7 @@ deadline for each session and for the run.
 from __future__ import annotations
 
 import collections
+import errno
 import random
 import re
 import selectors
@@ -167,6 +168,19 @@ def run_sessions(port: int, inputs: list[list[bytes]]) -> list[Exchange]:
     return done
 
 
+class NotConnectedError(OSError):
+    """ENOTCONN from shutdown(): the server closed and the connection is already gone."""
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise NotConnectedError(exc.errno, exc.strerror) from exc
+        raise
+
+
 def send_next(ex: Exchange, sel: selectors.BaseSelector) -> None:
     try:
         if ex.pieces:
@@ -177,11 +191,11 @@ def send_next(ex: Exchange, sel: selectors.BaseSelector) -> None:
                 return
             ex.pieces.pop(0)
         if not ex.pieces:
-            ex.sock.shutdown(socket.SHUT_WR)
+            _shutdown_write(ex.sock)
             sel.modify(ex.sock, selectors.EVENT_READ, ex)
     except BlockingIOError:
         pass
-    except (BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError, NotConnectedError):
         ex.pieces.clear()  # the server closed (QUIT, 421): read what it said
         sel.modify(ex.sock, selectors.EVENT_READ, ex)
 

@@ -59,8 +59,11 @@ def send_one(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None 
 def test_session_resumes_with_the_other_worker(make_server, pki, tmp_path, version):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     Pki.write(pki.issue(), cert, key)
+    # reuse_port: each worker its own socket, and the kernel spreads connections over
+    # them by address and port; on one shared socket whichever worker wakes first may
+    # take every connection made one at a time.
     server = make_server(tls_overrides(cert, key, [{"address": f"{HOST}:0", "tls": "implicit"}],
-                                       server={"workers": 2}))
+                                       server={"workers": 2, "reuse_port": True}))
     workers = set(server.worker_pids())
     context = pki.client_context(version)
     first, reused, session = send_one(server.port, context)
