@@ -41,10 +41,12 @@ import socket
 import ssl
 
 from minismtp.loop import READ, WRITE
+from minismtp.transport import drain
 
 __all__ = ["HandshakeFailed", "TlsTransport"]
 
-_DRAIN_READS = 16  # as transport.py: per readiness event while lingering
+# While lingering, "nothing to read now" may also be OpenSSL's want-read or want-write.
+_NOT_YET = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class HandshakeFailed(Exception):
@@ -180,16 +182,7 @@ class TlsTransport:
 
     def discard_input(self) -> bool:
         """Read and drop what the client sends; True once it is done (EOF or error)."""
-        try:
-            for _ in range(_DRAIN_READS):
-                if not self.sock.recv(65536):
-                    return True
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
-                ssl.SSLWantWriteError):
-            return False
-        except (OSError, ValueError):
-            return True
-        return False
+        return drain(self.sock, _NOT_YET)
 
     def close(self) -> None:
         """Best effort close_notify (never waits), then close."""

@@ -31,6 +31,21 @@ MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the bytes for what foll
 _DRAIN_READS = 16  # per readiness event while lingering: a flooding client must not hold us
 
 
+def drain(sock: _socket.socket, not_yet: tuple[type[Exception], ...] = (
+        BlockingIOError, InterruptedError)) -> bool:
+    """Read and drop what the peer sends, a bounded amount; True once it is done (EOF or
+    an error), False while more may come (`not_yet`: nothing to read now)."""
+    try:
+        for _ in range(_DRAIN_READS):
+            if not sock.recv(65536):
+                return True
+    except not_yet:
+        return False
+    except (OSError, ValueError):  # ValueError: a socket closed under us
+        return True
+    return False
+
+
 class PlainTransport:
     __slots__ = ("sock", "pending", "read_into", "write")
 
@@ -65,15 +80,7 @@ class PlainTransport:
 
     def discard_input(self) -> bool:
         """Read and drop what the client sends; True once it is done (EOF or error)."""
-        try:
-            for _ in range(_DRAIN_READS):
-                if not self.sock.recv(65536):
-                    return True
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-        return False
+        return drain(self.sock)
 
     def close(self) -> None:
         self.sock.close()
