@@ -413,22 +413,30 @@ _AUTH_KEYS: dict[str, Parser] = {
 }
 
 
+def _parse_keys(value: Mapping, parsers: dict[str, Parser]
+                ) -> tuple[dict[str, object], list[tuple[str, str]]]:
+    """Each key of a listener's sub-mapping through its parser: (fields, problems), a
+    problem per unknown or bad key, its path relative to the mapping (".mode")."""
+    fields: dict[str, object] = {}
+    problems: list[tuple[str, str]] = []
+    for key, raw in value.items():
+        key = str(key)
+        if key not in parsers:
+            problems.append((f".{key}", f"unknown key{suggest(key, [*parsers])}"))
+            continue
+        try:
+            fields[key] = parsers[key](raw)
+        except ValueError as exc:
+            problems.append((f".{key}", str(exc)))
+    return fields, problems
+
+
 def listener_auth(value: object) -> ListenerAuth:
     """A listener's `auth` mapping; problems as PathProblems (".mode", ...)."""
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping (mode, users_file, require, allow_plaintext), "
                          f"got {got(value)}")
-    fields: dict[str, object] = {}
-    problems: list[tuple[str, str]] = []
-    for key, raw in value.items():
-        key = str(key)
-        if key not in _AUTH_KEYS:
-            problems.append((f".{key}", f"unknown key{suggest(key, [*_AUTH_KEYS])}"))
-            continue
-        try:
-            fields[key] = _AUTH_KEYS[key](raw)
-        except ValueError as exc:
-            problems.append((f".{key}", str(exc)))
+    fields, problems = _parse_keys(value, _AUTH_KEYS)
     if not problems:
         mode = fields.get("mode", "off")
         if mode == "htpasswd" and "users_file" not in fields:
@@ -477,17 +485,7 @@ def listener_proxy(value: object) -> ProxyProtocol:
     """A listener's `proxy_protocol` mapping; problems as PathProblems (".trusted", ...)."""
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping (version, trusted), got {got(value)}")
-    fields: dict[str, object] = {}
-    problems: list[tuple[str, str]] = []
-    for key, raw in value.items():
-        key = str(key)
-        if key not in _PROXY_KEYS:
-            problems.append((f".{key}", f"unknown key{suggest(key, [*_PROXY_KEYS])}"))
-            continue
-        try:
-            fields[key] = _PROXY_KEYS[key](raw)
-        except ValueError as exc:
-            problems.append((f".{key}", str(exc)))
+    fields, problems = _parse_keys(value, _PROXY_KEYS)
     if "trusted" not in fields and not any(path == ".trusted" for path, _ in problems):
         # No default: trusting everyone would let any client claim any address.
         problems.append((".trusted", "needed: the load balancers' networks"))
