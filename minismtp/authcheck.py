@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import socket
 import threading
 from typing import Callable, Generic, TypeVar
 
 from minismtp.smtp import replies
 from minismtp.smtp.protocol import AUTH_MECHANISMS
 from minismtp.smtp.replies import Reply
+from minismtp.threadwake import ThreadWakeup
 from minismtp.values import ListenerAuth
 
 log = logging.getLogger("minismtp.worker")
@@ -97,9 +97,8 @@ class AuthChecker(Generic[Tag]):
         self._queued: collections.deque[tuple[Tag, Verify, str, str]] = collections.deque()
         self._done: list[tuple[Tag, bool | None]] = []
         self._stopping = False
-        self.wakeup, self._notify = socket.socketpair()  # the loop selects on `wakeup`
-        self.wakeup.setblocking(False)
-        self._notify.setblocking(False)
+        self._wake = ThreadWakeup()
+        self.wakeup = self._wake.sock  # the loop selects on it
         self._threads = [threading.Thread(target=self._run, name=f"auth-check-{n}",
                                           daemon=True) for n in range(threads)]
         for thread in self._threads:
@@ -120,11 +119,7 @@ class AuthChecker(Generic[Tag]):
     def take_done(self) -> list[tuple[Tag, bool | None]]:
         """Finished checks: (tag, True) right, (tag, False) wrong, (tag, None) the check
         itself failed (logged). Call when `wakeup` is readable."""
-        try:
-            while self.wakeup.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._wake.drain()
         with self._cond:
             done, self._done = self._done, []
         return done
@@ -142,8 +137,7 @@ class AuthChecker(Generic[Tag]):
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
-        self.wakeup.close()
-        self._notify.close()
+        self._wake.close()
 
     def _run(self) -> None:
         while True:
@@ -161,7 +155,4 @@ class AuthChecker(Generic[Tag]):
             del password
             with self._cond:
                 self._done.append((tag, ok))
-            try:
-                self._notify.send(b"!")
-            except (BlockingIOError, InterruptedError):
-                pass  # a wakeup is already pending: the loop will take everything
+            self._wake.notify()

@@ -12,10 +12,10 @@ GIL is released while the thread waits for the disk.
 
 from __future__ import annotations
 
-import socket
 import threading
 from typing import Generic, TypeVar
 
+from ..threadwake import ThreadWakeup
 from .base import Backend, DeliveryError, Sink
 
 Tag = TypeVar("Tag")  # what the loop needs back with each result (its session)
@@ -28,9 +28,8 @@ class GroupCommitter(Generic[Tag]):
         self._queued: list[tuple[Tag, Sink]] = []
         self._done: list[tuple[Tag, str | DeliveryError]] = []
         self._stopping = False
-        self.wakeup, self._notify = socket.socketpair()  # the loop selects on `wakeup`
-        self.wakeup.setblocking(False)
-        self._notify.setblocking(False)
+        self._wake = ThreadWakeup()
+        self.wakeup = self._wake.sock  # the loop selects on it
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
@@ -41,11 +40,7 @@ class GroupCommitter(Generic[Tag]):
 
     def take_done(self) -> list[tuple[Tag, str | DeliveryError]]:
         """Results ready for the loop; call when `wakeup` is readable."""
-        try:
-            while self.wakeup.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._wake.drain()
         with self._cond:
             done, self._done = self._done, []
         return done
@@ -56,8 +51,7 @@ class GroupCommitter(Generic[Tag]):
             self._stopping = True
             self._cond.notify()
         self._thread.join()
-        self.wakeup.close()
-        self._notify.close()
+        self._wake.close()
 
     def _run(self) -> None:
         while True:
@@ -70,7 +64,4 @@ class GroupCommitter(Generic[Tag]):
             results = self._backend.commit_many([sink for _, sink in batch])
             with self._cond:
                 self._done.extend(zip((tag for tag, _ in batch), results))
-            try:
-                self._notify.send(b"!")
-            except (BlockingIOError, InterruptedError):
-                pass  # a wakeup is already pending: the loop will take everything
+            self._wake.notify()
