@@ -63,7 +63,8 @@ def main() -> int:
     listener = bind(config.server.listen[0], 4096, reuse_port=False)
     port = listener.getsockname()[1]
     backend = make_backend("discard", "", False, "single", config.server.hostname)
-    worker = Worker(config, [listener], backend, HeartbeatBoard(1), 0, StatsBoard(1, 64))
+    worker = Worker(config, [(listener, config.server.listen[0])], backend, HeartbeatBoard(1), 0,
+                    StatsBoard(1, 64))
     outcome = {}
 
     def load() -> None:

@@ -9,6 +9,7 @@ ArgumentError carrying the reply to send; nothing else can escape.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from minismtp.smtp import replies
 from minismtp.smtp.replies import Reply
@@ -56,13 +57,52 @@ def parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
     return address, rest[end:].split()
 
 
+# Paths already checked, by argument text: a client sends the same sender and recipients
+# again and again (a load test, a mailing), and a hit skips two regexes and the checks.
+# Only valid paths are kept, at most _MAX_REMEMBERED per table, so hostile input can
+# only refill a small table.
+_SENDERS: dict[str, tuple[str, tuple[str, ...]]] = {}
+_RECIPIENTS: dict[str, tuple[str, tuple[str, ...]]] = {}
+_MAX_REMEMBERED = 512
+
+
+def sender_path(arg: str) -> tuple[str, tuple[str, ...]]:
+    """MAIL's argument as (sender, parameters): "" for the null sender <>."""
+    known = _SENDERS.get(arg)
+    if known is None:
+        sender, params = parse_path(arg, "FROM:", replies.BAD_SENDER)
+        if sender and not is_mailbox(sender):
+            raise ArgumentError(replies.BAD_SENDER)
+        known = _remember(_SENDERS, arg, sender, params)
+    return known
+
+
+def recipient_path(arg: str) -> tuple[str, tuple[str, ...]]:
+    """RCPT's argument as (recipient, parameters): a mailbox or "postmaster"."""
+    known = _RECIPIENTS.get(arg)
+    if known is None:
+        recipient, params = parse_path(arg, "TO:", replies.BAD_RECIPIENT)
+        if not (is_mailbox(recipient) or recipient.lower() == "postmaster"):
+            raise ArgumentError(replies.BAD_RECIPIENT)
+        known = _remember(_RECIPIENTS, arg, recipient, params)
+    return known
+
+
+def _remember(table: dict[str, tuple[str, tuple[str, ...]]], arg: str, path: str,
+              params: list[str]) -> tuple[str, tuple[str, ...]]:
+    if len(table) >= _MAX_REMEMBERED:
+        table.clear()  # cheaper than tracking age; a steady client refills it at once
+    table[arg] = known = (path, tuple(params))
+    return known
+
+
 def is_mailbox(address: str) -> bool:
     """local@domain, with neither part empty and no empty domain label at the start."""
     local, at, domain = address.rpartition("@")
     return bool(at and local and domain) and not domain.startswith(".") and ".." not in domain
 
 
-def parse_mail_parameters(params: list[str], *,
+def parse_mail_parameters(params: Sequence[str], *,
                           auth: bool = False) -> tuple[int | None, str | None, bool]:
     """(SIZE, BODY, SMTPUTF8) from MAIL's parameters; each may be given once. With
     `auth` (AUTH offered) an AUTH=<xtext> parameter is checked and ignored: it names

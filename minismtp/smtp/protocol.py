@@ -59,7 +59,7 @@ from typing import Callable
 
 from minismtp.smtp import replies
 from minismtp.smtp.arguments import (
-    ArgumentError, is_mailbox, parse_mail_parameters, parse_path,
+    ArgumentError, parse_mail_parameters, recipient_path, sender_path,
 )
 from minismtp.smtp.buffer import ReceiveBuffer
 from minismtp.smtp.events import (
@@ -110,6 +110,7 @@ class Settings:
             raise ValueError("auth_required needs auth_mechanisms")
 
 
+_NO_PARAMETERS = (None, None, False)  # parse_mail_parameters(()): no SIZE, BODY, SMTPUTF8
 BARE_LF_POLICIES = ("normalize", "reject", "accept")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 
@@ -484,11 +485,9 @@ class SmtpServerConnection:
     def _mail_cmd(self, arg: str) -> object | None:
         if self.settings.auth_required and self.authenticated_as is None:
             raise ArgumentError(replies.AUTH_REQUIRED)
-        sender, params = parse_path(arg, "FROM:", replies.BAD_SENDER)
-        if sender and not is_mailbox(sender):
-            raise ArgumentError(replies.BAD_SENDER)
+        sender, params = sender_path(arg)
         size, body, smtputf8 = parse_mail_parameters(
-            params, auth=bool(self.settings.auth_mechanisms))
+            params, auth=bool(self.settings.auth_mechanisms)) if params else _NO_PARAMETERS
         if not self._esmtp and params:
             raise ArgumentError(replies.UNKNOWN_PARAMETER)  # RFC 5321 4.1.1.11: HELO means no extensions
         if not smtputf8 and not sender.isascii():
@@ -499,9 +498,7 @@ class SmtpServerConnection:
         return MailFrom(sender, size, smtputf8, body == "8BITMIME")
 
     def _rcpt_cmd(self, arg: str) -> object | None:
-        recipient, params = parse_path(arg, "TO:", replies.BAD_RECIPIENT)
-        if not (is_mailbox(recipient) or recipient.lower() == "postmaster"):
-            raise ArgumentError(replies.BAD_RECIPIENT)
+        recipient, params = recipient_path(arg)
         if params:
             raise ArgumentError(replies.UNKNOWN_PARAMETER)
         if not self._smtputf8 and not recipient.isascii():

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from minismtp.smtp import replies
-from minismtp.smtp.arguments import ArgumentError, is_mailbox, parse_mail_parameters, parse_path
+from minismtp.smtp import arguments
+from minismtp.smtp.arguments import (
+    ArgumentError, is_mailbox, parse_mail_parameters, parse_path, recipient_path, sender_path,
+)
 
 
 def refusal(call, *args) -> object:
@@ -76,3 +79,27 @@ def test_mail_parameters(params, expected):
 ])
 def test_bad_mail_parameters(params, reply):
     assert refusal(parse_mail_parameters, params) is reply
+
+
+def test_remembered_paths_give_the_same_answer_and_refusals_are_not_kept() -> None:
+    arguments._SENDERS.clear()
+    first = sender_path("FROM:<a@example.org> SIZE=10")
+    assert first == ("a@example.org", ("SIZE=10",))
+    assert sender_path("FROM:<a@example.org> SIZE=10") is first  # the remembered answer
+    assert sender_path("FROM:<>") == ("", ())
+    for bad in ("FROM:<a@>", "FROM:a@example.org"):
+        for _ in range(2):  # refused the second time too: a refusal is not remembered
+            with pytest.raises(ArgumentError):
+                sender_path(bad)
+        assert bad not in arguments._SENDERS
+    assert recipient_path("TO:<Postmaster>") == ("Postmaster", ())
+    with pytest.raises(ArgumentError) as refused:
+        recipient_path("TO:<nobody>")
+    assert refused.value.reply == replies.BAD_RECIPIENT
+
+
+def test_remembered_paths_stay_bounded() -> None:
+    arguments._RECIPIENTS.clear()
+    for n in range(3 * arguments._MAX_REMEMBERED):
+        assert recipient_path(f"TO:<u{n}@example.org>") == (f"u{n}@example.org", ())
+        assert len(arguments._RECIPIENTS) <= arguments._MAX_REMEMBERED
