@@ -56,7 +56,7 @@ _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this ofte
 _READ_BYTES_PER_WAKEUP = 2 * 1024 * 1024
 _GC_THRESHOLD = 10_000  # tracked allocations (net of frees) between young collections
 _WAKEUP, _COMMITS, _LOGINS = object(), object(), object()
-_DATA = State.DATA  # a global: Enum class attributes are slow to read
+_DATA, _AUTH = State.DATA, State.AUTH  # globals: Enum class attributes are slow to read
 
 
 class Worker:
@@ -334,6 +334,7 @@ class Worker:
         if session.closed:
             return
         conn = session.conn
+        buffer = conn.buffer
         handlers = self.decide.handlers
         write = self.storage.write
         while not session.paused:
@@ -349,6 +350,10 @@ class Worker:
                 handler(session, event)
             if self.stopping:
                 self._maybe_send_off(session)  # before any pipelined command that follows
+            if buffer.start == buffer.end and conn.state is not _AUTH:
+                # Answered, and nothing more buffered (the usual case without pipelining):
+                # the core could only say NEED_DATA, PAUSED or closed, so skip asking.
+                break
         if session.closed:
             return
         if self.stopping:
