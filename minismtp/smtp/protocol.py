@@ -306,10 +306,13 @@ class SmtpServerConnection:
 
     def accept(self, queue_id: str | None = None) -> None:
         """Answer the pending decision positively (MessageEnd needs the queue id)."""
-        if type(self._pending) is MessageEnd and not queue_id:
-            raise ValueError("accepting a message needs its queue id")
-        event = self._take_pending()
+        event = self._pending  # _take_pending(), inline: this runs for every command
+        if event is None:
+            raise RuntimeError("no decision is pending")
         kind = type(event)
+        if kind is MessageEnd and not queue_id:
+            raise ValueError("accepting a message needs its queue id")
+        self._pending = None
         if kind is Hello:
             self._reset_transaction()
             self._helo, self._esmtp = event.name, event.extended
