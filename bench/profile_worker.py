@@ -20,6 +20,7 @@ import os
 import pstats
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,13 +29,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from e2e import KIB, MIB  # noqa: E402
-from e2e.clients import pipeline_client, smtp_source  # noqa: E402
+from e2e.clients import pipeline_client, smtp_source, tls_client  # noqa: E402
+from e2e.tlsfiles import make_certificate  # noqa: E402
 
 from minismtp.arbiter import bind  # noqa: E402
 from minismtp.config import load_config  # noqa: E402
 from minismtp.delivery import make_backend  # noqa: E402
 from minismtp.heartbeat import HeartbeatBoard  # noqa: E402
 from minismtp.stats import StatsBoard  # noqa: E402
+from minismtp.tls import server_context  # noqa: E402
 from minismtp.worker import Worker  # noqa: E402
 
 # scenario: (message bytes, sessions, keep connections open, default message count)
@@ -43,6 +46,7 @@ LOADS = {
     "S2": (KIB, 20, True, 40_000),
     "S3": (10 * MIB, 1, False, 30),
     "S5": (KIB, 20, True, 60_000),
+    "S7": (KIB, 20, False, 3_000),  # STARTTLS with a full handshake on every connection
 }
 
 
@@ -56,15 +60,21 @@ def main() -> int:
     size, sessions, keep_open, default_count = LOADS[args.scenario]
     messages = args.messages or default_count
 
-    config = load_config(overrides={
+    overrides = {
         "server.listen": ["127.0.0.1:0"], "delivery.backend": "discard",
         "logging.level": "warning", "limits.max_message_size": 64 * MIB,
-    })
+    }
+    if args.scenario == "S7":
+        files = make_certificate(Path(tempfile.mkdtemp(prefix="profile-tls-")))
+        overrides["tls.certificates"] = [{"cert": str(files.cert), "key": str(files.key)}]
+        overrides["server.listen"] = [{"address": "127.0.0.1:0", "tls": "starttls"}]
+    config = load_config(overrides=overrides)
+    context = server_context(config.tls) if args.scenario == "S7" else None
     listener = bind(config.server.listen[0], 4096, reuse_port=False)
     port = listener.getsockname()[1]
     backend = make_backend("discard", "", False, "single", config.server.hostname)
     worker = Worker(config, [(listener, config.server.listen[0])], backend, HeartbeatBoard(1), 0,
-                    StatsBoard(1, 64))
+                    StatsBoard(1, 64), tls_context=context)
     outcome = {}
 
     def load() -> None:
@@ -72,6 +82,9 @@ def main() -> int:
         started = time.perf_counter()
         if args.scenario == "S5":
             result = pipeline_client(port, sessions=sessions, size=size, messages=messages)
+        elif args.scenario == "S7":
+            result = tls_client(port, mode="starttls", sessions=sessions, size=size,
+                                messages=messages, line_length=78, per_connection=True)
         else:
             result = smtp_source(port, sessions=min(sessions, messages), size=size,
                                  messages=messages, keep_open=keep_open)
@@ -79,7 +92,7 @@ def main() -> int:
         os.kill(os.getpid(), signal.SIGQUIT)  # the worker's immediate stop
 
     threading.Thread(target=load, daemon=True).start()
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(time.thread_time)  # CPU time: a shared machine preempts
     profile.enable()
     try:
         worker.run()

@@ -46,6 +46,7 @@ from minismtp.transport import drain
 __all__ = ["HandshakeFailed", "TlsTransport"]
 
 # While lingering, "nothing to read now" may also be OpenSSL's want-read or want-write.
+_RECORD = 16384  # the largest plaintext a TLS record carries
 _NOT_YET = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -86,9 +87,11 @@ class TlsTransport:
 
     __slots__ = ("sock", "pending", "handshake_wants", "read_wants", "write_wants")
 
-    # A read returns at most one record's plaintext (RFC 8446 5.1: 2^14 bytes), however
-    # much the socket holds: only a shorter read says the socket may be drained.
-    read_limit = 16384
+    # An SSL read returns at most one record's plaintext (RFC 8446 5.1: 2^14 bytes),
+    # however much the socket holds; read_into() goes on after a whole one, but a read
+    # may still end at a record's edge with more to come: only a shorter one says the
+    # socket may be drained.
+    read_limit = _RECORD
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
@@ -124,6 +127,35 @@ class TlsTransport:
         return self.sock.fileno()
 
     def read_into(self, view: memoryview) -> int:
+        """Like recv_into; a read that returns a whole record goes on with the next one
+        while the view has room, so a body streaming in passes through the loop, the
+        core and the sink once per view rather than once per 16 KiB record. Short reads
+        (commands) stop after one record, with no extra call."""
+        sslobj = self.sock._sslobj  # what SSLSocket.recv_into calls, two frames down
+        if sslobj is None:  # not connected, or unwrapped: as the socket itself says
+            return self._read_one(view)
+        size = len(view)
+        try:
+            n = total = sslobj.read(size, view)
+        except ssl.SSLWantReadError:
+            self.read_wants = READ
+            raise BlockingIOError(errno.EAGAIN, "TLS wants to read") from None
+        except ssl.SSLWantWriteError:
+            self.read_wants = WRITE
+            raise BlockingIOError(errno.EAGAIN, "TLS wants to write") from None
+        except ssl.SSLEOFError:
+            return 0  # a FIN without close_notify: end of stream (suppress_ragged_eofs)
+        except ssl.SSLError as exc:
+            raise _broken(exc) from exc
+        while n >= _RECORD and total < size:
+            try:
+                n = sslobj.read(size - total, view[total:])
+            except ssl.SSLError:  # want-read or anything else: the next read says it
+                break
+            total += n
+        return total
+
+    def _read_one(self, view: memoryview) -> int:
         try:
             return self.sock.recv_into(view)
         except ssl.SSLWantReadError:
