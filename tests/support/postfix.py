@@ -15,6 +15,12 @@ another package (Debian's libsasl2-modules). Without them Postfix defers every m
 ("SASL authentication failed; ... no mechanism available"), which would look like a
 minismtp fault, so the fixture checks for them first (`require_sasl_plugins`).
 
+Postfix reads main.cf, or a texthash: map, changed in the last second or so again and
+again until it has stayed unchanged for a moment ("pausing to let ... cool down", 0.3 s at
+a time): two seconds at `postfix start`, more when the smtp client opens the map. The
+fixture writes each whole before Postfix reads it, and dates it a minute back
+(`write_settled`).
+
 Postfix starts as root and runs its daemons as `mail_owner = postfix`, the user Debian's
 package creates. The fixture stops the instance with `postfix -c conf stop` and then makes
 sure none of its processes is left (killing any that are), also when the test fails.
@@ -27,6 +33,7 @@ import os
 import pwd
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +44,7 @@ from support.neighbours import (INSTALL, end_processes, free_port, missing, proc
 
 START_ATTEMPTS = 3  # a free port can be taken between choosing it and binding it
 COMMAND_TIMEOUT_S = 60
+SETTLED_AGE_S = 60  # past Postfix's "cool down" wait for a file just changed
 
 MAIN_CF = """\
 compatibility_level = 3.6
@@ -109,6 +117,16 @@ QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 SENT = re.compile(r"status=sent \(250 2\.0\.0 Ok: queued as (\S+)\)")
 
 
+def write_settled(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file Postfix reads, dated SETTLED_AGE_S back so that it reads it at once."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)  # os.open's mode is for a new file, and the umask masks it
+    written = time.time() - SETTLED_AGE_S
+    os.utime(path, (written, written))
+
+
 def require_sasl_plugins() -> None:
     """Cyrus SASL's PLAIN and LOGIN client plugins are installed, or the test is failed
     (CI) or skipped."""
@@ -149,7 +167,7 @@ class Postfix:
         if self.sasl is not None:
             self.write_sasl_passwd(*self.sasl)
             main_cf += SASL_MAIN_CF.format(root=self.root)
-        (self.conf / "main.cf").write_text(main_cf + self.extra_main_cf)
+        write_settled(self.conf / "main.cf", main_cf + self.extra_main_cf)
         failures = []
         for _ in range(START_ATTEMPTS):
             self.port = free_port()
@@ -170,10 +188,8 @@ class Postfix:
         client opens it before it drops privileges."""
         if any(c in user + password for c in "\r\n") or ":" in user:
             raise ValueError("a texthash: map line cannot hold that user or password")
-        path = self.conf / "sasl_passwd"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"[127.0.0.1]:{self.relay_port} {user}:{password}\n")
+        write_settled(self.conf / "sasl_passwd",
+                      f"[127.0.0.1]:{self.relay_port} {user}:{password}\n", 0o600)
 
     def postqueue(self) -> str:
         """`postqueue -p` of the instance: what waits in its queues, and why."""
