@@ -133,8 +133,9 @@ def require_sasl_plugins() -> None:
     absent = [name for name in SASL_MECHANISMS
               if not any(glob.glob(pattern.format(name)) for pattern in SASL_PLUGIN_GLOBS)]
     if absent:
-        missing(f"Cyrus SASL's {' and '.join(n.upper() for n in absent)} plugins are not "
-                f"installed (Debian: libsasl2-modules); {INSTALL}")
+        missing(f"libsasl2-modules is not installed (Cyrus SASL's "
+                f"{' and '.join(n.upper() for n in absent)} plugins, which Postfix's SASL "
+                f"client needs, are missing); {INSTALL}")
 
 
 class Postfix:
