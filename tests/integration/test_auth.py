@@ -16,12 +16,13 @@ import time
 
 import pytest
 
-bcrypt = pytest.importorskip("bcrypt")
+pytest.importorskip("bcrypt")
 pytest.importorskip("trustme")
 
 from minismtp.logins import FAILURE_DELAY_S  # noqa: E402
 from minismtp.smtp import replies  # noqa: E402
 from support.neighbours import missing, program  # noqa: E402
+from support.users import users_file  # noqa: E402
 from support.tlsserver import (  # noqa: E402
     HOST, start_tls, tls_overrides, wait_for_metric,
 )
@@ -33,23 +34,13 @@ FAILURE = 'minismtp_auth_total{result="failure"}'
 BODY = b"Subject: authenticated\r\n\r\nhello\r\n"
 
 
-def users_file(path, rounds: int = 4, **users: str):
-    """An htpasswd file as `htpasswd -B` writes it (bcrypt, $2y$ prefix)."""
-    lines = []
-    for user, password in (users or {USER: PASSWORD}).items():
-        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)).decode()
-        lines.append(f"{user}:$2y${hashed[4:]}\n")
-    path.write_text("".join(lines))
-    return path
-
-
 @pytest.fixture
 def start_auth(make_server, tls_files, tmp_path):
     """A one-worker server whose one listener has the given `auth` mapping."""
 
     def start(auth: dict | None = None, tls: str = "starttls", **sections: dict):
         if auth is None:
-            auth = {"mode": "htpasswd", "users_file": str(users_file(tmp_path / "users"))}
+            auth = {"mode": "htpasswd", "users_file": str(users_file(tmp_path / "users", {USER: PASSWORD}))}
         listen = [{"address": f"{HOST}:0", "tls": tls, "auth": auth}]
         return make_server(tls_overrides(*tls_files, listen, **sections))
 
@@ -150,7 +141,7 @@ def test_auth_before_tls_is_refused_and_mail_needs_auth(start_auth, pki, raw_cli
 def test_users_file_is_read_again_on_hup(start_auth, pki, raw_clients, tmp_path):
     """A new password in the users file counts from the generation a HUP starts."""
     server = start_auth()  # its users file is tmp_path / "users"
-    users_file(tmp_path / "users", alice="a new password")
+    users_file(tmp_path / "users", {"alice": "a new password"})
     old = set(server.worker_pids())
     mark = server.mark()
     server.send_signal(signal.SIGHUP)
@@ -170,7 +161,7 @@ def test_other_sessions_are_served_while_checks_run(start_auth, tmp_path, raw_cl
     threads): a client of the same worker gets every NOOP answered within NOOP_BOUND_S
     all along, and all 20 succeed."""
     clients_n, noop_bound_s = 20, 0.5
-    users = users_file(tmp_path / "slow-users", rounds=11)
+    users = users_file(tmp_path / "slow-users", {USER: PASSWORD}, rounds=11)
     server = start_auth({"mode": "htpasswd", "users_file": str(users),
                          "allow_plaintext": True}, tls="none",
                         limits={"max_junk_commands": 100_000})
