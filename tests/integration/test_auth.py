@@ -22,10 +22,10 @@ pytest.importorskip("trustme")
 from minismtp.logins import FAILURE_DELAY_S  # noqa: E402
 from minismtp.smtp import replies  # noqa: E402
 from support.neighbours import missing, program  # noqa: E402
-from support.users import users_file  # noqa: E402
 from support.tlsserver import (  # noqa: E402
     HOST, start_tls, tls_overrides, wait_for_metric,
 )
+from support.users import users_file  # noqa: E402
 
 USER, PASSWORD = "alice", "correct horse battery staple"
 WRONG = "Wrong-Guess-4417"  # must appear nowhere in the server's log
