@@ -125,6 +125,18 @@ def _mkdir(path: str, fsync: bool, mode: int = 0o700, gid: int = -1) -> bool:
 
 
 _find_bare_cr = re.compile(rb"\r(?!\n)").search
+_LF_STRETCH = 65536  # LF storage converts and writes at most this much at a time
+_CR = 13
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    n = os.write(fd, data)
+    while n < len(data):
+        # Short write: go on with the remainder, a view of the same memory (no copy).
+        if n == 0:
+            raise OSError(errno.ENOSPC, "no progress writing")
+        data = memoryview(data)[n:]
+        n = os.write(fd, data)
 
 
 def to_lf(data: memoryview | bytes) -> bytes:
@@ -199,16 +211,25 @@ class MaildirSink(Sink):
         fd = self._fd
         if fd < 0:
             return
-        if self._lf:
-            data = to_lf(data)
         try:
-            n = os.write(fd, data)
-            while n < len(data):
-                # Short write: go on with the remainder, a view of the same memory (no copy).
-                if n == 0:
-                    raise OSError(errno.ENOSPC, "no progress writing")
-                data = memoryview(data)[n:]
-                n = os.write(fd, data)
+            if not self._lf:
+                _write_all(fd, data)
+                return
+            # Converted a stretch at a time: two copies of a whole 256 KiB read (the
+            # piece, then without its CRs) are each big enough for malloc to map fresh
+            # pages and give them back, page faults that cost more than the conversion
+            # itself; stretches this size reuse the same memory. A stretch never ends in
+            # a CR, so no CRLF is split between two conversions.
+            view = memoryview(data)
+            start, end = 0, len(view)
+            while start < end:
+                stop = start + _LF_STRETCH
+                if stop >= end:
+                    stop = end
+                elif view[stop - 1] == _CR:
+                    stop -= 1
+                _write_all(fd, to_lf(view[start:stop]))
+                start = stop
         except OSError as exc:
             path = self._tmp_path
             self.abort()
