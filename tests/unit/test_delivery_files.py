@@ -85,6 +85,22 @@ def test_lf_file_from_normalized_bare_lf_lines(tmp_path: Path) -> None:
     assert only_file(tmp_path).endswith(b"\nSubject: lf\n\nline one\n.dot\nline two\n\n")
 
 
+@pytest.mark.parametrize("shift", [-2, -1, 0, 1])
+def test_lf_pieces_longer_than_a_stretch(tmp_path: Path, shift: int) -> None:
+    """A piece longer than the stretch the sink converts at a time: a CRLF across the
+    stretch's edge (each shift puts the CR, the LF or neither right at it) and bare CRs
+    come out as in a conversion of the whole piece."""
+    from minismtp.delivery.maildir import _LF_STRETCH
+
+    lead = b"a" * (_LF_STRETCH + shift - 1)
+    piece = lead + b"\r\n" + b"b\rc\r\n" * 30000 + b"\r\r\n" + b"z" * _LF_STRETCH + b"\r\n"
+    sink = backend(tmp_path).open(envelope(), PEER)
+    sink.write(memoryview(piece))
+    sink.commit()
+    expected = piece.replace(b"\r\n", b"\n")
+    assert only_file(tmp_path)[-len(expected):] == expected
+
+
 def test_crlf_keeps_the_wire_form(tmp_path: Path) -> None:
     sink = backend(tmp_path, line_endings="crlf").open(envelope(), PEER)
     sink.write(BODY)
