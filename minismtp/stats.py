@@ -17,7 +17,11 @@ Slot layout, native byte order, 8-byte fields: a sequence number, the counters o
 `_COUNTERS`, the latency buckets, the latency sum (a double), the TLS handshake failures
 by reason, the handshake-time buckets, their sum (a double), the PROXY header failures by
 reason, one counter per reply code
-400..599, one per fault rule. The writer makes the sequence odd, writes, makes it
+400..599, one per fault rule, then `_PER_LISTENER` counters for each of MAX_LISTENERS
+listeners, by their place in server.listen. A slot does not know the listeners' names:
+the master reads it with the names of the configuration that worker started with, and
+keeps listener totals by name, so a reload that adds, removes or reorders listeners
+neither mislabels nor loses counts. The writer makes the sequence odd, writes, makes it
 even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
 no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
 them out, which is enough for statistics.)
@@ -30,11 +34,12 @@ import json
 import mmap
 import struct
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from minismtp.smtp.proxyproto import REASONS as _PROXY_REASONS
+from minismtp.values import MAX_LISTENERS
 
 # Upper bounds, in seconds, of the end-of-data latency buckets; one more bucket is +Inf.
 LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -57,9 +62,22 @@ _COUNTERS = ("connections_open", "connections_total", "transactions", "messages_
              "bytes_received", "tls_sessions", "tls_discarded_bytes", "proxy_headers",
              "auth_successes", "auth_failures", "auth_temporary_failures")
 _GAUGES = frozenset({"connections_open"})
+_PER_LISTENER = ("sessions", "messages_accepted")  # ListenerCounts, in slot order
 _FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
 _SEQ = struct.Struct("=Q")
+_LISTENER_FIELDS = MAX_LISTENERS * len(_PER_LISTENER)
 _READ_TRIES = 100  # a publish takes microseconds; a slot stuck odd is a dead writer
+
+
+class ListenerCounts:
+    """One listener's counters in a worker, bound to each of its sessions at accept
+    (session.Profile.counts), so counting costs an attribute store, no lookup."""
+
+    __slots__ = _PER_LISTENER
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.messages_accepted = 0
 
 
 class WorkerStats:
@@ -74,13 +92,16 @@ class WorkerStats:
     stats.proxy_headers += 1; stats.count_proxy_failure(reason)
     stats.auth_successes += 1; stats.auth_failures += 1   # 235; 535
     stats.auth_temporary_failures += 1                     # 454 (queue full, check failed)
+    profile.counts.sessions += 1; profile.counts.messages_accepted += 1   # per listener
     """
 
     __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum",
                  "tls_failures", "handshake_buckets", "handshake_sum",
-                 "proxy_failures")
+                 "proxy_failures", "listeners")
 
-    def __init__(self, max_rules: int) -> None:
+    def __init__(self, max_rules: int, listeners: int = 0) -> None:
+        # By place in server.listen (at most MAX_LISTENERS).
+        self.listeners = [ListenerCounts() for _ in range(listeners)]
         self.connections_open = 0
         self.connections_total = 0
         self.transactions = 0
@@ -121,6 +142,9 @@ class WorkerStats:
         rules = board.max_rules
         faults = self.faults[:rules]
         faults += [0] * (rules - len(faults))  # fewer rules than the board has room for
+        per_listener = [getattr(counts, name) for counts in self.listeners[:MAX_LISTENERS]
+                        for name in _PER_LISTENER]
+        per_listener += [0] * (_LISTENER_FIELDS - len(per_listener))
         board.write(slot, (
             self.connections_open, self.connections_total, self.transactions,
             self.messages_accepted, self.bytes_received, self.tls_sessions,
@@ -128,7 +152,7 @@ class WorkerStats:
             self.auth_failures, self.auth_temporary_failures, *self.latency_buckets,
             self.latency_sum, *self.tls_failures, *self.handshake_buckets,
             self.handshake_sum, *self.proxy_failures,
-            *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
+            *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults, *per_listener,
         ))
 
 
@@ -155,6 +179,7 @@ class Snapshot:
     proxy_failures: tuple[int, ...]  # by PROXY_FAILURES
     rejections: dict[int, int]  # reply code -> count, nonzero only
     faults: tuple[int, ...]  # by rule index
+    listeners: tuple[int, ...] = ()  # _PER_LISTENER for each listener, by its place
 
 
 @dataclass(slots=True)
@@ -181,9 +206,13 @@ class Totals:
     auth_successes: int = 0
     auth_failures: int = 0
     auth_temporary_failures: int = 0
+    # Listener name -> [sessions, messages accepted]: by name, which a reload keeps.
+    listeners: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, snapshot: Snapshot, *, gauges: bool = True) -> None:
-        """Add a slot's counters; gauges=False for a worker that has gone."""
+    def add(self, snapshot: Snapshot, *, gauges: bool = True,
+            listener_names: Sequence[str] = ()) -> None:
+        """Add a slot's counters; gauges=False for a worker that has gone.
+        `listener_names`: that worker's listeners, in the order of its server.listen."""
         for name in _COUNTERS:
             if gauges or name not in _GAUGES:
                 setattr(self, name, getattr(self, name) + getattr(snapshot, name))
@@ -201,10 +230,15 @@ class Totals:
             self.faults.extend([0] * (len(snapshot.faults) - len(self.faults)))
         for index, count in enumerate(snapshot.faults):
             self.faults[index] += count
+        width = len(_PER_LISTENER)
+        for index, name in enumerate(listener_names[:MAX_LISTENERS]):
+            mine = self.listeners.setdefault(name, [0] * width)
+            for offset, count in enumerate(snapshot.listeners[index * width:][:width]):
+                mine[offset] += count
 
     def copy(self) -> Totals:
-        """A copy whose lists and dicts are its own (field by field: no order to keep)."""
-        return Totals(**{f.name: copy.copy(getattr(self, f.name)) for f in fields(self)})
+        """A copy whose lists and dicts are its own, down to the per-listener lists."""
+        return Totals(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)})
 
 
 class StatsBoard:
@@ -216,7 +250,7 @@ class StatsBoard:
         # "=": no padding; every field is 8 bytes, so each lands on an 8-byte boundary.
         self._body = struct.Struct(
             f"={len(_COUNTERS) + _BUCKETS}Qd{len(HANDSHAKE_FAILURES) + _HANDSHAKE_BUCKETS}Qd"
-            f"{len(PROXY_FAILURES) + _CODES + max_rules}Q")
+            f"{len(PROXY_FAILURES) + _CODES + max_rules + _LISTENER_FIELDS}Q")
         self._stride = _SEQ.size + self._body.size
         self._map = mmap.mmap(-1, max(1, slots * self._stride))  # anonymous, shared
 
@@ -252,26 +286,30 @@ class StatsBoard:
             tls_failures=tls_failures, handshake_buckets=handshake_buckets,
             handshake_sum=handshake_sum, proxy_failures=proxy_failures,
             rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
-            faults=tuple(items),
+            faults=take(self.max_rules), listeners=tuple(items),
         )
 
     def clear(self, slot: int) -> None:
         start = slot * self._stride
         self._map[start:start + self._stride] = bytes(self._stride)
 
-    def retire(self, slot: int, retired: Totals) -> None:
+    def retire(self, slot: int, retired: Totals, listener_names: Sequence[str] = ()) -> None:
         """Fold the counters of an exited worker's slot into `retired`, then clear it.
+        `listener_names`: those of the configuration the worker ran with.
 
         Call after reaping the worker and before the slot is given to a new one.
         """
-        retired.add(self.read(slot), gauges=False)
+        retired.add(self.read(slot), gauges=False, listener_names=listener_names)
         self.clear(slot)
 
-    def totals(self, live_slots: list[int], retired: Totals) -> Totals:
-        """`retired` plus every live slot, with `workers` = the number of live slots."""
+    def totals(self, live_slots: list[int], retired: Totals,
+               listener_names: Mapping[int, Sequence[str]] | None = None) -> Totals:
+        """`retired` plus every live slot, with `workers` = the number of live slots;
+        `listener_names` by slot: those of each worker's configuration."""
         totals = retired.copy()
         for slot in live_slots:
-            totals.add(self.read(slot))
+            totals.add(self.read(slot),
+                       listener_names=() if listener_names is None else listener_names[slot])
         totals.workers = len(live_slots)
         return totals
 
@@ -302,13 +340,20 @@ def _cumulative(buckets: Sequence[int]) -> list[int]:
     return out
 
 
-def _fault_counts(totals: Totals, rule_names: Sequence[str]) -> list[tuple[str, int]]:
+# A fault rule's label by counter index: its name, or (listener, name) for a rule of a
+# listener's own `faults` (profiles.py numbers those after the top-level ones).
+RuleName = str | tuple[str, str]
+
+
+def _fault_counts(totals: Totals, rule_names: Sequence[RuleName]
+                  ) -> list[tuple[str | None, str, int]]:
     # Counters are kept by rule index; only indices with a configured name are shown.
     faults = totals.faults
-    return [(name, faults[i] if i < len(faults) else 0) for i, name in enumerate(rule_names)]
+    return [(*((None, name) if isinstance(name, str) else name),
+             faults[i] if i < len(faults) else 0) for i, name in enumerate(rule_names)]
 
 
-def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
+def render_prometheus(totals: Totals, rule_names: Sequence[RuleName]) -> str:
     """Totals in the Prometheus text exposition format (version 0.0.4)."""
     lines: list[str] = []
 
@@ -329,9 +374,19 @@ def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
            [("", totals.bytes_received)])
     family("minismtp_rejections_total", "counter", "4xx and 5xx replies sent, by code.",
            [(f'{{code="{code}"}}', count) for code, count in sorted(totals.rejections.items())])
-    family("minismtp_faults_injected_total", "counter", "Faults injected, by rule.",
-           [(f'{{rule="{_label(name)}"}}', count)
-            for name, count in _fault_counts(totals, rule_names)])
+    family("minismtp_faults_injected_total", "counter",
+           "Faults injected, by rule (and listener, for a listener's own rules).",
+           [(f'{{rule="{_label(name)}"}}' if listener is None else
+             f'{{listener="{_label(listener)}",rule="{_label(name)}"}}', count)
+            for listener, name, count in _fault_counts(totals, rule_names)])
+    family("minismtp_listener_sessions_total", "counter",
+           "Client connections accepted, by listener (server.listen name).",
+           [(f'{{listener="{_label(name)}"}}', counts[0])
+            for name, counts in totals.listeners.items()])
+    family("minismtp_listener_messages_accepted_total", "counter",
+           "Messages accepted (250 after DATA), by listener.",
+           [(f'{{listener="{_label(name)}"}}', counts[1])
+            for name, counts in totals.listeners.items()])
     family("minismtp_tls_sessions_total", "counter", "TLS handshakes completed.",
            [("", totals.tls_sessions)])
     family("minismtp_tls_handshake_failures_total", "counter",
@@ -371,9 +426,18 @@ def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
-    """Totals as a JSON-ready dict; latency buckets are cumulative, as in Prometheus."""
+def to_json(totals: Totals, rule_names: Sequence[RuleName]) -> dict[str, object]:
+    """Totals as a JSON-ready dict; latency buckets are cumulative, as in Prometheus.
+    A listener's own fault rules are counted under its entry of "listeners"."""
     cumulative = _cumulative(totals.latency_buckets)
+    faults = _fault_counts(totals, rule_names)
+    listeners: dict[str, dict[str, Any]] = {
+        name: {"sessions": counts[0], "messages_accepted": counts[1], "faults": {}}
+        for name, counts in totals.listeners.items()}
+    for listener, name, count in faults:
+        if listener is not None:
+            listeners.setdefault(listener, {"sessions": 0, "messages_accepted": 0,
+                                            "faults": {}})["faults"][name] = count
     return {
         "workers": totals.workers,
         "connections": {"open": totals.connections_open, "total": totals.connections_total},
@@ -381,7 +445,8 @@ def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
         "messages_accepted": totals.messages_accepted,
         "bytes_received": totals.bytes_received,
         "rejections": {str(code): count for code, count in sorted(totals.rejections.items())},
-        "faults": dict(_fault_counts(totals, rule_names)),
+        "faults": {name: count for listener, name, count in faults if listener is None},
+        "listeners": listeners,
         "end_of_data_seconds": {
             "buckets": dict(zip((*map(_le, LATENCY_BOUNDS), "+Inf"), cumulative)),
             "sum": totals.latency_sum,
@@ -405,7 +470,7 @@ def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
     }
 
 
-def json_body(totals: Totals, rule_names: Sequence[str]) -> bytes:
+def json_body(totals: Totals, rule_names: Sequence[RuleName]) -> bytes:
     return json.dumps(to_json(totals, rule_names), separators=(",", ":")).encode()
 
 
