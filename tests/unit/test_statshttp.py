@@ -470,3 +470,20 @@ def test_stats_view_shows_proxy_counts_only_when_there_are_some():
     assert re.search(r"proxy headers +5", text)
     assert re.search(r"proxy refused: untrusted source +2", text)
     assert "proxy refused: timeout" not in text
+
+
+def test_stats_view_shows_each_listener_with_its_rates():
+    def sample(at: float, sessions: int, faults: int) -> statsview.Sample:
+        totals = stats.Totals(workers=1, faults=[faults])
+        totals.listeners = {"mx": [sessions, 3], "chaos": [1, 0]}
+        return statsview.Sample(at, stats.to_json(totals, [("chaos", "busy")]))
+
+    text = statsview.render("http://x/stats", sample(3.0, 10, 4), sample(1.0, 4, 0))
+    assert re.search(r"^mx: sessions +10 +3\.0$", text, re.M)
+    assert re.search(r"^mx: messages +3 +0\.0$", text, re.M)
+    assert re.search(r"^chaos: sessions +1 +0\.0$", text, re.M)
+    assert re.search(r"^chaos: fault busy +4 +2\.0$", text, re.M)
+    older = stats.to_json(stats.Totals(workers=1), [])
+    del older["listeners"]  # a server from before listener profiles
+    assert "sessions" not in statsview.render("http://x/stats",
+                                              statsview.Sample(1.0, older), None)
