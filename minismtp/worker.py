@@ -70,16 +70,19 @@ class Worker:
         self.board = board
         self.slot = slot
         self.stats_board = stats_board
-        # Per listening socket: what its sessions share (session.Profile), each listener's
-        # overrides merged with the top-level settings here, once.
+        # Per listening socket: what its listener's sessions share (session.Profile), the
+        # listener's overrides merged with the top-level settings here, once. One profile
+        # per listener, however many of its sockets this worker has (reuse_port).
         names = [listener.name for listener in config.server.listen]
         self.stats = WorkerStats(stats_board.max_rules, len(names))
-        self.profiles = {sock: Profile(config, entry, self.stats.listeners[names.index(entry.name)],
-                                       tls=tls_context is not None)
-                         for sock, entry in listeners}
-        limits = config.limits
-        # The top-level deadlines, for loop.Loop (each session's own are its profile's).
-        self.command_timeout = limits.command_timeout
+        by_name: dict[str, Profile] = {}
+        for _, entry in listeners:
+            if entry.name not in by_name:
+                by_name[entry.name] = Profile(config, entry,
+                                              self.stats.listeners[names.index(entry.name)],
+                                              tls=tls_context is not None)
+        self.profiles = {sock: by_name[entry.name] for sock, entry in listeners}
+        limits = config.limits  # each session's deadlines are its profile's
         self.max_connections = config.server.max_connections
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
@@ -101,10 +104,12 @@ class Worker:
         self.logins = Logins.maybe(self, self.stats, [  # AUTH checks, if a listener offers it
             (self.profiles[sock].settings, entry.auth) for sock, entry in listeners])
         self.decide = self._decisions(config.faults, slot)
-        for sock, entry in listeners:  # a listener's own faults replace the top-level ones
-            decide = self.decide if entry.faults is None else self._decisions(entry.faults, slot)
-            profile = self.profiles[sock]
-            profile.decide, profile.handlers = decide, decide.handlers
+        for _, entry in listeners:  # a listener's own faults replace the top-level ones
+            profile = by_name[entry.name]
+            if profile.decide is None:
+                decide = self.decide if entry.faults is None else self._decisions(entry.faults,
+                                                                                  slot)
+                profile.decide, profile.handlers = decide, decide.handlers
         self.handshakes = None if tls_context is None else Handshakes(
             self, self.poller, tls_context, self.stats, self._greet)
         self.proxies = ProxyReads(self, self.poller, self.stats, limits.proxy_timeout)

@@ -257,3 +257,56 @@ def test_dump_keeps_only_what_a_listener_overrides(tmp_path):
     assert profiles.dump_profile(plain, dumpers) == {}
     renamed = dataclasses.replace(plain, name="other")
     assert profiles.dump_profile(renamed, dumpers) == {"name": "other"}
+
+
+# --- a worker's profiles ----------------------------------------------------------------
+
+
+def test_a_worker_makes_one_profile_per_listener_and_faults_per_listener(tmp_path):
+    """Profiles are made once, at the worker's start: one per listener however many of
+    its sockets the worker holds (reuse_port), each bound to that listener's counters;
+    a listener with faults of its own gets its own rules, the others share the
+    top-level ones."""
+    import socket
+
+    from minismtp.delivery.null import DiscardBackend
+    from minismtp.heartbeat import HeartbeatBoard
+    from minismtp.smtp.events import Hello, RcptTo
+    from minismtp.stats import StatsBoard
+    from minismtp.worker import Worker
+
+    config = config_of(tmp_path, """\
+    server:
+      listen:
+        - {address: "127.0.0.1:2525", name: mx, limits: {command_timeout: 20s}}
+        - address: "127.0.0.1:2526"
+          name: chaos
+          faults: {rules: [{stage: rcpt, reply: "450 4.2.0 busy"}]}
+    faults:
+      rules: [{stage: helo, delay: 1}]
+    """)
+    mx, chaos = config.server.listen
+    socks = [socket.socket() for _ in range(3)]
+    board, stats_board = HeartbeatBoard(1), StatsBoard(1, MAX_RULES)
+    worker = Worker(config, [(socks[0], mx), (socks[1], mx), (socks[2], chaos)],
+                    DiscardBackend(), board, 0, stats_board)
+    try:
+        first, second, own = (worker.profiles[sock] for sock in socks)
+        assert first is second and first is not own
+        assert (first.name, first.command_timeout, own.name, own.command_timeout) \
+            == ("mx", 20.0, "chaos", 300.0)
+        assert first.counts is worker.stats.listeners[0]
+        assert own.counts is worker.stats.listeners[1]
+        assert first.decide is worker.decide and own.decide is not worker.decide
+        # The top-level rule watches HELO on mx only; chaos's own watches RCPT only.
+        assert first.handlers[Hello] == worker.decide.hello
+        assert own.handlers[Hello] != own.decide.hello
+        assert own.handlers[RcptTo] == own.decide.rcpt
+        assert first.handlers[RcptTo] != worker.decide.rcpt
+    finally:
+        worker.poller.close()
+        worker.wakeup.close()
+        for sock in socks:
+            sock.close()
+        board.close()
+        stats_board.close()
