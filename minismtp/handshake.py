@@ -7,9 +7,9 @@ READ or WRITE, or failed with a short reason.
 
 While a handshake runs, the connection's owner in the poller is its `Handshake`, not
 the session, so the loop's path for sessions stays as it was; the session's own
-deadline is the handshake's (its listener's `limits.tls_handshake_timeout`), and a session whose
-handshake fails or stalls is closed without a word: no plaintext reply can be read by a
-client in the middle of a handshake. A stopping worker lets handshakes in progress
+deadline is the handshake's (its listener's `limits.tls_handshake_timeout`), and a
+session whose handshake fails or stalls is closed without a word: no plaintext reply can
+be read by a client in the middle of a handshake. A stopping worker lets handshakes in progress
 finish (briefly), then answers 421 under TLS.
 """
 

@@ -70,8 +70,8 @@ class MessageLog:
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
-        self._add(f"id={queue_id} peer={peer}{listener_text} from=<{sender}> rcpts={recipients} "
-                  f"size={size}{tls_text}{auth_text} result={result}")
+        self._add(f"id={queue_id} peer={peer}{listener_text} from=<{sender}> "
+                  f"rcpts={recipients} size={size}{tls_text}{auth_text} result={result}")
 
     def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
                 end: str, tls: str | None, auth: str | None = None, *,
@@ -94,8 +94,8 @@ class MessageLog:
         tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
-        self._add(f"disconnect from {peer}:{port}{listener_text} {counts}{' ' if counts else ''}"
-                  f"commands={sum(commands.values())}{errors_text}{tls_text}{auth_text} "
+        self._add(f"disconnect from {peer}:{port}{listener_text} "
+                  f"{counts}{' ' if counts else ''}commands={sum(commands.values())}{errors_text}{tls_text}{auth_text} "
                   f"end={end}")
 
     def _add(self, text: str) -> None:

@@ -49,6 +49,8 @@ def _limits(parsers: Callable[[], Mapping[str, Parser]]) -> Parser:
     """The `limits` mapping of a listener: each key through the top-level key's parser."""
 
     def parse(value: object) -> tuple[tuple[str, Any], ...]:
+        if value is None:  # `limits:` with every key commented out: nothing overridden
+            return ()
         if not isinstance(value, Mapping):
             raise ValueError(f"must be a mapping of limits (as the top-level limits "
                              f"section), got {got(value)}")
@@ -75,8 +77,11 @@ def _limits(parsers: Callable[[], Mapping[str, Parser]]) -> Parser:
     return parse
 
 
-def _faults(value: object) -> FaultsConfig:
-    """A listener's `faults` mapping (seed, rules), as the top-level section reads it."""
+def _faults(value: object) -> FaultsConfig | None:
+    """A listener's `faults` mapping (seed, rules), as the top-level section reads it;
+    null (every key commented out) keeps the top-level rules."""
+    if value is None:
+        return None
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping (seed, rules) as the top-level faults "
                          f"section, got {got(value)}")
@@ -130,7 +135,8 @@ def resolve(listeners: tuple[Listener, ...], top_faults: FaultsConfig
     for index, listener in enumerate(listeners):
         faults = listener.faults
         if faults is not None and faults.rules:
-            rules = tuple(replace(rule, index=counted + i) for i, rule in enumerate(faults.rules))
+            rules = tuple(replace(rule, index=counted + i)
+                          for i, rule in enumerate(faults.rules))
             counted += len(rules)
             if counted > MAX_RULES:
                 problems.append((f"[{index}].faults.rules", f"at most {MAX_RULES} fault rules "
@@ -148,7 +154,8 @@ def effective_limits(top: Any, listener: Listener | None) -> Any:
     return replace(top, **dict(listener.limits))
 
 
-def dump_profile(listener: Listener, limit_dumpers: Mapping[str, Callable[[Any], object] | None]
+def dump_profile(listener: Listener,
+                 limit_dumpers: Mapping[str, Callable[[Any], object] | None]
                  ) -> dict[str, object]:
     """The profile keys of a listener mapping that `listener_keys` reads back to it."""
     entry: dict[str, object] = {}

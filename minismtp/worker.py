@@ -444,7 +444,8 @@ class Worker:
 
     def _set_data_deadline(self, session: Session, now: float) -> None:
         profile = session.profile
-        deadline = min(now + profile.command_timeout, session.data_started + profile.data_timeout)
+        deadline = min(now + profile.command_timeout,
+                       session.data_started + profile.data_timeout)
         if profile.min_data_rate:
             # By time t the client must have sent min_data_rate * (t - start - grace) bytes.
             deadline = min(deadline, session.data_started + profile.rate_grace

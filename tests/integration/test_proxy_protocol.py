@@ -83,7 +83,8 @@ def test_header_source_is_the_client_everywhere(proxied, raw_clients, encode):
     assert b"Received: from client.test ([198.51.100.9])\r\n" in stored["four"]
     assert b"Received: from client.test ([IPv6:2001:db8::7])\r\n" in stored["six"]
     assert b"127.0.0.1" not in stored["four"] + stored["six"]
-    server.wait_for_log(r"id=\S+ peer=198\.51\.100\.9 listener=\S+ from=<sender@example\.org> rcpts=1 .*"
+    server.wait_for_log(r"id=\S+ peer=198\.51\.100\.9 listener=\S+ "
+                        r"from=<sender@example\.org> rcpts=1 .*"
                         r"result=250")
     server.wait_for_log(r"disconnect from 198\.51\.100\.9:40001 listener=\S+ ehlo=1 mail=1 rcpt=1 "
                         r"data=1 quit=1 commands=5 end=quit")

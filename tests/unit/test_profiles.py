@@ -124,8 +124,22 @@ def test_a_listener_faults_replace_the_top_level_ones_and_count_after_them(tmp_p
     assert plain.faults is None and calm.faults.rules == ()
     assert chaos.faults.seed == 3
     # Counted after the top-level rule: one array of counters per worker.
-    assert [(rule.index, rule.name) for rule in chaos.faults.rules] == [(1, "rule0"), (2, "drop")]
+    assert [(rule.index, rule.name) for rule in chaos.faults.rules] \
+        == [(1, "rule0"), (2, "drop")]
     assert [rule.index for rule in config.faults.rules] == [0]
+
+
+def test_null_limits_or_faults_override_nothing(tmp_path):
+    """As for a top-level section whose every key is commented out."""
+    config = config_of(tmp_path, """\
+    server:
+      listen:
+        - {address: "127.0.0.1:2525", limits: null, faults: null}
+    faults:
+      rules: [{stage: helo, delay: 1}]
+    """)
+    [entry] = config.server.listen
+    assert (entry.limits, entry.faults) == ((), None)
 
 
 def test_a_dumped_config_with_profiles_reads_back_equal(tmp_path):
