@@ -42,7 +42,8 @@ from minismtp.startup import (
     check_user, drop_privileges, load_for_reload, make_delivery, prepare_delivery,
     report_where_stuck, tmp_dir,
 )
-from minismtp.stats import RuleName, StatsBoard, Totals, summary_line
+from minismtp.stats import StatsBoard, Totals
+from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
     WorkerRecord, free_index, overdue, spawn_delay, stale_signals, workers_missing,

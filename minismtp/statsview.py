@@ -2,7 +2,7 @@
 
 Untrusted input: the HTTP answer from whatever listens at `stats.listen`, which need not
 be minismtp at all. The body read is bounded, and an answer that is not the JSON shape
-`stats.to_json` makes is reported in one line, like every other failure: no traceback.
+`statsformat.to_json` makes is reported in one line, like every other failure: no traceback.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import struct
 import pytest
 
 from minismtp.stats import (
-    LATENCY_BOUNDS, PROXY_FAILURES, Snapshot, StatsBoard, Totals, WorkerStats, render_prometheus,
-    summary_line, to_json,
+    LATENCY_BOUNDS, PROXY_FAILURES, Snapshot, StatsBoard, Totals, WorkerStats,
 )
+from minismtp.statsformat import render_prometheus, summary_line, to_json
 from minismtp.values import MAX_LISTENERS
 
 RULES = 4
