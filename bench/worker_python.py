@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minismtp.config import load_config  # noqa: E402
 from minismtp.delivery import make_backend  # noqa: E402
 from minismtp.heartbeat import HeartbeatBoard  # noqa: E402
-from minismtp.session import protocol_settings  # noqa: E402
+from minismtp.session import Profile  # noqa: E402
 from minismtp.stats import StatsBoard  # noqa: E402
 from minismtp.worker import Worker  # noqa: E402
 
@@ -94,7 +94,10 @@ def make_worker() -> Worker:
     # collector's passes, which otherwise grow with every module imported.
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
-    worker.profiles[None] = (protocol_settings(config), False)  # a plaintext listener
+    # The sessions' listener: the configuration's first, plaintext, top-level fault rules.
+    profile = Profile(config, config.server.listen[0], worker.stats.listeners[0], tls=False)
+    profile.decide, profile.handlers = worker.decide, worker.decide.handlers
+    worker.profiles[None] = profile  # type: ignore[index]
     return worker
 
 

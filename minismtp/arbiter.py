@@ -42,7 +42,8 @@ from minismtp.startup import (
     check_user, drop_privileges, load_for_reload, make_delivery, prepare_delivery,
     report_where_stuck, tmp_dir,
 )
-from minismtp.stats import StatsBoard, Totals, summary_line
+from minismtp.stats import StatsBoard, Totals
+from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
     WorkerRecord, free_index, overdue, spawn_delay, stale_signals, workers_missing,
@@ -206,7 +207,8 @@ class Arbiter:
             record = self.workers.pop(pid, None)
             if record is None:
                 continue  # not ours (or already forgotten): reaped, not reported
-            self.stats_board.retire(record.slot, self.retired)  # totals never go back
+            # Totals never go back.
+            self.stats_board.retire(record.slot, self.retired, record.listener_names)
             self.board.vacate(record.slot)
             self.free_slots.append(record.slot)
             if record.tmp_dir is not None and status != 0:  # 0: exited with status 0
@@ -270,7 +272,8 @@ class Arbiter:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.workers[pid] = WorkerRecord(
                 pid, slot, self.generation, now, index=index, tmp_dir=tmp_dir(self.config),
-                shutdown_timeout_s=self.config.server.shutdown_timeout)
+                shutdown_timeout_s=self.config.server.shutdown_timeout,
+                listener_names=tuple(entry.name for entry in self.config.server.listen))
             return True
         code = exitcodes.WORKER_CRASHED
         try:
@@ -439,8 +442,14 @@ class Arbiter:
             server.register(self.sel)
             log.info("statistics on http://%s/metrics and /stats", bound_address(server.sock))
 
-    def _current_stats(self) -> tuple[Totals, list[str]]:
-        live = [record.slot for record in self.workers.values()]
-        totals = self.stats_board.totals(live, self.retired)
-        totals.workers = len(live)
-        return totals, [rule.name for rule in self.config.faults.rules]
+    def _current_stats(self) -> tuple[Totals, list[RuleName]]:
+        records = self.workers.values()
+        totals = self.stats_board.totals([record.slot for record in records], self.retired,
+                                         {record.slot: record.listener_names
+                                          for record in records})
+        totals.workers = len(records)
+        names: list[RuleName] = [rule.name for rule in self.config.faults.rules]
+        for entry in self.config.server.listen:  # their rules follow, numbered in order
+            if entry.faults is not None:
+                names.extend((entry.name, rule.name) for rule in entry.faults.rules)
+        return totals, names

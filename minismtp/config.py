@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from minismtp import profiles
 from minismtp import values as parsing
 from minismtp.faultrules import RuleProblems, dump_rules, parse_rules, parse_seed
 from minismtp.faults import FaultsConfig
@@ -144,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.hostname", _host_name,
             parsing.printable_name("a host name of printable ASCII, no spaces"),
             "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no spaces)"),
-    Setting("server.listen", ["127.0.0.1:2525"], parsing.listen_list,
+    Setting("server.listen", ["127.0.0.1:2525"],
+            lambda value: parsing.listen_list(value, _LISTENER_KEYS),
             'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. An entry '
             "may be a mapping: `address`, `tls` (`none`, `starttls`, `implicit`; default "
             "`starttls` with `tls.certificates`, else `none`), `require_tls` (`true`: no "
@@ -152,7 +154,12 @@ SETTINGS: tuple[Setting, ...] = (
             "of `mode`: `off`, `htpasswd` or `accept_any`, every password right, for load "
             "tests; `users_file`: for `htpasswd`, a file as `htpasswd -B` writes it, "
             "checked at load; `require`: `true`, no mail before AUTH; `allow_plaintext`: "
-            "`true`, AUTH offered before TLS is up, needed on a listener with `tls: none`)",
+            "`true`, AUTH offered before TLS is up, needed on a listener with `tls: none`), "
+            "`proxy_protocol`, and its profile: `name` (in logs and statistics; default the "
+            "address), `hostname` (instead of `server.hostname`), `limits` and `faults` "
+            "(mappings as the top-level sections: `limits` overrides the keys it names, "
+            "`faults` replaces the top-level rules on this listener); see *Listener "
+            "profiles*",
             lambda listeners: [str(listener) for listener in listeners]),
     Setting("server.workers", "auto", parsing.worker_count,
             "worker processes (`auto` = CPU count)"),
@@ -277,6 +284,12 @@ _SECTIONS: dict[str, type] = {
     "tls": TlsConfig,
 }
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
+# A listener's `limits` take the top-level limits' parsers (profiles.py).
+_LIMIT_PARSERS = {name.split(".")[1]: setting.parse for name, setting in _BY_NAME.items()
+                  if name.startswith("limits.")}
+_LIMIT_DUMPERS = {name.split(".")[1]: setting.dump for name, setting in _BY_NAME.items()
+                  if name.startswith("limits.")}
+_LISTENER_KEYS = {**parsing.LISTENER_KEYS, **profiles.listener_keys(lambda: _LIMIT_PARSERS)}
 _KEYS = {section: [name.split(".")[1] for name in _BY_NAME if name.startswith(section + ".")]
          for section in _SECTIONS}
 
@@ -436,7 +449,11 @@ def _resolve_listeners(parsed: dict[str, object]) -> list[str]:
     if not isinstance(listeners, tuple):
         return []  # reported already
     certificates = parsed.get("tls.certificates")
-    default, problems, resolved = _default_tls(certificates), [], []
+    faults = parsed.get("faults.rules")
+    listeners, between = profiles.resolve(
+        listeners, FaultsConfig(None, faults if isinstance(faults, tuple) else ()))
+    default, resolved = _default_tls(certificates), []
+    problems = [f"server.listen{path}: {message}" for path, message in between]
     users: dict[str, object] = {}  # each users file loaded once, however many listeners
     for index, listener in enumerate(listeners):
         mode = listener.tls or default
@@ -502,7 +519,8 @@ def dump_config(config: Config) -> str:
         for section in _SECTIONS
     }
     document["server"]["listen"] = parsing.dump_listeners(
-        config.server.listen, _default_tls(config.tls.certificates))
+        config.server.listen, _default_tls(config.tls.certificates),
+        lambda listener: profiles.dump_profile(listener, _LIMIT_DUMPERS))
     header = "# minismtp effective configuration\n"
     if config.source is not None:
         header += f"# file: {json.dumps(config.source, ensure_ascii=False)}, plus any overrides\n"

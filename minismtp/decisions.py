@@ -156,6 +156,7 @@ class Decisions:
         self.stats.observe_latency(time.monotonic() - session.end_seen)
         if isinstance(result, str):
             self.stats.messages_accepted += 1
+            session.profile.counts.messages_accepted += 1
             session.conn.accept(result)
             self._log(session, session.size, "250 queued", result)
         else:
@@ -179,7 +180,7 @@ class Decisions:
             envelope = session.envelope
             self.msglog.message(queue_id, session.peer.address, envelope.sender,
                                 len(envelope.recipients), size, envelope.tls, result,
-                                envelope.authenticated_as)
+                                envelope.authenticated_as, listener=session.profile.name)
 
     # -- fault injection ---------------------------------------------------------
 

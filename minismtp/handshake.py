@@ -7,9 +7,9 @@ READ or WRITE, or failed with a short reason.
 
 While a handshake runs, the connection's owner in the poller is its `Handshake`, not
 the session, so the loop's path for sessions stays as it was; the session's own
-deadline is the handshake's (`limits.tls_handshake_timeout`), and a session whose
-handshake fails or stalls is closed without a word: no plaintext reply can be read by a
-client in the middle of a handshake. A stopping worker lets handshakes in progress
+deadline is the handshake's (its listener's `limits.tls_handshake_timeout`), and a
+session whose handshake fails or stalls is closed without a word: no plaintext reply can
+be read by a client in the middle of a handshake. A stopping worker lets handshakes in progress
 finish (briefly), then answers 421 under TLS.
 """
 
@@ -52,13 +52,11 @@ class Handshake:
 
 class Handshakes:
     def __init__(self, loop: Loop, poller: Poller, context: ssl.SSLContext,
-                 stats: WorkerStats, timeout_s: float,
-                 greet: Callable[[Session], None]) -> None:
+                 stats: WorkerStats, greet: Callable[[Session], None]) -> None:
         self.loop = loop
         self.poller = poller
         self.context = context
         self.stats = stats
-        self.timeout_s = timeout_s
         self.greet = greet  # implicit TLS: the session's greeting, once TLS is up
         self.stopping = False
 
@@ -75,7 +73,7 @@ class Handshakes:
     def _begin(self, session: Session) -> None:
         loop = self.loop
         session.handshake = Handshake(session, time.monotonic())
-        loop.timers.set_deadline(session, loop.now + self.timeout_s)
+        loop.timers.set_deadline(session, loop.now + session.profile.tls_handshake_timeout)
         self.step(session.handshake)
 
     def step(self, handshake: Handshake) -> None:
@@ -104,7 +102,7 @@ class Handshakes:
                 log.info("starttls: peer=%s sent %d bytes after STARTTLS; discarded",
                          session.peer.address, conn.discarded_after_starttls)
         loop = self.loop
-        loop.timers.set_deadline(session, loop.now + loop.command_timeout)
+        loop.timers.set_deadline(session, loop.now + session.profile.command_timeout)
         if was_starttls:
             loop.resume(session)  # the client speaks first: EHLO again
         else:

@@ -21,7 +21,6 @@ __all__ = ["READ", "WRITE", "Loop"]
 class Loop(Protocol):
     now: float  # the loop's clock, read once per wake-up
     timers: Timers
-    command_timeout: float
 
     def want(self, session: Session, mask: int) -> None:
         """Watch the session's connection for READ, WRITE, or nothing (0)."""

@@ -52,30 +52,38 @@ class MessageLog:
                 handler.addFilter(self._filter)
 
     def message(self, queue_id: str, peer: str, sender: str, recipients: int, size: int,
-                tls: str | None, result: str, auth: str | None = None) -> None:
+                tls: str | None, result: str, auth: str | None = None, *,
+                listener: str | None = None) -> None:
         """The line of one message's outcome (stored, refused, failed); `auth`: the user
-        an accepted AUTH named (never a password)."""
+        an accepted AUTH named (never a password); `listener`: the name of the listener
+        the session came in on (profiles.py: printable, no spaces)."""
         if self.json:
             fields = {"event": "message", "id": queue_id, "peer": peer,
                       "from": sender, "rcpts": recipients, "size": size, "tls": tls,
                       "result": result}
+            if listener is not None:
+                fields["listener"] = listener
             if auth is not None:
                 fields["auth"] = auth
             self._add_json(fields)
             return
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
-        self._add(f"id={queue_id} peer={peer} from=<{sender}> rcpts={recipients} "
-                  f"size={size}{tls_text}{auth_text} result={result}")
+        listener_text = "" if listener is None else f" listener={listener}"
+        self._add(f"id={queue_id} peer={peer}{listener_text} from=<{sender}> "
+                  f"rcpts={recipients} size={size}{tls_text}{auth_text} result={result}")
 
     def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
-                end: str, tls: str | None, auth: str | None = None) -> None:
+                end: str, tls: str | None, auth: str | None = None, *,
+                listener: str | None = None) -> None:
         """A session's summary when it closes, in Postfix's style: "disconnect from ...
-        ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5 end=quit"."""
+        listener=mx ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5 end=quit"."""
         if self.json:
             fields = {"event": "disconnect", "peer": peer, "port": port,
                       "commands": commands, "total": sum(commands.values()),
                       "errors": errors, "end": end, "tls": tls}
+            if listener is not None:
+                fields["listener"] = listener
             if auth is not None:
                 fields["auth"] = auth
             self._add_json(fields)
@@ -85,8 +93,9 @@ class MessageLog:
         errors_text = f" errors={errors}" if errors else ""
         tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
-        self._add(f"disconnect from {peer}:{port} {counts}{' ' if counts else ''}"
-                  f"commands={sum(commands.values())}{errors_text}{tls_text}{auth_text} "
+        listener_text = "" if listener is None else f" listener={listener}"
+        self._add(f"disconnect from {peer}:{port}{listener_text} "
+                  f"{counts}{' ' if counts else ''}commands={sum(commands.values())}{errors_text}{tls_text}{auth_text} "
                   f"end={end}")
 
     def _add(self, text: str) -> None:

@@ -32,7 +32,6 @@ class Output:
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
         self.timers = loop.timers  # the loop's own, for as long as it runs
-        self.command_timeout = loop.command_timeout
 
     def flush(self, session: Session) -> None:
         """Send what the core has queued, then watch the connection for what comes next:
@@ -45,7 +44,7 @@ class Output:
         out = conn.data_to_send()
         if out and conn.state is not _DATA:
             # A reply means a command completed: the idle clock starts again.
-            self.timers.set_deadline(session, self.loop.now + self.command_timeout)
+            self.timers.set_deadline(session, self.loop.now + session.profile.command_timeout)
         pending = transport.pending
         if out or pending:
             if pending:

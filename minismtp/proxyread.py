@@ -76,14 +76,16 @@ class ProxyReads:
         self.stopping = False
 
     def begin(self, session: Session, proxy: ProxyProtocol,
-              then: Callable[[Session], None]) -> None:
-        """A new connection on a PROXY listener: read its header, then call `then`."""
+              then: Callable[[Session], None], timeout_s: float | None = None) -> None:
+        """A new connection on a PROXY listener: read its header, then call `then`;
+        `timeout_s`: its listener's limits.proxy_timeout (None: the worker's)."""
         if not proxyproto.trusted(session.peer.address, proxy.trusted):
             self._failed(session, "untrusted source")
             return
         session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], then)
         loop = self.loop
-        loop.timers.set_deadline(session, loop.now + self.timeout_s)
+        loop.timers.set_deadline(session, loop.now + (self.timeout_s if timeout_s is None
+                                                      else timeout_s))
         self.poller.register(session.fd, READ, reader)
         reader.watched = True
         self.step(reader)  # the header often came with the connection

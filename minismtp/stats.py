@@ -17,7 +17,11 @@ Slot layout, native byte order, 8-byte fields: a sequence number, the counters o
 `_COUNTERS`, the latency buckets, the latency sum (a double), the TLS handshake failures
 by reason, the handshake-time buckets, their sum (a double), the PROXY header failures by
 reason, one counter per reply code
-400..599, one per fault rule. The writer makes the sequence odd, writes, makes it
+400..599, one per fault rule, then `_PER_LISTENER` counters for each of MAX_LISTENERS
+listeners, by their place in server.listen. A slot does not know the listeners' names:
+the master reads it with the names of the configuration that worker started with, and
+keeps listener totals by name, so a reload that adds, removes or reorders listeners
+neither mislabels nor loses counts. The writer makes the sequence odd, writes, makes it
 even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
 no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
 them out, which is enough for statistics.)
@@ -26,15 +30,15 @@ them out, which is enough for statistics.)
 from __future__ import annotations
 
 import copy
-import json
 import mmap
 import struct
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from minismtp.smtp.proxyproto import REASONS as _PROXY_REASONS
+from minismtp.values import MAX_LISTENERS
 
 # Upper bounds, in seconds, of the end-of-data latency buckets; one more bucket is +Inf.
 LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -57,9 +61,22 @@ _COUNTERS = ("connections_open", "connections_total", "transactions", "messages_
              "bytes_received", "tls_sessions", "tls_discarded_bytes", "proxy_headers",
              "auth_successes", "auth_failures", "auth_temporary_failures")
 _GAUGES = frozenset({"connections_open"})
+_PER_LISTENER = ("sessions", "messages_accepted")  # ListenerCounts, in slot order
 _FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
 _SEQ = struct.Struct("=Q")
+_LISTENER_FIELDS = MAX_LISTENERS * len(_PER_LISTENER)
 _READ_TRIES = 100  # a publish takes microseconds; a slot stuck odd is a dead writer
+
+
+class ListenerCounts:
+    """One listener's counters in a worker, bound to each of its sessions at accept
+    (session.Profile.counts), so counting costs an attribute store, no lookup."""
+
+    __slots__ = _PER_LISTENER
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.messages_accepted = 0
 
 
 class WorkerStats:
@@ -74,13 +91,16 @@ class WorkerStats:
     stats.proxy_headers += 1; stats.count_proxy_failure(reason)
     stats.auth_successes += 1; stats.auth_failures += 1   # 235; 535
     stats.auth_temporary_failures += 1                     # 454 (queue full, check failed)
+    profile.counts.sessions += 1; profile.counts.messages_accepted += 1   # per listener
     """
 
     __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum",
                  "tls_failures", "handshake_buckets", "handshake_sum",
-                 "proxy_failures")
+                 "proxy_failures", "listeners")
 
-    def __init__(self, max_rules: int) -> None:
+    def __init__(self, max_rules: int, listeners: int = 0) -> None:
+        # By place in server.listen (at most MAX_LISTENERS).
+        self.listeners = [ListenerCounts() for _ in range(listeners)]
         self.connections_open = 0
         self.connections_total = 0
         self.transactions = 0
@@ -121,6 +141,9 @@ class WorkerStats:
         rules = board.max_rules
         faults = self.faults[:rules]
         faults += [0] * (rules - len(faults))  # fewer rules than the board has room for
+        per_listener = [getattr(counts, name) for counts in self.listeners[:MAX_LISTENERS]
+                        for name in _PER_LISTENER]
+        per_listener += [0] * (_LISTENER_FIELDS - len(per_listener))
         board.write(slot, (
             self.connections_open, self.connections_total, self.transactions,
             self.messages_accepted, self.bytes_received, self.tls_sessions,
@@ -128,7 +151,7 @@ class WorkerStats:
             self.auth_failures, self.auth_temporary_failures, *self.latency_buckets,
             self.latency_sum, *self.tls_failures, *self.handshake_buckets,
             self.handshake_sum, *self.proxy_failures,
-            *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
+            *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults, *per_listener,
         ))
 
 
@@ -155,6 +178,7 @@ class Snapshot:
     proxy_failures: tuple[int, ...]  # by PROXY_FAILURES
     rejections: dict[int, int]  # reply code -> count, nonzero only
     faults: tuple[int, ...]  # by rule index
+    listeners: tuple[int, ...] = ()  # _PER_LISTENER for each listener, by its place
 
 
 @dataclass(slots=True)
@@ -181,9 +205,13 @@ class Totals:
     auth_successes: int = 0
     auth_failures: int = 0
     auth_temporary_failures: int = 0
+    # Listener name -> [sessions, messages accepted]: by name, which a reload keeps.
+    listeners: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, snapshot: Snapshot, *, gauges: bool = True) -> None:
-        """Add a slot's counters; gauges=False for a worker that has gone."""
+    def add(self, snapshot: Snapshot, *, gauges: bool = True,
+            listener_names: Sequence[str] = ()) -> None:
+        """Add a slot's counters; gauges=False for a worker that has gone.
+        `listener_names`: that worker's listeners, in the order of its server.listen."""
         for name in _COUNTERS:
             if gauges or name not in _GAUGES:
                 setattr(self, name, getattr(self, name) + getattr(snapshot, name))
@@ -201,10 +229,15 @@ class Totals:
             self.faults.extend([0] * (len(snapshot.faults) - len(self.faults)))
         for index, count in enumerate(snapshot.faults):
             self.faults[index] += count
+        width = len(_PER_LISTENER)
+        for index, name in enumerate(listener_names[:MAX_LISTENERS]):
+            mine = self.listeners.setdefault(name, [0] * width)
+            for offset, count in enumerate(snapshot.listeners[index * width:][:width]):
+                mine[offset] += count
 
     def copy(self) -> Totals:
-        """A copy whose lists and dicts are its own (field by field: no order to keep)."""
-        return Totals(**{f.name: copy.copy(getattr(self, f.name)) for f in fields(self)})
+        """A copy whose lists and dicts are its own, down to the per-listener lists."""
+        return Totals(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)})
 
 
 class StatsBoard:
@@ -216,7 +249,7 @@ class StatsBoard:
         # "=": no padding; every field is 8 bytes, so each lands on an 8-byte boundary.
         self._body = struct.Struct(
             f"={len(_COUNTERS) + _BUCKETS}Qd{len(HANDSHAKE_FAILURES) + _HANDSHAKE_BUCKETS}Qd"
-            f"{len(PROXY_FAILURES) + _CODES + max_rules}Q")
+            f"{len(PROXY_FAILURES) + _CODES + max_rules + _LISTENER_FIELDS}Q")
         self._stride = _SEQ.size + self._body.size
         self._map = mmap.mmap(-1, max(1, slots * self._stride))  # anonymous, shared
 
@@ -252,169 +285,33 @@ class StatsBoard:
             tls_failures=tls_failures, handshake_buckets=handshake_buckets,
             handshake_sum=handshake_sum, proxy_failures=proxy_failures,
             rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
-            faults=tuple(items),
+            faults=take(self.max_rules), listeners=tuple(items),
         )
 
     def clear(self, slot: int) -> None:
         start = slot * self._stride
         self._map[start:start + self._stride] = bytes(self._stride)
 
-    def retire(self, slot: int, retired: Totals) -> None:
+    def retire(self, slot: int, retired: Totals, listener_names: Sequence[str] = ()) -> None:
         """Fold the counters of an exited worker's slot into `retired`, then clear it.
+        `listener_names`: those of the configuration the worker ran with.
 
         Call after reaping the worker and before the slot is given to a new one.
         """
-        retired.add(self.read(slot), gauges=False)
+        retired.add(self.read(slot), gauges=False, listener_names=listener_names)
         self.clear(slot)
 
-    def totals(self, live_slots: list[int], retired: Totals) -> Totals:
-        """`retired` plus every live slot, with `workers` = the number of live slots."""
+    def totals(self, live_slots: list[int], retired: Totals,
+               listener_names: Mapping[int, Sequence[str]] | None = None) -> Totals:
+        """`retired` plus every live slot, with `workers` = the number of live slots;
+        `listener_names` by slot: those of each worker's configuration."""
         totals = retired.copy()
         for slot in live_slots:
-            totals.add(self.read(slot))
+            totals.add(self.read(slot),
+                       listener_names=() if listener_names is None else listener_names[slot])
         totals.workers = len(live_slots)
         return totals
 
     def close(self) -> None:
         self._map.close()
 
-
-# -- presentation ----------------------------------------------------------------------
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-JSON_CONTENT_TYPE = "application/json"
-
-
-def _label(value: str) -> str:
-    # Text format escapes: rule names are restricted already, but the format is strict.
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _le(bound: float) -> str:
-    return repr(bound)  # "0.0005", "1.0": shortest text that parses back to the bound
-
-
-def _cumulative(buckets: Sequence[int]) -> list[int]:
-    running, out = 0, []
-    for count in buckets:
-        running += count
-        out.append(running)
-    return out
-
-
-def _fault_counts(totals: Totals, rule_names: Sequence[str]) -> list[tuple[str, int]]:
-    # Counters are kept by rule index; only indices with a configured name are shown.
-    faults = totals.faults
-    return [(name, faults[i] if i < len(faults) else 0) for i, name in enumerate(rule_names)]
-
-
-def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
-    """Totals in the Prometheus text exposition format (version 0.0.4)."""
-    lines: list[str] = []
-
-    def family(name: str, kind: str, doc: str, samples: list[tuple[str, object]]) -> None:
-        lines.extend((f"# HELP {name} {doc}", f"# TYPE {name} {kind}"))
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-    family("minismtp_workers", "gauge", "Worker processes running.", [("", totals.workers)])
-    family("minismtp_connections_open", "gauge", "Client connections open now.",
-           [("", totals.connections_open)])
-    family("minismtp_connections_total", "counter", "Client connections accepted.",
-           [("", totals.connections_total)])
-    family("minismtp_transactions_total", "counter", "MAIL commands accepted.",
-           [("", totals.transactions)])
-    family("minismtp_messages_accepted_total", "counter", "Messages accepted (250 after DATA).",
-           [("", totals.messages_accepted)])
-    family("minismtp_received_bytes_total", "counter", "Bytes received from clients.",
-           [("", totals.bytes_received)])
-    family("minismtp_rejections_total", "counter", "4xx and 5xx replies sent, by code.",
-           [(f'{{code="{code}"}}', count) for code, count in sorted(totals.rejections.items())])
-    family("minismtp_faults_injected_total", "counter", "Faults injected, by rule.",
-           [(f'{{rule="{_label(name)}"}}', count)
-            for name, count in _fault_counts(totals, rule_names)])
-    family("minismtp_tls_sessions_total", "counter", "TLS handshakes completed.",
-           [("", totals.tls_sessions)])
-    family("minismtp_tls_handshake_failures_total", "counter",
-           "TLS handshakes that failed, by reason.",
-           [(f'{{reason="{reason}"}}', count)
-            for reason, count in zip(HANDSHAKE_FAILURES, totals.tls_failures)])
-    family("minismtp_tls_plaintext_discarded_bytes_total", "counter",
-           "Bytes a client sent after STARTTLS before the handshake, dropped unread.",
-           [("", totals.tls_discarded_bytes)])
-    family("minismtp_proxy_headers_total", "counter",
-           "PROXY protocol headers accepted from a load balancer.",
-           [("", totals.proxy_headers)])
-    family("minismtp_proxy_failures_total", "counter",
-           "Connections on PROXY protocol listeners closed before a header was had, "
-           "by reason.",
-           [(f'{{reason="{reason}"}}', count)
-            for reason, count in zip(PROXY_FAILURES, totals.proxy_failures)])
-    family("minismtp_auth_total", "counter",
-           "AUTH attempts answered, by result: success (235), failure (535), "
-           "temporary (454: too many waiting, or the check itself failed).",
-           [('{result="success"}', totals.auth_successes),
-            ('{result="failure"}', totals.auth_failures),
-            ('{result="temporary"}', totals.auth_temporary_failures)])
-
-    def histogram(name: str, doc: str, bounds: tuple[float, ...], buckets: Sequence[int],
-                  total: float) -> None:
-        cumulative = _cumulative(buckets)
-        lines.extend((f"# HELP {name} {doc}", f"# TYPE {name} histogram"))
-        for bound, count in zip((*map(_le, bounds), "+Inf"), cumulative):
-            lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
-        lines.extend((f"{name}_sum {total!r}", f"{name}_count {cumulative[-1]}"))
-
-    histogram("minismtp_end_of_data_seconds", "Time from the end-of-data marker to the reply.",
-              LATENCY_BOUNDS, totals.latency_buckets, totals.latency_sum)
-    histogram("minismtp_tls_handshake_seconds", "Time of completed TLS handshakes.",
-              HANDSHAKE_BOUNDS, totals.handshake_buckets, totals.handshake_sum)
-    return "\n".join(lines) + "\n"
-
-
-def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
-    """Totals as a JSON-ready dict; latency buckets are cumulative, as in Prometheus."""
-    cumulative = _cumulative(totals.latency_buckets)
-    return {
-        "workers": totals.workers,
-        "connections": {"open": totals.connections_open, "total": totals.connections_total},
-        "transactions": totals.transactions,
-        "messages_accepted": totals.messages_accepted,
-        "bytes_received": totals.bytes_received,
-        "rejections": {str(code): count for code, count in sorted(totals.rejections.items())},
-        "faults": dict(_fault_counts(totals, rule_names)),
-        "end_of_data_seconds": {
-            "buckets": dict(zip((*map(_le, LATENCY_BOUNDS), "+Inf"), cumulative)),
-            "sum": totals.latency_sum,
-            "count": cumulative[-1],
-        },
-        "tls": {
-            "sessions": totals.tls_sessions,
-            "handshake_failures": dict(zip(HANDSHAKE_FAILURES, totals.tls_failures)),
-            "plaintext_discarded_bytes": totals.tls_discarded_bytes,
-            "handshake_seconds_sum": totals.handshake_sum,
-        },
-        "proxy": {
-            "headers": totals.proxy_headers,
-            "failures": dict(zip(PROXY_FAILURES, totals.proxy_failures)),
-        },
-        "auth": {
-            "successes": totals.auth_successes,
-            "failures": totals.auth_failures,
-            "temporary_failures": totals.auth_temporary_failures,
-        },
-    }
-
-
-def json_body(totals: Totals, rule_names: Sequence[str]) -> bytes:
-    return json.dumps(to_json(totals, rule_names), separators=(",", ":")).encode()
-
-
-def summary_line(totals: Totals, elapsed_s: float) -> str:
-    """The master's one-line account of a run, e.g. for its log on SIGTERM.
-
-    MB are decimal (10**6 bytes), as in throughput figures.
-    """
-    rate = totals.messages_accepted / elapsed_s if elapsed_s > 0 else 0.0
-    return (f"run summary: {totals.messages_accepted} messages accepted, "
-            f"{totals.bytes_received / 1e6:.1f} MB received in {elapsed_s:.1f}s "
-            f"({rate:.1f} msg/s)")

@@ -33,8 +33,9 @@ import time
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 
-from minismtp.stats import (
-    JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Totals, json_body, render_prometheus,
+from minismtp.stats import Totals
+from minismtp.statsformat import (
+    JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, RuleName, json_body, render_prometheus,
 )
 
 log = logging.getLogger("minismtp.stats")
@@ -315,7 +316,7 @@ def _response(status: HTTPStatus, body: bytes | None = None,
     return head.encode("latin-1") + body
 
 
-def pages(current: Callable[[], tuple[Totals, Sequence[str]]]) -> GetBody:
+def pages(current: Callable[[], tuple[Totals, Sequence[RuleName]]]) -> GetBody:
     """A `get_body` serving /metrics and /stats from `current()` -> (totals, rule names)."""
 
     def get_body(path: str) -> tuple[int, str, bytes] | None:

@@ -2,7 +2,7 @@
 
 Untrusted input: the HTTP answer from whatever listens at `stats.listen`, which need not
 be minismtp at all. The body read is bounded, and an answer that is not the JSON shape
-`stats.to_json` makes is reported in one line, like every other failure: no traceback.
+`statsformat.to_json` makes is reported in one line, like every other failure: no traceback.
 """
 
 from __future__ import annotations
@@ -150,6 +150,15 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
         lines.append(row(f"rejected {code}", str(count), shown(rate(("rejections", code)))))
     for name, count in doc["faults"].items():
         lines.append(row(f"fault {name}", str(count), shown(rate(("faults", name)))))
+    listeners = doc.get("listeners")  # absent from a server older than listener profiles
+    for name, entry in (listeners.items() if isinstance(listeners, dict) else ()):
+        for label, key in (("sessions", "sessions"), ("messages", "messages_accepted")):
+            lines.append(row(f"{name}: {label}", str(_field(entry, (key,))),
+                             shown(rate(("listeners", name, key)))))
+        faults = entry.get("faults") if isinstance(entry, dict) else None
+        for rule, count in (faults.items() if isinstance(faults, dict) else ()):
+            lines.append(row(f"{name}: fault {rule}", str(count),
+                             shown(rate(("listeners", name, "faults", rule)))))
     tls = doc.get("tls")  # absent from a server older than TLS
     if tls and (tls["sessions"] or any(tls["handshake_failures"].values())):
         lines.append(row("tls sessions", str(tls["sessions"]),

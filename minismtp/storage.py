@@ -41,7 +41,8 @@ class Storage:
     def open(self, session: Session) -> bool:
         """Start storing the message of `session.envelope`; False (logged) if we cannot."""
         try:
-            session.sink = self.backend.open(session.envelope, session.peer)
+            session.sink = self.backend.open(session.envelope, session.peer,
+                                             session.profile.hostname)
         except DeliveryError as exc:
             log.error("cannot store message from %s: %s", session.peer.address, exc)
             return False

@@ -22,6 +22,8 @@ class WorkerRecord:
     aborted_at: float | None = None  # when it was sent SIGABRT for a missed heartbeat
     tmp_dir: str | None = None  # the Maildir tmp/ it writes in, swept when it dies
     shutdown_timeout_s: float = 0.0  # its own config's: a reload does not change it
+    # Its config's listener names, by place: what its stats slot counts (stats.py).
+    listener_names: tuple[str, ...] = ()
 
 
 def spawn_delay(crash_streak: int) -> float:

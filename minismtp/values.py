@@ -95,6 +95,16 @@ class Listener:
     require_tls: bool = False  # STARTTLS listeners: MAIL, RCPT, DATA need TLS first
     auth: ListenerAuth = ListenerAuth()  # frozen: one shared default is safe
     proxy_protocol: ProxyProtocol | None = None  # a PROXY header comes first (proxyread.py)
+    # Its profile (profiles.py): a name for logs and stats ("" here: the address), and
+    # what it overrides of server.hostname, the limits section (key, value) and faults.
+    name: str = ""
+    hostname: str | None = None
+    limits: tuple[tuple[str, Any], ...] = ()
+    faults: Any = None  # a FaultsConfig replacing the top-level one; None: that one
+
+    def __post_init__(self) -> None:
+        if not self.name:  # frozen: set once, here
+            object.__setattr__(self, "name", str(self.address))
 
     @property
     def host(self) -> str:
@@ -396,7 +406,7 @@ def parse_listen(text: str) -> ListenAddress:
 
 
 # The keys a listener mapping may hold. Each parses its own value into a Listener field;
-# later per-listener keys (a name, limits, ...) join here.
+# the profile keys (name, hostname, limits, faults) join them in config.py (profiles.py).
 _auth_mode_choice = choice(*AUTH_MODES)
 
 
@@ -507,7 +517,8 @@ LISTENER_KEYS: dict[str, tuple[str, Parser]] = {
 }
 
 
-def _listener(item: object, index: int, problems: list[tuple[str, str]]) -> Listener | None:
+def _listener(item: object, index: int, problems: list[tuple[str, str]],
+              keys: dict[str, tuple[str, Parser]]) -> Listener | None:
     if not isinstance(item, Mapping):
         try:
             return Listener(parse_listen(item))  # a string, or a message naming the type
@@ -525,11 +536,11 @@ def _listener(item: object, index: int, problems: list[tuple[str, str]]) -> List
         try:
             if key == "address":
                 fields["address"] = parse_listen(raw)
-            elif key in LISTENER_KEYS:
-                name, parse = LISTENER_KEYS[key]
+            elif key in keys:
+                name, parse = keys[key]
                 fields[name] = parse(raw)
             else:
-                problems.append((where, f"unknown key{suggest(key, ['address', *LISTENER_KEYS])}"))
+                problems.append((where, f"unknown key{suggest(key, ['address', *keys])}"))
                 ok = False
         except PathProblems as exc:  # a mapping of its own (auth): each key's problem
             problems.extend((where + path, message) for path, message in exc.items)
@@ -540,14 +551,22 @@ def _listener(item: object, index: int, problems: list[tuple[str, str]]) -> List
     return Listener(**fields) if ok else None  # type: ignore[arg-type]
 
 
-def listen_list(value: object) -> tuple[Listener, ...]:
+# The stats board keeps each listener's counters in a fixed place per worker (stats.py).
+MAX_LISTENERS = 64
+
+
+def listen_list(value: object, keys: dict[str, tuple[str, Parser]] | None = None
+                ) -> tuple[Listener, ...]:
+    """server.listen; `keys`: what a listener mapping may hold (LISTENER_KEYS)."""
     items = [value] if isinstance(value, str) else value  # one address needs no list
     if not isinstance(items, (list, tuple)) or not items:
         raise ValueError(f'must be a non-empty list of "host:port" addresses, got {got(value)}')
+    if len(items) > MAX_LISTENERS:
+        raise ValueError(f"must have at most {MAX_LISTENERS} entries, got {len(items)}")
     listeners: list[Listener] = []
     problems: list[tuple[str, str]] = []
     for index, item in enumerate(items):
-        listener = _listener(item, index, problems)
+        listener = _listener(item, index, problems, LISTENER_KEYS if keys is None else keys)
         if listener is None:
             continue
         # Binding one address twice fails at start-up; port 0 picks a fresh port each time.
@@ -559,12 +578,17 @@ def listen_list(value: object) -> tuple[Listener, ...]:
     return tuple(listeners)
 
 
-def dump_listeners(listeners: tuple[Listener, ...], default_tls: str) -> list[object]:
-    """A string for a listener in the default TLS mode, else a mapping."""
+def dump_listeners(listeners: tuple[Listener, ...], default_tls: str,
+                   profile: Callable[[Listener], dict[str, object]] | None = None
+                   ) -> list[object]:
+    """A string for a listener in the default TLS mode with no profile keys, else a
+    mapping; `profile` gives a listener's profile keys (profiles.dump_profile)."""
     out: list[object] = []
     for listener in listeners:
+        extra = {} if profile is None else profile(listener)
         if listener.tls == default_tls and not listener.require_tls and (
-                listener.auth == ListenerAuth()) and listener.proxy_protocol is None:
+                listener.auth == ListenerAuth()) and listener.proxy_protocol is None \
+                and not extra:
             out.append(str(listener))
             continue
         entry: dict[str, object] = {"address": str(listener), "tls": listener.tls}
@@ -574,7 +598,7 @@ def dump_listeners(listeners: tuple[Listener, ...], default_tls: str) -> list[ob
             entry["auth"] = dump_auth(listener.auth)
         if listener.proxy_protocol is not None:
             entry["proxy_protocol"] = dump_proxy(listener.proxy_protocol)
-        out.append(entry)
+        out.append({**entry, **extra})
     return out
 
 

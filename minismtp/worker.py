@@ -28,7 +28,7 @@ from minismtp.acceptor import Accepted, Acceptor, Listening
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, Peer
-from minismtp.faults import FaultInjector
+from minismtp.faults import FaultInjector, FaultsConfig
 from minismtp.handshake import Handshake, Handshakes
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.logins import Logins
@@ -37,7 +37,7 @@ from minismtp.msglog import MessageLog
 from minismtp.output import Output
 from minismtp.poller import Poller
 from minismtp.proxyread import ProxyRead, ProxyReads
-from minismtp.session import Session, protocol_settings
+from minismtp.session import Profile, Session
 from minismtp.signals import SignalWakeup
 from minismtp.smtp import replies
 from minismtp.smtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
@@ -70,19 +70,19 @@ class Worker:
         self.board = board
         self.slot = slot
         self.stats_board = stats_board
-        # Per listening socket: the core's settings for its connections, and whether
-        # they start with a TLS handshake.
-        self.profiles = {sock: (protocol_settings(config, entry, tls=tls_context is not None),
-                                tls_context is not None and entry.tls == "implicit")
-                         for sock, entry in listeners}
-        # Listening sockets whose connections send a PROXY header first.
-        self.proxied = {sock: entry.proxy_protocol for sock, entry in listeners
-                        if entry.proxy_protocol is not None}
-        limits = config.limits
-        self.command_timeout = limits.command_timeout
-        self.data_timeout = limits.data_timeout
-        self.min_data_rate = limits.min_data_rate
-        self.rate_grace = limits.min_data_rate_grace
+        # Per listening socket: what its listener's sessions share (session.Profile), the
+        # listener's overrides merged with the top-level settings here, once. One profile
+        # per listener, however many of its sockets this worker has (reuse_port).
+        names = [listener.name for listener in config.server.listen]
+        self.stats = WorkerStats(stats_board.max_rules, len(names))
+        by_name: dict[str, Profile] = {}
+        for _, entry in listeners:
+            if entry.name not in by_name:
+                by_name[entry.name] = Profile(config, entry,
+                                              self.stats.listeners[names.index(entry.name)],
+                                              tls=tls_context is not None)
+        self.profiles = {sock: by_name[entry.name] for sock, entry in listeners}
+        limits = config.limits  # each session's deadlines are its profile's
         self.max_connections = config.server.max_connections
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
@@ -97,19 +97,26 @@ class Worker:
         # With reuse_port the queue is this worker's own; otherwise it shares it fairly.
         self.acceptor = Acceptor(self.poller, [sock for sock, _ in listeners], board, slot, not config.server.reuse_port,
                                  self.sessions, self._read_pending_signals)
-        self.stats = WorkerStats(stats_board.max_rules)
         self.storage = Storage(backend)
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies
         self.msglog = MessageLog(log)
         self.logins = Logins.maybe(self, self.stats, [  # AUTH checks, if a listener offers it
-            (self.profiles[sock][0], entry.auth) for sock, entry in listeners])
-        self.decide = Decisions(self, self.storage, FaultInjector(config.faults, slot),
-                                self.stats, self.msglog, self.logins)
+            (self.profiles[sock].settings, entry.auth) for sock, entry in listeners])
+        self.decide = self._decisions(config.faults, slot)
+        for _, entry in listeners:  # a listener's own faults replace the top-level ones
+            profile = by_name[entry.name]
+            if profile.decide is None:
+                decide = self.decide if entry.faults is None else self._decisions(entry.faults,
+                                                                                  slot)
+                profile.decide, profile.handlers = decide, decide.handlers
         self.handshakes = None if tls_context is None else Handshakes(
-            self, self.poller, tls_context, self.stats, limits.tls_handshake_timeout,
-            self._greet)
+            self, self.poller, tls_context, self.stats, self._greet)
         self.proxies = ProxyReads(self, self.poller, self.stats, limits.proxy_timeout)
+
+    def _decisions(self, faults: FaultsConfig, slot: int) -> Decisions:
+        return Decisions(self, self.storage, FaultInjector(faults, slot), self.stats,
+                         self.msglog, self.logins)
 
     # -- set-up and main loop ------------------------------------------------------
 
@@ -241,30 +248,33 @@ class Worker:
         for sock, addr, listener in accepted:
             sock.setblocking(False)
             transport = PlainTransport(sock)
-            settings, implicit_tls = profiles[listener]
+            profile = profiles[listener]
             if len(self.sessions) >= self.max_connections:
                 # Counted as the 421 it is on a plain port; on an implicit-TLS port the
                 # client expects a ServerHello, and plaintext would only break its
                 # handshake, and on a PROXY port nothing is said before the header (the
                 # peer may not be a balancer at all): close without a word.
                 self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
-                if implicit_tls or listener in self.proxied:
+                if profile.implicit_tls or profile.proxy is not None:
                     transport.close()
                 else:
                     transport.refuse(replies.TOO_MANY_CONNECTIONS.wire)
                 if self.msglog.enabled:
                     self.msglog.session(addr[0], addr[1], {}, 0,
-                                        "refused: too many connections", None)
+                                        "refused: too many connections", None,
+                                        listener=profile.name)
                 continue
-            session = Session(transport, SmtpServerConnection(settings), Peer(addr[0], addr[1]))
+            session = Session(transport, SmtpServerConnection(profile.settings),
+                              Peer(addr[0], addr[1]), profile)
             self.sessions[session.fd] = session
             self.stats.connections_open += 1
             self.stats.connections_total += 1
-            proxy = self.proxied.get(listener)
-            if proxy is not None:  # the balancer's header first, then as below
-                self.proxies.begin(session, proxy, self._begin_tls if implicit_tls
-                                   else self._begin_plain)
-            elif implicit_tls:
+            profile.counts.sessions += 1
+            if profile.proxy is not None:  # the balancer's header first, then as below
+                self.proxies.begin(session, profile.proxy, self._begin_tls
+                                   if profile.implicit_tls else self._begin_plain,
+                                   profile.proxy_timeout)
+            elif profile.implicit_tls:
                 self._begin_tls(session)
             else:
                 self._begin_plain(session)
@@ -272,7 +282,7 @@ class Worker:
             self.acceptor.publish_load()
 
     def _begin_plain(self, session: Session) -> None:
-        self.timers.set_deadline(session, self.now + self.command_timeout)
+        self.timers.set_deadline(session, self.now + session.profile.command_timeout)
         self._greet(session)
 
     def _begin_tls(self, session: Session) -> None:
@@ -283,7 +293,7 @@ class Worker:
             self.stats.replies[replies.SHUTTING_DOWN.code] += 1
             session.conn.greet(replies.SHUTTING_DOWN)
         else:
-            self.decide.connect(session)
+            session.profile.decide.connect(session)
         self.flush(session)  # the greeting; the client has said nothing yet
 
     def _on_readable(self, session: Session) -> None:
@@ -335,7 +345,7 @@ class Worker:
             return
         conn = session.conn
         buffer = conn.buffer
-        handlers = self.decide.handlers
+        handlers = session.profile.handlers  # its listener's fault rules
         write = self.storage.write
         while not session.paused:
             event = conn.next_event()
@@ -430,18 +440,21 @@ class Worker:
             if conn.foreign_protocol:
                 end += f" (the client sent a {conn.foreign_protocol})"
             self.msglog.session(session.peer.address, session.peer.port, conn.commands,
-                                conn.errors, end, conn.tls, conn.authenticated_as)
+                                conn.errors, end, conn.tls, conn.authenticated_as,
+                                listener=session.profile.name)
         if reason:
             log.debug("closed %s: %s", session.peer.address, reason)
 
     # -- deadlines -------------------------------------------------------------------
 
     def _set_data_deadline(self, session: Session, now: float) -> None:
-        deadline = min(now + self.command_timeout, session.data_started + self.data_timeout)
-        if self.min_data_rate:
+        profile = session.profile
+        deadline = min(now + profile.command_timeout,
+                       session.data_started + profile.data_timeout)
+        if profile.min_data_rate:
             # By time t the client must have sent min_data_rate * (t - start - grace) bytes.
-            deadline = min(deadline, session.data_started + self.rate_grace
-                           + session.data_bytes / self.min_data_rate)
+            deadline = min(deadline, session.data_started + profile.rate_grace
+                           + session.data_bytes / profile.min_data_rate)
         self.timers.set_deadline(session, deadline)
 
     def _on_deadline(self, session: Session) -> None:
@@ -456,7 +469,7 @@ class Worker:
             return
         if session.paused or session.trickling:
             # Waiting on our side (a delay, the disk, a tarpit): the client is not idle.
-            self.timers.set_deadline(session, self.now + self.command_timeout)
+            self.timers.set_deadline(session, self.now + session.profile.command_timeout)
             return
         log.info("timeout: peer=%s state=%s", session.peer.address, session.conn.state.value)
         session.end = f"timeout in state {session.conn.state.value}"

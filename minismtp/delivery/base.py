@@ -100,8 +100,10 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def open(self, envelope: Envelope, peer: Peer) -> Sink:
-        """Start storing one message. Raises DeliveryError if it cannot be started."""
+    def open(self, envelope: Envelope, peer: Peer, hostname: str | None = None) -> Sink:
+        """Start storing one message; `hostname`: the name its Received: header gives
+        the receiving host (the session's listener's), None: the backend's own. Raises
+        DeliveryError if it cannot be started."""
 
     @abstractmethod
     def close(self) -> None:

@@ -370,7 +370,7 @@ class MaildirBackend(Backend):
         if not self.per_recipient and not os.access(self._new, os.W_OK | os.X_OK):
             raise self._path_error("new/ is not writable")
 
-    def open(self, envelope: Envelope, peer: Peer) -> MaildirSink:
+    def open(self, envelope: Envelope, peer: Peer, hostname: str | None = None) -> MaildirSink:
         # Only names here (no system call): the mailboxes are made by commit().
         mailboxes = self._mailbox_names(envelope.recipients) if self.per_recipient else ()
         for _ in range(5):  # an O_EXCL clash needs a pid reused within one microsecond
@@ -406,7 +406,7 @@ class MaildirBackend(Backend):
         else:
             delivered_to = recipients
         # Written whole through write(), so they get the file's line endings too.
-        sink.write(trace_headers(envelope, peer, self.hostname, queue_id, seconds,
+        sink.write(trace_headers(envelope, peer, hostname or self.hostname, queue_id, seconds,
                                  delivered_to, for_clause=record != "none"))
         return sink
 

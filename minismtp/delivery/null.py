@@ -62,7 +62,7 @@ class DiscardBackend(Backend):
     def prepare(self) -> None:
         pass
 
-    def open(self, envelope: Envelope, peer: Peer) -> DiscardSink:
+    def open(self, envelope: Envelope, peer: Peer, hostname: str | None = None) -> DiscardSink:
         return DiscardSink(self)
 
     def close(self) -> None:

@@ -83,9 +83,10 @@ def test_header_source_is_the_client_everywhere(proxied, raw_clients, encode):
     assert b"Received: from client.test ([198.51.100.9])\r\n" in stored["four"]
     assert b"Received: from client.test ([IPv6:2001:db8::7])\r\n" in stored["six"]
     assert b"127.0.0.1" not in stored["four"] + stored["six"]
-    server.wait_for_log(r"id=\S+ peer=198\.51\.100\.9 from=<sender@example\.org> rcpts=1 .*"
+    server.wait_for_log(r"id=\S+ peer=198\.51\.100\.9 listener=\S+ "
+                        r"from=<sender@example\.org> rcpts=1 .*"
                         r"result=250")
-    server.wait_for_log(r"disconnect from 198\.51\.100\.9:40001 ehlo=1 mail=1 rcpt=1 "
+    server.wait_for_log(r"disconnect from 198\.51\.100\.9:40001 listener=\S+ ehlo=1 mail=1 rcpt=1 "
                         r"data=1 quit=1 commands=5 end=quit")
     server.wait_for_log(r"disconnect from 2001:db8::7:40002 ")
     wait_for_metric(server, "minismtp_proxy_headers_total", 2)
@@ -137,7 +138,7 @@ def test_addressless_headers_keep_the_real_peer(proxied, raw_clients, header):
     server = proxied
     send_through(server, raw_clients, header, "local")
     assert b"Received: from client.test ([127.0.0.1])\r\n" in stored_by_marker(server)["local"]
-    server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ ehlo=1 ")
+    server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ listener=\S+ ehlo=1 ")
 
 
 def test_untrusted_source_is_closed_unread(proxied, raw_clients):
@@ -148,7 +149,7 @@ def test_untrusted_source_is_closed_unread(proxied, raw_clients):
     closed_unanswered(c)
     server.wait_for_log(r"PROXY header refused: peer=127\.0\.0\.2 reason=untrusted source",
                         since=mark)
-    server.wait_for_log(r"disconnect from 127\.0\.0\.2:\d+ commands=0 "
+    server.wait_for_log(r"disconnect from 127\.0\.0\.2:\d+ listener=\S+ commands=0 "
                         r"end=no PROXY header: untrusted source", since=mark)
     wait_for_metric(server, failures_key("untrusted source"), 1)
 
@@ -301,7 +302,7 @@ def test_too_many_connections_on_a_proxy_port_closes_without_a_word(make_server,
     extra = raw_clients(server.port)
     extra.send(proxyheader.v2(("198.51.100.31", 1), DST))
     closed_unanswered(extra)
-    server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ commands=0 "
+    server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ listener=\S+ commands=0 "
                         r"end=refused: too many connections")
     held.cmd("QUIT", 221)
 

@@ -73,7 +73,8 @@ def test_full_transaction_with_smtplib(make_server):
     assert received.startswith("from client.test ([127.0.0.1]) by mx.test.invalid (minismtp)")
     assert msg["Subject"] == "integration"
     assert server.maildir_messages() == [(new[0].name, stored)]
-    server.wait_for_log(rf"id={queue_id} peer=127\.0\.0\.1 from=<{SENDER}> rcpts=2 "
+    server.wait_for_log(rf"id={queue_id} peer=127\.0\.0\.1 listener=127\.0\.0\.1:0 "
+                        rf"from=<{SENDER}> rcpts=2 "
                         rf"size={len(BODY)} result=250 queued")
 
 

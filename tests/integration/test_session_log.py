@@ -19,7 +19,8 @@ def test_a_session_ends_with_its_summary(make_server, raw_clients):
     port = client.sock.getsockname()[1]
     line = server.wait_for_log(rf"INFO disconnect from 127\.0\.0\.1:{port} .*")
     assert line.group(0).endswith(
-        f"disconnect from 127.0.0.1:{port} ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5 end=quit")
+        f"disconnect from 127.0.0.1:{port} listener=127.0.0.1:0 ehlo=1 mail=1 rcpt=1 data=1 "
+        "quit=1 commands=5 end=quit")
 
 
 def test_a_client_speaking_tls_on_a_plain_port_is_named(make_server, raw_clients):
@@ -42,7 +43,8 @@ def test_an_idle_client_is_logged_as_timed_out(make_server, raw_clients):
     client.hello()
     port = client.sock.getsockname()[1]
     assert client.reply(timeout=5).raw == replies.TIMEOUT.wire
-    server.wait_for_log(rf"disconnect from 127\.0\.0\.1:{port} ehlo=1 commands=1 "
+    server.wait_for_log(rf"disconnect from 127\.0\.0\.1:{port} listener=127\.0\.0\.1:0 "
+                        r"ehlo=1 commands=1 "
                         r"end=timeout in state ready$")
 
 

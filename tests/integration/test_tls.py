@@ -131,7 +131,7 @@ def test_implicit_tls_message_is_stored_exactly_and_counted(make_server, pki, tl
     assert stored.endswith(body)
     assert f"(using TLSv1.3 with cipher {cipher} (".encode() in stored[:stored.index(body)]
     assert re.search(rb"with ESMTPS id \S+", stored)
-    server.wait_for_log(rf"id=\S+ peer=127\.0\.0\.1 from=<a@example\.org> rcpts=1 "
+    server.wait_for_log(rf"id=\S+ peer=127\.0\.0\.1 listener=\S+ from=<a@example\.org> rcpts=1 "
                         rf"size={len(body)} tls=TLSv1\.3 with cipher {cipher} result=250 queued")
     samples = wait_for_metric(server, "minismtp_tls_sessions_total", 1)
     assert samples["minismtp_tls_handshake_seconds_count"] == 1

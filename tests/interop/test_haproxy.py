@@ -111,7 +111,8 @@ def cluster(request, tmp_path) -> Iterator[tuple[Balancer, Server, Server]]:
             pytest.fail(f"haproxy did not start:\n{balancer.log()}")
         # Both servers passed their health checks (an SMTP greeting after a LOCAL header).
         for server in servers:
-            server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ ehlo=1 ", HAPROXY_START_S)
+            server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ listener=\S+ ehlo=1 ",
+                                HAPROXY_START_S)
         yield balancer, servers[0], servers[1]
     finally:
         if balancer is not None:
@@ -155,9 +156,10 @@ def test_minismtp_sees_the_clients_behind_haproxy(cluster):
     for [data] in copies.values():
         assert b"Received: from client.test ([127.0.0.2])\r\n" in data
     for server in (a, b):
-        server.wait_for_log(r"id=\S+ peer=127\.0\.0\.2 from=<s@example\.org> .*result=250")
-        server.wait_for_log(r"disconnect from 127\.0\.0\.2:\d+ ehlo=1 mail=1 rcpt=1 data=1 "
-                            r"quit=1 commands=5 end=quit")
+        server.wait_for_log(r"id=\S+ peer=127\.0\.0\.2 listener=\S+ "
+                            r"from=<s@example\.org> .*result=250")
+        server.wait_for_log(r"disconnect from 127\.0\.0\.2:\d+ listener=\S+ ehlo=1 mail=1 "
+                            r"rcpt=1 data=1 quit=1 commands=5 end=quit")
     for client_port in ports:  # the client's own port too, not HAProxy's
         line = rf"disconnect from 127\.0\.0\.2:{client_port} "
         wait_until(lambda line=line: a.count_log(line) + b.count_log(line) == 1, 10,

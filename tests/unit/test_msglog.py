@@ -215,3 +215,33 @@ def test_printable_leaves_ordinary_names_alone():
     assert msglog.printable("alice@example.org") == "alice@example.org"
     assert msglog.printable("zoë") == "zoë"
     assert msglog.printable("a\udcffb") == "a\\udcffb"  # a byte that was not UTF-8
+
+
+def test_the_listener_is_named_after_the_peer(logfile):
+    logger, lines = logfile
+    log = logger.message_log()
+    log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued",
+                listener="mx")
+    log.session("127.0.0.1", 40000, {"QUIT": 1}, 0, "quit", None, listener="127.0.0.1:2525")
+    log.close()
+    assert [message for _, _, message in lines()] == [
+        "id=Q1 peer=127.0.0.1 listener=mx from=<a@example.org> rcpts=1 size=100 "
+        "result=250 queued",
+        "disconnect from 127.0.0.1:40000 listener=127.0.0.1:2525 quit=1 commands=1 end=quit",
+    ]
+
+
+def test_json_lines_name_the_listener(logfile):
+    logger, _ = logfile
+    handler = logger.root.handlers[0]
+    handler.setFormatter(JsonFormatter())
+    log = logger.message_log()
+    log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued",
+                listener="chaos")
+    log.session("127.0.0.1", 40000, {}, 0, "quit", None, listener="chaos")
+    log.close()
+    handler.stream.flush()
+    records = [json.loads(line) for line in
+               pathlib.Path(handler.stream.name).read_text(encoding="utf-8").splitlines()]
+    assert [(record["event"], record["listener"]) for record in records] == [
+        ("message", "chaos"), ("disconnect", "chaos")]

@@ -11,15 +11,22 @@ import struct
 import pytest
 
 from minismtp.stats import (
-    LATENCY_BOUNDS, PROXY_FAILURES, Snapshot, StatsBoard, Totals, WorkerStats, render_prometheus,
-    summary_line, to_json,
+    LATENCY_BOUNDS, PROXY_FAILURES, Snapshot, StatsBoard, Totals, WorkerStats,
 )
+from minismtp.statsformat import render_prometheus, summary_line, to_json
+from minismtp.values import MAX_LISTENERS
 
 RULES = 4
+NO_LISTENERS = (0,) * (2 * MAX_LISTENERS)
+LISTENERS = ("mx", "chaos")  # names of busy_worker's listeners, by place
 
 
 def busy_worker(scale: int = 1, rules: int = RULES) -> WorkerStats:
-    stats = WorkerStats(rules)
+    stats = WorkerStats(rules, len(LISTENERS))
+    stats.listeners[0].sessions += 6 * scale
+    stats.listeners[0].messages_accepted += 4 * scale
+    stats.listeners[1].sessions += 4 * scale
+    stats.listeners[1].messages_accepted += 3 * scale
     stats.connections_open += 2 * scale
     stats.connections_total += 10 * scale
     stats.transactions += 8 * scale
@@ -71,10 +78,11 @@ def test_publish_and_read_round_trip():
         handshake_sum=pytest.approx(0.004), proxy_headers=6,
         proxy_failures=tuple(int(reason in ("untrusted source", "bad v2 tlv"))
                              for reason in PROXY_FAILURES),
-        rejections={450: 3, 554: 1}, faults=(0, 5, 0, 0))
+        rejections={450: 3, 554: 1}, faults=(0, 5, 0, 0),
+        listeners=(6, 4, 4, 3, *NO_LISTENERS[4:]))
     assert board.read(4) == board.read(6) == Snapshot(
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0,
-        (0,) * len(PROXY_FAILURES), {}, (0,) * RULES)
+        (0,) * len(PROXY_FAILURES), {}, (0,) * RULES, NO_LISTENERS)
 
 
 def test_board_is_shared_across_fork():
@@ -153,6 +161,34 @@ def test_retired_workers_keep_totals_monotonic():
     assert retired.connections_open == 0 and retired.workers == 0
 
 
+def test_listener_totals_are_kept_by_name_across_a_reload():
+    """A worker's slot counts its listeners by place; the master names them with that
+    worker's configuration, so a reload that reorders or drops listeners mislabels
+    nothing, and what a retired worker counted is kept."""
+    board = StatsBoard(2, RULES)
+    retired = Totals()
+    busy_worker().publish(board, 0)  # the old generation: mx, chaos
+    newer = WorkerStats(RULES, 2)  # the new one: chaos first, then a new listener
+    newer.listeners[0].sessions += 100
+    newer.listeners[1].messages_accepted += 1
+    newer.publish(board, 1)
+    names = {0: LISTENERS, 1: ("chaos", "submission")}
+    assert board.totals([0, 1], retired, names).listeners == {
+        "mx": [6, 4], "chaos": [104, 3], "submission": [0, 1]}
+    board.retire(0, retired, LISTENERS)
+    assert board.totals([1], retired, {1: names[1]}).listeners == {
+        "mx": [6, 4], "chaos": [104, 3], "submission": [0, 1]}
+    assert retired.listeners == {"mx": [6, 4], "chaos": [4, 3]}
+
+
+def test_counts_of_more_listeners_than_the_board_holds_are_not_published():
+    stats = WorkerStats(0, MAX_LISTENERS + 1)
+    stats.listeners[-1].sessions += 1
+    board = StatsBoard(1, 0)
+    stats.publish(board, 0)
+    assert board.read(0).listeners == NO_LISTENERS
+
+
 def test_a_slot_left_mid_write_is_still_read():
     board = StatsBoard(1, RULES)
     busy_worker().publish(board, 0)
@@ -228,8 +264,9 @@ def test_prometheus_output_parses_strictly():
     board = StatsBoard(3, RULES)
     for slot in range(3):
         busy_worker(slot + 1).publish(board, slot)
-    totals = board.totals([0, 1, 2], Totals())
-    families = parse_prometheus(render_prometheus(totals, ["busy-rcpt", "slow.end", "x_y"]))
+    totals = board.totals([0, 1, 2], Totals(), dict.fromkeys(range(3), LISTENERS))
+    families = parse_prometheus(render_prometheus(
+        totals, ["busy-rcpt", "slow.end", ("chaos", "x_y")]))
     assert {name: f["type"] for name, f in families.items()} == {
         "minismtp_workers": "gauge",
         "minismtp_connections_open": "gauge",
@@ -239,6 +276,8 @@ def test_prometheus_output_parses_strictly():
         "minismtp_received_bytes_total": "counter",
         "minismtp_rejections_total": "counter",
         "minismtp_faults_injected_total": "counter",
+        "minismtp_listener_sessions_total": "counter",
+        "minismtp_listener_messages_accepted_total": "counter",
         "minismtp_end_of_data_seconds": "histogram",
         "minismtp_tls_sessions_total": "counter",
         "minismtp_tls_handshake_failures_total": "counter",
@@ -267,7 +306,13 @@ def test_prometheus_output_parses_strictly():
     assert [(s[1], s[2]) for s in families["minismtp_rejections_total"]["samples"]] == [
         ({"code": "450"}, 18), ({"code": "554"}, 6)]
     assert [(s[1], s[2]) for s in families["minismtp_faults_injected_total"]["samples"]] == [
-        ({"rule": "busy-rcpt"}, 0), ({"rule": "slow.end"}, 30), ({"rule": "x_y"}, 0)]
+        ({"rule": "busy-rcpt"}, 0), ({"rule": "slow.end"}, 30),
+        ({"listener": "chaos", "rule": "x_y"}, 0)]
+    assert [(s[1], s[2]) for s in families["minismtp_listener_sessions_total"]["samples"]] \
+        == [({"listener": "mx"}, 36), ({"listener": "chaos"}, 24)]
+    assert [(s[1], s[2]) for s in
+            families["minismtp_listener_messages_accepted_total"]["samples"]] \
+        == [({"listener": "mx"}, 24), ({"listener": "chaos"}, 18)]
     counts, total = check_histogram(families["minismtp_end_of_data_seconds"],
                                      "minismtp_end_of_data_seconds")
     assert len(counts) == len(LATENCY_BOUNDS) + 1
@@ -295,7 +340,8 @@ def test_label_values_are_escaped():
 def test_json_shape():
     board = StatsBoard(1, RULES)
     busy_worker().publish(board, 0)
-    document = to_json(board.totals([0], Totals()), ["busy-rcpt", "slow"])
+    document = to_json(board.totals([0], Totals(), {0: LISTENERS}),
+                       ["busy-rcpt", "slow", ("chaos", "drop"), ("chaos", "late")])
     assert json.loads(json.dumps(document)) == document
     latency = document.pop("end_of_data_seconds")
     assert document == {
@@ -306,6 +352,11 @@ def test_json_shape():
         "bytes_received": 1000,
         "rejections": {"450": 3, "554": 1},
         "faults": {"busy-rcpt": 0, "slow": 5},
+        "listeners": {
+            "mx": {"sessions": 6, "messages_accepted": 4, "faults": {}},
+            "chaos": {"sessions": 4, "messages_accepted": 3,
+                      "faults": {"drop": 0, "late": 0}},
+        },
         "tls": {
             "sessions": 4,
             "handshake_failures": {

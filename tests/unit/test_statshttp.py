@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from minismtp import stats, statsview
+from minismtp import stats, statsformat, statsview
 from minismtp.cli import main
 from minismtp.config import load_config
-from minismtp.stats import StatsBoard, Totals, WorkerStats, to_json
+from minismtp.stats import StatsBoard, Totals, WorkerStats
+from minismtp.statsformat import to_json
 from minismtp.statshttp import StatsHttpServer, pages
 
 LOOP_LIMIT_S = 10.0
@@ -461,12 +462,29 @@ def test_stats_url(listen, url):
 
 
 def test_stats_view_shows_proxy_counts_only_when_there_are_some():
-    quiet = statsview.Sample(1.0, stats.to_json(stats.Totals(workers=1), []))
+    quiet = statsview.Sample(1.0, statsformat.to_json(stats.Totals(workers=1), []))
     assert "proxy" not in statsview.render("http://x/stats", quiet, None)
     totals = stats.Totals(workers=1, proxy_headers=5)
     totals.proxy_failures[stats.PROXY_FAILURES.index("untrusted source")] = 2
-    text = statsview.render("http://x/stats", statsview.Sample(1.0, stats.to_json(totals, [])),
+    text = statsview.render("http://x/stats", statsview.Sample(1.0, statsformat.to_json(totals, [])),
                             None)
     assert re.search(r"proxy headers +5", text)
     assert re.search(r"proxy refused: untrusted source +2", text)
     assert "proxy refused: timeout" not in text
+
+
+def test_stats_view_shows_each_listener_with_its_rates():
+    def sample(at: float, sessions: int, faults: int) -> statsview.Sample:
+        totals = stats.Totals(workers=1, faults=[faults])
+        totals.listeners = {"mx": [sessions, 3], "chaos": [1, 0]}
+        return statsview.Sample(at, statsformat.to_json(totals, [("chaos", "busy")]))
+
+    text = statsview.render("http://x/stats", sample(3.0, 10, 4), sample(1.0, 4, 0))
+    assert re.search(r"^mx: sessions +10 +3\.0$", text, re.M)
+    assert re.search(r"^mx: messages +3 +0\.0$", text, re.M)
+    assert re.search(r"^chaos: sessions +1 +0\.0$", text, re.M)
+    assert re.search(r"^chaos: fault busy +4 +2\.0$", text, re.M)
+    older = statsformat.to_json(stats.Totals(workers=1), [])
+    del older["listeners"]  # a server from before listener profiles
+    assert "sessions" not in statsview.render("http://x/stats",
+                                              statsview.Sample(1.0, older), None)
