@@ -93,3 +93,18 @@ def test_tls_scenarios_run_end_to_end(tmp_path):
     assert s7["handshakes"] == s7["messages"]  # a full handshake per message
     assert by_key[("S8", "minismtp-discard")]["runs"][0]["handshakes"] == 1
     assert "0.7x a bare Python TLS loop" in done.stdout
+
+
+def test_in_process_tools_still_drive_a_real_worker(tmp_path: Path) -> None:
+    """bench/worker_python.py (scripted sockets) and bench/profile_worker.py (a real
+    worker under cProfile) build a Worker themselves: they break when its set-up changes."""
+    python = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "worker_python.py"), "--messages", "200",
+         "--repeat", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert python.returncode == 0, python.stderr[-2000:]
+    assert "S1 shape:" in python.stdout and "S2 shape:" in python.stdout
+    profiled = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_worker.py"), "S5", "--messages", "300",
+         "--top", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert profiled.returncode == 0, profiled.stderr[-2000:] + profiled.stdout[-2000:]
+    assert "300 delivered" in profiled.stdout
