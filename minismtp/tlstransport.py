@@ -132,10 +132,10 @@ class TlsTransport:
         core and the sink once per view rather than once per 16 KiB record. Short reads
         (commands) stop after one record, with no extra call."""
         sslobj = self.sock._sslobj  # what SSLSocket.recv_into calls, two frames down
-        if sslobj is None:  # not connected, or unwrapped: as the socket itself says
-            return self._read_one(view)
         size = len(view)
         try:
+            if sslobj is None:  # not connected, or unwrapped: as the socket itself says
+                return self.sock.recv_into(view)
             n = total = sslobj.read(size, view)
         except ssl.SSLWantReadError:
             self.read_wants = READ
@@ -154,18 +154,6 @@ class TlsTransport:
                 break
             total += n
         return total
-
-    def _read_one(self, view: memoryview) -> int:
-        try:
-            return self.sock.recv_into(view)
-        except ssl.SSLWantReadError:
-            self.read_wants = READ
-            raise BlockingIOError(errno.EAGAIN, "TLS wants to read") from None
-        except ssl.SSLWantWriteError:
-            self.read_wants = WRITE
-            raise BlockingIOError(errno.EAGAIN, "TLS wants to write") from None
-        except ssl.SSLError as exc:
-            raise _broken(exc) from exc
 
     def write(self, data: bytes | memoryview, flags: int = 0) -> int:
         """Send `data` (flags are for plain sockets: SSLSocket refuses any)."""
