@@ -31,6 +31,7 @@ import selectors
 import socket
 import sys
 import time
+from typing import Callable
 
 CRLF = b"\r\n"
 
@@ -270,6 +271,41 @@ def summarize(parts: list[dict], seconds: float, requested: int) -> dict:
     }
 
 
+def in_processes(procs: int, sessions: int, messages: int,
+                 run_part: Callable[[int, int], dict]) -> list[dict]:
+    """`run_part(sessions, messages)` in this process, or split over `procs` forked ones
+    (sessions and messages shared out evenly); each part's dict, as JSON would give it
+    back. A child that dies without answering counts as one failed session."""
+    procs = min(procs, sessions)
+    if procs == 1:
+        return [run_part(sessions, messages)]
+    readers = []
+    for i in range(procs):
+        mine = (sessions // procs + (i < sessions % procs),
+                messages // procs + (i < messages % procs))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                part = run_part(*mine)
+                with os.fdopen(w, "w") as out:
+                    json.dump(part, out)
+            finally:
+                os._exit(0)
+        os.close(w)
+        readers.append((pid, r))
+    parts = []
+    for pid, r in readers:
+        with os.fdopen(r) as inp:
+            text = inp.read()
+        os.waitpid(pid, 0)
+        parts.append(json.loads(text) if text else {
+            "messages": 0, "sessions": 0, "errors": 1, "error_samples": ["child died"],
+            "latencies": [], "pipelining": False})
+    return parts
+
+
 def _loopback(host: str) -> str:
     try:
         if ipaddress.ip_address(host).is_loopback:
@@ -292,37 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.messages < 1 or args.sessions < 1 or args.procs < 1:
         parser.error("--messages, --sessions and --procs must be >= 1")
 
-    procs = min(args.procs, args.sessions)
     started = time.perf_counter()
-    if procs == 1:
-        parts = [run(args.host, args.port, args.sessions, args.messages, args.size,
-                     args.timeout)]
-    else:
-        readers = []
-        for i in range(procs):
-            sessions = args.sessions // procs + (i < args.sessions % procs)
-            messages = args.messages // procs + (i < args.messages % procs)
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(r)
-                try:
-                    part = run(args.host, args.port, sessions, messages, args.size,
-                               args.timeout)
-                    with os.fdopen(w, "w") as out:
-                        json.dump(part, out)
-                finally:
-                    os._exit(0)
-            os.close(w)
-            readers.append((pid, r))
-        parts = []
-        for pid, r in readers:
-            with os.fdopen(r) as inp:
-                text = inp.read()
-            os.waitpid(pid, 0)
-            parts.append(json.loads(text) if text else {
-                "messages": 0, "sessions": 0, "errors": 1, "error_samples": ["child died"],
-                "latencies": [], "pipelining": False})
+    parts = in_processes(args.procs, args.sessions, args.messages, lambda sessions, messages:
+                         run(args.host, args.port, sessions, messages, args.size, args.timeout))
     result = summarize(parts, time.perf_counter() - started, args.messages)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

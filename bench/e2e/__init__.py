@@ -7,9 +7,11 @@ under test, which is parsed only to count replies; every address used is 127.0.0
 - workdir.py    the folder that holds every server's Maildir and logs; a file system probe
 - servers.py    the servers compared (smtp-sink, aiosmtpd, minismtp, Postfix, bare TLS)
 - postfix.py    a private Postfix instance (main.cf, master.cf) for postfix-tls
+- edge.py       minismtp's edge variants: PROXY and AUTH listeners, users file, limits
 - tlsfiles.py   the ECDSA P-256 certificate every TLS server uses, made at run time
-- clients.py    smtp-source, bench/pipeline_client.py, bench/tls_client.py, idle holders
-- scenarios.py  S1..S9 and how one scenario is run and measured against one server
+- clients.py    smtp-source, bench/pipeline_client.py, bench/session_client.py,
+                bench/tls_client.py, idle holders
+- scenarios.py  S1..S9, S1E, S1B and how one scenario is run and measured against one server
 - report.py     the table, the ratios to peers and the targets
 """
 

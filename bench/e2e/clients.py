@@ -1,5 +1,5 @@
 """The load clients: Postfix's smtp-source, bench/pipeline_client.py, bench/tls_client.py,
-and idle connections (plain, or TLS after STARTTLS).
+bench/session_client.py, and idle connections (plain, or TLS after STARTTLS).
 
 Untrusted input: the clients' output (smtp-source's -c counter, the other clients' JSON)
 and, for the idle connections, the servers' replies, read only up to the end of a reply.
@@ -93,6 +93,34 @@ def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> Cl
                             f"{report['error_samples']}")
     if not report.get("pipelining"):
         detail = (detail + "; " if detail else "") + "server did not advertise PIPELINING"
+    # Its own wall clock, from the first connect: interpreter start-up is not load.
+    return ClientResult(ok, report["messages"], report["seconds"], cpu,
+                        p50_ms=report["p50_ms"], p99_ms=report["p99_ms"], detail=detail)
+
+
+def session_client(port: int, *, sessions: int, size: int, messages: int, proxy: str = "",
+                   credentials: tuple[str, str] | None = None) -> ClientResult:
+    """A connection per message, lockstep; a PROXY header first with `proxy`, AUTH PLAIN
+    after EHLO with `credentials` (user, password)."""
+    command = [sys.executable, str(BENCH / "session_client.py"), "--host", HOST,
+               "--port", str(port), "--sessions", str(sessions), "--size", str(size),
+               "--messages", str(messages), "--timeout", str(CLIENT_TIMEOUT_S - 10)]
+    if proxy:
+        command += ["--proxy", proxy]
+    if credentials:
+        command += ["--auth", ":".join(credentials)]
+    status, wall, cpu, out, err = run_process(command, CLIENT_TIMEOUT_S)
+    try:
+        report = json.loads(out)
+    except ValueError:
+        return ClientResult(False, 0, wall, cpu, detail=f"session_client exit {status}: "
+                                                        f"{err.strip()[-300:]}")
+    ok = status == 0 and report["messages"] == messages and not report["errors"]
+    if credentials and report["auths"] != report["messages"]:
+        ok = False  # every delivered message must have come after a 235
+    detail = "" if ok else (f"session_client exit {status}, {report['messages']}/{messages}"
+                            f" delivered, {report['auths']} AUTHs, {report['errors']} session "
+                            f"errors: {report['error_samples']}")
     # Its own wall clock, from the first connect: interpreter start-up is not load.
     return ClientResult(ok, report["messages"], report["seconds"], cpu,
                         p50_ms=report["p50_ms"], p99_ms=report["p99_ms"], detail=detail)

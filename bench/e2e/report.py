@@ -12,23 +12,38 @@ from e2e.scenarios import SCENARIO_BY_KEY
 from e2e.servers import BY_NAME, SHORT
 
 
+RATIO_LABELS = {"server_cpu_us_per_msg": "us/msg", "msgs_per_s": "msgs/s"}
+
+
 def ratio_text(entry: dict[str, Any], by_key: dict[tuple[str, str], dict]) -> str:
     spec = BY_NAME[entry["server"]]
     scenario = SCENARIO_BY_KEY[entry["scenario"]]
-    mine = (entry.get("median") or {}).get(scenario.headline)
     parts = []
-    for peer in spec.compare_to:
-        other = by_key.get((entry["scenario"], peer))
-        theirs = ((other or {}).get("median") or {}).get(scenario.headline)
-        if other is None or other.get("status") != "ok" or entry.get("status") != "ok":
-            continue
-        if mine and theirs:
-            ratio = mine / theirs
-            parts.append(f"{ratio:.2f}x {SHORT[peer]}" if ratio >= 0.1
-                         else f"{ratio:.3f}x {SHORT[peer]}")
+    # Named figures (scenario.ratios) are labelled: "us/msg 1.04x mini, msgs/s 0.97x mini".
+    for figure in scenario.ratios or (scenario.headline,):
+        label = RATIO_LABELS[figure] + " " if scenario.ratios else ""
+        mine = (entry.get("median") or {}).get(figure)
+        for peer in spec.compare_to:
+            other = by_key.get((entry["scenario"], peer))
+            theirs = ((other or {}).get("median") or {}).get(figure)
+            if other is None or other.get("status") != "ok" or entry.get("status") != "ok":
+                continue
+            if mine and theirs:
+                ratio = mine / theirs
+                parts.append(f"{label}{ratio:.2f}x {SHORT[peer]}" if ratio >= 0.1
+                             else f"{label}{ratio:.3f}x {SHORT[peer]}")
     if parts and scenario.headline == "kib_per_conn":
         return "mem " + ", ".join(parts)
     return ", ".join(parts)
+
+
+def per_cpu_text(entry: dict[str, Any]) -> str:
+    """S1B: what one second of server CPU does, from the median CPU per message."""
+    scenario = SCENARIO_BY_KEY[entry["scenario"]]
+    us = (entry.get("median") or {}).get("server_cpu_us_per_msg")
+    if not scenario.per_cpu or not us or entry.get("status") != "ok":
+        return ""
+    return f"{1e6 / us:,.0f} {scenario.per_cpu} per CPU-second"
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -45,7 +60,7 @@ def render_table(entries: list[dict[str, Any]]) -> str:
         if e.get("status") == "skipped":
             rows.append((e["scenario"], e["server"], *["-"] * 11, "SKIPPED: " + e["reason"]))
             continue
-        notes = ratio_text(e, by_key)
+        notes = ", ".join(filter(None, (per_cpu_text(e), ratio_text(e, by_key))))
         if e.get("status") != "ok":
             notes = "FAILED: " + "; ".join(e.get("notes") or [])[:160]
         else:
@@ -120,6 +135,17 @@ TARGETS = tuple(Target(*target) for target in (
     ("S8", "minismtp-discard", "aiosmtpd-discard", 5.0, ">= 5x aiosmtpd (MB/s)"),
     ("S9", "minismtp-discard", None, 32.0, "<= 32 KiB per idle TLS connection",
      "kib_per_conn", True),
+    # The edge features against the same run without them, same client (S1E).
+    *(target for server, what, bound in (
+        ("minismtp-proxy", "PROXY v2", 0.05), ("minismtp-limits", "per-client limits", 0.05),
+        ("minismtp-proxy-limits", "PROXY v2 and per-client limits", 0.05),
+        ("minismtp-auth", "AUTH PLAIN (accept_any)", 0.10))
+      for target in (
+        ("S1E", server, "minismtp-discard", 1 + bound,
+         f"{what}: server CPU per message <= {1 + bound:.2f}x without",
+         "server_cpu_us_per_msg", True),
+        ("S1E", server, "minismtp-discard", 1 - bound,
+         f"{what}: >= {1 - bound:.2f}x the messages per second without"))),
 ))
 
 

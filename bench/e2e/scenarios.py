@@ -1,4 +1,4 @@
-"""Scenarios S1..S9, and how one scenario is run and measured against one server.
+"""Scenarios S1..S9, S1E and S1B, and how one scenario is run and measured against one server.
 
 Untrusted input: none beyond the clients' results (see clients.py).
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from e2e import IDLE_CONNECTIONS, KIB, MIB, progress
-from e2e.clients import (ClientResult, hold_idle, hold_idle_tls, pipeline_client, smtp_source,
-                         tls_client)
+from e2e.clients import (ClientResult, hold_idle, hold_idle_tls, pipeline_client,
+                         session_client, smtp_source, tls_client)
+from e2e.edge import BENCH_PASSWORD, BENCH_USER
 from e2e.procfs import (TICK, RssSampler, all_process_ticks, cpu_ticks, describe_process,
                         listen_counters, machine_busy_ticks, tree_pss, tree_rss, wait_for_quiet)
 from e2e.servers import Server, ServerSpec
@@ -33,13 +34,15 @@ class Scenario:
     sessions: int
     warmup: int  # warm-up messages; its rate sizes the measured runs
     bounds: tuple[int, int]  # measured messages per run: (min, max)
-    client: str  # "smtp-source", "pipeline", "tls", "idle" or "tls-idle"
+    client: str  # "smtp-source", "pipeline", "session", "tls", "idle" or "tls-idle"
     keep_open: bool = False
     tls: str = ""  # "starttls" or "implicit": how the servers' listeners speak TLS
     per_connection: bool = False  # "tls": a connection (full handshake) per message
     line_length: int = 76  # "tls": characters per body line
     headline: str = "msgs_per_s"  # the figure ratios are taken on
     only: tuple[str, ...] = ()  # default servers, when not all
+    ratios: tuple[str, ...] = ()  # figures compared to peers, named (default: headline)
+    per_cpu: str = ""  # noted per row: what one second of server CPU does ("AUTHs")
 
     @property
     def idle(self) -> bool:
@@ -51,6 +54,12 @@ class Scenario:
             return tls_client(server.port, mode=mode, sessions=self.sessions, size=self.size,
                               messages=messages, line_length=self.line_length,
                               per_connection=self.per_connection)
+        if self.client == "session":  # what the server's listener needs, nothing more
+            spec = server.spec
+            return session_client(server.port, sessions=self.sessions, size=self.size,
+                                  messages=messages, proxy=spec.proxy,
+                                  credentials=(BENCH_USER, BENCH_PASSWORD) if spec.auth
+                                  else None)
         if self.client == "pipeline":
             return pipeline_client(server.port, sessions=self.sessions, size=self.size,
                                    messages=messages)
@@ -60,6 +69,10 @@ class Scenario:
 
 IDLE_TLS_CONNECTIONS = 1000  # S9
 TLS_PEERS = ("minismtp-discard", "aiosmtpd-discard", "postfix-tls")
+
+EDGE = ("minismtp-discard", "minismtp-proxy", "minismtp-auth", "minismtp-limits",
+        "minismtp-proxy-limits")  # S1E
+CPU_AND_RATE = ("server_cpu_us_per_msg", "msgs_per_s")
 
 SCENARIOS = (
     Scenario("S1", "1 KiB, one message per connection, 20 sessions", KIB, 20, 1000,
@@ -72,6 +85,13 @@ SCENARIOS = (
              "smtp-source"),
     Scenario("S5", "1 KiB, pipelined (EHLO, MAIL+RCPT+DATA, body+next), 20 sessions", KIB,
              20, 2000, (2000, 400_000), "pipeline"),
+    Scenario("S1E", "1 KiB, one message per connection, 20 sessions, bench/session_client.py "
+             "(EHLO; a PROXY v2 header, AUTH PLAIN where the listener takes them)", KIB, 20,
+             1000, (2000, 200_000), "session", only=EDGE, ratios=CPU_AND_RATE),
+    Scenario("S1B", "S1E's client, 8 sessions, AUTH PLAIN on every connection, passwords "
+             "checked against bcrypt hashes", KIB, 8, 16, (20, 20_000), "session",
+             only=("minismtp-auth", "minismtp-bcrypt12", "minismtp-bcrypt5"),
+             ratios=CPU_AND_RATE, per_cpu="AUTHs"),
     Scenario("S6", f"memory with {IDLE_CONNECTIONS:,} idle connections", 0,
              IDLE_CONNECTIONS, 0, (0, 0), "idle", headline="kib_per_conn",
              only=("smtp-sink", "aiosmtpd-discard", "minismtp-discard")),

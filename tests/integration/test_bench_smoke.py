@@ -108,3 +108,36 @@ def test_in_process_tools_still_drive_a_real_worker(tmp_path: Path) -> None:
          "--top", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert profiled.returncode == 0, profiled.stderr[-2000:] + profiled.stdout[-2000:]
     assert "300 delivered" in profiled.stdout
+
+
+def test_edge_variants_get_what_their_listeners_need(tmp_path):
+    # S1E and S1B: the session client sends a PROXY v2 header to minismtp-proxy and AUTH
+    # PLAIN to the AUTH variants, and nothing of the sort to minismtp-discard; each run
+    # would fail otherwise (a PROXY port answers nothing without its header, and the
+    # AUTH variants require AUTH before MAIL). minismtp-limits runs once this checkout's
+    # minismtp takes `limits.per_client`, and until then is skipped, saying why.
+    done, report = run_bench(
+        tmp_path, "--scenarios", "S1E,S1B",
+        "--servers", "minismtp-discard,minismtp-proxy,minismtp-auth,minismtp-limits,"
+                     "minismtp-bcrypt5")
+    assert done.returncode == 0, done.stderr[-2000:]
+    by_key = {(e["scenario"], e["server"]): e for e in report["results"]}
+    limits = by_key[("S1E", "minismtp-limits")]
+    if limits["status"] == "skipped":
+        assert "limits.per_client" in limits["reason"]
+    for key in (("S1E", "minismtp-discard"), ("S1E", "minismtp-proxy"),
+                ("S1E", "minismtp-auth"), ("S1B", "minismtp-auth"),
+                ("S1B", "minismtp-bcrypt5"), *([("S1E", "minismtp-limits")]
+                                               if limits["status"] != "skipped" else [])):
+        entry = by_key[key]
+        assert entry["status"] == "ok", entry
+        assert "log_problems" not in entry, entry  # accept_any's start-up warning is expected
+        [run] = entry["runs"]
+        assert run["ok"] and run["messages"] == run["requested"] == entry["messages_per_run"]
+        assert run["server_cpu_us_per_msg"] > 0
+    # Skipped where they cannot run: the PROXY variant needs its header (S1E's client).
+    assert by_key[("S1B", "minismtp-proxy")]["status"] == "skipped"
+    assert by_key[("S1B", "minismtp-bcrypt5")]["median"]["server_cpu_us_per_msg"] > 0
+    s1e = rows(done.stdout, "S1E")
+    assert "us/msg" in s1e["minismtp-proxy"] and "msgs/s" in s1e["minismtp-proxy"]
+    assert "AUTHs per CPU-second" in rows(done.stdout, "S1B")["minismtp-bcrypt5"]

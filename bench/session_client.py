@@ -1,0 +1,255 @@
+"""Lockstep SMTP load client, a connection per message, with what a server's edge features
+need: a PROXY header first, AUTH PLAIN after EHLO. The S1E and S1B client.
+
+    python bench/session_client.py --port PORT [--host 127.0.0.1] [--sessions 20]
+        [--messages 2000] [--size 1024] [--procs 1] [--proxy v1|v2]
+        [--auth USER:PASSWORD] [--timeout 120]
+
+A session is a connection carrying one message, each command waiting for its reply (no
+pipelining, like smtp-source): with --proxy first a PROXY header (version 1 or 2, TCP over
+IPv4, as HAProxy's send-proxy and send-proxy-v2 send it: with the connection's first
+segment, before the greeting), then the 220 greeting, EHLO, with --auth
+`AUTH PLAIN <base64>` (RFC 4954's initial response, answered 235), MAIL FROM, RCPT TO,
+DATA, the body and its ".", QUIT and its 221; then the connection is closed and the next
+one opened, `--sessions` at a time in one selectors loop, until `--messages` are sent.
+Without --proxy and --auth the client does exactly the same otherwise, so a server with
+the feature and one without, driven by this client, differ by what the feature costs the
+server (and the round trip AUTH adds).
+
+Each PROXY header claims a different client, 198.18.x.y (RFC 2544's benchmarking block)
+counting up from 198.18.0.1 (in each client process), so that per-client state on the
+server sees many clients.
+
+Prints one JSON object to stdout: messages (250 after DATA), errors, error_samples,
+seconds (wall time from the first connect to the last session's end), msgs_per_s,
+auths (235 answers), and p50_ms and p99_ms of a session's length (connect to 221).
+Exit status 0 only when every message got its 250 and no session failed. Bounded: it
+stops after `--timeout` seconds, counting unfinished sessions as errors. Only loopback
+addresses are accepted as the target.
+
+Untrusted input: the server's replies, split into lines and judged by their codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import errno
+import ipaddress
+import json
+import os
+import selectors
+import socket
+import struct
+import sys
+import time
+
+from pipeline_client import Pool, _loopback, in_processes, make_body, percentile
+
+CRLF = b"\r\n"
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+MAX_SIZE = 64 * 1024  # the body is sent at once, into the socket's buffer
+CLAIMED_BASE = int(ipaddress.IPv4Address("198.18.0.1"))  # RFC 2544, 198.18.0.0/15
+
+
+def proxy_header(version: str, index: int, port: int) -> bytes:
+    """The PROXY header of connection `index`: TCP over IPv4 from a claimed client to
+    127.0.0.1:`port`."""
+    source = ipaddress.IPv4Address(CLAIMED_BASE + index % (1 << 17))
+    source_port = 1024 + index % 60000
+    if version == "v1":
+        return f"PROXY TCP4 {source} 127.0.0.1 {source_port} {port}\r\n".encode()
+    # Version 2, command PROXY (0x21); TCP over IPv4 (0x11); a 12-byte address block.
+    return (PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", 12) + source.packed
+            + ipaddress.IPv4Address("127.0.0.1").packed + struct.pack("!HH", source_port, port))
+
+
+def auth_plain(user: str, password: str) -> bytes:
+    """AUTH PLAIN with its initial response (RFC 4616: authzid NUL authcid NUL password)."""
+    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+    return b"AUTH PLAIN " + token + CRLF
+
+
+class Session:
+    """One connection, one message. `steps` is what is left to say, each with the reply
+    code that must come first: the greeting's 220 before EHLO, and so on."""
+
+    __slots__ = ("sock", "steps", "inbuf", "started", "connecting")
+
+    def __init__(self, sock: socket.socket, steps: list[tuple[bytes, bytes]],
+                 connecting: bool) -> None:
+        self.sock = sock
+        self.steps = steps
+        self.inbuf = b""
+        self.started = time.perf_counter()
+        self.connecting = connecting  # waiting to send the PROXY header
+
+
+def run(host: str, port: int, sessions: int, messages: int, size: int, timeout: float,
+        proxy: str = "", auth: tuple[str, str] | None = None) -> dict:
+    payload = make_body(size) + b".\r\n"
+    head = [(b"220", b"EHLO client.bench\r\n")]
+    if auth:
+        head.append((b"250", auth_plain(*auth)))
+    script = head + [
+        (b"235" if auth else b"250", b"MAIL FROM:<bench@client.bench>\r\n"),
+        (b"250", b"RCPT TO:<sink@server.bench>\r\n"),
+        (b"250", b"DATA\r\n"),
+        (b"354", payload),
+        (b"250", b"QUIT\r\n"),
+        (b"221", b""),
+    ]
+    pool = Pool(messages)
+    sel = selectors.DefaultSelector()
+    done = auths = 0
+    errors: list[str] = []
+    lengths: list[float] = []
+    index = 0
+    started = time.perf_counter()
+    deadline = started + timeout
+
+    def open_one() -> None:
+        nonlocal index
+        if not pool.take():
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            errors.append(f"connect: {os.strerror(err)}")
+            return
+        steps = list(script)
+        if proxy:
+            steps.insert(0, (b"", proxy_header(proxy, index, port)))
+        index += 1
+        session = Session(sock, steps, connecting=bool(proxy))
+        sel.register(sock, selectors.EVENT_WRITE if proxy else selectors.EVENT_READ, session)
+
+    def close(session: Session, error: str = "") -> None:
+        sel.unregister(session.sock)
+        session.sock.close()
+        if error:
+            errors.append(error)  # this slot ends: a failing server is not hammered on
+        else:
+            lengths.append(time.perf_counter() - session.started)
+            open_one()
+
+    def send(session: Session, data: bytes) -> bool:
+        try:
+            session.sock.sendall(data)  # at most MAX_SIZE: the socket buffer takes it
+        except OSError as exc:
+            close(session, f"send: {exc}")
+            return False
+        return True
+
+    for _ in range(min(sessions, messages) or 1):
+        open_one()
+    while sel.get_map():
+        now = time.perf_counter()
+        if now > deadline:
+            for key in list(sel.get_map().values()):
+                close(key.data, "timeout")
+            break
+        for key, _ in sel.select(timeout=min(1.0, deadline - now)):
+            session = key.data
+            if session.connecting:  # connected: the PROXY header goes first
+                problem = session.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if problem:
+                    close(session, f"connect: {os.strerror(problem)}")
+                    continue
+                session.connecting = False
+                if send(session, session.steps.pop(0)[1]):
+                    sel.modify(session.sock, selectors.EVENT_READ, session)
+                continue
+            try:
+                data = session.sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                close(session, f"recv: {exc}")
+                continue
+            if not data:
+                close(session, f"closed by the server before {session.steps[0][0].decode()}")
+                continue
+            buf = session.inbuf + data
+            session.inbuf = b""
+            while buf:
+                end = buf.find(CRLF)
+                if end < 0:
+                    session.inbuf = buf
+                    break
+                line, buf = buf[:end], buf[end + 2:]
+                if line[3:4] == b"-":  # not the last line of a multi-line reply
+                    continue
+                expected, say = session.steps.pop(0)
+                if line[:3] != expected:
+                    close(session, f"{line[:120].decode('latin-1')!r} instead of "
+                                   f"{expected.decode()}")
+                    break
+                if expected == b"235":
+                    auths += 1
+                if say == b"QUIT\r\n":  # the 250 after the body
+                    done += 1
+                if not say:  # the 221: this session is over
+                    close(session)
+                    break
+                if not send(session, say):
+                    break
+    seconds = time.perf_counter() - started
+    sel.close()
+    return {"messages": done, "sessions": sessions, "errors": len(errors),
+            "error_samples": errors[:5], "seconds": seconds, "auths": auths,
+            "latencies": lengths}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", type=_loopback, default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=1024, help="message bytes (about)")
+    parser.add_argument("--procs", type=int, default=1, help="client processes")
+    parser.add_argument("--proxy", choices=("v1", "v2"), help="send a PROXY header first")
+    parser.add_argument("--auth", metavar="USER:PASSWORD", help="AUTH PLAIN after EHLO")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.sessions < 1 or args.procs < 1:
+        parser.error("--messages, --sessions and --procs must be >= 1")
+    if args.size > MAX_SIZE:
+        parser.error(f"--size: at most {MAX_SIZE} (a message goes out in one send)")
+    auth = None
+    if args.auth is not None:
+        user, colon, password = args.auth.partition(":")
+        if not colon or not user:
+            parser.error("--auth takes USER:PASSWORD")
+        auth = (user, password)
+
+    started = time.perf_counter()
+    parts = in_processes(args.procs, args.sessions, args.messages, lambda sessions, messages:
+                         run(args.host, args.port, sessions, messages, args.size,
+                             args.timeout, args.proxy or "", auth))
+    seconds = time.perf_counter() - started
+    messages = sum(part["messages"] for part in parts)
+    ms = [x * 1000 for part in parts for x in part["latencies"]]
+    result = {
+        "messages": messages,
+        "requested": args.messages,
+        "errors": sum(part["errors"] for part in parts),
+        "error_samples": [e for part in parts for e in part["error_samples"]][:5],
+        "seconds": seconds,
+        "msgs_per_s": messages / seconds if seconds > 0 else 0.0,
+        "auths": sum(part.get("auths", 0) for part in parts),
+        "p50_ms": percentile(ms, 50),
+        "p99_ms": percentile(ms, 99),
+    }
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    ok = result["errors"] == 0 and result["messages"] == args.messages
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
