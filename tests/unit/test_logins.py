@@ -148,3 +148,19 @@ def test_a_full_queue_gets_454_at_once():
 
 def test_no_threads_where_no_listener_offers_auth():
     assert Logins.maybe(Loop(), WorkerStats(0), [(Settings(), ListenerAuth())]) is None
+
+
+def test_accept_any_is_answered_at_once_without_the_checker():
+    loop, stats = Loop(), WorkerStats(0)
+    checker: AuthChecker = AuthChecker(threads=1, max_queued=1)
+    logins = Logins(loop, stats, [(SETTINGS, ListenerAuth(mode="accept_any"))], checker)
+    try:
+        session, attempt = session_at_auth("anything at all")
+        logins.submit(session, attempt)
+        assert not session.paused and loop.resumed == []  # answered in the same call
+        assert session.conn.data_to_send() == R.AUTH_OK.wire
+        assert session.conn.authenticated_as == "alice"
+        assert stats.auth_successes == 1
+        assert checker.take_done() == []  # nothing went to a thread
+    finally:
+        logins.stop()
