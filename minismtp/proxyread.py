@@ -48,6 +48,7 @@ log = logging.getLogger("minismtp.worker")
 # with the connection's first segment, so a short wait covers all but a stalled peer.
 STOP_GRACE_S = 2.0
 
+_MAX_KNOWN = 1024  # peer addresses whose trust is remembered
 _ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
            "any": proxyproto.Version.ANY}
 
@@ -74,21 +75,36 @@ class ProxyReads:
         self.stats = stats
         self.timeout_s = timeout_s
         self.stopping = False
+        self._known: dict[tuple[str, int], bool] = {}  # see _trusted
 
     def begin(self, session: Session, proxy: ProxyProtocol,
               then: Callable[[Session], None], timeout_s: float | None = None) -> None:
         """A new connection on a PROXY listener: read its header, then call `then`;
         `timeout_s`: its listener's limits.proxy_timeout (None: the worker's)."""
-        if not proxyproto.trusted(session.peer.address, proxy.trusted):
+        if not self._trusted(session.peer.address, proxy):
             self._failed(session, "untrusted source")
             return
         session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], then)
         loop = self.loop
         loop.timers.set_deadline(session, loop.now + (self.timeout_s if timeout_s is None
                                                       else timeout_s))
-        self.poller.register(session.fd, READ, reader)
-        reader.watched = True
-        self.step(reader)  # the header often came with the connection
+        # A balancer sends its header with the connection: read it before asking the
+        # poller, which is then only needed (two syscalls) for a header still on its way.
+        self.step(reader)
+        if session.preamble is reader and not session.closed:
+            self.poller.register(session.fd, READ, reader)
+            reader.watched = True
+
+    def _trusted(self, address: str, proxy: ProxyProtocol) -> bool:
+        """proxyproto.trusted, remembered per peer address and listener: the peers of a
+        PROXY listener are a few balancers, and parsing an address is the costly part."""
+        key = (address, id(proxy))  # the listener's profile keeps `proxy` alive
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= _MAX_KNOWN:
+                self._known.clear()  # untrusted sources churning it: start again
+            known = self._known[key] = proxyproto.trusted(address, proxy.trusted)
+        return known
 
     def step(self, reader: ProxyRead) -> None:
         """The connection is readable: take what belongs to the header."""

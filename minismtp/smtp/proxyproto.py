@@ -76,6 +76,7 @@ MAX_HEADER_BYTES = max(V1_MAX_BYTES, V2_MAX_BYTES)  # NEED_MORE never past this 
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
+_V1_FIRST, _V2_FIRST = V1_PREFIX[0], V2_SIGNATURE[0]
 
 REASONS = frozenset({
     "not a proxy header", "bad v1 header", "v1 header too long", "bad v2 version",
@@ -109,6 +110,8 @@ class NeedMore(enum.Enum):
 
 
 NEED_MORE = NeedMore.NEED_MORE
+# Read once per header: globals, as reading an Enum member from its class is slow.
+_V1_ONLY, _V2_ONLY = Version.V1, Version.V2
 
 Address = tuple[str, int]  # (IP text as ipaddress prints it, port)
 
@@ -165,9 +168,9 @@ def parse(data: bytes | bytearray | memoryview, start: int, end: int,
     if start == end:
         return NEED_MORE
     first = data[start]
-    if first == V1_PREFIX[0] and accept is not Version.V2:
+    if first == _V1_FIRST and accept is not _V2_ONLY:
         return _parse_v1(data, start, end)
-    if first == V2_SIGNATURE[0] and accept is not Version.V1:
+    if first == _V2_FIRST and accept is not _V1_ONLY:
         return _parse_v2(data, start, end)
     if first in (V1_PREFIX[0], V2_SIGNATURE[0]):
         raise ProxyError("unsupported version")  # the other version's first byte
@@ -342,8 +345,8 @@ def _decode_v2_inet(data: bytes | bytearray, at: int, total: int, family: Family
 
 
 def _v2_address(packed: bytes | bytearray) -> str:
-    if len(packed) == 4:
-        return str(ipaddress.IPv4Address(bytes(packed)))
+    if len(packed) == 4:  # dotted decimal is what ipaddress prints, ten times faster
+        return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}"
     return _unmapped(ipaddress.IPv6Address(bytes(packed)))
 
 

@@ -82,6 +82,32 @@ def test_header_taken_exactly_in_any_pieces(pair, header, piece):
     assert ours.recv(1000) == AFTER  # nothing past the header was taken
 
 
+def test_the_poller_is_asked_only_for_a_header_still_on_its_way(pair, monkeypatch):
+    """A header that came with the connection is read at once: the poller never hears of
+    the connection (the session registers it for itself when it greets). One not there
+    yet is watched for, and unwatched when it is in."""
+    ours, theirs = pair
+    calls: list[str] = []
+    monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
+    monkeypatch.setattr(Poller, "unregister", lambda self, fd: calls.append("unregister"))
+    header = proxyheader.v2(("198.51.100.9", 40001), DST)
+    theirs.sendall(header)
+    _, session, begun, _, _ = start(ours)
+    assert begun == [session] and calls == []
+
+    later, theirs_later = socket.socketpair()
+    later.setblocking(False)
+    try:
+        reads, session, begun, _, _ = start(later)
+        assert begun == [] and calls == ["register"]
+        theirs_later.sendall(header)
+        reads.step(session.preamble)
+        assert begun == [session] and calls == ["register", "unregister"]
+    finally:
+        later.close()
+        theirs_later.close()
+
+
 def test_local_keeps_the_peer_and_a_step_with_nothing_new_waits(pair):
     ours, theirs = pair
     theirs.sendall(proxyheader.local_v2()[:10])
