@@ -157,3 +157,18 @@ def test_close_mid_header_timeout_and_stopping(pair):
                 assert session.deadline <= 2.0
             reads.expire(session)
             assert failures(stats) == {"stopping" if stopping else "timeout": 1}
+
+
+def test_remembered_trust_is_per_listener_and_bounded(monkeypatch):
+    import minismtp.proxyread as proxyread
+
+    reads = ProxyReads(Loop(), Poller(), WorkerStats(0), 10.0)
+    other = ProxyProtocol("any", (ipaddress.ip_network("10.0.0.0/8"),))
+    for _ in range(2):  # the second time from what was remembered
+        assert reads._trusted("127.0.0.1", TRUSTED) is True
+        assert reads._trusted("127.0.0.1", other) is False
+        assert reads._trusted("10.1.2.3", other) is True
+    monkeypatch.setattr(proxyread, "_MAX_KNOWN", 8)
+    for n in range(50):
+        assert reads._trusted(f"192.0.2.{n}", TRUSTED) is False
+        assert len(reads._known) <= 8
