@@ -65,9 +65,22 @@ def worker_positions(group_size: int, index: int, target: int) -> range:
     return range(index, group_size, max(1, target))
 
 
+def keyed(config: Config) -> list[tuple[str, Listener]]:
+    """Each `server.listen` entry with the key of its group: its address text, and "#2",
+    "#3"... after the text of a repeat (only port 0 may repeat, each getting a port of its
+    own), so that repeats neither share one socket nor lose theirs on a reload."""
+    seen: dict[str, int] = {}
+    found = []
+    for listener in config.server.listen:
+        text = str(listener)
+        seen[text] = n = seen.get(text, 0) + 1
+        found.append((text if n == 1 else f"{text}#{n}", listener))
+    return found
+
+
 class ListenerPool:
     def __init__(self) -> None:
-        self.groups: dict[str, list[socket.socket]] = {}  # by configured address text
+        self.groups: dict[str, list[socket.socket]] = {}  # by key (keyed())
 
     def count(self) -> int:
         return sum(len(group) for group in self.groups.values())
@@ -81,14 +94,13 @@ class ListenerPool:
         fresh: dict[str, socket.socket] = {}
         server = config.server
         try:
-            for address in server.listen:
-                text = str(address)
-                if text in self.groups or text in fresh:
+            for key, address in keyed(config):
+                if key in self.groups:
                     continue
                 try:
-                    fresh[text] = bind(address, server.backlog, server.reuse_port)
+                    fresh[key] = bind(address, server.backlog, server.reuse_port)
                 except OSError as exc:
-                    raise OSError(f"cannot listen on {text}: {exc.strerror}") from exc
+                    raise OSError(f"cannot listen on {address}: {exc.strerror}") from exc
         except OSError:
             for sock in fresh.values():
                 sock.close()
@@ -99,7 +111,7 @@ class ListenerPool:
 
     def drop_unlisted(self, config: Config) -> None:
         """Close the groups of addresses the configuration no longer names."""
-        wanted = {str(address) for address in config.server.listen}
+        wanted = {key for key, _ in keyed(config)}
         for text in [t for t in self.groups if t not in wanted]:
             for sock in self.groups.pop(text):
                 sock.close()
@@ -133,8 +145,8 @@ class ListenerPool:
     def grow(self, config: Config, size: int) -> None:
         """Give every group at least `size` sockets (reuse_port on)."""
         server = config.server
-        for address in server.listen:
-            group = self.groups[str(address)]
+        for key, address in keyed(config):
+            group = self.groups[key]
             port = group[0].getsockname()[1]  # the port the first one got (port 0)
             while len(group) < size:
                 try:
@@ -154,9 +166,9 @@ class ListenerPool:
     def entries(self, config: Config, socks: list[socket.socket]
                 ) -> list[tuple[socket.socket, Listener]]:
         """Each of `socks` with the `server.listen` entry it was bound for."""
-        entry = {str(listener): listener for listener in config.server.listen}
-        text = {sock: text for text, group in self.groups.items() for sock in group}
-        return [(sock, entry[text[sock]]) for sock in socks]
+        entry = dict(keyed(config))
+        key = {sock: key for key, group in self.groups.items() for sock in group}
+        return [(sock, entry[key[sock]]) for sock in socks]
 
     def close(self) -> None:
         for sock in self.all():

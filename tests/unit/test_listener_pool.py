@@ -100,3 +100,20 @@ def test_a_bind_failure_closes_what_the_call_bound(pool):
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             pool.bind_missing(clash)
     assert pool.groups == {}
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_repeated_port_zero_listeners_each_get_a_socket_and_their_own_entry(pool, reuse_port):
+    both = load_config(overrides={"server.reuse_port": reuse_port, "server.listen": [
+        {"address": "127.0.0.1:0", "name": "plain"},
+        {"address": "127.0.0.1:0", "name": "auth",
+         "auth": {"mode": "accept_any", "allow_plaintext": True}},
+    ]})
+    pool.bind_missing(both)
+    socks = pool.for_worker(both, 0, 2)
+    assert len(socks) == 2 and socks[0].getsockname() != socks[1].getsockname()
+    assert [entry.name for _, entry in pool.entries(both, socks)] == ["plain", "auth"]
+    # A reload with the same entries keeps both sockets: nothing new is bound.
+    assert pool.bind_missing(both) == {}
+    pool.drop_unlisted(both)
+    assert pool.count() == 2
