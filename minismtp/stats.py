@@ -16,8 +16,8 @@ connections) describe the present, so they are not kept for exited workers.
 Slot layout, native byte order, 8-byte fields: a sequence number, the counters of
 `_COUNTERS`, the latency buckets, the latency sum (a double), the TLS handshake failures
 by reason, the handshake-time buckets, their sum (a double), the PROXY header failures by
-reason, one counter per reply code
-400..599, one per fault rule. The writer makes the sequence odd, writes, makes it
+reason, the per-client refusals by reason, one counter per reply code 400..599, one per
+fault rule. The writer makes the sequence odd, writes, makes it
 even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
 no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
 them out, which is enough for statistics.)
@@ -53,9 +53,14 @@ _FAILURE_INDEX = {reason: index for index, reason in enumerate(HANDSHAKE_FAILURE
 PROXY_FAILURES = ("untrusted source", "timeout", "closed mid-header", "stopping",
                   *sorted(_PROXY_REASONS))
 _PROXY_INDEX = {reason: index for index, reason in enumerate(PROXY_FAILURES)}
+# Refusals by the per-client limits (clientlimits.py): too many sessions open, too many
+# new sessions in a minute (both 421 4.7.0), too many recipients in a minute (450 4.7.1).
+PER_CLIENT_REASONS = ("sessions", "new_sessions", "recipients")
+_PER_CLIENT_INDEX = {reason: index for index, reason in enumerate(PER_CLIENT_REASONS)}
 _COUNTERS = ("connections_open", "connections_total", "transactions", "messages_accepted",
              "bytes_received", "tls_sessions", "tls_discarded_bytes", "proxy_headers",
-             "auth_successes", "auth_failures", "auth_temporary_failures")
+             "auth_successes", "auth_failures", "auth_temporary_failures",
+             "per_client_unchecked")
 _GAUGES = frozenset({"connections_open"})
 _FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
 _SEQ = struct.Struct("=Q")
@@ -74,11 +79,12 @@ class WorkerStats:
     stats.proxy_headers += 1; stats.count_proxy_failure(reason)
     stats.auth_successes += 1; stats.auth_failures += 1   # 235; 535
     stats.auth_temporary_failures += 1                     # 454 (queue full, check failed)
+    stats.count_per_client_refusal(reason); stats.per_client_unchecked += 1
     """
 
     __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum",
                  "tls_failures", "handshake_buckets", "handshake_sum",
-                 "proxy_failures")
+                 "proxy_failures", "per_client_refused")
 
     def __init__(self, max_rules: int) -> None:
         self.connections_open = 0
@@ -100,6 +106,11 @@ class WorkerStats:
         self.handshake_sum = 0.0
         self.proxy_headers = 0
         self.proxy_failures = [0] * len(PROXY_FAILURES)
+        self.per_client_unchecked = 0
+        self.per_client_refused = [0] * len(PER_CLIENT_REASONS)
+
+    def count_per_client_refusal(self, reason: str) -> None:
+        self.per_client_refused[_PER_CLIENT_INDEX[reason]] += 1
 
     def observe_handshake(self, seconds: float) -> None:
         self.handshake_buckets[bisect_left(HANDSHAKE_BOUNDS, seconds)] += 1
@@ -125,9 +136,10 @@ class WorkerStats:
             self.connections_open, self.connections_total, self.transactions,
             self.messages_accepted, self.bytes_received, self.tls_sessions,
             self.tls_discarded_bytes, self.proxy_headers, self.auth_successes,
-            self.auth_failures, self.auth_temporary_failures, *self.latency_buckets,
-            self.latency_sum, *self.tls_failures, *self.handshake_buckets,
-            self.handshake_sum, *self.proxy_failures,
+            self.auth_failures, self.auth_temporary_failures, self.per_client_unchecked,
+            *self.latency_buckets, self.latency_sum, *self.tls_failures,
+            *self.handshake_buckets, self.handshake_sum, *self.proxy_failures,
+            *self.per_client_refused,
             *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults,
         ))
 
@@ -147,12 +159,14 @@ class Snapshot:
     auth_successes: int
     auth_failures: int
     auth_temporary_failures: int
+    per_client_unchecked: int
     latency_buckets: tuple[int, ...]  # per bucket, not cumulative; the last is +Inf
     latency_sum: float
     tls_failures: tuple[int, ...]  # by HANDSHAKE_FAILURES
     handshake_buckets: tuple[int, ...]
     handshake_sum: float
     proxy_failures: tuple[int, ...]  # by PROXY_FAILURES
+    per_client_refused: tuple[int, ...]  # by PER_CLIENT_REASONS
     rejections: dict[int, int]  # reply code -> count, nonzero only
     faults: tuple[int, ...]  # by rule index
 
@@ -181,6 +195,8 @@ class Totals:
     auth_successes: int = 0
     auth_failures: int = 0
     auth_temporary_failures: int = 0
+    per_client_unchecked: int = 0
+    per_client_refused: list[int] = field(default_factory=lambda: [0] * len(PER_CLIENT_REASONS))
 
     def add(self, snapshot: Snapshot, *, gauges: bool = True) -> None:
         """Add a slot's counters; gauges=False for a worker that has gone."""
@@ -190,7 +206,8 @@ class Totals:
         for mine, theirs in ((self.latency_buckets, snapshot.latency_buckets),
                              (self.tls_failures, snapshot.tls_failures),
                              (self.handshake_buckets, snapshot.handshake_buckets),
-                             (self.proxy_failures, snapshot.proxy_failures)):
+                             (self.proxy_failures, snapshot.proxy_failures),
+                             (self.per_client_refused, snapshot.per_client_refused)):
             for index, count in enumerate(theirs):
                 mine[index] += count
         self.latency_sum += snapshot.latency_sum
@@ -216,7 +233,7 @@ class StatsBoard:
         # "=": no padding; every field is 8 bytes, so each lands on an 8-byte boundary.
         self._body = struct.Struct(
             f"={len(_COUNTERS) + _BUCKETS}Qd{len(HANDSHAKE_FAILURES) + _HANDSHAKE_BUCKETS}Qd"
-            f"{len(PROXY_FAILURES) + _CODES + max_rules}Q")
+            f"{len(PROXY_FAILURES) + len(PER_CLIENT_REASONS) + _CODES + max_rules}Q")
         self._stride = _SEQ.size + self._body.size
         self._map = mmap.mmap(-1, max(1, slots * self._stride))  # anonymous, shared
 
@@ -246,11 +263,13 @@ class StatsBoard:
         tls_failures = take(len(HANDSHAKE_FAILURES))
         handshake_buckets, handshake_sum = take(_HANDSHAKE_BUCKETS), next(items)
         proxy_failures = take(len(PROXY_FAILURES))
+        per_client_refused = take(len(PER_CLIENT_REASONS))
         codes = take(_CODES)
         return Snapshot(
             **counters, latency_buckets=latency_buckets, latency_sum=latency_sum,
             tls_failures=tls_failures, handshake_buckets=handshake_buckets,
             handshake_sum=handshake_sum, proxy_failures=proxy_failures,
+            per_client_refused=per_client_refused,
             rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
             faults=tuple(items),
         )
@@ -356,6 +375,16 @@ def render_prometheus(totals: Totals, rule_names: Sequence[str]) -> str:
             ('{result="failure"}', totals.auth_failures),
             ('{result="temporary"}', totals.auth_temporary_failures)])
 
+    family("minismtp_per_client_refused_total", "counter",
+           "Sessions (421 4.7.0) and recipients (450 4.7.1) refused by the per-client "
+           "limits (limits.per_client), by reason.",
+           [(f'{{reason="{reason}"}}', count)
+            for reason, count in zip(PER_CLIENT_REASONS, totals.per_client_refused)])
+    family("minismtp_per_client_unchecked_total", "counter",
+           "Sessions let through uncounted by the per-client limits: the client table "
+           "had no room in the place of their address, or stayed locked too long.",
+           [("", totals.per_client_unchecked)])
+
     def histogram(name: str, doc: str, bounds: tuple[float, ...], buckets: Sequence[int],
                   total: float) -> None:
         cumulative = _cumulative(buckets)
@@ -396,6 +425,10 @@ def to_json(totals: Totals, rule_names: Sequence[str]) -> dict[str, object]:
         "proxy": {
             "headers": totals.proxy_headers,
             "failures": dict(zip(PROXY_FAILURES, totals.proxy_failures)),
+        },
+        "per_client": {
+            "refused": dict(zip(PER_CLIENT_REASONS, totals.per_client_refused)),
+            "unchecked": totals.per_client_unchecked,
         },
         "auth": {
             "successes": totals.auth_successes,

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 
 from minismtp import exitcodes
 from minismtp.acceptor import Accepted, Acceptor, Listening
+from minismtp.anvil import ClientTable
+from minismtp.clientlimits import ClientGate
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, Peer
@@ -64,6 +66,7 @@ class Worker:
         self, config: Config, listeners: list[tuple[socket.socket, Listener]],
         backend: Backend, board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
         signal_mask: Iterable[int] = (), tls_context: ssl.SSLContext | None = None,
+        clients: ClientTable | None = None,
     ) -> None:
         self.config = config
         self.signal_mask = signal_mask  # restored once our own handlers are in place
@@ -102,10 +105,15 @@ class Worker:
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies
         self.msglog = MessageLog(log)
+        # limits.per_client: None when no limit is set, and then no session pays for it.
+        per_client = limits.per_client
+        self.gate = ClientGate(per_client, clients, slot, self, self.stats,
+                               config.server.hostname) \
+            if per_client.enabled and clients is not None else None
         self.logins = Logins.maybe(self, self.stats, [  # AUTH checks, if a listener offers it
             (self.profiles[sock][0], entry.auth) for sock, entry in listeners])
         self.decide = Decisions(self, self.storage, FaultInjector(config.faults, slot),
-                                self.stats, self.msglog, self.logins)
+                                self.stats, self.msglog, self.logins, self.gate)
         self.handshakes = None if tls_context is None else Handshakes(
             self, self.poller, tls_context, self.stats, limits.tls_handshake_timeout,
             self._greet)
@@ -279,9 +287,15 @@ class Worker:
         self.handshakes.begin_implicit(session, session.transport.sock)  # then the greeting
 
     def _greet(self, session: Session) -> None:
+        """The real peer is known here (after a PROXY header, and on an implicit TLS
+        listener after the handshake): the per-client limits count the session now."""
         if self.stopping:  # implicit TLS came up while the worker stops: turned away
             self.stats.replies[replies.SHUTTING_DOWN.code] += 1
             session.conn.greet(replies.SHUTTING_DOWN)
+        elif self.gate is not None and (refusal := self.gate.admit(session)) is not None:
+            # 421: the core closes after it; the session's log line says why
+            self.stats.replies[refusal.code] += 1
+            session.conn.greet(refusal)
         else:
             self.decide.connect(session)
         self.flush(session)  # the greeting; the client has said nothing yet
@@ -412,6 +426,8 @@ class Worker:
         if session.mask:
             self.poller.unregister(session.fd)
         self.sessions.pop(session.fd, None)
+        if session.client >= 0:
+            self.gate.release(session)
         self.acceptor.publish_load()
         transport.close()
         session.conn.buffer.release()
