@@ -13,32 +13,39 @@ the one before. A key lives in one of WINDOW entries from its hash on (linear pr
 bounded); a new client takes a free one, or else the least recently seen one that has no
 active session. When all WINDOW have one, the new client goes uncounted (UNCOUNTED).
 
-Two kinds of count, two ways of sharing:
+The common case, a client the table knows, takes no lock and makes no system call:
 
-- Per-minute counts live in the entries and change only under a lock: a POSIX record lock
-  (`fcntl.lockf`) on a memfd nobody else opens. The kernel drops such a lock when its
-  holder dies, so a worker killed while holding it stalls nobody for long, and the
-  counts stay in shared memory when the worker that made them dies. A rate is the
-  sliding-window estimate many rate limiters use: this minute's count plus the previous
-  minute's, weighted by how much of the last 60 seconds still lies in it.
 - Active sessions are counted per worker slot (the heartbeat board's slots): each slot
-  has a column of `capacity` counters that only its worker writes, without the lock
-  (one aligned 2-byte store). A client's total is its entry's counter summed over every
-  slot handed out so far, one strided read. When a worker exits, however it died, the
+  has a column of `capacity` counters that only its worker writes (one aligned 2-byte
+  store). A client's total is its entry's counter summed over every slot handed out so
+  far, one strided read. A worker raises its own counter first and then reads the total,
+  and takes the raise back if that is over the limit: two workers racing for the last
+  place may both refuse, never both admit. When a worker exits, however it died, the
   master zeroes its column (`vacate`): its sessions went with it.
+- Per-minute counts live in the entries. A worker reads them without a lock, adds what it
+  has counted itself since (`pending`), decides, and counts into `pending`; `flush`, once
+  per turn of its loop, adds that to the entries under the lock. So one worker's own
+  counts are exact, another worker's reach it at the end of that worker's turn, and a
+  worker killed by SIGKILL loses the counts of the turn it was in; the rest stay in
+  shared memory. A rate is the sliding-window estimate many rate limiters use: this
+  minute's count plus the previous minute's, weighted by how much of the last 60 seconds
+  still lies in it.
 
-A session is counted (its column raised) only under the lock, so checking a total against
-the limit and counting one more is atomic across workers. Lowering needs no lock: a total
-that drops between another worker's read and its decision only errs towards refusing.
+The lock serves taking an entry for a new client and `flush`: a POSIX record lock
+(`fcntl.lockf`) on a memfd nobody else opens. The kernel drops it when its holder dies,
+so a worker killed holding it stalls nobody. A worker never blocks on it for long: a new
+client waits at most `lock_wait_s` and then goes uncounted; a flush that finds it taken
+tries again the next turn.
 
 Hazards. POSIX record locks belong to the process: closing any descriptor of the memfd
-drops the lock (nothing here does, and no other code opens it), and threads of one
-process do not exclude each other (only the loop thread takes it). A worker stopped
-while holding the lock (SIGSTOP, a debugger) would stall every other worker's new
-connections, so a worker waits at most `lock_wait_s` and then lets the session through
-uncounted rather than block its loop. A worker killed in the middle of writing an entry
-leaves that entry's counts off by its one update, or the entry unusable until it is
-evicted.
+drops the lock (nothing does, and no other code opens it), and threads of one process do
+not exclude each other (only the loop thread uses the table). Entries are read without
+the lock, so a read racing a flush may see some fields before it and some after: one
+decision then errs by that flush. A known client's entry could be taken for another
+client between the moment a worker finds it and the moment it raises its counter; the
+worker reads the key again after raising it and counts nothing if it changed, which
+leaves only a window of a few bytecodes in which one session is counted for the wrong
+client. A worker killed while writing an entry leaves it unusable until it is evicted.
 """
 
 from __future__ import annotations
@@ -62,9 +69,12 @@ _HEADER = 64  # bytes before the entries: the span (slots handed out so far)
 # key, last seen (monotonic s), minute number, new sessions: this minute, the previous
 # one; recipients: this minute, the previous one. 64 bytes, so entries align to cache lines.
 _ENTRY = struct.Struct("=16sdqQQQQ")
-_STAMPED = struct.Struct("=dqQQQQ")  # the same without the key
+_ENTRY_BYTES = _ENTRY.size
 _SEEN = struct.Struct("=d")
+_COUNTS = struct.Struct("=qQQQQ")  # from the minute on: what a flush writes
+_RATE = struct.Struct("=qQQ")  # the minute and the new sessions
 _KEY_BYTES = 16
+_COUNTS_AT = _KEY_BYTES + _SEEN.size
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _EMPTY = bytes(_KEY_BYTES)  # "::" is never a client: a free entry
 
@@ -91,7 +101,7 @@ class ClientTable:
         self.slots = slots
         self.lock_wait_s = lock_wait_s
         self._mask = capacity - 1
-        self._entries_end = _HEADER + capacity * _ENTRY.size
+        self._entries_end = _HEADER + capacity * _ENTRY_BYTES
         size = self._entries_end + slots * capacity * 2
         self._map = mmap.mmap(-1, size)  # anonymous, shared across fork; pages on first use
         whole = memoryview(self._map)
@@ -99,6 +109,9 @@ class ClientTable:
         self._active = whole[self._entries_end:].cast("H")
         whole.release()
         self._lock_fd = _lock_file()
+        # This process's counts not yet in the entries: index -> [key, sessions, rcpts].
+        # Made after fork, each worker's own (a copy the master never fills).
+        self._pending: dict[int, list] = {}
 
     # -- the master ---------------------------------------------------------------------
 
@@ -120,33 +133,44 @@ class ClientTable:
         its entry index (give it back with `close_session`), or UNCOUNTED, or the refusal
         TOO_MANY_SESSIONS or TOO_MANY_NEW. Every call counts as a new session, refused
         or not (connection attempts, as Postfix counts them)."""
-        if not self._lock():
-            return UNCOUNTED
-        try:
-            index = self._find(key, now)
+        data, active = self._map, self._active
+        index = hash(key) & self._mask  # most keys sit where they hash: look there first
+        offset = _HEADER + index * _ENTRY_BYTES
+        if data[offset:offset + _KEY_BYTES] != key:
+            index = self._known(key)
             if index < 0:
-                return UNCOUNTED
-            offset = _HEADER + index * _ENTRY.size + _KEY_BYTES
-            _, minute, new, new_before, rcpt, rcpt_before = _STAMPED.unpack_from(
-                self._map, offset)
-            this_minute = int(now // MINUTE_S)
+                index = self._take(key, now)
+                if index < 0:
+                    return UNCOUNTED
+            offset = _HEADER + index * _ENTRY_BYTES
+        column = slot * self.capacity + index
+        count = active[column]
+        if count >= MAX_PER_SLOT:
+            return UNCOUNTED
+        active[column] = count + 1  # raised first, then checked: see the docstring
+        if data[offset:offset + _KEY_BYTES] != key:  # taken for another client meanwhile
+            active[column] = count
+            return UNCOUNTED
+        _SEEN.pack_into(data, offset + _KEY_BYTES, now)
+        pending = self._pending.get(index)
+        if pending is None:
+            pending = self._pending[index] = [key, 0, 0]
+        if max_new_per_minute:  # _estimates, inlined: once per session
+            minute, new, new_before = _RATE.unpack_from(data, offset + _COUNTS_AT)
+            this_minute = now // MINUTE_S
             if minute != this_minute:
-                new, new_before, rcpt, rcpt_before = _roll(
-                    minute, this_minute, new, new_before, rcpt, rcpt_before)
-            _STAMPED.pack_into(self._map, offset, now, this_minute, new + 1, new_before,
-                               rcpt, rcpt_before)
-            if max_sessions and self.active(index) >= max_sessions:
-                return TOO_MANY_SESSIONS
-            if max_new_per_minute and new + new_before * _weight(now) >= max_new_per_minute:
-                return TOO_MANY_NEW
-            column = slot * self.capacity + index
-            count = self._active[column]
-            if count >= MAX_PER_SLOT:
-                return UNCOUNTED
-            self._active[column] = count + 1
-            return index
-        finally:
-            self._unlock()
+                new, new_before = (0, new) if minute == this_minute - 1 else (0, 0)
+            new += pending[1]
+            if new_before:
+                new += new_before * (1.0 - (now % MINUTE_S) / MINUTE_S)
+        pending[1] += 1
+        if max_sessions and self.active(index) > max_sessions:
+            active[column] = count
+            return TOO_MANY_SESSIONS
+        if max_new_per_minute and new >= max_new_per_minute:
+            active[column] = count
+            return TOO_MANY_NEW
+        return index
 
     def close_session(self, slot: int, index: int) -> None:
         """A session `open_session` counted has ended. No lock: the column is ours."""
@@ -156,22 +180,53 @@ class ClientTable:
     def recipient(self, index: int, now: float, max_per_minute: int) -> bool:
         """Count a recipient of the client at `index` (one of its sessions is active, so
         the entry is its own); False when it is one too many this last minute. Counted
-        refused or not. True, uncounted, if the lock cannot be had."""
-        if not self._lock():
+        refused or not. Once per RCPT: `_estimates` inlined."""
+        pending = self._pending.get(index)
+        offset = _HEADER + index * _ENTRY_BYTES
+        if pending is None:
+            pending = self._pending[index] = [self._map[offset:offset + _KEY_BYTES], 0, 0]
+        minute, _, _, rcpt, rcpt_before = _COUNTS.unpack_from(self._map, offset + _COUNTS_AT)
+        this_minute = now // MINUTE_S
+        if minute != this_minute:
+            rcpt, rcpt_before = (0, rcpt) if minute == this_minute - 1 else (0, 0)
+        rcpt += pending[2]
+        pending[2] += 1
+        if rcpt_before:
+            return rcpt + rcpt_before * (1.0 - (now % MINUTE_S) / MINUTE_S) < max_per_minute
+        return rcpt < max_per_minute
+
+    @property
+    def pending(self) -> bool:
+        """Counts of this process wait for `flush`."""
+        return bool(self._pending)
+
+    def flush(self, now: float, wait: bool = False) -> bool:
+        """Add this process's pending counts to the entries, under the lock; False if the
+        lock was taken (the counts wait for the next call). `wait`: as for a new client,
+        wait for it at most `lock_wait_s` (a worker's last flush)."""
+        if not self._pending:
             return True
+        if not (self._lock() if wait else self._try_lock()):
+            return False
+        data = self._map
+        this_minute = int(now // MINUTE_S)
         try:
-            offset = _HEADER + index * _ENTRY.size + _KEY_BYTES
-            _, minute, new, new_before, rcpt, rcpt_before = _STAMPED.unpack_from(
-                self._map, offset)
-            this_minute = int(now // MINUTE_S)
-            if minute != this_minute:
-                new, new_before, rcpt, rcpt_before = _roll(
-                    minute, this_minute, new, new_before, rcpt, rcpt_before)
-            _STAMPED.pack_into(self._map, offset, now, this_minute, new, new_before,
-                               rcpt + 1, rcpt_before)
-            return rcpt + rcpt_before * _weight(now) < max_per_minute
+            for index, (key, new_sessions, recipients) in self._pending.items():
+                offset = _HEADER + index * _ENTRY_BYTES
+                if data[offset:offset + _KEY_BYTES] != key:
+                    continue  # evicted since: its counts went with it
+                minute, new, new_before, rcpt, rcpt_before = _COUNTS.unpack_from(
+                    data, offset + _COUNTS_AT)
+                if minute != this_minute:
+                    new, new_before, rcpt, rcpt_before = _roll(
+                        minute, this_minute, new, new_before, rcpt, rcpt_before)
+                # Not `seen`: other workers stamp it without the lock.
+                _COUNTS.pack_into(data, offset + _COUNTS_AT, this_minute, new + new_sessions,
+                                  new_before, rcpt + recipients, rcpt_before)
         finally:
             self._unlock()
+        self._pending.clear()
+        return True
 
     # -- reading -------------------------------------------------------------------------
 
@@ -181,23 +236,14 @@ class ClientTable:
         return sum(self._active[index:self._span[0] * capacity:capacity])
 
     def lookup(self, key: bytes) -> int | None:
-        """The entry index of `key`, or None (no lock: for tests and inspection)."""
-        for index in self._window(key):
-            offset = _HEADER + index * _ENTRY.size
-            if self._map[offset:offset + _KEY_BYTES] == key:
-                return index
-        return None
+        """The entry index of `key`, or None (for tests and inspection)."""
+        index = self._known(key)
+        return None if index < 0 else index
 
     def counts(self, index: int, now: float) -> tuple[float, float]:
-        """(new sessions, recipients) in the minute before `now`, as the limits see them."""
-        _, minute, new, new_before, rcpt, rcpt_before = _STAMPED.unpack_from(
-            self._map, _HEADER + index * _ENTRY.size + _KEY_BYTES)
-        this_minute = int(now // MINUTE_S)
-        if minute != this_minute:
-            new, new_before, rcpt, rcpt_before = _roll(
-                minute, this_minute, new, new_before, rcpt, rcpt_before)
-        weight = _weight(now)
-        return new + new_before * weight, rcpt + rcpt_before * weight
+        """(new sessions, recipients) in the minute before `now`, as the limits see them
+        here (this process's pending counts included)."""
+        return self._estimates(index, now)
 
     def close(self) -> None:
         self._span.release()
@@ -207,48 +253,81 @@ class ClientTable:
 
     # -- inside -------------------------------------------------------------------------
 
-    def _window(self, key: bytes) -> list[int]:
-        start, mask = hash(key), self._mask
-        return [(start + step) & mask for step in range(WINDOW)]
-
-    def _find(self, key: bytes, now: float) -> int:
-        """The entry of `key`, taken for it if need be (under the lock); -1: none free."""
+    def _known(self, key: bytes) -> int:
+        """The entry holding `key`, or -1 (no lock: see the docstring's hazards)."""
         data = self._map
         start, mask = hash(key), self._mask
-        free = -1
         for step in range(WINDOW):
             index = (start + step) & mask
-            offset = _HEADER + index * _ENTRY.size
-            held = data[offset:offset + _KEY_BYTES]
-            if held == key:
+            offset = _HEADER + index * _ENTRY_BYTES
+            if data[offset:offset + _KEY_BYTES] == key:
                 return index
-            if free < 0 and held == _EMPTY:
-                free = index
-        if free < 0:
-            free = self._evictable(start)
+        return -1
+
+    def _take(self, key: bytes, now: float) -> int:
+        """An entry for a new client, under the lock; -1 if none is free or the lock
+        cannot be had."""
+        if not self._lock():
+            return -1
+        try:
+            data = self._map
+            start, mask = hash(key), self._mask
+            free = -1
+            for step in range(WINDOW):  # again, under the lock: another worker may have
+                index = (start + step) & mask
+                offset = _HEADER + index * _ENTRY_BYTES
+                held = data[offset:offset + _KEY_BYTES]
+                if held == key:  # taken it meanwhile
+                    return index
+                if free < 0 and held == _EMPTY:
+                    free = index
             if free < 0:
-                return -1
-        _ENTRY.pack_into(data, _HEADER + free * _ENTRY.size, key, now, int(now // MINUTE_S),
-                         0, 0, 0, 0)
-        return free
+                free = self._evictable(start)
+                if free < 0:
+                    return -1
+            _ENTRY.pack_into(data, _HEADER + free * _ENTRY_BYTES, key, now,
+                             int(now // MINUTE_S), 0, 0, 0, 0)
+            self._pending.pop(free, None)  # counts of the client it held
+            return free
+        finally:
+            self._unlock()
+
+    def _estimates(self, index: int, now: float) -> tuple[float, float]:
+        """(new sessions, recipients) in the last minute: the entry's and ours."""
+        minute, new, new_before, rcpt, rcpt_before = _COUNTS.unpack_from(
+            self._map, _HEADER + index * _ENTRY_BYTES + _COUNTS_AT)
+        this_minute = int(now // MINUTE_S)
+        if minute != this_minute:
+            new, new_before, rcpt, rcpt_before = _roll(
+                minute, this_minute, new, new_before, rcpt, rcpt_before)
+        pending = self._pending.get(index)
+        if pending is not None:
+            new += pending[1]
+            rcpt += pending[2]
+        weight = _weight(now)
+        return new + new_before * weight, rcpt + rcpt_before * weight
 
     def _evictable(self, start: int) -> int:
         """The least recently seen entry of the window without an active session, or -1."""
         best, best_seen = -1, 0.0
         for step in range(WINDOW):
             index = (start + step) & self._mask
-            seen = _SEEN.unpack_from(self._map, _HEADER + index * _ENTRY.size + _KEY_BYTES)[0]
+            seen = _SEEN.unpack_from(self._map, _HEADER + index * _ENTRY_BYTES + _KEY_BYTES)[0]
             if (best < 0 or seen < best_seen) and not self.active(index):
                 best, best_seen = index, seen
         return best
 
-    def _lock(self) -> bool:
-        """Take the lock, waiting at most `lock_wait_s`; False if it could not be had."""
+    def _try_lock(self) -> bool:
         try:
             fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except OSError:
-            pass
+            return False
+
+    def _lock(self) -> bool:
+        """Take the lock, waiting at most `lock_wait_s`; False if it could not be had."""
+        if self._try_lock():
+            return True
         deadline = time.monotonic() + self.lock_wait_s
         while True:
             os.sched_yield()  # the holder keeps it for microseconds

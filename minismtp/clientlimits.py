@@ -9,8 +9,13 @@ it is an IP address in text, nothing the client could have written otherwise.
 A worker with all three limits at 0 makes no ClientGate: its sessions never reach this
 module. Otherwise `admit` runs once per session, once its real peer is known, before the
 greeting: a session refused is greeted with 421 and closed; one admitted holds its
-table entry (`session.client`) until `release`. `recipient_allowed` runs once per RCPT
-while `limits.per_client.max_recipients_per_minute` is set.
+table entry (`session.client`) until `release`. `recipient_refusal` runs once per RCPT
+while `limits.per_client.max_recipients_per_minute` is set. The per-minute counts a
+worker makes wait in its own memory until `flush` adds them to the shared table
+(anvil.py), which the loop calls at the end of a turn when they have waited FLUSH_S:
+another worker sees them that much later at most, and a worker killed by SIGKILL
+loses at most that much of them. One lock a turn, not one per session and recipient,
+is what keeps the limits cheap.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ if TYPE_CHECKING:
     from minismtp.stats import WorkerStats
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+FLUSH_S = 0.01  # the longest a worker keeps per-minute counts to itself
+_KEY_CACHE = 4096  # addresses whose keys a worker keeps
 MIN_TABLE, MAX_TABLE = 1024, 65536
 
 
@@ -135,13 +142,22 @@ class ClientGate:
         self.max_recipients = limits.max_recipients_per_minute
         # Each network as (value, mask) over 16-byte keys: one AND and compare per network.
         self.exempt = [_key_match(network) for network in limits.exempt]
+        self.flush_at = 0.0  # when the loop is to flush pending counts next
+        # Keys of recent addresses: a client that comes back costs a dict lookup, and
+        # its key's hash is computed once (bytes keep theirs). Bounded: cleared when full.
+        self.keys: dict[str, bytes] = {}
 
     def admit(self, session: Session) -> Reply | None:
         """Count the session against its client, or the 421 to greet it with."""
         address = session.peer.address
-        key = anvil.client_key(address)
+        key = self.keys.get(address)
         if key is None:
-            return None
+            key = anvil.client_key(address)
+            if key is None:
+                return None
+            if len(self.keys) >= _KEY_CACHE:
+                self.keys.clear()
+            self.keys[address] = key
         if self.exempt:
             number = int.from_bytes(key, "big")
             if any(number & mask == value for value, mask in self.exempt):
@@ -162,16 +178,21 @@ class ClientGate:
         session.end = "refused: too many new sessions from this client in a minute"
         return replies.too_many_new_sessions_from(self.hostname, address)
 
+    def flush(self) -> None:
+        """At the end of a loop turn, when `table.pending` and `flush_at` has come."""
+        now = self.loop.now
+        self.table.flush(now)  # if the lock is taken, the counts wait for the next one
+        self.flush_at = now + FLUSH_S
+
     def release(self, session: Session) -> None:
         self.table.close_session(self.slot, session.client)
         session.client = -1
 
     def recipient_refusal(self, session: Session) -> Reply | None:
         """None if the RCPT may go on, else the 450 to refuse it with (counted)."""
-        if session.client < 0 or not self.max_recipients:
-            return None  # exempt, or uncounted
-        if self.table.recipient(session.client, self.loop.now, self.max_recipients):
-            return None
+        if session.client < 0 or self.table.recipient(session.client, self.loop.now,
+                                                      self.max_recipients):
+            return None  # within the limit, or exempt or uncounted
         self.stats.count_per_client_refusal(RECIPIENTS)
         return replies.too_many_recipients_from(session.peer.address)
 

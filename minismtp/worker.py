@@ -153,6 +153,7 @@ class Worker:
             self.poller.register(self.logins.wakeup.fileno(), READ, _LOGINS)
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         msglog = self.msglog
+        gate, table = self.gate, None if self.gate is None else self.gate.table
         last_tick = 0.0
         self.now = now = time.monotonic()
         try:
@@ -187,6 +188,8 @@ class Worker:
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
                     start(acceptor.end_deferral())
                 msglog.flush()  # this turn's lines: all a SIGKILL can cost
+                if gate is not None and table.pending and now >= gate.flush_at:
+                    gate.flush()  # per-client counts: shared within FLUSH_S
         finally:
             self.stopping = True
             acceptor.close()  # not accepting, whatever ended the loop
@@ -195,6 +198,8 @@ class Worker:
             self.storage.close()
             if self.logins is not None:
                 self.logins.stop()
+            if self.gate is not None:
+                self.gate.table.flush(time.monotonic(), wait=True)
             self.stats.publish(self.stats_board, self.slot)
             self.msglog.close()
         return exitcodes.OK
@@ -213,6 +218,9 @@ class Worker:
         deferred = self.acceptor.deferred_until
         if deferred and (due is None or deferred < due):
             due = deferred
+        gate = self.gate
+        if gate is not None and gate.table.pending and (due is None or gate.flush_at < due):
+            due = gate.flush_at  # counts wait to be shared: wake up for them
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_pending_signals(self) -> None:

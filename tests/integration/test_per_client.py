@@ -1,7 +1,9 @@
 """limits.per_client on a real server: counted across workers, after a worker's death, and
 by the address a PROXY header names.
 
-The rate limits count in minutes of CLOCK_MONOTONIC, the clock the server reads too: a
+A worker shares its per-minute counts within clientlimits.FLUSH_S (10 ms): a test waits
+SHARED_S before it expects another worker to see them. The rate limits count in minutes
+of CLOCK_MONOTONIC, the clock the server reads too: a
 test of a rate starts clear of a minute's end (`clear_of_minute_end`), so the previous
 minute's weight cannot change under it.
 """
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"),
 SESSIONS_REFUSED = 'minismtp_per_client_refused_total{reason="sessions"}'
 NEW_REFUSED = 'minismtp_per_client_refused_total{reason="new_sessions"}'
 RCPT_REFUSED = 'minismtp_per_client_refused_total{reason="recipients"}'
+SHARED_S = 0.2  # a worker's per-minute counts reach the other workers within FLUSH_S
 
 
 def overrides(workers: int = 2, **per_client) -> dict:
@@ -115,6 +118,7 @@ def test_new_sessions_per_minute(make_server, raw_clients):
         client = raw_clients(server.port)
         client.expect(220)
         client.cmd("QUIT", 221)
+    time.sleep(SHARED_S)  # whichever worker counted the third has shared it by now
     refused = raw_clients(server.port)
     refused.expect(421, "4.7.0")
     assert refused.wait_closed() == b""
@@ -136,6 +140,7 @@ def test_recipients_per_minute(make_server, raw_clients):
     one.cmd("DATA", 354)
     one.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
     one.expect(250)  # the three accepted ones still get their message
+    time.sleep(SHARED_S)
     two = raw_clients(server.port)  # another session, maybe another worker: same count
     two.expect(220)
     two.cmd("HELO client.test", 250)
@@ -153,6 +158,7 @@ def test_a_killed_workers_sessions_are_released_and_its_minute_kept(make_server,
     for client in held:
         client.expect(220)
     raw_clients(server.port).expect(421, "4.7.0")  # attempts so far: 3
+    time.sleep(SHARED_S)  # what the worker counted is in the shared table now
     os.kill(worker, signal.SIGKILL)
     for client in held:
         client.wait_closed()

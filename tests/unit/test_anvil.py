@@ -44,6 +44,22 @@ def test_capacity_is_a_power_of_two():
             ClientTable(bad, 1)
 
 
+def test_a_session_over_the_limit_takes_its_count_back(table):
+    held = table.open_session(0, A, T0, 1, 0)
+    table._active[1 * 1024 + held] = 1  # another worker has raised its own, racing us
+    assert table.open_session(0, A, T0, 1, 0) == TOO_MANY_SESSIONS
+    assert table._active[held] == 1
+
+
+def test_an_entry_taken_for_another_client_is_not_counted_into(table):
+    index = table.open_session(0, A, T0, 0, 0)
+    table.close_session(0, index)
+    table._known = lambda key: index  # found just before another worker took the entry
+    table._map[64 + index * 64:64 + index * 64 + 16] = B
+    assert table.open_session(0, A, T0, 0, 0) == UNCOUNTED
+    assert table.active(index) == 0
+
+
 def test_sessions_are_counted_across_slots_and_released(table):
     first = table.open_session(0, A, T0, 3, 0)
     assert first >= 0
@@ -77,11 +93,15 @@ def test_new_sessions_per_minute_slide_out(table):
         table.close_session(0, index)
     assert table.open_session(0, A, T0 + 20, 0, 5) == TOO_MANY_NEW  # the 6th attempt
     assert table.counts(table.lookup(A), T0 + 20)[0] == 6
+    assert table.flush(T0 + 20)  # as a worker does at the end of each turn
+    assert table.counts(table.lookup(A), T0 + 20)[0] == 6
     # A minute on, all of the last one still weighs in (6 * 1.0)...
     assert table.open_session(0, A, T0 + 60, 0, 5) == TOO_MANY_NEW
+    assert table.flush(T0 + 60)
     # ...at its middle, half of it: 6 attempts * 0.5, and the 1 made in this minute.
     assert table.counts(table.lookup(A), T0 + 90) == (1 + 3.0, 0)
     assert table.open_session(0, A, T0 + 90, 0, 5) >= 0
+    assert table.flush(T0 + 90)
     # Two minutes on, nothing is left of either.
     assert table.counts(table.lookup(A), T0 + 180) == (0, 0)
     assert table.open_session(0, A, T0 + 180, 0, 1) >= 0
@@ -97,9 +117,12 @@ def test_recipients_per_minute(table):
     index = table.open_session(0, A, T0, 0, 0)
     assert [table.recipient(index, T0 + 1, 3) for _ in range(5)] == [True] * 3 + [False] * 2
     assert table.counts(index, T0 + 1) == (1, 5)
+    assert table.flush(T0 + 1)
     # Half a minute on: 5 * 0.5 = 2.5 < 3 lets one through; then 1 + 2.5 does not.
     assert table.recipient(index, T0 + 90, 3) is True
     assert table.recipient(index, T0 + 90, 3) is False
+    assert table.counts(index, T0 + 90) == (0 + 0.5, 2 + 2.5)
+    assert table.flush(T0 + 90)
     assert table.counts(index, T0 + 90) == (0 + 0.5, 2 + 2.5)
     assert table.recipient(index, T0 + 180, 1) is True  # two minutes on: forgotten
 
@@ -140,6 +163,9 @@ def test_a_killed_worker_leaves_its_counts_and_vacate_clears_its_sessions(table)
         try:
             for _ in range(3):
                 table.open_session(1, A, T0, 0, 10)
+            table.open_session(1, B, T0, 0, 10)
+            table.flush(T0)  # the end of its turn: counts in shared memory
+            table.open_session(1, B, T0, 0, 10)  # counted in its next turn, never ended
             os.write(write, b"x")
             time.sleep(60)
         finally:
@@ -153,6 +179,7 @@ def test_a_killed_worker_leaves_its_counts_and_vacate_clears_its_sessions(table)
     table.vacate(1)
     assert table.active(index) == 0
     assert table.counts(index, T0)[0] == 3
+    assert table.counts(table.lookup(B), T0)[0] == 1  # the turn it was killed in is lost
     assert table.open_session(0, A, T0, 1, 10) == index
     os.close(read)
     os.close(write)
@@ -161,6 +188,8 @@ def test_a_killed_worker_leaves_its_counts_and_vacate_clears_its_sessions(table)
 def test_the_lock_is_waited_for_briefly_and_dies_with_its_holder():
     table = ClientTable(1024, 2, lock_wait_s=0.05)
     table.hand_out(0)
+    known = table.open_session(0, A, T0, 0, 0)
+    assert table.flush(T0)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -172,13 +201,18 @@ def test_the_lock_is_waited_for_briefly_and_dies_with_its_holder():
             os._exit(0)
     os.read(read, 1)
     started = time.monotonic()
-    assert table.open_session(0, A, T0, 1, 0) == UNCOUNTED  # not blocked for long
-    assert table.recipient(0, T0, 1) is True
+    assert table.open_session(0, B, T0, 0, 0) == UNCOUNTED  # a new client: not for long
     assert time.monotonic() - started < 2.0
-    assert table.lookup(A) is None
+    assert table.lookup(B) is None
+    assert table.open_session(0, A, T0, 0, 0) == known  # a known one needs no lock
+    assert table.recipient(known, T0, 5) is True
+    assert table.flush(T0) is False and table.pending  # kept for the next turn
+    assert table.flush(T0, wait=True) is False
     os.kill(pid, signal.SIGKILL)  # dies holding it: the kernel releases it
     os.waitpid(pid, 0)
-    assert table.open_session(0, A, T0, 1, 0) >= 0
+    assert table.flush(T0) is True and not table.pending
+    assert table.counts(known, T0) == (2, 1)
+    assert table.open_session(0, B, T0, 0, 0) >= 0
     table.close()
     os.close(read)
     os.close(write)

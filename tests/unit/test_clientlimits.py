@@ -103,6 +103,7 @@ def test_gate_rate_and_recipients():
     assert [gate.recipient_refusal(one) for _ in range(2)] == [None, None]
     assert gate.recipient_refusal(one).wire == \
         b"450 4.7.1 Error: too many recipients from 2001:db8::5\r\n"
+    gate.flush()
     loop.now = T0 + 120  # two minutes on
     assert gate.recipient_refusal(one) is None
     assert refused(stats) == {"new_sessions": 1, "recipients": 1}
