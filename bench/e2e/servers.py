@@ -51,6 +51,7 @@ class ServerSpec:
     reuse_port: bool = False  # minismtp: each worker its own SO_REUSEPORT socket
     sched_batch: str = "auto"  # minismtp: SCHED_BATCH workers unless delivery fsyncs
     log_level: str = "warning"  # minismtp: "info" (the default) logs a line per message
+    per_client: str = "{}"  # minismtp: limits.per_client, a YAML flow mapping
     checkout: Path | None = None  # minismtp: the checkout it runs from; None: this one
     scenarios: tuple[str, ...] = ()  # the only scenarios it can run; () = any
 
@@ -98,6 +99,12 @@ SERVERS = (
     # The cost of fault rules that never fire (and of the counters, always on).
     ServerSpec("minismtp-faults", "minismtp", "discard", short="mini-faults",
                compare_to=("minismtp-discard",), extra_config=NO_MATCH_FAULTS),
+    # The cost of the per-client limits (limits.per_client), every one set, none reached:
+    # each session and each recipient counted in the shared table.
+    ServerSpec("minismtp-perclient", "minismtp", "discard", short="mini-pc",
+               compare_to=("minismtp-discard",),
+               per_client="{max_sessions: 100000, max_new_sessions_per_minute: 100000000, "
+                          "max_recipients_per_minute: 100000000}"),
     ServerSpec("minismtp-reuseport", "minismtp", "discard", short="mini-rp",
                compare_to=("smtp-sink", "aiosmtpd-discard", "minismtp-discard"),
                reuse_port=True),
@@ -153,6 +160,7 @@ server:
   shutdown_timeout: 2s
 limits:
   max_message_size: 64M
+  per_client: {per_client}
 delivery:
   backend: {backend}
   path: {path}
@@ -228,7 +236,8 @@ class Server:
         config.write_text(MINISMTP_CONFIG.format(listen=listen,
             workers=MINISMTP_WORKERS, max_connections=per_worker, backend=spec.backend,
             path=json.dumps(str(self.maildir)), fsync=str(spec.fsync).lower(),
-            reuse_port=str(spec.reuse_port).lower(), sched_batch=spec.sched_batch, log_level=spec.log_level)
+            reuse_port=str(spec.reuse_port).lower(), sched_batch=spec.sched_batch, log_level=spec.log_level,
+            per_client=spec.per_client)
             + tls_section + spec.extra_config)
         return [sys.executable, "-m", "minismtp", "serve", "--config", str(config)]
 

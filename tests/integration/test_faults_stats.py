@@ -393,7 +393,8 @@ def test_metrics_are_strict_prometheus_text_and_match_the_traffic(make_server, r
         "tls_sessions_total": "counter", "tls_handshake_failures_total": "counter",
         "tls_plaintext_discarded_bytes_total": "counter", "tls_handshake_seconds": "histogram",
         "proxy_headers_total": "counter", "proxy_failures_total": "counter",
-        "auth_total": "counter"}
+        "auth_total": "counter", "per_client_refused_total": "counter",
+        "per_client_unchecked_total": "counter"}
     plain = ("workers", "connections_open", "connections_total", "transactions_total",
              "messages_accepted_total")
     assert [m[f"minismtp_{name}"].get() for name in plain] == [
