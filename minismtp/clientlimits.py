@@ -9,7 +9,7 @@ it is an IP address in text, nothing the client could have written otherwise.
 A worker with all three limits at 0 makes no ClientGate: its sessions never reach this
 module. Otherwise `admit` runs once per session, once its real peer is known, before the
 greeting: a session refused is greeted with 421 and closed; one admitted holds its
-table entry (`session.client`) until `release`. `recipient_refusal` runs once per RCPT
+table entry (`session.client_entry`) until `release`. `recipient_refusal` runs once per RCPT
 while `limits.per_client.max_recipients_per_minute` is set. The per-minute counts a
 worker makes wait in its own memory until `flush` adds them to the shared table
 (anvil.py), which the loop calls at the end of a turn when they have waited FLUSH_S:
@@ -143,8 +143,9 @@ class ClientGate:
         # Each network as (value, mask) over 16-byte keys: one AND and compare per network.
         self.exempt = [_key_match(network) for network in limits.exempt]
         self.flush_at = 0.0  # when the loop is to flush pending counts next
-        # Keys of recent addresses: a client that comes back costs a dict lookup, and
-        # its key's hash is computed once (bytes keep theirs). Bounded: cleared when full.
+        # Keys of recent addresses (b"": not counted): a client that comes back costs a
+        # dict lookup, and its key's hash is computed once (bytes keep theirs). Bounded:
+        # cleared when full.
         self.keys: dict[str, bytes] = {}
 
     def admit(self, session: Session) -> Reply | None:
@@ -152,20 +153,13 @@ class ClientGate:
         address = session.peer.address
         key = self.keys.get(address)
         if key is None:
-            key = anvil.client_key(address)
-            if key is None:
-                return None
-            if len(self.keys) >= _KEY_CACHE:
-                self.keys.clear()
-            self.keys[address] = key
-        if self.exempt:
-            number = int.from_bytes(key, "big")
-            if any(number & mask == value for value, mask in self.exempt):
-                return None
+            key = self._key(address)
+        if not key:
+            return None  # exempt, or no address
         index = self.table.open_session(self.slot, key, self.loop.now, self.max_sessions,
                                         self.max_new)
         if index >= 0:
-            session.client = index
+            session.client_entry = index
             return None
         if index == anvil.UNCOUNTED:
             self.stats.per_client_unchecked += 1
@@ -178,6 +172,19 @@ class ClientGate:
         session.end = "refused: too many new sessions from this client in a minute"
         return replies.too_many_new_sessions_from(self.hostname, address)
 
+    def _key(self, address: str) -> bytes:
+        """The table key of `address`, or b"" for one never counted (exempt, or not an
+        address), remembered for the next session from it."""
+        key = anvil.client_key(address) or b""
+        if key and self.exempt:
+            number = int.from_bytes(key, "big")
+            if any(number & mask == value for value, mask in self.exempt):
+                key = b""
+        if len(self.keys) >= _KEY_CACHE:
+            self.keys.clear()
+        self.keys[address] = key
+        return key
+
     def flush(self) -> None:
         """At the end of a loop turn, when `table.pending` and `flush_at` has come."""
         now = self.loop.now
@@ -185,12 +192,12 @@ class ClientGate:
         self.flush_at = now + FLUSH_S
 
     def release(self, session: Session) -> None:
-        self.table.close_session(self.slot, session.client)
-        session.client = -1
+        self.table.close_session(self.slot, session.client_entry)
+        session.client_entry = -1
 
     def recipient_refusal(self, session: Session) -> Reply | None:
         """None if the RCPT may go on, else the 450 to refuse it with (counted)."""
-        if session.client < 0 or self.table.recipient(session.client, self.loop.now,
+        if session.client_entry < 0 or self.table.recipient(session.client_entry, self.loop.now,
                                                       self.max_recipients):
             return None  # within the limit, or exempt or uncounted
         self.stats.count_per_client_refusal(RECIPIENTS)

@@ -49,7 +49,7 @@ class Session:
     __slots__ = (
         "transport", "fd", "conn", "peer", "handshake", "preamble", "sink", "sink_failed", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
-        "tarpit_bps", "trickling", "lingering", "closed", "end", "client",
+        "tarpit_bps", "trickling", "lingering", "closed", "end", "client_entry",
     )
 
     def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer
@@ -76,4 +76,4 @@ class Session:
         self.lingering = False  # last reply sent, write side shut: draining until EOF
         self.closed = False
         self.end = ""  # how the session ended, when the worker decided it (the log's end=)
-        self.client = -1  # its client's entry in the per-client table while counted there
+        self.client_entry = -1  # its client's entry in the per-client table while counted there

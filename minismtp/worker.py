@@ -434,7 +434,7 @@ class Worker:
         if session.mask:
             self.poller.unregister(session.fd)
         self.sessions.pop(session.fd, None)
-        if session.client >= 0:
+        if session.client_entry >= 0:
             self.gate.release(session)
         self.acceptor.publish_load()
         transport.close()

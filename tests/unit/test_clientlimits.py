@@ -70,7 +70,7 @@ def make_gate(limits: PerClient, table: ClientTable, slot: int = 0):
 
 
 def session(address: str) -> SimpleNamespace:
-    return SimpleNamespace(peer=Peer(address, 4000), client=-1, end="")
+    return SimpleNamespace(peer=Peer(address, 4000), client_entry=-1, end="")
 
 
 def refused(stats: WorkerStats) -> dict[str, int]:
@@ -82,13 +82,13 @@ def test_gate_admits_refuses_and_releases():
     gate, _, stats = make_gate(PerClient(max_sessions=2), table)
     first, second, third = (session("192.0.2.7") for _ in range(3))
     assert gate.admit(first) is None and gate.admit(second) is None
-    assert first.client == second.client >= 0
+    assert first.client_entry == second.client_entry >= 0
     reply = gate.admit(third)
     assert reply.wire == b"421 4.7.0 mx.test Error: too many connections from 192.0.2.7\r\n"
-    assert third.client == -1 and "too many sessions" in third.end
+    assert third.client_entry == -1 and "too many sessions" in third.end
     assert refused(stats) == {"sessions": 1}
     gate.release(first)
-    assert first.client == -1
+    assert first.client_entry == -1
     assert gate.admit(third) is None
 
 
@@ -118,7 +118,7 @@ def test_exempt_clients_are_neither_limited_nor_counted():
     for address in ("192.0.2.1", "192.0.2.255", "::ffff:192.0.2.9", "2001:db8::1",
                     "2001:db8::ffff:1"):
         sessions = [session(address) for _ in range(3)]
-        assert all(gate.admit(s) is None and s.client == -1 for s in sessions), address
+        assert all(gate.admit(s) is None and s.client_entry == -1 for s in sessions), address
         assert gate.recipient_refusal(sessions[0]) is None
     assert table.lookup(bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1])) is None
     for address in ("192.0.3.1", "2001:db8:0:1::1"):
@@ -131,5 +131,5 @@ def test_the_recipient_check_is_skipped_for_uncounted_sessions():
     table = ClientTable(1024, 2)
     gate, _, _ = make_gate(PerClient(max_recipients_per_minute=1), table)
     odd = session("not an address")
-    assert gate.admit(odd) is None and odd.client == -1
+    assert gate.admit(odd) is None and odd.client_entry == -1
     assert gate.recipient_refusal(odd) is None
