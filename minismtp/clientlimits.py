@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 FLUSH_S = 0.01  # the longest a worker keeps per-minute counts to itself
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 _KEY_CACHE = 4096  # addresses whose keys a worker keeps
 MIN_TABLE, MAX_TABLE = 1024, 65536
 
@@ -50,6 +51,7 @@ class PerClient:
     max_recipients_per_minute: int = 0
     exempt: tuple[Network, ...] = ()  # clients never limited nor counted
     table_size: int = 16384  # clients tracked at once; fixed when the master starts
+    ipv6_prefix_length: int = 84  # IPv6 clients counted by network (Postfix's default)
 
     @property
     def enabled(self) -> bool:
@@ -89,8 +91,16 @@ def _exempt(value: object) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+def _prefix(value: object) -> int:
+    number = as_int(value)
+    if number is None or not 1 <= number <= 128:
+        raise ValueError(f"must be an integer from 1 to 128, got {got(value)}")
+    return number
+
+
 _KEYS = {"max_sessions": _count, "max_new_sessions_per_minute": _count,
-         "max_recipients_per_minute": _count, "exempt": _exempt, "table_size": _table_size}
+         "max_recipients_per_minute": _count, "exempt": _exempt, "table_size": _table_size,
+         "ipv6_prefix_length": _prefix}
 
 
 def parse_per_client(value: object) -> PerClient:
@@ -120,7 +130,8 @@ def dump_per_client(limits: PerClient) -> dict[str, object]:
             "max_new_sessions_per_minute": limits.max_new_sessions_per_minute,
             "max_recipients_per_minute": limits.max_recipients_per_minute,
             "exempt": [str(network) for network in limits.exempt],
-            "table_size": limits.table_size}
+            "table_size": limits.table_size,
+            "ipv6_prefix_length": limits.ipv6_prefix_length}
 
 
 # -- a worker's side -------------------------------------------------------------------
@@ -142,6 +153,8 @@ class ClientGate:
         self.max_recipients = limits.max_recipients_per_minute
         # Each network as (value, mask) over 16-byte keys: one AND and compare per network.
         self.exempt = [_key_match(network) for network in limits.exempt]
+        # An IPv6 client is its network: one host has a /64 or more to pick addresses from.
+        self.ipv6_mask = ((1 << 128) - 1) ^ ((1 << (128 - limits.ipv6_prefix_length)) - 1)
         self.flush_at = 0.0  # when the loop is to flush pending counts next
         # Keys of recent addresses (b"": not counted): a client that comes back costs a
         # dict lookup, and its key's hash is computed once (bytes keep theirs). Bounded:
@@ -173,13 +186,16 @@ class ClientGate:
         return replies.too_many_new_sessions_from(self.hostname, address)
 
     def _key(self, address: str) -> bytes:
-        """The table key of `address`, or b"" for one never counted (exempt, or not an
-        address), remembered for the next session from it."""
+        """The table key of `address` (an IPv6 one's network of `ipv6_prefix_length`
+        bits), or b"" for one never counted (exempt, or not an address), remembered for
+        the next session from it."""
         key = anvil.client_key(address) or b""
-        if key and self.exempt:
+        if key:
             number = int.from_bytes(key, "big")
             if any(number & mask == value for value, mask in self.exempt):
                 key = b""
+            elif not key.startswith(_V4_MAPPED):
+                key = (number & self.ipv6_mask).to_bytes(16, "big")
         if len(self.keys) >= _KEY_CACHE:
             self.keys.clear()
         self.keys[address] = key

@@ -214,7 +214,7 @@ SETTINGS: tuple[Setting, ...] = (
             "`proxy_protocol`", parsing.dump_duration),
     Setting("limits.per_client", {"max_sessions": 0, "max_new_sessions_per_minute": 0,
                                   "max_recipients_per_minute": 0, "exempt": [],
-                                  "table_size": 16384},
+                                  "table_size": 16384, "ipv6_prefix_length": 84},
             parse_per_client,
             "per client address, counted across all workers (Postfix's anvil); 0 = no "
             "limit. `max_sessions`: sessions open at once, beyond it `421 4.7.0`; "
@@ -222,8 +222,10 @@ SETTINGS: tuple[Setting, ...] = (
             "included, beyond it `421 4.7.0`; `max_recipients_per_minute`: RCPT commands "
             "in the last minute, beyond it `450 4.7.1`; `exempt`: networks never limited "
             "nor counted (e.g. your own); `table_size`: clients tracked at once, a power "
-            "of two from 1024 to 65536, fixed when the master starts. The client is the "
-            "PROXY header's source on a listener with `proxy_protocol`",
+            "of two from 1024 to 65536, fixed when the master starts; "
+            "`ipv6_prefix_length`: IPv6 clients in one network of this many bits count as "
+            "one (Postfix's default, 84). The client is the PROXY header's source on a "
+            "listener with `proxy_protocol`",
             dump_per_client),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),

@@ -40,6 +40,8 @@ def test_keys_parse_and_dump_back():
     limits = config.limits.per_client
     assert limits == PerClient(50, 600, 6000, (ipaddress.ip_network("10.0.0.0/8"),
                                                ipaddress.ip_network("2001:db8::/32")), 4096)
+    assert limits.ipv6_prefix_length == 84
+    assert per_client(ipv6_prefix_length=64).ipv6_prefix_length == 64
     assert limits.enabled
     assert "max_recipients_per_minute: 6000" in dump_config(config)
     assert per_client(max_recipients_per_minute=1).enabled
@@ -57,7 +59,9 @@ def test_every_bad_key_is_named():
     ]
     assert problems(5) == ["limits.per_client: must be a mapping (max_sessions, "
                            "max_new_sessions_per_minute, max_recipients_per_minute, exempt, "
-                           "table_size), got 5"]
+                           "table_size, ipv6_prefix_length), got 5"]
+    assert problems({"ipv6_prefix_length": 0}) == [
+        "limits.per_client.ipv6_prefix_length: must be an integer from 1 to 128, got 0"]
     assert problems({"exempt": "10.0.0.0/8"})[0].startswith(
         "limits.per_client.exempt: must be a list of networks")
 
@@ -125,6 +129,20 @@ def test_exempt_clients_are_neither_limited_nor_counted():
         assert gate.admit(session(address)) is None
         assert gate.admit(session(address)) is not None, address
     assert refused(stats) == {"sessions": 2}
+
+
+def test_ipv6_clients_count_by_network():
+    table = ClientTable(1024, 2)
+    gate, _, _ = make_gate(PerClient(max_sessions=1), table)  # ipv6_prefix_length 84
+    assert gate.admit(session("2001:db8::1")) is None
+    refusal = gate.admit(session("2001:db8::ff:2"))  # the same /84
+    assert refusal.wire.endswith(b"too many connections from 2001:db8::ff:2\r\n")
+    assert gate.admit(session("2001:db8::1000:0:0:1")) is None  # another /84
+    assert gate.admit(session("192.0.2.1")) is None and gate.admit(session("192.0.2.2")) is None
+    apart, _, _ = make_gate(PerClient(max_sessions=1, ipv6_prefix_length=128),
+                            ClientTable(1024, 2))
+    assert apart.admit(session("2001:db8::1")) is None
+    assert apart.admit(session("2001:db8::2")) is None
 
 
 def test_the_recipient_check_is_skipped_for_uncounted_sessions():
