@@ -153,7 +153,7 @@ class ClientTable:
             return UNCOUNTED
         _SEEN.pack_into(data, offset + _KEY_BYTES, now)
         pending = self._pending.get(index)
-        if pending is None:
+        if pending is None or pending[0] != key:  # none yet, or the entry's former client's
             pending = self._pending[index] = [key, 0, 0]
         if max_new_per_minute:  # _estimates, inlined: once per session
             minute, new, new_before = _RATE.unpack_from(data, offset + _COUNTS_AT)

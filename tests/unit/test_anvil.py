@@ -147,6 +147,18 @@ def test_a_full_window_forgets_the_least_recently_seen_idle_client():
     table.close()
 
 
+def test_counts_pending_for_an_entry_taken_since_are_not_inherited(table):
+    index = table.open_session(0, A, T0, 0, 0)
+    table.close_session(0, index)
+    # Another worker takes the idle entry for client B before this one flushes.
+    table._map[64 + index * 64:64 + index * 64 + 16] = B
+    table._known = lambda key: index
+    assert table.open_session(0, B, T0, 0, 0) == index
+    assert table.counts(index, T0) == (1, 0)  # B's one session, not A's as well
+    assert table.flush(T0)
+    assert table.counts(index, T0) == (1, 0)
+
+
 def test_vacate_clears_a_dead_slots_sessions_and_keeps_the_minutes(table):
     index = table.open_session(1, A, T0, 0, 0)
     table.open_session(1, A, T0, 0, 0)
