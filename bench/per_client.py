@@ -46,7 +46,7 @@ def main() -> int:
         gate.release(session)
 
     def flush() -> None:
-        table._pending.setdefault(session.client_entry, [key, 1, 1])
+        table.pending.setdefault(session.client_entry, [key, 1, 1])
         table.flush(loop.now)
 
     print(f"Python {sys.version.split()[0]}, best of 7 x {CALLS:,} calls")

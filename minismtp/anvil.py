@@ -109,9 +109,10 @@ class ClientTable:
         self._active = whole[self._entries_end:].cast("H")
         whole.release()
         self._lock_fd = _lock_file()
-        # This process's counts not yet in the entries: index -> [key, sessions, rcpts].
-        # Made after fork, each worker's own (a copy the master never fills).
-        self._pending: dict[int, list] = {}
+        # This process's counts not yet in the entries: index -> [key, sessions, rcpts];
+        # true while some wait for `flush`. Each worker's own (the master's copy stays
+        # empty), and the same dict for the process's life: the loop keeps a reference.
+        self.pending: dict[int, list] = {}
 
     # -- the master ---------------------------------------------------------------------
 
@@ -152,9 +153,9 @@ class ClientTable:
             active[column] = count
             return UNCOUNTED
         _SEEN.pack_into(data, offset + _KEY_BYTES, now)
-        pending = self._pending.get(index)
+        pending = self.pending.get(index)
         if pending is None or pending[0] != key:  # none yet, or the entry's former client's
-            pending = self._pending[index] = [key, 0, 0]
+            pending = self.pending[index] = [key, 0, 0]
         if max_new_per_minute:  # _estimates, inlined: once per session
             minute, new, new_before = _RATE.unpack_from(data, offset + _COUNTS_AT)
             this_minute = now // MINUTE_S
@@ -181,10 +182,10 @@ class ClientTable:
         """Count a recipient of the client at `index` (one of its sessions is active, so
         the entry is its own); False when it is one too many this last minute. Counted
         refused or not. Once per RCPT: `_estimates` inlined."""
-        pending = self._pending.get(index)
+        pending = self.pending.get(index)
         offset = _HEADER + index * _ENTRY_BYTES
         if pending is None:
-            pending = self._pending[index] = [self._map[offset:offset + _KEY_BYTES], 0, 0]
+            pending = self.pending[index] = [self._map[offset:offset + _KEY_BYTES], 0, 0]
         minute, _, _, rcpt, rcpt_before = _COUNTS.unpack_from(self._map, offset + _COUNTS_AT)
         this_minute = now // MINUTE_S
         if minute != this_minute:
@@ -195,23 +196,18 @@ class ClientTable:
             return rcpt + rcpt_before * (1.0 - (now % MINUTE_S) / MINUTE_S) < max_per_minute
         return rcpt < max_per_minute
 
-    @property
-    def pending(self) -> bool:
-        """Counts of this process wait for `flush`."""
-        return bool(self._pending)
-
     def flush(self, now: float, wait: bool = False) -> bool:
         """Add this process's pending counts to the entries, under the lock; False if the
         lock was taken (the counts wait for the next call). `wait`: as for a new client,
         wait for it at most `lock_wait_s` (a worker's last flush)."""
-        if not self._pending:
+        if not self.pending:
             return True
         if not (self._lock() if wait else self._try_lock()):
             return False
         data = self._map
         this_minute = int(now // MINUTE_S)
         try:
-            for index, (key, new_sessions, recipients) in self._pending.items():
+            for index, (key, new_sessions, recipients) in self.pending.items():
                 offset = _HEADER + index * _ENTRY_BYTES
                 if data[offset:offset + _KEY_BYTES] != key:
                     continue  # evicted since: its counts went with it
@@ -225,7 +221,7 @@ class ClientTable:
                                   new_before, rcpt + recipients, rcpt_before)
         finally:
             self._unlock()
-        self._pending.clear()
+        self.pending.clear()
         return True
 
     # -- reading -------------------------------------------------------------------------
@@ -287,7 +283,7 @@ class ClientTable:
                     return -1
             _ENTRY.pack_into(data, _HEADER + free * _ENTRY_BYTES, key, now,
                              int(now // MINUTE_S), 0, 0, 0, 0)
-            self._pending.pop(free, None)  # counts of the client it held
+            self.pending.pop(free, None)  # counts of the client it held
             return free
         finally:
             self._unlock()
@@ -300,7 +296,7 @@ class ClientTable:
         if minute != this_minute:
             new, new_before, rcpt, rcpt_before = _roll(
                 minute, this_minute, new, new_before, rcpt, rcpt_before)
-        pending = self._pending.get(index)
+        pending = self.pending.get(index)
         if pending is not None:
             new += pending[1]
             rcpt += pending[2]

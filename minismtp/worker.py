@@ -153,7 +153,8 @@ class Worker:
             self.poller.register(self.logins.wakeup.fileno(), READ, _LOGINS)
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         msglog = self.msglog
-        gate, table = self.gate, None if self.gate is None else self.gate.table
+        gate = self.gate
+        pending = None if gate is None else gate.table.pending  # counts not yet shared
         last_tick = 0.0
         self.now = now = time.monotonic()
         try:
@@ -188,7 +189,7 @@ class Worker:
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
                     start(acceptor.end_deferral())
                 msglog.flush()  # this turn's lines: all a SIGKILL can cost
-                if gate is not None and table.pending and now >= gate.flush_at:
+                if pending and now >= gate.flush_at:
                     gate.flush()  # per-client counts: shared within FLUSH_S
         finally:
             self.stopping = True
