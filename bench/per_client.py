@@ -53,7 +53,8 @@ def main() -> int:
     print(f"  session admitted and released: {best_us(session_cycle):5.2f} us")
     gate.admit(session)
     key = gate.keys[session.peer.address]
-    print(f"  recipient counted:             {best_us(lambda: gate.recipient_refusal(session)):5.2f} us")
+    recipient = best_us(lambda: gate.recipient_refusal(session))
+    print(f"  recipient counted:             {recipient:5.2f} us")
     print(f"  flush, one client:             {best_us(flush):5.2f} us (at most every 10 ms)")
     return 0
 

@@ -9,8 +9,8 @@ it is an IP address in text, nothing the client could have written otherwise.
 A worker with all three limits at 0 makes no ClientGate: its sessions never reach this
 module. Otherwise `admit` runs once per session, once its real peer is known, before the
 greeting: a session refused is greeted with 421 and closed; one admitted holds its
-table entry (`session.client_entry`) until `release`. `recipient_refusal` runs once per RCPT
-while `limits.per_client.max_recipients_per_minute` is set. The per-minute counts a
+table entry (`session.client_entry`) until `release`. `recipient_refusal` runs once per
+RCPT while `limits.per_client.max_recipients_per_minute` is set. The per-minute counts a
 worker makes wait in its own memory until `flush` adds them to the shared table
 (anvil.py), which the loop calls at the end of a turn when they have waited FLUSH_S:
 another worker sees them that much later at most, and a worker killed by SIGKILL
@@ -213,8 +213,8 @@ class ClientGate:
 
     def recipient_refusal(self, session: Session) -> Reply | None:
         """None if the RCPT may go on, else the 450 to refuse it with (counted)."""
-        if session.client_entry < 0 or self.table.recipient(session.client_entry, self.loop.now,
-                                                      self.max_recipients):
+        index = session.client_entry
+        if index < 0 or self.table.recipient(index, self.loop.now, self.max_recipients):
             return None  # within the limit, or exempt or uncounted
         self.stats.count_per_client_refusal(RECIPIENTS)
         return replies.too_many_recipients_from(session.peer.address)
