@@ -17,7 +17,12 @@ import time
 import pytest
 
 from support import proxyheader
-from support.tlsserver import HOST, free_ports, metrics, wait_for_metric
+
+pytest.importorskip("trustme")  # support.tlsserver needs it
+
+from support.tlsserver import (  # noqa: E402
+    HOST, free_ports, metrics, start_tls, tls_overrides, wait_for_metric,
+)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"),
                                 reason="finds sessions' workers in /proc")
@@ -217,3 +222,24 @@ def test_a_reload_applies_new_limits_and_keeps_the_table_size(make_server, raw_c
     time.sleep(0.3)
     clients = [raw_clients(server.port) for _ in range(3)]
     assert [c.reply(timeout=5.0).code for c in clients] == [220, 220, 421]
+
+
+def test_an_implicit_tls_listener_refuses_over_tls(make_server, raw_clients, pki, tls_files):
+    server = make_server(tls_overrides(*tls_files, [{"address": f"{HOST}:0",
+                                                     "tls": "implicit"}],
+                                       limits={"per_client": {"max_sessions": 1}}))
+    context = pki.client_context()
+    first = raw_clients(server.port)
+    start_tls(first, context)
+    first.expect(220)
+    second = raw_clients(server.port)
+    start_tls(second, context)  # counted once TLS is up: the 421 comes over TLS
+    reply = second.expect(421, "4.7.0")
+    assert reply.text.endswith("too many connections from 127.0.0.1")
+    second.wait_closed()
+    first.cmd("QUIT", 221)
+    first.wait_closed()
+    time.sleep(0.2)
+    third = raw_clients(server.port)
+    start_tls(third, context)
+    third.expect(220)
