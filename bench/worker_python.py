@@ -13,6 +13,12 @@ what only a real socket costs (the socket object, the selector, the syscalls).
 - S1 shape: a new connection per message: greeting, HELO, MAIL, RCPT, DATA, 1 KiB body,
   QUIT (each command in its own read, as from smtp-source).
 - S2 shape: one connection, then MAIL, RCPT, DATA, body per message.
+
+`--per-client` sets all three `limits.per_client` limits, too high to refuse anything,
+with a real shared table (anvil.py): each session is counted and released, each RCPT
+counted, all from one client address; each read is a turn of the loop, after which the
+per-minute counts are flushed to the table when due, as Worker.run does. Its difference to a run without is the per-client
+limits' cost per message.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minismtp.anvil import ClientTable  # noqa: E402
 from minismtp.config import load_config  # noqa: E402
 from minismtp.delivery import make_backend  # noqa: E402
 from minismtp.heartbeat import HeartbeatBoard  # noqa: E402
@@ -85,10 +92,21 @@ class NoPoller:
     modify = unregister = register
 
 
-def make_worker() -> Worker:
-    config = load_config(overrides={"delivery.backend": "discard", "logging.level": "warning"})
+PER_CLIENT = {"max_sessions": 10**6, "max_new_sessions_per_minute": 10**9,
+              "max_recipients_per_minute": 10**9}
+
+
+def make_worker(per_client: bool = False) -> Worker:
+    overrides = {"delivery.backend": "discard", "logging.level": "warning"}
+    clients = None
+    if per_client:
+        overrides["limits.per_client"] = PER_CLIENT
+        clients = ClientTable(16384, 1)
+        clients.hand_out(0)
+    config = load_config(overrides=overrides)
     backend = make_backend("discard", "", False, "single", config.server.hostname)
-    worker = Worker(config, [], backend, HeartbeatBoard(1), 0, StatsBoard(1, 64))
+    worker = Worker(config, [], backend, HeartbeatBoard(1), 0, StatsBoard(1, 64),
+                    clients=clients)
     worker.poller = NoPoller()  # type: ignore[assignment]
     # As Worker.run() does before its loop: what is alive now stays out of the
     # collector's passes, which otherwise grow with every module imported.
@@ -101,13 +119,24 @@ def make_worker() -> Worker:
     return worker
 
 
+def end_of_turn(worker: Worker) -> None:
+    """What the loop does after each turn: read its clock, and for limits.per_client
+    share the counts when they are due (Worker.run)."""
+    worker.now = now = time.monotonic()
+    gate = worker.gate
+    if gate is not None and gate.table.pending and now >= gate.flush_at:
+        gate.flush()
+
+
 def s1_shape(worker: Worker, messages: int) -> None:
     for n in range(messages):
         sock = ScriptedSocket(CONNECTION, 1000 + n % 64)
         worker._start_sessions([(sock, ("127.0.0.1", 40000), None)])  # type: ignore[list-item]
+        end_of_turn(worker)
         session = worker.sessions[sock.fd]
         for _ in CONNECTION:
             worker._on_readable(session)
+            end_of_turn(worker)
         if not session.closed or sock.sends != len(CONNECTION) + 1:
             raise SystemExit("S1 shape: the session did not run to its 221")
 
@@ -118,6 +147,7 @@ def s2_shape(worker: Worker, messages: int) -> None:
     session = worker.sessions[sock.fd]
     for _ in range(len(sock.reads)):
         worker._on_readable(session)
+        end_of_turn(worker)
     if sock.sends != len(sock.reads) + 1:
         raise SystemExit("S2 shape: a reply is missing")
     worker.close(session, "")
@@ -128,10 +158,13 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--shape", choices=("S1", "S2"), help="only this one (default both)")
+    parser.add_argument("--per-client", action="store_true",
+                        help="with limits.per_client set (see the docstring)")
     args = parser.parse_args()
-    worker = make_worker()
+    worker = make_worker(args.per_client)
     print(f"Python {sys.version.split()[0]}, {args.messages:,} messages, "
-          f"best and median of {args.repeat}")
+          f"best and median of {args.repeat}"
+          f"{', limits.per_client set' if args.per_client else ''}")
     shapes = [(name, shape) for name, shape in (("S1 shape", s1_shape), ("S2 shape", s2_shape))
               if args.shape is None or name.startswith(args.shape)]
     for name, shape in shapes:

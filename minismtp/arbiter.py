@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from minismtp import exitcodes
+from minismtp.anvil import ClientTable
 from minismtp.config import Config
 from minismtp.debris import Sweeper
 from minismtp.delivery import DeliveryError
@@ -83,6 +84,9 @@ class Arbiter:
         self.listeners = ListenerPool()
         self.board = HeartbeatBoard(BOARD_SLOTS)
         self.stats_board = StatsBoard(BOARD_SLOTS, MAX_RULES)
+        # limits.per_client's counts, shared by every worker of every generation; its
+        # size is fixed here (a reload that changes it is refused for that key).
+        self.clients = ClientTable(config.limits.per_client.table_size, BOARD_SLOTS)
         self.sweeper = Sweeper()
         self.notifier = Notifier()  # systemd's Type=notify, when run by systemd
         self.tls_context: ssl.SSLContext | None = None  # with tls.certificates
@@ -210,6 +214,7 @@ class Arbiter:
             # Totals never go back.
             self.stats_board.retire(record.slot, self.retired, record.listener_names)
             self.board.vacate(record.slot)
+            self.clients.vacate(record.slot)  # its sessions went with it
             self.free_slots.append(record.slot)
             if record.tmp_dir is not None and status != 0:  # 0: exited with status 0
                 self.sweeper.add(record.tmp_dir, pid)  # it may have died mid-DATA
@@ -259,6 +264,7 @@ class Arbiter:
             return False
         slot = self.free_slots.pop()
         self.board.hand_out(slot, now)
+        self.clients.hand_out(slot)
         # Until the worker has handlers of its own, a signal sent to it would run the
         # master's, which notify the master's loop: the worker would never see a SIGTERM
         # sent right after it was forked. Blocked, it waits for the worker (worker.py).
@@ -303,7 +309,8 @@ class Arbiter:
         if self.stats_http is not None:
             self.stats_http.close_inherited()
         return Worker(config, self.listeners.entries(config, listeners), backend, self.board,
-                      slot, self.stats_board, signal_mask, self.tls_context).run()
+                      slot, self.stats_board, signal_mask, self.tls_context,
+                      self.clients).run()
 
     def _signal(self, record: WorkerRecord, signum: int) -> None:
         try:
@@ -385,6 +392,7 @@ class Arbiter:
             fresh = self.listeners.bind_missing(config)
             config = switch_reuse_port(self.listeners, self.config, config)
             config = self._switch_stats(config)
+            config = self._keep_table_size(config)
         except OSError as exc:
             self.listeners.drop_unlisted(self.config)  # what this reload bound, if anything
             log.error("reload refused: %s; still running on the previous configuration", exc)
@@ -407,6 +415,17 @@ class Arbiter:
         self.generation += 1
         log.info("reloaded %s: starting generation %d with %d worker(s)",
                  self.config_path or "embedded defaults", self.generation, self.target)
+
+    def _keep_table_size(self, config: Config) -> Config:
+        """The per-client table was made before the first fork, for every generation:
+        its size stays; the limits themselves apply in the new generation."""
+        per_client = config.limits.per_client
+        if per_client.table_size == self.clients.capacity:
+            return config
+        log.error("reload: limits.per_client.table_size stays %d until a restart",
+                  self.clients.capacity)
+        kept = replace(per_client, table_size=self.clients.capacity)
+        return replace(config, limits=replace(config.limits, per_client=kept))
 
     def _switch_stats(self, config: Config) -> Config:
         """Serve statistics on the new address, or keep the old one if it cannot be bound."""

@@ -27,6 +27,7 @@ import yaml
 
 from minismtp import profiles
 from minismtp import values as parsing
+from minismtp.clientlimits import PerClient, dump_per_client, parse_per_client
 from minismtp.faultrules import RuleProblems, dump_rules, parse_rules, parse_seed
 from minismtp.faults import FaultsConfig
 from minismtp.values import CertificatePair, ListenAddress, Listener, Parser, parse_listen
@@ -74,6 +75,7 @@ class LimitsConfig:
     bare_lf: str
     tls_handshake_timeout: float = 30.0
     proxy_timeout: float = 10.0
+    per_client: PerClient = PerClient()  # frozen: one shared default is safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +219,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.proxy_timeout", "10s", _timeout,
             "time a load balancer has to send its whole PROXY header, on a listener with "
             "`proxy_protocol`", parsing.dump_duration),
+    Setting("limits.per_client", {"max_sessions": 0, "max_new_sessions_per_minute": 0,
+                                  "max_recipients_per_minute": 0, "exempt": [],
+                                  "table_size": 16384, "ipv6_prefix_length": 84},
+            parse_per_client,
+            "per client address, counted across all workers (Postfix's anvil); 0 = no "
+            "limit. `max_sessions`: sessions open at once, beyond it `421 4.7.0`; "
+            "`max_new_sessions_per_minute`: sessions begun in the last minute, attempts "
+            "included, beyond it `421 4.7.0`; `max_recipients_per_minute`: RCPT commands "
+            "in the last minute, beyond it `450 4.7.1`; `exempt`: networks never limited "
+            "nor counted (e.g. your own); `table_size`: clients tracked at once, a power "
+            "of two from 1024 to 65536, fixed when the master starts; "
+            "`ipv6_prefix_length`: IPv6 clients in one network of this many bits count as "
+            "one (Postfix's default, 84). The client is the PROXY header's source on a "
+            "listener with `proxy_protocol`",
+            dump_per_client),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),
     Setting("delivery.path", "./var/mail", parsing.string,

@@ -29,6 +29,7 @@ from minismtp.stats import WorkerStats
 from minismtp.storage import Result, Storage
 
 if TYPE_CHECKING:
+    from minismtp.clientlimits import ClientGate
     from minismtp.logins import Logins
     from minismtp.loop import Loop
     from minismtp.session import Session
@@ -41,7 +42,8 @@ Refuse = Callable[["Session", Reply], None]
 
 class Decisions:
     def __init__(self, loop: Loop, storage: Storage, faults: FaultInjector,
-                 stats: WorkerStats, msglog: MessageLog, logins: Logins | None = None) -> None:
+                 stats: WorkerStats, msglog: MessageLog, logins: Logins | None = None,
+                 gate: ClientGate | None = None) -> None:
         self.loop = loop
         self.logins = logins
         self.msglog = msglog
@@ -61,6 +63,10 @@ class Decisions:
         }
         if logins is not None:  # the core sends AuthAttempt only where AUTH is offered
             self.handlers[AuthAttempt] = self.auth
+        self.gate = gate
+        if gate is not None and gate.max_recipients:  # limits.per_client: checked first
+            self._rcpt_after_limits = self.handlers[RcptTo]
+            self.handlers[RcptTo] = self.rcpt_per_client
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
 
@@ -95,6 +101,14 @@ class Decisions:
     def rcpt(self, session: Session, event: RcptTo) -> None:
         self._decide(session, "rcpt", _accept, _reject, session.conn.sender,
                      (event.recipient,))
+
+    def rcpt_per_client(self, session: Session, event: RcptTo) -> None:
+        """limits.per_client.max_recipients_per_minute: 450 4.7.1 past it, else as usual."""
+        refusal = self.gate.recipient_refusal(session)
+        if refusal is None:
+            self._rcpt_after_limits(session, event)
+        else:
+            self._refuse(session, refusal)
 
     def data(self, session: Session, event: DataStarted) -> None:
         session.envelope = envelope = event.envelope

@@ -31,7 +31,9 @@ from minismtp.values import Listener, Parser, PathProblems, got, printable_name,
 # `limits` keys a listener may not set: key -> why (the check-config message says both).
 # Every limit of the top-level section today bounds one session, so none is refused; a
 # limit shared by sessions across listeners (per client, per worker) is added here.
-TOP_LEVEL_ONLY_LIMITS: dict[str, str] = {}
+TOP_LEVEL_ONLY_LIMITS: dict[str, str] = {
+    "per_client": "a client's sessions are counted across every listener and worker",
+}
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)  # a log field, a metric label as is
 _hostname = printable_name("a host name of printable ASCII, no spaces")

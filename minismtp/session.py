@@ -91,7 +91,7 @@ class Session:
         "transport", "fd", "conn", "peer", "profile", "handshake", "preamble", "sink",
         "sink_failed", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
-        "tarpit_bps", "trickling", "lingering", "closed", "end",
+        "tarpit_bps", "trickling", "lingering", "closed", "end", "client_entry",
     )
 
     def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer,
@@ -119,3 +119,4 @@ class Session:
         self.lingering = False  # last reply sent, write side shut: draining until EOF
         self.closed = False
         self.end = ""  # how the session ended, when the worker decided it (the log's end=)
+        self.client_entry = -1  # its client's entry in the per-client table while counted there

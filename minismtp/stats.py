@@ -16,7 +16,7 @@ connections) describe the present, so they are not kept for exited workers.
 Slot layout, native byte order, 8-byte fields: a sequence number, the counters of
 `_COUNTERS`, the latency buckets, the latency sum (a double), the TLS handshake failures
 by reason, the handshake-time buckets, their sum (a double), the PROXY header failures by
-reason, one counter per reply code
+reason, the per-client refusals by reason, one counter per reply code
 400..599, one per fault rule, then `_PER_LISTENER` counters for each of MAX_LISTENERS
 listeners, by their place in server.listen. A slot does not know the listeners' names:
 the master reads it with the names of the configuration that worker started with, and
@@ -57,9 +57,14 @@ _FAILURE_INDEX = {reason: index for index, reason in enumerate(HANDSHAKE_FAILURE
 PROXY_FAILURES = ("untrusted source", "timeout", "closed mid-header", "stopping",
                   *sorted(_PROXY_REASONS))
 _PROXY_INDEX = {reason: index for index, reason in enumerate(PROXY_FAILURES)}
+# Refusals by the per-client limits (clientlimits.py): too many sessions open, too many
+# new sessions in a minute (both 421 4.7.0), too many recipients in a minute (450 4.7.1).
+PER_CLIENT_REASONS = ("sessions", "new_sessions", "recipients")
+_PER_CLIENT_INDEX = {reason: index for index, reason in enumerate(PER_CLIENT_REASONS)}
 _COUNTERS = ("connections_open", "connections_total", "transactions", "messages_accepted",
              "bytes_received", "tls_sessions", "tls_discarded_bytes", "proxy_headers",
-             "auth_successes", "auth_failures", "auth_temporary_failures")
+             "auth_successes", "auth_failures", "auth_temporary_failures",
+             "per_client_unchecked")
 _GAUGES = frozenset({"connections_open"})
 _PER_LISTENER = ("sessions", "messages_accepted")  # ListenerCounts, in slot order
 _FIRST_CODE, _CODES = 400, 200  # rejections: 4xx and 5xx replies
@@ -91,12 +96,13 @@ class WorkerStats:
     stats.proxy_headers += 1; stats.count_proxy_failure(reason)
     stats.auth_successes += 1; stats.auth_failures += 1   # 235; 535
     stats.auth_temporary_failures += 1                     # 454 (queue full, check failed)
+    stats.count_per_client_refusal(reason); stats.per_client_unchecked += 1
     profile.counts.sessions += 1; profile.counts.messages_accepted += 1   # per listener
     """
 
     __slots__ = (*_COUNTERS, "replies", "faults", "latency_buckets", "latency_sum",
                  "tls_failures", "handshake_buckets", "handshake_sum",
-                 "proxy_failures", "listeners")
+                 "proxy_failures", "per_client_refused", "listeners")
 
     def __init__(self, max_rules: int, listeners: int = 0) -> None:
         # By place in server.listen (at most MAX_LISTENERS).
@@ -120,6 +126,11 @@ class WorkerStats:
         self.handshake_sum = 0.0
         self.proxy_headers = 0
         self.proxy_failures = [0] * len(PROXY_FAILURES)
+        self.per_client_unchecked = 0
+        self.per_client_refused = [0] * len(PER_CLIENT_REASONS)
+
+    def count_per_client_refusal(self, reason: str) -> None:
+        self.per_client_refused[_PER_CLIENT_INDEX[reason]] += 1
 
     def observe_handshake(self, seconds: float) -> None:
         self.handshake_buckets[bisect_left(HANDSHAKE_BOUNDS, seconds)] += 1
@@ -148,10 +159,10 @@ class WorkerStats:
             self.connections_open, self.connections_total, self.transactions,
             self.messages_accepted, self.bytes_received, self.tls_sessions,
             self.tls_discarded_bytes, self.proxy_headers, self.auth_successes,
-            self.auth_failures, self.auth_temporary_failures, *self.latency_buckets,
-            self.latency_sum, *self.tls_failures, *self.handshake_buckets,
-            self.handshake_sum, *self.proxy_failures,
-            *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults, *per_listener,
+            self.auth_failures, self.auth_temporary_failures, self.per_client_unchecked,
+            *self.latency_buckets, self.latency_sum, *self.tls_failures,
+            *self.handshake_buckets, self.handshake_sum, *self.proxy_failures,
+            *self.per_client_refused, *self.replies[_FIRST_CODE:_FIRST_CODE + _CODES], *faults, *per_listener,
         ))
 
 
@@ -170,12 +181,14 @@ class Snapshot:
     auth_successes: int
     auth_failures: int
     auth_temporary_failures: int
+    per_client_unchecked: int
     latency_buckets: tuple[int, ...]  # per bucket, not cumulative; the last is +Inf
     latency_sum: float
     tls_failures: tuple[int, ...]  # by HANDSHAKE_FAILURES
     handshake_buckets: tuple[int, ...]
     handshake_sum: float
     proxy_failures: tuple[int, ...]  # by PROXY_FAILURES
+    per_client_refused: tuple[int, ...]  # by PER_CLIENT_REASONS
     rejections: dict[int, int]  # reply code -> count, nonzero only
     faults: tuple[int, ...]  # by rule index
     listeners: tuple[int, ...] = ()  # _PER_LISTENER for each listener, by its place
@@ -205,6 +218,8 @@ class Totals:
     auth_successes: int = 0
     auth_failures: int = 0
     auth_temporary_failures: int = 0
+    per_client_unchecked: int = 0
+    per_client_refused: list[int] = field(default_factory=lambda: [0] * len(PER_CLIENT_REASONS))
     # Listener name -> [sessions, messages accepted]: by name, which a reload keeps.
     listeners: dict[str, list[int]] = field(default_factory=dict)
 
@@ -218,7 +233,8 @@ class Totals:
         for mine, theirs in ((self.latency_buckets, snapshot.latency_buckets),
                              (self.tls_failures, snapshot.tls_failures),
                              (self.handshake_buckets, snapshot.handshake_buckets),
-                             (self.proxy_failures, snapshot.proxy_failures)):
+                             (self.proxy_failures, snapshot.proxy_failures),
+                             (self.per_client_refused, snapshot.per_client_refused)):
             for index, count in enumerate(theirs):
                 mine[index] += count
         self.latency_sum += snapshot.latency_sum
@@ -249,7 +265,8 @@ class StatsBoard:
         # "=": no padding; every field is 8 bytes, so each lands on an 8-byte boundary.
         self._body = struct.Struct(
             f"={len(_COUNTERS) + _BUCKETS}Qd{len(HANDSHAKE_FAILURES) + _HANDSHAKE_BUCKETS}Qd"
-            f"{len(PROXY_FAILURES) + _CODES + max_rules + _LISTENER_FIELDS}Q")
+            f"{len(PROXY_FAILURES) + len(PER_CLIENT_REASONS) + _CODES + max_rules}Q"
+            f"{_LISTENER_FIELDS}Q")
         self._stride = _SEQ.size + self._body.size
         self._map = mmap.mmap(-1, max(1, slots * self._stride))  # anonymous, shared
 
@@ -279,12 +296,13 @@ class StatsBoard:
         tls_failures = take(len(HANDSHAKE_FAILURES))
         handshake_buckets, handshake_sum = take(_HANDSHAKE_BUCKETS), next(items)
         proxy_failures = take(len(PROXY_FAILURES))
+        per_client_refused = take(len(PER_CLIENT_REASONS))
         codes = take(_CODES)
         return Snapshot(
             **counters, latency_buckets=latency_buckets, latency_sum=latency_sum,
             tls_failures=tls_failures, handshake_buckets=handshake_buckets,
             handshake_sum=handshake_sum, proxy_failures=proxy_failures,
-            rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
+            per_client_refused=per_client_refused, rejections={_FIRST_CODE + i: count for i, count in enumerate(codes) if count},
             faults=take(self.max_rules), listeners=tuple(items),
         )
 

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from minismtp.stats import (
-    HANDSHAKE_BOUNDS, HANDSHAKE_FAILURES, LATENCY_BOUNDS, PROXY_FAILURES, Totals,
+    HANDSHAKE_BOUNDS, HANDSHAKE_FAILURES, LATENCY_BOUNDS, PER_CLIENT_REASONS, PROXY_FAILURES,
+    Totals,
 )
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -107,6 +108,16 @@ def render_prometheus(totals: Totals, rule_names: Sequence[RuleName]) -> str:
             ('{result="failure"}', totals.auth_failures),
             ('{result="temporary"}', totals.auth_temporary_failures)])
 
+    family("minismtp_per_client_refused_total", "counter",
+           "Sessions (421 4.7.0) and recipients (450 4.7.1) refused by the per-client "
+           "limits (limits.per_client), by reason.",
+           [(f'{{reason="{reason}"}}', count)
+            for reason, count in zip(PER_CLIENT_REASONS, totals.per_client_refused)])
+    family("minismtp_per_client_unchecked_total", "counter",
+           "Sessions let through uncounted by the per-client limits: the client table "
+           "had no room in the place of their address, or stayed locked too long.",
+           [("", totals.per_client_unchecked)])
+
     def histogram(name: str, doc: str, bounds: tuple[float, ...], buckets: Sequence[int],
                   total: float) -> None:
         cumulative = _cumulative(buckets)
@@ -157,6 +168,10 @@ def to_json(totals: Totals, rule_names: Sequence[RuleName]) -> dict[str, object]
         "proxy": {
             "headers": totals.proxy_headers,
             "failures": dict(zip(PROXY_FAILURES, totals.proxy_failures)),
+        },
+        "per_client": {
+            "refused": dict(zip(PER_CLIENT_REASONS, totals.per_client_refused)),
+            "unchecked": totals.per_client_unchecked,
         },
         "auth": {
             "successes": totals.auth_successes,

@@ -178,6 +178,14 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
         for reason, count in proxy["failures"].items():
             if count:
                 lines.append(row(f"proxy refused: {reason}", str(count), ""))
+    per_client = doc.get("per_client")  # absent from a server older than limits.per_client
+    if per_client:
+        for reason, count in per_client["refused"].items():
+            if count:
+                lines.append(row(f"per-client refused: {reason}", str(count),
+                                 shown(rate(("per_client", "refused", reason)))))
+        if per_client["unchecked"]:
+            lines.append(row("per-client unchecked", str(per_client["unchecked"]), ""))
     lines.append(f"{'end of data latency':<28}{_latency(doc)}")
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,8 @@ from collections.abc import Iterable
 
 from minismtp import exitcodes
 from minismtp.acceptor import Accepted, Acceptor, Listening
+from minismtp.anvil import ClientTable
+from minismtp.clientlimits import ClientGate
 from minismtp.config import Config
 from minismtp.decisions import Decisions
 from minismtp.delivery import Backend, Peer
@@ -64,6 +66,7 @@ class Worker:
         self, config: Config, listeners: list[tuple[socket.socket, Listener]],
         backend: Backend, board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
         signal_mask: Iterable[int] = (), tls_context: ssl.SSLContext | None = None,
+        clients: ClientTable | None = None,
     ) -> None:
         self.config = config
         self.signal_mask = signal_mask  # restored once our own handlers are in place
@@ -101,6 +104,11 @@ class Worker:
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies
         self.msglog = MessageLog(log)
+        # limits.per_client: None when no limit is set, and then no session pays for it.
+        per_client = limits.per_client
+        self.gate = ClientGate(per_client, clients, slot, self, self.stats,
+                               config.server.hostname) \
+            if per_client.enabled and clients is not None else None
         self.logins = Logins.maybe(self, self.stats, [  # AUTH checks, if a listener offers it
             (self.profiles[sock].settings, entry.auth) for sock, entry in listeners])
         self.decide = self._decisions(config.faults, slot)
@@ -116,7 +124,7 @@ class Worker:
 
     def _decisions(self, faults: FaultsConfig, slot: int) -> Decisions:
         return Decisions(self, self.storage, FaultInjector(faults, slot), self.stats,
-                         self.msglog, self.logins)
+                         self.msglog, self.logins, self.gate)
 
     # -- set-up and main loop ------------------------------------------------------
 
@@ -152,6 +160,8 @@ class Worker:
             self.poller.register(self.logins.wakeup.fileno(), READ, _LOGINS)
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         msglog = self.msglog
+        gate = self.gate
+        pending = None if gate is None else gate.table.pending  # counts not yet shared
         last_tick = 0.0
         self.now = now = time.monotonic()
         try:
@@ -186,6 +196,8 @@ class Worker:
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
                     start(acceptor.end_deferral())
                 msglog.flush()  # this turn's lines: all a SIGKILL can cost
+                if pending and now >= gate.flush_at:
+                    gate.flush()  # per-client counts: shared within FLUSH_S
         finally:
             self.stopping = True
             acceptor.close()  # not accepting, whatever ended the loop
@@ -194,6 +206,8 @@ class Worker:
             self.storage.close()
             if self.logins is not None:
                 self.logins.stop()
+            if self.gate is not None:
+                self.gate.table.flush(time.monotonic(), wait=True)
             self.stats.publish(self.stats_board, self.slot)
             self.msglog.close()
         return exitcodes.OK
@@ -212,6 +226,9 @@ class Worker:
         deferred = self.acceptor.deferred_until
         if deferred and (due is None or deferred < due):
             due = deferred
+        gate = self.gate
+        if gate is not None and gate.table.pending and (due is None or gate.flush_at < due):
+            due = gate.flush_at  # counts wait to be shared: wake up for them
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_pending_signals(self) -> None:
@@ -289,9 +306,15 @@ class Worker:
         self.handshakes.begin_implicit(session, session.transport.sock)  # then the greeting
 
     def _greet(self, session: Session) -> None:
+        """The real peer is known here (after a PROXY header, and on an implicit TLS
+        listener after the handshake): the per-client limits count the session now."""
         if self.stopping:  # implicit TLS came up while the worker stops: turned away
             self.stats.replies[replies.SHUTTING_DOWN.code] += 1
             session.conn.greet(replies.SHUTTING_DOWN)
+        elif self.gate is not None and (refusal := self.gate.admit(session)) is not None:
+            # 421: the core closes after it; the session's log line says why
+            self.stats.replies[refusal.code] += 1
+            session.conn.greet(refusal)
         else:
             session.profile.decide.connect(session)
         self.flush(session)  # the greeting; the client has said nothing yet
@@ -427,6 +450,8 @@ class Worker:
         if session.mask:
             self.poller.unregister(session.fd)
         self.sessions.pop(session.fd, None)
+        if session.client_entry >= 0:
+            self.gate.release(session)
         self.acceptor.publish_load()
         transport.close()
         session.conn.buffer.release()

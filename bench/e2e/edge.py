@@ -18,7 +18,7 @@ from pathlib import Path
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-password"  # what bench/session_client.py sends, AUTH PLAIN
 
-# Top-level `limits.per_client` (a feature under way): so high that no session is ever
+# Top-level `limits.per_client`, so high that no session is ever
 # refused, so a run measures what keeping the counts costs, not what refusing does.
 HIGH_PER_CLIENT_LIMITS = """\
   per_client:

@@ -82,7 +82,7 @@ class ServerSpec:
             return f"{self.checkout} holds no minismtp package (minismtp/__main__.py)"
         if self.auth == "htpasswd" and importlib.util.find_spec("bcrypt") is None:
             return "bcrypt is not installed (pip install -e '.[auth]')"
-        if self.limits_extra:  # a key still being built elsewhere: skipped until it lands
+        if self.limits_extra:  # a key an older checkout (a baseline) may not know
             return config_refused(self.checkout or ROOT, self.limits_extra)
         return None
 
@@ -109,6 +109,10 @@ SERVERS = (
     # The cost of fault rules that never fire (and of the counters, always on).
     ServerSpec("minismtp-faults", "minismtp", "discard", short="mini-faults",
                compare_to=("minismtp-discard",), extra_config=NO_MATCH_FAULTS),
+    # The cost of the per-client limits (limits.per_client), every one set, none reached:
+    # each session and each recipient counted in the shared table.
+    ServerSpec("minismtp-perclient", "minismtp", "discard", short="mini-pc",
+               compare_to=("minismtp-discard",), limits_extra=HIGH_PER_CLIENT_LIMITS),
     ServerSpec("minismtp-reuseport", "minismtp", "discard", short="mini-rp",
                compare_to=("smtp-sink", "aiosmtpd-discard", "minismtp-discard"),
                reuse_port=True),
@@ -125,8 +129,9 @@ SERVERS = (
                compare_to=("minismtp-discard",), proxy="v2", scenarios=("S1E",)),
     ServerSpec("minismtp-auth", "minismtp", "discard", short="mini-auth",
                compare_to=("minismtp-discard",), auth="accept_any", scenarios=("S1E", "S1B")),
-    # Per-client limits that never refuse; skipped while this checkout's minismtp has no
-    # `limits.per_client` (ServerSpec.missing runs its check-config).
+    # Per-client limits that never refuse, in S1E's client (minismtp-perclient measures
+    # them with smtp-source); skipped for a checkout whose minismtp has no
+    # `limits.per_client` (ServerSpec.missing runs its check-config), a baseline say.
     ServerSpec("minismtp-limits", "minismtp", "discard", short="mini-limits",
                compare_to=("minismtp-discard",), limits_extra=HIGH_PER_CLIENT_LIMITS,
                scenarios=("S1E",)),

@@ -163,3 +163,18 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again l
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Error: too many connections, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+
+
+# Per-client limits (limits.per_client), worded as Postfix's anvil refusals; `address` is
+# the client's IP address as text (the peer, or a trusted PROXY header's source).
+def too_many_sessions_from(hostname: str, address: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many connections from {address}")
+
+
+def too_many_new_sessions_from(hostname: str, address: str) -> Reply:
+    return Reply(421, "4.7.0",
+                 f"{hostname} Error: too many connections per minute from {address}")
+
+
+def too_many_recipients_from(address: str) -> Reply:
+    return Reply(450, "4.7.1", f"Error: too many recipients from {address}")

@@ -394,7 +394,8 @@ def test_metrics_are_strict_prometheus_text_and_match_the_traffic(make_server, r
         "tls_plaintext_discarded_bytes_total": "counter", "tls_handshake_seconds": "histogram",
         "proxy_headers_total": "counter", "proxy_failures_total": "counter",
         "auth_total": "counter", "listener_sessions_total": "counter",
-        "listener_messages_accepted_total": "counter"}
+        "listener_messages_accepted_total": "counter", "per_client_refused_total": "counter",
+        "per_client_unchecked_total": "counter"}
     # One listener, named by its address as configured: it saw every session.
     for family, count in (("sessions", tally.connections), ("messages_accepted", tally.accepted)):
         assert m[f"minismtp_listener_{family}_total"].samples == {

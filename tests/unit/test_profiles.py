@@ -324,3 +324,17 @@ def test_a_worker_makes_one_profile_per_listener_and_faults_per_listener(tmp_pat
             sock.close()
         board.close()
         stats_board.close()
+
+
+def test_per_client_limits_are_top_level_only(tmp_path):
+    assert problems_of(tmp_path, """\
+    server:
+      listen:
+        - address: "127.0.0.1:2525"
+          limits: {per_client: {max_sessions: 3}}
+    """) == [
+        "server.listen[0].limits.per_client: top-level only (limits.per_client): "
+        "a client's sessions are counted across every listener and worker",
+    ]
+    assert config_of(tmp_path, "limits: {per_client: {max_sessions: 3}}\n"
+                     ).limits.per_client.max_sessions == 3

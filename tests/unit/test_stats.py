@@ -49,6 +49,10 @@ def busy_worker(scale: int = 1, rules: int = RULES) -> WorkerStats:
     stats.proxy_headers += 6 * scale
     stats.count_proxy_failure("untrusted source")
     stats.count_proxy_failure("bad v2 tlv")
+    stats.count_per_client_refusal("sessions")
+    stats.count_per_client_refusal("recipients")
+    stats.count_per_client_refusal("recipients")
+    stats.per_client_unchecked += 4 * scale
     return stats
 
 
@@ -71,18 +75,18 @@ def test_publish_and_read_round_trip():
         connections_open=2, connections_total=10, transactions=8, messages_accepted=7,
         bytes_received=1000, tls_sessions=4, tls_discarded_bytes=31,
         auth_successes=6, auth_failures=2, auth_temporary_failures=1,
-        latency_buckets=(2, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1),
+        per_client_unchecked=4, latency_buckets=(2, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1),
         latency_sum=pytest.approx(70.2036),
         tls_failures=(0, 0, 0, 1, 0, 0, 0, 0, 1),
         handshake_buckets=(0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
         handshake_sum=pytest.approx(0.004), proxy_headers=6,
         proxy_failures=tuple(int(reason in ("untrusted source", "bad v2 tlv"))
                              for reason in PROXY_FAILURES),
-        rejections={450: 3, 554: 1}, faults=(0, 5, 0, 0),
+        per_client_refused=(1, 0, 2), rejections={450: 3, 554: 1}, faults=(0, 5, 0, 0),
         listeners=(6, 4, 4, 3, *NO_LISTENERS[4:]))
     assert board.read(4) == board.read(6) == Snapshot(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0,
-        (0,) * len(PROXY_FAILURES), {}, (0,) * RULES, NO_LISTENERS)
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (0,) * 15, 0.0, (0,) * 9, (0,) * 13, 0.0,
+        (0,) * len(PROXY_FAILURES), (0, 0, 0), {}, (0,) * RULES, NO_LISTENERS)
 
 
 def test_board_is_shared_across_fork():
@@ -286,8 +290,14 @@ def test_prometheus_output_parses_strictly():
         "minismtp_tls_handshake_seconds": "histogram",
         "minismtp_proxy_headers_total": "counter",
         "minismtp_proxy_failures_total": "counter",
+        "minismtp_per_client_refused_total": "counter",
+        "minismtp_per_client_unchecked_total": "counter",
     }
     assert families["minismtp_workers"]["samples"] == [("minismtp_workers", {}, 3)]
+    refused = {s[1]["reason"]: s[2]
+               for s in families["minismtp_per_client_refused_total"]["samples"]}
+    assert refused == {"sessions": 3, "new_sessions": 0, "recipients": 6}
+    assert families["minismtp_per_client_unchecked_total"]["samples"][0][2] == 24
     assert families["minismtp_proxy_headers_total"]["samples"][0][2] == 36
     proxy_failures = {s[1]["reason"]: s[2]
                       for s in families["minismtp_proxy_failures_total"]["samples"]}
@@ -371,6 +381,8 @@ def test_json_shape():
             "failures": {reason: int(reason in ("untrusted source", "bad v2 tlv"))
                          for reason in PROXY_FAILURES},
         },
+        "per_client": {"refused": {"sessions": 1, "new_sessions": 0, "recipients": 2},
+                       "unchecked": 4},
         "auth": {"successes": 6, "failures": 2, "temporary_failures": 1},
     }
     assert list(latency["buckets"]) == [repr(b) for b in LATENCY_BOUNDS] + ["+Inf"]

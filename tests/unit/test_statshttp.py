@@ -488,3 +488,15 @@ def test_stats_view_shows_each_listener_with_its_rates():
     del older["listeners"]  # a server from before listener profiles
     assert "sessions" not in statsview.render("http://x/stats",
                                               statsview.Sample(1.0, older), None)
+
+
+def test_stats_view_shows_per_client_refusals_only_when_there_are_some():
+    quiet = statsview.Sample(1.0, statsformat.to_json(stats.Totals(workers=1), []))
+    assert "per-client" not in statsview.render("http://x/stats", quiet, None)
+    totals = stats.Totals(workers=1, per_client_unchecked=1)
+    totals.per_client_refused[stats.PER_CLIENT_REASONS.index("recipients")] = 7
+    text = statsview.render("http://x/stats",
+                            statsview.Sample(1.0, statsformat.to_json(totals, [])), None)
+    assert re.search(r"per-client refused: recipients +7", text)
+    assert "per-client refused: sessions" not in text
+    assert re.search(r"per-client unchecked +1", text)

@@ -1,0 +1,365 @@
+"""Per-client counts shared by every worker, in the spirit of Postfix's anvil(8).
+
+Untrusted input: the client address (the socket's peer, or the source a trusted PROXY
+header names), used only as a 16-byte key. Where a key lands is Python's keyed hash of
+it (SipHash, randomly seeded per start), so a client cannot aim at an entry; every worker
+hashes alike because each is a fork of the master that made the table.
+
+Theory of operation. The master makes the table before forking; every worker, and every
+generation after a reload, shares it, and it never grows: `capacity` entries (a power of
+two), each a client's key (IPv4 as IPv4-mapped IPv6), when it was last seen, the minute
+its counts belong to, and its counts of new sessions and of recipients in that minute and
+the one before. A key lives in one of WINDOW entries from its hash on (linear probing,
+bounded); a new client takes a free one, or else the least recently seen one that has no
+active session. When all WINDOW have one, the new client goes uncounted (UNCOUNTED).
+
+The common case, a client the table knows, takes no lock and makes no system call:
+
+- Active sessions are counted per worker slot (the heartbeat board's slots): each slot
+  has a column of `capacity` counters that only its worker writes (one aligned 2-byte
+  store). A client's total is its entry's counter summed over every slot handed out so
+  far, one strided read. A worker raises its own counter first and then reads the total,
+  and takes the raise back if that is over the limit: two workers racing for the last
+  place may both refuse, never both admit. When a worker exits, however it died, the
+  master zeroes its column (`vacate`): its sessions went with it.
+- Per-minute counts live in the entries. A worker reads them without a lock, adds what it
+  has counted itself since (`pending`), decides, and counts into `pending`; `flush`, once
+  per turn of its loop, adds that to the entries under the lock. So one worker's own
+  counts are exact, another worker's reach it at the end of that worker's turn, and a
+  worker killed by SIGKILL loses the counts of the turn it was in; the rest stay in
+  shared memory. A rate is the sliding-window estimate many rate limiters use: this
+  minute's count plus the previous minute's, weighted by how much of the last 60 seconds
+  still lies in it.
+
+The lock serves taking an entry for a new client and `flush`: a POSIX record lock
+(`fcntl.lockf`) on a memfd nobody else opens. The kernel drops it when its holder dies,
+so a worker killed holding it stalls nobody. A worker never blocks on it for long: a new
+client waits at most `lock_wait_s` and then goes uncounted; a flush that finds it taken
+tries again the next turn.
+
+Hazards. POSIX record locks belong to the process: closing any descriptor of the memfd
+drops the lock (nothing does, and no other code opens it), and threads of one process do
+not exclude each other (only the loop thread uses the table). Entries are read without
+the lock, so a read racing a flush may see some fields before it and some after: one
+decision then errs by that flush. A known client's entry could be taken for another
+client between the moment a worker finds it and the moment it raises its counter; the
+worker reads the key again after raising it and counts nothing if it changed, which
+leaves only a window of a few bytecodes in which one session is counted for the wrong
+client. A worker killed while writing an entry leaves it unusable until it is evicted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import socket
+import struct
+import tempfile
+import time
+
+WINDOW = 8  # entries probed per key
+UNCOUNTED = -1  # open_session: let through, not counted (table busy or full)
+TOO_MANY_SESSIONS = -2  # open_session: refused, too many active sessions
+TOO_MANY_NEW = -3  # open_session: refused, too many new sessions in the last minute
+MAX_PER_SLOT = 0xFFFF  # a column's counters are 16 bits
+MINUTE_S = 60.0
+
+_HEADER = 64  # bytes before the entries: the span (slots handed out so far)
+# key, last seen (monotonic s), minute number, new sessions: this minute, the previous
+# one; recipients: this minute, the previous one. 64 bytes, so entries align to cache lines.
+_ENTRY = struct.Struct("=16sdqQQQQ")
+_ENTRY_BYTES = _ENTRY.size
+_SEEN = struct.Struct("=d")
+_COUNTS = struct.Struct("=qQQQQ")  # from the minute on: what a flush writes
+_RATE = struct.Struct("=qQQ")  # the minute and the new sessions
+_KEY_BYTES = 16
+_COUNTS_AT = _KEY_BYTES + _SEEN.size
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_EMPTY = bytes(_KEY_BYTES)  # "::" is never a client: a free entry
+
+
+def client_key(address: str) -> bytes | None:
+    """The 16-byte key of an address as the socket module or the PROXY parser writes it
+    (IPv4 as IPv4-mapped IPv6, so one client is one key on a dual-stack listener); None
+    for text that is no address."""
+    try:
+        if ":" in address:
+            return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, address)
+    except (OSError, ValueError):
+        return None
+
+
+class ClientTable:
+    """The shared table; see the module docstring. Made by the master before fork."""
+
+    def __init__(self, capacity: int, slots: int, lock_wait_s: float = 0.01) -> None:
+        if capacity < WINDOW or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two >= {WINDOW}, got {capacity}")
+        self.capacity = capacity
+        self.slots = slots
+        self.lock_wait_s = lock_wait_s
+        self._mask = capacity - 1
+        self._entries_end = _HEADER + capacity * _ENTRY_BYTES
+        size = self._entries_end + slots * capacity * 2
+        self._map = mmap.mmap(-1, size)  # anonymous, shared across fork; pages on first use
+        whole = memoryview(self._map)
+        self._span = whole[:8].cast("q")
+        self._active = whole[self._entries_end:].cast("H")
+        whole.release()
+        self._lock_fd = _lock_file()
+        # This process's counts not yet in the entries: index -> [key, sessions, rcpts];
+        # true while some wait for `flush`. Each worker's own (the master's copy stays
+        # empty), and the same dict for the process's life: the loop keeps a reference.
+        self.pending: dict[int, list] = {}
+
+    # -- the master ---------------------------------------------------------------------
+
+    def hand_out(self, slot: int) -> None:
+        """`slot` is given to a new worker: include it in the sums from now on."""
+        if slot >= self._span[0]:
+            self._span[0] = slot + 1
+
+    def vacate(self, slot: int) -> None:
+        """The slot's worker has exited: its sessions are gone. Before the slot is reused."""
+        start = self._entries_end + slot * self.capacity * 2
+        self._map[start:start + self.capacity * 2] = bytes(self.capacity * 2)
+
+    # -- the workers ---------------------------------------------------------------------
+
+    def open_session(self, slot: int, key: bytes, now: float, max_sessions: int,
+                     max_new_per_minute: int) -> int:
+        """Count a new session of `key` in `slot`'s column, if the limits (0: none) allow:
+        its entry index (give it back with `close_session`), or UNCOUNTED, or the refusal
+        TOO_MANY_SESSIONS or TOO_MANY_NEW. Every call counts as a new session, refused
+        or not (connection attempts, as Postfix counts them)."""
+        data, active = self._map, self._active
+        index = hash(key) & self._mask  # most keys sit where they hash: look there first
+        offset = _HEADER + index * _ENTRY_BYTES
+        if data[offset:offset + _KEY_BYTES] != key:
+            index = self._known(key)
+            if index < 0:
+                index = self._take(key, now)
+                if index < 0:
+                    return UNCOUNTED
+            offset = _HEADER + index * _ENTRY_BYTES
+        column = slot * self.capacity + index
+        count = active[column]
+        if count >= MAX_PER_SLOT:
+            return UNCOUNTED
+        active[column] = count + 1  # raised first, then checked: see the docstring
+        if data[offset:offset + _KEY_BYTES] != key:  # taken for another client meanwhile
+            active[column] = count
+            return UNCOUNTED
+        _SEEN.pack_into(data, offset + _KEY_BYTES, now)
+        pending = self.pending.get(index)
+        if pending is None or pending[0] != key:  # none yet, or the entry's former client's
+            pending = self.pending[index] = [key, 0, 0]
+        if max_new_per_minute:  # _estimates, inlined: once per session
+            minute, new, new_before = _RATE.unpack_from(data, offset + _COUNTS_AT)
+            this_minute = now // MINUTE_S
+            if minute != this_minute:
+                new, new_before = (0, new) if minute == this_minute - 1 else (0, 0)
+            new += pending[1]
+            if new_before:
+                new += new_before * (1.0 - (now % MINUTE_S) / MINUTE_S)
+        pending[1] += 1
+        if max_sessions and self.active(index) > max_sessions:
+            active[column] = count
+            return TOO_MANY_SESSIONS
+        if max_new_per_minute and new >= max_new_per_minute:
+            active[column] = count
+            return TOO_MANY_NEW
+        return index
+
+    def close_session(self, slot: int, index: int) -> None:
+        """A session `open_session` counted has ended. No lock: the column is ours."""
+        column = slot * self.capacity + index
+        self._active[column] -= 1
+
+    def recipient(self, index: int, now: float, max_per_minute: int) -> bool:
+        """Count a recipient of the client at `index` (one of its sessions is active, so
+        the entry is its own); False when it is one too many this last minute. Counted
+        refused or not. Once per RCPT: `_estimates` inlined."""
+        pending = self.pending.get(index)
+        offset = _HEADER + index * _ENTRY_BYTES
+        if pending is None:
+            pending = self.pending[index] = [self._map[offset:offset + _KEY_BYTES], 0, 0]
+        minute, _, _, rcpt, rcpt_before = _COUNTS.unpack_from(self._map, offset + _COUNTS_AT)
+        this_minute = now // MINUTE_S
+        if minute != this_minute:
+            rcpt, rcpt_before = (0, rcpt) if minute == this_minute - 1 else (0, 0)
+        rcpt += pending[2]
+        pending[2] += 1
+        if rcpt_before:
+            return rcpt + rcpt_before * (1.0 - (now % MINUTE_S) / MINUTE_S) < max_per_minute
+        return rcpt < max_per_minute
+
+    def flush(self, now: float, wait: bool = False) -> bool:
+        """Add this process's pending counts to the entries, under the lock; False if the
+        lock was taken (the counts wait for the next call). `wait`: as for a new client,
+        wait for it at most `lock_wait_s` (a worker's last flush)."""
+        if not self.pending:
+            return True
+        if not (self._lock() if wait else self._try_lock()):
+            return False
+        data = self._map
+        this_minute = int(now // MINUTE_S)
+        try:
+            for index, (key, new_sessions, recipients) in self.pending.items():
+                offset = _HEADER + index * _ENTRY_BYTES
+                if data[offset:offset + _KEY_BYTES] != key:
+                    continue  # evicted since: its counts went with it
+                minute, new, new_before, rcpt, rcpt_before = _COUNTS.unpack_from(
+                    data, offset + _COUNTS_AT)
+                if minute != this_minute:
+                    new, new_before, rcpt, rcpt_before = _roll(
+                        minute, this_minute, new, new_before, rcpt, rcpt_before)
+                # Not `seen`: other workers stamp it without the lock.
+                _COUNTS.pack_into(data, offset + _COUNTS_AT, this_minute, new + new_sessions,
+                                  new_before, rcpt + recipients, rcpt_before)
+        finally:
+            self._unlock()
+        self.pending.clear()
+        return True
+
+    # -- reading -------------------------------------------------------------------------
+
+    def active(self, index: int) -> int:
+        """Active sessions of the entry at `index`, over every slot handed out."""
+        capacity = self.capacity
+        return sum(self._active[index:self._span[0] * capacity:capacity])
+
+    def lookup(self, key: bytes) -> int | None:
+        """The entry index of `key`, or None (for tests and inspection)."""
+        index = self._known(key)
+        return None if index < 0 else index
+
+    def counts(self, index: int, now: float) -> tuple[float, float]:
+        """(new sessions, recipients) in the minute before `now`, as the limits see them
+        here (this process's pending counts included)."""
+        return self._estimates(index, now)
+
+    def close(self) -> None:
+        self._span.release()
+        self._active.release()
+        self._map.close()
+        os.close(self._lock_fd)
+
+    # -- inside -------------------------------------------------------------------------
+
+    def _known(self, key: bytes) -> int:
+        """The entry holding `key`, or -1 (no lock: see the docstring's hazards)."""
+        data = self._map
+        start, mask = hash(key), self._mask
+        for step in range(WINDOW):
+            index = (start + step) & mask
+            offset = _HEADER + index * _ENTRY_BYTES
+            if data[offset:offset + _KEY_BYTES] == key:
+                return index
+        return -1
+
+    def _take(self, key: bytes, now: float) -> int:
+        """An entry for a new client, under the lock; -1 if none is free or the lock
+        cannot be had."""
+        if not self._lock():
+            return -1
+        try:
+            data = self._map
+            start, mask = hash(key), self._mask
+            free = -1
+            for step in range(WINDOW):  # again, under the lock: another worker may have
+                index = (start + step) & mask
+                offset = _HEADER + index * _ENTRY_BYTES
+                held = data[offset:offset + _KEY_BYTES]
+                if held == key:  # taken it meanwhile
+                    return index
+                if free < 0 and held == _EMPTY:
+                    free = index
+            if free < 0:
+                free = self._evictable(start)
+                if free < 0:
+                    return -1
+            _ENTRY.pack_into(data, _HEADER + free * _ENTRY_BYTES, key, now,
+                             int(now // MINUTE_S), 0, 0, 0, 0)
+            self.pending.pop(free, None)  # counts of the client it held
+            return free
+        finally:
+            self._unlock()
+
+    def _estimates(self, index: int, now: float) -> tuple[float, float]:
+        """(new sessions, recipients) in the last minute: the entry's and ours."""
+        minute, new, new_before, rcpt, rcpt_before = _COUNTS.unpack_from(
+            self._map, _HEADER + index * _ENTRY_BYTES + _COUNTS_AT)
+        this_minute = int(now // MINUTE_S)
+        if minute != this_minute:
+            new, new_before, rcpt, rcpt_before = _roll(
+                minute, this_minute, new, new_before, rcpt, rcpt_before)
+        pending = self.pending.get(index)
+        if pending is not None:
+            new += pending[1]
+            rcpt += pending[2]
+        weight = _weight(now)
+        return new + new_before * weight, rcpt + rcpt_before * weight
+
+    def _evictable(self, start: int) -> int:
+        """The least recently seen entry of the window without an active session, or -1."""
+        best, best_seen = -1, 0.0
+        for step in range(WINDOW):
+            index = (start + step) & self._mask
+            seen = _SEEN.unpack_from(self._map, _HEADER + index * _ENTRY_BYTES + _KEY_BYTES)[0]
+            if (best < 0 or seen < best_seen) and not self.active(index):
+                best, best_seen = index, seen
+        return best
+
+    def _try_lock(self) -> bool:
+        try:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def _lock(self) -> bool:
+        """Take the lock, waiting at most `lock_wait_s`; False if it could not be had."""
+        if self._try_lock():
+            return True
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            os.sched_yield()  # the holder keeps it for microseconds
+            try:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+
+    def _unlock(self) -> None:
+        fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
+
+
+def _roll(minute: int, this_minute: int, new: int, new_before: int, rcpt: int,
+          rcpt_before: int) -> tuple[int, int, int, int]:
+    """Counts kept for `minute`, seen from `this_minute`."""
+    if minute == this_minute - 1:
+        return 0, new, 0, rcpt
+    return 0, 0, 0, 0
+
+
+def _weight(now: float) -> float:
+    """How much of the previous minute lies within the 60 seconds before `now`."""
+    return 1.0 - (now % MINUTE_S) / MINUTE_S
+
+
+def _lock_file() -> int:
+    """A descriptor only this table uses, to hang the lock on: a memfd, or an unlinked
+    temporary file where there is none. Inherited across fork; the locks are not."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        try:
+            return memfd_create("minismtp-anvil", getattr(os, "MFD_CLOEXEC", 0))
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix="minismtp-anvil-")
+    os.unlink(path)
+    return fd

@@ -1,0 +1,250 @@
+"""The per-client table (anvil.py): keys, counts, the sliding minute, eviction, the lock,
+and a dead worker's slot. The clock is always injected; forking is real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from minismtp import anvil
+from minismtp.anvil import (
+    TOO_MANY_NEW, TOO_MANY_SESSIONS, UNCOUNTED, WINDOW, ClientTable, client_key,
+)
+
+T0 = 60.0 * 1000  # the start of a minute, as a monotonic clock reads
+A = client_key("192.0.2.1")
+B = client_key("192.0.2.2")
+
+
+@pytest.fixture
+def table():
+    table = ClientTable(1024, 4)
+    for slot in range(2):
+        table.hand_out(slot)
+    yield table
+    table.close()
+
+
+def test_keys_are_16_bytes_ipv4_mapped():
+    assert client_key("192.0.2.1") == bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1])
+    assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1")  # dual-stack socket
+    assert client_key("2001:db8::1") == bytes.fromhex("20010db8" + "00" * 11 + "01")
+    assert client_key("fe80::1%eth0") == client_key("fe80::1")
+    assert client_key("2001:db8::1") != client_key("2001:db8::2")
+    for bad in ("", "example.org", "1.2.3", "::g"):
+        assert client_key(bad) is None
+
+
+def test_capacity_is_a_power_of_two():
+    for bad in (0, WINDOW - 1, 1000):
+        with pytest.raises(ValueError):
+            ClientTable(bad, 1)
+
+
+def test_a_session_over_the_limit_takes_its_count_back(table):
+    held = table.open_session(0, A, T0, 1, 0)
+    table._active[1 * 1024 + held] = 1  # another worker has raised its own, racing us
+    assert table.open_session(0, A, T0, 1, 0) == TOO_MANY_SESSIONS
+    assert table._active[held] == 1
+
+
+def test_an_entry_taken_for_another_client_is_not_counted_into(table):
+    index = table.open_session(0, A, T0, 0, 0)
+    table.close_session(0, index)
+    table._known = lambda key: index  # found just before another worker took the entry
+    table._map[64 + index * 64:64 + index * 64 + 16] = B
+    assert table.open_session(0, A, T0, 0, 0) == UNCOUNTED
+    assert table.active(index) == 0
+
+
+def test_sessions_are_counted_across_slots_and_released(table):
+    first = table.open_session(0, A, T0, 3, 0)
+    assert first >= 0
+    assert table.open_session(1, A, T0, 3, 0) == first
+    assert table.open_session(0, A, T0, 3, 0) == first
+    assert table.active(first) == 3
+    assert table.open_session(1, A, T0, 3, 0) == TOO_MANY_SESSIONS
+    assert table.active(first) == 3  # a refused session holds nothing
+    assert table.open_session(0, B, T0, 3, 0) >= 0  # another client, its own count
+    table.close_session(1, first)
+    assert table.active(first) == 2
+    assert table.open_session(1, A, T0, 3, 0) == first
+    assert table.lookup(A) == first and table.lookup(client_key("192.0.2.9")) is None
+
+
+def test_slots_not_handed_out_are_not_summed():
+    table = ClientTable(1024, 4)
+    table.hand_out(0)
+    index = table.open_session(0, A, T0, 0, 0)
+    table._active[3 * 1024 + index] = 7  # noise beyond the span
+    assert table.active(index) == 1
+    table.hand_out(3)
+    assert table.active(index) == 8
+    table.close()
+
+
+def test_new_sessions_per_minute_slide_out(table):
+    for _ in range(5):
+        index = table.open_session(0, A, T0 + 10, 0, 5)
+        assert index >= 0
+        table.close_session(0, index)
+    assert table.open_session(0, A, T0 + 20, 0, 5) == TOO_MANY_NEW  # the 6th attempt
+    assert table.counts(table.lookup(A), T0 + 20)[0] == 6
+    assert table.flush(T0 + 20)  # as a worker does at the end of each turn
+    assert table.counts(table.lookup(A), T0 + 20)[0] == 6
+    # A minute on, all of the last one still weighs in (6 * 1.0)...
+    assert table.open_session(0, A, T0 + 60, 0, 5) == TOO_MANY_NEW
+    assert table.flush(T0 + 60)
+    # ...at its middle, half of it: 6 attempts * 0.5, and the 1 made in this minute.
+    assert table.counts(table.lookup(A), T0 + 90) == (1 + 3.0, 0)
+    assert table.open_session(0, A, T0 + 90, 0, 5) >= 0
+    assert table.flush(T0 + 90)
+    # Two minutes on, nothing is left of either.
+    assert table.counts(table.lookup(A), T0 + 180) == (0, 0)
+    assert table.open_session(0, A, T0 + 180, 0, 1) >= 0
+
+
+def test_refused_attempts_count_towards_the_rate(table):
+    held = [table.open_session(0, A, T0, 2, 0) for _ in range(2)]
+    assert table.open_session(0, A, T0, 2, 0) == TOO_MANY_SESSIONS
+    assert table.counts(held[0], T0)[0] == 3
+
+
+def test_recipients_per_minute(table):
+    index = table.open_session(0, A, T0, 0, 0)
+    assert [table.recipient(index, T0 + 1, 3) for _ in range(5)] == [True] * 3 + [False] * 2
+    assert table.counts(index, T0 + 1) == (1, 5)
+    assert table.flush(T0 + 1)
+    # Half a minute on: 5 * 0.5 = 2.5 < 3 lets one through; then 1 + 2.5 does not.
+    assert table.recipient(index, T0 + 90, 3) is True
+    assert table.recipient(index, T0 + 90, 3) is False
+    assert table.counts(index, T0 + 90) == (0 + 0.5, 2 + 2.5)
+    assert table.flush(T0 + 90)
+    assert table.counts(index, T0 + 90) == (0 + 0.5, 2 + 2.5)
+    assert table.recipient(index, T0 + 180, 1) is True  # two minutes on: forgotten
+
+
+def test_a_full_window_forgets_the_least_recently_seen_idle_client():
+    table = ClientTable(WINDOW, 2)  # one window: every key lands in it
+    table.hand_out(0)
+    keys = [client_key(f"198.51.100.{n}") for n in range(WINDOW + 2)]
+    held = {}
+    for n, key in enumerate(keys[:WINDOW]):
+        held[n] = table.open_session(0, key, T0 + n, 0, 0)
+    assert sorted(held.values()) == list(range(WINDOW))
+    for n in (2, 5):  # idle now; 2 was seen before 5
+        table.close_session(0, held[n])
+    newcomer = table.open_session(0, keys[WINDOW], T0 + 20, 0, 0)
+    assert newcomer == held[2] and table.lookup(keys[2]) is None
+    assert table.counts(newcomer, T0 + 20) == (1, 0)  # nothing inherited
+    assert table.open_session(0, keys[WINDOW + 1], T0 + 21, 0, 0) == held[5]
+    # Every entry has an open session now: the next new client goes uncounted.
+    assert table.open_session(0, client_key("203.0.113.1"), T0 + 22, 0, 0) == UNCOUNTED
+    assert table.open_session(0, keys[0], T0 + 22, 0, 0) == held[0]  # known ones still are
+    table.close()
+
+
+def test_counts_pending_for_an_entry_taken_since_are_not_inherited(table):
+    index = table.open_session(0, A, T0, 0, 0)
+    table.close_session(0, index)
+    # Another worker takes the idle entry for client B before this one flushes.
+    table._map[64 + index * 64:64 + index * 64 + 16] = B
+    table._known = lambda key: index
+    assert table.open_session(0, B, T0, 0, 0) == index
+    assert table.counts(index, T0) == (1, 0)  # B's one session, not A's as well
+    assert table.flush(T0)
+    assert table.counts(index, T0) == (1, 0)
+
+
+def test_vacate_clears_a_dead_slots_sessions_and_keeps_the_minutes(table):
+    index = table.open_session(1, A, T0, 0, 0)
+    table.open_session(1, A, T0, 0, 0)
+    table.open_session(0, A, T0, 0, 0)
+    table.vacate(1)
+    assert table.active(index) == 1
+    assert table.counts(index, T0)[0] == 3
+
+
+def test_a_killed_worker_leaves_its_counts_and_vacate_clears_its_sessions(table):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for _ in range(3):
+                table.open_session(1, A, T0, 0, 10)
+            table.open_session(1, B, T0, 0, 10)
+            table.flush(T0)  # the end of its turn: counts in shared memory
+            table.open_session(1, B, T0, 0, 10)  # counted in its next turn, never ended
+            os.write(write, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.read(read, 1)
+    index = table.lookup(A)
+    assert table.active(index) == 3
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert table.active(index) == 3  # until the master vacates the slot
+    table.vacate(1)
+    assert table.active(index) == 0
+    assert table.counts(index, T0)[0] == 3
+    assert table.counts(table.lookup(B), T0)[0] == 1  # the turn it was killed in is lost
+    assert table.open_session(0, A, T0, 1, 10) == index
+    os.close(read)
+    os.close(write)
+
+
+def test_the_lock_is_waited_for_briefly_and_dies_with_its_holder():
+    table = ClientTable(1024, 2, lock_wait_s=0.05)
+    table.hand_out(0)
+    known = table.open_session(0, A, T0, 0, 0)
+    assert table.flush(T0)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            assert table._lock()
+            os.write(write, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.read(read, 1)
+    started = time.monotonic()
+    assert table.open_session(0, B, T0, 0, 0) == UNCOUNTED  # a new client: not for long
+    assert time.monotonic() - started < 2.0
+    assert table.lookup(B) is None
+    assert table.open_session(0, A, T0, 0, 0) == known  # a known one needs no lock
+    assert table.recipient(known, T0, 5) is True
+    assert table.flush(T0) is False and table.pending  # kept for the next turn
+    assert table.flush(T0, wait=True) is False
+    os.kill(pid, signal.SIGKILL)  # dies holding it: the kernel releases it
+    os.waitpid(pid, 0)
+    assert table.flush(T0) is True and not table.pending
+    assert table.counts(known, T0) == (2, 1)
+    assert table.open_session(0, B, T0, 0, 0) >= 0
+    table.close()
+    os.close(read)
+    os.close(write)
+
+
+def test_the_lock_excludes_other_processes_not_ourselves():
+    table = ClientTable(1024, 1, lock_wait_s=0.0)
+    assert table._lock()
+    assert table._lock()  # POSIX record locks are per process: taken again, no wait
+    table._unlock()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if table._lock() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    table.close()
+
+
+def test_a_slot_counter_never_overflows(table):
+    index = table.open_session(0, A, T0, 0, 0)
+    table._active[index] = anvil.MAX_PER_SLOT
+    assert table.open_session(0, A, T0, 0, 0) == UNCOUNTED
+    assert table._active[index] == anvil.MAX_PER_SLOT
