@@ -74,7 +74,7 @@ def make_gate(limits: PerClient, table: ClientTable, slot: int = 0):
 
 
 def session(address: str) -> SimpleNamespace:
-    return SimpleNamespace(peer=Peer(address, 4000), client_entry=-1, end="")
+    return SimpleNamespace(peer=Peer(address, 4000), client_entry=-1, end="", profile=None)
 
 
 def refused(stats: WorkerStats) -> dict[str, int]:
