@@ -245,3 +245,34 @@ def test_json_lines_name_the_listener(logfile):
                pathlib.Path(handler.stream.name).read_text(encoding="utf-8").splitlines()]
     assert [(record["event"], record["listener"]) for record in records] == [
         ("message", "chaos"), ("disconnect", "chaos")]
+
+
+def test_the_loop_wakes_to_write_waiting_lines_within_flush_s():
+    """Lines wait at most FLUSH_S: an idle worker's select() ends by then (not at its
+    1-second tick), and a line's `waiting` is what the loop looks at."""
+    import socket
+
+    from minismtp.config import load_config
+    from minismtp.delivery.null import DiscardBackend
+    from minismtp.heartbeat import HeartbeatBoard
+    from minismtp.stats import StatsBoard
+    from minismtp.worker import Worker
+
+    config = load_config(overrides={"server.listen": ["127.0.0.1:0"]})
+    sock = socket.socket()
+    board, stats_board = HeartbeatBoard(1), StatsBoard(1, 4)
+    worker = Worker(config, [(sock, config.server.listen[0])], DiscardBackend(), board, 0,
+                    stats_board)
+    try:
+        assert worker._select_timeout(100.0) == 1.0  # nothing due: the tick
+        worker.log_due = 100.0 + msglog.FLUSH_S
+        assert worker._select_timeout(100.0) == pytest.approx(msglog.FLUSH_S)
+        log = MessageLog(logging.getLogger("test.waiting"))
+        assert not log.waiting
+        log._lines.append("a line\n")
+        assert log.waiting
+    finally:
+        worker.poller.close()
+        worker.wakeup.close()
+        sock.close()
+        board.close()
