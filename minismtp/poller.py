@@ -35,6 +35,10 @@ class Poller:
     def modify(self, fd: int, mask: int) -> None:
         self._poll.modify(fd, mask)
 
+    def hand_over(self, fd: int, owner: object) -> None:
+        """`fd` stays watched as it is, for a new owner: no system call."""
+        self._owners[fd] = owner
+
     def unregister(self, fd: int) -> None:
         self._poll.unregister(fd)
         del self._owners[fd]

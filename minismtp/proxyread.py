@@ -56,15 +56,16 @@ _ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
 class ProxyRead:
     """The poller's owner of a connection while its PROXY header is read."""
 
-    __slots__ = ("session", "accept", "data", "watched", "then")
+    __slots__ = ("session", "accept", "data", "watched", "then", "hand_over")
 
     def __init__(self, session: Session, accept: proxyproto.Version,
-                 then: Callable[[Session], None]) -> None:
+                 then: Callable[[Session], None], hand_over: bool = False) -> None:
         self.session = session
         self.accept = accept
         self.data = bytearray()  # header bytes taken so far; never past MAX_HEADER_BYTES
         self.watched = False
         self.then = then  # what the session does next: greet, or a TLS handshake
+        self.hand_over = hand_over  # `then` reads the socket as the session: keep it watched
 
 
 class ProxyReads:
@@ -78,13 +79,18 @@ class ProxyReads:
         self._known: dict[tuple[str, int], bool] = {}  # see _trusted
 
     def begin(self, session: Session, proxy: ProxyProtocol,
-              then: Callable[[Session], None], timeout_s: float | None = None) -> None:
+              then: Callable[[Session], None], timeout_s: float | None = None, *,
+              hand_over: bool = False) -> None:
         """A new connection on a PROXY listener: read its header, then call `then`;
-        `timeout_s`: its listener's limits.proxy_timeout (None: the worker's)."""
+        `timeout_s`: its listener's limits.proxy_timeout (None: the worker's).
+        `hand_over`: `then` goes on reading the socket as the session itself (a plain
+        listener's greeting), so a socket watched for its header stays watched for the
+        session, without the two system calls of unwatching and watching again."""
         if not self._trusted(session.peer.address, proxy):
             self._failed(session, "untrusted source")
             return
-        session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], then)
+        session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], then,
+                                              hand_over)
         loop = self.loop
         loop.timers.set_deadline(session, loop.now + (self.timeout_s if timeout_s is None
                                                       else timeout_s))
@@ -146,6 +152,10 @@ class ProxyReads:
 
     def _done(self, reader: ProxyRead, header: proxyproto.ProxyHeader) -> None:
         session = reader.session
+        if reader.watched and reader.hand_over:
+            self.poller.hand_over(session.fd, session)  # read for the session from now on
+            session.mask = READ
+            reader.watched = False
         self.forget(session)
         self.stats.proxy_headers += 1
         if header.command is proxyproto.Command.PROXY and header.source is not None:

@@ -298,7 +298,7 @@ class Worker:
             if profile.proxy is not None:  # the balancer's header first, then as below
                 self.proxies.begin(session, profile.proxy, self._begin_tls
                                    if profile.implicit_tls else self._begin_plain,
-                                   profile.proxy_timeout)
+                                   profile.proxy_timeout, hand_over=not profile.implicit_tls)
             elif profile.implicit_tls:
                 self._begin_tls(session)
             else:

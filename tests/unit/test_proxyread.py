@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from minismtp.delivery import Peer
+from minismtp.loop import READ
 from minismtp.poller import Poller
 from minismtp.proxyread import ProxyReads
 from minismtp.session import Session
@@ -172,3 +173,29 @@ def test_remembered_trust_is_per_listener_and_bounded(monkeypatch):
     for n in range(50):
         assert reads._trusted(f"192.0.2.{n}", TRUSTED) is False
         assert len(reads._known) <= 8
+
+
+def test_a_plain_listener_keeps_the_socket_watched_for_the_session(monkeypatch):
+    """With hand_over (a plain listener: the greeting comes next, then commands read
+    from the same socket), a header that had to be waited for leaves the socket watched,
+    now for the session: no unregister, and the session's READ is already in place."""
+    calls: list[str] = []
+    monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
+    monkeypatch.setattr(Poller, "unregister", lambda self, fd: calls.append("unregister"))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        loop, poller, stats = Loop(), Poller(), WorkerStats(0)
+        reads = ProxyReads(loop, poller, stats, 10.0)
+        session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
+                          Peer("127.0.0.1", 5555))
+        begun: list[Session] = []
+        reads.begin(session, TRUSTED, begun.append, hand_over=True)
+        assert calls == ["register"] and begun == []
+        theirs.sendall(proxyheader.v2(("198.51.100.9", 40001), DST))
+        reads.step(session.preamble)
+        assert begun == [session] and calls == ["register"]
+        assert poller._owners[session.fd] is session and session.mask == READ
+    finally:
+        ours.close()
+        theirs.close()
