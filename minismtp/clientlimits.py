@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from minismtp import anvil
 from minismtp.smtp import replies
 from minismtp.smtp.replies import Reply
-from minismtp.values import PathProblems, as_int, got, suggest
+from minismtp.values import PathProblems, as_int, got, parse_keys
 
 if TYPE_CHECKING:
     from minismtp.loop import Loop
@@ -109,17 +109,7 @@ def parse_per_client(value: object) -> PerClient:
         return PerClient()
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping ({', '.join(_KEYS)}), got {got(value)}")
-    fields: dict[str, object] = {}
-    problems: list[tuple[str, str]] = []
-    for key, raw in value.items():
-        key = str(key)
-        if key not in _KEYS:
-            problems.append((f".{key}", f"unknown key{suggest(key, [*_KEYS])}"))
-            continue
-        try:
-            fields[key] = _KEYS[key](raw)
-        except ValueError as exc:
-            problems.append((f".{key}", str(exc)))
+    fields, problems = parse_keys(value, _KEYS)
     if problems:
         raise PathProblems(problems)
     return PerClient(**fields)  # type: ignore[arg-type]

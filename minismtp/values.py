@@ -423,10 +423,11 @@ _AUTH_KEYS: dict[str, Parser] = {
 }
 
 
-def _parse_keys(value: Mapping, parsers: dict[str, Parser]
+def parse_keys(value: Mapping, parsers: dict[str, Parser]
                 ) -> tuple[dict[str, object], list[tuple[str, str]]]:
-    """Each key of a listener's sub-mapping through its parser: (fields, problems), a
-    problem per unknown or bad key, its path relative to the mapping (".mode")."""
+    """Each key of a sub-mapping (a listener's auth, limits.per_client) through its
+    parser: (fields, problems), a problem per unknown or bad key, its path relative to
+    the mapping (".mode")."""
     fields: dict[str, object] = {}
     problems: list[tuple[str, str]] = []
     for key, raw in value.items():
@@ -446,7 +447,7 @@ def listener_auth(value: object) -> ListenerAuth:
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping (mode, users_file, require, allow_plaintext), "
                          f"got {got(value)}")
-    fields, problems = _parse_keys(value, _AUTH_KEYS)
+    fields, problems = parse_keys(value, _AUTH_KEYS)
     if not problems:
         mode = fields.get("mode", "off")
         if mode == "htpasswd" and "users_file" not in fields:
@@ -495,7 +496,7 @@ def listener_proxy(value: object) -> ProxyProtocol:
     """A listener's `proxy_protocol` mapping; problems as PathProblems (".trusted", ...)."""
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping (version, trusted), got {got(value)}")
-    fields, problems = _parse_keys(value, _PROXY_KEYS)
+    fields, problems = parse_keys(value, _PROXY_KEYS)
     if "trusted" not in fields and not any(path == ".trusted" for path, _ in problems):
         # No default: trusting everyone would let any client claim any address.
         problems.append((".trusted", "needed: the load balancers' networks"))
