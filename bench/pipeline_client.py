@@ -315,18 +315,31 @@ def _loopback(host: str) -> str:
     raise argparse.ArgumentTypeError(f"only loopback addresses are allowed, got {host!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_arguments(description: str, messages: int) -> argparse.ArgumentParser:
+    """The options every load client here takes: where, how many, how big, in how many
+    processes, for how long."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", type=_loopback, default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--messages", type=int, default=messages)
     parser.add_argument("--size", type=int, default=1024, help="message bytes (about)")
     parser.add_argument("--procs", type=int, default=1, help="client processes")
     parser.add_argument("--timeout", type=float, default=120.0)
+    return parser
+
+
+def parsed_load_arguments(parser: argparse.ArgumentParser,
+                          argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.messages < 1 or args.sessions < 1 or args.procs < 1:
         parser.error("--messages, --sessions and --procs must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = load_arguments(__doc__.splitlines()[0], messages=20000)
+    args = parsed_load_arguments(parser, argv)
 
     started = time.perf_counter()
     parts = in_processes(args.procs, args.sessions, args.messages, lambda sessions, messages:

@@ -32,7 +32,6 @@ Untrusted input: the server's replies, split into lines and judged by their code
 
 from __future__ import annotations
 
-import argparse
 import base64
 import errno
 import ipaddress
@@ -44,7 +43,9 @@ import struct
 import sys
 import time
 
-from pipeline_client import Pool, _loopback, in_processes, make_body, percentile
+from pipeline_client import (
+    Pool, in_processes, load_arguments, make_body, parsed_load_arguments, percentile,
+)
 
 CRLF = b"\r\n"
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -205,19 +206,10 @@ def run(host: str, port: int, sessions: int, messages: int, size: int, timeout: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", type=_loopback, default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=1024, help="message bytes (about)")
-    parser.add_argument("--procs", type=int, default=1, help="client processes")
+    parser = load_arguments(__doc__.splitlines()[0], messages=2000)
     parser.add_argument("--proxy", choices=("v1", "v2"), help="send a PROXY header first")
     parser.add_argument("--auth", metavar="USER:PASSWORD", help="AUTH PLAIN after EHLO")
-    parser.add_argument("--timeout", type=float, default=120.0)
-    args = parser.parse_args(argv)
-    if args.messages < 1 or args.sessions < 1 or args.procs < 1:
-        parser.error("--messages, --sessions and --procs must be >= 1")
+    args = parsed_load_arguments(parser, argv)
     if args.size > MAX_SIZE:
         parser.error(f"--size: at most {MAX_SIZE} (a message goes out in one send)")
     auth = None
