@@ -48,6 +48,7 @@ log = logging.getLogger("minismtp.worker")
 # with the connection's first segment, so a short wait covers all but a stalled peer.
 STOP_GRACE_S = 2.0
 
+_PROXY_COMMAND = proxyproto.Command.PROXY
 _MAX_KNOWN = 1024  # peer addresses whose trust is remembered
 _ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
            "any": proxyproto.Version.ANY}
@@ -77,6 +78,7 @@ class ProxyReads:
         self.timeout_s = timeout_s
         self.stopping = False
         self._known: dict[tuple[str, int], bool] = {}  # see _trusted
+        self._debug = log.isEnabledFor(logging.DEBUG)  # set for the worker's life
 
     def begin(self, session: Session, proxy: ProxyProtocol,
               then: Callable[[Session], None], timeout_s: float | None = None, *,
@@ -91,13 +93,14 @@ class ProxyReads:
             return
         session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], then,
                                               hand_over)
-        loop = self.loop
-        loop.timers.set_deadline(session, loop.now + (self.timeout_s if timeout_s is None
-                                                      else timeout_s))
         # A balancer sends its header with the connection: read it before asking the
-        # poller, which is then only needed (two syscalls) for a header still on its way.
+        # poller, which is then only needed (two syscalls), with a deadline, for a header
+        # still on its way.
         self.step(reader)
         if session.preamble is reader and not session.closed:
+            loop = self.loop
+            loop.timers.set_deadline(session, loop.now + (
+                self.timeout_s if timeout_s is None else timeout_s))
             self.poller.register(session.fd, READ, reader)
             reader.watched = True
 
@@ -128,7 +131,7 @@ class ProxyReads:
             self._failed(session, "closed mid-header")
             return
         have = len(data)
-        window = data + peeked
+        window = data + peeked if have else peeked
         try:
             header = proxyproto.parse(window, 0, len(window), reader.accept)
         except proxyproto.ProxyError as exc:
@@ -158,10 +161,12 @@ class ProxyReads:
             reader.watched = False
         self.forget(session)
         self.stats.proxy_headers += 1
-        if header.command is proxyproto.Command.PROXY and header.source is not None:
-            log.debug("proxy: peer=%s is %s:%d (v%d)", session.peer.address,
-                      header.source[0], header.source[1], header.version)
-            session.peer = Peer(header.source[0], header.source[1])
+        source = header.source
+        if source is not None and header.command is _PROXY_COMMAND:
+            if self._debug:
+                log.debug("proxy: peer=%s is %s:%d (v%d)", session.peer.address,
+                          source[0], source[1], header.version)
+            session.peer = Peer(source[0], source[1])
         reader.then(session)
 
     def expire(self, session: Session) -> None:
