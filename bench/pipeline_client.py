@@ -271,11 +271,15 @@ def summarize(parts: list[dict], seconds: float, requested: int) -> dict:
     }
 
 
+_DIED = {"messages": 0, "sessions": 0, "errors": 1, "error_samples": ["child died"],
+         "latencies": [], "pipelining": False}
+
+
 def in_processes(procs: int, sessions: int, messages: int,
-                 run_part: Callable[[int, int], dict]) -> list[dict]:
+                 run_part: Callable[[int, int], dict], died: dict = _DIED) -> list[dict]:
     """`run_part(sessions, messages)` in this process, or split over `procs` forked ones
     (sessions and messages shared out evenly); each part's dict, as JSON would give it
-    back. A child that dies without answering counts as one failed session."""
+    back. A child that dies without answering counts as `died` (one failed session)."""
     procs = min(procs, sessions)
     if procs == 1:
         return [run_part(sessions, messages)]
@@ -299,14 +303,12 @@ def in_processes(procs: int, sessions: int, messages: int,
     for pid, r in readers:
         with os.fdopen(r) as inp:
             text = inp.read()
-        os.waitpid(pid, 0)
-        parts.append(json.loads(text) if text else {
-            "messages": 0, "sessions": 0, "errors": 1, "error_samples": ["child died"],
-            "latencies": [], "pipelining": False})
+        os.waitpid(pid, 0)  # reaped, so its CPU time counts in ours (wait4 of the parent)
+        parts.append(json.loads(text) if text else dict(died))
     return parts
 
 
-def _loopback(host: str) -> str:
+def loopback(host: str) -> str:
     try:
         if ipaddress.ip_address(host).is_loopback:
             return host
@@ -319,7 +321,7 @@ def load_arguments(description: str, messages: int) -> argparse.ArgumentParser:
     """The options every load client here takes: where, how many, how big, in how many
     processes, for how long."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--host", type=_loopback, default="127.0.0.1")
+    parser.add_argument("--host", type=loopback, default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--messages", type=int, default=messages)

@@ -37,13 +37,13 @@ Untrusted input: the server's replies, read a line at a time and judged by their
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
-import os
 import socket
 import ssl
 import sys
 import time
+
+from pipeline_client import in_processes, loopback  # bench/, beside this file
 
 CRLF = b"\r\n"
 ENVELOPE = (b"MAIL FROM:<bench@client.bench>\r\n", b"RCPT TO:<sink@server.bench>\r\n")
@@ -204,7 +204,7 @@ def run_session(args: argparse.Namespace, context: ssl.SSLContext, payload: byte
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", type=_loopback, default="127.0.0.1")
+    parser.add_argument("--host", type=loopback, default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--mode", choices=("starttls", "implicit", "bare"), required=True)
     parser.add_argument("--sessions", type=int, default=20)
@@ -223,31 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     context = client_context()
     sessions = min(args.sessions, args.messages)
     started = time.perf_counter()
-    readers = []
-    for index in range(sessions):
-        share = args.messages // sessions + (index < args.messages % sessions)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the session: report on the pipe, and never return
-            code = 1
-            try:
-                os.close(read_end)
-                stats = run_session(args, context, payload, share)
-                with os.fdopen(write_end, "w") as out:
-                    json.dump(stats, out)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        readers.append((pid, read_end))
-    parts = []
-    for pid, read_end in readers:
-        with os.fdopen(read_end) as inp:
-            text = inp.read()
-        os.waitpid(pid, 0)  # reaped, so its CPU time counts in ours (wait4 of the parent)
-        parts.append(json.loads(text) if text else {
-            "messages": 0, "errors": 1, "error_samples": ["session process died"],
-            "handshakes": 0, "resumed": 0, "tls": ""})
+    # A process per session: a TLS client's handshakes and records cost about what the
+    # server's do, more than one Python process keeps up with.
+    parts = in_processes(sessions, sessions, args.messages,
+                         lambda _, share: run_session(args, context, payload, share),
+                         died={"messages": 0, "errors": 1,
+                               "error_samples": ["session process died"],
+                               "handshakes": 0, "resumed": 0, "tls": ""})
     seconds = time.perf_counter() - started
     result = {
         "messages": sum(part["messages"] for part in parts),
@@ -264,15 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write("\n")
     ok = result["errors"] == 0 and result["messages"] == args.messages
     return 0 if ok else 1
-
-
-def _loopback(host: str) -> str:
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return host
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"only loopback addresses are allowed, got {host!r}")
 
 
 if __name__ == "__main__":

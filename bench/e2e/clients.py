@@ -77,16 +77,27 @@ def smtp_source(port: int, *, sessions: int, size: int, messages: int,
     return ClientResult(ok, done, wall, cpu, detail=detail)
 
 
-def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> ClientResult:
-    command = [sys.executable, str(BENCH / "pipeline_client.py"), "--host", HOST,
-               "--port", str(port), "--sessions", str(sessions), "--size", str(size),
-               "--messages", str(messages), "--timeout", str(CLIENT_TIMEOUT_S - 10)]
+def _json_client(script: str, port: int, *, sessions: int, size: int, messages: int,
+                 extra: tuple[str, ...] = ()) -> tuple[int, float, dict] | ClientResult:
+    """Run one of bench/'s Python load clients, which print a JSON report: (exit status,
+    its CPU seconds, the report), or a failed ClientResult when it printed none."""
+    command = [sys.executable, str(BENCH / script), "--host", HOST, "--port", str(port),
+               "--sessions", str(sessions), "--size", str(size), "--messages", str(messages),
+               "--timeout", str(CLIENT_TIMEOUT_S - 10), *extra]
     status, wall, cpu, out, err = run_process(command, CLIENT_TIMEOUT_S)
     try:
-        report = json.loads(out)
+        return status, cpu, json.loads(out)
     except ValueError:
-        return ClientResult(False, 0, wall, cpu, detail=f"pipeline_client exit {status}: "
-                                                        f"{err.strip()[-300:]}")
+        return ClientResult(False, 0, wall, cpu, detail=f"{script.removesuffix('.py')} exit "
+                                                        f"{status}: {err.strip()[-300:]}")
+
+
+def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> ClientResult:
+    ran = _json_client("pipeline_client.py", port, sessions=sessions, size=size,
+                       messages=messages)
+    if isinstance(ran, ClientResult):
+        return ran
+    status, cpu, report = ran
     ok = status == 0 and report["messages"] == messages and not report["errors"]
     detail = "" if ok else (f"pipeline_client exit {status}, {report['messages']}/{messages}"
                             f" delivered, {report['errors']} session errors: "
@@ -102,19 +113,13 @@ def session_client(port: int, *, sessions: int, size: int, messages: int, proxy:
                    credentials: tuple[str, str] | None = None) -> ClientResult:
     """A connection per message, lockstep; a PROXY header first with `proxy`, AUTH PLAIN
     after EHLO with `credentials` (user, password)."""
-    command = [sys.executable, str(BENCH / "session_client.py"), "--host", HOST,
-               "--port", str(port), "--sessions", str(sessions), "--size", str(size),
-               "--messages", str(messages), "--timeout", str(CLIENT_TIMEOUT_S - 10)]
-    if proxy:
-        command += ["--proxy", proxy]
-    if credentials:
-        command += ["--auth", ":".join(credentials)]
-    status, wall, cpu, out, err = run_process(command, CLIENT_TIMEOUT_S)
-    try:
-        report = json.loads(out)
-    except ValueError:
-        return ClientResult(False, 0, wall, cpu, detail=f"session_client exit {status}: "
-                                                        f"{err.strip()[-300:]}")
+    extra = (("--proxy", proxy) if proxy else ()) + (
+        ("--auth", ":".join(credentials)) if credentials else ())
+    ran = _json_client("session_client.py", port, sessions=sessions, size=size,
+                       messages=messages, extra=extra)
+    if isinstance(ran, ClientResult):
+        return ran
+    status, cpu, report = ran
     ok = status == 0 and report["messages"] == messages and not report["errors"]
     if credentials and report["auths"] != report["messages"]:
         ok = False  # every delivered message must have come after a 235
@@ -128,18 +133,13 @@ def session_client(port: int, *, sessions: int, size: int, messages: int, proxy:
 
 def tls_client(port: int, *, mode: str, sessions: int, size: int, messages: int,
                line_length: int, per_connection: bool) -> ClientResult:
-    command = [sys.executable, str(BENCH / "tls_client.py"), "--host", HOST,
-               "--port", str(port), "--mode", mode, "--sessions", str(sessions),
-               "--size", str(size), "--messages", str(messages),
-               "--line-length", str(line_length), "--timeout", str(CLIENT_TIMEOUT_S - 10)]
-    if per_connection:
-        command.append("--per-connection")
-    status, wall, cpu, out, err = run_process(command, CLIENT_TIMEOUT_S)
-    try:
-        report = json.loads(out)
-    except ValueError:
-        return ClientResult(False, 0, wall, cpu, detail=f"tls_client exit {status}: "
-                                                        f"{err.strip()[-300:]}")
+    extra = ("--mode", mode, "--line-length", str(line_length)) + (
+        ("--per-connection",) if per_connection else ())
+    ran = _json_client("tls_client.py", port, sessions=sessions, size=size,
+                       messages=messages, extra=extra)
+    if isinstance(ran, ClientResult):
+        return ran
+    status, cpu, report = ran
     ok = status == 0 and report["messages"] == messages and not report["errors"]
     detail = "" if ok else (f"tls_client exit {status}, {report['messages']}/{messages} "
                             f"delivered, {report['errors']} session errors: "
