@@ -64,11 +64,7 @@ class MessageLog:
             fields = {"event": "message", "id": queue_id, "peer": peer,
                       "from": sender, "rcpts": recipients, "size": size, "tls": tls,
                       "result": result}
-            if listener is not None:
-                fields["listener"] = listener
-            if auth is not None:
-                fields["auth"] = auth
-            self._add_json(fields)
+            self._add_json(fields, listener, auth)
             return
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
@@ -85,11 +81,7 @@ class MessageLog:
             fields = {"event": "disconnect", "peer": peer, "port": port,
                       "commands": commands, "total": sum(commands.values()),
                       "errors": errors, "end": end, "tls": tls}
-            if listener is not None:
-                fields["listener"] = listener
-            if auth is not None:
-                fields["auth"] = auth
-            self._add_json(fields)
+            self._add_json(fields, listener, auth)
             return
         counts = " ".join(f"{verb.lower()}={count}" for verb, count in commands.items())
         # Like Postfix, what did not happen is not shown: errors only when there were some.
@@ -98,8 +90,8 @@ class MessageLog:
         auth_text = "" if auth is None else f" auth={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
         self._add(f"disconnect from {peer}:{port}{listener_text} "
-                  f"{counts}{' ' if counts else ''}commands={sum(commands.values())}{errors_text}{tls_text}{auth_text} "
-                  f"end={end}")
+                  f"{counts}{' ' if counts else ''}commands={sum(commands.values())}"
+                  f"{errors_text}{tls_text}{auth_text} end={end}")
 
     def _add(self, text: str) -> None:
         if self._fd is None:  # not a plain stream: the slow, general way
@@ -112,9 +104,15 @@ class MessageLog:
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         self._lines.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
 
-    def _add_json(self, fields: dict[str, object]) -> None:
+    def _add_json(self, fields: dict[str, object], listener: str | None,
+                  auth: str | None) -> None:
+        """`fields` as a line, then the listener and the user where there are some."""
         document = {"time": timestamp(time.time()), "pid": self._pid, "level": "INFO",
                     **fields}
+        if listener is not None:
+            document["listener"] = listener
+        if auth is not None:
+            document["auth"] = auth
         self._lines.append(json.dumps(document, ensure_ascii=False) + "\n")
 
     @property
