@@ -64,6 +64,15 @@ def wait(sock_or_fd, mask: int) -> None:
     select.select(r, w, [], WAIT_S)
 
 
+def handshake_failure(server: TlsTransport) -> HandshakeFailed:
+    """Drive the server's handshake on what the client sent until it fails."""
+    with pytest.raises(HandshakeFailed) as failed:
+        for _ in range(STEPS):
+            wait(server, READ)
+            server.handshake()
+    return failed.value
+
+
 def client_step(client: ssl.SSLSocket) -> bool:
     try:
         client.do_handshake()
@@ -213,22 +222,16 @@ def test_client_vanishing_mid_handshake(tcp, server_context, client_context):
     wait(server, READ)
     assert server.handshake() is False and server.handshake_wants == READ
     client_sock.close()
-    with pytest.raises(HandshakeFailed) as failed:
-        for _ in range(STEPS):
-            wait(server, READ)
-            server.handshake()
-    assert failed.value.reason == "unexpected eof"
+    failed = handshake_failure(server)
+    assert failed.reason == "unexpected eof"
 
 
 def test_client_closing_before_a_word(tcp, server_context):
     server_sock, client_sock = tcp
     server = TlsTransport.wrap(server_sock, server_context)
     client_sock.close()
-    with pytest.raises(HandshakeFailed) as failed:
-        for _ in range(STEPS):
-            wait(server, READ)
-            server.handshake()
-    assert failed.value.reason == "unexpected eof"
+    failed = handshake_failure(server)
+    assert failed.reason == "unexpected eof"
 
 
 @pytest.mark.parametrize("garbage, reason", [
@@ -239,11 +242,8 @@ def test_plaintext_on_the_tls_side(tcp, server_context, garbage, reason):
     server_sock, client_sock = tcp
     server = TlsTransport.wrap(server_sock, server_context)
     client_sock.sendall(garbage)
-    with pytest.raises(HandshakeFailed) as failed:
-        for _ in range(STEPS):
-            wait(server, READ)
-            server.handshake()
-    assert failed.value.reason == reason
+    failed = handshake_failure(server)
+    assert failed.reason == reason
 
 
 def test_no_shared_cipher(tcp, server_context, client_context_fresh):
