@@ -43,13 +43,8 @@ class Output:
         transport = session.transport
         out = conn.data_to_send()
         if out and conn.state is not _DATA:
-            # A reply means a command completed: the idle clock starts again. A later
-            # deadline is only noted (timers.py); an earlier one needs the heap.
-            when = self.loop.now + session.profile.command_timeout
-            if when < session.timer_at:
-                self.timers.set_deadline(session, when)
-            else:
-                session.deadline = when
+            # A reply means a command completed: the idle clock starts again.
+            self.timers.set_deadline(session, self.loop.now + session.profile.command_timeout)
         pending = transport.pending
         if out or pending:
             if pending:
