@@ -43,6 +43,9 @@ class MessageLog:
         self._logger = logger
         self._root = root = root or logging.getLogger()
         self._lines: list[str] = []  # encoded once per flush, not once per line
+        # When the lines waiting must be written (time.monotonic(), the loop's clock), or
+        # None: the loop flushes once it has passed, and wakes up for it.
+        self.due: float | None = None
         self._fd, self._encoding, self.json = _plain_stream(root.handlers)
         self._pid = os.getpid()
         self._prefix = f" minismtp[{self._pid}] INFO "
@@ -102,7 +105,7 @@ class MessageLog:
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        self._lines.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
+        self._append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
 
     def _add_json(self, fields: dict[str, object], listener: str | None,
                   auth: str | None) -> None:
@@ -113,12 +116,12 @@ class MessageLog:
             document["listener"] = listener
         if auth is not None:
             document["auth"] = auth
-        self._lines.append(json.dumps(document, ensure_ascii=False) + "\n")
+        self._append(json.dumps(document, ensure_ascii=False) + "\n")
 
-    @property
-    def waiting(self) -> bool:
-        """Lines wait to be written (the loop then flushes within FLUSH_S)."""
-        return bool(self._lines)
+    def _append(self, line: str) -> None:
+        if not self._lines:  # the first of a batch: it is written within FLUSH_S
+            self.due = time.monotonic() + FLUSH_S
+        self._lines.append(line)
 
     def flush(self) -> None:
         """Write the batch in pieces of whole lines, each at most PIPE_BUF bytes."""
@@ -126,6 +129,7 @@ class MessageLog:
             return
         data = "".join(self._lines).encode(self._encoding, "backslashreplace")
         self._lines = []
+        self.due = None
         start, end = 0, len(data)
         while start < end:
             stop = end

@@ -35,7 +35,7 @@ from minismtp.handshake import Handshake, Handshakes
 from minismtp.heartbeat import HeartbeatBoard
 from minismtp.logins import Logins
 from minismtp.loop import READ, WRITE
-from minismtp.msglog import FLUSH_S, MessageLog
+from minismtp.msglog import MessageLog
 from minismtp.output import Output
 from minismtp.poller import Poller
 from minismtp.proxyread import ProxyRead, ProxyReads
@@ -104,7 +104,6 @@ class Worker:
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies
         self.msglog = MessageLog(log)
-        self.log_due: float | None = None  # when the waiting log lines are written
         # limits.per_client: None when no limit is set, and then no session pays for it.
         per_client = limits.per_client
         self.gate = ClientGate(per_client, clients, slot, self, self.stats,
@@ -196,12 +195,8 @@ class Worker:
                 self.timers.expire(now, self._on_deadline)
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
                     start(acceptor.end_deferral())
-                if msglog.waiting:  # written FLUSH_S after the first: all a SIGKILL can cost
-                    if self.log_due is None:
-                        self.log_due = now + FLUSH_S
-                    elif now >= self.log_due:
-                        msglog.flush()
-                        self.log_due = None
+                if msglog.due is not None and now >= msglog.due:
+                    msglog.flush()  # FLUSH_S after a batch's first line: all a SIGKILL can cost
                 if pending and now >= gate.flush_at:
                     gate.flush()  # per-client counts: shared within FLUSH_S
         finally:
@@ -235,8 +230,9 @@ class Worker:
         gate = self.gate
         if gate is not None and gate.table.pending and (due is None or gate.flush_at < due):
             due = gate.flush_at  # counts wait to be shared: wake up for them
-        if self.log_due is not None and (due is None or self.log_due < due):
-            due = self.log_due  # log lines wait: wake up to write them
+        log_due = self.msglog.due
+        if log_due is not None and (due is None or log_due < due):
+            due = log_due  # log lines wait: wake up to write them
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_pending_signals(self) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -249,7 +250,8 @@ def test_json_lines_name_the_listener(logfile):
 
 def test_the_loop_wakes_to_write_waiting_lines_within_flush_s():
     """Lines wait at most FLUSH_S: an idle worker's select() ends by then (not at its
-    1-second tick), and a line's `waiting` is what the loop looks at."""
+    1-second tick): a batch's first line sets the log's `due`, which the loop looks at,
+    and a flush clears it."""
     import socket
 
     from minismtp.config import load_config
@@ -265,12 +267,21 @@ def test_the_loop_wakes_to_write_waiting_lines_within_flush_s():
                     stats_board)
     try:
         assert worker._select_timeout(100.0) == 1.0  # nothing due: the tick
-        worker.log_due = 100.0 + msglog.FLUSH_S
+        worker.msglog.due = 100.0 + msglog.FLUSH_S
         assert worker._select_timeout(100.0) == pytest.approx(msglog.FLUSH_S)
         log = MessageLog(logging.getLogger("test.waiting"))
-        assert not log.waiting
-        log._lines.append("a line\n")
-        assert log.waiting
+        assert log.due is None
+        before = time.monotonic()
+        log._append("a line\n")
+        assert before + msglog.FLUSH_S <= log.due <= time.monotonic() + msglog.FLUSH_S
+        log._append("another\n")  # the batch's first line set it: a later one does not
+        first = log.due
+        log._fd = os.open(os.devnull, os.O_WRONLY)  # a stream to flush to
+        try:
+            log.flush()
+        finally:
+            os.close(log._fd)
+        assert log.due is None and first is not None
     finally:
         worker.poller.close()
         worker.wakeup.close()
