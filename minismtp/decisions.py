@@ -58,9 +58,7 @@ class Decisions:
             RcptTo: self.rcpt if "rcpt" in watched else _accept,
             Quit: self.quit if "quit" in watched else _accept,
             StartTls: self.starttls if "starttls" in watched else _accept,
-            MailFrom: self.mail if "mail" in watched else self._accept_mail,
-            DataStarted: self.data if "data" in watched else self._data_now,
-            MessageEnd: self.end if "end_of_data" in watched else self._end_now,
+            MailFrom: self.mail, DataStarted: self.data, MessageEnd: self.end,
             MessageRejected: self.rejected,
         }
         if logins is not None:  # the core sends AuthAttempt only where AUTH is offered
@@ -96,7 +94,7 @@ class Decisions:
     def mail(self, session: Session, event: MailFrom) -> None:
         self._decide(session, "mail", self._accept_mail, _reject, event.sender)
 
-    def _accept_mail(self, session: Session, event: object = None) -> None:
+    def _accept_mail(self, session: Session) -> None:
         self.stats.transactions += 1
         session.conn.accept()
 
@@ -117,11 +115,6 @@ class Decisions:
         self._decide(session, "data", self._start_message, _reject, envelope.sender,
                      envelope.recipients)
 
-    def _data_now(self, session: Session, event: DataStarted) -> None:
-        """`data` where no rule watches the stage."""
-        session.envelope = event.envelope
-        self._start_message(session)
-
     def _start_message(self, session: Session) -> None:
         if not self.storage.open(session):
             self._refuse(session, replies.LOCAL_ERROR)
@@ -135,12 +128,6 @@ class Decisions:
         envelope = session.envelope
         self._decide(session, "end_of_data", self._store, self._refuse_message,
                      envelope.sender, envelope.recipients)
-
-    def _end_now(self, session: Session, event: MessageEnd) -> None:
-        """`end` where no rule watches the stage."""
-        session.end_seen = time.monotonic()
-        session.size = event.size
-        self._store(session)
 
     def rejected(self, session: Session, event: MessageRejected) -> None:
         self.storage.abort(session)
