@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +29,7 @@ from minismtp import values as parsing
 from minismtp.clientlimits import PerClient, dump_per_client, parse_per_client
 from minismtp.faultrules import RuleProblems, dump_rules, parse_rules, parse_seed
 from minismtp.faults import FaultsConfig
+from minismtp.smallfile import NotRegularFile, TooLarge, read_small_file
 from minismtp.values import CertificatePair, ListenAddress, Listener, Parser, parse_listen
 
 __all__ = [
@@ -335,36 +335,16 @@ def _read(path: str, problems: list[str]) -> object:
 
 def _read_bytes(path: str, problems: list[str]) -> bytes | None:
     """The file's bytes, or None with a problem. The master runs this on HUP, so nothing
-    here may block or grow without bound: a FIFO would hang open() (O_NONBLOCK does not),
-    /dev/zero never ends, and a huge file would keep the master parsing for minutes."""
+    here may block or grow without bound (smallfile.py)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        problems.append(f'config: cannot read "{path}": {exc.strerror or exc}')
-        return None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            what = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            problems.append(f'config: cannot read "{path}": {what}')
-            return None
-        chunks, size = [], 0
-        while size <= MAX_CONFIG_BYTES:  # at most the limit plus one byte
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        problems.append(f'config: cannot read "{path}": {exc.strerror or exc}')
-        return None
-    finally:
-        os.close(fd)
-    if size > MAX_CONFIG_BYTES:
+        return read_small_file(path, MAX_CONFIG_BYTES)
+    except (OSError, NotRegularFile) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        problems.append(f'config: cannot read "{path}": {reason}')
+    except TooLarge:
         problems.append(f'config: "{path}" is larger than {MAX_CONFIG_BYTES} bytes (1 MiB), '
                         "the most a configuration may be")
-        return None
-    return b"".join(chunks)
+    return None
 
 
 def _collect(document: object, path: str, problems: list[str]) -> dict[str, object]:

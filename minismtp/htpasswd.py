@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 
 import bcrypt
+
+from minismtp.smallfile import NotRegularFile, TooLarge, read_small_file
 
 # RFC-less but fixed: $2x$ cost $ 22 salt + 31 hash characters of bcrypt's base64.
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
@@ -145,23 +146,10 @@ def _hash_problem(hashed: str) -> str:
 def _read(path: str) -> bytes:
     """The file's bytes; a FIFO, a directory or a huge file is a problem, not a hang."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_small_file(path, _MAX_FILE_BYTES)
     except OSError as exc:
         raise UsersFileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsersFileError([f"{path}: not a regular file"])
-        chunks, size = [], 0
-        while size <= _MAX_FILE_BYTES:
-            chunk = os.read(fd, _MAX_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise UsersFileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    finally:
-        os.close(fd)
-    if size > _MAX_FILE_BYTES:
-        raise UsersFileError([f"{path}: larger than {_MAX_FILE_BYTES} bytes"])
-    return b"".join(chunks)
+    except NotRegularFile:
+        raise UsersFileError([f"{path}: not a regular file"]) from None
+    except TooLarge:
+        raise UsersFileError([f"{path}: larger than {_MAX_FILE_BYTES} bytes"]) from None
