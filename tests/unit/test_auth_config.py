@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from minismtp.cli import main
-from minismtp.config import ConfigError, dump_config, load_config
+from minismtp.config import dump_config, load_config
 from minismtp.htpasswd import Users
 from minismtp.values import ListenAddress, Listener, ListenerAuth
+from support.configfiles import problems_of
 
 HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$", 1)
 
@@ -29,12 +30,6 @@ def config_file(tmp_path: Path, listen: str) -> Path:
     path = tmp_path / "minismtp.yaml"
     path.write_text(f"server:\n  listen:\n{listen}\n", encoding="utf-8")
     return path
-
-
-def problems_of(path: Path) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    return info.value.problems
 
 
 def test_default_is_off():

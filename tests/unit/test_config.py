@@ -29,6 +29,7 @@ from minismtp.config import (
 )
 from minismtp.cli import main
 from minismtp.faults import FaultsConfig
+from support.configfiles import problems_of
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
 SCHEMA = {
@@ -55,13 +56,6 @@ def write(tmp_path: Path, text: str | bytes, name: str = "minismtp.yaml") -> Pat
     else:
         path.write_text(text, encoding="utf-8")
     return path
-
-
-def problems_of(path=None, overrides=None) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
-    assert str(info.value) == "\n".join(info.value.problems)
-    return info.value.problems
 
 
 # --- defaults and the example file ---------------------------------------------------

@@ -8,13 +8,8 @@ import threading
 
 import pytest
 
-from minismtp.config import MAX_CONFIG_BYTES, ConfigError, load_config
-
-
-def problems_of(path) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    return info.value.problems
+from minismtp.config import MAX_CONFIG_BYTES, load_config
+from support.configfiles import problems_of
 
 
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):

@@ -6,23 +6,17 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-import pytest
 import yaml
 
-from minismtp.config import ConfigError, dump_config, load_config
+from minismtp.config import dump_config, load_config
 from minismtp.values import ProxyProtocol
+from support.configfiles import problems_of
 
 
 def config_file(tmp_path: Path, listen: str, extra: str = "") -> Path:
     path = tmp_path / "minismtp.yaml"
     path.write_text(f"server:\n  listen:\n{listen}\n{extra}", encoding="utf-8")
     return path
-
-
-def problems_of(path: Path) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    return info.value.problems
 
 
 def test_default_is_none_and_the_timeout_ten_seconds():

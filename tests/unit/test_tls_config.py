@@ -17,8 +17,9 @@ trustme = pytest.importorskip("trustme")
 from minismtp import tls  # noqa: E402
 from minismtp.cli import main  # noqa: E402
 from minismtp.config import (  # noqa: E402
-    CertificatePair, ConfigError, ListenAddress, Listener, TlsConfig, dump_config, load_config,
+    CertificatePair, ListenAddress, Listener, TlsConfig, dump_config, load_config,
 )
+from support.configfiles import problems_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +60,6 @@ tls:
   certificates:
     - {{cert: "{cert}", key: "{key}"}}
 {extra}""")
-
-
-def problems_of(path=None, overrides=None) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
-    return info.value.problems
 
 
 V4 = socket.AF_INET
