@@ -253,9 +253,10 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(parts: list[dict], seconds: float, requested: int) -> dict:
-    latencies = [x for part in parts for x in part["latencies"]]
+    """What the load clients here report of their parts: messages, errors, the rate and
+    the latencies."""
     messages = sum(part["messages"] for part in parts)
-    ms = [x * 1000 for x in latencies]
+    ms = [x * 1000 for part in parts for x in part["latencies"]]
     return {
         "messages": messages,
         "requested": requested,
@@ -267,8 +268,14 @@ def summarize(parts: list[dict], seconds: float, requested: int) -> dict:
         "p50_ms": percentile(ms, 50),
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms) if ms else None,
-        "pipelining": all(part["pipelining"] for part in parts),
     }
+
+
+def print_report(result: dict) -> int:
+    """The report as one JSON line; the exit status: 0 when every message went through."""
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if result["errors"] == 0 and result["messages"] == result["requested"] else 1
 
 
 _DIED = {"messages": 0, "sessions": 0, "errors": 1, "error_samples": ["child died"],
@@ -347,10 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = in_processes(args.procs, args.sessions, args.messages, lambda sessions, messages:
                          run(args.host, args.port, sessions, messages, args.size, args.timeout))
     result = summarize(parts, time.perf_counter() - started, args.messages)
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
-    ok = result["errors"] == 0 and result["messages"] == args.messages
-    return 0 if ok else 1
+    result["pipelining"] = all(part["pipelining"] for part in parts)
+    return print_report(result)
 
 
 if __name__ == "__main__":

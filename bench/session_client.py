@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import errno
 import ipaddress
-import json
 import os
 import selectors
 import socket
@@ -44,7 +43,7 @@ import sys
 import time
 
 from pipeline_client import (
-    Pool, in_processes, load_arguments, make_body, parsed_load_arguments, percentile,
+    Pool, in_processes, load_arguments, make_body, parsed_load_arguments, print_report, summarize,
 )
 
 CRLF = b"\r\n"
@@ -223,24 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = in_processes(args.procs, args.sessions, args.messages, lambda sessions, messages:
                          run(args.host, args.port, sessions, messages, args.size,
                              args.timeout, args.proxy or "", auth))
-    seconds = time.perf_counter() - started
-    messages = sum(part["messages"] for part in parts)
-    ms = [x * 1000 for part in parts for x in part["latencies"]]
-    result = {
-        "messages": messages,
-        "requested": args.messages,
-        "errors": sum(part["errors"] for part in parts),
-        "error_samples": [e for part in parts for e in part["error_samples"]][:5],
-        "seconds": seconds,
-        "msgs_per_s": messages / seconds if seconds > 0 else 0.0,
-        "auths": sum(part.get("auths", 0) for part in parts),
-        "p50_ms": percentile(ms, 50),
-        "p99_ms": percentile(ms, 99),
-    }
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
-    ok = result["errors"] == 0 and result["messages"] == args.messages
-    return 0 if ok else 1
+    result = summarize(parts, time.perf_counter() - started, args.messages)
+    result["auths"] = sum(part.get("auths", 0) for part in parts)
+    return print_report(result)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,12 @@ Untrusted input: the server's replies, read a line at a time and judged by their
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import ssl
 import sys
 import time
 
-from pipeline_client import in_processes, loopback  # bench/, beside this file
+from pipeline_client import in_processes, loopback, print_report  # bench/, beside this
 
 CRLF = b"\r\n"
 ENVELOPE = (b"MAIL FROM:<bench@client.bench>\r\n", b"RCPT TO:<sink@server.bench>\r\n")
@@ -242,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "resumed": sum(part["resumed"] for part in parts),
         "tls": next((part["tls"] for part in parts if part["tls"]), ""),
     }
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
-    ok = result["errors"] == 0 and result["messages"] == args.messages
-    return 0 if ok else 1
+    return print_report(result)
 
 
 if __name__ == "__main__":
