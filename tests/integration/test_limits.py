@@ -64,17 +64,23 @@ def _smuggle(client, separator: bytes = SMUGGLED) -> None:
     client.send(b"Subject: smuggle\r\n\r\nhello" + separator)
 
 
-def test_smuggling_with_bare_lf_accepted_stores_one_message(make_server, raw_clients):
-    server = make_server({"limits": {"bare_lf": "accept"}})
-    client = raw_clients(server.port)
+def _smuggled_and_stored(server, client) -> bytes:
+    """The smuggling attempt, then QUIT: had the server taken "\n.\r\n" as the end,
+    MAIL/RCPT/DATA would get replies before the 221. The one file stored, checked to be
+    the message the 250 named."""
     _smuggle(client)
     queue_id = client.reply().queue_id
     client.send(b"QUIT\r\n")
-    # Had the server taken "\n.\r\n" as the end, MAIL/RCPT/DATA would get replies here.
     assert client.reply().raw == replies.CLOSING.wire
     assert client.wait_closed() == b""
     [(key, stored)] = server.maildir_messages()
     assert key.startswith(queue_id + ".")
+    return stored
+
+
+def test_smuggling_with_bare_lf_accepted_stores_one_message(make_server, raw_clients):
+    server = make_server({"limits": {"bare_lf": "accept"}})
+    stored = _smuggled_and_stored(server, raw_clients(server.port))
     # Stored as it came ("\n.\r\n" keeps its dot), but for the LF line endings of the file.
     assert stored.endswith(server.stored_form(b"\r\n\r\nhello" + SMUGGLED[:-3]))
     assert b"MAIL FROM:<evil@x>\nRCPT TO:<v@x>\nDATA\nsmuggled\n" in stored
@@ -85,14 +91,7 @@ def test_smuggling_with_bare_lf_accepted_stores_one_message(make_server, raw_cli
 def test_smuggling_with_bare_lf_normalized_stores_one_message(make_server, raw_clients):
     """Under the default, "\n.\r\n" is an empty line (its dot unstuffed), not the end."""
     server = make_server()  # limits.bare_lf defaults to normalize
-    client = raw_clients(server.port)
-    _smuggle(client)
-    queue_id = client.reply().queue_id
-    client.send(b"QUIT\r\n")
-    assert client.reply().raw == replies.CLOSING.wire
-    assert client.wait_closed() == b""
-    [(key, stored)] = server.maildir_messages()
-    assert key.startswith(queue_id + ".")
+    stored = _smuggled_and_stored(server, raw_clients(server.port))
     assert stored.endswith(server.stored_form(
         b"\r\n\r\nhello\r\n\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nsmuggled\r\n"))
     server.wait_for_log(r"disconnect from")  # the session's lines are all out by then
