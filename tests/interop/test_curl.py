@@ -27,15 +27,21 @@ def curl(port: int, path: Path) -> subprocess.CompletedProcess:
                           errors="replace", timeout=90)
 
 
-def test_crlf_file_stored_byte_for_byte(server, tmp_path):
-    """A CRLF file, dot-led line included, goes through curl with exit status 0 and a
-    queued reply, and is stored byte for byte."""
-    message = text_message("curl upload", "first\n.dot-led line\nlast\n")
-    path = tmp_path / "msg.eml"
+def uploaded(server, path, message: bytes) -> str:
+    """`message` written to `path` and sent with curl, which must exit 0 having read a
+    queued reply: its queue id."""
     path.write_bytes(message)
     result = curl(server.port, path)
     assert result.returncode == 0, result.stderr[-3000:]
     [qid] = QUEUED.findall(result.stderr)
+    return qid
+
+
+def test_crlf_file_stored_byte_for_byte(server, tmp_path):
+    """A CRLF file, dot-led line included, goes through curl with exit status 0 and a
+    queued reply, and is stored byte for byte."""
+    message = text_message("curl upload", "first\n.dot-led line\nlast\n")
+    qid = uploaded(server, tmp_path / "msg.eml", message)
     expect_stored(stored_file(server.mail_dir, qid), message)
 
 
@@ -45,9 +51,5 @@ def test_lf_file_is_stored_with_lf_endings(server, tmp_path):
     curl stuffs dots only after CRLF.)"""
     message = text_message("curl lf upload", "first\nsecond\nlast\n").replace(b"\r\n", b"\n")
     assert b"\r" not in message
-    path = tmp_path / "msg-lf.eml"
-    path.write_bytes(message)
-    result = curl(server.port, path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [qid] = QUEUED.findall(result.stderr)
+    qid = uploaded(server, tmp_path / "msg-lf.eml", message)
     expect_lf_stored(stored_file(server.mail_dir, qid), message)
