@@ -67,7 +67,8 @@ from minismtp.smtp.events import (
 )
 from minismtp.smtp.replies import Reply
 from minismtp.smtp.scanner import (
-    CR, DOT, LF, NEED_MORE, BodyScanner, LineScanner, find_bare_lf, normalize_bare_lf,
+    CR, DOT, LF, NEED_MORE, HOP_PIECE_BYTES, BodyScanner, LineScanner, find_bare_lf, has_bare_lf,
+    normalize_bare_lf,
 )
 
 
@@ -690,9 +691,14 @@ class SmtpServerConnection:
             copied = body.copied
             size = len(copied) if copied is not None else body.stop - body.start
             if size:
+                if copied is None:
+                    piece, start, stop = data, body.start, body.stop
+                    chunk = buf.view(start, stop)
+                else:
+                    piece, start, stop = copied, 0, size
+                    chunk = memoryview(copied)
                 if normalize:  # sizes count the body as handed on, CRLF only
-                    chunk = self._normalized(
-                        buf.view(body.start, body.stop) if copied is None else copied)
+                    chunk = self._normalized(chunk, piece, start, stop)
                     self._body_bytes += len(chunk)
                     if chunk and self._body_bytes <= limit:
                         return BodyChunk(chunk)
@@ -700,10 +706,9 @@ class SmtpServerConnection:
                 self._body_bytes += size
                 if self._bare_lf_seen:
                     continue  # refused whatever follows: read on, store nothing more
-                chunk = buf.view(body.start, body.stop) if copied is None else memoryview(copied)
                 # Bare LF is looked for even past the size limit, so which refusal a body
                 # gets never depends on how its bytes were split into reads.
-                if check_bare_lf and find_bare_lf(chunk) is not None:
+                if check_bare_lf and has_bare_lf(piece, start, stop):
                     self._bare_lf_seen = True
                 elif self._body_bytes <= limit:
                     return BodyChunk(chunk)
@@ -711,14 +716,21 @@ class SmtpServerConnection:
                 self._maybe_grow()
                 return NEED_DATA
 
-    def _normalized(self, piece: memoryview | bytes) -> memoryview:
-        """A body piece under "normalize": as it is when it holds no bare LF and does
-        not open a line after one (the usual case, no copy), else `normalize_bare_lf`."""
-        after, n = self._after_bare_lf, len(piece)
-        self._after_bare_lf = piece[n - 1] == LF and (n == 1 or piece[n - 2] != CR)
-        if find_bare_lf(piece) is None and not (after and piece[0] == DOT):
-            return piece if type(piece) is memoryview else memoryview(piece)
-        return memoryview(normalize_bare_lf(piece, after))
+    def _normalized(self, chunk: memoryview, data: bytes | bytearray, start: int,
+                    stop: int) -> memoryview:
+        """A body piece (`chunk`, which is `data[start:stop]`) under "normalize": as it is
+        when it holds no bare LF and does not open a line after one (the usual case, no
+        copy), else `normalize_bare_lf`."""
+        after = self._after_bare_lf
+        self._after_bare_lf = data[stop - 1] == LF and (
+            stop - start == 1 or data[stop - 2] != CR)
+        if stop - start < HOP_PIECE_BYTES:  # the usual piece: one C call on its own view
+            bare = find_bare_lf(chunk) is not None
+        else:
+            bare = has_bare_lf(data, start, stop)
+        if not bare and not (after and data[start] == DOT):
+            return chunk
+        return memoryview(normalize_bare_lf(chunk, after))
 
     def _end_body(self) -> object:
         size = self._body_bytes

@@ -25,8 +25,8 @@ never handed out, since it may start the next CRLF, so every CRLF lies inside on
 
 Bare LF under `limits.bare_lf: normalize` (Postfix 3.9's default): the body scanner runs
 as above, CRLF-only, so the terminator is still CRLF "." CRLF and nothing else. Its pieces
-go through `normalize_bare_lf` only when they hold a bare LF (one regex search, the one
-the reject policy pays too) or follow one: each bare LF becomes CRLF and one "." right
+go through `normalize_bare_lf` only when they hold a bare LF (`has_bare_lf`, which the
+reject policy pays too: one sre scan, or memchr hops over long lines) or follow one: each bare LF becomes CRLF and one "." right
 after it is dropped, as after a CRLF. A line ending in a bare LF is a line, so a client
 that stuffs it (smtplib does, after every LF; Postfix unstuffs it) gets its text back,
 and a "." there is never a terminator. Piece by piece is exact because the scanner's
@@ -173,9 +173,41 @@ def _safe_end(buf: bytearray, pos: int, end: int) -> int:
 
 
 # An LF without its CR. A regex with a literal first byte lets sre jump from LF to LF in
-# C; two bytes.count() passes were 3x slower on typical bodies. Searching a piece's own
-# view keeps the look-behind inside it, which is exact since no CRLF spans two pieces.
-find_bare_lf = re.compile(rb"\n(?<!\r\n)").search
+# C, about one byte per cycle; two bytes.count() passes were 3x slower on typical bodies.
+_LF_WITHOUT_CR = re.compile(rb"\n(?<!\r\n)").search
+find_bare_lf = _LF_WITHOUT_CR  # on a piece's own view, where nothing lies before it
+
+# Long lines (998-octet lines, a multi-megabyte body) are cheaper hopped over: a one-byte
+# find is memchr, dozens of bytes per cycle, so a Python step per line beats sre's byte
+# loop once lines run to a few hundred bytes. Small pieces and short lines stay with sre.
+HOP_PIECE_BYTES = 16 * 1024  # pieces from this size on try hopping first
+_SHORT_LINE = 256  # a line shorter than this is a strike against hopping
+_STRIKES = 4  # after this many short lines, sre scans the rest of the piece
+
+
+def has_bare_lf(data: bytes | bytearray, start: int, end: int,
+                hop_from: int = HOP_PIECE_BYTES) -> bool:
+    """Whether `data[start:end]` (a body piece) holds an LF without a CR just before it
+    in the piece. An LF that opens a piece is bare: no CRLF spans two pieces."""
+    if start >= end:
+        return False
+    if data[start] == LF:
+        return True
+    pos = start + 1  # from here on the byte before any LF lies inside the piece
+    if end - start >= hop_from:
+        find, strikes = data.find, 0
+        while strikes < _STRIKES:
+            lf = find(b"\n", pos, end)
+            if lf < 0:
+                return False
+            if data[lf - 1] != CR:
+                return True
+            if lf - pos < _SHORT_LINE:
+                strikes += 1
+            pos = lf + 1
+    return _LF_WITHOUT_CR(data, pos, end) is not None
+
+
 _BARE_LF_DOT = re.compile(rb"\n(?<!\r\n)\.?")
 
 

@@ -23,6 +23,8 @@ from support.smtpdriver import (
 )
 
 from minismtp.smtp.protocol import BARE_LF_POLICIES
+from minismtp.smtp.scanner import HOP_PIECE_BYTES
+from minismtp.smtp.scanner import has_bare_lf as scanner_has_bare_lf
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -229,3 +231,21 @@ def test_chunking_never_changes_the_outcome(data: bytes, seed: int, bare_lf: str
         c.send(OPEN + data)
         outcomes.add(outcome(c))
     assert len(outcomes) == 1, outcomes
+
+
+long_lines = st.lists(st.tuples(st.integers(min_value=0, max_value=700),
+                                st.sampled_from([b"\r\n", b"\n", b"\r", b""])),
+                      max_size=12).map(lambda ls: b"".join(b"x" * n + end for n, end in ls))
+
+
+@FAST
+@given(st.one_of(raw_bodies, long_lines), st.integers(min_value=0, max_value=8),
+       st.integers(min_value=0, max_value=8), st.sampled_from([0, 64, HOP_PIECE_BYTES]))
+def test_bare_lf_search_matches_reference(body: bytes, before: int, after: int,
+                                          hop_from: int) -> None:
+    """Hopping from LF to LF (long lines) and sre's scan (short lines, small pieces) agree
+    with the byte-at-a-time reference; bytes around the piece never count, and an LF that
+    opens the piece is bare whatever precedes it."""
+    data = b"\r" * before + body + b"\n" * after
+    found = scanner_has_bare_lf(data, before, before + len(body), hop_from=hop_from)
+    assert found == has_bare_lf(body)
