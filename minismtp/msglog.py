@@ -1,5 +1,4 @@
-"""The per-message and per-session log lines: formatted here, written in batches at
-most FLUSH_S apart.
+"""The per-message and per-session log lines: formatted here, written once per loop turn.
 
 Untrusted input: the envelope sender, which goes into the line as the `logging` module
 would have put it (the core admits only printable text there); command verbs (the core
@@ -9,15 +8,15 @@ AUTH, which may hold anything, so the text lines escape it (`printable`).
 Why not `logging`: each record costs a LogRecord, a Formatter pass, a lock and a write
 system call, several microseconds per message (bench/README.md), which at `info` (the
 default) cost a quarter of the throughput of short sessions. Here a line is one f-string
-with a timestamp cached per second, and the loop writes what has gathered once the
-first line has waited FLUSH_S: a write per 20 ms, not one per loop turn (at short
-sessions' rates, a turn holds a message or two, and the write cost more than the line).
+with a timestamp cached per second, and the loop writes what a turn gathered at the end
+of that turn: one write per turn, however many sessions the turn served.
 
 What is kept: the lines look exactly like the other log records (one LOG_FORMAT), stay in
 order with them (a worker's other records first flush the batch, through a filter on the
 root handlers), and each write is at most PIPE_BUF bytes of whole lines, so lines of
 several workers sharing one pipe never interleave mid-line. What a crash costs: a clean
-stop flushes; a worker killed with SIGKILL loses at most the last FLUSH_S of lines.
+stop flushes; a worker killed with SIGKILL loses at most the lines of the loop turn it
+was in, and a turn ends before the next one reads anything from a client.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import time
 
 from minismtp.logsetup import LOG_FORMAT, JsonFormatter, timestamp
 _ATOMIC_BYTES = getattr(select, "PIPE_BUF", 4096)  # a pipe write up to this is never split
-FLUSH_S = 0.02  # the longest a line waits for its write
 
 
 class MessageLog:
@@ -43,9 +41,7 @@ class MessageLog:
         self._logger = logger
         self._root = root = root or logging.getLogger()
         self._lines: list[str] = []  # encoded once per flush, not once per line
-        # When the lines waiting must be written (time.monotonic(), the loop's clock), or
-        # None: the loop flushes once it has passed, and wakes up for it.
-        self.due: float | None = None
+        self.waiting = False  # lines wait for the end of the loop's turn
         self._fd, self._encoding, self.json = _plain_stream(root.handlers)
         self._pid = os.getpid()
         self._prefix = f" minismtp[{self._pid}] INFO "
@@ -119,9 +115,8 @@ class MessageLog:
         self._append(json.dumps(document, ensure_ascii=False) + "\n")
 
     def _append(self, line: str) -> None:
-        if not self._lines:  # the first of a batch: it is written within FLUSH_S
-            self.due = time.monotonic() + FLUSH_S
         self._lines.append(line)
+        self.waiting = True
 
     def flush(self) -> None:
         """Write the batch in pieces of whole lines, each at most PIPE_BUF bytes."""
@@ -129,7 +124,7 @@ class MessageLog:
             return
         data = "".join(self._lines).encode(self._encoding, "backslashreplace")
         self._lines = []
-        self.due = None
+        self.waiting = False
         start, end = 0, len(data)
         while start < end:
             stop = end

@@ -170,6 +170,8 @@ class Worker:
                     last_tick = now
                     if not self._tick(now):
                         break
+                if msglog.waiting:
+                    msglog.flush()  # the last turn's lines: all a SIGKILL can cost
                 events = self.poller.poll(self._select_timeout(now))
                 self.now = time.monotonic()
                 for owner, mask in events:
@@ -195,8 +197,6 @@ class Worker:
                 self.timers.expire(now, self._on_deadline)
                 if acceptor.deferred_until and now >= acceptor.deferred_until:
                     start(acceptor.end_deferral())
-                if msglog.due is not None and now >= msglog.due:
-                    msglog.flush()  # FLUSH_S after a batch's first line: all a SIGKILL can cost
                 if pending and now >= gate.flush_at:
                     gate.flush()  # per-client counts: shared within FLUSH_S
         finally:
@@ -230,9 +230,6 @@ class Worker:
         gate = self.gate
         if gate is not None and gate.table.pending and (due is None or gate.flush_at < due):
             due = gate.flush_at  # counts wait to be shared: wake up for them
-        log_due = self.msglog.due
-        if log_due is not None and (due is None or log_due < due):
-            due = log_due  # log lines wait: wake up to write them
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_pending_signals(self) -> None:

@@ -4,7 +4,9 @@ same lines as JSON objects with `logging.format: json`."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 
 from minismtp.smtp import replies
 
@@ -21,6 +23,20 @@ def test_a_session_ends_with_its_summary(make_server, raw_clients):
     assert line.group(0).endswith(
         f"disconnect from 127.0.0.1:{port} listener=127.0.0.1:0 ehlo=1 mail=1 rcpt=1 data=1 "
         "quit=1 commands=5 end=quit")
+
+
+def test_a_worker_killed_keeps_the_lines_of_every_turn_before_its_last(make_server,
+                                                                        raw_clients):
+    """A turn's lines are written before the loop polls again: once the reply to a later
+    command (NOOP) has come back, the message's line is out, and SIGKILL cannot take it."""
+    server = make_server({"server": {"workers": 1}})
+    (worker,) = server.wait_for_workers(1)
+    client = raw_clients(server.port)
+    client.hello()
+    queue_id = client.send_message(b"Subject: hi\r\n\r\nhello\r\n").queue_id
+    client.cmd("NOOP", 250)
+    os.kill(worker, signal.SIGKILL)
+    server.wait_for_log(rf"INFO id={queue_id} peer=127\.0\.0\.1 .* result=250 ", timeout=5)
 
 
 def test_a_client_speaking_tls_on_a_plain_port_is_named(make_server, raw_clients):

@@ -7,7 +7,6 @@ import logging
 import os
 import pathlib
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -248,42 +247,20 @@ def test_json_lines_name_the_listener(logfile):
         ("message", "chaos"), ("disconnect", "chaos")]
 
 
-def test_the_loop_wakes_to_write_waiting_lines_within_flush_s():
-    """Lines wait at most FLUSH_S: an idle worker's select() ends by then (not at its
-    1-second tick): a batch's first line sets the log's `due`, which the loop looks at,
-    and a flush clears it."""
-    import socket
-
-    from minismtp.config import load_config
-    from minismtp.delivery.null import DiscardBackend
-    from minismtp.heartbeat import HeartbeatBoard
-    from minismtp.stats import StatsBoard
-    from minismtp.worker import Worker
-
-    config = load_config(overrides={"server.listen": ["127.0.0.1:0"]})
-    sock = socket.socket()
-    board, stats_board = HeartbeatBoard(1), StatsBoard(1, 4)
-    worker = Worker(config, [(sock, config.server.listen[0])], DiscardBackend(), board, 0,
-                    stats_board)
+def test_lines_wait_only_for_the_end_of_the_turn():
+    """A line marks the log as waiting, which the loop checks before each poll; a flush
+    writes the turn's lines and clears the mark. An idle worker never wakes up for them."""
+    log = MessageLog(logging.getLogger("test.waiting"))
+    assert not log.waiting
+    log._append("a line\n")
+    log._append("another\n")
+    assert log.waiting
+    read_end, write_end = os.pipe()
+    log._fd = write_end
     try:
-        assert worker._select_timeout(100.0) == 1.0  # nothing due: the tick
-        worker.msglog.due = 100.0 + msglog.FLUSH_S
-        assert worker._select_timeout(100.0) == pytest.approx(msglog.FLUSH_S)
-        log = MessageLog(logging.getLogger("test.waiting"))
-        assert log.due is None
-        before = time.monotonic()
-        log._append("a line\n")
-        assert before + msglog.FLUSH_S <= log.due <= time.monotonic() + msglog.FLUSH_S
-        log._append("another\n")  # the batch's first line set it: a later one does not
-        first = log.due
-        log._fd = os.open(os.devnull, os.O_WRONLY)  # a stream to flush to
-        try:
-            log.flush()
-        finally:
-            os.close(log._fd)
-        assert log.due is None and first is not None
+        log.flush()
+        assert os.read(read_end, 100) == b"a line\nanother\n"
     finally:
-        worker.poller.close()
-        worker.wakeup.close()
-        sock.close()
-        board.close()
+        os.close(read_end)
+        os.close(write_end)
+    assert not log.waiting
