@@ -3,6 +3,7 @@
     python bench/profile_worker.py S1                 # 20,000 messages, top 30 by own time
     python bench/profile_worker.py S3 --messages 20 --sort cumulative
     python bench/profile_worker.py S5 --top 50
+    python bench/profile_worker.py S1E --edge proxy     # what a PROXY v2 header costs
 
 A real `Worker` (discard delivery, default limits) runs under cProfile on a listener bound
 to 127.0.0.1, while the scenario's client (smtp-source, or bench/pipeline_client.py for
@@ -29,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from e2e import KIB, MIB  # noqa: E402
-from e2e.clients import pipeline_client, smtp_source, tls_client  # noqa: E402
+from e2e.clients import pipeline_client, session_client, smtp_source, tls_client  # noqa: E402
 from e2e.tlsfiles import make_certificate  # noqa: E402
 
 from minismtp.arbiter import bind  # noqa: E402
@@ -47,6 +48,13 @@ LOADS = {
     "S3": (10 * MIB, 1, False, 30),
     "S5": (KIB, 20, True, 60_000),
     "S7": (KIB, 20, False, 3_000),  # STARTTLS with a full handshake on every connection
+    # S1E's client (bench/session_client.py): plain, or with the edge feature of --edge
+    "S1E": (KIB, 20, False, 10_000),
+}
+EDGE_LISTENERS = {  # --edge: what the S1E listener takes, as in bench/e2e/servers.py
+    "none": {},
+    "proxy": {"proxy_protocol": {"version": "v2", "trusted": ["127.0.0.1/32"]}},
+    "auth": {"auth": {"mode": "accept_any", "require": True, "allow_plaintext": True}},
 }
 
 
@@ -56,6 +64,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, help="messages to send (default by scenario)")
     parser.add_argument("--sort", default="tottime", help="pstats sort key (default tottime)")
     parser.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
+    parser.add_argument("--edge", choices=sorted(EDGE_LISTENERS), default="none",
+                        help="S1E only: the listener takes a PROXY v2 header, or AUTH")
     args = parser.parse_args()
     size, sessions, keep_open, default_count = LOADS[args.scenario]
     messages = args.messages or default_count
@@ -68,6 +78,8 @@ def main() -> int:
         files = make_certificate(Path(tempfile.mkdtemp(prefix="profile-tls-")))
         overrides["tls.certificates"] = [{"cert": str(files.cert), "key": str(files.key)}]
         overrides["server.listen"] = [{"address": "127.0.0.1:0", "tls": "starttls"}]
+    if args.scenario == "S1E":
+        overrides["server.listen"] = [{"address": "127.0.0.1:0", **EDGE_LISTENERS[args.edge]}]
     config = load_config(overrides=overrides)
     context = server_context(config.tls) if args.scenario == "S7" else None
     listener = bind(config.server.listen[0], 4096, reuse_port=False)
@@ -82,6 +94,11 @@ def main() -> int:
         started = time.perf_counter()
         if args.scenario == "S5":
             result = pipeline_client(port, sessions=sessions, size=size, messages=messages)
+        elif args.scenario == "S1E":
+            result = session_client(
+                port, sessions=sessions, size=size, messages=messages,
+                proxy="v2" if args.edge == "proxy" else "",
+                credentials=("bench", "secret") if args.edge == "auth" else None)
         elif args.scenario == "S7":
             result = tls_client(port, mode="starttls", sessions=sessions, size=size,
                                 messages=messages, line_length=78, per_connection=True)

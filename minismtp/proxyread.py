@@ -55,16 +55,15 @@ _ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
 
 
 class ProxyRead:
-    """The poller's owner of a connection while its PROXY header is read."""
+    """The poller's owner of a connection while the rest of its PROXY header is on its way."""
 
-    __slots__ = ("session", "accept", "data", "watched", "then", "hand_over")
+    __slots__ = ("session", "accept", "data", "then", "hand_over")
 
-    def __init__(self, session: Session, accept: proxyproto.Version,
-                 then: Callable[[Session], None], hand_over: bool = False) -> None:
+    def __init__(self, session: Session, accept: proxyproto.Version, data: bytes,
+                 then: Callable[[Session], None], hand_over: bool) -> None:
         self.session = session
         self.accept = accept
-        self.data = bytearray()  # header bytes taken so far; never past MAX_HEADER_BYTES
-        self.watched = False
+        self.data = data  # header bytes taken so far; never past MAX_HEADER_BYTES
         self.then = then  # what the session does next: greet, or a TLS handshake
         self.hand_over = hand_over  # `then` reads the socket as the session: keep it watched
 
@@ -88,78 +87,90 @@ class ProxyReads:
         `hand_over`: `then` goes on reading the socket as the session itself (a plain
         listener's greeting), so a socket watched for its header stays watched for the
         session, without the two system calls of unwatching and watching again."""
-        if not self._trusted(session.peer.address, proxy):
+        known = self._known.get((session.peer.address, id(proxy)))
+        if not (known or known is None and self._trusted(session.peer.address, proxy)):
             self._failed(session, "untrusted source")
             return
-        session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], then,
-                                              hand_over)
+        accept = _ACCEPT[proxy.version]
         # A balancer sends its header with the connection: read it before asking the
         # poller, which is then only needed (two syscalls), with a deadline, for a header
         # still on its way.
-        self.step(reader)
-        if session.preamble is reader and not session.closed:
+        got = self._take(session, accept, b"")
+        if got is None:
+            return
+        if type(got) is bytes:
+            session.preamble = reader = ProxyRead(session, accept, got, then, hand_over)
             loop = self.loop
             loop.timers.set_deadline(session, loop.now + (
                 self.timeout_s if timeout_s is None else timeout_s))
             self.poller.register(session.fd, READ, reader)
-            reader.watched = True
+            return
+        self._use(session, got)
+        then(session)
 
     def _trusted(self, address: str, proxy: ProxyProtocol) -> bool:
         """proxyproto.trusted, remembered per peer address and listener: the peers of a
         PROXY listener are a few balancers, and parsing an address is the costly part."""
-        key = (address, id(proxy))  # the listener's profile keeps `proxy` alive
-        known = self._known.get(key)
-        if known is None:
-            if len(self._known) >= _MAX_KNOWN:
-                self._known.clear()  # untrusted sources churning it: start again
-            known = self._known[key] = proxyproto.trusted(address, proxy.trusted)
+        if len(self._known) >= _MAX_KNOWN:
+            self._known.clear()  # untrusted sources churning it: start again
+        # The listener's profile keeps `proxy` alive, so its id names it.
+        known = self._known[address, id(proxy)] = proxyproto.trusted(address, proxy.trusted)
         return known
 
     def step(self, reader: ProxyRead) -> None:
         """The connection is readable: take what belongs to the header."""
         session = reader.session
+        got = self._take(session, reader.accept, reader.data)
+        if got is None:
+            return
+        if type(got) is bytes:
+            reader.data = got
+            return
+        if reader.hand_over:
+            self.poller.hand_over(session.fd, session)  # read for the session from now on
+            session.mask = READ
+        else:
+            self.poller.unregister(session.fd)
+        session.preamble = None
+        self._use(session, got)
+        reader.then(session)
+
+    def _take(self, session: Session, accept: proxyproto.Version, have: bytes
+              ) -> proxyproto.ProxyHeader | bytes | None:
+        """Take from the socket what belongs to the header: the header, once whole; else
+        the header's bytes so far (`have` and what came after it); None when the
+        connection failed and is closed."""
         sock = session.transport.sock
-        data = reader.data
         try:
-            peeked = sock.recv(proxyproto.MAX_HEADER_BYTES - len(data), socket.MSG_PEEK)
+            peeked = sock.recv(proxyproto.MAX_HEADER_BYTES - len(have), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return
+            return have
         except OSError:
-            self._failed(session, "closed mid-header")
-            return
+            peeked = b""
         if not peeked:
             self._failed(session, "closed mid-header")
-            return
-        have = len(data)
-        window = data + peeked if have else peeked
+            return None
+        window = have + peeked if have else peeked
         try:
-            header = proxyproto.parse(window, 0, len(window), reader.accept)
+            header = proxyproto.parse(window, 0, len(window), accept)
         except proxyproto.ProxyError as exc:
             self._failed(session, exc.reason)
-            return
+            return None
         # Take from the socket what is header: all of it while more is needed, else
         # exactly the rest of the header. The peeked bytes are there: this cannot block.
-        take = len(peeked) if header is proxyproto.NEED_MORE else header.consumed - have
+        whole = header is not proxyproto.NEED_MORE
+        take = header.consumed - len(have) if whole else len(peeked)
         try:
             taken = sock.recv(take)
         except OSError:
-            self._failed(session, "closed mid-header")
-            return
+            taken = b""
         if len(taken) != take:  # only a socket shut under us could do this
             self._failed(session, "closed mid-header")
-            return
-        if header is proxyproto.NEED_MORE:
-            data += taken
-            return
-        self._done(reader, header)
+            return None
+        return header if whole else have + taken
 
-    def _done(self, reader: ProxyRead, header: proxyproto.ProxyHeader) -> None:
-        session = reader.session
-        if reader.watched and reader.hand_over:
-            self.poller.hand_over(session.fd, session)  # read for the session from now on
-            session.mask = READ
-            reader.watched = False
-        self.forget(session)
+    def _use(self, session: Session, header: proxyproto.ProxyHeader) -> None:
+        """The header is in: a PROXY command's source becomes the session's peer."""
         self.stats.proxy_headers += 1
         source = header.source
         if source is not None and header.command is _PROXY_COMMAND:
@@ -167,7 +178,6 @@ class ProxyReads:
                 log.debug("proxy: peer=%s is %s:%d (v%d)", session.peer.address,
                           source[0], source[1], header.version)
             session.peer = Peer(source[0], source[1])
-        reader.then(session)
 
     def expire(self, session: Session) -> None:
         """The header's deadline passed (or the grace of a stopping worker)."""
@@ -183,14 +193,10 @@ class ProxyReads:
         loop.timers.set_deadline(session, min(session.deadline, loop.now + STOP_GRACE_S))
 
     def forget(self, session: Session) -> None:
-        """The header is in, or the session closes: stop watching for it."""
-        reader = session.preamble
-        if reader is None:
-            return
-        if reader.watched:
+        """The session closes while its header is awaited: stop watching for it."""
+        if session.preamble is not None:
             self.poller.unregister(session.fd)
-            reader.watched = False
-        session.preamble = None
+            session.preamble = None
 
     def _failed(self, session: Session, reason: str) -> None:
         self.stats.count_proxy_failure(reason)
