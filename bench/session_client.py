@@ -3,7 +3,7 @@ need: a PROXY header first, AUTH PLAIN after EHLO. The S1E and S1B client.
 
     python bench/session_client.py --port PORT [--host 127.0.0.1] [--sessions 20]
         [--messages 2000] [--size 1024] [--procs 1] [--proxy v1|v2]
-        [--auth USER:PASSWORD] [--timeout 120]
+        [--auth USER:PASSWORD | --noop] [--timeout 120]
 
 A session is a connection carrying one message, each command waiting for its reply (no
 pipelining, like smtp-source): with --proxy first a PROXY header (version 1 or 2, TCP over
@@ -86,11 +86,13 @@ class Session:
 
 
 def run(host: str, port: int, sessions: int, messages: int, size: int, timeout: float,
-        proxy: str = "", auth: tuple[str, str] | None = None) -> dict:
+        proxy: str = "", auth: tuple[str, str] | None = None, noop: bool = False) -> dict:
     payload = make_body(size) + b".\r\n"
     head = [(b"220", b"EHLO client.bench\r\n")]
     if auth:
         head.append((b"250", auth_plain(*auth)))
+    elif noop:
+        head.append((b"250", b"NOOP\r\n"))
     script = head + [
         (b"235" if auth else b"250", b"MAIL FROM:<bench@client.bench>\r\n"),
         (b"250", b"RCPT TO:<sink@server.bench>\r\n"),
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = load_arguments(__doc__.splitlines()[0], messages=2000)
     parser.add_argument("--proxy", choices=("v1", "v2"), help="send a PROXY header first")
     parser.add_argument("--auth", metavar="USER:PASSWORD", help="AUTH PLAIN after EHLO")
+    parser.add_argument("--noop", action="store_true",
+                        help="NOOP after EHLO instead: the round trip AUTH adds, alone")
     args = parsed_load_arguments(parser, argv)
     if args.size > MAX_SIZE:
         parser.error(f"--size: at most {MAX_SIZE} (a message goes out in one send)")
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     parts = in_processes(args.procs, args.sessions, args.messages, lambda sessions, messages:
                          run(args.host, args.port, sessions, messages, args.size,
-                             args.timeout, args.proxy or "", auth))
+                             args.timeout, args.proxy or "", auth, args.noop))
     result = summarize(parts, time.perf_counter() - started, args.messages)
     result["auths"] = sum(part.get("auths", 0) for part in parts)
     return print_report(result)

@@ -110,11 +110,13 @@ def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> Cl
 
 
 def session_client(port: int, *, sessions: int, size: int, messages: int, proxy: str = "",
-                   credentials: tuple[str, str] | None = None) -> ClientResult:
+                   credentials: tuple[str, str] | None = None,
+                   noop: bool = False) -> ClientResult:
     """A connection per message, lockstep; a PROXY header first with `proxy`, AUTH PLAIN
-    after EHLO with `credentials` (user, password)."""
+    after EHLO with `credentials` (user, password), or with `noop` a NOOP there."""
     extra = (("--proxy", proxy) if proxy else ()) + (
-        ("--auth", ":".join(credentials)) if credentials else ())
+        ("--auth", ":".join(credentials)) if credentials else ()) + (
+        ("--noop",) if noop else ())
     ran = _json_client("session_client.py", port, sessions=sessions, size=size,
                        messages=messages, extra=extra)
     if isinstance(ran, ClientResult):

@@ -59,7 +59,7 @@ class Scenario:
             return session_client(server.port, sessions=self.sessions, size=self.size,
                                   messages=messages, proxy=spec.proxy,
                                   credentials=(BENCH_USER, BENCH_PASSWORD) if spec.auth
-                                  else None)
+                                  else None, noop=spec.client_noop)
         if self.client == "pipeline":
             return pipeline_client(server.port, sessions=self.sessions, size=self.size,
                                    messages=messages)
@@ -70,8 +70,8 @@ class Scenario:
 IDLE_TLS_CONNECTIONS = 1000  # S9
 TLS_PEERS = ("minismtp-discard", "aiosmtpd-discard", "postfix-tls")
 
-EDGE = ("minismtp-discard", "minismtp-proxy", "minismtp-auth", "minismtp-limits",
-        "minismtp-proxy-limits")  # S1E
+EDGE = ("minismtp-discard", "minismtp-proxy", "minismtp-noop", "minismtp-auth",
+        "minismtp-limits", "minismtp-proxy-limits")  # S1E
 CPU_AND_RATE = ("server_cpu_us_per_msg", "msgs_per_s")
 
 SCENARIOS = (

@@ -60,6 +60,7 @@ class ServerSpec:
     auth: str = ""  # listener auth mode ("accept_any", "htpasswd"), required before MAIL
     bcrypt_cost: int = 0  # htpasswd: the cost of the users file's bcrypt hash
     limits_extra: str = ""  # YAML lines for the `limits` section (2-space indented)
+    client_noop: bool = False  # S1E's client sends NOOP after EHLO: AUTH's round trip alone
 
     def missing(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -128,7 +129,12 @@ SERVERS = (
     ServerSpec("minismtp-proxy", "minismtp", "discard", short="mini-proxy",
                compare_to=("minismtp-discard",), proxy="v2", scenarios=("S1E",)),
     ServerSpec("minismtp-auth", "minismtp", "discard", short="mini-auth",
-               compare_to=("minismtp-discard",), auth="accept_any", scenarios=("S1E", "S1B")),
+               compare_to=("minismtp-discard", "minismtp-noop"), auth="accept_any",
+               scenarios=("S1E", "S1B")),
+    # minismtp-discard with a NOOP where AUTH goes: the command turn AUTH adds to every
+    # session, without AUTH, so minismtp-auth against it is what AUTH itself costs.
+    ServerSpec("minismtp-noop", "minismtp", "discard", short="mini-noop",
+               compare_to=("minismtp-discard",), client_noop=True, scenarios=("S1E",)),
     # Per-client limits that never refuse, in S1E's client (minismtp-perclient measures
     # them with smtp-source); skipped for a checkout whose minismtp has no
     # `limits.per_client` (ServerSpec.missing runs its check-config), a baseline say.
