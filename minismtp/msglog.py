@@ -28,6 +28,7 @@ import select
 import time
 
 from minismtp.logsetup import LOG_FORMAT, JsonFormatter, timestamp
+_COUNTS_KEPT = 256  # rendered command counts of sessions, by their counts
 _ATOMIC_BYTES = getattr(select, "PIPE_BUF", 4096)  # a pipe write up to this is never split
 
 
@@ -41,6 +42,7 @@ class MessageLog:
         self._logger = logger
         self._root = root = root or logging.getLogger()
         self._lines: list[str] = []  # encoded once per flush, not once per line
+        self._counts: dict[tuple[tuple[str, int], ...], str] = {}  # see session()
         self.waiting = False  # lines wait for the end of the loop's turn
         self._fd, self._encoding, self.json = _plain_stream(root.handlers)
         self._pid = os.getpid()
@@ -82,14 +84,20 @@ class MessageLog:
                       "errors": errors, "end": end, "tls": tls}
             self._add_json(fields, listener, auth)
             return
-        counts = " ".join(f"{verb.lower()}={count}" for verb, count in commands.items())
+        key = tuple(commands.items())
+        counts = self._counts.get(key)
+        if counts is None:  # sessions mostly repeat a few shapes: render each once
+            if len(self._counts) >= _COUNTS_KEPT:
+                self._counts.clear()
+            counts = self._counts[key] = "".join(
+                f"{verb.lower()}={count} " for verb, count in key
+            ) + f"commands={sum(commands.values())}"
         # Like Postfix, what did not happen is not shown: errors only when there were some.
         errors_text = f" errors={errors}" if errors else ""
         tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
-        self._add(f"disconnect from {peer}:{port}{listener_text} "
-                  f"{counts}{' ' if counts else ''}commands={sum(commands.values())}"
+        self._add(f"disconnect from {peer}:{port}{listener_text} {counts}"
                   f"{errors_text}{tls_text}{auth_text} end={end}")
 
     def _add(self, text: str) -> None:
@@ -101,7 +109,8 @@ class MessageLog:
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        self._append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
+        self._lines.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
+        self.waiting = True  # _append, inlined: two lines per session take this way
 
     def _add_json(self, fields: dict[str, object], listener: str | None,
                   auth: str | None) -> None:
