@@ -159,6 +159,24 @@ def test_a_session_summary_names_its_commands_and_how_it_ended(logfile):
     ]
 
 
+def test_sessions_of_one_shape_share_its_rendered_counts_within_a_bound(logfile, monkeypatch):
+    """The counts of a session shape are rendered once; the same verbs with other counts,
+    or in another order, are another shape; the kept renderings are bounded."""
+    monkeypatch.setattr(msglog, "_COUNTS_KEPT", 2)
+    logger, lines = logfile
+    log = logger.message_log()
+    shapes = [{"EHLO": 1, "QUIT": 1}, {"EHLO": 1, "QUIT": 1}, {"EHLO": 2, "QUIT": 1},
+              {"QUIT": 1, "EHLO": 2}, {"NOOP": 3}, {"EHLO": 1, "QUIT": 1}]
+    for port, commands in enumerate(shapes, 40000):
+        log.session("192.0.2.7", port, commands, 0, "quit", None)
+        assert len(log._counts) <= 2
+    log.close()
+    assert [message.split(" ", 3)[3] for _, _, message in lines()] == [
+        "ehlo=1 quit=1 commands=2 end=quit", "ehlo=1 quit=1 commands=2 end=quit",
+        "ehlo=2 quit=1 commands=3 end=quit", "quit=1 ehlo=2 commands=3 end=quit",
+        "noop=3 commands=3 end=quit", "ehlo=1 quit=1 commands=2 end=quit"]
+
+
 def test_json_lines_carry_the_fields(logfile):
     logger, lines = logfile
     handler = logger.root.handlers[0]
