@@ -539,6 +539,25 @@ def test_normalized_body_counts_against_the_size_limit_as_handed_on(mode: str) -
     assert c.bodies[-1] == b"12345678\r\n\r\n"
 
 
+@pytest.mark.parametrize("bare_lf", ["normalize", "reject", "accept"])
+def test_a_bare_lf_deep_in_a_large_body_of_long_lines(bare_lf: str) -> None:
+    """Pieces of the 256 KiB DATA buffer hop from LF to LF over long lines
+    (scanner.has_bare_lf): a bare LF among them is found as in small pieces, under each
+    policy (the same bytes give the same pieces whatever the policy)."""
+    line = b"x" * 998 + b"\r\n"
+    body = line * 60 + b"y" * 500 + b"\n" + line * 40
+    c = Client(bare_lf=bare_lf)
+    c.send(OPEN)
+    reply = c.send(body + b".\r\n")
+    if bare_lf == "reject":  # refused: nothing after the piece with the LF is handed on
+        assert reply == R.BARE_LF_DATA.wire
+    else:
+        assert max(len(chunk) for chunk in c.chunks) >= 16 * 1024  # the hopping path ran
+        assert reply == queued("Q1")
+        assert c.bodies == [body.replace(b"y\n", b"y\r\n") if bare_lf == "normalize"
+                            else body]
+
+
 SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@mx.test>\r\nDATA\r\nforged\r\n"
 
 
