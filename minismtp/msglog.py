@@ -135,6 +135,9 @@ class MessageLog:
         self._lines = []
         self.waiting = False
         start, end = 0, len(data)
+        if end <= _ATOMIC_BYTES:  # a turn's usual few lines: one write, no slicing
+            self._write(data)
+            return
         while start < end:
             stop = end
             if stop - start > _ATOMIC_BYTES:  # cut after the last whole line that fits
@@ -152,8 +155,10 @@ class MessageLog:
     def _write(self, data: bytes) -> None:
         assert self._fd is not None
         try:
-            while data:
-                data = data[os.write(self._fd, data):]
+            written = os.write(self._fd, data)
+            while written < len(data):  # a full pipe or disk: the rest, as it goes
+                data = data[written:]
+                written = os.write(self._fd, data)
         except OSError:
             pass  # like logging's handlers: a log that cannot be written never stops mail
 
