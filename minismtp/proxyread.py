@@ -18,9 +18,10 @@ can still be header (a v1 line without its LF yet, a v2 header short of its leng
 taking all peeked bytes then is exact too, and a partial header never leaves readable
 bytes behind for a level-triggered poller to spin on.
 
-While the header is read, the connection's owner in the poller is its `ProxyRead`, as a
-`Handshake` owns it during TLS (handshake.py), and the session's deadline is the
-header's. Once it is in, a PROXY command's source replaces `session.peer`, so logs,
+The header is read first right after accept (a balancer sends it with the connection);
+only one not yet whole is waited for: the connection's owner in the poller is then its
+`ProxyRead`, as a `Handshake` owns it during TLS (handshake.py), and the session's
+deadline is the header's. Once it is in, a PROXY command's source replaces `session.peer`, so logs,
 `Received:`, fault rules and stats see the client, not the balancer; LOCAL (the
 balancer's health checks) and addressless headers keep the real endpoints.
 """

@@ -26,13 +26,14 @@ never handed out, since it may start the next CRLF, so every CRLF lies inside on
 Bare LF under `limits.bare_lf: normalize` (Postfix 3.9's default): the body scanner runs
 as above, CRLF-only, so the terminator is still CRLF "." CRLF and nothing else. Its pieces
 go through `normalize_bare_lf` only when they hold a bare LF (`has_bare_lf`, which the
-reject policy pays too: one sre scan, or memchr hops over long lines) or follow one: each bare LF becomes CRLF and one "." right
-after it is dropped, as after a CRLF. A line ending in a bare LF is a line, so a client
-that stuffs it (smtplib does, after every LF; Postfix unstuffs it) gets its text back,
-and a "." there is never a terminator. Piece by piece is exact because the scanner's
-output differs from its input only by dots dropped right after a CRLF: an LF is bare in
-the output iff it was in the input, and as no CRLF is split between pieces, an LF that
-opens a piece is bare. The bit carried between pieces, "the last piece ended in a bare LF", is the core's.
+reject policy pays too: one sre scan, or memchr hops over long lines) or follow one: each
+bare LF becomes CRLF and one "." right after it is dropped, as after a CRLF. A line
+ending in a bare LF is a line, so a client that stuffs it (smtplib does, after every LF;
+Postfix unstuffs it) gets its text back, and a "." there is never a terminator. Piece by
+piece is exact because the scanner's output differs from its input only by dots dropped
+right after a CRLF: an LF is bare in the output iff it was in the input, and as no CRLF
+is split between pieces, an LF that opens a piece is bare. The bit carried between
+pieces, "the last piece ended in a bare LF", is the core's.
 """
 
 from __future__ import annotations
