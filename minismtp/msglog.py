@@ -41,9 +41,11 @@ class MessageLog:
         self.enabled = logger.isEnabledFor(logging.INFO)
         self._logger = logger
         self._root = root = root or logging.getLogger()
-        self._lines: list[str] = []  # encoded once per flush, not once per line
+        # Lines waiting for the end of the loop's turn, encoded once per flush, not once
+        # per line. The loop reads the list itself (one truth check per turn): kept, only
+        # emptied.
+        self.lines: list[str] = []
         self._counts: dict[tuple[tuple[str, int], ...], str] = {}  # see session()
-        self.waiting = False  # lines wait for the end of the loop's turn
         self._fd, self._encoding, self.json = _plain_stream(root.handlers)
         self._pid = os.getpid()
         self._prefix = f" minismtp[{self._pid}] INFO "
@@ -109,8 +111,7 @@ class MessageLog:
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        self._lines.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
-        self.waiting = True  # _append, inlined: two lines per session take this way
+        self.lines.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
 
     def _add_json(self, fields: dict[str, object], listener: str | None,
                   auth: str | None) -> None:
@@ -124,16 +125,15 @@ class MessageLog:
         self._append(json.dumps(document, ensure_ascii=False) + "\n")
 
     def _append(self, line: str) -> None:
-        self._lines.append(line)
-        self.waiting = True
+        self.lines.append(line)
 
     def flush(self) -> None:
         """Write the batch in pieces of whole lines, each at most PIPE_BUF bytes."""
-        if not self._lines:
+        lines = self.lines
+        if not lines:
             return
-        data = "".join(self._lines).encode(self._encoding, "backslashreplace")
-        self._lines = []
-        self.waiting = False
+        data = "".join(lines).encode(self._encoding, "backslashreplace")
+        lines.clear()
         start, end = 0, len(data)
         if end <= _ATOMIC_BYTES:  # a turn's usual few lines: one write, no slicing
             self._write(data)

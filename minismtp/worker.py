@@ -160,6 +160,7 @@ class Worker:
             self.poller.register(self.logins.wakeup.fileno(), READ, _LOGINS)
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         msglog = self.msglog
+        log_lines = msglog.lines  # lines waiting for the end of the turn
         gate = self.gate
         pending = None if gate is None else gate.table.pending  # counts not yet shared
         last_tick = 0.0
@@ -170,7 +171,7 @@ class Worker:
                     last_tick = now
                     if not self._tick(now):
                         break
-                if msglog.waiting:
+                if log_lines:
                     msglog.flush()  # the last turn's lines: all a SIGKILL can cost
                 events = self.poller.poll(self._select_timeout(now))
                 self.now = time.monotonic()

@@ -266,13 +266,15 @@ def test_json_lines_name_the_listener(logfile):
 
 
 def test_lines_wait_only_for_the_end_of_the_turn():
-    """A line marks the log as waiting, which the loop checks before each poll; a flush
-    writes the turn's lines and clears the mark. An idle worker never wakes up for them."""
+    """A line waits in the log's list, which the loop checks before each poll; a flush
+    writes the turn's lines and empties the same list. An idle worker never wakes up for
+    them."""
     log = MessageLog(logging.getLogger("test.waiting"))
-    assert not log.waiting
+    waiting = log.lines  # the list the loop holds
+    assert not waiting
     log._append("a line\n")
     log._append("another\n")
-    assert log.waiting
+    assert waiting
     read_end, write_end = os.pipe()
     log._fd = write_end
     try:
@@ -281,4 +283,4 @@ def test_lines_wait_only_for_the_end_of_the_turn():
     finally:
         os.close(read_end)
         os.close(write_end)
-    assert not log.waiting
+    assert not waiting and log.lines is waiting
