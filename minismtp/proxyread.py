@@ -70,21 +70,19 @@ class ProxyRead:
 
 
 class ProxyReads:
-    def __init__(self, loop: Loop, poller: Poller, stats: WorkerStats,
-                 timeout_s: float) -> None:
+    def __init__(self, loop: Loop, poller: Poller, stats: WorkerStats) -> None:
         self.loop = loop
         self.poller = poller
         self.stats = stats
-        self.timeout_s = timeout_s
         self.stopping = False
         self._known: dict[tuple[str, int], bool] = {}  # see _trusted
         self._debug = log.isEnabledFor(logging.DEBUG)  # set for the worker's life
 
     def begin(self, session: Session, proxy: ProxyProtocol,
-              then: Callable[[Session], None], timeout_s: float | None = None, *,
+              then: Callable[[Session], None], timeout_s: float, *,
               hand_over: bool = False) -> None:
         """A new connection on a PROXY listener: read its header, then call `then`;
-        `timeout_s`: its listener's limits.proxy_timeout (None: the worker's).
+        `timeout_s`: its listener's limits.proxy_timeout.
         `hand_over`: `then` goes on reading the socket as the session itself (a plain
         listener's greeting), so a socket watched for its header stays watched for the
         session, without the two system calls of unwatching and watching again."""
@@ -102,8 +100,7 @@ class ProxyReads:
         if type(got) is bytes:
             session.preamble = reader = ProxyRead(session, accept, got, then, hand_over)
             loop = self.loop
-            loop.timers.set_deadline(session, loop.now + (
-                self.timeout_s if timeout_s is None else timeout_s))
+            loop.timers.set_deadline(session, loop.now + timeout_s)
             self.poller.register(session.fd, READ, reader)
             return
         self._use(session, got)

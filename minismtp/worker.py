@@ -85,7 +85,6 @@ class Worker:
                                               self.stats.listeners[names.index(entry.name)],
                                               tls=tls_context is not None)
         self.profiles = {sock: by_name[entry.name] for sock, entry in listeners}
-        limits = config.limits  # each session's deadlines are its profile's
         self.max_connections = config.server.max_connections
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
@@ -105,7 +104,7 @@ class Worker:
         self.flush = self.output.flush  # bound once: called for every batch of replies
         self.msglog = MessageLog(log)
         # limits.per_client: None when no limit is set, and then no session pays for it.
-        per_client = limits.per_client
+        per_client = config.limits.per_client
         self.gate = ClientGate(per_client, clients, slot, self, self.stats,
                                config.server.hostname) \
             if per_client.enabled and clients is not None else None
@@ -120,7 +119,7 @@ class Worker:
                 profile.decide, profile.handlers = decide, decide.handlers
         self.handshakes = None if tls_context is None else Handshakes(
             self, self.poller, tls_context, self.stats, self._greet)
-        self.proxies = ProxyReads(self, self.poller, self.stats, limits.proxy_timeout)
+        self.proxies = ProxyReads(self, self.poller, self.stats)
 
     def _decisions(self, faults: FaultsConfig, slot: int) -> Decisions:
         return Decisions(self, self.storage, FaultInjector(faults, slot), self.stats,

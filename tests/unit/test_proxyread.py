@@ -49,10 +49,10 @@ def pair():
 
 def start(sock: socket.socket, peer: str = "127.0.0.1"):
     loop, poller, stats = Loop(), Poller(), WorkerStats(0)
-    reads = ProxyReads(loop, poller, stats, 10.0)
+    reads = ProxyReads(loop, poller, stats)
     session = Session(PlainTransport(sock), SmtpServerConnection(Settings()), Peer(peer, 5555))
     begun: list[Session] = []
-    reads.begin(session, TRUSTED, begun.append)
+    reads.begin(session, TRUSTED, begun.append, 10.0)
     return reads, session, begun, loop, stats
 
 
@@ -163,7 +163,7 @@ def test_close_mid_header_timeout_and_stopping(pair):
 def test_remembered_trust_is_per_listener_and_bounded(monkeypatch):
     import minismtp.proxyread as proxyread
 
-    reads = ProxyReads(Loop(), Poller(), WorkerStats(0), 10.0)
+    reads = ProxyReads(Loop(), Poller(), WorkerStats(0))
     other = ProxyProtocol("any", (ipaddress.ip_network("10.0.0.0/8"),))
     for _ in range(2):  # the second time from what was remembered
         assert reads._trusted("127.0.0.1", TRUSTED) is True
@@ -186,11 +186,11 @@ def test_a_plain_listener_keeps_the_socket_watched_for_the_session(monkeypatch):
     ours.setblocking(False)
     try:
         loop, poller, stats = Loop(), Poller(), WorkerStats(0)
-        reads = ProxyReads(loop, poller, stats, 10.0)
+        reads = ProxyReads(loop, poller, stats)
         session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
                           Peer("127.0.0.1", 5555))
         begun: list[Session] = []
-        reads.begin(session, TRUSTED, begun.append, hand_over=True)
+        reads.begin(session, TRUSTED, begun.append, 10.0, hand_over=True)
         assert calls == ["register"] and begun == []
         theirs.sendall(proxyheader.v2(("198.51.100.9", 40001), DST))
         reads.step(session.preamble)
