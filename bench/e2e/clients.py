@@ -92,16 +92,23 @@ def _json_client(script: str, port: int, *, sessions: int, size: int, messages: 
                                                         f"{status}: {err.strip()[-300:]}")
 
 
+def _delivery(name: str, status: int, messages: int, report: dict, also: str = ""
+              ) -> tuple[bool, str]:
+    """Whether a JSON client delivered all `messages` cleanly, and the detail to report
+    when it did not (`also`: more counts to name, before the session errors)."""
+    ok = status == 0 and report["messages"] == messages and not report["errors"]
+    return ok, (f"{name} exit {status}, {report['messages']}/{messages} delivered, {also}"
+                f"{report['errors']} session errors: {report['error_samples']}")
+
+
 def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> ClientResult:
     ran = _json_client("pipeline_client.py", port, sessions=sessions, size=size,
                        messages=messages)
     if isinstance(ran, ClientResult):
         return ran
     status, cpu, report = ran
-    ok = status == 0 and report["messages"] == messages and not report["errors"]
-    detail = "" if ok else (f"pipeline_client exit {status}, {report['messages']}/{messages}"
-                            f" delivered, {report['errors']} session errors: "
-                            f"{report['error_samples']}")
+    ok, failure = _delivery("pipeline_client", status, messages, report)
+    detail = "" if ok else failure
     if not report.get("pipelining"):
         detail = (detail + "; " if detail else "") + "server did not advertise PIPELINING"
     # Its own wall clock, from the first connect: interpreter start-up is not load.
@@ -122,12 +129,11 @@ def session_client(port: int, *, sessions: int, size: int, messages: int, proxy:
     if isinstance(ran, ClientResult):
         return ran
     status, cpu, report = ran
-    ok = status == 0 and report["messages"] == messages and not report["errors"]
+    ok, failure = _delivery("session_client", status, messages, report,
+                            f"{report['auths']} AUTHs, ")
     if credentials and report["auths"] != report["messages"]:
         ok = False  # every delivered message must have come after a 235
-    detail = "" if ok else (f"session_client exit {status}, {report['messages']}/{messages}"
-                            f" delivered, {report['auths']} AUTHs, {report['errors']} session "
-                            f"errors: {report['error_samples']}")
+    detail = "" if ok else failure
     # Its own wall clock, from the first connect: interpreter start-up is not load.
     return ClientResult(ok, report["messages"], report["seconds"], cpu,
                         p50_ms=report["p50_ms"], p99_ms=report["p99_ms"], detail=detail)
@@ -142,10 +148,8 @@ def tls_client(port: int, *, mode: str, sessions: int, size: int, messages: int,
     if isinstance(ran, ClientResult):
         return ran
     status, cpu, report = ran
-    ok = status == 0 and report["messages"] == messages and not report["errors"]
-    detail = "" if ok else (f"tls_client exit {status}, {report['messages']}/{messages} "
-                            f"delivered, {report['errors']} session errors: "
-                            f"{report['error_samples']}")
+    ok, failure = _delivery("tls_client", status, messages, report)
+    detail = "" if ok else failure
     if report.get("resumed"):  # every handshake must be a full one
         ok = False
         detail = (detail + "; " if detail else "") + f"{report['resumed']} handshakes resumed"
