@@ -38,6 +38,17 @@ class Logs:
     def worker(self) -> logging.Logger:
         return self.root.getChild("worker")
 
+    def use_json(self) -> None:
+        """`logging.format: json`: the handler's formatter is logsetup's JsonFormatter."""
+        self.root.handlers[0].setFormatter(JsonFormatter())
+
+    def records(self) -> list[dict]:
+        """Every line written so far, as the JSON object it is."""
+        stream = self.root.handlers[0].stream
+        stream.flush()
+        return [json.loads(line) for line in
+                pathlib.Path(stream.name).read_text(encoding="utf-8").splitlines()]
+
 
 @pytest.fixture
 def logfile(tmp_path: Path):
@@ -179,16 +190,13 @@ def test_sessions_of_one_shape_share_its_rendered_counts_within_a_bound(logfile,
 
 def test_json_lines_carry_the_fields(logfile):
     logger, lines = logfile
-    handler = logger.root.handlers[0]
-    handler.setFormatter(JsonFormatter())
+    logger.use_json()
     log = logger.message_log()
     log.message("Q1", "127.0.0.1", 'a"b@example.org', 2, 100, None, "250 queued")
     logger.worker.warning("a warning")
     log.session("127.0.0.1", 40000, {"EHLO": 1}, 0, "quit", None)
     log.close()
-    handler.stream.flush()
-    records = [json.loads(line) for line in
-               pathlib.Path(handler.stream.name).read_text(encoding="utf-8").splitlines()]
+    records = logger.records()
     assert [record["level"] for record in records] == ["INFO", "WARNING", "INFO"]
     assert {k: records[0][k] for k in ("event", "id", "from", "rcpts", "size", "result")} == {
         "event": "message", "id": "Q1", "from": 'a"b@example.org', "rcpts": 2, "size": 100,
@@ -217,15 +225,12 @@ def test_an_authenticated_user_is_named_and_escaped(logfile):
 
 def test_json_lines_name_the_user_only_when_there_is_one(logfile):
     logger, _ = logfile
-    handler = logger.root.handlers[0]
-    handler.setFormatter(JsonFormatter())
+    logger.use_json()
     log = logger.message_log()
     log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued", "al ice")
     log.session("127.0.0.1", 40000, {}, 0, "quit", None)
     log.close()
-    handler.stream.flush()
-    records = [json.loads(line) for line in
-               pathlib.Path(handler.stream.name).read_text(encoding="utf-8").splitlines()]
+    records = logger.records()
     assert records[0]["auth"] == "al ice" and "auth" not in records[1]
 
 
@@ -251,16 +256,13 @@ def test_the_listener_is_named_after_the_peer(logfile):
 
 def test_json_lines_name_the_listener(logfile):
     logger, _ = logfile
-    handler = logger.root.handlers[0]
-    handler.setFormatter(JsonFormatter())
+    logger.use_json()
     log = logger.message_log()
     log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued",
                 listener="chaos")
     log.session("127.0.0.1", 40000, {}, 0, "quit", None, listener="chaos")
     log.close()
-    handler.stream.flush()
-    records = [json.loads(line) for line in
-               pathlib.Path(handler.stream.name).read_text(encoding="utf-8").splitlines()]
+    records = logger.records()
     assert [(record["event"], record["listener"]) for record in records] == [
         ("message", "chaos"), ("disconnect", "chaos")]
 
