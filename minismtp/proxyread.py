@@ -9,19 +9,26 @@ client, and a header that never comes means the peer is not the balancer we expe
 Every failure closes the connection without a word, with one log line and a count by
 reason (`stats.PROXY_FAILURES`).
 
-The header is consumed exactly, and nothing past it: each read first peeks at the socket
-(MSG_PEEK), and only bytes the parser has ruled to be header are taken from it. Whatever
-follows stays in the kernel for the next reader: the SMTP core's buffer on a plain
-listener, OpenSSL on an implicit-TLS one (the header comes before the ClientHello, as
-HAProxy sends it in TCP mode). `parse` answers NEED_MORE only while every byte present
-can still be header (a v1 line without its LF yet, a v2 header short of its length), so
-taking all peeked bytes then is exact too, and a partial header never leaves readable
-bytes behind for a level-triggered poller to spin on.
+A header is always waited for: the connection goes to the poller at accept, owned by its
+`ProxyRead` (as a `Handshake` owns one during TLS, handshake.py), with the header's
+deadline as the session's. A balancer sends the header with the connection, but under
+load most arrive after the accept (61% in bench/'s S1E), and a read tried at once and
+failed costs more than the wake-up that a header already there waits for; the socket
+is registered either way, for the session's own reads after the greeting.
 
-The header is read first right after accept (a balancer sends it with the connection);
-only one not yet whole is waited for: the connection's owner in the poller is then its
-`ProxyRead`, as a `Handshake` owns it during TLS (handshake.py), and the session's
-deadline is the header's. Once it is in, a PROXY command's source replaces `session.peer`, so logs,
+On a plain listener the header is read into the SMTP core's buffer, with the one read
+the session would make anyway, and parsed there: the header's bytes are consumed, and
+whatever came after it (a client talking before the greeting) stays in the buffer for
+the core, which runs on it once the greeting is out. On an implicit-TLS listener what
+follows the header belongs to OpenSSL, which reads the socket itself (the header comes
+before the ClientHello, as HAProxy sends it in TCP mode): there each read first peeks
+(MSG_PEEK), and only bytes the parser has ruled to be header are taken. `parse`
+answers NEED_MORE only while every byte present can still be header (a v1 line without
+its LF yet, a v2 header short of its length), so taking all peeked bytes then is exact
+too, and a partial header never leaves readable bytes behind for a level-triggered
+poller to spin on.
+
+Once the header is in, a PROXY command's source replaces `session.peer`, so logs,
 `Received:`, fault rules and stats see the client, not the balancer; LOCAL (the
 balancer's health checks) and addressless headers keep the real endpoints.
 """
@@ -81,30 +88,20 @@ class ProxyReads:
     def begin(self, session: Session, proxy: ProxyProtocol,
               then: Callable[[Session], None], timeout_s: float, *,
               hand_over: bool = False) -> None:
-        """A new connection on a PROXY listener: read its header, then call `then`;
+        """A new connection on a PROXY listener: wait for its header, then call `then`;
         `timeout_s`: its listener's limits.proxy_timeout.
-        `hand_over`: `then` goes on reading the socket as the session itself (a plain
-        listener's greeting), so a socket watched for its header stays watched for the
-        session, without the two system calls of unwatching and watching again."""
+        `hand_over`: a plain listener, where `then` greets and the session goes on
+        reading the socket itself: the header is read into the core's buffer, and the
+        socket stays watched for the session, without unwatching and watching again."""
         known = self._known.get((session.peer.address, id(proxy)))
         if not (known or known is None and self._trusted(session.peer.address, proxy)):
             self._failed(session, "untrusted source")
             return
-        accept = _ACCEPT[proxy.version]
-        # A balancer sends its header with the connection: read it before asking the
-        # poller, which is then only needed (two syscalls), with a deadline, for a header
-        # still on its way.
-        got = self._take(session, accept, b"")
-        if got is None:
-            return
-        if type(got) is bytes:
-            session.preamble = reader = ProxyRead(session, accept, got, then, hand_over)
-            loop = self.loop
-            loop.timers.set_deadline(session, loop.now + timeout_s)
-            self.poller.register(session.fd, READ, reader)
-            return
-        self._use(session, got)
-        then(session)
+        session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], b"", then,
+                                              hand_over)
+        loop = self.loop
+        loop.timers.set_deadline(session, loop.now + timeout_s)
+        self.poller.register(session.fd, READ, reader)
 
     def _trusted(self, address: str, proxy: ProxyProtocol) -> bool:
         """proxyproto.trusted, remembered per peer address and listener: the peers of a
@@ -118,31 +115,59 @@ class ProxyReads:
     def step(self, reader: ProxyRead) -> None:
         """The connection is readable: take what belongs to the header."""
         session = reader.session
-        got = self._take(session, reader.accept, reader.data)
-        if got is None:
+        if reader.hand_over:
+            header = self._read(session, reader.accept)
+        else:
+            header = self._take(session, reader)
+        if header is None:
             return
-        if type(got) is bytes:
-            reader.data = got
-            return
+        session.preamble = None
+        self._use(session, header)
         if reader.hand_over:
             self.poller.hand_over(session.fd, session)  # read for the session from now on
             session.mask = READ
+            reader.then(session)
+            if session.conn.buffer.end > session.conn.buffer.start:
+                self.loop.resume(session)  # the client spoke before the greeting
         else:
             self.poller.unregister(session.fd)
-        session.preamble = None
-        self._use(session, got)
-        reader.then(session)
+            reader.then(session)
 
-    def _take(self, session: Session, accept: proxyproto.Version, have: bytes
-              ) -> proxyproto.ProxyHeader | bytes | None:
-        """Take from the socket what belongs to the header: the header, once whole; else
-        the header's bytes so far (`have` and what came after it); None when the
-        connection failed and is closed."""
+    def _read(self, session: Session, accept: proxyproto.Version
+              ) -> proxyproto.ProxyHeader | None:
+        """A plain listener's read: into the core's buffer, the header consumed from it
+        once whole; None while it is not (or the connection failed and is closed)."""
+        buffer = session.conn.buffer
+        try:
+            n = session.transport.sock.recv_into(buffer.free_view())
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            n = 0
+        if not n:
+            self._failed(session, "closed mid-header")
+            return None
+        buffer.end += n
+        try:
+            header = proxyproto.parse(buffer.data, buffer.start, buffer.end, accept)
+        except proxyproto.ProxyError as exc:
+            self._failed(session, exc.reason)
+            return None
+        if header is proxyproto.NEED_MORE:
+            return None
+        buffer.start += header.consumed
+        return header
+
+    def _take(self, session: Session, reader: ProxyRead) -> proxyproto.ProxyHeader | None:
+        """An implicit-TLS listener's read: take from the socket what belongs to the
+        header, and nothing past it; None while it is not whole (its bytes so far in
+        `reader.data`), or when the connection failed and is closed."""
         sock = session.transport.sock
+        have = reader.data
         try:
             peeked = sock.recv(proxyproto.MAX_HEADER_BYTES - len(have), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return have
+            return None
         except OSError:
             peeked = b""
         if not peeked:
@@ -150,7 +175,7 @@ class ProxyReads:
             return None
         window = have + peeked if have else peeked
         try:
-            header = proxyproto.parse(window, 0, len(window), accept)
+            header = proxyproto.parse(window, 0, len(window), reader.accept)
         except proxyproto.ProxyError as exc:
             self._failed(session, exc.reason)
             return None
@@ -165,7 +190,10 @@ class ProxyReads:
         if len(taken) != take:  # only a socket shut under us could do this
             self._failed(session, "closed mid-header")
             return None
-        return header if whole else have + taken
+        if not whole:
+            reader.data = have + taken
+            return None
+        return header
 
     def _use(self, session: Session, header: proxyproto.ProxyHeader) -> None:
         """The header is in: a PROXY command's source becomes the session's peer."""

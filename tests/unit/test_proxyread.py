@@ -1,5 +1,6 @@
 """proxyread.py over a real socket pair, with a stand-in for the loop: the header is taken
-off the socket exactly, however it arrives, and what follows stays for the next reader."""
+exactly, however it arrives, and what follows stays for the next reader: the SMTP core
+(its buffer) on a plain listener, OpenSSL (the socket) on an implicit-TLS one."""
 
 from __future__ import annotations
 
@@ -26,12 +27,16 @@ AFTER = b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\n"
 
 
 class Loop:
-    """What ProxyReads uses of the worker: a clock, timers, close()."""
+    """What ProxyReads uses of the worker: a clock, timers, close(), resume()."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.timers = Timers()
         self.closed: list[tuple[Session, str]] = []
+        self.resumed: list[Session] = []
+
+    def resume(self, session: Session) -> None:
+        self.resumed.append(session)
 
     def close(self, session: Session, reason: str) -> None:
         session.closed = True
@@ -47,12 +52,16 @@ def pair():
     theirs.close()
 
 
-def start(sock: socket.socket, peer: str = "127.0.0.1"):
+def start(sock: socket.socket, peer: str = "127.0.0.1", hand_over: bool = False):
+    """Begin reading a header on `sock`, and step once if it got that far (as the
+    poller would for bytes already sent)."""
     loop, poller, stats = Loop(), Poller(), WorkerStats(0)
     reads = ProxyReads(loop, poller, stats)
     session = Session(PlainTransport(sock), SmtpServerConnection(Settings()), Peer(peer, 5555))
     begun: list[Session] = []
-    reads.begin(session, TRUSTED, begun.append, 10.0)
+    reads.begin(session, TRUSTED, begun.append, 10.0, hand_over=hand_over)
+    if session.preamble is not None:
+        reads.step(session.preamble)
     return reads, session, begun, loop, stats
 
 
@@ -65,12 +74,13 @@ def failures(stats: WorkerStats) -> dict[str, int]:
     proxyheader.v2(("198.51.100.9", 40001), DST, [(proxyheader.PP2_TYPE_NOOP, b"xyz")]),
 ], ids=["v1", "v2"])
 @pytest.mark.parametrize("piece", [1, 3, 1000])
-def test_header_taken_exactly_in_any_pieces(pair, header, piece):
+@pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
+def test_header_taken_exactly_in_any_pieces(pair, header, piece, hand_over):
     ours, theirs = pair
     data = header + AFTER
     sent = min(piece, len(data))
     theirs.sendall(data[:sent])
-    reads, session, begun, loop, stats = start(ours)
+    reads, session, begun, loop, stats = start(ours, hand_over=hand_over)
     while not begun:
         assert not loop.closed and sent < len(data)
         theirs.sendall(data[sent:sent + piece])
@@ -80,39 +90,51 @@ def test_header_taken_exactly_in_any_pieces(pair, header, piece):
     assert begun == [session] and session.preamble is None
     assert session.peer == Peer("198.51.100.9", 40001)
     assert stats.proxy_headers == 1 and not failures(stats)
-    assert ours.recv(1000) == AFTER  # nothing past the header was taken
+    buffer = session.conn.buffer
+    buffered = bytes(buffer.data[buffer.start:buffer.end])
+    if hand_over:  # read with the header: the core's, and run on once greeted
+        assert loop.resumed == ([session] if buffered else [])
+    else:  # OpenSSL's: nothing past the header was taken off the socket
+        assert buffered == b"" and loop.resumed == []
+    try:
+        rest = ours.recv(1000)
+    except BlockingIOError:
+        rest = b""  # all of it read with the header
+    assert buffered + rest == AFTER
 
 
-def test_the_poller_is_asked_only_for_a_header_still_on_its_way(pair, monkeypatch):
-    """A header that came with the connection is read at once: the poller never hears of
-    the connection (the session registers it for itself when it greets). One not there
-    yet is watched for, and unwatched when it is in."""
+@pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
+def test_a_header_is_always_waited_for_with_its_deadline(pair, monkeypatch, hand_over):
+    """Nothing is read at accept, even a header already there: the socket is watched
+    (the session's own reads need that anyway) with the header's deadline, and read when
+    the poller says so. On an implicit-TLS listener it is unwatched once the header is
+    in (the handshake watches it its own way); a plain one keeps it, for the session."""
     ours, theirs = pair
     calls: list[str] = []
     monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
     monkeypatch.setattr(Poller, "unregister", lambda self, fd: calls.append("unregister"))
-    header = proxyheader.v2(("198.51.100.9", 40001), DST)
-    theirs.sendall(header)
-    _, session, begun, _, _ = start(ours)
-    assert begun == [session] and calls == []
+    monkeypatch.setattr(Poller, "hand_over", lambda self, fd, owner: calls.append("hand_over"))
+    theirs.sendall(proxyheader.v2(("198.51.100.9", 40001), DST))
+    loop, stats = Loop(), WorkerStats(0)
+    loop.now = 100.0
+    reads = ProxyReads(loop, Poller(), stats)
+    session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
+                      Peer("127.0.0.1", 5555))
+    begun: list[Session] = []
+    reads.begin(session, TRUSTED, begun.append, 7.0, hand_over=hand_over)
+    assert begun == [] and calls == ["register"] and session.deadline == 107.0
+    assert ours.recv(1, socket.MSG_PEEK)  # still in the socket
+    reads.step(session.preamble)
+    assert begun == [session]
+    assert calls == ["register", "hand_over" if hand_over else "unregister"]
+    assert session.mask == (READ if hand_over else 0)
 
-    later, theirs_later = socket.socketpair()
-    later.setblocking(False)
-    try:
-        reads, session, begun, _, _ = start(later)
-        assert begun == [] and calls == ["register"]
-        theirs_later.sendall(header)
-        reads.step(session.preamble)
-        assert begun == [session] and calls == ["register", "unregister"]
-    finally:
-        later.close()
-        theirs_later.close()
 
-
-def test_local_keeps_the_peer_and_a_step_with_nothing_new_waits(pair):
+@pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
+def test_local_keeps_the_peer_and_a_step_with_nothing_new_waits(pair, hand_over):
     ours, theirs = pair
     theirs.sendall(proxyheader.local_v2()[:10])
-    reads, session, begun, loop, _ = start(ours)
+    reads, session, begun, loop, _ = start(ours, hand_over=hand_over)
     reads.step(session.preamble)  # nothing more to read: no harm
     theirs.sendall(proxyheader.local_v2()[10:])
     reads.step(session.preamble)
@@ -123,11 +145,14 @@ def test_local_keeps_the_peer_and_a_step_with_nothing_new_waits(pair):
     (b"EHLO x\r\n", "not a proxy header"),
     (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "bad v1 header"),
     (proxyheader.v2_raw(0x21, 0x11, b"", length=9999), "v2 header too long"),
-])
-def test_failures_close_and_count(pair, data, reason):
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2" + b" " * 3000, "bad v1 header"),
+    (b"PROXY UNKNOWN " + b"x" * 3000, "v1 header too long"),
+], ids=["smtp", "bare-lf", "v2-long", "v1-spaces", "v1-long"])
+@pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
+def test_failures_close_and_count(pair, data, reason, hand_over):
     ours, theirs = pair
     theirs.sendall(data)
-    _, session, begun, loop, stats = start(ours)
+    _, session, begun, loop, stats = start(ours, hand_over=hand_over)
     assert not begun and loop.closed == [(session, "")]
     assert failures(stats) == {reason: 1}
     assert session.end == f"no PROXY header: {reason}"
@@ -144,7 +169,7 @@ def test_untrusted_peer_is_not_read(pair):
 def test_close_mid_header_timeout_and_stopping(pair):
     ours, theirs = pair
     theirs.sendall(b"PROXY TCP4 1.2")
-    reads, session, begun, loop, stats = start(ours)
+    reads, session, begun, loop, stats = start(ours, hand_over=True)
     theirs.shutdown(socket.SHUT_WR)
     reads.step(session.preamble)
     assert failures(stats) == {"closed mid-header": 1} and not begun
