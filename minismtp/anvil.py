@@ -74,6 +74,9 @@ _SEEN = struct.Struct("=d")
 _COUNTS = struct.Struct("=qQQQQ")  # from the minute on: what a flush writes
 _RATE = struct.Struct("=qQQ")  # the minute and the new sessions
 _KEY_BYTES = 16
+# A whole window's keys and last-seen times in one unpack (a new client's path).
+_WINDOW_KEYS = struct.Struct("=" + f"{_KEY_BYTES}sd{_ENTRY_BYTES - _KEY_BYTES - 8}x" * WINDOW)
+_KEY_SEEN = struct.Struct(f"={_KEY_BYTES}sd")
 _COUNTS_AT = _KEY_BYTES + _SEEN.size
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _EMPTY = bytes(_KEY_BYTES)  # "::" is never a client: a free entry
@@ -250,14 +253,28 @@ class ClientTable:
     # -- inside -------------------------------------------------------------------------
 
     def _known(self, key: bytes) -> int:
-        """The entry holding `key`, or -1 (no lock: see the docstring's hazards)."""
+        """The entry holding `key`, or -1 (no lock: see the docstring's hazards).
+        The window's bytes are searched in C (mmap.find), not entry by entry: this runs
+        for every new client, and a probe in Python cost a slice and a comparison."""
+        start = hash(key) & self._mask
+        first = _HEADER + start * _ENTRY_BYTES
+        stop = first + WINDOW * _ENTRY_BYTES
+        end = self._entries_end
+        found = self._find(key, first, min(stop, end))
+        if found < 0 and stop > end:  # the window wraps around the table's end
+            found = self._find(key, _HEADER, _HEADER + stop - end)
+        return found
+
+    def _find(self, key: bytes, low: int, high: int) -> int:
+        """The index of the entry in bytes [low, high) whose key is `key`, or -1. A match
+        that is not at an entry's start is other fields' bytes: searched past."""
         data = self._map
-        start, mask = hash(key), self._mask
-        for step in range(WINDOW):
-            index = (start + step) & mask
-            offset = _HEADER + index * _ENTRY_BYTES
-            if data[offset:offset + _KEY_BYTES] == key:
-                return index
+        at = data.find(key, low, high)
+        while at >= 0:
+            offset = at - _HEADER
+            if offset % _ENTRY_BYTES == 0:
+                return offset // _ENTRY_BYTES
+            at = data.find(key, at + 1, high)
         return -1
 
     def _take(self, key: bytes, now: float) -> int:
@@ -266,27 +283,32 @@ class ClientTable:
         if not self._lock():
             return -1
         try:
-            data = self._map
-            start, mask = hash(key), self._mask
-            free = -1
-            for step in range(WINDOW):  # again, under the lock: another worker may have
-                index = (start + step) & mask
-                offset = _HEADER + index * _ENTRY_BYTES
-                held = data[offset:offset + _KEY_BYTES]
-                if held == key:  # taken it meanwhile
-                    return index
-                if free < 0 and held == _EMPTY:
-                    free = index
-            if free < 0:
-                free = self._evictable(start)
+            start = hash(key) & self._mask
+            window = self._window(start)  # again, under the lock: another worker may
+            keys = window[0::2]           # have taken it meanwhile
+            if key in keys:
+                return (start + keys.index(key)) & self._mask
+            if _EMPTY in keys:
+                free = (start + keys.index(_EMPTY)) & self._mask
+            else:
+                free = self._evictable(start, window[1::2])
                 if free < 0:
                     return -1
-            _ENTRY.pack_into(data, _HEADER + free * _ENTRY_BYTES, key, now,
+            _ENTRY.pack_into(self._map, _HEADER + free * _ENTRY_BYTES, key, now,
                              int(now // MINUTE_S), 0, 0, 0, 0)
             self.pending.pop(free, None)  # counts of the client it held
             return free
         finally:
             self._unlock()
+
+    def _window(self, start: int) -> tuple:
+        """Key and last seen of each of the WINDOW entries from `start`, flat (key, seen,
+        key, seen, ...), in probing order."""
+        if start + WINDOW <= self.capacity:
+            return _WINDOW_KEYS.unpack_from(self._map, _HEADER + start * _ENTRY_BYTES)
+        mask = self._mask
+        return sum((_KEY_SEEN.unpack_from(self._map, _HEADER + ((start + step) & mask)
+                                          * _ENTRY_BYTES) for step in range(WINDOW)), ())
 
     def _estimates(self, index: int, now: float) -> tuple[float, float]:
         """(new sessions, recipients) in the last minute: the entry's and ours."""
@@ -303,15 +325,15 @@ class ClientTable:
         weight = _weight(now)
         return new + new_before * weight, rcpt + rcpt_before * weight
 
-    def _evictable(self, start: int) -> int:
-        """The least recently seen entry of the window without an active session, or -1."""
-        best, best_seen = -1, 0.0
-        for step in range(WINDOW):
+    def _evictable(self, start: int, seen: tuple) -> int:
+        """The least recently seen entry of the window from `start` without an active
+        session, or -1; `seen`: the window's last-seen times, in probing order. Oldest
+        first, so usually one entry's sessions are summed, not the window's."""
+        for step in sorted(range(WINDOW), key=seen.__getitem__):
             index = (start + step) & self._mask
-            seen = _SEEN.unpack_from(self._map, _HEADER + index * _ENTRY_BYTES + _KEY_BYTES)[0]
-            if (best < 0 or seen < best_seen) and not self.active(index):
-                best, best_seen = index, seen
-        return best
+            if not self.active(index):
+                return index
+        return -1
 
     def _try_lock(self) -> bool:
         try:

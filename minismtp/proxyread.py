@@ -57,6 +57,8 @@ log = logging.getLogger("minismtp.worker")
 STOP_GRACE_S = 2.0
 
 _PROXY_COMMAND = proxyproto.Command.PROXY
+_NEED_MORE = proxyproto.NEED_MORE
+_new_peer = tuple.__new__  # a Peer without the named tuple's __new__ (a Python call)
 _MAX_KNOWN = 1024  # peer addresses whose trust is remembered
 _ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
            "any": proxyproto.Version.ANY}
@@ -114,49 +116,46 @@ class ProxyReads:
 
     def step(self, reader: ProxyRead) -> None:
         """The connection is readable: take what belongs to the header."""
-        session = reader.session
-        if reader.hand_over:
-            header = self._read(session, reader.accept)
-        else:
-            header = self._take(session, reader)
-        if header is None:
+        if not reader.hand_over:
+            self._step_implicit_tls(reader)
             return
-        session.preamble = None
-        self._use(session, header)
-        if reader.hand_over:
-            self.poller.hand_over(session.fd, session)  # read for the session from now on
-            session.mask = READ
-            reader.then(session)
-            if session.conn.buffer.end > session.conn.buffer.start:
-                self.loop.resume(session)  # the client spoke before the greeting
-        else:
-            self.poller.unregister(session.fd)
-            reader.then(session)
-
-    def _read(self, session: Session, accept: proxyproto.Version
-              ) -> proxyproto.ProxyHeader | None:
-        """A plain listener's read: into the core's buffer, the header consumed from it
-        once whole; None while it is not (or the connection failed and is closed)."""
+        # A plain listener: read into the core's buffer, consume the header once whole.
+        session = reader.session
         buffer = session.conn.buffer
         try:
             n = session.transport.sock.recv_into(buffer.free_view())
         except (BlockingIOError, InterruptedError):
-            return None
+            return
         except OSError:
             n = 0
         if not n:
             self._failed(session, "closed mid-header")
-            return None
+            return
         buffer.end += n
         try:
-            header = proxyproto.parse(buffer.data, buffer.start, buffer.end, accept)
+            header = proxyproto.parse(buffer.data, buffer.start, buffer.end, reader.accept)
         except proxyproto.ProxyError as exc:
             self._failed(session, exc.reason)
-            return None
-        if header is proxyproto.NEED_MORE:
-            return None
+            return
+        if header is _NEED_MORE:
+            return
         buffer.start += header.consumed
-        return header
+        session.preamble = None
+        self._use(session, header)
+        self.poller.hand_over(session.fd, session)  # read for the session from now on
+        session.mask = READ
+        reader.then(session)
+        if buffer.end > buffer.start:
+            self.loop.resume(session)  # the client spoke before the greeting
+
+    def _step_implicit_tls(self, reader: ProxyRead) -> None:
+        session = reader.session
+        header = self._take(session, reader)
+        if header is not None:
+            session.preamble = None
+            self._use(session, header)
+            self.poller.unregister(session.fd)
+            reader.then(session)
 
     def _take(self, session: Session, reader: ProxyRead) -> proxyproto.ProxyHeader | None:
         """An implicit-TLS listener's read: take from the socket what belongs to the
@@ -203,7 +202,7 @@ class ProxyReads:
             if self._debug:
                 log.debug("proxy: peer=%s is %s:%d (v%d)", session.peer.address,
                           source[0], source[1], header.version)
-            session.peer = Peer(source[0], source[1])
+            session.peer = _new_peer(Peer, source)  # (address, port): Peer's own fields
 
     def expire(self, session: Session) -> None:
         """The header's deadline passed (or the grace of a stopping worker)."""

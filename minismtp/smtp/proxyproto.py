@@ -163,14 +163,19 @@ def parse(data: bytes | bytearray | memoryview, start: int, end: int,
     """The header at `data[start:end]`, NEED_MORE, or ProxyError (see the module docstring)."""
     if not 0 <= start <= end <= len(data):
         raise ValueError(f"bad bounds [{start}, {end}) for {len(data)} bytes")
+    if end - start >= _TCP4_BYTES and accept is not _V1_ONLY and data[
+            start:start + V2_HEADER_BYTES] == _TCP4_PLAIN:
+        # HAProxy's send-proxy-v2 for an IPv4 client, decoded in one step (see below).
+        a, b, c, d, e, f, g, h, sport, dport = _TCP4_FIELDS.unpack_from(
+            data, start + V2_HEADER_BYTES)
+        return _new_header(ProxyHeader, (_TCP4_BYTES, _COMMAND_PROXY, _FAMILY_TCP4,
+                                         (f"{a}.{b}.{c}.{d}", sport),
+                                         (f"{e}.{f}.{g}.{h}", dport), 2))
     if isinstance(data, memoryview):
         window = bytes(data[start:min(end, start + MAX_HEADER_BYTES)])
         data, start, end = window, 0, len(window)
     if start == end:
         return NEED_MORE
-    if end - start >= _TCP4_BYTES and accept is not _V1_ONLY and data.startswith(
-            _TCP4_PLAIN, start):
-        return _decode_tcp4_plain(data, start)
     first = data[start]
     if first == _V1_FIRST and accept is not _V2_ONLY:
         return _parse_v1(data, start, end)
@@ -325,17 +330,12 @@ def _parse_v2(data: bytes | bytearray, start: int, end: int) -> Result:
 
 
 # What HAProxy's send-proxy-v2 sends for an IPv4 client: PROXY, TCP over IPv4, no TLVs.
-# Its 16 fixed bytes settle every check of the general way, so it is decoded in one step.
+# Its 16 fixed bytes settle every check of the general way, so `parse` decodes it in one
+# step, and makes its ProxyHeader without the named tuple's __new__ (a Python call).
 _TCP4_PLAIN = V2_SIGNATURE + bytes((0x21, 0x11, 0x00, 12))
 _TCP4_BYTES = V2_HEADER_BYTES + 12
 _TCP4_FIELDS = struct.Struct("!8BHH")  # source and destination octets, then the ports
-
-
-def _decode_tcp4_plain(data: bytes | bytearray, start: int) -> ProxyHeader:
-    a, b, c, d, e, f, g, h, sport, dport = _TCP4_FIELDS.unpack_from(
-        data, start + V2_HEADER_BYTES)
-    return ProxyHeader(_TCP4_BYTES, _COMMAND_PROXY, _FAMILY_TCP4, (f"{a}.{b}.{c}.{d}", sport),
-                       (f"{e}.{f}.{g}.{h}", dport), 2)
+_new_header = tuple.__new__
 
 
 def _walk_tlvs(data: bytes | bytearray, pos: int, header_end: int, end: int) -> None:

@@ -147,6 +147,53 @@ def test_a_full_window_forgets_the_least_recently_seen_idle_client():
     table.close()
 
 
+def keys_homed_at(table: ClientTable, home: int, count: int) -> list[bytes]:
+    """`count` client keys whose window starts at entry `home` (hashes are seeded per
+    process, so they are searched for)."""
+    keys = []
+    for n in range(1 << 20):
+        key = client_key(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+        if hash(key) & (table.capacity - 1) == home:
+            keys.append(key)
+            if len(keys) == count:
+                return keys
+    raise AssertionError("no keys found")
+
+
+def test_a_window_that_wraps_around_the_table_end():
+    """Keys whose window starts two entries before the end take those two, then the
+    first six; each is found again across the wrap, and eviction and a full window
+    work there as anywhere."""
+    table = ClientTable(2 * WINDOW, 2)
+    table.hand_out(0)
+    home = table.capacity - 2
+    keys = keys_homed_at(table, home, WINDOW + 2)
+    held = [table.open_session(0, key, T0 + n, 0, 0) for n, key in enumerate(keys[:WINDOW])]
+    assert held == [(home + step) % table.capacity for step in range(WINDOW)]
+    assert [table.lookup(key) for key in keys[:WINDOW]] == held
+    assert table.open_session(0, keys[WINDOW], T0 + 10, 0, 0) == UNCOUNTED  # all active
+    for n in (1, 4):  # idle now, 1 seen before 4: 1 goes first
+        table.close_session(0, held[n])
+    assert table.open_session(0, keys[WINDOW], T0 + 11, 0, 0) == held[1]
+    assert table.open_session(0, keys[WINDOW + 1], T0 + 12, 0, 0) == held[4]
+    assert table.lookup(keys[1]) is None and table.lookup(keys[4]) is None
+    table.close()
+
+
+def test_a_key_inside_another_entry_s_fields_is_not_taken_for_its_entry(table):
+    """The window is searched as bytes: the key's bytes elsewhere in an entry (its
+    counts, say) are not that entry's key; the real entry further on is found."""
+    home = 5
+    first, second = keys_homed_at(table, home, 2)
+    index = table.open_session(0, first, T0, 0, 0)
+    assert index == home
+    at = 64 + home * 64 + 20  # within the first entry, past its key
+    table._map[at:at + 16] = second
+    assert table.lookup(second) is None
+    assert table.open_session(0, second, T0, 0, 0) == home + 1
+    assert table.lookup(second) == home + 1
+
+
 def test_counts_pending_for_an_entry_taken_since_are_not_inherited(table):
     index = table.open_session(0, A, T0, 0, 0)
     table.close_session(0, index)
