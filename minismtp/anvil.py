@@ -74,9 +74,13 @@ _SEEN = struct.Struct("=d")
 _COUNTS = struct.Struct("=qQQQQ")  # from the minute on: what a flush writes
 _RATE = struct.Struct("=qQQ")  # the minute and the new sessions
 _KEY_BYTES = 16
-# A whole window's keys and last-seen times in one unpack (a new client's path).
-_WINDOW_KEYS = struct.Struct("=" + f"{_KEY_BYTES}sd{_ENTRY_BYTES - _KEY_BYTES - 8}x" * WINDOW)
+# A window's keys, or keys and last-seen times, in one unpack: a new client's path, where
+# a probe per entry in Python cost a slice and a comparison each.
+_KEY = struct.Struct(f"={_KEY_BYTES}s")
 _KEY_SEEN = struct.Struct(f"={_KEY_BYTES}sd")
+_WINDOW_KEYS = struct.Struct("=" + f"{_KEY_BYTES}s{_ENTRY_BYTES - _KEY_BYTES}x" * WINDOW)
+_WINDOW_KEYS_SEEN = struct.Struct(
+    "=" + f"{_KEY_BYTES}sd{_ENTRY_BYTES - _KEY_SEEN.size}x" * WINDOW)
 _COUNTS_AT = _KEY_BYTES + _SEEN.size
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _EMPTY = bytes(_KEY_BYTES)  # "::" is never a client: a free entry
@@ -253,29 +257,10 @@ class ClientTable:
     # -- inside -------------------------------------------------------------------------
 
     def _known(self, key: bytes) -> int:
-        """The entry holding `key`, or -1 (no lock: see the docstring's hazards).
-        The window's bytes are searched in C (mmap.find), not entry by entry: this runs
-        for every new client, and a probe in Python cost a slice and a comparison."""
+        """The entry holding `key`, or -1 (no lock: see the docstring's hazards)."""
         start = hash(key) & self._mask
-        first = _HEADER + start * _ENTRY_BYTES
-        stop = first + WINDOW * _ENTRY_BYTES
-        end = self._entries_end
-        found = self._find(key, first, min(stop, end))
-        if found < 0 and stop > end:  # the window wraps around the table's end
-            found = self._find(key, _HEADER, _HEADER + stop - end)
-        return found
-
-    def _find(self, key: bytes, low: int, high: int) -> int:
-        """The index of the entry in bytes [low, high) whose key is `key`, or -1. A match
-        that is not at an entry's start is other fields' bytes: searched past."""
-        data = self._map
-        at = data.find(key, low, high)
-        while at >= 0:
-            offset = at - _HEADER
-            if offset % _ENTRY_BYTES == 0:
-                return offset // _ENTRY_BYTES
-            at = data.find(key, at + 1, high)
-        return -1
+        keys = self._window(start, _WINDOW_KEYS, _KEY)
+        return (start + keys.index(key)) & self._mask if key in keys else -1
 
     def _take(self, key: bytes, now: float) -> int:
         """An entry for a new client, under the lock; -1 if none is free or the lock
@@ -284,8 +269,9 @@ class ClientTable:
             return -1
         try:
             start = hash(key) & self._mask
-            window = self._window(start)  # again, under the lock: another worker may
-            keys = window[0::2]           # have taken it meanwhile
+            # Again, under the lock: another worker may have taken it meanwhile.
+            window = self._window(start, _WINDOW_KEYS_SEEN, _KEY_SEEN)
+            keys = window[0::2]
             if key in keys:
                 return (start + keys.index(key)) & self._mask
             if _EMPTY in keys:
@@ -301,14 +287,14 @@ class ClientTable:
         finally:
             self._unlock()
 
-    def _window(self, start: int) -> tuple:
-        """Key and last seen of each of the WINDOW entries from `start`, flat (key, seen,
-        key, seen, ...), in probing order."""
+    def _window(self, start: int, whole: struct.Struct, entry: struct.Struct) -> tuple:
+        """The WINDOW entries from `start` unpacked by `whole`, flat, in probing order; by
+        `entry`, entry by entry, where the window wraps around the table's end."""
         if start + WINDOW <= self.capacity:
-            return _WINDOW_KEYS.unpack_from(self._map, _HEADER + start * _ENTRY_BYTES)
+            return whole.unpack_from(self._map, _HEADER + start * _ENTRY_BYTES)
         mask = self._mask
-        return sum((_KEY_SEEN.unpack_from(self._map, _HEADER + ((start + step) & mask)
-                                          * _ENTRY_BYTES) for step in range(WINDOW)), ())
+        return sum((entry.unpack_from(self._map, _HEADER + ((start + step) & mask)
+                                      * _ENTRY_BYTES) for step in range(WINDOW)), ())
 
     def _estimates(self, index: int, now: float) -> tuple[float, float]:
         """(new sessions, recipients) in the last minute: the entry's and ours."""
