@@ -4,13 +4,16 @@
     python bench/profile_worker.py S3 --messages 20 --sort cumulative
     python bench/profile_worker.py S5 --top 50
     python bench/profile_worker.py S1E --edge proxy     # what a PROXY v2 header costs
+    python bench/profile_worker.py S1E --edge limits --no-profile   # for callgrind
+
 
 A real `Worker` (discard delivery, default limits) runs under cProfile on a listener bound
 to 127.0.0.1, while the scenario's client (smtp-source, or bench/pipeline_client.py for
 S5) sends to it from a thread; when the client is done the worker is told to stop. Only
 the worker is profiled: the client's time and the kernel's show up as the time spent in
 socket calls. cProfile roughly triples the cost of each Python call, so read the table for
-where time goes, not for how fast it is (that is bench/run.py's job).
+where time goes, not for how fast it is (that is bench/run.py's job). With --no-profile
+the worker runs bare, for an instruction counter to read (bench/instructions.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from e2e import KIB, MIB  # noqa: E402
 from e2e.clients import pipeline_client, session_client, smtp_source, tls_client  # noqa: E402
 from e2e.tlsfiles import make_certificate  # noqa: E402
 
+from minismtp.anvil import ClientTable  # noqa: E402
 from minismtp.arbiter import bind  # noqa: E402
 from minismtp.config import load_config  # noqa: E402
 from minismtp.delivery import make_backend  # noqa: E402
@@ -51,11 +55,17 @@ LOADS = {
     # S1E's client (bench/session_client.py): plain, or with the edge feature of --edge
     "S1E": (KIB, 20, False, 10_000),
 }
+_PROXY = {"proxy_protocol": {"version": "v2", "trusted": ["127.0.0.1/32"]}}
 EDGE_LISTENERS = {  # --edge: what the S1E listener takes, as in bench/e2e/servers.py
     "none": {},
-    "proxy": {"proxy_protocol": {"version": "v2", "trusted": ["127.0.0.1/32"]}},
+    "proxy": _PROXY,
     "auth": {"auth": {"mode": "accept_any", "require": True, "allow_plaintext": True}},
+    "noop": {},  # the client sends NOOP where AUTH goes: AUTH's command turn, alone
+    "limits": {},  # limits.per_client: all from 127.0.0.1, one known client
+    "proxy-limits": _PROXY,  # each header claims a new client (session_client.py)
 }
+PER_CLIENT = {"max_sessions": 100_000, "max_new_sessions_per_minute": 10_000_000,
+              "max_recipients_per_minute": 100_000_000}  # set, never reached
 
 
 def main() -> int:
@@ -65,7 +75,11 @@ def main() -> int:
     parser.add_argument("--sort", default="tottime", help="pstats sort key (default tottime)")
     parser.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
     parser.add_argument("--edge", choices=sorted(EDGE_LISTENERS), default="none",
-                        help="S1E only: the listener takes a PROXY v2 header, or AUTH")
+                        help="S1E only: the listener takes a PROXY v2 header, or AUTH; the "
+                             "client sends a NOOP (AUTH's command turn); or "
+                             "limits.per_client is set")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="run the worker bare and print only the client's outcome")
     args = parser.parse_args()
     size, sessions, keep_open, default_count = LOADS[args.scenario]
     messages = args.messages or default_count
@@ -78,15 +92,22 @@ def main() -> int:
         files = make_certificate(Path(tempfile.mkdtemp(prefix="profile-tls-")))
         overrides["tls.certificates"] = [{"cert": str(files.cert), "key": str(files.key)}]
         overrides["server.listen"] = [{"address": "127.0.0.1:0", "tls": "starttls"}]
+    per_client = args.scenario == "S1E" and args.edge.endswith("limits")
     if args.scenario == "S1E":
         overrides["server.listen"] = [{"address": "127.0.0.1:0", **EDGE_LISTENERS[args.edge]}]
+    if per_client:
+        overrides["limits.per_client"] = PER_CLIENT
     config = load_config(overrides=overrides)
     context = server_context(config.tls) if args.scenario == "S7" else None
     listener = bind(config.server.listen[0], 4096, reuse_port=False)
     port = listener.getsockname()[1]
     backend = make_backend("discard", "", False, "single", config.server.hostname)
+    clients = None
+    if per_client:  # the table the master would make, this worker in slot 0
+        clients = ClientTable(config.limits.per_client.table_size, 1)
+        clients.hand_out(0)
     worker = Worker(config, [(listener, config.server.listen[0])], backend, HeartbeatBoard(1), 0,
-                    StatsBoard(1, 64), tls_context=context)
+                    StatsBoard(1, 64), tls_context=context, clients=clients)
     outcome = {}
 
     def load() -> None:
@@ -97,8 +118,9 @@ def main() -> int:
         elif args.scenario == "S1E":
             result = session_client(
                 port, sessions=sessions, size=size, messages=messages,
-                proxy="v2" if args.edge == "proxy" else "",
-                credentials=("bench", "secret") if args.edge == "auth" else None)
+                proxy="v2" if args.edge.startswith("proxy") else "",
+                credentials=("bench", "secret") if args.edge == "auth" else None,
+                noop=args.edge == "noop")
         elif args.scenario == "S7":
             result = tls_client(port, mode="starttls", sessions=sessions, size=size,
                                 messages=messages, line_length=78, per_connection=True)
@@ -110,7 +132,8 @@ def main() -> int:
 
     threading.Thread(target=load, daemon=True).start()
     profile = cProfile.Profile(time.thread_time)  # CPU time: a shared machine preempts
-    profile.enable()
+    if not args.no_profile:
+        profile.enable()
     try:
         worker.run()
     except SystemExit:
@@ -121,8 +144,10 @@ def main() -> int:
     delivered = f"{result.messages:,} delivered" if result is not None else "client failed"
     detail = f" ({result.detail})" if result is not None and result.detail else ""
     print(f"{args.scenario}: {messages:,} messages of {size:,} bytes over {sessions} "
-          f"session(s): {delivered} in {seconds:.1f}s under the profiler{detail}")
-    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
+          f"session(s): {delivered} in {seconds:.1f}s"
+          f"{'' if args.no_profile else ' under the profiler'}{detail}")
+    if not args.no_profile:
+        pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
     return 0 if result is not None and result.ok else 1
 
 

@@ -1,0 +1,82 @@
+"""Instructions a worker executes per S1E message, by edge feature: the steady figure
+behind bench/run.py's noisy end-to-end ratios.
+
+    python bench/instructions.py                          # every edge, 1,000 and 3,000 messages
+    python bench/instructions.py --edges none,proxy --messages 2000
+
+Each edge of `bench/profile_worker.py` (none, proxy, noop, auth, limits, proxy-limits) runs
+twice under valgrind's callgrind with `--no-profile`: one worker in process, fed by S1E's
+client (bench/session_client.py) from another process, which callgrind does not follow.
+The difference between a run of 3N messages and one of N, divided by 2N, is the worker's
+instructions per message, start-up and shut-down cancelled out; the count repeats to
+about 1% between runs (per-client limits flush by the clock, so their count moves the
+most), where end-to-end CPU per message moves by 5-10% on a shared machine. What it leaves out is the kernel's work (system calls, loopback TCP) and what
+instructions cost in time (cache misses): a feature that adds a system call per session,
+as a PROXY header's read does, costs more end to end than its instructions say.
+
+Needs valgrind (Debian's `valgrind` package). Two runs at a time (one per core of a
+2-core machine); each takes about 20 s at the default counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EDGES = ("none", "proxy", "noop", "auth", "limits", "proxy-limits")
+
+
+def instructions(edge: str, messages: int, workdir: Path) -> int:
+    """Instructions the worker process ran for `messages` S1E messages on `edge`."""
+    out = workdir / f"callgrind.{edge}.{messages}"
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+               str(HERE / "profile_worker.py"), "S1E", "--edge", edge, "--no-profile",
+               "--messages", str(messages)]
+    ran = subprocess.run(command, capture_output=True, text=True)
+    if ran.returncode != 0 or not out.exists():
+        tail = "\n".join((ran.stdout + ran.stderr).splitlines()[-5:])
+        raise RuntimeError(f"{edge}, {messages} messages: exit {ran.returncode}\n{tail}")
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith("summary:") or line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{out}: no summary line")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edges", default=",".join(EDGES),
+                        help=f"comma-separated, from {', '.join(EDGES)} (default: all)")
+    parser.add_argument("--messages", type=int, default=1000,
+                        help="N: runs of N and 3N messages are compared (default 1000)")
+    args = parser.parse_args(argv)
+    edges = args.edges.split(",")
+    unknown = [edge for edge in edges if edge not in EDGES]
+    if unknown:
+        parser.error(f"unknown edge(s): {', '.join(unknown)}")
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
+    n = args.messages
+    with tempfile.TemporaryDirectory(prefix="minismtp-instructions-") as tmp, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {(edge, count): pool.submit(instructions, edge, count, Path(tmp))
+                for edge in edges for count in (n, 3 * n)}
+        per_message = {edge: (runs[edge, 3 * n].result() - runs[edge, n].result()) / (2 * n)
+                       for edge in edges}
+    print(f"worker instructions per S1E message (callgrind; {3 * n:,} against {n:,} messages)")
+    base, noop = per_message.get("none"), per_message.get("noop")
+    for edge in edges:
+        ratio = f"  {per_message[edge] / base:.3f}x none" if base and edge != "none" else ""
+        if edge == "auth" and noop:  # AUTH's own cost, without the command turn it adds
+            ratio += f", {per_message[edge] / noop:.3f}x noop"
+        print(f"  {edge:13s} {per_message[edge]:10,.0f}{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
