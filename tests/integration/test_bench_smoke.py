@@ -110,6 +110,19 @@ def test_in_process_tools_still_drive_a_real_worker(tmp_path: Path) -> None:
     assert "300 delivered" in profiled.stdout
 
 
+def test_every_s1e_edge_of_the_in_process_worker_delivers_bare(tmp_path: Path) -> None:
+    """What bench/instructions.py runs under callgrind: each edge's listener and client
+    agree (a PROXY edge fails without its header, AUTH without its credentials), the
+    limits edges have a table to count in, and --no-profile prints no profile."""
+    for edge in ("none", "proxy", "noop", "auth", "limits", "proxy-limits"):
+        bare = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "profile_worker.py"), "S1E", "--edge", edge,
+             "--messages", "200", "--no-profile"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        assert bare.returncode == 0, (edge, bare.stderr[-2000:] + bare.stdout[-2000:])
+        assert "200 delivered" in bare.stdout and "ncalls" not in bare.stdout, edge
+
+
 def test_edge_variants_get_what_their_listeners_need(tmp_path):
     # S1E and S1B: the session client sends a PROXY v2 header to minismtp-proxy and AUTH
     # PLAIN to the AUTH variants, and nothing of the sort to minismtp-discard; each run
