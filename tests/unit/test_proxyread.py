@@ -8,6 +8,8 @@ import ipaddress
 import socket
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from minismtp.delivery import Peer
 from minismtp.loop import READ
@@ -101,6 +103,52 @@ def test_header_taken_exactly_in_any_pieces(pair, header, piece, hand_over):
     except BlockingIOError:
         rest = b""  # all of it read with the header
     assert buffered + rest == AFTER
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=st.sampled_from([
+           proxyheader.v1(("198.51.100.9", 40001), DST),
+           proxyheader.v1(None, None),
+           proxyheader.v2(("2001:db8::7", 40001), ("2001:db8::1", 25),
+                          [(proxyheader.PP2_TYPE_NOOP, b"x" * 300)]),
+           proxyheader.v2(("198.51.100.9", 40001), DST),
+           proxyheader.local_v2(),
+       ]),
+       after=st.binary(max_size=600),
+       cuts=st.lists(st.integers(min_value=1, max_value=700), max_size=8),
+       hand_over=st.booleans())
+def test_any_split_of_header_and_what_follows(header, after, cuts, hand_over):
+    """However the header and the bytes after it arrive, the header is taken whole and
+    the rest is left, in order and complete, for the next reader: the core's buffer and
+    then the socket (plain), or the socket alone (implicit TLS)."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        data = header + after
+        reads, session, begun, loop, stats = start(ours, hand_over=hand_over)
+        sent = 0
+        for cut in cuts + [len(data)]:
+            if begun or sent >= len(data):
+                break
+            theirs.sendall(data[sent:sent + cut])
+            sent += cut
+            reads.step(session.preamble)
+        assert begun == [session] and not loop.closed and stats.proxy_headers == 1
+        theirs.sendall(data[sent:])
+        theirs.shutdown(socket.SHUT_WR)
+        buffer = session.conn.buffer
+        buffered = bytes(buffer.data[buffer.start:buffer.end])
+        assert hand_over or not buffered
+        assert loop.resumed == ([session] if buffered else [])
+        rest = b""
+        while chunk := ours.recv(4096):
+            rest += chunk
+        assert buffered + rest == after
+    except BlockingIOError:
+        raise AssertionError("the socket lost bytes") from None
+    finally:
+        ours.close()
+        theirs.close()
 
 
 @pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
