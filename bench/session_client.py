@@ -142,7 +142,7 @@ def run(host: str, port: int, sessions: int, messages: int, size: int, timeout: 
             except OSError:
                 sent = 0
             if sent != len(header):
-                steps.insert(0, (b"", header))
+                steps.insert(0, (b"", header[sent:]))
                 connecting = True
         session = Session(sock, steps, connecting=connecting)
         sel.register(sock, selectors.EVENT_WRITE if connecting else selectors.EVENT_READ,

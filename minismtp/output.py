@@ -36,7 +36,8 @@ class Output:
     def flush(self, session: Session) -> None:
         """Send what the core has queued, then watch the connection for what comes next:
         writable while replies wait, readable otherwise, nothing while a decision is
-        pending (pipelined commands stay in the kernel until it is answered)."""
+        pending (pipelined commands wait, in the kernel or the core's buffer, until it is
+        answered)."""
         if session.closed or session.trickling or session.lingering:
             return
         conn = session.conn

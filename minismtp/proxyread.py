@@ -73,7 +73,7 @@ class ProxyRead:
                  then: Callable[[Session], None], hand_over: bool) -> None:
         self.session = session
         self.accept = accept
-        self.data = data  # header bytes taken so far; never past MAX_HEADER_BYTES
+        self.data = data  # implicit TLS: header bytes taken so far, at most MAX_HEADER_BYTES
         self.then = then  # what the session does next: greet, or a TLS handshake
         self.hand_over = hand_over  # `then` reads the socket as the session: keep it watched
 
@@ -115,7 +115,8 @@ class ProxyReads:
         return known
 
     def step(self, reader: ProxyRead) -> None:
-        """The connection is readable: take what belongs to the header."""
+        """The connection is readable: read the header, or what has come of it. On a
+        plain listener the read may also take what the client sent after the header."""
         if not reader.hand_over:
             self._step_implicit_tls(reader)
             return
@@ -140,13 +141,17 @@ class ProxyReads:
         if header is _NEED_MORE:
             return
         buffer.start += header.consumed
+        early = buffer.end - buffer.start  # the client spoke before the greeting
+        self.stats.bytes_received += early  # counted as the session's reads count theirs
         session.preamble = None
         self._use(session, header)
         self.poller.hand_over(session.fd, session)  # read for the session from now on
         session.mask = READ
         reader.then(session)
-        if buffer.end > buffer.start:
-            self.loop.resume(session)  # the client spoke before the greeting
+        # Run the core on what came early, once the greeting is out or on its way; a
+        # greeting sent slowly (a connect tarpit) resumes the session when it is done.
+        if early and not session.trickling:
+            self.loop.resume(session)
 
     def _step_implicit_tls(self, reader: ProxyRead) -> None:
         session = reader.session

@@ -318,7 +318,7 @@ class Worker:
             session.conn.greet(refusal)
         else:
             session.profile.decide.connect(session)
-        self.flush(session)  # the greeting; the client has said nothing yet
+        self.flush(session)  # the greeting (a PROXY header's read may hold commands already)
 
     def _on_readable(self, session: Session) -> None:
         if session.lingering:

@@ -111,6 +111,44 @@ def test_v2_with_tlvs_and_smtp_pipelined_right_after_the_header(proxied, raw_cli
     assert b"([198.51.100.10])" in stored_by_marker(server)["piped"]
 
 
+def test_commands_sent_with_the_header_are_counted_as_received(proxied, raw_clients):
+    """Bytes read with the header are the session's: counted, once, like any others."""
+    server = proxied
+    early = b"EHLO x\r\nNOOP\r\nNOOP\r\n"
+    c = raw_clients(server.port)
+    c.send(proxyheader.v2(("198.51.100.11", 1), DST) + early)
+    for code in (220, 250, 250, 250):
+        c.expect(code)
+    c.cmd("QUIT", 221)
+    c.close()
+    wait_for_metric(server, "minismtp_received_bytes_total", len(early) + len(b"QUIT\r\n"))
+
+
+def test_a_slow_greeting_answers_commands_sent_with_the_header_after_it(make_server,
+                                                                       raw_clients):
+    """A connect tarpit sends the greeting slowly: commands that came with the header
+    wait for it to be whole, and a tarpit on them still applies (the session resumes
+    when the greeting is out, not while it trickles)."""
+    overrides = proxy_overrides()
+    overrides["faults"] = {"rules": [
+        {"name": "slow-greeting", "stage": "connect", "tarpit": 200},
+        {"name": "slow-ehlo", "stage": "helo", "tarpit": 100}]}
+    server = make_server(overrides)
+    c = raw_clients(server.port)
+    started = time.monotonic()
+    c.send(proxyheader.v2(("198.51.100.12", 1), DST) + b"EHLO client.test\r\n")
+    greeting = c.expect(220, timeout=30)
+    greeted = time.monotonic() - started
+    reply = c.expect(250, timeout=30)
+    answered = time.monotonic() - started - greeted
+    # Each reply takes about its length over its rate; at least half that, each in turn.
+    assert greeted >= 0.5 * len(greeting.raw) / 200, greeted
+    assert answered >= 0.5 * len(reply.raw) / 100, (answered, len(reply.raw))
+    c.cmd("QUIT", 221)
+    c.close()
+    wait_for_metric(server, 'minismtp_faults_injected_total{rule="slow-ehlo"}', 1)
+
+
 def test_fault_rule_client_network_matches_the_claimed_address(proxied, raw_clients):
     server = proxied
     c = raw_clients(server.port)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -160,23 +161,41 @@ def keys_homed_at(table: ClientTable, home: int, count: int) -> list[bytes]:
     raise AssertionError("no keys found")
 
 
-def test_a_window_that_wraps_around_the_table_end():
-    """Keys whose window starts two entries before the end take those two, then the
-    first six; each is found again across the wrap, and eviction and a full window
-    work there as anywhere."""
-    table = ClientTable(2 * WINDOW, 2)
+@pytest.mark.parametrize("capacity, home", [
+    (2 * WINDOW, 2 * WINDOW - 2),  # wraps after two entries
+    (2 * WINDOW, 2 * WINDOW - 1),  # wraps after one
+    (2 * WINDOW, WINDOW),          # the last window that does not wrap
+    (WINDOW, 0),                   # the whole table, not wrapping
+    (WINDOW, 3),                   # the whole table, wrapping
+])
+def test_windows_at_and_around_the_table_end(capacity, home):
+    """Keys whose window starts at `home` take its entries in probing order, wrapping
+    past the table's end; each is found again; a full window of active clients leaves
+    a newcomer uncounted; the least recently seen idle entry is the one evicted."""
+    table = ClientTable(capacity, 2)
     table.hand_out(0)
-    home = table.capacity - 2
     keys = keys_homed_at(table, home, WINDOW + 2)
     held = [table.open_session(0, key, T0 + n, 0, 0) for n, key in enumerate(keys[:WINDOW])]
-    assert held == [(home + step) % table.capacity for step in range(WINDOW)]
+    assert held == [(home + step) % capacity for step in range(WINDOW)]
     assert [table.lookup(key) for key in keys[:WINDOW]] == held
     assert table.open_session(0, keys[WINDOW], T0 + 10, 0, 0) == UNCOUNTED  # all active
-    for n in (1, 4):  # idle now, 1 seen before 4: 1 goes first
+    for n in (4, 1):  # idle now, 1 seen before 4: 1 goes first
         table.close_session(0, held[n])
     assert table.open_session(0, keys[WINDOW], T0 + 11, 0, 0) == held[1]
     assert table.open_session(0, keys[WINDOW + 1], T0 + 12, 0, 0) == held[4]
     assert table.lookup(keys[1]) is None and table.lookup(keys[4]) is None
+    table.close()
+
+
+def test_of_idle_entries_seen_at_the_same_time_the_first_probed_is_evicted():
+    table = ClientTable(WINDOW, 2)
+    table.hand_out(0)
+    keys = keys_homed_at(table, 2, WINDOW + 1)
+    held = [table.open_session(0, key, T0 + n, 0, 0) for n, key in enumerate(keys[:WINDOW])]
+    for n in (6, 3):  # two entries last seen at the same time, both idle
+        table._map[64 + held[n] * 64 + 16:64 + held[n] * 64 + 24] = struct.pack("=d", T0 - 5)
+        table.close_session(0, held[n])
+    assert table.open_session(0, keys[WINDOW], T0 + 20, 0, 0) == held[3]  # probed first
     table.close()
 
 

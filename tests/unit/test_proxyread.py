@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -214,13 +216,35 @@ def test_untrusted_peer_is_not_read(pair):
     assert ours.recv(100).startswith(b"PROXY ")  # left unread
 
 
-def test_close_mid_header_timeout_and_stopping(pair):
-    ours, theirs = pair
-    theirs.sendall(b"PROXY TCP4 1.2")
-    reads, session, begun, loop, stats = start(ours, hand_over=True)
-    theirs.shutdown(socket.SHUT_WR)
-    reads.step(session.preamble)
-    assert failures(stats) == {"closed mid-header": 1} and not begun
+@pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
+@pytest.mark.parametrize("how", ["eof", "reset"])
+def test_closed_or_reset_mid_header(hand_over, how):
+    """The peer goes away after part of a header: an end of stream, or a reset (which
+    makes the read raise): closed and counted the same way on both listener kinds."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    theirs = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    try:
+        theirs.sendall(b"PROXY TCP4 1.2")
+        reads, session, begun, loop, stats = start(ours, hand_over=hand_over)
+        assert not begun and not loop.closed
+        if how == "eof":
+            theirs.shutdown(socket.SHUT_WR)
+        else:  # SO_LINGER 0: close sends RST
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            theirs.close()
+        time.sleep(0.05)  # loopback delivers at once; a margin for a loaded machine
+        reads.step(session.preamble)
+        assert failures(stats) == {"closed mid-header": 1} and not begun
+        assert loop.closed == [(session, "")]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_timeout_and_stopping():
     for stopping in (False, True):
         a, b = socket.socketpair()
         with a, b:
