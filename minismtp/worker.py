@@ -351,8 +351,11 @@ class Worker:
                     continue  # TLS: decrypted bytes wait that select() cannot see
                 return
             session.data_bytes += n
-            self._set_data_deadline(session, self.now)
             self.resume(session)
+            if conn.state is _DATA and not session.closed:
+                # Still in the body: its deadline moves. A read that ended the message
+                # (most, for short ones) leaves that to the reply's flush.
+                self._set_data_deadline(session, self.now)
             # A body streaming in fills the buffer read after read: take the next piece
             # now rather than after another trip through select(). A read that did not
             # fill what it could take found the socket drained (a TLS read takes at most
