@@ -122,10 +122,7 @@ class MessageLog:
             document["listener"] = listener
         if auth is not None:
             document["auth"] = auth
-        self._append(json.dumps(document, ensure_ascii=False) + "\n")
-
-    def _append(self, line: str) -> None:
-        self.lines.append(line)
+        self.lines.append(json.dumps(document, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
         """Write the batch in pieces of whole lines, each at most PIPE_BUF bytes."""

@@ -274,8 +274,8 @@ def test_lines_wait_only_for_the_end_of_the_turn():
     log = MessageLog(logging.getLogger("test.waiting"))
     waiting = log.lines  # the list the loop holds
     assert not waiting
-    log._append("a line\n")
-    log._append("another\n")
+    log.lines.append("a line\n")
+    log.lines.append("another\n")
     assert waiting
     read_end, write_end = os.pipe()
     log._fd = write_end
