@@ -78,27 +78,27 @@ def smtp_source(port: int, *, sessions: int, size: int, messages: int,
 
 
 def _json_client(script: str, port: int, *, sessions: int, size: int, messages: int,
-                 extra: tuple[str, ...] = ()) -> tuple[int, float, dict] | ClientResult:
-    """Run one of bench/'s Python load clients, which print a JSON report: (exit status,
-    its CPU seconds, the report), or a failed ClientResult when it printed none."""
+                 extra: tuple[str, ...] = (), counted: tuple[tuple[str, str], ...] = ()
+                 ) -> tuple[bool, str, float, dict] | ClientResult:
+    """Run one of bench/'s Python load clients, which print a JSON report: (whether it
+    delivered all `messages` cleanly, the detail to report when it did not, its CPU
+    seconds, the report), or a failed ClientResult when it printed none. `counted`:
+    (report key, name) of more counts the detail names, before the session errors."""
     command = [sys.executable, str(BENCH / script), "--host", HOST, "--port", str(port),
                "--sessions", str(sessions), "--size", str(size), "--messages", str(messages),
                "--timeout", str(CLIENT_TIMEOUT_S - 10), *extra]
     status, wall, cpu, out, err = run_process(command, CLIENT_TIMEOUT_S)
+    name = script.removesuffix(".py")
     try:
-        return status, cpu, json.loads(out)
+        report = json.loads(out)
     except ValueError:
-        return ClientResult(False, 0, wall, cpu, detail=f"{script.removesuffix('.py')} exit "
-                                                        f"{status}: {err.strip()[-300:]}")
-
-
-def _delivery(name: str, status: int, messages: int, report: dict, also: str = ""
-              ) -> tuple[bool, str]:
-    """Whether a JSON client delivered all `messages` cleanly, and the detail to report
-    when it did not (`also`: more counts to name, before the session errors)."""
+        return ClientResult(False, 0, wall, cpu, detail=f"{name} exit {status}: "
+                                                        f"{err.strip()[-300:]}")
     ok = status == 0 and report["messages"] == messages and not report["errors"]
-    return ok, (f"{name} exit {status}, {report['messages']}/{messages} delivered, {also}"
-                f"{report['errors']} session errors: {report['error_samples']}")
+    also = "".join(f"{report[key]} {label}, " for key, label in counted)
+    failure = (f"{name} exit {status}, {report['messages']}/{messages} delivered, {also}"
+               f"{report['errors']} session errors: {report['error_samples']}")
+    return ok, failure, cpu, report
 
 
 def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> ClientResult:
@@ -106,8 +106,7 @@ def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> Cl
                        messages=messages)
     if isinstance(ran, ClientResult):
         return ran
-    status, cpu, report = ran
-    ok, failure = _delivery("pipeline_client", status, messages, report)
+    ok, failure, cpu, report = ran
     detail = "" if ok else failure
     if not report.get("pipelining"):
         detail = (detail + "; " if detail else "") + "server did not advertise PIPELINING"
@@ -125,12 +124,10 @@ def session_client(port: int, *, sessions: int, size: int, messages: int, proxy:
         ("--auth", ":".join(credentials)) if credentials else ()) + (
         ("--noop",) if noop else ())
     ran = _json_client("session_client.py", port, sessions=sessions, size=size,
-                       messages=messages, extra=extra)
+                       messages=messages, extra=extra, counted=(("auths", "AUTHs"),))
     if isinstance(ran, ClientResult):
         return ran
-    status, cpu, report = ran
-    ok, failure = _delivery("session_client", status, messages, report,
-                            f"{report['auths']} AUTHs, ")
+    ok, failure, cpu, report = ran
     if credentials and report["auths"] != report["messages"]:
         ok = False  # every delivered message must have come after a 235
     detail = "" if ok else failure
@@ -147,8 +144,7 @@ def tls_client(port: int, *, mode: str, sessions: int, size: int, messages: int,
                        messages=messages, extra=extra)
     if isinstance(ran, ClientResult):
         return ran
-    status, cpu, report = ran
-    ok, failure = _delivery("tls_client", status, messages, report)
+    ok, failure, cpu, report = ran
     detail = "" if ok else failure
     if report.get("resumed"):  # every handshake must be a full one
         ok = False
