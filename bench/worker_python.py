@@ -19,6 +19,11 @@ with a real shared table (anvil.py): each session is counted and released, each 
 counted, all from one client address; each read is a turn of the loop, after which the
 per-minute counts are flushed to the table when due, as Worker.run does. Its difference to a run without is the per-client
 limits' cost per message.
+
+`--log FILE` runs at `logging.level: info`, the default (without it: `warning`), with the
+log written to FILE: each message's and session's line formatted and held, and written
+out in batches when due, as Worker.run does (msglog.py). Its difference to a run without
+is the default logging's cost per message.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from minismtp.anvil import ClientTable  # noqa: E402
 from minismtp.config import load_config  # noqa: E402
 from minismtp.delivery import make_backend  # noqa: E402
 from minismtp.heartbeat import HeartbeatBoard  # noqa: E402
+from minismtp.logboard import LogBoard  # noqa: E402
+from minismtp.logsetup import setup_logging  # noqa: E402
 from minismtp.session import Profile  # noqa: E402
 from minismtp.stats import StatsBoard  # noqa: E402
 from minismtp.worker import Worker  # noqa: E402
@@ -96,8 +103,8 @@ PER_CLIENT = {"max_sessions": 10**6, "max_new_sessions_per_minute": 10**9,
               "max_recipients_per_minute": 10**9}
 
 
-def make_worker(per_client: bool = False) -> Worker:
-    overrides = {"delivery.backend": "discard", "logging.level": "warning"}
+def make_worker(per_client: bool = False, log: str = "warning") -> Worker:
+    overrides = {"delivery.backend": "discard", "logging.level": log}
     clients = None
     if per_client:
         overrides["limits.per_client"] = PER_CLIENT
@@ -106,7 +113,7 @@ def make_worker(per_client: bool = False) -> Worker:
     config = load_config(overrides=overrides)
     backend = make_backend("discard", "", False, "single", config.server.hostname)
     worker = Worker(config, [], backend, HeartbeatBoard(1), 0, StatsBoard(1, 64),
-                    clients=clients)
+                    clients=clients, log_board=LogBoard(1))
     worker.poller = NoPoller()  # type: ignore[assignment]
     # As Worker.run() does before its loop: what is alive now stays out of the
     # collector's passes, which otherwise grow with every module imported.
@@ -120,9 +127,11 @@ def make_worker(per_client: bool = False) -> Worker:
 
 
 def end_of_turn(worker: Worker) -> None:
-    """What the loop does after each turn: read its clock, and for limits.per_client
-    share the counts when they are due (Worker.run)."""
+    """What the loop does after each turn: read its clock, write the held log lines out
+    and, for limits.per_client, share the counts, when they are due (Worker.run)."""
     worker.now = now = time.monotonic()
+    if now >= worker.msglog.due:
+        worker.msglog.flush()
     gate = worker.gate
     if gate is not None and gate.table.pending and now >= gate.flush_at:
         gate.flush()
@@ -160,8 +169,13 @@ def main() -> int:
     parser.add_argument("--shape", choices=("S1", "S2"), help="only this one (default both)")
     parser.add_argument("--per-client", action="store_true",
                         help="with limits.per_client set (see the docstring)")
+    parser.add_argument("--log", metavar="FILE",
+                        help="logging.level info (the default), the log written to FILE")
     args = parser.parse_args()
-    worker = make_worker(args.per_client)
+    if args.log:
+        sys.stderr = open(args.log, "w", encoding="utf-8")  # noqa: SIM115 (for the run)
+        setup_logging("info")
+    worker = make_worker(args.per_client, "info" if args.log else "warning")
     print(f"Python {sys.version.split()[0]}, {args.messages:,} messages, "
           f"best and median of {args.repeat}"
           f"{', limits.per_client set' if args.per_client else ''}")

@@ -36,7 +36,9 @@ from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_port
+from minismtp.logboard import LogBoard
 from minismtp.logsetup import apply_format, apply_level
+from minismtp.msglog import log_stream
 from minismtp.sdnotify import Notifier
 from minismtp.signals import SignalWakeup
 from minismtp.startup import (
@@ -84,6 +86,7 @@ class Arbiter:
         self.listeners = ListenerPool()
         self.board = HeartbeatBoard(BOARD_SLOTS)
         self.stats_board = StatsBoard(BOARD_SLOTS, MAX_RULES)
+        self.log_board = LogBoard(BOARD_SLOTS)  # log lines a worker made, not yet written
         # limits.per_client's counts, shared by every worker of every generation; its
         # size is fixed here (a reload that changes it is refused for that key).
         self.clients = ClientTable(config.limits.per_client.table_size, BOARD_SLOTS)
@@ -213,12 +216,25 @@ class Arbiter:
                 continue  # not ours (or already forgotten): reaped, not reported
             # Totals never go back.
             self.stats_board.retire(record.slot, self.retired, record.listener_names)
+            self._recover_log_lines(record)
             self.board.vacate(record.slot)
             self.clients.vacate(record.slot)  # its sessions went with it
             self.free_slots.append(record.slot)
             if record.tmp_dir is not None and status != 0:  # 0: exited with status 0
                 self.sweeper.add(record.tmp_dir, pid)  # it may have died mid-DATA
             self._report_exit(record, status)
+
+    def _recover_log_lines(self, record: WorkerRecord) -> None:
+        """What a worker that died without writing its log lines out left in its slot
+        (logboard.py), before any line of ours about its death."""
+        fd = log_stream()
+        if fd is None:
+            return  # not a plain stream: its lines went through logging, none were held
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        if written := self.log_board.recover(record.slot, fd):
+            log.debug("worker %d: wrote the %d bytes of log lines it left", record.pid,
+                      written)
 
     def _report_exit(self, record: WorkerRecord, status: int) -> None:
         expected = record.retiring_since is not None or self.stopping
@@ -265,6 +281,7 @@ class Arbiter:
         slot = self.free_slots.pop()
         self.board.hand_out(slot, now)
         self.clients.hand_out(slot)
+        self.log_board.hand_out(slot)
         # Until the worker has handlers of its own, a signal sent to it would run the
         # master's, which notify the master's loop: the worker would never see a SIGTERM
         # sent right after it was forked. Blocked, it waits for the worker (worker.py).
@@ -310,7 +327,7 @@ class Arbiter:
             self.stats_http.close_inherited()
         return Worker(config, self.listeners.entries(config, listeners), backend, self.board,
                       slot, self.stats_board, signal_mask, self.tls_context,
-                      self.clients).run()
+                      self.clients, self.log_board).run()
 
     def _signal(self, record: WorkerRecord, signum: int) -> None:
         try:

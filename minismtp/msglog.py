@@ -1,4 +1,4 @@
-"""The per-message and per-session log lines: formatted here, written once per loop turn.
+"""The per-message and per-session log lines: formatted here, written in batches.
 
 Untrusted input: the envelope sender, which goes into the line as the `logging` module
 would have put it (the core admits only printable text there); command verbs (the core
@@ -8,15 +8,20 @@ AUTH, which may hold anything, so the text lines escape it (`printable`).
 Why not `logging`: each record costs a LogRecord, a Formatter pass, a lock and a write
 system call, several microseconds per message (bench/README.md), which at `info` (the
 default) cost a quarter of the throughput of short sessions. Here a line is one f-string
-with a timestamp cached per second, and the loop writes what a turn gathered at the end
-of that turn: one write per turn, however many sessions the turn served.
+with a timestamp cached per second, held in memory, and the lines of many turns go out
+in one write.
 
 What is kept: the lines look exactly like the other log records (one LOG_FORMAT), stay in
-order with them (a worker's other records first flush the batch, through a filter on the
-root handlers), and each write is at most PIPE_BUF bytes of whole lines, so lines of
-several workers sharing one pipe never interleave mid-line. What a crash costs: a clean
-stop flushes; a worker killed with SIGKILL loses at most the lines of the loop turn it
-was in, and a turn ends before the next one reads anything from a client.
+order with them (a worker's other records first write the held lines out, through a filter
+on the root handlers), and each write is at most PIPE_BUF bytes of whole lines, so lines
+of several workers sharing one pipe never interleave mid-line.
+
+When: each line goes, as it is made, to the worker's slot in shared memory (logboard.py),
+and the slot is written out once its oldest line is HOLD_S old (the loop checks between
+turns), when it is full, before any other record of the worker, and on a clean stop.
+What a crash costs: nothing made; if the worker dies without writing its slot out
+(SIGKILL), its master writes what the slot holds. Without a master (tests, tools) the
+slot is the process's own.
 """
 
 from __future__ import annotations
@@ -24,29 +29,35 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import time
 
+from minismtp.logboard import LogBoard, LogSlot, write_lines
 from minismtp.logsetup import LOG_FORMAT, JsonFormatter, timestamp
+
 _COUNTS_KEPT = 256  # rendered command counts of sessions, by their counts
-_ATOMIC_BYTES = getattr(select, "PIPE_BUF", 4096)  # a pipe write up to this is never split
+# How long lines may wait in the slot: a reader of the log sees them this late at most,
+# and a worker at full speed writes once per few hundred lines instead of once per turn.
+HOLD_S = 0.1
+_NEVER = float("inf")
+_MILLIS = tuple(f",{n:03d}" for n in range(1000))  # a line's timestamp's last field
 
 
 class MessageLog:
     """One line per message, at level INFO, batched; see the module docstring."""
 
-    def __init__(self, logger: logging.Logger, root: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger, root: logging.Logger | None = None,
+                 slot: LogSlot | None = None) -> None:
         """`logger` says whether INFO is on; `root` (the root logger) holds the handler
-        whose stream the lines go to."""
+        whose stream the lines go to; `slot`: the worker's, on its master's LogBoard."""
         self.enabled = logger.isEnabledFor(logging.INFO)
         self._logger = logger
         self._root = root = root or logging.getLogger()
-        # Lines waiting for the end of the loop's turn, encoded once per flush, not once
-        # per line. The loop reads the list itself (one truth check per turn): kept, only
-        # emptied.
-        self.lines: list[str] = []
         self._counts: dict[tuple[tuple[str, int], ...], str] = {}  # see session()
         self._fd, self._encoding, self.json = _plain_stream(root.handlers)
+        self._slot = slot if slot is not None else LogBoard(1).slot(0)
+        # When the held lines are to be written out (time.monotonic(), as the loop's
+        # clock): HOLD_S after the first of them; never while none are held.
+        self.due = _NEVER
         self._pid = os.getpid()
         self._prefix = f" minismtp[{self._pid}] INFO "
         self._second = -1
@@ -111,7 +122,13 @@ class MessageLog:
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        self.lines.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._prefix}{text}\n")
+        data = (f"{self._stamp}{_MILLIS[int((now - second) * 1000)]}{self._prefix}{text}\n"
+                ).encode(self._encoding, "backslashreplace")
+        if self._slot.add(data):  # _hold(), inline: this runs for every line
+            if self.due == _NEVER:
+                self.due = time.monotonic() + HOLD_S
+        else:
+            self._overflow(data)
 
     def _add_json(self, fields: dict[str, object], listener: str | None,
                   auth: str | None) -> None:
@@ -122,42 +139,35 @@ class MessageLog:
             document["listener"] = listener
         if auth is not None:
             document["auth"] = auth
-        self.lines.append(json.dumps(document, ensure_ascii=False) + "\n")
+        self._hold(json.dumps(document, ensure_ascii=False) + "\n")
+
+    def _hold(self, line: str) -> None:
+        """Keep `line` in the slot; written out HOLD_S after the first line held."""
+        data = line.encode(self._encoding, "backslashreplace")
+        if self._slot.add(data):
+            if self.due == _NEVER:
+                self.due = time.monotonic() + HOLD_S
+        else:
+            self._overflow(data)
+
+    def _overflow(self, data: bytes) -> None:
+        """`data` did not fit: out with what the slot holds, then start again with it."""
+        self.flush()
+        if self._slot.add(data):
+            self.due = time.monotonic() + HOLD_S
+        else:  # a line longer than the whole slot
+            write_lines(self._fd, data)
 
     def flush(self) -> None:
-        """Write the batch in pieces of whole lines, each at most PIPE_BUF bytes."""
-        lines = self.lines
-        if not lines:
-            return
-        data = "".join(lines).encode(self._encoding, "backslashreplace")
-        lines.clear()
-        start, end = 0, len(data)
-        if end <= _ATOMIC_BYTES:  # a turn's usual few lines: one write, no slicing
-            self._write(data)
-            return
-        while start < end:
-            stop = end
-            if stop - start > _ATOMIC_BYTES:  # cut after the last whole line that fits
-                cut = data.rfind(b"\n", start, start + _ATOMIC_BYTES)
-                stop = cut + 1 if cut >= 0 else data.index(b"\n", start) + 1
-            self._write(data[start:stop])
-            start = stop
+        """Write the held lines out now."""
+        self.due = _NEVER
+        self._slot.write_out(self._fd)
 
     def close(self) -> None:
         self.flush()
         if self._filter is not None:
             for handler in self._root.handlers:
                 handler.removeFilter(self._filter)
-
-    def _write(self, data: bytes) -> None:
-        assert self._fd is not None
-        try:
-            written = os.write(self._fd, data)
-            while written < len(data):  # a full pipe or disk: the rest, as it goes
-                data = data[written:]
-                written = os.write(self._fd, data)
-        except OSError:
-            pass  # like logging's handlers: a log that cannot be written never stops mail
 
 
 class _FlushFirst(logging.Filter):
@@ -170,6 +180,11 @@ class _FlushFirst(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         self._log.flush()
         return True
+
+
+def log_stream() -> int | None:
+    """The descriptor workers write their lines to (see _plain_stream), or None."""
+    return _plain_stream(logging.getLogger().handlers)[0]
 
 
 def _plain_stream(handlers: list[logging.Handler]) -> tuple[int | None, str, bool]:

@@ -33,6 +33,7 @@ from minismtp.delivery import Backend, Peer
 from minismtp.faults import FaultInjector, FaultsConfig
 from minismtp.handshake import Handshake, Handshakes
 from minismtp.heartbeat import HeartbeatBoard
+from minismtp.logboard import LogBoard
 from minismtp.logins import Logins
 from minismtp.loop import READ, WRITE
 from minismtp.msglog import MessageLog
@@ -66,7 +67,7 @@ class Worker:
         self, config: Config, listeners: list[tuple[socket.socket, Listener]],
         backend: Backend, board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
         signal_mask: Iterable[int] = (), tls_context: ssl.SSLContext | None = None,
-        clients: ClientTable | None = None,
+        clients: ClientTable | None = None, log_board: LogBoard | None = None,
     ) -> None:
         self.config = config
         self.signal_mask = signal_mask  # restored once our own handlers are in place
@@ -102,7 +103,8 @@ class Worker:
         self.storage = Storage(backend)
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies
-        self.msglog = MessageLog(log)
+        # The log lines' slot in shared memory: the master writes what it holds if we die.
+        self.msglog = MessageLog(log, slot=None if log_board is None else log_board.slot(slot))
         # limits.per_client: None when no limit is set, and then no session pays for it.
         per_client = config.limits.per_client
         self.gate = ClientGate(per_client, clients, slot, self, self.stats,
@@ -159,7 +161,6 @@ class Worker:
             self.poller.register(self.logins.wakeup.fileno(), READ, _LOGINS)
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         msglog = self.msglog
-        log_lines = msglog.lines  # lines waiting for the end of the turn
         gate = self.gate
         pending = None if gate is None else gate.table.pending  # counts not yet shared
         last_tick = 0.0
@@ -170,8 +171,8 @@ class Worker:
                     last_tick = now
                     if not self._tick(now):
                         break
-                if log_lines:
-                    msglog.flush()  # the last turn's lines: all a SIGKILL can cost
+                if now >= msglog.due:
+                    msglog.flush()  # log lines held HOLD_S in shared memory (logboard.py)
                 events = self.poller.poll(self._select_timeout(now))
                 self.now = time.monotonic()
                 for owner, mask in events:
@@ -230,6 +231,9 @@ class Worker:
         gate = self.gate
         if gate is not None and gate.table.pending and (due is None or gate.flush_at < due):
             due = gate.flush_at  # counts wait to be shared: wake up for them
+        held_until = self.msglog.due  # log lines held in shared memory: out on time
+        if due is None or held_until < due:
+            due = held_until
         return _TICK_S if due is None else min(_TICK_S, max(0.0, due - now))
 
     def _read_pending_signals(self) -> None:

@@ -27,16 +27,24 @@ def test_a_session_ends_with_its_summary(make_server, raw_clients):
 
 def test_a_worker_killed_keeps_the_lines_of_every_turn_before_its_last(make_server,
                                                                         raw_clients):
-    """A turn's lines are written before the loop polls again: once the reply to a later
-    command (NOOP) has come back, the message's line is out, and SIGKILL cannot take it."""
+    """A turn's lines go to shared memory before the loop polls again, and are written
+    out in batches: once the reply to a later command (NOOP) has come back, SIGKILL
+    cannot take a message's line. The master writes what the worker held, before its own
+    line about the death, and no line twice."""
     server = make_server({"server": {"workers": 1}})
     (worker,) = server.wait_for_workers(1)
     client = raw_clients(server.port)
     client.hello()
-    queue_id = client.send_message(b"Subject: hi\r\n\r\nhello\r\n").queue_id
+    ids = [client.send_message(b"Subject: hi\r\n\r\nhello\r\n").queue_id
+           for _ in range(40)]
     client.cmd("NOOP", 250)
     os.kill(worker, signal.SIGKILL)
-    server.wait_for_log(rf"INFO id={queue_id} peer=127\.0\.0\.1 .* result=250 ", timeout=5)
+    death = server.wait_for_log(rf"worker {worker} was killed by signal 9", timeout=5)
+    text = server.log_text()
+    for queue_id in ids:
+        line = f"INFO id={queue_id} peer=127.0.0.1 "
+        assert text.count(line) == 1
+        assert text.index(line) < text.index(death.group(0))
 
 
 def test_a_client_speaking_tls_on_a_plain_port_is_named(make_server, raw_clients):

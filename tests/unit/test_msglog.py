@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from minismtp import msglog
+from minismtp import logboard, msglog
 from minismtp.logsetup import LOG_FORMAT, JsonFormatter
-from minismtp.msglog import MessageLog
+from minismtp.logboard import SLOT_BYTES, LogBoard
+from minismtp.msglog import HOLD_S, MessageLog
 
 def stored(log: MessageLog, queue_id: str, size: int = 100) -> str:
     """Log a stored message; the text its line must carry."""
@@ -21,6 +22,7 @@ def stored(log: MessageLog, queue_id: str, size: int = 100) -> str:
     return f"id={queue_id} peer=127.0.0.1 from=<a@example.org> rcpts=1 size={size} result=250 queued"
 
 
+LINE_PREFIX = "2026-12-07 08:00:00,000 minismtp[{pid}] INFO "  # as long as any
 LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} minismtp\[(\d+)\] (\w+) (.*)")
 
 
@@ -31,8 +33,8 @@ class Logs:
     def __init__(self, root: logging.Logger) -> None:
         self.root = root
 
-    def message_log(self) -> MessageLog:
-        return MessageLog(self.worker, self.root)
+    def message_log(self, slot=None) -> MessageLog:
+        return MessageLog(self.worker, self.root, slot)
 
     @property
     def worker(self) -> logging.Logger:
@@ -118,7 +120,7 @@ def test_each_write_is_whole_lines_within_pipe_buf(logfile, monkeypatch):
     for n in range(200):
         stored(log, f"Q{n}")
     log.flush()
-    assert len(sizes) > 1 and max(sizes) <= msglog._ATOMIC_BYTES
+    assert len(sizes) > 1 and max(sizes) <= logboard.ATOMIC_BYTES
     assert [message.split()[0] for _, _, message in lines()] == [f"id=Q{n}" for n in range(200)]
     log.close()
 
@@ -267,22 +269,88 @@ def test_json_lines_name_the_listener(logfile):
         ("message", "chaos"), ("disconnect", "chaos")]
 
 
-def test_lines_wait_only_for_the_end_of_the_turn():
-    """A line waits in the log's list, which the loop checks before each poll; a flush
-    writes the turn's lines and empties the same list. An idle worker never wakes up for
-    them."""
-    log = MessageLog(logging.getLogger("test.waiting"))
-    waiting = log.lines  # the list the loop holds
-    assert not waiting
-    log.lines.append("a line\n")
-    log.lines.append("another\n")
-    assert waiting
-    read_end, write_end = os.pipe()
-    log._fd = write_end
-    try:
-        log.flush()
-        assert os.read(read_end, 100) == b"a line\nanother\n"
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-    assert not waiting and log.lines is waiting
+@pytest.fixture
+def slot():
+    """A worker's slot of the master's board (logboard.py)."""
+    board = LogBoard(1)
+    yield board.slot(0)
+    board.close()
+
+
+def test_lines_wait_in_shared_memory_until_the_first_is_hold_s_old(logfile, slot, monkeypatch):
+    """Each line goes to the slot as it is made; the loop writes the slot out once
+    `due` (HOLD_S after the first held line) has come, and is not woken up otherwise."""
+    logger, lines = logfile
+    clock = [100.0]
+    monkeypatch.setattr(msglog.time, "monotonic", lambda: clock[0])
+    log = logger.message_log(slot)
+    assert log.due == float("inf")  # nothing held: the loop never wakes up for the log
+    first = stored(log, "Q1")
+    assert lines() == [] and slot.waiting == len(first.encode()) + 1 + len(
+        LINE_PREFIX.format(pid=os.getpid()))
+    assert log.due == 100.0 + HOLD_S
+    clock[0] += HOLD_S / 2
+    second = stored(log, "Q2")
+    assert log.due == 100.0 + HOLD_S  # the first line's time
+    log.flush()  # what the loop does once due
+    assert [message for _, _, message in lines()] == [first, second]
+    assert slot.waiting == 0 and log.due == float("inf")
+    clock[0] = 200.0
+    third = stored(log, "Q3")
+    assert log.due == 200.0 + HOLD_S  # a new batch, a new time
+    log.close()
+    assert [message for _, _, message in lines()][2:] == [third]
+
+
+def test_a_full_slot_is_written_out_before_the_line_that_does_not_fit(logfile, slot):
+    logger, lines = logfile
+    log = logger.message_log(slot)
+    sent = []
+    while not lines():
+        sent.append(stored(log, f"Q{len(sent)}"))
+    assert SLOT_BYTES // 150 < len(sent) < SLOT_BYTES // 50  # about a slot's worth
+    assert [message for _, _, message in lines()] == sent[:-1]
+    assert slot.waiting > 0 and log.due < float("inf")  # the last line, held anew
+    log.close()
+    assert [message for _, _, message in lines()] == sent
+
+
+def test_a_line_longer_than_the_slot_goes_out_after_the_held_ones(logfile, slot):
+    logger, lines = logfile
+    log = logger.message_log(slot)
+    stored(log, "Q1")
+    log.message("Q2", "127.0.0.1", "a" * SLOT_BYTES + "@example.org", 1, 5, None, "250 queued")
+    assert [message.split()[0] for _, _, message in lines()] == ["id=Q1", "id=Q2"]
+    assert slot.waiting == 0
+    stored(log, "Q3")
+    log.close()
+    assert [message.split()[0] for _, _, message in lines()] == ["id=Q1", "id=Q2", "id=Q3"]
+
+
+def test_other_records_come_after_the_held_lines(logfile, slot):
+    logger, lines = logfile
+    log = logger.message_log(slot)
+    held = [stored(log, "Q1"), stored(log, "Q2")]
+    logger.worker.warning("a warning")
+    assert [(level, message) for _, level, message in lines()] == [
+        ("INFO", held[0]), ("INFO", held[1]), ("WARNING", "a warning")]
+    assert slot.waiting == 0 and log.due == float("inf")
+    log.close()
+
+
+def test_a_clean_stop_writes_what_the_slot_holds(logfile, slot):
+    logger, lines = logfile
+    log = logger.message_log(slot)
+    texts = [stored(log, "Q1"), stored(log, "Q2")]
+    assert lines() == []
+    log.close()
+    assert [message for _, _, message in lines()] == texts and slot.waiting == 0
+
+
+def test_without_a_plain_stream_nothing_is_held(logfile, slot):
+    logger, lines = logfile
+    logger.root.handlers[0].setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logger.message_log(slot)
+    stored(log, "Q1")
+    assert slot.waiting == 0 and log.due == float("inf")
+    log.close()

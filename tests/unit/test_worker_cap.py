@@ -23,6 +23,7 @@ def make_arbiter():
         arbiter.sel.close()
         arbiter.wakeup.close()
         arbiter.board.close()
+        arbiter.log_board.close()
 
 
 def test_the_board_holds_two_full_generations():

@@ -1,0 +1,160 @@
+"""Log lines a worker has made but not yet written, kept where its master can read them.
+
+Writing a worker's per-message lines at the end of every loop turn cost a system call
+a turn: at the default level, 5-9% of the throughput of short messages (bench/README.md).
+Writing them later from the worker's own memory would lose them to a SIGKILL. So at the
+end of each turn the worker copies the turn's lines here, into its slot of a shared
+anonymous mapping the master made before forking, and writes them out in batches
+(msglog.py says when). When a worker dies without writing its slot out (SIGKILL, a
+crash), the master writes what the slot still holds before it reports the death: a
+worker killed with SIGKILL loses only the lines of the turn it was in.
+
+Untrusted input: none; the lines were formatted (and escaped) by msglog.py.
+
+Per slot, two 64-bit counts, then SLOT_BYTES of encoded whole lines: `held`, the bytes of
+lines in the slot, and `written`, how many of those are out. The worker moves `written`
+after each write, so a worker killed while writing out has only the rest written by the
+master; one killed between a write and its count (a few instructions) has that piece
+written twice, which is the one way a line can repeat.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+
+SLOT_BYTES = 32 * 1024  # lines held per worker: a few hundred
+ATOMIC_BYTES = getattr(select, "PIPE_BUF", 4096)  # a pipe write up to this is never split
+_COUNTS = 16  # `held` and `written`, 64 bits each
+_STRIDE = _COUNTS + SLOT_BYTES
+
+
+class LogSlot:
+    """One worker's part of the board: lines in, whole-line pieces out."""
+
+    __slots__ = ("_map", "_data", "_counts", "_base")
+
+    def __init__(self, whole: mmap.mmap, slot: int) -> None:
+        self._map = whole
+        self._base = base = slot * _STRIDE + _COUNTS  # where the slot's lines start
+        view = memoryview(whole)
+        self._counts = view[base - _COUNTS: base].cast("q")
+        self._data = view[base: base + SLOT_BYTES]
+        view.release()
+
+    @property
+    def held(self) -> int:
+        return self._counts[0]
+
+    @property
+    def waiting(self) -> int:
+        """Bytes held and not written out yet."""
+        counts = self._counts
+        return counts[0] - counts[1]
+
+    def add(self, data: bytes) -> bool:
+        """Keep `data` (whole lines) after what the slot holds; False if it does not fit."""
+        held = self._counts[0]
+        end = held + len(data)
+        if end > SLOT_BYTES:
+            return False
+        self._data[held:end] = data
+        self._counts[0] = end  # after the copy: a SIGKILL between leaves the line out
+        return True
+
+    def next_piece(self) -> bytes:
+        """The next lines to write, from the first not written: as many whole lines as
+        fit in ATOMIC_BYTES (one longer line alone). Empty when all are out."""
+        counts = self._counts
+        start, end = self._base + counts[1], self._base + counts[0]
+        return self._map[start:_cut(self._map, start, end)]
+
+    def mark_written(self, size: int) -> None:
+        counts = self._counts
+        counts[1] += size
+        if counts[1] == counts[0]:
+            counts[0] = counts[1] = 0  # empty again: `written` first would repeat lines
+
+    def write_out(self, fd: int) -> int:
+        """Write what is held and not yet out, piece by piece; return the bytes written."""
+        total = 0
+        while piece := self.next_piece():
+            write_all(fd, piece)
+            self.mark_written(len(piece))
+            total += len(piece)
+        return total
+
+    def clear(self) -> None:
+        self._counts[0] = self._counts[1] = 0
+
+    def release(self) -> None:
+        self._counts.release()
+        self._data.release()
+
+
+class LogBoard:
+    """Every worker slot's held lines; made by the master before it forks (arbiter.py)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._map = mmap.mmap(-1, _STRIDE * slots)  # anonymous, shared across fork
+        self._slots: dict[int, LogSlot] = {}
+
+    def slot(self, slot: int) -> LogSlot:
+        if slot not in self._slots:
+            self._slots[slot] = LogSlot(self._map, slot)
+        return self._slots[slot]
+
+    def hand_out(self, slot: int) -> None:
+        """The master gives `slot` to a new worker: it starts empty."""
+        self.slot(slot).clear()
+
+    def recover(self, slot: int, fd: int) -> int:
+        """After the slot's worker exited: write out what it left (nothing, after a clean
+        stop); return the bytes written."""
+        left = self.slot(slot)
+        try:
+            return left.write_out(fd)
+        finally:
+            left.clear()
+
+    def close(self) -> None:
+        for slot in self._slots.values():
+            slot.release()
+        self._slots.clear()
+        self._map.close()
+
+
+def write_lines(fd: int, data: bytes) -> None:
+    """Write `data` (whole lines) in pieces of whole lines, each at most ATOMIC_BYTES, so
+    that lines of several processes sharing a pipe never interleave mid-line."""
+    start, end = 0, len(data)
+    if end <= ATOMIC_BYTES:  # a turn's usual few lines: one write, no slicing
+        write_all(fd, data)
+        return
+    while start < end:
+        stop = _cut(data, start, end)
+        write_all(fd, data[start:stop])
+        start = stop
+
+
+def write_all(fd: int, data: bytes) -> None:
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # a full pipe or disk: the rest, as it goes
+            data = data[written:]
+            written = os.write(fd, data)
+    except OSError:
+        pass  # like logging's handlers: a log that cannot be written never stops mail
+
+
+def _cut(buffer: bytes | mmap.mmap, start: int, end: int) -> int:
+    """Where the piece of whole lines starting at `start` ends: at most ATOMIC_BYTES on,
+    or after one longer line."""
+    if end - start <= ATOMIC_BYTES:
+        return end
+    cut = buffer.rfind(b"\n", start, start + ATOMIC_BYTES)
+    if cut < 0:
+        cut = buffer.find(b"\n", start, end)
+    return cut + 1 if cut >= 0 else end
