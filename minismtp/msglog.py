@@ -117,12 +117,12 @@ class MessageLog:
         if self._fd is None:  # not a plain stream: the slow, general way
             self._logger.info("%s", text)
             return
-        now = time.time()
-        second = int(now)
+        milliseconds = time.time_ns() // 1_000_000  # integers: int(float) is a dear call
+        second = milliseconds // 1000
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        data = (f"{self._stamp}{_MILLIS[int((now - second) * 1000)]}{self._prefix}{text}\n"
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        data = (f"{self._stamp}{_MILLIS[milliseconds - second * 1000]}{self._prefix}{text}\n"
                 ).encode(self._encoding, "backslashreplace")
         if self._slot.add(data):  # _hold(), inline: this runs for every line
             if self.due == _NEVER:
