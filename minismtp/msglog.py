@@ -45,6 +45,9 @@ _MILLIS = tuple(f",{n:03d}" for n in range(1000))  # a line's timestamp's last f
 class MessageLog:
     """One line per message, at level INFO, batched; see the module docstring."""
 
+    __slots__ = ("enabled", "json", "due", "_logger", "_root", "_counts", "_fd", "_encoding",
+                 "_slot", "_pid", "_prefix", "_second", "_stamp", "_filter")
+
     def __init__(self, logger: logging.Logger, root: logging.Logger | None = None,
                  slot: LogSlot | None = None) -> None:
         """`logger` says whether INFO is on; `root` (the root logger) holds the handler
@@ -83,8 +86,23 @@ class MessageLog:
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
-        self._add(f"id={queue_id} peer={peer}{listener_text} from=<{sender}> "
-                  f"rcpts={recipients} size={size}{tls_text}{auth_text} result={result}")
+        # _add(), inline, the line made in one piece: this runs for every message.
+        milliseconds = time.time_ns() // 1_000_000  # integers: int(float) is a dear call
+        second = milliseconds // 1000
+        if second != self._second:
+            self._new_second(second)
+        line = (f"{self._stamp}{_MILLIS[milliseconds % 1000]}{self._prefix}id={queue_id} "
+                f"peer={peer}{listener_text} from=<{sender}> rcpts={recipients} size={size}"
+                f"{tls_text}{auth_text} result={result}\n")
+        if self._fd is None:
+            self._through_logging(line)
+            return
+        data = line.encode(self._encoding, "backslashreplace")
+        if self._slot.add(data):
+            if self.due == _NEVER:
+                self.due = time.monotonic() + HOLD_S
+        else:
+            self._overflow(data)
 
     def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
                 end: str, tls: str | None, auth: str | None = None, *,
@@ -114,21 +132,23 @@ class MessageLog:
                   f"{errors_text}{tls_text}{auth_text} end={end}")
 
     def _add(self, text: str) -> None:
-        if self._fd is None:  # not a plain stream: the slow, general way
-            self._logger.info("%s", text)
-            return
-        milliseconds = time.time_ns() // 1_000_000  # integers: int(float) is a dear call
+        milliseconds = time.time_ns() // 1_000_000
         second = milliseconds // 1000
         if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        data = (f"{self._stamp}{_MILLIS[milliseconds - second * 1000]}{self._prefix}{text}\n"
-                ).encode(self._encoding, "backslashreplace")
-        if self._slot.add(data):  # _hold(), inline: this runs for every line
-            if self.due == _NEVER:
-                self.due = time.monotonic() + HOLD_S
+            self._new_second(second)
+        line = f"{self._stamp}{_MILLIS[milliseconds % 1000]}{self._prefix}{text}\n"
+        if self._fd is None:
+            self._through_logging(line)
         else:
-            self._overflow(data)
+            self._hold(line)
+
+    def _new_second(self, second: int) -> None:
+        self._second = second
+        self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+
+    def _through_logging(self, line: str) -> None:
+        """Not a plain stream: the line's text as a record, the slow, general way."""
+        self._logger.info("%s", line[len(self._stamp) + len(_MILLIS[0]) + len(self._prefix):-1])
 
     def _add_json(self, fields: dict[str, object], listener: str | None,
                   auth: str | None) -> None:
