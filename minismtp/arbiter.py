@@ -66,6 +66,7 @@ RESTART_ONLY: frozenset[str] = frozenset()
 BOARD_SLOTS = 2 * MAX_WORKERS  # a retiring generation and a new one, side by side
 _LOOP_S = 0.5  # heartbeat and back-off checks at least this often
 _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is killed
+_KILLED_WAIT_S = 2.0  # at the master's exit, how long killed workers are waited for
 _ABORT_GRACE_S = 2.0  # after a SIGABRT for a missed heartbeat, SIGKILL if still alive
 _SWEEP_BUDGET = 2000  # tmp/ entries looked at per loop turn after a worker died
 _SHORT_LIFE_S = 5.0  # a worker dying younger than this counts towards spawn back-off
@@ -138,6 +139,7 @@ class Arbiter:
                 self._reap()
         finally:
             self._kill_all(signal.SIGKILL)
+            self._reap_killed(time.monotonic() + _KILLED_WAIT_S)
             self.listeners.close()
             while self.sweeper.busy:  # what the last workers left; nothing runs any more
                 self.sweeper.sweep(_SWEEP_BUDGET, ())
@@ -223,6 +225,15 @@ class Arbiter:
             if record.tmp_dir is not None and status != 0:  # 0: exited with status 0
                 self.sweeper.add(record.tmp_dir, pid)  # it may have died mid-DATA
             self._report_exit(record, status)
+
+    def _reap_killed(self, deadline: float) -> None:
+        """After SIGKILL to every worker on the way out: reap them, and so write the log
+        lines they held, unless one is stuck in the kernel past `deadline`."""
+        self.stopping = True  # their deaths are expected: no "replacing it"
+        while self.workers and time.monotonic() < deadline:
+            self._reap()
+            if self.workers:
+                time.sleep(0.01)
 
     def _recover_log_lines(self, record: WorkerRecord) -> None:
         """What a worker that died without writing its log lines out left in its slot

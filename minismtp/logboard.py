@@ -1,13 +1,12 @@
 """Log lines a worker has made but not yet written, kept where its master can read them.
 
 Writing a worker's per-message lines at the end of every loop turn cost a system call
-a turn: at the default level, 5-9% of the throughput of short messages (bench/README.md).
-Writing them later from the worker's own memory would lose them to a SIGKILL. So at the
-end of each turn the worker copies the turn's lines here, into its slot of a shared
-anonymous mapping the master made before forking, and writes them out in batches
-(msglog.py says when). When a worker dies without writing its slot out (SIGKILL, a
-crash), the master writes what the slot still holds before it reports the death: a
-worker killed with SIGKILL loses only the lines of the turn it was in.
+a turn, and writing them later from the worker's own memory would lose them to a
+SIGKILL. So each line, as it is made, is copied into the worker's slot of a shared
+anonymous mapping the master made before forking, and the slot is written out in
+batches (msglog.py says when). When a worker dies without writing its slot out
+(SIGKILL, a crash), the master writes what the slot still holds before it reports the
+death: a worker killed with SIGKILL loses only a line it was still making.
 
 Untrusted input: none; the lines were formatted (and escaped) by msglog.py.
 
@@ -15,7 +14,8 @@ Per slot, two 64-bit counts, then SLOT_BYTES of encoded whole lines: `held`, the
 lines in the slot, and `written`, how many of those are out. The worker moves `written`
 after each write, so a worker killed while writing out has only the rest written by the
 master; one killed between a write and its count (a few instructions) has that piece
-written twice, which is the one way a line can repeat.
+written twice, which is the one way a line can repeat. A slot has one writer, the
+thread of its worker's loop; nothing here takes a lock.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 
 from minismtp.logboard import LogBoard, LogSlot, write_lines
@@ -191,14 +192,19 @@ class MessageLog:
 
 
 class _FlushFirst(logging.Filter):
-    """Before any other record of this process is written, the batch goes out."""
+    """Before any other record of the thread that makes the lines (the worker's loop) is
+    written, the held lines go out. Records of other threads (an AUTH check's) are not
+    ordered with the loop's lines anyway, and the slot is the loop's alone: a flush from
+    another thread could send a piece twice and upset the slot's counts."""
 
     def __init__(self, log: MessageLog) -> None:
         super().__init__()
         self._log = log
+        self._thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self._log.flush()
+        if threading.get_ident() == self._thread:
+            self._log.flush()
         return True
 
 

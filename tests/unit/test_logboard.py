@@ -117,6 +117,20 @@ def test_the_master_writes_what_a_killed_worker_held_and_not_what_it_wrote(board
     assert board.recover(2, fd) == 0  # the slot is empty for the next worker
 
 
+@pytest.mark.parametrize("held, written", [(0, 3 * 100), (3 * 100, 3 * 100), (5 * 100, 2 * 100)])
+def test_the_master_writes_exactly_what_the_counts_say_is_left(board, pipe, held, written):
+    """Whatever instruction a SIGKILL came at, the counts say what is left: (0, N) is a
+    reset half done (`held` zeroed first), (N, N) a write counted and not yet reset."""
+    fd, read = pipe
+    slot = board.slot(1)
+    sent = b"".join(lines(5))
+    slot.add(sent)
+    slot._counts[0], slot._counts[1] = held, written
+    assert board.recover(1, fd) == max(0, held - written)
+    assert read() == sent[written:held]
+    assert (slot.held, slot.waiting) == (0, 0)
+
+
 def test_a_slot_handed_out_again_starts_empty(board, pipe):
     fd, read = pipe
     board.slot(1).add(b"left by the last worker\n")

@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -348,9 +349,38 @@ def test_a_clean_stop_writes_what_the_slot_holds(logfile, slot):
 
 
 def test_without_a_plain_stream_nothing_is_held(logfile, slot):
-    logger, lines = logfile
+    logger, _ = logfile
     logger.root.handlers[0].setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    records: list[str] = []
+    logger.root.handlers[0].emit = lambda record: records.append(record.getMessage())
     log = logger.message_log(slot)
-    stored(log, "Q1")
+    texts = [stored(log, "Q1")]
+    log.session("127.0.0.1", 40000, {"QUIT": 1}, 0, "quit", None)
+    texts.append("disconnect from 127.0.0.1:40000 quit=1 commands=1 end=quit")
+    assert records == texts  # at once, through logging, the line's text alone
     assert slot.waiting == 0 and log.due == float("inf")
     log.close()
+
+
+def test_records_of_another_thread_leave_the_held_lines_alone(logfile, slot):
+    """Only the loop's thread makes lines and writes its slot out: a record of another
+    thread (an AUTH check's) does not flush it, so the two never write a slot at once."""
+    logger, lines = logfile
+    log = logger.message_log(slot)
+    texts = [stored(log, f"Q{n}") for n in range(3)]
+    other = threading.Thread(target=logger.worker.error, args=("from another thread",))
+    other.start()
+    other.join()
+    assert [message for _, _, message in lines()] == ["from another thread"]
+    assert slot.waiting > 0
+    others = []
+    for n in range(3, 2000):  # other threads log while lines are made and written
+        texts.append(stored(log, f"Q{n}"))
+        if n % 50 == 0:
+            others.append(threading.Thread(target=logger.worker.error, args=(f"other {n}",)))
+            others[-1].start()
+    for thread in others:
+        thread.join()
+    log.close()
+    made = [message for _, level, message in lines() if level == "INFO"]
+    assert made == texts  # each line once, whole, in order

@@ -57,3 +57,39 @@ def test_with_every_slot_taken_a_spawn_waits_instead_of_failing(make_arbiter, ca
     assert arbiter._spawn(now=1.0) is False
     assert arbiter.workers == {}
     assert caplog.text.count("worker slots taken") == 1  # said once, not every turn
+
+
+def test_workers_killed_at_the_master_s_exit_have_their_lines_written(make_arbiter,
+                                                                     monkeypatch):
+    """The master's loop can end by an exception: its last act SIGKILLs the workers left,
+    and it then reaps them, writing what each held, before it logs its summary."""
+    import os
+    import signal
+    import time
+
+    from minismtp import arbiter as arbiter_module
+    from minismtp.supervision import WorkerRecord
+
+    arbiter = make_arbiter(1)
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(arbiter_module, "log_stream", lambda: write_end)
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: holds a line, then waits to be killed
+        arbiter.log_board.slot(3).add(b"a line it held\n")
+        os.write(ready_write, b"!")
+        while True:
+            time.sleep(1)
+    try:
+        arbiter.workers[pid] = WorkerRecord(pid, 3, 0, time.monotonic())
+        os.read(ready_read, 1)
+        arbiter._kill_all(signal.SIGKILL)
+        arbiter._reap_killed(time.monotonic() + 5)
+        assert arbiter.workers == {}
+        assert os.read(read_end, 100) == b"a line it held\n"
+    finally:
+        if pid in arbiter.workers:  # the test failed before the reaping: no orphan
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for fd in (read_end, write_end, ready_read, ready_write):
+            os.close(fd)
