@@ -133,6 +133,10 @@ class BodyScanner:
         dot = buf.find(b".", pos, end)
         hit = -1 if dot < 0 else buf.find(b"\r\n.", max(pos, dot - 2), end)
         if hit > pos:
+            if buf.startswith(TERMINATOR, hit, end):  # the end, whole: body and end at once
+                self.stop = hit + 2  # the terminator's first CRLF is body
+                self.done = True
+                return hit + 5
             self.stop = hit  # plain body up to the next "\r\n."
             return hit
         if hit == pos:
