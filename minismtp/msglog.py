@@ -87,7 +87,7 @@ class MessageLog:
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
-        # _add(), inline, the line made in one piece: this runs for every message.
+        # As _add() makes a line, but in one piece with its text: this runs for every message.
         milliseconds = time.time_ns() // 1_000_000  # integers: int(float) is a dear call
         second = milliseconds // 1000
         if second != self._second:
@@ -97,13 +97,8 @@ class MessageLog:
                 f"{tls_text}{auth_text} result={result}\n")
         if self._fd is None:
             self._through_logging(line)
-            return
-        data = line.encode(self._encoding, "backslashreplace")
-        if self._slot.add(data):
-            if self.due == _NEVER:
-                self.due = time.monotonic() + HOLD_S
         else:
-            self._overflow(data)
+            self._hold(line)
 
     def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
                 end: str, tls: str | None, auth: str | None = None, *,
