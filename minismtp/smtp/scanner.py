@@ -96,8 +96,9 @@ class BodyScanner:
     those bytes instead; `done` means the terminator ended just before the returned
     offset. A return equal to `pos` (and not done) means: more bytes are needed.
 
-    Bodies without stuffed dots cost a memchr and at most one `find` per read and are
-    never copied. Once
+    Bodies without stuffed dots cost a memchr and at most one `find` per read (and a
+    `startswith` where it finds the terminator, so that a short body and its end go in
+    one step) and are never copied. Once
     a stuffed dot turns up, the rest of the read is unstuffed in bulk with one C-level
     `replace` up to the terminator (or up to the last bytes that could begin one, which
     are kept for the next read): a body whose every line starts with "." would otherwise

@@ -139,6 +139,18 @@ def test_plain_text_is_taken_whole() -> None:
     assert step(b"hello world") == (b"hello world", 11, False)
 
 
+def test_body_and_a_whole_terminator_are_one_step() -> None:
+    """A short message's body goes on in one piece, its last CRLF included."""
+    assert step(b"hello\r\n.\r\nNOOP") == (b"hello\r\n", 10, True)
+
+
+def test_a_terminator_past_the_read_is_not_seen() -> None:
+    """Bytes beyond `end` (an older read's, left in the buffer) never end the body."""
+    scanner = BodyScanner()
+    assert scanner.step(bytearray(b"ab\r\n.\r\nX"), 0, 6) == 2
+    assert (scanner.start, scanner.stop, scanner.done) == (0, 2, False)
+
+
 def test_trailing_cr_is_held_back() -> None:
     assert step(b"hello\r") == (b"hello", 5, False)
     assert step(b"hello\r\r") == (b"hello\r", 6, False)
