@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import threading
+import time
 
 from minismtp.smtp import replies
 
@@ -45,6 +47,47 @@ def test_a_worker_killed_keeps_the_lines_of_every_turn_before_its_last(make_serv
         line = f"INFO id={queue_id} peer=127.0.0.1 "
         assert text.count(line) == 1
         assert text.index(line) < text.index(death.group(0))
+
+
+def test_a_worker_killed_under_load_leaves_a_line_for_every_250(make_server, raw_clients):
+    """Several clients send as fast as they can while the worker is killed: each message
+    answered 250 has its line, once, written by the worker or by the master after the
+    death. A message's line is held before its 250 goes out, so whatever turn the kill
+    falls in, no 250 the clients saw is missing from the log."""
+    server = make_server({"server": {"workers": 1}})
+    (worker,) = server.wait_for_workers(1)
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def send_until_cut(client) -> None:
+        try:
+            client.hello()
+            while True:
+                reply = client.send_message(b"Subject: load\r\n\r\nhello\r\n")
+                if reply.code != 250:
+                    return
+                with lock:
+                    answered.append(reply.queue_id)
+        except (ConnectionError, OSError, AssertionError):
+            return  # the worker died under it
+
+    threads = [threading.Thread(target=send_until_cut, args=(raw_clients(server.port),))
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(answered) < 300 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(worker, signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=15)
+    death = server.wait_for_log(rf"worker {worker} was killed by signal 9", timeout=5)
+    text = server.log_text()
+    before_death = text[:text.index(death.group(0))]
+    assert len(answered) >= 300
+    for queue_id in answered:
+        assert before_death.count(f"INFO id={queue_id} peer=127.0.0.1 ") == 1, queue_id
+    assert text.count(" INFO id=") == before_death.count(" INFO id=")  # none after it
 
 
 def test_a_client_speaking_tls_on_a_plain_port_is_named(make_server, raw_clients):
