@@ -152,13 +152,17 @@ def test_sigquit_exits_quickly(make_server, raw_clients):
 
 
 def _greeting_hostname(port: int, timeout: float = 5.0) -> str:
+    """The host name in the greeting. What may follow it in the same read (a 421 from an
+    old worker that began stopping just after it greeted this idle client) is not the
+    greeting's business."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         data = b""
-        while not data.endswith(b"\r\n"):
+        while b"\r\n" not in data:
             piece = s.recv(512)
             if not piece:
                 raise ConnectionError(f"closed before a complete greeting: {data!r}")
             data += piece
+        data = data[:data.index(b"\r\n") + 2]
         assert data.startswith(b"220 ") and data.endswith(b" ESMTP minismtp\r\n"), data
         try:
             s.sendall(b"QUIT\r\n")
