@@ -238,11 +238,9 @@ class Arbiter:
     def _recover_log_lines(self, record: WorkerRecord) -> None:
         """What a worker that died without writing its log lines out left in its slot
         (logboard.py), before any line of ours about its death."""
-        fd = log_stream()
+        fd = log_stream()  # what our own handler holds is flushed first
         if fd is None:
             return  # not a plain stream: its lines went through logging, none were held
-        for handler in logging.getLogger().handlers:
-            handler.flush()
         if written := self.log_board.recover(record.slot, fd):
             log.debug("worker %d: wrote the %d bytes of log lines it left", record.pid,
                       written)

@@ -204,7 +204,8 @@ class _FlushFirst(logging.Filter):
 
 
 def log_stream() -> int | None:
-    """The descriptor workers write their lines to (see _plain_stream), or None."""
+    """The descriptor workers write their lines to (see _plain_stream), or None; its
+    handler is flushed first, so bytes written to it now follow what logging held."""
     return _plain_stream(logging.getLogger().handlers)[0]
 
 
