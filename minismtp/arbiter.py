@@ -430,6 +430,7 @@ class Arbiter:
         for sock in fresh.values():
             log.info("listening on %s", bound_address(sock))
         self.listeners.drop_unlisted(config)
+        self.listeners.set_deferral(config)  # a listener's PROXY or TLS mode may have changed
         if config.server.backlog != self.config.server.backlog:
             self.listeners.set_backlog(config.server.backlog)
         apply_level(config.logging.level)

@@ -15,6 +15,15 @@ no queue is ever dropped by a reload.
   index + target, ... of each group, so with every index running each socket has a worker.
   A group grows (a new socket listens) before the worker that needs it is forked, and never
   shrinks while its address is configured: a shrunken group would drop a queue.
+
+Where the client speaks first (a PROXY header, a ClientHello: `client_speaks_first`), a
+socket is set to defer accepting (Linux's TCP_DEFER_ACCEPT): the kernel hands a
+connection over once its first bytes are in, so the worker reads them at accept instead
+of watching the socket and waking up for them. A client that says nothing is handed over
+anyway after about DEFER_ACCEPT_S (its handshake's ACK is then taken), and meets the
+worker's own deadlines. A reload sets or clears it on every socket as the listener's
+entry now says: on a listener where the server speaks first it would hold every client
+back until that time is up.
 """
 
 from __future__ import annotations
@@ -28,9 +37,15 @@ from minismtp.values import Listener
 
 log = logging.getLogger("minismtp.master")
 
+# Seconds the kernel holds a connection for its first bytes (rounded up to a retransmitted
+# SYN-ACK: one, a second after the first); a balancer sends its header at once.
+DEFER_ACCEPT_S = 1
+_DEFER = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
 
-def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = True
-         ) -> socket.socket:
+
+def bind(address: ListenAddress | Listener, backlog: int, reuse_port: bool,
+         listen: bool = True) -> socket.socket:
+    """A listening socket for `address`; a `Listener`'s deferral set as it needs."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -42,6 +57,8 @@ def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = 
         # Replies go out whole, one send per batch: no Nagle delay. Linux copies this to
         # every accepted socket, which saves the worker a syscall per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(address, Listener):
+            set_defer_accept(sock, address.client_speaks_first)
         if listen:
             sock.listen(backlog)
         sock.setblocking(False)
@@ -49,6 +66,17 @@ def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = 
         sock.close()
         raise
     return sock
+
+
+def set_defer_accept(sock: socket.socket, on: bool) -> None:
+    """Let the kernel hand connections over only once their first bytes are in (see the
+    module docstring), or at once. Where the option is missing, always at once."""
+    if _DEFER is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, _DEFER, DEFER_ACCEPT_S if on else 0)
+
+
+def defers_accept(sock: socket.socket) -> bool:
+    return _DEFER is not None and bool(sock.getsockopt(socket.IPPROTO_TCP, _DEFER))
 
 
 def bound_address(sock: socket.socket) -> str:
@@ -116,6 +144,12 @@ class ListenerPool:
             for sock in self.groups.pop(text):
                 sock.close()
 
+    def set_deferral(self, config: Config) -> None:
+        """Defer accepting on each group's sockets as its listener entry now needs."""
+        for key, listener in keyed(config):
+            for sock in self.groups.get(key, ()):
+                set_defer_accept(sock, listener.client_speaks_first)
+
     def set_backlog(self, backlog: int) -> None:
         for sock in self.all():
             sock.listen(backlog)  # Linux: listen() again only changes the backlog
@@ -150,8 +184,10 @@ class ListenerPool:
             port = group[0].getsockname()[1]  # the port the first one got (port 0)
             while len(group) < size:
                 try:
-                    group.append(bind(ListenAddress(address.host, port, address.family),
-                                      server.backlog, reuse_port=True))
+                    # the port the first one got; the entry's own deferral
+                    same = replace(address, address=ListenAddress(address.host, port,
+                                                                  address.family))
+                    group.append(bind(same, server.backlog, reuse_port=True))
                 except OSError as exc:
                     raise OSError(f"cannot add a socket on {address}: {exc.strerror}") from exc
 

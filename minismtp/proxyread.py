@@ -9,12 +9,15 @@ client, and a header that never comes means the peer is not the balancer we expe
 Every failure closes the connection without a word, with one log line and a count by
 reason (`stats.PROXY_FAILURES`).
 
-A header is always waited for: the connection goes to the poller at accept, owned by its
-`ProxyRead` (as a `Handshake` owns one during TLS, handshake.py), with the header's
-deadline as the session's. A balancer sends the header with the connection, but under
-load most arrive after the accept (61% in bench/'s S1E), and a read tried at once and
-failed costs more than the wake-up that a header already there waits for; the socket
-is registered either way, for the session's own reads after the greeting.
+The header is read at accept: a PROXY listener's socket defers accepting until a
+connection's first bytes are in (TCP_DEFER_ACCEPT, listeners.py), so they are there,
+and the greeting goes out in the same turn. Where the header is not whole yet (a peer
+that sends it in pieces, a kernel without deferral, the kernel's deferral over), the
+connection goes to the poller, owned by its `ProxyRead` (as a `Handshake` owns one during
+TLS, handshake.py), with the header's deadline as the session's. The socket is
+registered either way, for the session's own reads after the greeting. (Without the
+deferral, most headers in bench/'s S1E arrived after the accept, and a read tried at
+once and failed cost more than the wake-up it saved.)
 
 On a plain listener the header is read into the SMTP core's buffer, with the one read
 the session would make anyway, and parsed there: the header's bytes are consumed, and
@@ -60,6 +63,8 @@ _PROXY_COMMAND = proxyproto.Command.PROXY
 _NEED_MORE = proxyproto.NEED_MORE
 _new_peer = tuple.__new__  # a Peer without the named tuple's __new__ (a Python call)
 _MAX_KNOWN = 1024  # peer addresses whose trust is remembered
+# Listening sockets defer accepting here (listeners.py): a new connection's header is in.
+_READ_AT_ACCEPT = hasattr(socket, "TCP_DEFER_ACCEPT")
 _ACCEPT = {"v1": proxyproto.Version.V1, "v2": proxyproto.Version.V2,
            "any": proxyproto.Version.ANY}
 
@@ -104,6 +109,8 @@ class ProxyReads:
         loop = self.loop
         loop.timers.set_deadline(session, loop.now + timeout_s)
         self.poller.register(session.fd, READ, reader)
+        if _READ_AT_ACCEPT:
+            self.step(reader)  # most often the whole header, and the greeting goes out
 
     def _trusted(self, address: str, proxy: ProxyProtocol) -> bool:
         """proxyproto.trusted, remembered per peer address and listener: the peers of a

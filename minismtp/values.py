@@ -107,6 +107,12 @@ class Listener:
             object.__setattr__(self, "name", str(self.address))
 
     @property
+    def client_speaks_first(self) -> bool:
+        """Its connections begin with the client's bytes (a PROXY header, a ClientHello),
+        not with our greeting: listeners.py lets the kernel hold them until those come."""
+        return self.proxy_protocol is not None or self.tls == "implicit"
+
+    @property
     def host(self) -> str:
         return self.address.host
 

@@ -361,3 +361,38 @@ def test_a_header_completed_while_the_worker_stops_gets_421(proxied, raw_clients
         codes.append(c.reply().code)
     assert codes[-1] == 421, codes
     assert server.wait(15) == 0
+
+
+def test_a_reload_that_drops_the_proxy_protocol_greets_plain_clients_at_once(make_server,
+                                                                            raw_clients):
+    """A PROXY listener's socket lets the kernel hold a connection until its first bytes
+    come (listeners.py); a reload that makes it a plain listener, where the server
+    speaks first, must clear that, or each client would wait about a second to be
+    greeted. Then back: a header is read at accept again."""
+    port = free_ports(1)[0]
+    proxy = {"version": "v2", "trusted": ["127.0.0.1/32"]}
+    server = make_server({**proxy_overrides(), "server": {"workers": 1, "listen": [
+        {"address": f"{HOST}:{port}", "proxy_protocol": proxy}]}})
+    send_through(server, raw_clients, proxyheader.v2(("198.51.100.20", 5), DST), "before")
+
+    def reload(listener: dict) -> None:
+        old = server.worker_pids()
+        server.write_config({"server": {"listen": [listener]}})
+        mark = server.mark()
+        server.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"reloaded .*: starting generation", since=mark)
+        server.wait_until(lambda: server.worker_pids() and not set(old) & set(server.worker_pids()),
+                          15, message="the old worker to be replaced")
+
+    reload({"address": f"{HOST}:{port}"})
+    for _ in range(3):
+        started = time.monotonic()
+        client = raw_clients(port)
+        client.expect(220)
+        assert time.monotonic() - started < 0.5  # the deferral would hold it for 1 s
+        client.cmd("QUIT", 221)
+        client.close()
+
+    reload({"address": f"{HOST}:{port}", "proxy_protocol": proxy})
+    send_through(server, raw_clients, proxyheader.v2(("198.51.100.21", 5), DST), "after")
+    assert sorted(stored_by_marker(server)) == ["after", "before"]

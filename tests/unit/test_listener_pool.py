@@ -7,7 +7,9 @@ import socket
 import pytest
 
 from minismtp.config import load_config
-from minismtp.listeners import ListenerPool, shares_port, switch_reuse_port, worker_positions
+from minismtp.listeners import (
+    ListenerPool, defers_accept, shares_port, switch_reuse_port, worker_positions,
+)
 
 
 def config(reuse_port: bool, workers: int = 2, listen: tuple[str, ...] = ("127.0.0.1:0",)):
@@ -117,3 +119,68 @@ def test_repeated_port_zero_listeners_each_get_a_socket_and_their_own_entry(pool
     assert pool.bind_missing(both) == {}
     pool.drop_unlisted(both)
     assert pool.count() == 2
+
+
+PROXY = {"address": "127.0.0.1:0", "proxy_protocol": {"version": "v2", "trusted": ["127.0.0.1/32"]}}
+
+
+def listening(*entries, reuse_port: bool = False):
+    return load_config(overrides={"server.reuse_port": reuse_port, "server.workers": 2,
+                                  "server.listen": list(entries)})
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux's TCP_DEFER_ACCEPT")
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["shared", "reuse-port"])
+def test_only_listeners_where_the_client_speaks_first_defer_accepting(pool, reuse_port):
+    """A PROXY listener's socket defers accepting; a plain one never does (the server
+    speaks first there: every client would wait out the deferral); every socket of a
+    reuse_port group the same."""
+    both = listening(PROXY, "127.0.0.1:0", reuse_port=reuse_port)
+    pool.bind_missing(both)
+    for index in range(2):
+        pool.for_worker(both, index, 2)
+    proxy_group, plain_group = pool.groups.values()
+    assert len(proxy_group) == len(plain_group) == (2 if reuse_port else 1)
+    assert all(defers_accept(sock) for sock in proxy_group)
+    assert not any(defers_accept(sock) for sock in plain_group)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux's TCP_DEFER_ACCEPT")
+def test_a_reload_sets_and_clears_the_deferral_on_the_same_socket(pool):
+    plain = listening("127.0.0.1:0")
+    pool.bind_missing(plain)
+    (sock,) = pool.all()
+    port = sock.getsockname()[1]
+    as_proxy = listening({**PROXY, "address": f"127.0.0.1:{port}"})
+    plain_again = listening(f"127.0.0.1:{port}")
+    pool.groups = {str(as_proxy.server.listen[0]): [sock]}  # the same address, reloaded
+    pool.set_deferral(as_proxy)
+    assert defers_accept(sock)
+    pool.set_deferral(plain_again)
+    assert not defers_accept(sock)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux's TCP_DEFER_ACCEPT")
+def test_a_deferring_socket_hands_over_a_connection_once_its_first_bytes_are_in(pool):
+    """What the deferral is for: accept() sees a connection with its header there, and
+    not (yet) one that has said nothing."""
+    proxy = listening(PROXY)
+    pool.bind_missing(proxy)
+    (sock,) = pool.all()
+    address = sock.getsockname()
+    silent = socket.create_connection(address)
+    talking = socket.create_connection(address)
+    try:
+        talking.sendall(b"PROXY TCP4 198.51.100.9 127.0.0.1 40001 25\r\n")
+        sock.settimeout(5.0)
+        accepted, peer = sock.accept()
+        with accepted:
+            assert peer == talking.getsockname()
+            accepted.settimeout(0)
+            assert accepted.recv(100).startswith(b"PROXY TCP4 ")  # there at accept
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.accept()  # the silent one is held back
+    finally:
+        silent.close()
+        talking.close()

@@ -57,14 +57,14 @@ def pair():
 
 
 def start(sock: socket.socket, peer: str = "127.0.0.1", hand_over: bool = False):
-    """Begin reading a header on `sock`, and step once if it got that far (as the
-    poller would for bytes already sent)."""
+    """Begin reading a header on `sock` (which reads what is there at accept), and step
+    once more if it is still awaited (as the poller would: nothing new, no harm)."""
     loop, poller, stats = Loop(), Poller(), WorkerStats(0)
     reads = ProxyReads(loop, poller, stats)
     session = Session(PlainTransport(sock), SmtpServerConnection(Settings()), Peer(peer, 5555))
     begun: list[Session] = []
     reads.begin(session, TRUSTED, begun.append, 10.0, hand_over=hand_over)
-    if session.preamble is not None:
+    if session.preamble is not None and not loop.closed:
         reads.step(session.preamble)
     return reads, session, begun, loop, stats
 
@@ -154,11 +154,12 @@ def test_any_split_of_header_and_what_follows(header, after, cuts, hand_over):
 
 
 @pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
-def test_a_header_is_always_waited_for_with_its_deadline(pair, monkeypatch, hand_over):
-    """Nothing is read at accept, even a header already there: the socket is watched
-    (the session's own reads need that anyway) with the header's deadline, and read when
-    the poller says so. On an implicit-TLS listener it is unwatched once the header is
-    in (the handshake watches it its own way); a plain one keeps it, for the session."""
+def test_a_header_there_at_accept_is_read_at_once(pair, monkeypatch, hand_over):
+    """The listening socket defers accepting until the first bytes are in (listeners.py),
+    so a header is read at accept: the session begins in the same turn, without a wake-up.
+    The socket is watched first (the session's own reads need that anyway); on an
+    implicit-TLS listener it is unwatched once the header is in (the handshake watches it
+    its own way); a plain one keeps it, for the session."""
     ours, theirs = pair
     calls: list[str] = []
     monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
@@ -172,8 +173,34 @@ def test_a_header_is_always_waited_for_with_its_deadline(pair, monkeypatch, hand
                       Peer("127.0.0.1", 5555))
     begun: list[Session] = []
     reads.begin(session, TRUSTED, begun.append, 7.0, hand_over=hand_over)
+    assert begun == [session] and session.preamble is None
+    assert session.peer == Peer("198.51.100.9", 40001)
+    assert calls == ["register", "hand_over" if hand_over else "unregister"]
+    assert session.mask == (READ if hand_over else 0)
+
+
+@pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
+def test_a_header_not_there_at_accept_is_waited_for_with_its_deadline(pair, monkeypatch,
+                                                                       hand_over):
+    """The kernel's deferral over, or a peer that sends its header in pieces: the socket
+    is watched with the header's deadline, and read when the poller says so."""
+    ours, theirs = pair
+    calls: list[str] = []
+    monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
+    monkeypatch.setattr(Poller, "unregister", lambda self, fd: calls.append("unregister"))
+    monkeypatch.setattr(Poller, "hand_over", lambda self, fd, owner: calls.append("hand_over"))
+    header = proxyheader.v2(("198.51.100.9", 40001), DST)
+    theirs.sendall(header[:5])
+    loop, stats = Loop(), WorkerStats(0)
+    loop.now = 100.0
+    reads = ProxyReads(loop, Poller(), stats)
+    session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
+                      Peer("127.0.0.1", 5555))
+    begun: list[Session] = []
+    reads.begin(session, TRUSTED, begun.append, 7.0, hand_over=hand_over)
     assert begun == [] and calls == ["register"] and session.deadline == 107.0
-    assert ours.recv(1, socket.MSG_PEEK)  # still in the socket
+    assert session.preamble is not None and not loop.closed
+    theirs.sendall(header[5:])
     reads.step(session.preamble)
     assert begun == [session]
     assert calls == ["register", "hand_over" if hand_over else "unregister"]
