@@ -62,7 +62,7 @@ class Decisions:
             MessageRejected: self.rejected,
         }
         if logins is not None:  # the core sends AuthAttempt only where AUTH is offered
-            self.handlers[AuthAttempt] = self.auth
+            self.handlers[AuthAttempt] = self.auth if "auth" in watched else logins.submit
         self.gate = gate
         if gate is not None and gate.max_recipients:  # limits.per_client: checked first
             self._rcpt_after_limits = self.handlers[RcptTo]

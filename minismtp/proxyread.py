@@ -15,7 +15,9 @@ and the greeting goes out in the same turn. Where the header is not whole yet (a
 that sends it in pieces, a kernel without deferral, the kernel's deferral over), the
 connection goes to the poller, owned by its `ProxyRead` (as a `Handshake` owns one during
 TLS, handshake.py), with the header's deadline as the session's. The socket is
-registered either way, for the session's own reads after the greeting. (Without the
+registered either way: on a plain listener the session reads it after the greeting;
+an implicit-TLS one unregisters it for the handshake, which watches it its own way,
+two system calls a connection that only the rare header in pieces needs. (Without the
 deferral, most headers in bench/'s S1E arrived after the accept, and a read tried at
 once and failed cost more than the wake-up it saved.)
 

@@ -115,7 +115,7 @@ class StartTls:
     """
 
 
-@dataclass(frozen=True, slots=True, repr=False)
+@dataclass(slots=True, repr=False)  # not frozen, as the others: that costs a call per field
 class AuthAttempt:
     """Decision: credentials from an AUTH exchange (RFC 4954), decoded and well formed.
 
