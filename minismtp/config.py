@@ -215,7 +215,10 @@ SETTINGS: tuple[Setting, ...] = (
             "as it came (mixed line endings). Under every policy only "
             "`<CR><LF>.<CR><LF>` ends DATA"),
     Setting("limits.tls_handshake_timeout", "30s", _timeout,
-            "time a TLS handshake may take (STARTTLS or implicit)", parsing.dump_duration),
+            "time a TLS handshake may take (STARTTLS or implicit). On Linux an implicit-TLS "
+            "listener defers accepting until the ClientHello is in (`TCP_DEFER_ACCEPT`): a "
+            "client that connects and stays silent reaches minismtp after about a second, "
+            "and this time starts then", parsing.dump_duration),
     Setting("limits.proxy_timeout", "10s", _timeout,
             "time a load balancer has to send its whole PROXY header, on a listener with "
             "`proxy_protocol`", parsing.dump_duration),

@@ -43,6 +43,15 @@ class Poller:
         self._poll.unregister(fd)
         del self._owners[fd]
 
+    def forget(self, fd: int) -> None:
+        """`fd` is about to be closed, and no other descriptor refers to its socket (a
+        connection accepted by this process, never duplicated): the close takes it out
+        of the epoll set, so the system call that unregister makes is not needed. Not
+        for a listening socket, which every worker shares with the master."""
+        del self._owners[fd]
+        if not _EPOLL:
+            self._poll.unregister(fd)  # poll() keeps a closed descriptor: POLLNVAL
+
     def __contains__(self, fd: int) -> bool:
         return fd in self._owners
 
@@ -56,8 +65,21 @@ class Poller:
         else:
             ready = self._poll.poll(timeout_s * 1000.0)
         owners = self._owners
-        return [(owners[fd], mask | (READ | WRITE) if mask & _TROUBLE else mask)
-                for fd, mask in ready if fd in owners]
+        events = [(owners[fd], mask | (READ | WRITE) if mask & _TROUBLE else mask)
+                  for fd, mask in ready if fd in owners]
+        if len(events) != len(ready):
+            self._drop_strays(ready)
+        return events
+
+    def _drop_strays(self, ready: list[tuple[int, int]]) -> None:
+        """A descriptor the poller reports and nobody owns: one `forget` left watched
+        because its close failed. Level-triggered, it would be reported on every wake-up."""
+        for fd, _ in ready:
+            if fd not in self._owners:
+                try:
+                    self._poll.unregister(fd)
+                except (OSError, ValueError):
+                    pass
 
     def close(self) -> None:
         if _EPOLL:

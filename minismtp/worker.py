@@ -456,7 +456,7 @@ class Worker:
             self.proxies.forget(session)
         transport = session.transport
         if session.mask:
-            self.poller.unregister(session.fd)
+            self.poller.forget(session.fd)  # the close below takes it out of epoll's set
         self.sessions.pop(session.fd, None)
         if session.client_entry >= 0:
             self.gate.release(session)
