@@ -96,7 +96,7 @@ class NoPoller:
     def register(self, *args: object) -> None:
         pass
 
-    modify = unregister = register
+    modify = unregister = forget = register
 
 
 PER_CLIENT = {"max_sessions": 10**6, "max_new_sessions_per_minute": 10**9,
