@@ -83,7 +83,9 @@ _WINDOW_KEYS_SEEN = struct.Struct(
     "=" + f"{_KEY_BYTES}sd{_ENTRY_BYTES - _KEY_SEEN.size}x" * WINDOW)
 _COUNTS_AT = _KEY_BYTES + _SEEN.size
 _V4_MAPPED = bytes(10) + b"\xff\xff"
-_EMPTY = bytes(_KEY_BYTES)  # "::" is never a client: a free entry
+# A free entry's key. "::" is never a client, and the workers' keys for IPv6 networks
+# carry a host bit (clientlimits.py), so that the network of ::1 is not this key either.
+FREE_KEY = _EMPTY = bytes(_KEY_BYTES)
 
 
 def client_key(address: str) -> bytes | None:
@@ -144,8 +146,11 @@ class ClientTable:
         data, active = self._map, self._active
         index = hash(key) & self._mask  # most keys sit where they hash: look there first
         offset = _HEADER + index * _ENTRY_BYTES
-        if data[offset:offset + _KEY_BYTES] != key:
-            index = self._known(key)
+        home = data[offset:offset + _KEY_BYTES]
+        if home != key:
+            # A free home entry means a new client: entries are never freed, and a key
+            # takes the first free one of its window, so it would have taken this one.
+            index = -1 if home == _EMPTY else self._known(key)
             if index < 0:
                 index = self._take(key, now)
                 if index < 0:

@@ -145,6 +145,9 @@ class ClientGate:
         self.exempt = [_key_match(network) for network in limits.exempt]
         # An IPv6 client is its network: one host has a /64 or more to pick addresses from.
         self.ipv6_mask = ((1 << 128) - 1) ^ ((1 << (128 - limits.ipv6_prefix_length)) - 1)
+        # A network's key has its last (host) bit set: the network of ::1 (loopback), all
+        # zeros once masked, would otherwise be the key that marks a free entry (anvil.py).
+        self.ipv6_tag = 1 if limits.ipv6_prefix_length < 128 else 0
         self.flush_at = 0.0  # when the loop is to flush pending counts next
         # Keys of recent addresses (b"": not counted): a client that comes back costs a
         # dict lookup, and its key's hash is computed once (bytes keep theirs). Bounded:
@@ -182,15 +185,17 @@ class ClientGate:
 
     def _key(self, address: str) -> bytes:
         """The table key of `address` (an IPv6 one's network of `ipv6_prefix_length`
-        bits), or b"" for one never counted (exempt, or not an address), remembered for
-        the next session from it."""
+        bits, tagged), or b"" for one never counted (exempt, not an address, or "::"),
+        remembered for the next session from it."""
         key = anvil.client_key(address) or b""
-        if key:
+        if key and (self.exempt or not key.startswith(_V4_MAPPED)):
             number = int.from_bytes(key, "big")
             if any(number & mask == value for value, mask in self.exempt):
                 key = b""
             elif not key.startswith(_V4_MAPPED):
-                key = (number & self.ipv6_mask).to_bytes(16, "big")
+                key = (number & self.ipv6_mask | self.ipv6_tag).to_bytes(16, "big")
+                if key == anvil.FREE_KEY:  # "::" with a 128-bit prefix: no client
+                    key = b""
         if len(self.keys) >= _KEY_CACHE:
             self.keys.clear()
         self.keys[address] = key

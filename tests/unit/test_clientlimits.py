@@ -151,3 +151,25 @@ def test_the_recipient_check_is_skipped_for_uncounted_sessions():
     odd = session("not an address")
     assert gate.admit(odd) is None and odd.client_entry == -1
     assert gate.recipient_refusal(odd) is None
+
+
+@pytest.mark.parametrize("prefix", [84, 127, 128])
+def test_ipv6_loopback_is_a_client_of_its_own_not_a_free_entry(prefix):
+    """Masked to its network, ::1 would be all zeros, the key of a free entry: a new
+    client landing there would take it over, with ::1's sessions still counted on it.
+    Network keys carry a host bit instead; only "::" itself (no client) is not counted."""
+    table = ClientTable(1024, 2)
+    gate, _, _ = make_gate(PerClient(max_sessions=1, ipv6_prefix_length=prefix), table)
+    loopback = session("::1")
+    assert gate.admit(loopback) is None and loopback.client_entry >= 0
+    assert gate.admit(session("::1")) is not None  # one session at a time
+    assert table.lookup(gate.keys["::1"]) == loopback.client_entry
+    assert gate.keys["::1"] != bytes(16)
+    assert gate.admit(session("2001:db8::1")) is None  # others count apart
+    if prefix == 128:
+        unspecified = session("::")
+        assert gate.admit(unspecified) is None and unspecified.client_entry == -1
+    else:
+        assert gate.admit(session("::")) is not None  # in ::1's network
+    gate.release(loopback)
+    assert gate.admit(session("::1")) is None
