@@ -153,6 +153,23 @@ def test_any_split_of_header_and_what_follows(header, after, cuts, hand_over):
         theirs.close()
 
 
+def begin_watched(sock: socket.socket, monkeypatch, hand_over: bool):
+    """Begin reading a header on `sock` (deadline 7 s from 100.0), with the poller's calls
+    recorded instead of made: (calls, loop, session, begun, reads)."""
+    calls: list[str] = []
+    monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
+    monkeypatch.setattr(Poller, "unregister", lambda self, fd: calls.append("unregister"))
+    monkeypatch.setattr(Poller, "hand_over", lambda self, fd, owner: calls.append("hand_over"))
+    loop = Loop()
+    loop.now = 100.0
+    reads = ProxyReads(loop, Poller(), WorkerStats(0))
+    session = Session(PlainTransport(sock), SmtpServerConnection(Settings()),
+                      Peer("127.0.0.1", 5555))
+    begun: list[Session] = []
+    reads.begin(session, TRUSTED, begun.append, 7.0, hand_over=hand_over)
+    return calls, loop, session, begun, reads
+
+
 @pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
 def test_a_header_there_at_accept_is_read_at_once(pair, monkeypatch, hand_over):
     """The listening socket defers accepting until the first bytes are in (listeners.py),
@@ -161,18 +178,8 @@ def test_a_header_there_at_accept_is_read_at_once(pair, monkeypatch, hand_over):
     implicit-TLS listener it is unwatched once the header is in (the handshake watches it
     its own way); a plain one keeps it, for the session."""
     ours, theirs = pair
-    calls: list[str] = []
-    monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
-    monkeypatch.setattr(Poller, "unregister", lambda self, fd: calls.append("unregister"))
-    monkeypatch.setattr(Poller, "hand_over", lambda self, fd, owner: calls.append("hand_over"))
     theirs.sendall(proxyheader.v2(("198.51.100.9", 40001), DST))
-    loop, stats = Loop(), WorkerStats(0)
-    loop.now = 100.0
-    reads = ProxyReads(loop, Poller(), stats)
-    session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
-                      Peer("127.0.0.1", 5555))
-    begun: list[Session] = []
-    reads.begin(session, TRUSTED, begun.append, 7.0, hand_over=hand_over)
+    calls, _, session, begun, _ = begin_watched(ours, monkeypatch, hand_over)
     assert begun == [session] and session.preamble is None
     assert session.peer == Peer("198.51.100.9", 40001)
     assert calls == ["register", "hand_over" if hand_over else "unregister"]
@@ -185,19 +192,9 @@ def test_a_header_not_there_at_accept_is_waited_for_with_its_deadline(pair, monk
     """The kernel's deferral over, or a peer that sends its header in pieces: the socket
     is watched with the header's deadline, and read when the poller says so."""
     ours, theirs = pair
-    calls: list[str] = []
-    monkeypatch.setattr(Poller, "register", lambda self, fd, mask, data: calls.append("register"))
-    monkeypatch.setattr(Poller, "unregister", lambda self, fd: calls.append("unregister"))
-    monkeypatch.setattr(Poller, "hand_over", lambda self, fd, owner: calls.append("hand_over"))
     header = proxyheader.v2(("198.51.100.9", 40001), DST)
     theirs.sendall(header[:5])
-    loop, stats = Loop(), WorkerStats(0)
-    loop.now = 100.0
-    reads = ProxyReads(loop, Poller(), stats)
-    session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
-                      Peer("127.0.0.1", 5555))
-    begun: list[Session] = []
-    reads.begin(session, TRUSTED, begun.append, 7.0, hand_over=hand_over)
+    calls, loop, session, begun, reads = begin_watched(ours, monkeypatch, hand_over)
     assert begun == [] and calls == ["register"] and session.deadline == 107.0
     assert session.preamble is not None and not loop.closed
     theirs.sendall(header[5:])
