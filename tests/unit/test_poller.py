@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 
 import pytest
@@ -49,6 +50,10 @@ def test_waits_at_most_the_timeout(pair):
     assert poller.poll(0.01) == []
 
 
+EPOLL_ONLY = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll's own set (Linux)")
+
+
+@EPOLL_ONLY
 def test_a_forgotten_descriptor_leaves_the_set_when_it_is_closed(pair):
     """forget() makes no system call: the close takes a connection out of epoll's set,
     and a new socket given the same descriptor number is watched afresh, for its owner."""
@@ -77,6 +82,7 @@ def test_a_forgotten_descriptor_leaves_the_set_when_it_is_closed(pair):
         theirs.close()
 
 
+@EPOLL_ONLY
 def test_a_forgotten_descriptor_left_open_is_dropped_when_it_is_reported(pair):
     """Were a close to fail, the descriptor would stay in the set, level-triggered,
     reported at every wake-up with no owner: the first such report unregisters it."""
