@@ -23,7 +23,7 @@ from minismtp.logins import FAILURE_DELAY_S  # noqa: E402
 from minismtp.smtp import replies  # noqa: E402
 from support.neighbours import missing, program  # noqa: E402
 from support.tlsserver import (  # noqa: E402
-    HOST, start_tls, tls_overrides, wait_for_metric,
+    HOST, free_ports, start_tls, tls_overrides, wait_for_metric,
 )
 from support.users import users_file  # noqa: E402
 
@@ -229,6 +229,27 @@ def test_auth_fault_stage(start_auth, pki, raw_clients):
     client.cmd("QUIT", 221)
     samples = wait_for_metric(server, 'minismtp_faults_injected_total{rule="no-auth"}', 1)
     assert samples.get(SUCCESS, 0) == 0
+
+
+def test_a_listeners_own_auth_rule_fires_there_only(make_server, raw_clients):
+    """Where no rule watches AUTH, an attempt goes straight to the check; a listener
+    whose own fault rules watch it refuses there, and only there."""
+    chaos, calm, stats = free_ports(3)
+    auth = {"mode": "accept_any", "allow_plaintext": True}
+    rule = {"name": "no-auth", "stage": "auth", "reply": "454 4.7.0 Try again later"}
+    server = make_server({"stats": {"listen": f"{HOST}:{stats}"}, "server": {
+        "workers": 1, "listen": [
+            {"address": f"{HOST}:{chaos}", "name": "chaos", "auth": auth,
+             "faults": {"rules": [rule]}},
+            {"address": f"{HOST}:{calm}", "name": "calm", "auth": auth}]}})
+    for port, code in [(chaos, 454), (calm, 235), (chaos, 454)]:
+        client = raw_clients(port)
+        client.hello()
+        client.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}", code)
+        client.cmd("QUIT", 221)
+    samples = wait_for_metric(
+        server, 'minismtp_faults_injected_total{listener="chaos",rule="no-auth"}', 2)
+    assert samples[SUCCESS] == 1
 
 
 # --- swaks ------------------------------------------------------------------------------
