@@ -4,6 +4,7 @@ and a dead worker's slot. The clock is always injected; forking is real."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import struct
 import time
@@ -316,3 +317,55 @@ def test_a_slot_counter_never_overflows(table):
     table._active[index] = anvil.MAX_PER_SLOT
     assert table.open_session(0, A, T0, 0, 0) == UNCOUNTED
     assert table._active[index] == anvil.MAX_PER_SLOT
+
+
+def test_a_key_is_never_past_a_free_entry_of_its_window_whatever_happens():
+    """What lets a new client skip the window search when its home entry is free: no
+    entry is ever freed, so every entry between a key's home and its own is taken. A
+    small table (two windows) under random sessions, closes, flushes and vacated slots
+    keeps that, holds each key once, and finds each key where it is."""
+    rng = random.Random(7)
+    table = ClientTable(WINDOW * 2, 3)
+    for slot in range(3):
+        table.hand_out(slot)
+    keys = [client_key(f"198.51.100.{n}") for n in range(40)]
+    open_sessions: list[tuple[int, int]] = []
+    now = T0
+    try:
+        for _ in range(3000):
+            now += rng.random()
+            action = rng.random()
+            if action < 0.6:
+                slot = rng.randrange(3)
+                key = rng.choice(keys)
+                where = table.lookup(key)
+                index = table.open_session(slot, key, now, 0, 0)
+                if where is not None:
+                    assert index == where  # a known client keeps its entry
+                if index >= 0:
+                    open_sessions.append((slot, index))
+            elif action < 0.9 and open_sessions:
+                table.close_session(*open_sessions.pop(rng.randrange(len(open_sessions))))
+            elif action < 0.97:
+                table.flush(now)
+            else:
+                slot = rng.randrange(3)
+                table.vacate(slot)
+                open_sessions = [(s, i) for s, i in open_sessions if s != slot]
+            seen = {}
+            for index in range(table.capacity):
+                offset = 64 + index * 64
+                key = bytes(table._map[offset:offset + 16])
+                if key == anvil.FREE_KEY:
+                    continue
+                assert key not in seen, "a key held twice"
+                seen[key] = index
+                home = hash(key) & (table.capacity - 1)
+                steps = (index - home) % table.capacity
+                assert steps < WINDOW
+                for step in range(steps):
+                    between = 64 + ((home + step) % table.capacity) * 64
+                    assert bytes(table._map[between:between + 16]) != anvil.FREE_KEY
+        assert len(seen) == table.capacity  # the table filled, and evictions happened
+    finally:
+        table.close()
