@@ -99,7 +99,8 @@ def main() -> int:
         overrides["limits.per_client"] = PER_CLIENT
     config = load_config(overrides=overrides)
     context = server_context(config.tls) if args.scenario == "S7" else None
-    listener = bind(config.server.listen[0], 4096, reuse_port=False)
+    entry = config.server.listen[0]
+    listener = bind(entry, 4096, reuse_port=False, defer_accept=entry.client_speaks_first)
     port = listener.getsockname()[1]
     backend = make_backend("discard", "", False, "single", config.server.hostname)
     clients = None

@@ -43,9 +43,10 @@ DEFER_ACCEPT_S = 1
 _DEFER = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
 
 
-def bind(address: ListenAddress | Listener, backlog: int, reuse_port: bool,
-         listen: bool = True) -> socket.socket:
-    """A listening socket for `address`; a `Listener`'s deferral set as it needs."""
+def bind(address: ListenAddress, backlog: int, reuse_port: bool, listen: bool = True,
+         defer_accept: bool = False) -> socket.socket:
+    """A listening socket for `address`; `defer_accept`: its listener's client speaks
+    first (see the module docstring)."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -57,8 +58,8 @@ def bind(address: ListenAddress | Listener, backlog: int, reuse_port: bool,
         # Replies go out whole, one send per batch: no Nagle delay. Linux copies this to
         # every accepted socket, which saves the worker a syscall per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if isinstance(address, Listener):
-            set_defer_accept(sock, address.client_speaks_first)
+        if defer_accept:
+            set_defer_accept(sock, True)
         if listen:
             sock.listen(backlog)
         sock.setblocking(False)
@@ -126,7 +127,8 @@ class ListenerPool:
                 if key in self.groups:
                     continue
                 try:
-                    fresh[key] = bind(address, server.backlog, server.reuse_port)
+                    fresh[key] = bind(address, server.backlog, server.reuse_port,
+                                      defer_accept=address.client_speaks_first)
                 except OSError as exc:
                     raise OSError(f"cannot listen on {address}: {exc.strerror}") from exc
         except OSError:
@@ -184,10 +186,9 @@ class ListenerPool:
             port = group[0].getsockname()[1]  # the port the first one got (port 0)
             while len(group) < size:
                 try:
-                    # the port the first one got; the entry's own deferral
-                    same = replace(address, address=ListenAddress(address.host, port,
-                                                                  address.family))
-                    group.append(bind(same, server.backlog, reuse_port=True))
+                    group.append(bind(ListenAddress(address.host, port, address.family),
+                                      server.backlog, reuse_port=True,
+                                      defer_accept=address.client_speaks_first))
                 except OSError as exc:
                     raise OSError(f"cannot add a socket on {address}: {exc.strerror}") from exc
 

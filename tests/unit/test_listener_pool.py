@@ -167,7 +167,9 @@ def test_a_reload_sets_and_clears_the_deferral_on_the_same_socket(pool):
 @pytest.mark.parametrize("tls, defers", [("implicit", True), ("starttls", False), ("none", False)])
 def test_an_implicit_tls_listener_defers_accepting_and_a_starttls_one_does_not(tls, defers):
     """The ClientHello comes first on implicit TLS; on STARTTLS the greeting does."""
-    sock = bind(Listener(ListenAddress("127.0.0.1", 0, socket.AF_INET), tls=tls), 16, False)
+    address = ListenAddress("127.0.0.1", 0, socket.AF_INET)
+    sock = bind(address, 16, False,
+                defer_accept=Listener(address, tls=tls).client_speaks_first)
     with sock:
         assert defers_accept(sock) is defers
 
