@@ -85,7 +85,7 @@ _COUNTS_AT = _KEY_BYTES + _SEEN.size
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 # A free entry's key. "::" is never a client, and the workers' keys for IPv6 networks
 # carry a host bit (clientlimits.py), so that the network of ::1 is not this key either.
-FREE_KEY = _EMPTY = bytes(_KEY_BYTES)
+FREE_KEY = bytes(_KEY_BYTES)
 
 
 def client_key(address: str) -> bytes | None:
@@ -150,7 +150,7 @@ class ClientTable:
         if home != key:
             # A free home entry means a new client: entries are never freed, and a key
             # takes the first free one of its window, so it would have taken this one.
-            index = -1 if home == _EMPTY else self._known(key)
+            index = -1 if home == FREE_KEY else self._known(key)
             if index < 0:
                 index = self._take(key, now)
                 if index < 0:
@@ -279,8 +279,8 @@ class ClientTable:
             keys = window[0::2]
             if key in keys:
                 return (start + keys.index(key)) & self._mask
-            if _EMPTY in keys:
-                free = (start + keys.index(_EMPTY)) & self._mask
+            if FREE_KEY in keys:
+                free = (start + keys.index(FREE_KEY)) & self._mask
             else:
                 free = self._evictable(start, window[1::2])
                 if free < 0:
