@@ -95,10 +95,7 @@ class MessageLog:
         line = (f"{self._stamp}{_MILLIS[milliseconds % 1000]}{self._prefix}id={queue_id} "
                 f"peer={peer}{listener_text} from=<{sender}> rcpts={recipients} size={size}"
                 f"{tls_text}{auth_text} result={result}\n")
-        if self._fd is None:
-            self._through_logging(line)
-        else:
-            self._hold(line)
+        self._hold(line)
 
     def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
                 end: str, tls: str | None, auth: str | None = None, *,
@@ -132,11 +129,7 @@ class MessageLog:
         second = milliseconds // 1000
         if second != self._second:
             self._new_second(second)
-        line = f"{self._stamp}{_MILLIS[milliseconds % 1000]}{self._prefix}{text}\n"
-        if self._fd is None:
-            self._through_logging(line)
-        else:
-            self._hold(line)
+        self._hold(f"{self._stamp}{_MILLIS[milliseconds % 1000]}{self._prefix}{text}\n")
 
     def _new_second(self, second: int) -> None:
         self._second = second
@@ -158,7 +151,11 @@ class MessageLog:
         self._hold(json.dumps(document, ensure_ascii=False) + "\n")
 
     def _hold(self, line: str) -> None:
-        """Keep `line` in the slot; written out HOLD_S after the first line held."""
+        """Keep `line` in the slot; written out HOLD_S after the first line held. Not a
+        plain stream (no descriptor, so no JSON either): through `logging` at once."""
+        if self._fd is None:
+            self._through_logging(line)
+            return
         data = line.encode(self._encoding, "backslashreplace")
         if self._slot.add(data):
             if self.due == _NEVER:
