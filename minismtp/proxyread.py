@@ -10,16 +10,17 @@ Every failure closes the connection without a word, with one log line and a coun
 reason (`stats.PROXY_FAILURES`).
 
 The header is read at accept: a PROXY listener's socket defers accepting until a
-connection's first bytes are in (TCP_DEFER_ACCEPT, listeners.py), so they are there,
-and the greeting goes out in the same turn. Where the header is not whole yet (a peer
-that sends it in pieces, a kernel without deferral, the kernel's deferral over), the
-connection goes to the poller, owned by its `ProxyRead` (as a `Handshake` owns one during
-TLS, handshake.py), with the header's deadline as the session's. The socket is
-registered either way: on a plain listener the session reads it after the greeting;
-an implicit-TLS one unregisters it for the handshake, which watches it its own way,
-two system calls a connection that only the rare header in pieces needs. (Without the
-deferral, most headers in bench/'s S1E arrived after the accept, and a read tried at
-once and failed cost more than the wake-up it saved.)
+connection's first bytes are in (TCP_DEFER_ACCEPT, listeners.py), so they are there.
+On a plain listener a whole header starts the session at once, greeting and all, and
+the session watches its socket as on any listener: no `ProxyRead`, no deadline of its
+own. Where the header is not whole yet (a peer that sends it in pieces, a kernel
+without deferral, the kernel's deferral over), and always on an implicit-TLS listener,
+the connection goes to the poller, owned by its `ProxyRead` (as a `Handshake` owns one
+during TLS, handshake.py), with the header's deadline as the session's. Once the header
+is in, a plain listener's session takes the registration over; an implicit-TLS one
+unregisters it for the handshake, which watches it its own way, two system calls a
+connection. (Without the deferral, most headers in bench/'s S1E arrived after the
+accept, and a read tried at once and failed cost more than the wake-up it saved.)
 
 On a plain listener the header is read into the SMTP core's buffer, with the one read
 the session would make anyway, and parsed there: the header's bytes are consumed, and
@@ -106,13 +107,22 @@ class ProxyReads:
         if not (known or known is None and self._trusted(session.peer.address, proxy)):
             self._failed(session, "untrusted source")
             return
-        session.preamble = reader = ProxyRead(session, _ACCEPT[proxy.version], b"", then,
-                                              hand_over)
+        accept = _ACCEPT[proxy.version]
+        if hand_over and _READ_AT_ACCEPT:
+            # Most often the whole header is in: the session starts at once, and watches
+            # its socket itself, as on a listener without PROXY.
+            header = self._read_into_core(session, accept)
+            if header is None:
+                return  # failed, and closed
+            if header is not _NEED_MORE:
+                self._start_plain(session, header, then)
+                return
+        session.preamble = reader = ProxyRead(session, accept, b"", then, hand_over)
         loop = self.loop
         loop.timers.set_deadline(session, loop.now + timeout_s)
         self.poller.register(session.fd, READ, reader)
-        if _READ_AT_ACCEPT:
-            self.step(reader)  # most often the whole header, and the greeting goes out
+        if _READ_AT_ACCEPT and not hand_over:
+            self.step(reader)  # most often the whole header, and the handshake begins
 
     def _trusted(self, address: str, proxy: ProxyProtocol) -> bool:
         """proxyproto.trusted, remembered per peer address and listener: the peers of a
@@ -131,32 +141,44 @@ class ProxyReads:
             return
         # A plain listener: read into the core's buffer, consume the header once whole.
         session = reader.session
+        header = self._read_into_core(session, reader.accept)
+        if header is None or header is _NEED_MORE:
+            return
+        self.poller.hand_over(session.fd, session)  # read for the session from now on
+        session.mask = READ
+        self._start_plain(session, header, reader.then)
+
+    def _read_into_core(self, session: Session, accept: proxyproto.Version
+                        ) -> proxyproto.ProxyHeader | proxyproto.NeedMore | None:
+        """A plain listener's read, into the core's buffer: the whole header, NEED_MORE,
+        or None when the connection failed (and is closed)."""
         buffer = session.conn.buffer
         try:
             n = session.transport.sock.recv_into(buffer.free_view())
         except (BlockingIOError, InterruptedError):
-            return
+            return _NEED_MORE
         except OSError:
             n = 0
         if not n:
             self._failed(session, "closed mid-header")
-            return
+            return None
         buffer.end += n
         try:
-            header = proxyproto.parse(buffer.data, buffer.start, buffer.end, reader.accept)
+            return proxyproto.parse(buffer.data, buffer.start, buffer.end, accept)
         except proxyproto.ProxyError as exc:
             self._failed(session, exc.reason)
-            return
-        if header is _NEED_MORE:
-            return
+            return None
+
+    def _start_plain(self, session: Session, header: proxyproto.ProxyHeader,
+                     then: Callable[[Session], None]) -> None:
+        """The whole header is in the core's buffer: consume it, and begin the session."""
+        buffer = session.conn.buffer
         buffer.start += header.consumed
         early = buffer.end - buffer.start  # the client spoke before the greeting
         self.stats.bytes_received += early  # counted as the session's reads count theirs
         session.preamble = None
         self._use(session, header)
-        self.poller.hand_over(session.fd, session)  # read for the session from now on
-        session.mask = READ
-        reader.then(session)
+        then(session)
         # Run the core on what came early, once the greeting is out or on its way; a
         # greeting sent slowly (a connect tarpit) resumes the session when it is done.
         if early and not session.trickling:

@@ -174,16 +174,18 @@ def begin_watched(sock: socket.socket, monkeypatch, hand_over: bool):
 def test_a_header_there_at_accept_is_read_at_once(pair, monkeypatch, hand_over):
     """The listening socket defers accepting until the first bytes are in (listeners.py),
     so a header is read at accept: the session begins in the same turn, without a wake-up.
-    The socket is watched first (the session's own reads need that anyway); on an
-    implicit-TLS listener it is unwatched once the header is in (the handshake watches it
-    its own way); a plain one keeps it, for the session."""
+    On a plain listener the reader never watches the socket, nor sets a deadline: the
+    session does both once it has greeted, as on a listener without PROXY. On an
+    implicit-TLS listener the socket is watched first, and unwatched once the header is in
+    (the handshake watches it its own way)."""
     ours, theirs = pair
     theirs.sendall(proxyheader.v2(("198.51.100.9", 40001), DST))
     calls, _, session, begun, _ = begin_watched(ours, monkeypatch, hand_over)
     assert begun == [session] and session.preamble is None
     assert session.peer == Peer("198.51.100.9", 40001)
-    assert calls == ["register", "hand_over" if hand_over else "unregister"]
-    assert session.mask == (READ if hand_over else 0)
+    assert calls == ([] if hand_over else ["register", "unregister"])
+    assert session.mask == 0
+    assert session.deadline == (0.0 if hand_over else 107.0)
 
 
 @pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
