@@ -88,6 +88,19 @@ def test_slots_not_handed_out_are_not_summed():
     table.close()
 
 
+def test_a_slot_handed_out_later_counts_towards_the_session_limit():
+    table = ClientTable(1024, 4)
+    table.hand_out(0)
+    index = table.open_session(0, A, T0, 2, 0)  # 1 of 2, summed over slot 0 alone
+    assert table.open_session(0, A, T0, 2, 0) == index
+    table.close_session(0, index)
+    table.hand_out(3)
+    table.open_session(3, A, T0, 2, 0)  # the new slot's session: 2 of 2
+    assert table.open_session(0, A, T0, 2, 0) == TOO_MANY_SESSIONS
+    assert table.active(index) == 2
+    table.close()
+
+
 def test_new_sessions_per_minute_slide_out(table):
     for _ in range(5):
         index = table.open_session(0, A, T0 + 10, 0, 5)
