@@ -279,17 +279,23 @@ class ClientTable:
             return -1
         try:
             start = hash(key) & self._mask
-            # Again, under the lock: another worker may have taken it meanwhile.
-            window = self._window(start, _WINDOW_KEYS_SEEN, _KEY_SEEN)
-            keys = window[0::2]
-            if key in keys:
-                return (start + keys.index(key)) & self._mask
-            if FREE_KEY in keys:
-                free = (start + keys.index(FREE_KEY)) & self._mask
+            home = _HEADER + start * _ENTRY_BYTES
+            if self._map[home:home + _KEY_BYTES] == FREE_KEY:
+                # Still free, under the lock: the key is nowhere else (see open_session),
+                # and this is the first free entry of its window. A new client's usual case.
+                free = start
             else:
-                free = self._evictable(start, window[1::2])
-                if free < 0:
-                    return -1
+                # Again, under the lock: another worker may have taken it meanwhile.
+                window = self._window(start, _WINDOW_KEYS_SEEN, _KEY_SEEN)
+                keys = window[0::2]
+                if key in keys:
+                    return (start + keys.index(key)) & self._mask
+                if FREE_KEY in keys:
+                    free = (start + keys.index(FREE_KEY)) & self._mask
+                else:
+                    free = self._evictable(start, window[1::2])
+                    if free < 0:
+                        return -1
             _ENTRY.pack_into(self._map, _HEADER + free * _ENTRY_BYTES, key, now,
                              int(now // MINUTE_S), 0, 0, 0, 0)
             self.pending.pop(free, None)  # counts of the client it held
