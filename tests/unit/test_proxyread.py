@@ -117,18 +117,21 @@ def test_header_taken_exactly_in_any_pieces(pair, header, piece, hand_over):
            proxyheader.local_v2(),
        ]),
        after=st.binary(max_size=600),
+       at_accept=st.integers(min_value=0, max_value=700),
        cuts=st.lists(st.integers(min_value=1, max_value=700), max_size=8),
        hand_over=st.booleans())
-def test_any_split_of_header_and_what_follows(header, after, cuts, hand_over):
-    """However the header and the bytes after it arrive, the header is taken whole and
-    the rest is left, in order and complete, for the next reader: the core's buffer and
-    then the socket (plain), or the socket alone (implicit TLS)."""
+def test_any_split_of_header_and_what_follows(header, after, at_accept, cuts, hand_over):
+    """However the header and the bytes after it arrive (`at_accept` of them there when
+    the connection is accepted), the header is taken whole and the rest is left, in order
+    and complete, for the next reader: the core's buffer and then the socket (plain), or
+    the socket alone (implicit TLS)."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     try:
         data = header + after
+        sent = min(at_accept, len(data))
+        theirs.sendall(data[:sent])
         reads, session, begun, loop, stats = start(ours, hand_over=hand_over)
-        sent = 0
         for cut in cuts + [len(data)]:
             if begun or sent >= len(data):
                 break
