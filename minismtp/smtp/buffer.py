@@ -35,7 +35,8 @@ class ReceiveBuffer:
         """Where the next read may land. Invalidates body chunks handed out before."""
         if self.start == self.end:
             self.start = self.end = 0
-        elif self.end == len(self.data) or self.start > len(self.data) // 2:
+            return self._view  # all of it free: the whole view, without a slice to make
+        if self.end == len(self.data) or self.start > len(self.data) // 2:
             self._compact()
         return self._view[self.end:]
 
