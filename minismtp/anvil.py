@@ -117,8 +117,6 @@ class ClientTable:
         self._span = whole[:8].cast("q")
         self._active = whole[self._entries_end:].cast("H")
         whole.release()
-        # An entry's counters over the slots handed out, in one unpack (see `active`).
-        self._across_span, self._across = 0, _across_slots(0, capacity)
         self._lock_fd = _lock_file()
         # This process's counts not yet in the entries: index -> [key, sessions, rcpts];
         # true while some wait for `flush`. Each worker's own (the master's copy stays
@@ -179,11 +177,9 @@ class ClientTable:
             if new_before:
                 new += new_before * (1.0 - (now % MINUTE_S) / MINUTE_S)
         pending[1] += 1
-        if max_sessions:  # self.active(index), inlined
-            across = self._across if self._span[0] == self._across_span else self._span_changed()
-            if sum(across.unpack_from(data, self._entries_end + 2 * index)) > max_sessions:
-                active[column] = count
-                return TOO_MANY_SESSIONS
+        if max_sessions and self.active(index) > max_sessions:
+            active[column] = count
+            return TOO_MANY_SESSIONS
         if max_new_per_minute and new >= max_new_per_minute:
             active[column] = count
             return TOO_MANY_NEW
@@ -243,10 +239,9 @@ class ClientTable:
     # -- reading -------------------------------------------------------------------------
 
     def active(self, index: int) -> int:
-        """Active sessions of the entry at `index`, over every slot handed out (a sum
-        `open_session` makes inline)."""
-        across = self._across if self._span[0] == self._across_span else self._span_changed()
-        return sum(across.unpack_from(self._map, self._entries_end + 2 * index))
+        """Active sessions of the entry at `index`, over every slot handed out."""
+        capacity = self.capacity
+        return sum(self._active[index:self._span[0] * capacity:capacity])
 
     def lookup(self, key: bytes) -> int | None:
         """The entry index of `key`, or None (for tests and inspection)."""
@@ -302,12 +297,6 @@ class ClientTable:
             return free
         finally:
             self._unlock()
-
-    def _span_changed(self) -> struct.Struct:
-        """The master handed out another slot: sums take in its column from now on."""
-        span = self._span[0]
-        self._across_span, self._across = span, _across_slots(span, self.capacity)
-        return self._across
 
     def _window(self, start: int, whole: struct.Struct, entry: struct.Struct) -> tuple:
         """The WINDOW entries from `start` unpacked by `whole`, flat, in probing order; by
@@ -366,14 +355,6 @@ class ClientTable:
 
     def _unlock(self) -> None:
         fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
-
-
-def _across_slots(span: int, capacity: int) -> struct.Struct:
-    """One entry's counter in each of the first `span` columns, `capacity` counters apart:
-    a struct that skips the columns' other counters (a strided view of them, summed,
-    cost twice as much)."""
-    skip = f"{2 * capacity - 2}x"
-    return struct.Struct("=" + skip.join("H" * span))
 
 
 def _roll(minute: int, this_minute: int, new: int, new_before: int, rcpt: int,
