@@ -9,10 +9,12 @@ twice under valgrind's callgrind with `--no-profile`: one worker in process, fed
 client (bench/session_client.py) from another process, which callgrind does not follow.
 The difference between a run of 3N messages and one of N, divided by 2N, is the worker's
 instructions per message, start-up and shut-down cancelled out; the count repeats to
-about 1% between runs (per-client limits flush by the clock, so their count moves the
-most), where end-to-end CPU per message moves by 5-10% on a shared machine. What it leaves out is the kernel's work (system calls, loopback TCP) and what
-instructions cost in time (cache misses): a feature that adds a system call per session,
-as a PROXY header's read does, costs more end to end than its instructions say.
+about 1% between runs, where end-to-end CPU per message moves by 5-10% on a shared
+machine. Per-client limits share their counts by the clock: here every
+FLUSH_UNDER_CALLGRIND_S, about as often per session as a worker at full speed flushes
+every 10 ms. What it leaves out is the kernel's work (system calls, loopback TCP) and
+what instructions cost in time (cache misses): a feature that adds a system call per
+session, as a PROXY header's read does, costs more end to end than its instructions say.
 
 Needs valgrind (Debian's `valgrind` package). Two runs at a time (one per core of a
 2-core machine); each takes about 20 s at the default counts.
@@ -30,6 +32,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EDGES = ("none", "proxy", "noop", "auth", "limits", "proxy-limits")
+# Per-client counts are shared by the clock (clientlimits.FLUSH_S, 10 ms). Under callgrind
+# a worker runs some 50 times slower, so 10 ms would hold a flush for every session or two
+# where at full speed one serves dozens: the flush's share would depend on the slowdown.
+FLUSH_UNDER_CALLGRIND_S = 0.5
 
 
 def instructions(edge: str, messages: int, workdir: Path) -> int:
@@ -37,6 +43,7 @@ def instructions(edge: str, messages: int, workdir: Path) -> int:
     out = workdir / f"callgrind.{edge}.{messages}"
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
                str(HERE / "profile_worker.py"), "S1E", "--edge", edge, "--no-profile",
+               "--flush-s", str(FLUSH_UNDER_CALLGRIND_S),
                "--messages", str(messages)]
     ran = subprocess.run(command, capture_output=True, text=True)
     if ran.returncode != 0 or not out.exists():

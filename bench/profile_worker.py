@@ -36,6 +36,7 @@ from e2e import KIB, MIB  # noqa: E402
 from e2e.clients import pipeline_client, session_client, smtp_source, tls_client  # noqa: E402
 from e2e.tlsfiles import make_certificate  # noqa: E402
 
+from minismtp import clientlimits  # noqa: E402
 from minismtp.anvil import ClientTable  # noqa: E402
 from minismtp.arbiter import bind  # noqa: E402
 from minismtp.config import load_config  # noqa: E402
@@ -80,6 +81,9 @@ def main() -> int:
                              "limits.per_client is set")
     parser.add_argument("--no-profile", action="store_true",
                         help="run the worker bare and print only the client's outcome")
+    parser.add_argument("--flush-s", type=float,
+                        help="limits: share per-client counts this often (default "
+                             f"clientlimits.FLUSH_S, {clientlimits.FLUSH_S}s)")
     parser.add_argument("--pin", type=lambda text: tuple(int(c) for c in text.split(",")),
                         metavar="W,C", help="run the worker on CPU W and the client on CPU C")
     args = parser.parse_args()
@@ -99,6 +103,8 @@ def main() -> int:
         overrides["server.listen"] = [{"address": "127.0.0.1:0", **EDGE_LISTENERS[args.edge]}]
     if per_client:
         overrides["limits.per_client"] = PER_CLIENT
+        if args.flush_s is not None:
+            clientlimits.FLUSH_S = args.flush_s  # the gate reads it at each flush
     config = load_config(overrides=overrides)
     context = server_context(config.tls) if args.scenario == "S7" else None
     entry = config.server.listen[0]

@@ -113,14 +113,18 @@ def test_in_process_tools_still_drive_a_real_worker(tmp_path: Path) -> None:
 def test_every_s1e_edge_of_the_in_process_worker_delivers_bare(tmp_path: Path) -> None:
     """What bench/instructions.py runs under callgrind: each edge's listener and client
     agree (a PROXY edge fails without its header, AUTH without its credentials), the
-    limits edges have a table to count in, and --no-profile prints no profile."""
+    limits edges have a table to count in (flushed as instructions.py has it), and
+    --no-profile prints no profile but the worker's CPU per message (bench/edge_cpu.py)."""
     for edge in ("none", "proxy", "noop", "auth", "limits", "proxy-limits"):
         bare = subprocess.run(
             [sys.executable, str(ROOT / "bench" / "profile_worker.py"), "S1E", "--edge", edge,
-             "--messages", "200", "--no-profile"],
+             "--messages", "200", "--no-profile", "--flush-s", "0.5"],
             cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         assert bare.returncode == 0, (edge, bare.stderr[-2000:] + bare.stdout[-2000:])
         assert "200 delivered" in bare.stdout and "ncalls" not in bare.stdout, edge
+        cpu = [line for line in bare.stdout.splitlines()
+               if line.startswith("worker_cpu_us_per_msg=")]
+        assert len(cpu) == 1 and float(cpu[0].split("=")[1]) > 0, (edge, bare.stdout)
 
 
 def test_edge_variants_get_what_their_listeners_need(tmp_path):
