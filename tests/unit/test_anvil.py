@@ -382,3 +382,18 @@ def test_a_key_is_never_past_a_free_entry_of_its_window_whatever_happens():
         assert len(seen) == table.capacity  # the table filled, and evictions happened
     finally:
         table.close()
+
+
+def test_a_home_entry_taken_before_the_lock_sends_a_new_key_further(table):
+    """Another worker takes a new client's free home entry between open_session's look
+    and the lock: under the lock the entry is seen taken, kept, and the key goes to the
+    next free entry of its window."""
+    mask = table.capacity - 1
+    home = hash(A) & mask
+    other = client_key("198.51.100.7")
+    offset = anvil._HEADER + home * anvil._ENTRY_BYTES
+    anvil._ENTRY.pack_into(table._map, offset, other, T0, 0, 0, 0, 0, 0)
+    index = table._take(A, T0)
+    assert index == (home + 1) & mask
+    assert table._map[offset:offset + 16] == other
+    assert table.lookup(A) == index
