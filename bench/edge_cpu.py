@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from paired import median_and_quartiles  # noqa: E402
 EDGES = ("none", "proxy", "noop", "auth", "limits", "proxy-limits")
 MARK = "worker_cpu_us_per_msg="
 
@@ -38,13 +41,6 @@ def worker_cpu(edge: str, messages: int, pin: str) -> float:
             return float(line[len(MARK):])
     tail = "\n".join((ran.stdout + ran.stderr).splitlines()[-5:])
     raise RuntimeError(f"{edge}: exit {ran.returncode}\n{tail}")
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
-    return low, median, high
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for edge in edges:
         line = f"{edge:>13}  {statistics.median(runs[edge]):7.1f} us"
         if edge != "none":
-            low, median, high = quartiles([mine / base for mine, base
-                                           in zip(runs[edge], runs["none"])])
+            median, low, high = median_and_quartiles([mine / base for mine, base
+                                                      in zip(runs[edge], runs["none"])])
             line += f"  {median:.3f}x ({low:.3f}-{high:.3f})"
         print(line)
     if args.json:

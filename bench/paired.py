@@ -57,8 +57,17 @@ def main(argv: list[str] | None = None) -> int:
 def _spread(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}x"
+    median, low, high = median_and_quartiles(values)
+    return f"{median:.3f}x ({low:.2f}-{high:.2f})"
+
+
+def median_and_quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of per-round ratios, as every bench tool
+    that pools rounds reports them (bench/edge_cpu.py too)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
     low, _, high = statistics.quantiles(values, n=4)
-    return f"{statistics.median(values):.3f}x ({low:.2f}-{high:.2f})"
+    return statistics.median(values), low, high
 
 
 if __name__ == "__main__":
