@@ -9,9 +9,10 @@ flush of one client's pending counts that a busy worker's loop makes at most eve
 `clientlimits.FLUSH_S`. Then sessions of clients the table has not seen, one each (an
 MX's usual traffic, and S1E's `minismtp-proxy-limits`): into a table with room, and into
 a full one, where each takes the entry of the least recently seen client of its window;
-with a flush every 50 sessions, as a worker's loop at a few thousand sessions a second. In a worker the calls cost more than here, where they find
-everything in the CPU's caches: `bench/worker_python.py --per-client` measures them in
-place, and `bench/run.py --servers minismtp-discard,minismtp-perclient` end to end.
+with a flush every 50 sessions, as a worker's loop at a few thousand sessions a second.
+In a worker the calls cost more than here, where they find everything in the CPU's
+caches: `bench/worker_python.py --per-client` measures them in place, and
+`bench/run.py --servers minismtp-discard,minismtp-perclient` end to end.
 """
 
 from __future__ import annotations
