@@ -22,14 +22,16 @@ The common case, a client the table knows, takes no lock and makes no system cal
   and takes the raise back if that is over the limit: two workers racing for the last
   place may both refuse, never both admit. When a worker exits, however it died, the
   master zeroes its column (`vacate`): its sessions went with it.
-- Per-minute counts live in the entries. A worker reads them without a lock, adds what it
-  has counted itself since (`pending`), decides, and counts into `pending`; `flush`, once
-  per turn of its loop, adds that to the entries under the lock. So one worker's own
-  counts are exact, another worker's reach it at the end of that worker's turn, and a
-  worker killed by SIGKILL loses the counts of the turn it was in; the rest stay in
-  shared memory. A rate is the sliding-window estimate many rate limiters use: this
-  minute's count plus the previous minute's, weighted by how much of the last 60 seconds
-  still lies in it.
+- Per-minute counts live in the entries. A worker counts into `pending`, its own, and
+  `flush`, at the end of a turn of its loop, adds that to the entries under the lock and
+  stamps them seen. When a worker first counts for an entry after a flush, it reads the
+  entry's estimates once, without a lock, and keeps them beside its counts: its checks
+  add the two until its next flush. So one worker's own counts are exact, another
+  worker's reach it at most two flushes later (theirs, then ours), and a worker killed
+  by SIGKILL loses the counts of the turn it was in; the rest stay in shared memory. A
+  rate is the sliding-window estimate many rate limiters use: this minute's count plus
+  the previous minute's, weighted by how much of the last 60 seconds still lies in it.
+  Kept from a flush to the next, the weight errs high, never low.
 
 The lock serves taking an entry for a new client and `flush`: a POSIX record lock
 (`fcntl.lockf`) on a memfd nobody else opens. The kernel drops it when its holder dies,
@@ -40,8 +42,8 @@ tries again the next turn.
 Hazards. POSIX record locks belong to the process: closing any descriptor of the memfd
 drops the lock (nothing does, and no other code opens it), and threads of one process do
 not exclude each other (only the loop thread uses the table). Entries are read without
-the lock, so a read racing a flush may see some fields before it and some after: one
-decision then errs by that flush. A known client's entry could be taken for another
+the lock, so a read racing a flush may see some fields before it and some after: the checks
+then err by that flush until the reader's own next flush. A known client's entry could be taken for another
 client between the moment a worker finds it and the moment it raises its counter; the
 worker reads the key again after raising it and counts nothing if it changed, which
 leaves only a window of a few bytecodes in which one session is counted for the wrong
@@ -70,9 +72,8 @@ _HEADER = 64  # bytes before the entries: the span (slots handed out so far)
 # one; recipients: this minute, the previous one. 64 bytes, so entries align to cache lines.
 _ENTRY = struct.Struct("=16sdqQQQQ")
 _ENTRY_BYTES = _ENTRY.size
-_SEEN = struct.Struct("=d")
-_COUNTS = struct.Struct("=qQQQQ")  # from the minute on: what a flush writes
-_RATE = struct.Struct("=qQQ")  # the minute and the new sessions
+_COUNTS = struct.Struct("=qQQQQ")  # from the minute on
+_SEEN_COUNTS = struct.Struct("=dqQQQQ")  # from last seen on: what a flush writes
 _KEY_BYTES = 16
 # A window's keys, or keys and last-seen times, in one unpack: a new client's path, where
 # a probe per entry in Python cost a slice and a comparison each.
@@ -81,7 +82,7 @@ _KEY_SEEN = struct.Struct(f"={_KEY_BYTES}sd")
 _WINDOW_KEYS = struct.Struct("=" + f"{_KEY_BYTES}s{_ENTRY_BYTES - _KEY_BYTES}x" * WINDOW)
 _WINDOW_KEYS_SEEN = struct.Struct(
     "=" + f"{_KEY_BYTES}sd{_ENTRY_BYTES - _KEY_SEEN.size}x" * WINDOW)
-_COUNTS_AT = _KEY_BYTES + _SEEN.size
+_COUNTS_AT = _KEY_BYTES + 8
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 # A free entry's key. "::" is never a client, and the workers' keys for IPv6 networks
 # carry a host bit (clientlimits.py), so that the network of ::1 is not this key either.
@@ -118,7 +119,7 @@ class ClientTable:
         self._active = whole[self._entries_end:].cast("H")
         whole.release()
         self._lock_fd = _lock_file()
-        # This process's counts not yet in the entries: index -> [key, sessions, rcpts];
+        # This process's counts not yet in the entries (index -> _start_pending's list);
         # true while some wait for `flush`. Each worker's own (the master's copy stays
         # empty), and the same dict for the process's life: the loop keeps a reference.
         self.pending: dict[int, list] = {}
@@ -164,49 +165,40 @@ class ClientTable:
         if data[offset:offset + _KEY_BYTES] != key:  # taken for another client meanwhile
             active[column] = count
             return UNCOUNTED
-        _SEEN.pack_into(data, offset + _KEY_BYTES, now)
         pending = self.pending.get(index)
         if pending is None or pending[0] != key:  # none yet, or the entry's former client's
-            pending = self.pending[index] = [key, 0, 0]
-        if max_new_per_minute:  # _estimates, inlined: once per session
-            minute, new, new_before = _RATE.unpack_from(data, offset + _COUNTS_AT)
-            this_minute = now // MINUTE_S
-            if minute != this_minute:
-                new, new_before = (0, new) if minute == this_minute - 1 else (0, 0)
-            new += pending[1]
-            if new_before:
-                new += new_before * (1.0 - (now % MINUTE_S) / MINUTE_S)
-        pending[1] += 1
-        if max_sessions and self.active(index) > max_sessions:
+            pending = self._start_pending(index, key, now)
+        new = pending[1]
+        pending[1] = new + 1
+        if max_sessions and sum(
+                active[index:self._span[0] * self.capacity:self.capacity]) > max_sessions:
             active[column] = count
             return TOO_MANY_SESSIONS
-        if max_new_per_minute and new >= max_new_per_minute:
+        if max_new_per_minute and new + pending[3] >= max_new_per_minute:
             active[column] = count
             return TOO_MANY_NEW
         return index
 
+    def column(self, slot: int) -> tuple[memoryview, int]:
+        """The active sessions' counters, and where `slot`'s column begins in them: a
+        worker lowers its own as `close_session` does, without the call."""
+        return self._active, slot * self.capacity
+
     def close_session(self, slot: int, index: int) -> None:
         """A session `open_session` counted has ended. No lock: the column is ours."""
-        column = slot * self.capacity + index
-        self._active[column] -= 1
+        self._active[slot * self.capacity + index] -= 1
 
     def recipient(self, index: int, now: float, max_per_minute: int) -> bool:
         """Count a recipient of the client at `index` (one of its sessions is active, so
         the entry is its own); False when it is one too many this last minute. Counted
-        refused or not. Once per RCPT: `_estimates` inlined."""
+        refused or not."""
         pending = self.pending.get(index)
-        offset = _HEADER + index * _ENTRY_BYTES
         if pending is None:
-            pending = self.pending[index] = [self._map[offset:offset + _KEY_BYTES], 0, 0]
-        minute, _, _, rcpt, rcpt_before = _COUNTS.unpack_from(self._map, offset + _COUNTS_AT)
-        this_minute = now // MINUTE_S
-        if minute != this_minute:
-            rcpt, rcpt_before = (0, rcpt) if minute == this_minute - 1 else (0, 0)
-        rcpt += pending[2]
-        pending[2] += 1
-        if rcpt_before:
-            return rcpt + rcpt_before * (1.0 - (now % MINUTE_S) / MINUTE_S) < max_per_minute
-        return rcpt < max_per_minute
+            offset = _HEADER + index * _ENTRY_BYTES
+            pending = self._start_pending(index, self._map[offset:offset + _KEY_BYTES], now)
+        rcpt = pending[2]
+        pending[2] = rcpt + 1
+        return rcpt + pending[4] < max_per_minute
 
     def flush(self, now: float, wait: bool = False) -> bool:
         """Add this process's pending counts to the entries, under the lock; False if the
@@ -219,7 +211,7 @@ class ClientTable:
         data = self._map
         this_minute = int(now // MINUTE_S)
         try:
-            for index, (key, new_sessions, recipients) in self.pending.items():
+            for index, (key, new_sessions, recipients, _, _) in self.pending.items():
                 offset = _HEADER + index * _ENTRY_BYTES
                 if data[offset:offset + _KEY_BYTES] != key:
                     continue  # evicted since: its counts went with it
@@ -228,9 +220,9 @@ class ClientTable:
                 if minute != this_minute:
                     new, new_before, rcpt, rcpt_before = _roll(
                         minute, this_minute, new, new_before, rcpt, rcpt_before)
-                # Not `seen`: other workers stamp it without the lock.
-                _COUNTS.pack_into(data, offset + _COUNTS_AT, this_minute, new + new_sessions,
-                                  new_before, rcpt + recipients, rcpt_before)
+                _SEEN_COUNTS.pack_into(data, offset + _KEY_BYTES, now, this_minute,
+                                       new + new_sessions, new_before, rcpt + recipients,
+                                       rcpt_before)
         finally:
             self._unlock()
         self.pending.clear()
@@ -309,18 +301,30 @@ class ClientTable:
 
     def _estimates(self, index: int, now: float) -> tuple[float, float]:
         """(new sessions, recipients) in the last minute: the entry's and ours."""
+        new, rcpt = self._shared_estimates(index, now)
+        pending = self.pending.get(index)
+        if pending is not None:
+            new += pending[1]
+            rcpt += pending[2]
+        return new, rcpt
+
+    def _shared_estimates(self, index: int, now: float) -> tuple[float, float]:
+        """(new sessions, recipients) in the last minute, as the entry holds them."""
         minute, new, new_before, rcpt, rcpt_before = _COUNTS.unpack_from(
             self._map, _HEADER + index * _ENTRY_BYTES + _COUNTS_AT)
         this_minute = int(now // MINUTE_S)
         if minute != this_minute:
             new, new_before, rcpt, rcpt_before = _roll(
                 minute, this_minute, new, new_before, rcpt, rcpt_before)
-        pending = self.pending.get(index)
-        if pending is not None:
-            new += pending[1]
-            rcpt += pending[2]
         weight = _weight(now)
         return new + new_before * weight, rcpt + rcpt_before * weight
+
+    def _start_pending(self, index: int, key: bytes, now: float) -> list:
+        """This process's counts for `key` at `index`, from none, with the entry's
+        estimates as they stand (the module docstring says why they are kept):
+        [key, new sessions, recipients, the entry's new sessions, its recipients]."""
+        pending = self.pending[index] = [key, 0, 0, *self._shared_estimates(index, now)]
+        return pending
 
     def _evictable(self, start: int, seen: tuple) -> int:
         """The least recently seen entry of the window from `start` without an active

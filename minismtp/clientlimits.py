@@ -12,10 +12,11 @@ greeting: a session refused is greeted with 421 and closed; one admitted holds i
 table entry (`session.client_entry`) until `release`. `recipient_refusal` runs once per
 RCPT while `limits.per_client.max_recipients_per_minute` is set. The per-minute counts a
 worker makes wait in its own memory until `flush` adds them to the shared table
-(anvil.py), which the loop calls at the end of a turn when they have waited FLUSH_S:
-another worker sees them that much later at most, and a worker killed by SIGKILL
-loses at most that much of them. One lock a turn, not one per session and recipient,
-is what keeps the limits cheap.
+(anvil.py), which the loop calls at the end of a turn when they have waited FLUSH_S,
+and a worker killed by SIGKILL loses at most that much of them. A worker reads a
+client's shared counts when it first counts for it after its own flush, so another
+worker's counts reach its checks within about twice FLUSH_S. One lock a turn, and one
+read of the shared counts, not one per session and recipient, keep the limits cheap.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class ClientGate:
         # zeros once masked, would otherwise be the key that marks a free entry (anvil.py).
         self.ipv6_tag = 1 if limits.ipv6_prefix_length < 128 else 0
         self.flush_at = 0.0  # when the loop is to flush pending counts next
+        # This worker's column of active sessions (table.close_session, without the call).
+        self.active, self.column = table.column(slot)
         # Keys of recent addresses (b"": not counted): a client that comes back costs a
         # dict lookup, and its key's hash is computed once (bytes keep theirs). Bounded:
         # cleared when full.
@@ -208,7 +211,7 @@ class ClientGate:
         self.flush_at = now + FLUSH_S
 
     def release(self, session: Session) -> None:
-        self.table.close_session(self.slot, session.client_entry)
+        self.active[self.column + session.client_entry] -= 1
         session.client_entry = -1
 
     def recipient_refusal(self, session: Session) -> Reply | None:

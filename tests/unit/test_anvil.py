@@ -128,6 +128,23 @@ def test_refused_attempts_count_towards_the_rate(table):
     assert table.counts(held[0], T0)[0] == 3
 
 
+def test_another_worker_s_counts_are_seen_after_our_next_flush(table):
+    """A worker reads an entry's estimates when it first counts for it after a flush,
+    and adds its own counts to them until its next flush: another worker's flushed
+    counts reach its checks then."""
+    assert table.open_session(0, A, T0, 0, 3) >= 0
+    ours, table.pending = table.pending, {}  # another worker's turn, in slot 1
+    assert table.open_session(1, A, T0, 0, 3) >= 0
+    assert table.open_session(1, A, T0, 0, 3) >= 0
+    assert table.flush(T0)  # theirs: 2 in the entry
+    table.pending = ours
+    assert table.counts(table.lookup(A), T0) == (3, 0)  # as the entry and ours add up
+    assert table.open_session(0, A, T0 + 1, 0, 3) >= 0  # checked as 0 + 1: let through
+    assert table.flush(T0 + 1)
+    assert table.open_session(0, A, T0 + 2, 0, 3) == TOO_MANY_NEW  # 4 now
+    assert table.counts(table.lookup(A), T0 + 2) == (5, 0)
+
+
 def test_recipients_per_minute(table):
     index = table.open_session(0, A, T0, 0, 0)
     assert [table.recipient(index, T0 + 1, 3) for _ in range(5)] == [True] * 3 + [False] * 2
@@ -159,6 +176,30 @@ def test_a_full_window_forgets_the_least_recently_seen_idle_client():
     # Every entry has an open session now: the next new client goes uncounted.
     assert table.open_session(0, client_key("203.0.113.1"), T0 + 22, 0, 0) == UNCOUNTED
     assert table.open_session(0, keys[0], T0 + 22, 0, 0) == held[0]  # known ones still are
+    table.close()
+
+
+def test_a_client_counted_again_is_seen_when_its_counts_are_flushed():
+    """Last seen is stamped by `flush`, once a turn, for the entries counted since: a
+    client back after the others is evicted after them, once its worker has flushed."""
+    table = ClientTable(WINDOW, 2)
+    table.hand_out(0)
+    keys = [client_key(f"198.51.100.{n}") for n in range(WINDOW + 2)]
+    held = []
+    for n, key in enumerate(keys[:WINDOW]):  # a turn each: seen at T0 + n
+        held.append(table.open_session(0, key, T0 + n, 0, 0))
+        assert table.flush(T0 + n)
+    for index in held:
+        table.close_session(0, index)
+    table.close_session(0, table.open_session(0, keys[0], T0 + 30, 0, 0))
+    # Not flushed yet: keys[0] still reads as seen first, and goes first.
+    assert table.open_session(0, keys[WINDOW], T0 + 31, 0, 0) == held[0]
+    table.close_session(0, held[0])
+    assert table.open_session(0, keys[1], T0 + 32, 0, 0) == held[1]
+    table.close_session(0, held[1])
+    assert table.flush(T0 + 32)  # keys[1] and the newcomer seen now
+    assert table.open_session(0, keys[WINDOW + 1], T0 + 33, 0, 0) == held[2]
+    assert table.lookup(keys[1]) == held[1] and table.lookup(keys[2]) is None
     table.close()
 
 
