@@ -285,7 +285,9 @@ class ClientTable:
                         return -1
             _ENTRY.pack_into(self._map, _HEADER + free * _ENTRY_BYTES, key, now,
                              int(now // MINUTE_S), 0, 0, 0, 0)
-            self.pending.pop(free, None)  # counts of the client it held
+            # Nothing counted for the key yet, here or in the entry (the counts of the
+            # client it held, if any, go with it).
+            self.pending[free] = [key, 0, 0, 0, 0]
             return free
         finally:
             self._unlock()
