@@ -42,12 +42,12 @@ tries again the next turn.
 Hazards. POSIX record locks belong to the process: closing any descriptor of the memfd
 drops the lock (nothing does, and no other code opens it), and threads of one process do
 not exclude each other (only the loop thread uses the table). Entries are read without
-the lock, so a read racing a flush may see some fields before it and some after: the checks
-then err by that flush until the reader's own next flush. A known client's entry could be taken for another
-client between the moment a worker finds it and the moment it raises its counter; the
-worker reads the key again after raising it and counts nothing if it changed, which
-leaves only a window of a few bytecodes in which one session is counted for the wrong
-client. A worker killed while writing an entry leaves it unusable until it is evicted.
+the lock, so a read racing a flush may see some fields before it and some after: the
+checks then err by that flush until the reader's own next flush. A known client's entry
+could be taken for another client between the moment a worker finds it and the moment
+it raises its counter; the worker reads the key again after raising it and counts
+nothing if it changed, which leaves only a window of a few bytecodes in which one
+session is counted for the wrong client. A worker killed while writing an entry leaves it unusable until it is evicted.
 """
 
 from __future__ import annotations

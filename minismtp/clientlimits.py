@@ -9,25 +9,27 @@ it is an IP address in text, nothing the client could have written otherwise.
 A worker with all three limits at 0 makes no ClientGate: its sessions never reach this
 module. Otherwise `admit` runs once per session, once its real peer is known, before the
 greeting: a session refused is greeted with 421 and closed; one admitted holds its
-table entry (`session.client_entry`) until `release`. `recipient_refusal` runs once per
-RCPT while `limits.per_client.max_recipients_per_minute` is set. The per-minute counts a
-worker makes wait in its own memory until `flush` adds them to the shared table
-(anvil.py), which the loop calls at the end of a turn when they have waited FLUSH_S,
-and a worker killed by SIGKILL loses at most that much of them. A worker reads a
-client's shared counts when it first counts for it after its own flush, so another
-worker's counts reach its checks within about twice FLUSH_S. One lock a turn, and one
-read of the shared counts, not one per session and recipient, keep the limits cheap.
+table entry (`session.client_entry`) until `release`. The handler `check_recipients`
+makes runs once per RCPT while `limits.per_client.max_recipients_per_minute` is set.
+The per-minute counts a worker makes wait in its own memory until `flush` adds them
+to the shared table (anvil.py), which the loop calls at the end of a turn when they
+have waited FLUSH_S, and a worker killed by SIGKILL loses at most that much of them.
+A worker reads a client's shared counts when it first counts for it after its own
+flush, so another worker's counts reach its checks within about twice FLUSH_S. One
+lock a turn, and one read of the shared counts, not one per session and recipient,
+keep the limits cheap.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from minismtp import anvil
 from minismtp.smtp import replies
+from minismtp.smtp.events import RcptTo
 from minismtp.smtp.replies import Reply
 from minismtp.values import PathProblems, as_int, got, parse_keys
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from minismtp.stats import WorkerStats
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+RcptHandler = Callable[["Session", RcptTo], None]
 FLUSH_S = 0.01  # the longest a worker keeps per-minute counts to itself
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _KEY_CACHE = 4096  # addresses whose keys a worker keeps
@@ -214,13 +217,23 @@ class ClientGate:
         self.active[self.column + session.client_entry] -= 1
         session.client_entry = -1
 
-    def recipient_refusal(self, session: Session) -> Reply | None:
-        """None if the RCPT may go on, else the 450 to refuse it with (counted)."""
-        index = session.client_entry
-        if index < 0 or self.table.recipient(index, self.loop.now, self.max_recipients):
-            return None  # within the limit, or exempt or uncounted
-        self.stats.count_per_client_refusal(RECIPIENTS)
-        return replies.too_many_recipients_from(session.peer.address)
+    def check_recipients(self, proceed: RcptHandler,
+                         refuse: Callable[[Session, Reply], None]) -> RcptHandler:
+        """A RCPT handler to put before `proceed` (a listener's own): past the client's
+        recipients per minute, `refuse` with 450 4.7.1 (counted); else on to `proceed`,
+        as for sessions not counted (exempt, or no room in the table). One call per
+        RCPT: the table's count is the only other."""
+        count, loop, limit, stats = self.table.recipient, self.loop, self.max_recipients, \
+            self.stats
+
+        def rcpt(session: Session, event: RcptTo) -> None:
+            index = session.client_entry
+            if index < 0 or count(index, loop.now, limit):
+                proceed(session, event)
+            else:
+                stats.count_per_client_refusal(RECIPIENTS)
+                refuse(session, replies.too_many_recipients_from(session.peer.address))
+        return rcpt
 
 
 def _key_match(network: Network) -> tuple[int, int]:

@@ -65,8 +65,7 @@ class Decisions:
             self.handlers[AuthAttempt] = self.auth if "auth" in watched else logins.submit
         self.gate = gate
         if gate is not None and gate.max_recipients:  # limits.per_client: checked first
-            self._rcpt_after_limits = self.handlers[RcptTo]
-            self.handlers[RcptTo] = self.rcpt_per_client
+            self.handlers[RcptTo] = gate.check_recipients(self.handlers[RcptTo], self._refuse)
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
 
@@ -101,14 +100,6 @@ class Decisions:
     def rcpt(self, session: Session, event: RcptTo) -> None:
         self._decide(session, "rcpt", _accept, _reject, session.conn.sender,
                      (event.recipient,))
-
-    def rcpt_per_client(self, session: Session, event: RcptTo) -> None:
-        """limits.per_client.max_recipients_per_minute: 450 4.7.1 past it, else as usual."""
-        refusal = self.gate.recipient_refusal(session)
-        if refusal is None:
-            self._rcpt_after_limits(session, event)
-        else:
-            self._refuse(session, refusal)
 
     def data(self, session: Session, event: DataStarted) -> None:
         session.envelope = envelope = event.envelope

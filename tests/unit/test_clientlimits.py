@@ -11,6 +11,8 @@ from minismtp.anvil import ClientTable
 from minismtp.clientlimits import ClientGate, PerClient
 from minismtp.config import ConfigError, dump_config, load_config
 from minismtp.delivery import Peer
+from minismtp.smtp.events import RcptTo
+from minismtp.smtp.replies import Reply
 from minismtp.stats import PER_CLIENT_REASONS, WorkerStats
 
 T0 = 60.0 * 1000
@@ -96,6 +98,19 @@ def test_gate_admits_refuses_and_releases():
     assert gate.admit(third) is None
 
 
+def recipient_check(gate: ClientGate):
+    """The gate's RCPT handler, as Decisions puts it before its own: a function of a
+    session that gives the handler's refusal, or None where it went on."""
+    outcomes: list[Reply | None] = []
+    handler = gate.check_recipients(lambda session, event: outcomes.append(None),
+                                    lambda session, reply: outcomes.append(reply))
+
+    def check(session: SimpleNamespace) -> Reply | None:
+        handler(session, RcptTo("rcpt@example.org"))
+        return outcomes.pop()
+    return check
+
+
 def test_gate_rate_and_recipients():
     table = ClientTable(1024, 2)
     gate, loop, stats = make_gate(PerClient(max_new_sessions_per_minute=1,
@@ -104,12 +119,13 @@ def test_gate_rate_and_recipients():
     assert gate.admit(one) is None
     assert gate.admit(two).wire == (b"421 4.7.0 mx.test Error: too many connections per "
                                     b"minute from 2001:db8::5\r\n")
-    assert [gate.recipient_refusal(one) for _ in range(2)] == [None, None]
-    assert gate.recipient_refusal(one).wire == \
+    check = recipient_check(gate)
+    assert [check(one) for _ in range(2)] == [None, None]
+    assert check(one).wire == \
         b"450 4.7.1 Error: too many recipients from 2001:db8::5\r\n"
     gate.flush()
     loop.now = T0 + 120  # two minutes on
-    assert gate.recipient_refusal(one) is None
+    assert check(one) is None
     assert refused(stats) == {"new_sessions": 1, "recipients": 1}
 
 
@@ -123,7 +139,7 @@ def test_exempt_clients_are_neither_limited_nor_counted():
                     "2001:db8::ffff:1"):
         sessions = [session(address) for _ in range(3)]
         assert all(gate.admit(s) is None and s.client_entry == -1 for s in sessions), address
-        assert gate.recipient_refusal(sessions[0]) is None
+        assert recipient_check(gate)(sessions[0]) is None
     assert table.lookup(bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1])) is None
     for address in ("192.0.3.1", "2001:db8:0:1::1"):
         assert gate.admit(session(address)) is None
@@ -150,7 +166,7 @@ def test_the_recipient_check_is_skipped_for_uncounted_sessions():
     gate, _, _ = make_gate(PerClient(max_recipients_per_minute=1), table)
     odd = session("not an address")
     assert gate.admit(odd) is None and odd.client_entry == -1
-    assert gate.recipient_refusal(odd) is None
+    assert recipient_check(gate)(odd) is None
 
 
 @pytest.mark.parametrize("prefix", [84, 127, 128])
