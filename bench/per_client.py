@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minismtp.anvil import ClientTable  # noqa: E402
 from minismtp.clientlimits import ClientGate, PerClient  # noqa: E402
 from minismtp.delivery import Peer  # noqa: E402
+from minismtp.smtp.events import RcptTo  # noqa: E402
 from minismtp.stats import WorkerStats  # noqa: E402
 
 CALLS = 100_000
@@ -90,14 +91,16 @@ def main() -> int:
         gate.release(session)
 
     def flush() -> None:
-        table.pending.setdefault(session.client_entry, [key, 1, 1])
+        table.pending.setdefault(session.client_entry, [key, 1, 1, 0, 0])
         table.flush(loop.now)
 
     print(f"Python {sys.version.split()[0]}, best of 7 x {CALLS:,} calls")
     print(f"  session admitted and released: {best_us(session_cycle):5.2f} us")
     gate.admit(session)
     key = gate.keys[session.peer.address]
-    recipient = best_us(lambda: gate.recipient_refusal(session))
+    rcpt = gate.check_recipients(lambda session, event: None, lambda session, reply: None)
+    event = RcptTo("rcpt@example.org")
+    recipient = best_us(lambda: rcpt(session, event))
     print(f"  recipient counted:             {recipient:5.2f} us")
     print(f"  flush, one client:             {best_us(flush):5.2f} us (at most every 10 ms)")
     print(f"Sessions of new clients, best of 7 x {NEW_CLIENTS:,}, a flush every {FLUSH_EVERY}")
