@@ -217,10 +217,14 @@ class ClientTable:
                     continue  # evicted since: its counts went with it
                 minute, new, new_before, rcpt, rcpt_before = _COUNTS.unpack_from(
                     data, offset + _COUNTS_AT)
-                if minute != this_minute:
+                if minute < this_minute:
                     new, new_before, rcpt, rcpt_before = _roll(
                         minute, this_minute, new, new_before, rcpt, rcpt_before)
-                _SEEN_COUNTS.pack_into(data, offset + _KEY_BYTES, now, this_minute,
+                    minute = this_minute
+                # A minute ahead of ours (another worker's clock, read a moment after
+                # ours) stays, and ours are added to it: never rolled back, which would
+                # drop the counts it holds.
+                _SEEN_COUNTS.pack_into(data, offset + _KEY_BYTES, now, minute,
                                        new + new_sessions, new_before, rcpt + recipients,
                                        rcpt_before)
         finally:
@@ -241,8 +245,9 @@ class ClientTable:
         return None if index < 0 else index
 
     def counts(self, index: int, now: float) -> tuple[float, float]:
-        """(new sessions, recipients) in the minute before `now`, as the limits see them
-        here (this process's pending counts included)."""
+        """(new sessions, recipients) in the minute before `now`: the entry's as it
+        stands, and this process's pending counts. The checks add the latter to the
+        estimates read at their first count since the last flush instead."""
         return self._estimates(index, now)
 
     def close(self) -> None:
@@ -365,7 +370,11 @@ class ClientTable:
 
 def _roll(minute: int, this_minute: int, new: int, new_before: int, rcpt: int,
           rcpt_before: int) -> tuple[int, int, int, int]:
-    """Counts kept for `minute`, seen from `this_minute`."""
+    """Counts kept for `minute`, seen from `this_minute`. Counts of a later minute
+    (another worker's clock, read a moment after ours) are all this minute's: too many
+    for a moment, never too few."""
+    if minute > this_minute:
+        return new + new_before, 0, rcpt + rcpt_before, 0
     if minute == this_minute - 1:
         return 0, new, 0, rcpt
     return 0, 0, 0, 0

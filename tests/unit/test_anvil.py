@@ -145,6 +145,25 @@ def test_another_worker_s_counts_are_seen_after_our_next_flush(table):
     assert table.counts(table.lookup(A), T0 + 2) == (5, 0)
 
 
+def test_counts_of_a_minute_ahead_of_our_clock_are_kept(table):
+    """Workers read their clocks at different moments: one flushes in the next minute
+    just before another flushes what it counted in this one. Those are not rolled back
+    (which would drop them), and ours are added to them; a reader still in the earlier
+    minute counts them all as its own minute's."""
+    index = table.open_session(0, A, T0 + 59.999, 0, 0)
+    ours, table.pending = table.pending, {}  # another worker, its clock a moment later
+    for _ in range(3):
+        table.open_session(1, A, T0 + 60.001, 0, 0)
+        table.recipient(index, T0 + 60.001, 100)
+    assert table.flush(T0 + 60.001)
+    assert table.counts(index, T0 + 59.999) == (3, 3)  # read from the minute before
+    table.pending = ours
+    assert table.flush(T0 + 59.999)
+    assert table.counts(index, T0 + 60.002) == (4, 3)
+    assert table.open_session(0, A, T0 + 60.002, 0, 5) >= 0
+    assert table.open_session(0, A, T0 + 60.002, 0, 5) == TOO_MANY_NEW  # 5 before it
+
+
 def test_recipients_per_minute(table):
     index = table.open_session(0, A, T0, 0, 0)
     assert [table.recipient(index, T0 + 1, 3) for _ in range(5)] == [True] * 3 + [False] * 2
