@@ -47,7 +47,8 @@ checks then err by that flush until the reader's own next flush. A known client'
 could be taken for another client between the moment a worker finds it and the moment
 it raises its counter; the worker reads the key again after raising it and counts
 nothing if it changed, which leaves only a window of a few bytecodes in which one
-session is counted for the wrong client. A worker killed while writing an entry leaves it unusable until it is evicted.
+session is counted for the wrong client. A worker killed while writing an entry leaves
+it unusable until it is evicted.
 """
 
 from __future__ import annotations
