@@ -154,10 +154,7 @@ class ProxyReads:
         or None when the connection failed (and is closed)."""
         buffer = session.conn.buffer
         try:
-            # Nothing in the buffer (the read at accept): all of it is free, and
-            # free_view would hand out its view.
-            n = session.transport.sock.recv_into(buffer.free_view() if buffer.end else
-                                                 buffer.data)
+            n = session.transport.sock.recv_into(buffer.free_view())
         except (BlockingIOError, InterruptedError):
             return _NEED_MORE
         except OSError:
@@ -174,20 +171,13 @@ class ProxyReads:
 
     def _start_plain(self, session: Session, header: proxyproto.ProxyHeader,
                      then: Callable[[Session], None]) -> None:
-        """The whole header is in the core's buffer: consume it, and begin the session.
-        What `_use` does is written out here: a call less on every PROXY session."""
+        """The whole header is in the core's buffer: consume it, and begin the session."""
         buffer = session.conn.buffer
         buffer.start += header.consumed
         early = buffer.end - buffer.start  # the client spoke before the greeting
-        stats = self.stats
-        stats.bytes_received += early  # counted as the session's reads count theirs
-        stats.proxy_headers += 1
+        self.stats.bytes_received += early  # counted as the session's reads count theirs
         session.preamble = None
-        source = header.source
-        if source is not None and header.command is _PROXY_COMMAND:
-            if self._debug:
-                self._log_peer(session, header)
-            session.peer = _new_peer(Peer, source)
+        self._use(session, header)
         then(session)
         # Run the core on what came early, once the greeting is out or on its way; a
         # greeting sent slowly (a connect tarpit) resumes the session when it is done.
@@ -246,13 +236,9 @@ class ProxyReads:
         source = header.source
         if source is not None and header.command is _PROXY_COMMAND:
             if self._debug:
-                self._log_peer(session, header)
+                log.debug("proxy: peer=%s is %s:%d (v%d)", session.peer.address,
+                          source[0], source[1], header.version)
             session.peer = _new_peer(Peer, source)  # (address, port): Peer's own fields
-
-    @staticmethod
-    def _log_peer(session: Session, header: proxyproto.ProxyHeader) -> None:
-        log.debug("proxy: peer=%s is %s:%d (v%d)", session.peer.address,
-                  header.source[0], header.source[1], header.version)
 
     def expire(self, session: Session) -> None:
         """The header's deadline passed (or the grace of a stopping worker)."""
