@@ -249,7 +249,12 @@ class ClientTable:
         """(new sessions, recipients) in the minute before `now`: the entry's as it
         stands, and this process's pending counts. The checks add the latter to the
         estimates read at their first count since the last flush instead."""
-        return self._estimates(index, now)
+        new, rcpt = self._shared_estimates(index, now)
+        pending = self.pending.get(index)
+        if pending is not None:
+            new += pending[1]
+            rcpt += pending[2]
+        return new, rcpt
 
     def close(self) -> None:
         self._span.release()
@@ -306,15 +311,6 @@ class ClientTable:
         mask = self._mask
         return sum((entry.unpack_from(self._map, _HEADER + ((start + step) & mask)
                                       * _ENTRY_BYTES) for step in range(WINDOW)), ())
-
-    def _estimates(self, index: int, now: float) -> tuple[float, float]:
-        """(new sessions, recipients) in the last minute: the entry's and ours."""
-        new, rcpt = self._shared_estimates(index, now)
-        pending = self.pending.get(index)
-        if pending is not None:
-            new += pending[1]
-            rcpt += pending[2]
-        return new, rcpt
 
     def _shared_estimates(self, index: int, now: float) -> tuple[float, float]:
         """(new sessions, recipients) in the last minute, as the entry holds them."""
