@@ -31,7 +31,7 @@ from minismtp import anvil
 from minismtp.smtp import replies
 from minismtp.smtp.events import RcptTo
 from minismtp.smtp.replies import Reply
-from minismtp.values import PathProblems, as_int, got, parse_keys
+from minismtp.values import PathProblems, as_int, got, mapped_network_problem, parse_keys
 
 if TYPE_CHECKING:
     from minismtp.loop import Loop
@@ -88,10 +88,13 @@ def _exempt(value: object) -> tuple[Network, ...]:
         try:
             if not isinstance(item, str) or len(item) > 64:
                 raise ValueError
-            networks.append(ipaddress.ip_network(item, strict=True))
+            network = ipaddress.ip_network(item, strict=True)
         except ValueError:
             raise ValueError(f"must be networks in CIDR form, host bits zero, got "
                              f"{got(item)}") from None
+        if problem := mapped_network_problem(network):
+            raise ValueError(f"{got(item)} is {problem}")
+        networks.append(network)
     return tuple(networks)
 
 
@@ -146,7 +149,10 @@ class ClientGate:
         self.max_new = limits.max_new_sessions_per_minute
         self.max_recipients = limits.max_recipients_per_minute
         # Each network as (value, mask) over 16-byte keys: one AND and compare per network.
-        self.exempt = [_key_match(network) for network in limits.exempt]
+        # By family: an IPv4 client's key is IPv4-mapped, inside IPv6 networks such as
+        # ::/0 too, which are about IPv6 clients (as for PROXY's trusted and fault rules).
+        self.exempt_v4 = [_key_match(net) for net in limits.exempt if net.version == 4]
+        self.exempt_v6 = [_key_match(net) for net in limits.exempt if net.version == 6]
         # An IPv6 client is its network: one host has a /64 or more to pick addresses from.
         self.ipv6_mask = ((1 << 128) - 1) ^ ((1 << (128 - limits.ipv6_prefix_length)) - 1)
         # A network's key has its last (host) bit set: the network of ::1 (loopback), all
@@ -194,11 +200,13 @@ class ClientGate:
         bits, tagged), or b"" for one never counted (exempt, not an address, or "::"),
         remembered for the next session from it."""
         key = anvil.client_key(address) or b""
-        if key and (self.exempt or not key.startswith(_V4_MAPPED)):
+        ipv4 = key.startswith(_V4_MAPPED)
+        exempt = self.exempt_v4 if ipv4 else self.exempt_v6
+        if key and (exempt or not ipv4):
             number = int.from_bytes(key, "big")
-            if any(number & mask == value for value, mask in self.exempt):
+            if any(number & mask == value for value, mask in exempt):
                 key = b""
-            elif not key.startswith(_V4_MAPPED):
+            elif not ipv4:
                 key = (number & self.ipv6_mask | self.ipv6_tag).to_bytes(16, "big")
                 if key == anvil.FREE_KEY:  # "::" with a 128-bit prefix: no client
                     key = b""

@@ -148,9 +148,14 @@ class _Rule:
         meant = None
         if isinstance(value, str):  # ip_network would take the integer 5 as 0.0.0.5/32
             try:
-                return ipaddress.ip_network(value)  # strict: "10.0.0.1/8" is a typo
+                network = ipaddress.ip_network(value)  # strict: "10.0.0.1/8" is a typo
             except ValueError:
                 pass
+            else:
+                if problem := values.mapped_network_problem(network):
+                    self.problem("client", f"{values.got(value)} is {problem}")
+                    return None
+                return network
             try:
                 meant = ipaddress.ip_network(value, strict=False)
             except ValueError:

@@ -10,9 +10,10 @@ other kinds htpasswd can write are refused by name: MD5-crypt (`$apr1$`, its def
 before 2.4), SHA-1 (`{SHA}`), crypt (`-d`) and plain text are all far cheaper to guess.
 
 Checking a hash costs milliseconds of CPU by design, so `verify` belongs off the event
-loop (authcheck.py runs it on threads). It takes as long for a user that does not exist
-as for one that does (a bcrypt check against another hash, whose result is ignored), so
-timing does not tell a client which users exist; bcrypt.checkpw compares in constant time.
+loop (authcheck.py runs it on threads). It takes at least as long for a user that does
+not exist as for one that does (a bcrypt check against the file's costliest hash, whose
+result is ignored), so timing does not tell a client which users exist; bcrypt.checkpw
+compares in constant time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ import bcrypt
 from minismtp.smallfile import NotRegularFile, TooLarge, read_small_file
 
 # RFC-less but fixed: $2x$ cost $ 22 salt + 31 hash characters of bcrypt's base64.
-_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_BCRYPT_SHAPE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+# The salt's 22 characters carry 16 bytes and the hash's 31 carry 23: the last character
+# of each has its low 4 (salt) or 2 (hash) bits zero. A salt that breaks this makes
+# bcrypt raise on every check; a hash that does can match no password. Either is a
+# character changed by hand or by a copy, worth naming at load.
+_BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{30}"
+                     r"[.CGKOSWaeimquy26]")
 _OTHER_KINDS = (  # what htpasswd writes besides bcrypt, by its prefix
     ("$apr1$", "MD5-crypt ($apr1$)"),
     ("{SHA}", "SHA-1 ({SHA})"),
@@ -55,8 +62,9 @@ class Users:
     def __init__(self, hashes: dict[str, bytes], path: str = "") -> None:
         self._hashes = dict(hashes)
         self.path = path
-        # A real hash of the file, so an unknown user costs what a known one does.
-        self._decoy = next(iter(self._hashes.values()), _DUMMY_HASH)
+        # A real hash of the file, so an unknown user costs what a known one does: the
+        # costliest, so that no user takes longer to refuse than one that does not exist.
+        self._decoy = max(self._hashes.values(), key=_cost, default=_DUMMY_HASH)
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -122,14 +130,21 @@ def _parse_line(raw: bytes, hashes: dict[str, bytes], where_defined: dict[str, i
         return f"bad user name {user!r}"
     if user in where_defined:
         return f'user "{user}" is already defined on line {where_defined[user]}'
-    if not _BCRYPT.fullmatch(hashed):
+    if not _BCRYPT_SHAPE.fullmatch(hashed):
         return f'user "{user}": {_hash_problem(hashed)}'
     cost = int(hashed[4:6])
     if not 4 <= cost <= 31:
         return f'user "{user}": bcrypt cost {cost} is out of range (4 to 31)'
+    if not _BCRYPT.fullmatch(hashed):
+        return (f'user "{user}": malformed bcrypt hash (its salt or hash does not decode: '
+                f"a character changed?)")
     hashes[user] = hashed.encode("ascii")
     where_defined[user] = number
     return ""
+
+
+def _cost(hashed: bytes) -> int:
+    return int(hashed[4:6])
 
 
 def _hash_problem(hashed: str) -> str:

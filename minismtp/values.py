@@ -479,6 +479,19 @@ def dump_auth(auth: ListenerAuth) -> dict[str, object]:
     return entry
 
 
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def mapped_network_problem(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """Why an IPv6 network of IPv4-mapped addresses is refused ("" for any other): an IPv4
+    client is matched as IPv4 whatever form its address came in, so it would match none."""
+    if network.version != 6 or not network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+        return ""
+    ipv4 = ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF,
+                                  network.prefixlen - 96))
+    return f'IPv4-mapped, which matches no client (IPv4 ones are matched as IPv4): write "{ipv4}"'
+
+
 def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f'must be a non-empty list of networks ("127.0.0.1/32"), '
@@ -488,10 +501,13 @@ def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
         if not isinstance(item, str) or len(item) > 64:
             raise ValueError(f"must be networks in CIDR form, got {got(item)}")
         try:
-            networks.append(ipaddress.ip_network(item, strict=True))
+            network = ipaddress.ip_network(item, strict=True)
         except ValueError:
             raise ValueError(f"not a network (host bits must be zero), got {got(item)}"
                              ) from None
+        if problem := mapped_network_problem(network):
+            raise ValueError(f"{got(item)} is {problem}")
+        networks.append(network)
     return tuple(networks)
 
 

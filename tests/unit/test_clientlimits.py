@@ -66,6 +66,9 @@ def test_every_bad_key_is_named():
         "limits.per_client.ipv6_prefix_length: must be an integer from 1 to 128, got 0"]
     assert problems({"exempt": "10.0.0.0/8"})[0].startswith(
         "limits.per_client.exempt: must be a list of networks")
+    assert problems({"exempt": ["::ffff:10.0.0.0/104"]}) == [
+        'limits.per_client.exempt: "::ffff:10.0.0.0/104" is IPv4-mapped, which matches no '
+        'client (IPv4 ones are matched as IPv4): write "10.0.0.0/8"']
 
 
 def make_gate(limits: PerClient, table: ClientTable, slot: int = 0):
@@ -145,6 +148,22 @@ def test_exempt_clients_are_neither_limited_nor_counted():
         assert gate.admit(session(address)) is None
         assert gate.admit(session(address)) is not None, address
     assert refused(stats) == {"sessions": 2}
+
+
+def test_exempt_networks_cover_their_own_family_only():
+    """An IPv4 client's key is IPv4-mapped IPv6, but ::/0 means every IPv6 client, not
+    every client; and 0.0.0.0/0 every IPv4 client, whatever form its address came in."""
+    every_v6 = (ipaddress.ip_network("::/0"),)
+    gate, _, _ = make_gate(PerClient(max_sessions=1, exempt=every_v6), ClientTable(1024, 2))
+    assert gate.admit(session("2001:db8::1")) is None
+    assert gate.admit(session("2001:db8::1")) is None  # exempt: not counted
+    assert gate.admit(session("192.0.2.1")) is None  # counted
+    assert gate.admit(session("::ffff:192.0.2.1")) is not None  # the same client, refused
+    every_v4 = (ipaddress.ip_network("0.0.0.0/0"),)
+    gate, _, _ = make_gate(PerClient(max_sessions=1, exempt=every_v4), ClientTable(1024, 2))
+    assert all(gate.admit(session(a)) is None for a in ("192.0.2.1", "::ffff:192.0.2.1") * 2)
+    assert gate.admit(session("2001:db8::1")) is None
+    assert gate.admit(session("2001:db8::1")) is not None
 
 
 def test_ipv6_clients_count_by_network():

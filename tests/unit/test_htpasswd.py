@@ -16,6 +16,12 @@ ALICE_PW = "correct horse"
 ALICE = bcrypt.hashpw(ALICE_PW.encode(), bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$", 1)
 BOB = bcrypt.hashpw("j\u00f6rg's p\u00e4ss".encode(), bcrypt.gensalt(4)).decode()
 CAROL = bcrypt.hashpw(b"x", bcrypt.gensalt(4, prefix=b"2a")).decode()
+SALT_END, HASH_END = 28, 59  # the last characters of the salt and of the hash
+
+
+def changed(hashed: str, at: int) -> str:
+    """`hashed` with the character at `at` set to one whose padding bits are not zero."""
+    return hashed[:at] + ("B" if hashed[at] != "B" else "D") + hashed[at + 1:]
 
 
 def write(tmp_path: Path, text: str | bytes) -> str:
@@ -44,6 +50,17 @@ def test_unknown_user_is_false_even_with_a_real_password(tmp_path):
     assert not Users({}).verify("anyone", "anything")
 
 
+def test_an_unknown_user_costs_the_costliest_hash(monkeypatch):
+    """Refusing a user who does not exist takes a check against the file's costliest hash,
+    so no user's refusal takes longer than a stranger's: timing names no user."""
+    costly = bcrypt.hashpw(b"y", bcrypt.gensalt(5)).decode()
+    users = Users.parse(f"alice:{ALICE}\ndave:{costly}\nbob:{BOB}\n".encode())
+    checked = []
+    monkeypatch.setattr(bcrypt, "checkpw", lambda secret, hashed: checked.append(hashed))
+    assert not users.verify("mallory", "y")
+    assert checked == [costly.encode()]
+
+
 def test_long_and_odd_passwords(tmp_path):
     long_pw = "p" * 72
     hashed = bcrypt.hashpw(long_pw.encode(), bcrypt.gensalt(4)).decode()
@@ -67,6 +84,9 @@ def test_empty_file(tmp_path):
     ("alice:secret", "not a bcrypt hash (plain text?)"),
     ("alice:$2y$05$short", "malformed bcrypt hash"),
     ("alice:" + ALICE.replace("$04$", "$03$"), "bcrypt cost 3 is out of range"),
+    # bcrypt raises on every check against such a salt; such a hash matches no password
+    ("alice:" + changed(ALICE, SALT_END), "malformed bcrypt hash (its salt or hash"),
+    ("alice:" + changed(ALICE, HASH_END), "malformed bcrypt hash (its salt or hash"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, problem):
     path = write(tmp_path, f"# first\nbob:{BOB}\n{line}\n")

@@ -48,7 +48,9 @@ def test_refusals_name_their_paths(tmp_path):
     - address: "127.0.0.1:2527"
       proxy_protocol: yes
     - address: "127.0.0.1:2528"
-      proxy_protocol: {trusted: []}""")
+      proxy_protocol: {trusted: []}
+    - address: "127.0.0.1:2529"
+      proxy_protocol: {trusted: ["::ffff:127.0.0.1/128"]}""")
     problems = problems_of(path)
     assert [p.split(":")[0] for p in problems] == [
         "server.listen[0].proxy_protocol.version",
@@ -57,9 +59,12 @@ def test_refusals_name_their_paths(tmp_path):
         "server.listen[1].proxy_protocol.trusted",
         "server.listen[2].proxy_protocol",
         "server.listen[3].proxy_protocol.trusted",
+        "server.listen[4].proxy_protocol.trusted",
     ], problems
     assert 'must be one of "v1", "v2", "any"' in problems[0]
     assert "host bits" in problems[1]
+    assert problems[-1].endswith('"::ffff:127.0.0.1/128" is IPv4-mapped, which matches no '
+                                'client (IPv4 ones are matched as IPv4): write "127.0.0.1/32"')
 
 
 def test_dump_round_trips(tmp_path):
