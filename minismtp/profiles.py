@@ -128,8 +128,10 @@ def resolve(listeners: tuple[Listener, ...], top_faults: FaultsConfig
     first: dict[str, int] = {}
     for index, listener in enumerate(listeners):
         seen = first.setdefault(listener.name, index)
-        # Entries of one port-0 address share their derived name: one socket serves both.
-        if seen != index and listeners[seen].address != listener.address:
+        # Repeats of one port-0 address share their derived name (the address), each with
+        # a socket and a profile of its own; a name given twice is a mistake.
+        if seen != index and (listeners[seen].address != listener.address
+                              or listener.name != str(listener.address)):
             problems.append((f"[{index}].name", f'duplicate name "{listener.name}" '
                              f"(also server.listen[{seen}])"))
     counted = len(top_faults.rules)

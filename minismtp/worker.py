@@ -76,16 +76,18 @@ class Worker:
         self.stats_board = stats_board
         # Per listening socket: what its listener's sessions share (session.Profile), the
         # listener's overrides merged with the top-level settings here, once. One profile
-        # per listener, however many of its sockets this worker has (reuse_port).
+        # per listener entry, however many of its sockets this worker has (reuse_port);
+        # by the entry itself, not its name: repeats of a port-0 address share a derived
+        # name, each with overrides of its own (entries alike share a profile alike).
         names = [listener.name for listener in config.server.listen]
         self.stats = WorkerStats(stats_board.max_rules, len(names))
-        by_name: dict[str, Profile] = {}
+        by_entry: dict[Listener, Profile] = {}
         for _, entry in listeners:
-            if entry.name not in by_name:
-                by_name[entry.name] = Profile(config, entry,
-                                              self.stats.listeners[names.index(entry.name)],
-                                              tls=tls_context is not None)
-        self.profiles = {sock: by_name[entry.name] for sock, entry in listeners}
+            if entry not in by_entry:
+                by_entry[entry] = Profile(config, entry,
+                                          self.stats.listeners[names.index(entry.name)],
+                                          tls=tls_context is not None)
+        self.profiles = {sock: by_entry[entry] for sock, entry in listeners}
         self.max_connections = config.server.max_connections
         # The loop's clock, read when select() returns and again before timers run:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
@@ -114,7 +116,7 @@ class Worker:
             (self.profiles[sock].settings, entry.auth) for sock, entry in listeners])
         self.decide = self._decisions(config.faults, slot)
         for _, entry in listeners:  # a listener's own faults replace the top-level ones
-            profile = by_name[entry.name]
+            profile = by_entry[entry]
             if profile.decide is None:
                 decide = self.decide if entry.faults is None else self._decisions(entry.faults,
                                                                                   slot)

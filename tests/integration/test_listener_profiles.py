@@ -4,6 +4,7 @@ name the listener."""
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -122,3 +123,15 @@ def test_reload_applies_profiles_and_refuses_a_bad_one(make_server, raw_clients)
                         r'be an integer >= 1, got "ten"', since=mark)
     server.wait_for_log(r"reload refused: still running on the previous", since=mark)
     assert raw_clients(a).hello().lines[0] == b"250-a2.example"
+
+
+def test_repeats_of_a_port0_address_keep_their_own_profiles(make_server, raw_clients):
+    """Two entries of 127.0.0.1:0 share the name they are given by default, but each is a
+    listener of its own: a socket, and its overrides."""
+    server = make_server({"server": {"workers": 1, "listen": [
+        f"{HOST}:0", {"address": f"{HOST}:0", "hostname": "second.example"}]}})
+    ports = [int(port) for port in
+             re.findall(rf"listening on {re.escape(HOST)}:(\d+)", server.log_text())]
+    assert len(set(ports)) == 2, ports
+    greetings = [raw_clients(port).expect(220).text.split()[0] for port in ports]
+    assert greetings == [server.hostname, "second.example"]

@@ -96,6 +96,23 @@ def test_a_removed_address_closes_its_group(pool):
     assert list(pool.groups) == ["127.0.0.1:0"] and gone.fileno() == -1
 
 
+def test_named_port0_repeats_keep_their_sockets_when_one_goes(pool):
+    """Named repeats of a port-0 address are keyed by name: the one left keeps its own
+    socket (its port, its queue), not its former neighbour's."""
+    def named(*names):
+        return load_config(overrides={"server.listen": [
+            {"address": "127.0.0.1:0", "name": name} for name in names]})
+    both = named("a", "b")
+    pool.bind_missing(both)
+    ports = {entry.name: sock.getsockname()[1]
+             for sock, entry in pool.entries(both, pool.for_worker(both, 0, 1))}
+    only_b = named("b")
+    pool.bind_missing(only_b)
+    pool.drop_unlisted(only_b)
+    [(sock, entry)] = pool.entries(only_b, pool.for_worker(only_b, 0, 1))
+    assert entry.name == "b" and sock.getsockname()[1] == ports["b"] != ports["a"]
+
+
 def test_a_bind_failure_closes_what_the_call_bound(pool):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -216,9 +216,15 @@ def test_names_must_be_unique(tmp_path):
         - {address: "127.0.0.1:2526", name: mx}
         - "127.0.0.1:2527"
         - {address: "127.0.0.1:2528", name: "127.0.0.1:2527"}
+        - "127.0.0.1:0"
+        - {address: "127.0.0.1:0", hostname: b.example}
+        - {address: "127.0.0.1:0", name: x}
+        - {address: "127.0.0.1:0", name: x}
     """) == [
         'server.listen[1].name: duplicate name "mx" (also server.listen[0])',
         'server.listen[3].name: duplicate name "127.0.0.1:2527" (also server.listen[2])',
+        # repeats of a port-0 address may share the name they are given by default only
+        'server.listen[7].name: duplicate name "x" (also server.listen[6])',
     ]
 
 
