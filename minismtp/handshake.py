@@ -73,7 +73,10 @@ class Handshakes:
     def _begin(self, session: Session) -> None:
         loop = self.loop
         session.handshake = Handshake(session, time.monotonic())
-        loop.timers.set_deadline(session, loop.now + session.profile.tls_handshake_timeout)
+        timeout = session.profile.tls_handshake_timeout
+        if self.stopping:  # begun after the stop (a PROXY header that came in its grace)
+            timeout = min(timeout, STOP_GRACE_S)
+        loop.timers.set_deadline(session, loop.now + timeout)
         self.step(session.handshake)
 
     def step(self, handshake: Handshake) -> None:
@@ -113,6 +116,10 @@ class Handshakes:
     def expire(self, session: Session) -> None:
         """The handshake's deadline passed (or the grace of a stopping worker)."""
         self._failed(session, "stopping" if self.stopping else "timeout")
+
+    def stop(self) -> None:
+        """The worker stops: handshakes begun from now on get STOP_GRACE_S at most."""
+        self.stopping = True
 
     def wind_down(self, session: Session) -> None:
         """The worker stops (SIGTERM, or retired by a reload): a handshake in progress may

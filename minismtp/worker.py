@@ -256,6 +256,8 @@ class Worker:
         self.stopping = True
         self.stop_deadline = now + self.config.server.shutdown_timeout
         self.acceptor.close()
+        if self.handshakes is not None:
+            self.handshakes.stop()
         for session in list(self.sessions.values()):
             if session.preamble is not None:
                 self.proxies.wind_down(session)

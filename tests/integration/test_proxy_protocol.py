@@ -363,6 +363,36 @@ def test_a_header_completed_while_the_worker_stops_gets_421(proxied, raw_clients
     assert server.wait(15) == 0
 
 
+def test_a_handshake_begun_while_the_worker_stops_is_held_to_the_grace(make_server, tmp_path):
+    """On an implicit-TLS listener a header completed in a stopping worker's grace starts
+    a handshake then: a client that sends no ClientHello holds the stop for the
+    handshakes' grace (2 s), not for limits.tls_handshake_timeout (25 s here)."""
+    from support.tlsserver import Pki
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    Pki.write(Pki().issue(), cert, key)
+    overrides = proxy_overrides()
+    overrides["server"].update(workers=1, shutdown_timeout="25s")
+    overrides["server"]["listen"][0]["tls"] = "implicit"
+    overrides["limits"] = {"proxy_timeout": "10s", "tls_handshake_timeout": "25s"}
+    overrides["tls"] = {"certificates": [{"cert": str(cert), "key": str(key)}]}
+    server = make_server(overrides)
+    header = proxyheader.v1(("198.51.100.41", 1), DST)
+    with socket.create_connection((HOST, server.port), timeout=30) as sock:
+        sock.sendall(header[:10])
+        time.sleep(0.2)  # the worker has the connection, still without its header
+        mark = server.mark()
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_log(r"stopping: workers finish", since=mark)
+        time.sleep(0.5)
+        sock.sendall(header[10:])  # whole within the header's grace; no ClientHello
+        started = time.monotonic()
+        assert server.wait(40) == 0
+        took = time.monotonic() - started
+    assert took < 10, f"the worker held its stop {took:.1f}s for a silent handshake"
+    server.wait_for_log(r"TLS handshake failed: peer=198\.51\.100\.41 reason=stopping")
+
+
 def test_a_reload_that_drops_the_proxy_protocol_greets_plain_clients_at_once(make_server,
                                                                             raw_clients):
     """A PROXY listener's socket lets the kernel hold a connection until its first bytes
