@@ -217,7 +217,8 @@ class Arbiter:
             if record is None:
                 continue  # not ours (or already forgotten): reaped, not reported
             # Totals never go back.
-            self.stats_board.retire(record.slot, self.retired, record.listener_names)
+            self.stats_board.retire(record.slot, self.retired, record.listener_names,
+                                    record.rule_names)
             self._recover_log_lines(record)
             self.board.vacate(record.slot)
             self.clients.vacate(record.slot)  # its sessions went with it
@@ -305,7 +306,8 @@ class Arbiter:
             self.workers[pid] = WorkerRecord(
                 pid, slot, self.generation, now, index=index, tmp_dir=tmp_dir(self.config),
                 shutdown_timeout_s=self.config.server.shutdown_timeout,
-                listener_names=tuple(entry.name for entry in self.config.server.listen))
+                listener_names=tuple(entry.name for entry in self.config.server.listen),
+                rule_names=rule_names(self.config))
             return True
         code = exitcodes.WORKER_CRASHED
         try:
@@ -488,14 +490,21 @@ class Arbiter:
             server.register(self.sel)
             log.info("statistics on http://%s/metrics and /stats", bound_address(server.sock))
 
-    def _current_stats(self) -> tuple[Totals, list[RuleName]]:
+    def _current_stats(self) -> tuple[Totals, tuple[RuleName, ...]]:
         records = self.workers.values()
         totals = self.stats_board.totals([record.slot for record in records], self.retired,
                                          {record.slot: record.listener_names
-                                          for record in records})
+                                          for record in records},
+                                         {record.slot: record.rule_names for record in records})
         totals.workers = len(records)
-        names: list[RuleName] = [rule.name for rule in self.config.faults.rules]
-        for entry in self.config.server.listen:  # their rules follow, numbered in order
-            if entry.faults is not None:
-                names.extend((entry.name, rule.name) for rule in entry.faults.rules)
-        return totals, names
+        return totals, rule_names(self.config)
+
+
+def rule_names(config: Config) -> tuple[RuleName, ...]:
+    """The fault rules' labels by counter index (FaultRule.index): the top-level rules,
+    then each listener's own, numbered in that order (profiles.resolve)."""
+    names: list[RuleName] = [rule.name for rule in config.faults.rules]
+    for entry in config.server.listen:
+        if entry.faults is not None:
+            names.extend((entry.name, rule.name) for rule in entry.faults.rules)
+    return tuple(names)

@@ -18,10 +18,10 @@ Slot layout, native byte order, 8-byte fields: a sequence number, the counters o
 by reason, the handshake-time buckets, their sum (a double), the PROXY header failures by
 reason, the per-client refusals by reason, one counter per reply code
 400..599, one per fault rule, then `_PER_LISTENER` counters for each of MAX_LISTENERS
-listeners, by their place in server.listen. A slot does not know the listeners' names:
-the master reads it with the names of the configuration that worker started with, and
-keeps listener totals by name, so a reload that adds, removes or reorders listeners
-neither mislabels nor loses counts. The writer makes the sequence odd, writes, makes it
+listeners, by their place in server.listen. A slot knows neither the listeners' names
+nor the fault rules': the master reads it with the names of the configuration that
+worker started with, and keeps listener and rule totals by name, so a reload that adds,
+removes or reorders listeners or rules neither mislabels nor loses counts. The writer makes the sequence odd, writes, makes it
 even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
 no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
 them out, which is enough for statistics.)
@@ -39,6 +39,10 @@ from typing import Any
 
 from minismtp.smtp.proxyproto import REASONS as _PROXY_REASONS
 from minismtp.values import MAX_LISTENERS
+
+# A fault rule's label: its name, or (listener, name) for a rule of a listener's own
+# `faults` (profiles.py numbers those after the top-level ones).
+RuleName = str | tuple[str, str]
 
 # Upper bounds, in seconds, of the end-of-data latency buckets; one more bucket is +Inf.
 LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -190,7 +194,7 @@ class Snapshot:
     proxy_failures: tuple[int, ...]  # by PROXY_FAILURES
     per_client_refused: tuple[int, ...]  # by PER_CLIENT_REASONS
     rejections: dict[int, int]  # reply code -> count, nonzero only
-    faults: tuple[int, ...]  # by rule index
+    faults: tuple[int, ...]  # by rule index (FaultRule.index)
     listeners: tuple[int, ...] = ()  # _PER_LISTENER for each listener, by its place
 
 
@@ -214,7 +218,7 @@ class Totals:
     handshake_sum: float = 0.0
     proxy_failures: list[int] = field(default_factory=lambda: [0] * len(PROXY_FAILURES))
     rejections: dict[int, int] = field(default_factory=dict)
-    faults: list[int] = field(default_factory=list)
+    faults: dict[RuleName, int] = field(default_factory=dict)  # nonzero only
     auth_successes: int = 0
     auth_failures: int = 0
     auth_temporary_failures: int = 0
@@ -224,9 +228,11 @@ class Totals:
     listeners: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, snapshot: Snapshot, *, gauges: bool = True,
-            listener_names: Sequence[str] = ()) -> None:
+            listener_names: Sequence[str] = (),
+            rule_names: Sequence[RuleName] = ()) -> None:
         """Add a slot's counters; gauges=False for a worker that has gone.
-        `listener_names`: that worker's listeners, in the order of its server.listen."""
+        `listener_names`: that worker's listeners, in the order of its server.listen;
+        `rule_names`: its fault rules' labels, by rule index."""
         for name in _COUNTERS:
             if gauges or name not in _GAUGES:
                 setattr(self, name, getattr(self, name) + getattr(snapshot, name))
@@ -241,10 +247,9 @@ class Totals:
         self.handshake_sum += snapshot.handshake_sum
         for code, count in snapshot.rejections.items():
             self.rejections[code] = self.rejections.get(code, 0) + count
-        if len(self.faults) < len(snapshot.faults):
-            self.faults.extend([0] * (len(snapshot.faults) - len(self.faults)))
-        for index, count in enumerate(snapshot.faults):
-            self.faults[index] += count
+        for name, count in zip(rule_names, snapshot.faults):
+            if count:
+                self.faults[name] = self.faults.get(name, 0) + count
         width = len(_PER_LISTENER)
         for index, name in enumerate(listener_names[:MAX_LISTENERS]):
             mine = self.listeners.setdefault(name, [0] * width)
@@ -310,23 +315,27 @@ class StatsBoard:
         start = slot * self._stride
         self._map[start:start + self._stride] = bytes(self._stride)
 
-    def retire(self, slot: int, retired: Totals, listener_names: Sequence[str] = ()) -> None:
+    def retire(self, slot: int, retired: Totals, listener_names: Sequence[str] = (),
+               rule_names: Sequence[RuleName] = ()) -> None:
         """Fold the counters of an exited worker's slot into `retired`, then clear it.
-        `listener_names`: those of the configuration the worker ran with.
+        `listener_names`, `rule_names`: those of the configuration the worker ran with.
 
         Call after reaping the worker and before the slot is given to a new one.
         """
-        retired.add(self.read(slot), gauges=False, listener_names=listener_names)
+        retired.add(self.read(slot), gauges=False, listener_names=listener_names,
+                    rule_names=rule_names)
         self.clear(slot)
 
     def totals(self, live_slots: list[int], retired: Totals,
-               listener_names: Mapping[int, Sequence[str]] | None = None) -> Totals:
+               listener_names: Mapping[int, Sequence[str]] | None = None,
+               rule_names: Mapping[int, Sequence[RuleName]] | None = None) -> Totals:
         """`retired` plus every live slot, with `workers` = the number of live slots;
-        `listener_names` by slot: those of each worker's configuration."""
+        `listener_names` and `rule_names` by slot: those of each worker's configuration."""
         totals = retired.copy()
         for slot in live_slots:
             totals.add(self.read(slot),
-                       listener_names=() if listener_names is None else listener_names[slot])
+                       listener_names=() if listener_names is None else listener_names[slot],
+                       rule_names=() if rule_names is None else rule_names[slot])
         totals.workers = len(live_slots)
         return totals
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from minismtp.stats import (
     HANDSHAKE_BOUNDS, HANDSHAKE_FAILURES, LATENCY_BOUNDS, PER_CLIENT_REASONS, PROXY_FAILURES,
-    Totals,
+    RuleName, Totals,
 )
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -37,17 +37,12 @@ def _cumulative(buckets: Sequence[int]) -> list[int]:
     return out
 
 
-# A fault rule's label by counter index: its name, or (listener, name) for a rule of a
-# listener's own `faults` (profiles.py numbers those after the top-level ones).
-RuleName = str | tuple[str, str]
-
-
 def _fault_counts(totals: Totals, rule_names: Sequence[RuleName]
                   ) -> list[tuple[str | None, str, int]]:
-    # Counters are kept by rule index; only indices with a configured name are shown.
+    # Counters are kept by label; the rules configured now are shown, in their order.
     faults = totals.faults
-    return [(*((None, name) if isinstance(name, str) else name),
-             faults[i] if i < len(faults) else 0) for i, name in enumerate(rule_names)]
+    return [(*((None, name) if isinstance(name, str) else name), faults.get(name, 0))
+            for name in rule_names]
 
 
 def render_prometheus(totals: Totals, rule_names: Sequence[RuleName]) -> str:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from minismtp.stats import RuleName
 
 
 @dataclass
@@ -22,8 +26,10 @@ class WorkerRecord:
     aborted_at: float | None = None  # when it was sent SIGABRT for a missed heartbeat
     tmp_dir: str | None = None  # the Maildir tmp/ it writes in, swept when it dies
     shutdown_timeout_s: float = 0.0  # its own config's: a reload does not change it
-    # Its config's listener names, by place: what its stats slot counts (stats.py).
+    # Its config's listener names, by place, and fault rule labels, by index: what its
+    # stats slot counts (stats.py).
     listener_names: tuple[str, ...] = ()
+    rule_names: tuple[RuleName, ...] = ()
 
 
 def spawn_delay(crash_streak: int) -> float:

@@ -135,3 +135,33 @@ def test_repeats_of_a_port0_address_keep_their_own_profiles(make_server, raw_cli
     assert len(set(ports)) == 2, ports
     greetings = [raw_clients(port).expect(220).text.split()[0] for port in ports]
     assert greetings == [server.hostname, "second.example"]
+
+
+def test_fault_counts_keep_their_labels_when_a_reload_reorders_rules(make_server, raw_clients):
+    """A worker counts fault rules by index; a reload that puts another listener's rule
+    first must not hand what the old worker counted to that rule."""
+    a, b, stats = free_ports(3)
+    busy = {"name": "busy", "stage": "rcpt", "reply": "450 4.2.0 Mailbox busy"}
+    never = {"name": "never", "stage": "mail", "sender": "*@never.test",
+             "reply": "451 4.3.2 Not now"}
+    chaos = {"address": f"{HOST}:{a}", "name": "chaos", "faults": {"rules": [busy]}}
+    server = make_server({"server": {"workers": 1, "listen": [chaos]},
+                          "stats": {"listen": f"{HOST}:{stats}"}})
+    client = raw_clients(a)
+    client.hello()
+    client.cmd("MAIL FROM:<s@example.org>", 250)
+    client.cmd("RCPT TO:<r@example.org>", 450)
+    client.cmd("QUIT", 221)
+    wait_for_metric(server, 'minismtp_faults_injected_total{listener="chaos",rule="busy"}', 1)
+
+    [old] = server.worker_pids()
+    other = {"address": f"{HOST}:{b}", "name": "other", "faults": {"rules": [never]}}
+    server.write_config({"server": {"listen": [other, chaos]}})
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"reloaded .*: starting generation 1 ", since=mark)
+    server.wait_until(lambda: old not in server.worker_pids() and server.worker_pids(), 15,
+                      message="the old worker to be replaced")
+    samples = metrics(server)
+    assert samples['minismtp_faults_injected_total{listener="chaos",rule="busy"}'] == 1
+    assert samples['minismtp_faults_injected_total{listener="other",rule="never"}'] == 0

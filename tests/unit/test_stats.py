@@ -19,6 +19,7 @@ from minismtp.values import MAX_LISTENERS
 RULES = 4
 NO_LISTENERS = (0,) * (2 * MAX_LISTENERS)
 LISTENERS = ("mx", "chaos")  # names of busy_worker's listeners, by place
+RULE_NAMES = ("busy-rcpt", "slow", ("chaos", "drop"), ("chaos", "late"))  # by index
 
 
 def busy_worker(scale: int = 1, rules: int = RULES) -> WorkerStats:
@@ -122,13 +123,13 @@ def test_totals_across_three_slots():
     board = StatsBoard(4, RULES)
     for slot, scale in ((0, 1), (1, 2), (3, 4)):
         busy_worker(scale).publish(board, slot)
-    totals = board.totals([0, 1, 3], Totals())
+    totals = board.totals([0, 1, 3], Totals(), rule_names=dict.fromkeys((0, 1, 3), RULE_NAMES))
     assert totals.workers == 3
     assert (totals.connections_open, totals.connections_total) == (14, 70)
     assert (totals.transactions, totals.messages_accepted, totals.bytes_received) \
         == (56, 49, 7000)
     assert totals.rejections == {450: 21, 554: 7}
-    assert totals.faults == [0, 35, 0, 0]
+    assert totals.faults == {"slow": 35}  # by label, nonzero only
     assert sum(totals.latency_buckets) == 18
     assert totals.latency_sum == pytest.approx(3 * 70.2036)
     assert (totals.tls_sessions, totals.tls_discarded_bytes) == (28, 217)
@@ -143,13 +144,14 @@ def test_retired_workers_keep_totals_monotonic():
     retired = Totals()
     busy_worker(scale=5).publish(board, 0)
     busy_worker(scale=1).publish(board, 1)
-    before = board.totals([0, 1], retired)
+    names = dict.fromkeys((0, 1), RULE_NAMES)
+    before = board.totals([0, 1], retired, rule_names=names)
 
-    board.retire(0, retired)  # the worker in slot 0 exited and was reaped
+    board.retire(0, retired, rule_names=RULE_NAMES)  # the worker in slot 0 exited, reaped
     assert board.read(0) == StatsBoard(1, RULES).read(0)  # cleared for the next worker
-    after_exit = board.totals([1], retired)
+    after_exit = board.totals([1], retired, rule_names=names)
     busy_worker(scale=1).publish(board, 0)  # its replacement starts from zero
-    after_restart = board.totals([0, 1], retired)
+    after_restart = board.totals([0, 1], retired, rule_names=names)
 
     for later in (after_exit, after_restart):
         for name in ("connections_total", "transactions", "messages_accepted",
@@ -157,7 +159,7 @@ def test_retired_workers_keep_totals_monotonic():
             assert getattr(later, name) >= getattr(before, name), name
         assert sum(later.latency_buckets) >= sum(before.latency_buckets)
         assert later.rejections[450] >= before.rejections[450]
-        assert later.faults[1] >= before.faults[1]
+        assert later.faults["slow"] >= before.faults["slow"]
     assert after_exit.messages_accepted == before.messages_accepted
     assert after_restart.messages_accepted == before.messages_accepted + 7
     # Open connections describe the present: a gone worker holds none.
@@ -183,6 +185,25 @@ def test_listener_totals_are_kept_by_name_across_a_reload():
     assert board.totals([1], retired, {1: names[1]}).listeners == {
         "mx": [6, 4], "chaos": [104, 3], "submission": [0, 1]}
     assert retired.listeners == {"mx": [6, 4], "chaos": [4, 3]}
+
+
+def test_fault_totals_are_kept_by_label_across_a_reload():
+    """A slot counts fault rules by index; the master labels them with that worker's
+    configuration, so a reload that puts a listener's rule before another's neither
+    relabels what the old workers counted nor loses it once they are gone."""
+    board = StatsBoard(2, RULES)
+    retired = Totals()
+    busy_worker().publish(board, 0)  # the old generation: its rule 1 ("slow") fired 5 times
+    newer = WorkerStats(RULES, 2)
+    newer.faults[1] += 2  # the new one's rule 1 is another listener's
+    newer.publish(board, 1)
+    reordered = ("busy-rcpt", ("other", "first"), "slow", ("chaos", "drop"))
+    names = {0: RULE_NAMES, 1: reordered}
+    assert board.totals([0, 1], retired, rule_names=names).faults == {
+        "slow": 5, ("other", "first"): 2}
+    board.retire(0, retired, rule_names=RULE_NAMES)
+    assert board.totals([1], retired, rule_names={1: reordered}).faults == {
+        "slow": 5, ("other", "first"): 2}
 
 
 def test_counts_of_more_listeners_than_the_board_holds_are_not_published():
@@ -268,9 +289,10 @@ def test_prometheus_output_parses_strictly():
     board = StatsBoard(3, RULES)
     for slot in range(3):
         busy_worker(slot + 1).publish(board, slot)
-    totals = board.totals([0, 1, 2], Totals(), dict.fromkeys(range(3), LISTENERS))
-    families = parse_prometheus(render_prometheus(
-        totals, ["busy-rcpt", "slow.end", ("chaos", "x_y")]))
+    shown = ("busy-rcpt", "slow.end", ("chaos", "x_y"))
+    totals = board.totals([0, 1, 2], Totals(), dict.fromkeys(range(3), LISTENERS),
+                          dict.fromkeys(range(3), shown))
+    families = parse_prometheus(render_prometheus(totals, shown))
     assert {name: f["type"] for name, f in families.items()} == {
         "minismtp_workers": "gauge",
         "minismtp_connections_open": "gauge",
@@ -338,7 +360,7 @@ def test_prometheus_output_of_nothing_parses():
 
 
 def test_label_values_are_escaped():
-    totals = Totals(faults=[1])
+    totals = Totals(faults={'a"b\\c\nd': 1})
     families = parse_prometheus(render_prometheus(totals, ['a"b\\c\nd']))
     [sample] = families["minismtp_faults_injected_total"]["samples"]
     assert sample[1] == {"rule": 'a\\"b\\\\c\\nd'}
@@ -350,8 +372,8 @@ def test_label_values_are_escaped():
 def test_json_shape():
     board = StatsBoard(1, RULES)
     busy_worker().publish(board, 0)
-    document = to_json(board.totals([0], Totals(), {0: LISTENERS}),
-                       ["busy-rcpt", "slow", ("chaos", "drop"), ("chaos", "late")])
+    document = to_json(board.totals([0], Totals(), {0: LISTENERS}, {0: RULE_NAMES}),
+                       RULE_NAMES)
     assert json.loads(json.dumps(document)) == document
     latency = document.pop("end_of_data_seconds")
     assert document == {

@@ -40,7 +40,7 @@ def sample_totals() -> Totals:
     stats.faults[0] += 1
     stats.observe_latency(0.002)
     stats.publish(board, 0)
-    return board.totals([0], Totals())
+    return board.totals([0], Totals(), rule_names={0: NAMES})
 
 
 @dataclass
@@ -475,7 +475,7 @@ def test_stats_view_shows_proxy_counts_only_when_there_are_some():
 
 def test_stats_view_shows_each_listener_with_its_rates():
     def sample(at: float, sessions: int, faults: int) -> statsview.Sample:
-        totals = stats.Totals(workers=1, faults=[faults])
+        totals = stats.Totals(workers=1, faults={("chaos", "busy"): faults})
         totals.listeners = {"mx": [sessions, 3], "chaos": [1, 0]}
         return statsview.Sample(at, statsformat.to_json(totals, [("chaos", "busy")]))
 
