@@ -29,7 +29,7 @@ from dataclasses import replace
 
 from minismtp import exitcodes
 from minismtp.anvil import ClientTable
-from minismtp.config import Config
+from minismtp.config import Config, ConfigError
 from minismtp.debris import Sweeper
 from minismtp.delivery import DeliveryError
 from minismtp.descriptors import fit_connections
@@ -417,6 +417,7 @@ class Arbiter:
             config = load_for_reload(self.config_path, self.overrides)
             if config is None:
                 return
+            tls_context = reloaded_context(self.tls_context, config.tls)
             fresh = self.listeners.bind_missing(config)
             config = switch_reuse_port(self.listeners, self.config, config)
             config = self._switch_stats(config)
@@ -424,6 +425,11 @@ class Arbiter:
         except OSError as exc:
             self.listeners.drop_unlisted(self.config)  # what this reload bound, if anything
             log.error("reload refused: %s; still running on the previous configuration", exc)
+            return
+        except ConfigError as exc:  # TLS wanted, its certificates broken since the check
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            log.error("reload refused: still running on the previous configuration")
             return
         except Exception:  # a reload must never take the running server down
             self.listeners.drop_unlisted(self.config)
@@ -437,7 +443,7 @@ class Arbiter:
             self.listeners.set_backlog(config.server.backlog)
         apply_level(config.logging.level)
         apply_format(config.logging.format)
-        self.tls_context = reloaded_context(self.tls_context, config.tls)
+        self.tls_context = tls_context
         self.config = config
         self.target = config.server.workers
         self.worker_config = fit_connections(config, self.listeners.count())

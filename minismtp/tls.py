@@ -128,12 +128,15 @@ def reloaded_context(current: ssl.SSLContext | None, config: TlsConfig
                      ) -> ssl.SSLContext | None:
     """For a reload: the context of the new configuration, or, if it cannot be built (a
     certificate replaced by a broken one meanwhile), `current`, with the reasons logged.
-    None when the new configuration has no certificates."""
+    None when the new configuration has no certificates. With no `current` to keep, the
+    ConfigError is raised: the listeners meant for TLS must not come up without it."""
     if not config.certificates:
         return None
     try:
         context = server_context(config)
     except ConfigError as exc:
+        if current is None:
+            raise
         for problem in exc.problems:
             log.error("TLS reload refused: %s", problem)
         log.error("TLS reload refused: keeping the previous certificates")

@@ -17,7 +17,7 @@ trustme = pytest.importorskip("trustme")
 from minismtp import tls  # noqa: E402
 from minismtp.cli import main  # noqa: E402
 from minismtp.config import (  # noqa: E402
-    CertificatePair, ListenAddress, Listener, TlsConfig, dump_config, load_config,
+    CertificatePair, ConfigError, ListenAddress, Listener, TlsConfig, dump_config, load_config,
 )
 from support.configfiles import problems_of  # noqa: E402
 
@@ -362,6 +362,14 @@ def test_reload_keeps_the_old_context_when_the_new_pair_is_broken(pair, rsa_pair
     fresh = tls.reloaded_context(current, TlsConfig((CertificatePair(*rsa_pair),)))
     assert fresh is not current and isinstance(fresh, ssl.SSLContext)
     assert tls.reloaded_context(current, TlsConfig()) is None
+
+
+def test_reload_with_no_context_to_keep_refuses_a_broken_pair(pair, rsa_pair):
+    """The first certificates a reload brings cannot be loaded: no context to fall back
+    on, so the reload is refused rather than its TLS listeners served in plaintext."""
+    broken = TlsConfig((CertificatePair(pair[0], rsa_pair[1]),))
+    with pytest.raises(ConfigError, match="is not the key of"):
+        tls.reloaded_context(None, broken)
 
 
 def test_sessions_resume_across_forked_processes(pair, client_context):
