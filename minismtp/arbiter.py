@@ -125,6 +125,10 @@ class Arbiter:
         except (OSError, DeliveryError, LookupError) as exc:
             log.error("cannot start: %s", exc)
             return exitcodes.FAILURE
+        except ConfigError as exc:  # the certificates, broken since they were checked
+            for problem in exc.problems:
+                log.error("cannot start: %s", problem)
+            return exitcodes.FAILURE
         self._init_signals()
         for group in self.listeners.groups.values():
             log.info("listening on %s", bound_address(group[0]))
@@ -298,6 +302,13 @@ class Arbiter:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         try:
             pid = os.fork()
+        except OSError as exc:  # out of processes or memory: try again later, as above
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            self.free_slots.append(slot)
+            log.error("cannot start a worker: fork: %s", exc.strerror or exc)
+            self.crash_streak += 1
+            self.next_spawn_at = now + spawn_delay(self.crash_streak)
+            return False
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             raise

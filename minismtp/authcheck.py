@@ -17,14 +17,16 @@ How the worker uses it, in order:
    `checker = AuthChecker()`, and register `checker.wakeup` for reading in the selector.
 2. On an `AuthAttempt` decision event from a session's core (the core is PAUSED), with
    `verify` its listener's verifier:
-   `if not checker.submit(session, verify, event.username, event.password):
+   `if not checker.submit(tag, verify, event.username, event.password):
    conn.reject(replies.AUTH_TEMPORARY_FAILURE)` at once: the queue is full (a flood of
-   AUTH), 454 4.7.0 and the client may try again later. Otherwise leave it PAUSED.
-3. When `checker.wakeup` is readable: for each `(session, ok)` in `checker.take_done()`,
-   skip sessions closed meanwhile; else `reply = verdict_reply(ok)`, then
-   `conn.accept()` if reply is None (235; `conn.authenticated_as` is set), else
-   `conn.reject(reply)` (535 5.7.8, or 454 4.7.0 when the check itself failed); then
-   drain the core and flush, as after any decision.
+   AUTH), 454 4.7.0 and the client may try again later. Otherwise leave it PAUSED. `tag`
+   is whatever the worker needs back (logins.py: the session and the user name).
+3. When `checker.wakeup` is readable: for each `(tag, ok)` in `checker.take_done()`,
+   skip sessions closed meanwhile; else `conn.accept()` if ok is True (235;
+   `conn.authenticated_as` is set), `conn.reject(replies.AUTH_FAILED)` if False (535
+   5.7.8; logins.py answers it after a delay, which slows guessing down), or
+   `conn.reject(replies.AUTH_TEMPORARY_FAILURE)` if None (454 4.7.0: the check itself
+   failed); then drain the core and flush, as after any decision.
 4. At exit: `checker.stop()` (checks not yet started are dropped; running ones finish).
 
 Log the user name and the outcome, never the password.
@@ -37,9 +39,7 @@ import logging
 import threading
 from typing import Callable, Generic, TypeVar
 
-from minismtp.smtp import replies
 from minismtp.smtp.protocol import AUTH_MECHANISMS
-from minismtp.smtp.replies import Reply
 from minismtp.threadwake import ThreadWakeup
 from minismtp.values import ListenerAuth
 
@@ -50,13 +50,6 @@ Verify = Callable[[str, str], bool]  # (user, password) -> the password is right
 
 DEFAULT_THREADS = 2
 DEFAULT_MAX_QUEUED = 64  # waiting checks per worker; beyond, submit() refuses at once
-
-
-def verdict_reply(ok: bool | None) -> Reply | None:
-    """The answer to an AuthAttempt: None to accept (235), else the reply to reject with."""
-    if ok:
-        return None
-    return replies.AUTH_FAILED if ok is False else replies.AUTH_TEMPORARY_FAILURE
 
 
 def accept_any(user: str, password: str) -> bool:

@@ -139,7 +139,8 @@ class Handshakes:
 
     def _failed(self, session: Session, reason: str) -> None:
         self.stats.count_handshake_failure(reason)
-        log.info("TLS handshake failed: peer=%s reason=%s", session.peer.address, reason)
+        log.info("TLS handshake failed: peer=%s listener=%s reason=%s", session.peer.address,
+                 session.profile.name, reason)
         self.loop.close(session, f"TLS handshake failed: {reason}")
 
     def _watch(self, handshake: Handshake, mask: int) -> None:

@@ -261,6 +261,7 @@ class ProxyReads:
 
     def _failed(self, session: Session, reason: str) -> None:
         self.stats.count_proxy_failure(reason)
-        log.info("PROXY header refused: peer=%s reason=%s", session.peer.address, reason)
+        log.info("PROXY header refused: peer=%s listener=%s reason=%s", session.peer.address,
+                 session.profile.name, reason)
         session.end = f"no PROXY header: {reason}"
         self.loop.close(session, "")

@@ -276,10 +276,11 @@ class Worker:
             transport = PlainTransport(sock)
             profile = profiles[listener]
             if len(self.sessions) >= self.max_connections:
-                # Counted as the 421 it is on a plain port; on an implicit-TLS port the
-                # client expects a ServerHello, and plaintext would only break its
-                # handshake, and on a PROXY port nothing is said before the header (the
-                # peer may not be a balancer at all): close without a word.
+                # A 421 on a plain port. On an implicit-TLS port the client expects a
+                # ServerHello, and plaintext would only break its handshake, and on a
+                # PROXY port nothing is said before the header (the peer may not be a
+                # balancer at all): close without a word, counted as the 421 it stands
+                # for, so that every refusal for too many connections counts alike.
                 self.stats.replies[replies.TOO_MANY_CONNECTIONS.code] += 1
                 if profile.implicit_tls or profile.proxy is not None:
                     transport.close()

@@ -185,7 +185,8 @@ def test_untrusted_source_is_closed_unread(proxied, raw_clients):
     c = raw_clients(server.port, source="127.0.0.2")
     c.send(proxyheader.v2(("198.51.100.9", 1), DST))
     closed_unanswered(c)
-    server.wait_for_log(r"PROXY header refused: peer=127\.0\.0\.2 reason=untrusted source",
+    server.wait_for_log(r"PROXY header refused: peer=127\.0\.0\.2 listener=\S+ "
+                        r"reason=untrusted source",
                         since=mark)
     server.wait_for_log(r"disconnect from 127\.0\.0\.2:\d+ listener=\S+ commands=0 "
                         r"end=no PROXY header: untrusted source", since=mark)
@@ -218,7 +219,7 @@ def test_malformed_headers_are_closed_and_counted_and_the_worker_serves_on(
         c = raw_clients(server.port)
         c.send(data)
         closed_unanswered(c)
-        server.wait_for_log(rf"PROXY header refused: peer=127\.0\.0\.1 reason={reason}$",
+        server.wait_for_log(rf"PROXY header refused: peer=127\.0\.0\.1 listener=\S+ reason={reason}$",
                             since=mark)
     # Half a header, then the balancer goes away.
     c = raw_clients(server.port)
@@ -390,7 +391,7 @@ def test_a_handshake_begun_while_the_worker_stops_is_held_to_the_grace(make_serv
         assert server.wait(40) == 0
         took = time.monotonic() - started
     assert took < 10, f"the worker held its stop {took:.1f}s for a silent handshake"
-    server.wait_for_log(r"TLS handshake failed: peer=198\.51\.100\.41 reason=stopping")
+    server.wait_for_log(r"TLS handshake failed: peer=198\.51\.100\.41 listener=\S+ reason=stopping")
 
 
 def test_a_reload_that_drops_the_proxy_protocol_greets_plain_clients_at_once(make_server,

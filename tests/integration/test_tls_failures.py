@@ -25,7 +25,7 @@ from support.tlsserver import (  # noqa: E402
     wait_for_metric,
 )
 
-FAILED = r"TLS handshake failed: peer=127\.0\.0\.1 reason=([a-z ]+)$"
+FAILED = r"TLS handshake failed: peer=127\.0\.0\.1 listener=\S+ reason=([a-z ]+)$"
 
 
 @pytest.fixture

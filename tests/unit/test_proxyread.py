@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import struct
 import time
+import types
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,8 @@ from minismtp.timers import Timers
 from minismtp.transport import PlainTransport
 from minismtp.values import ProxyProtocol
 from support import proxyheader
+
+LISTENER = types.SimpleNamespace(name="mx")  # what the reader reads of a session's profile
 
 TRUSTED = ProxyProtocol("any", (ipaddress.ip_network("127.0.0.1/32"),))
 DST = ("127.0.0.1", 25)
@@ -61,7 +64,8 @@ def start(sock: socket.socket, peer: str = "127.0.0.1", hand_over: bool = False)
     once more if it is still awaited (as the poller would: nothing new, no harm)."""
     loop, poller, stats = Loop(), Poller(), WorkerStats(0)
     reads = ProxyReads(loop, poller, stats)
-    session = Session(PlainTransport(sock), SmtpServerConnection(Settings()), Peer(peer, 5555))
+    session = Session(PlainTransport(sock), SmtpServerConnection(Settings()), Peer(peer, 5555),
+                      LISTENER)
     begun: list[Session] = []
     reads.begin(session, TRUSTED, begun.append, 10.0, hand_over=hand_over)
     if session.preamble is not None and not loop.closed:
@@ -167,7 +171,7 @@ def begin_watched(sock: socket.socket, monkeypatch, hand_over: bool):
     loop.now = 100.0
     reads = ProxyReads(loop, Poller(), WorkerStats(0))
     session = Session(PlainTransport(sock), SmtpServerConnection(Settings()),
-                      Peer("127.0.0.1", 5555))
+                      Peer("127.0.0.1", 5555), LISTENER)
     begun: list[Session] = []
     reads.begin(session, TRUSTED, begun.append, 7.0, hand_over=hand_over)
     return calls, loop, session, begun, reads
@@ -314,7 +318,7 @@ def test_a_plain_listener_keeps_the_socket_watched_for_the_session(monkeypatch):
         loop, poller, stats = Loop(), Poller(), WorkerStats(0)
         reads = ProxyReads(loop, poller, stats)
         session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
-                          Peer("127.0.0.1", 5555))
+                          Peer("127.0.0.1", 5555), LISTENER)
         begun: list[Session] = []
         reads.begin(session, TRUSTED, begun.append, 10.0, hand_over=True)
         assert calls == ["register"] and begun == []

@@ -93,3 +93,23 @@ def test_workers_killed_at_the_master_s_exit_have_their_lines_written(make_arbit
             os.waitpid(pid, 0)
         for fd in (read_end, write_end, ready_read, ready_write):
             os.close(fd)
+
+
+def test_a_fork_that_fails_gives_its_slot_back_and_backs_off(make_arbiter, monkeypatch, caplog):
+    """Out of processes or memory: no worker, no slot lost, no master brought down; the
+    next attempt waits, as after a worker that died young."""
+    import errno
+    import os
+
+    arbiter = make_arbiter(1)
+    monkeypatch.setattr(arbiter.listeners, "for_worker", lambda *args: [])
+
+    def no_fork():
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    free = len(arbiter.free_slots)
+    assert arbiter._spawn(100.0) is False
+    assert len(arbiter.free_slots) == free and not arbiter.workers
+    assert arbiter.crash_streak == 1 and arbiter.next_spawn_at > 100.0
+    assert "cannot start a worker: fork: Resource temporarily unavailable" in caplog.text
