@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import re
-import signal
 import smtplib
 import subprocess
 import threading
@@ -142,12 +141,7 @@ def test_users_file_is_read_again_on_hup(start_auth, pki, raw_clients, tmp_path)
     """A new password in the users file counts from the generation a HUP starts."""
     server = start_auth()  # its users file is tmp_path / "users"
     users_file(tmp_path / "users", {"alice": "a new password"})
-    old = set(server.worker_pids())
-    mark = server.mark()
-    server.send_signal(signal.SIGHUP)
-    server.wait_for_log(r"reloaded .*: starting generation 1 ", since=mark)
-    server.wait_until(lambda: server.worker_pids() and not set(server.worker_pids()) & old,
-                      15, message="the old generation to be replaced")
+    server.reload()
     with raw_clients(server.port) as client:
         secure(client, pki)
         client.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}", 535)

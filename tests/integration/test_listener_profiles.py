@@ -93,17 +93,11 @@ def test_reload_applies_profiles_and_refuses_a_bad_one(make_server, raw_clients)
 
     server = make_server({"server": {"workers": 1, "listen": listen("a.example", 2, "b")},
                           "stats": {"listen": f"{HOST}:{stats}"}})
-    [old] = server.worker_pids()
     before = raw_clients(b)
     before.hello()
     before.cmd("QUIT", 221)
 
-    server.write_config({"server": {"listen": listen("a2.example", 1, "b2")}})
-    mark = server.mark()
-    server.send_signal(signal.SIGHUP)
-    server.wait_for_log(r"reloaded .*: starting generation 1 ", since=mark)
-    server.wait_until(lambda: old not in server.worker_pids() and server.worker_pids(), 15,
-                      message="the old worker to be replaced")
+    server.reload({"server": {"listen": listen("a2.example", 1, "b2")}})
     client = raw_clients(a)
     assert client.hello().lines[0] == b"250-a2.example"
     client.cmd("MAIL FROM:<s@example.org>", 250)
@@ -154,14 +148,8 @@ def test_fault_counts_keep_their_labels_when_a_reload_reorders_rules(make_server
     client.cmd("QUIT", 221)
     wait_for_metric(server, 'minismtp_faults_injected_total{listener="chaos",rule="busy"}', 1)
 
-    [old] = server.worker_pids()
     other = {"address": f"{HOST}:{b}", "name": "other", "faults": {"rules": [never]}}
-    server.write_config({"server": {"listen": [other, chaos]}})
-    mark = server.mark()
-    server.send_signal(signal.SIGHUP)
-    server.wait_for_log(r"reloaded .*: starting generation 1 ", since=mark)
-    server.wait_until(lambda: old not in server.worker_pids() and server.worker_pids(), 15,
-                      message="the old worker to be replaced")
+    server.reload({"server": {"listen": [other, chaos]}})
     samples = metrics(server)
     assert samples['minismtp_faults_injected_total{listener="chaos",rule="busy"}'] == 1
     assert samples['minismtp_faults_injected_total{listener="other",rule="never"}'] == 0

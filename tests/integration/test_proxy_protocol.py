@@ -407,13 +407,7 @@ def test_a_reload_that_drops_the_proxy_protocol_greets_plain_clients_at_once(mak
     send_through(server, raw_clients, proxyheader.v2(("198.51.100.20", 5), DST), "before")
 
     def reload(listener: dict) -> None:
-        old = server.worker_pids()
-        server.write_config({"server": {"listen": [listener]}})
-        mark = server.mark()
-        server.send_signal(signal.SIGHUP)
-        server.wait_for_log(r"reloaded .*: starting generation", since=mark)
-        server.wait_until(lambda: server.worker_pids() and not set(old) & set(server.worker_pids()),
-                          15, message="the old worker to be replaced")
+        server.reload({"server": {"listen": [listener]}})
 
     reload({"address": f"{HOST}:{port}"})
     for _ in range(3):

@@ -228,6 +228,17 @@ class Server:
 
         return wait_until(exact, timeout, message=f"{count} worker(s)")  # type: ignore[return-value]
 
+    def reload(self, overrides: dict | None = None, timeout: float = 15.0) -> None:
+        """Write the config (with `overrides` merged in), HUP, and wait until a new
+        generation serves and every worker of the old one has gone."""
+        old = set(self.worker_pids())
+        self.write_config(overrides)
+        mark = self.mark()
+        self.send_signal(signal.SIGHUP)
+        self.wait_for_log(r"reloaded .*: starting generation \d+ ", timeout, since=mark)
+        wait_until(lambda: self.worker_pids() and not set(self.worker_pids()) & old, timeout,
+                   message="the old generation to be replaced")
+
     def send_signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)
