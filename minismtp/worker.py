@@ -383,6 +383,8 @@ class Worker:
         buffer = conn.buffer
         handlers = session.profile.handlers  # its listener's fault rules
         write = self.storage.write
+        if self.stopping:  # an answer given outside (a deferred commit, a delay, a login
+            self._maybe_send_off(session)  # check): before any pipelined command
         while not session.paused:
             event = conn.next_event()
             kind = type(event)
@@ -407,9 +409,11 @@ class Worker:
         self.flush(session)
 
     def _maybe_send_off(self, session: Session) -> None:
-        """While stopping, a session whose transaction is over gets 421 and is closed."""
+        """While stopping, a session whose transaction is over gets 421 and is closed;
+        after a 220 to STARTTLS, under TLS once the handshake is done (its next resume)."""
         conn = session.conn
-        if self.stopping and not conn.in_transaction and not conn.closed and not session.paused:
+        if self.stopping and not conn.in_transaction and not conn.closed and \
+                not session.paused and conn.state is not State.STARTING_TLS:
             self.stats.replies[replies.SHUTTING_DOWN.code] += 1
             session.end = "server stopping"
             conn.shutdown(replies.SHUTTING_DOWN)

@@ -113,6 +113,33 @@ def test_sigterm_closes_session_once_its_transaction_ends(make_server, raw_clien
     server.wait_for_log(rf"worker {worker} exited with status 0", since=mark)
 
 
+@pytest.mark.parametrize("pipelined", [b"MAIL FROM:<next@example.org>\r\n", b"STARTTLS\r\n"])
+def test_sigterm_while_an_answer_is_delayed_sends_off_before_what_was_pipelined(
+        make_server, raw_clients, tmp_path, pipelined):
+    """The 250 after the body comes late (a fault delay; a group commit is alike), and the
+    worker stops meanwhile: once it is out the session gets 421 and is closed, before the
+    command pipelined after the body runs (no new transaction; no 220 to STARTTLS
+    followed by plaintext)."""
+    from support.tlsserver import Pki
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    Pki.write(Pki().issue(), cert, key)
+    server = make_server({"server": {"workers": 1, "shutdown_timeout": "30s"},
+                          "tls": {"certificates": [{"cert": str(cert), "key": str(key)}]},
+                          "faults": {"rules": [{"stage": "end_of_data", "delay": "1s"}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("a@example.org", ["r@example.org"]))
+    assert [r.code for r in client.replies(3)] == [250, 250, 354]
+    client.send(client.stuff(b"Subject: late\r\n\r\nhi\r\n") + pipelined)
+    time.sleep(0.3)  # the body is in; its answer waits for the delay
+    server.send_signal(signal.SIGTERM)
+    assert client.reply(timeout=5).code == 250
+    assert client.reply(timeout=5).raw == replies.SHUTTING_DOWN.wire
+    assert client.wait_closed() == b""
+    assert server.wait(10) == 0
+
+
 def test_sigterm_just_after_a_worker_is_replaced_reaches_the_new_worker(make_server):
     """A worker forked a moment before a stop must stop too, not linger to the deadline."""
     server = make_server({"server": {"workers": 2, "shutdown_timeout": "10s"}})
