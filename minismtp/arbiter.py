@@ -100,6 +100,7 @@ class Arbiter:
         self.free_slots = list(range(BOARD_SLOTS - 1, -1, -1))
         self.waiting_for_slots = False
         self.crash_streak = 0
+        self.crashed_at = float("-inf")  # when the streak last grew
         self.next_spawn_at = 0.0
         self.stopping = False
         self.stop_deadline = float("inf")
@@ -187,8 +188,10 @@ class Arbiter:
                         record.shutdown_timeout_s + _KILL_GRACE_S)
             self._signal(record, signal.SIGKILL)
             record.killed = True
-        if self.crash_streak and any(now - r.started > _SHORT_LIFE_S for r in records
-                                     if r.retiring_since is None):
+        # A worker started since the last failure has lived: the cause has gone. (Not
+        # any old worker: a healthy one beside a sibling that keeps dying proves nothing.)
+        if self.crash_streak and any(r.started > self.crashed_at and now - r.started >
+                                     _SHORT_LIFE_S for r in records if r.retiring_since is None):
             self.crash_streak = 0
         if now >= self.next_spawn_at:
             for _ in range(workers_missing(records, self.generation, self.target)):
@@ -270,8 +273,13 @@ class Arbiter:
         (log.warning if clean else log.error)("worker %d %s; replacing it", record.pid, how)
         now = time.monotonic()
         if now - record.started < _SHORT_LIFE_S:
-            self.crash_streak += 1
-            self.next_spawn_at = now + spawn_delay(self.crash_streak)
+            self._back_off(now)
+
+    def _back_off(self, now: float) -> None:
+        """A worker died young or could not be started: wait longer before the next."""
+        self.crash_streak += 1
+        self.crashed_at = now
+        self.next_spawn_at = now + spawn_delay(self.crash_streak)
 
     # -- workers ---------------------------------------------------------------------
 
@@ -289,8 +297,7 @@ class Arbiter:
             listeners = self.listeners.for_worker(self.config, index, self.target)
         except OSError as exc:
             log.error("cannot start a worker: %s", exc)
-            self.crash_streak += 1
-            self.next_spawn_at = now + spawn_delay(self.crash_streak)
+            self._back_off(now)
             return False
         slot = self.free_slots.pop()
         self.board.hand_out(slot, now)
@@ -306,8 +313,7 @@ class Arbiter:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.free_slots.append(slot)
             log.error("cannot start a worker: fork: %s", exc.strerror or exc)
-            self.crash_streak += 1
-            self.next_spawn_at = now + spawn_delay(self.crash_streak)
+            self._back_off(now)
             return False
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -113,3 +113,35 @@ def test_a_fork_that_fails_gives_its_slot_back_and_backs_off(make_arbiter, monke
     assert len(arbiter.free_slots) == free and not arbiter.workers
     assert arbiter.crash_streak == 1 and arbiter.next_spawn_at > 100.0
     assert "cannot start a worker: fork: Resource temporarily unavailable" in caplog.text
+
+
+def test_back_off_grows_while_a_worker_keeps_dying_beside_a_healthy_one(make_arbiter,
+                                                                      monkeypatch):
+    """A sibling that has lived for an hour says nothing about why the new one dies: the
+    streak (and the wait before the next fork) grows until a worker started since the
+    last death lives."""
+    import signal
+    import time
+
+    from minismtp.supervision import WorkerRecord
+
+    arbiter = make_arbiter(2)
+    monkeypatch.setattr(arbiter, "_spawn", lambda now: True)
+    monkeypatch.setattr(arbiter, "_check_heartbeats", lambda records, now: None)
+
+    def no_signals(record, signum):  # the records' pids are made up: signal nobody
+        raise AssertionError(f"signal {signum} to {record.pid}")
+
+    monkeypatch.setattr(arbiter, "_signal", no_signals)
+    healthy = WorkerRecord(10**6, 0, 0, started=time.monotonic() - 3600)
+    arbiter.workers[healthy.pid] = healthy
+    for n in range(1, 6):
+        young = WorkerRecord(2 * 10**6 + n, 1, 0, started=time.monotonic())
+        arbiter._report_exit(young, signal.SIGSEGV)  # the status of a worker killed by it
+        arbiter._maintain(time.monotonic())  # the master's next turn
+        assert arbiter.crash_streak == n
+    assert arbiter.next_spawn_at - time.monotonic() > 1.0  # 1.6 s after the fifth
+    lived = WorkerRecord(3 * 10**6, 1, 0, started=arbiter.crashed_at + 0.001)
+    arbiter.workers[lived.pid] = lived
+    arbiter._maintain(lived.started + 6)
+    assert arbiter.crash_streak == 0
