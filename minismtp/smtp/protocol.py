@@ -22,9 +22,13 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   command and 550 after such a body; "accept" passes the body on as it came. Under every
   policy only CRLF "." CRLF ends DATA.
 - Errors are counted against `max_errors` (then 421 and close). Junk commands, the ones a
-  client can repeat forever at no cost (HELO, EHLO, NOOP, RSET, VRFY, HELP), are answered
-  as usual, but past `max_junk_commands` of them each one also counts as an error; see
-  `_count_junk` for the exact rule.
+  client can repeat forever at no cost (HELO, EHLO, NOOP, RSET, VRFY, HELP, and a MAIL
+  refused for its SIZE), are answered as usual, but past `max_junk_commands` of them each
+  one also counts as an error; see `_count_junk` for the exact rule. RCPTs past
+  `max_recipients` get 452, and past `max_recipient_overshoot` of those in a session
+  each one also counts as an error (Postfix's smtpd_recipient_overshoot_limit: a
+  pipelining client may send many before it reads the first 452). Refusals by policy
+  (fault rules, per-client limits) count as neither: a load test may refuse thousands.
 
 States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
 missing entry is the 503 (`_bad_sequence` picks its wording), decided in one place.
@@ -80,6 +84,7 @@ class Settings:
     max_command_bytes: int = 512  # RFC 5321 4.5.3.1.4, CRLF included
     max_errors: int = 20  # protocol errors before 421 (Postfix smtpd_hard_error_limit)
     max_junk_commands: int = 100  # then each one is an error (smtpd_junk_command_limit)
+    max_recipient_overshoot: int = 1000  # RCPTs past max_recipients, then errors (Postfix)
     bare_lf: str = "normalize"  # or "reject", "accept" (module docstring)
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
     data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
@@ -204,9 +209,9 @@ class SmtpServerConnection:
         "foreign_protocol", "refusals", "settings", "state", "tls", "_after_bare_lf",
         "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
         "_body_bytes", "_close_reason", "_declared_size", "_errors", "_esmtp", "_handlers",
-        "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out", "_pending",
-        "_rcpt_attempts", "_recipients", "_reject_bare_lf", "_sender", "_smtputf8",
-        "_tls_needed",
+        "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out", "_overshoot",
+        "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf", "_sender",
+        "_smtputf8", "_tls_needed",
     )
 
     def __init__(self, settings: Settings = Settings()) -> None:
@@ -219,6 +224,7 @@ class SmtpServerConnection:
         self._close_reason = ""
         self._errors = 0
         self._junk_commands = 0
+        self._overshoot = 0  # RCPTs refused past max_recipients, this session
         self.refusals: dict[int, int] = {}  # negative replies the core sent, by code
         # Commands received, by verb (unknown verbs as one "unknown": the keys stay few),
         # for the session's summary line; and what a first unknown line looked like.
@@ -499,7 +505,8 @@ class SmtpServerConnection:
         if not smtputf8 and not sender.isascii():
             raise ArgumentError(replies.NEED_SMTPUTF8)
         if size is not None and size > self.settings.max_message_bytes:
-            self._refuse(replies.MESSAGE_TOO_BIG)  # a limit, not a client error
+            self._refuse(replies.MESSAGE_TOO_BIG)  # a limit, not a client error,
+            self._count_junk()  # but one it could repeat forever
             return None
         return MailFrom(sender, size, smtputf8, body == "8BITMIME")
 
@@ -512,6 +519,9 @@ class SmtpServerConnection:
         self._rcpt_attempts += 1
         if len(self._recipients) >= self.settings.max_recipients:
             self._refuse(replies.TOO_MANY_RECIPIENTS)
+            self._overshoot += 1  # free to repeat too, but legitimately many at once
+            if self._overshoot > self.settings.max_recipient_overshoot:
+                self._count_error()
             return None
         return RcptTo(recipient)
 

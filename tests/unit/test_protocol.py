@@ -408,6 +408,29 @@ def test_junk_closing_the_session_mid_pipeline_drops_the_rest(mode: str) -> None
     assert c.of(MailFrom) == []
 
 
+def test_a_mail_refused_for_its_size_repeated_is_junk(mode: str) -> None:
+    """A MAIL refused for its SIZE can be sent again at no cost: the session may not live
+    on such commands forever (each reply restarts the idle clock)."""
+    c = Client(mode, max_junk_commands=3, max_errors=2, max_message_bytes=50)
+    too_big = b"MAIL FROM:<a@example.org> SIZE=51\r\n"
+    c.send(EHLO)  # the first of three free ones
+    assert c.send(too_big * 3) == wire(*[R.MESSAGE_TOO_BIG] * 3)  # two free, then an error
+    assert not c.conn.closed
+    assert c.send(too_big) == wire(R.MESSAGE_TOO_BIG, R.TOO_MANY_ERRORS)  # the second
+    assert c.conn.closed
+
+
+def test_rcpts_past_the_limit_count_as_errors_past_the_overshoot(mode: str) -> None:
+    """452 past max_recipients; a pipelining client may send many before it reads one,
+    so only past max_recipient_overshoot of them in a session is each one an error."""
+    c = Client(mode, max_errors=2, max_recipients=1, max_recipient_overshoot=3)
+    c.send(EHLO + MAIL + RCPT)
+    assert c.send(RCPT * 4) == wire(*[R.TOO_MANY_RECIPIENTS] * 4)  # three free, one error
+    assert c.send(b"RSET\r\n" + MAIL + RCPT + RCPT) == wire(
+        R.OK, R.SENDER_OK, R.RECIPIENT_OK, R.TOO_MANY_RECIPIENTS, R.TOO_MANY_ERRORS)
+    assert c.conn.closed
+
+
 def test_limits_and_policy_refusals_are_not_errors(mode: str) -> None:
     c = Client(mode, max_errors=1, max_recipients=1, max_message_bytes=50,
                policy=reject(RcptTo, USER_UNKNOWN, lambda e: e.recipient.startswith("x")))
