@@ -3,8 +3,9 @@
 Untrusted input: the file names found in tmp/. The directory is the operator's and other
 programs may share it, so only a regular file whose name has the exact form the Maildir
 sink gives (`<seconds>.M<usec>P<pid>Q<counter>.<host>`, delivery/maildir.py) with the
-dead worker's pid is removed: never a directory, never anything outside tmp/ (new/ holds
-acknowledged mail). A tmp/ directory may hold many files, so the master sweeps a bounded
+dead worker's pid and this host's name is removed: never another host's file (two
+instances may share a Maildir over NFS, or from containers whose pids start alike),
+never a directory, never anything outside tmp/ (new/ holds acknowledged mail). A tmp/ directory may hold many files, so the master sweeps a bounded
 number of entries per turn of its loop and resumes on the next.
 """
 
@@ -13,23 +14,29 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import stat
 from collections import deque
 from collections.abc import Container, Iterator
 
+from minismtp.delivery.untrusted import encode_host
+
 log = logging.getLogger("minismtp.master")
 
-_NAME = re.compile(r"[0-9]+\.M[0-9]+P([0-9]+)Q[0-9]+\..*", re.ASCII | re.DOTALL)
+_NAME = re.compile(r"[0-9]+\.M[0-9]+P([0-9]+)Q[0-9]+\.(.+)", re.ASCII | re.DOTALL)
 
 
-def owner_pid(name: str) -> int | None:
-    """The pid in a Maildir sink's file name, or None for any other name."""
+def owner(name: str) -> tuple[int, str] | None:
+    """The pid and the (encoded) host in a Maildir sink's file name, or None for any
+    other name."""
     match = _NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
+    return (int(match.group(1)), match.group(2)) if match else None
 
 
 class Sweeper:
-    def __init__(self) -> None:
+    def __init__(self, host: str | None = None) -> None:
+        # This host, as the Maildir sink writes it into names (delivery/maildir.py).
+        self.host = encode_host(socket.gethostname()) if host is None else host
         self._jobs: deque[tuple[str, int]] = deque()  # (tmp/ directory, dead pid)
         self._entries: Iterator[os.DirEntry[str]] | None = None
         self._removed = 0
@@ -69,7 +76,7 @@ class Sweeper:
             self._finish()
 
     def _maybe_remove(self, entry: os.DirEntry[str], pid: int) -> None:
-        if owner_pid(entry.name) != pid:
+        if owner(entry.name) != (pid, self.host):
             return
         try:
             if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
