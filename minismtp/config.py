@@ -318,12 +318,35 @@ _KEYS = {section: [name.split(".")[1] for name in _BY_NAME if name.startswith(se
 MAX_CONFIG_BYTES = 1 << 20  # far above any real configuration; the master reads it on HUP
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load's loader, but a key given twice in one mapping is an error, as YAML
+    says: PyYAML would keep the last value and drop the first without a word (a second
+    `limits:` section, say). Keys merged in with `<<` may still be overridden."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[object, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.setdefault(key, key_node.start_mark)
+                except TypeError:  # not hashable: the constructor below says so
+                    continue
+                if seen is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f'"{key}" given twice in one mapping (first at line '
+                        f"{seen.line + 1}): only the last would count", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def _read(path: str, problems: list[str]) -> object:
     data = _read_bytes(path, problems)
     if data is None:
         return None
     try:
-        return yaml.safe_load(data)
+        return yaml.load(data, Loader=_Loader)  # safe_load, repeated keys refused
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -368,12 +368,23 @@ def test_directory_instead_of_a_file(tmp_path):
     ("server:\n  workers: [1, 2\nlimits: {}\n", 3, 7, "expected ',' or ']', but got ':'"),
     ("server:\n  listen: [::1]:25\n", 2, 12, "expected the node content, but found ':'"),
     ('logging:\n  level: "info\n', 3, 1, "found unexpected end of stream"),
+    # a key given twice: PyYAML alone would drop the first value without a word
+    ("limits:\n  max_recipients: 5\nlimits:\n  max_errors: 7\n", 3, 1,
+     '"limits" given twice in one mapping (first at line 1): only the last would count'),
+    ("server:\n  workers: 2\n  workers: 3\n", 3, 3,
+     '"workers" given twice in one mapping (first at line 2): only the last would count'),
 ])
 def test_invalid_yaml_names_line_and_column(tmp_path, text, line, column, problem):
     path = write(tmp_path, text)
     assert problems_of(path) == [
         f'config: invalid YAML in "{path}" at line {line}, column {column}: {problem}'
     ]
+
+
+def test_keys_merged_in_may_be_overridden(tmp_path):
+    path = write(tmp_path, "server:\n  <<: {workers: 2, backlog: 64}\n  workers: 3\n")
+    server = load_config(path).server
+    assert (server.workers, server.backlog) == (3, 64)
 
 
 @pytest.mark.parametrize("data", [
