@@ -66,9 +66,11 @@ def fetch(url: str, timeout_s: float = _TIMEOUT_S) -> Sample:
             raise ValueError
         doc = json.loads(data)
         _check(doc)
-    except (ValueError, TypeError, KeyError, AttributeError):
+        sample = Sample(time.monotonic(), doc)
+        render(url, sample, None)  # its optional sections too: shown, or refused here
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise FetchError(f"{url} did not answer with minismtp statistics") from None
-    return Sample(time.monotonic(), doc)
+    return sample
 
 
 def _check(doc: object) -> None:

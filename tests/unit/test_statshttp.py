@@ -431,6 +431,26 @@ def test_view_of_something_else(capsys):
         "statistics\n")
 
 
+_GOOD = {"workers": 1, "connections": {"open": 0, "total": 0}, "transactions": 0,
+         "messages_accepted": 0, "bytes_received": 0, "rejections": {}, "faults": {},
+         "end_of_data_seconds": {"sum": 0, "count": 0, "buckets": {"+Inf": 0}}}
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps({**_GOOD, "tls": {"sessions": 1}}).encode(),  # its failures missing
+    json.dumps({**_GOOD, "auth": {"x": 1}}).encode(),
+    json.dumps({**_GOOD, "per_client": [1]}).encode(),
+    b"[" * 200_000 + b"]" * 200_000,  # nested past the JSON decoder's recursion
+], ids=["tls", "auth", "per_client", "nested"])
+def test_view_of_a_look_alike_is_one_line(capsys, body):
+    """An answer shaped like the statistics but not theirs: one line, never a traceback."""
+    for harness in make_harness(lambda path: (200, "application/json", body)):
+        code = harness.run(lambda: statsview.run(config_for(harness.port), True, io.StringIO(),
+                                                 interval_s=0.01))
+    assert code == 1
+    assert capsys.readouterr().err.endswith("did not answer with minismtp statistics\n")
+
+
 def test_view_when_nothing_listens(capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
