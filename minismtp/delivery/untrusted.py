@@ -63,9 +63,17 @@ def _only(text: str, allowed: frozenset[str], utf8: bool) -> str:
         else "?" for ch in text])
 
 
+_MAX_HELO_OCTETS = 255  # a domain's limit (RFC 5321 4.5.3.1.2), and a header line's share
+
+
 def helo_text(name: str, utf8: bool) -> str:
-    """The client's HELO name as one token of a `from` clause, never "" (RFC 5321 4.4)."""
-    return _only(name, _HELO_ASCII, utf8) or "unknown"
+    """The client's HELO name as one token of a `from` clause, never "" (RFC 5321 4.4),
+    cut to 255 octets: the command line limit can be raised far past it, and a header
+    line must stay within 998 (RFC 5322 2.1.1)."""
+    text = _only(name, _HELO_ASCII, utf8) or "unknown"
+    if len(text) > _MAX_HELO_OCTETS // 4 and len(encoded := text.encode()) > _MAX_HELO_OCTETS:
+        text = encoded[:_MAX_HELO_OCTETS].decode(errors="ignore")  # a whole character
+    return text
 
 
 def address_text(address: str, utf8: bool) -> str:
