@@ -420,7 +420,8 @@ class MaildirBackend(Backend):
     def _make_mailboxes(self, mailboxes: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
         """The new/ directories of `mailboxes`, made where missing (at commit, off the
         loop): at most MAX_NEW_MAILBOXES per call, each directory made durable before
-        this returns, every parent fsynced once however many entries it gained."""
+        this returns, every parent fsynced once however many entries it gained (also
+        those found made, at this worker's first use: see `_make_mailbox`)."""
         targets: list[str] = []
         parents: set[str] = set()  # directories that gained an entry
         made = 0
@@ -443,7 +444,7 @@ class MaildirBackend(Backend):
 
     def _make_mailbox(self, parts: tuple[str, str], parents: set[str]) -> tuple[str, bool]:
         """One mailbox's new/ directory and whether anything had to be made for it; the
-        directories that gained an entry are added to `parents` (to be fsynced)."""
+        directories on its way are added to `parents` (to be fsynced)."""
         if self._real_root is None:
             self._real_root = os.path.realpath(self.path)
         inside = self._real_root + os.sep
@@ -454,11 +455,15 @@ class MaildirBackend(Backend):
         if not os.path.realpath(mailbox).startswith(inside):
             raise outside
         created = False
+        domain = os.path.join(self.path, parts[0])
+        # Every parent on the way is synced at this worker's first use of the mailbox,
+        # made here or not: another worker may have made it a moment ago and not synced
+        # it yet, and a 250 must not rest on its entries reaching the disk later.
+        parents.update((self.path, domain, mailbox))
         try:
-            for path in (os.path.join(self.path, parts[0]), mailbox,
+            for path in (domain, mailbox,
                          *(os.path.join(mailbox, sub) for sub in ("tmp", "new", "cur"))):
                 if _mkdir(path, False, self.dir_mode, self.gid):
-                    parents.add(os.path.dirname(path))
                     created = True
         except OSError as exc:
             raise DeliveryError(f'delivery: creating "{exc.filename or mailbox}": '

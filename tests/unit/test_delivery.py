@@ -454,6 +454,28 @@ def test_per_recipient_commit_makes_exactly_the_mailboxes_of_its_recipients(
     assert synced == [str(root / "one.example" / "a" / "new")]
 
 
+def test_per_recipient_syncs_a_mailbox_another_worker_made(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """Another worker made the mailbox and may not have synced its entries yet: this one
+    syncs the parents too before its first 250 there, then no more."""
+    root = tmp_path / "mail"
+    os.makedirs(root / "one.example" / "a" / "new")  # the other worker's, unsynced
+    for sub in ("tmp", "cur"):
+        os.mkdir(root / "one.example" / "a" / sub)
+    b = backend(tmp_path, "per_recipient")
+    synced: list[str] = []
+    real_fsync_dir = maildir._fsync_dir
+    monkeypatch.setattr(maildir, "_fsync_dir", lambda path: (
+        synced.append(path.rstrip(os.sep)), real_fsync_dir(path))[1])
+    deliver(b, envelope("a@one.example"))
+    new = str(root / "one.example" / "a" / "new")
+    assert sorted(synced) == sorted([str(root), str(root / "one.example"),
+                                     str(root / "one.example" / "a"), new])
+    synced.clear()
+    deliver(b, envelope("a@one.example"))
+    assert synced == [new]
+
+
 def test_per_recipient_commits_off_the_loop_even_without_fsync(tmp_path: Path) -> None:
     # mkdir may wait for the disk too: the worker must commit on its commit thread.
     assert backend(tmp_path / "a", "per_recipient", fsync=False).commit_blocks is True
