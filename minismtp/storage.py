@@ -85,6 +85,12 @@ class Storage:
         assert self._committer is not None
         return self._committer.take_done()
 
+    def finish(self) -> None:
+        """The worker exits: finish the deferred commits in flight, whose results
+        `take_done` then gives, so their sessions get their replies before they close."""
+        if self._committer is not None:
+            self._committer.finish()
+
     def close(self) -> None:
         """Finish the commits in flight, then release the backend."""
         if self._committer is not None:

@@ -205,6 +205,9 @@ class Worker:
         finally:
             self.stopping = True
             acceptor.close()  # not accepting, whatever ended the loop
+            if self.storage.wakeup is not None:  # commits in flight: each answered (250
+                self.storage.finish()  # or 451) before its session closes, not cut off
+                self.decide.on_commits()  # unanswered with the message stored
             for session in list(self.sessions.values()):
                 self.close(session, "worker exit")
             self.storage.close()

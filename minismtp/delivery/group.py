@@ -45,12 +45,17 @@ class GroupCommitter(Generic[Tag]):
             done, self._done = self._done, []
         return done
 
-    def stop(self) -> None:
-        """Finish every queued commit, then end the thread."""
+    def finish(self) -> None:
+        """Finish every queued commit and end the thread; `take_done` still has their
+        results. Nothing may be submitted after."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+
+    def stop(self) -> None:
+        """`finish`, and release the wakeup (results not taken are dropped)."""
+        self.finish()
         self._wake.close()
 
     def _run(self) -> None:
