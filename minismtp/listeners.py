@@ -98,14 +98,15 @@ def keyed(config: Config) -> list[tuple[str, Listener]]:
     """Each `server.listen` entry with the key of its group: its address text; only port 0
     may repeat, each repeat getting a port of its own, so that repeats neither share one
     socket nor lose theirs on a reload: a port-0 entry with a name of its own is keyed by
-    it too ("#name"), and the text of unnamed repeats is followed by "#2", "#3"... (their
-    place among them, the only thing that tells them apart)."""
+    it too (after a space, which neither a name nor an address has), and the text of
+    unnamed repeats is followed by "#2", "#3"... (their place among them, the only thing
+    that tells them apart)."""
     seen: dict[str, int] = {}
     found = []
     for listener in config.server.listen:
         text = str(listener)
         if listener.address.port == 0 and listener.name != str(listener.address):
-            text = f"{text}#{listener.name}"  # names are unique (profiles.resolve)
+            text = f"{text} {listener.name}"  # names are unique (profiles.resolve)
         seen[text] = n = seen.get(text, 0) + 1
         found.append((text if n == 1 else f"{text}#{n}", listener))
     return found

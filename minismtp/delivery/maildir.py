@@ -455,16 +455,15 @@ class MaildirBackend(Backend):
         if not os.path.realpath(mailbox).startswith(inside):
             raise outside
         created = False
-        domain = os.path.join(self.path, parts[0])
-        # Every parent on the way is synced at this worker's first use of the mailbox,
-        # made here or not: another worker may have made it a moment ago and not synced
-        # it yet, and a 250 must not rest on its entries reaching the disk later.
-        parents.update((self.path, domain, mailbox))
         try:
-            for path in (domain, mailbox,
+            for path in (os.path.join(self.path, parts[0]), mailbox,
                          *(os.path.join(mailbox, sub) for sub in ("tmp", "new", "cur"))):
                 if _mkdir(path, False, self.dir_mode, self.gid):
                     created = True
+                # Its parent is synced at this worker's first use of the mailbox, made
+                # here or not: another worker may have made the entry a moment ago and
+                # not synced it yet, and a 250 must not rest on its sync to come.
+                parents.add(os.path.dirname(path))
         except OSError as exc:
             raise DeliveryError(f'delivery: creating "{exc.filename or mailbox}": '
                                 f"{_why(exc)}") from exc

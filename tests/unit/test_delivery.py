@@ -476,6 +476,22 @@ def test_per_recipient_syncs_a_mailbox_another_worker_made(tmp_path: Path,
     assert synced == [new]
 
 
+def test_per_recipient_a_mailbox_that_cannot_be_made_says_why(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """The disk is full: the error names that, not a sync of a directory never made."""
+    b = backend(tmp_path, "per_recipient")
+    real_mkdir = maildir._mkdir
+
+    def full(path: str, *args, **kwargs) -> bool:
+        if path.endswith("full.example"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(maildir, "_mkdir", full)
+    with pytest.raises(DeliveryError, match="No space left on device"):
+        deliver(b, envelope("a@full.example"))
+
+
 def test_per_recipient_commits_off_the_loop_even_without_fsync(tmp_path: Path) -> None:
     # mkdir may wait for the disk too: the worker must commit on its commit thread.
     assert backend(tmp_path / "a", "per_recipient", fsync=False).commit_blocks is True

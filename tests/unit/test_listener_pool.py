@@ -113,6 +113,16 @@ def test_named_port0_repeats_keep_their_sockets_when_one_goes(pool):
     assert entry.name == "b" and sock.getsockname()[1] == ports["b"] != ports["a"]
 
 
+def test_a_port0_entry_named_like_a_place_keeps_a_socket_of_its_own(pool):
+    """Unnamed repeats are told apart by their place; a name such as "2" must not take
+    the place of the second one."""
+    three = load_config(overrides={"server.listen": [
+        "127.0.0.1:0", {"address": "127.0.0.1:0", "name": "2"}, "127.0.0.1:0"]})
+    pool.bind_missing(three)
+    assert pool.count() == 3
+    assert len({sock.getsockname() for sock in pool.all()}) == 3
+
+
 def test_a_bind_failure_closes_what_the_call_bound(pool):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
