@@ -68,7 +68,7 @@ def fetch(url: str, timeout_s: float = _TIMEOUT_S) -> Sample:
         _check(doc)
         sample = Sample(time.monotonic(), doc)
         render(url, sample, None)  # its optional sections too: shown, or refused here
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, ArithmeticError):
         raise FetchError(f"{url} did not answer with minismtp statistics") from None
     return sample
 
@@ -86,6 +86,20 @@ def _check(doc: object) -> None:
         raise TypeError
     for bound in doc["end_of_data_seconds"]["buckets"]:
         float(bound)  # "0.0005" ... "+Inf"; anything else raises ValueError
+    _within_counters(doc)
+
+
+def _within_counters(value: object) -> None:
+    """Raise ValueError for a number no counter can hold (the board's are 64-bit), in
+    any section: its rates would overflow a float, or not be numbers at all."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _within_counters(item)
+    elif isinstance(value, list):
+        for item in value:
+            _within_counters(item)
+    elif isinstance(value, (int, float)) and not -2**64 < value < 2**64:
+        raise ValueError  # also NaN (never within) and the infinities
 
 
 def _field(doc: dict[str, Any], path: tuple[str, ...]) -> float:

@@ -441,7 +441,11 @@ _GOOD = {"workers": 1, "connections": {"open": 0, "total": 0}, "transactions": 0
     json.dumps({**_GOOD, "auth": {"x": 1}}).encode(),
     json.dumps({**_GOOD, "per_client": [1]}).encode(),
     b"[" * 200_000 + b"]" * 200_000,  # nested past the JSON decoder's recursion
-], ids=["tls", "auth", "per_client", "nested"])
+    json.dumps({**_GOOD, "bytes_received": 10**400}).encode(),  # no counter holds it
+    json.dumps({**_GOOD, "listeners": {"mx": {"sessions": 10**30}}}).encode(),
+    json.dumps({**_GOOD, "end_of_data_seconds": {"sum": float("nan"), "count": 1,
+                                                 "buckets": {"+Inf": 1}}}).encode(),
+], ids=["tls", "auth", "per_client", "nested", "huge", "huge-optional", "nan"])
 def test_view_of_a_look_alike_is_one_line(capsys, body):
     """An answer shaped like the statistics but not theirs: one line, never a traceback."""
     for harness in make_harness(lambda path: (200, "application/json", body)):
