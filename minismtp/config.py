@@ -446,9 +446,16 @@ def load_config(
 def _auth_warnings(listeners: tuple[Listener, ...]) -> list[str]:
     warnings = []
     for index, listener in enumerate(listeners):
-        if listener.auth.mode == "accept_any":
+        auth = listener.auth
+        if auth.mode == "accept_any":
             warnings.append(f"server.listen[{index}].auth.mode: accept_any takes every "
                             "password (for load tests only)")
+        elif auth.users is not None and (costs := auth.users.mixed_costs):
+            warnings.append(
+                f"server.listen[{index}].auth.users_file: {auth.users_file} mixes bcrypt "
+                f"costs {', '.join(map(str, costs))}: a user with a cheaper hash is refused "
+                "sooner than one that does not exist, which tells the user exists; "
+                "rehash them at one cost (htpasswd -B -C)")
     return warnings
 
 

@@ -10,10 +10,11 @@ other kinds htpasswd can write are refused by name: MD5-crypt (`$apr1$`, its def
 before 2.4), SHA-1 (`{SHA}`), crypt (`-d`) and plain text are all far cheaper to guess.
 
 Checking a hash costs milliseconds of CPU by design, so `verify` belongs off the event
-loop (authcheck.py runs it on threads). It takes at least as long for a user that does
-not exist as for one that does (a bcrypt check against the file's costliest hash, whose
-result is ignored), so timing does not tell a client which users exist; bcrypt.checkpw
-compares in constant time.
+loop (authcheck.py runs it on threads). A user that does not exist costs a check against
+the file's costliest hash (its result ignored), so no user takes longer to refuse than a
+stranger; where the file mixes costs, a user with a cheaper hash is refused sooner than
+a stranger, which tells that user exists: `mixed_costs` names them, and check-config
+warns. bcrypt.checkpw compares in constant time.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class Users:
 
     def __len__(self) -> int:
         return len(self._hashes)
+
+    @property
+    def mixed_costs(self) -> tuple[int, ...]:
+        """The bcrypt costs of the file, lowest first, when there is more than one."""
+        costs = sorted({_cost(hashed) for hashed in self._hashes.values()})
+        return tuple(costs) if len(costs) > 1 else ()
 
     def __contains__(self, user: object) -> bool:
         return user in self._hashes

@@ -54,6 +54,22 @@ def test_htpasswd_listener_loads_its_users(tmp_path):
     assert any("accept_any takes every password" in w for w in config.warnings)
 
 
+def test_a_users_file_mixing_bcrypt_costs_is_warned_of(tmp_path):
+    """A user whose hash is cheaper than the costliest is refused sooner than a stranger
+    (checked against the costliest): the timing tells that user exists."""
+    costly = bcrypt.hashpw(b"pw", bcrypt.gensalt(5)).decode()
+    users = users_file(tmp_path, f"alice:{HASH}\nbob:{costly}\n")
+    listen = (f'    - {{address: "127.0.0.1:2587", auth: {{mode: htpasswd, users_file: '
+              f'"{users}", allow_plaintext: true}}}}')
+    config = load_config(config_file(tmp_path, listen))
+    assert config.warnings == (
+        f"server.listen[0].auth.users_file: {users} mixes bcrypt costs 4, 5: a user with a "
+        "cheaper hash is refused sooner than one that does not exist, which tells the user "
+        "exists; rehash them at one cost (htpasswd -B -C)",)
+    assert load_config(config_file(tmp_path, listen.replace(users, users_file(tmp_path)))
+                       ).warnings == ()
+
+
 @pytest.mark.parametrize("auth, problem", [
     ("{mode: htpasswd, allow_plaintext: true}",
      "server.listen[0].auth.users_file: needed by mode: htpasswd"),
