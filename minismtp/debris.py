@@ -33,16 +33,25 @@ def owner(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+def this_host() -> str:
+    """This host's name as the Maildir sink writes it into names (delivery/maildir.py)."""
+    return encode_host(socket.gethostname())
+
+
 class Sweeper:
     def __init__(self, host: str | None = None) -> None:
-        # This host, as the Maildir sink writes it into names (delivery/maildir.py).
-        self.host = encode_host(socket.gethostname()) if host is None else host
-        self._jobs: deque[tuple[str, int]] = deque()  # (tmp/ directory, dead pid)
+        # This host's name when the master started; a worker started after a change of
+        # name writes the new one, read when its job is added.
+        self.host = this_host() if host is None else host
+        self._jobs: deque[tuple[str, int, frozenset[str]]] = deque()  # dir, pid, hosts
         self._entries: Iterator[os.DirEntry[str]] | None = None
         self._removed = 0
 
-    def add(self, tmp_dir: str, pid: int) -> None:
-        self._jobs.append((tmp_dir, pid))
+    def add(self, tmp_dir: str, pid: int, host: str | None = None) -> None:
+        """Sweep `tmp_dir` of worker `pid`'s files, named with this host's name as it
+        was at the master's start or is now (`host`, for tests)."""
+        now = this_host() if host is None else host
+        self._jobs.append((tmp_dir, pid, frozenset((self.host, now))))
 
     @property
     def busy(self) -> bool:
@@ -52,7 +61,7 @@ class Sweeper:
         """Look at up to `budget` entries. A job whose pid a live worker has since been
         given is dropped: the files with that pid are its own, in use."""
         while self._jobs and budget > 0:
-            tmp_dir, pid = self._jobs[0]
+            tmp_dir, pid, hosts = self._jobs[0]
             if pid in live_pids:
                 self._finish()
                 continue
@@ -67,7 +76,7 @@ class Sweeper:
             try:
                 for entry in self._entries:
                     budget -= 1
-                    self._maybe_remove(entry, pid)
+                    self._maybe_remove(entry, pid, hosts)
                     if budget <= 0:
                         return
             except OSError as exc:
@@ -75,8 +84,9 @@ class Sweeper:
                             exc.strerror or exc)
             self._finish()
 
-    def _maybe_remove(self, entry: os.DirEntry[str], pid: int) -> None:
-        if owner(entry.name) != (pid, self.host):
+    def _maybe_remove(self, entry: os.DirEntry[str], pid: int, hosts: frozenset[str]) -> None:
+        found = owner(entry.name)
+        if found is None or found[0] != pid or found[1] not in hosts:
             return
         try:
             if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
@@ -89,7 +99,7 @@ class Sweeper:
             log.warning("cannot remove %s: %s", entry.path, exc.strerror or exc)
 
     def _finish(self) -> None:
-        tmp_dir, pid = self._jobs.popleft()
+        tmp_dir, pid, _ = self._jobs.popleft()
         if self._entries is not None:
             self._entries.close()  # type: ignore[attr-defined]
             self._entries = None

@@ -61,6 +61,17 @@ def test_another_hosts_files_with_the_same_pid_stay(tmp_path):
     assert os.listdir(directory) == ["1765000000.M2P100Q1.other"]
 
 
+def test_a_worker_started_after_the_host_was_renamed_is_swept_too(tmp_path):
+    """The name a worker writes is read when it starts: the one at the master's start,
+    or the one at its death (a rename since, by hostnamectl or cloud-init)."""
+    names = ["1765000000.M1P100Q1.old", "1765000000.M2P100Q1.new", "1765000000.M3P100Q1.x"]
+    directory = _tmp(tmp_path, names)
+    sweeper = Sweeper(host="old")
+    sweeper.add(directory, 100, host="new")
+    sweeper.sweep(1000, live_pids=())
+    assert os.listdir(directory) == ["1765000000.M3P100Q1.x"]
+
+
 def test_this_host_is_the_one_the_maildir_sink_writes(tmp_path):
     from minismtp.delivery.maildir import MaildirBackend
 
