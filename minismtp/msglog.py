@@ -1,9 +1,11 @@
 """The per-message and per-session log lines: formatted here, written in batches.
 
-Untrusted input: the envelope sender, which goes into the line as the `logging` module
-would have put it (the core admits only printable text there); command verbs (the core
-counts unknown ones as "unknown", so none is client text); the user name of an accepted
-AUTH, which may hold anything, so the text lines escape it (`printable`).
+Untrusted input: the envelope sender (printable text, the core admits no other, but a
+quoted local part may hold spaces, so the text lines escape them: a sender cannot forge
+fields); command verbs (the core counts unknown ones as "unknown", so none is client
+text); the user name of an accepted AUTH, which may hold anything, so the text lines
+escape it (`printable`). Client text is cut to SHOWN_CHARS characters, so that a line
+stays within one atomic write (PIPE_BUF) however long the client made it.
 
 Why not `logging`: each record costs a LogRecord, a Formatter pass, a lock and a write
 system call, several microseconds per message (bench/README.md), which at `info` (the
@@ -87,13 +89,18 @@ class MessageLog:
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
         auth_text = "" if auth is None else f" auth={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
+        # Printable already, and within a path's 256 octets (the core's checks): only a
+        # quoted local part's spaces or backslashes need escaping, rarely.
+        sender_text = sender if " " not in sender and "\\" not in sender else \
+            printable(sender, _IN_ADDRESS)
         # As _add() makes a line, but in one piece with its text: this runs for every message.
         milliseconds = time.time_ns() // 1_000_000  # integers: int(float) is a dear call
         second = milliseconds // 1000
         if second != self._second:
             self._new_second(second)
         line = (f"{self._stamp}{_MILLIS[milliseconds % 1000]}{self._prefix}id={queue_id} "
-                f"peer={peer}{listener_text} from=<{sender}> rcpts={recipients} size={size}"
+                f"peer={peer}{listener_text} from=<{sender_text}> rcpts={recipients} "
+                f"size={size}"
                 f"{tls_text}{auth_text} result={result}\n")
         self._hold(line)
 
@@ -147,7 +154,7 @@ class MessageLog:
         if listener is not None:
             document["listener"] = listener
         if auth is not None:
-            document["auth"] = auth
+            document["auth"] = _shown(auth)
         self._hold(json.dumps(document, ensure_ascii=False) + "\n")
 
     def _hold(self, line: str) -> None:
@@ -225,11 +232,25 @@ def _plain_stream(handlers: list[logging.Handler]) -> tuple[int | None, str, boo
         return None, "utf-8", False
 
 
-def printable(text: str) -> str:
-    """`text` for a log line of space-separated fields: spaces, backslashes and what is
-    not printable escaped, so a user name cannot forge fields or lines."""
-    if text.isprintable() and " " not in text and "\\" not in text and "=" not in text:
+SHOWN_CHARS = 256  # of client text in a log field; how many more is said, not shown
+_IN_FIELD = " \\="  # escaped in a field of its own (user=...)
+_IN_ADDRESS = " \\"  # in from=<...>: "=" is common in addresses (SRS, BATV), and harmless
+
+
+def _shown(text: str) -> str:
+    """At most SHOWN_CHARS of `text`, and how many were left out."""
+    if len(text) <= SHOWN_CHARS:
         return text
-    return "".join(c if c.isprintable() and c not in " \\=" else
+    return f"{text[:SHOWN_CHARS]}...(+{len(text) - SHOWN_CHARS})"
+
+
+def printable(text: str, escaped: str = _IN_FIELD) -> str:
+    """`text` for a log line of space-separated fields: the characters of `escaped` and
+    what is not printable escaped, so client text cannot forge fields or lines; cut to
+    SHOWN_CHARS characters, so that it cannot make a line past one atomic write."""
+    text = _shown(text)
+    if text.isprintable() and not any(c in text for c in escaped):
+        return text
+    return "".join(c if c.isprintable() and c not in escaped else
                    f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
                    for c in text)

@@ -226,6 +226,36 @@ def test_an_authenticated_user_is_named_and_escaped(logfile):
     ]
 
 
+def test_a_quoted_sender_cannot_forge_fields(logfile):
+    """A quoted local part may hold spaces and "=": its spaces are escaped, so what
+    follows them stays inside from=<...>; "=" stays (SRS and BATV senders are full of it)."""
+    logger, lines = logfile
+    log = logger.message_log()
+    forged = '"x> rcpts=9 auth=admin result=250 queued x"@example.org'
+    log.message("Q1", "127.0.0.1", forged, 1, 18, None, "550 refused")
+    log.message("Q2", "127.0.0.1", "SRS0=ab=c=x@example.org", 1, 18, None, "250 queued")
+    log.close()
+    assert [message for _, _, message in lines()] == [
+        'id=Q1 peer=127.0.0.1 from=<"x>\\x20rcpts=9\\x20auth=admin\\x20result=250\\x20'
+        'queued\\x20x"@example.org> rcpts=1 size=18 result=550 refused',
+        "id=Q2 peer=127.0.0.1 from=<SRS0=ab=c=x@example.org> rcpts=1 size=18 result=250 queued",
+    ]
+
+
+def test_a_long_user_name_is_cut_so_a_line_stays_one_write(logfile):
+    """AUTH lines may be 12 KB, and escaping makes a byte up to six characters: the name
+    is cut to SHOWN_CHARS, and how much was left out is said."""
+    logger, lines = logfile
+    log = logger.message_log()
+    log.session("127.0.0.1", 40000, {"AUTH": 1}, 0, "quit", None, "\x01" * 9000)
+    log.close()
+    [(_, _, message)] = lines()
+    shown = "\\x01" * msglog.SHOWN_CHARS
+    assert message == f"disconnect from 127.0.0.1:40000 auth=1 commands=1 auth={shown}" \
+        f"...(+{9000 - msglog.SHOWN_CHARS}) end=quit"
+    assert len(message.encode()) < 4096 - 100
+
+
 def test_json_lines_name_the_user_only_when_there_is_one(logfile):
     logger, _ = logfile
     logger.use_json()
