@@ -30,6 +30,12 @@ from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 from minismtp.poller import READ, Poller
 
 log = logging.getLogger("minismtp.worker")
+# accept(2): the connection went away before it was taken, or Linux passed on a network
+# error of that connection; the next one may be fine, as for EAGAIN.
+_CONNECTION_GONE = frozenset((
+    errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM,
+))
 
 # At most per wake-up: drain a burst quickly (a small quota cost S4 much of its rate, see
 # bench/README.md) without holding the loop away from its sessions for long.
@@ -139,11 +145,11 @@ class Acceptor:
             except (BlockingIOError, InterruptedError):
                 return  # another worker won the race, or the queue is empty
             except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                if exc.errno in _CONNECTION_GONE:
                     continue
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept: %s; pausing accepts", exc.strerror)
-                    self.paused_until = time.monotonic() + PAUSE_S
-                    self.refresh()
-                    return
-                raise
+                # Out of descriptors or memory, or anything accept(2) does not list: a
+                # worker that raised here would drop every session it holds.
+                log.error("accept: %s; pausing accepts", exc.strerror or exc)
+                self.paused_until = time.monotonic() + PAUSE_S
+                self.refresh()
+                return

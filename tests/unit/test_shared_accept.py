@@ -7,6 +7,7 @@ back stand for the sessions its worker would hold.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 import time
@@ -267,3 +268,59 @@ def test_a_stop_read_before_accepting_takes_nothing(shared):
     _step(second, listener)  # the queue is left whole to the sibling
     assert len(second.sessions) == 3
     stopping.dispose()
+
+
+class FailsOnce:
+    """A listening socket whose next accept() fails once with `err`."""
+
+    def __init__(self, real: socket.socket, err: int) -> None:
+        self.real, self.err = real, err
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def _accept(self) -> tuple:
+        if self.err:
+            err, self.err = self.err, 0
+            raise OSError(err, os.strerror(err))
+        return self.real._accept()
+
+
+@pytest.mark.parametrize("err", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN,
+                                 errno.EPERM, errno.ENOPROTOOPT, errno.ECONNABORTED])
+def test_a_connection_that_failed_on_its_way_in_is_skipped(err):
+    """accept(2) on Linux passes on network errors of the new connection, to be treated
+    like EAGAIN: the next connection is taken, the worker goes on."""
+    real = socket.create_server(("127.0.0.1", 0), backlog=16)
+    real.setblocking(False)
+    board = HeartbeatBoard(4)
+    taker = Taker(board, 0, [FailsOnce(real, err)])
+    client = socket.create_connection(real.getsockname())
+    try:
+        _end_deferral(taker)
+        _step(taker, taker.acceptor.listeners[0])
+        assert len(taker.sessions) == 1
+    finally:
+        taker.dispose()
+        client.close()
+        real.close()
+        board.close()
+
+
+def test_an_accept_error_nobody_listed_pauses_instead_of_ending_the_worker(caplog):
+    real = socket.create_server(("127.0.0.1", 0), backlog=16)
+    real.setblocking(False)
+    board = HeartbeatBoard(4)
+    listener = FailsOnce(real, errno.EINVAL)
+    taker = Taker(board, 0, [listener])
+    try:
+        _step(taker, listener)
+        assert taker.sessions == [] and taker.acceptor.paused_until > time.monotonic()
+        assert "accept: Invalid argument; pausing accepts" in caplog.text
+    finally:
+        taker.dispose()
+        real.close()
+        board.close()
