@@ -292,7 +292,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Python's defaults"),
     Setting("tls.session_tickets", 2, parsing.integer(0, 16),
             "TLS 1.3 session tickets sent per full handshake (resumption across workers: "
-            "they share the keys); `0` = none"),
+            "they share the keys); `0` = none, TLS 1.2's included"),
 )
 
 _SECTIONS: dict[str, type] = {

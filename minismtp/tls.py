@@ -24,6 +24,7 @@ import ssl
 import time
 
 from minismtp.config import ConfigError, TlsConfig
+from minismtp.smallfile import NotRegularFile, TooLarge, read_small_file
 from minismtp.values import got
 
 __all__ = ["certificate_warnings", "describe", "reloaded_context", "server_context"]
@@ -31,6 +32,7 @@ __all__ = ["certificate_warnings", "describe", "reloaded_context", "server_conte
 log = logging.getLogger("minismtp.master")
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+_MAX_PEM_BYTES = 1 << 20  # a certificate chain or a key is a few KB
 # No renegotiation (a client-driven CPU cost, and the 2009 prefix-injection attacks):
 # OpenSSL 1.1.0h and later; TLS 1.3 has none anyway.
 _NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0)
@@ -52,6 +54,8 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
                         | _NO_RENEGOTIATION)
     context.num_tickets = config.session_tickets
+    if not config.session_tickets:  # none at all: TLS 1.2's stateless tickets too
+        context.options |= ssl.OP_NO_TICKET
     if config.ciphers is not None:
         try:
             context.set_ciphers(config.ciphers)
@@ -71,11 +75,13 @@ def _load_pair(context: ssl.SSLContext, config: TlsConfig, index: int) -> list[s
     where = f"tls.certificates[{index}]"
     problems = []
     for key, path in (("cert", pair.cert), ("key", pair.key)):
-        try:
-            with open(path, "rb") as file:
-                file.read(1)
+        try:  # a regular file of sane size: a FIFO would hang the master (on HUP too)
+            read_small_file(path, _MAX_PEM_BYTES)
         except OSError as exc:
             problems.append(f'{where}.{key}: cannot read "{path}": {exc.strerror or exc}')
+        except (NotRegularFile, TooLarge) as exc:
+            problems.append(f'{where}.{key}: cannot read "{path}": '
+                            f'{exc if isinstance(exc, NotRegularFile) else "too large"}')
     if problems:
         return problems
     try:

@@ -209,6 +209,18 @@ def test_unreadable_files_are_named(tmp_path):
     ]
 
 
+def test_a_fifo_or_a_directory_is_named_not_waited_on(tmp_path):
+    """A FIFO named as a key would hang check-config, the start, or the master on HUP."""
+    fifo = tmp_path / "key.pem"
+    os.mkfifo(fifo)
+    path = config_file(tmp_path, f'tls:\n  certificates:\n    - {{cert: "{tmp_path}", '
+                                 f'key: "{fifo}"}}\n')
+    assert problems_of(path) == [
+        f'tls.certificates[0].cert: cannot read "{tmp_path}": Is a directory',
+        f'tls.certificates[0].key: cannot read "{fifo}": not a regular file',
+    ]
+
+
 @pytest.mark.parametrize("other_type", [False, True])
 def test_key_that_does_not_fit_its_certificate(tmp_path, ca, pair, rsa_pair, other_type):
     if other_type:
@@ -291,6 +303,12 @@ def test_server_context_settings(pair):
     for option in (ssl.OP_NO_COMPRESSION, ssl.OP_CIPHER_SERVER_PREFERENCE,
                    getattr(ssl, "OP_NO_RENEGOTIATION", 0)):
         assert context.options & option == option
+    assert not context.options & ssl.OP_NO_TICKET
+
+
+def test_no_session_tickets_means_none_in_tls_1_2_either(pair):
+    context = tls.server_context(TlsConfig((CertificatePair(*pair),), "TLSv1.2", None, 0))
+    assert context.num_tickets == 0 and context.options & ssl.OP_NO_TICKET
 
 
 def handshake_with(context: ssl.SSLContext, client: ssl.SSLContext,
