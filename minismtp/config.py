@@ -15,6 +15,7 @@ something a user could not write.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -325,20 +326,28 @@ class _Loader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
-            first: dict[object, yaml.Mark] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    seen = first.setdefault(key, key_node.start_mark)
-                except TypeError:  # not hashable: the constructor below says so
-                    continue
-                if seen is not key_node.start_mark:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f'"{key}" given twice in one mapping (first at line '
-                        f"{seen.line + 1}): only the last would count", key_node.start_mark)
+            self._no_repeats(node)
         return super().construct_mapping(node, deep)
+
+    def _no_repeats(self, node: yaml.MappingNode) -> None:
+        first: dict[object, yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # mappings merged in: theirs
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) \
+                    else [value_node]
+                for mapping in merged:
+                    if isinstance(mapping, yaml.MappingNode):
+                        self._no_repeats(mapping)
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.setdefault(key, key_node.start_mark)
+            except TypeError:  # not hashable: the constructor says so
+                continue
+            if seen is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f'"{key}" given twice in one mapping (first at line '
+                    f"{seen.line + 1}): only the last would count", key_node.start_mark)
 
 
 def _read(path: str, problems: list[str]) -> object:
@@ -439,7 +448,8 @@ def load_config(
         section: cls(**{key: parsed[f"{section}.{key}"] for key in _KEYS[section]})
         for section, cls in _SECTIONS.items()
     }
-    warnings = [*_check_tls(sections["tls"]), *_auth_warnings(sections["server"].listen)]
+    warnings = [*_check_tls(sections["tls"]), *_auth_warnings(sections["server"].listen),
+                *_exempt_warnings(sections["limits"].per_client)]
     return Config(**sections, source=source, warnings=tuple(warnings))
 
 
@@ -457,6 +467,16 @@ def _auth_warnings(listeners: tuple[Listener, ...]) -> list[str]:
                 "sooner than one that does not exist, which tells the user exists; "
                 "rehash them at one cost (htpasswd -B -C)")
     return warnings
+
+
+def _exempt_warnings(per_client: PerClient) -> list[str]:
+    """An IPv6 network as wide as ::/96 or wider in `exempt` reads as "everybody" but
+    exempts IPv6 clients only (IPv4 ones are matched by IPv4 networks)."""
+    return [f"limits.per_client.exempt: {network} exempts IPv6 clients only; IPv4 clients "
+            "need an IPv4 network (0.0.0.0/0 for all)"
+            for network in per_client.exempt
+            if network.version == 6 and network.prefixlen <= 96
+            and ipaddress.IPv6Address("::ffff:0:0") in network]
 
 
 def _check_tls(config: TlsConfig) -> list[str]:

@@ -160,6 +160,10 @@ class _Rule:
                 meant = ipaddress.ip_network(value, strict=False)
             except ValueError:
                 pass
+            else:
+                if problem := values.mapped_network_problem(meant):  # hint at the IPv4 form
+                    self.problem("client", f"{values.got(value)} is {problem}")
+                    return None
         self.problem("client", f'has host bits set (did you mean "{meant}"?), got {values.got(value)}'
                      if meant else 'must be a network such as "10.0.0.0/8" or '
                      f'"2001:db8::/32", got {values.got(value)}')

@@ -74,7 +74,7 @@ class Handshakes:
         loop = self.loop
         session.handshake = Handshake(session, time.monotonic())
         timeout = session.profile.tls_handshake_timeout
-        if self.stopping:  # begun after the stop (a PROXY header that came in its grace)
+        if self.stopping:  # begun after the stop (a PROXY header or a STARTTLS in its grace)
             timeout = min(timeout, STOP_GRACE_S)
         loop.timers.set_deadline(session, loop.now + timeout)
         self.step(session.handshake)

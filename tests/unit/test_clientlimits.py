@@ -150,6 +150,15 @@ def test_exempt_clients_are_neither_limited_nor_counted():
     assert refused(stats) == {"sessions": 2}
 
 
+def test_a_wide_ipv6_exemption_is_warned_of():
+    from minismtp.config import load_config
+
+    config = load_config(overrides={"limits.per_client": {
+        "max_sessions": 5, "exempt": ["::/0", "2001:db8::/32", "10.0.0.0/8"]}})
+    assert config.warnings == ("limits.per_client.exempt: ::/0 exempts IPv6 clients only; "
+                               "IPv4 clients need an IPv4 network (0.0.0.0/0 for all)",)
+
+
 def test_exempt_networks_cover_their_own_family_only():
     """An IPv4 client's key is IPv4-mapped IPv6, but ::/0 means every IPv6 client, not
     every client; and 0.0.0.0/0 every IPv4 client, whatever form its address came in."""

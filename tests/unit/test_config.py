@@ -373,6 +373,8 @@ def test_directory_instead_of_a_file(tmp_path):
      '"limits" given twice in one mapping (first at line 1): only the last would count'),
     ("server:\n  workers: 2\n  workers: 3\n", 3, 3,
      '"workers" given twice in one mapping (first at line 2): only the last would count'),
+    ("server:\n  <<: {workers: 2,\n        workers: 3}\n", 3, 9,
+     '"workers" given twice in one mapping (first at line 2): only the last would count'),
 ])
 def test_invalid_yaml_names_line_and_column(tmp_path, text, line, column, problem):
     path = write(tmp_path, text)

@@ -121,6 +121,9 @@ BAD_RULES = [
      'got "10.0.0.300/8"'),
     ({"stage": "rcpt", "client": "10.1.2.3/8", "delay": 1},
      'faults.rules[0].client: has host bits set (did you mean "10.0.0.0/8"?), got "10.1.2.3/8"'),
+    ({"stage": "rcpt", "client": "::ffff:192.0.2.1/120", "delay": 1},  # host bits too
+     'faults.rules[0].client: "::ffff:192.0.2.1/120" is IPv4-mapped, which matches no client '
+     '(IPv4 ones are matched as IPv4): write "192.0.2.0/24"'),
     ({"stage": "rcpt", "client": "::ffff:192.0.2.0/120", "delay": 1},
      'faults.rules[0].client: "::ffff:192.0.2.0/120" is IPv4-mapped, which matches no client '
      '(IPv4 ones are matched as IPv4): write "192.0.2.0/24"'),
