@@ -19,7 +19,9 @@ key type replace each other, so they are loaded last to first: the first listed 
 
 from __future__ import annotations
 
+import binascii
 import logging
+import re
 import ssl
 import time
 
@@ -110,10 +112,18 @@ def _decode_cert(path: str) -> dict | None:
 
 def certificate_warnings(config: TlsConfig, now: float | None = None) -> list[str]:
     """One line per certificate past its notAfter or before its notBefore: an expired
-    certificate still encrypts (most MTAs do not verify), so it warns, not refuses."""
+    certificate still encrypts (most MTAs do not verify), so it warns, not refuses. One
+    per pair whose key type an earlier pair has: OpenSSL keeps one certificate per key
+    type, the first listed here, and there is no choosing by name (SNI)."""
     now = time.time() if now is None else now
     warnings = []
+    first_of_type: dict[str, int] = {}
     for index, pair in enumerate(config.certificates):
+        kind = _key_type(pair.key)
+        if kind is not None and first_of_type.setdefault(kind, index) != index:
+            warnings.append(f"tls.certificates[{index}]: a second {kind} pair, never used: "
+                            f"tls.certificates[{first_of_type[kind]}] serves every {kind} "
+                            "client (one pair per key type)")
         fields = _decode_cert(pair.cert)
         if fields is None:
             continue
@@ -128,6 +138,36 @@ def certificate_warnings(config: TlsConfig, now: float | None = None) -> list[st
         elif now < not_before:
             warnings.append(f"{where} is not valid before {fields['notBefore']}")
     return warnings
+
+
+# A private key's type from its PEM label, or for PKCS#8 ("PRIVATE KEY") from the
+# algorithm's object identifier near its start (DER bytes of the OID's value).
+_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----\s+([A-Za-z0-9+/=\s]+?)-----END")
+_LABELS = {b"RSA ": "RSA", b"EC ": "ECDSA"}
+_OIDS = ((b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01", "RSA"),  # rsaEncryption
+         (b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x0a", "RSA-PSS"),
+         (b"\x2a\x86\x48\xce\x3d\x02\x01", "ECDSA"),  # id-ecPublicKey
+         (b"\x06\x03\x2b\x65\x70", "Ed25519"), (b"\x06\x03\x2b\x65\x71", "Ed448"))
+
+
+def _key_type(path: str) -> str | None:
+    """The key type of the PEM private key at `path`, or None where it cannot tell."""
+    try:
+        match = _PEM_KEY.search(read_small_file(path, _MAX_PEM_BYTES))
+    except (OSError, NotRegularFile, TooLarge):
+        return None
+    if match is None:
+        return None
+    label, body = match.groups()
+    if label in _LABELS:
+        return _LABELS[label]
+    if label:  # "ENCRYPTED ", and whatever else: not told apart
+        return None
+    try:
+        head = binascii.a2b_base64(body)[:32]  # version, then the AlgorithmIdentifier
+    except binascii.Error:
+        return None
+    return next((kind for oid, kind in _OIDS if oid in head), None)
 
 
 def reloaded_context(current: ssl.SSLContext | None, config: TlsConfig

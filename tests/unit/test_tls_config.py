@@ -273,6 +273,20 @@ def test_certificate_not_yet_valid_is_a_warning(tmp_path, ca):
         f'tls.certificates[0].cert: "{early[0]}" is not valid before Jan  1 00:00:00 2100 GMT',)
 
 
+def test_a_second_pair_of_one_key_type_is_warned_of(tmp_path, ca, pair, rsa_pair):
+    """OpenSSL keeps one certificate per key type, the first listed: another RSA pair
+    (for another domain, say; there is no SNI) would never be served."""
+    other = write_pair(tmp_path, ca.issue_cert("other.test", key_type=trustme.KeyType.RSA),
+                       "other")
+    pairs = [rsa_pair, pair, other]
+    config = TlsConfig(tuple(CertificatePair(*p) for p in pairs))
+    assert tls.certificate_warnings(config) == [
+        "tls.certificates[2]: a second RSA pair, never used: tls.certificates[0] serves every "
+        "RSA client (one pair per key type)"]
+    assert tls.certificate_warnings(TlsConfig(tuple(CertificatePair(*p)
+                                                    for p in pairs[:2]))) == []
+
+
 def test_check_config_exits_2_with_one_line_per_problem(tmp_path, pair, rsa_pair, capsys):
     path = config_file(tmp_path, f"""\
 server:
