@@ -85,6 +85,11 @@ class Storage:
         assert self._committer is not None
         return self._committer.take_done()
 
+    def stalled_for(self, now: float) -> float:
+        """How long the deferred commit on the disk now has taken (0: none)."""
+        since = None if self._committer is None else self._committer.committing_since
+        return 0.0 if since is None else now - since
+
     def finish(self) -> None:
         """The worker exits: finish the deferred commits in flight, whose results
         `take_done` then gives, so their sessions get their replies before they close."""

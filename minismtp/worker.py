@@ -54,6 +54,9 @@ from minismtp.values import Listener
 log = logging.getLogger("minismtp.worker")
 
 _TICK_S = 1.0  # heartbeat, counters, parent check and shutdown checks this often
+# A commit takes milliseconds: one this long means the disk has stopped answering (an
+# NFS server gone, a failing device); said this often while it lasts.
+_COMMIT_STALL_S = 10.0
 # At most, while a body streams in (8 full reads of the 256 KiB buffer, or 128 TLS
 # records): other clients wait meanwhile.
 _READ_BYTES_PER_WAKEUP = 2 * 1024 * 1024
@@ -96,6 +99,7 @@ class Worker:
         self.timers = Timers()
         self.stopping = False
         self.stop_deadline = float("inf")
+        self.stall_logged_at = float("-inf")  # when a stalled commit was last logged
         self.parent = os.getppid()
         self.poller = Poller()  # our own: an inherited epoll is shared state
         self.wakeup = SignalWakeup()
@@ -221,6 +225,11 @@ class Worker:
 
     def _tick(self, now: float) -> bool:
         self.board.beat(self.slot, now)
+        stalled = self.storage.stalled_for(now)
+        if stalled >= _COMMIT_STALL_S and now - self.stall_logged_at >= _COMMIT_STALL_S:
+            self.stall_logged_at = now
+            log.error("delivery: a commit has waited %.0fs for the disk; the messages "
+                      "behind it wait with it", stalled)
         self.stats.publish(self.stats_board, self.slot)
         self.acceptor.tick(now)
         if os.getppid() != self.parent and not self.stopping:

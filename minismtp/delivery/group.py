@@ -13,6 +13,7 @@ GIL is released while the thread waits for the disk.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Generic, TypeVar
 
 from ..threadwake import ThreadWakeup
@@ -28,6 +29,9 @@ class GroupCommitter(Generic[Tag]):
         self._queued: list[tuple[Tag, Sink]] = []
         self._done: list[tuple[Tag, str | DeliveryError]] = []
         self._stopping = False
+        # When the batch on the disk now began (monotonic), else None: read by the loop
+        # to tell a disk that has stopped answering (one attribute: no lock needed).
+        self.committing_since: float | None = None
         self._wake = ThreadWakeup()
         self.wakeup = self._wake.sock  # the loop selects on it
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
@@ -66,7 +70,9 @@ class GroupCommitter(Generic[Tag]):
                 batch, self._queued = self._queued, []
                 if not batch and self._stopping:
                     return
+            self.committing_since = time.monotonic()
             results = self._backend.commit_many([sink for _, sink in batch])
+            self.committing_since = None
             with self._cond:
                 self._done.extend(zip((tag for tag, _ in batch), results))
             self._wake.notify()
