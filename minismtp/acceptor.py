@@ -4,7 +4,9 @@ Untrusted input: none here (what accepted clients send is the sessions' business
 
 Three reasons not to accept, each with the listeners out of the selector so that a full
 queue cannot make the loop spin:
-- out of file descriptors: pause, and listen again at a tick after PAUSE_S;
+- out of file descriptors or memory, or an accept error nobody expects: pause, and
+  listen again at a tick after PAUSE_S (an unexpected error MOST_ODD_ERRORS times in a
+  row ends the worker instead: the master starts another, with sockets of its own);
 - a lighter sibling on the same queue while a burst waits (balance.py): defer for
   balance.DEFER_S, then take whatever is still queued;
 - a stop: the listeners are closed and siblings (or the next generation) take the queue.
@@ -41,6 +43,8 @@ _CONNECTION_GONE = frozenset((
 # bench/README.md) without holding the loop away from its sessions for long.
 MOST_PER_WAKEUP = 64
 PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
+MOST_ODD_ERRORS = 10  # unexpected accept errors in a row (5 s of pauses), then raised
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 # (connected socket, peer address, the listening socket it came from). The sockets are
 # the C type `_socket.socket` that `socket.socket` wraps: the same methods the transports
 # call, without the Python-level wrapper whose construction cost a few microseconds per
@@ -71,6 +75,7 @@ class Acceptor:
         self.listening = False  # the listeners are in the selector
         self.stopped = False  # closed for good
         self.paused_until = 0.0  # out of descriptors: listen again at a tick after this
+        self.odd_errors = 0  # unexpected accept errors since the last accept that worked
         self.deferred_until = 0.0  # left to the siblings until then
 
     def refresh(self) -> None:
@@ -143,12 +148,17 @@ class Acceptor:
                 fd, address = listener._accept()  # what socket.accept() does, minus its wrapper
                 accepted.append((_socket.socket(family, kind, proto, fd), address, listener))
             except (BlockingIOError, InterruptedError):
+                self.odd_errors = 0  # a listener that answers as listeners do
                 return  # another worker won the race, or the queue is empty
             except OSError as exc:
                 if exc.errno in _CONNECTION_GONE:
                     continue
-                # Out of descriptors or memory, or anything accept(2) does not list: a
-                # worker that raised here would drop every session it holds.
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    # A worker that raised would drop every session it holds: only a
+                    # listener broken for good (EBADF, EINVAL...) is worth that.
+                    self.odd_errors += 1
+                    if self.odd_errors >= MOST_ODD_ERRORS:
+                        raise
                 log.error("accept: %s; pausing accepts", exc.strerror or exc)
                 self.paused_until = time.monotonic() + PAUSE_S
                 self.refresh()

@@ -30,7 +30,7 @@ from dataclasses import replace
 from minismtp import exitcodes
 from minismtp.anvil import ClientTable
 from minismtp.config import Config, ConfigError
-from minismtp.debris import Sweeper
+from minismtp.debris import Sweeper, this_host
 from minismtp.delivery import DeliveryError
 from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
@@ -231,7 +231,7 @@ class Arbiter:
             self.clients.vacate(record.slot)  # its sessions went with it
             self.free_slots.append(record.slot)
             if record.tmp_dir is not None and status != 0:  # 0: exited with status 0
-                self.sweeper.add(record.tmp_dir, pid)  # it may have died mid-DATA
+                self.sweeper.add(record.tmp_dir, pid, record.host)  # died mid-DATA?
             self._report_exit(record, status)
 
     def _reap_killed(self, deadline: float) -> None:
@@ -324,7 +324,7 @@ class Arbiter:
                 pid, slot, self.generation, now, index=index, tmp_dir=tmp_dir(self.config),
                 shutdown_timeout_s=self.config.server.shutdown_timeout,
                 listener_names=tuple(entry.name for entry in self.config.server.listen),
-                rule_names=rule_names(self.config))
+                rule_names=rule_names(self.config), host=this_host())
             return True
         code = exitcodes.WORKER_CRASHED
         try:

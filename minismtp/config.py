@@ -293,7 +293,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Python's defaults"),
     Setting("tls.session_tickets", 2, parsing.integer(0, 16),
             "TLS 1.3 session tickets sent per full handshake (resumption across workers: "
-            "they share the keys); `0` = none, TLS 1.2's included"),
+            "they share the keys); `0` = none, TLS 1.2's included (a TLS 1.2 client may "
+            "still resume by session ID with the worker it last had)"),
 )
 
 _SECTIONS: dict[str, type] = {
@@ -324,12 +325,22 @@ class _Loader(yaml.SafeLoader):
     says: PyYAML would keep the last value and drop the first without a word (a second
     `limits:` section, say). Keys merged in with `<<` may still be overridden."""
 
+    def __init__(self, stream: bytes) -> None:
+        super().__init__(stream)
+        # Mappings checked already: once merged, a mapping holds the keys merged into it
+        # beside its own (PyYAML flattens it in place), which a later merge of it, by an
+        # alias, must not take for repeats.
+        self._checked: set[int] = set()
+
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             self._no_repeats(node)
         return super().construct_mapping(node, deep)
 
     def _no_repeats(self, node: yaml.MappingNode) -> None:
+        if id(node) in self._checked:
+            return
+        self._checked.add(id(node))  # the loader keeps every node alive: ids stay theirs
         first: dict[object, yaml.Mark] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # mappings merged in: theirs
@@ -470,8 +481,8 @@ def _auth_warnings(listeners: tuple[Listener, ...]) -> list[str]:
 
 
 def _exempt_warnings(per_client: PerClient) -> list[str]:
-    """An IPv6 network as wide as ::/96 or wider in `exempt` reads as "everybody" but
-    exempts IPv6 clients only (IPv4 ones are matched by IPv4 networks)."""
+    """An IPv6 network that holds all of ::ffff:0:0/96 (::/0, say) in `exempt` reads as
+    "everybody" but exempts IPv6 clients only (IPv4 ones are matched by IPv4 networks)."""
     return [f"limits.per_client.exempt: {network} exempts IPv6 clients only; IPv4 clients "
             "need an IPv4 network (0.0.0.0/0 for all)"
             for network in per_client.exempt

@@ -39,19 +39,16 @@ def this_host() -> str:
 
 
 class Sweeper:
-    def __init__(self, host: str | None = None) -> None:
-        # This host's name when the master started; a worker started after a change of
-        # name writes the new one, read when its job is added.
-        self.host = this_host() if host is None else host
+    def __init__(self) -> None:
         self._jobs: deque[tuple[str, int, frozenset[str]]] = deque()  # dir, pid, hosts
         self._entries: Iterator[os.DirEntry[str]] | None = None
         self._removed = 0
 
-    def add(self, tmp_dir: str, pid: int, host: str | None = None) -> None:
-        """Sweep `tmp_dir` of worker `pid`'s files, named with this host's name as it
-        was at the master's start or is now (`host`, for tests)."""
-        now = this_host() if host is None else host
-        self._jobs.append((tmp_dir, pid, frozenset((self.host, now))))
+    def add(self, tmp_dir: str, pid: int, host: str) -> None:
+        """Sweep `tmp_dir` of worker `pid`'s files: those named with `host`, this host's
+        name when the worker was started (`this_host()`, which its sink wrote), or with
+        the name now (a rename in the moment between its start and its sink's)."""
+        self._jobs.append((tmp_dir, pid, frozenset((host, this_host()))))
 
     @property
     def busy(self) -> bool:

@@ -1,5 +1,5 @@
-"""Reading a small file that an operator names (the configuration, a users file), in a
-process that must not hang or grow on it.
+"""Reading a small file that an operator names (the configuration, a users file, a TLS
+certificate or key), in a process that must not hang or grow on it.
 
 Untrusted input: the path and what lies there. A FIFO would hang a plain open() (opening
 with O_NONBLOCK does not), /dev/zero never ends, a directory reads as an error only later,

@@ -30,6 +30,7 @@ class WorkerRecord:
     # stats slot counts (stats.py).
     listener_names: tuple[str, ...] = ()
     rule_names: tuple[RuleName, ...] = ()
+    host: str = ""  # this host's name when it was started: its Maildir files carry it
 
 
 def spawn_delay(crash_streak: int) -> float:

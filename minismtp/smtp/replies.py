@@ -1,8 +1,9 @@
 """Every SMTP reply minismtp sends, as values named by meaning.
 
 A reply keeps its enhanced status code (RFC 3463) apart from its text, so nothing leaves
-without one but those RFC 2034 section 3 leaves out: the greeting, the HELO/EHLO answer,
-the 354 to DATA, and AUTH's 334 challenges (RFC 4954: base64, nothing else).
+without one but the greeting and the HELO/EHLO answer (RFC 2034 section 3), the 354 to
+DATA (an intermediate reply, as Postfix sends it too) and AUTH's 334 challenges (RFC 4954:
+base64, nothing else).
 Wire bytes are built once, when the reply is made.
 """
 

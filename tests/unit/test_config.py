@@ -387,6 +387,17 @@ def test_keys_merged_in_may_be_overridden(tmp_path):
     path = write(tmp_path, "server:\n  <<: {workers: 2, backlog: 64}\n  workers: 3\n")
     server = load_config(path).server
     assert (server.workers, server.backlog) == (3, 64)
+    # a mapping that overrides what it merged, merged again: its keys are its own once
+    chained = write(tmp_path, """\
+server:
+  listen:
+    - &a {address: "127.0.0.1:2525", name: a, hostname: h.example}
+    - &b {<<: *a, address: "127.0.0.1:2526", name: b}
+    - {<<: *b, address: "127.0.0.1:2527", name: c}
+""")
+    listen = load_config(chained).server.listen
+    assert [(entry.name, entry.hostname) for entry in listen] == [
+        ("a", "h.example"), ("b", "h.example"), ("c", "h.example")]
 
 
 @pytest.mark.parametrize("data", [

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from minismtp import balance
+from minismtp import acceptor, balance
 from minismtp.acceptor import Acceptor, Listening
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 from minismtp.poller import Poller
@@ -310,7 +310,7 @@ def test_a_connection_that_failed_on_its_way_in_is_skipped(err):
         board.close()
 
 
-def test_an_accept_error_nobody_listed_pauses_instead_of_ending_the_worker(caplog):
+def test_an_unexpected_accept_error_pauses_and_only_for_good_ends_the_worker(caplog):
     real = socket.create_server(("127.0.0.1", 0), backlog=16)
     real.setblocking(False)
     board = HeartbeatBoard(4)
@@ -320,6 +320,16 @@ def test_an_accept_error_nobody_listed_pauses_instead_of_ending_the_worker(caplo
         _step(taker, listener)
         assert taker.sessions == [] and taker.acceptor.paused_until > time.monotonic()
         assert "accept: Invalid argument; pausing accepts" in caplog.text
+        taker.acceptor.tick(taker.acceptor.paused_until)  # listening again
+        _step(taker, listener)  # it works again: the count starts over
+        assert taker.acceptor.odd_errors == 0
+        for _ in range(acceptor.MOST_ODD_ERRORS - 1):
+            listener.err = errno.EINVAL
+            _step(taker, listener)
+            taker.acceptor.tick(taker.acceptor.paused_until)
+        listener.err = errno.EINVAL
+        with pytest.raises(OSError):  # broken for good: the master starts another worker
+            _step(taker, listener)
     finally:
         taker.dispose()
         real.close()

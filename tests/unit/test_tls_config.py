@@ -211,11 +211,24 @@ def test_unreadable_files_are_named(tmp_path):
 
 def test_a_fifo_or_a_directory_is_named_not_waited_on(tmp_path):
     """A FIFO named as a key would hang check-config, the start, or the master on HUP."""
+    import signal
+
     fifo = tmp_path / "key.pem"
     os.mkfifo(fifo)
     path = config_file(tmp_path, f'tls:\n  certificates:\n    - {{cert: "{tmp_path}", '
                                  f'key: "{fifo}"}}\n')
-    assert problems_of(path) == [
+
+    def hung(signum, frame):
+        raise AssertionError("still waiting on the FIFO after 10 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        problems = problems_of(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert problems == [
         f'tls.certificates[0].cert: cannot read "{tmp_path}": Is a directory',
         f'tls.certificates[0].key: cannot read "{fifo}": not a regular file',
     ]
