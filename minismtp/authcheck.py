@@ -39,6 +39,7 @@ import logging
 import threading
 from typing import Callable, Generic, TypeVar
 
+from minismtp.msglog import printable
 from minismtp.smtp.protocol import AUTH_MECHANISMS
 from minismtp.threadwake import ThreadWakeup
 from minismtp.values import ListenerAuth
@@ -82,10 +83,14 @@ class AuthChecker(Generic[Tag]):
     names its verify function, so listeners with different users files share one."""
 
     def __init__(self, threads: int = DEFAULT_THREADS,
-                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+                 max_queued: int = DEFAULT_MAX_QUEUED,
+                 wanted: Callable[[Tag], bool] | None = None) -> None:
+        """`wanted(tag)`, asked on a thread just before a check runs: False skips it
+        (the client has left), and nothing comes back for that tag."""
         if threads < 1 or max_queued < 1:
             raise ValueError("threads and max_queued must be at least 1")
         self.max_queued = max_queued
+        self._wanted = wanted
         self._cond = threading.Condition()
         self._queued: collections.deque[tuple[Tag, Verify, str, str]] = collections.deque()
         self._done: list[tuple[Tag, bool | None]] = []
@@ -140,10 +145,12 @@ class AuthChecker(Generic[Tag]):
                 if self._stopping:
                     return
                 tag, verify, user, password = self._queued.popleft()
+            if self._wanted is not None and not self._wanted(tag):
+                continue  # no one waits for it: a bcrypt check saved for the others
             try:
                 ok: bool | None = bool(verify(user, password))
             except Exception:  # a bug or a broken hash: the client gets 454, we the trace
-                log.exception("password check for user %r failed", user)
+                log.exception("password check for user %s failed", printable(user))
                 ok = None
             del password
             with self._cond:

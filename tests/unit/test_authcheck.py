@@ -106,6 +106,32 @@ def test_a_failing_check_is_a_temporary_failure(caplog):
     assert "alice" in caplog.text and "hunter2" not in caplog.text
 
 
+def test_a_check_no_one_waits_for_is_skipped():
+    """The client left while its check waited (a flood of AUTH and hang-ups): no bcrypt
+    check is spent on it, and nothing comes back for it."""
+    release = threading.Event()
+    checked: list[str] = []
+
+    def verify(user: str, password: str) -> bool:
+        checked.append(user)
+        return release.wait(30)
+
+    gone = {"bob"}
+    checker: AuthChecker[str] = AuthChecker(threads=1, wanted=lambda tag: tag not in gone)
+    try:
+        for user in ("alice", "bob", "carol"):  # alice's runs; bob's and carol's wait
+            assert checker.submit(user, verify, user, "pw")
+        release.set()
+        done: list[tuple[str, bool | None]] = []
+        deadline = time.monotonic() + 10
+        while len(done) < 2 and time.monotonic() < deadline:
+            done += checker.take_done()
+            time.sleep(0.01)
+        assert done == [("alice", True), ("carol", True)] and checked == ["alice", "carol"]
+    finally:
+        checker.stop()
+
+
 def test_stop_drops_what_has_not_started():
     release = threading.Event()
     checker: AuthChecker[int] = AuthChecker(threads=1)
