@@ -83,14 +83,10 @@ class AuthChecker(Generic[Tag]):
     names its verify function, so listeners with different users files share one."""
 
     def __init__(self, threads: int = DEFAULT_THREADS,
-                 max_queued: int = DEFAULT_MAX_QUEUED,
-                 wanted: Callable[[Tag], bool] | None = None) -> None:
-        """`wanted(tag)`, asked on a thread just before a check runs: False skips it
-        (the client has left), and nothing comes back for that tag."""
+                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         if threads < 1 or max_queued < 1:
             raise ValueError("threads and max_queued must be at least 1")
         self.max_queued = max_queued
-        self._wanted = wanted
         self._cond = threading.Condition()
         self._queued: collections.deque[tuple[Tag, Verify, str, str]] = collections.deque()
         self._done: list[tuple[Tag, bool | None]] = []
@@ -145,8 +141,6 @@ class AuthChecker(Generic[Tag]):
                 if self._stopping:
                     return
                 tag, verify, user, password = self._queued.popleft()
-            if self._wanted is not None and not self._wanted(tag):
-                continue  # no one waits for it: a bcrypt check saved for the others
             try:
                 ok: bool | None = bool(verify(user, password))
             except Exception:  # a bug or a broken hash: the client gets 454, we the trace

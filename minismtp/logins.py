@@ -64,10 +64,8 @@ class Logins:
             verify = authcheck.verifier(auth)
             if verify is not None:
                 self._verifiers[id(settings)] = (settings, verify)
-        # Each check carries its session and user name back (the name for the log line);
-        # one whose client has left is skipped (a paused session still reads: EOF closes it).
-        self.checker: AuthChecker[tuple[Session, str]] = checker or AuthChecker(
-            wanted=_client_still_there)
+        # Each check carries its session and user name back (the name for the log line).
+        self.checker: AuthChecker[tuple[Session, str]] = checker or AuthChecker()
 
     @classmethod
     def maybe(cls, loop: Loop, stats: WorkerStats,
@@ -137,6 +135,3 @@ class Logins:
     def stop(self) -> None:
         self.checker.stop()
 
-
-def _client_still_there(tag: tuple[Session, str]) -> bool:
-    return not tag[0].closed
