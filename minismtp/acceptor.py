@@ -143,6 +143,7 @@ class Acceptor:
         if not self.listening:
             return
         family, kind, proto = listener.family, listener.type, listener.proto
+        before = len(accepted)
         for _ in range(most):
             try:
                 fd, address = listener._accept()  # what socket.accept() does, minus its wrapper
@@ -155,11 +156,14 @@ class Acceptor:
                     continue
                 if exc.errno not in _OUT_OF_RESOURCES:
                     # A worker that raised would drop every session it holds: only a
-                    # listener broken for good (EBADF, EINVAL...) is worth that.
-                    self.odd_errors += 1
+                    # listener broken for good (EBADF, EINVAL...) is worth that, one that
+                    # fails MOST_ODD_ERRORS times with no accept that works between.
+                    self.odd_errors = 1 if len(accepted) > before else self.odd_errors + 1
                     if self.odd_errors >= MOST_ODD_ERRORS:
                         raise
                 log.error("accept: %s; pausing accepts", exc.strerror or exc)
                 self.paused_until = time.monotonic() + PAUSE_S
                 self.refresh()
                 return
+        if len(accepted) > before:
+            self.odd_errors = 0

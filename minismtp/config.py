@@ -340,7 +340,7 @@ class _Loader(yaml.SafeLoader):
     def _no_repeats(self, node: yaml.MappingNode) -> None:
         if id(node) in self._checked:
             return
-        self._checked.add(id(node))  # the loader keeps every node alive: ids stay theirs
+        self._checked.add(id(node))  # no node is made while constructing: ids stay theirs
         first: dict[object, yaml.Mark] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # mappings merged in: theirs

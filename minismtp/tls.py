@@ -142,7 +142,9 @@ def certificate_warnings(config: TlsConfig, now: float | None = None) -> list[st
 
 # A private key's type from its PEM label, or for PKCS#8 ("PRIVATE KEY") from the
 # algorithm's object identifier near its start (DER bytes of the OID's value).
-_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----\s+([A-Za-z0-9+/=\s]+?)-----END")
+# One run of base64 and whitespace after the label: two patterns that could both take
+# whitespace would make a long blank run cost its square (seconds, on a hostile file).
+_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----([A-Za-z0-9+/=\s]*?)-----END")
 _LABELS = {b"RSA ": "RSA", b"EC ": "ECDSA"}
 _OIDS = ((b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01", "RSA"),  # rsaEncryption
          (b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x0a", "RSA-PSS"),

@@ -321,8 +321,10 @@ def test_an_unexpected_accept_error_pauses_and_only_for_good_ends_the_worker(cap
         assert taker.sessions == [] and taker.acceptor.paused_until > time.monotonic()
         assert "accept: Invalid argument; pausing accepts" in caplog.text
         taker.acceptor.tick(taker.acceptor.paused_until)  # listening again
+        client = socket.create_connection(real.getsockname())
         _step(taker, listener)  # it works again: the count starts over
-        assert taker.acceptor.odd_errors == 0
+        client.close()
+        assert len(taker.sessions) == 1 and taker.acceptor.odd_errors == 0
         for _ in range(acceptor.MOST_ODD_ERRORS - 1):
             listener.err = errno.EINVAL
             _step(taker, listener)
@@ -330,6 +332,47 @@ def test_an_unexpected_accept_error_pauses_and_only_for_good_ends_the_worker(cap
         listener.err = errno.EINVAL
         with pytest.raises(OSError):  # broken for good: the master starts another worker
             _step(taker, listener)
+    finally:
+        taker.dispose()
+        real.close()
+        board.close()
+
+
+class NeverEmpty:
+    """A listener whose queue always holds more; its accept fails once when told."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real, self.err = real, 0
+        self.family, self.type, self.proto = real.family, real.type, real.proto
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def getsockopt(self, *args: object) -> object:
+        return self.real.getsockopt(*args)
+
+    def _accept(self) -> tuple:
+        if self.err:
+            err, self.err = self.err, 0
+            raise OSError(err, os.strerror(err))
+        return os.dup(self.real.fileno()), ("127.0.0.1", 1)
+
+
+def test_accepts_that_work_between_odd_errors_start_the_count_over():
+    """A busy worker's queue never empties (each wake-up ends at MOST_PER_WAKEUP): an odd
+    error now and then, with accepts working between, must not end it."""
+    real = socket.create_server(("127.0.0.1", 0), backlog=16)
+    real.setblocking(False)
+    board = HeartbeatBoard(4)
+    listener = NeverEmpty(real)
+    taker = Taker(board, 0, [listener])
+    try:
+        for _ in range(acceptor.MOST_ODD_ERRORS + 2):
+            _step(taker, listener)  # a full wake-up of accepts that work
+            listener.err = errno.EINVAL
+            _step(taker, listener)  # then one odd error
+            taker.acceptor.tick(taker.acceptor.paused_until)
+        assert taker.acceptor.odd_errors == 1
     finally:
         taker.dispose()
         real.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pathlib
 import socket
 import ssl
 from pathlib import Path
@@ -298,6 +299,27 @@ def test_a_second_pair_of_one_key_type_is_warned_of(tmp_path, ca, pair, rsa_pair
         "RSA client (one pair per key type)"]
     assert tls.certificate_warnings(TlsConfig(tuple(CertificatePair(*p)
                                                     for p in pairs[:2]))) == []
+
+
+def test_a_long_blank_run_in_a_key_file_is_read_at_once(tmp_path, rsa_pair):
+    """A stray BEGIN line, 200,000 blank lines, then the key (OpenSSL loads it): telling
+    the key type must not take the square of the run (a master hung on HUP)."""
+    import signal
+
+    key = tmp_path / "padded.key"
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----" + b"\n" * 200_000
+                    + pathlib.Path(rsa_pair[1]).read_bytes())
+
+    def hung(signum, frame):
+        raise AssertionError("still reading the key file after 10 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        assert tls._key_type(str(key)) == "RSA"  # the key after the stray line
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_check_config_exits_2_with_one_line_per_problem(tmp_path, pair, rsa_pair, capsys):
