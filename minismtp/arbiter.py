@@ -30,8 +30,9 @@ from dataclasses import replace
 from minismtp import exitcodes
 from minismtp.anvil import ClientTable
 from minismtp.config import Config, ConfigError
-from minismtp.debris import Sweeper, this_host
+from minismtp.debris import Sweeper
 from minismtp.delivery import DeliveryError
+from minismtp.delivery.maildir import this_host
 from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard

@@ -9,15 +9,15 @@ it is an IP address in text, nothing the client could have written otherwise.
 A worker with all three limits at 0 makes no ClientGate: its sessions never reach this
 module. Otherwise `admit` runs once per session, once its real peer is known, before the
 greeting: a session refused is greeted with 421 and closed; one admitted holds its
-table entry (`session.client_entry`) until `release`. The handler `check_recipients`
-makes runs once per RCPT while `limits.per_client.max_recipients_per_minute` is set.
-The per-minute counts a worker makes wait in its own memory until `flush` adds them
-to the shared table (anvil.py), which the loop calls at the end of a turn when they
-have waited FLUSH_S, and a worker killed by SIGKILL loses at most that much of them.
-A worker reads a client's shared counts when it first counts for it after its own
-flush, so another worker's counts reach its checks within about twice FLUSH_S. One
-lock a turn, and one read of the shared counts, not one per session and recipient,
-keep the limits cheap.
+table entry (`session.client_entry`) until `release`. The RCPT handler that
+`check_recipients` makes runs once per RCPT while
+`limits.per_client.max_recipients_per_minute` is set. The per-minute counts a worker
+makes wait in its own memory until `flush` adds them to the shared table (anvil.py),
+which the loop calls at the end of a turn when they have waited FLUSH_S, and a worker
+killed by SIGKILL loses at most that much of them. A worker reads a client's shared
+counts when it first counts for it after its own flush, so another worker's counts
+reach its checks within about twice FLUSH_S. One lock a turn, and one read of the
+shared counts, not one per session and recipient, keep the limits cheap.
 """
 
 from __future__ import annotations

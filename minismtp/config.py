@@ -15,7 +15,6 @@ something a user could not write.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import socket
@@ -486,8 +485,7 @@ def _exempt_warnings(per_client: PerClient) -> list[str]:
     return [f"limits.per_client.exempt: {network} exempts IPv6 clients only; IPv4 clients "
             "need an IPv4 network (0.0.0.0/0 for all)"
             for network in per_client.exempt
-            if network.version == 6 and network.prefixlen <= 96
-            and ipaddress.IPv6Address("::ffff:0:0") in network]
+            if network.version == 6 and parsing.IPV4_MAPPED.subnet_of(network)]
 
 
 def _check_tls(config: TlsConfig) -> list[str]:

@@ -5,8 +5,9 @@ programs may share it, so only a regular file whose name has the exact form the 
 sink gives (`<seconds>.M<usec>P<pid>Q<counter>.<host>`, delivery/maildir.py) with the
 dead worker's pid and this host's name is removed: never another host's file (two
 instances may share a Maildir over NFS, or from containers whose pids start alike),
-never a directory, never anything outside tmp/ (new/ holds acknowledged mail). A tmp/ directory may hold many files, so the master sweeps a bounded
-number of entries per turn of its loop and resumes on the next.
+never a directory, never anything outside tmp/ (new/ holds acknowledged mail). A tmp/
+directory may hold many files, so the master sweeps a bounded number of entries per turn
+of its loop and resumes on the next.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import stat
 from collections import deque
 from collections.abc import Container, Iterator
 
-from minismtp.delivery.untrusted import encode_host
+from minismtp.delivery.maildir import this_host
 
 log = logging.getLogger("minismtp.master")
 
@@ -31,11 +31,6 @@ def owner(name: str) -> tuple[int, str] | None:
     other name."""
     match = _NAME.fullmatch(name)
     return (int(match.group(1)), match.group(2)) if match else None
-
-
-def this_host() -> str:
-    """This host's name as the Maildir sink writes it into names (delivery/maildir.py)."""
-    return encode_host(socket.gethostname())
 
 
 class Sweeper:

@@ -148,22 +148,15 @@ class _Rule:
         meant = None
         if isinstance(value, str):  # ip_network would take the integer 5 as 0.0.0.5/32
             try:
+                meant = ipaddress.ip_network(value, strict=False)
                 network = ipaddress.ip_network(value)  # strict: "10.0.0.1/8" is a typo
             except ValueError:
-                pass
-            else:
-                if problem := values.mapped_network_problem(network):
-                    self.problem("client", f"{values.got(value)} is {problem}")
-                    return None
+                network = None
+            if meant is not None and (problem := values.mapped_network_problem(meant)):
+                self.problem("client", f"{values.got(value)} is {problem}")  # the IPv4 form
+                return None
+            if network is not None:
                 return network
-            try:
-                meant = ipaddress.ip_network(value, strict=False)
-            except ValueError:
-                pass
-            else:
-                if problem := values.mapped_network_problem(meant):  # hint at the IPv4 form
-                    self.problem("client", f"{values.got(value)} is {problem}")
-                    return None
         self.problem("client", f'has host bits set (did you mean "{meant}"?), got {values.got(value)}'
                      if meant else 'must be a network such as "10.0.0.0/8" or '
                      f'"2001:db8::/32", got {values.got(value)}')

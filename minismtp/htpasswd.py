@@ -139,7 +139,7 @@ def _parse_line(raw: bytes, hashes: dict[str, bytes], where_defined: dict[str, i
         return f'user "{user}" is already defined on line {where_defined[user]}'
     if not _BCRYPT_SHAPE.fullmatch(hashed):
         return f'user "{user}": {_hash_problem(hashed)}'
-    cost = int(hashed[4:6])
+    cost = _cost(hashed)
     if not 4 <= cost <= 31:
         return f'user "{user}": bcrypt cost {cost} is out of range (4 to 31)'
     if not _BCRYPT.fullmatch(hashed):
@@ -150,8 +150,8 @@ def _parse_line(raw: bytes, hashes: dict[str, bytes], where_defined: dict[str, i
     return ""
 
 
-def _cost(hashed: bytes) -> int:
-    return int(hashed[4:6])
+def _cost(hashed: str | bytes) -> int:
+    return int(hashed[4:6])  # "$2b$NN$..."
 
 
 def _hash_problem(hashed: str) -> str:

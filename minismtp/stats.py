@@ -22,10 +22,10 @@ listeners, by their place in server.listen. A slot knows neither the listeners' 
 nor the fault rules': the master reads it with the names of the configuration that
 worker started with, and keeps listener and rule totals by name, so a reload that adds,
 removes or reorders listeners or named rules neither mislabels nor loses counts (a rule
-without a name is named by its place, "rule3", which a reorder gives to another). The writer makes the sequence odd, writes, makes it
-even (a seqlock); a reader retries while it is odd or changed under it. (Python gives
-no memory barriers: on weakly ordered CPUs this narrows torn reads rather than ruling
-them out, which is enough for statistics.)
+without a name is named by its place, "rule3", which a reorder gives to another). The
+writer makes the sequence odd, writes, makes it even (a seqlock); a reader retries while
+it is odd or changed under it. (Python gives no memory barriers: on weakly ordered CPUs
+this narrows torn reads rather than ruling them out, which is enough for statistics.)
 """
 
 from __future__ import annotations

@@ -479,13 +479,13 @@ def dump_auth(auth: ListenerAuth) -> dict[str, object]:
     return entry
 
 
-_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # how IPv6 writes IPv4 addresses
 
 
 def mapped_network_problem(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
     """Why an IPv6 network of IPv4-mapped addresses is refused ("" for any other): an IPv4
     client is matched as IPv4 whatever form its address came in, so it would match none."""
-    if network.version != 6 or not network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+    if network.version != 6 or not network.subnet_of(IPV4_MAPPED):  # type: ignore[arg-type]
         return ""
     ipv4 = ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF,
                                   network.prefixlen - 96))

@@ -396,7 +396,8 @@ class Worker:
         handlers = session.profile.handlers  # its listener's fault rules
         write = self.storage.write
         if self.stopping:  # an answer given outside (a deferred commit, a delay, a login
-            self._maybe_send_off(session)  # check): before any pipelined command
+            self._maybe_send_off(session)  # check): before any pipelined command (after a
+            # handler, below, the same: so every answer is followed by its send-off)
         while not session.paused:
             event = conn.next_event()
             kind = type(event)
@@ -416,8 +417,6 @@ class Worker:
                 break
         if session.closed:
             return
-        if self.stopping:
-            self._maybe_send_off(session)  # also when the answer came from a deferred commit
         self.flush(session)
 
     def _maybe_send_off(self, session: Session) -> None:

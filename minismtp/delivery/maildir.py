@@ -286,6 +286,12 @@ class MaildirSink(Sink):
         _unlink_quietly(tmp_path)
 
 
+def this_host() -> str:
+    """This host's name as the sink writes it into file names (the master's debris
+    sweeper matches it)."""
+    return encode_host(socket.gethostname())
+
+
 class MaildirBackend(Backend):
     """Stores messages as Maildir files under `path` (see the module docstring)."""
 
@@ -318,7 +324,7 @@ class MaildirBackend(Backend):
         self.fsync = fsync
         self.per_recipient = layout == "per_recipient"
         self.hostname = hostname or socket.gethostname()
-        self._host = encode_host(socket.gethostname())
+        self._host = this_host()
         self._tmp = os.path.join(self.path, "tmp", "")
         self._new = os.path.join(self.path, "new", "")
         self._new_fd = -1

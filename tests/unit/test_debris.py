@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from minismtp.debris import Sweeper, owner, this_host
+from minismtp.debris import Sweeper, owner
+from minismtp.delivery.maildir import this_host
 
 
 def test_owner_reads_only_the_maildir_sink_names():
