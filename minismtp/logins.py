@@ -10,6 +10,8 @@ answer has been given, as for a deferred commit (storage.py): the loop reads not
 more from it meanwhile and serves the other sessions. A wrong password is answered only
 after FAILURE_DELAY_S, on the loop's timers, so that one connection cannot try passwords
 faster than one a second; the core's error budget (max_errors) then ends it with 421.
+The checks of one client (`client_of`) wait in turn with other clients', not before them
+(authcheck.py), so many connections from one address cannot keep others' checks out.
 
 The password goes to the checker and nowhere else: not into logs, replies, counters or
 exception text. The user name is logged (escaped: it may hold any bytes).
@@ -18,6 +20,7 @@ exception text. The user name is logged (escaped: it may hold any bytes).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 from typing import TYPE_CHECKING, Iterable
 
@@ -42,6 +45,20 @@ log = logging.getLogger("minismtp.worker")
 # idea): guessing costs a client a second per try, and max_errors tries per connection.
 # Right passwords and temporary failures are answered at once.
 FAILURE_DELAY_S = 1.0
+
+
+def client_of(address: str) -> str:
+    """Whose check this is, for the checker's turns: an IPv4 address (an IPv4-mapped one
+    unmapped), or an IPv6 address's /64 (one host has a /64 or more to pick from)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 class Logins:
@@ -91,7 +108,7 @@ class Logins:
             session.conn.accept()
             return
         if not self.checker.submit((session, event.username), entry[1], event.username,
-                                   event.password):
+                                   event.password, client_of(session.peer.address)):
             self._temporary(session, "too many checks waiting")
             return
         session.paused = True
@@ -109,7 +126,9 @@ class Logins:
                                     session)
                 continue
             session.paused = False
-            if ok:
+            if ok is authcheck.SHED:
+                self._temporary(session, "too many checks waiting, most of them this client's")
+            elif ok:
                 self.stats.auth_successes += 1
                 session.conn.accept()  # the user shows as auth= on the log lines
             else:

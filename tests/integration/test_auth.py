@@ -1,8 +1,8 @@
 """AUTH (RFC 4954) on a real server, as clients see it: smtplib and swaks logging in with
 PLAIN and LOGIN over STARTTLS against an htpasswd file, wrong passwords answered late and
 never logged, accept_any, AUTH refused before TLS, AUTH required before MAIL, the event
-loop serving others while bcrypt checks run, a flood of guesses ending in 421, and the
-`auth` fault stage."""
+loop serving others while bcrypt checks run, one address's flood of checks not keeping
+another client's out, a flood of guesses ending in 421, and the `auth` fault stage."""
 
 from __future__ import annotations
 
@@ -189,6 +189,52 @@ def test_other_sessions_are_served_while_checks_run(start_auth, tmp_path, raw_cl
     assert waits, "the checks ended before the first NOOP"
     assert max(waits) < noop_bound_s, sorted(waits)[-5:]
     wait_for_metric(server, SUCCESS, clients_n)
+
+
+def test_one_address_cannot_keep_anothers_check_out(start_auth, tmp_path, raw_clients):
+    """80 connections from 127.0.0.1 send AUTH at once, more than the worker's checker
+    holds (2 running, 64 waiting), and send it again at each 454 4.7.0, keeping the
+    queue full. A client from 127.0.0.2 still gets its check, in place of the flood's
+    newest (which gets 454), and in turn with the flood's: 235 while the flood goes on."""
+    flood_n = 80
+    users = users_file(tmp_path / "slow-users", {USER: PASSWORD}, rounds=11)
+    server = start_auth({"mode": "htpasswd", "users_file": str(users),
+                         "allow_plaintext": True}, tls="none",
+                        limits={"max_junk_commands": 100_000, "max_errors": 100_000})
+    flood = [raw_clients(server.port, timeout=60) for _ in range(flood_n)]
+    for client in flood:
+        client.hello()
+    refused = threading.Semaphore(0)
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def attack(client) -> None:
+        while not stop.is_set():
+            client.send(f"AUTH PLAIN {plain(USER, PASSWORD)}\r\n".encode())
+            code = client.reply().code
+            codes.append(code)
+            if code != 454:
+                return
+            refused.release()
+
+    attackers = [threading.Thread(target=attack, args=(client,)) for client in flood]
+    for thread in attackers:
+        thread.start()
+    try:
+        for _ in range(2 * (flood_n - 66)):  # the queue is full, and kept full
+            assert refused.acquire(timeout=30)
+        other = raw_clients(server.port, source="127.0.0.2", timeout=60)
+        other.hello()
+        other.cmd(f"AUTH PLAIN {plain(USER, PASSWORD)}", 235)
+        assert codes.count(235) < flood_n  # the flood is still being checked
+        server.wait_for_log(r"auth: peer=127\.0\.0\.1 temporary failure: too many "
+                            r"checks waiting, most of them this client's")
+    finally:
+        stop.set()  # each attacker ends at its next answer
+        for thread in attackers:
+            thread.join(timeout=60)
+    assert set(codes) == {235, 454}, codes
+    assert codes.count(235) >= 66 - 1  # every check taken ran, but the one shed
 
 
 def test_a_flood_of_guesses_ends_in_421(start_auth, pki, raw_clients):

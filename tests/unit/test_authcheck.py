@@ -1,5 +1,5 @@
 """AuthChecker: bcrypt checks on threads while the calling thread stays responsive, the
-bounded queue, failures of the check itself, and stop()."""
+bounded queue and its fairness to clients, failures of the check itself, and stop()."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import bcrypt
 import pytest
 
-from minismtp.authcheck import AuthChecker, accept_any, core_settings, verifier
+from minismtp.authcheck import SHED, AuthChecker, accept_any, core_settings, verifier
 from minismtp.htpasswd import Users
 from minismtp.smtp.protocol import Settings
 from minismtp.values import ListenerAuth
@@ -88,6 +88,68 @@ def test_a_full_queue_refuses_at_once():
             ("a", True), ("b", False), ("c", False), ("d", False)]
         assert checker.submit("f", slow, "u", "right")  # room again
         assert wait_for(checker, 1) == [("f", True)]
+    finally:
+        release.set()
+        checker.stop()
+
+
+def gated_checker(max_queued: int):
+    """A one-thread checker whose first check holds the thread until `release` is set;
+    the checks it runs are recorded in `ran`, by tag (the password)."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    ran: list[str] = []
+
+    def slow(user: str, password: str) -> bool:
+        ran.append(password)
+        started.release()
+        release.wait(30)
+        return True
+
+    checker: AuthChecker[str] = AuthChecker(threads=1, max_queued=max_queued)
+    assert checker.submit("first", slow, "u", "first", "192.0.2.9")
+    assert started.acquire(timeout=30)  # running, not queued
+    return checker, slow, release, ran
+
+
+def test_clients_take_turns():
+    """A flood from one client waits behind one check of each other client, not the
+    other way round."""
+    checker, slow, release, ran = gated_checker(max_queued=64)
+    try:
+        for n in range(10):
+            assert checker.submit(f"f{n}", slow, "u", f"f{n}", "198.51.100.7")
+        assert checker.submit("a", slow, "u", "a", "203.0.113.1")
+        assert checker.submit("b", slow, "u", "b", "203.0.113.2")
+        assert checker.submit("a2", slow, "u", "a2", "203.0.113.1")
+        release.set()
+        assert len(wait_for(checker, 14)) == 14
+        assert ran == ["first", "f0", "a", "b", "f1", "a2"] + [f"f{n}" for n in range(2, 10)]
+        assert checker.queued == 0 and checker._queued == {}
+    finally:
+        release.set()
+        checker.stop()
+
+
+def test_a_full_queue_sheds_the_newest_check_of_the_client_with_most():
+    checker, slow, release, ran = gated_checker(max_queued=4)
+    try:
+        for n in range(4):
+            assert checker.submit(f"f{n}", slow, "u", f"f{n}", "198.51.100.7")
+        # Full. Another client gets in: the flood's newest is dropped unrun, and answered.
+        assert checker.submit("a", slow, "u", "a", "203.0.113.1")
+        assert checker.take_done() == [("f3", SHED)]
+        assert checker.queued == 4
+        # The flood cannot take its place back: it would only move the unfairness.
+        assert not checker.submit("f4", slow, "u", "f4", "198.51.100.7")
+        # Nor can a client that already has as many waiting as the largest but one.
+        assert checker.submit("b", slow, "u", "b", "203.0.113.2")  # sheds f2: 1+0 vs 3
+        assert checker.take_done() == [("f2", SHED)]
+        assert not checker.submit("a2", slow, "u", "a2", "203.0.113.1")  # 2 vs 1+1: refused
+        release.set()
+        results = wait_for(checker, 5)
+        assert sorted(tag for tag, _ in results) == ["a", "b", "f0", "f1", "first"]
+        assert ran == ["first", "f0", "a", "b", "f1"]
     finally:
         release.set()
         checker.stop()

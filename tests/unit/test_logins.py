@@ -15,7 +15,7 @@ import pytest
 
 from minismtp.authcheck import AuthChecker
 from minismtp.delivery import Peer
-from minismtp.logins import FAILURE_DELAY_S, Logins
+from minismtp.logins import FAILURE_DELAY_S, Logins, client_of
 from minismtp.smtp import replies as R
 from minismtp.smtp.events import NEED_DATA, AuthAttempt
 from minismtp.smtp.protocol import AUTH_MECHANISMS, Settings, SmtpServerConnection
@@ -39,7 +39,7 @@ class Loop:
         self.resumed.append(session)
 
 
-def session_at_auth(password: str, settings: Settings = SETTINGS):
+def session_at_auth(password: str, settings: Settings = SETTINGS, address: str = "192.0.2.1"):
     """A session whose core has just given an AuthAttempt for alice."""
     conn = SmtpServerConnection(settings)
     conn.greet()
@@ -53,7 +53,7 @@ def session_at_auth(password: str, settings: Settings = SETTINGS):
         conn.accept()
     assert isinstance(events[-1], AuthAttempt)
     conn.data_to_send()
-    return SimpleNamespace(conn=conn, peer=Peer("192.0.2.1", 40000), paused=False,
+    return SimpleNamespace(conn=conn, peer=Peer(address, 40000), paused=False,
                            closed=False, deadline=0.0, timer_at=float("inf")), events[-1]
 
 
@@ -133,7 +133,8 @@ def test_a_full_queue_gets_454_at_once():
     gate = threading.Event()
     logins._verifiers[id(SETTINGS)] = (SETTINGS, lambda user, password: gate.wait(10))
     try:
-        sessions = [session_at_auth("x") for _ in range(3)]
+        # Three clients, so that none has more waiting than another's share.
+        sessions = [session_at_auth("x", address=f"192.0.2.{n}") for n in (1, 2, 3)]
         for session, attempt in sessions:
             logins.submit(session, attempt)
             time.sleep(0.05)  # the first is taken by the thread, the second waits
@@ -144,6 +145,51 @@ def test_a_full_queue_gets_454_at_once():
     finally:
         gate.set()
         logins.stop()
+
+
+def test_a_floods_shed_check_gets_454_and_the_other_client_gets_in(caplog):
+    """One thread, busy; a queue of 2, full of one address's checks: another client's
+    check takes the place of the flood's newest, which is answered 454."""
+    loop, stats = Loop(), WorkerStats(0)
+    checker: AuthChecker = AuthChecker(threads=1, max_queued=2)
+    logins = Logins(loop, stats, [(SETTINGS, ListenerAuth(mode="accept_any"))], checker)
+    gate = threading.Event()
+    logins._verifiers[id(SETTINGS)] = (SETTINGS, lambda user, password: gate.wait(10))
+    try:
+        flood = [session_at_auth("x", address="2001:db8:7:7::1") for _ in range(3)]
+        for session, attempt in flood:
+            logins.submit(session, attempt)
+            time.sleep(0.05)  # the first is taken by the thread, the others wait
+        assert [session.paused for session, _ in flood] == [True, True, True]
+        # Another address of the same /64 is the same client: refused at once.
+        same, attempt = session_at_auth("x", address="2001:db8:7:7:ffff::2")
+        logins.submit(same, attempt)
+        assert not same.paused
+        assert same.conn.data_to_send() == R.AUTH_TEMPORARY_FAILURE.wire
+        other, attempt = session_at_auth("x", address="198.51.100.1")
+        logins.submit(other, attempt)
+        assert other.paused
+        wait_done(logins)
+        newest = flood[2][0]
+        assert not newest.paused and newest in loop.resumed
+        assert newest.conn.data_to_send() == R.AUTH_TEMPORARY_FAILURE.wire
+        assert (stats.auth_temporary_failures, stats.replies[454]) == (2, 2)
+        assert "most of them this client's" in caplog.text
+    finally:
+        gate.set()
+        logins.stop()
+
+
+@pytest.mark.parametrize(("address", "client"), [
+    ("192.0.2.1", "192.0.2.1"),
+    ("::ffff:192.0.2.1", "192.0.2.1"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("not an address", "not an address"),
+])
+def test_a_client_is_an_ipv4_address_or_an_ipv6_64(address, client):
+    assert client_of(address) == client
 
 
 def test_no_threads_where_no_listener_offers_auth():
