@@ -190,8 +190,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_recipients", 1000, _positive,
             "more get `452 4.5.3` (RFC 5321 4.5.3.1.8: at least 100)"),
     Setting("limits.max_command_length", 512, parsing.integer(512, 65536),
-            "octets with CRLF, up to 65536 (RFC 5321 4.5.3.1.4: 512); longer lines get "
-            "`500 5.5.6` and are skipped unbuffered"),
+            "octets with CRLF, up to 65536 (RFC 5321 4.5.3.1.4: 512), MAIL 536 more for "
+            "its parameters (RFC 1870, 4954, 6531); longer lines get `500 5.5.2` and are "
+            "skipped unbuffered"),
     Setting("limits.command_timeout", "300s", _timeout,
             "idle time between commands, then `421 4.4.2` (RFC 5321 4.5.3.2.7: 5 minutes)",
             parsing.dump_duration),

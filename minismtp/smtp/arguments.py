@@ -32,7 +32,8 @@ class ArgumentError(Exception):
 
 def parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
     """Split "FROM:<a@b> X=Y" into ("a@b", ["X=Y"]); source routes are dropped."""
-    if arg[: len(prefix)].upper() != prefix:
+    head = arg[: len(prefix)]
+    if not head.isascii() or head.upper() != prefix:  # "TO:" in ASCII letters only
         raise ArgumentError(replies.MAIL_SYNTAX if prefix == "FROM:" else replies.RCPT_SYNTAX)
     rest = arg[len(prefix):].lstrip(" ")
     m = _PATH.match(rest)
@@ -54,7 +55,9 @@ def parse_path(arg: str, prefix: str, bad: Reply) -> tuple[str, list[str]]:
         raise ArgumentError(bad) from None
     if octets + 2 > _MAX_PATH_OCTETS:
         raise ArgumentError(bad)
-    return address, rest[end:].split()
+    # Parameters are separated by spaces only (RFC 5321 4.1.2 SP): not by the no-break
+    # space or the other characters str.split() would take for whitespace.
+    return address, [param for param in rest[end:].split(" ") if param]
 
 
 # Paths already checked, by argument text: a client sends the same sender and recipients
@@ -110,10 +113,11 @@ def parse_mail_parameters(params: Sequence[str], *,
     size, body, smtputf8, seen_auth = None, None, False, False
     for param in params:
         key, eq, value = param.partition("=")
-        key = key.upper()
+        key = key.upper() if key.isascii() else "?"  # "ſIZE" is not SIZE
         if key == "SIZE" and eq and size is None and _SIZE_DIGITS.fullmatch(value):
             size = int(value)
-        elif key == "BODY" and eq and body is None and value.upper() in ("7BIT", "8BITMIME"):
+        elif key == "BODY" and eq and body is None and value.isascii() \
+                and value.upper() in ("7BIT", "8BITMIME"):
             body = value.upper()
         elif key == "SMTPUTF8" and not eq and not smtputf8:
             smtputf8 = True

@@ -76,6 +76,12 @@ from minismtp.smtp.scanner import (
 )
 
 
+# What MAIL's parameters may add to its line beyond max_command_bytes: SIZE= (RFC 1870:
+# 26 octets), AUTH= (RFC 4954 3: 500) and SMTPUTF8 (RFC 6531 3.4: 10). Other commands
+# keep the limit.
+MAIL_EXTRA_BYTES = 536
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = "localhost"
@@ -105,8 +111,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         # A whole command line must fit, or the line scanner could never find its end.
-        if self.command_buffer_bytes <= self.max_command_bytes:
-            raise ValueError("command_buffer_bytes must exceed max_command_bytes")
+        if self.command_buffer_bytes <= self.max_command_bytes + MAIL_EXTRA_BYTES:
+            raise ValueError("command_buffer_bytes must exceed max_command_bytes + "
+                             f"{MAIL_EXTRA_BYTES} (MAIL_EXTRA_BYTES)")
         if self.bare_lf not in BARE_LF_POLICIES:
             raise ValueError(f"bare_lf must be one of {BARE_LF_POLICIES}")
         if not set(self.auth_mechanisms) <= set(AUTH_MECHANISMS):
@@ -218,7 +225,7 @@ class SmtpServerConnection:
         self.settings = settings
         self.buffer = ReceiveBuffer(settings.command_buffer_bytes)
         self.state = _START
-        self._lines = LineScanner(settings.max_command_bytes)
+        self._lines = LineScanner(settings.max_command_bytes + MAIL_EXTRA_BYTES)
         self._out: list[bytes] = []
         self._pending: object | None = None  # the decision event awaiting an answer
         self._close_reason = ""
@@ -283,6 +290,7 @@ class SmtpServerConnection:
             return NEED_DATA if self.state is not _CLOSED else ConnectionClosed(
                 self._close_reason)
         next_line = self._lines.next_line
+        max_line = self.settings.max_command_bytes
         while self.state is not _CLOSED:
             lf, begin = next_line(data, buf.start, buf.end)
             if lf < 0:
@@ -293,6 +301,9 @@ class SmtpServerConnection:
                 self._error(replies.LINE_TOO_LONG)
                 continue
             buf.start = lf + 1
+            if lf - begin >= max_line and data[begin:begin + 5].upper() != b"MAIL ":
+                self._error(replies.LINE_TOO_LONG)  # only MAIL has MAIL_EXTRA_BYTES more
+                continue
             if lf > begin and data[lf - 1] == CR:
                 lf -= 1
             elif self._reject_bare_lf:
@@ -455,25 +466,34 @@ class SmtpServerConnection:
 
     def _dispatch(self, text: str) -> object | None:
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # ASCII letters only: str.upper() would also make "MAıL" (dotless i) MAIL, a
+        # command that a filter in front of us reads as unknown (RFC 5321 2.4).
+        verb = verb.upper() if verb.isascii() else ""
         handler = self._handlers.get(verb)
         commands = self.commands
         if handler is None:
             if not commands:
                 self.foreign_protocol = _foreign_protocol(text)
             commands["unknown"] = commands.get("unknown", 0) + 1
-            self._error(replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
+            self._error(replies.NO_SERVICE_SEQUENCE if self.state is _NO_SERVICE
+                        else replies.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED
                         else replies.UNRECOGNIZED)
             return None
         commands[verb] = commands.get(verb, 0) + 1
+        if self.state is _NO_SERVICE and verb != "QUIT":
+            self._error(replies.NO_SERVICE_SEQUENCE)  # RFC 5321 3.1: 503 to all but QUIT
+            return None
         if self._tls_needed and verb in _NEEDS_TLS:
             self._error(replies.MUST_STARTTLS)
             return None
         if verb not in _ANY_STATE and (self.state, verb) not in _NEXT_STATE:
-            self._error(_bad_sequence(self.state, verb, self._rcpt_attempts > 0))
-            return None
-        if self.state is _NO_SERVICE and verb != "QUIT":
-            self._error(replies.NO_SERVICE_SEQUENCE)
+            reply = _bad_sequence(self.state, verb, self._rcpt_attempts > 0)
+            if reply is replies.NO_VALID_RECIPIENTS:
+                # Not the client's error: a pipelining client sends DATA before it can
+                # know that every RCPT was refused (RFC 2920 3.1).
+                self._refuse(reply)
+            else:
+                self._error(reply)
             return None
         try:
             event = handler(self, arg.strip(" "))
@@ -564,7 +584,7 @@ class SmtpServerConnection:
         if not self._esmtp:
             raise ArgumentError(replies.AUTH_NEED_EHLO)
         mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
+        mechanism = mechanism.upper() if mechanism.isascii() else "?"  # as verbs are
         if not mechanism or " " in initial:
             raise ArgumentError(replies.AUTH_SYNTAX)
         if mechanism not in self.settings.auth_mechanisms:

@@ -108,7 +108,7 @@ READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 section 4
 
 # Sequence and syntax (RFC 5321 section 4.2.4; enhanced codes RFC 3463).
 UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
-LINE_TOO_LONG = Reply(500, "5.5.6", "Error: command line too long")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")
 BARE_LF_COMMAND = Reply(500, "5.5.2", "Error: bare <LF> received; lines must end with <CR><LF>")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")

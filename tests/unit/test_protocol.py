@@ -17,7 +17,7 @@ from minismtp.smtp.events import (
     NEED_DATA, PAUSED, BodyChunk, ConnectionClosed, DataStarted, Envelope, Hello, MailFrom,
     MessageEnd, MessageRejected, Quit, RcptTo, Reset,
 )
-from minismtp.smtp.protocol import Settings, SmtpServerConnection
+from minismtp.smtp.protocol import MAIL_EXTRA_BYTES, Settings, SmtpServerConnection
 from minismtp.smtp.replies import Reply
 
 DENIED = Reply(550, "5.7.1", "Access denied")
@@ -44,7 +44,7 @@ def test_reply_wire_bytes() -> None:
     assert R.NO_VALID_RECIPIENTS.wire == b"554 5.5.1 Error: no valid recipients\r\n"
     assert R.MESSAGE_TOO_BIG.wire == (
         b"552 5.3.4 Error: message exceeds fixed maximum message size\r\n")
-    assert R.LINE_TOO_LONG.wire == b"500 5.5.6 Error: command line too long\r\n"
+    assert R.LINE_TOO_LONG.wire == b"500 5.5.2 Error: command line too long\r\n"
     assert R.BARE_LF_COMMAND.wire.startswith(b"500 5.5.2 ")
     assert R.BARE_LF_DATA.wire.startswith(b"550 5.5.2 ")
     assert R.TOO_MANY_ERRORS.wire.startswith(b"421 4.7.0 ")
@@ -149,6 +149,11 @@ PARAM_CASES = [
         b"BODY=9BIT", b"BODY", b"SIZE=big", b"SIZE=", b"SIZE=-1", b"SIZE=1 SIZE=2",
         b"SMTPUTF8=yes")],
     *[mail_param(p, R.UNKNOWN_PARAMETER) for p in (b"FOO=BAR", b"RET=HDRS", b"AUTH=<>")],
+    # Keywords and values in ASCII letters only (RFC 5321 2.4): "ſ" and "ı" upper-case
+    # to S and I in Python, yet are no keyword here; parameters are split at spaces only.
+    *[mail_param(p.encode(), R.UNKNOWN_PARAMETER) for p in ("ſIZE=10", "SMTPUTFſ")],
+    *[mail_param(p.encode(), R.BAD_PARAMETER_VALUE) for p in (
+        "BODY=8bıtmıme", "SIZE=10\u00a0BODY=8BITMIME", "SIZE=10\x1cBODY=8BITMIME")],
     mail_param(b"SIZE=2000", R.SENDER_OK, max_message_bytes=2000),
     *[case("after-helo-" + p.decode(), HELO + b"MAIL FROM:<alice@example.org> " + p + b"\r\n",
            HELO_R, R.UNKNOWN_PARAMETER) for p in (b"SIZE=10", b"BODY=8BITMIME", b"SMTPUTF8")],
@@ -216,8 +221,11 @@ def test_421_greeting_closes_at_once(mode: str) -> None:
 
 
 @pytest.mark.parametrize("line", [EHLO, HELO, MAIL, RCPT, b"DATA\r\n", b"RSET\r\n",
-                                  b"NOOP\r\n", b"VRFY bob\r\n", b"HELP\r\n"])
+                                  b"NOOP\r\n", b"VRFY bob\r\n", b"HELP\r\n",
+                                  b"EXPN staff\r\n", b"ETRN mx.test\r\n", b"FOO\r\n",
+                                  b"STARTTLS\r\n"])
 def test_after_554_greeting_only_quit_works(mode: str, line: bytes) -> None:
+    """RFC 5321 3.1: 503 to every command but QUIT, unknown and unoffered ones too."""
     c = Client(mode, greeting=NO_SERVICE)
     assert c.greeting == NO_SERVICE.wire
     assert c.send(line + line) == wire(R.NO_SERVICE_SEQUENCE, R.NO_SERVICE_SEQUENCE)
@@ -453,6 +461,46 @@ def test_line_of_exactly_the_limit_is_accepted(mode: str, limit: int) -> None:
     assert c.send(line + over + line) == wire(R.OK, R.LINE_TOO_LONG, R.OK)
 
 
+def test_mail_has_room_for_its_parameters_and_other_commands_do_not(mode: str) -> None:
+    """A 256-octet path with SIZE, BODY and SMTPUTF8 exceeds 512 octets: RFC 1870, 4954
+    and 6531 let MAIL take MAIL_EXTRA_BYTES more (AUTH= alone may add 500). RCPT, or
+    any other command, of the same length is still too long."""
+    c = Client(mode)
+    path = "a" * 60 + "@" + "b" * 189 + ".org"
+    assert len(path) + 2 <= 256
+    mail = f"MAIL FROM:<{path}> SIZE=1000 BODY=8BITMIME SMTPUTF8 ".encode()
+    mail += b" " * (512 + MAIL_EXTRA_BYTES - len(mail) - 2) + b"\r\n"
+    assert len(mail) == 512 + MAIL_EXTRA_BYTES
+    rcpt = b"RCPT TO:<bob@mx.test>" + b" " * (600 - 21 - 2) + b"\r\n"
+    over = mail[:-2] + b" \r\n"
+    assert c.send(EHLO + mail + rcpt + RCPT + b"RSET\r\n" + over + b"NOOP\r\n") == wire(
+        EHLO_R, R.SENDER_OK, R.LINE_TOO_LONG, R.RECIPIENT_OK, R.OK, R.LINE_TOO_LONG, R.OK)
+    assert c.conn.errors == 2
+
+
+@pytest.mark.parametrize("line", ["MAıL FROM:<a@b.example>", "quıt", "ſTARTTLS",
+                                  "EHLO\u00a0client.example"])
+def test_verbs_are_ascii_letters_only(mode: str, line: str) -> None:
+    """Python upper-cases "ı" (dotless i) to I and "ſ" (long s) to S; RFC 5321 2.4 makes
+    verbs ASCII, and a filter in front of us would see an unknown command: so do we."""
+    c = Client(mode, starttls=True)
+    assert c.send(EHLO + line.encode() + b"\r\n" + b"NOOP\r\n") == wire(
+        R.ehlo("mx.test", Settings().max_message_bytes, starttls=True).wire, R.UNRECOGNIZED,
+        R.OK)
+    assert not c.conn.closed and not c.conn.awaiting_tls
+
+
+def test_data_with_no_valid_recipients_is_not_a_protocol_error(mode: str) -> None:
+    """RFC 2920 3.1: a pipelining client sends DATA before it learns that every RCPT was
+    refused; its 554 is the expected outcome, not an error. 25 such transactions in a
+    session with max_errors 20 leave it open."""
+    c = Client(mode, policy=reject(RcptTo, USER_UNKNOWN))
+    attempt = MAIL + RCPT + b"DATA\r\n" + b"RSET\r\n"
+    assert c.send(EHLO + attempt * 25 + b"NOOP\r\n") == wire(
+        EHLO_R, *[R.SENDER_OK, USER_UNKNOWN, R.NO_VALID_RECIPIENTS, R.OK] * 25, R.OK)
+    assert c.conn.errors == 0 and not c.conn.closed
+
+
 @pytest.mark.parametrize("chunk", [1000, 4096, 4097, 65536])
 def test_endless_line_gets_one_reply_and_no_memory(chunk: int) -> None:
     c = Client("whole")
@@ -460,7 +508,7 @@ def test_endless_line_gets_one_reply_and_no_memory(chunk: int) -> None:
     piece, out = b"A" * chunk, b""
     for _ in range(3 * 2**20 // chunk + 1):
         out += c.send(piece)
-        assert c.conn.buffer.capacity == capacity and len(c.conn.buffer) < 512
+        assert c.conn.buffer.capacity == capacity and len(c.conn.buffer) < 512 + MAIL_EXTRA_BYTES
     assert out == R.LINE_TOO_LONG.wire
     assert c.send(b"\r\nNOOP\r\n") == R.OK.wire
 
