@@ -127,6 +127,7 @@ def _mkdir(path: str, fsync: bool, mode: int = 0o700, gid: int = -1) -> bool:
 _find_bare_cr = re.compile(rb"\r(?!\n)").search
 _LF_STRETCH = 65536  # LF storage converts and writes at most this much at a time
 _CR = 13
+_FOLDING = (0x20, 0x09)  # space, tab: a line beginning with one continues a header
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
@@ -193,7 +194,7 @@ class MaildirSink(Sink):
     """One message in tmp/. `_fd < 0` means finished: committed, aborted or failed."""
 
     __slots__ = ("_backend", "_fd", "_tmp_path", "_name", "queue_id", "_mailboxes",
-                 "_targets", "_linked", "_lf")
+                 "_targets", "_linked", "_lf", "_at_body")
 
     def __init__(self, backend: MaildirBackend, fd: int, tmp_path: str, name: str,
                  queue_id: str, mailboxes: tuple[tuple[str, str], ...]) -> None:
@@ -206,11 +207,19 @@ class MaildirSink(Sink):
         self._targets: tuple[str, ...] = ()  # their new/ directories, once made at commit
         self._linked: list[str] = []  # its names in new/ once committed
         self._lf = backend.line_endings == "lf"
+        self._at_body = False  # the next write is the message's first bytes (see open)
 
     def write(self, data: memoryview | bytes) -> None:
         fd = self._fd
         if fd < 0:
             return
+        if self._at_body and data:
+            self._at_body = False
+            if data[0] in _FOLDING:
+                # A first line that begins with a space or tab would continue our last
+                # trace header (RFC 5322 2.2.3), letting the client write into it. As
+                # Postfix does, an empty line first: the client's text becomes body.
+                self.write(b"\r\n")  # as LF too, with line_endings: lf
         try:
             if not self._lf:
                 _write_all(fd, data)
@@ -414,6 +423,7 @@ class MaildirBackend(Backend):
         # Written whole through write(), so they get the file's line endings too.
         sink.write(trace_headers(envelope, peer, hostname or self.hostname, queue_id, seconds,
                                  delivered_to, for_clause=record != "none"))
+        sink._at_body = True
         return sink
 
     @staticmethod

@@ -155,7 +155,10 @@ def trace_headers(envelope: Envelope, peer: Peer, hostname: str, queue_id: str,
     )
     date = formatdate(when_s, localtime=True)
     if len(envelope.recipients) == 1 and for_clause:
-        received += f"\r\n\tfor <{address_text(envelope.recipients[0], utf8)}>; {date}"
+        rcpt = address_text(envelope.recipients[0], utf8)
+        if "@" not in rcpt:  # <postmaster>: "for" takes a mailbox (RFC 5321 4.4), ours
+            rcpt += f"@{_clean(hostname)}"
+        received += f"\r\n\tfor <{rcpt}>; {date}"
     else:
         received += f";\r\n\t{date}"
     lines.append(received)

@@ -106,6 +106,37 @@ def test_file_is_trace_headers_then_exact_body(tmp_path: Path) -> None:
     assert msg["Subject"] is not None and len(msg.get_all("Received")) == 1
 
 
+@pytest.mark.parametrize("line_endings", ["crlf", "lf"])
+@pytest.mark.parametrize("first", [b" ", b"\t"])
+def test_a_first_line_that_folds_cannot_continue_our_received(
+        tmp_path: Path, line_endings: str, first: bytes) -> None:
+    """A message whose first line begins with a space or tab would continue our last
+    trace header (RFC 5322 2.2.3 folding), the client's text inside our Received: an
+    empty line goes first (as Postfix writes), and the client's text is body."""
+    b = backend(tmp_path, line_endings=line_endings)
+    sink = b.open(envelope("b@example.net"), PEER)
+    sink.write(b"")  # an empty piece first changes nothing
+    sink.write(first + b"(Authenticated sender: ceo@example.net)\r\nSubject: x\r\n\r\nhi\r\n")
+    sink.commit()
+    data = stored(tmp_path)
+    eol = b"\n" if line_endings == "lf" else b"\r\n"
+    head, _, body = data.partition(eol + eol)
+    assert body == first + b"(Authenticated sender: ceo@example.net)" + eol + b"Subject: x" \
+        + eol + eol + b"hi" + eol
+    msg = BytesParser().parsebytes(data)
+    assert "Authenticated" not in msg["Received"] and msg["Subject"] is None
+
+
+def test_a_first_header_line_is_written_as_it_came(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    sink = b.open(envelope("b@example.net"), PEER)
+    sink.write(memoryview(b"Subject: x\r\n\tcontinued\r\n\r\nhi\r\n"))
+    sink.commit()
+    head, sent = stored(tmp_path).split(b"Subject: x", 1)
+    assert head.startswith(b"Return-Path: ") and b"\r\n\r\n" not in head  # no empty line
+    assert sent == b"\r\n\tcontinued\r\n\r\nhi\r\n"
+
+
 def test_received_for_one_recipient_and_date(tmp_path: Path) -> None:
     b = backend(tmp_path)
     before = time.time()
@@ -117,6 +148,14 @@ def test_received_for_one_recipient_and_date(tmp_path: Path) -> None:
     when = parsedate_to_datetime(received.rpartition("; ")[2])
     assert before - 2 <= when.timestamp() <= time.time() + 1
     assert when.tzinfo is not None
+
+
+def test_received_for_postmaster_names_a_mailbox(tmp_path: Path) -> None:
+    """RCPT TO:<postmaster> has no domain; "for" takes a mailbox (RFC 5321 4.4): ours."""
+    deliver(backend(tmp_path), envelope("postmaster"))
+    msg = BytesParser().parsebytes(stored(tmp_path))
+    assert " for <postmaster@mx.example.net>; " in " ".join(msg["Received"].split())
+    assert msg["Delivered-To"] == "postmaster"
 
 
 @pytest.mark.parametrize(("esmtp", "smtputf8", "word"), [
