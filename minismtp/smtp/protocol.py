@@ -225,7 +225,7 @@ class SmtpServerConnection:
         self.settings = settings
         self.buffer = ReceiveBuffer(settings.command_buffer_bytes)
         self.state = _START
-        self._lines = LineScanner(settings.max_command_bytes + MAIL_EXTRA_BYTES)
+        self._lines = LineScanner(settings.max_command_bytes, b"MAIL ", MAIL_EXTRA_BYTES)
         self._out: list[bytes] = []
         self._pending: object | None = None  # the decision event awaiting an answer
         self._close_reason = ""
@@ -290,7 +290,6 @@ class SmtpServerConnection:
             return NEED_DATA if self.state is not _CLOSED else ConnectionClosed(
                 self._close_reason)
         next_line = self._lines.next_line
-        max_line = self.settings.max_command_bytes
         while self.state is not _CLOSED:
             lf, begin = next_line(data, buf.start, buf.end)
             if lf < 0:
@@ -301,9 +300,6 @@ class SmtpServerConnection:
                 self._error(replies.LINE_TOO_LONG)
                 continue
             buf.start = lf + 1
-            if lf - begin >= max_line and data[begin:begin + 5].upper() != b"MAIL ":
-                self._error(replies.LINE_TOO_LONG)  # only MAIL has MAIL_EXTRA_BYTES more
-                continue
             if lf > begin and data[lf - 1] == CR:
                 lf -= 1
             elif self._reject_bare_lf:

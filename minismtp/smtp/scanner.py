@@ -48,12 +48,17 @@ TOO_LONG = -2  # a line over the limit; it is dropped up to its LF
 
 
 class LineScanner:
-    """Finds command lines of at most `max_line_bytes` octets, line ending included."""
+    """Finds command lines of at most `max_line_bytes` octets, line ending included, or
+    `extra_bytes` more for a line that begins with `extended` (ASCII letters in any case:
+    MAIL, whose parameters may lengthen it)."""
 
-    __slots__ = ("max_line_bytes", "discarding", "_scanned")
+    __slots__ = ("max_line_bytes", "extended", "extra_bytes", "discarding", "_scanned")
 
-    def __init__(self, max_line_bytes: int) -> None:
+    def __init__(self, max_line_bytes: int, extended: bytes = b"", extra_bytes: int = 0
+                 ) -> None:
         self.max_line_bytes = max_line_bytes
+        self.extended = extended.upper()
+        self.extra_bytes = extra_bytes if extended else 0
         self.discarding = False  # inside an over-long line, dropping bytes up to its LF
         # How many bytes after `start` are known to hold no LF. Relative to `start`, so
         # it stays true when the buffer is compacted or replaced.
@@ -74,14 +79,21 @@ class LineScanner:
             start = lf + 1
             lf = buf.find(b"\n", start, end)
         if lf < 0:
-            if end - start >= self.max_line_bytes:
+            if end - start >= self.max_line_bytes and end - start >= self._limit(buf, start):
                 self.discarding = True
                 return TOO_LONG, end
             self._scanned = end - start
             return NEED_MORE, start
-        if lf + 1 - start > self.max_line_bytes:
+        if lf + 1 - start > self.max_line_bytes and lf + 1 - start > self._limit(buf, start):
             return TOO_LONG, lf + 1
         return lf, start
+
+    def _limit(self, buf: bytearray, start: int) -> int:
+        """The limit of the line at `start`, past max_line_bytes only (seldom asked)."""
+        extended = self.extended
+        if extended and buf[start:start + len(extended)].upper() == extended:
+            return self.max_line_bytes + self.extra_bytes
+        return self.max_line_bytes
 
     def reset(self) -> None:
         self.discarding = False
