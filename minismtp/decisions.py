@@ -199,9 +199,11 @@ class Decisions:
 
         def finish(session: Session) -> None:
             if action.disconnect:
-                reason = f"fault rule {action.rule.name}: disconnect"
-                session.conn.disconnect(reason)
-                self.loop.close(session, reason)
+                # The core closes; the loop then sends what earlier commands were
+                # answered (their replies may wait behind this one) and closes. A
+                # message being stored is dropped now, not when the socket closes.
+                self.storage.abort(session)
+                session.conn.disconnect(f"fault rule {action.rule.name}: disconnect")
             elif action.reply is not None:
                 self.stats.replies[action.reply.code] += 1
                 refuse(session, action.reply)

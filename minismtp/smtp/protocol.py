@@ -409,9 +409,10 @@ class SmtpServerConnection:
             self._close(f"closed by server: {reply.code}")
 
     def disconnect(self, reason: str = "dropped by server") -> None:
-        """Close without a word (fault injection)."""
+        """Close without answering the pending command (fault injection). Replies to
+        commands before it still go out: a pipelined 250 for a stored message must not
+        be lost with the connection, or the client sends the message again."""
         self._pending = None
-        self._out.clear()
         self._close(reason)
 
     def data_to_send(self) -> bytes:

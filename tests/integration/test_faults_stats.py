@@ -327,6 +327,30 @@ def test_disconnect_drops_at_its_stage_without_a_reply(make_server, raw_clients,
     assert server.worker_pids() == workers  # a dropped session, not a dead worker
 
 
+@pytest.mark.parametrize("fsync", [False, True])  # answered at once, or after a commit
+@pytest.mark.parametrize(("stage", "after_dot"), [
+    ("quit", b"QUIT\r\n"), ("mail", b"MAIL FROM:<next@example.org>\r\n")])
+def test_disconnect_after_a_pipelined_dot_keeps_the_messages_250(
+        make_server, raw_clients, fsync, stage, after_dot):
+    """The final dot and the next command in one segment (RFC 2920), the rule dropping
+    the connection at that command: the message is stored, so its 250 goes out before
+    the drop (else the client would send it again); the dropped command gets nothing."""
+    rule = {"name": "drop", "stage": stage, "disconnect": True}
+    if stage == "mail":
+        rule["sender"] = "next@*"
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": fsync},
+                          "faults": {"rules": [rule]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY) + after_dot)
+    seen = client.wait_closed()
+    assert seen.startswith(b"250 2.0.0 Ok: queued as ") and seen.count(b"\r\n") == 1, seen
+    assert len(server.files("new")) == 1
+
+
 def test_reply_rule_at_connect_leaves_only_quit(make_server, raw_clients):
     server = make_server({"server": {"workers": 1}, "faults": {"rules": [
         {"name": "no-service", "stage": "connect", "reply": "554 5.7.1 No service"}]}})

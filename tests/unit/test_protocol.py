@@ -317,14 +317,15 @@ def test_shutdown_sends_a_last_reply_and_closes(mode: str, data: bytes) -> None:
     assert c.conn.data_to_send() == b""
 
 
-def test_disconnect_drops_unsent_replies() -> None:
+def test_disconnect_leaves_the_pending_command_unanswered_and_earlier_replies_out() -> None:
     conn = SmtpServerConnection(Settings(hostname="mx.test"))
     conn.greet()
-    conn.receive_data(b"NOOP\r\nNOOP\r\n")
-    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"NOOP\r\nQUIT\r\nNOOP\r\n")
+    assert isinstance(conn.next_event(), Quit)  # the NOOP answered, QUIT to decide
     conn.disconnect("test")
-    assert conn.data_to_send() == b""
+    assert conn.data_to_send() == R.greeting("mx.test").wire + R.OK.wire  # no 221
     assert conn.next_event() == ConnectionClosed("test") and conn.closed
+    assert conn.data_to_send() == b""  # nothing after: the last NOOP is never read
 
 
 # -- the error budget ----------------------------------------------------------------
