@@ -194,10 +194,11 @@ class Decisions:
         """Apply a fired rule: after its delay, drop the connection, refuse with its
         reply, or answer as usual; a tarpit then sends that answer slowly."""
         self.stats.faults[action.rule.index] += 1
-        if action.tarpit_bps:
-            session.tarpit_bps = action.tarpit_bps
 
         def finish(session: Session) -> None:
+            if action.tarpit_bps:  # this reply slowly: not those queued before it
+                session.tarpit_bps = action.tarpit_bps
+                session.tarpit_at = len(session.transport.pending) + session.conn.queued_bytes
             if action.disconnect:
                 # The core closes; the loop then sends what earlier commands were
                 # answered (their replies may wait behind this one) and closes. A

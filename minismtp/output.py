@@ -90,6 +90,17 @@ class Output:
     def _start_trickle(self, session: Session) -> None:
         self.loop.want(session, 0)
         session.trickling = True
+        transport = session.transport
+        at, session.tarpit_at = session.tarpit_at, 0
+        if at:  # replies to pipelined commands before the tarpitted one: at full speed
+            try:
+                sent = transport.write(transport.pending[:at], 0)
+            except (BlockingIOError, InterruptedError):
+                sent = 0  # the client is not reading: they are trickled too
+            except OSError as exc:
+                self.loop.close(session, f"write error: {exc.strerror}")
+                return
+            transport.pending = transport.pending[sent:]
         self.trickle(session)
 
     def trickle(self, session: Session) -> None:
@@ -111,6 +122,10 @@ class Output:
             return
         session.trickling = False
         session.tarpit_bps = 0.0  # one reply per rule firing
+        if session.conn.state is _DATA:
+            # The 354 has only now reached the client: DATA's deadlines start here, not
+            # when it was queued, or the tarpit's time would count as the client's.
+            loop.data_started(session)
         loop.resume(session)
 
     # -- the end ---------------------------------------------------------------------

@@ -91,7 +91,8 @@ class Session:
         "transport", "fd", "conn", "peer", "profile", "handshake", "preamble", "sink",
         "sink_failed", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
-        "tarpit_bps", "trickling", "lingering", "closed", "end", "client_entry",
+        "tarpit_bps", "tarpit_at", "trickling", "lingering", "closed", "end",
+        "client_entry",
     )
 
     def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer,
@@ -115,6 +116,7 @@ class Session:
         self.end_seen = 0.0  # when its terminator arrived
         self.paused = False  # a decision is deferred (delay, commit): do not read
         self.tarpit_bps = 0.0  # send the next reply this slowly (a fault rule)
+        self.tarpit_at = 0  # octets of output before that reply: they go out at full speed
         self.trickling = False
         self.lingering = False  # last reply sent, write side shut: draining until EOF
         self.closed = False

@@ -415,6 +415,11 @@ class SmtpServerConnection:
         self._pending = None
         self._close(reason)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Octets of the replies queued, not yet taken by data_to_send."""
+        return sum(map(len, self._out))
+
     def data_to_send(self) -> bytes:
         """Replies queued so far, in order, as one batch."""
         out = self._out

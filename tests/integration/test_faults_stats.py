@@ -385,6 +385,67 @@ def test_tarpit_at_helo_trickles_the_reply_then_the_session_works(make_server, r
     assert time.monotonic() - started < 1, "only the one reply is tarpitted"
 
 
+def arrivals(sock: socket.socket, until: bytes, limit_s: float = 30.0
+             ) -> list[tuple[float, bytes]]:
+    """(seconds since the call, bytes) of each read, until `until` has come."""
+    got, pieces, began = b"", [], time.monotonic()
+    sock.settimeout(0.5)
+    while until not in got and time.monotonic() - began < limit_s:
+        try:
+            piece = sock.recv(4096)
+        except TimeoutError:
+            continue
+        if not piece:
+            break
+        got += piece
+        pieces.append((time.monotonic() - began, piece))
+    assert until in got, pieces
+    return pieces
+
+
+@pytest.mark.parametrize("delay", [0, 0.2])
+def test_tarpit_slows_only_the_reply_its_rule_fired_for(make_server, raw_clients, delay):
+    """MAIL and RCPT in one segment, a rule tarpitting RCPT's reply (after a delay, or
+    at once): MAIL's 250 comes whole at once; RCPT's 250 takes about its length / 10 s,
+    in pieces."""
+    rule = {"name": "slow-rcpt", "stage": "rcpt", "tarpit": 10}
+    if delay:
+        rule["delay"] = delay
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [rule]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<r@example.org>\r\n")
+    pieces = arrivals(client.sock, replies.RECIPIENT_OK.wire)
+    first_at, first = pieces[0]
+    assert first.startswith(replies.SENDER_OK.wire) and first_at < 0.5 + delay, pieces
+    rcpt_pieces = b"".join(piece for _, piece in pieces)[len(replies.SENDER_OK.wire):]
+    assert rcpt_pieces == replies.RECIPIENT_OK.wire
+    assert len(pieces) >= 4 and pieces[-1][0] >= delay + 0.5 * len(rcpt_pieces) / 10, pieces
+
+
+def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_clients):
+    """The 354 trickled at 5 bytes/s takes about 7 s, longer than min_data_rate's grace
+    (2 s here): the body that follows at once, 30 bytes in half a second, is the
+    client's first chance to send, and is stored, not cut off with 421."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "limits": {"min_data_rate": 500, "min_data_rate_grace": "2s"},
+                          "faults": {"rules": [{"name": "slow-354", "stage": "data",
+                                                "tarpit": 5}]}})
+    client = raw_clients(server.port, timeout=30)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    client.expect(250)
+    client.expect(250)
+    started = time.monotonic()
+    client.expect(354, timeout=30)
+    assert time.monotonic() - started > 2
+    client.send(b"Subject: hello\r\n")
+    time.sleep(0.5)
+    client.send(b"\r\nbody\r\n.\r\n")
+    assert client.reply(timeout=10).code == 250
+
+
 def test_reply_at_end_of_data_stores_nothing(make_server, raw_clients):
     server = make_server({"server": {"workers": 1}, "faults": {"rules": [
         {"name": "refuse-body", "stage": "end_of_data", "recipient": "*@reject.test",
