@@ -85,7 +85,15 @@ class Decisions:
         if self.greet_at_once:
             session.conn.greet()
         else:
-            self._decide(session, "connect", _greet, _greet_with)
+            self._decide(session, "connect", self._greet, _greet_with)
+
+    def _greet(self, session: Session) -> None:
+        if self.loop.stopping:  # a connect delay ended while the worker stops: one 421
+            self.stats.replies[replies.SHUTTING_DOWN.code] += 1
+            session.end = "server stopping"
+            session.conn.greet(replies.SHUTTING_DOWN)
+        else:
+            session.conn.greet()
 
     def hello(self, session: Session, event: Hello) -> None:
         self._decide(session, "helo", _accept, _reject)
@@ -137,7 +145,11 @@ class Decisions:
         self._decide(session, "auth", lambda session: check(session, event), _reject)
 
     def quit(self, session: Session, event: Quit) -> None:
-        self._decide(session, "quit", _accept, _reject, session.conn.sender)
+        # The sender of the transaction QUIT ends, or else of the session's last message
+        # (none: a rule with a sender does not match).
+        conn, last = session.conn, session.envelope
+        sender = conn.sender if conn.in_transaction else None if last is None else last.sender
+        self._decide(session, "quit", _accept, _reject, sender)
 
     # -- storing a message -------------------------------------------------------
 
@@ -230,10 +242,6 @@ def _accept(session: Session, event: object = None) -> None:
 
 def _reject(session: Session, reply: Reply) -> None:
     session.conn.reject(reply)
-
-
-def _greet(session: Session) -> None:
-    session.conn.greet()
 
 
 def _greet_with(session: Session, reply: Reply) -> None:

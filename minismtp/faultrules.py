@@ -17,6 +17,10 @@ from minismtp import values
 from minismtp.faults import MAX_RULES, STAGES, DelayRange, FaultRule, Network
 from minismtp.smtp.replies import Reply
 
+# A session waiting out a delay is not read (a client that leaves is seen when it ends),
+# so a delay is bounded; as is a tarpit's slowness, by its least rate.
+MAX_DELAY_S = 3600.0
+MAX_REPLY_BYTES = 512  # RFC 5321 4.5.3.1.5: a reply line, CRLF included
 _RECIPIENT_STAGES = ("rcpt", "data", "end_of_data")  # before RCPT there is no recipient
 _SENDER_STAGES = ("mail", "rcpt", "data", "end_of_data", "quit")
 _RULE_KEYS = ("name", "stage", "sender", "recipient", "client", "rate", "reply", "delay",
@@ -104,7 +108,7 @@ class _Rule:
         delay = self.delay(raw.get("delay"))
         disconnect = self.disconnect(raw.get("disconnect", False))
         tarpit = self.tarpit(raw.get("tarpit"))
-        self.combination(raw, disconnect)
+        self.combination(raw, disconnect, delay)
         if not self.ok:
             return None
         return FaultRule(self.index, name, stage, sender, recipient, client, rate, reply,
@@ -184,15 +188,20 @@ class _Rule:
         if reply.code < 400 and not (stage == "quit" and reply.code == 221):
             self.problem("reply", f"{want}, got {values.got(value)}")
             return None
+        if len(reply.wire) > MAX_REPLY_BYTES:
+            self.problem("reply", f"must be at most {MAX_REPLY_BYTES} octets with its CRLF "
+                         f"(RFC 5321 4.5.3.1.5), got {len(reply.wire)}")
+            return None
         return reply
 
     def delay(self, value: object) -> DelayRange | None:
-        want = 'must be seconds >= 0 such as 0.2 or "200ms", or {min: ..., max: ...}'
+        want = (f'must be seconds from 0 to {MAX_DELAY_S:.0f} such as 0.2 or "200ms", or '
+                '{min: ..., max: ...}')
         if value is None:
             return None
         if not isinstance(value, dict):
             seconds = values.to_seconds(value)
-            if seconds is None or seconds < 0:
+            if seconds is None or not 0 <= seconds <= MAX_DELAY_S:
                 self.problem("delay", f"{want}, got {values.got(value)}")
                 return None
             return DelayRange(seconds, seconds)
@@ -202,9 +211,9 @@ class _Rule:
                 self.problem(f"delay.{key}", 'unknown key (a range has only "min" and "max")')
         for key in ("min", "max"):
             seconds = values.to_seconds(value.get(key))
-            if seconds is None or seconds < 0:
-                self.problem(f"delay.{key}", 'must be seconds >= 0 such as 0.05 or "50ms", '
-                             f"got {values.got(value.get(key))}")
+            if seconds is None or not 0 <= seconds <= MAX_DELAY_S:
+                self.problem(f"delay.{key}", f"must be seconds from 0 to {MAX_DELAY_S:.0f} "
+                             f'such as 0.05 or "50ms", got {values.got(value.get(key))}')
             else:
                 bounds[key] = seconds
         if len(bounds) == 2 and bounds["min"] > bounds["max"]:
@@ -222,16 +231,20 @@ class _Rule:
         if value is None:
             return None
         rate = _number(value)
-        if rate is None or rate <= 0:
-            self.problem("tarpit", f"must be bytes per second > 0, got {values.got(value)}")
+        if rate is None or rate < 1:
+            self.problem("tarpit", f"must be bytes per second, at least 1, got {values.got(value)}")
             return None
         return rate
 
-    def combination(self, raw: dict[Any, Any], disconnect: bool) -> None:
-        # An action given but invalid is reported as such, not also as missing.
-        given = [raw.get(key) for key in ("reply", "delay", "tarpit", "disconnect")]
+    def combination(self, raw: dict[Any, Any], disconnect: bool,
+                    delay: DelayRange | None) -> None:
+        # An action given but invalid is reported as such, not also as missing. A delay
+        # of nothing (0, or a range of 0 to 0) does nothing: no action on its own.
+        given = [raw.get(key) for key in ("reply", "tarpit", "disconnect")]
+        given.append(None if delay is not None and delay.max_s == 0 else raw.get("delay"))
         if all(value is None or value is False for value in given):
-            self.problem(None, "needs an action: reply, delay, disconnect: true or tarpit")
+            self.problem(None, "needs an action: reply, delay (above 0), disconnect: true "
+                         "or tarpit")
         if disconnect:  # a dropped connection sends nothing, so nothing to send slowly
             for key in ("reply", "tarpit"):
                 if raw.get(key) is not None:

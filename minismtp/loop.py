@@ -21,6 +21,7 @@ __all__ = ["READ", "WRITE", "Loop"]
 class Loop(Protocol):
     now: float  # the loop's clock, read once per wake-up
     timers: Timers
+    stopping: bool  # the worker stops: no new session is greeted
 
     def want(self, session: Session, mask: int) -> None:
         """Watch the session's connection for READ, WRITE, or nothing (0)."""

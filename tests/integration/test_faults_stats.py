@@ -446,6 +446,37 @@ def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_
     assert client.reply(timeout=10).code == 250
 
 
+@pytest.mark.parametrize(("rule_sender", "mail_from", "fires"), [
+    ("alice@*", "alice@example.org", True),  # the session's last message was alice's
+    ("", "alice@example.org", False),  # "" is the null sender <>, not "no sender"
+    ("", None, False),  # no MAIL at all: no sender to match
+    ("", "", True),  # a bounce (MAIL FROM:<>) was the last message
+])
+def test_a_quit_rule_matches_the_sessions_last_sender(make_server, raw_clients,
+                                                      rule_sender, mail_from, fires):
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "q", "stage": "quit",
+                                                "sender": rule_sender, "reply": REFUSED}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    if mail_from is not None:
+        assert client.send_message(BODY, sender=mail_from).code == 250
+    client.send(b"QUIT\r\n")
+    assert client.reply().raw == (REFUSED.encode() + b"\r\n" if fires else replies.CLOSING.wire)
+
+
+def test_a_connect_delay_that_ends_while_stopping_greets_with_one_421(make_server,
+                                                                     raw_clients):
+    server = make_server({"server": {"workers": 1, "shutdown_timeout": "10s"},
+                          "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow-greeting", "stage": "connect",
+                                                "delay": 1}]}})
+    client = raw_clients(server.port)
+    time.sleep(0.2)  # accepted, its greeting delayed
+    server.send_signal(signal.SIGTERM)
+    assert client.wait_closed(timeout=5) == replies.SHUTTING_DOWN.wire
+
+
 def test_reply_at_end_of_data_stores_nothing(make_server, raw_clients):
     server = make_server({"server": {"workers": 1}, "faults": {"rules": [
         {"name": "refuse-body", "stage": "end_of_data", "recipient": "*@reject.test",

@@ -68,11 +68,11 @@ def test_defaults_within_a_rule():
     {"stage": "connect", "reply": "554 5.3.2 No service"},  # a refusing greeting
     {"stage": "connect", "reply": "421"},  # enhanced code and text filled in
     {"stage": "data", "delay": 0.1, "disconnect": True},
-    {"stage": "end_of_data", "reply": "451 4.3.0 Try later", "tarpit": 0.5},
+    {"stage": "end_of_data", "reply": "451 4.3.0 Try later", "tarpit": 1.5},
     {"stage": "mail", "sender": "", "reply": "550 5.1.0 No bounces"},  # null sender
     {"stage": "helo", "client": "2001:db8::/32", "disconnect": True},
     {"stage": "rcpt", "client": "192.0.2.7", "rate": 0, "delay": "10ms"},
-    {"stage": "rcpt", "delay": {"min": 0, "max": 0}, "disconnect": False},
+    {"stage": "rcpt", "delay": {"min": 0, "max": "1ms"}, "disconnect": False},
 ])
 def test_valid_rules(rule):
     assert len(faults(rule).rules) == 1
@@ -113,9 +113,16 @@ BAD_RULES = [
     ({"stage": "rcpt", "disconnect": True, "tarpit": 10},
      "faults.rules[0].disconnect: cannot be combined with tarpit: a disconnect sends no reply"),
     ({"stage": "rcpt"},
-     "faults.rules[0]: needs an action: reply, delay, disconnect: true or tarpit"),
+     "faults.rules[0]: needs an action: reply, delay (above 0), disconnect: true or tarpit"),
     ({"stage": "rcpt", "disconnect": False},
-     "faults.rules[0]: needs an action: reply, delay, disconnect: true or tarpit"),
+     "faults.rules[0]: needs an action: reply, delay (above 0), disconnect: true or tarpit"),
+    ({"stage": "rcpt", "delay": 0},
+     "faults.rules[0]: needs an action: reply, delay (above 0), disconnect: true or tarpit"),
+    ({"stage": "rcpt", "delay": {"min": 0, "max": "0s"}},
+     "faults.rules[0]: needs an action: reply, delay (above 0), disconnect: true or tarpit"),
+    ({"stage": "rcpt", "reply": "450 4.2.0 " + "x" * 501},
+     "faults.rules[0].reply: must be at most 512 octets with its CRLF (RFC 5321 4.5.3.1.5), "
+     "got 513"),
     ({"stage": "rcpt", "client": "10.0.0.300/8", "delay": 1},
      'faults.rules[0].client: must be a network such as "10.0.0.0/8" or "2001:db8::/32", '
      'got "10.0.0.300/8"'),
@@ -138,16 +145,25 @@ BAD_RULES = [
     ({"stage": "rcpt", "recipient": "", "delay": 1},
      'faults.rules[0].recipient: must be an address pattern such as "*@example.test", got ""'),
     ({"stage": "rcpt", "delay": -1},
-     'faults.rules[0].delay: must be seconds >= 0 such as 0.2 or "200ms", '
+     'faults.rules[0].delay: must be seconds from 0 to 3600 such as 0.2 or "200ms", '
      "or {min: ..., max: ...}, got -1"),
+    ({"stage": "rcpt", "delay": "2h"},
+     'faults.rules[0].delay: must be seconds from 0 to 3600 such as 0.2 or "200ms", '
+     'or {min: ..., max: ...}, got "2h"'),
+    ({"stage": "rcpt", "delay": {"min": 1, "max": 1.0e300}},
+     'faults.rules[0].delay.max: must be seconds from 0 to 3600 such as 0.05 or "50ms", '
+     "got 1e+300"),
     ({"stage": "rcpt", "delay": {"min": 0.5, "max": 0.1}},
      "faults.rules[0].delay: min must not exceed max, got min 0.5 and max 0.1"),
     ({"stage": "rcpt", "delay": {"min": 0.1}},
-     'faults.rules[0].delay.max: must be seconds >= 0 such as 0.05 or "50ms", got null'),
+     'faults.rules[0].delay.max: must be seconds from 0 to 3600 such as 0.05 or "50ms", '
+     "got null"),
     ({"stage": "rcpt", "delay": {"min": 0, "max": 1, "mean": 0.5}},
      'faults.rules[0].delay.mean: unknown key (a range has only "min" and "max")'),
     ({"stage": "rcpt", "tarpit": 0},
-     "faults.rules[0].tarpit: must be bytes per second > 0, got 0"),
+     "faults.rules[0].tarpit: must be bytes per second, at least 1, got 0"),
+    ({"stage": "rcpt", "tarpit": 0.01},
+     "faults.rules[0].tarpit: must be bytes per second, at least 1, got 0.01"),
     ({"stage": "rcpt", "disconnect": "yes"},
      'faults.rules[0].disconnect: must be true or false, got "yes"'),
     ({"stage": "rcpt", "delay": 1, "replay": "450 4.2.0 Busy"},
