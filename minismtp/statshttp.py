@@ -11,16 +11,20 @@ and extra bytes are ignored.
 Idle connections must not lock a dashboard out (hundreds of them used to fill the table
 for 5 s windows). So a client must send its whole request head within
 `request_timeout_s`, one address holds at most `max_per_address` connections, and a new
-connection that finds either limit reached closes the oldest connection still waiting for
-its request (of its address, or of all) rather than waiting itself. Only when every place
-is taken by a request being answered do new connections wait in the listen backlog. A new
-connection is read at once: a request already sent with it is answered in the same turn,
-before later connections can push it out.
+connection that finds either limit reached closes an older one (of its address, or of
+all) rather than waiting itself: the oldest that has its whole answer and lingers (below),
+else the oldest still waiting for its request. Only when every place is taken by an answer
+still being written do new connections wait in the listen backlog. A new connection is
+read at once: a request already sent with it is answered in the same turn, before later
+connections can push it out.
 
 Closing a socket that still has unread input makes the kernel send RST, which can
 destroy the response before the client reads it (an oversized request, say). So after
 responding we shut down our side and read to EOF first ("lingering close", as Apache
-does), within the same deadline.
+does), within the same deadline. A lingering client has had everything we had to say, so
+it is the first to give up its place: otherwise scrapers that connect again as soon as
+they have read an answer find their own lingering connections holding every place of
+their address, and one local process that never closes could keep the rest out.
 """
 
 from __future__ import annotations
@@ -151,8 +155,8 @@ class StatsHttpServer:
 
     def _accept(self) -> None:
         for _ in range(_ACCEPTS_PER_WAKEUP):
-            if len(self._clients) >= self.max_clients and self._oldest_waiting() is None:
-                self._pause()  # every place is answering a request: wait in the backlog
+            if len(self._clients) >= self.max_clients and self._first_to_go() is None:
+                self._pause()  # every place is writing an answer: wait in the backlog
                 return
             try:
                 sock, peer = self._sock.accept()
@@ -168,21 +172,21 @@ class StatsHttpServer:
             if self._make_room(address):
                 self._add(sock, address)
             else:
-                sock.close()  # every place of its address is answering a request
+                sock.close()  # every place of its address is writing an answer
 
     def _make_room(self, address: str) -> bool:
-        """Free a place for a new client from `address`: close the oldest client still
-        waiting for its request, of that address if it has all its places, else of all
-        if the table is full. False if each such place is answering a request."""
+        """Free a place for a new client from `address`: close the `_first_to_go` client,
+        of that address if it has all its places, else of all if the table is full.
+        False if each such place is still writing an answer."""
         if self._per_address.get(address, 0) >= self.max_per_address:
-            oldest = self._oldest_waiting(address)
+            leaving = self._first_to_go(address)
         elif len(self._clients) >= self.max_clients:
-            oldest = self._oldest_waiting()
+            leaving = self._first_to_go()
         else:
             return True
-        if oldest is None:
+        if leaving is None:
             return False
-        self._drop(oldest)
+        self._drop(leaving)
         return True
 
     def _add(self, sock: socket.socket, address: str) -> None:
@@ -193,12 +197,19 @@ class StatsHttpServer:
         self._want(client, _READ)
         self._serve(client, _READ)  # its request may be here already
 
-    def _oldest_waiting(self, address: str | None = None) -> _Client | None:
-        """The oldest client (of `address`, if given) still waiting for its request."""
-        for client in self._clients.values():
-            if not client.answered and address in (None, client.address):
+    def _first_to_go(self, address: str | None = None) -> _Client | None:
+        """The client (of `address`, if given) to close for a new one: the oldest that
+        lingers with its whole answer sent, else the oldest still waiting for its
+        request; None if every one is still being written to."""
+        waiting = None
+        for client in self._clients.values():  # oldest first
+            if address not in (None, client.address):
+                continue
+            if client.lingering:
                 return client
-        return None
+            if waiting is None and not client.answered:
+                waiting = client
+        return waiting
 
     def _read(self, client: _Client) -> None:
         data = client.sock.recv(_RECV_BYTES)

@@ -325,6 +325,61 @@ def test_hundreds_of_idle_connections_do_not_lock_out_a_dashboard():
         assert closed == [True] * 297 + [False] * 3
 
 
+def answered_and_kept_open(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A client that reads its whole answer (to the server's EOF) but does not close: the
+    server lingers on it, waiting for that close."""
+    sock = connect(port, source)
+    sock.sendall(b"GET /stats HTTP/1.0\r\n\r\n")
+    while sock.recv(65536):
+        pass
+    return sock
+
+
+def kept_by_server(harness: Harness, sock: socket.socket) -> bool:
+    """True if the server still holds the connection of `sock` (which may have had the
+    server's EOF already: lingering)."""
+    held = {client.sock.getpeername() for client in list(harness.server._clients.values())}
+    return sock.getsockname() in held
+
+
+def test_answered_clients_that_linger_make_room_for_back_to_back_requests():
+    # Each scraper of one address reads its answer and is gone before the server has
+    # seen its close: those places must not refuse the next scrape.
+    for harness in make_harness(timeout_s=5, max_clients=10, max_per_address=2):
+        def client() -> tuple[list[bytes], list[bool]]:
+            held = [answered_and_kept_open(harness.port) for _ in range(2)]
+            try:
+                wait_until_accepted(harness, 2)
+                responses = [exchange(harness.port, b"GET /stats HTTP/1.0\r\n\r\n")[:15]
+                             for _ in range(3)]
+                time.sleep(0.05)
+                return responses, [kept_by_server(harness, sock) for sock in held]
+            finally:
+                for sock in held:
+                    sock.close()
+        responses, kept = harness.run(client)
+        assert responses == [b"HTTP/1.1 200 OK"] * 3
+        assert kept == [False, False]
+
+
+def test_a_lingering_client_gives_up_its_place_before_one_waiting_for_its_request():
+    for harness in make_harness(timeout_s=5, max_clients=3):
+        def client() -> tuple[bytes, list[bool]]:
+            idle = connect(harness.port, "127.0.0.2")  # the oldest: nothing sent yet
+            held = [answered_and_kept_open(harness.port, f"127.0.0.{n}") for n in (3, 4)]
+            try:
+                wait_until_accepted(harness, 3)
+                response = exchange(harness.port, b"GET /stats HTTP/1.0\r\n\r\n")[:15]
+                time.sleep(0.05)
+                return response, [kept_by_server(harness, sock) for sock in [idle, *held]]
+            finally:
+                for sock in [idle, *held]:
+                    sock.close()
+        response, kept = harness.run(client)
+        assert response == b"HTTP/1.1 200 OK"
+        assert kept == [True, False, True]  # the oldest lingering one made room
+
+
 def test_a_request_must_arrive_within_the_request_timeout():
     for harness in make_harness(timeout_s=30, request_timeout_s=0.3):
         data, waited = harness.run(lambda: send_and_wait_for_close(  # never the blank line
