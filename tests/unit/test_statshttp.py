@@ -7,6 +7,7 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -527,6 +528,86 @@ def test_view_without_stats_listen(tmp_path, capsys):
     assert capsys.readouterr().err == f"minismtp: stats.listen is not set in {path}\n"
     assert main(["stats"]) == 2
     assert "stats.listen is not set in the built-in defaults" in capsys.readouterr().err
+
+
+Answer = Callable[[socket.socket, threading.Event], None]
+
+
+@contextlib.contextmanager
+def raw_server(answer: Answer) -> Iterator[int]:
+    """A loopback server that reads each request, then lets `answer(conn, stop)` write to
+    the connection before closing it; gives its port. Stopped (and `stop` set) on exit."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+                    answer(conn, stop)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_fetch_has_one_deadline_however_slowly_bytes_come():
+    def trickle(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        for byte in json.dumps(_GOOD).encode()[:100]:  # 10 s at most
+            if stop.wait(0.1):
+                return
+            conn.sendall(bytes([byte]))  # each well within the deadline
+
+    with raw_server(trickle) as port:
+        url = f"http://127.0.0.1:{port}/stats"
+        start = time.monotonic()
+        with pytest.raises(statsview.FetchError) as info:
+            statsview.fetch(url, timeout_s=0.5)
+        assert time.monotonic() - start < 2
+    assert str(info.value) == f"cannot read {url}: no whole answer within 0.5s"
+
+
+def reply_with(head: bytes, body: bytes = b"") -> Answer:
+    return lambda conn, stop: conn.sendall(head + b"\r\n\r\n" + body)
+
+
+def test_a_redirect_is_not_followed():
+    good = json.dumps(_GOOD).encode()
+    with raw_server(reply_with(b"HTTP/1.1 200 OK\r\nContent-Type: application/json", good)) \
+            as elsewhere:
+        assert statsview.fetch(f"http://127.0.0.1:{elsewhere}/stats").doc == _GOOD
+        moved = reply_with(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:%d/stats\r\n"
+                           b"Content-Length: 0" % elsewhere)
+        with raw_server(moved) as port:
+            url = f"http://127.0.0.1:{port}/stats"
+            with pytest.raises(statsview.FetchError) as info:
+                statsview.fetch(url)
+    assert str(info.value) == f"{url} answered 302 Found"
+
+
+@pytest.mark.parametrize(("status_line", "said"), [
+    (b"HTTP/1.1 404 \x1b[2J\x1b[31mall is well", "404 Not Found"),
+    (b"HTTP/1.1 599 made up", "599"),
+])
+def test_an_error_status_is_told_in_our_words(status_line, said):
+    with raw_server(reply_with(status_line + b"\r\nContent-Length: 0")) as port:
+        url = f"http://127.0.0.1:{port}/stats"
+        with pytest.raises(statsview.FetchError) as info:
+            statsview.fetch(url)
+    assert str(info.value) == f"{url} answered {said}"
 
 
 @pytest.mark.parametrize(("listen", "url"), [
