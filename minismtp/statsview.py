@@ -21,7 +21,7 @@ from http import HTTPStatus
 from typing import Any, TextIO
 
 from minismtp import exitcodes
-from minismtp.config import Config, ListenAddress
+from minismtp.config import ListenAddress, StatsConfig
 from minismtp.stats import LATENCY_BOUNDS
 
 _TIMEOUT_S = 2.0  # for the whole fetch: connecting, asking, and reading the answer
@@ -283,17 +283,18 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(config: Config, once: bool, out: TextIO = sys.stdout, *,
+def run(config: StatsConfig, source: str | None, once: bool, out: TextIO = sys.stdout, *,
         interval_s: float = 1.0) -> int:
     """Print totals and rates once (with `once`, or when `out` is not a terminal), else
-    refresh in place every `interval_s` until Ctrl-C."""
-    address = config.stats.listen
+    refresh in place every `interval_s` until Ctrl-C. `source`: the file `config` is
+    from (None: the built-in defaults)."""
+    address = config.listen
+    where = source or "the built-in defaults (use --config FILE)"
     if address is None:
-        where = config.source or "the built-in defaults (use --config FILE)"
         print(f"minismtp: stats.listen is not set in {where}", file=sys.stderr)
         return exitcodes.CONFIG
     if address.port == 0:  # the master picks a free port each run; nothing to find
-        print(f"minismtp: stats.listen has port 0 in {config.source or 'the overrides'}; "
+        print(f"minismtp: stats.listen has port 0 in {where}; "
               "set a fixed port to use this command", file=sys.stderr)
         return exitcodes.CONFIG
     url = stats_url(address)

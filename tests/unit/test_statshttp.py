@@ -24,7 +24,7 @@ import pytest
 
 from minismtp import stats, statsformat, statsview
 from minismtp.cli import main
-from minismtp.config import load_config
+from minismtp.config import StatsConfig, load_config, parse_listen
 from minismtp.stats import StatsBoard, Totals, WorkerStats
 from minismtp.statsformat import to_json
 from minismtp.statshttp import StatsHttpServer, pages
@@ -432,13 +432,13 @@ def test_a_large_answer_to_a_slow_reader_is_written_in_parts():
 # --- minismtp stats -------------------------------------------------------------------
 
 
-def config_for(port: int):
-    return load_config(overrides={"stats.listen": f"127.0.0.1:{port}"})
+def config_for(port: int) -> StatsConfig:
+    return StatsConfig(parse_listen(f"127.0.0.1:{port}"))
 
 
 def test_view_once_prints_totals_and_rates(harness):
     out = io.StringIO()
-    code = harness.run(lambda: statsview.run(config_for(harness.port), True, out,
+    code = harness.run(lambda: statsview.run(config_for(harness.port), None, True, out,
                                              interval_s=0.05))
     assert code == 0
     text = out.getvalue()
@@ -470,7 +470,7 @@ class FakeTerminal(io.StringIO):
 
 def test_view_refreshes_on_a_terminal_until_ctrl_c(harness):
     out = FakeTerminal(screens=3)
-    code = harness.run(lambda: statsview.run(config_for(harness.port), False, out,
+    code = harness.run(lambda: statsview.run(config_for(harness.port), None, False, out,
                                              interval_s=0.02))
     assert code == 0
     assert out.getvalue().count("\x1b[H\x1b[2J") == 3
@@ -479,8 +479,8 @@ def test_view_refreshes_on_a_terminal_until_ctrl_c(harness):
 
 def test_view_of_something_else(capsys):
     for harness in make_harness(lambda path: (200, "text/html", b"<html>hello</html>")):
-        code = harness.run(lambda: statsview.run(config_for(harness.port), True, io.StringIO(),
-                                                 interval_s=0.01))
+        code = harness.run(lambda: statsview.run(config_for(harness.port), None, True,
+                                                 io.StringIO(), interval_s=0.01))
     assert code == 1
     assert capsys.readouterr().err == (
         f"minismtp: http://127.0.0.1:{harness.port}/stats did not answer with minismtp "
@@ -505,8 +505,8 @@ _GOOD = {"workers": 1, "connections": {"open": 0, "total": 0}, "transactions": 0
 def test_view_of_a_look_alike_is_one_line(capsys, body):
     """An answer shaped like the statistics but not theirs: one line, never a traceback."""
     for harness in make_harness(lambda path: (200, "application/json", body)):
-        code = harness.run(lambda: statsview.run(config_for(harness.port), True, io.StringIO(),
-                                                 interval_s=0.01))
+        code = harness.run(lambda: statsview.run(config_for(harness.port), None, True,
+                                                 io.StringIO(), interval_s=0.01))
     assert code == 1
     assert capsys.readouterr().err.endswith("did not answer with minismtp statistics\n")
 
@@ -515,7 +515,7 @@ def test_view_when_nothing_listens(capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        assert statsview.run(config_for(port), True, io.StringIO()) == 1
+        assert statsview.run(config_for(port), None, True, io.StringIO()) == 1
     assert capsys.readouterr().err == (
         f"minismtp: cannot reach http://127.0.0.1:{port}/stats: Connection refused "
         "(is minismtp running with this configuration?)\n")
