@@ -4,7 +4,9 @@ Untrusted input: the HTTP answer from whatever listens at `stats.listen`, which 
 be minismtp at all (the port is free whenever minismtp is not running). The whole fetch
 has one deadline, however slowly the bytes come; the answer read is bounded; a redirect is
 not followed; and an answer that is not the JSON shape `statsformat.to_json` makes is
-reported in one line, like every other failure: no traceback.
+reported in one line, like every other failure: no traceback. Its text (names, codes,
+even counts, and what an error quotes of it) reaches the terminal with every control
+character escaped, so it can neither drive the terminal nor forge lines.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import socket
 import sys
 import time
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -30,6 +34,8 @@ _MAX_HEAD_BYTES = 64 * 1024  # the status line and headers, beyond the body's bo
 _RECV_BYTES = 65536
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a wildcard is reached via loopback
+# Candidates for escaping: all but printable ASCII; `_shown` keeps letters and the like.
+_NOT_PLAIN = re.compile(r"[^\x20-\x7e]")
 _COUNTERS = (("connections", ("connections", "total")), ("transactions", ("transactions",)),
              ("messages accepted", ("messages_accepted",)))
 
@@ -280,7 +286,21 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
         if per_client["unchecked"]:
             lines.append(row("per-client unchecked", str(per_client["unchecked"]), ""))
     lines.append(f"{'end of data latency':<28}{_latency(doc)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(map(_printable, lines)) + "\n"
+
+
+def _printable(text: str) -> str:
+    """`text` with each control character (ESC, CR, LF, C1, bidi and other format
+    characters, lone surrogates, line separators) written as a Python escape, "\\x1b":
+    the peer's text may neither send the terminal commands nor make lines of its own."""
+    return _NOT_PLAIN.sub(_shown, text)
+
+
+def _shown(match: re.Match[str]) -> str:
+    char = match.group()
+    if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        return ascii(char)[1:-1]
+    return char  # a letter, a sign, a space: as it is
 
 
 def run(config: StatsConfig, source: str | None, once: bool, out: TextIO = sys.stdout, *,
@@ -312,7 +332,7 @@ def run(config: StatsConfig, source: str | None, once: bool, out: TextIO = sys.s
             out.write(_CLEAR + render(url, current, previous))
             previous = current
     except FetchError as exc:
-        print(f"minismtp: {exc}", file=sys.stderr)
+        print(f"minismtp: {_printable(str(exc))}", file=sys.stderr)  # it may quote the peer
         return exitcodes.FAILURE
     except KeyboardInterrupt:
         return exitcodes.OK

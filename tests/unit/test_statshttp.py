@@ -610,6 +610,34 @@ def test_an_error_status_is_told_in_our_words(status_line, said):
     assert str(info.value) == f"{url} answered {said}"
 
 
+def test_the_peer_s_text_cannot_drive_the_terminal():
+    doc = to_json(Totals(workers=1), [])
+    doc["rejections"]["\x1b]0;owned\x07\x1b[2J"] = 1
+    doc["faults"]["\u202eevil"] = 2
+    doc["listeners"]["mx\r\nmessages accepted"] = {"sessions": 3, "messages_accepted": 0,
+                                                    "faults": {"\x9b8m": 4}}
+    doc["auth"]["successes"] = "\x1b[8m"  # not a count: shown as it is, escaped
+    doc["tls"]["handshake_failures"]["\ud800"] = 5  # a lone surrogate: no encoding takes it
+    text = statsview.render("http://x/stats", statsview.Sample(1.0, doc), None)
+    text.encode("utf-8")
+    assert not [char for char in text if char != "\n" and not char.isprintable()]
+    assert "rejected \\x1b]0;owned\\x07\\x1b[2J" in text
+    assert "fault \\u202eevil" in text
+    assert "mx\\r\\nmessages accepted: sessions" in text  # one line, not two
+    assert "mx\\r\\nmessages accepted: fault \\x9b8m" in text
+    assert re.search(r"^auth succeeded +\\x1b\[8m +-$", text, re.M)
+    assert "tls failed: \\ud800" in text
+
+
+def test_an_error_quoting_the_peer_is_escaped(capsys):
+    with raw_server(reply_with(b"\x1b[2J\x1b[31mHTTP/1.1 200 OK")) as port:
+        assert statsview.run(config_for(port), None, True, io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"minismtp: cannot read http://127.0.0.1:{port}/stats: ")
+    assert "\\x1b[2J\\x1b[31mHTTP/1.1 200 OK\\r\\n" in err
+    assert "\x1b" not in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(("listen", "url"), [
     ("0.0.0.0:9025", "http://127.0.0.1:9025/stats"),
     ("[::]:9025", "http://[::1]:9025/stats"),
