@@ -4,9 +4,9 @@ Untrusted input: HTTP requests from anyone who can reach `stats.listen` (request
 headers, timing). The master supervises every worker, so nothing here may block it or
 let a client grow its memory: the request head is read into a buffer of at most 8 KiB
 (431 beyond), every client has a deadline enforced by `expire()`, at most `max_clients`
-are open at once, and no client behaviour makes `handle()` raise. Only `GET` is served;
-the response is written without blocking, then the connection is closed. Request bodies
-and extra bytes are ignored.
+are open at once, and no client behaviour makes `handle()` raise. Only `GET` is served,
+and `HEAD` (its answer without the body); the response is written without blocking, then
+the connection is closed. Request bodies and extra bytes are ignored.
 
 Idle connections must not lock a dashboard out (hundreds of them used to fill the table
 for 5 s windows). So a client must send its whole request head within
@@ -52,6 +52,7 @@ _ACCEPTS_PER_WAKEUP = 16
 _LINGER_S = 1.0  # after responding, how long to wait for the client's EOF
 _LINGER_BYTES = 65536  # and how much to read and drop meanwhile
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_TEXT = "text/plain; charset=utf-8"  # our own answers: errors
 
 
 class _Client:
@@ -73,8 +74,8 @@ class _Client:
 
 
 class StatsHttpServer:
-    """Serves GET requests on a listening socket; `get_body(path)` gives (status, content
-    type, body), or None for 404. Owns `sock` and closes it in `close()`.
+    """Serves GET (and HEAD) requests on a listening socket; `get_body(path)` gives
+    (status, content type, body), or None for 404. Owns `sock` and closes it in `close()`.
 
     Every key this server registers carries `data=self`; the master passes those keys to
     `handle()`, and calls `expire(time.monotonic())` once per loop.
@@ -236,22 +237,26 @@ class StatsHttpServer:
             return _response(HTTPStatus.BAD_REQUEST)
         if any(line and b":" not in line for line in lines[1:]):
             return _response(HTTPStatus.BAD_REQUEST)
-        if parts[0] != b"GET":
-            return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra="Allow: GET\r\n")
-        target = parts[1].decode("latin-1")
+        if parts[0] not in (b"GET", b"HEAD"):
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra="Allow: GET, HEAD\r\n")
+        status, body, content_type = self._page(parts[1].decode("latin-1"))
+        return _response(status, body, content_type, head_only=parts[0] == b"HEAD")
+
+    def _page(self, target: str) -> tuple[HTTPStatus, bytes | None, str]:
+        """GET `target`'s answer: (status, body or None for the status's own, type)."""
         if target.startswith(("http://", "https://")):  # absolute form, from proxies
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if not target.startswith("/"):
-            return _response(HTTPStatus.BAD_REQUEST)
+            return HTTPStatus.BAD_REQUEST, None, _TEXT
         try:
             found = self._get_body(target.split("?", 1)[0])
         except Exception:  # the master's own bug: answer, log, and keep supervising
             log.exception("stats: cannot produce %r", target)
-            return _response(HTTPStatus.INTERNAL_SERVER_ERROR)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, None, _TEXT
         if found is None:
-            return _response(HTTPStatus.NOT_FOUND)
+            return HTTPStatus.NOT_FOUND, None, _TEXT
         status, content_type, body = found
-        return _response(HTTPStatus(status), body, content_type)
+        return HTTPStatus(status), body, content_type
 
     def _write(self, client: _Client) -> None:
         try:
@@ -317,14 +322,15 @@ def _head_end(buf: bytearray) -> int:
     return min(ends) if ends else -1
 
 
-def _response(status: HTTPStatus, body: bytes | None = None,
-              content_type: str = "text/plain; charset=utf-8", extra: str = "") -> bytes:
+def _response(status: HTTPStatus, body: bytes | None = None, content_type: str = _TEXT,
+              extra: str = "", *, head_only: bool = False) -> bytes:
+    """The whole response; `head_only` (HEAD): its head alone, Content-Length and all."""
     if body is None:
         body = f"{status.value} {status.phrase}\n".encode()
     head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n{extra}Cache-Control: no-store\r\n"
-            "Connection: close\r\n\r\n")
-    return head.encode("latin-1") + body
+            "Connection: close\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
 
 
 def pages(current: Callable[[], tuple[Totals, Sequence[RuleName]]]) -> GetBody:

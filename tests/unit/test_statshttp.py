@@ -147,13 +147,25 @@ def test_stats_json(harness):
     ("GET", "/metrics/", 404),
     ("POST", "/metrics", 405),
     ("DELETE", "/stats", 405),
-    ("HEAD", "/stats", 405),
 ])
 def test_other_requests(harness, method, path, status):
     got, headers, _ = harness.run(lambda: request(harness.port, method, path))
     assert got == status
     if status == 405:
-        assert headers["Allow"] == "GET"
+        assert headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize(("path", "status"), [("/metrics", 200), ("/stats", 200),
+                                              ("/nope", 404)])
+def test_head_is_answered_as_get_without_the_body(harness, path, status):
+    _, get_headers, body = harness.run(lambda: request(harness.port, "GET", path))
+    response = harness.run(lambda: exchange(harness.port, f"HEAD {path} HTTP/1.1\r\n\r\n"
+                                                        .encode()))
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert rest == b""
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert f"Content-Length: {len(body)}".encode() in head.split(b"\r\n")
+    assert f"Content-Type: {get_headers['Content-Type']}".encode() in head.split(b"\r\n")
 
 
 @pytest.mark.parametrize(("data", "status"), [
