@@ -1,7 +1,8 @@
 """The `minismtp` command: serve, check-config, stats, --version.
 
 Untrusted input: command-line arguments and the configuration file, both validated by
-`config.load_config`; every problem is printed as one line, never a traceback.
+`config.load_config` (`stats`: `config.load_stats_config`, which reads only what it needs);
+every problem is printed as one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 
 from minismtp import __version__, exitcodes
-from minismtp.config import ConfigError, dump_config, load_config
+from minismtp.config import ConfigError, dump_config, load_config, load_stats_config
 from minismtp.logsetup import setup_logging
 
 
@@ -51,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return exitcodes.CONFIG
+    if args.command == "stats":
+        return _stats(args)
     overrides = _overrides(args)
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"minismtp: {problem}", file=sys.stderr)
+        _report(exc.problems)
         return exitcodes.CONFIG
     if args.command == "check-config":
         from minismtp.startup import delivery_problems
@@ -70,13 +72,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"minismtp: warning: {warning}", file=sys.stderr)
         sys.stdout.write(dump_config(config))
         return exitcodes.OK
-    if args.command == "stats":
-        from minismtp import statsview
-
-        return statsview.run(config, args.once)
     setup_logging(config.logging.level, config.logging.format)
     for warning in config.warnings:
         logging.getLogger("minismtp.master").warning("%s", warning)
     from minismtp.arbiter import Arbiter  # the server's modules only when serving
 
     return Arbiter(config, args.config, overrides).run()
+
+
+def _stats(args: argparse.Namespace) -> int:
+    # The stats section only: the server's TLS keys and users files are often readable by
+    # the server alone, and an operator watching it need not be able to read them.
+    from minismtp import statsview
+
+    try:
+        config = load_stats_config(args.config)
+    except ConfigError as exc:
+        _report(exc.problems)
+        return exitcodes.CONFIG
+    return statsview.run(config, args.config, args.once)
+
+
+def _report(problems: list[str]) -> None:
+    for problem in problems:
+        print(f"minismtp: {problem}", file=sys.stderr)

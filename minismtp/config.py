@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from minismtp.values import CertificatePair, ListenAddress, Listener, Parser, pa
 __all__ = [
     "SETTINGS", "CertificatePair", "Config", "ConfigError", "DeliveryConfig", "LimitsConfig",
     "ListenAddress", "Listener", "LoggingConfig", "ServerConfig", "Setting", "StatsConfig",
-    "TlsConfig", "dump_config", "load_config", "parse_listen",
+    "TlsConfig", "dump_config", "load_config", "load_stats_config", "parse_listen",
 ]
 
 
@@ -437,8 +437,41 @@ def load_config(
         else:
             problems.append(f"{name}: unknown key{parsing.suggest(str(name), list(_BY_NAME))}")
 
+    parsed = _parse(SETTINGS, values, problems)
+    problems.extend(_clashes(parsed))
+    problems.extend(_resolve_listeners(parsed))
+    if problems:
+        raise ConfigError(problems)
+    sections = {
+        section: cls(**{key: parsed[f"{section}.{key}"] for key in _KEYS[section]})
+        for section, cls in _SECTIONS.items()
+    }
+    warnings = [*_check_tls(sections["tls"]), *_auth_warnings(sections["server"].listen),
+                *_exempt_warnings(sections["limits"].per_client)]
+    return Config(**sections, source=source, warnings=tuple(warnings))
+
+
+def load_stats_config(path: str | os.PathLike[str] | None = None) -> StatsConfig:
+    """The `stats` section of the file at `path` (defaults without one), for `minismtp
+    stats`. The whole file must be YAML with known sections and keys, but only `stats` is
+    parsed: no TLS key or users file is read, so an operator without the server's
+    privileges can use it. Raises ConfigError listing every problem."""
+    problems: list[str] = []
+    source = None if path is None else os.fspath(path)
+    values = {} if source is None else _collect(_read(source, problems), source, problems)
+    parsed = _parse([setting for setting in SETTINGS if setting.name.startswith("stats.")],
+                    values, problems)
+    if problems:
+        raise ConfigError(problems)
+    return StatsConfig(**{key: parsed[f"stats.{key}"] for key in _KEYS["stats"]})
+
+
+def _parse(settings: Sequence[Setting], values: Mapping[str, object],
+           problems: list[str]) -> dict[str, object]:
+    """Each of `settings` parsed from `values` ("section.key" -> raw), or its default;
+    what is wrong goes to `problems`, and the setting is left out."""
     parsed: dict[str, object] = {}
-    for setting in SETTINGS:
+    for setting in settings:
         if setting.name in values:  # present, even as null
             raw = values[setting.name]
         else:
@@ -451,17 +484,7 @@ def load_config(
             problems.extend(f"{setting.name}{path}: {message}" for path, message in exc.items)
         except ValueError as exc:
             problems.append(f"{setting.name}: {exc}")
-    problems.extend(_clashes(parsed))
-    problems.extend(_resolve_listeners(parsed))
-    if problems:
-        raise ConfigError(problems)
-    sections = {
-        section: cls(**{key: parsed[f"{section}.{key}"] for key in _KEYS[section]})
-        for section, cls in _SECTIONS.items()
-    }
-    warnings = [*_check_tls(sections["tls"]), *_auth_warnings(sections["server"].listen),
-                *_exempt_warnings(sections["limits"].per_client)]
-    return Config(**sections, source=source, warnings=tuple(warnings))
+    return parsed
 
 
 def _auth_warnings(listeners: tuple[Listener, ...]) -> list[str]:

@@ -39,10 +39,12 @@ def _cumulative(buckets: Sequence[int]) -> list[int]:
 
 def _fault_counts(totals: Totals, rule_names: Sequence[RuleName]
                   ) -> list[tuple[str | None, str, int]]:
-    # Counters are kept by label; the rules configured now are shown, in their order.
+    # Counters are kept by label; the rules configured now are shown, in their order, each
+    # label once: listeners that share a name (repeats of a port-0 address) have a rule
+    # each under one label, which holds the count of them all.
     faults = totals.faults
     return [(*((None, name) if isinstance(name, str) else name), faults.get(name, 0))
-            for name in rule_names]
+            for name in dict.fromkeys(rule_names)]
 
 
 def render_prometheus(totals: Totals, rule_names: Sequence[RuleName]) -> str:

@@ -4,23 +4,27 @@ Untrusted input: HTTP requests from anyone who can reach `stats.listen` (request
 headers, timing). The master supervises every worker, so nothing here may block it or
 let a client grow its memory: the request head is read into a buffer of at most 8 KiB
 (431 beyond), every client has a deadline enforced by `expire()`, at most `max_clients`
-are open at once, and no client behaviour makes `handle()` raise. Only `GET` is served;
-the response is written without blocking, then the connection is closed. Request bodies
-and extra bytes are ignored.
+are open at once, and no client behaviour makes `handle()` raise. Only `GET` is served,
+and `HEAD` (its answer without the body); the response is written without blocking, then
+the connection is closed. Request bodies and extra bytes are ignored.
 
 Idle connections must not lock a dashboard out (hundreds of them used to fill the table
 for 5 s windows). So a client must send its whole request head within
 `request_timeout_s`, one address holds at most `max_per_address` connections, and a new
-connection that finds either limit reached closes the oldest connection still waiting for
-its request (of its address, or of all) rather than waiting itself. Only when every place
-is taken by a request being answered do new connections wait in the listen backlog. A new
-connection is read at once: a request already sent with it is answered in the same turn,
-before later connections can push it out.
+connection that finds either limit reached closes an older one (of its address, or of
+all) rather than waiting itself: the oldest that has its whole answer and lingers (below),
+else the oldest still waiting for its request. Only when every place is taken by an answer
+still being written do new connections wait in the listen backlog. A new connection is
+read at once: a request already sent with it is answered in the same turn, before later
+connections can push it out.
 
 Closing a socket that still has unread input makes the kernel send RST, which can
 destroy the response before the client reads it (an oversized request, say). So after
 responding we shut down our side and read to EOF first ("lingering close", as Apache
-does), within the same deadline.
+does), within the same deadline. A lingering client has had everything we had to say, so
+it is the first to give up its place: otherwise scrapers that connect again as soon as
+they have read an answer find their own lingering connections holding every place of
+their address, and one local process that never closes could keep the rest out.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ _ACCEPTS_PER_WAKEUP = 16
 _LINGER_S = 1.0  # after responding, how long to wait for the client's EOF
 _LINGER_BYTES = 65536  # and how much to read and drop meanwhile
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_TEXT = "text/plain; charset=utf-8"  # our own answers: errors
 
 
 class _Client:
@@ -69,8 +74,8 @@ class _Client:
 
 
 class StatsHttpServer:
-    """Serves GET requests on a listening socket; `get_body(path)` gives (status, content
-    type, body), or None for 404. Owns `sock` and closes it in `close()`.
+    """Serves GET (and HEAD) requests on a listening socket; `get_body(path)` gives
+    (status, content type, body), or None for 404. Owns `sock` and closes it in `close()`.
 
     Every key this server registers carries `data=self`; the master passes those keys to
     `handle()`, and calls `expire(time.monotonic())` once per loop.
@@ -151,8 +156,8 @@ class StatsHttpServer:
 
     def _accept(self) -> None:
         for _ in range(_ACCEPTS_PER_WAKEUP):
-            if len(self._clients) >= self.max_clients and self._oldest_waiting() is None:
-                self._pause()  # every place is answering a request: wait in the backlog
+            if len(self._clients) >= self.max_clients and self._first_to_go() is None:
+                self._pause()  # every place is writing an answer: wait in the backlog
                 return
             try:
                 sock, peer = self._sock.accept()
@@ -168,21 +173,21 @@ class StatsHttpServer:
             if self._make_room(address):
                 self._add(sock, address)
             else:
-                sock.close()  # every place of its address is answering a request
+                sock.close()  # every place of its address is writing an answer
 
     def _make_room(self, address: str) -> bool:
-        """Free a place for a new client from `address`: close the oldest client still
-        waiting for its request, of that address if it has all its places, else of all
-        if the table is full. False if each such place is answering a request."""
+        """Free a place for a new client from `address`: close the `_first_to_go` client,
+        of that address if it has all its places, else of all if the table is full.
+        False if each such place is still writing an answer."""
         if self._per_address.get(address, 0) >= self.max_per_address:
-            oldest = self._oldest_waiting(address)
+            leaving = self._first_to_go(address)
         elif len(self._clients) >= self.max_clients:
-            oldest = self._oldest_waiting()
+            leaving = self._first_to_go()
         else:
             return True
-        if oldest is None:
+        if leaving is None:
             return False
-        self._drop(oldest)
+        self._drop(leaving)
         return True
 
     def _add(self, sock: socket.socket, address: str) -> None:
@@ -193,12 +198,19 @@ class StatsHttpServer:
         self._want(client, _READ)
         self._serve(client, _READ)  # its request may be here already
 
-    def _oldest_waiting(self, address: str | None = None) -> _Client | None:
-        """The oldest client (of `address`, if given) still waiting for its request."""
-        for client in self._clients.values():
-            if not client.answered and address in (None, client.address):
+    def _first_to_go(self, address: str | None = None) -> _Client | None:
+        """The client (of `address`, if given) to close for a new one: the oldest that
+        lingers with its whole answer sent, else the oldest still waiting for its
+        request; None if every one is still being written to."""
+        waiting = None
+        for client in self._clients.values():  # oldest first
+            if address not in (None, client.address):
+                continue
+            if client.lingering:
                 return client
-        return None
+            if waiting is None and not client.answered:
+                waiting = client
+        return waiting
 
     def _read(self, client: _Client) -> None:
         data = client.sock.recv(_RECV_BYTES)
@@ -225,22 +237,26 @@ class StatsHttpServer:
             return _response(HTTPStatus.BAD_REQUEST)
         if any(line and b":" not in line for line in lines[1:]):
             return _response(HTTPStatus.BAD_REQUEST)
-        if parts[0] != b"GET":
-            return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra="Allow: GET\r\n")
-        target = parts[1].decode("latin-1")
+        if parts[0] not in (b"GET", b"HEAD"):
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra="Allow: GET, HEAD\r\n")
+        status, body, content_type = self._page(parts[1].decode("latin-1"))
+        return _response(status, body, content_type, head_only=parts[0] == b"HEAD")
+
+    def _page(self, target: str) -> tuple[HTTPStatus, bytes | None, str]:
+        """GET `target`'s answer: (status, body or None for the status's own, type)."""
         if target.startswith(("http://", "https://")):  # absolute form, from proxies
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if not target.startswith("/"):
-            return _response(HTTPStatus.BAD_REQUEST)
+            return HTTPStatus.BAD_REQUEST, None, _TEXT
         try:
             found = self._get_body(target.split("?", 1)[0])
         except Exception:  # the master's own bug: answer, log, and keep supervising
             log.exception("stats: cannot produce %r", target)
-            return _response(HTTPStatus.INTERNAL_SERVER_ERROR)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, None, _TEXT
         if found is None:
-            return _response(HTTPStatus.NOT_FOUND)
+            return HTTPStatus.NOT_FOUND, None, _TEXT
         status, content_type, body = found
-        return _response(HTTPStatus(status), body, content_type)
+        return HTTPStatus(status), body, content_type
 
     def _write(self, client: _Client) -> None:
         try:
@@ -306,14 +322,15 @@ def _head_end(buf: bytearray) -> int:
     return min(ends) if ends else -1
 
 
-def _response(status: HTTPStatus, body: bytes | None = None,
-              content_type: str = "text/plain; charset=utf-8", extra: str = "") -> bytes:
+def _response(status: HTTPStatus, body: bytes | None = None, content_type: str = _TEXT,
+              extra: str = "", *, head_only: bool = False) -> bytes:
+    """The whole response; `head_only` (HEAD): its head alone, Content-Length and all."""
     if body is None:
         body = f"{status.value} {status.phrase}\n".encode()
     head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n{extra}Cache-Control: no-store\r\n"
-            "Connection: close\r\n\r\n")
-    return head.encode("latin-1") + body
+            "Connection: close\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
 
 
 def pages(current: Callable[[], tuple[Totals, Sequence[RuleName]]]) -> GetBody:

@@ -1,31 +1,41 @@
 """`minismtp stats`: fetch the master's /stats and show totals and per-second rates.
 
 Untrusted input: the HTTP answer from whatever listens at `stats.listen`, which need not
-be minismtp at all. The body read is bounded, and an answer that is not the JSON shape
-`statsformat.to_json` makes is reported in one line, like every other failure: no traceback.
+be minismtp at all (the port is free whenever minismtp is not running). The whole fetch
+has one deadline, however slowly the bytes come; the answer read is bounded; a redirect is
+not followed; and an answer that is not the JSON shape `statsformat.to_json` makes is
+reported in one line, like every other failure: no traceback. Its text (names, codes,
+even counts, and what an error quotes of it) reaches the terminal with every control
+character escaped, so it can neither drive the terminal nor forge lines.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
+import re
+import socket
 import sys
 import time
-import urllib.error
-import urllib.request
+import unicodedata
+import urllib.parse
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TextIO
 
 from minismtp import exitcodes
-from minismtp.config import Config, ListenAddress
+from minismtp.config import ListenAddress, StatsConfig
 from minismtp.stats import LATENCY_BOUNDS
 
-_TIMEOUT_S = 2.0
+_TIMEOUT_S = 2.0  # for the whole fetch: connecting, asking, and reading the answer
 _MAX_BYTES = 1 << 20  # a real answer is a few KiB even with every code and rule
+_MAX_HEAD_BYTES = 64 * 1024  # the status line and headers, beyond the body's bound
+_RECV_BYTES = 65536
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a wildcard is reached via loopback
-# Proxy settings in the environment are for the outside world, not for our own master.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Candidates for escaping: all but printable ASCII; `_shown` keeps letters and the like.
+_NOT_PLAIN = re.compile(r"[^\x20-\x7e]")
 _COUNTERS = (("connections", ("connections", "total")), ("transactions", ("transactions",)),
              ("messages accepted", ("messages_accepted",)))
 
@@ -48,22 +58,30 @@ def stats_url(address: ListenAddress) -> str:
 
 
 def fetch(url: str, timeout_s: float = _TIMEOUT_S) -> Sample:
+    """GET `url` directly (proxy settings in the environment are for the outside world,
+    not for our own master), all within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    parts = urllib.parse.urlsplit(url)
     try:
-        with _OPENER.open(url, timeout=timeout_s) as response:
-            data = response.read(_MAX_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        raise FetchError(f"{url} answered {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        sock = _connect(parts.hostname or "", parts.port or 80, deadline)
+    except TimeoutError:
+        raise FetchError(f"cannot reach {url}: no answer within {timeout_s:g}s") from None
+    except OSError as exc:
         hint = (" (is minismtp running with this configuration?)"
-                if isinstance(reason, ConnectionRefusedError) else "")
-        raise FetchError(f"cannot reach {url}: {text}{hint}") from None
-    except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, bad HTTP
-        raise FetchError(f"cannot read {url}: {exc or type(exc).__name__}") from None
+                if isinstance(exc, ConnectionRefusedError) else "")
+        raise FetchError(f"cannot reach {url}: {exc.strerror or exc}{hint}") from None
     try:
-        if len(data) > _MAX_BYTES:
-            raise ValueError
+        with sock:
+            status, data = _exchange(sock, parts, deadline)
+    except TimeoutError:
+        raise FetchError(f"cannot read {url}: no whole answer within {timeout_s:g}s") from None
+    except (OSError, http.client.HTTPException) as exc:  # resets, bad HTTP
+        raise FetchError(f"cannot read {url}: {exc or type(exc).__name__}") from None
+    except ValueError:  # more than any statistics
+        raise FetchError(f"{url} did not answer with minismtp statistics") from None
+    if status != HTTPStatus.OK:  # a redirect too: not followed
+        raise FetchError(f"{url} answered {_status_text(status)}")
+    try:
         doc = json.loads(data)
         _check(doc)
         sample = Sample(time.monotonic(), doc)
@@ -71,6 +89,71 @@ def fetch(url: str, timeout_s: float = _TIMEOUT_S) -> Sample:
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, ArithmeticError):
         raise FetchError(f"{url} did not answer with minismtp statistics") from None
     return sample
+
+
+def _status_text(status: int) -> str:
+    """The status as "404 Not Found", in our words: the peer's own are not printed."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """Connect to the first address of `host` that answers, all before `deadline`."""
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port,
+                                                              type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(address)
+            return sock
+        except TimeoutError:  # the deadline is past, for the other addresses too
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def _exchange(sock: socket.socket, parts: urllib.parse.SplitResult,
+              deadline: float) -> tuple[int, bytes]:
+    """Send the request, read the answer to EOF before `deadline`: (status, body).
+    ValueError if the answer is larger than any statistics."""
+    sock.settimeout(_left(deadline))
+    sock.sendall(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                 "Accept: application/json\r\nConnection: close\r\n\r\n".encode("ascii"))
+    received = bytearray()
+    while chunk := sock.recv(_RECV_BYTES):
+        received += chunk
+        if len(received) > _MAX_HEAD_BYTES + _MAX_BYTES:
+            raise ValueError
+        sock.settimeout(_left(deadline))
+    response = http.client.HTTPResponse(_Received(bytes(received)))  # type: ignore[arg-type]
+    response.begin()
+    body = response.read(_MAX_BYTES + 1)
+    if len(body) > _MAX_BYTES:
+        raise ValueError
+    return response.status, body
+
+
+class _Received:
+    """An answer read whole, for http.client to parse (chunked, Content-Length or EOF)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return io.BytesIO(self._data)
 
 
 def _check(doc: object) -> None:
@@ -203,20 +286,35 @@ def render(url: str, current: Sample, previous: Sample | None) -> str:
         if per_client["unchecked"]:
             lines.append(row("per-client unchecked", str(per_client["unchecked"]), ""))
     lines.append(f"{'end of data latency':<28}{_latency(doc)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(map(_printable, lines)) + "\n"
 
 
-def run(config: Config, once: bool, out: TextIO = sys.stdout, *,
+def _printable(text: str) -> str:
+    """`text` with each control character (ESC, CR, LF, C1, bidi and other format
+    characters, lone surrogates, line separators) written as a Python escape, "\\x1b":
+    the peer's text may neither send the terminal commands nor make lines of its own."""
+    return _NOT_PLAIN.sub(_shown, text)
+
+
+def _shown(match: re.Match[str]) -> str:
+    char = match.group()
+    if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        return ascii(char)[1:-1]
+    return char  # a letter, a sign, a space: as it is
+
+
+def run(config: StatsConfig, source: str | None, once: bool, out: TextIO = sys.stdout, *,
         interval_s: float = 1.0) -> int:
     """Print totals and rates once (with `once`, or when `out` is not a terminal), else
-    refresh in place every `interval_s` until Ctrl-C."""
-    address = config.stats.listen
+    refresh in place every `interval_s` until Ctrl-C. `source`: the file `config` is
+    from (None: the built-in defaults)."""
+    address = config.listen
+    where = source or "the built-in defaults (use --config FILE)"
     if address is None:
-        where = config.source or "the built-in defaults (use --config FILE)"
         print(f"minismtp: stats.listen is not set in {where}", file=sys.stderr)
         return exitcodes.CONFIG
     if address.port == 0:  # the master picks a free port each run; nothing to find
-        print(f"minismtp: stats.listen has port 0 in {config.source or 'the overrides'}; "
+        print(f"minismtp: stats.listen has port 0 in {where}; "
               "set a fixed port to use this command", file=sys.stderr)
         return exitcodes.CONFIG
     url = stats_url(address)
@@ -234,7 +332,7 @@ def run(config: Config, once: bool, out: TextIO = sys.stdout, *,
             out.write(_CLEAR + render(url, current, previous))
             previous = current
     except FetchError as exc:
-        print(f"minismtp: {exc}", file=sys.stderr)
+        print(f"minismtp: {_printable(str(exc))}", file=sys.stderr)  # it may quote the peer
         return exitcodes.FAILURE
     except KeyboardInterrupt:
         return exitcodes.OK

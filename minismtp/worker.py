@@ -219,7 +219,7 @@ class Worker:
                 self.logins.stop()
             if self.gate is not None:
                 self.gate.table.flush(time.monotonic(), wait=True)
-            self.stats.publish(self.stats_board, self.slot)
+            self._publish_stats()
             self.msglog.close()
         return exitcodes.OK
 
@@ -230,12 +230,22 @@ class Worker:
             self.stall_logged_at = now
             log.error("delivery: a commit has waited %.0fs for the disk; the messages "
                       "behind it wait with it", stalled)
-        self.stats.publish(self.stats_board, self.slot)
+        self._publish_stats()
         self.acceptor.tick(now)
         if os.getppid() != self.parent and not self.stopping:
             log.warning("worker %d: master went away, exiting", os.getpid())
             self._begin_stop(now)
         return now < self.stop_deadline
+
+    def _publish_stats(self) -> None:
+        """Copy the counters to the shared board, with the refusals the core has made in
+        open sessions since the last publish: here, once a second, rather than per command,
+        and not only at close, which a long session or a killed worker may never reach."""
+        replies = self.stats.replies
+        for session in self.sessions.values():
+            if session.conn.refusals:
+                _take_refusals(session.conn, replies)
+        self.stats.publish(self.stats_board, self.slot)
 
     def _select_timeout(self, now: float) -> float:
         due = self.timers.next_due()
@@ -483,11 +493,10 @@ class Worker:
         self.acceptor.publish_load()
         transport.close()
         session.conn.buffer.release()
-        stats = self.stats
-        stats.connections_open -= 1
+        self.stats.connections_open -= 1
         conn = session.conn
-        for code, count in conn.refusals.items():
-            stats.replies[code] += count
+        if conn.refusals:  # those since the last publish
+            _take_refusals(conn, self.stats.replies)
         if self.msglog.enabled:
             end = session.end or reason or conn.close_reason or "closed"
             if conn.foreign_protocol:
@@ -532,6 +541,14 @@ class Worker:
         self.output.flush(session)
         if not (session.closed or session.lingering):
             self.close(session, "timeout")  # it is not reading: do not wait for it
+
+
+def _take_refusals(conn: SmtpServerConnection, replies: list[int]) -> None:
+    """Count the core's refusals not counted yet into `replies`, by code, and forget them:
+    each is counted once, whether at a publish or at close."""
+    for code, count in conn.refusals.items():
+        replies[code] += count
+    conn.refusals.clear()
 
 
 def _batch_scheduling() -> None:

@@ -232,7 +232,9 @@ class SmtpServerConnection:
         self._errors = 0
         self._junk_commands = 0
         self._overshoot = 0  # RCPTs refused past max_recipients, this session
-        self.refusals: dict[int, int] = {}  # negative replies the core sent, by code
+        # Negative replies the core sent, by code; the I/O layer counts them and clears
+        # this from time to time, so it holds those not counted yet.
+        self.refusals: dict[int, int] = {}
         # Commands received, by verb (unknown verbs as one "unknown": the keys stay few),
         # for the session's summary line; and what a first unknown line looked like.
         self.commands: dict[str, int] = {}

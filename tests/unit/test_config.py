@@ -25,6 +25,7 @@ from minismtp.config import (
     StatsConfig,
     dump_config,
     load_config,
+    load_stats_config,
     parse_listen,
 )
 from minismtp.cli import main
@@ -705,6 +706,52 @@ def test_stats_listen_may_share_only_what_does_not_clash():
                         ("[::1]:2525", "0.0.0.0:2525"), ("127.0.0.1:2525", "127.0.0.1:9025")]:
         config = load_config(overrides={"server.listen": [smtp], "stats.listen": stats})
         assert str(config.stats.listen) == stats
+
+
+_SERVER_S_OWN_FILES = """\
+server:
+  listen:
+    - {address: "127.0.0.1:2525", auth: {mode: htpasswd, users_file: /nonexistent/users}}
+tls:
+  certificates: [{cert: /nonexistent/cert.pem, key: /nonexistent/key.pem}]
+stats:
+  listen: "127.0.0.1:9025"
+"""
+
+
+def test_the_stats_section_loads_without_reading_the_server_s_files(tmp_path):
+    # Keys and users files readable by the server alone: here, files that are not there.
+    path = write(tmp_path, _SERVER_S_OWN_FILES)
+    assert load_stats_config(path) == StatsConfig(parse_listen("127.0.0.1:9025"))
+    assert load_stats_config() == StatsConfig(listen=None)
+    with pytest.raises(ConfigError):
+        load_config(path)  # serving needs them
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("stats:\n  listen: 9025\n", 'stats.listen: must be a "host:port" string or null, got 9025'),
+    ("stats:\n  listne: x\n", 'stats.listne: unknown key (did you mean "listen"?)'),
+    ("stat:\n  listen: x\n", 'stat: unknown section (did you mean "stats"?)'),
+    ("server:\n  hostnme: x\n", 'server.hostnme: unknown key (did you mean "hostname"?)'),
+    ("stats: [\n", "config: invalid YAML in "),
+])
+def test_the_stats_section_alone_still_reports_a_bad_file(tmp_path, text, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_stats_config(path)
+    [reported] = info.value.problems
+    assert reported.startswith(problem), reported
+
+
+def test_the_stats_command_reads_only_the_stats_section(tmp_path, capsys):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = sock.getsockname()[1]
+        path = write(tmp_path, _SERVER_S_OWN_FILES.replace("9025", str(port)))
+        assert main(["stats", "--config", str(path), "--once"]) == 1
+    assert capsys.readouterr().err == (
+        f"minismtp: cannot reach http://127.0.0.1:{port}/stats: Connection refused "
+        "(is minismtp running with this configuration?)\n")
 
 
 def test_fault_problems_come_with_the_others(tmp_path):

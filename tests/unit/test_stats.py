@@ -366,6 +366,26 @@ def test_label_values_are_escaped():
     assert sample[1] == {"rule": 'a\\"b\\\\c\\nd'}
 
 
+def test_listeners_sharing_a_name_show_each_of_its_rules_once():
+    from minismtp.arbiter import rule_names
+    from minismtp.config import load_config
+
+    rule = {"rules": [{"stage": "rcpt", "reply": "450 4.2.0 busy"}]}
+    config = load_config(overrides={"server.listen": [  # one derived name: "127.0.0.1:0"
+        {"address": "127.0.0.1:0", "faults": rule}, {"address": "127.0.0.1:0", "faults": rule}]})
+    names = rule_names(config)
+    assert names == (("127.0.0.1:0", "rule0"),) * 2  # a counter each, by index
+    board, stats = StatsBoard(1, RULES), WorkerStats(RULES)
+    stats.faults[0] += 1
+    stats.faults[1] += 2
+    stats.publish(board, 0)
+    totals = board.totals([0], Totals(), rule_names={0: names})
+    families = parse_prometheus(render_prometheus(totals, names))
+    assert families["minismtp_faults_injected_total"]["samples"] == [
+        ("minismtp_faults_injected_total", {"listener": "127.0.0.1:0", "rule": "rule0"}, 3.0)]
+    assert to_json(totals, names)["listeners"]["127.0.0.1:0"]["faults"] == {"rule0": 3}
+
+
 # --- JSON and the summary line --------------------------------------------------------
 
 

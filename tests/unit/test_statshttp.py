@@ -7,6 +7,7 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -23,7 +24,7 @@ import pytest
 
 from minismtp import stats, statsformat, statsview
 from minismtp.cli import main
-from minismtp.config import load_config
+from minismtp.config import StatsConfig, load_config, parse_listen
 from minismtp.stats import StatsBoard, Totals, WorkerStats
 from minismtp.statsformat import to_json
 from minismtp.statshttp import StatsHttpServer, pages
@@ -146,13 +147,25 @@ def test_stats_json(harness):
     ("GET", "/metrics/", 404),
     ("POST", "/metrics", 405),
     ("DELETE", "/stats", 405),
-    ("HEAD", "/stats", 405),
 ])
 def test_other_requests(harness, method, path, status):
     got, headers, _ = harness.run(lambda: request(harness.port, method, path))
     assert got == status
     if status == 405:
-        assert headers["Allow"] == "GET"
+        assert headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize(("path", "status"), [("/metrics", 200), ("/stats", 200),
+                                              ("/nope", 404)])
+def test_head_is_answered_as_get_without_the_body(harness, path, status):
+    _, get_headers, body = harness.run(lambda: request(harness.port, "GET", path))
+    response = harness.run(lambda: exchange(harness.port, f"HEAD {path} HTTP/1.1\r\n\r\n"
+                                                        .encode()))
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert rest == b""
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert f"Content-Length: {len(body)}".encode() in head.split(b"\r\n")
+    assert f"Content-Type: {get_headers['Content-Type']}".encode() in head.split(b"\r\n")
 
 
 @pytest.mark.parametrize(("data", "status"), [
@@ -325,6 +338,61 @@ def test_hundreds_of_idle_connections_do_not_lock_out_a_dashboard():
         assert closed == [True] * 297 + [False] * 3
 
 
+def answered_and_kept_open(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A client that reads its whole answer (to the server's EOF) but does not close: the
+    server lingers on it, waiting for that close."""
+    sock = connect(port, source)
+    sock.sendall(b"GET /stats HTTP/1.0\r\n\r\n")
+    while sock.recv(65536):
+        pass
+    return sock
+
+
+def kept_by_server(harness: Harness, sock: socket.socket) -> bool:
+    """True if the server still holds the connection of `sock` (which may have had the
+    server's EOF already: lingering)."""
+    held = {client.sock.getpeername() for client in list(harness.server._clients.values())}
+    return sock.getsockname() in held
+
+
+def test_answered_clients_that_linger_make_room_for_back_to_back_requests():
+    # Each scraper of one address reads its answer and is gone before the server has
+    # seen its close: those places must not refuse the next scrape.
+    for harness in make_harness(timeout_s=5, max_clients=10, max_per_address=2):
+        def client() -> tuple[list[bytes], list[bool]]:
+            held = [answered_and_kept_open(harness.port) for _ in range(2)]
+            try:
+                wait_until_accepted(harness, 2)
+                responses = [exchange(harness.port, b"GET /stats HTTP/1.0\r\n\r\n")[:15]
+                             for _ in range(3)]
+                time.sleep(0.05)
+                return responses, [kept_by_server(harness, sock) for sock in held]
+            finally:
+                for sock in held:
+                    sock.close()
+        responses, kept = harness.run(client)
+        assert responses == [b"HTTP/1.1 200 OK"] * 3
+        assert kept == [False, False]
+
+
+def test_a_lingering_client_gives_up_its_place_before_one_waiting_for_its_request():
+    for harness in make_harness(timeout_s=5, max_clients=3):
+        def client() -> tuple[bytes, list[bool]]:
+            idle = connect(harness.port, "127.0.0.2")  # the oldest: nothing sent yet
+            held = [answered_and_kept_open(harness.port, f"127.0.0.{n}") for n in (3, 4)]
+            try:
+                wait_until_accepted(harness, 3)
+                response = exchange(harness.port, b"GET /stats HTTP/1.0\r\n\r\n")[:15]
+                time.sleep(0.05)
+                return response, [kept_by_server(harness, sock) for sock in [idle, *held]]
+            finally:
+                for sock in [idle, *held]:
+                    sock.close()
+        response, kept = harness.run(client)
+        assert response == b"HTTP/1.1 200 OK"
+        assert kept == [True, False, True]  # the oldest lingering one made room
+
+
 def test_a_request_must_arrive_within_the_request_timeout():
     for harness in make_harness(timeout_s=30, request_timeout_s=0.3):
         data, waited = harness.run(lambda: send_and_wait_for_close(  # never the blank line
@@ -376,13 +444,13 @@ def test_a_large_answer_to_a_slow_reader_is_written_in_parts():
 # --- minismtp stats -------------------------------------------------------------------
 
 
-def config_for(port: int):
-    return load_config(overrides={"stats.listen": f"127.0.0.1:{port}"})
+def config_for(port: int) -> StatsConfig:
+    return StatsConfig(parse_listen(f"127.0.0.1:{port}"))
 
 
 def test_view_once_prints_totals_and_rates(harness):
     out = io.StringIO()
-    code = harness.run(lambda: statsview.run(config_for(harness.port), True, out,
+    code = harness.run(lambda: statsview.run(config_for(harness.port), None, True, out,
                                              interval_s=0.05))
     assert code == 0
     text = out.getvalue()
@@ -414,7 +482,7 @@ class FakeTerminal(io.StringIO):
 
 def test_view_refreshes_on_a_terminal_until_ctrl_c(harness):
     out = FakeTerminal(screens=3)
-    code = harness.run(lambda: statsview.run(config_for(harness.port), False, out,
+    code = harness.run(lambda: statsview.run(config_for(harness.port), None, False, out,
                                              interval_s=0.02))
     assert code == 0
     assert out.getvalue().count("\x1b[H\x1b[2J") == 3
@@ -423,8 +491,8 @@ def test_view_refreshes_on_a_terminal_until_ctrl_c(harness):
 
 def test_view_of_something_else(capsys):
     for harness in make_harness(lambda path: (200, "text/html", b"<html>hello</html>")):
-        code = harness.run(lambda: statsview.run(config_for(harness.port), True, io.StringIO(),
-                                                 interval_s=0.01))
+        code = harness.run(lambda: statsview.run(config_for(harness.port), None, True,
+                                                 io.StringIO(), interval_s=0.01))
     assert code == 1
     assert capsys.readouterr().err == (
         f"minismtp: http://127.0.0.1:{harness.port}/stats did not answer with minismtp "
@@ -449,8 +517,8 @@ _GOOD = {"workers": 1, "connections": {"open": 0, "total": 0}, "transactions": 0
 def test_view_of_a_look_alike_is_one_line(capsys, body):
     """An answer shaped like the statistics but not theirs: one line, never a traceback."""
     for harness in make_harness(lambda path: (200, "application/json", body)):
-        code = harness.run(lambda: statsview.run(config_for(harness.port), True, io.StringIO(),
-                                                 interval_s=0.01))
+        code = harness.run(lambda: statsview.run(config_for(harness.port), None, True,
+                                                 io.StringIO(), interval_s=0.01))
     assert code == 1
     assert capsys.readouterr().err.endswith("did not answer with minismtp statistics\n")
 
@@ -459,7 +527,7 @@ def test_view_when_nothing_listens(capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        assert statsview.run(config_for(port), True, io.StringIO()) == 1
+        assert statsview.run(config_for(port), None, True, io.StringIO()) == 1
     assert capsys.readouterr().err == (
         f"minismtp: cannot reach http://127.0.0.1:{port}/stats: Connection refused "
         "(is minismtp running with this configuration?)\n")
@@ -472,6 +540,114 @@ def test_view_without_stats_listen(tmp_path, capsys):
     assert capsys.readouterr().err == f"minismtp: stats.listen is not set in {path}\n"
     assert main(["stats"]) == 2
     assert "stats.listen is not set in the built-in defaults" in capsys.readouterr().err
+
+
+Answer = Callable[[socket.socket, threading.Event], None]
+
+
+@contextlib.contextmanager
+def raw_server(answer: Answer) -> Iterator[int]:
+    """A loopback server that reads each request, then lets `answer(conn, stop)` write to
+    the connection before closing it; gives its port. Stopped (and `stop` set) on exit."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)
+                    answer(conn, stop)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_fetch_has_one_deadline_however_slowly_bytes_come():
+    def trickle(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        for byte in json.dumps(_GOOD).encode()[:100]:  # 10 s at most
+            if stop.wait(0.1):
+                return
+            conn.sendall(bytes([byte]))  # each well within the deadline
+
+    with raw_server(trickle) as port:
+        url = f"http://127.0.0.1:{port}/stats"
+        start = time.monotonic()
+        with pytest.raises(statsview.FetchError) as info:
+            statsview.fetch(url, timeout_s=0.5)
+        assert time.monotonic() - start < 2
+    assert str(info.value) == f"cannot read {url}: no whole answer within 0.5s"
+
+
+def reply_with(head: bytes, body: bytes = b"") -> Answer:
+    return lambda conn, stop: conn.sendall(head + b"\r\n\r\n" + body)
+
+
+def test_a_redirect_is_not_followed():
+    good = json.dumps(_GOOD).encode()
+    with raw_server(reply_with(b"HTTP/1.1 200 OK\r\nContent-Type: application/json", good)) \
+            as elsewhere:
+        assert statsview.fetch(f"http://127.0.0.1:{elsewhere}/stats").doc == _GOOD
+        moved = reply_with(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:%d/stats\r\n"
+                           b"Content-Length: 0" % elsewhere)
+        with raw_server(moved) as port:
+            url = f"http://127.0.0.1:{port}/stats"
+            with pytest.raises(statsview.FetchError) as info:
+                statsview.fetch(url)
+    assert str(info.value) == f"{url} answered 302 Found"
+
+
+@pytest.mark.parametrize(("status_line", "said"), [
+    (b"HTTP/1.1 404 \x1b[2J\x1b[31mall is well", "404 Not Found"),
+    (b"HTTP/1.1 599 made up", "599"),
+])
+def test_an_error_status_is_told_in_our_words(status_line, said):
+    with raw_server(reply_with(status_line + b"\r\nContent-Length: 0")) as port:
+        url = f"http://127.0.0.1:{port}/stats"
+        with pytest.raises(statsview.FetchError) as info:
+            statsview.fetch(url)
+    assert str(info.value) == f"{url} answered {said}"
+
+
+def test_the_peer_s_text_cannot_drive_the_terminal():
+    doc = to_json(Totals(workers=1), [])
+    doc["rejections"]["\x1b]0;owned\x07\x1b[2J"] = 1
+    doc["faults"]["\u202eevil"] = 2
+    doc["listeners"]["mx\r\nmessages accepted"] = {"sessions": 3, "messages_accepted": 0,
+                                                    "faults": {"\x9b8m": 4}}
+    doc["auth"]["successes"] = "\x1b[8m"  # not a count: shown as it is, escaped
+    doc["tls"]["handshake_failures"]["\ud800"] = 5  # a lone surrogate: no encoding takes it
+    text = statsview.render("http://x/stats", statsview.Sample(1.0, doc), None)
+    text.encode("utf-8")
+    assert not [char for char in text if char != "\n" and not char.isprintable()]
+    assert "rejected \\x1b]0;owned\\x07\\x1b[2J" in text
+    assert "fault \\u202eevil" in text
+    assert "mx\\r\\nmessages accepted: sessions" in text  # one line, not two
+    assert "mx\\r\\nmessages accepted: fault \\x9b8m" in text
+    assert re.search(r"^auth succeeded +\\x1b\[8m +-$", text, re.M)
+    assert "tls failed: \\ud800" in text
+
+
+def test_an_error_quoting_the_peer_is_escaped(capsys):
+    with raw_server(reply_with(b"\x1b[2J\x1b[31mHTTP/1.1 200 OK")) as port:
+        assert statsview.run(config_for(port), None, True, io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"minismtp: cannot read http://127.0.0.1:{port}/stats: ")
+    assert "\\x1b[2J\\x1b[31mHTTP/1.1 200 OK\\r\\n" in err
+    assert "\x1b" not in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(("listen", "url"), [
