@@ -28,7 +28,8 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   `max_recipients` get 452, and past `max_recipient_overshoot` of those in a session
   each one also counts as an error (Postfix's smtpd_recipient_overshoot_limit: a
   pipelining client may send many before it reads the first 452). Refusals by policy
-  (fault rules, per-client limits) count as neither: a load test may refuse thousands.
+  (fault rules, per-client limits, a 454 to AUTH) count as neither: a load test may
+  refuse thousands. A wrong password (535) is an error: guessing ends in 421.
 
 States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
 missing entry is the 503 (`_bad_sequence` picks its wording), decided in one place.
@@ -378,8 +379,10 @@ class SmtpServerConnection:
             self._end_transaction()
         if isinstance(event, AuthAttempt):
             self.state = _READY
-            if reply.code != 421:
-                self._count_error()  # a failed attempt: guessing passwords ends in 421
+            if reply.code == 535:
+                # Wrong credentials: guessing passwords ends in 421. A 454 (a full check
+                # queue, a fault rule) is the server's trouble, not the client's error.
+                self._count_error()
         if isinstance(event, Quit):
             self._close("quit")
         elif reply.code == 421:  # RFC 5321 3.8: 421 means the channel is being closed

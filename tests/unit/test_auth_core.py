@@ -19,6 +19,7 @@ from minismtp.smtp.events import (
     NEED_DATA, PAUSED, AuthAttempt, ConnectionClosed, DataStarted, Envelope, MailFrom,
 )
 from minismtp.smtp.protocol import Settings, SmtpServerConnection, State
+from minismtp.smtp.replies import Reply
 
 PASSWORD = "s3cret-Pa55"
 MECHS = ("PLAIN", "LOGIN")
@@ -246,6 +247,17 @@ def test_temporary_failure(mode):
     assert client.send(EHLO + b"AUTH PLAIN " + PLAIN_IR + b"\r\n") == (
         EHLO_AUTH + R.AUTH_TEMPORARY_FAILURE.wire)
     assert client.conn.state is State.READY
+
+
+@pytest.mark.parametrize("refusal", [R.AUTH_TEMPORARY_FAILURE,
+                                     Reply(454, "4.7.0", "auth fault")])
+def test_temporary_refusals_are_not_the_clients_errors(mode, refusal):
+    """A full check queue or a fault rule's 454 is the server's trouble: five of them
+    with max_errors 2 leave the session open, unlike wrong passwords."""
+    client = Client(mode, **OPEN, max_errors=2, policy=reject(AuthAttempt, refusal))
+    client.send(EHLO + (b"AUTH PLAIN " + PLAIN_IR + b"\r\n") * 5 + b"NOOP\r\n")
+    assert client.replies == EHLO_AUTH + refusal.wire * 5 + R.OK.wire
+    assert client.conn.errors == 0 and not client.conn.closed
 
 
 def test_pipelined_commands_wait_for_the_decision(mode):
