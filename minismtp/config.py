@@ -332,6 +332,18 @@ class _Loader(yaml.SafeLoader):
         # alias, must not take for repeats.
         self._checked: set[int] = set()
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's own constructors fail on some explicitly tagged scalars with whatever
+        # their code hits first (`!!bool maybe` a KeyError, `!!int ""` an IndexError,
+        # `!!timestamp abc` an AttributeError): each becomes an error at the node.
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, _not_constructed(node, exc), node.start_mark) from exc
+
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             self._no_repeats(node)
@@ -361,6 +373,13 @@ class _Loader(yaml.SafeLoader):
                     f"{seen.line + 1}): only the last would count", key_node.start_mark)
 
 
+def _not_constructed(node: yaml.Node, exc: Exception) -> str:
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    shown = parsing.got(node.value) if isinstance(node, yaml.ScalarNode) else "this node"
+    why = f" ({' '.join(str(exc).split())})" if isinstance(exc, ValueError) else ""
+    return f"{shown} is not a valid {tag}{why}"
+
+
 def _read(path: str, problems: list[str]) -> object:
     data = _read_bytes(path, problems)
     if data is None:
@@ -372,11 +391,12 @@ def _read(path: str, problems: list[str]) -> object:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = " ".join(str(exc.problem or exc.context).split())
         problems.append(f'config: invalid YAML in "{path}"{where}: {what}')
-    # ReaderError: bytes that are not UTF-8; ValueError: a date like 2024-13-45, a huge int.
-    except (yaml.YAMLError, ValueError) as exc:
-        problems.append(f'config: invalid YAML in "{path}": {" ".join(str(exc).split())}')
     except RecursionError:  # the composer recurses once per nesting level
         problems.append(f'config: invalid YAML in "{path}": nested too deeply')
+    # ReaderError: bytes that are not UTF-8; anything else PyYAML raises while reading
+    # the operator's file is still their file's problem, never a traceback.
+    except Exception as exc:
+        problems.append(f'config: invalid YAML in "{path}": {" ".join(str(exc).split())}')
     return None
 
 

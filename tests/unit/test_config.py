@@ -412,6 +412,22 @@ def test_unparsable_yaml_is_one_line_not_a_traceback(tmp_path, data):
     assert "\n" not in problem
 
 
+@pytest.mark.parametrize(("value", "problem"), [
+    # PyYAML's constructors raise KeyError, IndexError or AttributeError for these
+    ("!!bool maybe", '"maybe" is not a valid !!bool'),
+    ('!!bool ""', '"" is not a valid !!bool'),
+    ('!!int ""', '"" is not a valid !!int'),
+    ('!!float ""', '"" is not a valid !!float'),
+    ("!!timestamp abc", '"abc" is not a valid !!timestamp'),
+    ("!!timestamp 2024-13-01", '"2024-13-01" is not a valid !!timestamp (month must be in 1..12)'),
+    ("!!int 0xZZ", '"0xZZ" is not a valid !!int (invalid literal for int() with base 16: \'ZZ\')'),
+])
+def test_a_tagged_value_yaml_cannot_construct_is_one_line_at_its_place(tmp_path, value, problem):
+    path = write(tmp_path, f"server:\n  reuse_port: {value}\n")
+    assert problems_of(path) == [
+        f'config: invalid YAML in "{path}" at line 2, column 15: {problem}']
+
+
 @pytest.mark.parametrize("text", [
     "server:\n  listen: {a: 1}\n",
     "server:\n  hostname: 2024-01-01\n",
