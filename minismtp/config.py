@@ -142,6 +142,10 @@ def _host_name() -> str:
 
 _positive = parsing.integer(1)
 _timeout = parsing.duration(allow_zero=False)
+# Workers stamp their heartbeat once a second (worker.py's tick), later when a turn of
+# their loop runs long: a timeout near that would have the master kill healthy workers
+# over and over.
+MIN_WORKER_TIMEOUT_S = 5.0
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("server.hostname", _host_name,
@@ -177,9 +181,11 @@ SETTINGS: tuple[Setting, ...] = (
     # listen() takes a C int (and the kernel caps it at net.core.somaxconn anyway).
     Setting("server.backlog", 4096, parsing.integer(1, 2**31 - 1),
             "listen backlog (the kernel caps it)"),
-    Setting("server.worker_timeout", "30s", _timeout,
-            "heartbeat age after which the master kills a worker and starts another",
-            parsing.dump_duration),
+    Setting("server.worker_timeout", "30s",
+            parsing.duration(allow_zero=False, minimum_s=MIN_WORKER_TIMEOUT_S),
+            "heartbeat age after which the master kills a worker and starts another; at "
+            "least `5s`, since a worker stamps its heartbeat only once a second, and later "
+            "while a turn of its loop runs long", parsing.dump_duration),
     Setting("server.shutdown_timeout", "30s", parsing.duration(allow_zero=True),
             "time for transactions in flight on stop/reload; `0` = no wait",
             parsing.dump_duration),

@@ -339,12 +339,15 @@ def to_seconds(value: object) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
-def duration(*, allow_zero: bool) -> Parser:
-    want = f'a duration {">=" if allow_zero else ">"} 0 such as "30s", "5m" or "500ms"'
+def duration(*, allow_zero: bool, minimum_s: float = 0.0) -> Parser:
+    if minimum_s:
+        want = f'a duration of at least {dump_duration(minimum_s)} such as "30s" or "5m"'
+    else:
+        want = f'a duration {">=" if allow_zero else ">"} 0 such as "30s", "5m" or "500ms"'
 
     def parse(value: object) -> float:
         seconds = to_seconds(value)
-        if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
+        if seconds is None or seconds < minimum_s or (seconds == 0 and not allow_zero):
             raise ValueError(f"must be {want}, got {got(value)}")
         return seconds
 

@@ -173,7 +173,15 @@ BAD_VALUES = [
     ("limits", "data_timeout: .inf",
      'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got inf'),
     ("server", "worker_timeout: true",
-     'server.worker_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got true'),
+     'server.worker_timeout: must be a duration of at least 5s such as "30s" or "5m", '
+     "got true"),
+    # below it the master would kill workers between two of their heartbeats
+    ("server", "worker_timeout: 500ms",
+     'server.worker_timeout: must be a duration of at least 5s such as "30s" or "5m", '
+     'got "500ms"'),
+    ("server", "worker_timeout: 4.9",
+     'server.worker_timeout: must be a duration of at least 5s such as "30s" or "5m", '
+     "got 4.9"),
     ("server", "shutdown_timeout: -1",
      'server.shutdown_timeout: must be a duration >= 0 such as "30s", "5m" or "500ms", got -1'),
     # sizes
@@ -515,6 +523,15 @@ def test_huge_integer_is_described_not_printed():
     ]
 
 
+def test_worker_timeout_floor_leaves_room_for_several_heartbeats():
+    from minismtp import worker
+    from minismtp.config import MIN_WORKER_TIMEOUT_S
+
+    assert MIN_WORKER_TIMEOUT_S >= 5 * worker._TICK_S
+    config = load_config(overrides={"server.worker_timeout": "5s"})
+    assert config.server.worker_timeout == MIN_WORKER_TIMEOUT_S
+
+
 def test_zero_shutdown_timeout_is_allowed():
     config = load_config(overrides={"server.shutdown_timeout": "0s"})
     assert config.server.shutdown_timeout == 0.0
@@ -573,7 +590,7 @@ def test_dump_of_unusual_values_round_trips(tmp_path):
         "server.listen": ["[::1]:25", "0.0.0.0:0", "localhost:2525", "[fe80::1%eth0]:26"],
         "server.workers": 3,
         "server.reuse_port": True,
-        "server.worker_timeout": 0.1,
+        "server.worker_timeout": 5.5,
         "server.shutdown_timeout": 0,
         "server.user": "null",
         "limits.max_message_size": 1_000_001,
