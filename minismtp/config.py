@@ -271,11 +271,12 @@ SETTINGS: tuple[Setting, ...] = (
             "another user in it (Dovecot's mail user) can read them; directories get it "
             "with the set-group-ID bit, which passes it on; `null` = the process's"),
     Setting("delivery.file_mode", "0600", parsing.file_mode(0o600),
-            'mode of stored files, an octal string such as `"0640"` (group may read); '
-            "not narrowed by the umask", parsing.dump_mode),
+            'mode of stored files, an octal string such as `"0640"` (group may read; '
+            "unquoted only with its leading 0: YAML reads `640` as decimal, refused); not "
+            "narrowed by the umask", parsing.dump_mode),
     Setting("delivery.dir_mode", "0700", parsing.file_mode(0o700),
-            'mode of directories minismtp makes, an octal string such as `"0750"`; '
-            "existing ones are left as they are", parsing.dump_mode),
+            'mode of directories minismtp makes, an octal string such as `"0750"` (as '
+            "`delivery.file_mode`); existing ones are left as they are", parsing.dump_mode),
     Setting("logging.level", "info", parsing.choice("debug", "info", "warning", "error", fold_case=True),
             "`debug`, `info`, `warning`, `error`"),
     Setting("logging.format", "text", parsing.choice("text", "json"),
@@ -377,6 +378,18 @@ class _Loader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f'"{key}" given twice in one mapping (first at line '
                     f"{seen.line + 1}): only the last would count", key_node.start_mark)
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    """YAML's int, as an OctalInt when written in octal (0640), which a mode needs to know."""
+    number = loader.construct_yaml_int(node)
+    digits = node.value.replace("_", "").lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and digits[1] not in "bx":
+        return parsing.OctalInt(number)
+    return number
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _not_constructed(node: yaml.Node, exc: Exception) -> str:

@@ -168,12 +168,20 @@ def suggest(word: str, choices: list[str]) -> str:
 _DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)  # bounded: int() refuses > 4300 digits
 
 
+class OctalInt(int):
+    """An integer written in octal in the YAML file (`0640`; YAML 1.1 reads a leading 0
+    as octal). config's loader makes these so that a mode can tell `0640` from `640`,
+    which YAML reads as decimal; parsers hand on plain ints."""
+
+    __slots__ = ()
+
+
 def as_int(value: object) -> int | None:
     """An int from an int, a whole float or a digit string (command-line values are text)."""
     if isinstance(value, bool):  # YAML `true` must not pass as 1
         return None
     if isinstance(value, int):
-        return value
+        return int(value)  # a plain int, whatever the loader made
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return int(value) if isinstance(value, str) and _DIGITS.fullmatch(value) else None
@@ -197,11 +205,13 @@ MAX_WORKERS = 512
 
 
 def file_mode(owner: int) -> Parser:
-    """Permission bits: an octal string ("0640", "640", "0o640") or an int (YAML reads an
-    unquoted 0640 as octal already); at most 0777, and with every bit of `owner` (the
-    owner must be able to write what it makes)."""
-    want = f'an octal mode such as "{0o640 if owner == 0o600 else 0o750:04o}", from ' \
-           f'"{owner:04o}" to "0777" and with the owner\'s "{owner:04o}"'
+    """Permission bits: an octal string ("0640", "640", "0o640") or an integer written in
+    octal in the file (an unquoted 0640); at most 0777, and with every bit of `owner` (the
+    owner must be able to write what it makes). An unquoted 640 is refused: YAML reads it
+    as decimal, 0o1200, and 470 would be 0o726, world-writable."""
+    example = f"{0o640 if owner == 0o600 else 0o750:04o}"
+    want = f'an octal mode such as "{example}", from "{owner:04o}" to "0777" and with ' \
+           f'the owner\'s "{owner:04o}"'
 
     def parse(value: object) -> int:
         number = None
@@ -209,8 +219,11 @@ def file_mode(owner: int) -> Parser:
             text = value.strip().lower().removeprefix("0o")
             if text and len(text) <= 4 and all(c in "01234567" for c in text):
                 number = int(text, 8)
-        else:
-            number = as_int(value)
+        elif isinstance(value, OctalInt):
+            number = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f'must be written in octal and quoted, such as "{example}", '
+                             f"got {got(value)}, which YAML reads as decimal")
         if number is None or not 0 <= number <= 0o777 or number & owner != owner:
             raise ValueError(f"must be {want}, got {got(value)}")
         return number
