@@ -40,6 +40,7 @@ from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_p
 from minismtp.logboard import LogBoard
 from minismtp.logsetup import apply_format, apply_level
 from minismtp.msglog import log_stream
+from minismtp.profiles import own_rules
 from minismtp.sdnotify import Notifier
 from minismtp.signals import SignalWakeup
 from minismtp.startup import (
@@ -529,6 +530,5 @@ def rule_names(config: Config) -> tuple[RuleName, ...]:
     then each listener's own, numbered in that order (profiles.resolve)."""
     names: list[RuleName] = [rule.name for rule in config.faults.rules]
     for entry in config.server.listen:
-        if entry.faults is not None:
-            names.extend((entry.name, rule.name) for rule in entry.faults.rules)
+        names.extend((entry.name, rule.name) for rule in own_rules(entry))
     return tuple(names)

@@ -163,9 +163,9 @@ SETTINGS: tuple[Setting, ...] = (
             "`true`, AUTH offered before TLS is up, needed on a listener with `tls: none`), "
             "`proxy_protocol`, and its profile: `name` (in logs and statistics; default the "
             "address), `hostname` (instead of `server.hostname`), `limits` and `faults` "
-            "(mappings as the top-level sections: `limits` overrides the keys it names, "
-            "`faults` replaces the top-level rules on this listener); see *Listener "
-            "profiles*",
+            "(mappings as the top-level sections, each overriding the keys it names on this "
+            "listener: `faults: {rules: []}` turns the top-level rules off there); see "
+            "*Listener profiles*",
             lambda listeners: [str(listener) for listener in listeners]),
     Setting("server.workers", "auto", parsing.worker_count,
             "worker processes (`auto` = CPU count)"),

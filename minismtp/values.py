@@ -100,7 +100,7 @@ class Listener:
     name: str = ""
     hostname: str | None = None
     limits: tuple[tuple[str, Any], ...] = ()
-    faults: Any = None  # a FaultsConfig replacing the top-level one; None: that one
+    faults: tuple[tuple[str, Any], ...] = ()  # faults keys given (seed, rules); the rest: top's
 
     def __post_init__(self) -> None:
         if not self.name:  # frozen: set once, here
