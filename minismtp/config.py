@@ -153,8 +153,9 @@ SETTINGS: tuple[Setting, ...] = (
             "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no spaces)"),
     Setting("server.listen", ["127.0.0.1:2525"],
             lambda value: parsing.listen_list(value, _LISTENER_KEYS),
-            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. An entry '
-            "may be a mapping: `address`, `tls` (`none`, `starttls`, `implicit`; default "
+            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. No two '
+            "may overlap (`0.0.0.0:25` takes port 25 on every IPv4 address, `[::]:25` on "
+            "every IPv6 one). An entry may be a mapping: `address`, `tls` (`none`, `starttls`, `implicit`; default "
             "`starttls` with `tls.certificates`, else `none`), `require_tls` (`true`: no "
             "mail before STARTTLS), `auth` (SMTP AUTH PLAIN and LOGIN, RFC 4954: a mapping "
             "of `mode`: `off`, `htpasswd` or `accept_any`, every password right, for load "
@@ -595,12 +596,9 @@ def _clashes(parsed: dict[str, object]) -> list[str]:
     smtp = parsed.get("server.listen")
     if not isinstance(stats, ListenAddress) or not stats.port or not isinstance(smtp, tuple):
         return []  # port 0 never clashes; a bad server.listen is reported already
-    for index, address in enumerate(smtp):
-        # A wildcard binds every address of its family, so it clashes with each of them.
-        hosts = {address.host, stats.host}
-        if (address.family, address.port) == (stats.family, stats.port) and (
-                len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
-            return [f"stats.listen: same port as server.listen[{index}] ({address}), "
+    for index, listener in enumerate(smtp):
+        if parsing.overlaps(listener.address, stats):
+            return [f"stats.listen: same port as server.listen[{index}] ({listener}), "
                     f"got {parsing.got(str(stats))}"]
     return []
 

@@ -427,6 +427,19 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host, int(port_text), family)
 
 
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def overlaps(first: ListenAddress, second: ListenAddress) -> bool:
+    """Whether the two could not both be bound: one port of one family, on the same host
+    or where either is the wildcard, which takes the port on every address of its family
+    (IPv6 sockets are bound IPV6_V6ONLY, so "[::]" leaves IPv4 alone). Port 0 binds a free
+    port: never. Host names are not resolved, so a name and an address may still clash."""
+    if not first.port or (first.family, first.port) != (second.family, second.port):
+        return False
+    return first.host == second.host or first.host in _WILDCARDS or second.host in _WILDCARDS
+
+
 # The keys a listener mapping may hold. Each parses its own value into a Listener field;
 # the profile keys (name, hostname, limits, faults) join them in config.py (profiles.py).
 _auth_mode_choice = choice(*AUTH_MODES)
@@ -608,13 +621,23 @@ def listen_list(value: object, keys: dict[str, tuple[str, Parser]] | None = None
         listener = _listener(item, index, problems, LISTENER_KEYS if keys is None else keys)
         if listener is None:
             continue
-        # Binding one address twice fails at start-up; port 0 picks a fresh port each time.
-        if listener.port and any(other.address == listener.address for other in listeners):
-            problems.append((f"[{index}]", f"duplicate address, got {got(str(listener))}"))
+        problems.extend((f"[{index}]", problem) for problem in _clash(listener, listeners))
         listeners.append(listener)
     if problems:
         raise PathProblems(problems)
     return tuple(listeners)
+
+
+def _clash(listener: Listener, before: list[Listener]) -> list[str]:
+    """Binding one address twice, or an address and a wildcard of its port, fails at
+    start-up (however `server.reuse_port` is set, like a duplicate)."""
+    for index, other in enumerate(before):
+        if other.address == listener.address and listener.port:
+            return [f"duplicate address, got {got(str(listener))}"]
+        if overlaps(other.address, listener.address):
+            return [f"overlaps server.listen[{index}] ({other}): a wildcard address takes "
+                    f"its port on every address of its family, got {got(str(listener))}"]
+    return []
 
 
 def dump_listeners(listeners: tuple[Listener, ...], default_tls: str,

@@ -286,6 +286,33 @@ def test_listen_port_zero_may_repeat():
     assert len(config.server.listen) == 2
 
 
+@pytest.mark.parametrize(("listen", "expected"), [
+    (["0.0.0.0:2525", "127.0.0.1:2525"],
+     'server.listen[1]: overlaps server.listen[0] (0.0.0.0:2525): a wildcard address takes '
+     'its port on every address of its family, got "127.0.0.1:2525"'),
+    (["127.0.0.1:2525", "0.0.0.0:2525"],
+     'server.listen[1]: overlaps server.listen[0] (127.0.0.1:2525): a wildcard address takes '
+     'its port on every address of its family, got "0.0.0.0:2525"'),
+    (["[::1]:2525", "[::]:2525"],
+     'server.listen[1]: overlaps server.listen[0] ([::1]:2525): a wildcard address takes '
+     'its port on every address of its family, got "[::]:2525"'),
+    (["localhost:2525", "0.0.0.0:2525"],
+     'server.listen[1]: overlaps server.listen[0] (localhost:2525): a wildcard address takes '
+     'its port on every address of its family, got "0.0.0.0:2525"'),
+])
+def test_listen_addresses_that_cannot_both_be_bound_are_refused(listen, expected):
+    assert problems_of(overrides={"server.listen": listen}) == [expected]
+
+
+def test_listen_addresses_that_can_both_be_bound_pass():
+    # IPv6 listeners are bound IPV6_V6ONLY: "[::]" takes no IPv4 address.
+    for listen in (["0.0.0.0:2525", "[::]:2525"], ["[::]:2525", "127.0.0.1:2525"],
+                   ["0.0.0.0:2525", "[::1]:2525"], ["127.0.0.1:2525", "127.0.0.2:2525"],
+                   ["0.0.0.0:0", "127.0.0.1:0"], ["0.0.0.0:2525", "127.0.0.1:2526"]):
+        config = load_config(overrides={"server.listen": listen})
+        assert [str(entry) for entry in config.server.listen] == listen
+
+
 # --- structure: unknown keys and sections, wrong shapes -------------------------------
 
 
