@@ -248,7 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
             dump_per_client),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),
-    Setting("delivery.path", "./var/mail", parsing.string,
+    Setting("delivery.path", "./var/mail", parsing.file_path,
             "Maildir root (`tmp/`, `new/`, `cur/` made with `delivery.dir_mode`), relative "
             "to the working directory"),
     Setting("delivery.fsync", True, parsing.boolean,
@@ -296,7 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
             lambda pairs: [{"cert": pair.cert, "key": pair.key} for pair in pairs]),
     Setting("tls.min_version", "TLSv1.2", parsing.choice("TLSv1.2", "TLSv1.3"),
             "oldest TLS version accepted: `TLSv1.2` or `TLSv1.3`"),
-    Setting("tls.ciphers", None, parsing.optional_string,
+    Setting("tls.ciphers", None, parsing.cipher_string,
             "OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's); `null` = "
             "Python's defaults"),
     Setting("tls.session_tickets", 2, parsing.integer(0, 16),

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -144,8 +145,9 @@ class PathProblems(ValueError):
 
 def got(value: object) -> str:
     """Show a bad value the way the operator wrote it in YAML, briefly."""
-    if isinstance(value, str):  # quoted, control characters escaped
-        return json.dumps(value if len(value) <= 60 else value[:57] + "...", ensure_ascii=False)
+    if isinstance(value, str):  # quoted, control characters and lone surrogates escaped
+        shown = json.dumps(value if len(value) <= 60 else value[:57] + "...", ensure_ascii=False)
+        return shown.encode("utf-8", "backslashreplace").decode("utf-8")
     if value is None or isinstance(value, bool):  # bool before int: True is an int
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses > 4300 digits
@@ -280,11 +282,35 @@ def string(value: object) -> str:
     return value
 
 
+def file_path(value: object) -> str:
+    """A file or directory name the OS can take: a NUL or text the file-system encoding
+    cannot write (a lone surrogate such as "\\ud800") would raise ValueError wherever the
+    path is used, at start or on a reload."""
+    text = string(value)
+    if "\0" in text:
+        raise ValueError(f"must be a path without NUL characters, got {got(value)}")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        raise ValueError(f"must be a path the file system's encoding "
+                         f"({sys.getfilesystemencoding()}) can write, got {got(value)}"
+                         ) from None
+    return text
+
+
 _PRINTABLE = re.compile(r"[\x21-\x7e]+", re.ASCII)
+_CIPHERS = re.compile(r"[\x20-\x7e]+", re.ASCII)  # OpenSSL separates with ":", " ", ","
 
 
-def optional_string(value: object) -> str | None:
-    return None if value is None else string(value)
+def cipher_string(value: object) -> str | None:
+    """tls.ciphers: an OpenSSL cipher string, ASCII (ssl raises ValueError for a NUL, and
+    for text it cannot encode); whether OpenSSL knows its ciphers is tls.py's check."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CIPHERS.fullmatch(value):
+        raise ValueError(f"must be an OpenSSL cipher string of printable ASCII or null, "
+                         f"got {got(value)}")
+    return value
 
 
 _PAIR_KEYS = ("cert", "key")
@@ -311,7 +337,7 @@ def certificate_list(value: object) -> tuple[CertificatePair, ...]:
                 problems.append((f"[{index}]", f'missing key "{key}"'))
                 continue
             try:
-                paths[key] = string(item[key])
+                paths[key] = file_path(item[key])
             except ValueError as exc:
                 problems.append((f"[{index}].{key}", str(exc)))
         if len(paths) == 2:
@@ -452,7 +478,7 @@ def _auth_mode(value: object) -> str:
 
 _AUTH_KEYS: dict[str, Parser] = {
     "mode": _auth_mode,
-    "users_file": string,
+    "users_file": file_path,
     "require": boolean,
     "allow_plaintext": boolean,
 }

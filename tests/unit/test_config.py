@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import socket
+import sys
 import textwrap
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from minismtp.faults import FaultsConfig
 from support.configfiles import problems_of
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
+FS_ENCODING = sys.getfilesystemencoding()
 SCHEMA = {
     "server": ["hostname", "listen", "workers", "max_connections", "reuse_port", "sched_batch",
                "backlog",
@@ -210,6 +212,27 @@ BAD_VALUES = [
     # strings
     ("delivery", 'path: ""', 'delivery.path: must be a non-empty string, got ""'),
     ("delivery", "path: 5", "delivery.path: must be a non-empty string, got 5"),
+    # paths the OS would refuse with a ValueError where they are used
+    ("delivery", 'path: "./mail\\0x"',
+     'delivery.path: must be a path without NUL characters, got "./mail\\u0000x"'),
+    ("delivery", 'path: "/var/\\ud800"',
+     f"delivery.path: must be a path the file system's encoding ({FS_ENCODING}) can write, "
+     'got "/var/\\ud800"'),
+    ("tls", 'certificates: [{cert: "/tmp/c\\0", key: /tmp/k}]',
+     'tls.certificates[0].cert: must be a path without NUL characters, got "/tmp/c\\u0000"'),
+    ("tls", 'certificates: [{cert: /tmp/c, key: "/tmp/\\ud800"}]',
+     f"tls.certificates[0].key: must be a path the file system's encoding ({FS_ENCODING}) can "
+     'write, got "/tmp/\\ud800"'),
+    ("server", 'listen: [{address: "127.0.0.1:0", tls: none, auth: {mode: htpasswd, '
+     'users_file: "/u\\0", allow_plaintext: true}}]',
+     'server.listen[0].auth.users_file: must be a path without NUL characters, '
+     'got "/u\\u0000"'),
+    ("tls", 'ciphers: "ECDHE\\0"',
+     "tls.ciphers: must be an OpenSSL cipher string of printable ASCII or null, "
+     'got "ECDHE\\u0000"'),
+    ("tls", 'ciphers: "\\ud800"',
+     "tls.ciphers: must be an OpenSSL cipher string of printable ASCII or null, "
+     'got "\\ud800"'),
     ("server", 'hostname: "mx 1"',
      'server.hostname: must be a host name of printable ASCII, no spaces, got "mx 1"'),
     ("server", 'hostname: "mx\\r\\n"',
