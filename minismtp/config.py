@@ -191,7 +191,8 @@ SETTINGS: tuple[Setting, ...] = (
             "time for transactions in flight on stop/reload; `0` = no wait",
             parsing.dump_duration),
     Setting("server.user", None, parsing.printable_name("a user name or null", optional=True),
-            "when started as root, workers run as this user"),
+            "when started as root, workers run as this user, and the Maildir is given to "
+            "it; a reload keeps the running user (a change needs a restart)"),
     Setting("limits.max_message_size", "32M", parsing.size,
             "EHLO `SIZE`; larger bodies get `552 5.3.4` after their end", parsing.dump_size),
     Setting("limits.max_recipients", 1000, _positive,
