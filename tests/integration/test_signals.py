@@ -254,6 +254,16 @@ def test_sighup_with_broken_config_keeps_running(make_server):
                         since=mark)
     assert _greeting_hostname(server.port) == "kept.test"
 
+    # A tagged value PyYAML cannot construct: one line naming the file, no traceback.
+    server.config_path.write_text("logging: {level: !!bool maybe}\n")
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(rf'reload refused: config: invalid YAML in "{server.config_path}" '
+                        r'at line 1, column 18: "maybe" is not a valid !!bool$', since=mark)
+    server.wait_for_log(r"reload refused: still running on the previous configuration",
+                        since=mark)
+    assert "Traceback" not in server.log_text(mark)
+
     server.config_path.write_text("server:\n  hostnme: other.test\n")
     mark = server.mark()
     server.send_signal(signal.SIGHUP)
