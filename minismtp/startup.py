@@ -78,14 +78,17 @@ def load_for_reload(path: str | None, overrides: dict[str, object],
     reload is refused."""
     try:
         config = load_config(path, overrides)
-        check_user(config.server.user)  # the next start would not find it
+        check_user(config.server.user)
     except ConfigError as exc:
         problems = exc.problems
     except LookupError as exc:
         problems = [str(exc)]
     else:
-        config = keep_restart_only(config, running)
+        # The file as a start would find it, then as the workers started now will.
         problems = delivery_problems(config, serving=True)
+        if not problems:
+            config = keep_restart_only(config, running)
+            problems = delivery_problems(config, serving=True)
         if not problems:
             return config
     for problem in problems:

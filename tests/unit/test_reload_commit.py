@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -176,3 +177,35 @@ def test_a_maildir_the_user_cannot_reach_stops_the_start(tmp_path, caplog):
     [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert line.startswith(f'cannot start: delivery.path: server.user "nobody" cannot '
                            f'reach "{tmp_path}/locked/mail": "{tmp_path}/locked" is mode 0700')
+
+
+@AS_ROOT
+def test_a_reload_to_a_user_that_cannot_reach_the_maildir_is_refused(master, tmp_path, caplog):
+    """The running user stays, but the file must be one the next start would take."""
+    arbiter = master()
+    running = arbiter.config
+    _write(Path(arbiter.config_path), _locked(tmp_path), user="nobody")
+    with caplog.at_level(logging.INFO, MASTER):
+        arbiter._apply_reload()
+    assert arbiter.config is running
+    assert not (tmp_path / "locked" / "mail").exists()
+    assert (f'reload refused: delivery.path: server.user "nobody" cannot reach '
+            f'"{tmp_path}/locked/mail": "{tmp_path}/locked" is mode 0700') in caplog.text
+
+
+@AS_ROOT
+def test_a_reload_to_a_maildir_only_the_new_user_reaches_is_refused(master, tmp_path, caplog):
+    """server.user stays nobody: the workers started now must reach the new path."""
+    arbiter = master(user="nobody")
+    running = arbiter.config
+    daemons = tmp_path / "daemons"
+    daemons.mkdir(mode=0o700)
+    daemon = pwd.getpwnam("daemon")
+    os.chown(daemons, daemon.pw_uid, daemon.pw_gid)  # daemon's alone
+    _write(Path(arbiter.config_path), daemons / "mail", user="daemon")
+    with caplog.at_level(logging.INFO, MASTER):
+        arbiter._apply_reload()
+    assert arbiter.config is running
+    assert not (daemons / "mail").exists()
+    assert (f'reload refused: delivery.path: server.user "nobody" cannot reach '
+            f'"{daemons}/mail": "{daemons}" is mode 0700, owner {daemon.pw_uid}') in caplog.text
