@@ -10,8 +10,8 @@ master's own loop, never from a handler.
 A reload applies every changed key, or refuses one it cannot apply with a log line and
 keeps its old value (RESTART_ONLY names the keys that need a restart). Nothing on disk
 changes until every check has passed: the Maildir is made ready last, as the reload is
-committed. The listening sockets belong to the master for as long as their address is configured
-(`listeners.py`), so workers come and go without a queued connection being reset. A
+committed. The listening sockets belong to the master for as long as their address is
+configured (`listeners.py`), so workers come and go without a queued connection being reset. A
 worker that misses its heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files
 a dead worker left in tmp/ are swept (`debris.py`).
 """

@@ -84,11 +84,12 @@ def load_for_reload(path: str | None, overrides: dict[str, object],
     except LookupError as exc:
         problems = [str(exc)]
     else:
-        # The file as a start would find it, then as the workers started now will.
-        problems = delivery_problems(config, serving=True)
+        problems = delivery_problems(config, serving=True)  # as a start would find it
         if not problems:
-            config = keep_restart_only(config, running)
-            problems = delivery_problems(config, serving=True)
+            kept = keep_restart_only(config, running)
+            if kept is not config:  # and as the workers started now, of the old user, will
+                problems = delivery_problems(kept, serving=True)
+            config = kept
         if not problems:
             return config
     for problem in problems:

@@ -209,3 +209,16 @@ def test_a_reload_to_a_maildir_only_the_new_user_reaches_is_refused(master, tmp_
     assert not (daemons / "mail").exists()
     assert (f'reload refused: delivery.path: server.user "nobody" cannot reach '
             f'"{daemons}/mail": "{daemons}" is mode 0700, owner {daemon.pw_uid}') in caplog.text
+
+
+def test_a_server_not_started_as_root_asks_nothing_of_server_user(tmp_path, monkeypatch):
+    """It never switches to that user, so its reach is no reason to refuse a start; the
+    check-config of a file meant for a root start still asks."""
+    from minismtp import startup
+
+    path = tmp_path / "minismtp.yaml"
+    _write(path, _locked(tmp_path), user="no-such-user-x")
+    config = load_config(path)
+    monkeypatch.setattr(startup.os, "geteuid", lambda: 4242)
+    assert startup.delivery_problems(config, serving=True) == []
+    assert startup.delivery_problems(config) == ['server.user: no such user "no-such-user-x"']
