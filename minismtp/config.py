@@ -155,18 +155,19 @@ SETTINGS: tuple[Setting, ...] = (
             lambda value: parsing.listen_list(value, _LISTENER_KEYS),
             'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. No two '
             "may overlap (`0.0.0.0:25` takes port 25 on every IPv4 address, `[::]:25` on "
-            "every IPv6 one). An entry may be a mapping: `address`, `tls` (`none`, `starttls`, `implicit`; default "
-            "`starttls` with `tls.certificates`, else `none`), `require_tls` (`true`: no "
-            "mail before STARTTLS), `auth` (SMTP AUTH PLAIN and LOGIN, RFC 4954: a mapping "
-            "of `mode`: `off`, `htpasswd` or `accept_any`, every password right, for load "
-            "tests; `users_file`: for `htpasswd`, a file as `htpasswd -B` writes it, "
-            "checked at load; `require`: `true`, no mail before AUTH; `allow_plaintext`: "
-            "`true`, AUTH offered before TLS is up, needed on a listener with `tls: none`), "
-            "`proxy_protocol`, and its profile: `name` (in logs and statistics; default the "
-            "address), `hostname` (instead of `server.hostname`), `limits` and `faults` "
-            "(mappings as the top-level sections, each overriding the keys it names on this "
-            "listener: `faults: {rules: []}` turns the top-level rules off there); see "
-            "*Listener profiles*",
+            "every IPv6 one). An entry may be a mapping: `address`, `tls` (`none`, "
+            "`starttls`, `implicit`; default `starttls` with `tls.certificates`, else "
+            "`none`), `require_tls` (`true`: no mail before STARTTLS), `auth` (SMTP AUTH "
+            "PLAIN and LOGIN, RFC 4954: a mapping of `mode`: `off`, `htpasswd` or "
+            "`accept_any`, every password right, for load tests; `users_file`: for "
+            "`htpasswd`, a file as `htpasswd -B` writes it, checked at load; `require`: "
+            "`true`, no mail before AUTH; `allow_plaintext`: `true`, AUTH offered before "
+            "TLS is up, needed on a listener with `tls: none`), `proxy_protocol`, and its "
+            "profile: `name` (in logs and statistics; default the address), `hostname` "
+            "(instead of `server.hostname`), `limits` and `faults` (mappings as the "
+            "top-level sections, each overriding the keys it names on this listener: "
+            "`faults: {rules: []}` turns the top-level rules off there); see *Listener "
+            "profiles*",
             lambda listeners: [str(listener) for listener in listeners]),
     Setting("server.workers", "auto", parsing.worker_count,
             "worker processes (`auto` = CPU count)"),

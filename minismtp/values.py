@@ -146,7 +146,8 @@ class PathProblems(ValueError):
 def got(value: object) -> str:
     """Show a bad value the way the operator wrote it in YAML, briefly."""
     if isinstance(value, str):  # quoted, control characters and lone surrogates escaped
-        shown = json.dumps(value if len(value) <= 60 else value[:57] + "...", ensure_ascii=False)
+        short = value if len(value) <= 60 else value[:57] + "..."
+        shown = json.dumps(short, ensure_ascii=False)
         return shown.encode("utf-8", "backslashreplace").decode("utf-8")
     if value is None or isinstance(value, bool):  # bool before int: True is an int
         return {None: "null", True: "true", False: "false"}[value]

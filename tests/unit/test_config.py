@@ -477,10 +477,13 @@ def test_unparsable_yaml_is_one_line_not_a_traceback(tmp_path, data):
     ('!!int ""', '"" is not a valid !!int'),
     ('!!float ""', '"" is not a valid !!float'),
     ("!!timestamp abc", '"abc" is not a valid !!timestamp'),
-    ("!!timestamp 2024-13-01", '"2024-13-01" is not a valid !!timestamp (month must be in 1..12)'),
-    ("!!int 0xZZ", '"0xZZ" is not a valid !!int (invalid literal for int() with base 16: \'ZZ\')'),
+    ("!!timestamp 2024-13-01",
+     '"2024-13-01" is not a valid !!timestamp (month must be in 1..12)'),
+    ("!!int 0xZZ",
+     '"0xZZ" is not a valid !!int (invalid literal for int() with base 16: \'ZZ\')'),
 ])
-def test_a_tagged_value_yaml_cannot_construct_is_one_line_at_its_place(tmp_path, value, problem):
+def test_a_tagged_value_yaml_cannot_construct_is_one_line_at_its_place(tmp_path, value,
+                                                                        problem):
     path = write(tmp_path, f"server:\n  reuse_port: {value}\n")
     assert problems_of(path) == [
         f'config: invalid YAML in "{path}" at line 2, column 15: {problem}']
