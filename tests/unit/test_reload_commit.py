@@ -101,6 +101,22 @@ def test_an_accepted_reload_makes_the_new_maildir(master, tmp_path):
     assert (tmp_path / "new-mail" / "new").is_dir()
 
 
+def test_a_maildir_that_cannot_be_made_ready_refuses_the_reload_last(master, tmp_path,
+                                                                      caplog):
+    """At the commit point, after every other check: what the reload bound is closed."""
+    arbiter = master()
+    running = arbiter.config
+    (tmp_path / "a-file").write_text("not a directory\n")
+    _write(Path(arbiter.config_path), tmp_path / "a-file",
+           listen=("127.0.0.1:0", "127.0.0.1:0"))
+    with caplog.at_level(logging.INFO, MASTER):
+        arbiter._apply_reload()
+    assert arbiter.config is running
+    assert len(arbiter.listeners.all()) == 1
+    assert "reload refused: delivery.path" in caplog.text
+    assert "not a directory; still running on the previous configuration" in caplog.text
+
+
 @AS_ROOT
 def test_a_refused_reload_leaves_the_maildir_to_the_running_user(master, tmp_path, taken):
     arbiter = master(user="nobody")
