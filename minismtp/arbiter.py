@@ -8,9 +8,10 @@ more/less. They arrive as bytes on a socket (`signals.py`) and are dispatched fr
 master's own loop, never from a handler.
 
 A reload applies every changed key, or refuses one it cannot apply with a log line and
-keeps its old value (RESTART_ONLY names the keys that would need a restart: none). The
-listening sockets belong to the master for as long as their address is configured
-(`listeners.py`), so workers come and go without a queued connection being reset. A
+keeps its old value (RESTART_ONLY names the keys that need a restart). Nothing on disk
+changes until every check has passed: the Maildir is made ready last, as the reload is
+committed. The listening sockets belong to the master for as long as their address is
+configured (`listeners.py`), so workers come and go without a queued connection being reset. A
 worker that misses its heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files
 a dead worker left in tmp/ are swept (`debris.py`).
 """
@@ -40,11 +41,12 @@ from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_p
 from minismtp.logboard import LogBoard
 from minismtp.logsetup import apply_format, apply_level
 from minismtp.msglog import log_stream
+from minismtp.profiles import own_rules
 from minismtp.sdnotify import Notifier
 from minismtp.signals import SignalWakeup
 from minismtp.startup import (
-    check_user, drop_privileges, load_for_reload, make_delivery, prepare_delivery,
-    report_where_stuck, tmp_dir,
+    RESTART_ONLY, check_user, delivery_problems, drop_privileges, load_for_reload,
+    make_delivery, prepare_delivery, report_where_stuck, tmp_dir,
 )
 from minismtp.stats import StatsBoard, Totals
 from minismtp.statsformat import RuleName, summary_line
@@ -61,9 +63,6 @@ __all__ = ["RESTART_ONLY", "Arbiter", "MAX_WORKERS", "bind", "bound_address"]
 
 log = logging.getLogger("minismtp.master")
 
-# Settings a reload cannot change. None: each key applies on HUP, or is refused with a log
-# line and keeps its old value (README "Reloading"; a test keeps the two in agreement).
-RESTART_ONLY: frozenset[str] = frozenset()
 BOARD_SLOTS = 2 * MAX_WORKERS  # a retiring generation and a new one, side by side
 _LOOP_S = 0.5  # heartbeat and back-off checks at least this often
 _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is killed
@@ -119,6 +118,10 @@ class Arbiter:
     def run(self) -> int:
         try:
             check_user(self.config.server.user)
+            if problems := delivery_problems(self.config, serving=True):
+                for problem in problems:  # each message would get 451
+                    log.error("cannot start: %s", problem)
+                return exitcodes.FAILURE
             self.listeners.bind_missing(self.config)
             prepare_delivery(self.config)
             self._start_stats_http(self._bind_stats(self.config))
@@ -432,15 +435,19 @@ class Arbiter:
     def _apply_reload(self) -> None:
         fresh: dict[str, socket.socket] = {}
         try:
-            config = load_for_reload(self.config_path, self.overrides)
+            config = load_for_reload(self.config_path, self.overrides, self.config)
             if config is None:
                 return
             tls_context = reloaded_context(self.tls_context, config.tls)
             fresh = self.listeners.bind_missing(config)
+            # The commit point, last of what may refuse the reload: it changes the disk
+            # (a new delivery.path made and given to server.user). What follows keeps an
+            # old value rather than refuse.
+            prepare_delivery(config)
             config = switch_reuse_port(self.listeners, self.config, config)
             config = self._switch_stats(config)
             config = self._keep_table_size(config)
-        except OSError as exc:
+        except (OSError, DeliveryError, LookupError) as exc:
             self.listeners.drop_unlisted(self.config)  # what this reload bound, if anything
             log.error("reload refused: %s; still running on the previous configuration", exc)
             return
@@ -529,6 +536,5 @@ def rule_names(config: Config) -> tuple[RuleName, ...]:
     then each listener's own, numbered in that order (profiles.resolve)."""
     names: list[RuleName] = [rule.name for rule in config.faults.rules]
     for entry in config.server.listen:
-        if entry.faults is not None:
-            names.extend((entry.name, rule.name) for rule in entry.faults.rules)
+        names.extend((entry.name, rule.name) for rule in own_rules(entry))
     return tuple(names)

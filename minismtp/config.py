@@ -142,6 +142,10 @@ def _host_name() -> str:
 
 _positive = parsing.integer(1)
 _timeout = parsing.duration(allow_zero=False)
+# Workers stamp their heartbeat once a second (worker.py's tick), later when a turn of
+# their loop runs long: a timeout near that would have the master kill healthy workers
+# over and over.
+MIN_WORKER_TIMEOUT_S = 5.0
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("server.hostname", _host_name,
@@ -149,18 +153,20 @@ SETTINGS: tuple[Setting, ...] = (
             "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no spaces)"),
     Setting("server.listen", ["127.0.0.1:2525"],
             lambda value: parsing.listen_list(value, _LISTENER_KEYS),
-            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. An entry '
-            "may be a mapping: `address`, `tls` (`none`, `starttls`, `implicit`; default "
-            "`starttls` with `tls.certificates`, else `none`), `require_tls` (`true`: no "
-            "mail before STARTTLS), `auth` (SMTP AUTH PLAIN and LOGIN, RFC 4954: a mapping "
-            "of `mode`: `off`, `htpasswd` or `accept_any`, every password right, for load "
-            "tests; `users_file`: for `htpasswd`, a file as `htpasswd -B` writes it, "
-            "checked at load; `require`: `true`, no mail before AUTH; `allow_plaintext`: "
-            "`true`, AUTH offered before TLS is up, needed on a listener with `tls: none`), "
-            "`proxy_protocol`, and its profile: `name` (in logs and statistics; default the "
-            "address), `hostname` (instead of `server.hostname`), `limits` and `faults` "
-            "(mappings as the top-level sections: `limits` overrides the keys it names, "
-            "`faults` replaces the top-level rules on this listener); see *Listener "
+            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. No two '
+            "may overlap (`0.0.0.0:25` takes port 25 on every IPv4 address, `[::]:25` on "
+            "every IPv6 one). An entry may be a mapping: `address`, `tls` (`none`, "
+            "`starttls`, `implicit`; default `starttls` with `tls.certificates`, else "
+            "`none`), `require_tls` (`true`: no mail before STARTTLS), `auth` (SMTP AUTH "
+            "PLAIN and LOGIN, RFC 4954: a mapping of `mode`: `off`, `htpasswd` or "
+            "`accept_any`, every password right, for load tests; `users_file`: for "
+            "`htpasswd`, a file as `htpasswd -B` writes it, checked at load; `require`: "
+            "`true`, no mail before AUTH; `allow_plaintext`: `true`, AUTH offered before "
+            "TLS is up, needed on a listener with `tls: none`), `proxy_protocol`, and its "
+            "profile: `name` (in logs and statistics; default the address), `hostname` "
+            "(instead of `server.hostname`), `limits` and `faults` (mappings as the "
+            "top-level sections, each overriding the keys it names on this listener: "
+            "`faults: {rules: []}` turns the top-level rules off there); see *Listener "
             "profiles*",
             lambda listeners: [str(listener) for listener in listeners]),
     Setting("server.workers", "auto", parsing.worker_count,
@@ -177,14 +183,17 @@ SETTINGS: tuple[Setting, ...] = (
     # listen() takes a C int (and the kernel caps it at net.core.somaxconn anyway).
     Setting("server.backlog", 4096, parsing.integer(1, 2**31 - 1),
             "listen backlog (the kernel caps it)"),
-    Setting("server.worker_timeout", "30s", _timeout,
-            "heartbeat age after which the master kills a worker and starts another",
-            parsing.dump_duration),
+    Setting("server.worker_timeout", "30s",
+            parsing.duration(allow_zero=False, minimum_s=MIN_WORKER_TIMEOUT_S),
+            "heartbeat age after which the master kills a worker and starts another; at "
+            "least `5s`, since a worker stamps its heartbeat only once a second, and later "
+            "while a turn of its loop runs long", parsing.dump_duration),
     Setting("server.shutdown_timeout", "30s", parsing.duration(allow_zero=True),
             "time for transactions in flight on stop/reload; `0` = no wait",
             parsing.dump_duration),
     Setting("server.user", None, parsing.printable_name("a user name or null", optional=True),
-            "when started as root, workers run as this user"),
+            "when started as root, workers run as this user, and the Maildir is given to "
+            "it; a reload keeps the running user (a change needs a restart)"),
     Setting("limits.max_message_size", "32M", parsing.size,
             "EHLO `SIZE`; larger bodies get `552 5.3.4` after their end", parsing.dump_size),
     Setting("limits.max_recipients", 1000, _positive,
@@ -241,7 +250,7 @@ SETTINGS: tuple[Setting, ...] = (
             dump_per_client),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),
-    Setting("delivery.path", "./var/mail", parsing.string,
+    Setting("delivery.path", "./var/mail", parsing.file_path,
             "Maildir root (`tmp/`, `new/`, `cur/` made with `delivery.dir_mode`), relative "
             "to the working directory"),
     Setting("delivery.fsync", True, parsing.boolean,
@@ -265,11 +274,12 @@ SETTINGS: tuple[Setting, ...] = (
             "another user in it (Dovecot's mail user) can read them; directories get it "
             "with the set-group-ID bit, which passes it on; `null` = the process's"),
     Setting("delivery.file_mode", "0600", parsing.file_mode(0o600),
-            'mode of stored files, an octal string such as `"0640"` (group may read); '
-            "not narrowed by the umask", parsing.dump_mode),
+            'mode of stored files, an octal string such as `"0640"` (group may read; '
+            "unquoted only with its leading 0: YAML reads `640` as decimal, refused); not "
+            "narrowed by the umask", parsing.dump_mode),
     Setting("delivery.dir_mode", "0700", parsing.file_mode(0o700),
-            'mode of directories minismtp makes, an octal string such as `"0750"`; '
-            "existing ones are left as they are", parsing.dump_mode),
+            'mode of directories minismtp makes, an octal string such as `"0750"` (as '
+            "`delivery.file_mode`); existing ones are left as they are", parsing.dump_mode),
     Setting("logging.level", "info", parsing.choice("debug", "info", "warning", "error", fold_case=True),
             "`debug`, `info`, `warning`, `error`"),
     Setting("logging.format", "text", parsing.choice("text", "json"),
@@ -288,7 +298,7 @@ SETTINGS: tuple[Setting, ...] = (
             lambda pairs: [{"cert": pair.cert, "key": pair.key} for pair in pairs]),
     Setting("tls.min_version", "TLSv1.2", parsing.choice("TLSv1.2", "TLSv1.3"),
             "oldest TLS version accepted: `TLSv1.2` or `TLSv1.3`"),
-    Setting("tls.ciphers", None, parsing.optional_string,
+    Setting("tls.ciphers", None, parsing.cipher_string,
             "OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's); `null` = "
             "Python's defaults"),
     Setting("tls.session_tickets", 2, parsing.integer(0, 16),
@@ -332,6 +342,18 @@ class _Loader(yaml.SafeLoader):
         # alias, must not take for repeats.
         self._checked: set[int] = set()
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's own constructors fail on some explicitly tagged scalars with whatever
+        # their code hits first (`!!bool maybe` a KeyError, `!!int ""` an IndexError,
+        # `!!timestamp abc` an AttributeError): each becomes an error at the node.
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, _not_constructed(node, exc), node.start_mark) from exc
+
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             self._no_repeats(node)
@@ -361,6 +383,25 @@ class _Loader(yaml.SafeLoader):
                     f"{seen.line + 1}): only the last would count", key_node.start_mark)
 
 
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    """YAML's int, as an OctalInt when written in octal (0640), which a mode needs to know."""
+    number = loader.construct_yaml_int(node)
+    digits = node.value.replace("_", "").lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and digits[1] not in "bx":
+        return parsing.OctalInt(number)
+    return number
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _not_constructed(node: yaml.Node, exc: Exception) -> str:
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    shown = parsing.got(node.value) if isinstance(node, yaml.ScalarNode) else "this node"
+    why = f" ({' '.join(str(exc).split())})" if isinstance(exc, ValueError) else ""
+    return f"{shown} is not a valid {tag}{why}"
+
+
 def _read(path: str, problems: list[str]) -> object:
     data = _read_bytes(path, problems)
     if data is None:
@@ -372,11 +413,12 @@ def _read(path: str, problems: list[str]) -> object:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = " ".join(str(exc.problem or exc.context).split())
         problems.append(f'config: invalid YAML in "{path}"{where}: {what}')
-    # ReaderError: bytes that are not UTF-8; ValueError: a date like 2024-13-45, a huge int.
-    except (yaml.YAMLError, ValueError) as exc:
-        problems.append(f'config: invalid YAML in "{path}": {" ".join(str(exc).split())}')
     except RecursionError:  # the composer recurses once per nesting level
         problems.append(f'config: invalid YAML in "{path}": nested too deeply')
+    # ReaderError: bytes that are not UTF-8; anything else PyYAML raises while reading
+    # the operator's file is still their file's problem, never a traceback.
+    except Exception as exc:
+        problems.append(f'config: invalid YAML in "{path}": {" ".join(str(exc).split())}')
     return None
 
 
@@ -579,12 +621,9 @@ def _clashes(parsed: dict[str, object]) -> list[str]:
     smtp = parsed.get("server.listen")
     if not isinstance(stats, ListenAddress) or not stats.port or not isinstance(smtp, tuple):
         return []  # port 0 never clashes; a bad server.listen is reported already
-    for index, address in enumerate(smtp):
-        # A wildcard binds every address of its family, so it clashes with each of them.
-        hosts = {address.host, stats.host}
-        if (address.family, address.port) == (stats.family, stats.port) and (
-                len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
-            return [f"stats.listen: same port as server.listen[{index}] ({address}), "
+    for index, listener in enumerate(smtp):
+        if parsing.overlaps(listener.address, stats):
+            return [f"stats.listen: same port as server.listen[{index}] ({listener}), "
                     f"got {parsing.got(str(stats))}"]
     return []
 

@@ -41,7 +41,7 @@ def parse_seed(value: object) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"must be an integer >= 0 or null, got {values.got(value)}")
-    return value
+    return int(value)  # plain, whatever int type the loader made (values.OctalInt)
 
 
 def parse_rules(value: object) -> tuple[FaultRule, ...]:

@@ -6,15 +6,16 @@ Untrusted input: the operator's YAML (a listener mapping's values). As everywher
 configuration, every problem is reported at once with its path below the listener
 (".limits.max_recipients"); values.py puts "server.listen[1]" in front.
 
-Theory of operation. A listener holds only what it overrides: `limits` as (key, value)
-pairs in the order of the top-level section, `faults` as a whole `FaultsConfig` (a
-listener's rules replace the top-level ones, they do not add to them), `hostname` as a
-name or None. What is not overridden comes from the top level, merged by
-`effective_limits` once per worker at start (session.Profile), never per session, so a
-reload that changes a top-level limit changes it for every listener that does not
-override it. Fault rules are counted by index in one array per worker (stats.py), so
-`resolve` numbers each listener's rules after the top-level ones and the listeners
-before it; the sum is bounded as the top-level list is.
+Theory of operation. A listener holds only what it overrides: `limits` and `faults` as
+(key, value) pairs in the order of the top-level section (a listener's `rules` replace
+the top-level ones, they do not add to them), `hostname` as a name or None. What is not
+overridden comes from the top level, merged by `effective_limits` and `effective_faults`
+once per worker at start (session.Profile), never per session, so a reload that changes
+a top-level key changes it for every listener that does not override it. Fault rules
+are counted by index in one array per worker (stats.py), so `resolve` numbers each
+listener's own rules after the top-level ones and the listeners before it; the sum is
+bounded as the top-level list is. A listener that inherits the top-level rules (giving
+only a `seed`, say) counts them where the top-level ones count.
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ def _limits(parsers: Callable[[], Mapping[str, Parser]]) -> Parser:
     return parse
 
 
-def _faults(value: object) -> FaultsConfig | None:
-    """A listener's `faults` mapping (seed, rules), as the top-level section reads it;
-    null (every key commented out) keeps the top-level rules."""
-    if value is None:
-        return None
+def _faults(value: object) -> tuple[tuple[str, Any], ...]:
+    """A listener's `faults` mapping (seed, rules), each key as the top-level section
+    reads it: the keys it gives, as (key, value) pairs; a key it leaves out, and every
+    key for null or {}, is the top-level one (`effective_faults`)."""
+    if value is None:  # `faults:` with every key commented out: nothing overridden
+        return ()
     if not isinstance(value, Mapping):
         raise ValueError(f"must be a mapping (seed, rules) as the top-level faults "
                          f"section, got {got(value)}")
@@ -91,20 +93,22 @@ def _faults(value: object) -> FaultsConfig | None:
     for key in value:
         if str(key) not in _FAULT_KEYS:
             problems.append((f".{key}", f"unknown key{suggest(str(key), list(_FAULT_KEYS))}"))
-    seed, rules = None, ()
-    try:
-        seed = parse_seed(value.get("seed"))
-    except ValueError as exc:
-        problems.append((".seed", str(exc)))
-    try:
-        rules = parse_rules(value.get("rules", []))
-    except RuleProblems as exc:
-        problems.extend((f".rules{path}", message) for path, message in exc.items)
-    except ValueError as exc:
-        problems.append((".rules", str(exc)))
+    given: list[tuple[str, Any]] = []
+    if "seed" in value:
+        try:
+            given.append(("seed", parse_seed(value["seed"])))
+        except ValueError as exc:
+            problems.append((".seed", str(exc)))
+    if "rules" in value:
+        try:
+            given.append(("rules", parse_rules(value["rules"])))
+        except RuleProblems as exc:
+            problems.extend((f".rules{path}", message) for path, message in exc.items)
+        except ValueError as exc:
+            problems.append((".rules", str(exc)))
     if problems:
         raise PathProblems(problems)
-    return FaultsConfig(seed, rules)
+    return tuple(given)
 
 
 def listener_keys(limit_parsers: Callable[[], Mapping[str, Parser]]
@@ -137,18 +141,28 @@ def resolve(listeners: tuple[Listener, ...], top_faults: FaultsConfig
     counted = len(top_faults.rules)
     resolved = []
     for index, listener in enumerate(listeners):
-        faults = listener.faults
-        if faults is not None and faults.rules:
-            rules = tuple(replace(rule, index=counted + i)
-                          for i, rule in enumerate(faults.rules))
+        if own := own_rules(listener):
+            rules = tuple(replace(rule, index=counted + i) for i, rule in enumerate(own))
             counted += len(rules)
             if counted > MAX_RULES:
                 problems.append((f"[{index}].faults.rules", f"at most {MAX_RULES} fault rules "
                                  "in all (faults.rules and every listener's together), got "
                                  f"{counted} so far"))
-            listener = replace(listener, faults=replace(faults, rules=rules))
+            faults = tuple((key, rules if key == "rules" else value)
+                           for key, value in listener.faults)
+            listener = replace(listener, faults=faults)
         resolved.append(listener)
     return tuple(resolved), problems
+
+
+def own_rules(listener: Listener) -> tuple[Any, ...]:
+    """The fault rules the listener gives itself (none if it inherits the top-level ones)."""
+    return dict(listener.faults).get("rules", ())
+
+
+def effective_faults(top: FaultsConfig, listener: Listener) -> FaultsConfig:
+    """The top-level FaultsConfig with the keys the listener gives in its place."""
+    return replace(top, **dict(listener.faults)) if listener.faults else top
 
 
 def effective_limits(top: Any, listener: Listener | None) -> Any:
@@ -170,7 +184,7 @@ def dump_profile(listener: Listener,
     if listener.limits:
         entry["limits"] = {key: value if limit_dumpers.get(key) is None
                            else limit_dumpers[key](value) for key, value in listener.limits}
-    if listener.faults is not None:
-        entry["faults"] = {"seed": listener.faults.seed,
-                           "rules": dump_rules(listener.faults.rules)}
+    if listener.faults:
+        entry["faults"] = {key: dump_rules(value) if key == "rules" else value
+                           for key, value in listener.faults}
     return entry

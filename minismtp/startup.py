@@ -13,11 +13,19 @@ import os
 import pwd
 import stat
 import sys
+from dataclasses import replace
 
 from minismtp.config import Config, ConfigError, load_config
-from minismtp.delivery import Backend, DeliveryError, make_backend
+from minismtp.delivery import Backend, make_backend
+from minismtp.values import got
 
 log = logging.getLogger("minismtp.master")
+
+# Settings a reload cannot change: it keeps their running values, logged, and applies the
+# rest (README "Reloading"; a test keeps the two in agreement). server.user: the master
+# gives the Maildir to the workers' user, so a retiring generation of another user could
+# not store during the overlap, and per_recipient mailboxes it made would stay its own.
+RESTART_ONLY: frozenset[str] = frozenset({"server.user"})
 
 
 def check_user(user: str | None) -> None:
@@ -62,21 +70,44 @@ def prepare_delivery(config: Config) -> None:
             os.chmod(path, mode)  # the set-group-ID bit may not survive chown
 
 
-def load_for_reload(path: str | None, overrides: dict[str, object]) -> Config | None:
-    """The configuration a HUP asks for, checked as far as can be without changing
-    anything; None (each problem logged) if the reload is refused."""
+def load_for_reload(path: str | None, overrides: dict[str, object],
+                    running: Config) -> Config | None:
+    """The configuration a HUP asks for, with the running value of each RESTART_ONLY key,
+    checked as far as can be without changing anything: nothing on disk changes until
+    the master commits the reload (prepare_delivery). None (each problem logged) if the
+    reload is refused."""
     try:
         config = load_config(path, overrides)
         check_user(config.server.user)
-        prepare_delivery(config)
-        return config
     except ConfigError as exc:
-        for problem in exc.problems:
-            log.error("reload refused: %s", problem)
-    except (OSError, DeliveryError, LookupError) as exc:
-        log.error("reload refused: %s", exc)
+        problems = exc.problems
+    except LookupError as exc:
+        problems = [str(exc)]
+    else:
+        problems = delivery_problems(config, serving=True)  # as a start would find it
+        if not problems:
+            kept = keep_restart_only(config, running)
+            if kept is not config:  # and as the workers started now, of the old user, will
+                problems = delivery_problems(kept, serving=True)
+            config = kept
+        if not problems:
+            return config
+    for problem in problems:
+        log.error("reload refused: %s", problem)
     log.error("reload refused: still running on the previous configuration")
     return None
+
+
+def keep_restart_only(config: Config, running: Config) -> Config:
+    """`config` with the running value of each RESTART_ONLY key it would change (logged)."""
+    for name in sorted(RESTART_ONLY):
+        section_name, key = name.split(".")
+        section = getattr(config, section_name)
+        kept = getattr(getattr(running, section_name), key)
+        if getattr(section, key) != kept:
+            log.error("reload: %s stays %s until a restart", name, got(kept))
+            config = replace(config, **{section_name: replace(section, **{key: kept})})
+    return config
 
 
 def tmp_dir(config: Config) -> str | None:
@@ -96,10 +127,11 @@ def report_where_stuck() -> None:
     faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
-def delivery_problems(config: Config) -> list[str]:
+def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
     """What keeps the workers (as server.user) from storing: a group that does not exist,
     a delivery.path they cannot reach. Checked from the file system's modes, since
-    trying as that user would need the master to change identity."""
+    trying as that user would need the master to change identity. check-config asks
+    about server.user whoever runs it; `serving`, only when it applies (as root)."""
     d = config.delivery
     if d.backend != "maildir":
         return []
@@ -115,7 +147,7 @@ def delivery_problems(config: Config) -> list[str]:
             if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
                 problems.append(f'delivery.group: this user is not in group "{d.group}", '
                                 "so cannot give it the files (run as root, or join it)")
-    if config.server.user:
+    if config.server.user and (not serving or os.geteuid() == 0):
         try:
             user = pwd.getpwnam(config.server.user)
         except KeyError:

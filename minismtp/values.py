@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -100,7 +101,7 @@ class Listener:
     name: str = ""
     hostname: str | None = None
     limits: tuple[tuple[str, Any], ...] = ()
-    faults: Any = None  # a FaultsConfig replacing the top-level one; None: that one
+    faults: tuple[tuple[str, Any], ...] = ()  # faults keys given (seed, rules); the rest: top's
 
     def __post_init__(self) -> None:
         if not self.name:  # frozen: set once, here
@@ -144,8 +145,10 @@ class PathProblems(ValueError):
 
 def got(value: object) -> str:
     """Show a bad value the way the operator wrote it in YAML, briefly."""
-    if isinstance(value, str):  # quoted, control characters escaped
-        return json.dumps(value if len(value) <= 60 else value[:57] + "...", ensure_ascii=False)
+    if isinstance(value, str):  # quoted, control characters and lone surrogates escaped
+        short = value if len(value) <= 60 else value[:57] + "..."
+        shown = json.dumps(short, ensure_ascii=False)
+        return shown.encode("utf-8", "backslashreplace").decode("utf-8")
     if value is None or isinstance(value, bool):  # bool before int: True is an int
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, int) and value.bit_length() > 128:  # repr() refuses > 4300 digits
@@ -168,12 +171,20 @@ def suggest(word: str, choices: list[str]) -> str:
 _DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)  # bounded: int() refuses > 4300 digits
 
 
+class OctalInt(int):
+    """An integer written in octal in the YAML file (`0640`; YAML 1.1 reads a leading 0
+    as octal). config's loader makes these so that a mode can tell `0640` from `640`,
+    which YAML reads as decimal; parsers hand on plain ints."""
+
+    __slots__ = ()
+
+
 def as_int(value: object) -> int | None:
     """An int from an int, a whole float or a digit string (command-line values are text)."""
     if isinstance(value, bool):  # YAML `true` must not pass as 1
         return None
     if isinstance(value, int):
-        return value
+        return int(value)  # a plain int, whatever the loader made
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return int(value) if isinstance(value, str) and _DIGITS.fullmatch(value) else None
@@ -197,11 +208,13 @@ MAX_WORKERS = 512
 
 
 def file_mode(owner: int) -> Parser:
-    """Permission bits: an octal string ("0640", "640", "0o640") or an int (YAML reads an
-    unquoted 0640 as octal already); at most 0777, and with every bit of `owner` (the
-    owner must be able to write what it makes)."""
-    want = f'an octal mode such as "{0o640 if owner == 0o600 else 0o750:04o}", from ' \
-           f'"{owner:04o}" to "0777" and with the owner\'s "{owner:04o}"'
+    """Permission bits: an octal string ("0640", "640", "0o640") or an integer written in
+    octal in the file (an unquoted 0640); at most 0777, and with every bit of `owner` (the
+    owner must be able to write what it makes). An unquoted 640 is refused: YAML reads it
+    as decimal, 0o1200, and 470 would be 0o726, world-writable."""
+    example = f"{0o640 if owner == 0o600 else 0o750:04o}"
+    want = f'an octal mode such as "{example}", from "{owner:04o}" to "0777" and with ' \
+           f'the owner\'s "{owner:04o}"'
 
     def parse(value: object) -> int:
         number = None
@@ -209,8 +222,11 @@ def file_mode(owner: int) -> Parser:
             text = value.strip().lower().removeprefix("0o")
             if text and len(text) <= 4 and all(c in "01234567" for c in text):
                 number = int(text, 8)
-        else:
-            number = as_int(value)
+        elif isinstance(value, OctalInt):
+            number = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f'must be written in octal and quoted, such as "{example}", '
+                             f"got {got(value)}, which YAML reads as decimal")
         if number is None or not 0 <= number <= 0o777 or number & owner != owner:
             raise ValueError(f"must be {want}, got {got(value)}")
         return number
@@ -267,11 +283,35 @@ def string(value: object) -> str:
     return value
 
 
+def file_path(value: object) -> str:
+    """A file or directory name the OS can take: a NUL or text the file-system encoding
+    cannot write (a lone surrogate such as "\\ud800") would raise ValueError wherever the
+    path is used, at start or on a reload."""
+    text = string(value)
+    if "\0" in text:
+        raise ValueError(f"must be a path without NUL characters, got {got(value)}")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        raise ValueError(f"must be a path the file system's encoding "
+                         f"({sys.getfilesystemencoding()}) can write, got {got(value)}"
+                         ) from None
+    return text
+
+
 _PRINTABLE = re.compile(r"[\x21-\x7e]+", re.ASCII)
+_CIPHERS = re.compile(r"[\x20-\x7e]+", re.ASCII)  # OpenSSL separates with ":", " ", ","
 
 
-def optional_string(value: object) -> str | None:
-    return None if value is None else string(value)
+def cipher_string(value: object) -> str | None:
+    """tls.ciphers: an OpenSSL cipher string, ASCII (ssl raises ValueError for a NUL, and
+    for text it cannot encode); whether OpenSSL knows its ciphers is tls.py's check."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CIPHERS.fullmatch(value):
+        raise ValueError(f"must be an OpenSSL cipher string of printable ASCII or null, "
+                         f"got {got(value)}")
+    return value
 
 
 _PAIR_KEYS = ("cert", "key")
@@ -298,7 +338,7 @@ def certificate_list(value: object) -> tuple[CertificatePair, ...]:
                 problems.append((f"[{index}]", f'missing key "{key}"'))
                 continue
             try:
-                paths[key] = string(item[key])
+                paths[key] = file_path(item[key])
             except ValueError as exc:
                 problems.append((f"[{index}].{key}", str(exc)))
         if len(paths) == 2:
@@ -339,12 +379,15 @@ def to_seconds(value: object) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
-def duration(*, allow_zero: bool) -> Parser:
-    want = f'a duration {">=" if allow_zero else ">"} 0 such as "30s", "5m" or "500ms"'
+def duration(*, allow_zero: bool, minimum_s: float = 0.0) -> Parser:
+    if minimum_s:
+        want = f'a duration of at least {dump_duration(minimum_s)} such as "30s" or "5m"'
+    else:
+        want = f'a duration {">=" if allow_zero else ">"} 0 such as "30s", "5m" or "500ms"'
 
     def parse(value: object) -> float:
         seconds = to_seconds(value)
-        if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
+        if seconds is None or seconds < minimum_s or (seconds == 0 and not allow_zero):
             raise ValueError(f"must be {want}, got {got(value)}")
         return seconds
 
@@ -411,6 +454,19 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host, int(port_text), family)
 
 
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def overlaps(first: ListenAddress, second: ListenAddress) -> bool:
+    """Whether the two could not both be bound: one port of one family, on the same host
+    or where either is the wildcard, which takes the port on every address of its family
+    (IPv6 sockets are bound IPV6_V6ONLY, so "[::]" leaves IPv4 alone). Port 0 binds a free
+    port: never. Host names are not resolved, so a name and an address may still clash."""
+    if not first.port or (first.family, first.port) != (second.family, second.port):
+        return False
+    return first.host == second.host or first.host in _WILDCARDS or second.host in _WILDCARDS
+
+
 # The keys a listener mapping may hold. Each parses its own value into a Listener field;
 # the profile keys (name, hostname, limits, faults) join them in config.py (profiles.py).
 _auth_mode_choice = choice(*AUTH_MODES)
@@ -423,7 +479,7 @@ def _auth_mode(value: object) -> str:
 
 _AUTH_KEYS: dict[str, Parser] = {
     "mode": _auth_mode,
-    "users_file": string,
+    "users_file": file_path,
     "require": boolean,
     "allow_plaintext": boolean,
 }
@@ -592,13 +648,23 @@ def listen_list(value: object, keys: dict[str, tuple[str, Parser]] | None = None
         listener = _listener(item, index, problems, LISTENER_KEYS if keys is None else keys)
         if listener is None:
             continue
-        # Binding one address twice fails at start-up; port 0 picks a fresh port each time.
-        if listener.port and any(other.address == listener.address for other in listeners):
-            problems.append((f"[{index}]", f"duplicate address, got {got(str(listener))}"))
+        problems.extend((f"[{index}]", problem) for problem in _clash(listener, listeners))
         listeners.append(listener)
     if problems:
         raise PathProblems(problems)
     return tuple(listeners)
+
+
+def _clash(listener: Listener, before: list[Listener]) -> list[str]:
+    """Binding one address twice, or an address and a wildcard of its port, fails at
+    start-up (however `server.reuse_port` is set, like a duplicate)."""
+    for index, other in enumerate(before):
+        if other.address == listener.address and listener.port:
+            return [f"duplicate address, got {got(str(listener))}"]
+        if overlaps(other.address, listener.address):
+            return [f"overlaps server.listen[{index}] ({other}): a wildcard address takes "
+                    f"its port on every address of its family, got {got(str(listener))}"]
+    return []
 
 
 def dump_listeners(listeners: tuple[Listener, ...], default_tls: str,

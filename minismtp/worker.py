@@ -40,6 +40,7 @@ from minismtp.msglog import MessageLog
 from minismtp.output import Output
 from minismtp.poller import Poller
 from minismtp.proxyread import ProxyRead, ProxyReads
+from minismtp.profiles import effective_faults
 from minismtp.session import Profile, Session
 from minismtp.signals import SignalWakeup
 from minismtp.smtp import replies
@@ -119,11 +120,11 @@ class Worker:
         self.logins = Logins.maybe(self, self.stats, [  # AUTH checks, if a listener offers it
             (self.profiles[sock].settings, entry.auth) for sock, entry in listeners])
         self.decide = self._decisions(config.faults, slot)
-        for _, entry in listeners:  # a listener's own faults replace the top-level ones
+        for _, entry in listeners:  # a listener's own faults keys replace the top-level ones
             profile = by_entry[entry]
             if profile.decide is None:
-                decide = self.decide if entry.faults is None else self._decisions(entry.faults,
-                                                                                  slot)
+                decide = self._decisions(effective_faults(config.faults, entry), slot) \
+                    if entry.faults else self.decide
                 profile.decide, profile.handlers = decide, decide.handlers
         self.handshakes = None if tls_context is None else Handshakes(
             self, self.poller, tls_context, self.stats, self._greet)

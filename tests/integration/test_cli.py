@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -216,3 +218,24 @@ def test_unknown_user_exits_1_before_forking(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.rstrip().endswith(
         'ERROR cannot start: server.user: no such user "no-such-user-x"'), result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="server.user applies only when started as root")
+def test_a_maildir_server_user_cannot_reach_exits_1_before_forking(tmp_path):
+    """What check-config refuses, serve refuses too: else every message would get 451."""
+    private = Path(tempfile.mkdtemp(prefix="minismtp-private-"))  # mode 0700, root's
+    try:
+        config = tmp_path / "user.yaml"
+        config.write_text(yaml.safe_dump({
+            "server": {"listen": ["127.0.0.1:0"], "user": "nobody"},
+            "delivery": {"path": str(private / "mail")}}))
+        result = run("serve", "--config", str(config), cwd=tmp_path)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.endswith(
+            f'ERROR cannot start: delivery.path: server.user "nobody" cannot reach '
+            f'"{private}/mail": "{private}" is mode 0700, owner 0, group 0'), line
+        assert not (private / "mail").exists()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

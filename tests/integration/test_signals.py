@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -250,6 +254,16 @@ def test_sighup_with_broken_config_keeps_running(make_server):
                         since=mark)
     assert _greeting_hostname(server.port) == "kept.test"
 
+    # A tagged value PyYAML cannot construct: one line naming the file, no traceback.
+    server.config_path.write_text("logging: {level: !!bool maybe}\n")
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(rf'reload refused: config: invalid YAML in "{server.config_path}" '
+                        r'at line 1, column 18: "maybe" is not a valid !!bool$', since=mark)
+    server.wait_for_log(r"reload refused: still running on the previous configuration",
+                        since=mark)
+    assert "Traceback" not in server.log_text(mark)
+
     server.config_path.write_text("server:\n  hostnme: other.test\n")
     mark = server.mark()
     server.send_signal(signal.SIGHUP)
@@ -267,6 +281,39 @@ def test_sighup_with_broken_config_keeps_running(make_server):
                             since=mark)
         assert _greeting_hostname(server.port) == "kept.test"
         assert server.worker_pids() == [worker]
+
+
+def _uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Uid:"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="server.user applies only when started as root")
+def test_sighup_keeps_the_running_server_user_and_applies_the_rest(make_server, raw_clients):
+    """The Maildir is the workers' user's: a reload may not hand it to another while the
+    old generation still stores in it."""
+    # pytest's own temporary folders are root's alone (0700): the Maildir goes where
+    # the worker, once `nobody`, can reach it.
+    home = Path(tempfile.mkdtemp(prefix="minismtp-nobody-"))
+    home.chmod(0o755)
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+        server = make_server({"server": {"workers": 1, "user": "nobody"},
+                              "delivery": {"path": str(home / "mail")}})
+        mark = server.mark()
+        server.reload({"server": {"hostname": "new.test", "user": "daemon"}})
+        server.wait_for_log(r'reload: server\.user stays "nobody" until a restart$',
+                            since=mark)
+        [worker] = server.worker_pids()
+        assert _uid(worker) == nobody
+        assert (home / "mail").stat().st_uid == (home / "mail" / "tmp").stat().st_uid == nobody
+        assert _greeting_hostname(server.port) == "new.test"
+        client = raw_clients(server.port)
+        client.hello()
+        assert client.send_message(b"Subject: after\r\n\r\nstill nobody's\r\n").code == 250
+        server.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_ttin_ttou_change_worker_count(make_server):

@@ -20,7 +20,7 @@ def _replaced(server, victim: int, count: int = 1) -> list[int]:
 
 
 def test_a_stopped_worker_gets_sigabrt_then_sigkill_and_is_replaced(make_server, raw_clients):
-    server = make_server({"server": {"workers": 1, "worker_timeout": "2s"}})
+    server = make_server({"server": {"workers": 1, "worker_timeout": "5s"}})
     [frozen] = server.worker_pids()
     mark = server.mark()
     os.kill(frozen, signal.SIGSTOP)  # no handler can run: SIGABRT stays pending

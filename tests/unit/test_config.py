@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import socket
+import sys
 import textwrap
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from minismtp.faults import FaultsConfig
 from support.configfiles import problems_of
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
+FS_ENCODING = sys.getfilesystemencoding()
 SCHEMA = {
     "server": ["hostname", "listen", "workers", "max_connections", "reuse_port", "sched_batch",
                "backlog",
@@ -174,7 +176,15 @@ BAD_VALUES = [
     ("limits", "data_timeout: .inf",
      'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got inf'),
     ("server", "worker_timeout: true",
-     'server.worker_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got true'),
+     'server.worker_timeout: must be a duration of at least 5s such as "30s" or "5m", '
+     "got true"),
+    # below it the master would kill workers between two of their heartbeats
+    ("server", "worker_timeout: 500ms",
+     'server.worker_timeout: must be a duration of at least 5s such as "30s" or "5m", '
+     'got "500ms"'),
+    ("server", "worker_timeout: 4.9",
+     'server.worker_timeout: must be a duration of at least 5s such as "30s" or "5m", '
+     "got 4.9"),
     ("server", "shutdown_timeout: -1",
      'server.shutdown_timeout: must be a duration >= 0 such as "30s", "5m" or "500ms", got -1'),
     # sizes
@@ -203,6 +213,27 @@ BAD_VALUES = [
     # strings
     ("delivery", 'path: ""', 'delivery.path: must be a non-empty string, got ""'),
     ("delivery", "path: 5", "delivery.path: must be a non-empty string, got 5"),
+    # paths the OS would refuse with a ValueError where they are used
+    ("delivery", 'path: "./mail\\0x"',
+     'delivery.path: must be a path without NUL characters, got "./mail\\u0000x"'),
+    ("delivery", 'path: "/var/\\ud800"',
+     f"delivery.path: must be a path the file system's encoding ({FS_ENCODING}) can write, "
+     'got "/var/\\ud800"'),
+    ("tls", 'certificates: [{cert: "/tmp/c\\0", key: /tmp/k}]',
+     'tls.certificates[0].cert: must be a path without NUL characters, got "/tmp/c\\u0000"'),
+    ("tls", 'certificates: [{cert: /tmp/c, key: "/tmp/\\ud800"}]',
+     f"tls.certificates[0].key: must be a path the file system's encoding ({FS_ENCODING}) can "
+     'write, got "/tmp/\\ud800"'),
+    ("server", 'listen: [{address: "127.0.0.1:0", tls: none, auth: {mode: htpasswd, '
+     'users_file: "/u\\0", allow_plaintext: true}}]',
+     'server.listen[0].auth.users_file: must be a path without NUL characters, '
+     'got "/u\\u0000"'),
+    ("tls", 'ciphers: "ECDHE\\0"',
+     "tls.ciphers: must be an OpenSSL cipher string of printable ASCII or null, "
+     'got "ECDHE\\u0000"'),
+    ("tls", 'ciphers: "\\ud800"',
+     "tls.ciphers: must be an OpenSSL cipher string of printable ASCII or null, "
+     'got "\\ud800"'),
     ("server", 'hostname: "mx 1"',
      'server.hostname: must be a host name of printable ASCII, no spaces, got "mx 1"'),
     ("server", 'hostname: "mx\\r\\n"',
@@ -277,6 +308,33 @@ logging:
 def test_listen_port_zero_may_repeat():
     config = load_config(overrides={"server.listen": ["127.0.0.1:0", "127.0.0.1:0"]})
     assert len(config.server.listen) == 2
+
+
+@pytest.mark.parametrize(("listen", "expected"), [
+    (["0.0.0.0:2525", "127.0.0.1:2525"],
+     'server.listen[1]: overlaps server.listen[0] (0.0.0.0:2525): a wildcard address takes '
+     'its port on every address of its family, got "127.0.0.1:2525"'),
+    (["127.0.0.1:2525", "0.0.0.0:2525"],
+     'server.listen[1]: overlaps server.listen[0] (127.0.0.1:2525): a wildcard address takes '
+     'its port on every address of its family, got "0.0.0.0:2525"'),
+    (["[::1]:2525", "[::]:2525"],
+     'server.listen[1]: overlaps server.listen[0] ([::1]:2525): a wildcard address takes '
+     'its port on every address of its family, got "[::]:2525"'),
+    (["localhost:2525", "0.0.0.0:2525"],
+     'server.listen[1]: overlaps server.listen[0] (localhost:2525): a wildcard address takes '
+     'its port on every address of its family, got "0.0.0.0:2525"'),
+])
+def test_listen_addresses_that_cannot_both_be_bound_are_refused(listen, expected):
+    assert problems_of(overrides={"server.listen": listen}) == [expected]
+
+
+def test_listen_addresses_that_can_both_be_bound_pass():
+    # IPv6 listeners are bound IPV6_V6ONLY: "[::]" takes no IPv4 address.
+    for listen in (["0.0.0.0:2525", "[::]:2525"], ["[::]:2525", "127.0.0.1:2525"],
+                   ["0.0.0.0:2525", "[::1]:2525"], ["127.0.0.1:2525", "127.0.0.2:2525"],
+                   ["0.0.0.0:0", "127.0.0.1:0"], ["0.0.0.0:2525", "127.0.0.1:2526"]):
+        config = load_config(overrides={"server.listen": listen})
+        assert [str(entry) for entry in config.server.listen] == listen
 
 
 # --- structure: unknown keys and sections, wrong shapes -------------------------------
@@ -413,6 +471,25 @@ def test_unparsable_yaml_is_one_line_not_a_traceback(tmp_path, data):
     assert "\n" not in problem
 
 
+@pytest.mark.parametrize(("value", "problem"), [
+    # PyYAML's constructors raise KeyError, IndexError or AttributeError for these
+    ("!!bool maybe", '"maybe" is not a valid !!bool'),
+    ('!!bool ""', '"" is not a valid !!bool'),
+    ('!!int ""', '"" is not a valid !!int'),
+    ('!!float ""', '"" is not a valid !!float'),
+    ("!!timestamp abc", '"abc" is not a valid !!timestamp'),
+    ("!!timestamp 2024-13-01",
+     '"2024-13-01" is not a valid !!timestamp (month must be in 1..12)'),
+    ("!!int 0xZZ",
+     '"0xZZ" is not a valid !!int (invalid literal for int() with base 16: \'ZZ\')'),
+])
+def test_a_tagged_value_yaml_cannot_construct_is_one_line_at_its_place(tmp_path, value,
+                                                                        problem):
+    path = write(tmp_path, f"server:\n  reuse_port: {value}\n")
+    assert problems_of(path) == [
+        f'config: invalid YAML in "{path}" at line 2, column 15: {problem}']
+
+
 @pytest.mark.parametrize("text", [
     "server:\n  listen: {a: 1}\n",
     "server:\n  hostname: 2024-01-01\n",
@@ -500,6 +577,15 @@ def test_huge_integer_is_described_not_printed():
     ]
 
 
+def test_worker_timeout_floor_leaves_room_for_several_heartbeats():
+    from minismtp import worker
+    from minismtp.config import MIN_WORKER_TIMEOUT_S
+
+    assert MIN_WORKER_TIMEOUT_S >= 5 * worker._TICK_S
+    config = load_config(overrides={"server.worker_timeout": "5s"})
+    assert config.server.worker_timeout == MIN_WORKER_TIMEOUT_S
+
+
 def test_zero_shutdown_timeout_is_allowed():
     config = load_config(overrides={"server.shutdown_timeout": "0s"})
     assert config.server.shutdown_timeout == 0.0
@@ -558,7 +644,7 @@ def test_dump_of_unusual_values_round_trips(tmp_path):
         "server.listen": ["[::1]:25", "0.0.0.0:0", "localhost:2525", "[fe80::1%eth0]:26"],
         "server.workers": 3,
         "server.reuse_port": True,
-        "server.worker_timeout": 0.1,
+        "server.worker_timeout": 5.5,
         "server.shutdown_timeout": 0,
         "server.user": "null",
         "limits.max_message_size": 1_000_001,

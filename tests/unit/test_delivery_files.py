@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.smtpdriver import MODES, OPEN, Client, stuff
 
-from minismtp.config import ConfigError, load_config
+from minismtp.config import ConfigError, dump_config, load_config
 from minismtp.delivery import DeliveryError, Peer, make_backend
 from minismtp.delivery.maildir import MaildirBackend, to_lf
 from minismtp.smtp.events import Envelope
@@ -226,15 +226,54 @@ def test_missing_group_is_named() -> None:
 # --- settings --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw, mode", [
-    ("0640", 0o640), ("640", 0o640), ("0o750", 0o750), (0o640, 0o640), ("0777", 0o777),
+    ("0640", 0o640), ("640", 0o640), ("0o750", 0o750), ("0777", 0o777),
 ])
 def test_modes_parse(raw: object, mode: int) -> None:
     config = load_config(overrides={"delivery.file_mode": raw})
     assert config.delivery.file_mode == mode
 
 
+@pytest.mark.parametrize("written, mode", [
+    ('"0640"', 0o640), ("0640", 0o640), ("0o640", 0o640), ("00640", 0o640), ("0_640", 0o640),
+])
+def test_modes_in_the_file_parse_when_written_in_octal(tmp_path: Path, written: str,
+                                                      mode: int) -> None:
+    path = tmp_path / "modes.yaml"
+    path.write_text(f"delivery:\n  file_mode: {written}\n")
+    config = load_config(path)
+    assert config.delivery.file_mode == mode and type(config.delivery.file_mode) is int
+
+
+@pytest.mark.parametrize("key, written, example", [
+    ("file_mode", "470", "0640"),  # decimal 470 is 0o726: world-writable files
+    ("file_mode", "416", "0640"),  # decimal 416 is 0o640, but nobody means that
+    ("dir_mode", "750", "0750"),
+])
+def test_a_mode_yaml_reads_as_decimal_is_refused(tmp_path: Path, key: str, written: str,
+                                                 example: str) -> None:
+    path = tmp_path / "modes.yaml"
+    path.write_text(f"delivery:\n  {key}: {written}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f'delivery.{key}: must be written in octal and quoted, such as "{example}", got '
+        f"{written}, which YAML reads as decimal"]
+
+
+def test_integers_written_in_octal_elsewhere_are_plain_ints(tmp_path: Path) -> None:
+    path = tmp_path / "octal.yaml"
+    path.write_text("server:\n  workers: 010\nfaults:\n  seed: 07\n"
+                    "limits:\n  per_client: {max_sessions: 010}\n")
+    config = load_config(path)
+    assert (config.server.workers, config.faults.seed) == (8, 7)
+    assert config.limits.per_client.max_sessions == 8
+    for number in (config.server.workers, config.faults.seed,
+                   config.limits.per_client.max_sessions):
+        assert type(number) is int
+    assert "workers: 8\n" in dump_config(config)
+
+
 @pytest.mark.parametrize("key, raw", [
-    ("file_mode", 640),  # decimal 640 is 0o1200: not a mode
     ("file_mode", "0400"),  # the owner could not write
     ("dir_mode", "0600"),  # nor search its directories
     ("file_mode", "0x1a4"), ("file_mode", "rw-r-----"), ("file_mode", "01640"),

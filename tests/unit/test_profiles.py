@@ -121,12 +121,62 @@ def test_a_listener_faults_replace_the_top_level_ones_and_count_after_them(tmp_p
       rules: [{name: slow, stage: end_of_data, delay: 1}]
     """)
     plain, chaos, calm = config.server.listen
-    assert plain.faults is None and calm.faults.rules == ()
-    assert chaos.faults.seed == 3
+    faults = {entry.name: profiles.effective_faults(config.faults, entry)
+              for entry in config.server.listen}
+    assert faults["127.0.0.1:2525"] is config.faults and faults["calm"].rules == ()
+    assert faults["chaos"].seed == 3
     # Counted after the top-level rule: one array of counters per worker.
-    assert [(rule.index, rule.name) for rule in chaos.faults.rules] \
+    assert [(rule.index, rule.name) for rule in faults["chaos"].rules] \
         == [(1, "rule0"), (2, "drop")]
     assert [rule.index for rule in config.faults.rules] == [0]
+
+
+@pytest.mark.parametrize(("faults", "seed", "rules"), [
+    ("null", 7, ["busy"]),
+    ("{}", 7, ["busy"]),
+    ("{seed: 9}", 9, ["busy"]),
+    ("{seed: null}", None, ["busy"]),
+    ("{rules: [{name: own, stage: helo, delay: 1}]}", 7, ["own"]),
+    ("{rules: []}", 7, []),
+    ("{seed: 9, rules: []}", 9, []),
+])
+def test_a_listener_inherits_each_faults_key_it_does_not_give(tmp_path, faults, seed, rules):
+    config = config_of(tmp_path, f"""\
+    server:
+      listen:
+        - {{address: "127.0.0.1:2525", name: mx, faults: {faults}}}
+    faults:
+      seed: 7
+      rules: [{{name: busy, stage: rcpt, reply: "450 4.2.0 busy"}}]
+    """)
+    [entry] = config.server.listen
+    effective = profiles.effective_faults(config.faults, entry)
+    assert (effective.seed, [rule.name for rule in effective.rules]) == (seed, rules)
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(config), encoding="utf-8")
+    assert load_config(again) == config
+
+
+def test_inherited_rules_count_where_the_top_level_ones_do(tmp_path):
+    """A listener that gives only a seed draws its own sequence for the top-level rules,
+    counted under their top-level names; its own rules come after them."""
+    from minismtp.arbiter import rule_names
+
+    config = config_of(tmp_path, """\
+    server:
+      listen:
+        - {address: "127.0.0.1:2525", name: seeded, faults: {seed: 1}}
+        - address: "127.0.0.1:2526"
+          name: own
+          faults: {rules: [{name: slow, stage: helo, delay: 1}]}
+    faults:
+      rules: [{name: busy, stage: rcpt, reply: "450 4.2.0 busy"}]
+    """)
+    seeded, own = config.server.listen
+    assert [rule.index for rule in profiles.effective_faults(config.faults, seeded).rules] \
+        == [0]
+    assert [rule.index for rule in profiles.effective_faults(config.faults, own).rules] == [1]
+    assert rule_names(config) == ("busy", ("own", "slow"))
 
 
 def test_null_limits_or_faults_override_nothing(tmp_path):
@@ -139,7 +189,7 @@ def test_null_limits_or_faults_override_nothing(tmp_path):
       rules: [{stage: helo, delay: 1}]
     """)
     [entry] = config.server.listen
-    assert (entry.limits, entry.faults) == ((), None)
+    assert (entry.limits, entry.faults) == ((), ())
 
 
 def test_a_dumped_config_with_profiles_reads_back_equal(tmp_path):
@@ -156,7 +206,7 @@ def test_the_example_passes_check_config(capsys):
     mx, strict, chaos = config.server.listen
     assert mx.hostname == "mx.example.org" and strict.hostname is None
     assert protocol_settings(config, strict).max_message_bytes == 64 << 10
-    assert [rule.name for rule in chaos.faults.rules] == ["busy", "flaky", "slow"]
+    assert [rule.name for rule in profiles.own_rules(chaos)] == ["busy", "flaky", "slow"]
     assert config.faults.rules == ()
 
 
@@ -302,16 +352,21 @@ def test_a_worker_makes_one_profile_per_listener_and_faults_per_listener(tmp_pat
         - address: "127.0.0.1:2526"
           name: chaos
           faults: {rules: [{stage: rcpt, reply: "450 4.2.0 busy"}]}
+        - {address: "127.0.0.1:2527", name: seeded, faults: {seed: 5}}
     faults:
       rules: [{stage: helo, delay: 1}]
     """)
-    mx, chaos = config.server.listen
-    socks = [socket.socket() for _ in range(3)]
+    mx, chaos, seeded = config.server.listen
+    socks = [socket.socket() for _ in range(4)]
     board, stats_board = HeartbeatBoard(1), StatsBoard(1, MAX_RULES)
-    worker = Worker(config, [(socks[0], mx), (socks[1], mx), (socks[2], chaos)],
+    worker = Worker(config, [(socks[0], mx), (socks[1], mx), (socks[2], chaos),
+                             (socks[3], seeded)],
                     DiscardBackend(), board, 0, stats_board)
     try:
-        first, second, own = (worker.profiles[sock] for sock in socks)
+        first, second, own, reseeded = (worker.profiles[sock] for sock in socks)
+        # Its own seed, the top-level rules: a sequence of its own for the HELO rule.
+        assert reseeded.decide is not worker.decide
+        assert reseeded.handlers[Hello] == reseeded.decide.hello
         assert first is second and first is not own
         assert (first.name, first.command_timeout, own.name, own.command_timeout) \
             == ("mx", 20.0, "chaos", 300.0)

@@ -179,7 +179,8 @@ def test_require_tls_needs_starttls(tmp_path, pair):
 TLS_KEY_PROBLEMS = [
     ("min_version: TLSv1.1",
      'tls.min_version: must be one of "TLSv1.2", "TLSv1.3", got "TLSv1.1"'),
-    ("ciphers: ''", 'tls.ciphers: must be a non-empty string, got ""'),
+    ("ciphers: ''", 'tls.ciphers: must be an OpenSSL cipher string of printable ASCII or null, '
+                     'got ""'),
     ("session_tickets: -1", "tls.session_tickets: must be an integer from 0 to 16, got -1"),
     ("certificates: a.pem", 'tls.certificates: must be a list of {cert, key} mappings, '
                             'got "a.pem"'),
