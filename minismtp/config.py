@@ -606,8 +606,11 @@ def _resolve_listeners(parsed: dict[str, object]) -> list[str]:
 def _load_users(path: str, cache: dict[str, object]) -> object:
     """htpasswd.Users for `path`, or the list of its problems ("path:line: ...")."""
     if path not in cache:
-        from minismtp.htpasswd import Users, UsersFileError  # bcrypt only where it is used
-
+        try:
+            from minismtp.htpasswd import Users, UsersFileError  # bcrypt only where used
+        except ImportError as exc:  # the auth extra is not installed
+            return [f"checking htpasswd passwords needs the bcrypt package ({exc.name} "
+                    "is missing): pip install 'minismtp[auth]'"]
         try:
             cache[path] = Users.load(path)
         except UsersFileError as exc:

@@ -438,9 +438,12 @@ def parse_listen(text: str) -> ListenAddress:
         if not bracket:
             raise ValueError(f'missing "]" after the IPv6 address, got {quoted}')
         try:
-            host = str(ipaddress.IPv6Address(host))  # canonical: [0::1] and [::1] are equal
+            ip = ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"not an IPv6 address in brackets, got {quoted}") from None
+        if ip.ipv4_mapped is not None:  # an IPv6-only socket cannot bind it (EINVAL)
+            raise ValueError(f'is IPv4-mapped: write "{ip.ipv4_mapped}{rest}", got {quoted}')
+        host = str(ip)  # canonical: [0::1] and [::1] are equal
         if not rest.startswith(":"):
             raise ValueError(f"{_NO_PORT}, got {quoted}")
         port_text, family = rest[1:], socket.AF_INET6

@@ -54,6 +54,25 @@ def test_htpasswd_listener_loads_its_users(tmp_path):
     assert any("accept_any takes every password" in w for w in config.warnings)
 
 
+def test_without_bcrypt_an_htpasswd_listener_is_a_problem_not_a_traceback(
+        tmp_path, monkeypatch, capsys):
+    """Installed without the auth extra: check-config names the key and what to install,
+    exit 2."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bcrypt", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "minismtp.htpasswd")
+    users = users_file(tmp_path)
+    path = config_file(tmp_path, f"""\
+    - address: "127.0.0.1:2587"
+      auth: {{mode: htpasswd, users_file: "{users}", allow_plaintext: true}}""")
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "server.listen[0].auth.users_file: checking htpasswd passwords needs the bcrypt " \
+        "package (bcrypt is missing): pip install 'minismtp[auth]'" in err
+    assert "Traceback" not in err
+
+
 def test_a_users_file_mixing_bcrypt_costs_is_warned_of(tmp_path):
     """A user whose hash is cheaper than the costliest is refused sooner than a stranger
     (checked against the costliest): the timing tells that user exists."""

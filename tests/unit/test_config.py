@@ -263,6 +263,8 @@ BAD_VALUES = [
      'server.listen[0]: missing "]" after the IPv6 address, got "[::1:25"'),
     ("server", 'listen: ["[1.2.3.4]:25"]',
      'server.listen[0]: not an IPv6 address in brackets, got "[1.2.3.4]:25"'),
+    ("server", 'listen: ["[::ffff:127.0.0.1]:25"]',  # an IPv6-only socket cannot bind it
+     'server.listen[0]: is IPv4-mapped: write "127.0.0.1:25", got "[::ffff:127.0.0.1]:25"'),
     ("server", 'listen: ["[::1]25"]',
      'server.listen[0]: missing port (use "host:port" or "[v6addr]:port"), got "[::1]25"'),
     ("server", 'listen: [":25"]',
