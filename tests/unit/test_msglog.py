@@ -28,10 +28,13 @@ LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} minismtp\[(\d+)\] (\w+)
 
 
 class Logs:
-    """A logger tree of its own (pytest puts handlers on the real root), set up as
-    `minismtp serve` sets up the root: one stream handler with LOG_FORMAT."""
+    """A logger tree of its own, set up as `minismtp serve` sets up the root: one stream
+    handler with LOG_FORMAT. Its own manager keeps it out of `logging`'s registry: pytest
+    adds its capturing handlers to the real root and (pytest >= 9.1) to every registered
+    logger that does not propagate, and with a second handler the lines would rightly go
+    through `logging` instead of being held."""
 
-    def __init__(self, root: logging.Logger) -> None:
+    def __init__(self, root: logging.RootLogger) -> None:
         self.root = root
 
     def message_log(self, slot=None) -> MessageLog:
@@ -39,7 +42,7 @@ class Logs:
 
     @property
     def worker(self) -> logging.Logger:
-        return self.root.getChild("worker")
+        return self.root.manager.getLogger("worker")
 
     def use_json(self) -> None:
         """`logging.format: json`: the handler's formatter is logsetup's JsonFormatter."""
@@ -55,8 +58,8 @@ class Logs:
 
 @pytest.fixture
 def logfile(tmp_path: Path):
-    root = logging.getLogger(f"test-msglog-{tmp_path.name}")
-    root.propagate = False
+    root = logging.RootLogger(logging.INFO)
+    root.manager = logging.Manager(root)  # its loggers' parent: this root, not the real one
     stream = open(tmp_path / "log", "w", encoding="utf-8")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
