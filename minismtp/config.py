@@ -278,7 +278,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`debug`, `info`, `warning`, `error`"),
     Setting("logging.format", "text", parsing.choice("text", "json"),
             "`text`: one line per record; `json`: one JSON object per line (every record, "
-            "the per-message and per-session lines included)"),
+            "the per-message and per-session lines included; not the `faulthandler` "
+            "traceback of a worker dying of `SIGABRT` or a fatal signal, plain text)"),
     Setting("faults.seed", None, parse_seed,
             "seed for the fault rules' random choices; `null` = different every run"),
     Setting("faults.rules", [], parse_rules,
