@@ -214,17 +214,18 @@ def test_json_lines_carry_the_fields(logfile):
 
 
 def test_an_authenticated_user_is_named_and_escaped(logfile):
-    """auth=<user> on both lines; a user name is client text, so what could forge a field
-    or a line (space, "=", backslash, control characters) is escaped."""
+    """user=<user> on both lines (the session's auth= is its count of AUTH commands, as
+    ehlo= is of EHLO); a user name is client text, so what could forge a field or a line
+    (space, "=", backslash, control characters) is escaped."""
     logger, lines = logfile
     log = logger.message_log()
     log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued", "alice")
     log.session("127.0.0.1", 40000, {"AUTH": 1}, 0, "quit", None, "bob x=1\nend=\\")
     log.close()
     assert [message for _, _, message in lines()] == [
-        "id=Q1 peer=127.0.0.1 from=<a@example.org> rcpts=1 size=100 auth=alice "
+        "id=Q1 peer=127.0.0.1 from=<a@example.org> rcpts=1 size=100 user=alice "
         "result=250 queued",
-        "disconnect from 127.0.0.1:40000 auth=1 commands=1 auth=bob\\x20x\\x3d1\\x0aend\\x3d\\x5c "
+        "disconnect from 127.0.0.1:40000 auth=1 commands=1 user=bob\\x20x\\x3d1\\x0aend\\x3d\\x5c "
         "end=quit",
     ]
 
@@ -254,7 +255,7 @@ def test_a_long_user_name_is_cut_so_a_line_stays_one_write(logfile):
     log.close()
     [(_, _, message)] = lines()
     shown = "\\x01" * msglog.SHOWN_CHARS
-    assert message == f"disconnect from 127.0.0.1:40000 auth=1 commands=1 auth={shown}" \
+    assert message == f"disconnect from 127.0.0.1:40000 auth=1 commands=1 user={shown}" \
         f"...(+{9000 - msglog.SHOWN_CHARS}) end=quit"
     assert len(message.encode()) < 4096 - 100
 
@@ -267,7 +268,7 @@ def test_json_lines_name_the_user_only_when_there_is_one(logfile):
     log.session("127.0.0.1", 40000, {}, 0, "quit", None)
     log.close()
     records = logger.records()
-    assert records[0]["auth"] == "al ice" and "auth" not in records[1]
+    assert records[0]["user"] == "al ice" and "user" not in records[1]
 
 
 def test_printable_leaves_ordinary_names_alone():
