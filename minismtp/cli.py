@@ -61,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         _report(exc.problems)
         return exitcodes.CONFIG
     if args.command == "check-config":
-        from minismtp.startup import delivery_problems
+        from minismtp.startup import delivery_problems, delivery_warnings
 
         problems = delivery_problems(config)
         for problem in problems:
             print(f"minismtp: {problem}", file=sys.stderr)
         if problems:
             return exitcodes.CONFIG
-        for warning in config.warnings:
+        for warning in [*config.warnings, *delivery_warnings(config)]:
             print(f"minismtp: warning: {warning}", file=sys.stderr)
         sys.stdout.write(dump_config(config))
         return exitcodes.OK

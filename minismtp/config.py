@@ -208,10 +208,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.data_timeout", "10m", _timeout,
             "deadline for a whole DATA phase", parsing.dump_duration),
     Setting("limits.min_data_rate", 500, parsing.integer(0),
-            "bytes/s a DATA phase must average (after `limits.min_data_rate_grace`); "
+            "bytes/s a DATA phase must keep up: *t* seconds after the `354` the client "
+            "must have sent `min_data_rate * (t - limits.min_data_rate_grace)` bytes, "
+            "else `421 4.4.2`; every byte counts, those sent during the grace too; "
             "`0` = off"),
     Setting("limits.min_data_rate_grace", "5s", parsing.duration(allow_zero=True),
-            "how long a DATA phase may start slowly before `limits.min_data_rate` applies",
+            "head start of `limits.min_data_rate`: a credit of `min_data_rate * grace` "
+            "bytes, used up by a pause before the body or by slow spells later (not a "
+            "time after which an average is taken)",
             parsing.dump_duration),
     Setting("limits.max_errors", 20, _positive, "protocol errors before `421 4.7.0`"),
     Setting("limits.max_junk_commands", 100, parsing.integer(0),
@@ -284,7 +288,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`debug`, `info`, `warning`, `error`"),
     Setting("logging.format", "text", parsing.choice("text", "json"),
             "`text`: one line per record; `json`: one JSON object per line (every record, "
-            "the per-message and per-session lines included)"),
+            "the per-message and per-session lines included; not the `faulthandler` "
+            "traceback of a worker dying of `SIGABRT` or a fatal signal, plain text)"),
     Setting("faults.seed", None, parse_seed,
             "seed for the fault rules' random choices; `null` = different every run"),
     Setting("faults.rules", [], parse_rules,

@@ -130,7 +130,7 @@ class Logins:
                 self._temporary(session, "too many checks waiting, most of them this client's")
             elif ok:
                 self.stats.auth_successes += 1
-                session.conn.accept()  # the user shows as auth= on the log lines
+                session.conn.accept()  # the user shows as user= on the log lines
             else:
                 self._temporary(session, "the check failed")
             loop.resume(session)

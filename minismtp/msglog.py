@@ -78,8 +78,9 @@ class MessageLog:
                 tls: str | None, result: str, auth: str | None = None, *,
                 listener: str | None = None) -> None:
         """The line of one message's outcome (stored, refused, failed); `auth`: the user
-        an accepted AUTH named (never a password); `listener`: the name of the listener
-        the session came in on (profiles.py: printable, no spaces)."""
+        an accepted AUTH named (never a password), shown as `user=` (the session line's
+        `auth=` is the count of AUTH commands); `listener`: the name of the listener the
+        session came in on (profiles.py: printable, no spaces)."""
         if self.json:
             fields = {"event": "message", "id": queue_id, "peer": peer,
                       "from": sender, "rcpts": recipients, "size": size, "tls": tls,
@@ -87,7 +88,7 @@ class MessageLog:
             self._add_json(fields, listener, auth)
             return
         tls_text = f" tls={tls.split(' (', 1)[0]}" if tls else ""
-        auth_text = "" if auth is None else f" auth={printable(auth)}"
+        user_text = "" if auth is None else f" user={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
         # Printable already, and within a path's 256 octets (the core's checks): only a
         # quoted local part's spaces or backslashes need escaping, rarely.
@@ -101,7 +102,7 @@ class MessageLog:
         line = (f"{self._stamp}{_MILLIS[milliseconds % 1000]}{self._prefix}id={queue_id} "
                 f"peer={peer}{listener_text} from=<{sender_text}> rcpts={recipients} "
                 f"size={size}"
-                f"{tls_text}{auth_text} result={result}\n")
+                f"{tls_text}{user_text} result={result}\n")
         self._hold(line)
 
     def session(self, peer: str, port: int, commands: dict[str, int], errors: int,
@@ -126,10 +127,10 @@ class MessageLog:
         # Like Postfix, what did not happen is not shown: errors only when there were some.
         errors_text = f" errors={errors}" if errors else ""
         tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
-        auth_text = "" if auth is None else f" auth={printable(auth)}"
+        user_text = "" if auth is None else f" user={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
         self._add(f"disconnect from {peer}:{port}{listener_text} {counts}"
-                  f"{errors_text}{tls_text}{auth_text} end={end}")
+                  f"{errors_text}{tls_text}{user_text} end={end}")
 
     def _add(self, text: str) -> None:
         milliseconds = time.time_ns() // 1_000_000
@@ -154,7 +155,7 @@ class MessageLog:
         if listener is not None:
             document["listener"] = listener
         if auth is not None:
-            document["auth"] = _shown(auth)
+            document["user"] = _shown(auth)
         self._hold(json.dumps(document, ensure_ascii=False) + "\n")
 
     def _hold(self, line: str) -> None:

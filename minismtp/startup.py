@@ -158,6 +158,51 @@ def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
     return problems
 
 
+def delivery_warnings(config: Config) -> list[str]:
+    """What keeps a reader in delivery.group (Dovecot's mail user) out of an existing
+    Maildir, although minismtp itself can store: in layout "single" the root, new/ and
+    cur/ that the group may not read and search; in "per_recipient" a root it may not
+    search. Not problems: the reader may get in otherwise (as the owner, root, an ACL)."""
+    d = config.delivery
+    if d.backend != "maildir" or d.group is None:
+        return []
+    try:
+        gid = grp.getgrnam(d.group).gr_gid
+    except KeyError:
+        return []  # a problem, reported by delivery_problems
+    # As root with server.user the master gives these directories the group at start
+    # (prepare_delivery), keeping their modes; otherwise they keep the group they have.
+    given = os.geteuid() == 0 and bool(config.server.user)
+    root = os.path.abspath(d.path)
+    # per_recipient: a reader only passes through the root, to <domain>/<local-part>/.
+    subs = ("",) if d.layout == "per_recipient" else ("", "new", "cur")
+    needed = 0o1 if d.layout == "per_recipient" else 0o5  # search; read and search
+    warnings = []
+    for sub in subs:
+        path = os.path.join(root, sub) if sub else root
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # made at start, with dir_mode and the group
+        if not stat.S_ISDIR(st.st_mode):
+            continue  # a problem at start
+        mode = stat.S_IMODE(st.st_mode)
+        in_group = st.st_gid == gid or given
+        if (in_group and (mode >> 3) & needed == needed) or mode & needed == needed:
+            continue
+        warnings.append(f'delivery.group: "{path}" is closed to group "{d.group}" (mode '
+                        f"{mode:04o}, group {_group_name(st.st_gid)}), so a reader in it "
+                        f"cannot get in: chgrp {d.group} and chmod g+rxs it")
+    return warnings
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f'"{grp.getgrgid(gid).gr_name}"'
+    except KeyError:
+        return str(gid)
+
+
 def _unreachable(path: str, user: pwd.struct_passwd) -> str | None:
     """Why `user` could not get to `path` (a directory above it it may not search), or
     None. The Maildir's own directories are no obstacle: the master, as root, makes them

@@ -63,7 +63,7 @@ def secure(client, pki):
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_smtplib_login_over_starttls(start_auth, pki, mechanism):
     """smtplib's login() with one mechanism offered to it: 235, the message stored with
-    "with ESMTPSA" (RFC 3848) in its Received header, auth=alice on the message and
+    "with ESMTPSA" (RFC 3848) in its Received header, user=alice on the message and
     session log lines, one success counted."""
     server = start_auth()
     with smtplib.SMTP(HOST, server.port, timeout=10) as smtp:
@@ -77,8 +77,8 @@ def test_smtplib_login_over_starttls(start_auth, pki, mechanism):
     [(_, stored)] = server.maildir_messages()
     received = stored.split(b"\r\n\r\n", 1)[0]
     assert re.search(rb"with ESMTPSA id ", received), received
-    server.wait_for_log(r"id=\S+ peer=127\.0\.0\.1 .* auth=alice result=250")
-    server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ .*auth=alice end=quit")
+    server.wait_for_log(r"id=\S+ peer=127\.0\.0\.1 .* user=alice result=250")
+    server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ .*auth=1 .*user=alice end=quit")
     wait_for_metric(server, SUCCESS, 1)
     assert PASSWORD not in server.log_text()
 
@@ -102,7 +102,7 @@ def test_wrong_password_is_answered_late_and_never_logged(start_auth, pki, raw_c
     wait_for_metric(server, SUCCESS, 1)
     assert wait_for_metric(server, FAILURE, 1)[SUCCESS] == 1
     server.wait_for_log(r"auth: peer=127\.0\.0\.1 user=alice failed")
-    server.wait_for_log(r"disconnect from .* auth=alice end=quit")
+    server.wait_for_log(r"disconnect from .* user=alice end=quit")
     log = server.log_text()
     assert WRONG not in log and PASSWORD not in log
     assert plain(USER, WRONG) not in log
@@ -316,4 +316,4 @@ def test_swaks_auth_over_tls(start_auth, tmp_path, mechanism):
     [(_, stored)] = server.maildir_messages()
     assert b"with ESMTPSA id " + queue_id.encode() in stored
     assert stored.endswith(BODY)
-    server.wait_for_log(rf"id={queue_id} .* auth=alice result=250")
+    server.wait_for_log(rf"id={queue_id} .* user=alice result=250")

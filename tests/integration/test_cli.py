@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import shutil
@@ -137,6 +138,33 @@ def test_check_config_accepts_the_example_file(tmp_path):
     result = run("check-config", "--config", str(example), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["limits"]["bare_lf"] == "normalize"
+
+
+def test_check_config_warns_of_a_maildir_its_group_cannot_read(tmp_path):
+    """A Maildir root made 0700 for the server alone, with delivery.group naming a
+    reader's group: a warning naming the directory, and the configuration still passes."""
+    groups = [g for g in grp.getgrall() if g.gr_gid != os.getegid()
+              and (os.geteuid() == 0 or g.gr_gid in os.getgroups())]
+    if not groups:
+        pytest.skip("no second group to give files to")
+    group = groups[0].gr_name
+    mail = tmp_path / "mail"
+    mail.mkdir()
+    mail.chmod(0o700)
+    path = tmp_path / "group.yaml"
+    path.write_text(f"delivery:\n  path: {mail}\n  group: {group}\n"
+                    f'  file_mode: "0640"\n  dir_mode: "0750"\n')
+    result = run("check-config", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert _problems(result) == [
+        f'warning: delivery.group: "{mail}" is closed to group "{group}" (mode 0700, group '
+        f'"{grp.getgrgid(os.getegid()).gr_name}"), so a reader in it cannot get in: '
+        f"chgrp {group} and chmod g+rxs it"]
+    assert yaml.safe_load(result.stdout)["delivery"]["group"] == group
+    os.chown(mail, -1, groups[0].gr_gid)
+    mail.chmod(0o2750)
+    result = run("check-config", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_version():

@@ -169,8 +169,8 @@ def test_postfix_logs_in_with_sasl_over_tls(make_server, postfix, tmp_path):
                      rb"\(minismtp\) with ESMTPSA id " + queue_id.encode(), trace), trace
     assert SASL_USER.encode() not in trace
 
-    server.wait_for_log(rf"id={queue_id} peer=127\.0\.0\.1 .* auth={SASL_USER} result=250")
-    server.wait_for_log(rf"disconnect from 127\.0\.0\.1:\d+ .*auth={SASL_USER} ")
+    server.wait_for_log(rf"id={queue_id} peer=127\.0\.0\.1 .* user={SASL_USER} result=250")
+    server.wait_for_log(rf"disconnect from 127\.0\.0\.1:\d+ .*user={SASL_USER} ")
     minismtp_log = server.log_text()
     assert not re.search(r"auth: .* failed", minismtp_log), minismtp_log
     for secret in (SASL_PASSWORD, base64.b64encode(SASL_PASSWORD.encode()).decode(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import random
 import stat
 from email.parser import BytesParser
@@ -346,3 +347,60 @@ def test_check_config_problems_for_the_group(tmp_path: Path, monkeypatch) -> Non
         "the files (run as root, or join it)"]
     missing = load_config(overrides={"delivery.group": "no-such-grp"})
     assert startup.delivery_problems(missing) == ['delivery.group: no such group "no-such-grp"']
+
+
+def test_check_config_warns_of_a_maildir_closed_to_the_group(tmp_path: Path) -> None:
+    """An existing Maildir a reader in delivery.group cannot get into is said, as a
+    warning: minismtp stores there all the same, and the reader may get in otherwise."""
+    from minismtp import startup
+
+    group = _other_group()
+    mail = tmp_path / "mail"
+    for sub in ("", "tmp", "new", "cur"):
+        (mail / sub).mkdir(mode=0o700)
+        (mail / sub).chmod(0o700)
+    single = load_config(overrides={"delivery.path": str(mail), "delivery.group": group.gr_name})
+    warnings = startup.delivery_warnings(single)
+    assert [w.split(" (")[0] for w in warnings] == [
+        f'delivery.group: "{mail / sub}" is closed to group "{group.gr_name}"'
+        for sub in ("", "new", "cur")]
+    assert warnings[0].endswith(f"cannot get in: chgrp {group.gr_name} and chmod g+rxs it")
+    assert startup.delivery_problems(single) == []  # not a problem: storing works
+    for sub in ("", "new", "cur"):  # as the README's install step makes them
+        os.chown(mail / sub, -1, group.gr_gid)
+        (mail / sub).chmod(0o2750)
+    assert startup.delivery_warnings(single) == []
+    (mail / "cur").chmod(0o2710)  # searchable, not readable
+    assert len(startup.delivery_warnings(single)) == 1
+    # per_recipient: a reader only passes through the root.
+    mail.chmod(0o2710)
+    per_recipient = load_config(overrides={"delivery.path": str(mail),
+                                           "delivery.group": group.gr_name,
+                                           "delivery.layout": "per_recipient"})
+    assert startup.delivery_warnings(per_recipient) == []
+    mail.chmod(0o2700)
+    assert len(startup.delivery_warnings(per_recipient)) == 1
+    # Open to everyone, or no group: nothing to say.
+    mail.chmod(0o755)
+    assert startup.delivery_warnings(per_recipient) == []
+    assert startup.delivery_warnings(load_config(overrides={"delivery.path": str(mail)})) == []
+
+
+def test_check_config_counts_on_the_group_root_gives_at_start(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """As root with server.user the master gives the Maildir's directories the group at
+    start, keeping their modes: only the modes then matter."""
+    from minismtp import startup
+
+    group = _other_group()
+    mail = tmp_path / "mail"
+    mail.mkdir(mode=0o750)
+    mail.chmod(0o750)
+    os.chown(mail, -1, os.getegid())
+    config = load_config(overrides={"delivery.path": str(mail), "delivery.group": group.gr_name,
+                                    "delivery.layout": "per_recipient",
+                                    "server.user": pwd.getpwuid(os.geteuid()).pw_name})
+    monkeypatch.setattr(startup.os, "geteuid", lambda: 0)
+    assert startup.delivery_warnings(config) == []
+    mail.chmod(0o700)
+    assert len(startup.delivery_warnings(config)) == 1

@@ -28,10 +28,13 @@ LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} minismtp\[(\d+)\] (\w+)
 
 
 class Logs:
-    """A logger tree of its own (pytest puts handlers on the real root), set up as
-    `minismtp serve` sets up the root: one stream handler with LOG_FORMAT."""
+    """A logger tree of its own, set up as `minismtp serve` sets up the root: one stream
+    handler with LOG_FORMAT. Its own manager keeps it out of `logging`'s registry: pytest
+    adds its capturing handlers to the real root and (pytest >= 9.1) to every registered
+    logger that does not propagate, and with a second handler the lines would rightly go
+    through `logging` instead of being held."""
 
-    def __init__(self, root: logging.Logger) -> None:
+    def __init__(self, root: logging.RootLogger) -> None:
         self.root = root
 
     def message_log(self, slot=None) -> MessageLog:
@@ -39,7 +42,7 @@ class Logs:
 
     @property
     def worker(self) -> logging.Logger:
-        return self.root.getChild("worker")
+        return self.root.manager.getLogger("worker")
 
     def use_json(self) -> None:
         """`logging.format: json`: the handler's formatter is logsetup's JsonFormatter."""
@@ -55,8 +58,8 @@ class Logs:
 
 @pytest.fixture
 def logfile(tmp_path: Path):
-    root = logging.getLogger(f"test-msglog-{tmp_path.name}")
-    root.propagate = False
+    root = logging.RootLogger(logging.INFO)
+    root.manager = logging.Manager(root)  # its loggers' parent: this root, not the real one
     stream = open(tmp_path / "log", "w", encoding="utf-8")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -211,17 +214,18 @@ def test_json_lines_carry_the_fields(logfile):
 
 
 def test_an_authenticated_user_is_named_and_escaped(logfile):
-    """auth=<user> on both lines; a user name is client text, so what could forge a field
-    or a line (space, "=", backslash, control characters) is escaped."""
+    """user=<user> on both lines (the session's auth= is its count of AUTH commands, as
+    ehlo= is of EHLO); a user name is client text, so what could forge a field or a line
+    (space, "=", backslash, control characters) is escaped."""
     logger, lines = logfile
     log = logger.message_log()
     log.message("Q1", "127.0.0.1", "a@example.org", 1, 100, None, "250 queued", "alice")
     log.session("127.0.0.1", 40000, {"AUTH": 1}, 0, "quit", None, "bob x=1\nend=\\")
     log.close()
     assert [message for _, _, message in lines()] == [
-        "id=Q1 peer=127.0.0.1 from=<a@example.org> rcpts=1 size=100 auth=alice "
+        "id=Q1 peer=127.0.0.1 from=<a@example.org> rcpts=1 size=100 user=alice "
         "result=250 queued",
-        "disconnect from 127.0.0.1:40000 auth=1 commands=1 auth=bob\\x20x\\x3d1\\x0aend\\x3d\\x5c "
+        "disconnect from 127.0.0.1:40000 auth=1 commands=1 user=bob\\x20x\\x3d1\\x0aend\\x3d\\x5c "
         "end=quit",
     ]
 
@@ -251,7 +255,7 @@ def test_a_long_user_name_is_cut_so_a_line_stays_one_write(logfile):
     log.close()
     [(_, _, message)] = lines()
     shown = "\\x01" * msglog.SHOWN_CHARS
-    assert message == f"disconnect from 127.0.0.1:40000 auth=1 commands=1 auth={shown}" \
+    assert message == f"disconnect from 127.0.0.1:40000 auth=1 commands=1 user={shown}" \
         f"...(+{9000 - msglog.SHOWN_CHARS}) end=quit"
     assert len(message.encode()) < 4096 - 100
 
@@ -264,7 +268,7 @@ def test_json_lines_name_the_user_only_when_there_is_one(logfile):
     log.session("127.0.0.1", 40000, {}, 0, "quit", None)
     log.close()
     records = logger.records()
-    assert records[0]["auth"] == "al ice" and "auth" not in records[1]
+    assert records[0]["user"] == "al ice" and "user" not in records[1]
 
 
 def test_printable_leaves_ordinary_names_alone():
