@@ -205,8 +205,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.command_timeout", "300s", _timeout,
             "idle time between commands, then `421 4.4.2` (RFC 5321 4.5.3.2.7: 5 minutes)",
             parsing.dump_duration),
-    Setting("limits.data_timeout", "10m", _timeout,
-            "deadline for a whole DATA phase", parsing.dump_duration),
+    Setting("limits.data_timeout", "1h", _timeout,
+            "deadline for a whole DATA phase (RFC 5321 sets none; an hour lets the "
+            "largest message in at 10 kB/s)", parsing.dump_duration),
     Setting("limits.min_data_rate", 500, parsing.integer(0),
             "bytes/s a DATA phase must keep up: *t* seconds after the `354` the client "
             "must have sent `min_data_rate * (t - limits.min_data_rate_grace)` bytes, "

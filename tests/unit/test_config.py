@@ -84,7 +84,7 @@ def test_defaults_without_a_file():
         max_recipients=1000,
         max_command_length=512,
         command_timeout=300.0,
-        data_timeout=600.0,
+        data_timeout=3600.0,
         min_data_rate=500,
         min_data_rate_grace=5.0,
         max_errors=20,
@@ -635,7 +635,7 @@ def test_dump_of_defaults_round_trips_with_the_schema_order(tmp_path):
     assert list(document) == list(SCHEMA)
     assert {section: list(keys) for section, keys in document.items()} == SCHEMA
     assert document["limits"]["max_message_size"] == "32M"
-    assert document["limits"]["data_timeout"] == "10m"
+    assert document["limits"]["data_timeout"] == "1h"
     assert document["server"]["listen"] == ["127.0.0.1:2525"]
     assert _round_trip(tmp_path, config) == config
 
