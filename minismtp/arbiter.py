@@ -4,8 +4,8 @@ Untrusted input: none from the network (the master never reads client bytes); si
 and the YAML file on reload, which is validated in full before anything changes.
 
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
-more/less. They arrive as bytes on a socket (`signals.py`) and are dispatched from the
-master's own loop, never from a handler.
+more/less. Handlers only count them and wake the master's loop (`signals.py`), which acts
+on each turn's counts, never from a handler.
 
 A reload applies every changed key, or refuses one it cannot apply with a log line and
 keeps its old value (RESTART_ONLY names the keys that would need a restart: none). The
@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -108,11 +109,6 @@ class Arbiter:
         self.exit_code = exitcodes.OK
         self.sel = selectors.DefaultSelector()
         self.wakeup = SignalWakeup()
-        self._dispatch = {
-            signal.SIGHUP: self._reload, signal.SIGTERM: self._stop_gracefully,
-            signal.SIGINT: self._stop_gracefully, signal.SIGQUIT: self._stop_now,
-            signal.SIGTTIN: self._more_workers, signal.SIGTTOU: self._fewer_workers,
-        }
 
     # -- start and main loop ---------------------------------------------------------
 
@@ -165,13 +161,25 @@ class Arbiter:
         for key, mask in self.sel.select(timeout):
             if key.data is not None:
                 key.data.handle(key, mask)  # the stats HTTP server's sockets
-                continue
-            for signum in self.wakeup.read():
-                action = self._dispatch.get(signum)
-                if action is not None:
-                    action()
+            else:
+                self._on_signals(self.wakeup.read())
         if self.stats_http is not None:
             self.stats_http.expire(time.monotonic())
+
+    def _on_signals(self, arrived: Counter[int]) -> None:
+        """Act on the signals that came since the last turn, however many: a stop before
+        anything else, one reload for any number of HUPs, the TTINs and TTOUs added up
+        (after the reload, which would otherwise undo them)."""
+        if arrived[signal.SIGQUIT]:
+            self._stop_now()
+        elif arrived[signal.SIGTERM] or arrived[signal.SIGINT]:
+            self._stop_gracefully()
+        else:
+            if arrived[signal.SIGHUP]:
+                self._reload()
+            step = arrived[signal.SIGTTIN] - arrived[signal.SIGTTOU]
+            if step:
+                self._resize(step)
 
     def _maintain(self, now: float) -> None:
         records = list(self.workers.values())
@@ -391,16 +399,13 @@ class Arbiter:
         self.stop_deadline = time.monotonic() + 1.0
         self._kill_all(signal.SIGQUIT)
 
-    def _more_workers(self) -> None:
-        if self.target >= MAX_WORKERS:
+    def _resize(self, step: int) -> None:
+        """TTIN/TTOU: `step` workers more (or fewer), never fewer than one."""
+        if step > 0 and self.target >= MAX_WORKERS:
             log.warning("workers: %d, the most there can be; TTIN ignored", self.target)
             return
-        self.target += 1
-        log.info("workers: %d", self.target)
-
-    def _fewer_workers(self) -> None:
-        target = max(1, self.target - 1)
-        if target != self.target and self.config.server.reuse_port:
+        target = min(MAX_WORKERS, max(1, self.target + step))
+        if target != self.target and self.config.server.reuse_port and step < 0:
             # A worker takes its own share of the reuse_port sockets (listeners.py):
             # retired alone, it would leave that share with nobody to accept from.
             # A new generation shares every socket out again.

@@ -265,11 +265,11 @@ class Worker:
             self.read_signals()
 
     def read_signals(self) -> None:
-        for signum in self.wakeup.read():
-            if signum == signal.SIGQUIT:
-                raise SystemExit(exitcodes.OK)  # immediate stop
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                self._begin_stop(time.monotonic())
+        arrived = self.wakeup.read()
+        if arrived[signal.SIGQUIT]:
+            raise SystemExit(exitcodes.OK)  # immediate stop
+        if arrived[signal.SIGTERM] or arrived[signal.SIGINT]:
+            self._begin_stop(time.monotonic())
 
     def _begin_stop(self, now: float) -> None:
         """Stop accepting; close idle sessions; let transactions in flight finish."""

@@ -164,6 +164,26 @@ def test_sigterm_when_idle_exits_zero(make_server):
     server.wait_for_log(r"master exiting")
 
 
+def test_term_after_a_storm_of_hups_still_stops_the_server(make_server):
+    """HUPs far faster than reloads run (each reload's check scans the files another
+    program left in tmp/), then TERM: the stop is not lost behind them, and the HUPs that
+    came while a reload ran make one more reload, not one each."""
+    server = make_server({"server": {"workers": 1}})
+    tmp = server.mail_dir / "tmp"
+    for n in range(20000):
+        (tmp / f"other-program-{n}").write_bytes(b"")
+    mark = server.mark()
+    sent = 0
+    storm_ends = time.monotonic() + 1.0
+    while time.monotonic() < storm_ends:
+        os.kill(server.pid, signal.SIGHUP)
+        sent += 1
+        time.sleep(0.001)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+    assert server.count_log(r"reloaded ", since=mark) < sent / 4
+
+
 def test_sigquit_exits_quickly(make_server, raw_clients):
     server = make_server({"server": {"workers": 2}})
     workers = server.worker_pids()
