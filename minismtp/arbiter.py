@@ -10,7 +10,8 @@ on each turn's counts, never from a handler.
 A reload applies every changed key, or refuses one it cannot apply with a log line and
 keeps its old value (RESTART_ONLY names the keys that would need a restart: none). The
 listening sockets belong to the master for as long as their address is configured
-(`listeners.py`), so workers come and go without a queued connection being reset. A
+(`listeners.py`), so workers come and go without a queued connection being reset; a stop
+lets go of them at once. A
 worker that misses its heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files
 a dead worker left in tmp/ are swept (`debris.py`).
 """
@@ -391,6 +392,7 @@ class Arbiter:
                       default=self.config.server.shutdown_timeout)
         self.stop_deadline = time.monotonic() + longest + _KILL_GRACE_S
         self._kill_all(signal.SIGTERM)
+        self._stop_listening()
 
     def _stop_now(self) -> None:
         log.info("stopping now")
@@ -398,6 +400,18 @@ class Arbiter:
         self.notifier.notify_stopping()
         self.stop_deadline = time.monotonic() + 1.0
         self._kill_all(signal.SIGQUIT)
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        """Let the listening sockets close as soon as the workers close theirs.
+
+        Told to stop, a worker closes its listeners at once and accepts nothing more.
+        Our descriptors would keep each socket listening until we exit: the kernel would
+        go on completing handshakes that nobody answers, and reset them only then. Without
+        them, a socket closes with its last worker's descriptor (each SO_REUSEPORT socket
+        with its own workers'): what is queued then would never be accepted anyway, and
+        new clients are refused at once, so a sending MTA moves on to its next MX."""
+        self.listeners.close()
 
     def _resize(self, step: int) -> None:
         """TTIN/TTOU: `step` workers more (or fewer), never fewer than one."""

@@ -100,6 +100,30 @@ def test_sigterm_lets_data_in_flight_finish(make_server, raw_clients):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
 
 
+def test_a_client_connecting_during_a_graceful_stop_is_refused_at_once(make_server,
+                                                                       raw_clients):
+    """While a transaction in flight holds the stop open, nothing accepts any more: a new
+    client must be refused (and try its next MX), not left to wait for a reset."""
+    server = make_server({"server": {"workers": 2, "shutdown_timeout": "10s"}})
+    busy = raw_clients(server.port)
+    _start_data(busy)
+    server.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    server.wait_until(refused, 3, interval=0.1, message="new connections to be refused")
+    assert server.proc.poll() is None, "the master must wait for the transaction in flight"
+    busy.send(busy.stuff(BODY_HEAD + BODY_TAIL)[len(BODY_HEAD):])
+    assert busy.reply(timeout=5).code == 250
+    assert server.wait(10) == 0
+    assert len(server.files("new")) == 1
+
+
 def test_sigterm_closes_session_once_its_transaction_ends(make_server, raw_clients):
     """After the 250 the session is idle: 421, close, and no wait for shutdown_timeout."""
     server = make_server({"server": {"workers": 1, "shutdown_timeout": "30s"},
