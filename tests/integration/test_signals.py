@@ -100,6 +100,25 @@ def test_sigterm_lets_data_in_flight_finish(make_server, raw_clients):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
 
 
+def test_transactions_still_open_at_shutdown_timeout_get_421_and_a_clean_close(
+        make_server, raw_clients):
+    """One client quiet after MAIL, one mid-DATA: when shutdown_timeout runs out, each is
+    told why (421 4.3.2) and sees the connection end without a reset; nothing is stored."""
+    server = make_server({"server": {"workers": 1, "shutdown_timeout": "1s"}})
+    quiet = raw_clients(server.port)
+    quiet.hello()
+    quiet.cmd("MAIL FROM:<quiet@example.org>", 250)
+    sending = raw_clients(server.port)
+    _start_data(sending)
+    server.send_signal(signal.SIGTERM)
+    for client in (quiet, sending):
+        assert client.reply(timeout=5).raw == replies.SHUTTING_DOWN.wire
+        assert client.wait_closed() == b""  # a FIN: a reset would raise here
+    assert server.wait(10) == 0
+    assert server.files("new") == []
+    assert server.files("tmp") == []
+
+
 def test_a_client_connecting_during_a_graceful_stop_is_refused_at_once(make_server,
                                                                        raw_clients):
     """While a transaction in flight holds the stop open, nothing accepts any more: a new
