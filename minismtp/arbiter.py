@@ -7,13 +7,14 @@ Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one 
 more/less. Handlers only count them and wake the master's loop (`signals.py`), which acts
 on each turn's counts, never from a handler.
 
-A reload applies every changed key, or refuses one it cannot apply with a log line and
-keeps its old value (RESTART_ONLY names the keys that would need a restart: none). The
-listening sockets belong to the master for as long as their address is configured
-(`listeners.py`), so workers come and go without a queued connection being reset; a stop
-lets go of them at once. A
-worker that misses its heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files
-a dead worker left in tmp/ are swept (`debris.py`).
+A new generation (a reload; TTOU with reuse_port) starts beside the old one, which goes
+on accepting until every new worker accepts: a new generation that cannot start leaves
+the old one serving. A reload applies every changed key, or refuses one it cannot apply
+with a log line and keeps its old value (RESTART_ONLY names the keys that would need a
+restart: none). The listening sockets belong to the master for as long as their address
+is configured (`listeners.py`), so workers come and go without a queued connection being
+reset; a stop lets go of them at once. A worker that misses its heartbeat gets SIGABRT,
+then SIGKILL (`supervision.py`); the files a dead worker left in tmp/ are swept (`debris.py`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from minismtp.stats import StatsBoard, Totals
 from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
-    WorkerRecord, free_index, overdue, spawn_delay, stale_signals, workers_missing,
-    workers_to_retire,
+    WorkerRecord, free_index, generation_ready, overdue, spawn_delay, stale_signals,
+    workers_missing, workers_to_retire,
 )
 from minismtp.tls import reloaded_context
 from minismtp.values import MAX_WORKERS
@@ -68,6 +69,7 @@ log = logging.getLogger("minismtp.master")
 RESTART_ONLY: frozenset[str] = frozenset()
 BOARD_SLOTS = 2 * MAX_WORKERS  # a retiring generation and a new one, side by side
 _LOOP_S = 0.5  # heartbeat and back-off checks at least this often
+_STARTING_LOOP_S = 0.05  # while a new generation starts: the old one retires once it is ready
 _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is killed
 _KILLED_WAIT_S = 2.0  # at the master's exit, how long killed workers are waited for
 _ABORT_GRACE_S = 2.0  # after a SIGABRT for a missed heartbeat, SIGKILL if still alive
@@ -85,6 +87,8 @@ class Arbiter:
         self.overrides = overrides or {}
         self.target = config.server.workers
         self.generation = 0
+        # The last generation that was all ready: it serves while a newer one starts.
+        self.serving = 0
         self.workers: dict[int, WorkerRecord] = {}
         self.worker_config = config  # with max_connections fitted to the descriptor limit
         self.listeners = ListenerPool()
@@ -138,7 +142,8 @@ class Arbiter:
                 self._maintain(time.monotonic())
                 if not (self.notifier.ready or self.stopping):
                     self._maybe_ready()
-                self._wait_for_signals(_LOOP_S)
+                self._wait_for_signals(
+                    _LOOP_S if self.serving == self.generation else _STARTING_LOOP_S)
                 self._reap()
         finally:
             self._kill_all(signal.SIGKILL)
@@ -190,7 +195,10 @@ class Arbiter:
                 self._kill_all(signal.SIGKILL)
             return
         self._check_heartbeats(records, now)
-        for record in workers_to_retire(records, self.generation, self.target):
+        self._note_ready(records)
+        if generation_ready(records, self.generation, self.target):
+            self.serving = self.generation
+        for record in workers_to_retire(records, self.generation, self.target, self.serving):
             self._signal(record, signal.SIGTERM)
             record.retiring_since = now
         for record in overdue(records, now, _KILL_GRACE_S):
@@ -207,6 +215,14 @@ class Arbiter:
             for _ in range(workers_missing(records, self.generation, self.target)):
                 if not self._spawn(now):
                     break
+
+    def _note_ready(self, records: list[WorkerRecord]) -> None:
+        """Mark the workers that accept now: once booted, a worker counts as ready even
+        while it pauses accepting (a burst left to siblings, out of descriptors)."""
+        loads = self.board.loads
+        for record in records:
+            if not record.ready and loads[record.slot] != NOT_ACCEPTING:
+                record.ready = True
 
     def _check_heartbeats(self, records: list[WorkerRecord], now: float) -> None:
         beats = {r.slot: self.board.last(r.slot) for r in records}
@@ -433,13 +449,10 @@ class Arbiter:
 
     def _maybe_ready(self) -> None:
         """Tell systemd we are ready once every worker of this generation accepts."""
-        current = [r for r in self.workers.values()
-                   if r.generation == self.generation and r.retiring_since is None]
-        if len(current) == self.target and all(
-                self.board.loads[r.slot] != NOT_ACCEPTING for r in current):
+        if generation_ready(list(self.workers.values()), self.generation, self.target):
             addresses = ", ".join(bound_address(group[0])
                                   for group in self.listeners.groups.values())
-            self.notifier.notify_ready(f"{len(current)} worker(s) on {addresses}")
+            self.notifier.notify_ready(f"{self.target} worker(s) on {addresses}")
 
     def _reload(self) -> None:
         if self.stopping:
@@ -485,6 +498,10 @@ class Arbiter:
         self.target = config.server.workers
         self.worker_config = fit_connections(config, self.listeners.count())
         self.generation += 1
+        # The new configuration may have cured what made workers die young: its workers
+        # start now, not after the back-off (the old ones serve until they are ready).
+        self.crash_streak = 0
+        self.next_spawn_at = 0.0
         log.info("reloaded %s: starting generation %d with %d worker(s)",
                  self.config_path or "embedded defaults", self.generation, self.target)
 

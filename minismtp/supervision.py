@@ -31,6 +31,7 @@ class WorkerRecord:
     listener_names: tuple[str, ...] = ()
     rule_names: tuple[RuleName, ...] = ()
     host: str = ""  # this host's name when it was started: its Maildir files carry it
+    ready: bool = False  # seen accepting (the heartbeat board) at least once
 
 
 def spawn_delay(crash_streak: int) -> float:
@@ -61,11 +62,25 @@ def stale_signals(records: list[WorkerRecord], beats: dict[int, float], now: flo
     return actions
 
 
-def workers_to_retire(records: list[WorkerRecord], generation: int, target: int
-                      ) -> list[WorkerRecord]:
-    """Old generations, then the oldest of the current one beyond `target`."""
+def generation_ready(records: list[WorkerRecord], generation: int, target: int) -> bool:
+    """Whether `generation` has its `target` workers, each seen accepting."""
+    current = [r for r in records if r.generation == generation and r.retiring_since is None]
+    return len(current) >= target and all(r.ready for r in current)
+
+
+def workers_to_retire(records: list[WorkerRecord], generation: int, target: int,
+                      serving: int) -> list[WorkerRecord]:
+    """Old generations, then the oldest of the current one beyond `target`.
+
+    `serving` is the last generation that was all ready: it goes on accepting while the
+    current one starts, and retires only once that one is ready too (`generation_ready`),
+    so that a new generation that cannot start (a back-off, a crash loop) leaves the old
+    one serving. A generation between the two, superseded before it was ready, goes at
+    once: two generations at most share the heartbeat board.
+    """
     active = [r for r in records if r.retiring_since is None]
-    old = [r for r in active if r.generation != generation]
+    keep = generation if generation_ready(records, generation, target) else serving
+    old = [r for r in active if r.generation not in (generation, keep)]
     current = sorted((r for r in active if r.generation == generation), key=lambda r: r.started)
     return old + current[: max(0, len(current) - target)]
 

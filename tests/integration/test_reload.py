@@ -237,3 +237,29 @@ def test_ttou_with_reuse_port_leaves_no_socket_without_a_worker(make_server):
     assert _listening_inodes(server.port) == inodes  # no socket was closed
     for _ in range(20):  # whichever socket the kernel picks, someone accepts
         assert _hostname(server.port) == "mx.test.invalid"
+
+
+def test_a_reload_during_crash_back_off_keeps_a_worker_accepting(make_server):
+    """One of two workers keeps dying young, so its replacement waits longer each time
+    (1.6 s after the fifth death). A HUP then starts the new generation at once, and the
+    healthy worker serves until it is ready: every client is answered promptly."""
+    server = make_server({"server": {"workers": 2, "hostname": "before.test"}})
+    healthy, dying = server.worker_pids()
+    for death in range(5):
+        mark = server.mark()
+        os.kill(dying, signal.SIGKILL)
+        server.wait_for_log(rf"worker {dying} was killed by signal 9; replacing it", 5,
+                            since=mark)
+        if death < 4:
+            dying = server.wait_until(
+                lambda: [p for p in server.worker_pids() if p != healthy], 10,
+                message="a replacement")[0]
+    _reload(server, {"server": {"hostname": "after.test"}}, 1)
+    answered = []
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until:
+        answered.append(_greeting(server.port, timeout=1.0)[:4])
+        time.sleep(0.1)
+    assert set(answered) == {b"220 "}
+    server.wait_until(lambda: _hostname(server.port) == "after.test", 5,
+                      message="the new generation")

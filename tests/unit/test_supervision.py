@@ -7,8 +7,8 @@ import signal
 import pytest
 
 from minismtp.supervision import (
-    WorkerRecord, free_index, overdue, spawn_delay, stale_signals, stale_workers,
-    workers_missing, workers_to_retire,
+    WorkerRecord, free_index, generation_ready, overdue, spawn_delay, stale_signals,
+    stale_workers, workers_missing, workers_to_retire,
 )
 
 
@@ -33,22 +33,51 @@ def test_stale_workers_are_those_whose_beat_is_older_than_the_timeout():
 
 def test_retire_the_old_generation_first():
     old_a, old_b = record(1, generation=0), record(2, generation=0)
-    new_a, new_b = record(3, generation=1, started=5.0), record(4, generation=1, started=6.0)
-    assert workers_to_retire([old_a, new_a, old_b, new_b], generation=1, target=2) == [
-        old_a, old_b]
+    new_a = record(3, generation=1, started=5.0, ready=True)
+    new_b = record(4, generation=1, started=6.0, ready=True)
+    assert workers_to_retire([old_a, new_a, old_b, new_b], generation=1, target=2,
+                             serving=0) == [old_a, old_b]
+
+
+def test_the_old_generation_serves_until_every_new_worker_is_ready():
+    old = record(1, generation=0, ready=True)
+    new_a = record(2, generation=1, started=5.0, ready=True)
+    new_b = record(3, generation=1, started=6.0)
+    assert workers_to_retire([old, new_a], generation=1, target=2, serving=0) == []
+    assert workers_to_retire([old, new_a, new_b], generation=1, target=2, serving=0) == []
+    new_b.ready = True
+    assert workers_to_retire([old, new_a, new_b], generation=1, target=2, serving=0) == [old]
+
+
+def test_a_generation_superseded_before_it_was_ready_goes_at_once():
+    serving = record(1, generation=0, ready=True)
+    superseded = record(2, generation=1, ready=True)  # its sibling never started
+    starting = record(3, generation=2)
+    assert workers_to_retire([serving, superseded, starting], generation=2, target=2,
+                             serving=0) == [superseded]
+
+
+def test_generation_ready_needs_the_whole_target_each_seen_accepting():
+    a, b = record(1, generation=1, ready=True), record(2, generation=1, ready=True)
+    leaving = record(3, generation=1, ready=True, retiring_since=1.0)
+    assert generation_ready([a, b], generation=1, target=2)
+    assert not generation_ready([a, leaving], generation=1, target=2)
+    assert not generation_ready([a, record(4, generation=1)], generation=1, target=2)
+    assert not generation_ready([a, b], generation=2, target=1)
 
 
 def test_beyond_the_target_the_oldest_of_the_current_generation_goes():
     young, oldest, middle = (record(1, started=30.0), record(2, started=10.0),
                              record(3, started=20.0))
-    assert workers_to_retire([young, oldest, middle], generation=0, target=1) == [
+    assert workers_to_retire([young, oldest, middle], generation=0, target=1, serving=0) == [
         oldest, middle]
-    assert workers_to_retire([young, oldest, middle], generation=0, target=3) == []
+    assert workers_to_retire([young, oldest, middle], generation=0, target=3, serving=0) == []
 
 
 def test_a_worker_already_retiring_is_not_retired_twice():
     leaving = record(1, generation=0, retiring_since=50.0)
-    assert workers_to_retire([leaving, record(2, generation=1)], 1, target=1) == []
+    assert workers_to_retire([leaving, record(2, generation=1, ready=True)], 1, target=1,
+                             serving=1) == []
 
 
 def test_missing_workers_count_only_the_current_generation_not_retiring():
