@@ -7,14 +7,15 @@ Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one 
 more/less. Handlers only count them and wake the master's loop (`signals.py`), which acts
 on each turn's counts, never from a handler.
 
-A new generation (a reload; TTOU with reuse_port) starts beside the old one, which goes
-on accepting until every new worker accepts: a new generation that cannot start leaves
-the old one serving. A reload applies every changed key, or refuses one it cannot apply
-with a log line and keeps its old value (RESTART_ONLY names the keys that would need a
-restart: none). The listening sockets belong to the master for as long as their address
+A new generation (a reload; TTIN/TTOU with reuse_port) starts beside the old one, which
+goes on accepting until every new worker accepts: a new generation that cannot start
+leaves the old one serving. A reload applies every changed key, or refuses one it cannot
+apply with a log line and keeps its old value (RESTART_ONLY names the keys that would need
+a restart: none). The listening sockets belong to the master for as long as their address
 is configured (`listeners.py`), so workers come and go without a queued connection being
 reset; a stop lets go of them at once. A worker that misses its heartbeat gets SIGABRT,
-then SIGKILL (`supervision.py`); the files a dead worker left in tmp/ are swept (`debris.py`).
+then SIGKILL (`supervision.py`); the files a dead worker left in tmp/ are swept
+(`debris.py`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from minismtp.stats import StatsBoard, Totals
 from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
-    WorkerRecord, free_index, generation_ready, overdue, spawn_delay, stale_signals,
-    workers_missing, workers_to_retire,
+    WorkerRecord, free_index, generation_ready, overdue, resized, spawn_delay,
+    stale_signals, workers_missing, workers_to_retire,
 )
 from minismtp.tls import reloaded_context
 from minismtp.values import MAX_WORKERS
@@ -434,11 +435,8 @@ class Arbiter:
         if step > 0 and self.target >= MAX_WORKERS:
             log.warning("workers: %d, the most there can be; TTIN ignored", self.target)
             return
-        target = min(MAX_WORKERS, max(1, self.target + step))
-        if target != self.target and self.config.server.reuse_port and step < 0:
-            # A worker takes its own share of the reuse_port sockets (listeners.py):
-            # retired alone, it would leave that share with nobody to accept from.
-            # A new generation shares every socket out again.
+        target, new_generation = resized(self.target, step, self.config.server.reuse_port)
+        if new_generation:  # reuse_port: every socket shared out again (supervision.py)
             self.generation += 1
             log.info("workers: %d, as generation %d", target, self.generation)
         else:

@@ -10,6 +10,8 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from minismtp.values import MAX_WORKERS
+
 if TYPE_CHECKING:
     from minismtp.stats import RuleName
 
@@ -88,6 +90,20 @@ def workers_to_retire(records: list[WorkerRecord], generation: int, target: int,
 def workers_missing(records: list[WorkerRecord], generation: int, target: int) -> int:
     current = [r for r in records if r.generation == generation and r.retiring_since is None]
     return max(0, target - len(current))
+
+
+def resized(target: int, step: int, reuse_port: bool) -> tuple[int, bool]:
+    """The worker count after `step` TTINs (more) or TTOUs (fewer), from 1 to
+    MAX_WORKERS, and whether it needs a new generation.
+
+    With reuse_port a worker accepts from the sockets at its index modulo the count it was
+    started with (listeners.worker_positions), and its replacement takes the same index:
+    workers of one generation started with different counts would leave a socket to
+    nobody. So with reuse_port a new count is a new generation, which shares every socket
+    out again; without it every worker accepts from every socket.
+    """
+    wanted = min(MAX_WORKERS, max(1, target + step))
+    return wanted, reuse_port and wanted != target
 
 
 def free_index(records: list[WorkerRecord], generation: int) -> int:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 
 import pytest
 
+from minismtp.listeners import worker_positions
 from minismtp.supervision import (
-    WorkerRecord, free_index, generation_ready, overdue, spawn_delay, stale_signals,
-    stale_workers, workers_missing, workers_to_retire,
+    WorkerRecord, free_index, generation_ready, overdue, resized, spawn_delay,
+    stale_signals, stale_workers, workers_missing, workers_to_retire,
 )
+from minismtp.values import MAX_WORKERS
 
 
 def record(pid: int, generation: int = 0, started: float = 0.0, **kwargs) -> WorkerRecord:
@@ -141,3 +144,76 @@ def test_each_worker_is_given_its_own_shutdown_timeout():
     new = record(2, generation=1, retiring_since=10.0, shutdown_timeout_s=5.0)
     assert overdue([old, new], now=26.0, grace_s=5.0) == [new]
     assert overdue([old, new], now=46.0, grace_s=5.0) == [old, new]
+
+
+@pytest.mark.parametrize("reuse_port", [True, False])
+def test_a_new_count_is_a_new_generation_only_with_reuse_port(reuse_port):
+    assert resized(2, 1, reuse_port) == (3, reuse_port)
+    assert resized(2, -1, reuse_port) == (1, reuse_port)
+    assert resized(2, 3, reuse_port) == (5, reuse_port)
+    assert resized(1, -1, reuse_port) == (1, False)  # never fewer than one: no change
+    assert resized(MAX_WORKERS, 1, reuse_port) == (MAX_WORKERS, False)
+
+
+class ReusePortMaster:
+    """The master's bookkeeping with reuse_port, as its loop turns apply the rules above
+    (workers ready as soon as started, none slow to exit): which sockets of a group
+    (positions; the group grows as ListenerPool.for_worker grows it, never shrinks) each
+    worker accepts from."""
+
+    def __init__(self, workers: int) -> None:
+        self.target, self.generation, self.serving = workers, 0, 0
+        self.group_size = 1
+        self.workers: dict[int, tuple[WorkerRecord, range]] = {}
+        self.pids = iter(range(1, 10_000))
+        self.settle()
+
+    def records(self) -> list[WorkerRecord]:
+        return [record for record, _ in self.workers.values()]
+
+    def settle(self) -> None:
+        for _ in range(4):  # a generation starts in one turn and retires the old in the next
+            records = self.records()
+            if generation_ready(records, self.generation, self.target):
+                self.serving = self.generation
+            for record in workers_to_retire(records, self.generation, self.target,
+                                            self.serving):
+                del self.workers[record.pid]  # it closes its sockets at once
+            for _ in range(workers_missing(self.records(), self.generation, self.target)):
+                index = free_index(self.records(), self.generation)
+                self.group_size = max(self.group_size, index + 1)
+                pid = next(self.pids)
+                self.workers[pid] = (
+                    WorkerRecord(pid, pid, self.generation, float(pid), index=index,
+                                 ready=True),
+                    worker_positions(self.group_size, index, self.target))
+
+    def resize(self, step: int) -> None:
+        self.target, new_generation = resized(self.target, step, reuse_port=True)
+        self.generation += new_generation
+        self.settle()
+
+    def worker_dies(self, index: int) -> None:
+        for record, _ in list(self.workers.values()):
+            if record.generation == self.generation and record.index == index:
+                del self.workers[record.pid]
+        self.settle()
+
+    def sockets_without_a_worker(self) -> set[int]:
+        held = {position for _, positions in self.workers.values() for position in positions}
+        return set(range(self.group_size)) - held
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_with_reuse_port_every_socket_keeps_a_worker_whatever_ttin_ttou_and_deaths(workers):
+    steps = ("TTIN", "TTOU", 0, 1, 2, 3)  # a signal, or the death of the worker at that index
+    for sequence in itertools.product(steps, repeat=4):
+        master = ReusePortMaster(workers)
+        for step in sequence:
+            if step == "TTIN":
+                master.resize(1)
+            elif step == "TTOU":
+                master.resize(-1)
+            else:
+                master.worker_dies(step)
+            assert master.sockets_without_a_worker() == set(), (workers, sequence)
