@@ -70,7 +70,7 @@ log = logging.getLogger("minismtp.master")
 RESTART_ONLY: frozenset[str] = frozenset()
 BOARD_SLOTS = 2 * MAX_WORKERS  # a retiring generation and a new one, side by side
 _LOOP_S = 0.5  # heartbeat and back-off checks at least this often
-_STARTING_LOOP_S = 0.05  # while a new generation starts: the old one retires once it is ready
+_STARTING_LOOP_S = 0.05  # while a generation starts: the one before retires once it is ready
 _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is killed
 _KILLED_WAIT_S = 2.0  # at the master's exit, how long killed workers are waited for
 _ABORT_GRACE_S = 2.0  # after a SIGABRT for a missed heartbeat, SIGKILL if still alive
@@ -90,6 +90,7 @@ class Arbiter:
         self.generation = 0
         # The last generation that was all ready: it serves while a newer one starts.
         self.serving = 0
+        self.has_been_ready = False  # every worker of a generation has accepted, once
         self.workers: dict[int, WorkerRecord] = {}
         self.worker_config = config  # with max_connections fitted to the descriptor limit
         self.listeners = ListenerPool()
@@ -143,8 +144,8 @@ class Arbiter:
                 self._maintain(time.monotonic())
                 if not (self.notifier.ready or self.stopping):
                     self._maybe_ready()
-                self._wait_for_signals(
-                    _LOOP_S if self.serving == self.generation else _STARTING_LOOP_S)
+                settled = self.has_been_ready and self.serving == self.generation
+                self._wait_for_signals(_LOOP_S if settled else _STARTING_LOOP_S)
                 self._reap()
         finally:
             self._kill_all(signal.SIGKILL)
@@ -199,6 +200,7 @@ class Arbiter:
         self._note_ready(records)
         if generation_ready(records, self.generation, self.target):
             self.serving = self.generation
+            self.has_been_ready = True
         for record in workers_to_retire(records, self.generation, self.target, self.serving):
             self._signal(record, signal.SIGTERM)
             record.retiring_since = now
@@ -291,12 +293,17 @@ class Arbiter:
             log.debug("worker %d %s", record.pid, how)
             return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FAILED:
-            # Its own set-up failed (privileges, delivery): a new one would fail the same
-            # way, so stop rather than fork in a loop (gunicorn's WORKER_BOOT_ERROR).
-            log.error("worker %d could not start; stopping", record.pid)
-            self.exit_code = exitcodes.FAILURE
-            self._stop_gracefully()
-            return
+            if not self.has_been_ready:
+                # Its own set-up failed (privileges, delivery) at start: a new one would
+                # fail the same way, so stop rather than fork in a loop (gunicorn's
+                # WORKER_BOOT_ERROR).
+                log.error("worker %d could not start; stopping", record.pid)
+                self.exit_code = exitcodes.FAILURE
+                self._stop_gracefully()
+                return
+            # Once serving, the cause may pass (a user or group lookup failing for a
+            # moment): the others go on serving, and the next one waits its back-off.
+            how = "could not start"
         (log.warning if clean else log.error)("worker %d %s; replacing it", record.pid, how)
         now = time.monotonic()
         if now - record.started < _SHORT_LIFE_S:

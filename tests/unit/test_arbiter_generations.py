@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from minismtp import exitcodes
 from minismtp.arbiter import Arbiter
 from minismtp.config import load_config
 from minismtp.supervision import WorkerRecord
@@ -45,3 +46,24 @@ def test_while_the_new_generation_cannot_start_the_old_one_keeps_serving(arbiter
         arbiter._maintain(now + turn)
     assert old_worker.retiring_since is None
     assert arbiter.serving == 0
+
+
+_BOOT_FAILED = exitcodes.WORKER_BOOT_FAILED << 8  # a wait status: exited with that code
+
+
+def test_a_worker_that_cannot_start_before_the_first_ready_stops_the_server(arbiter):
+    now = time.monotonic()
+    arbiter._report_exit(WorkerRecord(1, 1, 0, now), _BOOT_FAILED)
+    assert arbiter.stopping
+    assert arbiter.exit_code == exitcodes.FAILURE
+
+
+def test_a_replacement_that_cannot_start_once_serving_backs_off(arbiter, old_worker, caplog):
+    now = time.monotonic()
+    arbiter._maintain(now)  # its one worker accepts: the server has been ready
+    arbiter._report_exit(WorkerRecord(1, 1, 0, now), _BOOT_FAILED)  # its sibling's
+    assert not arbiter.stopping
+    assert arbiter.exit_code == exitcodes.OK
+    assert arbiter.next_spawn_at > now
+    assert old_worker.retiring_since is None
+    assert "worker 1 could not start; replacing it" in caplog.text
