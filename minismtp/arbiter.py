@@ -4,16 +4,19 @@ Untrusted input: none from the network (the master never reads client bytes); si
 and the YAML file on reload, which is validated in full before anything changes.
 
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
-more/less. They arrive as bytes on a socket (`signals.py`) and are dispatched from the
-master's own loop, never from a handler.
+more/less. Handlers only count them and wake the master's loop (`signals.py`), which acts
+on each turn's counts, never from a handler.
 
-A reload applies every changed key, or refuses one it cannot apply with a log line and
-keeps its old value (RESTART_ONLY names the keys that need a restart). Nothing on disk
-changes until every check has passed: the Maildir is made ready last, as the reload is
-committed. The listening sockets belong to the master for as long as their address is
-configured (`listeners.py`), so workers come and go without a queued connection being reset. A
-worker that misses its heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files
-a dead worker left in tmp/ are swept (`debris.py`).
+A new generation (a reload; TTIN/TTOU with reuse_port) starts beside the old one, which
+goes on accepting until every new worker accepts: a new generation that cannot start
+leaves the old one serving. A reload applies every changed key, or refuses one it cannot
+apply with a log line and keeps its old value (RESTART_ONLY names the keys that need a
+restart). Nothing on disk changes until every check has passed: the Maildir is made
+ready last, as the reload is committed. The listening sockets belong to the master for
+as long as their address is configured (`listeners.py`), so workers come and go without a
+queued connection being reset; a stop lets go of them at once. A worker that misses its
+heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files a dead worker left in
+tmp/ are swept (`debris.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import signal
 import socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -52,8 +56,8 @@ from minismtp.stats import StatsBoard, Totals
 from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
-    WorkerRecord, free_index, overdue, spawn_delay, stale_signals, workers_missing,
-    workers_to_retire,
+    WorkerRecord, free_index, generation_ready, overdue, resized, spawn_delay,
+    stale_signals, workers_missing, workers_to_retire,
 )
 from minismtp.tls import reloaded_context
 from minismtp.values import MAX_WORKERS
@@ -65,6 +69,7 @@ log = logging.getLogger("minismtp.master")
 
 BOARD_SLOTS = 2 * MAX_WORKERS  # a retiring generation and a new one, side by side
 _LOOP_S = 0.5  # heartbeat and back-off checks at least this often
+_STARTING_LOOP_S = 0.05  # while a generation starts: the one before retires once it is ready
 _KILL_GRACE_S = 5.0  # after shutdown_timeout, a worker that has not exited is killed
 _KILLED_WAIT_S = 2.0  # at the master's exit, how long killed workers are waited for
 _ABORT_GRACE_S = 2.0  # after a SIGABRT for a missed heartbeat, SIGKILL if still alive
@@ -82,6 +87,9 @@ class Arbiter:
         self.overrides = overrides or {}
         self.target = config.server.workers
         self.generation = 0
+        # The last generation that was all ready: it serves while a newer one starts.
+        self.serving = 0
+        self.has_been_ready = False  # every worker of a generation has accepted, once
         self.workers: dict[int, WorkerRecord] = {}
         self.worker_config = config  # with max_connections fitted to the descriptor limit
         self.listeners = ListenerPool()
@@ -107,11 +115,6 @@ class Arbiter:
         self.exit_code = exitcodes.OK
         self.sel = selectors.DefaultSelector()
         self.wakeup = SignalWakeup()
-        self._dispatch = {
-            signal.SIGHUP: self._reload, signal.SIGTERM: self._stop_gracefully,
-            signal.SIGINT: self._stop_gracefully, signal.SIGQUIT: self._stop_now,
-            signal.SIGTTIN: self._more_workers, signal.SIGTTOU: self._fewer_workers,
-        }
 
     # -- start and main loop ---------------------------------------------------------
 
@@ -144,7 +147,8 @@ class Arbiter:
                 self._maintain(time.monotonic())
                 if not (self.notifier.ready or self.stopping):
                     self._maybe_ready()
-                self._wait_for_signals(_LOOP_S)
+                settled = self.has_been_ready and self.serving == self.generation
+                self._wait_for_signals(_LOOP_S if settled else _STARTING_LOOP_S)
                 self._reap()
         finally:
             self._kill_all(signal.SIGKILL)
@@ -168,13 +172,25 @@ class Arbiter:
         for key, mask in self.sel.select(timeout):
             if key.data is not None:
                 key.data.handle(key, mask)  # the stats HTTP server's sockets
-                continue
-            for signum in self.wakeup.read():
-                action = self._dispatch.get(signum)
-                if action is not None:
-                    action()
+            else:
+                self._on_signals(self.wakeup.read())
         if self.stats_http is not None:
             self.stats_http.expire(time.monotonic())
+
+    def _on_signals(self, arrived: Counter[int]) -> None:
+        """Act on the signals that came since the last turn, however many: a stop before
+        anything else, one reload for any number of HUPs, the TTINs and TTOUs added up
+        (after the reload, which would otherwise undo them)."""
+        if arrived[signal.SIGQUIT]:
+            self._stop_now()
+        elif arrived[signal.SIGTERM] or arrived[signal.SIGINT]:
+            self._stop_gracefully()
+        else:
+            if arrived[signal.SIGHUP]:
+                self._reload()
+            step = arrived[signal.SIGTTIN] - arrived[signal.SIGTTOU]
+            if step:
+                self._resize(step)
 
     def _maintain(self, now: float) -> None:
         records = list(self.workers.values())
@@ -184,7 +200,11 @@ class Arbiter:
                 self._kill_all(signal.SIGKILL)
             return
         self._check_heartbeats(records, now)
-        for record in workers_to_retire(records, self.generation, self.target):
+        self._note_ready(records)
+        if generation_ready(records, self.generation, self.target):
+            self.serving = self.generation
+            self.has_been_ready = True
+        for record in workers_to_retire(records, self.generation, self.target, self.serving):
             self._signal(record, signal.SIGTERM)
             record.retiring_since = now
         for record in overdue(records, now, _KILL_GRACE_S):
@@ -201,6 +221,14 @@ class Arbiter:
             for _ in range(workers_missing(records, self.generation, self.target)):
                 if not self._spawn(now):
                     break
+
+    def _note_ready(self, records: list[WorkerRecord]) -> None:
+        """Mark the workers that accept now: once booted, a worker counts as ready even
+        while it pauses accepting (a burst left to siblings, out of descriptors)."""
+        loads = self.board.loads
+        for record in records:
+            if not record.ready and loads[record.slot] != NOT_ACCEPTING:
+                record.ready = True
 
     def _check_heartbeats(self, records: list[WorkerRecord], now: float) -> None:
         beats = {r.slot: self.board.last(r.slot) for r in records}
@@ -268,12 +296,17 @@ class Arbiter:
             log.debug("worker %d %s", record.pid, how)
             return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exitcodes.WORKER_BOOT_FAILED:
-            # Its own set-up failed (privileges, delivery): a new one would fail the same
-            # way, so stop rather than fork in a loop (gunicorn's WORKER_BOOT_ERROR).
-            log.error("worker %d could not start; stopping", record.pid)
-            self.exit_code = exitcodes.FAILURE
-            self._stop_gracefully()
-            return
+            if not self.has_been_ready:
+                # Its own set-up failed (privileges, delivery) at start: a new one would
+                # fail the same way, so stop rather than fork in a loop (gunicorn's
+                # WORKER_BOOT_ERROR).
+                log.error("worker %d could not start; stopping", record.pid)
+                self.exit_code = exitcodes.FAILURE
+                self._stop_gracefully()
+                return
+            # Once serving, the cause may pass (a user or group lookup failing for a
+            # moment): the others go on serving, and the next one waits its back-off.
+            how = "could not start"
         (log.warning if clean else log.error)("worker %d %s; replacing it", record.pid, how)
         now = time.monotonic()
         if now - record.started < _SHORT_LIFE_S:
@@ -386,6 +419,7 @@ class Arbiter:
                       default=self.config.server.shutdown_timeout)
         self.stop_deadline = time.monotonic() + longest + _KILL_GRACE_S
         self._kill_all(signal.SIGTERM)
+        self._stop_listening()
 
     def _stop_now(self) -> None:
         log.info("stopping now")
@@ -393,20 +427,26 @@ class Arbiter:
         self.notifier.notify_stopping()
         self.stop_deadline = time.monotonic() + 1.0
         self._kill_all(signal.SIGQUIT)
+        self._stop_listening()
 
-    def _more_workers(self) -> None:
-        if self.target >= MAX_WORKERS:
+    def _stop_listening(self) -> None:
+        """Let the listening sockets close as soon as the workers close theirs.
+
+        Told to stop, a worker closes its listeners at once and accepts nothing more.
+        Our descriptors would keep each socket listening until we exit: the kernel would
+        go on completing handshakes that nobody answers, and reset them only then. Without
+        them, a socket closes with its last worker's descriptor (each SO_REUSEPORT socket
+        with its own workers'): what is queued then would never be accepted anyway, and
+        new clients are refused at once, so a sending MTA moves on to its next MX."""
+        self.listeners.close()
+
+    def _resize(self, step: int) -> None:
+        """TTIN/TTOU: `step` workers more (or fewer), never fewer than one."""
+        if step > 0 and self.target >= MAX_WORKERS:
             log.warning("workers: %d, the most there can be; TTIN ignored", self.target)
             return
-        self.target += 1
-        log.info("workers: %d", self.target)
-
-    def _fewer_workers(self) -> None:
-        target = max(1, self.target - 1)
-        if target != self.target and self.config.server.reuse_port:
-            # A worker takes its own share of the reuse_port sockets (listeners.py):
-            # retired alone, it would leave that share with nobody to accept from.
-            # A new generation shares every socket out again.
+        target, new_generation = resized(self.target, step, self.config.server.reuse_port)
+        if new_generation:  # reuse_port: every socket shared out again (supervision.py)
             self.generation += 1
             log.info("workers: %d, as generation %d", target, self.generation)
         else:
@@ -417,13 +457,10 @@ class Arbiter:
 
     def _maybe_ready(self) -> None:
         """Tell systemd we are ready once every worker of this generation accepts."""
-        current = [r for r in self.workers.values()
-                   if r.generation == self.generation and r.retiring_since is None]
-        if len(current) == self.target and all(
-                self.board.loads[r.slot] != NOT_ACCEPTING for r in current):
+        if generation_ready(list(self.workers.values()), self.generation, self.target):
             addresses = ", ".join(bound_address(group[0])
                                   for group in self.listeners.groups.values())
-            self.notifier.notify_ready(f"{len(current)} worker(s) on {addresses}")
+            self.notifier.notify_ready(f"{self.target} worker(s) on {addresses}")
 
     def _reload(self) -> None:
         if self.stopping:
@@ -473,6 +510,10 @@ class Arbiter:
         self.target = config.server.workers
         self.worker_config = fit_connections(config, self.listeners.count())
         self.generation += 1
+        # The new configuration may have cured what made workers die young: its workers
+        # start now, not after the back-off (the old ones serve until they are ready).
+        self.crash_streak = 0
+        self.next_spawn_at = 0.0
         log.info("reloaded %s: starting generation %d with %d worker(s)",
                  self.config_path or "embedded defaults", self.generation, self.target)
 

@@ -4,9 +4,9 @@ the workers accepting from them.
 Untrusted input: none (addresses from the validated configuration).
 
 A listening socket that is closed resets every connection queued on it, so the master
-keeps each socket open for as long as its address is configured, and a worker that stops
-closes only its own descriptor. The next generation's workers inherit the same sockets:
-no queue is ever dropped by a reload.
+keeps each socket open for as long as its address is configured (until it stops), and a
+worker that stops closes only its own descriptor. The next generation's workers inherit
+the same sockets: no queue is ever dropped by a reload.
 
 - `server.reuse_port` off: every worker accepts from every socket of every group (one
   socket per address, unless reuse_port was on earlier in this run).

@@ -1,20 +1,26 @@
-"""Signals delivered as bytes on a socket that an event loop selects on.
+"""Signals noted by handlers that do nothing else, and a socket that wakes an event loop.
 
 Untrusted input: none; the kernel's signal numbers.
 
-The handlers only raise a flag: `signal.set_wakeup_fd` has the interpreter write each
-signal's number to our socketpair, and the loop reads and dispatches them in its own time
-(asyncio's pattern). The flag lets a loop look before an action that a signal may change,
-such as accepting a connection just as a stop arrives. WARNING: never log or do other
-work in a signal handler: a lock held by the interrupted code (logging's, malloc's) would
-deadlock the process.
+A handler only counts its signal, and `signal.set_wakeup_fd` has the interpreter write a
+byte to our socketpair, so that a loop waiting in select() wakes up; the loop then takes
+the counts (`read()`) and acts in its own time (asyncio's pattern). The bytes only wake:
+a burst fills the socket's small buffer and the rest are dropped, but the counts are kept
+apart, so a TERM after a thousand HUPs still arrives (repeats of one signal may merge, as
+the kernel merges them anyway). The counts also let a loop look before an action that a
+signal may change, such as accepting a connection just as a stop arrives. WARNING: never
+log or do other work in a signal handler: a lock held by the interrupted code (logging's,
+malloc's) would deadlock the process.
 """
 
 from __future__ import annotations
 
 import signal
 import socket
+from collections import Counter
 from collections.abc import Iterable
+
+_WAKEUP_BYTES = 4096  # more than the socketpair's buffer holds: one read empties it
 
 
 class SignalWakeup:
@@ -24,38 +30,45 @@ class SignalWakeup:
             end.setblocking(False)
 
     def install(self, signums: Iterable[int]) -> None:
-        """Route `signums` to `sock` from now on."""
+        """Note `signums` and wake `sock` from now on."""
         for signum in signums:
-            signal.signal(signum, _do_nothing)
+            signal.signal(signum, _note)
         signal.set_wakeup_fd(self._notify.fileno(), warn_on_full_buffer=False)
 
     @staticmethod
     def pending() -> bool:
         """Whether a signal arrived since the last `read()`."""
-        return _arrived
+        return bool(_noted)
 
-    def read(self) -> bytes:
-        """The signal numbers that arrived, one byte each (empty if none)."""
-        global _arrived
-        _arrived = False  # before reading: one arriving meanwhile raises it again
+    def read(self) -> Counter[int]:
+        """How many of each signal arrived since the last call (empty if none)."""
+        global _noted
+        # Empty the socket first: a signal noted after this writes a byte that wakes the
+        # loop again, so none waits unseen for the next timeout.
         try:
-            return self.sock.recv(256)
+            self.sock.recv(_WAKEUP_BYTES)
         except (BlockingIOError, InterruptedError):
-            return b""
+            pass
+        # A handler runs between two steps of this code, never inside one: it counts
+        # into the Counter taken here or into the new one, and each is read once.
+        taken, _noted = _noted, Counter()
+        return taken
 
     def close(self, signums: Iterable[int] = ()) -> None:
-        """Stop routing, give `signums` their default action, close the sockets."""
+        """Stop routing, give `signums` their default action, close the sockets, and
+        forget what was noted (a new worker must not act on the master's signals)."""
+        global _noted
         signal.set_wakeup_fd(-1)
         for signum in signums:
             signal.signal(signum, signal.SIG_DFL)
         self.sock.close()
         self._notify.close()
+        _noted = Counter()
 
 
-_arrived = False
+_noted: Counter[int] = Counter()
 
 
-def _do_nothing(signum: int, frame: object) -> None:
-    """Only the flag: the wakeup fd tells the loop (see the module docstring)."""
-    global _arrived
-    _arrived = True
+def _note(signum: int, frame: object) -> None:
+    """Only the count: the wakeup fd tells the loop (see the module docstring)."""
+    _noted[signum] += 1

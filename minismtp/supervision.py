@@ -10,6 +10,8 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from minismtp.values import MAX_WORKERS
+
 if TYPE_CHECKING:
     from minismtp.stats import RuleName
 
@@ -31,6 +33,7 @@ class WorkerRecord:
     listener_names: tuple[str, ...] = ()
     rule_names: tuple[RuleName, ...] = ()
     host: str = ""  # this host's name when it was started: its Maildir files carry it
+    ready: bool = False  # seen accepting (the heartbeat board) at least once
 
 
 def spawn_delay(crash_streak: int) -> float:
@@ -61,11 +64,25 @@ def stale_signals(records: list[WorkerRecord], beats: dict[int, float], now: flo
     return actions
 
 
-def workers_to_retire(records: list[WorkerRecord], generation: int, target: int
-                      ) -> list[WorkerRecord]:
-    """Old generations, then the oldest of the current one beyond `target`."""
+def generation_ready(records: list[WorkerRecord], generation: int, target: int) -> bool:
+    """Whether `generation` has its `target` workers, each seen accepting."""
+    current = [r for r in records if r.generation == generation and r.retiring_since is None]
+    return len(current) >= target and all(r.ready for r in current)
+
+
+def workers_to_retire(records: list[WorkerRecord], generation: int, target: int,
+                      serving: int) -> list[WorkerRecord]:
+    """Old generations, then the oldest of the current one beyond `target`.
+
+    `serving` is the last generation that was all ready: it goes on accepting while the
+    current one starts, and retires only once that one is ready too (`generation_ready`),
+    so that a new generation that cannot start (a back-off, a crash loop) leaves the old
+    one serving. A generation between the two, superseded before it was ready, goes at
+    once: two generations at most share the heartbeat board.
+    """
     active = [r for r in records if r.retiring_since is None]
-    old = [r for r in active if r.generation != generation]
+    keep = generation if generation_ready(records, generation, target) else serving
+    old = [r for r in active if r.generation not in (generation, keep)]
     current = sorted((r for r in active if r.generation == generation), key=lambda r: r.started)
     return old + current[: max(0, len(current) - target)]
 
@@ -73,6 +90,20 @@ def workers_to_retire(records: list[WorkerRecord], generation: int, target: int
 def workers_missing(records: list[WorkerRecord], generation: int, target: int) -> int:
     current = [r for r in records if r.generation == generation and r.retiring_since is None]
     return max(0, target - len(current))
+
+
+def resized(target: int, step: int, reuse_port: bool) -> tuple[int, bool]:
+    """The worker count after `step` TTINs (more) or TTOUs (fewer), from 1 to
+    MAX_WORKERS, and whether it needs a new generation.
+
+    With reuse_port a worker accepts from the sockets at its index modulo the count it was
+    started with (listeners.worker_positions), and its replacement takes the same index:
+    workers of one generation started with different counts would leave a socket to
+    nobody. So with reuse_port a new count is a new generation, which shares every socket
+    out again; without it every worker accepts from every socket.
+    """
+    wanted = min(MAX_WORKERS, max(1, target + step))
+    return wanted, reuse_port and wanted != target
 
 
 def free_index(records: list[WorkerRecord], generation: int) -> int:

@@ -37,7 +37,7 @@ from minismtp.logboard import LogBoard
 from minismtp.logins import Logins
 from minismtp.loop import READ, WRITE
 from minismtp.msglog import MessageLog
-from minismtp.output import Output
+from minismtp.output import LINGER_S, Output
 from minismtp.poller import Poller
 from minismtp.proxyread import ProxyRead, ProxyReads
 from minismtp.profiles import effective_faults
@@ -100,6 +100,7 @@ class Worker:
         self.timers = Timers()
         self.stopping = False
         self.stop_deadline = float("inf")
+        self.cut_off = False  # shutdown_timeout ran out: last replies sent, lingering
         self.stall_logged_at = float("-inf")  # when a stalled commit was last logged
         self.parent = os.getppid()
         self.poller = Poller()  # our own: an inherited epoll is shared state
@@ -236,7 +237,42 @@ class Worker:
         if os.getppid() != self.parent and not self.stopping:
             log.warning("worker %d: master went away, exiting", os.getpid())
             self._begin_stop(now)
-        return now < self.stop_deadline
+        if now < self.stop_deadline:
+            return True
+        if self.cut_off:
+            return False  # the last replies had their time to be read
+        self._cut_off(now)
+        return True
+
+    def _cut_off(self, now: float) -> None:
+        """shutdown_timeout is up: the sessions still in a transaction are closed, each
+        with a 421 and a lingering close (output.py), so that the client reads why
+        instead of meeting a reset. The loop runs on for them, LINGER_S at most."""
+        self.cut_off = True
+        self.stop_deadline = now + LINGER_S
+        if self.storage.wakeup is not None:  # commits in flight: their 250 or 451 first
+            self.storage.finish()
+            self.decide.on_commits()
+        for session in list(self.sessions.values()):
+            self._send_off_now(session)
+
+    def _send_off_now(self, session: Session) -> None:
+        if session.closed or session.lingering or session.conn.closed:
+            return  # on its way out already
+        if session.paused or session.trickling or session.preamble is not None \
+                or session.handshake is not None:
+            # A decision still to come (a delay, a login check) would answer into a
+            # closed core; a tarpit, a PROXY header or a TLS handshake leaves no place
+            # for a reply: close without one.
+            self.close(session, "worker exit")
+            return
+        self.storage.abort(session)  # a message in DATA is not stored
+        self.stats.replies[replies.SHUTTING_DOWN.code] += 1
+        session.end = "server stopping: shutdown_timeout reached"
+        session.conn.shutdown(replies.SHUTTING_DOWN)
+        self.output.flush(session)
+        if not (session.closed or session.lingering):
+            self.close(session, "worker exit")  # it is not reading: do not wait for it
 
     def _publish_stats(self) -> None:
         """Copy the counters to the shared board, with the refusals the core has made in
@@ -266,11 +302,11 @@ class Worker:
             self.read_signals()
 
     def read_signals(self) -> None:
-        for signum in self.wakeup.read():
-            if signum == signal.SIGQUIT:
-                raise SystemExit(exitcodes.OK)  # immediate stop
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                self._begin_stop(time.monotonic())
+        arrived = self.wakeup.read()
+        if arrived[signal.SIGQUIT]:
+            raise SystemExit(exitcodes.OK)  # immediate stop
+        if arrived[signal.SIGTERM] or arrived[signal.SIGINT]:
+            self._begin_stop(time.monotonic())
 
     def _begin_stop(self, now: float) -> None:
         """Stop accepting; close idle sessions; let transactions in flight finish."""

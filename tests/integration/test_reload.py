@@ -237,3 +237,63 @@ def test_ttou_with_reuse_port_leaves_no_socket_without_a_worker(make_server):
     assert _listening_inodes(server.port) == inodes  # no socket was closed
     for _ in range(20):  # whichever socket the kernel picks, someone accepts
         assert _hostname(server.port) == "mx.test.invalid"
+
+
+def test_with_reuse_port_a_replacement_after_ttin_takes_every_socket_of_the_dead(make_server):
+    """Four sockets, then two workers (a reload), then TTIN: the worker holding the last
+    socket dies, and its replacement must take all it held, or that socket's share of new
+    connections would wait for nobody."""
+    server = make_server({"server": {"workers": 4, "reuse_port": True}})
+    inodes = _listening_inodes(server.port)
+    assert len(inodes) == 4
+
+    def held() -> set[int]:
+        return set().union(*(_sockets_of(pid, inodes) for pid in server.worker_pids()))
+
+    old = set(server.worker_pids())
+    _reload(server, {"server": {"workers": 2}}, 1)
+    _new_generation(server, old, 2)
+    mark = server.mark()
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for_log(r"workers: 3", since=mark)
+    last = max(inodes)  # the last bound, as a rule: the highest place in the group
+
+    def holders_of_last() -> list[int] | None:
+        pids = server.worker_pids()
+        holders = [pid for pid in pids if last in _sockets_of(pid, inodes)]
+        return holders if len(pids) == 3 and len(holders) == 1 else None
+
+    [victim] = server.wait_until(holders_of_last, 10, message="three workers")
+    os.kill(victim, signal.SIGKILL)
+    server.wait_until(lambda: victim not in server.worker_pids() and
+                      len(server.worker_pids()) == 3, 10, message="a replacement")
+    time.sleep(0.5)  # it has closed the sockets it inherited that are not its own
+    assert held() == inodes
+    for _ in range(20):  # whichever socket the kernel picks, someone accepts
+        assert _hostname(server.port) == "mx.test.invalid"
+
+
+def test_a_reload_during_crash_back_off_keeps_a_worker_accepting(make_server):
+    """One of two workers keeps dying young, so its replacement waits longer each time
+    (1.6 s after the fifth death). A HUP then starts the new generation at once, and the
+    healthy worker serves until it is ready: every client is answered promptly."""
+    server = make_server({"server": {"workers": 2, "hostname": "before.test"}})
+    healthy, dying = server.worker_pids()
+    for death in range(5):
+        mark = server.mark()
+        os.kill(dying, signal.SIGKILL)
+        server.wait_for_log(rf"worker {dying} was killed by signal 9; replacing it", 5,
+                            since=mark)
+        if death < 4:
+            dying = server.wait_until(
+                lambda: [p for p in server.worker_pids() if p != healthy], 10,
+                message="a replacement")[0]
+    _reload(server, {"server": {"hostname": "after.test"}}, 1)
+    answered = []
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until:
+        answered.append(_greeting(server.port, timeout=1.0)[:4])
+        time.sleep(0.1)
+    assert set(answered) == {b"220 "}
+    server.wait_until(lambda: _hostname(server.port) == "after.test", 5,
+                      message="the new generation")

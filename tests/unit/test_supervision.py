@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 
 import pytest
 
+from minismtp.listeners import worker_positions
 from minismtp.supervision import (
-    WorkerRecord, free_index, overdue, spawn_delay, stale_signals, stale_workers,
-    workers_missing, workers_to_retire,
+    WorkerRecord, free_index, generation_ready, overdue, resized, spawn_delay,
+    stale_signals, stale_workers, workers_missing, workers_to_retire,
 )
+from minismtp.values import MAX_WORKERS
 
 
 def record(pid: int, generation: int = 0, started: float = 0.0, **kwargs) -> WorkerRecord:
@@ -33,22 +36,51 @@ def test_stale_workers_are_those_whose_beat_is_older_than_the_timeout():
 
 def test_retire_the_old_generation_first():
     old_a, old_b = record(1, generation=0), record(2, generation=0)
-    new_a, new_b = record(3, generation=1, started=5.0), record(4, generation=1, started=6.0)
-    assert workers_to_retire([old_a, new_a, old_b, new_b], generation=1, target=2) == [
-        old_a, old_b]
+    new_a = record(3, generation=1, started=5.0, ready=True)
+    new_b = record(4, generation=1, started=6.0, ready=True)
+    assert workers_to_retire([old_a, new_a, old_b, new_b], generation=1, target=2,
+                             serving=0) == [old_a, old_b]
+
+
+def test_the_old_generation_serves_until_every_new_worker_is_ready():
+    old = record(1, generation=0, ready=True)
+    new_a = record(2, generation=1, started=5.0, ready=True)
+    new_b = record(3, generation=1, started=6.0)
+    assert workers_to_retire([old, new_a], generation=1, target=2, serving=0) == []
+    assert workers_to_retire([old, new_a, new_b], generation=1, target=2, serving=0) == []
+    new_b.ready = True
+    assert workers_to_retire([old, new_a, new_b], generation=1, target=2, serving=0) == [old]
+
+
+def test_a_generation_superseded_before_it_was_ready_goes_at_once():
+    serving = record(1, generation=0, ready=True)
+    superseded = record(2, generation=1, ready=True)  # its sibling never started
+    starting = record(3, generation=2)
+    assert workers_to_retire([serving, superseded, starting], generation=2, target=2,
+                             serving=0) == [superseded]
+
+
+def test_generation_ready_needs_the_whole_target_each_seen_accepting():
+    a, b = record(1, generation=1, ready=True), record(2, generation=1, ready=True)
+    leaving = record(3, generation=1, ready=True, retiring_since=1.0)
+    assert generation_ready([a, b], generation=1, target=2)
+    assert not generation_ready([a, leaving], generation=1, target=2)
+    assert not generation_ready([a, record(4, generation=1)], generation=1, target=2)
+    assert not generation_ready([a, b], generation=2, target=1)
 
 
 def test_beyond_the_target_the_oldest_of_the_current_generation_goes():
     young, oldest, middle = (record(1, started=30.0), record(2, started=10.0),
                              record(3, started=20.0))
-    assert workers_to_retire([young, oldest, middle], generation=0, target=1) == [
+    assert workers_to_retire([young, oldest, middle], generation=0, target=1, serving=0) == [
         oldest, middle]
-    assert workers_to_retire([young, oldest, middle], generation=0, target=3) == []
+    assert workers_to_retire([young, oldest, middle], generation=0, target=3, serving=0) == []
 
 
 def test_a_worker_already_retiring_is_not_retired_twice():
     leaving = record(1, generation=0, retiring_since=50.0)
-    assert workers_to_retire([leaving, record(2, generation=1)], 1, target=1) == []
+    assert workers_to_retire([leaving, record(2, generation=1, ready=True)], 1, target=1,
+                             serving=1) == []
 
 
 def test_missing_workers_count_only_the_current_generation_not_retiring():
@@ -112,3 +144,76 @@ def test_each_worker_is_given_its_own_shutdown_timeout():
     new = record(2, generation=1, retiring_since=10.0, shutdown_timeout_s=5.0)
     assert overdue([old, new], now=26.0, grace_s=5.0) == [new]
     assert overdue([old, new], now=46.0, grace_s=5.0) == [old, new]
+
+
+@pytest.mark.parametrize("reuse_port", [True, False])
+def test_a_new_count_is_a_new_generation_only_with_reuse_port(reuse_port):
+    assert resized(2, 1, reuse_port) == (3, reuse_port)
+    assert resized(2, -1, reuse_port) == (1, reuse_port)
+    assert resized(2, 3, reuse_port) == (5, reuse_port)
+    assert resized(1, -1, reuse_port) == (1, False)  # never fewer than one: no change
+    assert resized(MAX_WORKERS, 1, reuse_port) == (MAX_WORKERS, False)
+
+
+class ReusePortMaster:
+    """The master's bookkeeping with reuse_port, as its loop turns apply the rules above
+    (workers ready as soon as started, none slow to exit): which sockets of a group
+    (positions; the group grows as ListenerPool.for_worker grows it, never shrinks) each
+    worker accepts from."""
+
+    def __init__(self, workers: int) -> None:
+        self.target, self.generation, self.serving = workers, 0, 0
+        self.group_size = 1
+        self.workers: dict[int, tuple[WorkerRecord, range]] = {}
+        self.pids = iter(range(1, 10_000))
+        self.settle()
+
+    def records(self) -> list[WorkerRecord]:
+        return [record for record, _ in self.workers.values()]
+
+    def settle(self) -> None:
+        for _ in range(4):  # a generation starts in one turn and retires the old in the next
+            records = self.records()
+            if generation_ready(records, self.generation, self.target):
+                self.serving = self.generation
+            for record in workers_to_retire(records, self.generation, self.target,
+                                            self.serving):
+                del self.workers[record.pid]  # it closes its sockets at once
+            for _ in range(workers_missing(self.records(), self.generation, self.target)):
+                index = free_index(self.records(), self.generation)
+                self.group_size = max(self.group_size, index + 1)
+                pid = next(self.pids)
+                self.workers[pid] = (
+                    WorkerRecord(pid, pid, self.generation, float(pid), index=index,
+                                 ready=True),
+                    worker_positions(self.group_size, index, self.target))
+
+    def resize(self, step: int) -> None:
+        self.target, new_generation = resized(self.target, step, reuse_port=True)
+        self.generation += new_generation
+        self.settle()
+
+    def worker_dies(self, index: int) -> None:
+        for record, _ in list(self.workers.values()):
+            if record.generation == self.generation and record.index == index:
+                del self.workers[record.pid]
+        self.settle()
+
+    def sockets_without_a_worker(self) -> set[int]:
+        held = {position for _, positions in self.workers.values() for position in positions}
+        return set(range(self.group_size)) - held
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_with_reuse_port_every_socket_keeps_a_worker_whatever_ttin_ttou_and_deaths(workers):
+    steps = ("TTIN", "TTOU", 0, 1, 2, 3)  # a signal, or the death of the worker at that index
+    for sequence in itertools.product(steps, repeat=4):
+        master = ReusePortMaster(workers)
+        for step in sequence:
+            if step == "TTIN":
+                master.resize(1)
+            elif step == "TTOU":
+                master.resize(-1)
+            else:
+                master.worker_dies(step)
+            assert master.sockets_without_a_worker() == set(), (workers, sequence)

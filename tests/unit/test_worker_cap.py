@@ -45,7 +45,7 @@ def test_auto_never_exceeds_the_cap(monkeypatch):
 
 def test_ttin_at_the_cap_keeps_the_count(make_arbiter, caplog):
     arbiter = make_arbiter(MAX_WORKERS)
-    arbiter._more_workers()
+    arbiter._resize(1)
     assert arbiter.target == MAX_WORKERS
     assert f"workers: {MAX_WORKERS}, the most there can be; TTIN ignored" in caplog.text
 
