@@ -208,7 +208,9 @@ class Decisions:
         self.stats.faults[action.rule.index] += 1
 
         def finish(session: Session) -> None:
-            if action.tarpit_bps:  # this reply slowly: not those queued before it
+            if action.tarpit_bps and not session.tarpit_bps:
+                # This reply slowly, not those queued before it; a later rule firing in
+                # the same batch of pipelined commands keeps the tarpit where it began.
                 session.tarpit_bps = action.tarpit_bps
                 session.tarpit_at = len(session.transport.pending) + session.conn.queued_bytes
             if action.disconnect:

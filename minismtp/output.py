@@ -89,7 +89,6 @@ class Output:
 
     def _start_trickle(self, session: Session) -> None:
         self.loop.want(session, 0)
-        session.trickling = True
         transport = session.transport
         at, session.tarpit_at = session.tarpit_at, 0
         if at:  # replies to pipelined commands before the tarpitted one: at full speed
@@ -101,6 +100,9 @@ class Output:
                 self.loop.close(session, f"write error: {exc.strerror}")
                 return
             transport.pending = transport.pending[sent:]
+        if not transport.pending and session.paused:
+            return  # the tarpitted reply is still to come (a password check): it waits
+        session.trickling = True
         self.trickle(session)
 
     def trickle(self, session: Session) -> None:

@@ -380,9 +380,12 @@ class SmtpServerConnection:
         if isinstance(event, AuthAttempt):
             self.state = _READY
             if reply.code == 535:
-                # Wrong credentials: guessing passwords ends in 421. A 454 (a full check
-                # queue, a fault rule) is the server's trouble, not the client's error.
-                self._count_error()
+                self._count_error()  # wrong credentials: guessing passwords ends in 421
+            elif reply.code != 421:
+                # A 454 (a full check queue, a fault rule) is the server's trouble, not
+                # the client's error; a junk command, so that retrying it without end
+                # cannot keep a session open.
+                self._count_junk()
         if isinstance(event, Quit):
             self._close("quit")
         elif reply.code == 421:  # RFC 5321 3.8: 421 means the channel is being closed
@@ -497,8 +500,10 @@ class SmtpServerConnection:
             reply = _bad_sequence(self.state, verb, self._rcpt_attempts > 0)
             if reply is replies.NO_VALID_RECIPIENTS:
                 # Not the client's error: a pipelining client sends DATA before it can
-                # know that every RCPT was refused (RFC 2920 3.1).
+                # know that every RCPT was refused (RFC 2920 3.1). A junk command, so
+                # that repeating it cannot keep a session open.
                 self._refuse(reply)
+                self._count_junk()
             else:
                 self._error(reply)
             return None

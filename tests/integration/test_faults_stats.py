@@ -424,6 +424,28 @@ def test_tarpit_slows_only_the_reply_its_rule_fired_for(make_server, raw_clients
     assert len(pieces) >= 4 and pieces[-1][0] >= delay + 0.5 * len(rcpt_pieces) / 10, pieces
 
 
+def test_two_pipelined_tarpitted_replies_are_both_slow(make_server, raw_clients):
+    """MAIL and two RCPTs in one segment, the rule firing for each RCPT: MAIL's 250 comes
+    at once, and both RCPT replies (28 bytes at 10 bytes/s) are trickled, the first one
+    included."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow-rcpt", "stage": "rcpt",
+                                                "tarpit": 10}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<a@example.org>\r\n"
+                b"RCPT TO:<b@example.org>\r\n")
+    pieces = arrivals(client.sock, replies.RECIPIENT_OK.wire * 2)
+    assert pieces[0][1] == replies.SENDER_OK.wire, pieces  # alone, at full speed
+    received, first_rcpt_done = 0, None
+    for at, piece in pieces:
+        received += len(piece)
+        if first_rcpt_done is None and received >= 2 * len(replies.RECIPIENT_OK.wire):
+            first_rcpt_done = at  # MAIL's reply and the first RCPT's are both in
+    assert first_rcpt_done is not None and first_rcpt_done >= 0.5, pieces  # not at once
+    assert pieces[-1][0] >= 1.4, pieces
+
+
 def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_clients):
     """The 354 trickled at 5 bytes/s takes about 7 s, longer than min_data_rate's grace
     (2 s here): the body that follows at once, 30 bytes in half a second, is the

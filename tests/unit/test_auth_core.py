@@ -260,6 +260,17 @@ def test_temporary_refusals_are_not_the_clients_errors(mode, refusal):
     assert client.conn.errors == 0 and not client.conn.closed
 
 
+def test_retrying_a_454_without_end_ends_in_421(mode):
+    """A 454 is junk, not an error: free within max_junk_commands (EHLO is the first),
+    then errors, then 421."""
+    client = Client(mode, **OPEN, max_errors=2, max_junk_commands=2,
+                    policy=reject(AuthAttempt, R.AUTH_TEMPORARY_FAILURE))
+    client.send(EHLO + (b"AUTH PLAIN " + PLAIN_IR + b"\r\n") * 6)
+    assert client.replies == EHLO_AUTH + R.AUTH_TEMPORARY_FAILURE.wire * 3 \
+        + R.TOO_MANY_ERRORS.wire
+    assert client.conn.closed
+
+
 def test_pipelined_commands_wait_for_the_decision(mode):
     client = Client(mode, **OPEN, policy=hold(AuthAttempt))
     client.send(EHLO)

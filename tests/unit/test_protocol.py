@@ -502,6 +502,16 @@ def test_data_with_no_valid_recipients_is_not_a_protocol_error(mode: str) -> Non
     assert c.conn.errors == 0 and not c.conn.closed
 
 
+def test_repeating_data_after_refused_recipients_ends_in_421(mode: str) -> None:
+    """Each 554 is free as a junk command is, not without end: past max_junk_commands
+    (EHLO is the first) they count as errors, and the session ends at max_errors."""
+    c = Client(mode, policy=reject(RcptTo, USER_UNKNOWN), max_junk_commands=3, max_errors=2)
+    out = c.send(EHLO + MAIL + RCPT + b"DATA\r\n" * 8)
+    assert out == wire(EHLO_R, R.SENDER_OK, USER_UNKNOWN, *[R.NO_VALID_RECIPIENTS] * 4,
+                       R.TOO_MANY_ERRORS)
+    assert c.conn.closed
+
+
 @pytest.mark.parametrize("chunk", [1000, 4096, 4097, 65536])
 def test_endless_line_gets_one_reply_and_no_memory(chunk: int) -> None:
     c = Client("whole")
