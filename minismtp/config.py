@@ -625,9 +625,16 @@ def _load_users(path: str, cache: dict[str, object]) -> object:
 
 
 def _clashes(parsed: dict[str, object]) -> list[str]:
-    """Problems between settings: the stats endpoint cannot share a port with SMTP."""
-    stats = parsed.get("stats.listen")
+    """Problems between settings: listeners that cannot all be bound without
+    server.reuse_port; the stats endpoint sharing a port with SMTP."""
     smtp = parsed.get("server.listen")
+    problems = []
+    if isinstance(smtp, tuple) and parsed.get("server.reuse_port") is False:
+        problems = parsing.wildcard_clashes(smtp)
+    return problems + _stats_clash(parsed.get("stats.listen"), smtp)
+
+
+def _stats_clash(stats: object, smtp: object) -> list[str]:
     if not isinstance(stats, ListenAddress) or not stats.port or not isinstance(smtp, tuple):
         return []  # port 0 never clashes; a bad server.listen is reported already
     for index, listener in enumerate(smtp):

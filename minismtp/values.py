@@ -659,15 +659,28 @@ def listen_list(value: object, keys: dict[str, tuple[str, Parser]] | None = None
 
 
 def _clash(listener: Listener, before: list[Listener]) -> list[str]:
-    """Binding one address twice, or an address and a wildcard of its port, fails at
-    start-up (however `server.reuse_port` is set, like a duplicate)."""
-    for index, other in enumerate(before):
+    """One address twice is a mistake, whatever `server.reuse_port` says. (An address
+    beside a wildcard of its port is one only without reuse_port: config.py checks it.)"""
+    for other in before:
         if other.address == listener.address and listener.port:
             return [f"duplicate address, got {got(str(listener))}"]
-        if overlaps(other.address, listener.address):
-            return [f"overlaps server.listen[{index}] ({other}): a wildcard address takes "
-                    f"its port on every address of its family, got {got(str(listener))}"]
     return []
+
+
+def wildcard_clashes(listeners: tuple[Listener, ...]) -> list[str]:
+    """Without SO_REUSEPORT, an address and a wildcard of its port cannot both be bound
+    (with it, the kernel lets them share the port, the more specific one winning for its
+    address): the problems, one per listener that could not be bound."""
+    problems = []
+    for index, listener in enumerate(listeners):
+        for before, other in enumerate(listeners[:index]):
+            if other.address != listener.address and overlaps(other.address, listener.address):
+                problems.append(
+                    f"server.listen[{index}]: overlaps server.listen[{before}] ({other}): a "
+                    "wildcard address takes its port on every address of its family (unless "
+                    f"server.reuse_port is on), got {got(str(listener))}")
+                break
+    return problems
 
 
 def dump_listeners(listeners: tuple[Listener, ...], default_tls: str,

@@ -315,19 +315,30 @@ def test_listen_port_zero_may_repeat():
 @pytest.mark.parametrize(("listen", "expected"), [
     (["0.0.0.0:2525", "127.0.0.1:2525"],
      'server.listen[1]: overlaps server.listen[0] (0.0.0.0:2525): a wildcard address takes '
-     'its port on every address of its family, got "127.0.0.1:2525"'),
+     'its port on every address of its family (unless server.reuse_port is on), got "127.0.0.1:2525"'),
     (["127.0.0.1:2525", "0.0.0.0:2525"],
      'server.listen[1]: overlaps server.listen[0] (127.0.0.1:2525): a wildcard address takes '
-     'its port on every address of its family, got "0.0.0.0:2525"'),
+     'its port on every address of its family (unless server.reuse_port is on), got "0.0.0.0:2525"'),
     (["[::1]:2525", "[::]:2525"],
      'server.listen[1]: overlaps server.listen[0] ([::1]:2525): a wildcard address takes '
-     'its port on every address of its family, got "[::]:2525"'),
+     'its port on every address of its family (unless server.reuse_port is on), got "[::]:2525"'),
     (["localhost:2525", "0.0.0.0:2525"],
      'server.listen[1]: overlaps server.listen[0] (localhost:2525): a wildcard address takes '
-     'its port on every address of its family, got "0.0.0.0:2525"'),
+     'its port on every address of its family (unless server.reuse_port is on), got "0.0.0.0:2525"'),
 ])
 def test_listen_addresses_that_cannot_both_be_bound_are_refused(listen, expected):
     assert problems_of(overrides={"server.listen": listen}) == [expected]
+
+
+def test_with_reuse_port_a_wildcard_and_an_address_of_its_port_pass():
+    # SO_REUSEPORT lets them share the port, the more specific one taking its address;
+    # one address twice is still a mistake.
+    listen = ["0.0.0.0:2525", "127.0.0.1:2525"]
+    config = load_config(overrides={"server.listen": listen, "server.reuse_port": True})
+    assert [str(entry) for entry in config.server.listen] == listen
+    assert problems_of(overrides={"server.listen": ["127.0.0.1:2525", "127.0.0.1:2525"],
+                                  "server.reuse_port": True}) == [
+        'server.listen[1]: duplicate address, got "127.0.0.1:2525"']
 
 
 def test_listen_addresses_that_can_both_be_bound_pass():
