@@ -127,8 +127,9 @@ def _connect(host: str, port: int, deadline: float) -> socket.socket:
 
 def _exchange(sock: socket.socket, parts: urllib.parse.SplitResult,
               deadline: float) -> tuple[int, bytes]:
-    """Send the request, read the answer to EOF before `deadline`: (status, body).
-    ValueError if the answer is larger than any statistics."""
+    """Send the request, read the answer before `deadline`, to EOF or to the end its
+    Content-Length gives (a server may keep the connection open despite our "close"):
+    (status, body). ValueError if the answer is larger than any statistics."""
     sock.settimeout(_left(deadline))
     sock.sendall(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                  "Accept: application/json\r\nConnection: close\r\n\r\n".encode("ascii"))
@@ -137,6 +138,8 @@ def _exchange(sock: socket.socket, parts: urllib.parse.SplitResult,
         received += chunk
         if len(received) > _MAX_HEAD_BYTES + _MAX_BYTES:
             raise ValueError
+        if _whole(received):
+            break
         sock.settimeout(_left(deadline))
     response = http.client.HTTPResponse(_Received(bytes(received)))  # type: ignore[arg-type]
     response.begin()
@@ -144,6 +147,19 @@ def _exchange(sock: socket.socket, parts: urllib.parse.SplitResult,
     if len(body) > _MAX_BYTES:
         raise ValueError
     return response.status, body
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,10})[ \t]*\r\n",
+                             re.IGNORECASE)
+
+
+def _whole(received: bytearray) -> bool:
+    """Whether the answer so far has its head and all the body its Content-Length says."""
+    head_end = received.find(b"\r\n\r\n")
+    if head_end < 0:
+        return False
+    length = _CONTENT_LENGTH.search(received, 0, head_end + 2)
+    return length is not None and len(received) - head_end - 4 >= int(length.group(1))
 
 
 class _Received:

@@ -599,6 +599,22 @@ def reply_with(head: bytes, body: bytes = b"") -> Answer:
     return lambda conn, stop: conn.sendall(head + b"\r\n\r\n" + body)
 
 
+def test_an_answer_whole_by_its_content_length_is_taken_without_waiting_for_eof():
+    """A server that keeps the connection open after a whole answer (ignoring our
+    Connection: close) is read to the end its Content-Length gives, not to the deadline."""
+    good = json.dumps(_GOOD).encode()
+
+    def answer_and_stay(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"CONTENT-LENGTH:  %d\r\n\r\n" % len(good) + good)
+        stop.wait(10)  # open until the test ends
+
+    with raw_server(answer_and_stay) as port:
+        start = time.monotonic()
+        assert statsview.fetch(f"http://127.0.0.1:{port}/stats", timeout_s=5).doc == _GOOD
+        assert time.monotonic() - start < 2
+
+
 def test_a_redirect_is_not_followed():
     good = json.dumps(_GOOD).encode()
     with raw_server(reply_with(b"HTTP/1.1 200 OK\r\nContent-Type: application/json", good)) \
