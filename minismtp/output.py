@@ -89,35 +89,38 @@ class Output:
 
     def _start_trickle(self, session: Session) -> None:
         self.loop.want(session, 0)
-        transport = session.transport
         at, session.tarpit_at = session.tarpit_at, 0
-        if at:  # replies to pipelined commands before the tarpitted one: at full speed
-            try:
-                sent = transport.write(transport.pending[:at], 0)
-            except (BlockingIOError, InterruptedError):
-                sent = 0  # the client is not reading: they are trickled too
-            except OSError as exc:
-                self.loop.close(session, f"write error: {exc.strerror}")
-                return
-            transport.pending = transport.pending[sent:]
-        if not transport.pending and session.paused:
+        # Replies to pipelined commands before the tarpitted one: at full speed (what the
+        # client does not take now is trickled too).
+        if at and self._send_pending(session, at) is None:
+            return
+        if not session.transport.pending and session.paused:
             return  # the tarpitted reply is still to come (a password check): it waits
         session.trickling = True
         self.trickle(session)
+
+    def _send_pending(self, session: Session, most: int) -> int | None:
+        """Send at most `most` octets of the pending output, as many as the socket takes
+        now, and drop them from it: how many, or None if the connection failed (closed)."""
+        transport = session.transport
+        try:
+            sent = transport.write(transport.pending[:most], 0)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.loop.close(session, f"write error: {exc.strerror}")
+            return None
+        transport.pending = transport.pending[sent:]
+        return sent
 
     def trickle(self, session: Session) -> None:
         """Send the pending reply a few bytes per step (a tarpit fault)."""
         loop = self.loop
         transport = session.transport
         step = max(1, int(session.tarpit_bps * TARPIT_STEP_S))
-        try:
-            sent = transport.write(transport.pending[:step], 0)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            loop.close(session, f"write error: {exc.strerror}")
+        sent = self._send_pending(session, step)
+        if sent is None:
             return
-        transport.pending = transport.pending[sent:]
         if transport.pending:
             delay = max(TARPIT_STEP_S, step / session.tarpit_bps) if sent else TARPIT_STEP_S
             self.timers.call_at(loop.now + delay, self.trickle, session)

@@ -211,9 +211,7 @@ class Worker:
         finally:
             self.stopping = True
             acceptor.close()  # not accepting, whatever ended the loop
-            if self.storage.wakeup is not None:  # commits in flight: each answered (250
-                self.storage.finish()  # or 451) before its session closes, not cut off
-                self.decide.on_commits()  # unanswered with the message stored
+            self._answer_commits_in_flight()
             for session in list(self.sessions.values()):
                 self.close(session, "worker exit")
             self.storage.close()
@@ -250,11 +248,16 @@ class Worker:
         instead of meeting a reset. The loop runs on for them, LINGER_S at most."""
         self.cut_off = True
         self.stop_deadline = now + LINGER_S
-        if self.storage.wakeup is not None:  # commits in flight: their 250 or 451 first
-            self.storage.finish()
-            self.decide.on_commits()
+        self._answer_commits_in_flight()  # their 250 or 451 first
         for session in list(self.sessions.values()):
             self._send_off_now(session)
+
+    def _answer_commits_in_flight(self) -> None:
+        """Wait for the commits in flight and answer each (250 or 451) before its session
+        closes: not cut off unanswered with the message stored."""
+        if self.storage.wakeup is not None:
+            self.storage.finish()
+            self.decide.on_commits()
 
     def _send_off_now(self, session: Session) -> None:
         if session.closed or session.lingering or session.conn.closed:
@@ -267,9 +270,7 @@ class Worker:
             self.close(session, "worker exit")
             return
         self.storage.abort(session)  # a message in DATA is not stored
-        self.stats.replies[replies.SHUTTING_DOWN.code] += 1
-        session.end = "server stopping: shutdown_timeout reached"
-        session.conn.shutdown(replies.SHUTTING_DOWN)
+        self._send_off(session, "server stopping: shutdown_timeout reached")
         self.output.flush(session)
         if not (session.closed or session.lingering):
             self.close(session, "worker exit")  # it is not reading: do not wait for it
@@ -472,9 +473,13 @@ class Worker:
         conn = session.conn
         if self.stopping and not conn.in_transaction and not conn.closed and \
                 not session.paused and conn.state is not State.STARTING_TLS:
-            self.stats.replies[replies.SHUTTING_DOWN.code] += 1
-            session.end = "server stopping"
-            conn.shutdown(replies.SHUTTING_DOWN)
+            self._send_off(session, "server stopping")
+
+    def _send_off(self, session: Session, end: str) -> None:
+        """421 and close, counted, the log's end= saying why."""
+        self.stats.replies[replies.SHUTTING_DOWN.code] += 1
+        session.end = end
+        session.conn.shutdown(replies.SHUTTING_DOWN)
 
     # -- the Loop interface (loop.py) beyond resume() ----------------------------------
 
