@@ -153,9 +153,9 @@ SETTINGS: tuple[Setting, ...] = (
             "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no spaces)"),
     Setting("server.listen", ["127.0.0.1:2525"],
             lambda value: parsing.listen_list(value, _LISTENER_KEYS),
-            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. No two '
-            "may overlap (`0.0.0.0:25` takes port 25 on every IPv4 address, `[::]:25` on "
-            "every IPv6 one). An entry may be a mapping: `address`, `tls` (`none`, "
+            'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. No address '
+            "twice, and without `server.reuse_port` no two may overlap (`0.0.0.0:25` takes "
+            "port 25 on every IPv4 address, `[::]:25` on every IPv6 one). An entry may be a mapping: `address`, `tls` (`none`, "
             "`starttls`, `implicit`; default `starttls` with `tls.certificates`, else "
             "`none`), `require_tls` (`true`: no mail before STARTTLS), `auth` (SMTP AUTH "
             "PLAIN and LOGIN, RFC 4954: a mapping of `mode`: `off`, `htpasswd` or "
