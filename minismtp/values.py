@@ -651,20 +651,14 @@ def listen_list(value: object, keys: dict[str, tuple[str, Parser]] | None = None
         listener = _listener(item, index, problems, LISTENER_KEYS if keys is None else keys)
         if listener is None:
             continue
-        problems.extend((f"[{index}]", problem) for problem in _clash(listener, listeners))
+        # One address twice is a mistake, whatever server.reuse_port says (an address
+        # beside a wildcard of its port is one only without it: wildcard_clashes).
+        if listener.port and any(other.address == listener.address for other in listeners):
+            problems.append((f"[{index}]", f"duplicate address, got {got(str(listener))}"))
         listeners.append(listener)
     if problems:
         raise PathProblems(problems)
     return tuple(listeners)
-
-
-def _clash(listener: Listener, before: list[Listener]) -> list[str]:
-    """One address twice is a mistake, whatever `server.reuse_port` says. (An address
-    beside a wildcard of its port is one only without reuse_port: config.py checks it.)"""
-    for other in before:
-        if other.address == listener.address and listener.port:
-            return [f"duplicate address, got {got(str(listener))}"]
-    return []
 
 
 def wildcard_clashes(listeners: tuple[Listener, ...]) -> list[str]:
