@@ -220,9 +220,9 @@ SETTINGS: tuple[Setting, ...] = (
             parsing.dump_duration),
     Setting("limits.max_errors", 20, _positive, "protocol errors before `421 4.7.0`"),
     Setting("limits.max_junk_commands", 100, parsing.integer(0),
-            "HELO, EHLO, NOOP, RSET, VRFY, HELP, and MAIL refused for its SIZE, per session "
-            "(reset by a stored message) before each further one counts as a protocol "
-            "error"),
+            "HELO, EHLO, NOOP, RSET, VRFY, HELP, MAIL refused for its SIZE, DATA refused for "
+            "want of a recipient and AUTH answered `454`, per session (reset by a stored "
+            "message) before each further one counts as a protocol error"),
     Setting("limits.bare_lf", "normalize", parsing.choice("normalize", "reject", "accept"),
             "a line ending in LF without CR (a bare LF). `normalize` (Postfix 3.9's "
             "default): a line end, in commands and in the body, stored like any other; a "

@@ -28,8 +28,9 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   `max_recipients` get 452, and past `max_recipient_overshoot` of those in a session
   each one also counts as an error (Postfix's smtpd_recipient_overshoot_limit: a
   pipelining client may send many before it reads the first 452). Refusals by policy
-  (fault rules, per-client limits, a 454 to AUTH) count as neither: a load test may
-  refuse thousands. A wrong password (535) is an error: guessing ends in 421.
+  (fault rules, per-client limits) count as neither: a load test may refuse thousands.
+  A 454 to AUTH and DATA's 554 after refused recipients are junk, not errors; a wrong
+  password (535) is an error: guessing ends in 421.
 
 States are an Enum; the commands allowed in each are the table `_NEXT_STATE`, and a
 missing entry is the 503 (`_bad_sequence` picks its wording), decided in one place.
