@@ -99,6 +99,10 @@ class Logins:
 
     def submit(self, session: Session, event: AuthAttempt) -> None:
         """Check the attempt on a thread; the session waits, paused, for `on_done`."""
+        if event.acts_as_other:  # no proxy authorization here: a failed login, unchecked
+            session.paused = True
+            self._fail_later(session, event.username, f" as {printable(event.authzid)}")
+            return
         entry = self._verifiers.get(id(session.conn.settings))
         if entry is None:  # the core offers AUTH only where a verifier exists
             self._temporary(session, "no password check for this listener")
@@ -120,10 +124,7 @@ class Logins:
             if session.closed:
                 continue
             if ok is False:
-                # Stays paused: nothing is read from it until the answer has gone.
-                loop.timers.call_at(loop.now + FAILURE_DELAY_S,
-                                    functools.partial(self._answer_failure, user=user),
-                                    session)
+                self._fail_later(session, user)
                 continue
             session.paused = False
             if ok is authcheck.SHED:
@@ -135,14 +136,23 @@ class Logins:
                 self._temporary(session, "the check failed")
             loop.resume(session)
 
-    def _answer_failure(self, session: Session, user: str) -> None:
+    def _fail_later(self, session: Session, user: str, acting_as: str = "") -> None:
+        """535 after FAILURE_DELAY_S; the session stays paused (nothing more is read from
+        it) until the answer has gone."""
+        loop = self.loop
+        loop.timers.call_at(loop.now + FAILURE_DELAY_S,
+                            functools.partial(self._answer_failure, user=user,
+                                              acting_as=acting_as), session)
+
+    def _answer_failure(self, session: Session, user: str, acting_as: str) -> None:
         if session.closed:
             return
         session.paused = False
         self.stats.auth_failures += 1
         self.stats.replies[replies.AUTH_FAILED.code] += 1
         session.conn.reject(replies.AUTH_FAILED)
-        log.info("auth: peer=%s user=%s failed", session.peer.address, printable(user))
+        log.info("auth: peer=%s user=%s%s failed", session.peer.address, printable(user),
+                 acting_as)
         self.loop.resume(session)
 
     def _temporary(self, session: Session, why: str) -> None:

@@ -124,14 +124,20 @@ class AuthAttempt:
     reject(replies.AUTH_FAILED) (535 5.7.8; 454 4.7.0 for a temporary failure). Either
     way the exchange is over. A rejection counts against the error budget.
 
-    `authzid` is "" or equal to `username`: the core refuses any other (no proxy
-    authorization). The password is never shown: not in repr, not in any reply.
+    `authzid` may name someone other than `username`: no proxy authorization is offered,
+    so the worker refuses such an attempt as a failed login (`acts_as_other`). The
+    password is never shown: not in repr, not in any reply.
     """
 
     mechanism: str  # "PLAIN" or "LOGIN"
     authzid: str
     username: str
     password: str  # bytes that were not UTF-8 are kept as surrogate escapes
+
+    @property
+    def acts_as_other(self) -> bool:
+        """Whether the client asks to act as another user than the one it logs in as."""
+        return self.authzid not in ("", self.username)
 
     def __repr__(self) -> str:
         return (f"AuthAttempt(mechanism={self.mechanism!r}, authzid={self.authzid!r}, "

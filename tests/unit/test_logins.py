@@ -110,6 +110,34 @@ def test_a_wrong_password_is_answered_after_the_delay(logins, caplog):
     assert SECRET not in caplog.text
 
 
+def test_acting_as_another_user_fails_as_a_wrong_password_does(logins, caplog):
+    """An authzid other than the user: refused unchecked, but answered late, counted and
+    logged as any failed login, so that monitoring of failed logins sees it."""
+    conn = SmtpServerConnection(SETTINGS)
+    conn.greet()
+    token = base64.b64encode(b"root\0alice\0right")  # alice's right password, as root
+    conn.receive_data(b"EHLO client.test\r\nAUTH PLAIN " + token + b"\r\n")
+    conn.next_event()
+    conn.accept()
+    attempt = conn.next_event()
+    conn.data_to_send()
+    session = SimpleNamespace(conn=conn, peer=Peer("192.0.2.1", 40000), paused=False,
+                              closed=False, deadline=0.0, timer_at=float("inf"))
+    caplog.set_level(logging.INFO)
+    logins.submit(session, attempt)
+    loop = logins.loop
+    assert session.paused and conn.data_to_send() == b""
+    assert logins.checker.take_done() == []  # no password check was asked for
+    loop.timers.expire(loop.now + FAILURE_DELAY_S * 0.5, lambda owner: None)
+    assert session.paused
+    loop.timers.expire(loop.now + FAILURE_DELAY_S, lambda owner: None)
+    assert not session.paused and loop.resumed == [session]
+    assert conn.data_to_send() == R.AUTH_FAILED.wire
+    assert conn.authenticated_as is None and conn.errors == 1
+    assert (logins.stats.auth_failures, logins.stats.replies[535]) == (1, 1)
+    assert "auth: peer=192.0.2.1 user=alice as root failed" in caplog.text
+
+
 def test_a_closed_session_gets_nothing(logins):
     right, attempt = session_at_auth("right")
     logins.submit(right, attempt)
