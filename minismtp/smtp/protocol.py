@@ -483,6 +483,12 @@ class SmtpServerConnection:
         handler = self._handlers.get(verb)
         commands = self.commands
         if handler is None:
+            if verb in _HTTP_VERBS:  # no command of SMTP's: what follows is no SMTP either
+                commands["unknown"] = commands.get("unknown", 0) + 1
+                self.foreign_protocol = "HTTP request"
+                self._refuse(replies.NOT_SMTP)
+                self._close("refused: not SMTP")
+                return None
             if not commands:
                 self.foreign_protocol = _foreign_protocol(text)
             commands["unknown"] = commands.get("unknown", 0) + 1

@@ -101,6 +101,9 @@ SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 START_INPUT = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 CLOSING = Reply(221, "2.0.0", "Bye")
+# An HTTP request line: a browser made to post to us (cross-protocol, ALPACA). Closed at
+# once, as Postfix's smtpd_forbidden_commands does, so no line after it runs as SMTP.
+NOT_SMTP = Reply(221, "2.7.0", "Error: this is an SMTP server, not HTTP; closing connection")
 HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
 CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 

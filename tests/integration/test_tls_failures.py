@@ -322,3 +322,27 @@ def test_replies_to_a_client_that_does_not_read_arrive_whole(both, raw_clients, 
         assert reply.raw == (ehlo.raw if n % 2 == 0 else replies.OK.wire), (n, reply)
     assert client.reply().raw == replies.CLOSING.wire
     sender.join(10)
+
+
+def test_an_http_request_over_implicit_tls_is_closed_before_any_smtp(both, pki):
+    """A browser made to post to the implicit-TLS port (cross-protocol, ALPACA): the
+    request line gets 221 and the close, so the SMTP in the request's body stores
+    nothing."""
+    context = pki.client_context()
+    context.set_alpn_protocols(["http/1.1"])
+    body = (b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@mx.test>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    request = (b"POST /form HTTP/1.1\r\nHost: www.example.org\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    with socket.create_connection((HOST, both.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=NAME) as sock:
+            sock.sendall(request)
+            data = b""
+            while piece := sock.recv(4096):
+                data += piece
+    assert data.startswith(b"220 ") and data.endswith(replies.NOT_SMTP.wire), data
+    assert data.count(b"\r\n") == 2, data  # the greeting and the 221: nothing in between
+    line = both.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ .*").group(0)
+    assert line.endswith("end=refused: not SMTP (the client sent a HTTP request)"), line
+    assert both.maildir_messages() == []
+    still_serving(both, pki)

@@ -198,7 +198,6 @@ SIMPLE = [
     (b"EXPN staff\r\n", R.NOT_IMPLEMENTED), (b"STARTTLS\r\n", R.NOT_IMPLEMENTED),
     (b"AUTH PLAIN AGJvYgBzZWNyZXQ=\r\n", R.NOT_IMPLEMENTED), (b"XYZZY\r\n", R.UNRECOGNIZED),
     (b"\r\n", R.UNRECOGNIZED), (b"   \r\n", R.UNRECOGNIZED),
-    (b"GET / HTTP/1.1\r\n", R.UNRECOGNIZED),
 ]
 
 
@@ -209,6 +208,22 @@ def test_simple_commands_in_any_state(mode: str, before: bytes, line: bytes,
     c = Client(mode)
     c.send(before)
     assert c.send(line) == reply.wire
+
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1", b"POST /form HTTP/1.1",
+                                  b"CONNECT mx.test:25 HTTP/1.1", b"post /x HTTP/1.0"])
+@pytest.mark.parametrize("before", [b"", EHLO + MAIL], ids=["start", "in-mail"])
+def test_an_http_request_line_closes_the_session(mode: str, before: bytes, line: bytes) -> None:
+    """A browser made to post to us (cross-protocol, ALPACA) gets 221 and the close: the
+    lines after it (the request's headers and a body of SMTP commands) are never run."""
+    c = Client(mode)
+    c.send(before)
+    seen = len(c.events)
+    smuggled = b"Host: x\r\n\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@mx.test>\r\nDATA\r\n"
+    assert c.send(line + b"\r\n" + smuggled) == R.NOT_SMTP.wire
+    assert c.conn.closed and c.conn.close_reason == "refused: not SMTP"
+    assert c.conn.foreign_protocol == "HTTP request"
+    assert c.events[seen:] == [ConnectionClosed("refused: not SMTP")]  # and nothing else
 
 
 # -- greeting ------------------------------------------------------------------------
