@@ -129,7 +129,8 @@ class MessageLog:
         tls_text = f" tls={tls.split(' with', 1)[0]}" if tls else ""
         user_text = "" if auth is None else f" user={printable(auth)}"
         listener_text = "" if listener is None else f" listener={listener}"
-        self._add(f"disconnect from {peer}:{port}{listener_text} {counts}"
+        where = f"[{peer}]:{port}" if ":" in peer else f"{peer}:{port}"  # IPv6 bracketed
+        self._add(f"disconnect from {where}{listener_text} {counts}"
                   f"{errors_text}{tls_text}{user_text} end={end}")
 
     def _add(self, text: str) -> None:

@@ -88,7 +88,7 @@ def test_header_source_is_the_client_everywhere(proxied, raw_clients, encode):
                         r"result=250")
     server.wait_for_log(r"disconnect from 198\.51\.100\.9:40001 listener=\S+ ehlo=1 mail=1 rcpt=1 "
                         r"data=1 quit=1 commands=5 end=quit")
-    server.wait_for_log(r"disconnect from 2001:db8::7:40002 ")
+    server.wait_for_log(r"disconnect from \[2001:db8::7\]:40002 ")
     wait_for_metric(server, "minismtp_proxy_headers_total", 2)
 
 

@@ -168,11 +168,13 @@ def test_a_session_summary_names_its_commands_and_how_it_ended(logfile):
     log.session("192.0.2.7", 40001, {"EHLO": 1, "MAIL": 1, "RCPT": 2, "DATA": 1, "QUIT": 1},
                 1, "quit", "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)")
     log.session("192.0.2.8", 40002, {}, 0, "TLS handshake failed: timeout", None)
+    log.session("2001:db8::fff:0:7", 1, {}, 0, "quit", None)  # not 2001:db8::fff:0:7:1
     log.close()
     assert [message for _, _, message in lines()] == [
         "disconnect from 192.0.2.7:40001 ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6 "
         "errors=1 tls=TLSv1.3 end=quit",
         "disconnect from 192.0.2.8:40002 commands=0 end=TLS handshake failed: timeout",
+        "disconnect from [2001:db8::fff:0:7]:1 commands=0 end=quit",
     ]
 
 
