@@ -218,7 +218,11 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes, used up by a pause before the body or by slow spells later (not a "
             "time after which an average is taken)",
             parsing.dump_duration),
-    Setting("limits.max_errors", 20, _positive, "protocol errors before `421 4.7.0`"),
+    Setting("limits.max_errors", 20, _positive,
+            "protocol errors before `421 4.7.0` (an HTTP request line, `GET`, `POST`, "
+            "`CONNECT` and the like, is no error: it gets `221 2.7.0` and the connection is "
+            "closed at once, so that a browser made to post to the server, even over TLS, "
+            "cannot slip commands in its body; Postfix's `smtpd_forbidden_commands`)"),
     Setting("limits.max_junk_commands", 100, parsing.integer(0),
             "HELO, EHLO, NOOP, RSET, VRFY, HELP, MAIL refused for its SIZE, DATA refused for "
             "want of a recipient and AUTH answered `454`, per session (reset by a stored "

@@ -373,15 +373,25 @@ class Worker:
         self._greet(session)
 
     def _begin_tls(self, session: Session) -> None:
+        # The per-client limits count an implicit-TLS session from its handshake on, so
+        # that handshakes left unfinished hold their client's places, not only the
+        # worker's. One over the limits is closed at once, without a word, as for too
+        # many connections (no 421 in plaintext; a handshake per refusal would cost more).
+        if self.gate is not None and not self.stopping and \
+                (refusal := self.gate.admit(session)) is not None:
+            self.stats.replies[refusal.code] += 1  # counted as the 421 it stands for
+            self.close(session, "")  # session.end says why
+            return
         self.handshakes.begin_implicit(session, session.transport.sock)  # then the greeting
 
     def _greet(self, session: Session) -> None:
-        """The real peer is known here (after a PROXY header, and on an implicit TLS
-        listener after the handshake): the per-client limits count the session now."""
+        """The real peer is known here (after a PROXY header): the per-client limits count
+        the session now (on an implicit-TLS listener they did before the handshake)."""
         if self.stopping:  # implicit TLS came up while the worker stops: turned away
             self.stats.replies[replies.SHUTTING_DOWN.code] += 1
             session.conn.greet(replies.SHUTTING_DOWN)
-        elif self.gate is not None and (refusal := self.gate.admit(session)) is not None:
+        elif self.gate is not None and not session.profile.implicit_tls and \
+                (refusal := self.gate.admit(session)) is not None:
             # 421: the core closes after it; the session's log line says why
             self.stats.replies[refusal.code] += 1
             session.conn.greet(refusal)

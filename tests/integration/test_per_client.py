@@ -21,7 +21,7 @@ from support import proxyheader
 pytest.importorskip("trustme")  # support.tlsserver needs it
 
 from support.tlsserver import (  # noqa: E402
-    HOST, free_ports, metrics, start_tls, tls_overrides, wait_for_metric,
+    HOST, client_hello, free_ports, metrics, start_tls, tls_overrides, wait_for_metric,
 )
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"),
@@ -224,22 +224,30 @@ def test_a_reload_applies_new_limits_and_keeps_the_table_size(make_server, raw_c
     assert [c.reply(timeout=5.0).code for c in clients] == [220, 220, 421]
 
 
-def test_an_implicit_tls_listener_refuses_over_tls(make_server, raw_clients, pki, tls_files):
+def test_an_implicit_tls_listener_counts_from_the_handshake(make_server, raw_clients, pki,
+                                                            tls_files):
+    """A session is counted before its handshake: handshakes left half done hold their
+    client's places, not every place of the worker. One over the limit is closed at
+    once, without a handshake (and so without a 421), as for too many connections."""
     server = make_server(tls_overrides(*tls_files, [{"address": f"{HOST}:0",
                                                      "tls": "implicit"}],
-                                       limits={"per_client": {"max_sessions": 1}}))
+                                       limits={"per_client": {"max_sessions": 2},
+                                               "tls_handshake_timeout": "30s"}))
     context = pki.client_context()
-    first = raw_clients(server.port)
-    start_tls(first, context)
-    first.expect(220)
-    second = raw_clients(server.port)
-    start_tls(second, context)  # counted once TLS is up: the 421 comes over TLS
-    reply = second.expect(421, "4.7.0")
-    assert reply.text.endswith("too many connections from 127.0.0.1")
-    second.wait_closed()
-    first.cmd("QUIT", 221)
-    first.wait_closed()
-    time.sleep(0.2)
+    hello = client_hello(context)
+    stalled = [raw_clients(server.port) for _ in range(2)]
+    for client in stalled:
+        client.send(hello[:len(hello) // 2])  # half a ClientHello, then silence
+    time.sleep(0.3)
+    refused = raw_clients(server.port)
+    refused.send(hello)
+    assert refused.wait_closed() == b""  # no ServerHello: closed before any handshake
+    line = server.wait_for_log(r"disconnect from 127\.0\.0\.1:\d+ .*").group(0)
+    assert line.endswith("commands=0 end=refused: too many sessions from this client"), line
+    for client in stalled:
+        client.sock.close()
+    time.sleep(0.3)
     third = raw_clients(server.port)
-    start_tls(third, context)
+    start_tls(third, context)  # the stalled ones' places are free again
     third.expect(220)
+    third.cmd("QUIT", 221)
