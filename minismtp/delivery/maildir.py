@@ -381,7 +381,7 @@ class MaildirBackend(Backend):
     """Stores messages as Maildir files under `path` (see the module docstring)."""
 
     __slots__ = ("path", "fsync", "per_recipient", "hostname", "_host", "_tmp", "_new",
-                 "_new_fd", "_real_root", "_mailboxes", "line_endings", "envelope_recipients",
+                 "_new_fd", "_new_id", "_real_root", "_mailboxes", "line_endings", "envelope_recipients",
                  "file_mode", "dir_mode", "gid", "_chgrp_files")
 
     def __init__(self, path: str, fsync: bool = True, layout: str = "single",
@@ -413,6 +413,7 @@ class MaildirBackend(Backend):
         self._tmp = os.path.join(self.path, "tmp", "")
         self._new = os.path.join(self.path, "new", "")
         self._new_fd = -1
+        self._new_id = (0, 0)  # st_dev, st_ino of the directory _new_fd is open on
         self._real_root: str | None = None
         self._mailboxes: dict[tuple[str, str], str] = {}
 
@@ -656,9 +657,25 @@ class MaildirBackend(Backend):
             raise
 
     def _sync_new(self) -> None:
-        if self._new_fd < 0:  # opened once per process, kept until close()
-            self._new_fd = os.open(self._new, _DIR_FLAGS)
+        """fsync new/, through a descriptor kept until close(), once a batch. The entries
+        were linked by path, into the new/ there now: the operator may have replaced
+        the Maildir (moved aside and made afresh, a delivery.path symlink switched), so
+        the descriptor is checked to be that directory still (one stat) and reopened if
+        not; else the fsync would go to the old one and the 250 rest on nothing."""
+        st = os.stat(self._new)
+        if self._new_fd >= 0 and (st.st_dev, st.st_ino) != self._new_id:
+            self._close_new()
+        if self._new_fd < 0:
+            fd = os.open(self._new, _DIR_FLAGS)
+            held = os.fstat(fd)
+            self._new_fd, self._new_id = fd, (held.st_dev, held.st_ino)
         os.fsync(self._new_fd)
+
+    def _close_new(self) -> None:
+        fd, self._new_fd = self._new_fd, -1
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
 
     @property
     def commit_blocks(self) -> bool:  # type: ignore[override]
@@ -694,8 +711,5 @@ class MaildirBackend(Backend):
         return results
 
     def close(self) -> None:
-        fd, self._new_fd = self._new_fd, -1
-        if fd >= 0:
-            with suppress(OSError):
-                os.close(fd)
+        self._close_new()
         self._mailboxes.clear()
