@@ -318,7 +318,7 @@ class MaildirSink(Sink):
         except OSError as exc:
             path = self._tmp_path
             self.abort()
-            raise DeliveryError(f'delivery: writing "{path}": {_why(exc)}') from exc
+            raise DeliveryError(f'delivery: writing "{path}": {_why(exc)}', exc.errno) from exc
 
     def commit(self, sync_dirs: bool = True) -> str:
         """Store the message; with `sync_dirs` False the caller fsyncs `new_dirs` itself."""
@@ -347,7 +347,8 @@ class MaildirSink(Sink):
                 raise
             # The path that failed: for link() the new name (filename2), not the tmp file.
             where = exc.filename2 or exc.filename or tmp_path
-            raise DeliveryError(f'delivery: storing "{where}": {_why(exc)}') from exc
+            raise DeliveryError(f'delivery: storing "{where}": {_why(exc)}',
+                                exc.errno) from exc
         self._tmp_path = None
         self._linked = linked
         return self.queue_id
@@ -381,8 +382,8 @@ class MaildirBackend(Backend):
     """Stores messages as Maildir files under `path` (see the module docstring)."""
 
     __slots__ = ("path", "fsync", "per_recipient", "hostname", "_host", "_tmp", "_new",
-                 "_new_fd", "_new_id", "_real_root", "_mailboxes", "line_endings", "envelope_recipients",
-                 "file_mode", "dir_mode", "gid", "_chgrp_files")
+                 "_new_fd", "_new_id", "_real_root", "_mailboxes", "line_endings",
+                 "envelope_recipients", "file_mode", "dir_mode", "gid", "_chgrp_files")
 
     def __init__(self, path: str, fsync: bool = True, layout: str = "single",
                  hostname: str = "", *, line_endings: str = "lf",
@@ -535,7 +536,8 @@ class MaildirBackend(Backend):
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise DeliveryError(f'delivery: creating "{tmp_path}": {_why(exc)}') from exc
+                raise DeliveryError(f'delivery: creating "{tmp_path}": {_why(exc)}',
+                                    exc.errno) from exc
         else:
             raise DeliveryError(f'delivery: no unique name in "{self._tmp}"')
         sink = MaildirSink(self, fd, tmp_path, name, queue_id, mailboxes)
@@ -547,7 +549,7 @@ class MaildirBackend(Backend):
         except OSError as exc:
             sink.abort()
             raise DeliveryError(f'delivery: setting group or mode of "{tmp_path}": '
-                                f"{_why(exc)}") from exc
+                                f"{_why(exc)}", exc.errno) from exc
         recipients = envelope.recipients
         record = self.envelope_recipients
         # per_recipient: one file shared by every recipient's mailbox can name at most a
@@ -618,7 +620,7 @@ class MaildirBackend(Backend):
                 parents.add(os.path.dirname(path))
         except OSError as exc:
             raise DeliveryError(f'delivery: creating "{exc.filename or mailbox}": '
-                                f"{_why(exc)}") from exc
+                                f"{_why(exc)}", exc.errno) from exc
         if not os.path.realpath(mailbox).startswith(inside):
             raise outside
         if len(self._mailboxes) >= _MAX_MAILBOXES:
@@ -703,7 +705,8 @@ class MaildirBackend(Backend):
                     else:
                         _fsync_dir(new_dir)
                 except OSError as exc:
-                    error = DeliveryError(f'delivery: syncing "{new_dir}": {_why(exc)}')
+                    error = DeliveryError(f'delivery: syncing "{new_dir}": {_why(exc)}',
+                                          exc.errno)
                     for i in indexes:
                         if isinstance(results[i], str):
                             sinks[i].unpublish()  # type: ignore[attr-defined]
