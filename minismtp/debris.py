@@ -10,6 +10,12 @@ directory may hold many files, so the master sweeps a bounded number of entries 
 of its loop and resumes on the next. The workers' user owns the Maildir and may have put a
 symlink in place of tmp/: the master (root, maybe) opens tmp/ without following one
 (maildir.open_subdir) and removes names relative to that descriptor.
+
+At start, before any worker runs, `remove_orphans` removes the files of this host's
+workers that are all gone, also those of a master killed with them (SIGKILL of the whole
+service): no record of them is left, so a pid that is no live process is the rule. A pid
+in use again, by anything, keeps its files (the 36-hour rule of clean_tmp takes them);
+another instance on this host sharing the Maildir keeps its own, its workers being alive.
 """
 
 from __future__ import annotations
@@ -41,6 +47,45 @@ def _is_ours(entry: os.DirEntry[str]) -> bool:
         return stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode)
     except FileNotFoundError:
         return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process; no pid at all (never ours: kept)
+    return True
+
+
+def remove_orphans(tmp_dir: str) -> int:
+    """At start: remove from `tmp_dir` this host's sink files whose pid is no live
+    process (see the module docstring); how many. OSError opening it propagates."""
+    fd = open_maildir_tmp(tmp_dir)
+    host, removed = this_host(), 0
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                found = owner(entry.name)
+                if (found is None or found[1] != host or _pid_alive(found[0])
+                        or not _is_ours(entry)):
+                    continue
+                try:
+                    os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.warning("cannot remove %s: %s", os.path.join(tmp_dir, entry.name),
+                                exc.strerror or exc)
+                    continue
+                removed += 1
+    finally:
+        os.close(fd)
+    if removed:
+        log.info("removed %d unfinished message file(s) of stopped workers from %s",
+                 removed, tmp_dir)
+    return removed
 
 
 class Sweeper:

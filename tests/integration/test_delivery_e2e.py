@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 from pathlib import Path
 
@@ -214,3 +215,27 @@ def test_cannot_store_names_the_path_that_failed(make_server, raw_clients):
                             r"No such file or directory")
     assert m.group(1).startswith(str(server.mail_dir / "new") + os.sep)
     assert server.files("tmp") == []
+
+
+def test_a_start_removes_what_a_service_killed_mid_data_left(make_server, raw_clients):
+    """Master and workers all SIGKILLed (OOM, a stop timeout): no master lives to sweep
+    after its worker, so the next start removes the half-written file."""
+    server = make_server({"server": {"workers": 1}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.cmd("MAIL FROM:<a@example.org>", 250)
+    client.cmd("RCPT TO:<b@example.net>", 250)
+    client.cmd("DATA", 354)
+    client.send(b"Subject: partial\r\n\r\n" + b"p" * 50000)
+    server.wait_until(lambda: server.files("tmp"), 5, message="the file in tmp/")
+    workers = server.worker_pids()
+    os.kill(server.pid, signal.SIGKILL)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    server.wait(5)
+    server.wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 5,
+                      message="the workers to be gone")
+    [half] = server.files("tmp")
+    again = make_server({"server": {"workers": 1}})
+    assert not half.exists() and again.files("new") == []
+    again.wait_for_log(r"removed 1 unfinished message file\(s\) of stopped workers from ")
