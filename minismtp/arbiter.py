@@ -35,7 +35,7 @@ from dataclasses import replace
 from minismtp import exitcodes
 from minismtp.anvil import ClientTable
 from minismtp.config import Config, ConfigError
-from minismtp.debris import Sweeper
+from minismtp.debris import Sweeper, remove_orphans
 from minismtp.delivery import DeliveryError
 from minismtp.delivery.maildir import this_host
 from minismtp.descriptors import fit_connections
@@ -127,6 +127,11 @@ class Arbiter:
                 return exitcodes.FAILURE
             self.listeners.bind_missing(self.config)
             prepare_delivery(self.config)
+            if (tmp := tmp_dir(self.config)) is not None:
+                # Not at a reload: the running workers' files are in use. At start none
+                # runs, so a file of a pid now dead is a killed worker's (the master's
+                # record of it died with the master, so the Sweeper never heard).
+                remove_orphans(tmp)
             self._start_stats_http(self._bind_stats(self.config))
             # Built once, here, so that every worker shares its session-ticket keys (tls.py).
             self.tls_context = reloaded_context(None, self.config.tls)

@@ -193,7 +193,10 @@ SETTINGS: tuple[Setting, ...] = (
             parsing.dump_duration),
     Setting("server.user", None, parsing.printable_name("a user name or null", optional=True),
             "when started as root, workers run as this user, and the Maildir is given to "
-            "it; a reload keeps the running user (a change needs a restart)"),
+            "it; a reload keeps the running user (a change needs a restart). The "
+            "Maildir's `tmp/`, `new/` or `cur/` being a symlink (which that user could "
+            "plant for root to follow) stops a start and refuses a reload; "
+            "`delivery.path` itself may be one"),
     Setting("limits.max_message_size", "32M", parsing.size,
             "EHLO `SIZE`; larger bodies get `552 5.3.4` after their end", parsing.dump_size),
     Setting("limits.max_recipients", 1000, _positive,

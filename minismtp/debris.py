@@ -7,7 +7,15 @@ dead worker's pid and this host's name is removed: never another host's file (tw
 instances may share a Maildir over NFS, or from containers whose pids start alike),
 never a directory, never anything outside tmp/ (new/ holds acknowledged mail). A tmp/
 directory may hold many files, so the master sweeps a bounded number of entries per turn
-of its loop and resumes on the next.
+of its loop and resumes on the next. The workers' user owns the Maildir and may have put a
+symlink in place of tmp/: the master (root, maybe) opens tmp/ without following one
+(maildir.open_subdir) and removes names relative to that descriptor.
+
+At start, before any worker runs, `remove_orphans` removes the files of this host's
+workers that are all gone, also those of a master killed with them (SIGKILL of the whole
+service): no record of them is left, so a pid that is no live process is the rule. A pid
+in use again, by anything, keeps its files (the 36-hour rule of clean_tmp takes them);
+another instance on this host sharing the Maildir keeps its own, its workers being alive.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import stat
 from collections import deque
 from collections.abc import Container, Iterator
 
-from minismtp.delivery.maildir import this_host
+from minismtp.delivery.maildir import open_maildir_tmp, this_host
 
 log = logging.getLogger("minismtp.master")
 
@@ -33,10 +41,58 @@ def owner(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+def _is_ours(entry: os.DirEntry[str]) -> bool:
+    """A regular file (no symlink, no directory), still there."""
+    try:
+        return stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process; no pid at all (never ours: kept)
+    return True
+
+
+def remove_orphans(tmp_dir: str) -> int:
+    """At start: remove from `tmp_dir` this host's sink files whose pid is no live
+    process (see the module docstring); how many. OSError opening it propagates."""
+    fd = open_maildir_tmp(tmp_dir)
+    host, removed = this_host(), 0
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                found = owner(entry.name)
+                if (found is None or found[1] != host or _pid_alive(found[0])
+                        or not _is_ours(entry)):
+                    continue
+                try:
+                    os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    log.warning("cannot remove %s: %s", os.path.join(tmp_dir, entry.name),
+                                exc.strerror or exc)
+                    continue
+                removed += 1
+    finally:
+        os.close(fd)
+    if removed:
+        log.info("removed %d unfinished message file(s) of stopped workers from %s",
+                 removed, tmp_dir)
+    return removed
+
+
 class Sweeper:
     def __init__(self) -> None:
         self._jobs: deque[tuple[str, int, frozenset[str]]] = deque()  # dir, pid, hosts
         self._entries: Iterator[os.DirEntry[str]] | None = None
+        self._fd = -1  # the tmp/ being swept; its entries' names are relative to it
         self._removed = 0
 
     def add(self, tmp_dir: str, pid: int, host: str) -> None:
@@ -59,7 +115,8 @@ class Sweeper:
                 continue
             if self._entries is None:
                 try:
-                    self._entries = os.scandir(tmp_dir)
+                    self._fd = open_maildir_tmp(tmp_dir)
+                    self._entries = os.scandir(self._fd)
                 except OSError as exc:
                     log.warning("cannot clean %s after worker %d: %s", tmp_dir, pid,
                                 exc.strerror or exc)
@@ -81,20 +138,24 @@ class Sweeper:
         if found is None or found[0] != pid or found[1] not in hosts:
             return
         try:
-            if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+            if not _is_ours(entry):
                 return
-            os.unlink(entry.path)
+            os.unlink(entry.name, dir_fd=self._fd)
             self._removed += 1
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("cannot remove %s: %s", entry.path, exc.strerror or exc)
+            log.warning("cannot remove %s: %s", os.path.join(self._jobs[0][0], entry.name),
+                        exc.strerror or exc)
 
     def _finish(self) -> None:
         tmp_dir, pid, _ = self._jobs.popleft()
         if self._entries is not None:
             self._entries.close()  # type: ignore[attr-defined]
             self._entries = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self._removed:
             log.info("removed %d unfinished message file(s) of worker %d from %s",
                      self._removed, pid, tmp_dir)

@@ -17,6 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
+from minismtp.delivery import DeliveryError
 from minismtp.faults import FaultAction, FaultInjector
 from minismtp.msglog import MessageLog
 from minismtp.smtp import replies
@@ -115,8 +116,8 @@ class Decisions:
                      envelope.recipients)
 
     def _start_message(self, session: Session) -> None:
-        if not self.storage.open(session):
-            self._refuse(session, replies.LOCAL_ERROR)
+        if (error := self.storage.open(session)) is not None:
+            self._refuse(session, _storage_failure(error))
             return
         session.conn.accept()
         self.loop.data_started(session)
@@ -178,9 +179,11 @@ class Decisions:
             self._log(session, session.size, "250 queued", result)
         else:
             log.error("cannot store message from %s: %s", session.peer.address, result)
-            self.stats.replies[replies.LOCAL_ERROR.code] += 1
-            session.conn.reject(replies.LOCAL_ERROR)
-            self._log(session, session.size, "451 local error", "-")
+            reply = _storage_failure(result)
+            self.stats.replies[reply.code] += 1
+            session.conn.reject(reply)
+            why = "storage full" if reply is replies.STORAGE_FULL else "local error"
+            self._log(session, session.size, f"{reply.code} {why}", "-")
 
     def _refuse_message(self, session: Session, reply: Reply) -> None:
         self.storage.abort(session)
@@ -236,6 +239,11 @@ class Decisions:
             self.loop.resume(session)
 
         self.loop.timers.call_at(self.loop.now + action.delay_s, after_delay, session)
+
+
+def _storage_failure(error: DeliveryError) -> Reply:
+    """The answer to a message we could not store: the disk or a quota full, or else."""
+    return replies.STORAGE_FULL if error.full else replies.LOCAL_ERROR
 
 
 def _accept(session: Session, event: object = None) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from minismtp import authcheck
 from minismtp.config import Config, Listener
-from minismtp.delivery import Peer, Sink
+from minismtp.delivery import DeliveryError, Peer, Sink
 from minismtp.profiles import effective_limits
 from minismtp.smtp.events import Envelope
 from minismtp.smtp.protocol import Settings, SmtpServerConnection
@@ -89,7 +89,7 @@ class Session:
 
     __slots__ = (
         "transport", "fd", "conn", "peer", "profile", "handshake", "preamble", "sink",
-        "sink_failed", "mask", "deadline", "timer_at",
+        "sink_error", "mask", "deadline", "timer_at",
         "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
         "tarpit_bps", "tarpit_at", "trickling", "lingering", "closed", "end",
         "client_entry",
@@ -105,7 +105,7 @@ class Session:
         self.conn = conn
         self.peer = peer
         self.sink: Sink | None = None  # opened, written and closed by storage.py only
-        self.sink_failed = False
+        self.sink_error: DeliveryError | None = None  # a write failed: the reply says why
         self.mask = 0  # what the loop's selector watches for: READ, WRITE or 0
         self.deadline = 0.0
         self.timer_at = float("inf")  # earliest live timer entry (see timers.py)

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from minismtp.config import Config, ConfigError, load_config
 from minismtp.delivery import Backend, make_backend
+from minismtp.delivery.maildir import SUBDIRS, MaildirBackend, subdir_problem
 from minismtp.values import got
 
 log = logging.getLogger("minismtp.master")
@@ -57,17 +58,11 @@ def make_delivery(config: Config) -> Backend:
 
 def prepare_delivery(config: Config) -> None:
     d = config.delivery
-    make_delivery(config).prepare()
-    if d.backend == "maildir" and config.server.user and os.geteuid() == 0:
+    backend = make_delivery(config)
+    backend.prepare()
+    if isinstance(backend, MaildirBackend) and config.server.user and os.geteuid() == 0:
         user = pwd.getpwnam(config.server.user)
-        gid = grp.getgrnam(d.group).gr_gid if d.group else user.pw_gid
-        for sub in ("", "tmp", "new", "cur"):
-            path = os.path.join(d.path, sub)
-            if not os.path.isdir(path):
-                continue  # per_recipient: the root and tmp/ only
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-            os.chown(path, user.pw_uid, gid)
-            os.chmod(path, mode)  # the set-group-ID bit may not survive chown
+        backend.give_to(user.pw_uid, grp.getgrnam(d.group).gr_gid if d.group else user.pw_gid)
 
 
 def load_for_reload(path: str | None, overrides: dict[str, object],
@@ -136,6 +131,12 @@ def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
     if d.backend != "maildir":
         return []
     problems = []
+    # Refused whoever runs: the master never follows a symlink in place of tmp/, new/ or
+    # cur/ (maildir.open_subdir); said here so that a reload is refused before anything.
+    root = os.path.abspath(d.path)
+    for sub in SUBDIRS[d.layout]:
+        if problem := subdir_problem(root, sub):
+            problems.append(f'delivery.path "{root}": {problem}')
     if d.group is not None:
         try:
             gid = grp.getgrnam(d.group).gr_gid

@@ -38,16 +38,17 @@ class Storage:
         """Readable when deferred commits are done (None: commits never wait)."""
         return None if self._committer is None else self._committer.wakeup
 
-    def open(self, session: Session) -> bool:
-        """Start storing the message of `session.envelope`; False (logged) if we cannot."""
+    def open(self, session: Session) -> DeliveryError | None:
+        """Start storing the message of `session.envelope`; the error (logged) if we
+        cannot."""
         try:
             session.sink = self.backend.open(session.envelope, session.peer,
                                              session.profile.hostname)
         except DeliveryError as exc:
             log.error("cannot store message from %s: %s", session.peer.address, exc)
-            return False
-        session.sink_failed = False
-        return True
+            return exc
+        session.sink_error = None
+        return None
 
     def write(self, session: Session, data: memoryview) -> None:
         sink = session.sink
@@ -57,7 +58,7 @@ class Storage:
             sink.write(data)
         except DeliveryError as exc:
             log.error("write failed for message from %s: %s", session.peer.address, exc)
-            session.sink_failed = True  # read on to the end, then 451
+            session.sink_error = exc  # read on to the end, then 451 (452: disk full)
             self.abort(session)
 
     def abort(self, session: Session) -> None:
@@ -69,8 +70,8 @@ class Storage:
         """Store the finished message: its result now, or None if it comes later
         through `take_done` (the session is then paused until it does)."""
         sink, session.sink = session.sink, None
-        if sink is None or session.sink_failed:
-            return DeliveryError("write failed")
+        if sink is None or session.sink_error is not None:
+            return session.sink_error or DeliveryError("write failed")
         if self._committer is not None:
             session.paused = True  # the reply waits for the disk; other clients do not
             self._committer.submit(session, sink)

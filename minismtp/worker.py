@@ -248,12 +248,12 @@ class Worker:
         instead of meeting a reset. The loop runs on for them, LINGER_S at most."""
         self.cut_off = True
         self.stop_deadline = now + LINGER_S
-        self._answer_commits_in_flight()  # their 250 or 451 first
+        self._answer_commits_in_flight()  # their 250 or 451/452 first
         for session in list(self.sessions.values()):
             self._send_off_now(session)
 
     def _answer_commits_in_flight(self) -> None:
-        """Wait for the commits in flight and answer each (250 or 451) before its session
+        """Wait for the commits in flight and answer each (250, 451 or 452) before its session
         closes: not cut off unanswered with the message stored."""
         if self.storage.wakeup is not None:
             self.storage.finish()

@@ -11,6 +11,7 @@ hand them to the OS (or drop them) at once, never keep or copy them.
 
 from __future__ import annotations
 
+import errno as errnos
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
@@ -33,10 +34,23 @@ class Peer(NamedTuple):
 class DeliveryError(Exception):
     """A message could not be stored.
 
-    The client is always answered `451 4.3.0` (`replies.LOCAL_ERROR`): storage trouble is
-    ours, so the client keeps the message and tries again later. The message text is for
-    the log only: it may name local paths, so it must never be sent to the peer.
+    Storage trouble is ours, so the answer is temporary and the client keeps the message
+    and tries again later: `452 4.3.1` (`replies.STORAGE_FULL`) when the disk or a quota
+    is full (`full`, from the `errno` of the failure), `451 4.3.0` (`replies.LOCAL_ERROR`)
+    for anything else. The message text is for the log only: it may name local paths, so
+    it must never be sent to the peer.
     """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # of the OSError behind it, if any
+
+    @property
+    def full(self) -> bool:
+        return self.errno in _FULL
+
+
+_FULL = frozenset({errnos.ENOSPC, errnos.EDQUOT})
 
 
 class Sink(ABC):

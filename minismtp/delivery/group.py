@@ -6,7 +6,8 @@ An fsync takes milliseconds, and a worker that waited for one per message would 
 every other client meanwhile. Instead the loop hands finished messages to this thread and
 goes on serving; the thread commits whatever has queued up as one batch (the backend
 shares the waits across it, see `Backend.commit_many`) and wakes the loop through a
-socket, which then sends each 250, or 451 for a message that could not be stored. The
+socket, which then sends each 250, or 451 (452 on a full disk) for a message that could
+not be stored. The
 GIL is released while the thread waits for the disk.
 """
 

@@ -36,6 +36,12 @@ layout). One message makes at most MAX_NEW_MAILBOXES of them; past that it gets 
 temporary error and keeps those made, so the client's retry goes on where it stopped.
 This bounds the stall a fresh recipient list costs the other messages of its worker.
 
+The master (root, with server.user) prepares the Maildir that the workers' user owns, who
+could put a symlink where tmp/, new/ or cur/ was, for root to chown, clean or write in its
+target: the master reaches them only through descriptors opened without following one
+(`open_subdir`), and refuses such a Maildir. delivery.path itself is followed (the
+operator's), and so is everything by the workers, who can reach only what their user may.
+
 Commit follows CPython's `Maildir.add` and goes further: fsync the file, link it into new/
 (never clobbers), unlink the tmp name, fsync the new/ directory so the entry survives a
 crash. Any failure removes every name the message got.
@@ -57,11 +63,15 @@ from ..smtp.events import Envelope
 from .base import Backend, DeliveryError, Peer, Sink
 from .untrusted import encode_host, mailbox_parts, trace_headers
 
-__all__ = ["MaildirBackend", "MaildirSink", "clean_tmp"]
+__all__ = ["SUBDIRS", "MaildirBackend", "MaildirSink", "clean_tmp", "open_maildir_tmp",
+           "open_subdir", "subdir_problem"]
 
 TMP_MAX_AGE_S = 36 * 3600  # Maildir convention: tmp/ files this old are debris of a crash
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# What the master makes in the root, per layout (per_recipient: workers make mailboxes).
+SUBDIRS = {"single": ("tmp", "new", "cur"), "per_recipient": ("tmp",)}
+_IS_LINK = "is a symbolic link (refused: not followed)"
 _NO_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})  # fs without hard links
 _MAX_MAILBOXES = 4096  # verified mailbox directories remembered per process
 # New mailboxes one message may make (layout "per_recipient"): each costs 5 mkdirs and up
@@ -166,21 +176,87 @@ def _set_owner(path: str, mode: int, gid: int) -> None:
         os.chmod(path, mode)
 
 
-def clean_tmp(path: str, max_age_s: float = TMP_MAX_AGE_S) -> int:
-    """Remove files older than `max_age_s` (by mtime) from the Maildir `path`'s tmp/.
+def _set_owner_fd(fd: int, mode: int, gid: int) -> None:
+    """`_set_owner` for a directory just made and opened on `fd`."""
+    if gid >= 0:
+        if _may_chgrp(gid):
+            os.fchown(fd, -1, gid)
+        mode |= stat.S_ISGID
+    if mode != 0o700:
+        os.fchmod(fd, mode)
+
+
+def _give(fd: int, uid: int, gid: int) -> None:
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.fchown(fd, uid, gid)
+    os.fchmod(fd, mode)  # the set-group-ID bit may not survive chown
+
+
+def open_subdir(root_fd: int, name: str) -> int:
+    """Open the directory `name` (tmp/, new/, cur/) of the Maildir open on `root_fd`,
+    never through a symlink. With server.user the workers' user owns the root, so it may
+    replace tmp/ by a symlink; the root master, following it, would clean, chown or write
+    in the target (/etc, say). NotADirectoryError, with a reason, when `name` is a symlink
+    or not a directory."""
+    try:
+        return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):  # a symlink: either, by flags
+            raise
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        raise NotADirectoryError(exc.errno, _IS_LINK if link else "is not a directory",
+                                 name) from None
+
+
+def open_maildir_tmp(tmp_dir: str) -> int:
+    """A Maildir's tmp/ opened by its path (`<root>/tmp`): the root followed wherever it
+    points, tmp/ itself never (see `open_subdir`)."""
+    root_fd = os.open(os.path.dirname(tmp_dir.rstrip(os.sep)), _DIR_FLAGS)
+    try:
+        return open_subdir(root_fd, os.path.basename(tmp_dir.rstrip(os.sep)))
+    finally:
+        os.close(root_fd)
+
+
+def subdir_problem(path: str, sub: str) -> str | None:
+    """Why the existing `sub` of the Maildir at `path` cannot be used (a symlink, not a
+    directory), or None (a directory, or missing: made at start)."""
+    try:
+        mode = os.lstat(os.path.join(path, sub)).st_mode
+    except OSError:
+        return None
+    if stat.S_ISLNK(mode):
+        return f"{sub}/ {_IS_LINK}"
+    if not stat.S_ISDIR(mode):
+        return f"{sub}/ is not a directory"
+    return None
+
+
+def clean_tmp(tmp: str | int, max_age_s: float = TMP_MAX_AGE_S) -> int:
+    """Remove files older than `max_age_s` (by mtime) from a Maildir's tmp/: `tmp` is
+    the Maildir's path, or its tmp/ open as a descriptor (`open_subdir`).
 
     Returns how many were removed. Directories are left alone; OSError other than a file
     vanishing meanwhile propagates.
     """
+    if isinstance(tmp, str):
+        fd = open_maildir_tmp(os.path.join(tmp, "tmp"))
+        try:
+            return clean_tmp(fd, max_age_s)
+        finally:
+            os.close(fd)
     cutoff = time.time() - max_age_s
     removed = 0
-    with os.scandir(os.path.join(path, "tmp")) as entries:
+    with os.scandir(tmp) as entries:  # names relative to `tmp`: nothing is followed
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode) or st.st_mtime >= cutoff:
                     continue
-                os.unlink(entry.path)
+                os.unlink(entry.name, dir_fd=tmp)
             except FileNotFoundError:
                 continue
             removed += 1
@@ -242,7 +318,7 @@ class MaildirSink(Sink):
         except OSError as exc:
             path = self._tmp_path
             self.abort()
-            raise DeliveryError(f'delivery: writing "{path}": {_why(exc)}') from exc
+            raise DeliveryError(f'delivery: writing "{path}": {_why(exc)}', exc.errno) from exc
 
     def commit(self, sync_dirs: bool = True) -> str:
         """Store the message; with `sync_dirs` False the caller fsyncs `new_dirs` itself."""
@@ -271,7 +347,8 @@ class MaildirSink(Sink):
                 raise
             # The path that failed: for link() the new name (filename2), not the tmp file.
             where = exc.filename2 or exc.filename or tmp_path
-            raise DeliveryError(f'delivery: storing "{where}": {_why(exc)}') from exc
+            raise DeliveryError(f'delivery: storing "{where}": {_why(exc)}',
+                                exc.errno) from exc
         self._tmp_path = None
         self._linked = linked
         return self.queue_id
@@ -305,8 +382,8 @@ class MaildirBackend(Backend):
     """Stores messages as Maildir files under `path` (see the module docstring)."""
 
     __slots__ = ("path", "fsync", "per_recipient", "hostname", "_host", "_tmp", "_new",
-                 "_new_fd", "_real_root", "_mailboxes", "line_endings", "envelope_recipients",
-                 "file_mode", "dir_mode", "gid", "_chgrp_files")
+                 "_new_fd", "_new_id", "_real_root", "_mailboxes", "line_endings",
+                 "envelope_recipients", "file_mode", "dir_mode", "gid", "_chgrp_files")
 
     def __init__(self, path: str, fsync: bool = True, layout: str = "single",
                  hostname: str = "", *, line_endings: str = "lf",
@@ -337,6 +414,7 @@ class MaildirBackend(Backend):
         self._tmp = os.path.join(self.path, "tmp", "")
         self._new = os.path.join(self.path, "new", "")
         self._new_fd = -1
+        self._new_id = (0, 0)  # st_dev, st_ino of the directory _new_fd is open on
         self._real_root: str | None = None
         self._mailboxes: dict[tuple[str, str], str] = {}
 
@@ -344,6 +422,33 @@ class MaildirBackend(Backend):
         return DeliveryError(f'delivery.path "{self.path}": {reason}')
 
     def prepare(self) -> None:
+        """Make the Maildir ready, in the master. Through descriptors: the root is opened
+        following a symlink (delivery.path is the operator's to point anywhere), tmp/,
+        new/ and cur/ never (see `open_subdir`)."""
+        root_fd = self._open_root()
+        subs: dict[str, int] = {}
+        try:
+            for sub in self.subdirs:
+                try:
+                    subs[sub] = self._make_subdir(root_fd, sub)
+                except OSError as exc:
+                    raise self._path_error(f"cannot create {sub}/: {_why(exc)}") from exc
+            try:
+                clean_tmp(subs["tmp"])
+            except OSError as exc:
+                raise self._path_error(f"cannot clean tmp/: {_why(exc)}") from exc
+            self._probe(subs["tmp"], root_fd)
+        finally:
+            for fd in subs.values():
+                os.close(fd)
+            os.close(root_fd)
+        self._real_root = os.path.realpath(self.path)
+
+    @property
+    def subdirs(self) -> tuple[str, ...]:
+        return SUBDIRS["per_recipient" if self.per_recipient else "single"]
+
+    def _open_root(self) -> int:
         path = self.path
         if not os.path.isdir(path):
             if os.path.lexists(path):
@@ -353,36 +458,68 @@ class MaildirBackend(Backend):
                 _mkdir(path, False, self.dir_mode, self.gid)
             except OSError as exc:
                 raise self._path_error(f"cannot create: {_why(exc)}") from exc
-        for sub in ("tmp",) if self.per_recipient else ("tmp", "new", "cur"):
-            try:
-                _mkdir(os.path.join(path, sub), self.fsync, self.dir_mode, self.gid)
-            except OSError as exc:
-                raise self._path_error(f"cannot create {sub}/: {_why(exc)}") from exc
         try:
-            clean_tmp(path)
+            return os.open(path, _DIR_FLAGS)
         except OSError as exc:
-            raise self._path_error(f"cannot clean tmp/: {_why(exc)}") from exc
-        self._probe()
-        self._real_root = os.path.realpath(path)
+            raise self._path_error(f"cannot open: {_why(exc)}") from exc
 
-    def _probe(self) -> None:
-        """Prove tmp/ is writable (and supports hard links when the layout needs them)."""
-        probe = f"{self._tmp}.probe.{os.getpid()}"
-        _unlink_quietly(probe)
+    def _make_subdir(self, root_fd: int, sub: str) -> int:
+        """`sub` of the root opened (see `open_subdir`), made first if missing."""
         try:
-            fd = os.open(probe, _OPEN_FLAGS, 0o600)
+            os.mkdir(sub, 0o700, dir_fd=root_fd)
+        except FileExistsError:
+            pass  # what it is, open_subdir finds out
+        else:
+            fd = open_subdir(root_fd, sub)
+            _set_owner_fd(fd, self.dir_mode, self.gid)
+            if self.fsync:
+                os.fsync(root_fd)
+            return fd
+        try:
+            return open_subdir(root_fd, sub)
+        except NotADirectoryError as exc:
+            raise self._path_error(f"{sub}/ {exc.strerror}") from None
+
+    def give_to(self, uid: int, gid: int) -> None:
+        """The root and `subdirs` to `uid` and group `gid`, modes kept (as root, for
+        server.user). Through descriptors, as in prepare(): the workers' user owns the
+        root, so it may have put a symlink where tmp/ was, for root to give away its
+        target (/etc) instead."""
+        root_fd = self._open_root()
+        try:
+            _give(root_fd, uid, gid)
+            for sub in self.subdirs:
+                try:
+                    fd = open_subdir(root_fd, sub)
+                except NotADirectoryError as exc:
+                    raise self._path_error(f"{sub}/ {exc.strerror}") from None
+                try:
+                    _give(fd, uid, gid)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(root_fd)
+
+    def _probe(self, tmp_fd: int, root_fd: int) -> None:
+        """Prove tmp/ is writable (and supports hard links when the layout needs them)."""
+        probe = f".probe.{os.getpid()}"
+        with suppress(OSError):
+            os.unlink(probe, dir_fd=tmp_fd)
+        try:
+            fd = os.open(probe, _OPEN_FLAGS | os.O_NOFOLLOW, 0o600, dir_fd=tmp_fd)
             try:
                 os.write(fd, b"probe\n")
             finally:
                 os.close(fd)
             if self.per_recipient:
-                os.link(probe, probe + ".link")
-                os.unlink(probe + ".link")
+                os.link(probe, probe + ".link", src_dir_fd=tmp_fd, dst_dir_fd=tmp_fd)
+                os.unlink(probe + ".link", dir_fd=tmp_fd)
         except OSError as exc:
             raise self._path_error(f"not writable: {_why(exc)}") from exc
         finally:
-            _unlink_quietly(probe)
-        if not self.per_recipient and not os.access(self._new, os.W_OK | os.X_OK):
+            with suppress(OSError):
+                os.unlink(probe, dir_fd=tmp_fd)
+        if not self.per_recipient and not os.access("new", os.W_OK | os.X_OK, dir_fd=root_fd):
             raise self._path_error("new/ is not writable")
 
     def open(self, envelope: Envelope, peer: Peer, hostname: str | None = None) -> MaildirSink:
@@ -399,7 +536,8 @@ class MaildirBackend(Backend):
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise DeliveryError(f'delivery: creating "{tmp_path}": {_why(exc)}') from exc
+                raise DeliveryError(f'delivery: creating "{tmp_path}": {_why(exc)}',
+                                    exc.errno) from exc
         else:
             raise DeliveryError(f'delivery: no unique name in "{self._tmp}"')
         sink = MaildirSink(self, fd, tmp_path, name, queue_id, mailboxes)
@@ -411,7 +549,7 @@ class MaildirBackend(Backend):
         except OSError as exc:
             sink.abort()
             raise DeliveryError(f'delivery: setting group or mode of "{tmp_path}": '
-                                f"{_why(exc)}") from exc
+                                f"{_why(exc)}", exc.errno) from exc
         recipients = envelope.recipients
         record = self.envelope_recipients
         # per_recipient: one file shared by every recipient's mailbox can name at most a
@@ -482,7 +620,7 @@ class MaildirBackend(Backend):
                 parents.add(os.path.dirname(path))
         except OSError as exc:
             raise DeliveryError(f'delivery: creating "{exc.filename or mailbox}": '
-                                f"{_why(exc)}") from exc
+                                f"{_why(exc)}", exc.errno) from exc
         if not os.path.realpath(mailbox).startswith(inside):
             raise outside
         if len(self._mailboxes) >= _MAX_MAILBOXES:
@@ -521,9 +659,25 @@ class MaildirBackend(Backend):
             raise
 
     def _sync_new(self) -> None:
-        if self._new_fd < 0:  # opened once per process, kept until close()
-            self._new_fd = os.open(self._new, _DIR_FLAGS)
+        """fsync new/, through a descriptor kept until close(), once a batch. The entries
+        were linked by path, into the new/ there now: the operator may have replaced
+        the Maildir (moved aside and made afresh, a delivery.path symlink switched), so
+        the descriptor is checked to be that directory still (one stat) and reopened if
+        not; else the fsync would go to the old one and the 250 rest on nothing."""
+        st = os.stat(self._new)
+        if self._new_fd >= 0 and (st.st_dev, st.st_ino) != self._new_id:
+            self._close_new()
+        if self._new_fd < 0:
+            fd = os.open(self._new, _DIR_FLAGS)
+            held = os.fstat(fd)
+            self._new_fd, self._new_id = fd, (held.st_dev, held.st_ino)
         os.fsync(self._new_fd)
+
+    def _close_new(self) -> None:
+        fd, self._new_fd = self._new_fd, -1
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
 
     @property
     def commit_blocks(self) -> bool:  # type: ignore[override]
@@ -551,7 +705,8 @@ class MaildirBackend(Backend):
                     else:
                         _fsync_dir(new_dir)
                 except OSError as exc:
-                    error = DeliveryError(f'delivery: syncing "{new_dir}": {_why(exc)}')
+                    error = DeliveryError(f'delivery: syncing "{new_dir}": {_why(exc)}',
+                                          exc.errno)
                     for i in indexes:
                         if isinstance(results[i], str):
                             sinks[i].unpublish()  # type: ignore[attr-defined]
@@ -559,8 +714,5 @@ class MaildirBackend(Backend):
         return results
 
     def close(self) -> None:
-        fd, self._new_fd = self._new_fd, -1
-        if fd >= 0:
-            with suppress(OSError):
-                os.close(fd)
+        self._close_new()
         self._mailboxes.clear()

@@ -165,6 +165,9 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors, closing connectio
 
 # Conditions the I/O layer reports.
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+# The disk or a quota is full: RFC 5321 4.2.3 452 "insufficient system storage", RFC 3463
+# 4.3.1 "mail system full". Still temporary: the client retries later.
+STORAGE_FULL = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Error: too many connections, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")

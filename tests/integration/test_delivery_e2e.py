@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from minismtp.smtp import replies
 
@@ -32,6 +36,40 @@ def test_write_failure_answers_451_and_leaves_nothing(make_server, raw_clients):
     [(key, stored)] = server.maildir_messages()
     assert key.startswith(queue_id + ".") and stored.endswith(server.stored_form(small))
     assert server.files("tmp") == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 1 MiB tmpfs mounted for the test (root only: skipped where mount is refused)."""
+    point = tmp_path / "tiny"
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
+                              str(point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+def test_a_full_disk_answers_452_and_leaves_nothing(make_server, raw_clients, tiny_disk):
+    server = make_server({"server": {"workers": 1},
+                          "delivery": {"path": str(tiny_disk / "mail")}})
+    client = raw_clients(server.port)
+    client.hello()
+    big = b"Subject: big\r\n\r\n" + (b"y" * 1022 + b"\r\n") * 2048  # 2 MiB
+    assert client.send_message(big).raw == replies.STORAGE_FULL.wire
+    assert server.files("new") == [] and server.files("tmp") == []
+    server.wait_for_log(r"No space left on device")
+    server.wait_for_log(r"result=452 storage full")
+    # The space is back once the file is gone: the next message is stored.
+    small = b"Subject: small\r\n\r\nfits\r\n"
+    queue_id = client.send_message(small).queue_id
+    client.cmd("QUIT", 221)
+    [(key, _)] = server.maildir_messages()
+    assert key.startswith(queue_id + ".")
+    server.stop()
 
 
 HOSTILE = {
@@ -177,3 +215,27 @@ def test_cannot_store_names_the_path_that_failed(make_server, raw_clients):
                             r"No such file or directory")
     assert m.group(1).startswith(str(server.mail_dir / "new") + os.sep)
     assert server.files("tmp") == []
+
+
+def test_a_start_removes_what_a_service_killed_mid_data_left(make_server, raw_clients):
+    """Master and workers all SIGKILLed (OOM, a stop timeout): no master lives to sweep
+    after its worker, so the next start removes the half-written file."""
+    server = make_server({"server": {"workers": 1}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.cmd("MAIL FROM:<a@example.org>", 250)
+    client.cmd("RCPT TO:<b@example.net>", 250)
+    client.cmd("DATA", 354)
+    client.send(b"Subject: partial\r\n\r\n" + b"p" * 50000)
+    server.wait_until(lambda: server.files("tmp"), 5, message="the file in tmp/")
+    workers = server.worker_pids()
+    os.kill(server.pid, signal.SIGKILL)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    server.wait(5)
+    server.wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 5,
+                      message="the workers to be gone")
+    [half] = server.files("tmp")
+    again = make_server({"server": {"workers": 1}})
+    assert not half.exists() and again.files("new") == []
+    again.wait_for_log(r"removed 1 unfinished message file\(s\) of stopped workers from ")

@@ -1,11 +1,13 @@
 """Sweeping a dead worker's unfinished files out of tmp/: only its own, a bounded amount
-per call."""
+per call; at start, those of every pid of this host no longer running."""
 
 from __future__ import annotations
 
 import os
 
-from minismtp.debris import Sweeper, owner
+import pytest
+
+from minismtp.debris import Sweeper, owner, remove_orphans
 from minismtp.delivery.maildir import this_host
 
 
@@ -94,3 +96,40 @@ def test_a_missing_directory_is_logged_and_dropped(tmp_path, caplog):
     sweeper.sweep(1000, live_pids=())
     assert not sweeper.busy
     assert "cannot clean" in caplog.text
+
+
+# --- at start: the files of workers no longer running ------------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a child that has exited and been reaped (free until reused)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_at_start_the_files_of_dead_pids_of_this_host_go(tmp_path):
+    dead, alive, host = _dead_pid(), os.getpid(), this_host()
+    gone = [f"1765000000.M1P{dead}Q1.{host}", f"1765000000.M2P{dead}Q2.{host}"]
+    kept = [f"1765000000.M1P{alive}Q1.{host}",  # a live process's: in use
+            f"1765000000.M1P{dead}Q1.other.example",  # another host's
+            f"1765000000.M1P{dead}.{host}", "readme", f".probe.{dead}"]
+    directory = _tmp(tmp_path, gone + kept)
+    os.mkdir(os.path.join(directory, f"1765000000.M3P{dead}Q3.{host}"))
+    os.symlink("/etc/passwd", os.path.join(directory, f"1765000000.M4P{dead}Q4.{host}"))
+    assert remove_orphans(directory) == 2
+    assert sorted(os.listdir(directory)) == sorted(
+        kept + [f"1765000000.M3P{dead}Q3.{host}", f"1765000000.M4P{dead}Q4.{host}"])
+
+
+def test_at_start_a_symlinked_tmp_is_not_followed(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    name = f"1765000000.M1P{_dead_pid()}Q1.{this_host()}"
+    (target / name).write_bytes(b"not in the Maildir")
+    (tmp_path / "tmp").symlink_to(target)
+    with pytest.raises(NotADirectoryError):
+        remove_orphans(str(tmp_path / "tmp"))
+    assert os.listdir(target) == [name]

@@ -420,6 +420,64 @@ def test_no_fsync_still_delivers(tmp_path: Path, monkeypatch) -> None:
     assert split_headers(stored(tmp_path))[1] == BODY
 
 
+def _replace_maildir(root: Path) -> None:
+    """What an operator may do under a running server: move the Maildir aside, make a
+    fresh one in its place."""
+    root.rename(root.with_name(root.name + ".old"))
+    for sub in ("", "tmp", "new", "cur"):
+        (root / sub).mkdir(mode=0o700)
+
+
+def _record_fsyncs(monkeypatch) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of every descriptor fsynced from now on."""
+    synced: list[tuple[int, int]] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+        fsync(fd)
+
+    monkeypatch.setattr(maildir.os, "fsync", recording)
+    return synced
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_new_is_synced_where_the_message_was_linked_after_the_maildir_is_replaced(
+        tmp_path: Path, monkeypatch, batch: bool) -> None:
+    """The backend keeps new/ open between commits: once the Maildir is replaced, the
+    fsync must go to the new/ the entry is in, not to the one that was moved aside."""
+    b = backend(tmp_path)
+    root = tmp_path / "mail"
+
+    def commit() -> None:
+        sink = b.open(envelope(), PEER)
+        sink.write(BODY)
+        if batch:
+            [result] = b.commit_many([sink])
+            assert isinstance(result, str), result
+        else:
+            sink.commit()
+
+    commit()
+    old_new = _identity(root / "new")
+    _replace_maildir(root)
+    synced = _record_fsyncs(monkeypatch)
+    commit()
+    assert len(files(root / "new")) == 1
+    assert synced[-1] == _identity(root / "new") != old_new
+    assert old_new not in synced
+    synced.clear()
+    commit()  # the reopened descriptor is kept, and still the right one
+    assert synced[-1] == _identity(root / "new")
+    b.close()
+
+
 # --- per-recipient layout ----------------------------------------------------------------
 
 HOSTILE = [

@@ -228,3 +228,51 @@ def test_a_server_not_started_as_root_asks_nothing_of_server_user(tmp_path, monk
     monkeypatch.setattr(startup.os, "geteuid", lambda: 4242)
     assert startup.delivery_problems(config, serving=True) == []
     assert startup.delivery_problems(config) == ['server.user: no such user "no-such-user-x"']
+
+
+def _orphan(tmp_path: Path) -> Path:
+    """A file in tmp/ as a worker killed mid-DATA leaves it: its pid now no process."""
+    from minismtp.delivery.maildir import this_host
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    (tmp_path / "mail" / "tmp").mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "mail" / "tmp" / f"1765000000.M1P{pid}Q1.{this_host()}"
+    path.write_bytes(b"Subject: half\r\n")
+    return path
+
+
+def test_a_start_removes_the_files_of_workers_no_longer_running(tmp_path):
+    class Started(Exception):
+        pass
+
+    def started() -> None:
+        raise Started
+
+    path = tmp_path / "minismtp.yaml"
+    _write(path, tmp_path / "mail")
+    orphan = _orphan(tmp_path)
+    arbiter = Arbiter(load_config(path), str(path))
+    arbiter._init_signals = started  # the first step after the start's checks
+    try:
+        with pytest.raises(Started):
+            arbiter.run()
+    finally:
+        arbiter.listeners.close()
+        arbiter.sel.close()
+        arbiter.wakeup.close()
+        arbiter.board.close()
+        arbiter.log_board.close()
+    assert not orphan.exists()
+
+
+def test_a_reload_leaves_tmp_to_the_running_workers(master, tmp_path):
+    arbiter = master()
+    orphan = _orphan(tmp_path)
+    _write(Path(arbiter.config_path), tmp_path / "mail",
+           listen=("127.0.0.1:0", "127.0.0.1:0"))
+    arbiter._apply_reload()
+    assert len(arbiter.config.server.listen) == 2  # reloaded
+    assert orphan.exists()
