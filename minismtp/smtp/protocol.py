@@ -95,7 +95,7 @@ class Settings:
     max_recipient_overshoot: int = 1000  # RCPTs past max_recipients, then errors (Postfix)
     bare_lf: str = "normalize"  # or "reject", "accept" (module docstring)
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
-    data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
+    data_buffer_bytes: int = 256 * 1024  # taken only while a body streams in (_fit_buffer)
     # STARTTLS offered (EHLO lists it). Not offered, the command gets 502 like any other
     # extension we lack; offered but refused by a decision (fault rule, no usable
     # context), 454 4.7.0 (`replies.TLS_NOT_AVAILABLE`).
@@ -217,8 +217,9 @@ class SmtpServerConnection:
         "authenticated_as", "buffer", "commands", "discarded_after_starttls",
         "foreign_protocol", "refusals", "settings", "state", "tls", "_after_bare_lf",
         "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
-        "_body_bytes", "_close_reason", "_declared_size", "_errors", "_esmtp", "_handlers",
-        "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out", "_overshoot",
+        "_body_bytes", "_body_seen", "_close_reason", "_declared_size", "_errors", "_esmtp",
+        "_handlers", "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out",
+        "_overshoot",
         "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf", "_sender",
         "_smtputf8", "_tls_needed",
     )
@@ -715,6 +716,7 @@ class SmtpServerConnection:
         self.state = _DATA
         self._body = BodyScanner()
         self._body_bytes = 0
+        self._body_seen = 0  # _body_bytes when the buffer was last fitted
         self._bare_lf_seen = False
         self._after_bare_lf = False  # normalize: the last piece ended in a bare LF
         self._lines.reset()
@@ -756,7 +758,8 @@ class SmtpServerConnection:
                 elif self._body_bytes <= limit:
                     return BodyChunk(chunk)
             elif buf.start == pos and not body.done:
-                self._maybe_grow()
+                if self._body_bytes != self._body_seen:  # once per read that brought body
+                    self._fit_buffer()
                 return NEED_DATA
 
     def _normalized(self, chunk: memoryview, data: bytes | bytearray, start: int,
@@ -789,11 +792,24 @@ class SmtpServerConnection:
         self._end_transaction()
         return MessageRejected(size, reason)
 
-    def _maybe_grow(self) -> None:
-        # A body larger than the command buffer streams in: read it in big gulps.
-        buf, cap = self.buffer, self.settings.data_buffer_bytes
-        if self._body_bytes > buf.capacity and buf.capacity < cap:
-            buf.resize(cap)
+    def _fit_buffer(self) -> None:
+        """Size the buffer for the body's next read, from how the last one went.
+
+        Here the scanner has taken all but a few bytes, so a buffer that ends full was
+        filled by the last read: the body came faster than it was read, and more likely
+        waits. Read it in big gulps. A read that left room found the client's bytes all
+        taken (the I/O layer stops reading after one, too): a big buffer would only be
+        held idle until the next, so it goes back to the pool however large the body
+        is. A client trickling its body then holds no more than the command buffer.
+        """
+        self._body_seen = self._body_bytes
+        buf, s = self.buffer, self.settings
+        size = len(buf.data)
+        if buf.end == size:
+            if size < s.data_buffer_bytes:
+                buf.resize(s.data_buffer_bytes)
+        elif size > s.command_buffer_bytes >= len(buf):
+            buf.resize(s.command_buffer_bytes)
 
     def _maybe_shrink(self) -> None:
         buf, cap = self.buffer, self.settings.command_buffer_bytes

@@ -694,6 +694,62 @@ def test_buffer_grows_for_a_large_body_and_shrinks_after() -> None:
     assert c.conn.buffer.capacity == Settings().command_buffer_bytes
 
 
+def _in_body(settings: Settings = Settings()) -> SmtpServerConnection:
+    conn = SmtpServerConnection(settings)
+    conn.greet()
+    _burst(conn, OPEN)
+    assert conn.data_to_send().endswith(R.START_INPUT.wire)
+    return conn
+
+
+def _burst(conn: SmtpServerConnection, data: bytes) -> list[int]:
+    """Deliver `data` as the worker reads a socket holding it: into the free view, one read
+    after another while each fills the view, draining the core after each; the buffer's
+    capacity after each read."""
+    capacities = []
+    while data:
+        n = conn.receive_data(data)
+        data = data[n:]
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, (Hello, MailFrom, RcptTo, DataStarted, MessageEnd)):
+                conn.accept("Q1" if isinstance(event, MessageEnd) else None)
+        capacities.append(conn.buffer.capacity)
+    return capacities
+
+
+SMALL, LARGE = Settings().command_buffer_bytes, Settings().data_buffer_bytes
+
+
+def test_a_body_in_small_reads_keeps_the_small_buffer() -> None:
+    conn = _in_body()
+    for _ in range(2000):  # 124 KB in 62-byte reads: far past the command buffer
+        assert _burst(conn, b"Y" * 60 + b"\r\n") == [SMALL]
+
+
+def test_the_large_buffer_goes_back_when_the_body_slows() -> None:
+    conn = _in_body()
+    # 5 KB at once: the first read fills the command buffer, so the body is read in big
+    # gulps; the second takes the rest and leaves room: the client's bytes are all in.
+    assert _burst(conn, b"X" * 5000 + b"\r\n") == [LARGE, SMALL]
+    for _ in range(100):
+        assert _burst(conn, b"Y" * 60 + b"\r\n") == [SMALL]
+
+
+def test_a_body_in_full_reads_gets_the_large_buffer_at_once() -> None:
+    conn = _in_body()
+    line = b"z" * 998 + b"\r\n"
+    body = line * (3 * LARGE // len(line))
+    capacities = _burst(conn, body)
+    # Every read fills the buffer: large from the first on, as the body streams in ...
+    assert capacities[0] == LARGE and set(capacities[:-1]) == {LARGE}
+    assert len(capacities) <= 2 + len(body) // LARGE
+    # ... and the last, which left room, gives it back.
+    assert capacities[-1] == SMALL
+    _burst(conn, b".\r\nNOOP\r\n")
+    assert conn.data_to_send().endswith(queued("Q1") + R.OK.wire)
+    assert conn.buffer.capacity == SMALL
+
+
 # -- edge cases that once went wrong ---------------------------------------------------------------
 
 def test_refusal_does_not_depend_on_the_chunking() -> None:
