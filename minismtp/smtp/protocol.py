@@ -27,8 +27,10 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   one also counts as an error; see `_count_junk` for the exact rule. RCPTs past
   `max_recipients` get 452, and past `max_recipient_overshoot` of those in a session
   each one also counts as an error (Postfix's smtpd_recipient_overshoot_limit: a
-  pipelining client may send many before it reads the first 452). Refusals by policy
-  (fault rules, per-client limits) count as neither: a load test may refuse thousands.
+  pipelining client may send many before it reads the first 452); RCPTs refused for the
+  client's recipient rate (`reject(reply, overshoot=True)`) count with them. Other
+  refusals by policy (fault rules, per-client limits on sessions) count as neither: a
+  load test may refuse thousands.
   A 454 to AUTH and DATA's 554 after refused recipients are junk, not errors; a wrong
   password (535) is an error: guessing ends in 421.
 
@@ -372,11 +374,14 @@ class SmtpServerConnection:
             self._out.append(replies.CLOSING.wire)
             self._close("quit")
 
-    def reject(self, reply: Reply) -> None:
+    def reject(self, reply: Reply, *, overshoot: bool = False) -> None:
         """Answer the pending decision with `reply`; the state stays where it was
-        (a 421 closes the session)."""
+        (a 421 closes the session). `overshoot`: a RCPT refused for how many recipients
+        the client sends (its rate), counted as RCPTs past max_recipients are."""
         event = self._take_pending()
         self._out.append(reply.wire)
+        if overshoot and type(event) is RcptTo:
+            self._count_overshoot()
         if isinstance(event, MessageEnd):
             self._end_transaction()
         if isinstance(event, AuthAttempt):
@@ -553,9 +558,7 @@ class SmtpServerConnection:
         self._rcpt_attempts += 1
         if len(self._recipients) >= self.settings.max_recipients:
             self._refuse(replies.TOO_MANY_RECIPIENTS)
-            self._overshoot += 1  # free to repeat too, but legitimately many at once
-            if self._overshoot > self.settings.max_recipient_overshoot:
-                self._count_error()
+            self._count_overshoot()
             return None
         return RcptTo(recipient)
 
@@ -856,6 +859,14 @@ class SmtpServerConnection:
         if self._errors >= self.settings.max_errors and self.state is not _CLOSED:
             self._refuse(replies.TOO_MANY_ERRORS)
             self._close("too many errors")
+
+    def _count_overshoot(self) -> None:
+        """One RCPT refused for the number of recipients: free to repeat, as a pipelining
+        client sends many before it reads the first refusal, but past
+        max_recipient_overshoot of them in a session each one also counts as an error."""
+        self._overshoot += 1
+        if self._overshoot > self.settings.max_recipient_overshoot:
+            self._count_error()
 
     def _count_junk(self) -> None:
         """One junk command was answered (whatever its reply, a syntax error included).

@@ -440,6 +440,33 @@ def test_rcpts_past_the_limit_count_as_errors_past_the_overshoot(mode: str) -> N
     assert c.conn.closed
 
 
+def test_rcpts_refused_for_the_clients_rate_count_as_overshoot() -> None:
+    """A RCPT over the client's recipients per minute (450, `reject(overshoot=True)`) counts
+    as one past max_recipients does: free up to max_recipient_overshoot, then each one an
+    error until 421. The same 450 from other policy counts as nothing."""
+    rate = R.too_many_recipients_from("192.0.2.7")
+
+    def rcpts(overshoot: bool, count: int) -> list[bytes]:
+        conn = SmtpServerConnection(Settings(hostname="mx.test", max_errors=2,
+                                             max_recipient_overshoot=3))
+        conn.greet()
+        conn.receive_data(EHLO + MAIL)
+        for kind in (Hello, MailFrom):
+            assert isinstance(conn.next_event(), kind)
+            conn.accept()
+        conn.data_to_send()
+        answers = []
+        while len(answers) < count and not conn.closed:
+            conn.receive_data(RCPT)
+            assert isinstance(conn.next_event(), RcptTo)
+            conn.reject(rate, overshoot=overshoot)
+            answers.append(conn.data_to_send())
+        return answers
+
+    assert rcpts(True, 10) == [rate.wire] * 4 + [rate.wire + R.TOO_MANY_ERRORS.wire]
+    assert rcpts(False, 10) == [rate.wire] * 10
+
+
 def test_limits_and_policy_refusals_are_not_errors(mode: str) -> None:
     c = Client(mode, max_errors=1, max_recipients=1, max_message_bytes=50,
                policy=reject(RcptTo, USER_UNKNOWN, lambda e: e.recipient.startswith("x")))
