@@ -221,9 +221,8 @@ class SmtpServerConnection:
         "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
         "_body_bytes", "_body_seen", "_close_reason", "_declared_size", "_errors", "_esmtp",
         "_handlers", "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out",
-        "_overshoot",
-        "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf", "_sender",
-        "_smtputf8", "_tls_needed",
+        "_overshoot", "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf",
+        "_sender", "_smtputf8", "_tls_needed",
     )
 
     def __init__(self, settings: Settings = Settings()) -> None:
@@ -804,6 +803,8 @@ class SmtpServerConnection:
         taken (the I/O layer stops reading after one, too): a big buffer would only be
         held idle until the next, so it goes back to the pool however large the body
         is. A client trickling its body then holds no more than the command buffer.
+        Hazard: the core cannot see a read that finds nothing, so a burst that ends
+        exactly at a full buffer keeps the large one until the client's next read.
         """
         self._body_seen = self._body_bytes
         buf, s = self.buffer, self.settings
