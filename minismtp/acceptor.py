@@ -2,6 +2,9 @@
 
 Untrusted input: none here (what accepted clients send is the sessions' business).
 
+How many: at most MOST_PER_WAKEUP a wake-up, and at most the room under the worker's
+connection cap plus REFUSALS_PER_WAKEUP, the ones the worker refuses at once.
+
 Three reasons not to accept, each with the listeners out of the selector so that a full
 queue cannot make the loop spin:
 - out of file descriptors or memory, or an accept error nobody expects: pause, and
@@ -42,6 +45,11 @@ _CONNECTION_GONE = frozenset((
 # At most per wake-up: drain a burst quickly (a small quota cost S4 much of its rate, see
 # bench/README.md) without holding the loop away from its sessions for long.
 MOST_PER_WAKEUP = 64
+# Beyond the worker's connection cap, at most this many more per wake-up, each to be refused
+# (421) as soon as the batch is handed back: a queue of them must not use up the
+# descriptors the cap leaves for message files (descriptors.py), and what is not taken
+# now is at the next turn of the loop.
+REFUSALS_PER_WAKEUP = 8
 PAUSE_S = 0.5  # out of file descriptors: let the queue wait instead of spinning
 MOST_ODD_ERRORS = 10  # unexpected accept errors in a row (5 s of pauses), then raised
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
@@ -64,13 +72,14 @@ class Listening:
 class Acceptor:
     def __init__(self, poller: Poller, listeners: list[socket.socket],
                  board: HeartbeatBoard, slot: int, balancing: bool, held: Sized,
-                 read_signals: Callable[[], None]) -> None:
+                 read_signals: Callable[[], None], cap: int) -> None:
         self.poller = poller
         self.listeners = listeners
         self.board = board
         self.slot = slot
         self.balancing = balancing  # one queue shared with siblings (not reuse_port)
         self.held = held  # the worker's sessions: their number is our load
+        self.cap = cap  # sessions the worker holds at most; beyond, it refuses
         self.read_signals = read_signals  # may stop us (close()) before we accept
         self.listening = False  # the listeners are in the selector
         self.stopped = False  # closed for good
@@ -144,6 +153,7 @@ class Acceptor:
             return
         family, kind, proto = listener.family, listener.type, listener.proto
         before = len(accepted)
+        most = min(most, self.cap + REFUSALS_PER_WAKEUP - len(self.held) - before)
         for _ in range(most):
             try:
                 fd, address = listener._accept()  # what socket.accept() does, minus its wrapper

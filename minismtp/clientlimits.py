@@ -228,9 +228,10 @@ class ClientGate:
     def check_recipients(self, proceed: RcptHandler,
                          refuse: Callable[[Session, Reply], None]) -> RcptHandler:
         """A RCPT handler to put before `proceed` (a listener's own): past the client's
-        recipients per minute, `refuse` with 450 4.7.1 (counted); else on to `proceed`,
-        as for sessions not counted (exempt, or no room in the table). One call per
-        RCPT: the table's count is the only other."""
+        recipients per minute, `refuse` with 450 4.7.1 (counted here, and by the core as
+        an overshoot: decisions.py); else on to `proceed`, as for sessions not counted
+        (exempt, or no room in the table). One call per RCPT: the table's count is the
+        only other."""
         count, loop, limit, stats = self.table.recipient, self.loop, self.max_recipients, \
             self.stats
 

@@ -66,7 +66,8 @@ class Decisions:
             self.handlers[AuthAttempt] = self.auth if "auth" in watched else logins.submit
         self.gate = gate
         if gate is not None and gate.max_recipients:  # limits.per_client: checked first
-            self.handlers[RcptTo] = gate.check_recipients(self.handlers[RcptTo], self._refuse)
+            self.handlers[RcptTo] = gate.check_recipients(self.handlers[RcptTo],
+                                                          self._refuse_overshoot)
 
     # -- one method per decision; `check()` is one dict lookup when no rule exists ----
 
@@ -194,6 +195,12 @@ class Decisions:
     def _refuse(self, session: Session, reply: Reply) -> None:
         self.stats.replies[reply.code] += 1
         session.conn.reject(reply)
+
+    def _refuse_overshoot(self, session: Session, reply: Reply) -> None:
+        """A RCPT past the client's rate: counted as one past max_recipients is, so that
+        a session cannot go on sending them, each reply restarting its idle time."""
+        self.stats.replies[reply.code] += 1
+        session.conn.reject(reply, overshoot=True)
 
     def _log(self, session: Session, size: int, result: str, queue_id: str) -> None:
         if self.msglog.enabled:

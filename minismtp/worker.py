@@ -107,7 +107,8 @@ class Worker:
         self.wakeup = SignalWakeup()
         # With reuse_port the queue is this worker's own; otherwise it shares it fairly.
         self.acceptor = Acceptor(self.poller, [sock for sock, _ in listeners], board, slot, not config.server.reuse_port,
-                                 self.sessions, self._read_pending_signals)
+                                 self.sessions, self._read_pending_signals,
+                                 self.max_connections)
         self.storage = Storage(backend)
         self.output = Output(self)
         self.flush = self.output.flush  # bound once: called for every batch of replies

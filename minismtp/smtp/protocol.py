@@ -27,8 +27,10 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   one also counts as an error; see `_count_junk` for the exact rule. RCPTs past
   `max_recipients` get 452, and past `max_recipient_overshoot` of those in a session
   each one also counts as an error (Postfix's smtpd_recipient_overshoot_limit: a
-  pipelining client may send many before it reads the first 452). Refusals by policy
-  (fault rules, per-client limits) count as neither: a load test may refuse thousands.
+  pipelining client may send many before it reads the first 452); RCPTs refused for the
+  client's recipient rate (`reject(reply, overshoot=True)`) count with them. Other
+  refusals by policy (fault rules, per-client limits on sessions) count as neither: a
+  load test may refuse thousands.
   A 454 to AUTH and DATA's 554 after refused recipients are junk, not errors; a wrong
   password (535) is an error: guessing ends in 421.
 
@@ -95,7 +97,7 @@ class Settings:
     max_recipient_overshoot: int = 1000  # RCPTs past max_recipients, then errors (Postfix)
     bare_lf: str = "normalize"  # or "reject", "accept" (module docstring)
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
-    data_buffer_bytes: int = 256 * 1024  # taken only while a large body streams in
+    data_buffer_bytes: int = 256 * 1024  # taken only while a body streams in (_fit_buffer)
     # STARTTLS offered (EHLO lists it). Not offered, the command gets 502 like any other
     # extension we lack; offered but refused by a decision (fault rule, no usable
     # context), 454 4.7.0 (`replies.TLS_NOT_AVAILABLE`).
@@ -217,10 +219,10 @@ class SmtpServerConnection:
         "authenticated_as", "buffer", "commands", "discarded_after_starttls",
         "foreign_protocol", "refusals", "settings", "state", "tls", "_after_bare_lf",
         "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
-        "_body_bytes", "_close_reason", "_declared_size", "_errors", "_esmtp", "_handlers",
-        "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out", "_overshoot",
-        "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf", "_sender",
-        "_smtputf8", "_tls_needed",
+        "_body_bytes", "_body_seen", "_close_reason", "_declared_size", "_errors", "_esmtp",
+        "_handlers", "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out",
+        "_overshoot", "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf",
+        "_sender", "_smtputf8", "_tls_needed",
     )
 
     def __init__(self, settings: Settings = Settings()) -> None:
@@ -371,11 +373,14 @@ class SmtpServerConnection:
             self._out.append(replies.CLOSING.wire)
             self._close("quit")
 
-    def reject(self, reply: Reply) -> None:
+    def reject(self, reply: Reply, *, overshoot: bool = False) -> None:
         """Answer the pending decision with `reply`; the state stays where it was
-        (a 421 closes the session)."""
+        (a 421 closes the session). `overshoot`: a RCPT refused for how many recipients
+        the client sends (its rate), counted as RCPTs past max_recipients are."""
         event = self._take_pending()
         self._out.append(reply.wire)
+        if overshoot and type(event) is RcptTo:
+            self._count_overshoot()
         if isinstance(event, MessageEnd):
             self._end_transaction()
         if isinstance(event, AuthAttempt):
@@ -558,9 +563,7 @@ class SmtpServerConnection:
         self._rcpt_attempts += 1
         if len(self._recipients) >= self.settings.max_recipients:
             self._refuse(replies.TOO_MANY_RECIPIENTS)
-            self._overshoot += 1  # free to repeat too, but legitimately many at once
-            if self._overshoot > self.settings.max_recipient_overshoot:
-                self._count_error()
+            self._count_overshoot()
             return None
         return RcptTo(recipient)
 
@@ -719,6 +722,7 @@ class SmtpServerConnection:
         self.state = _DATA
         self._body = BodyScanner()
         self._body_bytes = 0
+        self._body_seen = 0  # _body_bytes when the buffer was last fitted
         self._bare_lf_seen = False
         self._after_bare_lf = False  # normalize: the last piece ended in a bare LF
         self._lines.reset()
@@ -760,7 +764,8 @@ class SmtpServerConnection:
                 elif self._body_bytes <= limit:
                     return BodyChunk(chunk)
             elif buf.start == pos and not body.done:
-                self._maybe_grow()
+                if self._body_bytes != self._body_seen:  # once per read that brought body
+                    self._fit_buffer()
                 return NEED_DATA
 
     def _normalized(self, chunk: memoryview, data: bytes | bytearray, start: int,
@@ -793,11 +798,31 @@ class SmtpServerConnection:
         self._end_transaction()
         return MessageRejected(size, reason)
 
-    def _maybe_grow(self) -> None:
-        # A body larger than the command buffer streams in: read it in big gulps.
-        buf, cap = self.buffer, self.settings.data_buffer_bytes
-        if self._body_bytes > buf.capacity and buf.capacity < cap:
-            buf.resize(cap)
+    def _fit_buffer(self) -> None:
+        """Size the buffer for the body's next read, from how the last one went.
+
+        Here the scanner has taken all but a few bytes, so a buffer that ends full was
+        filled by the last read: the body came faster than it was read, and more likely
+        waits. Read it in big gulps. A read that left room found the client's bytes all
+        taken (the I/O layer stops reading after one, too); if it also brought little
+        (under an eighth of the large buffer) the body has slowed, and the large buffer
+        would only be held idle until the next read: it goes back to the pool however
+        large the body is. A client trickling its body then holds the command buffer.
+        A body streaming at about the rate we read it keeps the large buffer: giving it
+        back after each of its larger partial reads cost a 10 MiB message 8% more CPU.
+        Hazard: the core cannot see a read that finds nothing or the time between reads,
+        so bursts of an eighth of the large buffer or more, or a burst that ends exactly
+        at a full buffer, keep the large one until the client's next read.
+        """
+        got = self._body_bytes - self._body_seen
+        self._body_seen = self._body_bytes
+        buf, s = self.buffer, self.settings
+        size = len(buf.data)
+        if buf.end == size:
+            if size < s.data_buffer_bytes:
+                buf.resize(s.data_buffer_bytes)
+        elif size > s.command_buffer_bytes >= len(buf) and got < s.data_buffer_bytes // 8:
+            buf.resize(s.command_buffer_bytes)
 
     def _maybe_shrink(self) -> None:
         buf, cap = self.buffer, self.settings.command_buffer_bytes
@@ -844,6 +869,14 @@ class SmtpServerConnection:
         if self._errors >= self.settings.max_errors and self.state is not _CLOSED:
             self._refuse(replies.TOO_MANY_ERRORS)
             self._close("too many errors")
+
+    def _count_overshoot(self) -> None:
+        """One RCPT refused for the number of recipients: free to repeat, as a pipelining
+        client sends many before it reads the first refusal, but past
+        max_recipient_overshoot of them in a session each one also counts as an error."""
+        self._overshoot += 1
+        if self._overshoot > self.settings.max_recipient_overshoot:
+            self._count_error()
 
     def _count_junk(self) -> None:
         """One junk command was answered (whatever its reply, a syntax error included).

@@ -294,6 +294,57 @@ def test_idle_connections_are_cheap(make_server):
     assert per_connection < 16 * 1024
 
 
+TRICKLING = 200
+
+
+def _enter_data(port: int, count: int) -> list[socket.socket]:
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    for s in socks:
+        s.sendall(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    for s in socks:
+        data = b""
+        while not data.endswith(replies.START_INPUT.wire):
+            piece = s.recv(4096)
+            assert piece, "closed before the 354"
+            data += piece
+    return socks
+
+
+def _burst_then_trickle(socks: list[socket.socket], seconds: float) -> None:
+    """5 KB of body at once, then 62 bytes every 0.1 s (above min_data_rate)."""
+    for s in socks:
+        s.sendall(b"X" * 5000 + b"\r\n")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for s in socks:
+            s.sendall(b"Y" * 60 + b"\r\n")
+        time.sleep(0.1)
+
+
+def test_trickling_bodies_hold_no_large_buffer(make_server):
+    # Past the command buffer a body is read into the large one only while reads fill it:
+    # a client that sent 5 KB and then trickles holds the small buffer, not 256 KiB.
+    server = make_server({"server": {"workers": 1, "max_connections": TRICKLING + 10}})
+    [worker] = server.worker_pids()
+    warm = _enter_data(server.port, 40)  # what every later session reuses, the pool too
+    _burst_then_trickle(warm, 0.3)
+    for s in warm:
+        s.close()
+    time.sleep(0.2)
+    before = _steady_rss(server, worker)
+    socks = _enter_data(server.port, TRICKLING)
+    try:
+        _burst_then_trickle(socks, 1.0)
+        after = _steady_rss(server, worker)
+    finally:
+        for s in socks:
+            s.close()
+    per_connection = (after - before) / TRICKLING
+    print(f"worker RSS {before} KiB -> {after} KiB with {TRICKLING} trickling bodies: "
+          f"{per_connection:.1f} KiB per connection")
+    assert per_connection < 48
+
+
 def test_closed_connections_leave_no_memory_behind(make_server):
     # Each session leaves timer entries due minutes later (the idle deadline); thousands
     # of short connections must not keep their sessions alive until then.

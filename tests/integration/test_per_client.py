@@ -154,6 +154,25 @@ def test_recipients_per_minute(make_server, raw_clients):
     wait_for_metric(server, RCPT_REFUSED, 2)
 
 
+def test_rcpts_over_the_rate_end_the_session_after_the_overshoot(make_server, raw_clients):
+    # Counted as RCPTs past max_recipients are: the first 1000 (the core's
+    # max_recipient_overshoot) free, then each an error, then 421: a client over its rate
+    # cannot hold its session open by sending RCPTs forever.
+    clear_of_minute_end()
+    config = overrides(workers=1, max_recipients_per_minute=1)
+    config["limits"]["max_errors"] = 3
+    server = make_server(config)
+    client = raw_clients(server.port)
+    client.expect(220)
+    client.cmd("EHLO client.test", 250)
+    client.cmd("MAIL FROM:<a@example.org>", 250)
+    client.cmd("RCPT TO:<r@example.org>", 250)
+    client.send(b"RCPT TO:<r@example.org>\r\n" * 1010)
+    codes = [reply.code for reply in client.replies(1004)]
+    assert codes == [450] * 1003 + [421]
+    assert client.wait_closed() == b""
+
+
 def test_a_killed_workers_sessions_are_released_and_its_minute_kept(make_server,
                                                                     raw_clients):
     clear_of_minute_end(40)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import resource
+import selectors
 import signal
+import socket
+import time
 
 from minismtp.smtp import replies
 
@@ -85,6 +88,42 @@ def _fd_limit(limit: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     return apply
+
+
+def test_a_queue_beyond_the_cap_gets_421_at_once_without_running_out_of_descriptors(
+        make_server):
+    # A wake-up takes the room under the cap and a few more to refuse, not a whole batch:
+    # 300 queued beyond the cap all get their 421 promptly, with no accept failing for
+    # want of a descriptor (which paused accepting for half a second each time).
+    server = make_server({"server": {"workers": 1}}, preexec_fn=_fd_limit(64))
+    found = server.wait_for_log(r"open file limit 64: at most (\d+) connections per worker")
+    cap = int(found.group(1))
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(cap)]
+    extra: list[socket.socket] = []
+    try:
+        for s in held:
+            assert s.recv(512).startswith(b"220 ")
+        selector = selectors.DefaultSelector()
+        started = time.monotonic()
+        for n in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.setblocking(False)
+            selector.register(s, selectors.EVENT_READ, n)
+            extra.append(s)
+        answered: dict[int, float] = {}
+        while len(answered) < 300 and time.monotonic() - started < 10:
+            for key, _ in selector.select(0.5):
+                answered[key.data] = time.monotonic() - started
+                selector.unregister(key.fileobj)
+        refused = sum(s.recv(512) == replies.TOO_MANY_CONNECTIONS.wire for s in extra)
+        selector.close()
+    finally:
+        for s in held + extra:
+            s.close()
+    latest = max(answered.values(), default=float("inf"))
+    print(f"{len(answered)} of 300 answered, the last after {latest:.2f}s")
+    assert refused == 300 and latest < 2.0
+    assert not any("Too many open files" in line for line in server.lines)
 
 
 def test_connections_beyond_the_descriptor_limit_get_421_and_data_still_works(

@@ -455,6 +455,33 @@ def test_rcpts_past_the_limit_count_as_errors_past_the_overshoot(mode: str) -> N
     assert c.conn.closed
 
 
+def test_rcpts_refused_for_the_clients_rate_count_as_overshoot() -> None:
+    """A RCPT over the client's recipients per minute (450, `reject(overshoot=True)`) counts
+    as one past max_recipients does: free up to max_recipient_overshoot, then each one an
+    error until 421. The same 450 from other policy counts as nothing."""
+    rate = R.too_many_recipients_from("192.0.2.7")
+
+    def rcpts(overshoot: bool, count: int) -> list[bytes]:
+        conn = SmtpServerConnection(Settings(hostname="mx.test", max_errors=2,
+                                             max_recipient_overshoot=3))
+        conn.greet()
+        conn.receive_data(EHLO + MAIL)
+        for kind in (Hello, MailFrom):
+            assert isinstance(conn.next_event(), kind)
+            conn.accept()
+        conn.data_to_send()
+        answers = []
+        while len(answers) < count and not conn.closed:
+            conn.receive_data(RCPT)
+            assert isinstance(conn.next_event(), RcptTo)
+            conn.reject(rate, overshoot=overshoot)
+            answers.append(conn.data_to_send())
+        return answers
+
+    assert rcpts(True, 10) == [rate.wire] * 4 + [rate.wire + R.TOO_MANY_ERRORS.wire]
+    assert rcpts(False, 10) == [rate.wire] * 10
+
+
 def test_limits_and_policy_refusals_are_not_errors(mode: str) -> None:
     c = Client(mode, max_errors=1, max_recipients=1, max_message_bytes=50,
                policy=reject(RcptTo, USER_UNKNOWN, lambda e: e.recipient.startswith("x")))
@@ -707,6 +734,64 @@ def test_buffer_grows_for_a_large_body_and_shrinks_after() -> None:
     c.send(b".\r\nNOOP\r\n")
     assert c.replies.endswith(queued("Q1") + R.OK.wire) and len(c.bodies[0]) == 64 * 2002
     assert c.conn.buffer.capacity == Settings().command_buffer_bytes
+
+
+def _in_body(settings: Settings = Settings()) -> SmtpServerConnection:
+    conn = SmtpServerConnection(settings)
+    conn.greet()
+    _burst(conn, OPEN)
+    assert conn.data_to_send().endswith(R.START_INPUT.wire)
+    return conn
+
+
+def _burst(conn: SmtpServerConnection, data: bytes) -> list[int]:
+    """Deliver `data` as the worker reads a socket holding it: into the free view, one read
+    after another while each fills the view, draining the core after each; the buffer's
+    capacity after each read."""
+    capacities = []
+    while data:
+        n = conn.receive_data(data)
+        data = data[n:]
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, (Hello, MailFrom, RcptTo, DataStarted, MessageEnd)):
+                conn.accept("Q1" if isinstance(event, MessageEnd) else None)
+        capacities.append(conn.buffer.capacity)
+    return capacities
+
+
+SMALL, LARGE = Settings().command_buffer_bytes, Settings().data_buffer_bytes
+
+
+def test_a_body_in_small_reads_keeps_the_small_buffer() -> None:
+    conn = _in_body()
+    for _ in range(2000):  # 124 KB in 62-byte reads: far past the command buffer
+        assert _burst(conn, b"Y" * 60 + b"\r\n") == [SMALL]
+
+
+def test_the_large_buffer_goes_back_when_the_body_slows() -> None:
+    conn = _in_body()
+    # 5 KB at once: the first read fills the command buffer, so the body is read in big
+    # gulps; the second takes the rest and leaves room: the client's bytes are all in.
+    assert _burst(conn, b"X" * 5000 + b"\r\n") == [LARGE, SMALL]
+    for _ in range(100):
+        assert _burst(conn, b"Y" * 60 + b"\r\n") == [SMALL]
+
+
+def test_a_body_in_full_reads_gets_the_large_buffer_at_once() -> None:
+    conn = _in_body()
+    line = b"z" * 998 + b"\r\n"
+    body = line * (3 * LARGE // len(line))
+    capacities = _burst(conn, body)
+    # Every read fills the buffer: large from the first on, as the body streams in. The
+    # last left room, but brought much: a body streaming at our pace keeps it ...
+    assert capacities[0] == LARGE and set(capacities) == {LARGE}
+    assert len(capacities) <= 2 + len(body) // LARGE
+    assert _burst(conn, b"x" * (LARGE // 8) + b"\r\n") == [LARGE]
+    # ... until a read brings little: the body has slowed.
+    assert _burst(conn, b"x" * (LARGE // 8 - 10) + b"\r\n") == [SMALL]
+    _burst(conn, b".\r\nNOOP\r\n")
+    assert conn.data_to_send().endswith(queued("Q1") + R.OK.wire)
+    assert conn.buffer.capacity == SMALL
 
 
 # -- edge cases that once went wrong ---------------------------------------------------------------

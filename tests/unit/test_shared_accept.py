@@ -26,14 +26,15 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 class Taker:
     """An acceptor with what a worker would give it: a poller and its sessions."""
 
-    def __init__(self, board: HeartbeatBoard, slot: int, listeners: list) -> None:
+    def __init__(self, board: HeartbeatBoard, slot: int, listeners: list, cap: int = 4096
+                 ) -> None:
         self.board, self.slot = board, slot
         self.poller = Poller()
         self.sessions: list[tuple] = []  # as accepted: (socket, address, listener)
         self.stop_requested = False
         board.hand_out(slot, time.monotonic())
         self.acceptor = Acceptor(self.poller, listeners, board, slot, True, self.sessions,
-                                 self._read_signals)
+                                 self._read_signals, cap)
         self.acceptor.refresh()
         self.now = time.monotonic()
 
@@ -169,6 +170,44 @@ def test_with_reuse_port_a_worker_takes_its_own_queue(shared):
     queue(20)
     _step(first, listener)
     assert len(first.sessions) == 20
+
+
+def test_at_its_cap_a_worker_takes_only_a_few_to_refuse():
+    """Beyond the cap each connection taken is refused: a wake-up takes the room left and
+    REFUSALS_PER_WAKEUP more, not a whole MOST_PER_WAKEUP batch of descriptors."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    listener.setblocking(False)
+    board = HeartbeatBoard(4)
+    worker = Taker(board, 0, [listener], cap=3)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(60)]
+    try:
+        deadline = time.monotonic() + 5
+        while balance.queued(listener) != 60:
+            assert time.monotonic() < deadline, f"{balance.queued(listener)} queued"
+            time.sleep(0.005)
+
+        def wake_up() -> int:
+            now = time.monotonic()
+            board.beat(0, now)
+            accepted = worker.acceptor.on_readable(listener, now)
+            held = 3 - len(worker.sessions)
+            worker.sessions.extend(accepted[:held])  # as the worker: sessions to the cap,
+            for sock, _, _ in accepted[held:]:  # the rest refused and closed
+                sock.close()
+            return len(accepted)
+
+        assert wake_up() == 3 + acceptor.REFUSALS_PER_WAKEUP
+        assert len(worker.sessions) == 3
+        assert [wake_up() for _ in range(3)] == [acceptor.REFUSALS_PER_WAKEUP] * 3
+        assert balance.queued(listener) == 60 - 3 - 4 * acceptor.REFUSALS_PER_WAKEUP
+        worker.sessions.pop()[0].close()  # a session ends: room for one more
+        assert wake_up() == 1 + acceptor.REFUSALS_PER_WAKEUP
+    finally:
+        worker.dispose()
+        for client in clients:
+            client.close()
+        listener.close()
+        board.close()
 
 
 class OutOfDescriptors:
