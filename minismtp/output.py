@@ -101,8 +101,10 @@ class Output:
 
     def _send_pending(self, session: Session, most: int) -> int | None:
         """Send at most `most` octets of the pending output, as many as the socket takes
-        now, and drop them from it: how many, or None if the connection failed (closed)."""
+        now, and drop them from it: how many, or None if the connection failed (closed).
+        Under TLS a write that blocked is retried whole, however small `most` is."""
         transport = session.transport
+        most = max(most, transport.write_retry_bytes)
         try:
             sent = transport.write(transport.pending[:most], 0)
         except (BlockingIOError, InterruptedError):

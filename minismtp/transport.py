@@ -56,6 +56,7 @@ class PlainTransport:
     # What a blocked read or write waits for (tlstransport.py: under TLS either may be
     # either); for a plain socket, always the obvious.
     read_wants, write_wants = READ, WRITE
+    write_retry_bytes = 0  # a retried send may be shorter (TLS: tlstransport.py)
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
