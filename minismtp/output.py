@@ -79,10 +79,12 @@ class Output:
             self.loop.want(session, 0)
         elif session.mask != READ:
             self.loop.want(session, READ)
-            if transport.has_buffered_input:
+            if transport.has_buffered_input or transport.read_wants is not READ:
                 # TLS: reading stopped (a decision, replies waiting) with a record only
                 # partly read; the rest is decrypted inside OpenSSL, where select() cannot
-                # see it, and the client may send nothing more until it is answered.
+                # see it, and the client may send nothing more until it is answered. Or a
+                # read waited for the socket to take a record of ours (worker.py): the
+                # client's bytes may all be inside OpenSSL by now, so retry it.
                 self.loop.read_soon(session)
 
     # -- tarpit --------------------------------------------------------------------

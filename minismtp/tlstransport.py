@@ -18,7 +18,9 @@ and a write may need to read. So each blocking outcome records what to wait for:
 - `handshake()` returns False and sets `handshake_wants` (loop.READ or loop.WRITE):
   select on exactly that, then call `handshake()` again.
 - `read_into()` raises BlockingIOError and sets `read_wants`: READ (usual) or WRITE;
-  select on it and read again.
+  select on it and read again (a read that succeeds sets it back to READ). On WRITE
+  select on WRITE alone: the client's unread bytes keep the socket readable, and a
+  read before the socket takes our record fails again.
 - `write()` raises BlockingIOError and sets `write_wants`: WRITE (usual) or READ. The
   next `write()` must begin with the same bytes (it may be longer: replies queued since
   may follow): OpenSSL has already turned part of them into records. Python sets
@@ -152,6 +154,7 @@ class TlsTransport:
             return 0  # a FIN without close_notify: end of stream (suppress_ragged_eofs)
         except ssl.SSLError as exc:
             raise _broken(exc) from exc
+        self.read_wants = READ
         while n >= _RECORD and total < size:
             try:
                 n = sslobj.read(size - total, view[total:])

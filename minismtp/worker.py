@@ -402,8 +402,11 @@ class Worker:
             try:
                 n = transport.read_into(view)
             except (BlockingIOError, InterruptedError):
-                if transport.read_wants is not READ:  # TLS: a record must go out first
-                    self.want(session, READ | WRITE)
+                if transport.read_wants is not READ:
+                    # TLS: a record must go out first (a KeyUpdate's answer). Not READ as
+                    # well: the unread bytes would wake us at once, to fail again. Once
+                    # writable, flush() reads again.
+                    self.want(session, WRITE)
                 return
             except OSError as exc:
                 self.close(session, f"read error: {exc.strerror}")
@@ -491,8 +494,9 @@ class Worker:
 
     def _read_buffered(self, session: Session) -> None:
         # Still wanted? The session may have paused, or be waiting to write, since.
+        transport = session.transport
         if session.mask == READ and not session.lingering and session.handshake is None \
-                and session.transport.has_buffered_input:
+                and (transport.has_buffered_input or transport.read_wants is not READ):
             self._on_readable(session)
 
     def start_tls(self, session: Session) -> None:
