@@ -79,7 +79,7 @@ class Output:
             self.loop.want(session, 0)
         elif session.mask != READ:
             self.loop.want(session, READ)
-            if transport.has_buffered_input or transport.read_wants is not READ:
+            if transport.read_again:
                 # TLS: reading stopped (a decision, replies waiting) with a record only
                 # partly read; the rest is decrypted inside OpenSSL, where select() cannot
                 # see it, and the client may send nothing more until it is answered. Or a

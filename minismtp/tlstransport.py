@@ -31,6 +31,7 @@ and a write may need to read. So each blocking outcome records what to wait for:
   passes at least `write_retry_bytes` of it: the length of the write that blocked.
 - `has_buffered_input`: OpenSSL holds decrypted bytes that select() cannot see (a read
   returns at most one record, 16 KiB): read again before waiting for readiness.
+  `read_again` says either that or a read that waited to write.
 
 Errors: SSLError after the handshake becomes OSError(EPROTO, "TLS: <reason>"), so the
 loop's existing `except OSError` closes the session with a readable reason; the peer's
@@ -187,6 +188,12 @@ class TlsTransport:
             return self.sock.pending() > 0
         except (OSError, ValueError):
             return False
+
+    @property
+    def read_again(self) -> bool:
+        """Read without waiting for the socket to be readable: decrypted bytes wait inside
+        OpenSSL, or the last read waited to write (once writable, read again)."""
+        return self.read_wants is not READ or self.has_buffered_input
 
     @property
     def wants_write(self) -> bool:

@@ -494,9 +494,8 @@ class Worker:
 
     def _read_buffered(self, session: Session) -> None:
         # Still wanted? The session may have paused, or be waiting to write, since.
-        transport = session.transport
         if session.mask == READ and not session.lingering and session.handshake is None \
-                and (transport.has_buffered_input or transport.read_wants is not READ):
+                and session.transport.read_again:
             self._on_readable(session)
 
     def start_tls(self, session: Session) -> None:
