@@ -79,10 +79,12 @@ class Output:
             self.loop.want(session, 0)
         elif session.mask != READ:
             self.loop.want(session, READ)
-            if transport.has_buffered_input:
+            if transport.read_again:
                 # TLS: reading stopped (a decision, replies waiting) with a record only
                 # partly read; the rest is decrypted inside OpenSSL, where select() cannot
-                # see it, and the client may send nothing more until it is answered.
+                # see it, and the client may send nothing more until it is answered. Or a
+                # read waited for the socket to take a record of ours (worker.py): the
+                # client's bytes may all be inside OpenSSL by now, so retry it.
                 self.loop.read_soon(session)
 
     # -- tarpit --------------------------------------------------------------------
@@ -101,8 +103,10 @@ class Output:
 
     def _send_pending(self, session: Session, most: int) -> int | None:
         """Send at most `most` octets of the pending output, as many as the socket takes
-        now, and drop them from it: how many, or None if the connection failed (closed)."""
+        now, and drop them from it: how many, or None if the connection failed (closed).
+        Under TLS a write that blocked is retried whole, however small `most` is."""
         transport = session.transport
+        most = max(most, transport.write_retry_bytes)
         try:
             sent = transport.write(transport.pending[:most], 0)
         except (BlockingIOError, InterruptedError):

@@ -87,6 +87,12 @@ def _load_pair(context: ssl.SSLContext, config: TlsConfig, index: int) -> list[s
     if problems:
         return problems
     try:
+        # The pair alone first: in the shared context a key goes to its own type's slot,
+        # and matches there the certificate of another pair of that type, while this
+        # pair's certificate is left with no key (check_private_key sees only the slot
+        # just filled). Alone, a key that is not this certificate's is refused.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            pair.cert, pair.key, password=_no_password)
         context.load_cert_chain(pair.cert, pair.key, password=_no_password)
     except ssl.SSLError as exc:
         # A key of the certificate's type but another pair's; a key of another type.

@@ -18,16 +18,20 @@ and a write may need to read. So each blocking outcome records what to wait for:
 - `handshake()` returns False and sets `handshake_wants` (loop.READ or loop.WRITE):
   select on exactly that, then call `handshake()` again.
 - `read_into()` raises BlockingIOError and sets `read_wants`: READ (usual) or WRITE;
-  select on it and read again.
+  select on it and read again (a read that succeeds sets it back to READ). On WRITE
+  select on WRITE alone: the client's unread bytes keep the socket readable, and a
+  read before the socket takes our record fails again.
 - `write()` raises BlockingIOError and sets `write_wants`: WRITE (usual) or READ. The
   next `write()` must begin with the same bytes (it may be longer: replies queued since
   may follow): OpenSSL has already turned part of them into records. Python sets
   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER (the bytes may move in memory) but not
   SSL_MODE_ENABLE_PARTIAL_WRITE, so a write takes all of `data` or raises; output.py's
   rule "on BlockingIOError keep the whole batch as `pending`, retry with pending + new
-  replies" fits that.
+  replies" fits that. A write that sends only part of `pending` (the tarpit's pieces)
+  passes at least `write_retry_bytes` of it: the length of the write that blocked.
 - `has_buffered_input`: OpenSSL holds decrypted bytes that select() cannot see (a read
   returns at most one record, 16 KiB): read again before waiting for readiness.
+  `read_again` says either that or a read that waited to write.
 
 Errors: SSLError after the handshake becomes OSError(EPROTO, "TLS: <reason>"), so the
 loop's existing `except OSError` closes the session with a readable reason; the peer's
@@ -85,7 +89,8 @@ def handshake_reason(exc: BaseException) -> str:
 class TlsTransport:
     """A connected non-blocking socket under TLS; see the module docstring."""
 
-    __slots__ = ("sock", "pending", "handshake_wants", "read_wants", "write_wants")
+    __slots__ = ("sock", "pending", "handshake_wants", "read_wants", "write_wants",
+                 "write_retry_bytes")
 
     # An SSL read returns at most one record's plaintext (RFC 8446 5.1: 2^14 bytes),
     # however much the socket holds; read_into() goes on after a whole one, but a read
@@ -99,6 +104,9 @@ class TlsTransport:
         self.handshake_wants = READ  # the client speaks first
         self.read_wants = READ
         self.write_wants = WRITE
+        # The length of a write that blocked, until one succeeds: OpenSSL refuses a retry
+        # shorter than that ("bad length"), having made records of part of it already.
+        self.write_retry_bytes = 0
 
     @classmethod
     def wrap(cls, sock: socket.socket, context: ssl.SSLContext) -> TlsTransport:
@@ -147,6 +155,7 @@ class TlsTransport:
             return 0  # a FIN without close_notify: end of stream (suppress_ragged_eofs)
         except ssl.SSLError as exc:
             raise _broken(exc) from exc
+        self.read_wants = READ
         while n >= _RECORD and total < size:
             try:
                 n = sslobj.read(size - total, view[total:])
@@ -158,15 +167,19 @@ class TlsTransport:
     def write(self, data: bytes | memoryview, flags: int = 0) -> int:
         """Send `data` (flags are for plain sockets: SSLSocket refuses any)."""
         try:
-            return self.sock.send(data)
+            sent = self.sock.send(data)
         except ssl.SSLWantWriteError:
             self.write_wants = WRITE
+            self.write_retry_bytes = len(data)
             raise BlockingIOError(errno.EAGAIN, "TLS wants to write") from None
         except ssl.SSLWantReadError:
             self.write_wants = READ
+            self.write_retry_bytes = len(data)
             raise BlockingIOError(errno.EAGAIN, "TLS wants to read") from None
         except ssl.SSLError as exc:
             raise _broken(exc) from exc
+        self.write_retry_bytes = 0
+        return sent
 
     @property
     def has_buffered_input(self) -> bool:
@@ -175,6 +188,12 @@ class TlsTransport:
             return self.sock.pending() > 0
         except (OSError, ValueError):
             return False
+
+    @property
+    def read_again(self) -> bool:
+        """Read without waiting for the socket to be readable: decrypted bytes wait inside
+        OpenSSL, or the last read waited to write (once writable, read again)."""
+        return self.read_wants is not READ or self.has_buffered_input
 
     @property
     def wants_write(self) -> bool:

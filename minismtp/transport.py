@@ -49,13 +49,16 @@ def drain(sock: _socket.socket, not_yet: tuple[type[Exception], ...] = (
 class PlainTransport:
     __slots__ = ("sock", "pending", "read_into", "write")
 
-    # Bytes received but not yet seen by the loop: never for a plain socket (select()
-    # sees everything); a TLS transport may hold decrypted bytes select() cannot see.
-    has_buffered_input = False
+    # Bytes received but not yet seen by the loop, or a read to retry without waiting
+    # for readability: never for a plain socket (select() sees everything); a TLS
+    # transport may hold decrypted bytes select() cannot see, or a read that waited to
+    # write.
+    has_buffered_input = read_again = False
     read_limit = 1 << 62  # a read takes all the view can hold (a TLS read: one record)
     # What a blocked read or write waits for (tlstransport.py: under TLS either may be
     # either); for a plain socket, always the obvious.
     read_wants, write_wants = READ, WRITE
+    write_retry_bytes = 0  # a retried send may be shorter (TLS: tlstransport.py)
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock

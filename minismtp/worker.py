@@ -413,8 +413,11 @@ class Worker:
             try:
                 n = transport.read_into(view)
             except (BlockingIOError, InterruptedError):
-                if transport.read_wants is not READ:  # TLS: a record must go out first
-                    self.want(session, READ | WRITE)
+                if transport.read_wants is not READ:
+                    # TLS: a record must go out first (a KeyUpdate's answer). Not READ as
+                    # well: the unread bytes would wake us at once, to fail again. Once
+                    # writable, flush() reads again.
+                    self.want(session, WRITE)
                 return
             except OSError as exc:
                 self.close(session, f"read error: {exc.strerror}")
@@ -503,7 +506,7 @@ class Worker:
     def _read_buffered(self, session: Session) -> None:
         # Still wanted? The session may have paused, or be waiting to write, since.
         if session.mask == READ and not session.lingering and session.handshake is None \
-                and session.transport.has_buffered_input:
+                and session.transport.read_again:
             self._on_readable(session)
 
     def start_tls(self, session: Session) -> None:

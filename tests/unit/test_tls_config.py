@@ -248,6 +248,30 @@ def test_key_that_does_not_fit_its_certificate(tmp_path, ca, pair, rsa_pair, oth
         f'tls.certificates[0].key: "{key}" is not the key of "{pair[0]}"']
 
 
+@pytest.mark.parametrize("first", ["rsa", "ecdsa"])
+def test_a_key_that_fits_another_pairs_certificate_is_refused(tmp_path, pair, rsa_pair,
+                                                              first, capsys):
+    """The first pair names the second pair's key: in the shared context that key would
+    fit the second certificate, its type's slot, and leave the first with none (clients
+    of its type then fail the handshake). Each pair is checked alone."""
+    pairs = {"rsa": rsa_pair, "ecdsa": pair}
+    mine, other = pairs[first], pairs["ecdsa" if first == "rsa" else "rsa"]
+    path = config_file(tmp_path, f"""\
+tls:
+  certificates:
+    - {{cert: "{mine[0]}", key: "{other[1]}"}}
+    - {{cert: "{other[0]}", key: "{other[1]}"}}
+""")
+    problem = f'tls.certificates[0].key: "{other[1]}" is not the key of "{mine[0]}"'
+    assert problems_of(path) == [problem]
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"minismtp: {problem}\n"
+    with pytest.raises(ConfigError) as info:
+        tls.server_context(TlsConfig((CertificatePair(mine[0], other[1]),
+                                      CertificatePair(*other))))
+    assert info.value.problems == [problem]
+
+
 def test_files_that_are_not_pem(tmp_path, pair):
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import types
 
 import pytest
 
 trustme = pytest.importorskip("trustme")
 
 from minismtp.loop import READ, WRITE  # noqa: E402
+from minismtp.output import TARPIT_STEP_S, Output  # noqa: E402
 from minismtp.tls import describe  # noqa: E402
+from minismtp.timers import Timers  # noqa: E402
 from minismtp.tlstransport import HandshakeFailed, TlsTransport  # noqa: E402
 from minismtp.transport import PlainTransport  # noqa: E402
 
@@ -405,3 +408,74 @@ def test_refuse_only_closes(tcp, server_context):
     client_sock.setblocking(True)
     client_sock.settimeout(5)
     assert client_sock.recv(100) == b""
+
+
+class TarpitLoop:
+    """What output.py's tarpit uses of the worker's loop."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers = Timers()
+        self.closed: list[str] = []
+        self.resumed = 0
+
+    def want(self, session, mask: int) -> None:
+        session.mask = mask
+
+    def close(self, session, reason: str) -> None:
+        session.closed = True
+        self.closed.append(reason)
+
+    def resume(self, session) -> None:
+        self.resumed += 1
+
+
+class CountedWrites(TlsTransport):
+    __slots__ = ("lengths",)  # of each write asked for, blocked or not
+
+    def write(self, data, flags=0):
+        self.lengths.append(len(data))
+        return super().write(data, flags)
+
+
+def test_a_tarpit_retries_a_blocked_write_whole_then_goes_on_step_by_step(
+        tcp, server_context, client_context):
+    """The replies before a tarpitted one go out at full speed; when the socket does not
+    take them, OpenSSL has made records of part of them already and refuses a retry
+    with fewer bytes ("bad length"): the tarpit's first step retries them all."""
+    server_sock, client_sock = tcp
+    server = CountedWrites(server_context.wrap_socket(server_sock, server_side=True,
+                                                      do_handshake_on_connect=False))
+    server.lengths = []
+    client = client_context.wrap_socket(client_sock, server_hostname=HOST,
+                                        do_handshake_on_connect=False)
+    handshake(server, client)
+    server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    before = bytes(range(256)) * 4096  # 1 MiB of replies to pipelined commands
+    tarpitted = b"250 2.1.0 Ok\r\n"
+    loop = TarpitLoop()
+    session = types.SimpleNamespace(
+        transport=server, mask=READ, closed=False, paused=False, trickling=False,
+        tarpit_bps=20.0, tarpit_at=len(before), conn=types.SimpleNamespace(state=None))
+    server.pending = before + tarpitted
+    Output(loop)._start_trickle(session)
+    assert loop.closed == [] and session.trickling
+    assert server.lengths == [len(before), len(before)]  # blocked; retried whole, blocked
+    assert server.write_retry_bytes == len(before)
+    got = bytearray()
+    for _ in range(STEPS * 10):
+        try:
+            got += client.recv(1 << 20)
+        except ssl.SSLWantReadError:
+            wait(client, READ)
+        loop.now += TARPIT_STEP_S
+        loop.timers.expire(loop.now, lambda owner: None)
+        if not session.trickling:
+            break
+    got += recv_all(client, len(before) + len(tarpitted) - len(got))
+    assert loop.closed == [] and loop.resumed == 1
+    assert bytes(got) == before + tarpitted
+    blocked = server.lengths.index(2) - 1  # the last retry of the whole: it went out
+    assert set(server.lengths[:blocked + 1]) == {len(before)}
+    assert server.lengths[blocked + 1:] == [2] * (len(tarpitted) // 2)  # 20 B/s, 0.1 s
+    assert server.write_retry_bytes == 0
