@@ -265,3 +265,23 @@ def _normalize_dense(data: bytes) -> bytes:
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
     return data.replace(b"\n", b"\r\n")
+
+
+def normalized_size(data: bytes | bytearray, start: int, stop: int,
+                    after_bare_lf: bool) -> int:
+    """`len(normalize_bare_lf(data[start:stop], after_bare_lf))`, counted in place: each
+    bare LF adds its CR, each "." dropped after one takes a byte off. No copy is made,
+    and a one-byte `find` (memchr) skips the counts that cannot find anything."""
+    size = stop - start
+    if after_bare_lf and size and data[start] == DOT:
+        size -= 1  # the LF before it was bare: a stuffing dot
+    lfs = data.count(b"\n", start, stop)
+    if not lfs:
+        return size
+    has_cr = data.find(b"\r", start, stop) >= 0
+    bare = lfs - data.count(b"\r\n", start, stop) if has_cr else lfs
+    if bare and data.find(b".", start, stop) >= 0:
+        bare -= data.count(b"\n.", start, stop)
+        if has_cr:
+            bare += data.count(b"\r\n.", start, stop)
+    return size + bare

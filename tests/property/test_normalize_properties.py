@@ -3,7 +3,8 @@
 The reference is one `re.sub` (`reference_normalize`): slow on dense bare LFs (a Python
 match each), but plainly right. The fast version must give the same bytes for any input,
 on both of its paths (sre for a few bare LFs, `replace` passes for many), and piece by
-piece as the core calls it, carrying "the last piece ended in a bare LF".
+piece as the core calls it, carrying "the last piece ended in a bare LF". Past the size
+limit the core only counts (`normalized_size`): the count must be the reference's length.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from minismtp.smtp.scanner import SPARSE_BYTES_PER_LF, normalize_bare_lf
+from minismtp.smtp.scanner import SPARSE_BYTES_PER_LF, normalize_bare_lf, normalized_size
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -84,3 +85,17 @@ def test_piece_by_piece_as_the_whole(body: bytes, at: list[int], threshold: int)
         out.append(normalize_bare_lf(memoryview(piece), after, threshold))
         after = piece.endswith(b"\n") and not piece.endswith(b"\r\n")
     assert b"".join(out) == reference_normalize(body, False)
+
+
+@FAST
+@example(b".\n.", True, b"\r", b"")
+@example(b"\n", False, b"\r", b".")
+@given(st.one_of(any_bytes, mixed_lines), st.booleans(), st.sampled_from([b"", b"\r", b"\n"]),
+       st.sampled_from([b"", b".", b"\n", b"\r\n."]))
+def test_normalized_size_is_the_reference_length(body: bytes, after: bool, before: bytes,
+                                                 beyond: bytes) -> None:
+    """Counted in place, bytes around the piece never count: a CR just before it does
+    not make its opening LF a CRLF."""
+    data = bytearray(before + body + beyond)
+    size = normalized_size(data, len(before), len(before) + len(body), after)
+    assert size == len(reference_normalize(body, after))
