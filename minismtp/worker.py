@@ -3,7 +3,9 @@
 Untrusted input: client connections (bytes, timing, half-closed sockets). Every session
 has a deadline (command idle time, whole-DATA time, minimum DATA rate), output is
 written only when the socket is writable and reading stops while output is pending, so a
-client that never reads cannot make us buffer without bound.
+client that never reads cannot make us buffer without bound. A turn of the loop takes
+in a bounded amount of body over all sessions (`turn.py`), so that bodies that are dear
+to take in (bare LFs to rewrite) delay the others, and the heartbeat, a bounded time.
 
 This module is the loop: readiness -> transport -> core -> events, and the clock. The
 rest has a home of its own: which connections to take (`acceptor.py`), replies going out
@@ -50,6 +52,8 @@ from minismtp.stats import StatsBoard, WorkerStats
 from minismtp.storage import Storage
 from minismtp.timers import Timers
 from minismtp.transport import PlainTransport
+from minismtp.turn import BODY_BYTES as _TURN_BODY_BYTES
+from minismtp.turn import Turn
 from minismtp.values import Listener
 
 log = logging.getLogger("minismtp.worker")
@@ -97,6 +101,7 @@ class Worker:
         # deadlines are whole seconds, and every command would otherwise read it 2-3 times.
         self.now = time.monotonic()
         self.sessions: dict[int, Session] = {}
+        self.turn = Turn(_in_body)  # this turn's events and body bytes (turn.py)
         self.timers = Timers()
         self.stopping = False
         self.stop_deadline = float("inf")
@@ -171,6 +176,7 @@ class Worker:
         flush, on_readable, start = self.flush, self._on_readable, self._start_sessions
         msglog = self.msglog
         gate = self.gate
+        turn = self.turn
         pending = None if gate is None else gate.table.pending  # counts not yet shared
         last_tick = 0.0
         self.now = now = time.monotonic()
@@ -184,7 +190,11 @@ class Worker:
                     msglog.flush()  # log lines held HOLD_S in shared memory (logboard.py)
                 events = self.poller.poll(self._select_timeout(now))
                 self.now = time.monotonic()
-                for owner, mask in events:
+                if turn.left:  # the last turn ended early: who waited goes first
+                    events = turn.waiting_first(events)
+                turn.body_bytes = 0
+                turn.events = ready = iter(events)
+                for owner, mask in ready:  # turn.end() ends it early
                     kind = owner.__class__
                     if kind is Session:
                         if mask & WRITE:
@@ -439,6 +449,11 @@ class Worker:
                 # Still in the body: its deadline moves. A read that ended the message
                 # (most, for short ones) leaves that to the reply's flush.
                 self._set_data_deadline(session, self.now)
+            turn = self.turn
+            turn.body_bytes += n
+            if turn.body_bytes >= _TURN_BODY_BYTES:
+                turn.end()  # the sessions still to come this turn wait for the next
+                break
             # A body streaming in fills the buffer read after read: take the next piece
             # now rather than after another trip through select(). A read that did not
             # fill what it could take found the socket drained (a TLS read takes at most
@@ -597,6 +612,11 @@ class Worker:
         self.output.flush(session)
         if not (session.closed or session.lingering):
             self.close(session, "timeout")  # it is not reading: do not wait for it
+
+
+def _in_body(owner: object) -> bool:
+    """Whether `owner` is a session taking in a body (what a turn's bound defers)."""
+    return owner.__class__ is Session and owner.conn.state is _DATA
 
 
 def _take_refusals(conn: SmtpServerConnection, replies: list[int]) -> None:

@@ -76,7 +76,7 @@ from minismtp.smtp.events import (
 from minismtp.smtp.replies import Reply
 from minismtp.smtp.scanner import (
     CR, DOT, LF, NEED_MORE, HOP_PIECE_BYTES, BodyScanner, LineScanner, find_bare_lf, has_bare_lf,
-    normalize_bare_lf,
+    normalize_bare_lf, normalized_size,
 )
 
 
@@ -749,6 +749,9 @@ class SmtpServerConnection:
                     piece, start, stop = copied, 0, size
                     chunk = memoryview(copied)
                 if normalize:  # sizes count the body as handed on, CRLF only
+                    if self._body_bytes > limit:  # refused: only the count matters now
+                        self._body_bytes += self._normalized_size(piece, start, stop)
+                        continue
                     chunk = self._normalized(chunk, piece, start, stop)
                     self._body_bytes += len(chunk)
                     if chunk and self._body_bytes <= limit:
@@ -783,6 +786,14 @@ class SmtpServerConnection:
         if not bare and not (after and data[start] == DOT):
             return chunk
         return memoryview(normalize_bare_lf(chunk, after))
+
+    def _normalized_size(self, data: bytes | bytearray, start: int, stop: int) -> int:
+        """The size `_normalized` would hand on, counted without a copy: past the size
+        limit nothing is stored, and a body of bare LFs costs a few counting passes."""
+        after = self._after_bare_lf
+        self._after_bare_lf = data[stop - 1] == LF and (
+            stop - start == 1 or data[stop - 2] != CR)
+        return normalized_size(data, start, stop, after)
 
     def _end_body(self) -> object:
         size = self._body_bytes

@@ -27,7 +27,8 @@ Bare LF under `limits.bare_lf: normalize` (Postfix 3.9's default): the body scan
 as above, CRLF-only, so the terminator is still CRLF "." CRLF and nothing else. Its pieces
 go through `normalize_bare_lf` only when they hold a bare LF (`has_bare_lf`, which the
 reject policy pays too: one sre scan, or memchr hops over long lines) or follow one: each
-bare LF becomes CRLF and one "." right after it is dropped, as after a CRLF. A line
+bare LF becomes CRLF and one "." right after it is dropped, as after a CRLF (by sre
+for a few, by whole-piece `replace` passes for many: no Python step per line). A line
 ending in a bare LF is a line, so a client that stuffs it (smtplib does, after every LF;
 Postfix unstuffs it) gets its text back, and a "." there is never a terminator. Piece by
 piece is exact because the scanner's output differs from its input only by dots dropped
@@ -226,13 +227,61 @@ def has_bare_lf(data: bytes | bytearray, start: int, end: int,
     return _LF_WITHOUT_CR(data, pos, end) is not None
 
 
-_BARE_LF_DOT = re.compile(rb"\n(?<!\r\n)\.?")
+_BARE_LF_DOT = re.compile(rb"\n(?<!\r\n)\.?").subn
+# sre rewrites a bare LF in some 60 ns, a Python-level match each: fine for a few, but a
+# body of bare LFs would cost 60 ms a MiB. Past one bare LF in this many bytes, C-level
+# `replace` passes do the same in about 10 ms a MiB whatever the density.
+SPARSE_BYTES_PER_LF = 64
 
 
-def normalize_bare_lf(piece: memoryview | bytes, after_bare_lf: bool) -> bytes:
+def normalize_bare_lf(piece: memoryview | bytes, after_bare_lf: bool,
+                      sparse_bytes_per_lf: int = SPARSE_BYTES_PER_LF) -> bytes:
     """`piece` with every bare LF made CRLF and the "." after each dropped (unstuffed);
-    with `after_bare_lf` (the previous piece ended in a bare LF) a leading "." too."""
+    with `after_bare_lf` (the previous piece ended in a bare LF) a leading "." too.
+
+    Exact for any bytes, whatever the scanner's pieces look like: sre takes a piece with
+    few bare LFs (its output is kept only if it found them all), `_normalize_dense` the
+    rest, and both give what one `sub` of the regex would."""
     data = bytes(piece)
     if after_bare_lf and data[:1] == b".":
         data = data[1:]
-    return _BARE_LF_DOT.sub(b"\r\n", data)
+    most = len(data) // sparse_bytes_per_lf + 1  # never 0, which would mean "no limit"
+    out, found = _BARE_LF_DOT(b"\r\n", data, most)
+    return out if found < most else _normalize_dense(data)
+
+
+def _normalize_dense(data: bytes) -> bytes:
+    r"""Bare LF -> CRLF and one "." after it dropped, in whole-piece passes.
+
+    A dot after a CRLF is doubled first, so that dropping one dot after every LF leaves
+    it as it was and drops only those after a bare LF; no byte before an LF changes on
+    the way, so the LFs that were bare stay bare. Then CRLF -> LF, LF -> CRLF. A
+    one-byte `in` (memchr) skips the passes that have nothing to do.
+    """
+    if b"." in data:
+        if b"\r" in data:
+            data = data.replace(b"\r\n.", b"\r\n..")
+        data = data.replace(b"\n.", b"\n")
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")
+    return data.replace(b"\n", b"\r\n")
+
+
+def normalized_size(data: bytes | bytearray, start: int, stop: int,
+                    after_bare_lf: bool) -> int:
+    """`len(normalize_bare_lf(data[start:stop], after_bare_lf))`, counted in place: each
+    bare LF adds its CR, each "." dropped after one takes a byte off. No copy is made,
+    and a one-byte `find` (memchr) skips the counts that cannot find anything."""
+    size = stop - start
+    if after_bare_lf and size and data[start] == DOT:
+        size -= 1  # the LF before it was bare: a stuffing dot
+    lfs = data.count(b"\n", start, stop)
+    if not lfs:
+        return size
+    has_cr = data.find(b"\r", start, stop) >= 0
+    bare = lfs - data.count(b"\r\n", start, stop) if has_cr else lfs
+    if bare and data.find(b".", start, stop) >= 0:
+        bare -= data.count(b"\n.", start, stop)
+        if has_cr:
+            bare += data.count(b"\r\n.", start, stop)
+    return size + bare

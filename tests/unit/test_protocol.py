@@ -6,6 +6,8 @@ line and at random split points. Replies are compared as exact bytes, by reply n
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from support.smtpdriver import (
     EHLO, EHLO_R, HELLO, HELO, MAIL, MODES, OPEN, RCPT, Client, case, ehlo_reply, hold,
@@ -661,6 +663,52 @@ def test_normalized_body_counts_against_the_size_limit_as_handed_on(mode: str) -
     assert c.send(MAIL + RCPT + b"DATA\r\n12345678\n\r\n.\r\n") == wire(
         R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, queued("Q1"))
     assert c.bodies[-1] == b"12345678\r\n\r\n"
+
+
+# Past the limit: bare LFs, a dot after one (dropped), a dot after a CRLF (kept), a bare CR.
+OVER_THE_LIMIT = b"\n" * 40 + b"a\n.b\r\n..c\n\n.\r\r\n" * 5
+
+
+def test_past_the_size_limit_a_normalized_body_counts_as_it_would_be_handed_on(
+        mode: str) -> None:
+    """Once a body is over the limit it is counted, not normalized: the 552 and the size
+    are those of the body as it would have been handed on, in any chunking."""
+    c = Client(mode, bare_lf="normalize", max_message_bytes=12)
+    data = b"0123456789\n" + OVER_THE_LIMIT + b"\r\n.\r\n"
+    # As handed on: each LF made CRLF, the dot after a bare LF dropped, the scanner's
+    # stuffing dot after a CRLF dropped too, and the CRLF before the end is body.
+    body = b"0123456789\r\n" + b"\r\n" * 40 + b"a\r\nb\r\n.c\r\n\r\n\r\r\n" * 5 + b"\r\n"
+    assert c.send(OPEN + data + b"NOOP\r\n") == wire(open_reply(12), R.MESSAGE_TOO_BIG, R.OK)
+    assert c.of(MessageRejected) == [MessageRejected(len(body), "message too big")]
+    assert c.bodies[0] in (b"", b"0123456789\r\n")  # what fitted, in pieces that came alone
+
+
+def test_past_the_size_limit_bare_lfs_are_counted_in_place() -> None:
+    """A body of bare LFs past the limit costs no copy of its pieces (normalizing one
+    would make two: the piece as bytes, and twice its size rewritten)."""
+    conn = SmtpServerConnection(Settings(hostname="mx.test", bare_lf="normalize",
+                                         max_message_bytes=1000))
+    conn.greet()
+    stream = memoryview(OPEN + b"x" * 300_000 + b"\n" * 1_000_000 + b"\r\n.\r\n")
+    rejected, peaks = [], []
+    while stream:
+        view = conn.buffer.free_view()
+        n = min(len(view), len(stream))
+        view[:n], stream = stream[:n], stream[n:]
+        conn.buffer.commit(n)
+        traced = conn.buffer.capacity == conn.settings.data_buffer_bytes  # grown for DATA
+        if traced:
+            tracemalloc.start()
+        while (event := conn.next_event()) not in (NEED_DATA, PAUSED):
+            if isinstance(event, MessageRejected):
+                rejected.append(event)
+            elif type(event) in (Hello, MailFrom, RcptTo, DataStarted):
+                conn.accept()
+        if traced:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+    assert rejected == [MessageRejected(300_000 + 2_000_000 + 2, "message too big")]
+    assert len(peaks) >= 4 and max(peaks) < 16 * 1024, peaks  # reads of 256 KiB each
 
 
 @pytest.mark.parametrize("bare_lf", ["normalize", "reject", "accept"])
