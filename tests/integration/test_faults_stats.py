@@ -436,7 +436,10 @@ def test_two_pipelined_tarpitted_replies_are_both_slow(make_server, raw_clients)
     client.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<a@example.org>\r\n"
                 b"RCPT TO:<b@example.org>\r\n")
     pieces = arrivals(client.sock, replies.RECIPIENT_OK.wire * 2)
-    assert pieces[0][1] == replies.SENDER_OK.wire, pieces  # alone, at full speed
+    # At full speed, alone: a busy machine may let a trickled byte or two join it.
+    first = pieces[0][1]
+    assert first.startswith(replies.SENDER_OK.wire), pieces
+    assert len(first) - len(replies.SENDER_OK.wire) <= 3, pieces
     received, first_rcpt_done = 0, None
     for at, piece in pieces:
         received += len(piece)
