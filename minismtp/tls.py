@@ -72,6 +72,18 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+def _probe_context(config: TlsConfig) -> ssl.SSLContext:
+    """A fresh context to check one pair in alone, as strict as the real one about keys: its
+    security level comes from tls.ciphers (`@SECLEVEL=0` lets a legacy 1024-bit key in)."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if config.ciphers is not None:
+        try:
+            probe.set_ciphers(config.ciphers)
+        except ssl.SSLError:
+            pass  # reported for the real context
+    return probe
+
+
 def _load_pair(context: ssl.SSLContext, config: TlsConfig, index: int) -> list[str]:
     pair = config.certificates[index]
     where = f"tls.certificates[{index}]"
@@ -91,17 +103,24 @@ def _load_pair(context: ssl.SSLContext, config: TlsConfig, index: int) -> list[s
         # and matches there the certificate of another pair of that type, while this
         # pair's certificate is left with no key (check_private_key sees only the slot
         # just filled). Alone, a key that is not this certificate's is refused.
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
-            pair.cert, pair.key, password=_no_password)
+        _probe_context(config).load_cert_chain(pair.cert, pair.key, password=_no_password)
         context.load_cert_chain(pair.cert, pair.key, password=_no_password)
     except ssl.SSLError as exc:
         # A key of the certificate's type but another pair's; a key of another type.
         if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             return [f'{where}.key: "{pair.key}" is not the key of "{pair.cert}"']
+        if exc.reason in _TOO_WEAK:
+            return [f'{where}: "{pair.cert}" is too weak for the security level '
+                    f"({exc.reason}): use a larger key or a stronger signature, or lower "
+                    'the level in tls.ciphers (e.g. "DEFAULT:@SECLEVEL=0")']
         if _decode_cert(pair.cert) is None:
             return [f'{where}.cert: no PEM certificate in "{pair.cert}"']
         return [f'{where}.key: no PEM private key (unencrypted) in "{pair.key}"']
     return []
+
+
+# OpenSSL's reasons for a pair refused by the security level (tls.ciphers' @SECLEVEL).
+_TOO_WEAK = frozenset({"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"})
 
 
 def _decode_cert(path: str) -> dict | None:

@@ -498,3 +498,44 @@ def test_sessions_resume_across_forked_processes(pair, client_context):
     assert not reused
     reused, _ = session_via_child(session)
     assert reused
+
+
+@pytest.fixture(scope="module")
+def weak_pair(tmp_path_factory):
+    """A self-signed 1024-bit RSA pair: below OpenSSL's default security level."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "legacy.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    directory = tmp_path_factory.mktemp("weak")
+    cert_path, key_path = directory / "weak.crt", directory / "weak.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_a_weak_key_is_refused_by_name_at_the_default_security_level(tmp_path, weak_pair):
+    path = with_certs(tmp_path, weak_pair, '    - "127.0.0.1:25"')
+    [problem] = problems_of(path)
+    assert problem.startswith(f'tls.certificates[0]: "{weak_pair[0]}" is too weak for the '
+                              "security level (EE_KEY_TOO_SMALL)"), problem
+
+
+def test_a_weak_key_loads_where_tls_ciphers_lowers_the_security_level(tmp_path, weak_pair):
+    """Each pair is checked alone in a context of its own: that context takes the
+    security level from tls.ciphers as the real one does."""
+    path = with_certs(tmp_path, weak_pair, '    - "127.0.0.1:25"',
+                      '  ciphers: "DEFAULT:@SECLEVEL=0"\n')
+    config = load_config(str(path))
+    assert tls.server_context(config.tls).cert_store_stats() is not None
