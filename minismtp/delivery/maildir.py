@@ -471,9 +471,13 @@ class MaildirBackend(Backend):
             pass  # what it is, open_subdir finds out
         else:
             fd = open_subdir(root_fd, sub)
-            _set_owner_fd(fd, self.dir_mode, self.gid)
-            if self.fsync:
-                os.fsync(root_fd)
+            try:
+                _set_owner_fd(fd, self.dir_mode, self.gid)
+                if self.fsync:
+                    os.fsync(root_fd)
+            except BaseException:
+                os.close(fd)  # the caller closes only what it is given
+                raise
             return fd
         try:
             return open_subdir(root_fd, sub)

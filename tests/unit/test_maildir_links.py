@@ -148,3 +148,24 @@ def test_a_per_recipient_domain_named_new_is_not_given_away(tmp_path: Path) -> N
     (root / "new").mkdir()  # the domain "new", made here as root for the test
     prepare_delivery(config)
     assert (root / "new").stat().st_uid == 0
+
+
+def test_a_subdirectory_made_but_not_finished_is_closed(tmp_path: Path, monkeypatch) -> None:
+    """A directory fsync the file system refuses (EINVAL on some network ones): prepare()
+    fails naming it, and leaves no descriptor open behind it, start or reload alike."""
+    import errno
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    before = len(os.listdir("/proc/self/fd"))
+    for attempt in range(3):
+        with pytest.raises(DeliveryError, match="cannot create tmp/: Invalid argument"):
+            MaildirBackend(str(tmp_path / f"m{attempt}"), fsync=True).prepare()
+    assert len(os.listdir("/proc/self/fd")) == before
