@@ -260,13 +260,16 @@ SETTINGS: tuple[Setting, ...] = (
             "of two from 1024 to 65536, fixed when the master starts; "
             "`ipv6_prefix_length`: IPv6 clients in one network of this many bits count as "
             "one (Postfix's default, 84). The client is the PROXY header's source on a "
-            "listener with `proxy_protocol`",
+            "listener with `proxy_protocol`. On an implicit-TLS listener a session counts "
+            "from its handshake, and one refused is closed without a word (no 421)",
             dump_per_client),
     Setting("delivery.backend", "maildir", parsing.choice("maildir", "discard"),
             "`maildir` or `discard`"),
     Setting("delivery.path", "./var/mail", parsing.file_path,
             "Maildir root (`tmp/`, `new/`, `cur/` made with `delivery.dir_mode`), relative "
-            "to the working directory"),
+            "to the working directory; it may be a symlink, but `tmp/`, `new/` and `cur/` "
+            "must be directories, never symlinks (refused however the server runs: the "
+            "master, often root, does not follow them)"),
     Setting("delivery.fsync", True, parsing.boolean,
             "a `250` means the file and its directory entry are on disk"),
     Setting("delivery.layout", "single", parsing.choice("single", "per_recipient"),
