@@ -89,10 +89,9 @@ class Session:
 
     __slots__ = (
         "transport", "fd", "conn", "peer", "profile", "handshake", "preamble", "sink",
-        "sink_error", "mask", "deadline", "timer_at",
-        "data_started", "data_bytes", "envelope", "size", "end_seen", "paused",
-        "tarpit_bps", "tarpit_at", "trickling", "lingering", "closed", "end",
-        "client_entry",
+        "sink_error", "mask", "deadline", "timer_at", "data_started", "data_bytes",
+        "data_bytes_at_tick", "envelope", "size", "end_seen", "paused", "tarpit_bps",
+        "tarpit_at", "trickling", "lingering", "closed", "end", "client_entry",
     )
 
     def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer,
@@ -111,6 +110,7 @@ class Session:
         self.timer_at = float("inf")  # earliest live timer entry (see timers.py)
         self.data_started = 0.0
         self.data_bytes = 0
+        self.data_bytes_at_tick = 0  # data_bytes at the worker's last tick (_trim_buffers)
         self.envelope: Envelope | None = None  # of the message in DATA
         self.size = 0  # of the message just ended
         self.end_seen = 0.0  # when its terminator arrived

@@ -242,6 +242,7 @@ class Worker:
             log.error("delivery: a commit has waited %.0fs for the disk; the messages "
                       "behind it wait with it", stalled)
         self._publish_stats()
+        self._trim_buffers()
         self.acceptor.tick(now)
         if os.getppid() != self.parent and not self.stopping:
             log.warning("worker %d: master went away, exiting", os.getpid())
@@ -285,6 +286,19 @@ class Worker:
         self.output.flush(session)
         if not (session.closed or session.lingering):
             self.close(session, "worker exit")  # it is not reading: do not wait for it
+
+    def _trim_buffers(self) -> None:
+        """Give the large buffer back for bodies that brought less than the command
+        buffer since the last tick: idle, or trickling (at min_data_rate, for up to
+        data_timeout), they would hold it for nothing. The core keeps it across reads,
+        since it cannot see the time between them (_fit_buffer); here a body slowing
+        down costs one resize a tick at most, and one growth if it speeds up again."""
+        for session in self.sessions.values():
+            if session.conn.state is _DATA:
+                brought = session.data_bytes - session.data_bytes_at_tick
+                session.data_bytes_at_tick = session.data_bytes
+                if brought < session.conn.settings.command_buffer_bytes:
+                    session.conn.trim_buffer()
 
     def _publish_stats(self) -> None:
         """Copy the counters to the shared board, with the refusals the core has made in
@@ -529,7 +543,7 @@ class Worker:
         self.handshakes.begin_starttls(session)
 
     def data_started(self, session: Session) -> None:
-        session.data_bytes = len(session.conn.buffer)
+        session.data_bytes = session.data_bytes_at_tick = len(session.conn.buffer)
         session.data_started = now = self.now
         self._set_data_deadline(session, now)
 

@@ -1,9 +1,9 @@
 """The per-connection receive buffer: a fixed bytearray that `recv_into` fills in place.
 
 Untrusted input: raw client bytes, any length. The buffer never grows by itself; callers
-choose its capacity (small for commands, large while a body streams in) and the scanners
-consume or discard what they have looked at, so memory stays bounded whatever the client
-sends.
+choose its capacity (small for commands; large once a body fills the small one, until the
+body ends or the I/O layer trims it for a body gone slow) and the scanners consume or
+discard what they have looked at, so memory stays bounded whatever the client sends.
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   later pipelined commands looked at, so replies always leave in command order (RFC 2920).
 - In DATA the body scanner hands out BodyChunk views of the buffer itself; the core
   counts them against the size limit and the bare-LF policy and answers 552/550 itself
-  after the terminator (a "delayed reject": it never stops reading mid-DATA).
+  after the terminator (a "delayed reject": it never stops reading mid-DATA). A read
+  that fills the buffer grows it to `data_buffer_bytes` (`_fit_buffer`); it goes back to
+  the command size when the body ends, or when the I/O layer, which sees the time
+  between reads, calls `trim_buffer()` for a body gone idle or slow.
 - Bare LF (`Settings.bare_lf`, Postfix's smtpd_forbid_bare_newline): "normalize" takes
   an LF without its CR as a line end, in commands and in the body, where it is handed on
   as CRLF (a dot after it unstuffed: see scanner.py); "reject" answers 500 to such a
@@ -97,7 +100,7 @@ class Settings:
     max_recipient_overshoot: int = 1000  # RCPTs past max_recipients, then errors (Postfix)
     bare_lf: str = "normalize"  # or "reject", "accept" (module docstring)
     command_buffer_bytes: int = 4096  # kept by every connection, idle ones too
-    data_buffer_bytes: int = 256 * 1024  # taken only while a body streams in (_fit_buffer)
+    data_buffer_bytes: int = 256 * 1024  # taken while a body streams in (_fit_buffer)
     # STARTTLS offered (EHLO lists it). Not offered, the command gets 502 like any other
     # extension we lack; offered but refused by a decision (fault rule, no usable
     # context), 454 4.7.0 (`replies.TLS_NOT_AVAILABLE`).
@@ -219,7 +222,7 @@ class SmtpServerConnection:
         "authenticated_as", "buffer", "commands", "discarded_after_starttls",
         "foreign_protocol", "refusals", "settings", "state", "tls", "_after_bare_lf",
         "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
-        "_body_bytes", "_body_seen", "_close_reason", "_declared_size", "_errors", "_esmtp",
+        "_body_bytes", "_close_reason", "_declared_size", "_errors", "_esmtp",
         "_handlers", "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out",
         "_overshoot", "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf",
         "_sender", "_smtputf8", "_tls_needed",
@@ -428,6 +431,13 @@ class SmtpServerConnection:
         be lost with the connection, or the client sends the message again."""
         self._pending = None
         self._close(reason)
+
+    def trim_buffer(self) -> None:
+        """Give the large buffer back while a body has slowed or stopped coming (the I/O
+        layer decides when: it sees the time between reads). Only in DATA, and only with
+        room left for a read; a read that fills the small buffer grows it again."""
+        if self.state is _DATA:
+            self._maybe_shrink()
 
     @property
     def queued_bytes(self) -> int:
@@ -722,7 +732,6 @@ class SmtpServerConnection:
         self.state = _DATA
         self._body = BodyScanner()
         self._body_bytes = 0
-        self._body_seen = 0  # _body_bytes when the buffer was last fitted
         self._bare_lf_seen = False
         self._after_bare_lf = False  # normalize: the last piece ended in a bare LF
         self._lines.reset()
@@ -767,7 +776,7 @@ class SmtpServerConnection:
                 elif self._body_bytes <= limit:
                     return BodyChunk(chunk)
             elif buf.start == pos and not body.done:
-                if self._body_bytes != self._body_seen:  # once per read that brought body
+                if buf.end == len(data):  # the last read filled the buffer
                     self._fit_buffer()
                 return NEED_DATA
 
@@ -796,6 +805,8 @@ class SmtpServerConnection:
         return normalized_size(data, start, stop, after)
 
     def _end_body(self) -> object:
+        if len(self.buffer.data) > self.settings.command_buffer_bytes:
+            self._maybe_shrink()  # now: a client may idle until its next command
         size = self._body_bytes
         if self._bare_lf_seen:
             refusal, reason = replies.BARE_LF_DATA, "bare LF in body"
@@ -810,35 +821,25 @@ class SmtpServerConnection:
         return MessageRejected(size, reason)
 
     def _fit_buffer(self) -> None:
-        """Size the buffer for the body's next read, from how the last one went.
+        """Grow the buffer for the body's next read: the last one filled it.
 
         Here the scanner has taken all but a few bytes, so a buffer that ends full was
         filled by the last read: the body came faster than it was read, and more likely
-        waits. Read it in big gulps. A read that left room found the client's bytes all
-        taken (the I/O layer stops reading after one, too); if it also brought little
-        (under an eighth of the large buffer) the body has slowed, and the large buffer
-        would only be held idle until the next read: it goes back to the pool however
-        large the body is. A client trickling its body then holds the command buffer.
-        A body streaming at about the rate we read it keeps the large buffer: giving it
-        back after each of its larger partial reads cost a 10 MiB message 8% more CPU.
-        Hazard: the core cannot see a read that finds nothing or the time between reads,
-        so bursts of an eighth of the large buffer or more, or a burst that ends exactly
-        at a full buffer, keep the large one until the client's next read.
+        waits. Read it in big gulps, and keep the large buffer across reads that leave
+        room: giving it back after each (a body arriving in 4-32 KiB bursts, as from most
+        internet clients) cost every burst two reads and two resizes, 20-60% more CPU
+        per MiB. The core cannot see the time between reads, so it never gives the
+        buffer back on a read's size; the I/O layer calls `trim_buffer` for a body that
+        has slowed or stopped, and the buffer goes back when the body ends.
         """
-        got = self._body_bytes - self._body_seen
-        self._body_seen = self._body_bytes
-        buf, s = self.buffer, self.settings
-        size = len(buf.data)
-        if buf.end == size:
-            if size < s.data_buffer_bytes:
-                buf.resize(s.data_buffer_bytes)
-        elif size > s.command_buffer_bytes >= len(buf) and got < s.data_buffer_bytes // 8:
-            buf.resize(s.command_buffer_bytes)
+        buf, size = self.buffer, self.settings.data_buffer_bytes
+        if len(buf.data) < size:
+            buf.resize(size)
 
     def _maybe_shrink(self) -> None:
         buf, cap = self.buffer, self.settings.command_buffer_bytes
         if buf.capacity > cap and len(buf) <= cap // 2:
-            buf.resize(cap)  # the body is over: give the large buffer back
+            buf.resize(cap)  # the body is over or idle: give the large buffer back
 
     # -- bookkeeping ---------------------------------------------------------------
 
