@@ -90,7 +90,7 @@ class Session:
     __slots__ = (
         "transport", "fd", "conn", "peer", "profile", "handshake", "preamble", "sink",
         "sink_error", "mask", "deadline", "timer_at", "data_started", "data_bytes",
-        "data_bytes_at_tick", "envelope", "size", "end_seen", "paused", "tarpit_bps",
+        "data_bytes_at_tick", "body_read_at", "envelope", "size", "end_seen", "paused", "tarpit_bps",
         "tarpit_at", "trickling", "lingering", "closed", "end", "client_entry",
     )
 
@@ -111,6 +111,7 @@ class Session:
         self.data_started = 0.0
         self.data_bytes = 0
         self.data_bytes_at_tick = 0  # data_bytes at the worker's last tick (_trim_buffers)
+        self.body_read_at = 0.0  # the loop turn of its last body read (turn.py)
         self.envelope: Envelope | None = None  # of the message in DATA
         self.size = 0  # of the message just ended
         self.end_seen = 0.0  # when its terminator arrived

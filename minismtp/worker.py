@@ -190,8 +190,8 @@ class Worker:
                     msglog.flush()  # log lines held HOLD_S in shared memory (logboard.py)
                 events = self.poller.poll(self._select_timeout(now))
                 self.now = time.monotonic()
-                if turn.left:  # the last turn ended early: who waited goes first
-                    events = turn.waiting_first(events)
+                if turn.cut:  # the last turn ended early: the least recently read first
+                    events = turn.least_read_first(events)
                 turn.body_bytes = 0
                 turn.events = ready = iter(events)
                 for owner, mask in ready:  # turn.end() ends it early
@@ -465,6 +465,7 @@ class Worker:
                 self._set_data_deadline(session, self.now)
             turn = self.turn
             turn.body_bytes += n
+            session.body_read_at = self.now  # the turn's time: who read least recently
             if turn.body_bytes >= _TURN_BODY_BYTES:
                 turn.end()  # the sessions still to come this turn wait for the next
                 break
@@ -544,7 +545,8 @@ class Worker:
 
     def data_started(self, session: Session) -> None:
         session.data_bytes = session.data_bytes_at_tick = len(session.conn.buffer)
-        session.data_started = now = self.now
+        # Read this turn already (the body's first bytes may be in): for turn.py's order.
+        session.data_started = session.body_read_at = now = self.now
         self._set_data_deadline(session, now)
 
     def want(self, session: Session, mask: int) -> None:
