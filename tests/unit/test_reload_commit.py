@@ -44,6 +44,15 @@ def tmp_path() -> Iterator[Path]:
         yield Path(name)
 
 
+def _close(arbiter: Arbiter) -> None:
+    """What an Arbiter opened before its first fork (its run's end closes it otherwise)."""
+    arbiter.listeners.close()
+    arbiter.sel.close()
+    arbiter.wakeup.close()
+    arbiter.board.close()
+    arbiter.log_board.close()
+
+
 @pytest.fixture
 def master(tmp_path: Path) -> Iterator[Callable[..., Arbiter]]:
     """An Arbiter set up as `run` sets it up before its first fork."""
@@ -60,11 +69,7 @@ def master(tmp_path: Path) -> Iterator[Callable[..., Arbiter]]:
 
     yield make
     for arbiter in made:
-        arbiter.listeners.close()
-        arbiter.sel.close()
-        arbiter.wakeup.close()
-        arbiter.board.close()
-        arbiter.log_board.close()
+        _close(arbiter)
 
 
 @pytest.fixture
@@ -189,11 +194,7 @@ def test_a_maildir_the_user_cannot_reach_stops_the_start(tmp_path, caplog):
             assert arbiter.run() == exitcodes.FAILURE
         assert not arbiter.listeners.all()
     finally:
-        arbiter.listeners.close()
-        arbiter.sel.close()
-        arbiter.wakeup.close()
-        arbiter.board.close()
-        arbiter.log_board.close()
+        _close(arbiter)
     [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert line.startswith(f'cannot start: delivery.path: server.user "nobody" cannot '
                            f'reach "{tmp_path}/locked/mail": "{tmp_path}/locked" is mode 0700')
@@ -260,11 +261,7 @@ def test_a_start_removes_the_files_of_workers_no_longer_running(tmp_path):
         with pytest.raises(Started):
             arbiter.run()
     finally:
-        arbiter.listeners.close()
-        arbiter.sel.close()
-        arbiter.wakeup.close()
-        arbiter.board.close()
-        arbiter.log_board.close()
+        _close(arbiter)
     assert not orphan.exists()
 
 

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from minismtp.config import load_config
 from minismtp.delivery import DeliveryError, Peer, make_backend
 from minismtp.delivery import maildir
 from minismtp.delivery.maildir import MaildirBackend
-from minismtp.heartbeat import HeartbeatBoard
 from minismtp.smtp import replies
 from minismtp.smtp.events import Envelope
-from minismtp.stats import StatsBoard
 from minismtp.worker import Worker
+from support.inprocess import worker_in_process
 
 PEER = Peer("192.0.2.7", 40123)
 ENVELOPE = Envelope(helo="client.example", esmtp=True, sender="a@example.org",
@@ -86,22 +84,8 @@ def test_a_batch_whose_new_cannot_be_synced_for_want_of_space_is_full(
 @pytest.fixture
 def worker(tmp_path: Path) -> Iterator[Worker]:
     """A worker storing into a Maildir without fsync: commits run at once, on the loop."""
-    config = load_config(overrides={"server.listen": ["127.0.0.1:0"]})
-    listener = socket.socket()
-    beats, board = HeartbeatBoard(1), StatsBoard(1, 8)
-    worker = Worker(config, [(listener, config.server.listen[0])],
-                    _backend(tmp_path, fsync=False), beats, 0, board)
-    try:
+    with worker_in_process(backend=_backend(tmp_path, fsync=False)) as worker:
         yield worker
-    finally:
-        for session in list(worker.sessions.values()):
-            worker.close(session, "")
-        worker.storage.close()
-        worker.poller.close()
-        worker.wakeup.close()
-        listener.close()
-        beats.close()
-        board.close()
 
 
 def _session(worker: Worker) -> socket.socket:

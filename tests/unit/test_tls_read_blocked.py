@@ -20,15 +20,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from minismtp.config import load_config
-from minismtp.delivery.null import DiscardBackend
-from minismtp.heartbeat import HeartbeatBoard
 from minismtp.loop import READ, WRITE
 from minismtp.session import Session
 from minismtp.smtp import replies
-from minismtp.stats import StatsBoard
 from minismtp.tlstransport import TlsTransport
 from minismtp.worker import Worker
+from support.inprocess import worker_in_process
 
 WANT_WRITE, WANT_READ = ssl.SSLWantWriteError, ssl.SSLWantReadError
 
@@ -79,22 +76,8 @@ class ScriptedSSL:
 
 @pytest.fixture
 def worker() -> Iterator[Worker]:
-    config = load_config(overrides={"server.listen": ["127.0.0.1:0"]})
-    listener = socket.socket()
-    beats, board = HeartbeatBoard(1), StatsBoard(1, 8)
-    worker = Worker(config, [(listener, config.server.listen[0])], DiscardBackend(), beats,
-                    0, board)
-    try:
+    with worker_in_process() as worker:
         yield worker
-    finally:
-        for session in list(worker.sessions.values()):
-            worker.close(session, "")
-        worker.storage.close()
-        worker.poller.close()
-        worker.wakeup.close()
-        listener.close()
-        beats.close()
-        board.close()
 
 
 @pytest.fixture

@@ -11,13 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from minismtp.config import load_config
-from minismtp.delivery.null import DiscardBackend
-from minismtp.heartbeat import HeartbeatBoard
 from minismtp.session import Session
 from minismtp.smtp.protocol import Settings
-from minismtp.stats import StatsBoard
 from minismtp.worker import Worker
+from support.inprocess import worker_in_process
 
 SMALL, LARGE = Settings().command_buffer_bytes, Settings().data_buffer_bytes
 OPEN = (b"EHLO c.example\r\n", b"MAIL FROM:<a@example.org>\r\n",
@@ -27,23 +24,8 @@ LINE = b"x" * 78 + b"\r\n"
 
 @pytest.fixture
 def worker() -> Iterator[Worker]:
-    config = load_config(overrides={"server.listen": ["127.0.0.1:0"],
-                                    "limits.min_data_rate": 0})
-    listener = socket.socket()
-    beats, board = HeartbeatBoard(1), StatsBoard(1, 8)
-    worker = Worker(config, [(listener, config.server.listen[0])], DiscardBackend(), beats,
-                    0, board)
-    try:
+    with worker_in_process({"limits.min_data_rate": 0}) as worker:
         yield worker
-    finally:
-        for session in list(worker.sessions.values()):
-            worker.close(session, "")
-        worker.storage.close()
-        worker.poller.close()
-        worker.wakeup.close()
-        listener.close()
-        beats.close()
-        board.close()
 
 
 def in_body(worker: Worker, port: int) -> tuple[Session, socket.socket]:

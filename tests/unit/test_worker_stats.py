@@ -9,31 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from minismtp.config import load_config
-from minismtp.delivery.null import DiscardBackend
-from minismtp.heartbeat import HeartbeatBoard
-from minismtp.stats import StatsBoard
 from minismtp.worker import Worker
+from support.inprocess import worker_in_process
 
 
 @pytest.fixture
 def worker() -> Iterator[Worker]:
-    config = load_config(overrides={"server.listen": ["127.0.0.1:0"]})
-    listener = socket.socket()
-    beats, board = HeartbeatBoard(1), StatsBoard(1, 8)
-    worker = Worker(config, [(listener, config.server.listen[0])], DiscardBackend(), beats,
-                    0, board)
-    try:
+    with worker_in_process() as worker:
         yield worker
-    finally:
-        for session in list(worker.sessions.values()):
-            worker.close(session, "")
-        worker.storage.close()
-        worker.poller.close()
-        worker.wakeup.close()
-        listener.close()
-        beats.close()
-        board.close()
 
 
 def open_session(worker: Worker) -> socket.socket:

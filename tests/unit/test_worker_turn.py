@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from minismtp import poller
 from minismtp import worker as worker_module
 from minismtp.config import load_config
 from minismtp.delivery.null import DiscardBackend
@@ -51,23 +56,26 @@ class RecordingTurn(Turn):
         return super().least_read_first(events)
 
 
-def run_worker(ours: list[socket.socket], out: int) -> None:
-    """In the child: a Worker with the sessions on `ours`, until SIGQUIT; its turns'
-    log, as JSON, to `out`."""
+def serve_in_child(ours: list[socket.socket], out: int, on_read, turn: Turn | None = None
+                   ) -> None:
+    """In the child: a Worker with the sessions on `ours` and the turn bound BOUND, until
+    SIGQUIT; `on_read(session, bytes)` after each body read; then what `on_read.result()`
+    gives, as JSON, to `out`."""
     worker_module._TURN_BODY_BYTES = BOUND
     config = load_config(overrides={"server.listen": ["127.0.0.1:0"],
                                     "server.sched_batch": False})
     listener = socket.socket()
     worker = worker_module.Worker(config, [(listener, config.server.listen[0])],
                                   DiscardBackend(), HeartbeatBoard(1), 0, StatsBoard(1, 8))
-    turn = worker.turn = RecordingTurn()
+    if turn is not None:
+        worker.turn = turn
     read = worker._on_readable
 
     def recording(session) -> None:
         before = session.data_bytes
         read(session)
         if session.data_bytes > before:
-            turn.log[-1]["reads"].append((session.peer.port, session.data_bytes - before))
+            on_read(session.peer.port, session.data_bytes - before)
     worker._on_readable = recording  # run() takes it from here
     worker._start_sessions([(sock, ("127.0.0.1", 40000 + i), listener)
                             for i, sock in enumerate(ours)])
@@ -75,7 +83,64 @@ def run_worker(ours: list[socket.socket], out: int) -> None:
         worker.run()
     except SystemExit:
         pass
-    os.write(out, json.dumps([t for t in turn.log if t["reads"]]).encode())
+    os.write(out, json.dumps(on_read.result()).encode())
+
+
+@contextmanager
+def forked_worker(sessions: int, child) -> Iterator[tuple[list[socket.socket], list]]:
+    """`child(ours, out)` serves `sessions` socketpairs in a forked process; the block
+    gets the clients' ends and a list, which holds the child's JSON after it."""
+    pairs = [socket.socketpair() for _ in range(sessions)]
+    ours, theirs = [a for a, _ in pairs], [b for _, b in pairs]
+    log_read, log_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        try:
+            for sock in theirs:
+                sock.close()
+            os.close(log_read)
+            child(ours, log_write)
+        finally:
+            os._exit(0)
+    os.close(log_write)
+    for sock in ours:
+        sock.close()
+    result: list = []
+    try:
+        yield theirs, result
+    finally:
+        os.kill(pid, signal.SIGQUIT)
+        log = b""
+        while chunk := os.read(log_read, 1 << 16):
+            log += chunk
+        os.close(log_read)
+        os.waitpid(pid, 0)
+        for sock in theirs:
+            sock.close()
+        result.append(json.loads(log))
+
+
+class TurnLog:
+    """on_read for the first test: each read into its turn's entry of a RecordingTurn."""
+
+    def __init__(self, turn: RecordingTurn) -> None:
+        self.turn = turn
+
+    def __call__(self, port: int, n: int) -> None:
+        self.turn.log[-1]["reads"].append((port, n))
+
+    def result(self) -> list[dict]:
+        return [t for t in self.turn.log if t["reads"]]
+
+
+class ReadCounts(dict):
+    """on_read for the second test: body reads per client port."""
+
+    def __call__(self, port: int, n: int) -> None:
+        self[port] = self.get(port, 0) + 1
+
+    def result(self) -> dict:
+        return self
 
 
 def stream(client: socket.socket, replies: list[bytes]) -> None:
@@ -90,23 +155,12 @@ def stream(client: socket.socket, replies: list[bytes]) -> None:
 
 
 def test_a_turn_ends_at_its_body_bound_and_the_others_go_first_in_the_next():
-    pairs = [socket.socketpair() for _ in range(STREAMERS)]
-    ours, theirs = [a for a, _ in pairs], [b for _, b in pairs]
-    log_read, log_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the worker
-        try:
-            for sock in theirs:
-                sock.close()
-            os.close(log_read)
-            run_worker(ours, log_write)
-        finally:
-            os._exit(0)
-    os.close(log_write)
-    for sock in ours:
-        sock.close()
+    def child(ours, out):
+        turn = RecordingTurn()
+        serve_in_child(ours, out, TurnLog(turn), turn)
+
     replies: list[bytes] = []
-    try:
+    with forked_worker(STREAMERS, child) as (theirs, result):
         for sock in theirs:
             sock.settimeout(30)
         threads = [threading.Thread(target=stream, args=(sock, replies)) for sock in theirs]
@@ -114,17 +168,8 @@ def test_a_turn_ends_at_its_body_bound_and_the_others_go_first_in_the_next():
             thread.start()
         for thread in threads:
             thread.join(60)
-    finally:
-        os.kill(pid, signal.SIGQUIT)
-        log = b""
-        while chunk := os.read(log_read, 1 << 16):
-            log += chunk
-        os.close(log_read)
-        os.waitpid(pid, 0)
-        for sock in theirs:
-            sock.close()
     assert sorted(reply[:4] for reply in replies) == [b"250 "] * STREAMERS
-    turns = json.loads(log)
+    [turns] = result
     per_turn = [sum(n for _, n in t["reads"]) for t in turns]
     assert max(per_turn) < BOUND + MAX_READ  # over by one read at most
     cuts = [(before, t) for before, t in zip(turns, turns[1:]) if t["after_cut"]]
@@ -145,84 +190,30 @@ POLL_EVENTS = 8  # stands for the real 256, so that a few dozen sessions outnumb
 STREAM_S = 3.0
 
 
-def count_reads(ours: list[socket.socket], out: int) -> None:
-    """In the child: a Worker with the sessions on `ours`, polls of POLL_EVENTS events,
-    until SIGQUIT; the body reads per session (by client port), as JSON, to `out`."""
-    from minismtp import poller
-
-    poller._MAX_EVENTS = POLL_EVENTS
-    worker_module._TURN_BODY_BYTES = BOUND
-    config = load_config(overrides={"server.listen": ["127.0.0.1:0"],
-                                    "server.sched_batch": False})
-    listener = socket.socket()
-    worker = worker_module.Worker(config, [(listener, config.server.listen[0])],
-                                  DiscardBackend(), HeartbeatBoard(1), 0, StatsBoard(1, 8))
-    reads: dict[int, int] = {}
-    read = worker._on_readable
-
-    def counting(session) -> None:
-        before = session.data_bytes
-        read(session)
-        if session.data_bytes > before:
-            reads[session.peer.port] = reads.get(session.peer.port, 0) + 1
-    worker._on_readable = counting
-    worker._start_sessions([(sock, ("127.0.0.1", 40000 + i), listener)
-                            for i, sock in enumerate(ours)])
-    try:
-        worker.run()
-    except SystemExit:
-        pass
-    os.write(out, json.dumps(reads).encode())
-
-
 def test_more_streamers_than_a_poll_returns_are_all_read_in_turn():
     """Epoll hands out at most a poll's worth of ready events, the rest in later polls:
     the sessions a turn left waiting are often not among the next turn's events, so who
     goes first is kept per session (its last body read), not per turn. Every streamer
     is read, about as often as the others; none waits until its deadline."""
-    import select
-    import time
+    def child(ours, out):
+        poller._MAX_EVENTS = POLL_EVENTS
+        serve_in_child(ours, out, ReadCounts())
 
-    pairs = [socket.socketpair() for _ in range(MANY)]
-    ours, theirs = [a for a, _ in pairs], [b for _, b in pairs]
-    log_read, log_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the worker
-        try:
-            for sock in theirs:
-                sock.close()
-            os.close(log_read)
-            count_reads(ours, log_write)
-        finally:
-            os._exit(0)
-    os.close(log_write)
-    for sock in ours:
-        sock.close()
     line = b"y\n" * 32768  # bare LFs, endless: no body ends in the test's time
-    try:
-        with select.epoll() as ready:
-            for sock in theirs:
-                sock.sendall(OPEN)
-                sock.setblocking(False)
-                ready.register(sock.fileno(), select.EPOLLOUT)
-            by_fd = {sock.fileno(): sock for sock in theirs}
-            stop = time.monotonic() + STREAM_S
-            while time.monotonic() < stop:
-                for fd, _ in ready.poll(0.1):
-                    try:
-                        by_fd[fd].send(line)
-                    except OSError:
-                        pass
-    finally:
-        os.kill(pid, signal.SIGQUIT)
-        log = b""
-        while chunk := os.read(log_read, 1 << 16):
-            log += chunk
-        os.close(log_read)
-        os.waitpid(pid, 0)
+    with forked_worker(MANY, child) as (theirs, result), select.epoll() as ready:
         for sock in theirs:
-            sock.close()
-    reads = json.loads(log)
+            sock.sendall(OPEN)
+            sock.setblocking(False)
+            ready.register(sock.fileno(), select.EPOLLOUT)
+        by_fd = {sock.fileno(): sock for sock in theirs}
+        stop = time.monotonic() + STREAM_S
+        while time.monotonic() < stop:
+            for fd, _ in ready.poll(0.1):
+                try:
+                    by_fd[fd].send(line)
+                except OSError:
+                    pass
+    [reads] = result
     counts = sorted(reads.get(str(40000 + i), 0) for i in range(MANY))
     median = counts[MANY // 2]
     assert median >= 5, counts
