@@ -36,7 +36,7 @@ class JsonFormatter(logging.Formatter):
                     "message": record.getMessage()}
         if record.exc_info:
             document["exc"] = self.formatException(record.exc_info)
-        return json.dumps(document, ensure_ascii=False)
+        return json.dumps(document)  # ASCII only: valid JSON in any stream encoding
 
 
 def setup_logging(level: str, form: str = "text") -> None:

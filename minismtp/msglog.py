@@ -156,8 +156,10 @@ class MessageLog:
         if listener is not None:
             document["listener"] = listener
         if auth is not None:
-            document["user"] = _shown(auth)
-        self._hold(json.dumps(document, ensure_ascii=False) + "\n")
+            document["user"] = printable(auth, "")  # as text shows it: no control or bidi
+        # ASCII only: valid JSON whatever the stream's encoding (backslashreplace would
+        # write Python escapes, not JSON ones).
+        self._hold(json.dumps(document) + "\n")
 
     def _hold(self, line: str) -> None:
         """Keep `line` in the slot; written out HOLD_S after the first line held. Not a

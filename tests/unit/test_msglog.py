@@ -273,6 +273,23 @@ def test_json_lines_name_the_user_only_when_there_is_one(logfile):
     assert records[0]["user"] == "al ice" and "user" not in records[1]
 
 
+def test_json_lines_are_ascii_with_the_user_escaped_as_in_text(logfile, tmp_path):
+    """Valid JSON whatever the stream's encoding (ASCII escapes only), and a user name
+    that authenticated shows no control, C1 or bidi character, as on a text line."""
+    logger, _ = logfile
+    logger.use_json()
+    log = logger.message_log()
+    user = "al\x1b[31m\x9b\u202eice\u2028\udcff"
+    log.message("Q1", "127.0.0.1", "z\u00f6\u7528@example.org", 1, 100, None, "250 queued",
+                user)
+    log.close()
+    raw = (tmp_path / "log").read_bytes()
+    assert raw.isascii(), raw
+    [record] = logger.records()
+    assert record["user"] == "al\\x1b[31m\\x9b\\u202eice\\u2028\\udcff"
+    assert record["from"] == "z\u00f6\u7528@example.org"  # JSON's own escapes, read back
+
+
 def test_printable_leaves_ordinary_names_alone():
     assert msglog.printable("alice@example.org") == "alice@example.org"
     assert msglog.printable("zoë") == "zoë"
