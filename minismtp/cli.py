@@ -8,7 +8,9 @@ every problem is printed as one line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import sys
 
 from minismtp import __version__, exitcodes
@@ -48,6 +50,40 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _open_standard_descriptors()
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of our output went away (`check-config | head`): nothing to say to
+        # it; stdout onto /dev/null, so that the interpreter's exit flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exitcodes.FAILURE
+    except OSError as exc:
+        if exc.filename is not None:
+            raise  # not a write to a standard stream: a bug, shown as one
+        print(f"minismtp: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return exitcodes.FAILURE
+
+
+def _open_standard_descriptors() -> None:
+    """Started with stdin, stdout or stderr closed (`2>&-`), /dev/null takes its place:
+    else the next file opened would get the number, and what is written to it (the
+    log, a fatal error's traceback) would land in that file, and workers, finding no
+    sys.stderr, would fail to start."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY)
+            if opened != fd:  # lower ones are open, so this one is the lowest free
+                os.dup2(opened, fd)
+                os.close(opened)
+        if getattr(sys, name) is None:
+            setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, mode, closefd=False),
+                                                write_through=mode == "w"))
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()

@@ -267,3 +267,52 @@ def test_a_maildir_server_user_cannot_reach_exits_1_before_forking(tmp_path):
         assert not (private / "mail").exists()
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_check_config_into_a_closed_pipe_or_a_full_disk_says_one_line(tmp_path):
+    """`check-config | head -0` and `> /dev/full`: no traceback, status 1."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone: the first write fails with EPIPE
+    try:
+        closed = subprocess.run([*CLI, "check-config"], cwd=tmp_path, stdout=writer,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                timeout=RUN_TIMEOUT_S)
+    finally:
+        os.close(writer)
+    assert (closed.returncode, closed.stderr) == (1, "")
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*CLI, "check-config"], cwd=tmp_path, stdout=full,
+                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                    text=True, timeout=RUN_TIMEOUT_S)
+        assert result.returncode == 1
+        assert _problems(result) == ["cannot write the output: No space left on device"]
+
+
+def test_serve_with_stderr_closed_still_greets(tmp_path):
+    """Started with `2>&-`: /dev/null takes descriptor 2 (else workers, finding no
+    sys.stderr, failed to start, and the next file opened got number 2)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "minismtp.yaml"
+    config.write_text(yaml.safe_dump({"server": {"listen": [f"127.0.0.1:{port}"],
+                                                 "workers": 1},
+                                      "delivery": {"backend": "discard"}}))
+    server = subprocess.Popen([*CLI, "serve", "--config", str(config)], cwd=tmp_path,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              preexec_fn=lambda: os.close(2))
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    assert client.recv(512).startswith(b"220 ")
+                    break
+            except (ConnectionRefusedError, socket.timeout):
+                assert time.monotonic() < deadline, "no greeting"
+                time.sleep(0.1)
+        assert os.readlink(f"/proc/{server.pid}/fd/2") == "/dev/null"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
