@@ -72,6 +72,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # What the master makes in the root, per layout (per_recipient: workers make mailboxes).
 SUBDIRS = {"single": ("tmp", "new", "cur"), "per_recipient": ("tmp",)}
 _IS_LINK = "is a symbolic link (refused: not followed)"
+_NOT_A_DIRECTORY = "is not a directory"
 _NO_LINK = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})  # fs without hard links
 _MAX_MAILBOXES = 4096  # verified mailbox directories remembered per process
 # New mailboxes one message may make (layout "per_recipient"): each costs 5 mkdirs and up
@@ -166,24 +167,15 @@ def _may_chgrp(gid: int) -> bool:
     return gid >= 0 and (os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups())
 
 
-def _set_owner(path: str, mode: int, gid: int) -> None:
-    """A directory just made (0700): its group, where the process may, then `mode`."""
+def _set_owner(path: str | int, mode: int, gid: int) -> None:
+    """A directory just made (0700), by its path or open on a descriptor: its group,
+    where the process may, then `mode`."""
     if gid >= 0:
         if _may_chgrp(gid):
             os.chown(path, -1, gid)
         mode |= stat.S_ISGID  # what is made inside gets the group, by any user
     if mode != 0o700:
         os.chmod(path, mode)
-
-
-def _set_owner_fd(fd: int, mode: int, gid: int) -> None:
-    """`_set_owner` for a directory just made and opened on `fd`."""
-    if gid >= 0:
-        if _may_chgrp(gid):
-            os.fchown(fd, -1, gid)
-        mode |= stat.S_ISGID
-    if mode != 0o700:
-        os.fchmod(fd, mode)
 
 
 def _give(fd: int, uid: int, gid: int) -> None:
@@ -204,11 +196,19 @@ def open_subdir(root_fd: int, name: str) -> int:
         if exc.errno not in (errno.ENOTDIR, errno.ELOOP):  # a symlink: either, by flags
             raise
         try:
-            link = stat.S_ISLNK(os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode)
+            why = _refusal(os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode)
         except OSError:
-            link = False
-        raise NotADirectoryError(exc.errno, _IS_LINK if link else "is not a directory",
-                                 name) from None
+            why = None
+        raise NotADirectoryError(exc.errno, why or _NOT_A_DIRECTORY, name) from None
+
+
+def _refusal(mode: int) -> str | None:
+    """Why an entry of `mode` (not followed) cannot be tmp/, new/ or cur/, or None."""
+    if stat.S_ISLNK(mode):
+        return _IS_LINK
+    if not stat.S_ISDIR(mode):
+        return _NOT_A_DIRECTORY
+    return None
 
 
 def open_maildir_tmp(tmp_dir: str) -> int:
@@ -225,14 +225,10 @@ def subdir_problem(path: str, sub: str) -> str | None:
     """Why the existing `sub` of the Maildir at `path` cannot be used (a symlink, not a
     directory), or None (a directory, or missing: made at start)."""
     try:
-        mode = os.lstat(os.path.join(path, sub)).st_mode
+        why = _refusal(os.lstat(os.path.join(path, sub)).st_mode)
     except OSError:
         return None
-    if stat.S_ISLNK(mode):
-        return f"{sub}/ {_IS_LINK}"
-    if not stat.S_ISDIR(mode):
-        return f"{sub}/ is not a directory"
-    return None
+    return None if why is None else f"{sub}/ {why}"
 
 
 def clean_tmp(tmp: str | int, max_age_s: float = TMP_MAX_AGE_S) -> int:
@@ -472,7 +468,7 @@ class MaildirBackend(Backend):
         else:
             fd = open_subdir(root_fd, sub)
             try:
-                _set_owner_fd(fd, self.dir_mode, self.gid)
+                _set_owner(fd, self.dir_mode, self.gid)
                 if self.fsync:
                     os.fsync(root_fd)
             except BaseException:
