@@ -41,12 +41,20 @@ def owner(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
-def _is_ours(entry: os.DirEntry[str]) -> bool:
-    """A regular file (no symlink, no directory), still there."""
+def _remove(entry: os.DirEntry[str], tmp_fd: int, tmp_dir: str) -> bool:
+    """Unlink `entry` of the tmp/ open on `tmp_fd` if it is a regular file (no symlink,
+    no directory); whether it was. A failure is logged (`tmp_dir` names the place)."""
     try:
-        return stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode)
+        if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+            return False
+        os.unlink(entry.name, dir_fd=tmp_fd)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", os.path.join(tmp_dir, entry.name),
+                    exc.strerror or exc)
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -68,18 +76,8 @@ def remove_orphans(tmp_dir: str) -> int:
         with os.scandir(fd) as entries:
             for entry in entries:
                 found = owner(entry.name)
-                if (found is None or found[1] != host or _pid_alive(found[0])
-                        or not _is_ours(entry)):
-                    continue
-                try:
-                    os.unlink(entry.name, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    log.warning("cannot remove %s: %s", os.path.join(tmp_dir, entry.name),
-                                exc.strerror or exc)
-                    continue
-                removed += 1
+                if found is not None and found[1] == host and not _pid_alive(found[0]):
+                    removed += _remove(entry, fd, tmp_dir)
     finally:
         os.close(fd)
     if removed:
@@ -135,18 +133,8 @@ class Sweeper:
 
     def _maybe_remove(self, entry: os.DirEntry[str], pid: int, hosts: frozenset[str]) -> None:
         found = owner(entry.name)
-        if found is None or found[0] != pid or found[1] not in hosts:
-            return
-        try:
-            if not _is_ours(entry):
-                return
-            os.unlink(entry.name, dir_fd=self._fd)
-            self._removed += 1
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", os.path.join(self._jobs[0][0], entry.name),
-                        exc.strerror or exc)
+        if found is not None and found[0] == pid and found[1] in hosts:
+            self._removed += _remove(entry, self._fd, self._jobs[0][0])
 
     def _finish(self) -> None:
         tmp_dir, pid, _ = self._jobs.popleft()
