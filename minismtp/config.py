@@ -222,7 +222,8 @@ SETTINGS: tuple[Setting, ...] = (
             "time after which an average is taken)",
             parsing.dump_duration),
     Setting("limits.max_errors", 20, _positive,
-            "protocol errors before `421 4.7.0` (an HTTP request line, `GET`, `POST`, "
+            "protocol errors before `421 4.7.0`; a stored message forgives those before "
+            "it, except wrong passwords, as Postfix does (an HTTP request line, `GET`, `POST`, "
             "`CONNECT` and the like, is no error: it gets `221 2.7.0` and the connection is "
             "closed at once, so that a browser made to post to the server, even over TLS, "
             "cannot slip commands in its body; Postfix's `smtpd_forbidden_commands`)"),

@@ -24,7 +24,8 @@ The I/O layer writes client bytes into `conn.buffer` (`free_view()` + `commit(n)
   as CRLF (a dot after it unstuffed: see scanner.py); "reject" answers 500 to such a
   command and 550 after such a body; "accept" passes the body on as it came. Under every
   policy only CRLF "." CRLF ends DATA.
-- Errors are counted against `max_errors` (then 421 and close). Junk commands, the ones a
+- Errors are counted against `max_errors` (then 421 and close); a stored message
+  forgives those before it, except wrong passwords. Junk commands, the ones a
   client can repeat forever at no cost (HELO, EHLO, NOOP, RSET, VRFY, HELP, and a MAIL
   refused for its SIZE), are answered as usual, but past `max_junk_commands` of them each
   one also counts as an error; see `_count_junk` for the exact rule. RCPTs past
@@ -221,8 +222,8 @@ class SmtpServerConnection:
     __slots__ = (
         "authenticated_as", "buffer", "commands", "discarded_after_starttls",
         "foreign_protocol", "refusals", "settings", "state", "tls", "_after_bare_lf",
-        "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
-        "_body_bytes", "_close_reason", "_declared_size", "_errors", "_esmtp",
+        "_auth_failures", "_auth_lines", "_auth_step", "_auth_user", "_bare_lf_seen", "_body", "_body_8bit",
+        "_body_bytes", "_close_reason", "_declared_size", "_errors", "_esmtp", "_forgiven",
         "_handlers", "_helo", "_junk_commands", "_lines", "_normalize_bare_lf", "_out",
         "_overshoot", "_pending", "_rcpt_attempts", "_recipients", "_reject_bare_lf",
         "_sender", "_smtputf8", "_tls_needed",
@@ -236,7 +237,9 @@ class SmtpServerConnection:
         self._out: list[bytes] = []
         self._pending: object | None = None  # the decision event awaiting an answer
         self._close_reason = ""
-        self._errors = 0
+        self._errors = 0  # in the session, for its log line
+        self._forgiven = 0  # of those, forgiven by a stored message (as Postfix does)
+        self._auth_failures = 0  # wrong passwords: never forgiven
         self._junk_commands = 0
         self._overshoot = 0  # RCPTs refused past max_recipients, this session
         # Negative replies the core sent, by code; the I/O layer counts them and clears
@@ -363,7 +366,10 @@ class SmtpServerConnection:
         elif kind is MessageEnd:
             self._out.append(replies.queued_wire(queue_id))
             self._end_transaction()
-            self._junk_commands = 0  # a stored message earns a fresh allowance (Postfix too)
+            # A stored message earns a fresh allowance of junk and errors (Postfix too), but
+            # not of wrong passwords: sending mail between guesses must not buy more guesses.
+            self._junk_commands = 0
+            self._forgiven = self._errors - self._auth_failures
         elif kind is StartTls:
             self._out.append(replies.READY_FOR_TLS.wire)
             self._drop_buffered()
@@ -389,6 +395,7 @@ class SmtpServerConnection:
         if isinstance(event, AuthAttempt):
             self.state = _READY
             if reply.code == 535:
+                self._auth_failures += 1
                 self._count_error()  # wrong credentials: guessing passwords ends in 421
             elif reply.code != 421:
                 # A 454 (a full check queue, a fault rule) is the server's trouble, not
@@ -470,7 +477,9 @@ class SmtpServerConnection:
 
     @property
     def errors(self) -> int:
-        """Protocol errors so far (the budget is Settings.max_errors)."""
+        """Protocol errors in the session so far, forgiven ones included (the budget,
+        Settings.max_errors, counts those since the last stored message, and every wrong
+        password)."""
         return self._errors
 
     @property
@@ -878,7 +887,8 @@ class SmtpServerConnection:
 
     def _count_error(self) -> None:
         self._errors += 1
-        if self._errors >= self.settings.max_errors and self.state is not _CLOSED:
+        if self._errors - self._forgiven >= self.settings.max_errors and \
+                self.state is not _CLOSED:
             self._refuse(replies.TOO_MANY_ERRORS)
             self._close("too many errors")
 
@@ -898,9 +908,9 @@ class SmtpServerConnection:
         ends with 421 after max_junk_commands + max_errors of them (the reply to the last
         one is sent first), and a NOOP every few seconds cannot keep it open past the
         command timeout forever. Only a stored message (250 after DATA) resets the
-        count; RSET, a new EHLO or a refused message do not. Postfix frees one command
-        more (it compares before incrementing) and also forgives earlier errors after a
-        stored message; here the error count is never reset.
+        count; RSET, a new EHLO or a refused message do not. It also forgives the errors
+        before it, wrong passwords excepted, as Postfix does; Postfix frees one command
+        more (it compares before incrementing).
         """
         self._junk_commands += 1
         if self._junk_commands > self.settings.max_junk_commands:

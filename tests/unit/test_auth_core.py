@@ -240,6 +240,19 @@ def test_guessing_passwords_ends_in_421(mode):
     assert len(client.of(AuthAttempt)) == 3
 
 
+def test_a_stored_message_does_not_forgive_wrong_passwords(mode):
+    """Other errors are forgiven by a stored message; wrong passwords are not, or a
+    client could buy more guesses by sending a message between them."""
+    client = Client(mode, **OPEN, max_errors=3, policy=reject(AuthAttempt, R.AUTH_FAILED))
+    message = MAIL + RCPT + b"DATA\r\nbody\r\n.\r\n"
+    attempt = b"AUTH PLAIN " + PLAIN_IR + b"\r\n"
+    client.send(EHLO + b"XYZZY\r\n" + attempt + message)  # two errors, then a message
+    assert not client.conn.closed and client.conn.errors == 2
+    assert client.send(attempt) == R.AUTH_FAILED.wire  # the XYZZY was forgiven
+    assert client.send(attempt) == R.AUTH_FAILED.wire + R.TOO_MANY_ERRORS.wire  # not these
+    assert client.conn.closed and client.conn.errors == 4
+
+
 def test_temporary_failure(mode):
     client = Client(mode, **OPEN, policy=reject(AuthAttempt, R.AUTH_TEMPORARY_FAILURE))
     assert client.send(EHLO + b"AUTH PLAIN " + PLAIN_IR + b"\r\n") == (

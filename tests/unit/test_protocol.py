@@ -410,6 +410,28 @@ def test_a_stored_message_resets_the_junk_count(mode: str) -> None:
     assert c.send(b"HELP\r\n") == wire(R.HELP, R.TOO_MANY_ERRORS)
 
 
+def test_a_stored_message_forgives_earlier_errors(mode: str) -> None:
+    """As Postfix does: a client on a long-lived connection (a relay sending thousands of
+    messages) is not cut off for errors spread over many messages."""
+    c = Client(mode, max_errors=2)
+    body = b"DATA\r\nbody\r\n.\r\n"
+    assert c.send(EHLO + b"XYZZY\r\n" + MAIL + RCPT + body) == wire(
+        EHLO_R, R.UNRECOGNIZED, R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, queued("Q1"))
+    assert c.send(b"XYZZY\r\n" + MAIL + RCPT + body) == wire(
+        R.UNRECOGNIZED, R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, queued("Q2"))
+    assert c.conn.errors == 2 and not c.conn.closed  # the session's count, for its log
+    assert c.send(b"XYZZY\r\nXYZZY\r\n") == wire(
+        R.UNRECOGNIZED, R.UNRECOGNIZED, R.TOO_MANY_ERRORS)  # two since the last message
+    assert c.conn.closed and c.conn.errors == 4
+
+
+def test_a_refused_message_forgives_no_errors(mode: str) -> None:
+    c = Client(mode, max_errors=2, policy=reject(MessageEnd, DENIED))
+    assert c.send(EHLO + b"XYZZY\r\n" + MAIL + RCPT + b"DATA\r\nbody\r\n.\r\n") == wire(
+        EHLO_R, R.UNRECOGNIZED, R.SENDER_OK, R.RECIPIENT_OK, R.START_INPUT, DENIED)
+    assert c.send(b"XYZZY\r\n") == wire(R.UNRECOGNIZED, R.TOO_MANY_ERRORS)
+
+
 def test_a_refused_message_does_not_reset_the_junk_count(mode: str) -> None:
     c = Client(mode, max_junk_commands=2, max_errors=1, max_message_bytes=10,
                policy=reject(MessageEnd, DENIED))
