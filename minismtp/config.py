@@ -216,10 +216,12 @@ SETTINGS: tuple[Setting, ...] = (
             "must have sent `min_data_rate * (t - limits.min_data_rate_grace)` bytes, "
             "else `421 4.4.2`; every byte counts, those sent during the grace too; "
             "`0` = off"),
-    Setting("limits.min_data_rate_grace", "5s", parsing.duration(allow_zero=True),
+    Setting("limits.min_data_rate_grace", "180s", parsing.duration(allow_zero=True),
             "head start of `limits.min_data_rate`: a credit of `min_data_rate * grace` "
             "bytes, used up by a pause before the body or by slow spells later (not a "
-            "time after which an average is taken)",
+            "time after which an average is taken); RFC 5321 4.5.3.2.5 lets a client wait "
+            "3 minutes for a block of data to go out, and a sender's filter or a lossy "
+            "link may hold the first byte that long",
             parsing.dump_duration),
     Setting("limits.max_errors", 20, _positive,
             "protocol errors before `421 4.7.0`; a stored message forgives those before "

@@ -202,6 +202,22 @@ def test_trickling_client_cut_off_by_min_data_rate(make_server, raw_clients):
     assert server.files("new") == [] and server.files("tmp") == []
 
 
+def test_a_pause_before_the_body_keeps_the_message_at_the_defaults(make_server, raw_clients):
+    """A sender's filter (DKIM signing, scanning) or a lossy link may hold the first byte
+    of the body for a few seconds (RFC 5321 4.5.3.2.5 lets a client wait 3 minutes for a
+    block to go out): with the default limits the message is stored, not cut off by the
+    minimum data rate."""
+    server = make_server({"server": {"workers": 1}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("pausing@example.org", ["r@example.org"]))
+    assert [r.code for r in client.replies(3)] == [250, 250, 354]
+    time.sleep(6.5)  # past the 5 s head start the minimum rate once allowed
+    client.send(b"Subject: late\r\n\r\nbody\r\n.\r\n")
+    assert client.reply(timeout=5).code == 250
+    assert len(server.files("new")) == 1
+
+
 def test_data_timeout_ends_a_slow_but_steady_data(make_server, raw_clients):
     server = make_server({"server": {"workers": 1},
                           "limits": {"command_timeout": "30s", "data_timeout": "2s",

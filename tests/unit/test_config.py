@@ -86,7 +86,7 @@ def test_defaults_without_a_file():
         command_timeout=300.0,
         data_timeout=3600.0,
         min_data_rate=500,
-        min_data_rate_grace=5.0,
+        min_data_rate_grace=180.0,
         max_errors=20,
         max_junk_commands=100,
         bare_lf="normalize",
