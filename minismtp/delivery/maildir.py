@@ -138,7 +138,11 @@ def _mkdir(path: str, fsync: bool, mode: int = 0o700, gid: int = -1) -> bool:
 _find_bare_cr = re.compile(rb"\r(?!\n)").search
 _LF_STRETCH = 65536  # LF storage converts and writes at most this much at a time
 _CR = 13
-_FOLDING = (0x20, 0x09)  # space, tab: a line beginning with one continues a header
+# How a message's first line begins: a field name (printable ASCII but ":", RFC 5322
+# 3.6.8), then blanks (the obsolete syntax allows them before the colon).
+_FIELD_NAME = re.compile(rb"([!-9;-~]*)[ \t]*").match
+_COLON = 0x3A
+_LINE_BYTES = 1000  # RFC 5322 2.1.1: no header line is longer (CRLF included)
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
@@ -266,7 +270,7 @@ class MaildirSink(Sink):
     """One message in tmp/. `_fd < 0` means finished: committed, aborted or failed."""
 
     __slots__ = ("_backend", "_fd", "_tmp_path", "_name", "queue_id", "_mailboxes",
-                 "_targets", "_linked", "_lf", "_at_body")
+                 "_targets", "_linked", "_lf", "_at_body", "_held")
 
     def __init__(self, backend: MaildirBackend, fd: int, tmp_path: str, name: str,
                  queue_id: str, mailboxes: tuple[tuple[str, str], ...]) -> None:
@@ -280,18 +284,16 @@ class MaildirSink(Sink):
         self._linked: list[str] = []  # its names in new/ once committed
         self._lf = backend.line_endings == "lf"
         self._at_body = False  # the next write is the message's first bytes (see open)
+        self._held = b""  # those first bytes, while they cannot tell (_begin_body)
 
     def write(self, data: memoryview | bytes) -> None:
         fd = self._fd
         if fd < 0:
             return
         if self._at_body and data:
-            self._at_body = False
-            if data[0] in _FOLDING:
-                # A first line that begins with a space or tab would continue our last
-                # trace header (RFC 5322 2.2.3), letting the client write into it. As
-                # Postfix does, an empty line first: the client's text becomes body.
-                self.write(b"\r\n")  # as LF too, with line_endings: lf
+            data = self._begin_body(data)
+            if not data:
+                return
         try:
             if not self._lf:
                 _write_all(fd, data)
@@ -316,8 +318,46 @@ class MaildirSink(Sink):
             self.abort()
             raise DeliveryError(f'delivery: writing "{path}": {_why(exc)}', exc.errno) from exc
 
+    def _begin_body(self, data: memoryview | bytes) -> memoryview | bytes:
+        """The message's first bytes, to write now (b"" while they cannot tell).
+
+        Unless the message begins with a header field or with the empty line that ends
+        the header section, an empty line goes first, as Postfix writes: a first line
+        beginning with a space or tab would continue our last trace header (RFC 5322
+        2.2.3), letting the client write into it, and a first line that is no field
+        (a message without a header) would be read as part of the header section.
+        """
+        if self._held:
+            data = self._held + bytes(data)  # a few bytes, once per message at most
+        first = data[0]
+        if first == 10 or first == 13:  # the empty line, a message without a header?
+            begins_header: bool | None = (
+                True if first == 10 or data[1:2] == b"\n" else None if len(data) == 1 else False)
+        else:
+            name = _FIELD_NAME(data, 0, _LINE_BYTES)
+            end = name.end()
+            if end >= _LINE_BYTES:
+                begins_header = False  # longer than a header line can be
+            elif end < len(data):
+                begins_header = data[end] == _COLON and name.end(1) > 0
+            else:  # a field name so far: the next piece tells
+                begins_header = None
+        if begins_header is None:
+            self._held = bytes(data)
+            return b""
+        self._at_body = False
+        self._held = b""
+        if not begins_header:
+            self.write(b"\r\n")  # as LF too, with line_endings: lf
+        return data
+
     def commit(self, sync_dirs: bool = True) -> str:
         """Store the message; with `sync_dirs` False the caller fsyncs `new_dirs` itself."""
+        if self._held:  # the body ended inside what looked like a field name: body it is
+            held, self._held = self._held, b""
+            self._at_body = False
+            self.write(b"\r\n")
+            self.write(held)
         fd = self._fd
         if fd < 0:
             raise DeliveryError(f"delivery: {self.queue_id} not stored (write failed or aborted)")

@@ -127,6 +127,52 @@ def test_a_first_line_that_folds_cannot_continue_our_received(
     assert "Authenticated" not in msg["Received"] and msg["Subject"] is None
 
 
+FIRST_LINES = [
+    # (the message as sent, whether it begins with a header field or the empty line)
+    (b"Subject: x\r\n\r\nhi\r\n", True),
+    (b"X-Odd-But-Valid!#$%&'*+-/=?^_`{|}~: y\r\n\r\nhi\r\n", True),
+    (b"Subject : x\r\n\r\nhi\r\n", True),  # obsolete syntax: blanks before the colon
+    (b"\r\nno header at all\r\n", True),  # the empty line that ends the header
+    (b"Hello world, no headers here\r\nsecond line\r\n", False),
+    (b"From alice@example.org Mon Dec  7 00:00:00 2026\r\nSubject: x\r\n", False),
+    (b": no name\r\n", False),
+    (b"NoColonAtAll\r\n", False),
+    (b"\rSubject: x\r\n", False),  # a bare CR is no empty line
+    (b"\xc3\xa9t\xc3\xa9: x\r\n", False),  # not a field name: 8-bit
+    (b"x" * 1200 + b": long\r\n", False),  # longer than any header line
+]
+
+
+@pytest.mark.parametrize(("message", "header"), FIRST_LINES,
+                         ids=[str(i) for i in range(len(FIRST_LINES))])
+def test_a_first_line_that_is_no_header_field_follows_an_empty_line(
+        tmp_path: Path, message: bytes, header: bool) -> None:
+    """As Postfix writes: unless the message begins with a header field (or the empty
+    line that ends the header section), an empty line goes first, so that a message
+    without a header is not read as part of ours. However the body is cut in pieces."""
+    for cut in sorted({1, 2, 3, 7, len(message) // 2, len(message) - 1, len(message)}):
+        directory = tmp_path / str(cut)
+        b = backend(directory)
+        sink = b.open(envelope("b@example.net"), PEER)
+        for start in range(0, len(message), cut):
+            sink.write(memoryview(message)[start:start + cut])
+        sink.commit()
+        data = stored(directory)
+        received_end = data.index(b"\r\n", data.index(b"Received: "))
+        while data[received_end + 2:received_end + 3] in (b" ", b"\t"):  # its folded lines
+            received_end = data.index(b"\r\n", received_end + 2)
+        after = data[received_end + 2:]
+        assert after == (message if header else b"\r\n" + message), cut
+
+
+def test_a_body_ending_inside_what_looks_like_a_field_name_is_body(tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    sink = b.open(envelope("b@example.net"), PEER)
+    sink.write(b"Subject")  # no line end ever comes (the core always sends one)
+    sink.commit()
+    assert stored(tmp_path).endswith(b"\r\n\r\nSubject")
+
+
 def test_a_first_header_line_is_written_as_it_came(tmp_path: Path) -> None:
     b = backend(tmp_path)
     sink = b.open(envelope("b@example.net"), PEER)
