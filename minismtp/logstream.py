@@ -44,14 +44,18 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 class LogStream:
     """A descriptor of the log and the way to write it without waiting."""
 
-    __slots__ = ("fd", "kind", "_sock", "_own")
+    __slots__ = ("fd", "kind", "_sock", "_poll", "_own")
 
     def __init__(self, fd: int, kind: str = "plain", sock: socket.socket | None = None,
                  own: bool = False) -> None:
         self.fd = fd
-        self.kind = kind  # "plain" (a file: may wait), "pipe" (non-blocking), "socket"
+        # "plain" (a file: written as it is), "pipe" (a non-blocking description),
+        # "socket" (MSG_DONTWAIT) or "polled" (a pipe we may not open again: see open())
+        self.kind = kind
         self._sock = sock
         self._own = own  # opened here, closed here
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLOUT)
 
     @classmethod
     def open(cls, fd: int) -> LogStream:
@@ -64,13 +68,16 @@ class LogStream:
             try:
                 return cls(fd, "socket", socket.socket(fileno=os.dup(fd)), own=True)
             except OSError:
-                return cls(fd)
+                return cls(fd, "polled")
         if stat.S_ISFIFO(mode) or os.isatty(fd):
             try:
                 opened = os.open(f"/proc/self/fd/{fd}",
                                  os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
-            except OSError:  # no /proc, or a pipe of another user's: plain, as it was
-                return cls(fd)
+            except OSError:
+                # No /proc, or a pipe another user made (`sudo -u ... 2>&1 | less`): write
+                # only when poll() says a page is free. Processes sharing the pipe can
+                # still race for the last page, so a write may then wait for the reader.
+                return cls(fd, "polled")
             return cls(opened, "pipe", own=True)
         return cls(fd)
 
@@ -81,6 +88,8 @@ class LogStream:
         try:
             if self._sock is not None:
                 return self._sock.send(data, _SEND_FLAGS)
+            if self.kind == "polled" and not self._poll.poll(0):
+                return 0
             return os.write(self.fd, data)
         except (BlockingIOError, InterruptedError):
             return 0
@@ -89,12 +98,8 @@ class LogStream:
 
     def wait_writable(self, timeout_s: float) -> None:
         """Wait at most `timeout_s` for the stream to take bytes again (at exit only)."""
-        if self.kind == "plain":
-            return
-        try:
-            select.select([], [self.fd], [], max(0.0, timeout_s))
-        except (OSError, ValueError):
-            time.sleep(max(0.0, min(timeout_s, 0.01)))
+        if self.kind != "plain":
+            self._poll.poll(max(0, int(timeout_s * 1000)))
 
     def close(self) -> None:
         if self._sock is not None:
