@@ -24,6 +24,12 @@ turns), when it is full, before any other record of the worker, and on a clean s
 What a crash costs: nothing made; if the worker dies without writing its slot out
 (SIGKILL), its master writes what the slot holds. Without a master (tests, tools) the
 slot is the process's own.
+
+A stalled reader (logstream.py): the stream takes no more, so the lines stay in the slot
+and the loop tries again every RETRY_S; the loop's own records wait there behind them.
+Lines that find the slot full are dropped and counted in the slot, and once the stream
+has taken every held line, one line says how many. At exit the worker waits a second at
+most, then leaves the rest, and the count, in the slot for its master.
 """
 
 from __future__ import annotations

@@ -100,3 +100,27 @@ def test_a_stalled_log_reader_stops_neither_mail_nor_the_master(tmp_path):
     finally:
         server.reading.set()
         server.kill()
+
+
+def test_a_log_reader_that_never_comes_back_holds_up_neither_reload_nor_stop(tmp_path):
+    """Workers log nothing at `warning`: what would wait here is the master, whose reload
+    and stop lines are logged at any level."""
+    server = StalledReader(tmp_path, {"server": {"workers": 1},
+                                      "logging": {"level": "warning"}})
+    try:
+        server.start()
+        (old,) = server.worker_pids()
+        server.stall()
+        sent = send(server.port, 3, 5, time.monotonic() + 10)
+        server.send_signal(signal.SIGHUP)  # a reload logs several lines: none can go out
+        wait_until(lambda: server.worker_pids() and old not in server.worker_pids(), 10,
+                   message="the reloaded generation")
+        sent += send(server.port, 1, 5, time.monotonic() + 10)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0  # each process waited a second at most for the reader
+        assert time.monotonic() - started < 8
+        assert len(server.files("new")) == sent
+    finally:
+        server.reading.set()
+        server.kill()
