@@ -306,8 +306,10 @@ class _FlushFirst(logging.Filter):
 
 
 def log_stream() -> int | None:
-    """The descriptor workers write their lines to (see _plain_stream), or None; its
-    handler is flushed first, so bytes written to it now follow what logging held."""
+    """The descriptor workers write their lines to (see _plain_stream), or None; a
+    plain StreamHandler's is flushed first, so bytes written to it now follow what
+    logging held. (The master asks logstream.log_handler() first: this is for logging
+    set up otherwise, by tests and tools.)"""
     out = _plain_stream(logging.getLogger().handlers)[0]
     return None if out is None else out.fd
 

@@ -280,7 +280,7 @@ def test_drain_waits_a_bounded_time_for_a_stalled_stream(pipe):
     started = time.monotonic()
     handler.drain(0.3)
     assert 0.25 < time.monotonic() - started < 2 and handler.holding
-    reader = threading.Timer(0.2, pipe.read)
+    reader = threading.Timer(0.2, os.read, (pipe.read_end, 1 << 20))  # one read: room
     reader.start()
     handler.drain(5)  # the reader comes back: out as soon as it does
     reader.join()
