@@ -44,6 +44,7 @@ from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
 from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_port
 from minismtp.logboard import LogBoard
 from minismtp.logsetup import apply_format, apply_level
+from minismtp.logstream import log_handler
 from minismtp.msglog import log_stream
 from minismtp.profiles import own_rules
 from minismtp.sdnotify import Notifier
@@ -155,6 +156,7 @@ class Arbiter:
                 settled = self.has_been_ready and self.serving == self.generation
                 self._wait_for_signals(_LOOP_S if settled else _STARTING_LOOP_S)
                 self._reap()
+                self._retry_log()
         finally:
             self._kill_all(signal.SIGKILL)
             self._reap_killed(time.monotonic() + _KILLED_WAIT_S)
@@ -280,10 +282,23 @@ class Arbiter:
             if self.workers:
                 time.sleep(0.01)
 
+    def _retry_log(self) -> None:
+        """Records held for a stalled log stream: out as soon as it takes them again."""
+        if (handler := log_handler()) is not None and handler.holding:
+            handler.flush()
+
     def _recover_log_lines(self, record: WorkerRecord) -> None:
         """What a worker that died without writing its log lines out left in its slot
         (logboard.py), before any line of ours about its death."""
-        fd = log_stream()  # what our own handler holds is flushed first
+        if (handler := log_handler()) is not None:
+            # After what our handler holds, written as far as the stream takes it now;
+            # the rest is held with our own records, never waited for.
+            left, dropped = self.log_board.take(record.slot)
+            handler.hold_lines(left, dropped)
+            if left:
+                log.debug("worker %d: %d bytes of log lines it left", record.pid, len(left))
+            return
+        fd = log_stream()  # logging set up otherwise (tests): written as it goes
         if fd is None:
             return  # not a plain stream: its lines went through logging, none were held
         if written := self.log_board.recover(record.slot, fd):
@@ -381,6 +396,8 @@ class Arbiter:
     def _become_worker(self, slot: int, signal_mask: Iterable[int],
                        listeners: list[socket.socket]) -> int:
         self.wakeup.close(_HANDLED)  # the worker routes its own signals
+        if (handler := log_handler()) is not None:
+            handler.forget_held()  # the master's records, held for the stream: its own
         self.sel.close()
         report_where_stuck()
         for sock in self.listeners.all():

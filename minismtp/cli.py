@@ -16,6 +16,7 @@ import sys
 from minismtp import __version__, exitcodes
 from minismtp.config import ConfigError, dump_config, load_config, load_stats_config
 from minismtp.logsetup import setup_logging
+from minismtp.logstream import log_handler
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,7 +114,11 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger("minismtp.master").warning("%s", warning)
     from minismtp.arbiter import Arbiter  # the server's modules only when serving
 
-    return Arbiter(config, args.config, overrides).run()
+    try:
+        return Arbiter(config, args.config, overrides).run()
+    finally:
+        if (handler := log_handler()) is not None:
+            handler.drain()  # what a stalled log stream still holds: a second at most
 
 
 def _stats(args: argparse.Namespace) -> int:

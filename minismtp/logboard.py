@@ -10,12 +10,15 @@ death: a worker killed with SIGKILL loses only a line it was still making.
 
 Untrusted input: none; the lines were formatted (and escaped) by msglog.py.
 
-Per slot, two 64-bit counts, then SLOT_BYTES of encoded whole lines: `held`, the bytes of
-lines in the slot, and `written`, how many of those are out. The worker moves `written`
-after each write, so a worker killed while writing out has only the rest written by the
-master; one killed between a write and its count (a few instructions) has that piece
-written twice, which is the one way a line can repeat. A slot has one writer, the
-thread of its worker's loop; nothing here takes a lock.
+Per slot, three 64-bit counts, then SLOT_BYTES of encoded whole lines: `held`, the bytes
+of lines in the slot, `written`, how many of those are out, and `dropped`, the lines that
+found the slot full while the log stream took nothing (logstream.py), not yet reported. The
+worker moves `written` after each write, so a worker killed while writing out has only
+the rest written by the master; one killed between a write and its count (a few
+instructions) has that piece written twice, which is the one way a line can repeat. A
+stream that takes part of a piece moves `written` to the middle of a line, and the rest
+of that line is the next piece. A slot has one writer, the thread of its worker's loop;
+nothing here takes a lock.
 """
 
 from __future__ import annotations
@@ -23,11 +26,17 @@ from __future__ import annotations
 import mmap
 import os
 import select
+from typing import Protocol
 
 SLOT_BYTES = 32 * 1024  # lines held per worker: a few hundred
 ATOMIC_BYTES = getattr(select, "PIPE_BUF", 4096)  # a pipe write up to this is never split
-_COUNTS = 16  # `held` and `written`, 64 bits each
+_COUNTS = 24  # `held`, `written` and `dropped`, 64 bits each
 _STRIDE = _COUNTS + SLOT_BYTES
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> int:
+        """Write what the stream takes of `data` now; return how much (0: nothing)."""
 
 
 class LogSlot:
@@ -46,6 +55,15 @@ class LogSlot:
     @property
     def held(self) -> int:
         return self._counts[0]
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped for want of room (the stream stalled) and not yet reported."""
+        return self._counts[2]
+
+    @dropped.setter
+    def dropped(self, count: int) -> None:
+        self._counts[2] = count
 
     @property
     def waiting(self) -> int:
@@ -68,7 +86,7 @@ class LogSlot:
         fit in ATOMIC_BYTES (one longer line alone). Empty when all are out."""
         counts = self._counts
         start, end = self._base + counts[1], self._base + counts[0]
-        return self._map[start:_cut(self._map, start, end)]
+        return self._map[start:cut(self._map, start, end)]
 
     def mark_written(self, size: int) -> None:
         counts = self._counts
@@ -76,17 +94,30 @@ class LogSlot:
         if counts[1] == counts[0]:
             counts[0] = counts[1] = 0  # empty again: `written` first would repeat lines
 
-    def write_out(self, fd: int) -> int:
-        """Write what is held and not yet out, piece by piece; return the bytes written."""
+    def write_out(self, out: int | Writer) -> int:
+        """Write what is held and not yet out, piece by piece; return the bytes written.
+        `out`: a descriptor, written until all is out (a file, a test), or a stream that
+        takes what it can without waiting (logstream.py): the rest stays held."""
+        if isinstance(out, int):
+            out = _Blocking(out)
         total = 0
         while piece := self.next_piece():
-            write_all(fd, piece)
-            self.mark_written(len(piece))
-            total += len(piece)
+            written = out.write(piece)
+            if not written:
+                break  # the stream takes no more now
+            self.mark_written(written)  # part of a piece: its rest is the next piece
+            total += written
         return total
 
+    def take(self) -> tuple[bytes, int]:
+        """What is held and not yet out, and the count of lines dropped: no longer held."""
+        counts = self._counts
+        left = self._map[self._base + counts[1]: self._base + counts[0]], counts[2]
+        self.clear()
+        return left
+
     def clear(self) -> None:
-        self._counts[0] = self._counts[1] = 0
+        self._counts[0] = self._counts[1] = self._counts[2] = 0
 
     def release(self) -> None:
         self._counts.release()
@@ -119,6 +150,11 @@ class LogBoard:
         finally:
             left.clear()
 
+    def take(self, slot: int) -> tuple[bytes, int]:
+        """After the slot's worker exited: what it left, for the master to write, and
+        how many lines it dropped without saying so yet."""
+        return self.slot(slot).take()
+
     def close(self) -> None:
         for slot in self._slots.values():
             slot.release()
@@ -134,7 +170,7 @@ def write_lines(fd: int, data: bytes) -> None:
         write_all(fd, data)
         return
     while start < end:
-        stop = _cut(data, start, end)
+        stop = cut(data, start, end)
         write_all(fd, data[start:stop])
         start = stop
 
@@ -149,7 +185,20 @@ def write_all(fd: int, data: bytes) -> None:
         pass  # like logging's handlers: a log that cannot be written never stops mail
 
 
-def _cut(buffer: bytes | mmap.mmap, start: int, end: int) -> int:
+class _Blocking:
+    """A descriptor written until all is out, as a Writer."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> int:
+        write_all(self.fd, data)
+        return len(data)
+
+
+def cut(buffer: bytes | bytearray | mmap.mmap, start: int, end: int) -> int:
     """Where the piece of whole lines starting at `start` ends: at most ATOMIC_BYTES on,
     or after one longer line."""
     if end - start <= ATOMIC_BYTES:

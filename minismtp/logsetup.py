@@ -15,6 +15,8 @@ import logging
 import sys
 import time
 
+from minismtp.logstream import LogHandler, LogStream
+
 # Every line of the server's log, the per-message lines of msglog.py included.
 LOG_FORMAT = "%(asctime)s minismtp[%(process)d] %(levelname)s %(message)s"
 FORMATS = ("text", "json")
@@ -40,7 +42,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, form: str = "text") -> None:
-    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT)
+    """One handler on standard error that never waits for its reader (logstream.py)."""
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: a set-up made before stays
+        try:
+            handler: logging.Handler = LogHandler(sys.stderr,
+                                                  LogStream.open(sys.stderr.fileno()))
+        except (AttributeError, OSError, ValueError):  # no descriptor behind sys.stderr
+            handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
     apply_level(level)
     apply_format(form)
 

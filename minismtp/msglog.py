@@ -24,6 +24,12 @@ turns), when it is full, before any other record of the worker, and on a clean s
 What a crash costs: nothing made; if the worker dies without writing its slot out
 (SIGKILL), its master writes what the slot holds. Without a master (tests, tools) the
 slot is the process's own.
+
+A stalled reader (logstream.py): the stream takes no more, so the lines stay in the slot
+and the loop tries again every RETRY_S; the loop's own records wait there behind them.
+Lines that find the slot full are dropped and counted in the slot, and once the stream
+has taken every held line, one line says how many. At exit the worker waits a second at
+most, then leaves the rest, and the count, in the slot for its master.
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ import os
 import threading
 import time
 
-from minismtp.logboard import LogBoard, LogSlot, write_lines
+from minismtp.logboard import SLOT_BYTES, LogBoard, LogSlot
 from minismtp.logsetup import LOG_FORMAT, JsonFormatter, timestamp
+from minismtp.logstream import CLOSE_WAIT_S, DROPPED, LogHandler, LogStream, write_pieces
 
 _COUNTS_KEPT = 256  # rendered command counts of sessions, by their counts
 # How long lines may wait in the slot: a reader of the log sees them this late at most,
 # and a worker at full speed writes once per few hundred lines instead of once per turn.
 HOLD_S = 0.1
+# While the stream takes no more (its reader stalled), how often the loop tries again.
+RETRY_S = 0.2
 _NEVER = float("inf")
 _MILLIS = tuple(f",{n:03d}" for n in range(1000))  # a line's timestamp's last field
 
@@ -48,8 +57,9 @@ _MILLIS = tuple(f",{n:03d}" for n in range(1000))  # a line's timestamp's last f
 class MessageLog:
     """One line per message, at level INFO, batched; see the module docstring."""
 
-    __slots__ = ("enabled", "json", "due", "_logger", "_root", "_counts", "_fd", "_encoding",
-                 "_slot", "_pid", "_prefix", "_second", "_stamp", "_filter")
+    __slots__ = ("enabled", "json", "due", "_logger", "_root", "_counts", "_out",
+                 "_encoding", "_handler", "_behind", "_slot", "_pid", "_prefix", "_second",
+                 "_stamp", "_filter")
 
     def __init__(self, logger: logging.Logger, root: logging.Logger | None = None,
                  slot: LogSlot | None = None) -> None:
@@ -59,7 +69,11 @@ class MessageLog:
         self._logger = logger
         self._root = root = root or logging.getLogger()
         self._counts: dict[tuple[tuple[str, int], ...], str] = {}  # see session()
-        self._fd, self._encoding, self.json = _plain_stream(root.handlers)
+        self._out, self._encoding, self.json = _plain_stream(root.handlers)
+        # The server's handler (logstream.py), whose held records go out before our lines.
+        handler = root.handlers[0] if self._out is not None else None
+        self._handler = handler if isinstance(handler, LogHandler) else None
+        self._behind = False  # the stream left lines held at the last flush
         self._slot = slot if slot is not None else LogBoard(1).slot(0)
         # When the held lines are to be written out (time.monotonic(), as the loop's
         # clock): HOLD_S after the first of them; never while none are held.
@@ -69,7 +83,7 @@ class MessageLog:
         self._second = -1
         self._stamp = ""
         self._filter: _FlushFirst | None = None
-        if self.enabled and self._fd is not None:
+        if self.enabled and self._out is not None:
             self._filter = _FlushFirst(self)
             for handler in root.handlers:
                 handler.addFilter(self._filter)
@@ -164,7 +178,7 @@ class MessageLog:
     def _hold(self, line: str) -> None:
         """Keep `line` in the slot; written out HOLD_S after the first line held. Not a
         plain stream (no descriptor, so no JSON either): through `logging` at once."""
-        if self._fd is None:
+        if self._out is None:
             self._through_logging(line)
             return
         data = line.encode(self._encoding, "backslashreplace")
@@ -175,23 +189,97 @@ class MessageLog:
             self._overflow(data)
 
     def _overflow(self, data: bytes) -> None:
-        """`data` did not fit: out with what the slot holds, then start again with it."""
-        self.flush()
+        """`data` did not fit: out with what the slot holds, then start again with it.
+        While the stream takes nothing (the reader stalled), lines that do not fit are
+        dropped and counted, with no write tried before the loop's next retry."""
+        if not self._behind:
+            self.flush()
         if self._slot.add(data):
-            self.due = time.monotonic() + HOLD_S
-        else:  # a line longer than the whole slot
-            write_lines(self._fd, data)
+            if self.due == _NEVER:
+                self.due = time.monotonic() + HOLD_S
+        elif self._behind or len(data) <= SLOT_BYTES:
+            self._slot.dropped += 1
+        else:  # a line longer than the whole slot, the stream keeping up
+            written = write_pieces(self._out, data)
+            if written < len(data) and self._handler is not None:
+                self._handler.hold_lines(data[written:])  # its rest before anything else
+
+    def hold_record(self, data: bytes) -> None:
+        """A record of the loop's thread, formatted, while lines wait before it."""
+        if not self._slot.add(data):
+            self._slot.dropped += data.count(b"\n")
 
     def flush(self) -> None:
-        """Write the held lines out now."""
+        """Write the held lines out, as far as the stream takes them now."""
         self.due = _NEVER
-        self._slot.write_out(self._fd)
+        handler = self._handler
+        if handler is not None and handler.holding:
+            handler.flush()  # records held there were made before our held lines
+            if handler.holding:
+                self._fall_behind()
+                return
+        slot = self._slot
+        slot.write_out(self._out)
+        if slot.waiting:
+            self._fall_behind()
+            return
+        self._behind = False
+        if self._slot.dropped:
+            self._report_dropped()
 
-    def close(self) -> None:
-        self.flush()
+    def _fall_behind(self) -> None:
+        self._behind = True
+        self.due = time.monotonic() + RETRY_S
+
+    def _report_dropped(self) -> None:
+        """The stream took every held line again: say how many were dropped."""
+        slot = self._slot
+        slot.add(self._dropped_line(slot.dropped))
+        slot.dropped = 0
+        self._slot.write_out(self._out)
+        if self._slot.waiting:
+            self._fall_behind()
+
+    def _dropped_line(self, count: int) -> bytes:
+        record = logging.LogRecord("minismtp.log", logging.WARNING, __file__, 0, DROPPED,
+                                   (count,), None)
+        return self.formatted(record)
+
+    def formatted(self, record: logging.LogRecord) -> bytes:
+        """`record` as the root's one handler writes it."""
+        handler = self._root.handlers[0]
+        return (handler.format(record) + "\n").encode(self._encoding, "backslashreplace")
+
+    @property
+    def behind(self) -> bool:
+        """Whether lines or records wait for the stream (the loop's tick retries then)."""
+        return self._behind or (self._handler is not None and self._handler.holding)
+
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Write what is held, waiting `wait_s` at most for a stalled stream; what is
+        left stays in the slot, for the master to write once it has reaped us."""
+        if self._out is not None:
+            deadline = time.monotonic() + wait_s
+            self.flush()
+            while self.behind and (left := deadline - time.monotonic()) > 0:
+                self._out.wait_writable(min(left, RETRY_S))
+                self.flush()
+            if self.behind:
+                self._leave_in_slot()
         if self._filter is not None:
             for handler in self._root.handlers:
                 handler.removeFilter(self._filter)
+
+    def _leave_in_slot(self) -> None:
+        """At exit, behind: the handler's held records after the slot's lines (our memory
+        dies with us, the slot does not), its count of dropped lines added to the slot's;
+        the master writes them, and says how many were dropped."""
+        if self._handler is not None:
+            with self._handler.lock:
+                backlog = self._handler.backlog
+                self._slot.dropped += backlog.dropped
+                backlog.dropped = 0
+                self.hold_record(backlog.take())
 
 
 class _FlushFirst(logging.Filter):
@@ -206,32 +294,45 @@ class _FlushFirst(logging.Filter):
         self._thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if threading.get_ident() == self._thread:
-            self._log.flush()
-        return True
+        if threading.get_ident() != self._thread:
+            return True
+        log = self._log
+        log.flush()
+        if not log.behind:
+            return True
+        # The stream is behind: the record waits in the slot, after the lines before it.
+        log.hold_record(log.formatted(record))
+        return False
 
 
 def log_stream() -> int | None:
-    """The descriptor workers write their lines to (see _plain_stream), or None; its
-    handler is flushed first, so bytes written to it now follow what logging held."""
-    return _plain_stream(logging.getLogger().handlers)[0]
+    """The descriptor workers write their lines to (see _plain_stream), or None; a
+    plain StreamHandler's is flushed first, so bytes written to it now follow what
+    logging held. (The master asks logstream.log_handler() first: this is for logging
+    set up otherwise, by tests and tools.)"""
+    out = _plain_stream(logging.getLogger().handlers)[0]
+    return None if out is None else out.fd
 
 
-def _plain_stream(handlers: list[logging.Handler]) -> tuple[int | None, str, bool]:
-    """The descriptor of the one stream handler that `logsetup` installs, its encoding,
-    and whether it writes JSON; None where logging is set up otherwise (lines then go
-    through `logging`, as text)."""
-    if len(handlers) != 1 or type(handlers[0]) is not logging.StreamHandler:
+def _plain_stream(handlers: list[logging.Handler]) -> tuple[LogStream | None, str, bool]:
+    """The stream of the one handler that `logsetup` installs (logstream.LogHandler, or a
+    StreamHandler set up alike: written plainly), its encoding, and whether it writes
+    JSON; None where logging is set up otherwise (lines then go through `logging`, as
+    text)."""
+    if len(handlers) != 1 or type(handlers[0]) not in (logging.StreamHandler, LogHandler):
         return None, "utf-8", False
     handler = handlers[0]
     formatter = handler.formatter
     as_json = isinstance(formatter, JsonFormatter)
     if not as_json and (formatter is None or formatter._fmt != LOG_FORMAT):
         return None, "utf-8", False
+    if isinstance(handler, LogHandler):
+        return handler.out, handler.encoding, as_json
     try:
         handler.flush()
         stream = handler.stream
-        return stream.fileno(), getattr(stream, "encoding", None) or "utf-8", as_json
+        return (LogStream(stream.fileno()), getattr(stream, "encoding", None) or "utf-8",
+                as_json)
     except (AttributeError, OSError, ValueError):
         return None, "utf-8", False
 

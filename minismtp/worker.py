@@ -243,6 +243,8 @@ class Worker:
                       "behind it wait with it", stalled)
         self._publish_stats()
         self._trim_buffers()
+        if self.msglog.behind:  # records of other threads, held for a stalled stream
+            self.msglog.flush()
         self.acceptor.tick(now)
         if os.getppid() != self.parent and not self.stopping:
             log.warning("worker %d: master went away, exiting", os.getpid())
