@@ -22,6 +22,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import shutil
 import signal
 import sys
 import tempfile
@@ -69,6 +70,9 @@ PER_CLIENT = {"max_sessions": 100_000, "max_new_sessions_per_minute": 10_000_000
               "max_recipients_per_minute": 100_000_000}  # set, never reached
 
 
+SELF_CLIENTS = ("S1E", "S5", "S7")  # scenarios whose client is ours, not smtp-source
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=sorted(LOADS))
@@ -88,6 +92,10 @@ def main() -> int:
                         metavar="W,C", help="run the worker on CPU W and the client on CPU C")
     args = parser.parse_args()
     size, sessions, keep_open, default_count = LOADS[args.scenario]
+    if args.scenario not in SELF_CLIENTS and shutil.which("smtp-source") is None:
+        print(f"{args.scenario} needs Postfix's smtp-source, not installed here "
+              "(bash bench/setup.sh installs it)", file=sys.stderr)
+        return 2
     messages = args.messages or default_count
 
     overrides = {
@@ -122,6 +130,12 @@ def main() -> int:
     worker_clock = time.pthread_getcpuclockid(threading.main_thread().ident)
 
     def load() -> None:
+        try:
+            run_client()
+        finally:
+            os.kill(os.getpid(), signal.SIGQUIT)  # the worker's immediate stop, whatever came
+
+    def run_client() -> None:
         if args.pin:
             os.sched_setaffinity(0, {args.pin[1]})  # this thread, and the client it starts
         time.sleep(0.3)  # let the worker reach its loop
@@ -143,7 +157,6 @@ def main() -> int:
                                  messages=messages, keep_open=keep_open)
         outcome["result"], outcome["seconds"] = result, time.perf_counter() - started
         outcome["worker_cpu_s"] = time.clock_gettime(worker_clock) - cpu_before
-        os.kill(os.getpid(), signal.SIGQUIT)  # the worker's immediate stop
 
     if args.pin:
         os.sched_setaffinity(0, {args.pin[0]})  # the worker's thread: the caller's own

@@ -93,7 +93,9 @@ def parse_list(text: str | None, known: dict[str, Any], what: str) -> list[str] 
 
 def run_scenario(contenders: list[Contender], runs: int) -> list[dict[str, Any]]:
     """Warm up every server, then measure them round by round (see the docstring)."""
-    if contenders and contenders[0].scenario.idle:
+    if not contenders:  # every server of the scenario skipped (not installed)
+        return []
+    if contenders[0].scenario.idle:
         batches = [[contender] for contender in contenders]  # one at a time: memory
     else:
         batches = [contenders]
