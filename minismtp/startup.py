@@ -162,8 +162,10 @@ def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
 def delivery_warnings(config: Config) -> list[str]:
     """What keeps a reader in delivery.group (Dovecot's mail user) out of an existing
     Maildir, although minismtp itself can store: in layout "single" the root, new/ and
-    cur/ that the group may not read and search; in "per_recipient" a root it may not
-    search. Not problems: the reader may get in otherwise (as the owner, root, an ACL)."""
+    cur/ that the group may not read, write and search (a reader moves messages from new/
+    to cur/, and Dovecot keeps its own files in the root); in "per_recipient" a root it
+    may not search. Not problems: the reader may get in otherwise (as the owner, root, an
+    ACL)."""
     d = config.delivery
     if d.backend != "maildir" or d.group is None:
         return []
@@ -177,7 +179,7 @@ def delivery_warnings(config: Config) -> list[str]:
     root = os.path.abspath(d.path)
     # per_recipient: a reader only passes through the root, to <domain>/<local-part>/.
     subs = ("",) if d.layout == "per_recipient" else ("", "new", "cur")
-    needed = 0o1 if d.layout == "per_recipient" else 0o5  # search; read and search
+    needed, fix = (0o1, "g+xs") if d.layout == "per_recipient" else (0o7, "g+rwxs")
     warnings = []
     for sub in subs:
         path = os.path.join(root, sub) if sub else root
@@ -193,7 +195,7 @@ def delivery_warnings(config: Config) -> list[str]:
             continue
         warnings.append(f'delivery.group: "{path}" is closed to group "{d.group}" (mode '
                         f"{mode:04o}, group {_group_name(st.st_gid)}), so a reader in it "
-                        f"cannot get in: chgrp {d.group} and chmod g+rxs it")
+                        f"cannot get in: chgrp {d.group} and chmod {fix} it")
     return warnings
 
 

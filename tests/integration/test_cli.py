@@ -159,10 +159,10 @@ def test_check_config_warns_of_a_maildir_its_group_cannot_read(tmp_path):
     assert _problems(result) == [
         f'warning: delivery.group: "{mail}" is closed to group "{group}" (mode 0700, group '
         f'"{grp.getgrgid(os.getegid()).gr_name}"), so a reader in it cannot get in: '
-        f"chgrp {group} and chmod g+rxs it"]
+        f"chgrp {group} and chmod g+rwxs it"]
     assert yaml.safe_load(result.stdout)["delivery"]["group"] == group
     os.chown(mail, -1, groups[0].gr_gid)
-    mail.chmod(0o2750)
+    mail.chmod(0o2770)
     result = run("check-config", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 0 and result.stderr == "", result.stderr
 

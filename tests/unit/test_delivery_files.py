@@ -364,11 +364,14 @@ def test_check_config_warns_of_a_maildir_closed_to_the_group(tmp_path: Path) -> 
     assert [w.split(" (")[0] for w in warnings] == [
         f'delivery.group: "{mail / sub}" is closed to group "{group.gr_name}"'
         for sub in ("", "new", "cur")]
-    assert warnings[0].endswith(f"cannot get in: chgrp {group.gr_name} and chmod g+rxs it")
+    assert warnings[0].endswith(f"cannot get in: chgrp {group.gr_name} and chmod g+rwxs it")
     assert startup.delivery_problems(single) == []  # not a problem: storing works
     for sub in ("", "new", "cur"):  # as the README's install step makes them
         os.chown(mail / sub, -1, group.gr_gid)
-        (mail / sub).chmod(0o2750)
+        (mail / sub).chmod(0o2750)  # read-only for the group: Dovecot cannot move mail
+    assert len(startup.delivery_warnings(single)) == 3
+    for sub in ("", "new", "cur"):  # as the README's install step makes them
+        (mail / sub).chmod(0o2770)
     assert startup.delivery_warnings(single) == []
     (mail / "cur").chmod(0o2710)  # searchable, not readable
     assert len(startup.delivery_warnings(single)) == 1
