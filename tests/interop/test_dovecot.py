@@ -4,9 +4,13 @@ Maildir, and Dovecot opens it as that user."""
 
 from __future__ import annotations
 
+import contextlib
+import grp
+import os
 import pwd
 import re
 import smtplib
+import stat
 
 import pytest
 
@@ -62,6 +66,70 @@ def test_imap_fetches_the_stored_message(make_server, shared_tmp, dovecot, layou
         assert b"\\Seen" not in flags[0], flags
     finally:
         imap.logout()
+
+
+READER_UID = 64999  # Dovecot's reader: neither minismtp's server.user nor root
+
+
+def _reader_group() -> grp.struct_group:
+    """A group the reader is in and minismtp's server.user is not (Debian's `mail`)."""
+    own = pwd.getpwnam(MAIL_USER).pw_gid
+    for name in ("mail", "adm", "users"):
+        with contextlib.suppress(KeyError):
+            group = grp.getgrnam(name)
+            if group.gr_gid != own and MAIL_USER not in group.gr_mem:
+                return group
+    pytest.fail("no group to share the Maildir with")
+
+
+@pytest.mark.parametrize("layout", ["single"])
+def test_a_reader_in_the_group_files_and_expunges(make_server, shared_tmp, dovecot, layout):
+    """The README's set-up for a reader running as another user: delivery.group with
+    file_mode 0660 and dir_mode 0770, the Maildir's root made the group's and
+    set-group-ID (`install -d -o minismtp -g vmail -m 2770`). Dovecot, reading as a user
+    in that group only, sees the message read-write, flags it deleted and expunges it
+    (it moves messages and writes its own files in the Maildir: with group-read-only
+    modes it shows an empty, read-only INBOX), and minismtp keeps storing after it."""
+    group = _reader_group()
+    root = shared_tmp / "mail"
+    root.mkdir()
+    os.chown(root, dovecot_uid(), group.gr_gid)
+    root.chmod(0o2770)
+    server = make_server({"server": {"user": MAIL_USER},
+                          "delivery": {"path": str(root), "layout": layout,
+                                       "group": group.gr_name, "file_mode": "0660",
+                                       "dir_mode": "0770"}})
+    first = text_message("shared 1", "For the group's reader.\n", recipient=RECIPIENT)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
+        assert smtp.sendmail("sender@example.org", [RECIPIENT], first) == {}
+    maildir = root if layout == "single" else root / "example.org" / "reader"
+    [path] = server.files("new", root=maildir)
+    assert (path.stat().st_gid, stat.S_IMODE(path.stat().st_mode)) == (group.gr_gid, 0o660)
+    stored = path.read_bytes()  # Dovecot moves it to cur/ at once
+    made = (maildir, maildir / "new", maildir / "cur")
+    for directory in made + ((maildir.parent,) if layout == "per_recipient" else ()):
+        st = directory.stat()
+        assert st.st_gid == group.gr_gid and st.st_mode & stat.S_ISGID, directory
+
+    imap = dovecot(maildir, ids=(READER_UID, group.gr_gid)).login()
+    try:
+        typ, count = imap.select("INBOX")
+        assert (typ, count) == ("OK", [b"1"])
+        assert imap.response("READ-WRITE")[1] != [None], "INBOX opened read-only"
+        typ, data = imap.fetch("1", "(BODY.PEEK[])")
+        assert typ == "OK" and data[0][1] == crlf(stored)
+        assert imap.store("1", "+FLAGS", "\\Deleted")[0] == "OK"
+        assert imap.expunge()[0] == "OK"
+        assert imap.select("INBOX") == ("OK", [b"0"])
+    finally:
+        imap.logout()
+    assert server.files("new", root=maildir) == [] and server.files("cur", root=maildir) == []
+
+    second = text_message("shared 2", "After the reader.\n", recipient=RECIPIENT)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as smtp:
+        assert smtp.sendmail("sender@example.org", [RECIPIENT], second) == {}
+    [(_, stored)] = server.maildir_messages(root=maildir)
+    expect_stored(stored, second)
 
 
 def test_per_recipient_root_with_server_user(make_server, shared_tmp):

@@ -64,10 +64,13 @@ service imap-login {{
 
 
 class Dovecot:
-    def __init__(self, root: Path, maildir: Path, mail_user: str = MAIL_USER) -> None:
+    def __init__(self, root: Path, maildir: Path, mail_user: str = MAIL_USER,
+                 ids: tuple[int, int] | None = None) -> None:
         self.root = root
         self.maildir = maildir
-        self.mail_user = pwd.getpwnam(mail_user)
+        user = pwd.getpwnam(mail_user)
+        # (uid, gid) Dovecot reads the mail as: the mail user's own, or others given
+        self.ids = ids or (user.pw_uid, user.pw_gid)
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.tree: dict[int, int] = {}
@@ -77,9 +80,9 @@ class Dovecot:
         return self.root / "dovecot.conf"
 
     def start(self) -> Dovecot:
-        user = self.mail_user
+        uid, gid = self.ids
         (self.root / "passwd").write_text(
-            f"{IMAP_USER}:{{PLAIN}}{IMAP_PASSWORD}:{user.pw_uid}:{user.pw_gid}::"
+            f"{IMAP_USER}:{{PLAIN}}{IMAP_PASSWORD}:{uid}:{gid}::"
             f"{self.maildir}::userdb_mail=maildir:{self.maildir}\n")
         failures = []
         for _ in range(START_ATTEMPTS):
@@ -127,15 +130,16 @@ class Dovecot:
 
 @pytest.fixture
 def dovecot(shared_tmp: Path) -> Iterator[Callable[[Path], Dovecot]]:
-    """`dovecot(maildir)` starts an IMAP server whose one user's INBOX is `maildir`."""
+    """`dovecot(maildir)` starts an IMAP server whose one user's INBOX is `maildir`;
+    `dovecot(maildir, ids=(uid, gid))` reads it as that uid and gid, not MAIL_USER's."""
     require_root("Dovecot")
     program("dovecot")
     instances: list[Dovecot] = []
 
-    def start(maildir: Path) -> Dovecot:
+    def start(maildir: Path, ids: tuple[int, int] | None = None) -> Dovecot:
         root = shared_tmp / f"dovecot{len(instances)}"
         root.mkdir()
-        instance = Dovecot(root, maildir)
+        instance = Dovecot(root, maildir, ids=ids)
         instances.append(instance)
         return instance.start()
 
