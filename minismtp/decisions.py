@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from minismtp.delivery import DeliveryError
 from minismtp.faults import FaultAction, FaultInjector
 from minismtp.msglog import MessageLog
+from minismtp.output import begin_tarpit, end_tarpitted_reply, output_mark
 from minismtp.smtp import replies
 from minismtp.smtp.events import (
     AuthAttempt, DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo,
@@ -169,6 +170,8 @@ class Decisions:
                 continue
             session.paused = False
             self._answer_end(session, result)
+            if session.tarpits:
+                end_tarpitted_reply(session)
             self.loop.resume(session)  # pipelined commands may wait behind the reply
 
     def _answer_end(self, session: Session, result: Result) -> None:
@@ -218,11 +221,13 @@ class Decisions:
         self.stats.faults[action.rule.index] += 1
 
         def finish(session: Session) -> None:
-            if action.tarpit_bps and not session.tarpit_bps:
-                # This reply slowly, not those queued before it; a later rule firing in
-                # the same batch of pipelined commands keeps the tarpit where it began.
-                session.tarpit_bps = action.tarpit_bps
-                session.tarpit_at = len(session.transport.pending) + session.conn.queued_bytes
+            # This reply slowly, neither those queued before it nor those after it.
+            span = begin_tarpit(session, action.tarpit_bps) if action.tarpit_bps else None
+            act(session)
+            if span is not None and not session.paused:
+                span.end = output_mark(session)  # else where its deferred answer ends
+
+        def act(session: Session) -> None:
             if action.disconnect:
                 # The core closes; the loop then sends what earlier commands were
                 # answered (their replies may wait behind this one) and closes. A

@@ -258,9 +258,10 @@ def test_a_flood_of_guesses_ends_in_421(start_auth, pki, raw_clients):
 
 def test_a_tarpit_at_auth_slows_the_answer_of_a_check_made_off_the_loop(
         start_auth, tmp_path, raw_clients):
-    """NOOP and AUTH in one segment, an `auth` rule tarpitting at 10 bytes/s, the
-    password checked on a thread: NOOP's 250 comes at once, and the 235 that comes after
-    the check is the reply trickled."""
+    """NOOP, AUTH and NOOP in one segment, an `auth` rule tarpitting at 10 bytes/s, the
+    password checked on a thread: the first NOOP's 250 comes at once, the 235 that comes
+    after the check is the reply trickled, and the second NOOP's 250 comes right after
+    it, at full speed."""
     server = start_auth({"mode": "htpasswd",
                          "users_file": str(users_file(tmp_path / "users", {USER: PASSWORD})),
                          "allow_plaintext": True}, tls="none",
@@ -269,11 +270,14 @@ def test_a_tarpit_at_auth_slows_the_answer_of_a_check_made_off_the_loop(
     client = raw_clients(server.port, timeout=30)
     client.hello()
     began = time.monotonic()
-    client.send(f"NOOP\r\nAUTH PLAIN {plain(USER, PASSWORD)}\r\n".encode())
+    client.send(f"NOOP\r\nAUTH PLAIN {plain(USER, PASSWORD)}\r\nNOOP\r\n".encode())
     assert client.reply().code == 250
     assert time.monotonic() - began < 0.5
     assert client.reply(timeout=30).raw == replies.AUTH_OK.wire
-    assert time.monotonic() - began >= 0.5 * len(replies.AUTH_OK.wire) / 10
+    authenticated = time.monotonic()
+    assert authenticated - began >= 0.5 * len(replies.AUTH_OK.wire) / 10
+    assert client.reply(timeout=30).code == 250
+    assert time.monotonic() - authenticated < 0.3
 
 
 def test_auth_fault_stage(start_auth, pki, raw_clients):

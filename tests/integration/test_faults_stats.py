@@ -449,6 +449,59 @@ def test_two_pipelined_tarpitted_replies_are_both_slow(make_server, raw_clients)
     assert pieces[-1][0] >= 1.4, pieces
 
 
+def done_at(pieces: list[tuple[float, bytes]], octets: int) -> float:
+    """When the first `octets` octets of what `arrivals` saw had all come."""
+    received = 0
+    for at, piece in pieces:
+        received += len(piece)
+        if received >= octets:
+            return at
+    raise AssertionError((octets, pieces))
+
+
+def test_replies_after_a_tarpitted_one_go_at_full_speed(make_server, raw_clients):
+    """MAIL and four RCPTs in one segment, the rule firing for the first and third:
+    each of those two trickles (14 bytes at 20 bytes/s, 0.65 s), in order; the reply
+    after each comes right after it, not trickled."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow", "stage": "rcpt",
+                                                "recipient": "*@tar.test", "tarpit": 20}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<a@tar.test>\r\n"
+                b"RCPT TO:<b@example.org>\r\nRCPT TO:<c@tar.test>\r\n"
+                b"RCPT TO:<d@example.org>\r\n")
+    size = len(replies.RECIPIENT_OK.wire)
+    pieces = arrivals(client.sock, replies.SENDER_OK.wire + replies.RECIPIENT_OK.wire * 4)
+    mail, first, after_first, second, after_second = (
+        done_at(pieces, len(replies.SENDER_OK.wire) + n * size) for n in range(5))
+    assert mail < 0.5, pieces
+    assert first - mail >= 0.4 and second - after_first >= 0.4, pieces  # both trickled
+    assert after_first - first < 0.3 and after_second - second < 0.3, pieces
+
+
+def test_a_reply_after_a_tarpitted_deferred_commit_goes_at_full_speed(make_server,
+                                                                      raw_clients):
+    """The message's 250, tarpitted at 20 bytes/s, comes after a commit made off the
+    loop (fsync); QUIT, sent with the final dot, is answered right after it."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": True},
+                          "faults": {"rules": [{"name": "slow-250", "stage": "end_of_data",
+                                                "tarpit": 20}]}})
+    client = raw_clients(server.port, timeout=30)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY) + b"QUIT\r\n")
+    pieces = arrivals(client.sock, replies.CLOSING.wire)
+    got = b"".join(piece for _, piece in pieces)
+    assert got.startswith(b"250 2.0.0 Ok: queued as ") and got.endswith(replies.CLOSING.wire)
+    stored = done_at(pieces, len(got) - len(replies.CLOSING.wire))
+    assert stored >= 0.5 * (len(got) - len(replies.CLOSING.wire)) / 20, pieces
+    assert done_at(pieces, len(got)) - stored < 0.3, pieces
+    assert len(server.files("new")) == 1
+
+
 def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_clients):
     """The 354 trickled at 5 bytes/s takes about 7 s, longer than min_data_rate's grace
     (2 s here): the body that follows at once, 30 bytes in half a second, is the
