@@ -26,24 +26,37 @@ if TYPE_CHECKING:
 
 # Globals: Enum class attributes are slow to read.
 _DATA, _CLOSED, _STARTING_TLS = State.DATA, State.CLOSED, State.STARTING_TLS
-TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
+# A tarpitted reply goes out in pieces of this long's worth of octets (one at least), so
+# about this far apart, or 1/rate under 10 bytes/s.
+TARPIT_STEP_S = 0.1
 LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
 
 
 class TarpitSpan:
     """One tarpitted reply: where it lies in the output not sent yet (octet offsets, moved
-    back as octets go out)."""
+    back as octets go out), and how far its trickle has got."""
 
-    __slots__ = ("start", "end", "bps")
+    __slots__ = ("start", "end", "bps", "started", "sent")
 
     def __init__(self, start: int, bps: float) -> None:
         self.start = start
         self.end: int | None = None  # unknown while its answer is deferred
         self.bps = bps
+        self.started = 0.0  # when its first piece went out: it is paced from there
+        self.sent = 0  # its octets out so far
 
     def due(self, now: float) -> int:
-        """Octets of it that may go out in a step."""
-        return max(1, int(self.bps * TARPIT_STEP_S))
+        """Octets of it that may go out by `now`: a step at once, then `bps` a second
+        from the running total (so no rate is rounded to whole steps)."""
+        step = max(1, int(self.bps * TARPIT_STEP_S))
+        if not self.sent:
+            return step
+        # The epsilon: at exactly started + sent/bps the product may fall just short.
+        return max(1, int((now - self.started) * self.bps + 1e-6) + step - self.sent)
+
+    def next_step_at(self) -> float:
+        """When the next step is due: a step's worth of octets after those sent."""
+        return self.started + self.sent / self.bps
 
 
 def _advance(spans: list[TarpitSpan], sent: int) -> None:
@@ -173,10 +186,13 @@ class Output:
             if sent is None:
                 return
             _advance(spans, sent)
+            if sent > before:
+                if not span.sent:
+                    span.started = loop.now
+                span.sent += sent - before
             if span.end > 0:
-                step = wanted - before
-                delay = max(TARPIT_STEP_S, step / span.bps) if sent else TARPIT_STEP_S
-                self.timers.call_at(loop.now + delay, self.trickle, session)
+                self.timers.call_at(self._next_step_at(span, sent < wanted), self.trickle,
+                                    session)
                 return
             spans.pop(0)
         session.tarpits = None
@@ -186,6 +202,15 @@ class Output:
             # when it was queued, or the tarpit's time would count as the client's.
             loop.data_started(session)
         loop.resume(session)
+
+    def _next_step_at(self, span: TarpitSpan, short: bool) -> float:
+        if not short:
+            return span.next_step_at()
+        # The socket took less than was due: try again a step later, paced from then, so
+        # a client that stops reading meets no burst when it starts again.
+        at = self.loop.now + TARPIT_STEP_S
+        span.started = at - span.sent / span.bps
+        return at
 
     def _send_pending(self, session: Session, most: int) -> int | None:
         """Send at most `most` octets of the pending output, as many as the socket takes

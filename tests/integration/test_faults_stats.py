@@ -502,6 +502,26 @@ def test_a_reply_after_a_tarpitted_deferred_commit_goes_at_full_speed(make_serve
     assert len(server.files("new")) == 1
 
 
+@pytest.mark.parametrize("bps", [15, 19])
+def test_a_tarpit_keeps_to_a_rate_that_is_no_multiple_of_ten(make_server, raw_clients,
+                                                            bps):
+    """A 42-byte reply at 15 (19) bytes/s: a byte at once, then the rest at the rate,
+    2.7 (2.2) s; rounded down to 10 bytes/s it took 4.1 s."""
+    text = "4.2.0 " + "x" * 30  # "450 " + 36 + CRLF: 42 bytes
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow", "stage": "rcpt",
+                                                "reply": f"450 {text}", "tarpit": bps}]}})
+    client = raw_clients(server.port, timeout=30)
+    client.hello()
+    client.cmd("MAIL FROM:<s@example.org>", 250)
+    started = time.monotonic()
+    client.send(b"RCPT TO:<r@example.org>\r\n")
+    reply = client.expect(450, timeout=30)
+    elapsed = time.monotonic() - started
+    ideal = (len(reply.raw) - 1) / bps
+    assert ideal - 0.05 <= elapsed <= ideal + 0.4, (elapsed, ideal)
+
+
 def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_clients):
     """The 354 trickled at 5 bytes/s takes about 7 s, longer than min_data_rate's grace
     (2 s here): the body that follows at once, 30 bytes in half a second, is the

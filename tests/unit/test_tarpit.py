@@ -1,4 +1,4 @@
-"""The tarpit fault's spans (output.py), on a fake loop and transport: when
+"""The tarpit fault's pacing and spans (output.py), on a fake loop and transport: when
 each octet goes out, with the loop's clock moved from one timer to the next."""
 
 from __future__ import annotations
@@ -100,6 +100,49 @@ def trickle(session, loop: FakeLoop) -> None:
     output._start_trickle(session)
     loop.run()
     assert not session.trickling and session.tarpits is None and loop.resumed == 1
+
+
+@pytest.mark.parametrize("bps", [1, 3, 5, 10, 15, 19, 25, 39, 100, 1000])
+def test_a_tarpit_keeps_to_its_rate_within_a_step(bps):
+    """No octet goes out before its time (a step's worth at once, then `bps` a second
+    from the running total), and the reply is out within a step of that time: a rate
+    is not rounded to a multiple of the steps' 10 a second."""
+    loop = FakeLoop()
+    session = session_on(loop)
+    queue(session, REPLY, bps)
+    trickle(session, loop)
+    recorder = session.transport
+    assert b"".join(data for _, data in recorder.writes) == REPLY
+    step = max(1, int(bps * TARPIT_STEP_S))
+    for at, total in recorder.sent_by():
+        assert total <= step + at * bps + 1e-6, (at, total)
+    ideal = (len(REPLY) - step) / bps
+    assert ideal - 1e-6 <= recorder.done_at(len(REPLY)) <= ideal + TARPIT_STEP_S
+
+
+def test_the_steps_are_no_more_than_a_tenth_of_a_second_apart():
+    loop = FakeLoop()
+    session = session_on(loop)
+    queue(session, REPLY, 20)
+    trickle(session, loop)
+    times = [at for at, _ in session.transport.writes]
+    assert all(0 < b - a <= TARPIT_STEP_S + 1e-9 for a, b in zip(times, times[1:])), times
+    assert [len(data) for _, data in session.transport.writes] == [2] * (len(REPLY) // 2)
+
+
+def test_a_late_timer_is_made_up_in_its_step():
+    """A loop busy elsewhere runs a step late: that step sends what fell due meanwhile,
+    so the reply still ends on time."""
+    loop = FakeLoop()
+    session = session_on(loop)
+    queue(session, REPLY, 10)
+    session.transport.pending = session.conn.data_to_send()
+    Output(loop)._start_trickle(session)
+    loop.now = 2.05  # the first timer (0.1 s) runs 1.95 s late
+    loop.timers.expire(loop.now, lambda owner: None)
+    assert session.transport.sent_by()[-1] == (2.05, 21)  # 1 at once, then 20 in 2 s
+    loop.run()
+    assert session.transport.done_at(len(REPLY)) == pytest.approx((len(REPLY) - 1) / 10)
 
 
 def test_only_the_tarpitted_replies_are_slow():
