@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from minismtp.delivery import DeliveryError
-from minismtp.faults import FaultAction, FaultInjector
+from minismtp.faults import FaultAction, FaultInjector, FaultRule
 from minismtp.msglog import MessageLog
 from minismtp.output import begin_tarpit, end_tarpitted_reply, output_mark
 from minismtp.smtp import replies
@@ -247,10 +247,27 @@ class Decisions:
 
         def after_delay(session: Session) -> None:
             session.paused = False
+            if self._left_during_delay(session, action.rule):
+                return
             finish(session)
             self.loop.resume(session)
 
         self.loop.timers.call_at(self.loop.now + action.delay_s, after_delay, session)
+
+    def _left_during_delay(self, session: Session, rule: FaultRule) -> bool:
+        """Whether the client left while a delay held its session (it is not read
+        meanwhile): then the command is not acted on, a message not stored (no client
+        saw its 250, and a retry would store it twice), and the session closes, its log
+        line saying why. What the client sent before a half-close, still to be read
+        (a pipelined QUIT), means it may still read the answer: not gone."""
+        if len(session.conn.buffer) or not session.transport.peer_gone():
+            return False
+        why = f"client left during the delay of fault rule {rule.name}"
+        if rule.stage == "end_of_data":
+            self.storage.abort(session)
+            self._log(session, session.size, "client left during a delay", "-")
+        self.loop.close(session, why)
+        return True
 
 
 def _storage_failure(error: DeliveryError) -> Reply:

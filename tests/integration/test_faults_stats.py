@@ -544,6 +544,71 @@ def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_
     assert client.reply(timeout=10).code == 250
 
 
+def test_a_client_that_left_during_an_end_of_data_delay_has_nothing_stored(
+        make_server, raw_clients):
+    """The client gives up while the message's answer is delayed and closes: when the
+    delay ends the message is dropped, not stored nor counted as accepted (the client
+    never saw a 250, and its retry would store it twice), and the log says why."""
+    port = free_port()
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False},
+                          "stats": {"listen": f"{HOST}:{port}"},
+                          "faults": {"rules": [{"name": "slow", "stage": "end_of_data",
+                                                "delay": 1}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY))
+    time.sleep(0.2)  # the dot is in: the delay runs
+    client.close()
+    server.wait_for_log(r"disconnect from .* end=client left during the delay of fault "
+                        r"rule slow")
+    assert "result=client left during a delay" in server.log_text()
+    assert server.files("new") == [] and server.files("tmp") == []
+    def published() -> dict | None:
+        doc = stats_doc(port)
+        return doc if doc["faults"] and doc["connections"]["open"] == 0 else None
+
+    doc = server.wait_until(published, STATS_WAIT_S, 0.1, "the counters")
+    assert doc["messages_accepted"] == 0 and doc["faults"] == {"slow": 1}, doc
+
+
+@pytest.mark.parametrize("stage", ["rcpt", "quit"])
+def test_a_client_that_left_during_a_delay_is_closed_unanswered(make_server, raw_clients,
+                                                                stage):
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow", "stage": stage,
+                                                "delay": 0.5}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.cmd("MAIL FROM:<s@example.org>", 250)
+    client.send(b"RCPT TO:<r@example.org>\r\n" if stage == "rcpt" else b"QUIT\r\n")
+    time.sleep(0.1)
+    client.close()
+    server.wait_for_log(r"disconnect from .* end=client left during the delay of fault "
+                        r"rule slow")
+
+
+def test_a_half_closed_client_with_a_pipelined_quit_is_not_gone(make_server, raw_clients):
+    """The final dot and QUIT in one segment, then the client shuts its sending side and
+    waits for the answers: the commands it sent are still to be read, so when the delay
+    ends the message is stored and both replies go out."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False},
+                          "faults": {"rules": [{"name": "slow", "stage": "end_of_data",
+                                                "delay": 0.5}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY) + b"QUIT\r\n")
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.expect(250, timeout=5).raw.startswith(b"250 2.0.0 Ok: queued as ")
+    client.expect(221)
+    assert len(server.files("new")) == 1
+
+
 @pytest.mark.parametrize(("rule_sender", "mail_from", "fires"), [
     ("alice@*", "alice@example.org", True),  # the session's last message was alice's
     ("", "alice@example.org", False),  # "" is the null sender <>, not "no sender"

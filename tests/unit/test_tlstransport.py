@@ -11,6 +11,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import struct
 import types
 
 import pytest
@@ -483,3 +484,47 @@ def test_a_tarpit_retries_a_blocked_write_whole_then_goes_on_step_by_step(
     assert set(server.lengths[:blocked + 1]) == {first}
     assert server.lengths[blocked + 1:] == [2] * (len(tarpitted) // 2 - 1)
     assert server.write_retry_bytes == 0
+
+
+def test_a_plain_peer_is_gone_only_when_its_end_of_stream_is_all_that_is_left(tcp):
+    """Nothing sent yet: there. A command then a half-close: there (it may still read
+    the answer), until the command is read. A reset: gone."""
+    server_sock, client_sock = tcp
+    plain = PlainTransport(server_sock)
+    assert not plain.peer_gone()
+    client_sock.send(b"QUIT\r\n")
+    client_sock.shutdown(socket.SHUT_WR)
+    wait(server_sock, READ)
+    assert not plain.peer_gone()
+    assert server_sock.recv(100) == b"QUIT\r\n"
+    assert plain.peer_gone()
+
+
+def test_a_plain_peer_that_reset_is_gone(tcp):
+    server_sock, client_sock = tcp
+    client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client_sock.close()  # RST
+    wait(server_sock, READ)
+    assert PlainTransport(server_sock).peer_gone()
+
+
+def test_a_tls_peer_is_gone_only_when_nothing_is_left_to_read(
+        tcp, server_context, client_context):
+    """Records on the socket, or bytes decrypted inside OpenSSL: there. The socket closed
+    (a FIN, no close_notify: what a client's close() sends) with nothing before it: gone."""
+    server_sock, client_sock = tcp
+    server = TlsTransport.wrap(server_sock, server_context)
+    client = client_context.wrap_socket(client_sock, server_hostname=HOST,
+                                        do_handshake_on_connect=False)
+    handshake(server, client)
+    assert not server.peer_gone()
+    client.sendall(b"NOOP\r\n" * 4)
+    wait(server, READ)
+    assert not server.peer_gone()  # a record, not decrypted yet
+    view = memoryview(bytearray(6))
+    assert server.read_into(view) == 6  # a command; the rest waits inside OpenSSL
+    client.close()
+    assert not server.peer_gone()
+    assert read_all(server, 18) == b"NOOP\r\n" * 3
+    wait(server, READ)  # the FIN
+    assert server.peer_gone()
