@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -246,6 +247,37 @@ def test_seeded_rate_rejects_its_share_and_replays_exactly(make_server, raw_clie
     assert 0.25 <= first.count(450) / 2000 <= 0.35, first.count(450)
     assert run(7) == first  # a second server with the same seed: the same sequence
     assert run(8) != first  # and the seed is what decides it
+
+
+def test_a_seeded_sequence_starts_again_after_a_reload_and_a_respawn(make_server,
+                                                                     raw_clients):
+    """One worker, seed 5: after a reload with the file unchanged (a new generation,
+    its worker in another board slot while the old one still holds its own), and after
+    that worker is killed and replaced, 200 pipelined RCPTs are decided as on a fresh
+    start: a worker's sequence is its place in its generation's, from the beginning."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"seed": 5, "rules": [{"name": "busy", "stage": "rcpt",
+                                                           "rate": 0.3, "reply": BUSY}]}})
+
+    def decided() -> list[int]:
+        client = raw_clients(server.port)
+        client.hello()
+        client.cmd("MAIL FROM:<s@example.org>", 250)
+        client.send(b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(200)))
+        codes = [reply.code for reply in client.replies(200)]
+        client.cmd("QUIT", 221)
+        client.close()
+        return codes
+
+    fresh = decided()
+    assert 30 <= fresh.count(450) <= 90, fresh
+    server.reload()
+    assert decided() == fresh
+    (pid,) = server.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    server.wait_until(lambda: pid not in server.worker_pids() and server.worker_pids(),
+                      10.0, 0.05, "a new worker")
+    assert decided() == fresh
 
 
 def test_recipient_glob_rejects_exactly_the_matching_recipients(make_server, raw_clients):
