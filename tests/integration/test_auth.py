@@ -292,7 +292,10 @@ def test_auth_fault_stage(start_auth, pki, raw_clients):
     client.cmd("NOOP", 250)
     client.cmd("QUIT", 221)
     samples = wait_for_metric(server, 'minismtp_faults_injected_total{rule="no-auth"}', 1)
-    assert samples.get(SUCCESS, 0) == 0
+    # Refused before any check: a rejection by code, not an auth result (README).
+    assert samples.get('minismtp_rejections_total{code="454"}') == 1
+    assert all(samples.get(f'minismtp_auth_total{{result="{result}"}}', 0) == 0
+               for result in ("success", "failure", "temporary")), samples
 
 
 def test_a_listeners_own_auth_rule_fires_there_only(make_server, raw_clients):
