@@ -385,7 +385,7 @@ class Arbiter:
             return True
         code = exitcodes.WORKER_CRASHED
         try:
-            code = self._become_worker(slot, mask, listeners)
+            code = self._become_worker(slot, index, mask, listeners)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else exitcodes.OK
         except BaseException:
@@ -393,7 +393,7 @@ class Arbiter:
         finally:
             os._exit(code)  # this must never return into the master's code
 
-    def _become_worker(self, slot: int, signal_mask: Iterable[int],
+    def _become_worker(self, slot: int, index: int, signal_mask: Iterable[int],
                        listeners: list[socket.socket]) -> int:
         self.wakeup.close(_HANDLED)  # the worker routes its own signals
         if (handler := log_handler()) is not None:
@@ -414,7 +414,7 @@ class Arbiter:
             self.stats_http.close_inherited()
         return Worker(config, self.listeners.entries(config, listeners), backend, self.board,
                       slot, self.stats_board, signal_mask, self.tls_context,
-                      self.clients, self.log_board).run()
+                      self.clients, self.log_board, index).run()
 
     def _signal(self, record: WorkerRecord, signum: int) -> None:
         try:

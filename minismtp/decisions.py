@@ -18,8 +18,9 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from minismtp.delivery import DeliveryError
-from minismtp.faults import FaultAction, FaultInjector
+from minismtp.faults import FaultAction, FaultInjector, FaultRule
 from minismtp.msglog import MessageLog
+from minismtp.output import begin_tarpit, end_tarpitted_reply, output_mark
 from minismtp.smtp import replies
 from minismtp.smtp.events import (
     AuthAttempt, DataStarted, Hello, MailFrom, MessageEnd, MessageRejected, Quit, RcptTo,
@@ -169,6 +170,8 @@ class Decisions:
                 continue
             session.paused = False
             self._answer_end(session, result)
+            if session.tarpits:
+                end_tarpitted_reply(session)
             self.loop.resume(session)  # pipelined commands may wait behind the reply
 
     def _answer_end(self, session: Session, result: Result) -> None:
@@ -218,11 +221,13 @@ class Decisions:
         self.stats.faults[action.rule.index] += 1
 
         def finish(session: Session) -> None:
-            if action.tarpit_bps and not session.tarpit_bps:
-                # This reply slowly, not those queued before it; a later rule firing in
-                # the same batch of pipelined commands keeps the tarpit where it began.
-                session.tarpit_bps = action.tarpit_bps
-                session.tarpit_at = len(session.transport.pending) + session.conn.queued_bytes
+            # This reply slowly, neither those queued before it nor those after it.
+            span = begin_tarpit(session, action.tarpit_bps) if action.tarpit_bps else None
+            act(session)
+            if span is not None and not session.paused:
+                span.end = output_mark(session)  # else where its deferred answer ends
+
+        def act(session: Session) -> None:
             if action.disconnect:
                 # The core closes; the loop then sends what earlier commands were
                 # answered (their replies may wait behind this one) and closes. A
@@ -242,10 +247,27 @@ class Decisions:
 
         def after_delay(session: Session) -> None:
             session.paused = False
+            if self._left_during_delay(session, action.rule):
+                return
             finish(session)
             self.loop.resume(session)
 
         self.loop.timers.call_at(self.loop.now + action.delay_s, after_delay, session)
+
+    def _left_during_delay(self, session: Session, rule: FaultRule) -> bool:
+        """Whether the client left while a delay held its session (it is not read
+        meanwhile): then the command is not acted on, a message not stored (no client
+        saw its 250, and a retry would store it twice), and the session closes, its log
+        line saying why. What the client sent before a half-close, still to be read
+        (a pipelined QUIT), means it may still read the answer: not gone."""
+        if len(session.conn.buffer) or not session.transport.peer_gone():
+            return False
+        why = f"client left during the delay of fault rule {rule.name}"
+        if rule.stage == "end_of_data":
+            self.storage.abort(session)
+            self._log(session, session.size, "client left during a delay", "-")
+        self.loop.close(session, why)
+        return True
 
 
 def _storage_failure(error: DeliveryError) -> Reply:

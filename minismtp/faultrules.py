@@ -23,6 +23,7 @@ MAX_DELAY_S = 3600.0
 MAX_REPLY_BYTES = 512  # RFC 5321 4.5.3.1.5: a reply line, CRLF included
 _RECIPIENT_STAGES = ("rcpt", "data", "end_of_data")  # before RCPT there is no recipient
 _SENDER_STAGES = ("mail", "rcpt", "data", "end_of_data", "quit")
+_REFUSING_GREETINGS = (421, 554)  # RFC 5321 3.1, 4.3.2: a greeting is 220, 554 or 421
 _RULE_KEYS = ("name", "stage", "sender", "recipient", "client", "rate", "reply", "delay",
               "disconnect", "tarpit")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)  # a Prometheus label value as is
@@ -187,6 +188,12 @@ class _Rule:
             return None
         if reply.code < 400 and not (stage == "quit" and reply.code == 221):
             self.problem("reply", f"{want}, got {values.got(value)}")
+            return None
+        if stage == "connect" and reply.code not in _REFUSING_GREETINGS:
+            # A client reads any other code as a broken greeting, not as a refusal.
+            self.problem("reply", "at stage connect must be 554 (no service) or 421 "
+                         "(closing): the greetings RFC 5321 3.1 and 4.3.2 allow besides "
+                         f"220, got {values.got(value)}")
             return None
         if len(reply.wire) > MAX_REPLY_BYTES:
             self.problem("reply", f"must be at most {MAX_REPLY_BYTES} octets with its CRLF "

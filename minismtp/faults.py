@@ -127,7 +127,8 @@ def _action(rule: FaultRule, delay_s: float) -> FaultAction:
 
 
 class FaultInjector:
-    """Per-worker rule matcher; `stream` (e.g. the worker slot) varies the seeded sequence."""
+    """Per-worker rule matcher; `stream` (the worker's place in its generation) varies
+    the seeded sequence, so each worker of a generation draws its own."""
 
     __slots__ = ("enabled", "stages", "_by_stage", "_rng", "_inside")
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterable
 from minismtp import authcheck
 from minismtp.authcheck import AuthChecker, Verify
 from minismtp.msglog import printable
+from minismtp.output import end_tarpitted_reply
 from minismtp.smtp import replies
 from minismtp.smtp.events import AuthAttempt
 from minismtp.smtp.protocol import Settings
@@ -134,6 +135,8 @@ class Logins:
                 session.conn.accept()  # the user shows as user= on the log lines
             else:
                 self._temporary(session, "the check failed")
+            if session.tarpits:
+                end_tarpitted_reply(session)
             loop.resume(session)
 
     def _fail_later(self, session: Session, user: str, acting_as: str = "") -> None:
@@ -153,6 +156,8 @@ class Logins:
         session.conn.reject(replies.AUTH_FAILED)
         log.info("auth: peer=%s user=%s%s failed", session.peer.address, printable(user),
                  acting_as)
+        if session.tarpits:
+            end_tarpitted_reply(session)
         self.loop.resume(session)
 
     def _temporary(self, session: Session, why: str) -> None:

@@ -6,9 +6,11 @@ bytes the socket does not take wait in the transport, and the loop stops reading
 that client until they are gone, so its pipelined commands cannot make us buffer
 replies without bound.
 
-A tarpit fault sends a reply a few bytes per step on a timer (`trickle`). A closing
-session shuts its write side and drains what the client still sends before closing
-(`linger`), so a reset cannot destroy the last reply.
+A tarpit fault sends a reply a few bytes per step on a timer (`trickle`): only that
+reply, the span of the output between where it starts and where it ends (`TarpitSpan`,
+recorded by decisions.py as it is queued); what comes before and after it goes at full
+speed. A closing session shuts its write side and drains what the client still sends
+before closing (`linger`), so a reset cannot destroy the last reply.
 """
 
 from __future__ import annotations
@@ -24,8 +26,69 @@ if TYPE_CHECKING:
 
 # Globals: Enum class attributes are slow to read.
 _DATA, _CLOSED, _STARTING_TLS = State.DATA, State.CLOSED, State.STARTING_TLS
-TARPIT_STEP_S = 0.1  # a tarpitted reply goes out in pieces this far apart
+# A tarpitted reply goes out in pieces of this long's worth of octets (one at least), so
+# about this far apart, or 1/rate under 10 bytes/s.
+TARPIT_STEP_S = 0.1
 LINGER_S = 2.0  # after a last reply, how long unread client bytes are drained
+
+
+class TarpitSpan:
+    """One tarpitted reply: where it lies in the output not sent yet (octet offsets, moved
+    back as octets go out), and how far its trickle has got."""
+
+    __slots__ = ("start", "end", "bps", "started", "sent")
+
+    def __init__(self, start: int, bps: float) -> None:
+        self.start = start
+        self.end: int | None = None  # unknown while its answer is deferred
+        self.bps = bps
+        self.started = 0.0  # when its first piece went out: it is paced from there
+        self.sent = 0  # its octets out so far
+
+    def due(self, now: float) -> int:
+        """Octets of it that may go out by `now`: a step at once, then `bps` a second
+        from the running total (so no rate is rounded to whole steps)."""
+        step = max(1, int(self.bps * TARPIT_STEP_S))
+        if not self.sent:
+            return step
+        # The epsilon: at exactly started + sent/bps the product may fall just short.
+        return max(1, int((now - self.started) * self.bps + 1e-6) + step - self.sent)
+
+    def next_step_at(self) -> float:
+        """When the next step is due: a step's worth of octets after those sent."""
+        return self.started + self.sent / self.bps
+
+
+def _advance(spans: list[TarpitSpan], sent: int) -> None:
+    """`sent` octets went out: the spans lie that much nearer the front."""
+    for span in spans:
+        span.start = max(0, span.start - sent)
+        if span.end is not None:
+            span.end -= sent
+
+
+def output_mark(session: Session) -> int:
+    """Where the next reply queued will start, in the output not sent yet."""
+    return len(session.transport.pending) + session.conn.queued_bytes
+
+
+def begin_tarpit(session: Session, bps: float) -> TarpitSpan:
+    """The reply about to be queued goes out at `bps`: its span starts here; each
+    tarpitted reply of a pipelined batch has its own, trickled in order."""
+    span = TarpitSpan(output_mark(session), bps)
+    if session.tarpits is None:
+        session.tarpits = [span]
+    else:
+        session.tarpits.append(span)
+    return span
+
+
+def end_tarpitted_reply(session: Session) -> None:
+    """A deferred answer (a commit, a password check) was just queued: a span waiting
+    for it ends here. Called only for sessions with spans."""
+    span = session.tarpits[-1]
+    if span.end is None:
+        span.end = output_mark(session)
 
 
 class Output:
@@ -50,7 +113,7 @@ class Output:
         if out or pending:
             if pending:
                 out = pending + out
-            if session.tarpit_bps:
+            if session.tarpits:
                 transport.pending = out
                 self._start_trickle(session)
                 return
@@ -90,16 +153,64 @@ class Output:
     # -- tarpit --------------------------------------------------------------------
 
     def _start_trickle(self, session: Session) -> None:
-        self.loop.want(session, 0)
-        at, session.tarpit_at = session.tarpit_at, 0
-        # Replies to pipelined commands before the tarpitted one: at full speed (what the
-        # client does not take now is trickled too).
-        if at and self._send_pending(session, at) is None:
-            return
-        if not session.transport.pending and session.paused:
-            return  # the tarpitted reply is still to come (a password check): it waits
+        self.loop.want(session, 0)  # nothing more is read until every span is out
         session.trickling = True
         self.trickle(session)
+
+    def trickle(self, session: Session) -> None:
+        """One step of a tarpit: the output before the first span at full speed, then as
+        much of the span as is due; the next span, if this one is out, likewise. Timed
+        again until every span is out; then the session resumes, and the output after
+        the last span goes at full speed."""
+        loop = self.loop
+        transport = session.transport
+        spans = session.tarpits
+        out = session.conn.data_to_send()  # an answer given while trickling
+        if out:
+            transport.pending += out
+        while spans:
+            span = spans[0]
+            if span.end is None:  # its answer is still to come: send what is before it
+                sent = self._send_pending(session, span.start)
+                if sent is None:
+                    return
+                _advance(spans, sent)
+                if transport.pending:
+                    self.timers.call_at(loop.now + TARPIT_STEP_S, self.trickle, session)
+                else:
+                    session.trickling = False  # the answer's flush starts the next step
+                return
+            before = span.start
+            wanted = min(span.end, before + span.due(loop.now))
+            sent = self._send_pending(session, wanted)
+            if sent is None:
+                return
+            _advance(spans, sent)
+            if sent > before:
+                if not span.sent:
+                    span.started = loop.now
+                span.sent += sent - before
+            if span.end > 0:
+                self.timers.call_at(self._next_step_at(span, sent < wanted), self.trickle,
+                                    session)
+                return
+            spans.pop(0)
+        session.tarpits = None
+        session.trickling = False
+        if session.conn.state is _DATA:
+            # The 354 has only now reached the client: DATA's deadlines start here, not
+            # when it was queued, or the tarpit's time would count as the client's.
+            loop.data_started(session)
+        loop.resume(session)
+
+    def _next_step_at(self, span: TarpitSpan, short: bool) -> float:
+        if not short:
+            return span.next_step_at()
+        # The socket took less than was due: try again a step later, paced from then, so
+        # a client that stops reading meets no burst when it starts again.
+        at = self.loop.now + TARPIT_STEP_S
+        span.started = at - span.sent / span.bps
+        return at
 
     def _send_pending(self, session: Session, most: int) -> int | None:
         """Send at most `most` octets of the pending output, as many as the socket takes
@@ -107,6 +218,8 @@ class Output:
         Under TLS a write that blocked is retried whole, however small `most` is."""
         transport = session.transport
         most = max(most, transport.write_retry_bytes)
+        if not most:
+            return 0
         try:
             sent = transport.write(transport.pending[:most], 0)
         except (BlockingIOError, InterruptedError):
@@ -116,26 +229,6 @@ class Output:
             return None
         transport.pending = transport.pending[sent:]
         return sent
-
-    def trickle(self, session: Session) -> None:
-        """Send the pending reply a few bytes per step (a tarpit fault)."""
-        loop = self.loop
-        transport = session.transport
-        step = max(1, int(session.tarpit_bps * TARPIT_STEP_S))
-        sent = self._send_pending(session, step)
-        if sent is None:
-            return
-        if transport.pending:
-            delay = max(TARPIT_STEP_S, step / session.tarpit_bps) if sent else TARPIT_STEP_S
-            self.timers.call_at(loop.now + delay, self.trickle, session)
-            return
-        session.trickling = False
-        session.tarpit_bps = 0.0  # one reply per rule firing
-        if session.conn.state is _DATA:
-            # The 354 has only now reached the client: DATA's deadlines start here, not
-            # when it was queued, or the tarpit's time would count as the client's.
-            loop.data_started(session)
-        loop.resume(session)
 
     # -- the end ---------------------------------------------------------------------
 

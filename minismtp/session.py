@@ -20,6 +20,7 @@ from minismtp.stats import ListenerCounts
 if TYPE_CHECKING:
     from minismtp.decisions import Decisions
     from minismtp.handshake import Handshake
+    from minismtp.output import TarpitSpan
     from minismtp.proxyread import ProxyRead
     from minismtp.transport import PlainTransport
     from minismtp.values import ProxyProtocol
@@ -90,8 +91,8 @@ class Session:
     __slots__ = (
         "transport", "fd", "conn", "peer", "profile", "handshake", "preamble", "sink",
         "sink_error", "mask", "deadline", "timer_at", "data_started", "data_bytes",
-        "data_bytes_at_tick", "body_read_at", "envelope", "size", "end_seen", "paused", "tarpit_bps",
-        "tarpit_at", "trickling", "lingering", "closed", "end", "client_entry",
+        "data_bytes_at_tick", "body_read_at", "envelope", "size", "end_seen", "paused", "tarpits",
+        "trickling", "lingering", "closed", "end", "client_entry",
     )
 
     def __init__(self, transport: PlainTransport, conn: SmtpServerConnection, peer: Peer,
@@ -116,8 +117,9 @@ class Session:
         self.size = 0  # of the message just ended
         self.end_seen = 0.0  # when its terminator arrived
         self.paused = False  # a decision is deferred (delay, commit): do not read
-        self.tarpit_bps = 0.0  # send the next reply this slowly (a fault rule)
-        self.tarpit_at = 0  # octets of output before that reply: they go out at full speed
+        # Replies a fault rule sends slowly, in order, while any is still to go out
+        # (output.TarpitSpan); the output around them goes at full speed.
+        self.tarpits: list[TarpitSpan] | None = None
         self.trickling = False
         self.lingering = False  # last reply sent, write side shut: draining until EOF
         self.closed = False

@@ -101,6 +101,7 @@ class WorkerStats:
     stats.proxy_headers += 1; stats.count_proxy_failure(reason)
     stats.auth_successes += 1; stats.auth_failures += 1   # 235; 535
     stats.auth_temporary_failures += 1                     # 454 (queue full, check failed)
+    # (an AUTH a fault rule refuses is in replies and faults, not an auth result)
     stats.count_per_client_refusal(reason); stats.per_client_unchecked += 1
     profile.counts.sessions += 1; profile.counts.messages_accepted += 1   # per listener
     """

@@ -99,8 +99,12 @@ def render_prometheus(totals: Totals, rule_names: Sequence[RuleName]) -> str:
            [(f'{{reason="{reason}"}}', count)
             for reason, count in zip(PROXY_FAILURES, totals.proxy_failures)])
     family("minismtp_auth_total", "counter",
-           "AUTH attempts answered, by result: success (235), failure (535), "
-           "temporary (454: too many waiting, or the check itself failed).",
+           "AUTH attempts answered after their credentials reached the check, by "
+           "result: success (235), failure (535), temporary (454: too many waiting, or "
+           "the check itself failed). Not those a fault rule refused or dropped first "
+           "(minismtp_faults_injected_total; a refusal also in "
+           "minismtp_rejections_total), nor those the protocol refused (501, 503, 504, "
+           "538).",
            [('{result="success"}', totals.auth_successes),
             ('{result="failure"}', totals.auth_failures),
             ('{result="temporary"}', totals.auth_temporary_failures)])

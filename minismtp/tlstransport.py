@@ -45,7 +45,7 @@ import socket
 import ssl
 
 from minismtp.loop import READ, WRITE
-from minismtp.transport import drain
+from minismtp.transport import drain, peer_gone
 
 __all__ = ["HandshakeFailed", "TlsTransport"]
 
@@ -222,6 +222,11 @@ class TlsTransport:
     def discard_input(self) -> bool:
         """Read and drop what the client sends; True once it is done (EOF or error)."""
         return drain(self.sock, _NOT_YET)
+
+    def peer_gone(self) -> bool:
+        """The client has left: nothing decrypted waits inside OpenSSL, and the socket
+        holds only its end of stream or a reset."""
+        return not self.has_buffered_input and peer_gone(self.sock)
 
     def close(self) -> None:
         """Best effort close_notify (never waits), then close."""

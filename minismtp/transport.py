@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from minismtp.tlstransport import TlsTransport
 
 MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the bytes for what follows
+_PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _DRAIN_READS = 16  # per readiness event while lingering: a flooding client must not hold us
 
 
@@ -44,6 +45,20 @@ def drain(sock: _socket.socket, not_yet: tuple[type[Exception], ...] = (
     except (OSError, ValueError):  # ValueError: a socket closed under us
         return True
     return False
+
+
+def peer_gone(sock: _socket.socket) -> bool:
+    """Whether all the kernel holds of the client is its end of stream or a reset: it
+    has left. Bytes still to read (commands it sent before a half-close, QUIT say) mean
+    it may still be reading. A syscall: for the end of a fault delay, never per command.
+    Under TLS this peeks beneath OpenSSL (the base class's recv): a close_notify is
+    bytes there, so only the FIN or reset that follows it counts."""
+    try:
+        return not _socket.socket.recv(sock, 1, _PEEK_NOW)
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing yet: the client is still there
+    except (OSError, ValueError):  # a reset; ValueError: a socket closed under us
+        return True
 
 
 class PlainTransport:
@@ -84,6 +99,10 @@ class PlainTransport:
     def discard_input(self) -> bool:
         """Read and drop what the client sends; True once it is done (EOF or error)."""
         return drain(self.sock)
+
+    def peer_gone(self) -> bool:
+        """The client has left (end of stream or reset, nothing before it to read)."""
+        return peer_gone(self.sock)
 
     def close(self) -> None:
         self.sock.close()

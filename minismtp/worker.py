@@ -76,6 +76,7 @@ class Worker:
         backend: Backend, board: HeartbeatBoard, slot: int, stats_board: StatsBoard,
         signal_mask: Iterable[int] = (), tls_context: ssl.SSLContext | None = None,
         clients: ClientTable | None = None, log_board: LogBoard | None = None,
+        index: int = 0,
     ) -> None:
         self.config = config
         self.signal_mask = signal_mask  # restored once our own handlers are in place
@@ -126,19 +127,21 @@ class Worker:
             if per_client.enabled and clients is not None else None
         self.logins = Logins.maybe(self, self.stats, [  # AUTH checks, if a listener offers it
             (self.profiles[sock].settings, entry.auth) for sock, entry in listeners])
-        self.decide = self._decisions(config.faults, slot)
+        # A seeded fault sequence is the worker's place in its generation's: the same
+        # after a reload or a respawn, whichever board slot the worker was given.
+        self.decide = self._decisions(config.faults, index)
         for _, entry in listeners:  # a listener's own faults keys replace the top-level ones
             profile = by_entry[entry]
             if profile.decide is None:
-                decide = self._decisions(effective_faults(config.faults, entry), slot) \
+                decide = self._decisions(effective_faults(config.faults, entry), index) \
                     if entry.faults else self.decide
                 profile.decide, profile.handlers = decide, decide.handlers
         self.handshakes = None if tls_context is None else Handshakes(
             self, self.poller, tls_context, self.stats, self._greet)
         self.proxies = ProxyReads(self, self.poller, self.stats)
 
-    def _decisions(self, faults: FaultsConfig, slot: int) -> Decisions:
-        return Decisions(self, self.storage, FaultInjector(faults, slot), self.stats,
+    def _decisions(self, faults: FaultsConfig, stream: int) -> Decisions:
+        return Decisions(self, self.storage, FaultInjector(faults, stream), self.stats,
                          self.msglog, self.logins, self.gate)
 
     # -- set-up and main loop ------------------------------------------------------

@@ -258,9 +258,10 @@ def test_a_flood_of_guesses_ends_in_421(start_auth, pki, raw_clients):
 
 def test_a_tarpit_at_auth_slows_the_answer_of_a_check_made_off_the_loop(
         start_auth, tmp_path, raw_clients):
-    """NOOP and AUTH in one segment, an `auth` rule tarpitting at 10 bytes/s, the
-    password checked on a thread: NOOP's 250 comes at once, and the 235 that comes after
-    the check is the reply trickled."""
+    """NOOP, AUTH and NOOP in one segment, an `auth` rule tarpitting at 10 bytes/s, the
+    password checked on a thread: the first NOOP's 250 comes at once, the 235 that comes
+    after the check is the reply trickled, and the second NOOP's 250 comes right after
+    it, at full speed."""
     server = start_auth({"mode": "htpasswd",
                          "users_file": str(users_file(tmp_path / "users", {USER: PASSWORD})),
                          "allow_plaintext": True}, tls="none",
@@ -269,11 +270,14 @@ def test_a_tarpit_at_auth_slows_the_answer_of_a_check_made_off_the_loop(
     client = raw_clients(server.port, timeout=30)
     client.hello()
     began = time.monotonic()
-    client.send(f"NOOP\r\nAUTH PLAIN {plain(USER, PASSWORD)}\r\n".encode())
+    client.send(f"NOOP\r\nAUTH PLAIN {plain(USER, PASSWORD)}\r\nNOOP\r\n".encode())
     assert client.reply().code == 250
     assert time.monotonic() - began < 0.5
     assert client.reply(timeout=30).raw == replies.AUTH_OK.wire
-    assert time.monotonic() - began >= 0.5 * len(replies.AUTH_OK.wire) / 10
+    authenticated = time.monotonic()
+    assert authenticated - began >= 0.5 * len(replies.AUTH_OK.wire) / 10
+    assert client.reply(timeout=30).code == 250
+    assert time.monotonic() - authenticated < 0.3
 
 
 def test_auth_fault_stage(start_auth, pki, raw_clients):
@@ -288,7 +292,10 @@ def test_auth_fault_stage(start_auth, pki, raw_clients):
     client.cmd("NOOP", 250)
     client.cmd("QUIT", 221)
     samples = wait_for_metric(server, 'minismtp_faults_injected_total{rule="no-auth"}', 1)
-    assert samples.get(SUCCESS, 0) == 0
+    # Refused before any check: a rejection by code, not an auth result (README).
+    assert samples.get('minismtp_rejections_total{code="454"}') == 1
+    assert all(samples.get(f'minismtp_auth_total{{result="{result}"}}', 0) == 0
+               for result in ("success", "failure", "temporary")), samples
 
 
 def test_a_listeners_own_auth_rule_fires_there_only(make_server, raw_clients):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -248,6 +249,37 @@ def test_seeded_rate_rejects_its_share_and_replays_exactly(make_server, raw_clie
     assert run(8) != first  # and the seed is what decides it
 
 
+def test_a_seeded_sequence_starts_again_after_a_reload_and_a_respawn(make_server,
+                                                                     raw_clients):
+    """One worker, seed 5: after a reload with the file unchanged (a new generation,
+    its worker in another board slot while the old one still holds its own), and after
+    that worker is killed and replaced, 200 pipelined RCPTs are decided as on a fresh
+    start: a worker's sequence is its place in its generation's, from the beginning."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"seed": 5, "rules": [{"name": "busy", "stage": "rcpt",
+                                                           "rate": 0.3, "reply": BUSY}]}})
+
+    def decided() -> list[int]:
+        client = raw_clients(server.port)
+        client.hello()
+        client.cmd("MAIL FROM:<s@example.org>", 250)
+        client.send(b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(200)))
+        codes = [reply.code for reply in client.replies(200)]
+        client.cmd("QUIT", 221)
+        client.close()
+        return codes
+
+    fresh = decided()
+    assert 30 <= fresh.count(450) <= 90, fresh
+    server.reload()
+    assert decided() == fresh
+    (pid,) = server.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    server.wait_until(lambda: pid not in server.worker_pids() and server.worker_pids(),
+                      10.0, 0.05, "a new worker")
+    assert decided() == fresh
+
+
 def test_recipient_glob_rejects_exactly_the_matching_recipients(make_server, raw_clients):
     # One mailbox per recipient: the message is stored exactly in the accepted ones (a
     # file for several recipients names none of them, so its headers cannot tell).
@@ -449,6 +481,79 @@ def test_two_pipelined_tarpitted_replies_are_both_slow(make_server, raw_clients)
     assert pieces[-1][0] >= 1.4, pieces
 
 
+def done_at(pieces: list[tuple[float, bytes]], octets: int) -> float:
+    """When the first `octets` octets of what `arrivals` saw had all come."""
+    received = 0
+    for at, piece in pieces:
+        received += len(piece)
+        if received >= octets:
+            return at
+    raise AssertionError((octets, pieces))
+
+
+def test_replies_after_a_tarpitted_one_go_at_full_speed(make_server, raw_clients):
+    """MAIL and four RCPTs in one segment, the rule firing for the first and third:
+    each of those two trickles (14 bytes at 20 bytes/s, 0.65 s), in order; the reply
+    after each comes right after it, not trickled."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow", "stage": "rcpt",
+                                                "recipient": "*@tar.test", "tarpit": 20}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<a@tar.test>\r\n"
+                b"RCPT TO:<b@example.org>\r\nRCPT TO:<c@tar.test>\r\n"
+                b"RCPT TO:<d@example.org>\r\n")
+    size = len(replies.RECIPIENT_OK.wire)
+    pieces = arrivals(client.sock, replies.SENDER_OK.wire + replies.RECIPIENT_OK.wire * 4)
+    mail, first, after_first, second, after_second = (
+        done_at(pieces, len(replies.SENDER_OK.wire) + n * size) for n in range(5))
+    assert mail < 0.5, pieces
+    assert first - mail >= 0.4 and second - after_first >= 0.4, pieces  # both trickled
+    assert after_first - first < 0.3 and after_second - second < 0.3, pieces
+
+
+def test_a_reply_after_a_tarpitted_deferred_commit_goes_at_full_speed(make_server,
+                                                                      raw_clients):
+    """The message's 250, tarpitted at 20 bytes/s, comes after a commit made off the
+    loop (fsync); QUIT, sent with the final dot, is answered right after it."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": True},
+                          "faults": {"rules": [{"name": "slow-250", "stage": "end_of_data",
+                                                "tarpit": 20}]}})
+    client = raw_clients(server.port, timeout=30)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY) + b"QUIT\r\n")
+    pieces = arrivals(client.sock, replies.CLOSING.wire)
+    got = b"".join(piece for _, piece in pieces)
+    assert got.startswith(b"250 2.0.0 Ok: queued as ") and got.endswith(replies.CLOSING.wire)
+    stored = done_at(pieces, len(got) - len(replies.CLOSING.wire))
+    assert stored >= 0.5 * (len(got) - len(replies.CLOSING.wire)) / 20, pieces
+    assert done_at(pieces, len(got)) - stored < 0.3, pieces
+    assert len(server.files("new")) == 1
+
+
+@pytest.mark.parametrize("bps", [15, 19])
+def test_a_tarpit_keeps_to_a_rate_that_is_no_multiple_of_ten(make_server, raw_clients,
+                                                            bps):
+    """A 42-byte reply at 15 (19) bytes/s: a byte at once, then the rest at the rate,
+    2.7 (2.2) s; rounded down to 10 bytes/s it took 4.1 s."""
+    text = "4.2.0 " + "x" * 30  # "450 " + 36 + CRLF: 42 bytes
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow", "stage": "rcpt",
+                                                "reply": f"450 {text}", "tarpit": bps}]}})
+    client = raw_clients(server.port, timeout=30)
+    client.hello()
+    client.cmd("MAIL FROM:<s@example.org>", 250)
+    started = time.monotonic()
+    client.send(b"RCPT TO:<r@example.org>\r\n")
+    reply = client.expect(450, timeout=30)
+    elapsed = time.monotonic() - started
+    ideal = (len(reply.raw) - 1) / bps
+    assert ideal - 0.05 <= elapsed <= ideal + 0.4, (elapsed, ideal)
+
+
 def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_clients):
     """The 354 trickled at 5 bytes/s takes about 7 s, longer than min_data_rate's grace
     (2 s here): the body that follows at once, 30 bytes in half a second, is the
@@ -469,6 +574,71 @@ def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_
     time.sleep(0.5)
     client.send(b"\r\nbody\r\n.\r\n")
     assert client.reply(timeout=10).code == 250
+
+
+def test_a_client_that_left_during_an_end_of_data_delay_has_nothing_stored(
+        make_server, raw_clients):
+    """The client gives up while the message's answer is delayed and closes: when the
+    delay ends the message is dropped, not stored nor counted as accepted (the client
+    never saw a 250, and its retry would store it twice), and the log says why."""
+    port = free_port()
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False},
+                          "stats": {"listen": f"{HOST}:{port}"},
+                          "faults": {"rules": [{"name": "slow", "stage": "end_of_data",
+                                                "delay": 1}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY))
+    time.sleep(0.2)  # the dot is in: the delay runs
+    client.close()
+    server.wait_for_log(r"disconnect from .* end=client left during the delay of fault "
+                        r"rule slow")
+    assert "result=client left during a delay" in server.log_text()
+    assert server.files("new") == [] and server.files("tmp") == []
+    def published() -> dict | None:
+        doc = stats_doc(port)
+        return doc if doc["faults"] and doc["connections"]["open"] == 0 else None
+
+    doc = server.wait_until(published, STATS_WAIT_S, 0.1, "the counters")
+    assert doc["messages_accepted"] == 0 and doc["faults"] == {"slow": 1}, doc
+
+
+@pytest.mark.parametrize("stage", ["rcpt", "quit"])
+def test_a_client_that_left_during_a_delay_is_closed_unanswered(make_server, raw_clients,
+                                                                stage):
+    server = make_server({"server": {"workers": 1}, "delivery": {"backend": "discard"},
+                          "faults": {"rules": [{"name": "slow", "stage": stage,
+                                                "delay": 0.5}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.cmd("MAIL FROM:<s@example.org>", 250)
+    client.send(b"RCPT TO:<r@example.org>\r\n" if stage == "rcpt" else b"QUIT\r\n")
+    time.sleep(0.1)
+    client.close()
+    server.wait_for_log(r"disconnect from .* end=client left during the delay of fault "
+                        r"rule slow")
+
+
+def test_a_half_closed_client_with_a_pipelined_quit_is_not_gone(make_server, raw_clients):
+    """The final dot and QUIT in one segment, then the client shuts its sending side and
+    waits for the answers: the commands it sent are still to be read, so when the delay
+    ends the message is stored and both replies go out."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False},
+                          "faults": {"rules": [{"name": "slow", "stage": "end_of_data",
+                                                "delay": 0.5}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY) + b"QUIT\r\n")
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.expect(250, timeout=5).raw.startswith(b"250 2.0.0 Ok: queued as ")
+    client.expect(221)
+    assert len(server.files("new")) == 1
 
 
 @pytest.mark.parametrize(("rule_sender", "mail_from", "fires"), [

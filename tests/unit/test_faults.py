@@ -96,6 +96,12 @@ BAD_RULES = [
     ({"stage": "rcpt", "reply": 450},
      'faults.rules[0].reply: must be a 4xx or 5xx reply such as "450 4.2.0 Mailbox busy", '
      "got 450"),
+    ({"stage": "connect", "reply": "450 4.3.2 Busy"},
+     'faults.rules[0].reply: at stage connect must be 554 (no service) or 421 (closing): '
+     'the greetings RFC 5321 3.1 and 4.3.2 allow besides 220, got "450 4.3.2 Busy"'),
+    ({"stage": "connect", "reply": "550 5.7.1 No"},
+     'faults.rules[0].reply: at stage connect must be 554 (no service) or 421 (closing): '
+     'the greetings RFC 5321 3.1 and 4.3.2 allow besides 220, got "550 5.7.1 No"'),
     ({"stage": "rcpt", "rate": 1.5, "delay": 1},
      "faults.rules[0].rate: must be a number from 0 to 1, got 1.5"),
     ({"stage": "rcpt", "rate": True, "delay": 1},

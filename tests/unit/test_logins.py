@@ -54,7 +54,7 @@ def session_at_auth(password: str, settings: Settings = SETTINGS, address: str =
     assert isinstance(events[-1], AuthAttempt)
     conn.data_to_send()
     return SimpleNamespace(conn=conn, peer=Peer(address, 40000), paused=False,
-                           closed=False, deadline=0.0, timer_at=float("inf")), events[-1]
+                           closed=False, deadline=0.0, timer_at=float("inf"), tarpits=None), events[-1]
 
 
 def verify(user: str, password: str) -> bool:
@@ -122,7 +122,7 @@ def test_acting_as_another_user_fails_as_a_wrong_password_does(logins, caplog):
     attempt = conn.next_event()
     conn.data_to_send()
     session = SimpleNamespace(conn=conn, peer=Peer("192.0.2.1", 40000), paused=False,
-                              closed=False, deadline=0.0, timer_at=float("inf"))
+                              closed=False, deadline=0.0, timer_at=float("inf"), tarpits=None)
     caplog.set_level(logging.INFO)
     logins.submit(session, attempt)
     loop = logins.loop

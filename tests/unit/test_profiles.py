@@ -248,6 +248,10 @@ def test_bad_values_in_a_listener_are_named_with_its_path(tmp_path):
     ("faults: {seed: -1}", "server.listen[0].faults.seed: must be an integer >= 0 or null, "
                            "got -1"),
     ("colour: blue", "server.listen[0].colour: unknown key"),
+    ('faults: {rules: [{stage: connect, reply: "451 4.3.0 Later"}]}',
+     "server.listen[0].faults.rules[0].reply: at stage connect must be 554 (no service) or "
+     "421 (closing): the greetings RFC 5321 3.1 and 4.3.2 allow besides 220, got "
+     '"451 4.3.0 Later"'),
 ])
 def test_wrong_shapes(tmp_path, entry, problem):
     assert problems_of(tmp_path, f"""\

@@ -11,6 +11,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import struct
 import types
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 trustme = pytest.importorskip("trustme")
 
 from minismtp.loop import READ, WRITE  # noqa: E402
-from minismtp.output import TARPIT_STEP_S, Output  # noqa: E402
+from minismtp.output import Output, TarpitSpan  # noqa: E402
 from minismtp.tls import describe  # noqa: E402
 from minismtp.timers import Timers  # noqa: E402
 from minismtp.tlstransport import HandshakeFailed, TlsTransport  # noqa: E402
@@ -440,9 +441,10 @@ class CountedWrites(TlsTransport):
 
 def test_a_tarpit_retries_a_blocked_write_whole_then_goes_on_step_by_step(
         tcp, server_context, client_context):
-    """The replies before a tarpitted one go out at full speed; when the socket does not
-    take them, OpenSSL has made records of part of them already and refuses a retry
-    with fewer bytes ("bad length"): the tarpit's first step retries them all."""
+    """The replies before a tarpitted one go out at full speed, with its first piece;
+    when the socket does not take them, OpenSSL has made records of part of them already
+    and refuses a retry with fewer bytes ("bad length"): the tarpit's next steps retry
+    them all, then go on a piece at a time."""
     server_sock, client_sock = tcp
     server = CountedWrites(server_context.wrap_socket(server_sock, server_side=True,
                                                       do_handshake_on_connect=False))
@@ -454,21 +456,24 @@ def test_a_tarpit_retries_a_blocked_write_whole_then_goes_on_step_by_step(
     before = bytes(range(256)) * 4096  # 1 MiB of replies to pipelined commands
     tarpitted = b"250 2.1.0 Ok\r\n"
     loop = TarpitLoop()
+    span = TarpitSpan(len(before), 20.0)
+    span.end = len(before) + len(tarpitted)
     session = types.SimpleNamespace(
         transport=server, mask=READ, closed=False, paused=False, trickling=False,
-        tarpit_bps=20.0, tarpit_at=len(before), conn=types.SimpleNamespace(state=None))
+        tarpits=[span], conn=types.SimpleNamespace(state=None, data_to_send=bytes))
     server.pending = before + tarpitted
     Output(loop)._start_trickle(session)
     assert loop.closed == [] and session.trickling
-    assert server.lengths == [len(before), len(before)]  # blocked; retried whole, blocked
-    assert server.write_retry_bytes == len(before)
+    first = len(before) + 2  # and the tarpitted reply's first step (20 B/s, 0.1 s)
+    assert server.lengths == [first]  # blocked
+    assert server.write_retry_bytes == first
     got = bytearray()
     for _ in range(STEPS * 10):
         try:
             got += client.recv(1 << 20)
         except ssl.SSLWantReadError:
             wait(client, READ)
-        loop.now += TARPIT_STEP_S
+        loop.now = loop.timers.next_due()  # the next step, on time
         loop.timers.expire(loop.now, lambda owner: None)
         if not session.trickling:
             break
@@ -476,6 +481,50 @@ def test_a_tarpit_retries_a_blocked_write_whole_then_goes_on_step_by_step(
     assert loop.closed == [] and loop.resumed == 1
     assert bytes(got) == before + tarpitted
     blocked = server.lengths.index(2) - 1  # the last retry of the whole: it went out
-    assert set(server.lengths[:blocked + 1]) == {len(before)}
-    assert server.lengths[blocked + 1:] == [2] * (len(tarpitted) // 2)  # 20 B/s, 0.1 s
+    assert set(server.lengths[:blocked + 1]) == {first}
+    assert server.lengths[blocked + 1:] == [2] * (len(tarpitted) // 2 - 1)
     assert server.write_retry_bytes == 0
+
+
+def test_a_plain_peer_is_gone_only_when_its_end_of_stream_is_all_that_is_left(tcp):
+    """Nothing sent yet: there. A command then a half-close: there (it may still read
+    the answer), until the command is read. A reset: gone."""
+    server_sock, client_sock = tcp
+    plain = PlainTransport(server_sock)
+    assert not plain.peer_gone()
+    client_sock.send(b"QUIT\r\n")
+    client_sock.shutdown(socket.SHUT_WR)
+    wait(server_sock, READ)
+    assert not plain.peer_gone()
+    assert server_sock.recv(100) == b"QUIT\r\n"
+    assert plain.peer_gone()
+
+
+def test_a_plain_peer_that_reset_is_gone(tcp):
+    server_sock, client_sock = tcp
+    client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client_sock.close()  # RST
+    wait(server_sock, READ)
+    assert PlainTransport(server_sock).peer_gone()
+
+
+def test_a_tls_peer_is_gone_only_when_nothing_is_left_to_read(
+        tcp, server_context, client_context):
+    """Records on the socket, or bytes decrypted inside OpenSSL: there. The socket closed
+    (a FIN, no close_notify: what a client's close() sends) with nothing before it: gone."""
+    server_sock, client_sock = tcp
+    server = TlsTransport.wrap(server_sock, server_context)
+    client = client_context.wrap_socket(client_sock, server_hostname=HOST,
+                                        do_handshake_on_connect=False)
+    handshake(server, client)
+    assert not server.peer_gone()
+    client.sendall(b"NOOP\r\n" * 4)
+    wait(server, READ)
+    assert not server.peer_gone()  # a record, not decrypted yet
+    view = memoryview(bytearray(6))
+    assert server.read_into(view) == 6  # a command; the rest waits inside OpenSSL
+    client.close()
+    assert not server.peer_gone()
+    assert read_all(server, 18) == b"NOOP\r\n" * 3
+    wait(server, READ)  # the FIN
+    assert server.peer_gone()
