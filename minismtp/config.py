@@ -349,6 +349,10 @@ _KEYS = {section: [name.split(".")[1] for name in _BY_NAME if name.startswith(se
 
 
 MAX_CONFIG_BYTES = 1 << 20  # far above any real configuration; the master reads it on HUP
+# Entries that merge keys (`<<`) may copy, in all, per file: far above any real use, far
+# below what a few hundred bytes of merges of merges could otherwise ask for.
+MAX_MERGED_ENTRIES = 100_000
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 class _Loader(yaml.SafeLoader):
@@ -362,6 +366,8 @@ class _Loader(yaml.SafeLoader):
         # beside its own (PyYAML flattens it in place), which a later merge of it, by an
         # alias, must not take for repeats.
         self._checked: set[int] = set()
+        self._flattening: set[int] = set()  # mappings whose merges are being resolved
+        self._merged_entries = 0  # copied by merge keys so far, for MAX_MERGED_ENTRIES
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         # PyYAML's own constructors fail on some explicitly tagged scalars with whatever
@@ -380,13 +386,80 @@ class _Loader(yaml.SafeLoader):
             self._no_repeats(node)
         return super().construct_mapping(node, deep)
 
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Replace the `<<` entries of `node` by the entries they merge in, one per key.
+
+        PyYAML's own copies every merged entry, repeats included: a mapping merging nine
+        copies of one merging nine copies of ... grows ninefold per level, and 500 bytes
+        asked for gigabytes. Here a key merged in once is kept once, with the value YAML's
+        merge gives it (the mapping's own keys win, then the earlier merge), and the
+        entries copied in all are bounded by MAX_MERGED_ENTRIES."""
+        if id(node) in self._flattening:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping merges itself (<<)", node.start_mark)
+        own, sources = [], []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                sources.extend(self._merge_sources(value_node))
+            else:
+                if key_node.tag == "tag:yaml.org,2002:value":  # as PyYAML does
+                    key_node.tag = "tag:yaml.org,2002:str"
+                own.append((key_node, value_node))
+        if not sources:
+            node.value = own
+            return
+        self._flattening.add(id(node))
+        try:
+            node.value = self._merged(node, own, sources) + own
+        finally:
+            self._flattening.discard(id(node))
+
+    def _merge_sources(self, value_node: yaml.Node) -> list[yaml.MappingNode]:
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) \
+            else [value_node]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"<< takes a mapping or a list of mappings, found a {source.id}",
+                    source.start_mark)
+        return sources
+
+    def _merged(self, node: yaml.MappingNode, own: list[tuple[yaml.Node, yaml.Node]],
+                sources: list[yaml.MappingNode]) -> list[tuple[yaml.Node, yaml.Node]]:
+        """The entries of `sources` whose key neither `own` nor an earlier source has."""
+        taken = {self._key_of(key_node) for key_node, _ in own}
+        merged = []
+        for source in sources:
+            self.flatten_mapping(source)  # one entry per key from here on
+            self._merged_entries += len(source.value)
+            if self._merged_entries > MAX_MERGED_ENTRIES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"merge keys (<<) copy more than {MAX_MERGED_ENTRIES} "
+                    "entries in all", node.start_mark)
+            for key_node, value_node in source.value:
+                key = self._key_of(key_node)
+                if key not in taken:
+                    taken.add(key)
+                    merged.append((key_node, value_node))
+        return merged
+
+    def _key_of(self, key_node: yaml.Node) -> object:
+        """A key as the mapping will hold it; an unhashable one, which construct_mapping
+        refuses later, stands for itself."""
+        key = self.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            return ("unhashable", id(key_node))
+        return key
+
     def _no_repeats(self, node: yaml.MappingNode) -> None:
         if id(node) in self._checked:
             return
         self._checked.add(id(node))  # no node is made while constructing: ids stay theirs
         first: dict[object, yaml.Mark] = {}
         for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # mappings merged in: theirs
+            if key_node.tag == _MERGE:  # mappings merged in: theirs
                 merged = value_node.value if isinstance(value_node, yaml.SequenceNode) \
                     else [value_node]
                 for mapping in merged:

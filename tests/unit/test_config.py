@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import socket
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -905,3 +906,54 @@ def test_max_junk_commands_reaches_the_core():
 
     config = load_config(overrides={"limits.max_junk_commands": 7})
     assert protocol_settings(config).max_junk_commands == 7
+
+
+def merge_bomb(depth: int) -> str:
+    """Each level merges nine copies of the one before: PyYAML alone copies 9**depth
+    entries (depth 8 took a minute and most of a gigabyte)."""
+    lines = ['limits: &a0 {max_errors: 7}']
+    lines += [f"x{level}: &a{level} {{<<: [{', '.join([f'*a{level - 1}'] * 9)}]}}"
+              for level in range(1, depth + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("depth", [8, 12])
+def test_a_merge_key_bomb_is_parsed_at_once(tmp_path, depth):
+    path = write(tmp_path, merge_bomb(depth))
+    # In a child, so that a regression fails in seconds instead of filling the memory.
+    run = subprocess.run([sys.executable, "-m", "minismtp", "check-config", "--config", path],
+                         capture_output=True, text=True, timeout=10, check=False,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    # the keys merged in are one each; the stray top-level keys are what is wrong
+    assert (run.returncode, run.stderr.splitlines()) == (
+        2, [f"minismtp: x{level}: unknown section" for level in range(1, depth + 1)])
+
+
+def test_merge_precedence_own_keys_then_earlier_merges(tmp_path):
+    path = write(tmp_path, """\
+server:
+  <<: [{workers: 2, backlog: 64, max_connections: 10}, {workers: 5, backlog: 65, hostname: m}]
+  backlog: 128
+""")
+    server = load_config(path).server
+    assert (server.workers, server.backlog, server.max_connections, server.hostname) == (
+        2, 128, 10, "m")
+    # a mapping merged many times over counts once
+    repeated = write(tmp_path, "limits:\n  <<: [&a {max_errors: 7}, *a, *a, {max_errors: 9}]\n")
+    assert load_config(repeated).limits.max_errors == 7
+
+
+def test_merges_copying_too_many_entries_in_all_are_refused(tmp_path):
+    # not exponential but quadratic: many mappings each merging one large mapping
+    keys = ", ".join(f"k{index}: 1" for index in range(20_000))
+    mappings = "\n".join(f"m{index}: {{<<: *big}}" for index in range(20))
+    path = write(tmp_path, f"big: &big {{{keys}}}\n{mappings}\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f'config: invalid YAML in "{path}" at line 7, column 5: ')
+    assert problem.endswith("merge keys (<<) copy more than 100000 entries in all")
+
+
+def test_a_mapping_merging_itself_is_refused(tmp_path):
+    path = write(tmp_path, "server: &s {<<: *s, workers: 2}\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f'config: invalid YAML in "{path}"')
