@@ -636,7 +636,22 @@ def _auth_warnings(listeners: tuple[Listener, ...]) -> list[str]:
                 f"costs {', '.join(map(str, costs))}: a user with a cheaper hash is refused "
                 "sooner than one that does not exist, which tells the user exists; "
                 "rehash them at one cost (htpasswd -B -C)")
+        if auth.users is not None:
+            warnings.extend(_slow_hash_warnings(index, auth.users_file, auth.users))
     return warnings
+
+
+def _slow_hash_warnings(index: int, path: str | None, users: Any) -> list[str]:
+    from minismtp import authcheck, htpasswd  # loaded already: the file was parsed
+
+    cost = users.max_cost
+    if cost < htpasswd.SLOW_COST:
+        return []
+    seconds = htpasswd.seconds_per_check(cost)
+    return [f"server.listen[{index}].auth.users_file: {path} has bcrypt cost {cost}: one "
+            f"password check takes about {seconds:.1f} s here, and a worker runs "
+            f"{authcheck.DEFAULT_THREADS} at a time (a stranger's is checked at the "
+            "costliest); 10 to 12 is usual (htpasswd -B -C)"]
 
 
 def _exempt_warnings(per_client: PerClient) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import bcrypt
 
@@ -44,6 +45,10 @@ _OTHER_KINDS = (  # what htpasswd writes besides bcrypt, by its prefix
 _DES_CRYPT = re.compile(r"[./A-Za-z0-9]{13}")
 # For a user that is not in the file, when the file has nobody to borrow a hash from.
 _DUMMY_HASH = b"$2b$10$SKJo9u7wq0vca1VG9k5kUOMnkckekWTleXfQPWNwizpva4bXQdfgG"
+# Each step of the cost doubles a check. htpasswd -C takes 4 to 17; bcrypt itself allows
+# 31, where one check holds a checker thread for days and AUTH never answers.
+MIN_COST, MAX_COST = 4, 17
+SLOW_COST = 15  # about a second or more a check on common hardware: worth a warning
 _MAX_FILE_BYTES = 16 << 20  # read by the master at start and on HUP: bounded
 BCRYPT_MAX_PASSWORD_BYTES = 72  # bcrypt ignores what follows; htpasswd -B does the same
 
@@ -75,6 +80,11 @@ class Users:
         """The bcrypt costs of the file, lowest first, when there is more than one."""
         costs = sorted({_cost(hashed) for hashed in self._hashes.values()})
         return tuple(costs) if len(costs) > 1 else ()
+
+    @property
+    def max_cost(self) -> int:
+        """The costliest hash's bcrypt cost, which every stranger's check pays."""
+        return _cost(self._decoy)
 
     def __contains__(self, user: object) -> bool:
         return user in self._hashes
@@ -140,14 +150,24 @@ def _parse_line(raw: bytes, hashes: dict[str, bytes], where_defined: dict[str, i
     if not _BCRYPT_SHAPE.fullmatch(hashed):
         return f'user "{user}": {_hash_problem(hashed)}'
     cost = _cost(hashed)
-    if not 4 <= cost <= 31:
-        return f'user "{user}": bcrypt cost {cost} is out of range (4 to 31)'
+    if not MIN_COST <= cost <= MAX_COST:
+        return (f'user "{user}": bcrypt cost {cost} is out of range ({MIN_COST} to '
+                f"{MAX_COST}, as htpasswd -B -C takes)")
     if not _BCRYPT.fullmatch(hashed):
         return (f'user "{user}": malformed bcrypt hash (its salt or hash does not decode: '
                 f"a character changed?)")
     hashes[user] = hashed.encode("ascii")
     where_defined[user] = number
     return ""
+
+
+def seconds_per_check(cost: int) -> float:
+    """About how long one check at `cost` takes on this machine: a cheap hash timed,
+    scaled (each step of the cost doubles the work)."""
+    timed_cost = 6
+    started = time.perf_counter()
+    bcrypt.hashpw(b"timing", bcrypt.gensalt(timed_cost))
+    return (time.perf_counter() - started) * 2 ** (cost - timed_cost)
 
 
 def _cost(hashed: str | bytes) -> int:

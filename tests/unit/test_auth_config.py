@@ -89,6 +89,35 @@ def test_a_users_file_mixing_bcrypt_costs_is_warned_of(tmp_path):
                        ).warnings == ()
 
 
+def test_a_users_file_with_a_slow_cost_is_warned_of(tmp_path, monkeypatch):
+    """Every stranger is checked at the costliest hash, on a worker's two checker
+    threads: from cost 15 (about a second) AUTH slows for everyone."""
+    from minismtp import htpasswd
+
+    monkeypatch.setattr(htpasswd, "seconds_per_check", lambda cost: 0.01 * 2 ** (cost - 8))
+    slow = HASH.replace("$04$", "$15$")  # made by hand: no check runs here
+    users = users_file(tmp_path, f"alice:{HASH}\nbob:{slow}\n")
+    listen = (f'    - {{address: "127.0.0.1:2587", auth: {{mode: htpasswd, users_file: '
+              f'"{users}", allow_plaintext: true}}}}')
+    warnings = load_config(config_file(tmp_path, listen)).warnings
+    assert warnings[1:] == (
+        f"server.listen[0].auth.users_file: {users} has bcrypt cost 15: one password check "
+        "takes about 1.3 s here, and a worker runs 2 at a time (a stranger's is checked at "
+        "the costliest); 10 to 12 is usual (htpasswd -B -C)",)
+    fine = users_file(tmp_path, f"alice:{HASH.replace('$04$', '$14$')}\n")
+    assert load_config(config_file(tmp_path, listen.replace(users, fine))).warnings == ()
+
+
+def test_a_users_file_with_cost_31_fails_check_config(tmp_path, capsys):
+    users = users_file(tmp_path, f"alice:{HASH.replace('$04$', '$31$')}\n")
+    path = config_file(tmp_path, f'    - {{address: "127.0.0.1:2587", auth: {{mode: htpasswd, '
+                                 f'users_file: "{users}", allow_plaintext: true}}}}')
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f'minismtp: server.listen[0].auth.users_file: {users}:1: user "alice": bcrypt cost 31 '
+        "is out of range (4 to 17, as htpasswd -B -C takes)\n")
+
+
 @pytest.mark.parametrize("auth, problem", [
     ("{mode: htpasswd, allow_plaintext: true}",
      "server.listen[0].auth.users_file: needed by mode: htpasswd"),

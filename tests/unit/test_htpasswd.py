@@ -9,7 +9,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from minismtp.htpasswd import Users, UsersFileError
+from minismtp.htpasswd import Users, UsersFileError, seconds_per_check
 
 ALICE_PW = "correct horse"
 # Made once (cost 4, the cheapest) so the tests stay quick; $2y$ is what htpasswd writes.
@@ -84,6 +84,10 @@ def test_empty_file(tmp_path):
     ("alice:secret", "not a bcrypt hash (plain text?)"),
     ("alice:$2y$05$short", "malformed bcrypt hash"),
     ("alice:" + ALICE.replace("$04$", "$03$"), "bcrypt cost 3 is out of range"),
+    # one check at cost 31 holds a thread for days: AUTH would never answer
+    ("alice:" + ALICE.replace("$04$", "$31$"),
+     'user "alice": bcrypt cost 31 is out of range (4 to 17, as htpasswd -B -C takes)'),
+    ("alice:" + ALICE.replace("$04$", "$18$"), "bcrypt cost 18 is out of range (4 to 17"),
     # bcrypt raises on every check against such a salt; such a hash matches no password
     ("alice:" + changed(ALICE, SALT_END), "malformed bcrypt hash (its salt or hash"),
     ("alice:" + changed(ALICE, HASH_END), "malformed bcrypt hash (its salt or hash"),
@@ -117,3 +121,13 @@ def test_unreadable(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UsersFileError, match="not a regular file"):
         Users.load(fifo)  # no hang
+
+
+def test_costs_up_to_htpasswd_s_most_are_taken(tmp_path):
+    users = Users.load(write(tmp_path, f"alice:{ALICE.replace('$04$', '$17$')}\nbob:{BOB}\n"))
+    assert (len(users), users.max_cost) == (2, 17)
+
+
+def test_seconds_per_check_doubles_with_each_step():
+    assert 0 < seconds_per_check(4) < 1
+    assert 2 ** 10 * seconds_per_check(4) > seconds_per_check(14) / 4  # noise, not halving
