@@ -141,7 +141,10 @@ def _host_name() -> str:
 
 
 _positive = parsing.integer(1)
-_timeout = parsing.duration(allow_zero=False)
+# A session's timeouts: below a second a client cannot even read the greeting in time
+# ("0.0001ms" closed connections before their 220), so nothing shorter is meant.
+MIN_TIMEOUT_S = 1.0
+_timeout = parsing.duration(allow_zero=False, minimum_s=MIN_TIMEOUT_S)
 # Workers stamp their heartbeat once a second (worker.py's tick), later when a turn of
 # their loop runs long: a timeout near that would have the master kill healthy workers
 # over and over.
@@ -206,7 +209,8 @@ SETTINGS: tuple[Setting, ...] = (
             "its parameters (RFC 1870, 4954, 6531); longer lines get `500 5.5.2` and are "
             "skipped unbuffered"),
     Setting("limits.command_timeout", "300s", _timeout,
-            "idle time between commands, then `421 4.4.2` (RFC 5321 4.5.3.2.7: 5 minutes)",
+            "idle time between commands, then `421 4.4.2` (RFC 5321 4.5.3.2.7: 5 minutes); "
+            "at least `1s`, as are the other timeouts of this section",
             parsing.dump_duration),
     Setting("limits.data_timeout", "1h", _timeout,
             "deadline for a whole DATA phase (RFC 5321 sets none; an hour lets the "
@@ -221,7 +225,8 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes, used up by a pause before the body or by slow spells later (not a "
             "time after which an average is taken); RFC 5321 4.5.3.2.5 lets a client wait "
             "3 minutes for a block of data to go out, and a sender's filter or a lossy "
-            "link may hold the first byte that long",
+            "link may hold the first byte that long. At least `1s` while "
+            "`min_data_rate` is on: with none, every DATA got `421` right after its `354`",
             parsing.dump_duration),
     Setting("limits.max_errors", 20, _positive,
             "protocol errors before `421 4.7.0`; a stored message forgives those before "
@@ -575,6 +580,7 @@ def load_config(
 
     parsed = _parse(SETTINGS, values, problems)
     problems.extend(_clashes(parsed))
+    problems.extend(_rate_grace_problems(parsed))
     problems.extend(_resolve_listeners(parsed))
     if problems:
         raise ConfigError(problems)
@@ -735,6 +741,41 @@ def _clashes(parsed: dict[str, object]) -> list[str]:
     if isinstance(smtp, tuple) and parsed.get("server.reuse_port") is False:
         problems = parsing.wildcard_clashes(smtp)
     return problems + _stats_clash(parsed.get("stats.listen"), smtp)
+
+
+def _rate_grace_problems(parsed: dict[str, object]) -> list[str]:
+    """min_data_rate on with (almost) no grace: the first deadline of every DATA falls
+    due with its 354, so every message would get 421. Checked at the top level and for
+    each listener whose limits set either key."""
+    top = {key: parsed.get(f"limits.{key}") for key in ("min_data_rate", "min_data_rate_grace")}
+    problems = []
+    if _grace_too_short(top):
+        problems.append(_grace_problem("limits", top))
+    listeners = parsed.get("server.listen")
+    for index, listener in enumerate(listeners if isinstance(listeners, tuple) else ()):
+        own = {key: value for key, value in listener.limits if key in top}
+        if own and _grace_too_short({**top, **own}):
+            at = "min_data_rate_grace" if "min_data_rate_grace" in own else "min_data_rate"
+            problems.append(_grace_problem(f"server.listen[{index}].limits", {**top, **own},
+                                           at))
+    return problems
+
+
+def _grace_too_short(limits: Mapping[str, object]) -> bool:
+    rate, grace = limits["min_data_rate"], limits["min_data_rate_grace"]
+    return isinstance(rate, int) and isinstance(grace, float) and rate > 0 \
+        and grace < MIN_TIMEOUT_S
+
+
+def _grace_problem(where: str, limits: Mapping[str, object],
+                   key: str = "min_data_rate_grace") -> str:
+    rate = limits["min_data_rate"]
+    grace = parsing.got(parsing.dump_duration(limits["min_data_rate_grace"]))
+    if key == "min_data_rate":  # the listener turned the rate on; the grace is inherited
+        what = f"{rate} bytes/s needs limits.min_data_rate_grace of at least 1s, got {grace}"
+    else:
+        what = f"must be at least 1s while min_data_rate is on ({rate} bytes/s), got {grace}"
+    return f"{where}.{key}: {what}: every DATA would get 421 right after its 354"
 
 
 def _stats_clash(stats: object, smtp: object) -> list[str]:

@@ -58,7 +58,7 @@ BAD_CONFIGS = {
         "delivery:\n  fsync: \"yes\"\n",
         [r"^server\.listen\[0\]: missing port",
          r'^server\.workers: must be an integer >= 1 or "auto", got 0$',
-         r'^limits\.command_timeout: must be a duration > 0 .*got "soon"$',
+         r'^limits\.command_timeout: must be a duration of at least 1s .*got "soon"$',
          r'^limits\.bare_lf: must be one of "normalize", "reject", "accept", got "maybe"$',
          r'^delivery\.fsync: must be true or false, got "yes"$']),
     "backlog-past-c-int": (  # listen() would raise OverflowError

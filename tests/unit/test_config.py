@@ -166,16 +166,36 @@ BAD_VALUES = [
     ("delivery", 'fsync: "false"', 'delivery.fsync: must be true or false, got "false"'),
     # durations
     ("limits", "command_timeout: 0",
-     'limits.command_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got 0'),
+     'limits.command_timeout: must be a duration of at least 1s such as "30s" or "5m", got 0'),
     ("limits", "command_timeout: 5 minutes",
-     'limits.command_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", '
+     'limits.command_timeout: must be a duration of at least 1s such as "30s" or "5m", '
      'got "5 minutes"'),
     ("limits", "data_timeout: -1s",
-     'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got "-1s"'),
+     'limits.data_timeout: must be a duration of at least 1s such as "30s" or "5m", got "-1s"'),
     ("limits", "data_timeout: 1d",
-     'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got "1d"'),
+     'limits.data_timeout: must be a duration of at least 1s such as "30s" or "5m", got "1d"'),
     ("limits", "data_timeout: .inf",
-     'limits.data_timeout: must be a duration > 0 such as "30s", "5m" or "500ms", got inf'),
+     'limits.data_timeout: must be a duration of at least 1s such as "30s" or "5m", got inf'),
+    # below a second a session's timeouts closed connections before their greeting
+    ("limits", "command_timeout: 0.0001ms",
+     'limits.command_timeout: must be a duration of at least 1s such as "30s" or "5m", '
+     'got "0.0001ms"'),
+    ("limits", "data_timeout: 999ms",
+     'limits.data_timeout: must be a duration of at least 1s such as "30s" or "5m", '
+     'got "999ms"'),
+    ("limits", "tls_handshake_timeout: 0.5",
+     'limits.tls_handshake_timeout: must be a duration of at least 1s such as "30s" or "5m", '
+     "got 0.5"),
+    ("limits", "proxy_timeout: 1ms",
+     'limits.proxy_timeout: must be a duration of at least 1s such as "30s" or "5m", '
+     'got "1ms"'),
+    # with the rate on, no grace had every DATA get 421 right after its 354
+    ("limits", "min_data_rate_grace: 0s",
+     'limits.min_data_rate_grace: must be at least 1s while min_data_rate is on (500 '
+     'bytes/s), got "0s": every DATA would get 421 right after its 354'),
+    ("limits", "min_data_rate: 1\n  min_data_rate_grace: 999ms",
+     'limits.min_data_rate_grace: must be at least 1s while min_data_rate is on (1 '
+     'bytes/s), got "999ms": every DATA would get 421 right after its 354'),
     ("server", "worker_timeout: true",
      'server.worker_timeout: must be a duration of at least 5s such as "30s" or "5m", '
      "got true"),
@@ -284,6 +304,45 @@ BAD_VALUES = [
 def test_bad_value_gives_one_exact_line(tmp_path, section, line, expected):
     path = write(tmp_path, f"{section}:\n  {line}\n")
     assert problems_of(path) == [expected]
+
+
+def test_timeouts_of_a_second_and_no_grace_without_a_rate_are_fine(tmp_path):
+    path = write(tmp_path, """\
+limits:
+  command_timeout: 1s
+  data_timeout: 1000ms
+  tls_handshake_timeout: 1
+  proxy_timeout: 1.0
+  min_data_rate: 0
+  min_data_rate_grace: 0s
+""")
+    limits = load_config(path).limits
+    assert (limits.command_timeout, limits.data_timeout, limits.tls_handshake_timeout,
+            limits.proxy_timeout, limits.min_data_rate_grace) == (1.0, 1.0, 1.0, 1.0, 0.0)
+    rate_on = write(tmp_path, "limits:\n  min_data_rate: 500\n  min_data_rate_grace: 1s\n")
+    assert load_config(rate_on).limits.min_data_rate_grace == 1.0
+
+
+def test_no_grace_with_a_rate_is_refused_where_a_listener_sets_either(tmp_path):
+    path = write(tmp_path, """\
+limits:
+  min_data_rate: 0
+  min_data_rate_grace: 0s
+server:
+  listen:
+    - {address: "127.0.0.1:2525", limits: {min_data_rate: 100}}
+    - {address: "127.0.0.1:2526", limits: {min_data_rate: 100, min_data_rate_grace: 5s}}
+    - {address: "127.0.0.1:2527", limits: {min_data_rate_grace: 0s}}
+    - {address: "127.0.0.1:2528", limits: {min_data_rate: 9, min_data_rate_grace: 1ms}}
+""")
+    assert problems_of(path) == [
+        'server.listen[0].limits.min_data_rate: 100 bytes/s needs '
+        'limits.min_data_rate_grace of at least 1s, got "0s": every DATA would get 421 '
+        "right after its 354",
+        'server.listen[3].limits.min_data_rate_grace: must be at least 1s while '
+        'min_data_rate is on (9 bytes/s), got "1ms": every DATA would get 421 right after '
+        "its 354",
+    ]
 
 
 def test_values_that_look_odd_but_are_fine(tmp_path):
@@ -576,13 +635,15 @@ def test_override_can_set_null():
     (" 10 s ", 10.0),
 ])
 def test_durations(raw, seconds):
-    assert load_config(overrides={"limits.command_timeout": raw}).limits.command_timeout == seconds
+    # shutdown_timeout: a duration with no floor but 0 (a session's timeouts take 1s on)
+    config = load_config(overrides={"server.shutdown_timeout": raw})
+    assert config.server.shutdown_timeout == seconds
 
 
 @pytest.mark.parametrize("raw", ["", "s", "ms", "1x", "1.2.3s", "-5s", "5 min", "1e3", "nan"])
 def test_bad_durations(raw):
     [problem] = problems_of(overrides={"limits.data_timeout": raw})
-    assert problem.startswith("limits.data_timeout: must be a duration > 0")
+    assert problem.startswith("limits.data_timeout: must be a duration of at least 1s")
 
 
 def test_huge_integer_is_described_not_printed():
@@ -663,8 +724,9 @@ def test_dump_of_unusual_values_round_trips(tmp_path):
         "server.user": "null",
         "limits.max_message_size": 1_000_001,
         "limits.command_timeout": "90s",
-        "limits.data_timeout": 1e-5,
+        "limits.data_timeout": 1.00001,
         "limits.min_data_rate": 0,
+        "limits.min_data_rate_grace": 1e-5,
         "limits.bare_lf": "accept",
         "delivery.backend": "discard",
         "delivery.path": "/var/mail with space: and #hash",
