@@ -123,8 +123,9 @@ def report_where_stuck() -> None:
 
 
 def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
-    """What keeps the workers (as server.user) from storing: a group that does not exist,
-    a delivery.path they cannot reach. Checked from the file system's modes, since
+    """What keeps the workers (as server.user, else as this user) from storing: a
+    delivery.path that is a file or below one, a group that does not exist, a
+    delivery.path they cannot reach or write. Checked from the file system's modes, since
     trying as that user would need the master to change identity. check-config asks
     about server.user whoever runs it; `serving`, only when it applies (as root)."""
     d = config.delivery
@@ -134,20 +135,16 @@ def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
     # Refused whoever runs: the master never follows a symlink in place of tmp/, new/ or
     # cur/ (maildir.open_subdir); said here so that a reload is refused before anything.
     root = os.path.abspath(d.path)
+    if problem := _root_problem(root):  # nothing below it to check
+        return [f'delivery.path "{root}": {problem}', *_group_problems(d.group)]
     for sub in SUBDIRS[d.layout]:
         if problem := subdir_problem(root, sub):
             problems.append(f'delivery.path "{root}": {problem}')
-    if d.group is not None:
-        try:
-            gid = grp.getgrnam(d.group).gr_gid
-        except KeyError:
-            problems.append(f'delivery.group: no such group "{d.group}"')
-        else:
-            # As root the master makes the directories with the group (set-group-ID, so
-            # whatever the workers make inherits it); otherwise this user must be in it.
-            if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
-                problems.append(f'delivery.group: this user is not in group "{d.group}", '
-                                "so cannot give it the files (run as root, or join it)")
+    # Without server.user the workers store as this user (so do they when not root).
+    if not problems and (not config.server.user or os.geteuid() != 0):
+        if problem := _own_access_problem(root, d.layout):
+            problems.append(f'delivery.path "{root}": {problem}')
+    problems.extend(_group_problems(d.group))
     if config.server.user and (not serving or os.geteuid() == 0):
         try:
             user = pwd.getpwnam(config.server.user)
@@ -157,6 +154,75 @@ def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
         if problem:
             problems.append(f'delivery.path: server.user "{user.pw_name}" {problem}')
     return problems
+
+
+def _group_problems(group: str | None) -> list[str]:
+    if group is None:
+        return []
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return [f'delivery.group: no such group "{group}"']
+    # As root the master makes the directories with the group (set-group-ID, so
+    # whatever the workers make inherits it); otherwise this user must be in it.
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        return [f'delivery.group: this user is not in group "{group}", '
+                "so cannot give it the files (run as root, or join it)"]
+    return []
+
+
+def _root_problem(root: str) -> str | None:
+    """Why the Maildir's root can be neither used nor made whoever runs: a file in its
+    place, or in place of a directory above it."""
+    try:
+        st = os.stat(root)  # following a symlink: the root may be one
+    except NotADirectoryError:
+        return f'"{_file_above(root)}" is not a directory'
+    except OSError:
+        return None  # missing (made at start), or for the access checks to explain
+    return None if stat.S_ISDIR(st.st_mode) else "not a directory"
+
+
+def _file_above(path: str) -> str:
+    """The highest directory named above `path` that is something else."""
+    parts = path.split(os.sep)
+    for depth in range(2, len(parts)):
+        above = os.sep.join(parts[:depth])
+        if os.path.exists(above) and not os.path.isdir(above):
+            return above
+    return os.path.dirname(path)
+
+
+def _own_access_problem(root: str, layout: str) -> str | None:
+    """Why this process's user could not make or write the Maildir at `root`, judged by
+    os.access (its real ids, which are the effective ones here): the nearest existing
+    directory when the root is missing, else the root when something is to be made in
+    it, tmp/ and, in layout single, new/ when they exist."""
+    who = _this_user()
+    existing = root
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if existing != root:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f'{who} cannot create it: may not write in "{existing}"'
+        return None
+    subs = [sub for sub in ("tmp", "new") if sub in SUBDIRS[layout]]
+    if (layout == "per_recipient" or not all(os.path.isdir(os.path.join(root, sub))
+                                            for sub in subs)) \
+            and not os.access(root, os.W_OK | os.X_OK):
+        return f"{who} may not write in it"
+    for sub in subs:
+        path = os.path.join(root, sub)
+        if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            return f"{who} may not write in its {sub}/"
+    return None
+
+
+def _this_user() -> str:
+    try:
+        return f'this user ("{pwd.getpwuid(os.geteuid()).pw_name}")'
+    except KeyError:
+        return f"this user (uid {os.geteuid()})"
 
 
 def delivery_warnings(config: Config) -> list[str]:

@@ -407,3 +407,98 @@ def test_check_config_counts_on_the_group_root_gives_at_start(tmp_path: Path,
     assert startup.delivery_warnings(config) == []
     mail.chmod(0o700)
     assert len(startup.delivery_warnings(config)) == 1
+
+
+def test_check_config_refuses_a_delivery_path_that_is_no_directory(tmp_path: Path,
+                                                                  capsys) -> None:
+    """serve could not make a Maildir there (it exited 1, a reload said "File exists"):
+    check-config says so, and why."""
+    from minismtp import startup
+    from minismtp.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    for path, problem in [
+        ("/dev/null", 'delivery.path "/dev/null": not a directory'),
+        (afile, f'delivery.path "{afile}": not a directory'),
+        (afile / "mail", f'delivery.path "{afile / "mail"}": "{afile}" is not a directory'),
+        (afile / "a" / "b", f'delivery.path "{afile / "a" / "b"}": "{afile}" is not a directory'),
+    ]:
+        config = load_config(overrides={"delivery.path": str(path)})
+        assert startup.delivery_problems(config) == [problem]
+        assert startup.delivery_problems(config, serving=True) == [problem]
+    written = tmp_path / "minismtp.yaml"
+    written.write_text(f'delivery:\n  path: "{afile}/mail"\n')
+    assert main(["check-config", "--config", str(written)]) == 2
+    assert capsys.readouterr().err == (
+        f'minismtp: delivery.path "{afile}/mail": "{afile}" is not a directory\n')
+
+
+def _problems_as(user: pwd.struct_passwd, config) -> list[str]:
+    """startup.delivery_problems(config) in a child running as `user`, all ids."""
+    import json
+
+    from minismtp import startup
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+            os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+            os.write(write_end, json.dumps(startup.delivery_problems(config)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    return json.loads(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
+def test_check_config_asks_whether_this_user_can_write_the_maildir(tmp_path_factory) -> None:
+    """Without server.user the workers store as whoever runs: serve failed with "cannot
+    create: Permission denied" or "not writable" where check-config had said nothing."""
+    import shutil
+    import tempfile
+
+    from minismtp import startup
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="minismtp-access-", dir="/tmp"))
+    try:
+        base.chmod(0o755)  # searchable by all, writable by root only
+        maildir = base / "maildir"
+        for sub in ("", "tmp", "new", "cur"):
+            (maildir / sub).mkdir(mode=0o755)
+        who = 'this user ("nobody")'
+        cases = [
+            (base / "mail", f'{who} cannot create it: may not write in "{base}"'),
+            (base / "deeper" / "mail", f'{who} cannot create it: may not write in "{base}"'),
+            (maildir, f"{who} may not write in its tmp/"),
+        ]
+        for path, problem in cases:
+            config = load_config(overrides={"delivery.path": str(path)})
+            assert _problems_as(nobody, config) == [f'delivery.path "{path}": {problem}']
+        per_recipient = load_config(overrides={"delivery.path": str(maildir),
+                                               "delivery.layout": "per_recipient"})
+        assert _problems_as(nobody, per_recipient) == [
+            f'delivery.path "{maildir}": {who} may not write in it']
+        for sub in ("tmp", "new"):
+            os.chown(maildir / sub, nobody.pw_uid, nobody.pw_gid)
+        single = load_config(overrides={"delivery.path": str(maildir)})
+        assert _problems_as(nobody, single) == []  # root/ and cur/ are not written
+        (maildir / "new").rmdir()  # to be made: then the root must be writable
+        assert _problems_as(nobody, single) == [
+            f'delivery.path "{maildir}": {who} may not write in it']
+        # with server.user, as root, the master gives the Maildir to that user instead
+        as_root = load_config(overrides={"delivery.path": str(base / "mail"),
+                                         "server.user": "nobody"})
+        assert startup.delivery_problems(as_root) == []
+    finally:
+        shutil.rmtree(base)
