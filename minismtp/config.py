@@ -152,8 +152,9 @@ MIN_WORKER_TIMEOUT_S = 5.0
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("server.hostname", _host_name,
-            parsing.printable_name("a host name of printable ASCII, no spaces"),
-            "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no spaces)"),
+            parsing.host_name(),
+            "name in the greeting, the EHLO reply and `Received:` (printable ASCII, no "
+            "spaces, at most 253 characters as a DNS name)"),
     Setting("server.listen", ["127.0.0.1:2525"],
             lambda value: parsing.listen_list(value, _LISTENER_KEYS),
             'addresses, `host:port` or `"[::1]:port"`; port 0 binds any free port. No address '

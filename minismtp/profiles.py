@@ -27,7 +27,7 @@ from typing import Any
 
 from minismtp.faultrules import RuleProblems, dump_rules, parse_rules, parse_seed
 from minismtp.faults import MAX_RULES, FaultsConfig
-from minismtp.values import Listener, Parser, PathProblems, got, printable_name, suggest
+from minismtp.values import Listener, Parser, PathProblems, got, host_name, suggest
 
 # `limits` keys a listener may not set: key -> why (the check-config message says both).
 # Every limit of the top-level section today bounds one session, so none is refused; a
@@ -37,7 +37,7 @@ TOP_LEVEL_ONLY_LIMITS: dict[str, str] = {
 }
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)  # a log field, a metric label as is
-_hostname = printable_name("a host name of printable ASCII, no spaces")
+_hostname = host_name()
 _FAULT_KEYS = ("seed", "rules")
 
 

@@ -348,16 +348,30 @@ def certificate_list(value: object) -> tuple[CertificatePair, ...]:
     return tuple(pairs)
 
 
-def printable_name(want: str, *, optional: bool = False) -> Parser:
+def printable_name(want: str, *, optional: bool = False, max_chars: int | None = None
+                   ) -> Parser:
     # Host names go verbatim into the greeting and Received: headers: printable ASCII only.
     def parse(value: object) -> str | None:
         if optional and value is None:
             return None
         if not isinstance(value, str) or not _PRINTABLE.fullmatch(value):
             raise ValueError(f"must be {want}, got {got(value)}")
+        if max_chars is not None and len(value) > max_chars:
+            raise ValueError(f"must be {want}, at most {max_chars} characters, got "
+                             f"{len(value)}: {got(value)}")
         return value
 
     return parse
+
+
+# A DNS name has at most 253 characters (RFC 1035 2.3.4, written without the final dot);
+# the name goes into the 220 and EHLO replies, whose lines RFC 5321 4.5.3.1.5 caps at 512.
+MAX_HOST_NAME_CHARS = 253
+
+
+def host_name() -> Parser:
+    return printable_name("a host name of printable ASCII, no spaces",
+                          max_chars=MAX_HOST_NAME_CHARS)
 
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?", re.ASCII | re.I)

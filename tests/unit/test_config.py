@@ -158,6 +158,13 @@ BAD_VALUES = [
     ("server", "workers: 0", 'server.workers: must be an integer >= 1 or "auto", got 0'),
     ("server", "workers: AUTO", 'server.workers: must be an integer >= 1 or "auto", got "AUTO"'),
     ("server", "workers: true", 'server.workers: must be an integer >= 1 or "auto", got true'),
+    # a DNS name's most: longer ones went into the 220 and EHLO lines (512 octets at most)
+    ("server", "hostname: " + "a" * 254,
+     "server.hostname: must be a host name of printable ASCII, no spaces, at most 253 "
+     f'characters, got 254: "{"a" * 57}..."'),
+    ("server", "listen: [{address: '127.0.0.1:2525', hostname: " + "b." * 127 + "}]",
+     "server.listen[0].hostname: must be a host name of printable ASCII, no spaces, at most "
+     f'253 characters, got 254: "{"b." * 28}b..."'),
     # booleans must be real YAML booleans
     ("server", 'reuse_port: "yes"', 'server.reuse_port: must be true or false, got "yes"'),
     ("server", "reuse_port: 1", "server.reuse_port: must be true or false, got 1"),
@@ -304,6 +311,14 @@ BAD_VALUES = [
 def test_bad_value_gives_one_exact_line(tmp_path, section, line, expected):
     path = write(tmp_path, f"{section}:\n  {line}\n")
     assert problems_of(path) == [expected]
+
+
+def test_a_host_name_of_253_characters_is_fine(tmp_path):
+    name = ".".join(["a" * 63] * 4)[:253]
+    path = write(tmp_path, f"server:\n  hostname: {name}\n  listen: [{{address: "
+                           f"'127.0.0.1:2525', hostname: {name}}}]\n")
+    config = load_config(path)
+    assert config.server.hostname == config.server.listen[0].hostname == name
 
 
 def test_timeouts_of_a_second_and_no_grace_without_a_rate_are_fine(tmp_path):
