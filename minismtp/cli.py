@@ -52,6 +52,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     _open_standard_descriptors()
+    _escape_the_unencodable()
     try:
         return _main(argv)
     except BrokenPipeError:
@@ -82,6 +83,16 @@ def _open_standard_descriptors() -> None:
         if getattr(sys, name) is None:
             setattr(sys, name, io.TextIOWrapper(io.FileIO(fd, mode, closefd=False),
                                                 write_through=mode == "w"))
+
+
+def _escape_the_unencodable() -> None:
+    """Under an ASCII locale (LC_ALL=C without UTF-8 mode, PYTHONIOENCODING=ascii) a
+    character stdout cannot encode, in a path or a pattern the output quotes, ended the
+    command in a traceback: such characters are written as backslash escapes instead.
+    (The effective configuration escapes them itself, in YAML's way.)"""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -807,5 +807,7 @@ def dump_config(config: Config) -> str:
         lambda listener: profiles.dump_profile(listener, _LIMIT_DUMPERS))
     header = "# minismtp effective configuration\n"
     if config.source is not None:
-        header += f"# file: {json.dumps(config.source, ensure_ascii=False)}, plus any overrides\n"
-    return header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+        header += f"# file: {json.dumps(config.source)}, plus any overrides\n"
+    # ASCII, non-ASCII characters as YAML escapes: any terminal or locale can take it, and
+    # it reads back the same.
+    return header + yaml.safe_dump(document, sort_keys=False, allow_unicode=False)

@@ -1034,3 +1034,43 @@ def test_a_mapping_merging_itself_is_refused(tmp_path):
     path = write(tmp_path, "server: &s {<<: *s, workers: 2}\n")
     [problem] = problems_of(path)
     assert problem.startswith(f'config: invalid YAML in "{path}"')
+
+
+@pytest.mark.parametrize("env", [{"PYTHONUTF8": "0", "LC_ALL": "C"},
+                                 {"PYTHONIOENCODING": "ascii"}], ids=["c-locale", "ascii"])
+def test_check_config_writes_non_ascii_values_to_an_ascii_stdout(tmp_path, env):
+    """It ended in a UnicodeEncodeError; the dump now escapes in YAML's way and reads
+    back the same, and what goes to stderr is escaped too."""
+    ascii_names = "LC_ALL" in env  # the file system's encoding is ASCII there too
+    mail = tmp_path / ("mail" if ascii_names else "\u65e5\u672c")
+    path = write(tmp_path, f"""\
+delivery:
+  path: "{mail}"
+faults:
+  rules:
+    - {{stage: rcpt, recipient: "*@ex\u00e4mple.test", reply: "450 4.2.0 x"}}
+limits:
+  per_client: {{exempt: ["::/0"]}}
+""")
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("LANG", "LC_ALL", "LC_CTYPE", "PYTHONIOENCODING", "PYTHONUTF8")}
+    run = subprocess.run([sys.executable, "-m", "minismtp", "check-config", "--config", path],
+                         capture_output=True, timeout=60, check=False,
+                         env={**environment, **env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (run.returncode, run.stderr.decode("ascii").startswith("minismtp: warning:")) \
+        == (0, True), run.stderr
+    dump = run.stdout.decode("ascii")
+    assert '"*@ex\\xE4mple.test"' in dump
+    assert ascii_names or '\\u65E5\\u672C"' in dump
+    assert load_config(write(tmp_path, dump, name="dump.yaml")) == load_config(path)
+
+
+def test_check_config_escapes_a_non_ascii_path_in_an_error_on_an_ascii_stderr(tmp_path):
+    missing = tmp_path / "\u00e9t\u00e9.yaml"
+    run = subprocess.run([sys.executable, "-m", "minismtp", "check-config", "--config", missing],
+                         capture_output=True, timeout=60, check=False,
+                         env={**os.environ, "PYTHONIOENCODING": "ascii:strict",
+                              "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (run.returncode, run.stderr.decode("ascii")) == (
+        2, f'minismtp: config: cannot read "{tmp_path}/\\xe9t\\xe9.yaml": No such file or '
+        "directory\n")
