@@ -23,6 +23,7 @@ import binascii
 import logging
 import re
 import ssl
+import tempfile
 import time
 
 from minismtp.config import ConfigError, TlsConfig
@@ -108,6 +109,10 @@ def _load_pair(context: ssl.SSLContext, config: TlsConfig, index: int) -> list[s
     except ssl.SSLError as exc:
         # A key of the certificate's type but another pair's; a key of another type.
         if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+            if _key_fits_a_later_certificate(config, pair):
+                return [f'{where}.cert: "{pair.cert}" begins with another certificate than '
+                        f'the one "{pair.key}" is the key of: the server\'s own certificate '
+                        "must come first, then the ones that issued it"]
             return [f'{where}.key: "{pair.key}" is not the key of "{pair.cert}"']
         if exc.reason in _TOO_WEAK:
             return [f'{where}: "{pair.cert}" is too weak for the security level '
@@ -117,6 +122,31 @@ def _load_pair(context: ssl.SSLContext, config: TlsConfig, index: int) -> list[s
             return [f'{where}.cert: no PEM certificate in "{pair.cert}"']
         return [f'{where}.key: no PEM private key (unencrypted) in "{pair.key}"']
     return []
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                              re.DOTALL)
+
+
+def _key_fits_a_later_certificate(config: TlsConfig, pair: object) -> bool:
+    """Whether the key is that of a certificate after the first in the file: a chain
+    written in the wrong order (the CA's first), which OpenSSL reads as a mismatch, the
+    first certificate being taken for the server's."""
+    try:
+        blocks = _PEM_CERTIFICATE.findall(read_small_file(pair.cert, _MAX_PEM_BYTES))
+    except (OSError, NotRegularFile, TooLarge):
+        return False
+    for block in blocks[1:]:
+        with tempfile.NamedTemporaryFile(suffix=".pem") as single:  # ssl reads files only
+            single.write(block + b"\n")
+            single.flush()
+            try:
+                _probe_context(config).load_cert_chain(single.name, pair.key,
+                                                       password=_no_password)
+            except ssl.SSLError:
+                continue
+            return True
+    return False
 
 
 # OpenSSL's reasons for a pair refused by the security level (tls.ciphers' @SECLEVEL).

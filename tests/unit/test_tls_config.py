@@ -248,6 +248,23 @@ def test_key_that_does_not_fit_its_certificate(tmp_path, ca, pair, rsa_pair, oth
         f'tls.certificates[0].key: "{key}" is not the key of "{pair[0]}"']
 
 
+def test_a_chain_in_the_wrong_order_is_named_so(tmp_path, ca):
+    """The issuer's certificate first, then the server's: OpenSSL takes the first for the
+    server's and finds the key does not fit it; the key fits the second."""
+    leaf = ca.create_child_ca().issue_cert("mx.test")
+    cert, key = tmp_path / "chain.crt", tmp_path / "leaf.key"
+    cert.write_bytes(b"".join(pem.bytes() for pem in reversed(leaf.cert_chain_pems)))
+    leaf.private_key_pem.write_to_path(str(key))
+    path = config_file(tmp_path, f'tls:\n  certificates:\n    - {{cert: "{cert}", '
+                                 f'key: "{key}"}}\n')
+    assert problems_of(path) == [
+        f'tls.certificates[0].cert: "{cert}" begins with another certificate than the one '
+        f'"{key}" is the key of: the server\'s own certificate must come first, then the '
+        "ones that issued it"]
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))  # the right order
+    assert load_config(path).tls.certificates == (CertificatePair(str(cert), str(key)),)
+
+
 @pytest.mark.parametrize("first", ["rsa", "ecdsa"])
 def test_a_key_that_fits_another_pairs_certificate_is_refused(tmp_path, pair, rsa_pair,
                                                               first, capsys):
