@@ -612,7 +612,8 @@ def load_stats_config(path: str | os.PathLike[str] | None = None) -> StatsConfig
 def _parse(settings: Sequence[Setting], values: Mapping[str, object],
            problems: list[str]) -> dict[str, object]:
     """Each of `settings` parsed from `values` ("section.key" -> raw), or its default;
-    what is wrong goes to `problems`, and the setting is left out."""
+    what is wrong goes to `problems`, and the setting is left out (server.listen: what
+    did parse of it is kept, None for each bad entry, for the checks between values)."""
     parsed: dict[str, object] = {}
     for setting in settings:
         if setting.name in values:  # present, even as null
@@ -625,6 +626,8 @@ def _parse(settings: Sequence[Setting], values: Mapping[str, object],
             problems.extend(f"{setting.name}[{index}]: {message}" for index, message in exc.items)
         except (RuleProblems, parsing.PathProblems) as exc:
             problems.extend(f"{setting.name}{path}: {message}" for path, message in exc.items)
+            if getattr(exc, "partial", None) is not None:  # for the checks between values
+                parsed[setting.name] = exc.partial
         except ValueError as exc:
             problems.append(f"{setting.name}: {exc}")
     return parsed
@@ -698,13 +701,19 @@ def _resolve_listeners(parsed: dict[str, object]) -> list[str]:
     problems = [f"server.listen{path}: {message}" for path, message in between]
     users: dict[str, object] = {}  # each users file loaded once, however many listeners
     for index, listener in enumerate(listeners):
+        if listener is None:  # not parsed: its problems are reported
+            resolved.append(listener)
+            continue
         mode = listener.tls or default
-        if mode != "none" and not certificates:
+        if "tls.certificates" not in parsed:
+            pass  # they are wrong (reported): whether a mode has what it needs is unknown
+        elif mode != "none" and not certificates:
             problems.append(f'server.listen[{index}].tls: "{mode}" needs tls.certificates')
         elif listener.require_tls and mode == "none":
             problems.append(f"server.listen[{index}].require_tls: needs tls: starttls")
         auth = listener.auth
-        if auth.offered and mode == "none" and not auth.allow_plaintext:
+        if auth.offered and mode == "none" and not auth.allow_plaintext \
+                and "tls.certificates" in parsed:
             problems.append(f"server.listen[{index}].auth: AUTH is offered only under TLS: "
                             "needs tls: starttls or implicit, or allow_plaintext: true")
         if auth.mode == "htpasswd" and auth.users_file is not None:
@@ -754,6 +763,8 @@ def _rate_grace_problems(parsed: dict[str, object]) -> list[str]:
         problems.append(_grace_problem("limits", top))
     listeners = parsed.get("server.listen")
     for index, listener in enumerate(listeners if isinstance(listeners, tuple) else ()):
+        if listener is None:
+            continue
         own = {key: value for key, value in listener.limits if key in top}
         if own and _grace_too_short({**top, **own}):
             at = "min_data_rate_grace" if "min_data_rate_grace" in own else "min_data_rate"
@@ -783,7 +794,7 @@ def _stats_clash(stats: object, smtp: object) -> list[str]:
     if not isinstance(stats, ListenAddress) or not stats.port or not isinstance(smtp, tuple):
         return []  # port 0 never clashes; a bad server.listen is reported already
     for index, listener in enumerate(smtp):
-        if parsing.overlaps(listener.address, stats):
+        if listener is not None and parsing.overlaps(listener.address, stats):
             return [f"stats.listen: same port as server.listen[{index}] ({listener}), "
                     f"got {parsing.got(str(stats))}"]
     return []

@@ -127,10 +127,13 @@ def resolve(listeners: tuple[Listener, ...], top_faults: FaultsConfig
             ) -> tuple[tuple[Listener, ...], list[tuple[str, str]]]:
     """Listeners whose fault rules are numbered after the top-level ones (their stats
     counters), and the problems between listeners: a name used twice, too many rules in
-    all. Problems as (path below server.listen, message)."""
+    all. Problems as (path below server.listen, message). A listener that did not parse
+    is None, and stays None."""
     problems: list[tuple[str, str]] = []
     first: dict[str, int] = {}
     for index, listener in enumerate(listeners):
+        if listener is None:  # not parsed (its problems are reported): none here
+            continue
         seen = first.setdefault(listener.name, index)
         # Repeats of one port-0 address share their derived name (the address), each with
         # a socket and a profile of its own; a name given twice is a mistake.
@@ -141,7 +144,7 @@ def resolve(listeners: tuple[Listener, ...], top_faults: FaultsConfig
     counted = len(top_faults.rules)
     resolved = []
     for index, listener in enumerate(listeners):
-        if own := own_rules(listener):
+        if listener is not None and (own := own_rules(listener)):
             rules = tuple(replace(rule, index=counted + i) for i, rule in enumerate(own))
             counted += len(rules)
             if counted > MAX_RULES:

@@ -138,9 +138,13 @@ class CertificatePair:
 class PathProblems(ValueError):
     """Problems below a setting, as (path such as "[1].tls", message)."""
 
-    def __init__(self, items: list[tuple[str, str]]) -> None:
+    def __init__(self, items: list[tuple[str, str]], partial: object = None) -> None:
         super().__init__("; ".join(f"{path}: {message}" for path, message in items))
         self.items = items
+        # What did parse, for the checks between values to look at too (listen_list:
+        # the listeners, None in place of each bad one), so that every problem is
+        # reported at once; None: nothing.
+        self.partial = partial
 
 
 def got(value: object) -> str:
@@ -659,20 +663,19 @@ def listen_list(value: object, keys: dict[str, tuple[str, Parser]] | None = None
         raise ValueError(f'must be a non-empty list of "host:port" addresses, got {got(value)}')
     if len(items) > MAX_LISTENERS:
         raise ValueError(f"must have at most {MAX_LISTENERS} entries, got {len(items)}")
-    listeners: list[Listener] = []
+    listeners: list[Listener | None] = []
     problems: list[tuple[str, str]] = []
     for index, item in enumerate(items):
         listener = _listener(item, index, problems, LISTENER_KEYS if keys is None else keys)
-        if listener is None:
-            continue
         # One address twice is a mistake, whatever server.reuse_port says (an address
         # beside a wildcard of its port is one only without it: wildcard_clashes).
-        if listener.port and any(other.address == listener.address for other in listeners):
+        if listener is not None and listener.port and any(
+                other is not None and other.address == listener.address for other in listeners):
             problems.append((f"[{index}]", f"duplicate address, got {got(str(listener))}"))
         listeners.append(listener)
     if problems:
-        raise PathProblems(problems)
-    return tuple(listeners)
+        raise PathProblems(problems, partial=tuple(listeners))
+    return tuple(listeners)  # type: ignore[arg-type]  # no None without problems
 
 
 def wildcard_clashes(listeners: tuple[Listener, ...]) -> list[str]:
@@ -682,6 +685,8 @@ def wildcard_clashes(listeners: tuple[Listener, ...]) -> list[str]:
     problems = []
     for index, listener in enumerate(listeners):
         for before, other in enumerate(listeners[:index]):
+            if listener is None or other is None:  # not parsed: reported already
+                continue
             if other.address != listener.address and overlaps(other.address, listener.address):
                 problems.append(
                     f"server.listen[{index}]: overlaps server.listen[{before}] ({other}): a "

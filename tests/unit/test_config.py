@@ -1074,3 +1074,40 @@ def test_check_config_escapes_a_non_ascii_path_in_an_error_on_an_ascii_stderr(tm
     assert (run.returncode, run.stderr.decode("ascii")) == (
         2, f'minismtp: config: cannot read "{tmp_path}/\\xe9t\\xe9.yaml": No such file or '
         "directory\n")
+
+
+def test_checks_between_listeners_run_beside_a_bad_entry(tmp_path):
+    """Every problem at once: a bad listener, or a bad key elsewhere, no longer hides
+    those between the listeners that did parse (a second round of check-config)."""
+    path = write(tmp_path, """\
+server:
+  listen:
+    - {address: "127.0.0.1:2525", name: a}
+    - {address: "127.0.0.1:2526", name: a}
+    - {address: "127.0.0.1:2527", tls: starttls}
+    - {address: "127.0.0.1:2528", bogus: 1}
+    - {address: "0.0.0.0:2529"}
+    - {address: "127.0.0.1:2529"}
+limits:
+  max_errors: 0
+""")
+    assert problems_of(path) == [
+        "server.listen[3].bogus: unknown key",
+        "limits.max_errors: must be an integer >= 1, got 0",
+        "server.listen[5]: overlaps server.listen[4] (0.0.0.0:2529): a wildcard address takes "
+        "its port on every address of its family (unless server.reuse_port is on), got "
+        '"127.0.0.1:2529"',
+        'server.listen[1].name: duplicate name "a" (also server.listen[0])',
+        'server.listen[2].tls: "starttls" needs tls.certificates',
+    ]
+
+
+def test_bad_certificates_are_not_taken_for_none(tmp_path):
+    path = write(tmp_path, """\
+server:
+  listen: [{address: "127.0.0.1:2525", tls: starttls, require_tls: true}]
+tls:
+  certificates: [{cert: 1}]
+""")
+    assert problems_of(path) == ["tls.certificates[0].cert: must be a non-empty string, got 1",
+                                 'tls.certificates[0]: missing key "key"']
