@@ -326,8 +326,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.min_version", "TLSv1.2", parsing.choice("TLSv1.2", "TLSv1.3"),
             "oldest TLS version accepted: `TLSv1.2` or `TLSv1.3`"),
     Setting("tls.ciphers", None, parsing.cipher_string,
-            "OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's); `null` = "
-            "Python's defaults"),
+            "OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's: a TLS 1.3 "
+            "name here is refused); `null` = Python's defaults. With `min_version` "
+            "`TLSv1.2`, one that leaves TLS 1.2 clients no cipher the certificates can serve "
+            "is refused"),
     Setting("tls.session_tickets", 2, parsing.integer(0, 16),
             "TLS 1.3 session tickets sent per full handshake (resumption across workers: "
             "they share the keys); `0` = none, TLS 1.2's included (a TLS 1.2 client may "

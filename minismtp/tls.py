@@ -15,6 +15,10 @@ tickets from before the reload then fall back to a full handshake, nothing worse
 All pairs go into one context: OpenSSL keeps one certificate per key type (RSA, ECDSA,
 Ed25519) and picks for each client the one its signature algorithms allow. Pairs of one
 key type replace each other, so they are loaded last to first: the first listed wins.
+
+With TLS 1.2 allowed, a context is not handed out before a TLS 1.2 handshake has been
+completed with it in memory: tls.ciphers is OpenSSL's string, checked by OpenSSL only for
+naming something, not for meeting the certificates (TLS 1.3 suites are never set here).
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ def _no_password() -> bytes:
 def server_context(config: TlsConfig) -> ssl.SSLContext:
     """The server-side context for `config`; ConfigError lists every problem, each
     naming its key (unreadable files, a key that does not fit its certificate, a cipher
-    string that selects nothing). No client certificates are asked for."""
+    string that selects nothing, or names a TLS 1.3 suite, or with TLS 1.2 allowed leaves
+    TLS 1.2 clients no cipher the certificates can serve). No client certificates are
+    asked for."""
     problems: list[str] = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.verify_mode = ssl.CERT_NONE
@@ -60,17 +66,101 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     if not config.session_tickets:  # none at all: TLS 1.2's stateless tickets too
         context.options |= ssl.OP_NO_TICKET
     if config.ciphers is not None:
+        tls13 = _tls13_suite_in(config.ciphers)
+        if tls13 is not None:
+            problems.append(f"tls.ciphers: {got(tls13)} is a TLS 1.3 suite; TLS 1.3 suites "
+                            "are OpenSSL's own, not set by tls.ciphers, which names TLS 1.2 "
+                            f"ciphers only, got {got(config.ciphers)}")
         try:
             context.set_ciphers(config.ciphers)
         except ssl.SSLError:
-            problems.append(f"tls.ciphers: selects no cipher OpenSSL knows, got {got(config.ciphers)}")
+            if tls13 is None:
+                problems.append("tls.ciphers: selects no cipher OpenSSL knows, got "
+                                f"{got(config.ciphers)}")
     for index in reversed(range(len(config.certificates))):
         problems[:0] = _load_pair(context, config, index)
     if not config.certificates:
         problems.append("tls.certificates: at least one {cert, key} pair is needed for TLS")
+    if not problems and config.min_version == "TLSv1.2":
+        problems.extend(_tls12_problems(context, config))
     if problems:
         raise ConfigError(problems)
     return context
+
+
+# RFC 8446 B.4: OpenSSL takes these through SSL_CTX_set_ciphersuites, which `ssl` does not
+# expose; in a cipher string (SSL_CTX_set_cipher_list) they select nothing.
+_TLS13_SUITES = frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
+                           "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_CCM_SHA256",
+                           "TLS_AES_128_CCM_8_SHA256"})
+
+
+def _tls13_suite_in(ciphers: str) -> str | None:
+    """The first TLS 1.3 suite named in the cipher string, or None. Beside TLS 1.2 names
+    OpenSSL skips it silently: an operator would believe TLS 1.3 narrowed when it is not."""
+    for word in re.split(r"[:, ;+]", ciphers):
+        if word.lstrip("!-+").upper() in _TLS13_SUITES:
+            return word.lstrip("!-+")
+    return None
+
+
+# A pair's key type -> the TLS 1.2 ciphers that authenticate with it (Ed25519 and Ed448
+# sign for the ECDSA ones, RSA-PSS for the RSA ones).
+_AUTH = {"RSA": "aRSA", "RSA-PSS": "aRSA", "ECDSA": "aECDSA", "Ed25519": "aECDSA",
+         "Ed448": "aECDSA"}
+_ANY_CIPHER = "ALL:COMPLEMENTOFALL"  # for a key of a type not told apart
+
+
+def _tls12_problems(context: ssl.SSLContext, config: TlsConfig) -> list[str]:
+    """Prove that a TLS 1.2 client can finish a handshake with `context`. Where the
+    cipher string and the certificates do not meet (aRSA with only an ECDSA pair; eNULL
+    under the default security level; DHE, there being no DH parameters), every TLS 1.2
+    client fails with a handshake alert while TLS 1.3 works: a silent half-outage. One
+    handshake per key type, the client offering only the ciphers that type signs for;
+    the first that succeeds ends it (one handshake, a few ms, when all is well)."""
+    kinds: dict[str, list[str]] = {}
+    for pair in config.certificates:
+        kind = _key_type(pair.key)
+        names = kinds.setdefault(_AUTH.get(kind, _ANY_CIPHER), [])
+        if (kind or "another type") not in names:
+            names.append(kind or "another type")
+    if any(_tls12_handshake(context, auth) for auth in kinds):
+        return []
+    named = ", ".join(name for names in kinds.values() for name in names)
+    return [f"tls.ciphers: {got(config.ciphers)} leaves TLS 1.2 clients no cipher usable "
+            f"with the certificates ({named}); only TLS 1.3 clients would get through "
+            "(TLS 1.3 suites are OpenSSL's, not set here)"]
+
+
+_HANDSHAKE_ROUNDS = 8  # a TLS 1.2 full handshake takes two round trips
+
+
+def _tls12_handshake(context: ssl.SSLContext, ciphers: str) -> bool:
+    """Whether a TLS 1.2 client offering `ciphers` (weak and null ones too: the server's
+    choice is what is tested) completes a handshake with `context`. All in memory, for a
+    bounded number of rounds: nothing to wait on, no socket. It runs on the real context,
+    at each check and reload (not per connection); its session stays in that context's
+    cache like any client's, never to be resumed."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.minimum_version = client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers(f"{ciphers}:@SECLEVEL=0")
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    sides = [client.wrap_bio(to_client, to_server),
+             context.wrap_bio(to_server, to_client, server_side=True)]
+    for _ in range(_HANDSHAKE_ROUNDS):
+        for side in list(sides):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            except ssl.SSLError:
+                return False  # no shared cipher, and the client's side of that alert
+            sides.remove(side)
+        if not sides:
+            return True
+    return False
 
 
 def _probe_context(config: TlsConfig) -> ssl.SSLContext:

@@ -109,6 +109,26 @@ def test_workers_that_are_digits_only_to_unicode(tmp_path, workers):
     assert not (tmp_path / "var").exists()
 
 
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_ciphers_leaving_tls_1_2_clients_nothing_exit_2(tmp_path, tls_files, command):
+    """aRSA with an ECDSA certificate only: every TLS 1.2 client would fail its handshake
+    while TLS 1.3 works, so neither serve nor check-config takes it."""
+    cert, key = tls_files  # an ECDSA pair
+    path = tmp_path / "ciphers.yaml"
+    path.write_text(f'server:\n  listen: ["127.0.0.1:0"]\n  workers: 1\n'
+                    f'delivery:\n  path: {tmp_path / "mail"}\n'
+                    f'tls:\n  ciphers: "aRSA"\n'
+                    f'  certificates: [{{cert: "{cert}", key: "{key}"}}]\n')
+    result = run(command, "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert _problems(result) == [
+        'tls.ciphers: "aRSA" leaves TLS 1.2 clients no cipher usable with the certificates '
+        "(ECDSA); only TLS 1.3 clients would get through (TLS 1.3 suites are OpenSSL's, not "
+        "set here)"]
+    assert not (tmp_path / "mail").exists()  # nothing started, nothing created
+
+
 def test_check_config_prints_effective_yaml(tmp_path):
     path = tmp_path / "good.yaml"
     path.write_text("server:\n  hostname: mx.example.org\n  workers: 3\n"

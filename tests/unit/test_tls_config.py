@@ -307,6 +307,78 @@ def test_bad_cipher_string(tmp_path, pair):
         'tls.ciphers: selects no cipher OpenSSL knows, got "NO-SUCH-CIPHER"']
 
 
+def test_a_tls_1_3_suite_in_tls_ciphers_is_named_as_one(tmp_path, pair):
+    """TLS 1.3 suites are OpenSSL's: a cipher string cannot set them. Alone such a name
+    selects nothing; beside TLS 1.2 names OpenSSL skips it, and TLS 1.3 is not narrowed."""
+    for ciphers in ("TLS_AES_128_GCM_SHA256", "ECDHE+AESGCM:!TLS_CHACHA20_POLY1305_SHA256"):
+        name = ciphers.rpartition("!")[2] if "!" in ciphers else ciphers
+        for version in ("TLSv1.2", "TLSv1.3"):
+            path = with_certs(tmp_path, pair, '    - "127.0.0.1:25"',
+                              f'  min_version: {version}\n  ciphers: "{ciphers}"\n')
+            assert problems_of(path) == [
+                f'tls.ciphers: "{name}" is a TLS 1.3 suite; TLS 1.3 suites are OpenSSL\'s '
+                "own, not set by tls.ciphers, which names TLS 1.2 ciphers only, got "
+                f'"{ciphers}"']
+
+
+def no_tls_1_2_cipher(ciphers: str, kinds: str) -> str:
+    return (f'tls.ciphers: "{ciphers}" leaves TLS 1.2 clients no cipher usable with the '
+            f"certificates ({kinds}); only TLS 1.3 clients would get through (TLS 1.3 "
+            "suites are OpenSSL's, not set here)")
+
+
+@pytest.mark.parametrize("ciphers, kinds", [
+    ("eNULL", "ECDSA"),  # no encryption: below the default security level
+    ("aRSA", "ECDSA"),  # RSA-signed ciphers, an ECDSA certificate only
+    ("aECDSA", "RSA"),
+    ("DHE-RSA-AES128-GCM-SHA256", "RSA"),  # DHE: the server has no DH parameters
+])
+def test_ciphers_that_leave_tls_1_2_clients_nothing_are_refused(tmp_path, pair, rsa_pair,
+                                                                 ciphers, kinds):
+    """Every TLS 1.2 client would fail its handshake (a handshake failure alert) while TLS
+    1.3 works: check-config proves a TLS 1.2 handshake with the context it built."""
+    chosen = pair if kinds == "ECDSA" else rsa_pair
+    path = with_certs(tmp_path, chosen, '    - "127.0.0.1:25"', f'  ciphers: "{ciphers}"\n')
+    assert problems_of(path) == [no_tls_1_2_cipher(ciphers, kinds)]
+
+
+def test_every_key_type_without_a_tls_1_2_cipher_is_named(pair, rsa_pair):
+    config = TlsConfig((CertificatePair(*rsa_pair), CertificatePair(*pair)), ciphers="aNULL")
+    with pytest.raises(ConfigError) as info:
+        tls.server_context(config)
+    assert info.value.problems == [no_tls_1_2_cipher("aNULL", "RSA, ECDSA")]
+
+
+@pytest.mark.parametrize("ciphers, pairs, cipher", [
+    ("aRSA", "ecdsa rsa", "ECDHE-RSA-AES256-GCM-SHA384"),  # the RSA pair serves TLS 1.2
+    ("ECDHE-ECDSA-AES128-GCM-SHA256", "ecdsa", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ("eNULL:@SECLEVEL=0", "rsa", "ECDHE-RSA-NULL-SHA"),  # asked for by name: it works
+    (None, "ecdsa", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+])
+def test_ciphers_a_certificate_can_serve_are_accepted(pair, rsa_pair, client_context,
+                                                      ciphers, pairs, cipher):
+    chosen = tuple(CertificatePair(*{"ecdsa": pair, "rsa": rsa_pair}[name])
+                   for name in pairs.split())
+    context = tls.server_context(TlsConfig(chosen, "TLSv1.2", ciphers))
+    client_context.maximum_version = ssl.TLSVersion.TLSv1_2
+    client_context.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    assert handshake_with(context, client_context).cipher()[0] == cipher
+
+
+def test_with_tls_1_3_only_a_cipher_string_is_not_probed(pair):
+    """No TLS 1.2 client is let in: nothing to prove of the TLS 1.2 ciphers."""
+    context = tls.server_context(TlsConfig((CertificatePair(*pair),), "TLSv1.3", "aRSA"))
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_reload_keeps_the_old_context_when_tls_1_2_would_have_no_cipher(pair, caplog):
+    current = tls.server_context(TlsConfig((CertificatePair(*pair),)))
+    assert tls.reloaded_context(current, TlsConfig((CertificatePair(*pair),),
+                                                   ciphers="aRSA")) is current
+    assert no_tls_1_2_cipher("aRSA", "ECDSA") in caplog.text
+    assert "keeping the previous" in caplog.text
+
+
 def test_expired_certificate_is_a_warning(tmp_path, ca, capsys):
     past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
     old = write_pair(tmp_path, ca.issue_cert("mx.test", not_before=past,
