@@ -184,10 +184,13 @@ class ListenerPool:
             raise
 
     def grow(self, config: Config, size: int) -> None:
-        """Give every group at least `size` sockets (reuse_port on)."""
+        """Give every group of `config` still bound at least `size` sockets (reuse_port
+        on)."""
         server = config.server
         for key, address in keyed(config):
-            group = self.groups[key]
+            group = self.groups.get(key)
+            if group is None:
+                continue  # an older generation's address, closed by a reload
             port = group[0].getsockname()[1]  # the port the first one got (port 0)
             while len(group) < size:
                 try:
@@ -198,16 +201,19 @@ class ListenerPool:
                     raise OSError(f"cannot add a socket on {address}: {exc.strerror}") from exc
 
     def for_worker(self, config: Config, index: int, target: int) -> list[socket.socket]:
-        """The sockets worker `index` of `target` accepts from; grows groups as needed."""
+        """The sockets worker `index` of `target` on `config` accepts from; grows groups
+        as needed. Only `config`'s addresses: the worker may be replacing one of an older
+        generation, which serves while a reload's is starting, and keeps to its own."""
+        groups = [self.groups[key] for key, _ in keyed(config) if key in self.groups]
         if not config.server.reuse_port:
-            return self.all()
+            return [sock for group in groups for sock in group]
         self.grow(config, index + 1)
-        return [group[position] for group in self.groups.values()
+        return [group[position] for group in groups
                 for position in worker_positions(len(group), index, target)]
 
     def entries(self, config: Config, socks: list[socket.socket]
                 ) -> list[tuple[socket.socket, Listener]]:
-        """Each of `socks` with the `server.listen` entry it was bound for."""
+        """Each of `socks` with the `server.listen` entry of `config` it was bound for."""
         entry = dict(keyed(config))
         key = {sock: key for key, group in self.groups.items() for sock in group}
         return [(sock, entry[key[sock]]) for sock in socks]

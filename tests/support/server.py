@@ -116,13 +116,15 @@ class Server:
 
     def __init__(self, tmp_path: Path, overrides: dict | None = None,
                  preexec_fn: Callable[[], None] | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.tmp_path = tmp_path
         self.config_path = tmp_path / "minismtp.yaml"
         defaults = deep_merge(self.DEFAULTS, {"delivery": {"path": str(tmp_path / "mail")}})
         self.config = deep_merge(defaults, overrides or {})
         self.preexec_fn = preexec_fn
         self.extra_args = list(extra_args or [])
+        self.env = env  # the master's environment; None: ours
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -162,7 +164,7 @@ class Server:
                *self.extra_args]
         self.proc = subprocess.Popen(
             cmd, cwd=self.tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, preexec_fn=self.preexec_fn)
+            stderr=subprocess.PIPE, preexec_fn=self.preexec_fn, env=self.env)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         m = self.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)", timeout)
