@@ -433,7 +433,7 @@ class Arbiter:
                 sock.close()  # the master's, and other workers' share
         config = plan.worker_config
         try:
-            drop_privileges(config.server.user)
+            drop_privileges(config.server.user, config.delivery.group)
             backend = make_delivery(config)
         except (OSError, DeliveryError, KeyError) as exc:
             log.error("worker %d cannot start: %s", os.getpid(), exc)
