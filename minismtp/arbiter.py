@@ -4,8 +4,10 @@ Untrusted input: none from the network (the master never reads client bytes); si
 and the YAML file on reload, which is validated in full before anything changes.
 
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
-more/less. Handlers only count them and wake the master's loop (`signals.py`), which acts
-on each turn's counts, never from a handler.
+more/less. Handlers only count them and wake the master's loop (`signals.py`), which
+acts on each turn's counts, never from a handler. They are blocked from the start of
+`serve` until the handlers are in place, and again once the loop is done, so that none
+takes its default action meanwhile.
 
 A new generation (a reload; TTIN/TTOU with reuse_port) starts beside the old one, which
 goes on accepting until every new worker accepts: a new generation that cannot start
@@ -48,7 +50,7 @@ from minismtp.logsetup import apply_format, apply_level
 from minismtp.msglog import log_stream
 from minismtp.profiles import own_rules
 from minismtp.sdnotify import Notifier
-from minismtp.signals import SignalWakeup
+from minismtp.signals import MASTER_SIGNALS, SignalWakeup
 from minismtp.startup import (
     RESTART_ONLY, check_user, delivery_problems, drop_privileges, load_for_reload,
     make_delivery, prepare_delivery, report_where_stuck, tmp_dir,
@@ -76,8 +78,7 @@ _KILLED_WAIT_S = 2.0  # at the master's exit, how long killed workers are waited
 _ABORT_GRACE_S = 2.0  # after a SIGABRT for a missed heartbeat, SIGKILL if still alive
 _SWEEP_BUDGET = 2000  # tmp/ entries looked at per loop turn after a worker died
 _SHORT_LIFE_S = 5.0  # a worker dying younger than this counts towards spawn back-off
-_HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-            signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+_HANDLED = MASTER_SIGNALS
 
 
 class Arbiter:
@@ -162,6 +163,10 @@ class Arbiter:
                 self._wait_for_signals(_LOOP_S if settled else _STARTING_LOOP_S)
                 self._reap()
         finally:
+            # From here on a signal could only interrupt the way out, or, once the
+            # interpreter has put back the default actions, kill it on its way out
+            # (a HUP just after a TERM). Blocked, none is delivered.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
             self._kill_all(signal.SIGKILL)
             self._reap_killed(time.monotonic() + _KILLED_WAIT_S)
             self.listeners.close()
@@ -177,6 +182,8 @@ class Arbiter:
     def _init_signals(self) -> None:
         self.wakeup.install(_HANDLED)
         self.sel.register(self.wakeup.sock, selectors.EVENT_READ)
+        # Blocked by `serve` until now (cli.py): what came meanwhile is noted now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
 
     def _wait_for_signals(self, timeout: float) -> None:
         """Wait for a signal, serving statistics requests meanwhile."""

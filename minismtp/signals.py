@@ -22,6 +22,14 @@ from collections.abc import Iterable
 
 _WAKEUP_BYTES = 4096  # more than the socketpair's buffer holds: one read empties it
 
+# The master's signals. `serve` blocks them first thing, and the master unblocks them
+# once its handlers are in place and blocks them again when it is done: one arriving
+# before or after would take its default action (TTIN and TTOU stop the process, HUP
+# ends it, also during the interpreter's exit). Blocked, it waits for a handler, or is
+# never delivered.
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
 
 class SignalWakeup:
     def __init__(self) -> None:

@@ -44,7 +44,7 @@ from minismtp.poller import Poller
 from minismtp.proxyread import ProxyRead, ProxyReads
 from minismtp.profiles import effective_faults
 from minismtp.session import Profile, Session
-from minismtp.signals import SignalWakeup
+from minismtp.signals import MASTER_SIGNALS, SignalWakeup
 from minismtp.smtp import replies
 from minismtp.smtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
 from minismtp.smtp.protocol import SmtpServerConnection, State
@@ -149,8 +149,10 @@ class Worker:
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
         self.poller.register(self.wakeup.sock.fileno(), READ, _WAKEUP)
         # The master forks us with its signals blocked (arbiter.py): what arrived since
-        # is delivered now, to our own handlers.
+        # is delivered now, to our own handlers. Unblocked whatever mask the master had
+        # then: a signal left blocked here would never reach us.
         signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
 
     def run(self) -> int:
         # Everything alive now (modules, config) lives as long as the process: keep it out

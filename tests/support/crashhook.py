@@ -1,16 +1,17 @@
 """Workers that crash at start, for tests of a generation that cannot start.
 
-A `sitecustomize` module in a directory put first on the server's PYTHONPATH: while the
-flag file exists, a process forked by the master (a new worker) gets a `Worker.run` that
-raises at once, as a worker hitting a bug in its set-up would; only those serving the
-hostname written in the flag, if one is. Nothing of it is in the server's code: only the
-test's server process imports it.
+A `sitecustomize` module for the server (support/sitehook.py): while the flag file
+exists, a process forked by the master (a new worker) gets a `Worker.run` that raises at
+once, as a worker hitting a bug in its set-up would; only those serving the hostname
+written in the flag, if one is. Nothing of it is in the server's code: only the test's
+server process imports it.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from support.sitehook import site_env
 
 _HOOK = '''\
 import os
@@ -43,11 +44,7 @@ os.register_at_fork(after_in_child=_maybe_crash_at_start)
 class CrashHook:
     def __init__(self, tmp_path: Path) -> None:
         self.flag = tmp_path / "crash-at-start"
-        hook_dir = tmp_path / "crashhook"
-        hook_dir.mkdir()
-        (hook_dir / "sitecustomize.py").write_text(_HOOK.format(flag=str(self.flag)))
-        path = [str(hook_dir), *filter(None, [os.environ.get("PYTHONPATH")])]
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        self.env = site_env(tmp_path, _HOOK.format(flag=str(self.flag)))
 
     def on(self, hostname: str = "") -> None:
         """Workers started from now on crash at start: those serving `hostname`, or all."""

@@ -158,7 +158,9 @@ class Server:
 
     # -- process --
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> Server:
+    def start(self, timeout: float = START_TIMEOUT_S, workers: int | None = None) -> Server:
+        """Start the master and wait for its workers: `workers` of them, by default as
+        many as the configuration says."""
         self.write_config()
         cmd = [sys.executable, "-m", "minismtp", "serve", "--config", str(self.config_path),
                *self.extra_args]
@@ -170,7 +172,7 @@ class Server:
         m = self.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)", timeout)
         self.port = int(m.group(1))
         self.wait_for_log(r"starting \d+ worker\(s\)", timeout)
-        self.wait_for_workers(self.config["server"]["workers"], timeout)
+        self.wait_for_workers(workers or self.config["server"]["workers"], timeout)
         return self
 
     def _read_stderr(self) -> None:
