@@ -4,10 +4,10 @@ Untrusted input: none from the network (the master never reads client bytes); si
 and the YAML file on reload, which is validated in full before anything changes.
 
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
-more/less. Handlers only count them and wake the master's loop (`signals.py`), which
-acts on each turn's counts, never from a handler. They are blocked from the start of
-`serve` until the handlers are in place, and again once the loop is done, so that none
-takes its default action meanwhile.
+more/less, USR1/USR2 a log line (nothing to reopen). Handlers only count them and wake
+the master's loop (`signals.py`), which acts on each turn's counts, never from a handler.
+They are blocked from the start of `serve` until the handlers are in place, and again
+once the loop is done, so that none takes its default action meanwhile.
 
 A new generation (a reload; TTIN/TTOU with reuse_port) starts beside the old one, which
 goes on accepting until every new worker accepts: a new generation that cannot start
@@ -204,6 +204,10 @@ class Arbiter:
         elif arrived[signal.SIGTERM] or arrived[signal.SIGINT]:
             self._stop_gracefully()
         else:
+            for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                if arrived[signum]:
+                    log.info("%s: nothing to do (the log goes to standard error: no file "
+                             "to reopen)", signal.Signals(signum).name)
             if arrived[signal.SIGHUP]:
                 self._reload()
             step = arrived[signal.SIGTTIN] - arrived[signal.SIGTTOU]

@@ -144,8 +144,9 @@ class Worker:
     # -- set-up and main loop ------------------------------------------------------
 
     def _init_signals(self) -> None:
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, signal.SIG_IGN)  # the master's business
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+                    signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)  # the master's business (USR1: logrotate's)
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
         self.poller.register(self.wakeup.sock.fileno(), READ, _WAKEUP)
         # The master forks us with its signals blocked (arbiter.py): what arrived since

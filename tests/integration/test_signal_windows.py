@@ -1,5 +1,5 @@
-"""Signals the master gets before its handlers are in place or after its loop is done:
-none may stop or end it."""
+"""Signals the master gets before its handlers are in place, after its loop is done, and
+those it has no use for (USR1/USR2): none may stop or end it."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ import time
 
 
 def _slow_exit():
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
     open({flag!r}, "w").close()
     time.sleep(1.0)
 
@@ -69,10 +70,11 @@ def _process_state(pid: int) -> str:
     return stat[stat.rindex(b")") + 2:][:1].decode()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTTIN, signal.SIGHUP], ids=["TTIN", "HUP"])
+@pytest.mark.parametrize("signum", [signal.SIGTTIN, signal.SIGHUP, signal.SIGUSR1],
+                         ids=["TTIN", "HUP", "USR1"])
 def test_a_signal_during_start_up_is_acted_on_once_the_master_runs(make_server, tmp_path,
                                                                   signum):
-    """By default TTIN stops a process and HUP ends it: sent while the master
+    """By default TTIN stops a process and HUP and USR1 end it: sent while the master
     starts, each waits for its handler, and the server comes up and acts on it."""
     flag = tmp_path / "loading"
     server = make_server({"server": {"workers": 1}}, start=False,
@@ -88,8 +90,10 @@ def test_a_signal_during_start_up_is_acted_on_once_the_master_runs(make_server, 
     sender.join()
     if signum == signal.SIGTTIN:
         server.wait_for_log(r"workers: 2$")
-    else:
+    elif signum == signal.SIGHUP:
         server.wait_for_log(r"reloaded .*: starting generation 1 ")
+    else:
+        server.wait_for_log(r"SIGUSR1: nothing to do")
     assert _process_state(server.pid) not in "TZ"
     assert server.stop() == 0
 
@@ -103,6 +107,7 @@ def test_a_hup_just_after_the_master_is_done_does_not_end_it(make_server, tmp_pa
     server.send_signal(signal.SIGTERM)
     server.wait_until(flag.exists, 15, interval=0.01, message="the master's way out")
     server.send_signal(signal.SIGHUP)
+    server.send_signal(signal.SIGUSR1)
     assert server.wait(15) == 0
 
 
@@ -113,4 +118,23 @@ def test_neither_master_nor_workers_keep_a_signal_blocked(make_server):
     for pid in [server.pid, *server.worker_pids()]:
         server.wait_until(lambda pid=pid: not _blocked(pid) & set(MASTER_SIGNALS), 10,
                           message=f"process {pid} to unblock its signals")
+    assert server.stop() == 0
+
+
+def test_usr1_and_usr2_are_logged_and_stop_nothing(make_server):
+    """logrotate's postrotate scripts often send USR1 (reopen the logs, elsewhere): the
+    master says it has nothing to do, and it and its workers go on serving."""
+    server = make_server({"server": {"workers": 2}})
+    workers = server.worker_pids()
+    mark = server.mark()
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        server.send_signal(signum)
+    server.wait_for_log(r"SIGUSR1: nothing to do \(the log goes to standard error: no "
+                        r"file to reopen\)$", since=mark)
+    server.wait_for_log(r"SIGUSR2: nothing to do", since=mark)
+    for pid in workers:  # sent to a worker too (a process group's kill): ignored
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR2)
+    time.sleep(0.5)
+    assert server.worker_pids() == workers
     assert server.stop() == 0
