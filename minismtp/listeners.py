@@ -13,8 +13,13 @@ the same sockets: no queue is ever dropped by a reload.
 - on: the sockets of a group share one port with SO_REUSEPORT and the kernel spreads new
   connections over them. Worker `index` of `target` accepts from sockets index,
   index + target, ... of each group, so with every index running each socket has a worker.
-  A group grows (a new socket listens) before the worker that needs it is forked, and never
-  shrinks while its address is configured: a shrunken group would drop a queue.
+  A group grows before the worker that needs it is forked, and never shrinks while its
+  address is configured: a shrunken group would drop a queue. A socket it grows by is
+  bound but not listening: the kernel gives a SO_REUSEPORT socket its share of new
+  connections from listen() on, so the worker that takes it calls listen() once it is
+  set up (acceptor.py). A new generation that cannot start (TTIN, its workers crashing)
+  so leaves no socket taking connections that no worker accepts, while the old one serves
+  on the sockets it has.
 
 Where the client speaks first (a PROXY header, a ClientHello: `client_speaks_first`), a
 socket is set to defer accepting (Linux's TCP_DEFER_ACCEPT): the kernel hands a
@@ -83,6 +88,10 @@ def defers_accept(sock: socket.socket) -> bool:
 def bound_address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def is_listening(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 def shares_port(sock: socket.socket) -> bool:
@@ -158,8 +167,10 @@ class ListenerPool:
                 set_defer_accept(sock, listener.client_speaks_first)
 
     def set_backlog(self, backlog: int) -> None:
+        """On the listening sockets; one not listening yet gets it from its worker."""
         for sock in self.all():
-            sock.listen(backlog)  # Linux: listen() again only changes the backlog
+            if is_listening(sock):
+                sock.listen(backlog)  # Linux: listen() again only changes the backlog
 
     def allow_reuse_port(self, config: Config) -> None:
         """Let every group take SO_REUSEPORT sockets (reuse_port turned on by a reload):
@@ -195,7 +206,7 @@ class ListenerPool:
             while len(group) < size:
                 try:
                     group.append(bind(ListenAddress(address.host, port, address.family),
-                                      server.backlog, reuse_port=True,
+                                      server.backlog, reuse_port=True, listen=False,
                                       defer_accept=address.client_speaks_first))
                 except OSError as exc:
                     raise OSError(f"cannot add a socket on {address}: {exc.strerror}") from exc

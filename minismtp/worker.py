@@ -171,6 +171,7 @@ class Worker:
             _batch_scheduling()
         self._init_signals()
         acceptor = self.acceptor
+        acceptor.open_queues(self.config.server.backlog)  # last: set up, we accept
         acceptor.refresh()
         if self.storage.wakeup is not None:
             self.poller.register(self.storage.wakeup.fileno(), READ, _COMMITS)

@@ -62,3 +62,36 @@ def test_while_a_reload_crash_loops_the_serving_generation_is_kept_whole(make_se
                       interval=0.5, message="the new generation to take over")
     assert server.stop() == 0
 
+
+
+def _listening_sockets(port: int) -> int:
+    """How many IPv4 sockets listen on `port` (/proc/net/tcp, state 0A)."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        return sum(1 for row in table if row.split()[3] == "0A"
+                   and int(row.split()[1].split(":")[1], 16) == port)
+
+
+def test_with_reuse_port_a_new_socket_takes_no_connection_until_its_worker_is_up(
+        make_server, hook):
+    """TTIN with reuse_port: a new generation of three, whose workers crash at start. The
+    third socket it needs must not listen (the kernel would send it a third of the new
+    connections, for nobody to accept) until a worker that takes it is set up."""
+    server = make_server({"server": {"workers": 2, "reuse_port": True}}, env=hook.env)
+    server.wait_until(lambda: _listening_sockets(server.port) == 2, 10, interval=0.05,
+                      message="each worker's socket to listen, once it is set up")
+    hook.on()
+    mark = server.mark()
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for_log(r"workers: 3, as generation 1$", since=mark)
+    server.wait_for_log(r"crash at start \(test hook\)", since=mark)
+    for _ in range(30):  # whichever socket the kernel picks, a worker answers at once
+        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    assert _listening_sockets(server.port) == 2
+    hook.off()
+    server.wait_until(lambda: _listening_sockets(server.port) == 3, 40, interval=0.2,
+                      message="the new generation's third socket to listen")
+    server.wait_for_workers(3, 10)
+    for _ in range(30):
+        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    assert server.stop() == 0

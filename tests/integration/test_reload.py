@@ -42,6 +42,14 @@ def _listening_inodes(port: int) -> set[int]:
     return found
 
 
+def _all_listening(server, count: int) -> set[int]:
+    """The inodes of the server's `count` listening sockets, once each worker is set up:
+    with reuse_port a worker makes its own socket listen (listeners.py)."""
+    return server.wait_until(lambda: (found := _listening_inodes(server.port))
+                             and len(found) == count and found, 10,
+                             message=f"{count} listening sockets")
+
+
 def _sockets_of(pid: int, inodes: set[int]) -> set[int]:
     """Which of `inodes` process `pid` holds a descriptor for."""
     held = set()
@@ -227,8 +235,7 @@ def test_reload_moves_the_stats_endpoint_or_keeps_it(make_server):
 def test_ttou_with_reuse_port_leaves_no_socket_without_a_worker(make_server):
     server = make_server({"server": {"workers": 2, "reuse_port": True}})
     old = set(server.worker_pids())
-    inodes = _listening_inodes(server.port)
-    assert len(inodes) == 2
+    inodes = _all_listening(server, 2)
     mark = server.mark()
     server.send_signal(signal.SIGTTOU)
     server.wait_for_log(r"workers: 1, as generation 1$", since=mark)
@@ -244,8 +251,7 @@ def test_with_reuse_port_a_replacement_after_ttin_takes_every_socket_of_the_dead
     socket dies, and its replacement must take all it held, or that socket's share of new
     connections would wait for nobody."""
     server = make_server({"server": {"workers": 4, "reuse_port": True}})
-    inodes = _listening_inodes(server.port)
-    assert len(inodes) == 4
+    inodes = _all_listening(server, 4)
 
     def held() -> set[int]:
         return set().union(*(_sockets_of(pid, inodes) for pid in server.worker_pids()))
