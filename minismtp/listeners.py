@@ -33,6 +33,7 @@ back until that time is up.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from dataclasses import replace
@@ -136,6 +137,7 @@ class ListenerPool:
         failure close what this call bound and raise OSError naming the address."""
         fresh: dict[str, socket.socket] = {}
         server = config.server
+        listed = {key for key, _ in keyed(config)}
         try:
             for key, address in keyed(config):
                 if key in self.groups:
@@ -144,6 +146,12 @@ class ListenerPool:
                     fresh[key] = bind(address, server.backlog, server.reuse_port,
                                       defer_accept=address.client_speaks_first)
                 except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and (
+                            old := self._dropped_on_port(address, listed)):
+                        raise OSError(f"cannot listen on {address}: it overlaps {old}, "
+                                      "which the running workers listen on until they "
+                                      "stop: moving a listener to an address that overlaps "
+                                      "its old one needs a restart") from exc
                     raise OSError(f"cannot listen on {address}: {exc.strerror}") from exc
         except OSError:
             for sock in fresh.values():
@@ -152,6 +160,19 @@ class ListenerPool:
         for text, sock in fresh.items():
             self.groups[text] = [sock]
         return fresh
+
+    def _dropped_on_port(self, address: ListenAddress, listed: set[str]) -> str | None:
+        """A bound address on `address`'s port that is no longer `listed`, if any: the
+        likely holder of the port when `address` cannot be bound (127.0.0.1:25 moved to
+        0.0.0.0:25). The old generation's workers keep its socket listening until they
+        have stopped, so closing it first would not free the port; and stopping them
+        first would refuse clients, which a reload never does."""
+        for key, group in self.groups.items():
+            sock = group[0]
+            if key not in listed and sock.family == address.family \
+                    and sock.getsockname()[1] == address.port:
+                return bound_address(sock)
+        return None
 
     def drop_unlisted(self, config: Config) -> None:
         """Close the groups of addresses the configuration no longer names."""

@@ -303,3 +303,33 @@ def test_a_reload_during_crash_back_off_keeps_a_worker_accepting(make_server):
     assert set(answered) == {b"220 "}
     server.wait_until(lambda: _hostname(server.port) == "after.test", 5,
                       message="the new generation")
+
+
+def test_moving_a_listener_to_an_overlapping_address_is_refused_naming_both(make_server):
+    """127.0.0.1:P to 0.0.0.0:P: the running workers hold 127.0.0.1:P until they stop,
+    so the new socket cannot be bound; the reload is refused, saying why, and the server
+    serves on where it was."""
+    server = make_server({"server": {"workers": 1, "hostname": "before.test"}})
+    port = server.port
+    mark = server.mark()
+    server.write_config({"server": {"listen": [f"0.0.0.0:{port}"], "hostname": "after.test"}})
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(
+        rf"reload refused: cannot listen on 0\.0\.0\.0:{port}: it overlaps 127\.0\.0\.1:{port},"
+        r" which the running workers listen on until they stop: moving a listener to an "
+        r"address that overlaps its old one needs a restart; still running on the previous "
+        r"configuration$", since=mark)
+    assert _hostname(port) == "before.test"
+    assert server.stop() == 0
+
+
+def test_with_reuse_port_a_listener_moves_to_an_overlapping_address(make_server):
+    """Both sockets SO_REUSEPORT: the kernel lets the new one listen beside the old, so
+    the move needs no restart."""
+    server = make_server({"server": {"workers": 1, "reuse_port": True,
+                                     "hostname": "before.test"}})
+    port = server.port
+    server.reload({"server": {"listen": [f"0.0.0.0:{port}"], "hostname": "after.test"}})
+    assert _hostname(port) == "after.test"
+    assert server.count_log(r"reload refused") == 0
+    assert server.stop() == 0
