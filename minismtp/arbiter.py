@@ -4,19 +4,22 @@ Untrusted input: none from the network (the master never reads client bytes); si
 and the YAML file on reload, which is validated in full before anything changes.
 
 Signals: TERM/INT graceful stop, QUIT immediate stop, HUP reload, TTIN/TTOU one worker
-more/less. Handlers only count them and wake the master's loop (`signals.py`), which acts
-on each turn's counts, never from a handler.
+more/less, USR1/USR2 a log line (nothing to reopen). Handlers only count them and wake
+the master's loop (`signals.py`), which acts on each turn's counts, never from a handler.
+They are blocked from the start of `serve` until the handlers are in place, and again
+once the loop is done, so that none takes its default action meanwhile.
 
 A new generation (a reload; TTIN/TTOU with reuse_port) starts beside the old one, which
 goes on accepting until every new worker accepts: a new generation that cannot start
-leaves the old one serving. A reload applies every changed key, or refuses one it cannot
-apply with a log line and keeps its old value (RESTART_ONLY names the keys that need a
-restart). Nothing on disk changes until every check has passed: the Maildir is made
-ready last, as the reload is committed. The listening sockets belong to the master for
-as long as their address is configured (`listeners.py`), so workers come and go without a
-queued connection being reset; a stop lets go of them at once. A worker that misses its
-heartbeat gets SIGABRT, then SIGKILL (`supervision.py`); the files a dead worker left in
-tmp/ are swept (`debris.py`).
+leaves the old one serving, its dead replaced as they were started (`Plan`). A reload
+applies every changed key, or refuses one it cannot apply with a log line and keeps its
+old value (RESTART_ONLY names the keys that need a restart). Nothing on disk changes
+until every check has passed: the Maildir is made ready last, as the reload is
+committed. The listening sockets belong to the master for as long as their address is
+configured (`listeners.py`), so workers come and go without a queued connection being
+reset; a stop lets go of them at once. A worker that misses its heartbeat gets SIGABRT,
+then SIGKILL (`supervision.py`); the files a dead worker left in tmp/ are swept
+(`debris.py`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from minismtp.logstream import log_handler
 from minismtp.msglog import log_stream
 from minismtp.profiles import own_rules
 from minismtp.sdnotify import Notifier
-from minismtp.signals import SignalWakeup
+from minismtp.signals import MASTER_SIGNALS, SignalWakeup
 from minismtp.startup import (
     RESTART_ONLY, check_user, delivery_problems, drop_privileges, load_for_reload,
     make_delivery, prepare_delivery, report_where_stuck, tmp_dir,
@@ -57,8 +60,8 @@ from minismtp.stats import StatsBoard, Totals
 from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
-    WorkerRecord, free_index, generation_ready, overdue, resized, spawn_delay,
-    stale_signals, workers_missing, workers_to_retire,
+    Backoff, Plan, WorkerRecord, free_index, generation_ready, lived_since, overdue, resized,
+    spawn_delay, stale_signals, workers_missing, workers_to_retire,
 )
 from minismtp.tls import reloaded_context
 from minismtp.values import MAX_WORKERS
@@ -76,8 +79,7 @@ _KILLED_WAIT_S = 2.0  # at the master's exit, how long killed workers are waited
 _ABORT_GRACE_S = 2.0  # after a SIGABRT for a missed heartbeat, SIGKILL if still alive
 _SWEEP_BUDGET = 2000  # tmp/ entries looked at per loop turn after a worker died
 _SHORT_LIFE_S = 5.0  # a worker dying younger than this counts towards spawn back-off
-_HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-            signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+_HANDLED = MASTER_SIGNALS
 
 
 class Arbiter:
@@ -88,8 +90,12 @@ class Arbiter:
         self.overrides = overrides or {}
         self.target = config.server.workers
         self.generation = 0
-        # The last generation that was all ready: it serves while a newer one starts.
+        # The last generation that was all ready: it serves while a newer one starts,
+        # and while that one is not ready its dead are replaced as they were started.
         self.serving = 0
+        self.serving_plan = Plan(0, config, config, self.target, None)
+        self.refill_backoff = Backoff()  # for those replacements (the current generation
+        # may be crashing in a loop: its back-off must not hold them up)
         self.has_been_ready = False  # every worker of a generation has accepted, once
         self.workers: dict[int, WorkerRecord] = {}
         self.worker_config = config  # with max_connections fitted to the descriptor limit
@@ -147,6 +153,7 @@ class Arbiter:
         for group in self.listeners.groups.values():
             log.info("listening on %s", bound_address(group[0]))
         self.worker_config = fit_connections(self.config, self.listeners.count())
+        self.serving_plan = self._current_plan()
         log.info("starting %d worker(s), delivery=%s", self.target, self.config.delivery.backend)
         try:
             while not (self.stopping and not self.workers):
@@ -158,6 +165,10 @@ class Arbiter:
                 self._reap()
                 self._retry_log()
         finally:
+            # From here on a signal could only interrupt the way out, or, once the
+            # interpreter has put back the default actions, kill it on its way out
+            # (a HUP just after a TERM). Blocked, none is delivered.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
             self._kill_all(signal.SIGKILL)
             self._reap_killed(time.monotonic() + _KILLED_WAIT_S)
             self.listeners.close()
@@ -173,6 +184,8 @@ class Arbiter:
     def _init_signals(self) -> None:
         self.wakeup.install(_HANDLED)
         self.sel.register(self.wakeup.sock, selectors.EVENT_READ)
+        # Blocked by `serve` until now (cli.py): what came meanwhile is noted now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
 
     def _wait_for_signals(self, timeout: float) -> None:
         """Wait for a signal, serving statistics requests meanwhile."""
@@ -193,6 +206,10 @@ class Arbiter:
         elif arrived[signal.SIGTERM] or arrived[signal.SIGINT]:
             self._stop_gracefully()
         else:
+            for signum in (signal.SIGUSR1, signal.SIGUSR2):
+                if arrived[signum]:
+                    log.info("%s: nothing to do (the log goes to standard error: no file "
+                             "to reopen)", signal.Signals(signum).name)
             if arrived[signal.SIGHUP]:
                 self._reload()
             step = arrived[signal.SIGTTIN] - arrived[signal.SIGTTOU]
@@ -209,7 +226,10 @@ class Arbiter:
         self._check_heartbeats(records, now)
         self._note_ready(records)
         if generation_ready(records, self.generation, self.target):
+            if self.serving != self.generation:
+                self.refill_backoff = Backoff()
             self.serving = self.generation
+            self.serving_plan = self._current_plan()  # TTIN/TTOU may have moved the target
             self.has_been_ready = True
         for record in workers_to_retire(records, self.generation, self.target, self.serving):
             self._signal(record, signal.SIGTERM)
@@ -219,15 +239,35 @@ class Arbiter:
                         record.shutdown_timeout_s + _KILL_GRACE_S)
             self._signal(record, signal.SIGKILL)
             record.killed = True
-        # A worker started since the last failure has lived: the cause has gone. (Not
-        # any old worker: a healthy one beside a sibling that keeps dying proves nothing.)
-        if self.crash_streak and any(r.started > self.crashed_at and now - r.started >
-                                     _SHORT_LIFE_S for r in records if r.retiring_since is None):
+        # A worker started since the last failure has lived: the cause has gone.
+        if self.crash_streak and lived_since(records, self.generation, self.crashed_at, now,
+                                             _SHORT_LIFE_S):
             self.crash_streak = 0
+        self._refill_serving(records, now)
         if now >= self.next_spawn_at:
+            plan = self._current_plan()
             for _ in range(workers_missing(records, self.generation, self.target)):
-                if not self._spawn(now):
+                if not self._spawn(now, plan):
                     break
+
+    def _current_plan(self) -> Plan:
+        return Plan(self.generation, self.config, self.worker_config, self.target,
+                    self.tls_context)
+
+    def _refill_serving(self, records: list[WorkerRecord], now: float) -> None:
+        """While the current generation is not ready, the serving one is all that
+        accepts: a worker of it that dies (OOM, SIGKILL) is replaced by one started as it
+        was, with its configuration and its place, so that a new generation crashing in
+        a loop never leaves nobody accepting."""
+        if self.serving == self.generation:
+            return
+        plan, backoff = self.serving_plan, self.refill_backoff
+        backoff.maybe_forgive(records, plan.generation, now, _SHORT_LIFE_S)
+        if now < backoff.next_at:
+            return
+        for _ in range(workers_missing(records, plan.generation, plan.target)):
+            if not self._spawn(now, plan):
+                break
 
     def _note_ready(self, records: list[WorkerRecord]) -> None:
         """Mark the workers that accept now: once booted, a worker counts as ready even
@@ -305,6 +345,14 @@ class Arbiter:
             log.debug("worker %d: wrote the %d bytes of log lines it left", record.pid,
                       written)
 
+    def _will_replace(self, record: WorkerRecord) -> bool:
+        """Whether a worker that just died gets a successor: one of the current
+        generation, or of the serving one while the current one is not ready (a worker
+        told to stop, or of a generation left behind, does not)."""
+        if self.stopping or record.retiring_since is not None:
+            return False
+        return record.generation in (self.generation, self.serving)
+
     def _report_exit(self, record: WorkerRecord, status: int) -> None:
         expected = record.retiring_since is not None or self.stopping
         if os.WIFEXITED(status):
@@ -327,21 +375,28 @@ class Arbiter:
             # Once serving, the cause may pass (a user or group lookup failing for a
             # moment): the others go on serving, and the next one waits its back-off.
             how = "could not start"
+        if not self._will_replace(record):
+            (log.warning if clean else log.error)("worker %d %s", record.pid, how)
+            return
         (log.warning if clean else log.error)("worker %d %s; replacing it", record.pid, how)
         now = time.monotonic()
         if now - record.started < _SHORT_LIFE_S:
-            self._back_off(now)
+            self._back_off(now, record.generation)
 
-    def _back_off(self, now: float) -> None:
-        """A worker died young or could not be started: wait longer before the next."""
+    def _back_off(self, now: float, generation: int) -> None:
+        """A worker died young or could not be started: wait longer before the next of
+        its generation."""
+        if generation != self.generation:
+            self.refill_backoff.note_death(now)
+            return
         self.crash_streak += 1
         self.crashed_at = now
         self.next_spawn_at = now + spawn_delay(self.crash_streak)
 
     # -- workers ---------------------------------------------------------------------
 
-    def _spawn(self, now: float) -> bool:
-        """Fork a worker of the current generation; False if none could be started now."""
+    def _spawn(self, now: float, plan: Plan) -> bool:
+        """Fork a worker of `plan`'s generation; False if none could be started now."""
         if not self.free_slots:
             if not self.waiting_for_slots:
                 log.warning("all %d worker slots taken: new workers wait for retiring ones "
@@ -349,12 +404,12 @@ class Arbiter:
             self.waiting_for_slots = True
             return False
         self.waiting_for_slots = False
-        index = free_index(list(self.workers.values()), self.generation)
+        index = free_index(list(self.workers.values()), plan.generation)
         try:
-            listeners = self.listeners.for_worker(self.config, index, self.target)
+            listeners = self.listeners.for_worker(plan.config, index, plan.target)
         except OSError as exc:
             log.error("cannot start a worker: %s", exc)
-            self._back_off(now)
+            self._back_off(now, plan.generation)
             return False
         slot = self.free_slots.pop()
         self.board.hand_out(slot, now)
@@ -370,22 +425,23 @@ class Arbiter:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.free_slots.append(slot)
             log.error("cannot start a worker: fork: %s", exc.strerror or exc)
-            self._back_off(now)
+            self._back_off(now, plan.generation)
             return False
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             raise
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            config = plan.config
             self.workers[pid] = WorkerRecord(
-                pid, slot, self.generation, now, index=index, tmp_dir=tmp_dir(self.config),
-                shutdown_timeout_s=self.config.server.shutdown_timeout,
-                listener_names=tuple(entry.name for entry in self.config.server.listen),
-                rule_names=rule_names(self.config), host=this_host())
+                pid, slot, plan.generation, now, index=index, tmp_dir=tmp_dir(config),
+                shutdown_timeout_s=config.server.shutdown_timeout,
+                listener_names=tuple(entry.name for entry in config.server.listen),
+                rule_names=rule_names(config), host=this_host())
             return True
         code = exitcodes.WORKER_CRASHED
         try:
-            code = self._become_worker(slot, index, mask, listeners)
+            code = self._become_worker(slot, index, mask, listeners, plan)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else exitcodes.OK
         except BaseException:
@@ -394,7 +450,7 @@ class Arbiter:
             os._exit(code)  # this must never return into the master's code
 
     def _become_worker(self, slot: int, index: int, signal_mask: Iterable[int],
-                       listeners: list[socket.socket]) -> int:
+                       listeners: list[socket.socket], plan: Plan) -> int:
         self.wakeup.close(_HANDLED)  # the worker routes its own signals
         if (handler := log_handler()) is not None:
             handler.forget_held()  # the master's records, held for the stream: its own
@@ -403,9 +459,9 @@ class Arbiter:
         for sock in self.listeners.all():
             if sock not in listeners:
                 sock.close()  # the master's, and other workers' share
-        config = self.worker_config
+        config = plan.worker_config
         try:
-            drop_privileges(config.server.user)
+            drop_privileges(config.server.user, config.delivery.group)
             backend = make_delivery(config)
         except (OSError, DeliveryError, KeyError) as exc:
             log.error("worker %d cannot start: %s", os.getpid(), exc)
@@ -413,7 +469,7 @@ class Arbiter:
         if self.stats_http is not None:
             self.stats_http.close_inherited()
         return Worker(config, self.listeners.entries(config, listeners), backend, self.board,
-                      slot, self.stats_board, signal_mask, self.tls_context,
+                      slot, self.stats_board, signal_mask, plan.tls_context,
                       self.clients, self.log_board, index).run()
 
     def _signal(self, record: WorkerRecord, signum: int) -> None:

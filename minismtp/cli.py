@@ -11,12 +11,14 @@ import argparse
 import io
 import logging
 import os
+import signal
 import sys
 
 from minismtp import __version__, exitcodes
 from minismtp.config import ConfigError, dump_config, load_config, load_stats_config
 from minismtp.logsetup import setup_logging
 from minismtp.logstream import log_handler
+from minismtp.signals import MASTER_SIGNALS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,10 +104,17 @@ def _main(argv: list[str] | None) -> int:
         return exitcodes.CONFIG
     if args.command == "stats":
         return _stats(args)
+    serving = args.command == "serve"
+    if serving:
+        # Until the master's handlers are in place (arbiter.py), a TTIN would stop us
+        # and a HUP end us: blocked, they wait for the handlers.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
     overrides = _overrides(args)
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
+        if serving:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # no master to unblock them
         _report(exc.problems)
         return exitcodes.CONFIG
     if args.command == "check-config":

@@ -13,8 +13,13 @@ the same sockets: no queue is ever dropped by a reload.
 - on: the sockets of a group share one port with SO_REUSEPORT and the kernel spreads new
   connections over them. Worker `index` of `target` accepts from sockets index,
   index + target, ... of each group, so with every index running each socket has a worker.
-  A group grows (a new socket listens) before the worker that needs it is forked, and never
-  shrinks while its address is configured: a shrunken group would drop a queue.
+  A group grows before the worker that needs it is forked, and never shrinks while its
+  address is configured: a shrunken group would drop a queue. A socket it grows by is
+  bound but not listening: the kernel gives a SO_REUSEPORT socket its share of new
+  connections from listen() on, so the worker that takes it calls listen() once it is
+  set up (acceptor.py). A new generation that cannot start (TTIN, its workers crashing)
+  so leaves no socket taking connections that no worker accepts, while the old one serves
+  on the sockets it has.
 
 Where the client speaks first (a PROXY header, a ClientHello: `client_speaks_first`), a
 socket is set to defer accepting (Linux's TCP_DEFER_ACCEPT): the kernel hands a
@@ -28,6 +33,7 @@ back until that time is up.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from dataclasses import replace
@@ -85,6 +91,10 @@ def bound_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
+def is_listening(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
 def shares_port(sock: socket.socket) -> bool:
     return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
@@ -127,6 +137,7 @@ class ListenerPool:
         failure close what this call bound and raise OSError naming the address."""
         fresh: dict[str, socket.socket] = {}
         server = config.server
+        listed = {key for key, _ in keyed(config)}
         try:
             for key, address in keyed(config):
                 if key in self.groups:
@@ -135,6 +146,12 @@ class ListenerPool:
                     fresh[key] = bind(address, server.backlog, server.reuse_port,
                                       defer_accept=address.client_speaks_first)
                 except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and (
+                            old := self._dropped_on_port(address, listed)):
+                        raise OSError(f"cannot listen on {address}: it overlaps {old}, "
+                                      "which the running workers listen on until they "
+                                      "stop: moving a listener to an address that overlaps "
+                                      "its old one needs a restart") from exc
                     raise OSError(f"cannot listen on {address}: {exc.strerror}") from exc
         except OSError:
             for sock in fresh.values():
@@ -143,6 +160,19 @@ class ListenerPool:
         for text, sock in fresh.items():
             self.groups[text] = [sock]
         return fresh
+
+    def _dropped_on_port(self, address: ListenAddress, listed: set[str]) -> str | None:
+        """A bound address on `address`'s port that is no longer `listed`, if any: the
+        likely holder of the port when `address` cannot be bound (127.0.0.1:25 moved to
+        0.0.0.0:25). The old generation's workers keep its socket listening until they
+        have stopped, so closing it first would not free the port; and stopping them
+        first would refuse clients, which a reload never does."""
+        for key, group in self.groups.items():
+            sock = group[0]
+            if key not in listed and sock.family == address.family \
+                    and sock.getsockname()[1] == address.port:
+                return bound_address(sock)
+        return None
 
     def drop_unlisted(self, config: Config) -> None:
         """Close the groups of addresses the configuration no longer names."""
@@ -158,8 +188,10 @@ class ListenerPool:
                 set_defer_accept(sock, listener.client_speaks_first)
 
     def set_backlog(self, backlog: int) -> None:
+        """On the listening sockets; one not listening yet gets it from its worker."""
         for sock in self.all():
-            sock.listen(backlog)  # Linux: listen() again only changes the backlog
+            if is_listening(sock):
+                sock.listen(backlog)  # Linux: listen() again only changes the backlog
 
     def allow_reuse_port(self, config: Config) -> None:
         """Let every group take SO_REUSEPORT sockets (reuse_port turned on by a reload):
@@ -184,30 +216,36 @@ class ListenerPool:
             raise
 
     def grow(self, config: Config, size: int) -> None:
-        """Give every group at least `size` sockets (reuse_port on)."""
+        """Give every group of `config` still bound at least `size` sockets (reuse_port
+        on)."""
         server = config.server
         for key, address in keyed(config):
-            group = self.groups[key]
+            group = self.groups.get(key)
+            if group is None:
+                continue  # an older generation's address, closed by a reload
             port = group[0].getsockname()[1]  # the port the first one got (port 0)
             while len(group) < size:
                 try:
                     group.append(bind(ListenAddress(address.host, port, address.family),
-                                      server.backlog, reuse_port=True,
+                                      server.backlog, reuse_port=True, listen=False,
                                       defer_accept=address.client_speaks_first))
                 except OSError as exc:
                     raise OSError(f"cannot add a socket on {address}: {exc.strerror}") from exc
 
     def for_worker(self, config: Config, index: int, target: int) -> list[socket.socket]:
-        """The sockets worker `index` of `target` accepts from; grows groups as needed."""
+        """The sockets worker `index` of `target` on `config` accepts from; grows groups
+        as needed. Only `config`'s addresses: the worker may be replacing one of an older
+        generation, which serves while a reload's is starting, and keeps to its own."""
+        groups = [self.groups[key] for key, _ in keyed(config) if key in self.groups]
         if not config.server.reuse_port:
-            return self.all()
+            return [sock for group in groups for sock in group]
         self.grow(config, index + 1)
-        return [group[position] for group in self.groups.values()
+        return [group[position] for group in groups
                 for position in worker_positions(len(group), index, target)]
 
     def entries(self, config: Config, socks: list[socket.socket]
                 ) -> list[tuple[socket.socket, Listener]]:
-        """Each of `socks` with the `server.listen` entry it was bound for."""
+        """Each of `socks` with the `server.listen` entry of `config` it was bound for."""
         entry = dict(keyed(config))
         key = {sock: key for key, group in self.groups.items() for sock in group}
         return [(sock, entry[key[sock]]) for sock in socks]

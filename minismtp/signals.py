@@ -22,6 +22,15 @@ from collections.abc import Iterable
 
 _WAKEUP_BYTES = 4096  # more than the socketpair's buffer holds: one read empties it
 
+# The master's signals. `serve` blocks them first thing, and the master unblocks them
+# once its handlers are in place and blocks them again when it is done: one arriving
+# before or after would take its default action (TTIN and TTOU stop the process, HUP and
+# USR1 end it, also during the interpreter's exit). Blocked, it waits for a handler, or
+# is never delivered. USR1/USR2 are handled only to say that they do nothing here.
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2,
+                  signal.SIGCHLD)
+
 
 class SignalWakeup:
     def __init__(self) -> None:

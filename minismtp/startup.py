@@ -37,11 +37,16 @@ def check_user(user: str | None) -> None:
             raise LookupError(f'server.user: no such user "{user}"') from None
 
 
-def drop_privileges(user: str | None) -> None:
+def drop_privileges(user: str | None, group: str | None = None) -> None:
+    """Become `user` (as root), with `group` (delivery.group) as its only supplementary
+    group: outside it a worker could not give files to it, and the kernel would clear
+    the set-group-ID bit of each directory it makes, so that what is made inside a new
+    mailbox would get the user's own group, closed to the group's reader (Dovecot). The
+    master keeps root: a reload's workers get the group their configuration names."""
     if not user or os.geteuid() != 0:
         return
     entry = pwd.getpwnam(user)
-    os.setgroups([])
+    os.setgroups([] if group is None else [grp.getgrnam(group).gr_gid])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
 

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 from minismtp.values import MAX_WORKERS
 
 if TYPE_CHECKING:
+    import ssl
+
+    from minismtp.config import Config
     from minismtp.stats import RuleName
 
 
@@ -34,6 +37,49 @@ class WorkerRecord:
     rule_names: tuple[RuleName, ...] = ()
     host: str = ""  # this host's name when it was started: its Maildir files carry it
     ready: bool = False  # seen accepting (the heartbeat board) at least once
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a generation's workers are started with: a replacement is started as the
+    worker it replaces was, whichever generation is current."""
+
+    generation: int
+    config: Config
+    worker_config: Config  # with max_connections fitted to the descriptor limit
+    target: int  # its worker count: with reuse_port, which sockets each index takes
+    tls_context: ssl.SSLContext | None
+
+
+@dataclass
+class Backoff:
+    """The wait before the next spawn while workers keep dying young."""
+
+    streak: int = 0
+    crashed_at: float = float("-inf")  # when the streak last grew
+    next_at: float = 0.0
+
+    def note_death(self, now: float) -> None:
+        self.streak += 1
+        self.crashed_at = now
+        self.next_at = now + spawn_delay(self.streak)
+
+    def maybe_forgive(self, records: list[WorkerRecord], generation: int, now: float,
+                      short_life_s: float) -> None:
+        """End the streak once a worker of `generation` started since the last death has
+        lived past `short_life_s`: the cause has gone."""
+        if self.streak and lived_since(records, generation, self.crashed_at, now,
+                                       short_life_s):
+            self.streak = 0
+
+
+def lived_since(records: list[WorkerRecord], generation: int, since: float, now: float,
+                short_life_s: float) -> bool:
+    """Whether a working member of `generation` started after `since` has lived past
+    `short_life_s`. (Not any old worker: a healthy one beside a sibling that keeps dying
+    proves nothing, nor does one of another generation, started with another config.)"""
+    return any(r.started > since and now - r.started > short_life_s for r in records
+               if r.generation == generation and r.retiring_since is None)
 
 
 def spawn_delay(crash_streak: int) -> float:

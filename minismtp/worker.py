@@ -44,7 +44,7 @@ from minismtp.poller import Poller
 from minismtp.proxyread import ProxyRead, ProxyReads
 from minismtp.profiles import effective_faults
 from minismtp.session import Profile, Session
-from minismtp.signals import SignalWakeup
+from minismtp.signals import MASTER_SIGNALS, SignalWakeup
 from minismtp.smtp import replies
 from minismtp.smtp.events import NEED_DATA, PAUSED, BodyChunk, ConnectionClosed
 from minismtp.smtp.protocol import SmtpServerConnection, State
@@ -147,13 +147,16 @@ class Worker:
     # -- set-up and main loop ------------------------------------------------------
 
     def _init_signals(self) -> None:
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, signal.SIG_IGN)  # the master's business
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+                    signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)  # the master's business (USR1: logrotate's)
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
         self.poller.register(self.wakeup.sock.fileno(), READ, _WAKEUP)
         # The master forks us with its signals blocked (arbiter.py): what arrived since
-        # is delivered now, to our own handlers.
+        # is delivered now, to our own handlers. Unblocked whatever mask the master had
+        # then: a signal left blocked here would never reach us.
         signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
 
     def run(self) -> int:
         # Everything alive now (modules, config) lives as long as the process: keep it out
@@ -171,6 +174,7 @@ class Worker:
             _batch_scheduling()
         self._init_signals()
         acceptor = self.acceptor
+        acceptor.open_queues(self.config.server.backlog)  # last: set up, we accept
         acceptor.refresh()
         if self.storage.wakeup is not None:
             self.poller.register(self.storage.wakeup.fileno(), READ, _COMMITS)

@@ -17,7 +17,11 @@ file_mode and directories with dir_mode, set with fchmod/chmod when they grant m
 the owner's bits, so the umask cannot narrow them. With a group, every directory made
 here gets it and the set-group-ID bit, so what is made inside inherits the group without
 any chown, and files are also given it with fchown where the process may (root or a
-member of the group); elsewhere the directory's bit does it.
+member of the group); elsewhere the directory's bit does it. A worker running as
+server.user has delivery.group as its supplementary group (startup.drop_privileges):
+outside it, the kernel would silently clear the bit when it sets a directory's mode,
+and what is made inside would get the user's own group. A directory made without the
+group or the bit is logged, naming it (`_check_group`).
 
 Who sees the envelope recipients (delivery.envelope_recipients): "all" writes a
 `Delivered-To:` per recipient, "one" only for a message to exactly one recipient (so a
@@ -52,6 +56,7 @@ from __future__ import annotations
 import errno
 import grp
 import itertools
+import logging
 import os
 import re
 import socket
@@ -65,6 +70,8 @@ from .untrusted import encode_host, mailbox_parts, trace_headers
 
 __all__ = ["SUBDIRS", "MaildirBackend", "MaildirSink", "clean_tmp", "open_maildir_tmp",
            "open_subdir", "subdir_problem"]
+
+log = logging.getLogger("minismtp.delivery")
 
 TMP_MAX_AGE_S = 36 * 3600  # Maildir convention: tmp/ files this old are debris of a crash
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -171,15 +178,30 @@ def _may_chgrp(gid: int) -> bool:
     return gid >= 0 and (os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups())
 
 
-def _set_owner(path: str | int, mode: int, gid: int) -> None:
-    """A directory just made (0700), by its path or open on a descriptor: its group,
-    where the process may, then `mode`."""
+def _set_owner(path: str | int, mode: int, gid: int, name: str | None = None) -> None:
+    """A directory just made (0700), by its path or open on a descriptor (then `name`
+    names it): its group, where the process may, then `mode`."""
     if gid >= 0:
         if _may_chgrp(gid):
             os.chown(path, -1, gid)
         mode |= stat.S_ISGID  # what is made inside gets the group, by any user
     if mode != 0o700:
         os.chmod(path, mode)
+    if gid >= 0:
+        _check_group(path, gid, name or str(path))
+
+
+def _check_group(path: str | int, gid: int, name: str) -> None:
+    """Log a directory that did not get group `gid` or its set-group-ID bit: the kernel
+    clears the bit without an error, and the group's reader (Dovecot) would find what is
+    made inside closed to it, with nothing said anywhere."""
+    st = os.stat(path)
+    if st.st_gid == gid and st.st_mode & stat.S_ISGID:
+        return
+    log.error('delivery: directory "%s" has group %d and mode %04o, not group %d with '
+              "the set-group-ID bit: what is made in it is closed to delivery.group "
+              "(is the process in that group?)", name, st.st_gid, stat.S_IMODE(st.st_mode),
+              gid)
 
 
 def _give(fd: int, uid: int, gid: int) -> None:
@@ -508,7 +530,7 @@ class MaildirBackend(Backend):
         else:
             fd = open_subdir(root_fd, sub)
             try:
-                _set_owner(fd, self.dir_mode, self.gid)
+                _set_owner(fd, self.dir_mode, self.gid, os.path.join(self.path, sub))
                 if self.fsync:
                     os.fsync(root_fd)
             except BaseException:

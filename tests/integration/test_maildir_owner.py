@@ -4,11 +4,14 @@ then never follow a symlink it plants in place of tmp/, new/ or cur/: a reload i
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
 import shutil
 import signal
+import smtplib
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,6 +23,15 @@ import pytest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="server.user applies only when started as root")
+
+def _groups_exist(*names: str) -> bool:
+    try:
+        for name in names:
+            grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
 
 OLD = time.time() - 3 * 86400  # older than the 36 hours tmp/ files are kept
 
@@ -109,3 +121,61 @@ def test_a_reload_and_a_start_refuse_planted_symlinks(make_server, raw_clients, 
     assert (f'ERROR cannot start: delivery.path "{mail}": new/ is a symbolic link '
             "(refused: not followed)") in result.stderr
     _untouched(victims)
+
+
+# --- delivery.group in the mailboxes workers make ---------------------------------------
+
+def _send(port: int, recipient: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("a@example.org", [recipient], b"Subject: group\r\n\r\nhello\r\n")
+
+
+def _made_with(root: Path, group: str) -> list[str]:
+    """The directories and files under `root` (a mailbox's domain folder) that lack
+    `group`, or, for directories, its set-group-ID bit: empty when all is as wanted."""
+    gid = grp.getgrnam(group).gr_gid
+    wrong = []
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        if st.st_gid != gid or (path.is_dir() and not st.st_mode & stat.S_ISGID):
+            wrong.append(f"{path}: group {st.st_gid}, mode {stat.S_IMODE(st.st_mode):04o}")
+    return wrong
+
+
+def _readable_by_group(new_dir: Path, group: str) -> bool:
+    """Whether a reader in `group` alone (Dovecot's mail user, say) can list `new_dir`."""
+    gid = grp.getgrnam(group).gr_gid
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(9999)  # no user of the system: only the group lets it in
+            os.listdir(new_dir)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not _groups_exist("mail", "news"), reason="needs groups mail and news")
+def test_mailboxes_a_worker_makes_get_delivery_group_also_after_a_reload(make_server, home):
+    """Workers run as server.user, who is not in delivery.group: the mailboxes they make
+    must still get the group and its set-group-ID bit (so the group's reader gets in), and
+    after a reload to another group, the new workers' mailboxes get that one."""
+    mail = home / "mail"
+    server = make_server({"server": {"workers": 1, "user": "nobody"},
+                          "delivery": {"path": str(mail), "layout": "per_recipient",
+                                       "group": "mail", "file_mode": "0640",
+                                       "dir_mode": "0750"}})
+    _send(server.port, "b@example.org")
+    assert _made_with(mail / "example.org", "mail") == []
+    assert _readable_by_group(mail / "example.org" / "b" / "new", "mail")
+
+    server.reload({"delivery": {"group": "news"}})
+    _send(server.port, "c@example.net")
+    assert _made_with(mail / "example.net", "news") == []
+    assert _readable_by_group(mail / "example.net" / "c" / "new", "news")
+    assert server.count_log(r"delivery: directory") == 0

@@ -42,6 +42,14 @@ def _listening_inodes(port: int) -> set[int]:
     return found
 
 
+def _all_listening(server, count: int) -> set[int]:
+    """The inodes of the server's `count` listening sockets, once each worker is set up:
+    with reuse_port a worker makes its own socket listen (listeners.py)."""
+    return server.wait_until(lambda: (found := _listening_inodes(server.port))
+                             and len(found) == count and found, 10,
+                             message=f"{count} listening sockets")
+
+
 def _sockets_of(pid: int, inodes: set[int]) -> set[int]:
     """Which of `inodes` process `pid` holds a descriptor for."""
     held = set()
@@ -227,8 +235,7 @@ def test_reload_moves_the_stats_endpoint_or_keeps_it(make_server):
 def test_ttou_with_reuse_port_leaves_no_socket_without_a_worker(make_server):
     server = make_server({"server": {"workers": 2, "reuse_port": True}})
     old = set(server.worker_pids())
-    inodes = _listening_inodes(server.port)
-    assert len(inodes) == 2
+    inodes = _all_listening(server, 2)
     mark = server.mark()
     server.send_signal(signal.SIGTTOU)
     server.wait_for_log(r"workers: 1, as generation 1$", since=mark)
@@ -244,8 +251,7 @@ def test_with_reuse_port_a_replacement_after_ttin_takes_every_socket_of_the_dead
     socket dies, and its replacement must take all it held, or that socket's share of new
     connections would wait for nobody."""
     server = make_server({"server": {"workers": 4, "reuse_port": True}})
-    inodes = _listening_inodes(server.port)
-    assert len(inodes) == 4
+    inodes = _all_listening(server, 4)
 
     def held() -> set[int]:
         return set().union(*(_sockets_of(pid, inodes) for pid in server.worker_pids()))
@@ -297,3 +303,33 @@ def test_a_reload_during_crash_back_off_keeps_a_worker_accepting(make_server):
     assert set(answered) == {b"220 "}
     server.wait_until(lambda: _hostname(server.port) == "after.test", 5,
                       message="the new generation")
+
+
+def test_moving_a_listener_to_an_overlapping_address_is_refused_naming_both(make_server):
+    """127.0.0.1:P to 0.0.0.0:P: the running workers hold 127.0.0.1:P until they stop,
+    so the new socket cannot be bound; the reload is refused, saying why, and the server
+    serves on where it was."""
+    server = make_server({"server": {"workers": 1, "hostname": "before.test"}})
+    port = server.port
+    mark = server.mark()
+    server.write_config({"server": {"listen": [f"0.0.0.0:{port}"], "hostname": "after.test"}})
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(
+        rf"reload refused: cannot listen on 0\.0\.0\.0:{port}: it overlaps 127\.0\.0\.1:{port},"
+        r" which the running workers listen on until they stop: moving a listener to an "
+        r"address that overlaps its old one needs a restart; still running on the previous "
+        r"configuration$", since=mark)
+    assert _hostname(port) == "before.test"
+    assert server.stop() == 0
+
+
+def test_with_reuse_port_a_listener_moves_to_an_overlapping_address(make_server):
+    """Both sockets SO_REUSEPORT: the kernel lets the new one listen beside the old, so
+    the move needs no restart."""
+    server = make_server({"server": {"workers": 1, "reuse_port": True,
+                                     "hostname": "before.test"}})
+    port = server.port
+    server.reload({"server": {"listen": [f"0.0.0.0:{port}"], "hostname": "after.test"}})
+    assert _hostname(port) == "after.test"
+    assert server.count_log(r"reload refused") == 0
+    assert server.stop() == 0

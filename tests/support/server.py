@@ -116,13 +116,15 @@ class Server:
 
     def __init__(self, tmp_path: Path, overrides: dict | None = None,
                  preexec_fn: Callable[[], None] | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.tmp_path = tmp_path
         self.config_path = tmp_path / "minismtp.yaml"
         defaults = deep_merge(self.DEFAULTS, {"delivery": {"path": str(tmp_path / "mail")}})
         self.config = deep_merge(defaults, overrides or {})
         self.preexec_fn = preexec_fn
         self.extra_args = list(extra_args or [])
+        self.env = env  # the master's environment; None: ours
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -156,19 +158,21 @@ class Server:
 
     # -- process --
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> Server:
+    def start(self, timeout: float = START_TIMEOUT_S, workers: int | None = None) -> Server:
+        """Start the master and wait for its workers: `workers` of them, by default as
+        many as the configuration says."""
         self.write_config()
         cmd = [sys.executable, "-m", "minismtp", "serve", "--config", str(self.config_path),
                *self.extra_args]
         self.proc = subprocess.Popen(
             cmd, cwd=self.tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, preexec_fn=self.preexec_fn)
+            stderr=subprocess.PIPE, preexec_fn=self.preexec_fn, env=self.env)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         m = self.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)", timeout)
         self.port = int(m.group(1))
         self.wait_for_log(r"starting \d+ worker\(s\)", timeout)
-        self.wait_for_workers(self.config["server"]["workers"], timeout)
+        self.wait_for_workers(workers or self.config["server"]["workers"], timeout)
         return self
 
     def _read_stderr(self) -> None:

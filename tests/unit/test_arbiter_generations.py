@@ -3,6 +3,7 @@ the master's own loop step (`_maintain`) on an arbiter that is never run."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 
@@ -67,3 +68,40 @@ def test_a_replacement_that_cannot_start_once_serving_backs_off(arbiter, old_wor
     assert arbiter.next_spawn_at > now
     assert old_worker.retiring_since is None
     assert "worker 1 could not start; replacing it" in caplog.text
+
+
+def test_while_the_new_generation_is_not_ready_the_serving_one_is_refilled(arbiter,
+                                                                          monkeypatch):
+    """Its workers died (OOM, SIGKILL) while the new generation crashes in a loop (its
+    back-off long): replacements of the serving generation start at once, with its own
+    configuration and count."""
+    started = []
+    monkeypatch.setattr(arbiter, "_spawn", lambda now, plan: started.append(plan) or True)
+    now = time.monotonic()
+    serving = arbiter.serving_plan
+    arbiter.generation, arbiter.target = 1, 3  # a reload to three workers
+    arbiter.next_spawn_at = now + 30.0  # its workers kept dying young
+    arbiter._maintain(now)
+    assert started == [serving]
+    assert (serving.generation, serving.target) == (0, 1)
+
+
+def test_a_refill_dying_young_backs_off_apart_from_the_new_generation(arbiter, caplog):
+    now = time.monotonic()
+    arbiter.generation = 1
+    arbiter._report_exit(WorkerRecord(1, 1, 0, now), signal.SIGKILL)
+    assert "worker 1 was killed by signal 9; replacing it" in caplog.text
+    assert arbiter.refill_backoff.streak == 1 and arbiter.crash_streak == 0
+
+
+@pytest.mark.parametrize("retiring", [True, False])
+def test_a_worker_nothing_replaces_is_not_said_to_be_replaced(arbiter, caplog, retiring):
+    """Told to stop (it crashed on its way out), or of a generation left behind."""
+    now = time.monotonic()
+    arbiter.generation, arbiter.serving = 2, 1
+    record = WorkerRecord(7, 1, 1 if retiring else 0, now - 60,
+                          retiring_since=now if retiring else None)
+    arbiter._report_exit(record, 1 << 8)  # exited with status 1
+    assert "worker 7 exited with status 1" in caplog.text
+    assert "replacing it" not in caplog.text
+    assert arbiter.crash_streak == 0 and arbiter.refill_backoff.streak == 0

@@ -55,3 +55,12 @@ def test_ttin_and_ttou_are_added_up(arbiter):
     assert arbiter.target == 1  # never fewer than one
     arbiter._on_signals(Counter({signal.SIGTTIN: 2, signal.SIGTTOU: 2}))
     assert arbiter.target == 1
+
+
+def test_usr1_and_usr2_only_say_they_do_nothing(arbiter, caplog):
+    caplog.set_level("INFO", "minismtp.master")
+    arbiter._on_signals(Counter({signal.SIGUSR1: 2, signal.SIGUSR2: 1}))
+    assert not arbiter.stopping and arbiter.reloads == 0 and arbiter.target == 4
+    assert "SIGUSR1: nothing to do (the log goes to standard error: no file to reopen)" \
+        in caplog.text
+    assert "SIGUSR2: nothing to do" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from minismtp.config import (
 )
 from minismtp.cli import main
 from minismtp.faults import FaultsConfig
+from minismtp.signals import MASTER_SIGNALS
 from support.configfiles import problems_of
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "minismtp.yaml"
@@ -972,6 +974,9 @@ def test_workers_override_takes_ascii_digits_only(tmp_path, workers, capsys, mon
     assert main(["serve", "--listen", "127.0.0.1:0", "--workers", workers]) == 2
     assert capsys.readouterr().err == f"minismtp: {expected}\n"
     assert not (tmp_path / "var").exists()
+    # serve blocks the master's signals until its handlers are in place: with no
+    # master to come, the mask is put back as it was
+    assert not set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) & set(MASTER_SIGNALS)
 
 
 def test_workers_override_as_text_is_an_integer():

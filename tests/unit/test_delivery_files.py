@@ -219,6 +219,26 @@ def test_group_passes_on_by_the_directory_where_chown_is_not_allowed(
     assert path.stat().st_gid == group.gr_gid
 
 
+def test_a_directory_that_lost_the_group_or_its_bit_is_logged_by_name(
+        tmp_path: Path, caplog) -> None:
+    """Outside the group the kernel clears the set-group-ID bit without an error (and
+    what is then made inside gets the maker's group): said, naming the directory."""
+    from minismtp.delivery.maildir import _check_group
+
+    group = _other_group()
+    kept, lost = tmp_path / "kept", tmp_path / "lost"
+    for directory in (kept, lost):
+        directory.mkdir()
+        os.chown(directory, -1, group.gr_gid)
+    kept.chmod(0o750 | stat.S_ISGID)
+    lost.chmod(0o750)
+    _check_group(str(kept), group.gr_gid, str(kept))
+    assert caplog.text == ""
+    _check_group(str(lost), group.gr_gid, str(lost))
+    assert (f'delivery: directory "{lost}" has group {group.gr_gid} and mode 0750, not '
+            f"group {group.gr_gid} with the set-group-ID bit") in caplog.text
+
+
 def test_missing_group_is_named() -> None:
     with pytest.raises(DeliveryError, match='delivery.group: no such group "no-such-grp"'):
         make_backend("maildir", "unused", False, "single", "h", group="no-such-grp")

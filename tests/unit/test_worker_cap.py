@@ -53,8 +53,8 @@ def test_ttin_at_the_cap_keeps_the_count(make_arbiter, caplog):
 def test_with_every_slot_taken_a_spawn_waits_instead_of_failing(make_arbiter, caplog):
     arbiter = make_arbiter(2)
     arbiter.free_slots = []  # a retiring generation and a new one fill the board
-    assert arbiter._spawn(now=0.0) is False
-    assert arbiter._spawn(now=1.0) is False
+    assert arbiter._spawn(0.0, arbiter._current_plan()) is False
+    assert arbiter._spawn(1.0, arbiter._current_plan()) is False
     assert arbiter.workers == {}
     assert caplog.text.count("worker slots taken") == 1  # said once, not every turn
 
@@ -109,7 +109,7 @@ def test_a_fork_that_fails_gives_its_slot_back_and_backs_off(make_arbiter, monke
 
     monkeypatch.setattr(os, "fork", no_fork)
     free = len(arbiter.free_slots)
-    assert arbiter._spawn(100.0) is False
+    assert arbiter._spawn(100.0, arbiter._current_plan()) is False
     assert len(arbiter.free_slots) == free and not arbiter.workers
     assert arbiter.crash_streak == 1 and arbiter.next_spawn_at > 100.0
     assert "cannot start a worker: fork: Resource temporarily unavailable" in caplog.text
@@ -126,7 +126,7 @@ def test_back_off_grows_while_a_worker_keeps_dying_beside_a_healthy_one(make_arb
     from minismtp.supervision import WorkerRecord
 
     arbiter = make_arbiter(2)
-    monkeypatch.setattr(arbiter, "_spawn", lambda now: True)
+    monkeypatch.setattr(arbiter, "_spawn", lambda now, plan: True)
     monkeypatch.setattr(arbiter, "_check_heartbeats", lambda records, now: None)
 
     def no_signals(record, signum):  # the records' pids are made up: signal nobody

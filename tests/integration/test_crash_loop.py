@@ -1,0 +1,97 @@
+"""A new generation whose workers crash at start (support/crashhook.py): the one before
+serves on, its dead are replaced, and nothing listens that nobody accepts from."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from support.crashhook import CrashHook
+
+HOST = "127.0.0.1"
+
+
+def _hostname(port: int, timeout: float = 3.0) -> str:
+    """The name in the greeting of a new connection (raises if none comes in time)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        data = b""
+        while b"\r\n" not in data:
+            piece = sock.recv(512)
+            if not piece:
+                break
+            data += piece
+    assert data.startswith(b"220 "), data
+    return data[4:].split(b" ", 1)[0].decode()
+
+
+@pytest.fixture
+def hook(tmp_path):
+    hook = CrashHook(tmp_path)
+    yield hook
+    hook.off()
+
+
+def test_while_a_reload_crash_loops_the_serving_generation_is_kept_whole(make_server, hook):
+    """Both workers of the serving generation die (OOM killer, SIGKILL) while the new one
+    crashes at every start: each is replaced by a worker of its own generation, so mail
+    is still taken; once the cause is gone the new generation takes over."""
+    server = make_server({"server": {"workers": 2, "hostname": "before.test"}}, env=hook.env)
+    old = server.worker_pids()
+    assert _hostname(server.port) == "before.test"
+    hook.on("after.test")
+    server.write_config({"server": {"hostname": "after.test"}})
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"reloaded .*: starting generation 1 ", since=mark)
+    server.wait_for_log(r"crash at start \(test hook\)", since=mark)
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    for pid in old:
+        server.wait_for_log(rf"worker {pid} was killed by signal 9; replacing it", 5,
+                            since=mark)
+    deadline = time.monotonic() + 3.0  # the replacements start at once, not after the
+    while time.monotonic() < deadline:  # crash loop's growing back-off
+        assert _hostname(server.port) == "before.test"
+        time.sleep(0.2)
+    hook.off()
+    server.wait_until(lambda: _hostname(server.port) == "after.test", 40,
+                      interval=0.5, message="the new generation to take over")
+    assert server.stop() == 0
+
+
+
+def _listening_sockets(port: int) -> int:
+    """How many IPv4 sockets listen on `port` (/proc/net/tcp, state 0A)."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        return sum(1 for row in table if row.split()[3] == "0A"
+                   and int(row.split()[1].split(":")[1], 16) == port)
+
+
+def test_with_reuse_port_a_new_socket_takes_no_connection_until_its_worker_is_up(
+        make_server, hook):
+    """TTIN with reuse_port: a new generation of three, whose workers crash at start. The
+    third socket it needs must not listen (the kernel would send it a third of the new
+    connections, for nobody to accept) until a worker that takes it is set up."""
+    server = make_server({"server": {"workers": 2, "reuse_port": True}}, env=hook.env)
+    server.wait_until(lambda: _listening_sockets(server.port) == 2, 10, interval=0.05,
+                      message="each worker's socket to listen, once it is set up")
+    hook.on()
+    mark = server.mark()
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for_log(r"workers: 3, as generation 1$", since=mark)
+    server.wait_for_log(r"crash at start \(test hook\)", since=mark)
+    for _ in range(30):  # whichever socket the kernel picks, a worker answers at once
+        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    assert _listening_sockets(server.port) == 2
+    hook.off()
+    server.wait_until(lambda: _listening_sockets(server.port) == 3, 40, interval=0.2,
+                      message="the new generation's third socket to listen")
+    server.wait_for_workers(3, 10)
+    for _ in range(30):
+        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    assert server.stop() == 0

@@ -1,0 +1,54 @@
+"""Workers that crash at start, for tests of a generation that cannot start.
+
+A `sitecustomize` module for the server (support/sitehook.py): while the flag file
+exists, a process forked by the master (a new worker) gets a `Worker.run` that raises at
+once, as a worker hitting a bug in its set-up would; only those serving the hostname
+written in the flag, if one is. Nothing of it is in the server's code: only the test's
+server process imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from support.sitehook import site_env
+
+_HOOK = '''\
+import os
+import sys
+
+_FLAG = {flag!r}
+
+
+def _maybe_crash_at_start():
+    worker = sys.modules.get("minismtp.worker")
+    try:
+        with open(_FLAG) as flag:
+            hostname = flag.read()
+    except FileNotFoundError:
+        return
+    run = worker.Worker.run
+
+    def crash(self):
+        if hostname and self.config.server.hostname != hostname:
+            return run(self)
+        raise RuntimeError("crash at start (test hook)")
+
+    worker.Worker.run = crash
+
+
+os.register_at_fork(after_in_child=_maybe_crash_at_start)
+'''
+
+
+class CrashHook:
+    def __init__(self, tmp_path: Path) -> None:
+        self.flag = tmp_path / "crash-at-start"
+        self.env = site_env(tmp_path, _HOOK.format(flag=str(self.flag)))
+
+    def on(self, hostname: str = "") -> None:
+        """Workers started from now on crash at start: those serving `hostname`, or all."""
+        self.flag.write_text(hostname)
+
+    def off(self) -> None:
+        self.flag.unlink(missing_ok=True)
