@@ -82,7 +82,7 @@ def _reader_group() -> grp.struct_group:
     pytest.fail("no group to share the Maildir with")
 
 
-@pytest.mark.parametrize("layout", ["single"])
+@pytest.mark.parametrize("layout", ["single", "per_recipient"])
 def test_a_reader_in_the_group_files_and_expunges(make_server, shared_tmp, dovecot, layout):
     """The README's set-up for a reader running as another user: delivery.group with
     file_mode 0660 and dir_mode 0770, the Maildir's root made the group's and
