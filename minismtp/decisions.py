@@ -259,8 +259,11 @@ class Decisions:
         meanwhile): then the command is not acted on, a message not stored (no client
         saw its 250, and a retry would store it twice), and the session closes, its log
         line saying why. What the client sent before a half-close, still to be read
-        (a pipelined QUIT), means it may still read the answer: not gone."""
-        if len(session.conn.buffer) or not session.transport.peer_gone():
+        (a pipelined QUIT), means it may still read the answer: not gone. At the end of
+        a message only a reset is leaving: a client that sent it whole and shut its side
+        (`nc -N`) waits for the 250, and the message must not be lost for that."""
+        if len(session.conn.buffer) or not session.transport.peer_gone(
+                reset_only=rule.stage == "end_of_data"):
             return False
         why = f"client left during the delay of fault rule {rule.name}"
         if rule.stage == "end_of_data":

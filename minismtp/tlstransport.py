@@ -223,10 +223,10 @@ class TlsTransport:
         """Read and drop what the client sends; True once it is done (EOF or error)."""
         return drain(self.sock, _NOT_YET)
 
-    def peer_gone(self) -> bool:
+    def peer_gone(self, reset_only: bool = False) -> bool:
         """The client has left: nothing decrypted waits inside OpenSSL, and the socket
-        holds only its end of stream or a reset."""
-        return not self.has_buffered_input and peer_gone(self.sock)
+        holds only its end of stream or a reset (`reset_only`: a reset)."""
+        return not self.has_buffered_input and peer_gone(self.sock, reset_only)
 
     def close(self) -> None:
         """Best effort close_notify (never waits), then close."""

@@ -47,18 +47,21 @@ def drain(sock: _socket.socket, not_yet: tuple[type[Exception], ...] = (
     return False
 
 
-def peer_gone(sock: _socket.socket) -> bool:
+def peer_gone(sock: _socket.socket, reset_only: bool = False) -> bool:
     """Whether all the kernel holds of the client is its end of stream or a reset: it
     has left. Bytes still to read (commands it sent before a half-close, QUIT say) mean
-    it may still be reading. A syscall: for the end of a fault delay, never per command.
-    Under TLS this peeks beneath OpenSSL (the base class's recv): a close_notify is
-    bytes there, so only the FIN or reset that follows it counts."""
+    it may still be reading. `reset_only`: an end of stream alone is a client that shut
+    its side and may be waiting for an answer; only a reset says it left. A syscall: for
+    the end of a fault delay, never per command. Under TLS this peeks beneath OpenSSL
+    (the base class's recv): a close_notify is bytes there, so only the FIN or reset
+    that follows it counts."""
     try:
-        return not _socket.socket.recv(sock, 1, _PEEK_NOW)
+        ahead = _socket.socket.recv(sock, 1, _PEEK_NOW)
     except (BlockingIOError, InterruptedError):
         return False  # nothing yet: the client is still there
     except (OSError, ValueError):  # a reset; ValueError: a socket closed under us
         return True
+    return not ahead and not reset_only
 
 
 class PlainTransport:
@@ -100,9 +103,9 @@ class PlainTransport:
         """Read and drop what the client sends; True once it is done (EOF or error)."""
         return drain(self.sock)
 
-    def peer_gone(self) -> bool:
+    def peer_gone(self, reset_only: bool = False) -> bool:
         """The client has left (end of stream or reset, nothing before it to read)."""
-        return peer_gone(self.sock)
+        return peer_gone(self.sock, reset_only)
 
     def close(self) -> None:
         self.sock.close()

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -578,9 +579,10 @@ def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_
 
 def test_a_client_that_left_during_an_end_of_data_delay_has_nothing_stored(
         make_server, raw_clients):
-    """The client gives up while the message's answer is delayed and closes: when the
-    delay ends the message is dropped, not stored nor counted as accepted (the client
-    never saw a 250, and its retry would store it twice), and the log says why."""
+    """The client gives up while the message's answer is delayed and resets the
+    connection: when the delay ends the message is dropped, not stored nor counted as
+    accepted (the client never saw a 250, and its retry would store it twice), and the
+    log says why."""
     port = free_port()
     server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False},
                           "stats": {"listen": f"{HOST}:{port}"},
@@ -593,7 +595,8 @@ def test_a_client_that_left_during_an_end_of_data_delay_has_nothing_stored(
         client.expect(code)
     client.send(client.stuff(BODY))
     time.sleep(0.2)  # the dot is in: the delay runs
-    client.close()
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset
     server.wait_for_log(r"disconnect from .* end=client left during the delay of fault "
                         r"rule slow")
     assert "result=client left during a delay" in server.log_text()
@@ -620,6 +623,25 @@ def test_a_client_that_left_during_a_delay_is_closed_unanswered(make_server, raw
     client.close()
     server.wait_for_log(r"disconnect from .* end=client left during the delay of fault "
                         r"rule slow")
+
+
+def test_a_client_that_shut_its_side_after_the_dot_gets_its_message_stored(
+        make_server, raw_clients):
+    """`nc -N` sends the message whole, then shuts its side and waits for the answer:
+    at the end of an end_of_data delay all there is to read of it is its end of stream,
+    which is no leaving there. The message is stored and the 250 goes out."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False},
+                          "faults": {"rules": [{"name": "slow", "stage": "end_of_data",
+                                                "delay": 0.5}]}})
+    client = raw_clients(server.port)
+    client.hello()
+    client.send(client.envelope("s@example.org", ["r@example.org"]))
+    for code in (250, 250, 354):
+        client.expect(code)
+    client.send(client.stuff(BODY))
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.expect(250, timeout=5).raw.startswith(b"250 2.0.0 Ok: queued as ")
+    assert len(server.files("new")) == 1
 
 
 def test_a_half_closed_client_with_a_pipelined_quit_is_not_gone(make_server, raw_clients):
