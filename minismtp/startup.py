@@ -13,6 +13,7 @@ import os
 import pwd
 import stat
 import sys
+from contextlib import suppress
 from dataclasses import replace
 
 from minismtp.config import Config, ConfigError, load_config
@@ -132,7 +133,9 @@ def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
     delivery.path that is a file or below one, a group that does not exist, a
     delivery.path they cannot reach or write. Checked from the file system's modes, since
     trying as that user would need the master to change identity. check-config asks
-    about server.user whoever runs it; `serving`, only when it applies (as root)."""
+    about server.user whoever runs it; `serving`, only when it applies (as root). This
+    user's own access is a problem only `serving` (check-config may run as someone else
+    than the service will: delivery_warnings says it there)."""
     d = config.delivery
     if d.backend != "maildir":
         return []
@@ -146,16 +149,15 @@ def delivery_problems(config: Config, *, serving: bool = False) -> list[str]:
         if problem := subdir_problem(root, sub):
             problems.append(f'delivery.path "{root}": {problem}')
     # Without server.user the workers store as this user (so do they when not root).
-    if not problems and (not config.server.user or os.geteuid() != 0):
-        if problem := _own_access_problem(root, d.layout):
-            problems.append(f'delivery.path "{root}": {problem}')
+    if serving and not problems and (problem := _own_access(config)):
+        problems.append(f'delivery.path "{root}": {problem}')
     problems.extend(_group_problems(d.group))
     if config.server.user and (not serving or os.geteuid() == 0):
         try:
             user = pwd.getpwnam(config.server.user)
         except KeyError:
             return [*problems, f'server.user: no such user "{config.server.user}"']
-        problem = _unreachable(os.path.abspath(d.path), user)
+        problem = _unreachable(os.path.abspath(d.path), user, d.group)
         if problem:
             problems.append(f'delivery.path: server.user "{user.pw_name}" {problem}')
     return problems
@@ -198,6 +200,13 @@ def _file_above(path: str) -> str:
     return os.path.dirname(path)
 
 
+def _own_access(config: Config) -> str | None:
+    """Why this user could not store (it stores itself: no server.user, or not root)."""
+    if config.server.user and os.geteuid() == 0:
+        return None
+    return _own_access_problem(os.path.abspath(config.delivery.path), config.delivery.layout)
+
+
 def _own_access_problem(root: str, layout: str) -> str | None:
     """Why this process's user could not make or write the Maildir at `root`, judged by
     os.access (its real ids, which are the effective ones here): the nearest existing
@@ -231,6 +240,18 @@ def _this_user() -> str:
 
 
 def delivery_warnings(config: Config) -> list[str]:
+    """What check-config says without failing: this user could not store, which serve
+    refuses if it runs as this user; and what keeps a reader in delivery.group out."""
+    if config.delivery.backend != "maildir":
+        return []
+    own = []
+    if not delivery_problems(config) and (problem := _own_access(config)):
+        own.append(f'delivery.path "{os.path.abspath(config.delivery.path)}": {problem} '
+                   "(serve and a reload refuse it when run as this user)")
+    return own + _group_warnings(config)
+
+
+def _group_warnings(config: Config) -> list[str]:
     """What keeps a reader in delivery.group (Dovecot's mail user) out of an existing
     Maildir, although minismtp itself can store: in layout "single" the root, new/ and
     cur/ that the group may not read, write and search (a reader moves messages from new/
@@ -277,13 +298,16 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def _unreachable(path: str, user: pwd.struct_passwd) -> str | None:
+def _unreachable(path: str, user: pwd.struct_passwd, group: str | None) -> str | None:
     """Why `user` could not get to `path` (a directory above it it may not search), or
     None. The Maildir's own directories are no obstacle: the master, as root, makes them
-    and gives them to the user at start."""
+    and gives them to the user at start. The worker's groups are those drop_privileges
+    gives it: the user's own and `group` (delivery.group), not those /etc/group lists."""
     if user.pw_uid == 0:
         return None
-    gids = {user.pw_gid, *(g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem)}
+    gids = {user.pw_gid}
+    with suppress(KeyError):
+        gids.add(grp.getgrnam(group).gr_gid if group else user.pw_gid)
     parts = path.split(os.sep)
     for depth in range(1, len(parts)):
         above = os.sep.join(parts[:depth]) or os.sep

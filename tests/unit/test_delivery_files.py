@@ -469,7 +469,9 @@ def _problems_as(user: pwd.struct_passwd, config) -> list[str]:
             os.setgroups([])
             os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
             os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
-            os.write(write_end, json.dumps(startup.delivery_problems(config)).encode())
+            os.write(write_end, json.dumps(startup.delivery_problems(config, serving=True)
+                                           + ["warnings:"]
+                                           + startup.delivery_warnings(config)).encode())
             code = 0
         finally:
             os._exit(code)
@@ -477,7 +479,12 @@ def _problems_as(user: pwd.struct_passwd, config) -> list[str]:
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
     assert os.waitpid(pid, 0)[1] == 0
-    return json.loads(data)
+    found = json.loads(data)
+    problems, warnings = found[:found.index("warnings:")], found[found.index("warnings:") + 1:]
+    # check-config (not serving) says the same as a warning: it may run as someone else
+    assert warnings == [f"{p} (serve and a reload refuse it when run as this user)"
+                        for p in problems]
+    return problems
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")

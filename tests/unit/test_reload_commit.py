@@ -8,6 +8,7 @@ handler would, over sockets bound on 127.0.0.1.
 from __future__ import annotations
 
 import logging
+import grp
 import os
 import pwd
 import socket
@@ -278,3 +279,26 @@ def test_a_reload_leaves_tmp_to_the_running_workers(master, tmp_path):
     arbiter._apply_reload()
     assert len(arbiter.config.server.listen) == 2  # reloaded
     assert orphan.exists()
+
+
+@AS_ROOT
+def test_server_user_reaches_by_the_groups_its_workers_have(tmp_path, monkeypatch):
+    """A worker runs with its user's own group and delivery.group, nothing more
+    (drop_privileges): a directory open to delivery.group is reachable, one open only to
+    a group /etc/group lists the user in is not."""
+    from minismtp import startup
+
+    nobody = pwd.getpwnam("nobody")
+    others = [g for g in grp.getgrall() if g.gr_gid not in (0, nobody.pw_gid)]
+    shared, listed = others[0], others[1]
+    above = tmp_path / "above"
+    above.mkdir()
+    os.chown(above, 0, shared.gr_gid)
+    above.chmod(0o2770)
+    path = str(above / "mail")
+    assert startup._unreachable(path, nobody, shared.gr_name) is None
+    assert startup._unreachable(path, nobody, None) is not None
+    os.chown(above, 0, listed.gr_gid)
+    as_member = grp.struct_group((listed.gr_name, "x", listed.gr_gid, ["nobody"]))
+    monkeypatch.setattr(grp, "getgrall", lambda: [as_member])
+    assert startup._unreachable(path, nobody, None) is not None  # not a worker's group
