@@ -406,8 +406,14 @@ class _Loader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, "a mapping merges itself (<<)", node.start_mark)
         own, sources = [], []
+        merges = 0
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
+                merges += 1
+                if merges > 1:  # YAML readers differ on which wins: say it once, in a list
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "<< given twice in one mapping: merge both in one "
+                        "list, <<: [*first, *second] (the first wins)", key_node.start_mark)
                 sources.extend(self._merge_sources(value_node))
             else:
                 if key_node.tag == "tag:yaml.org,2002:value":  # as PyYAML does

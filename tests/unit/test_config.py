@@ -977,6 +977,7 @@ def test_workers_override_takes_ascii_digits_only(tmp_path, workers, capsys, mon
     # serve blocks the master's signals until its handlers are in place: with no
     # master to come, the mask is put back as it was
     assert not set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) & set(MASTER_SIGNALS)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Ctrl-C's
 
 
 def test_workers_override_as_text_is_an_integer():
@@ -1033,6 +1034,20 @@ def test_merges_copying_too_many_entries_in_all_are_refused(tmp_path):
     [problem] = problems_of(path)
     assert problem.startswith(f'config: invalid YAML in "{path}" at line 7, column 5: ')
     assert problem.endswith("merge keys (<<) copy more than 100000 entries in all")
+
+
+def test_two_merge_keys_in_one_mapping_are_refused(tmp_path):
+    """YAML readers differ on which of two << keys wins (PyYAML's own: the later): one
+    list says it plainly, the first winning."""
+    path = write(tmp_path, """\
+mx: &mx {max_message_size: 50M}
+bulk: &bulk {max_message_size: 10M}
+limits: {<<: *mx, <<: *bulk}
+""")
+    [problem] = problems_of(path)
+    assert problem.startswith(f'config: invalid YAML in "{path}" at line 3, column 19: ')
+    assert problem.endswith("<< given twice in one mapping: merge both in one list, "
+                            "<<: [*first, *second] (the first wins)")
 
 
 def test_a_mapping_merging_itself_is_refused(tmp_path):
