@@ -18,7 +18,7 @@ from minismtp import __version__, exitcodes
 from minismtp.config import ConfigError, dump_config, load_config, load_stats_config
 from minismtp.logsetup import setup_logging
 from minismtp.logstream import log_handler
-from minismtp.signals import MASTER_SIGNALS
+from minismtp.signals import HELD_AT_START
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,14 +107,17 @@ def _main(argv: list[str] | None) -> int:
     serving = args.command == "serve"
     if serving:
         # Until the master's handlers are in place (arbiter.py), a TTIN would stop us
-        # and a HUP end us: blocked, they wait for the handlers.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        # and a HUP end us: blocked, they wait for the handlers. A stop ends the start
+        # at once, Ctrl-C too (as SIG_DFL, without a KeyboardInterrupt's traceback).
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)
     overrides = _overrides(args)
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
-        if serving:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # no master to unblock them
+        if serving:  # no master to take them: as they were
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            signal.signal(signal.SIGINT, interrupt)
         _report(exc.problems)
         return exitcodes.CONFIG
     if args.command == "check-config":

@@ -30,6 +30,11 @@ _WAKEUP_BYTES = 4096  # more than the socketpair's buffer holds: one read emptie
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2,
                   signal.SIGCHLD)
+# Held from the first line of `serve` until the master's handlers are in: all but the
+# stops, which keep their default action meanwhile, so that a start stuck on a slow
+# disk or a user lookup can still be stopped with TERM or Ctrl-C.
+HELD_AT_START = tuple(signum for signum in MASTER_SIGNALS
+                      if signum not in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
 
 
 class SignalWakeup:

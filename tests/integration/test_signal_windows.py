@@ -98,6 +98,29 @@ def test_a_signal_during_start_up_is_acted_on_once_the_master_runs(make_server, 
     assert server.stop() == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_stop_during_start_up_ends_it_at_once(make_server, tmp_path, signum):
+    """A start held up (a slow disk, a user lookup) can still be stopped: TERM and INT
+    keep their default action until the master's handlers are in, so the process ends
+    at once, without a traceback, not once the start is over."""
+    flag = tmp_path / "loading"
+    slow = _SLOW_START.format(flag=str(flag)).replace("time.sleep(1.0)", "time.sleep(20)")
+    server = make_server({"server": {"workers": 1}}, start=False,
+                         env=site_env(tmp_path, slow))
+
+    def stop_while_loading() -> None:
+        server.wait_until(flag.exists, 15, interval=0.01, message="the slow start")
+        server.send_signal(signum)
+
+    sender = threading.Thread(target=stop_while_loading)
+    sender.start()
+    with pytest.raises(Exception):  # noqa: B017 (the start fails: the process is gone)
+        server.start(timeout=10)
+    sender.join()
+    assert server.wait(5) == -signum
+    assert "Traceback" not in server.log_text()
+
+
 def test_a_hup_just_after_the_master_is_done_does_not_end_it(make_server, tmp_path):
     """TERM, then a HUP as the master's interpreter exits: it exits with status 0, not
     killed by the HUP's default action."""
