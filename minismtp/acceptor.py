@@ -88,11 +88,12 @@ class Acceptor:
         self.deferred_until = 0.0  # left to the siblings until then
 
     def open_queues(self, backlog: int) -> None:
-        """Make the sockets the master left bound but not listening (a reuse_port group
-        grown for this worker, listeners.py) listen, now that this worker is set up to
-        accept: from listen() on the kernel gives such a socket its share of new
-        connections, which must never wait on a worker that could not start. A socket
-        already listening is left alone (its backlog may be newer than our config's)."""
+        """Make the sockets the master left bound but not listening (an address a reload
+        added, a reuse_port group grown for this worker: listeners.py) listen, now that
+        this worker is set up to accept: from listen() on the kernel gives such a socket
+        its share of new connections, which must never wait on a worker that could not
+        start. A socket already listening is left alone (its backlog may be newer than
+        our config's)."""
         for listener in self.listeners:
             if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 listener.listen(backlog)

@@ -554,7 +554,7 @@ class Arbiter:
             if config is None:
                 return
             tls_context = reloaded_context(self.tls_context, config.tls)
-            fresh = self.listeners.bind_missing(config)
+            fresh = self.listeners.bind_missing(config, listen=False)
             # The commit point, last of what may refuse the reload: it changes the disk
             # (a new delivery.path made and given to server.user). What follows keeps an
             # old value rather than refuse.

@@ -132,9 +132,12 @@ class ListenerPool:
     def all(self) -> list[socket.socket]:
         return [sock for group in self.groups.values() for sock in group]
 
-    def bind_missing(self, config: Config) -> dict[str, socket.socket]:
+    def bind_missing(self, config: Config, listen: bool = True) -> dict[str, socket.socket]:
         """Bind the first socket of each address not bound yet and return those; on
-        failure close what this call bound and raise OSError naming the address."""
+        failure close what this call bound and raise OSError naming the address.
+        `listen` False (a reload): the new generation's workers make them listen once
+        set up (Acceptor.open_queues), so that an address no worker of a generation that
+        cannot start would answer refuses connections instead of queueing them."""
         fresh: dict[str, socket.socket] = {}
         server = config.server
         listed = {key for key, _ in keyed(config)}
@@ -143,7 +146,7 @@ class ListenerPool:
                 if key in self.groups:
                     continue
                 try:
-                    fresh[key] = bind(address, server.backlog, server.reuse_port,
+                    fresh[key] = bind(address, server.backlog, server.reuse_port, listen,
                                       defer_accept=address.client_speaks_first)
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE and (

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from support.crashhook import CrashHook
+from support.neighbours import free_port
 
 HOST = "127.0.0.1"
 
@@ -94,4 +95,33 @@ def test_with_reuse_port_a_new_socket_takes_no_connection_until_its_worker_is_up
     server.wait_for_workers(3, 10)
     for _ in range(30):
         assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    assert server.stop() == 0
+
+
+def test_an_address_a_crash_looping_reload_adds_refuses_connections(make_server, hook):
+    """A reload adds an address and its new generation crashes at every start: the old
+    generation serves on its own addresses, and the new one, which no started worker
+    accepts from, refuses connections (a sending MTA moves on at once) instead of
+    completing handshakes nobody answers."""
+    server = make_server({"server": {"workers": 2, "hostname": "before.test"}}, env=hook.env)
+    added = free_port()
+    hook.on("after.test")
+    server.write_config({"server": {"hostname": "after.test",
+                                    "listen": [f"{HOST}:0", f"{HOST}:{added}"]}})
+    mark = server.mark()
+    server.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"crash at start \(test hook\)", since=mark)
+    assert _hostname(server.port) == "before.test"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((HOST, added), timeout=3).close()
+    hook.off()
+
+    def greeted_there() -> bool:
+        try:
+            return _hostname(added) == "after.test"
+        except OSError:  # refused until a worker of the new generation is set up
+            return False
+
+    server.wait_until(greeted_there, 40, interval=0.5,
+                      message="the new generation to take the added address")
     assert server.stop() == 0
