@@ -153,6 +153,11 @@ class Backlog:
             self._held.clear()
             self._start = 0
             return True
+        if self._start >= self.limit:
+            # A reader that keeps up only just never lets the backlog empty: without
+            # this, what was written stayed in memory, megabytes of it.
+            del self._held[:self._start]
+            self._start = 0
         return False
 
     def take(self) -> bytes:

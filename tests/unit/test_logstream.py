@@ -367,3 +367,33 @@ def test_a_worker_closing_on_a_stalled_stream_waits_a_bounded_time(pipe, worker_
     # Left for the master, in the slot: the line, then the other thread's record.
     left, dropped = slot.take()
     assert left.count(b"\n") == 2 and left.endswith(b"ERROR from another thread\n")
+
+
+class Budget:
+    """A stream whose reader takes `size` bytes per round: then it takes nothing."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.left = 0
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> int:
+        taken = min(len(data), self.left)
+        self.left -= taken
+        self.out += data[:taken]
+        return taken
+
+
+def test_a_backlog_behind_a_reader_slightly_slower_than_it_stays_bounded():
+    backlog = Backlog(limit=10_000)
+    stream = Budget(1000)
+    line = b"x" * 199 + b"\n"
+    for _ in range(2000):  # 1200 bytes held per round, 1000 taken
+        for _ in range(6):
+            backlog.add(line)
+        stream.left = stream.size
+        backlog.write_to(stream)
+        assert len(backlog) <= backlog.limit + len(line)
+        assert len(backlog._held) <= 2 * backlog.limit + len(line)  # the written part dropped
+    assert backlog.dropped > 0
+    assert bytes(stream.out) == line * (len(stream.out) // len(line))  # whole lines, in order
