@@ -44,7 +44,7 @@ class Writer(Protocol):
 class LogSlot:
     """One worker's part of the board: lines in, whole-line pieces out."""
 
-    __slots__ = ("_map", "_data", "_counts", "_base")
+    __slots__ = ("_map", "_data", "_counts", "_base", "in_line")
 
     def __init__(self, whole: mmap.mmap, slot: int) -> None:
         self._map = whole
@@ -53,6 +53,9 @@ class LogSlot:
         self._counts = view[base - _COUNTS: base].cast("q")
         self._data = view[base: base + SLOT_BYTES]
         view.release()
+        # Whether the stream took part of a line: its rest must go before anything else
+        # (logstream.LogHandler holds other records meanwhile). This process's to know.
+        self.in_line = False
 
     @property
     def held(self) -> int:
@@ -127,6 +130,21 @@ class LogSlot:
         counts[1] += size
         if counts[1] == counts[0]:
             counts[0] = counts[1] = 0  # empty again: `written` first would repeat lines
+            self.in_line = False
+        else:
+            self.in_line = self._data[counts[1] - 1] != 10  # not after a newline
+
+    def finish_line(self, out: Writer) -> bool:
+        """Write the rest of a line the stream took in part; True once none is left."""
+        while self.in_line:
+            counts = self._counts
+            start, end = self._base + counts[1], self._base + counts[0]
+            stop = self._map.find(b"\n", start, end) + 1 or end
+            written = out.write(self._map[start:stop])
+            if not written:
+                return False
+            self.mark_written(written)
+        return True
 
     def write_out(self, out: int | Writer) -> int:
         """Write what is held and not yet out, piece by piece; return the bytes written.
@@ -153,6 +171,7 @@ class LogSlot:
 
     def clear(self) -> None:
         self._counts[0] = self._counts[1] = self._counts[2] = 0
+        self.in_line = False
 
     def release(self) -> None:
         self._counts.release()
