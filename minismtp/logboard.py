@@ -17,7 +17,9 @@ worker moves `written` after each write, so a worker killed while writing out ha
 the rest written by the master; one killed between a write and its count (a few
 instructions) has that piece written twice, which is the one way a line can repeat. A
 stream that takes part of a piece moves `written` to the middle of a line, and the rest
-of that line is the next piece. A slot has one writer, the thread of its worker's loop;
+of that line is the next piece. A line that finds no room after `held` makes the lines
+not yet out move to the front, over those written (LogSlot._move_to_front says in what
+order, so that a SIGKILL there loses nothing). A slot has one writer, the thread of its worker's loop;
 nothing here takes a lock.
 """
 
@@ -42,7 +44,7 @@ class Writer(Protocol):
 class LogSlot:
     """One worker's part of the board: lines in, whole-line pieces out."""
 
-    __slots__ = ("_map", "_data", "_counts", "_base")
+    __slots__ = ("_map", "_data", "_counts", "_base", "in_line")
 
     def __init__(self, whole: mmap.mmap, slot: int) -> None:
         self._map = whole
@@ -51,6 +53,9 @@ class LogSlot:
         self._counts = view[base - _COUNTS: base].cast("q")
         self._data = view[base: base + SLOT_BYTES]
         view.release()
+        # Whether the stream took part of a line: its rest must go before anything else
+        # (logstream.LogHandler holds other records meanwhile). This process's to know.
+        self.in_line = False
 
     @property
     def held(self) -> int:
@@ -76,10 +81,42 @@ class LogSlot:
         held = self._counts[0]
         end = held + len(data)
         if end > SLOT_BYTES:
-            return False
+            if not self._move_to_front():
+                return False
+            held = self._counts[0]
+            end = held + len(data)
+            if end > SLOT_BYTES:
+                return False
         self._data[held:end] = data
         self._counts[0] = end  # after the copy: a SIGKILL between leaves the line out
         return True
+
+    def _move_to_front(self) -> bool:
+        """Make room: the lines not yet out move to the start of the slot, over lines that
+        are. Only when they are fewer bytes than those, so that the copy leaves them where
+        they were too; a slot refuses lines, then, only while half or more of it waits.
+
+        The master writes what lies between `written` and `held` after a SIGKILL at any
+        instruction here, so the order is: (1) copy, the counts untouched: [written:held]
+        is as it was; (2) `held` to the length moved: `written` > `held` > 0, a state no
+        other step makes, which `settle()` (the master's) reads as "the first `held`
+        bytes", the copy; (3) `written` to 0: the slot as it now is. Nothing is lost,
+        repeated or cut; a line written in part has its rest moved, as any other."""
+        counts = self._counts
+        held, written = counts[0], counts[1]
+        waiting = held - written
+        if not 0 < waiting < written:
+            return False
+        self._data[:waiting] = self._data[written:held]
+        counts[0] = waiting
+        counts[1] = 0
+        return True
+
+    def settle(self) -> None:
+        """After the worker died: finish a move to the front it was cut in (above)."""
+        counts = self._counts
+        if counts[1] > counts[0] > 0:
+            counts[1] = 0
 
     def next_piece(self) -> bytes:
         """The next lines to write, from the first not written: as many whole lines as
@@ -93,6 +130,21 @@ class LogSlot:
         counts[1] += size
         if counts[1] == counts[0]:
             counts[0] = counts[1] = 0  # empty again: `written` first would repeat lines
+            self.in_line = False
+        else:
+            self.in_line = self._data[counts[1] - 1] != 10  # not after a newline
+
+    def finish_line(self, out: Writer) -> bool:
+        """Write the rest of a line the stream took in part; True once none is left."""
+        while self.in_line:
+            counts = self._counts
+            start, end = self._base + counts[1], self._base + counts[0]
+            stop = self._map.find(b"\n", start, end) + 1 or end
+            written = out.write(self._map[start:stop])
+            if not written:
+                return False
+            self.mark_written(written)
+        return True
 
     def write_out(self, out: int | Writer) -> int:
         """Write what is held and not yet out, piece by piece; return the bytes written.
@@ -111,6 +163,7 @@ class LogSlot:
 
     def take(self) -> tuple[bytes, int]:
         """What is held and not yet out, and the count of lines dropped: no longer held."""
+        self.settle()
         counts = self._counts
         left = self._map[self._base + counts[1]: self._base + counts[0]], counts[2]
         self.clear()
@@ -118,6 +171,7 @@ class LogSlot:
 
     def clear(self) -> None:
         self._counts[0] = self._counts[1] = self._counts[2] = 0
+        self.in_line = False
 
     def release(self) -> None:
         self._counts.release()
@@ -145,6 +199,7 @@ class LogBoard:
         """After the slot's worker exited: write out what it left (nothing, after a clean
         stop); return the bytes written."""
         left = self.slot(slot)
+        left.settle()
         try:
             return left.write_out(fd)
         finally:

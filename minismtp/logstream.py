@@ -21,7 +21,9 @@ How, by what standard error is (`LogStream.open`):
 
 Lines stay whole: pieces are whole lines of at most PIPE_BUF bytes, which a pipe takes
 whole or not at all; a longer line, or a socket or terminal taking part of a piece, leaves
-the rest to be written first, before anything else.
+the rest to be written first, before anything else. In a worker two things write (its
+slot, from the loop's thread; the handler, from any thread), one at a time under the
+handler's lock, and neither while the other has a line written in part.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import socket
 import stat
 import time
 
-from minismtp.logboard import cut
+from minismtp.logboard import LogSlot, cut
 
 HELD_BYTES = 64 * 1024  # a handler's records (and dead workers' lines) held at most
 CLOSE_WAIT_S = 1.0  # at exit, how long held lines may wait for the stream to take them
@@ -153,6 +155,11 @@ class Backlog:
             self._held.clear()
             self._start = 0
             return True
+        if self._start >= self.limit:
+            # A reader that keeps up only just never lets the backlog empty: without
+            # this, what was written stayed in memory, megabytes of it.
+            del self._held[:self._start]
+            self._start = 0
         return False
 
     def take(self) -> bytes:
@@ -172,6 +179,10 @@ class LogHandler(logging.StreamHandler):
         self.out = out
         self.encoding = getattr(stream, "encoding", None) or "utf-8"
         self.backlog = Backlog()
+        # The worker's slot (logboard.py), set by msglog.py: while the stream has taken
+        # part of one of its lines, nothing is written here (records of any thread wait
+        # in the backlog); the worker's loop writes that line's rest, then the backlog.
+        self.slot: LogSlot | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -205,6 +216,9 @@ class LogHandler(logging.StreamHandler):
         return len(self.backlog) > 0
 
     def _write_held(self) -> None:
+        """Under self.lock, which is also held while the worker's slot is written."""
+        if self.slot is not None and self.slot.in_line:
+            return
         backlog = self.backlog
         if backlog.write_to(self.out) and backlog.dropped:
             count, backlog.dropped = backlog.dropped, 0

@@ -27,6 +27,8 @@ slot is the process's own.
 
 A stalled reader (logstream.py): the stream takes no more, so the lines stay in the slot
 and the loop tries again every RETRY_S; the loop's own records wait there behind them.
+Records of the worker's other threads wait in the handler's backlog while the stream
+(a socket, which may take part of a piece) has part of a slot line, then follow its rest.
 Lines that find the slot full are dropped and counted in the slot, and once the stream
 has taken every held line, one line says how many. At exit the worker waits a second at
 most, then leaves the rest, and the count, in the slot for its master.
@@ -87,6 +89,8 @@ class MessageLog:
             self._filter = _FlushFirst(self)
             for handler in root.handlers:
                 handler.addFilter(self._filter)
+            if self._handler is not None:
+                self._handler.slot = self._slot  # a line written in part goes first
 
     def message(self, queue_id: str, peer: str, sender: str, recipients: int, size: int,
                 tls: str | None, result: str, auth: str | None = None, *,
@@ -199,10 +203,10 @@ class MessageLog:
                 self.due = time.monotonic() + HOLD_S
         elif self._behind or len(data) <= SLOT_BYTES:
             self._slot.dropped += 1
-        else:  # a line longer than the whole slot, the stream keeping up
-            written = write_pieces(self._out, data)
-            if written < len(data) and self._handler is not None:
-                self._handler.hold_lines(data[written:])  # its rest before anything else
+        elif self._handler is not None:  # a line longer than the whole slot
+            self._handler.hold_lines(data)  # written there, under its lock
+        else:
+            write_pieces(self._out, data)
 
     def hold_record(self, data: bytes) -> None:
         """A record of the loop's thread, formatted, while lines wait before it."""
@@ -213,12 +217,25 @@ class MessageLog:
         """Write the held lines out, as far as the stream takes them now."""
         self.due = _NEVER
         handler = self._handler
+        if handler is None:
+            self._write_out()
+            return
+        with handler.lock:  # records of other threads are written under it too
+            self._write_out()
+
+    def _write_out(self) -> None:
+        """One order for all: the rest of a line the stream took in part; then what the
+        handler holds (records made before our held lines, and other threads' records
+        held behind that rest); then our lines."""
+        handler, slot = self._handler, self._slot
+        if not slot.finish_line(self._out):
+            self._fall_behind()
+            return
         if handler is not None and handler.holding:
-            handler.flush()  # records held there were made before our held lines
+            handler.flush()
             if handler.holding:
                 self._fall_behind()
                 return
-        slot = self._slot
         slot.write_out(self._out)
         if slot.waiting:
             self._fall_behind()
@@ -269,6 +286,8 @@ class MessageLog:
         if self._filter is not None:
             for handler in self._root.handlers:
                 handler.removeFilter(self._filter)
+            if self._handler is not None and self._handler.slot is self._slot:
+                self._handler.slot = None
 
     def _leave_in_slot(self) -> None:
         """At exit, behind: the handler's held records after the slot's lines (our memory
@@ -286,7 +305,8 @@ class _FlushFirst(logging.Filter):
     """Before any other record of the thread that makes the lines (the worker's loop) is
     written, the held lines go out. Records of other threads (an AUTH check's) are not
     ordered with the loop's lines anyway, and the slot is the loop's alone: a flush from
-    another thread could send a piece twice and upset the slot's counts."""
+    another thread could send a piece twice and upset the slot's counts. They still wait
+    for the rest of a line the stream took in part (LogHandler.slot)."""
 
     def __init__(self, log: MessageLog) -> None:
         super().__init__()

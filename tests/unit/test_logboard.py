@@ -173,3 +173,81 @@ def test_a_worker_holding_lines_wakes_up_to_write_them(board):
         worker.wakeup.close()
         beats.close()
         stats.close()
+
+
+class Taking:
+    """A stream that takes `size` bytes in all, then nothing."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> int:
+        taken = min(len(data), self.left)
+        self.left -= taken
+        self.out += data[:taken]
+        return taken
+
+
+def test_room_written_out_is_used_again_before_the_slot_empties(board):
+    slot = board.slot(0)
+    sent = lines(300)
+    assert slot.add(b"".join(sent))
+    stream = Taking(20_050)  # 200 lines and a half out, 99 and a half waiting
+    slot.write_out(stream)
+    more = lines(30, tag="M")
+    assert slot.add(b"".join(more))  # 30,000 + 3,000 bytes did not fit; 13,000 do
+    assert slot.held == 300 * 100 - 20_050 + 30 * 100
+    stream.left = 1 << 20
+    slot.write_out(stream)
+    assert bytes(stream.out) == b"".join(sent + more)
+    assert (slot.held, slot.waiting) == (0, 0)
+
+
+def test_a_slot_more_than_half_waiting_refuses_what_does_not_fit(board):
+    slot = board.slot(0)
+    assert slot.add(b"".join(lines(300)))
+    slot.write_out(Taking(10_000))  # 20,000 wait: they would overlap their copy
+    assert not slot.add(b"".join(lines(30)))
+    assert (slot.held, slot.waiting) == (30_000, 20_000)
+
+
+class Killed(Exception):
+    pass
+
+
+class KilledAt:
+    """A slot's counts, where a SIGKILL comes before the store number `stores`."""
+
+    def __init__(self, counts, stores: int) -> None:
+        self.counts = counts
+        self.left = stores
+
+    def __getitem__(self, index: int) -> int:
+        return self.counts[index]
+
+    def __setitem__(self, index: int, value: int) -> None:
+        if not self.left:
+            raise Killed
+        self.left -= 1
+        self.counts[index] = value
+
+
+@pytest.mark.parametrize("stores", [0, 1, 2, 3])
+def test_a_worker_killed_while_its_slot_makes_room_loses_no_line(board, pipe, stores):
+    fd, read = pipe
+    slot = board.slot(3)
+    sent = lines(300)
+    slot.add(b"".join(sent))
+    slot.write_out(Taking(20_050))  # in the middle of a line
+    counts = slot._counts
+    more = b"".join(lines(30, tag="M"))  # no room after `held`: a move to the front
+    slot._counts = KilledAt(counts, stores)
+    try:
+        added = slot.add(more)
+    except Killed:
+        added = False
+    slot._counts = counts
+    board.recover(3, fd)
+    assert read() == b"".join(sent)[20_050:] + (more if added else b"")
+    assert added == (stores == 3)

@@ -367,3 +367,90 @@ def test_a_worker_closing_on_a_stalled_stream_waits_a_bounded_time(pipe, worker_
     # Left for the master, in the slot: the line, then the other thread's record.
     left, dropped = slot.take()
     assert left.count(b"\n") == 2 and left.endswith(b"ERROR from another thread\n")
+
+
+class Budget:
+    """A stream whose reader takes `size` bytes per round: then it takes nothing."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.left = 0
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> int:
+        taken = min(len(data), self.left)
+        self.left -= taken
+        self.out += data[:taken]
+        return taken
+
+
+def test_a_backlog_behind_a_reader_slightly_slower_than_it_stays_bounded():
+    backlog = Backlog(limit=10_000)
+    stream = Budget(1000)
+    line = b"x" * 199 + b"\n"
+    for _ in range(2000):  # 1200 bytes held per round, 1000 taken
+        for _ in range(6):
+            backlog.add(line)
+        stream.left = stream.size
+        backlog.write_to(stream)
+        assert len(backlog) <= backlog.limit + len(line)
+        assert len(backlog._held) <= 2 * backlog.limit + len(line)  # the written part dropped
+    assert backlog.dropped > 0
+    assert bytes(stream.out) == line * (len(stream.out) // len(line))  # whole lines, in order
+
+
+def test_another_thread_s_record_waits_for_the_rest_of_a_line_a_socket_took_in_part():
+    ours, reader = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the least: sends in part
+    reader.setblocking(False)
+    root = logging.RootLogger(logging.INFO)
+    root.manager = logging.Manager(root)
+    root.handlers[:] = [handler_on(LogStream.open(ours.fileno()))]
+    board = LogBoard(1)
+    slot = board.slot(0)
+    log = MessageLog(root.manager.getLogger("worker"), root, slot)
+    got = bytearray()
+
+    def receive(size: int = 1 << 20) -> None:
+        try:
+            while size > 0 and (chunk := reader.recv(min(size, 1 << 16))):
+                got.extend(chunk)
+                size -= len(chunk)
+        except BlockingIOError:
+            pass
+
+    try:
+        for n in range(100):
+            log.message(f"Q{n:04d}".ljust(150, "x"), "192.0.2.1", "a@example.org", 1, 1000,
+                        None, "250 queued")
+        width = slot.held // 100  # every line as long
+        log.flush()
+        for size in (100, 300, 700, 1000, 1500, 2000, 2300, 2600, 3000, 3100, 3700):
+            if (slot.held - slot.waiting) % width:
+                break  # the socket took part of a line
+            receive(size)
+            log.flush()
+        assert (slot.held - slot.waiting) % width
+        receive()  # room again: the record could go at once, in the middle of the line
+        other = threading.Thread(target=root.manager.getLogger("worker.commit").error,
+                                 args=("from another thread",))
+        other.start()
+        other.join()
+        for _ in range(200):
+            log.flush()
+            receive()
+            if not log.behind:
+                break
+        lines = got.decode().splitlines()
+        assert len(lines) == 101 and got.endswith(b"\n")
+        assert sum(line.endswith(" ERROR from another thread") for line in lines) == 1
+        assert all(line.endswith(" result=250 queued") for line in lines
+                   if "ERROR" not in line)
+        assert [line.split(" ")[4] for line in lines if "ERROR" not in line] == [
+            f"id=Q{n:04d}".ljust(153, "x") for n in range(100)]
+    finally:
+        log.close(wait_s=0)
+        board.close()
+        root.handlers[0].out.close()
+        ours.close()
+        reader.close()
