@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from support.logstreams import Budget
 
 from minismtp import logstream
 from minismtp.logboard import ATOMIC_BYTES, SLOT_BYTES, LogBoard
@@ -367,21 +368,6 @@ def test_a_worker_closing_on_a_stalled_stream_waits_a_bounded_time(pipe, worker_
     # Left for the master, in the slot: the line, then the other thread's record.
     left, dropped = slot.take()
     assert left.count(b"\n") == 2 and left.endswith(b"ERROR from another thread\n")
-
-
-class Budget:
-    """A stream whose reader takes `size` bytes per round: then it takes nothing."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.left = 0
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> int:
-        taken = min(len(data), self.left)
-        self.left -= taken
-        self.out += data[:taken]
-        return taken
 
 
 def test_a_backlog_behind_a_reader_slightly_slower_than_it_stays_bounded():
