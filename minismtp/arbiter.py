@@ -60,8 +60,8 @@ from minismtp.stats import StatsBoard, Totals
 from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
-    Backoff, Plan, WorkerRecord, free_index, generation_ready, lived_since, overdue, resized,
-    spawn_delay, stale_signals, workers_missing, workers_to_retire,
+    Backoff, Plan, WorkerRecord, free_index, generation_ready, overdue, resized, stale_signals,
+    workers_missing, workers_to_retire,
 )
 from minismtp.tls import reloaded_context
 from minismtp.values import MAX_WORKERS
@@ -114,9 +114,7 @@ class Arbiter:
         self.started = time.monotonic()
         self.free_slots = list(range(BOARD_SLOTS - 1, -1, -1))
         self.waiting_for_slots = False
-        self.crash_streak = 0
-        self.crashed_at = float("-inf")  # when the streak last grew
-        self.next_spawn_at = 0.0
+        self.backoff = Backoff()  # the current generation's, while its workers die young
         self.stopping = False
         self.stop_deadline = float("inf")
         self.exit_code = exitcodes.OK
@@ -240,11 +238,9 @@ class Arbiter:
             self._signal(record, signal.SIGKILL)
             record.killed = True
         # A worker started since the last failure has lived: the cause has gone.
-        if self.crash_streak and lived_since(records, self.generation, self.crashed_at, now,
-                                             _SHORT_LIFE_S):
-            self.crash_streak = 0
+        self.backoff.maybe_forgive(records, self.generation, now, _SHORT_LIFE_S)
         self._refill_serving(records, now)
-        if now >= self.next_spawn_at:
+        if now >= self.backoff.next_at:
             plan = self._current_plan()
             for _ in range(workers_missing(records, self.generation, self.target)):
                 if not self._spawn(now, plan):
@@ -386,12 +382,7 @@ class Arbiter:
     def _back_off(self, now: float, generation: int) -> None:
         """A worker died young or could not be started: wait longer before the next of
         its generation."""
-        if generation != self.generation:
-            self.refill_backoff.note_death(now)
-            return
-        self.crash_streak += 1
-        self.crashed_at = now
-        self.next_spawn_at = now + spawn_delay(self.crash_streak)
+        (self.backoff if generation == self.generation else self.refill_backoff).note_death(now)
 
     # -- workers ---------------------------------------------------------------------
 
@@ -590,8 +581,7 @@ class Arbiter:
         self.generation += 1
         # The new configuration may have cured what made workers die young: its workers
         # start now, not after the back-off (the old ones serve until they are ready).
-        self.crash_streak = 0
-        self.next_spawn_at = 0.0
+        self.backoff = Backoff()
         log.info("reloaded %s: starting generation %d with %d worker(s)",
                  self.config_path or "embedded defaults", self.generation, self.target)
 

@@ -42,7 +42,7 @@ def old_worker(arbiter):
 def test_while_the_new_generation_cannot_start_the_old_one_keeps_serving(arbiter, old_worker):
     now = time.monotonic()
     arbiter.generation = 1  # a reload
-    arbiter.next_spawn_at = now + 30.0  # workers kept dying young: the next one waits
+    arbiter.backoff.next_at = now + 30.0  # workers kept dying young: the next one waits
     for turn in range(3):
         arbiter._maintain(now + turn)
     assert old_worker.retiring_since is None
@@ -65,7 +65,7 @@ def test_a_replacement_that_cannot_start_once_serving_backs_off(arbiter, old_wor
     arbiter._report_exit(WorkerRecord(1, 1, 0, now), _BOOT_FAILED)  # its sibling's
     assert not arbiter.stopping
     assert arbiter.exit_code == exitcodes.OK
-    assert arbiter.next_spawn_at > now
+    assert arbiter.backoff.next_at > now
     assert old_worker.retiring_since is None
     assert "worker 1 could not start; replacing it" in caplog.text
 
@@ -80,7 +80,7 @@ def test_while_the_new_generation_is_not_ready_the_serving_one_is_refilled(arbit
     now = time.monotonic()
     serving = arbiter.serving_plan
     arbiter.generation, arbiter.target = 1, 3  # a reload to three workers
-    arbiter.next_spawn_at = now + 30.0  # its workers kept dying young
+    arbiter.backoff.next_at = now + 30.0  # its workers kept dying young
     arbiter._maintain(now)
     assert started == [serving]
     assert (serving.generation, serving.target) == (0, 1)
@@ -91,7 +91,7 @@ def test_a_refill_dying_young_backs_off_apart_from_the_new_generation(arbiter, c
     arbiter.generation = 1
     arbiter._report_exit(WorkerRecord(1, 1, 0, now), signal.SIGKILL)
     assert "worker 1 was killed by signal 9; replacing it" in caplog.text
-    assert arbiter.refill_backoff.streak == 1 and arbiter.crash_streak == 0
+    assert arbiter.refill_backoff.streak == 1 and arbiter.backoff.streak == 0
 
 
 @pytest.mark.parametrize("retiring", [True, False])
@@ -104,4 +104,4 @@ def test_a_worker_nothing_replaces_is_not_said_to_be_replaced(arbiter, caplog, r
     arbiter._report_exit(record, 1 << 8)  # exited with status 1
     assert "worker 7 exited with status 1" in caplog.text
     assert "replacing it" not in caplog.text
-    assert arbiter.crash_streak == 0 and arbiter.refill_backoff.streak == 0
+    assert arbiter.backoff.streak == 0 and arbiter.refill_backoff.streak == 0

@@ -111,7 +111,7 @@ def test_a_fork_that_fails_gives_its_slot_back_and_backs_off(make_arbiter, monke
     free = len(arbiter.free_slots)
     assert arbiter._spawn(100.0, arbiter._current_plan()) is False
     assert len(arbiter.free_slots) == free and not arbiter.workers
-    assert arbiter.crash_streak == 1 and arbiter.next_spawn_at > 100.0
+    assert arbiter.backoff.streak == 1 and arbiter.backoff.next_at > 100.0
     assert "cannot start a worker: fork: Resource temporarily unavailable" in caplog.text
 
 
@@ -139,9 +139,9 @@ def test_back_off_grows_while_a_worker_keeps_dying_beside_a_healthy_one(make_arb
         young = WorkerRecord(2 * 10**6 + n, 1, 0, started=time.monotonic())
         arbiter._report_exit(young, signal.SIGSEGV)  # the status of a worker killed by it
         arbiter._maintain(time.monotonic())  # the master's next turn
-        assert arbiter.crash_streak == n
-    assert arbiter.next_spawn_at - time.monotonic() > 1.0  # 1.6 s after the fifth
-    lived = WorkerRecord(3 * 10**6, 1, 0, started=arbiter.crashed_at + 0.001)
+        assert arbiter.backoff.streak == n
+    assert arbiter.backoff.next_at - time.monotonic() > 1.0  # 1.6 s after the fifth
+    lived = WorkerRecord(3 * 10**6, 1, 0, started=arbiter.backoff.crashed_at + 0.001)
     arbiter.workers[lived.pid] = lived
     arbiter._maintain(lived.started + 6)
-    assert arbiter.crash_streak == 0
+    assert arbiter.backoff.streak == 0
