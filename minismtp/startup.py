@@ -13,6 +13,7 @@ import os
 import pwd
 import stat
 import sys
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import replace
 
@@ -192,12 +193,17 @@ def _root_problem(root: str) -> str | None:
 
 def _file_above(path: str) -> str:
     """The highest directory named above `path` that is something else."""
-    parts = path.split(os.sep)
-    for depth in range(2, len(parts)):
-        above = os.sep.join(parts[:depth])
+    for above in _above(path):
         if os.path.exists(above) and not os.path.isdir(above):
             return above
     return os.path.dirname(path)
+
+
+def _above(path: str) -> Iterator[str]:
+    """The directories an absolute `path` names above itself, from the root down."""
+    parts = path.split(os.sep)
+    for depth in range(1, len(parts)):
+        yield os.sep.join(parts[:depth]) or os.sep
 
 
 def _own_access(config: Config) -> str | None:
@@ -240,12 +246,13 @@ def _this_user() -> str:
 
 
 def delivery_warnings(config: Config) -> list[str]:
-    """What check-config says without failing: this user could not store, which serve
-    refuses if it runs as this user; and what keeps a reader in delivery.group out."""
+    """What check-config says of a configuration delivery_problems passes, without
+    failing: this user could not store, which serve refuses if it runs as this user; and
+    what keeps a reader in delivery.group out."""
     if config.delivery.backend != "maildir":
         return []
     own = []
-    if not delivery_problems(config) and (problem := _own_access(config)):
+    if problem := _own_access(config):
         own.append(f'delivery.path "{os.path.abspath(config.delivery.path)}": {problem} '
                    "(serve and a reload refuse it when run as this user)")
     return own + _group_warnings(config)
@@ -306,11 +313,10 @@ def _unreachable(path: str, user: pwd.struct_passwd, group: str | None) -> str |
     if user.pw_uid == 0:
         return None
     gids = {user.pw_gid}
-    with suppress(KeyError):
-        gids.add(grp.getgrnam(group).gr_gid if group else user.pw_gid)
-    parts = path.split(os.sep)
-    for depth in range(1, len(parts)):
-        above = os.sep.join(parts[:depth]) or os.sep
+    if group:
+        with suppress(KeyError):  # no such group: a problem said on its own
+            gids.add(grp.getgrnam(group).gr_gid)
+    for above in _above(path):
         try:
             st = os.stat(above)
         except OSError:
