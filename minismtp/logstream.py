@@ -186,8 +186,7 @@ class LogHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            data = (self.format(record) + self.terminator).encode(self.encoding,
-                                                                  "backslashreplace")
+            data = self.encoded(record)
         except Exception:
             self.handleError(record)
             return
@@ -227,8 +226,10 @@ class LogHandler(logging.StreamHandler):
 
     def dropped_line(self, count: int) -> bytes:
         """The line that says `count` lines were dropped, in this handler's format."""
-        record = logging.LogRecord("minismtp.log", logging.WARNING, __file__, 0, DROPPED,
-                                   (count,), None)
+        return self.encoded(dropped_record(count))
+
+    def encoded(self, record: logging.LogRecord) -> bytes:
+        """`record` as this handler writes it."""
         return (self.format(record) + self.terminator).encode(self.encoding,
                                                                "backslashreplace")
 
@@ -243,6 +244,12 @@ class LogHandler(logging.StreamHandler):
     def forget_held(self) -> None:
         """In a forked worker: what the master held is the master's to write."""
         self.backlog = Backlog(self.backlog.limit)
+
+
+def dropped_record(count: int) -> logging.LogRecord:
+    """The record that says `count` log lines were dropped."""
+    return logging.LogRecord("minismtp.log", logging.WARNING, __file__, 0, DROPPED,
+                             (count,), None)
 
 
 def log_handler() -> LogHandler | None:

@@ -44,7 +44,9 @@ import time
 
 from minismtp.logboard import SLOT_BYTES, LogBoard, LogSlot
 from minismtp.logsetup import LOG_FORMAT, JsonFormatter, timestamp
-from minismtp.logstream import CLOSE_WAIT_S, DROPPED, LogHandler, LogStream, write_pieces
+from minismtp.logstream import (
+    CLOSE_WAIT_S, LogHandler, LogStream, dropped_record, write_pieces,
+)
 
 _COUNTS_KEPT = 256  # rendered command counts of sessions, by their counts
 # How long lines may wait in the slot: a reader of the log sees them this late at most,
@@ -241,7 +243,7 @@ class MessageLog:
             self._fall_behind()
             return
         self._behind = False
-        if self._slot.dropped:
+        if slot.dropped:
             self._report_dropped()
 
     def _fall_behind(self) -> None:
@@ -251,16 +253,11 @@ class MessageLog:
     def _report_dropped(self) -> None:
         """The stream took every held line again: say how many were dropped."""
         slot = self._slot
-        slot.add(self._dropped_line(slot.dropped))
+        slot.add(self.formatted(dropped_record(slot.dropped)))
         slot.dropped = 0
-        self._slot.write_out(self._out)
-        if self._slot.waiting:
+        slot.write_out(self._out)
+        if slot.waiting:
             self._fall_behind()
-
-    def _dropped_line(self, count: int) -> bytes:
-        record = logging.LogRecord("minismtp.log", logging.WARNING, __file__, 0, DROPPED,
-                                   (count,), None)
-        return self.formatted(record)
 
     def formatted(self, record: logging.LogRecord) -> bytes:
         """`record` as the root's one handler writes it."""
