@@ -32,6 +32,7 @@ from collections.abc import Callable, Sized
 
 from minismtp import balance
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
+from minismtp.listeners import is_listening
 from minismtp.poller import READ, Poller
 
 log = logging.getLogger("minismtp.worker")
@@ -95,7 +96,7 @@ class Acceptor:
         start. A socket already listening is left alone (its backlog may be newer than
         our config's)."""
         for listener in self.listeners:
-            if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            if not is_listening(listener):
                 listener.listen(backlog)
 
     def refresh(self) -> None:

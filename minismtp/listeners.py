@@ -92,6 +92,8 @@ def bound_address(sock: socket.socket) -> str:
 
 
 def is_listening(sock: socket.socket) -> bool:
+    """Whether listen() was called on `sock` (a grown or added socket waits for its
+    worker's: see the module docstring)."""
     return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
@@ -140,9 +142,10 @@ class ListenerPool:
         cannot start would answer refuses connections instead of queueing them."""
         fresh: dict[str, socket.socket] = {}
         server = config.server
-        listed = {key for key, _ in keyed(config)}
+        entries = keyed(config)
+        listed = {key for key, _ in entries}
         try:
-            for key, address in keyed(config):
+            for key, address in entries:
                 if key in self.groups:
                     continue
                 try:

@@ -19,8 +19,8 @@ instructions) has that piece written twice, which is the one way a line can repe
 stream that takes part of a piece moves `written` to the middle of a line, and the rest
 of that line is the next piece. A line that finds no room after `held` makes the lines
 not yet out move to the front, over those written (LogSlot._move_to_front says in what
-order, so that a SIGKILL there loses nothing). A slot has one writer, the thread of its worker's loop;
-nothing here takes a lock.
+order, so that a SIGKILL there loses nothing). A slot has one writer, the thread of its
+worker's loop; nothing here takes a lock.
 """
 
 from __future__ import annotations
