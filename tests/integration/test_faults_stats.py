@@ -371,14 +371,8 @@ def test_disconnect_after_a_pipelined_dot_keeps_the_messages_250(
     rule = {"name": "drop", "stage": stage, "disconnect": True}
     if stage == "mail":
         rule["sender"] = "next@*"
-    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": fsync},
-                          "faults": {"rules": [rule]}})
-    client = raw_clients(server.port)
-    client.hello()
-    client.send(client.envelope("s@example.org", ["r@example.org"]))
-    for code in (250, 250, 354):
-        client.expect(code)
-    client.send(client.stuff(BODY) + after_dot)
+    server, client = _whole_message_sent(make_server, raw_clients, rule, fsync=fsync,
+                                         after=after_dot)
     seen = client.wait_closed()
     assert seen.startswith(b"250 2.0.0 Ok: queued as ") and seen.count(b"\r\n") == 1, seen
     assert len(server.files("new")) == 1
@@ -577,14 +571,12 @@ def test_a_tarpitted_354_starts_the_data_clocks_when_it_is_out(make_server, raw_
     assert client.reply(timeout=10).code == 250
 
 
-def _message_held_at_its_end(make_server, raw_clients, delay_s: float,
-                             overrides: dict | None = None, after: bytes = b""):
-    """A server whose rule `slow` delays every end_of_data by `delay_s`, and a client
-    that has sent a whole message to it (the dot included), and `after` in the same
-    segment: (server, client)."""
-    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": False},
-                          "faults": {"rules": [{"name": "slow", "stage": "end_of_data",
-                                                "delay": delay_s}]}, **(overrides or {})})
+def _whole_message_sent(make_server, raw_clients, rule: dict, *, fsync: bool = False,
+                        after: bytes = b"", overrides: dict | None = None):
+    """A server of one worker with the one fault `rule`, and a client that has sent it a
+    whole message (the dot included), and `after` in the same segment: (server, client)."""
+    server = make_server({"server": {"workers": 1}, "delivery": {"fsync": fsync},
+                          "faults": {"rules": [rule]}, **(overrides or {})})
     client = raw_clients(server.port)
     client.hello()
     client.send(client.envelope("s@example.org", ["r@example.org"]))
@@ -594,6 +586,11 @@ def _message_held_at_its_end(make_server, raw_clients, delay_s: float,
     return server, client
 
 
+def _delayed_at_its_end(delay_s: float) -> dict:
+    """The rule `slow`: every end_of_data answered `delay_s` late."""
+    return {"name": "slow", "stage": "end_of_data", "delay": delay_s}
+
+
 def test_a_client_that_left_during_an_end_of_data_delay_has_nothing_stored(
         make_server, raw_clients):
     """The client gives up while the message's answer is delayed and resets the
@@ -601,8 +598,8 @@ def test_a_client_that_left_during_an_end_of_data_delay_has_nothing_stored(
     accepted (the client never saw a 250, and its retry would store it twice), and the
     log says why."""
     port = free_port()
-    server, client = _message_held_at_its_end(make_server, raw_clients, 1,
-                                              {"stats": {"listen": f"{HOST}:{port}"}})
+    server, client = _whole_message_sent(make_server, raw_clients, _delayed_at_its_end(1),
+                                         overrides={"stats": {"listen": f"{HOST}:{port}"}})
     time.sleep(0.2)  # the dot is in: the delay runs
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # a reset
@@ -639,7 +636,7 @@ def test_a_client_that_shut_its_side_after_the_dot_gets_its_message_stored(
     """`nc -N` sends the message whole, then shuts its side and waits for the answer:
     at the end of an end_of_data delay all there is to read of it is its end of stream,
     which is no leaving there. The message is stored and the 250 goes out."""
-    server, client = _message_held_at_its_end(make_server, raw_clients, 0.5)
+    server, client = _whole_message_sent(make_server, raw_clients, _delayed_at_its_end(0.5))
     client.sock.shutdown(socket.SHUT_WR)
     assert client.expect(250, timeout=5).raw.startswith(b"250 2.0.0 Ok: queued as ")
     assert len(server.files("new")) == 1
@@ -649,8 +646,8 @@ def test_a_half_closed_client_with_a_pipelined_quit_is_not_gone(make_server, raw
     """The final dot and QUIT in one segment, then the client shuts its sending side and
     waits for the answers: the commands it sent are still to be read, so when the delay
     ends the message is stored and both replies go out."""
-    server, client = _message_held_at_its_end(make_server, raw_clients, 0.5,
-                                              after=b"QUIT\r\n")
+    server, client = _whole_message_sent(make_server, raw_clients, _delayed_at_its_end(0.5),
+                                         after=b"QUIT\r\n")
     client.sock.shutdown(socket.SHUT_WR)
     assert client.expect(250, timeout=5).raw.startswith(b"250 2.0.0 Ok: queued as ")
     client.expect(221)
