@@ -163,13 +163,13 @@ def parse(data: bytes | bytearray | memoryview, start: int, end: int,
     """The header at `data[start:end]`, NEED_MORE, or ProxyError (see the module docstring)."""
     if not 0 <= start <= end <= len(data):
         raise ValueError(f"bad bounds [{start}, {end}) for {len(data)} bytes")
-    if end - start >= _TCP4_BYTES and accept is not _V1_ONLY and data[
+    if end - start >= TCP4_BYTES and accept is not _V1_ONLY and data[
             start:start + V2_HEADER_BYTES] == _TCP4_PLAIN:
         # HAProxy's send-proxy-v2 for an IPv4 client, decoded in one step (see below).
         a, b, c, d, e, f, g, h, sport, dport = _TCP4_FIELDS.unpack_from(
             data, start + V2_HEADER_BYTES)
         o = _OCTETS
-        return _new_header(ProxyHeader, (_TCP4_BYTES, _COMMAND_PROXY, _FAMILY_TCP4,
+        return _new_header(ProxyHeader, (TCP4_BYTES, _COMMAND_PROXY, _FAMILY_TCP4,
                                          (f"{o[a]}.{o[b]}.{o[c]}.{o[d]}", sport),
                                          (f"{o[e]}.{o[f]}.{o[g]}.{o[h]}", dport), 2))
     if isinstance(data, memoryview):
@@ -334,12 +334,25 @@ def _parse_v2(data: bytes | bytearray, start: int, end: int) -> Result:
 # Its 16 fixed bytes settle every check of the general way, so `parse` decodes it in one
 # step, and makes its ProxyHeader without the named tuple's __new__ (a Python call).
 _TCP4_PLAIN = V2_SIGNATURE + bytes((0x21, 0x11, 0x00, 12))
-_TCP4_BYTES = V2_HEADER_BYTES + 12
+TCP4_BYTES = V2_HEADER_BYTES + 12
 _TCP4_FIELDS = struct.Struct("!8BHH")  # source and destination octets, then the ports
 # Each octet's decimal text, made once: dotted decimal (what ipaddress prints) is then a
 # join of four strings, half the cost of formatting four numbers.
 _OCTETS = tuple(str(octet) for octet in range(256))
 _new_header = tuple.__new__
+_TCP4_SOURCE = struct.Struct("!4B4xH")  # the source's octets and port, past the 16 bytes
+
+
+def haproxy_tcp4_source(data: bytearray, end: int) -> Address | None:
+    """The client of the header HAProxy's send-proxy-v2 sends for an IPv4 client (PROXY,
+    TCP over IPv4, no TLVs) when it lies whole at the start of `data[:end]`; else None,
+    and `parse` judges the bytes. The header is `TCP4_BYTES` long; its destination is
+    not decoded (no caller uses it). A listener taking only version 1 must not ask."""
+    if end < TCP4_BYTES or not data.startswith(_TCP4_PLAIN):
+        return None
+    a, b, c, d, port = _TCP4_SOURCE.unpack_from(data, V2_HEADER_BYTES)
+    o = _OCTETS
+    return f"{o[a]}.{o[b]}.{o[c]}.{o[d]}", port
 
 
 def _walk_tlvs(data: bytes | bytearray, pos: int, header_end: int, end: int) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import proxyheader as ph
 
 from minismtp.smtp.proxyproto import (
     MAX_HEADER_BYTES, NEED_MORE, REASONS, V1_MAX_BYTES, V2_MAX_BYTES, Command, Family,
-    ProxyError, ProxyHeader, Version, parse, trusted,
+    TCP4_BYTES, ProxyError, ProxyHeader, Version, haproxy_tcp4_source, parse, trusted,
 )
 
 ANY, V1, V2 = Version.ANY, Version.V1, Version.V2
@@ -367,3 +369,44 @@ def test_trusted(peer: str, expected: bool) -> None:
 def test_trusted_by_nobody() -> None:
     assert trusted("10.1.2.3", ()) is False
     assert trusted("127.0.0.1", (ipaddress.ip_network("127.0.0.1/32"),)) is True
+
+
+# -- HAProxy's usual header, in one step -------------------------------------------------
+
+IPV4 = st.tuples(st.ip_addresses(v=4).map(str), st.integers(0, 0xFFFF))
+
+
+@given(src=IPV4, dst=IPV4, after=st.binary(max_size=40))
+def test_haproxy_tcp4_source_is_the_source_parse_finds(src, dst, after):
+    data = bytearray(ph.v2(src, dst) + after)
+    assert haproxy_tcp4_source(data, len(data)) == src
+    assert outcome(data, V2).source == src and outcome(data, V2).consumed == TCP4_BYTES
+
+
+@given(src=IPV4, dst=IPV4, cut=st.integers(0, TCP4_BYTES - 1))
+def test_haproxy_tcp4_source_needs_the_whole_header(src, dst, cut):
+    data = bytearray(ph.v2(src, dst))
+    assert haproxy_tcp4_source(data, cut) is None  # bytes past `end` are not looked at
+
+
+@given(data=st.one_of(
+    st.binary(max_size=60),
+    st.builds(lambda i, b, tail: bytes(ph.v2(V4_SRC, V4_DST)[:i]) + bytes([b]) + tail,
+              st.integers(0, 15), st.integers(0, 255), st.binary(min_size=12, max_size=30))))
+def test_haproxy_tcp4_source_answers_only_for_that_header(data):
+    """Any other bytes, a one-byte change to the fixed part included, get None: `parse`
+    judges them (into a header, NEED_MORE or an error), never this."""
+    found = haproxy_tcp4_source(bytearray(data), len(data))
+    if found is not None:
+        assert data.startswith(ph.v2(V4_SRC, V4_DST)[:16])
+        assert outcome(data, V2).source == found
+
+
+@pytest.mark.parametrize("data", [
+    ph.v2(V4_SRC, V4_DST, [(ph.PP2_TYPE_NOOP, b"")]),  # a TLV: another length
+    ph.v2(V6_SRC, V6_DST),
+    ph.local_v2(),
+    ph.v1(V4_SRC, V4_DST),
+], ids=["tlv", "tcp6", "local", "v1"])
+def test_haproxy_tcp4_source_leaves_other_headers_to_parse(data):
+    assert haproxy_tcp4_source(bytearray(data), len(data)) is None

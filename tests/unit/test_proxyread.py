@@ -193,6 +193,23 @@ def test_a_header_there_at_accept_is_read_at_once(pair, monkeypatch, hand_over):
     assert calls == ([] if hand_over else ["register", "unregister"])
     assert session.mask == 0
     assert session.deadline == (0.0 if hand_over else 107.0)
+    buffer = session.conn.buffer
+    assert buffer.start == buffer.end  # the header is consumed: nothing left for the core
+
+
+def test_a_listener_for_version_1_refuses_haproxys_usual_v2_header(pair):
+    ours, theirs = pair
+    theirs.sendall(proxyheader.v2(("198.51.100.9", 40001), DST))
+    loop, stats = Loop(), WorkerStats(0)
+    session = Session(PlainTransport(ours), SmtpServerConnection(Settings()),
+                      Peer("127.0.0.1", 5555), LISTENER)
+    begun: list[Session] = []
+    v1_only = ProxyProtocol("v1", TRUSTED.trusted)
+    ProxyReads(loop, Poller(), stats).begin(session, v1_only, begun.append, 10.0,
+                                             hand_over=True)
+    assert not begun and loop.closed == [(session, "")]
+    assert failures(stats) == {"unsupported version": 1}
+    assert session.peer == Peer("127.0.0.1", 5555)
 
 
 @pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
