@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from paired import median_and_quartiles  # noqa: E402
-EDGES = ("none", "proxy", "noop", "auth", "limits", "proxy-limits")
+EDGES = ("none", "proxy", "noop", "auth", "auth-pipelined", "limits", "proxy-limits")
 MARK = "worker_cpu_us_per_msg="
 
 

@@ -5,9 +5,10 @@ behind bench/run.py's noisy end-to-end ratios.
     python bench/instructions.py --edges none,proxy --messages 2000
     python bench/instructions.py --repeat 5                # medians of 5 pairs each
 
-Each edge of `bench/profile_worker.py` (none, proxy, noop, auth, limits, proxy-limits) runs
-twice under valgrind's callgrind with `--no-profile`: one worker in process, fed by S1E's
-client (bench/session_client.py) from another process, which callgrind does not follow.
+Each edge of `bench/profile_worker.py` (none, proxy, noop, auth, auth-pipelined, limits,
+proxy-limits) runs twice under valgrind's callgrind with `--no-profile`: one worker in
+process, fed by S1E's client (bench/session_client.py) from another process, which
+callgrind does not follow.
 The difference between a run of 3N messages and one of N, divided by 2N, is the worker's
 instructions per message, start-up and shut-down cancelled out; the count repeats to
 about 1% between runs (PROXY's to 1-2%: how connections and their headers meet the
@@ -35,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EDGES = ("none", "proxy", "noop", "auth", "limits", "proxy-limits")
+EDGES = ("none", "proxy", "noop", "auth", "auth-pipelined", "limits", "proxy-limits")
 # Per-client counts are shared by the clock (clientlimits.FLUSH_S, 10 ms). Under callgrind
 # a worker runs some 50 times slower, so 10 ms would hold a flush for every session or two
 # where at full speed one serves dozens: the flush's share would depend on the slowdown.
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio += f", {per_message[edge] / noop:.3f}x noop"
         spread = (f"  ({samples[edge][0]:,.0f}-{samples[edge][-1]:,.0f})"
                   if repeat > 1 else "")
-        print(f"  {edge:13s} {per_message[edge]:10,.0f}{ratio}{spread}")
+        print(f"  {edge:14s} {per_message[edge]:10,.0f}{ratio}{spread}")
     return 0
 
 

@@ -58,10 +58,12 @@ LOADS = {
     "S1E": (KIB, 20, False, 10_000),
 }
 _PROXY = {"proxy_protocol": {"version": "v2", "trusted": ["127.0.0.1/32"]}}
+_AUTH = {"auth": {"mode": "accept_any", "require": True, "allow_plaintext": True}}
 EDGE_LISTENERS = {  # --edge: what the S1E listener takes, as in bench/e2e/servers.py
     "none": {},
     "proxy": _PROXY,
-    "auth": {"auth": {"mode": "accept_any", "require": True, "allow_plaintext": True}},
+    "auth": _AUTH,
+    "auth-pipelined": _AUTH,  # the client sends AUTH PLAIN with MAIL FROM (RFC 4954 4)
     "noop": {},  # the client sends NOOP where AUTH goes: AUTH's command turn, alone
     "limits": {},  # limits.per_client: all from 127.0.0.1, one known client
     "proxy-limits": _PROXY,  # each header claims a new client (session_client.py)
@@ -147,8 +149,8 @@ def main() -> int:
             result = session_client(
                 port, sessions=sessions, size=size, messages=messages,
                 proxy="v2" if args.edge.startswith("proxy") else "",
-                credentials=("bench", "secret") if args.edge == "auth" else None,
-                noop=args.edge == "noop")
+                credentials=("bench", "secret") if args.edge.startswith("auth") else None,
+                noop=args.edge == "noop", pipeline_auth=args.edge == "auth-pipelined")
         elif args.scenario == "S7":
             result = tls_client(port, mode="starttls", sessions=sessions, size=size,
                                 messages=messages, line_length=78, per_connection=True)

@@ -3,7 +3,7 @@ need: a PROXY header first, AUTH PLAIN after EHLO. The S1E and S1B client.
 
     python bench/session_client.py --port PORT [--host 127.0.0.1] [--sessions 20]
         [--messages 2000] [--size 1024] [--procs 1] [--proxy v1|v2]
-        [--auth USER:PASSWORD | --noop] [--timeout 120]
+        [--auth USER:PASSWORD [--pipeline-auth] | --noop] [--timeout 120]
 
 A session is a connection carrying one message, each command waiting for its reply (no
 pipelining, like smtp-source): with --proxy first a PROXY header (version 1 or 2, TCP over
@@ -15,7 +15,10 @@ DATA, the body and its ".", QUIT and its 221; then the connection is closed and 
 one opened, `--sessions` at a time in one selectors loop, until `--messages` are sent.
 Without --proxy and --auth the client does exactly the same otherwise, so a server with
 the feature and one without, driven by this client, differ by what the feature costs the
-server (and the round trip AUTH adds).
+server (and the round trip AUTH adds). With --pipeline-auth, AUTH PLAIN and MAIL FROM go
+out in one write and their 235 and 250 are read together: RFC 4954 section 4 lets a
+client pipeline AUTH when, as PLAIN with an initial response does, it completes in one
+round trip. The session then has the round trips of one without AUTH.
 
 Each PROXY header claims a different client, 198.18.x.y (RFC 2544's benchmarking block)
 counting up from 198.18.0.1 (in each client process), so that per-client state on the
@@ -79,11 +82,12 @@ def auth_plain(user: str, password: str) -> bytes:
 
 class Session:
     """One connection, one message. `steps` is what is left to say, each with the reply
-    code that must come first: the greeting's 220 before EHLO, and so on."""
+    code that must come first: the greeting's 220 before EHLO, and so on (None: nothing
+    to say after that reply, the next one is already on its way)."""
 
     __slots__ = ("sock", "steps", "inbuf", "started", "connecting")
 
-    def __init__(self, sock: socket.socket, steps: list[tuple[bytes, bytes]],
+    def __init__(self, sock: socket.socket, steps: list[tuple[bytes, bytes | None]],
                  connecting: bool) -> None:
         self.sock = sock
         self.steps = steps
@@ -92,16 +96,23 @@ class Session:
         self.connecting = connecting  # waiting to send the PROXY header
 
 
+MAIL_FROM = b"MAIL FROM:<bench@client.bench>\r\n"
+
+
 def run(host: str, port: int, sessions: int, messages: int, size: int, timeout: float,
-        proxy: str = "", auth: tuple[str, str] | None = None, noop: bool = False) -> dict:
+        proxy: str = "", auth: tuple[str, str] | None = None, noop: bool = False,
+        pipeline_auth: bool = False) -> dict:
     payload = make_body(size) + b".\r\n"
     head = [(b"220", b"EHLO client.bench\r\n")]
-    if auth:
-        head.append((b"250", auth_plain(*auth)))
+    if auth and pipeline_auth:  # one write; the 235 is awaited with nothing to say
+        head += [(b"250", auth_plain(*auth) + MAIL_FROM), (b"235", None)]
+    elif auth:
+        head += [(b"250", auth_plain(*auth)), (b"235", MAIL_FROM)]
     elif noop:
-        head.append((b"250", b"NOOP\r\n"))
+        head += [(b"250", b"NOOP\r\n"), (b"250", MAIL_FROM)]
+    else:
+        head.append((b"250", MAIL_FROM))
     script = head + [
-        (b"235" if auth else b"250", b"MAIL FROM:<bench@client.bench>\r\n"),
         (b"250", b"RCPT TO:<sink@server.bench>\r\n"),
         (b"250", b"DATA\r\n"),
         (b"354", payload),
@@ -213,6 +224,8 @@ def run(host: str, port: int, sessions: int, messages: int, size: int, timeout: 
                     auths += 1
                 if say == b"QUIT\r\n":  # the 250 after the body
                     done += 1
+                if say is None:  # a pipelined command's reply comes next
+                    continue
                 if not say:  # the 221: this session is over
                     close(session)
                     break
@@ -231,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth", metavar="USER:PASSWORD", help="AUTH PLAIN after EHLO")
     parser.add_argument("--noop", action="store_true",
                         help="NOOP after EHLO instead: the round trip AUTH adds, alone")
+    parser.add_argument("--pipeline-auth", action="store_true",
+                        help="with --auth: AUTH PLAIN and MAIL FROM in one write (RFC 4954 4)")
     args = parsed_load_arguments(parser, argv)
     if args.size > MAX_SIZE:
         parser.error(f"--size: at most {MAX_SIZE} (a message goes out in one send)")
@@ -240,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         if not colon or not user:
             parser.error("--auth takes USER:PASSWORD")
         auth = (user, password)
+    if args.pipeline_auth and auth is None:
+        parser.error("--pipeline-auth needs --auth")
 
     started = time.perf_counter()
     parts = in_processes(args.procs, args.sessions, args.messages, lambda sessions, messages:
                          run(args.host, args.port, sessions, messages, args.size,
-                             args.timeout, args.proxy or "", auth, args.noop))
+                             args.timeout, args.proxy or "", auth, args.noop,
+                             args.pipeline_auth))
     result = summarize(parts, time.perf_counter() - started, args.messages)
     result["auths"] = sum(part.get("auths", 0) for part in parts)
     return print_report(result)

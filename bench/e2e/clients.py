@@ -117,12 +117,13 @@ def pipeline_client(port: int, *, sessions: int, size: int, messages: int) -> Cl
 
 def session_client(port: int, *, sessions: int, size: int, messages: int, proxy: str = "",
                    credentials: tuple[str, str] | None = None,
-                   noop: bool = False) -> ClientResult:
+                   noop: bool = False, pipeline_auth: bool = False) -> ClientResult:
     """A connection per message, lockstep; a PROXY header first with `proxy`, AUTH PLAIN
-    after EHLO with `credentials` (user, password), or with `noop` a NOOP there."""
+    after EHLO with `credentials` (user, password), or with `noop` a NOOP there. With
+    `pipeline_auth`, AUTH PLAIN goes out with MAIL FROM (RFC 4954 4)."""
     extra = (("--proxy", proxy) if proxy else ()) + (
         ("--auth", ":".join(credentials)) if credentials else ()) + (
-        ("--noop",) if noop else ())
+        ("--noop",) if noop else ()) + (("--pipeline-auth",) if pipeline_auth else ())
     ran = _json_client("session_client.py", port, sessions=sessions, size=size,
                        messages=messages, extra=extra, counted=(("auths", "AUTHs"),))
     if isinstance(ran, ClientResult):

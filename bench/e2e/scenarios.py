@@ -59,7 +59,8 @@ class Scenario:
             return session_client(server.port, sessions=self.sessions, size=self.size,
                                   messages=messages, proxy=spec.proxy,
                                   credentials=(BENCH_USER, BENCH_PASSWORD) if spec.auth
-                                  else None, noop=spec.client_noop)
+                                  else None, noop=spec.client_noop,
+                                  pipeline_auth=spec.client_pipelines_auth)
         if self.client == "pipeline":
             return pipeline_client(server.port, sessions=self.sessions, size=self.size,
                                    messages=messages)
@@ -71,7 +72,7 @@ IDLE_TLS_CONNECTIONS = 1000  # S9
 TLS_PEERS = ("minismtp-discard", "aiosmtpd-discard", "postfix-tls")
 
 EDGE = ("minismtp-discard", "minismtp-proxy", "minismtp-noop", "minismtp-auth",
-        "minismtp-limits", "minismtp-proxy-limits")  # S1E
+        "minismtp-auth-pipelined", "minismtp-limits", "minismtp-proxy-limits")  # S1E
 CPU_AND_RATE = ("server_cpu_us_per_msg", "msgs_per_s")
 
 SCENARIOS = (

@@ -61,6 +61,7 @@ class ServerSpec:
     bcrypt_cost: int = 0  # htpasswd: the cost of the users file's bcrypt hash
     limits_extra: str = ""  # YAML lines for the `limits` section (2-space indented)
     client_noop: bool = False  # S1E's client sends NOOP after EHLO: AUTH's round trip alone
+    client_pipelines_auth: bool = False  # S1E's client sends AUTH PLAIN with MAIL FROM
 
     def missing(self) -> str | None:
         """Why this server cannot run here, or None."""
@@ -131,6 +132,11 @@ SERVERS = (
     ServerSpec("minismtp-auth", "minismtp", "discard", short="mini-auth",
                compare_to=("minismtp-discard", "minismtp-noop"), auth="accept_any",
                scenarios=("S1E", "S1B")),
+    # The same, with a client that sends AUTH PLAIN and MAIL FROM in one write (RFC 4954
+    # section 4 allows it for PLAIN with an initial response): AUTH without its round trip.
+    ServerSpec("minismtp-auth-pipelined", "minismtp", "discard", short="mini-auth-pipe",
+               compare_to=("minismtp-discard", "minismtp-auth"), auth="accept_any",
+               client_pipelines_auth=True, scenarios=("S1E",)),
     # minismtp-discard with a NOOP where AUTH goes: the command turn AUTH adds to every
     # session, without AUTH, so minismtp-auth against it is what AUTH itself costs.
     ServerSpec("minismtp-noop", "minismtp", "discard", short="mini-noop",

@@ -137,6 +137,35 @@ def test_auth_before_tls_is_refused_and_mail_needs_auth(start_auth, pki, raw_cli
     client.cmd("MAIL FROM:<a@example.org>", 250)
 
 
+@pytest.mark.parametrize("password, codes", [
+    (PASSWORD, [235, 250, 250, 354]),
+    (WRONG, [535, 530, 503, 503]),  # nothing after a failed AUTH is taken for granted
+], ids=["right", "wrong"])
+def test_auth_plain_pipelined_with_the_transaction(start_auth, pki, raw_clients, tmp_path,
+                                                   password, codes):
+    """RFC 4954 4: AUTH PLAIN with its initial response may lead a pipelined group. The
+    commands behind it wait, unread, while the bcrypt check runs off the loop, and are
+    answered in order after it: with the right password the transaction goes through and
+    the message is stored as ESMTPSA; with a wrong one (answered late) MAIL gets 530 and
+    RCPT and DATA 503, and nothing is stored."""
+    users = users_file(tmp_path / "users", {USER: PASSWORD})
+    server = start_auth({"mode": "htpasswd", "users_file": str(users), "require": True})
+    client = raw_clients(server.port)
+    secure(client, pki)
+    client.send(f"AUTH PLAIN {plain(USER, password)}\r\n".encode()
+                + client.envelope("a@example.org", ["r@example.org"]))
+    assert [reply.code for reply in client.replies(4)] == codes
+    if codes[-1] == 354:
+        client.send(client.stuff(BODY))
+        client.expect(250)
+        [(_, stored)] = server.maildir_messages()
+        assert b"with ESMTPSA id " in stored.split(b"\r\n\r\n", 1)[0]
+        assert stored.endswith(BODY)
+    client.cmd("QUIT", 221)
+    if codes[-1] != 354:
+        assert server.maildir_messages() == []
+
+
 def test_users_file_is_read_again_on_hup(start_auth, pki, raw_clients, tmp_path):
     """A new password in the users file counts from the generation a HUP starts."""
     server = start_auth()  # its users file is tmp_path / "users"

@@ -115,7 +115,7 @@ def test_every_s1e_edge_of_the_in_process_worker_delivers_bare(tmp_path: Path) -
     agree (a PROXY edge fails without its header, AUTH without its credentials), the
     limits edges have a table to count in (flushed as instructions.py has it), and
     --no-profile prints no profile but the worker's CPU per message (bench/edge_cpu.py)."""
-    for edge in ("none", "proxy", "noop", "auth", "limits", "proxy-limits"):
+    for edge in ("none", "proxy", "noop", "auth", "auth-pipelined", "limits", "proxy-limits"):
         bare = subprocess.run(
             [sys.executable, str(ROOT / "bench" / "profile_worker.py"), "S1E", "--edge", edge,
              "--messages", "200", "--no-profile", "--flush-s", "0.5"],
@@ -136,7 +136,7 @@ def test_edge_variants_get_what_their_listeners_need(tmp_path):
     done, report = run_bench(
         tmp_path, "--scenarios", "S1E,S1B",
         "--servers", "minismtp-discard,minismtp-proxy,minismtp-auth,minismtp-limits,"
-                     "minismtp-bcrypt5")
+                     "minismtp-bcrypt5,minismtp-auth-pipelined")
     assert done.returncode == 0, done.stderr[-2000:]
     by_key = {(e["scenario"], e["server"]): e for e in report["results"]}
     limits = by_key[("S1E", "minismtp-limits")]
@@ -144,6 +144,7 @@ def test_edge_variants_get_what_their_listeners_need(tmp_path):
         assert "limits.per_client" in limits["reason"]
     for key in (("S1E", "minismtp-discard"), ("S1E", "minismtp-proxy"),
                 ("S1E", "minismtp-auth"), ("S1B", "minismtp-auth"),
+                ("S1E", "minismtp-auth-pipelined"),
                 ("S1B", "minismtp-bcrypt5"), *([("S1E", "minismtp-limits")]
                                                if limits["status"] != "skipped" else [])):
         entry = by_key[key]
