@@ -121,11 +121,11 @@ class ProxyReads:
             n = self._recv_into_core(session)
             if not n:
                 return  # failed, and closed
-            if n > 0 and accept is not _V1_ONLY:
+            if n == _TCP4_BYTES and accept is not _V1_ONLY:
                 # HAProxy's usual header, and nothing after it: the usual case, in one
                 # step (no ProxyHeader, and the buffer left empty).
                 source = _haproxy_tcp4_source(buffer.data, n)
-                if source is not None and n == _TCP4_BYTES:
+                if source is not None:
                     buffer.end = 0
                     self.stats.proxy_headers += 1
                     if self._debug:

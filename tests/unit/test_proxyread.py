@@ -5,6 +5,7 @@ exactly, however it arrives, and what follows stays for the next reader: the SMT
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import struct
 import time
@@ -80,7 +81,8 @@ def failures(stats: WorkerStats) -> dict[str, int]:
 @pytest.mark.parametrize("header", [
     proxyheader.v1(("198.51.100.9", 40001), DST),
     proxyheader.v2(("198.51.100.9", 40001), DST, [(proxyheader.PP2_TYPE_NOOP, b"xyz")]),
-], ids=["v1", "v2"])
+    proxyheader.v2(("198.51.100.9", 40001), DST),  # HAProxy's usual: taken in one step
+], ids=["v1", "v2", "v2-plain"])
 @pytest.mark.parametrize("piece", [1, 3, 1000])
 @pytest.mark.parametrize("hand_over", [False, True], ids=["implicit-tls", "plain"])
 def test_header_taken_exactly_in_any_pieces(pair, header, piece, hand_over):
@@ -195,6 +197,19 @@ def test_a_header_there_at_accept_is_read_at_once(pair, monkeypatch, hand_over):
     assert session.deadline == (0.0 if hand_over else 107.0)
     buffer = session.conn.buffer
     assert buffer.start == buffer.end  # the header is consumed: nothing left for the core
+
+
+@pytest.mark.parametrize("after", [b"", AFTER], ids=["alone", "client-spoke-early"])
+def test_the_client_behind_the_balancer_is_logged_at_debug(pair, caplog, after):
+    """One debug line per header names the balancer and the client, whichever way the
+    header was taken (in one step, alone; the general way, with early client bytes)."""
+    ours, theirs = pair
+    theirs.sendall(proxyheader.v2(("198.51.100.9", 40001), DST) + after)
+    with caplog.at_level(logging.DEBUG, logger="minismtp.worker"):
+        _, session, begun, _, _ = start(ours, hand_over=True)
+    assert begun == [session]
+    assert [r.getMessage() for r in caplog.records] == [
+        "proxy: peer=127.0.0.1 is 198.51.100.9:40001 (v2)"]
 
 
 def test_a_listener_for_version_1_refuses_haproxys_usual_v2_header(pair):
