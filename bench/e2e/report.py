@@ -139,7 +139,8 @@ TARGETS = tuple(Target(*target) for target in (
     *(target for server, what, bound in (
         ("minismtp-proxy", "PROXY v2", 0.05), ("minismtp-limits", "per-client limits", 0.05),
         ("minismtp-proxy-limits", "PROXY v2 and per-client limits", 0.05),
-        ("minismtp-auth", "AUTH PLAIN (accept_any)", 0.10))
+        ("minismtp-auth", "AUTH PLAIN (accept_any)", 0.10),
+        ("minismtp-auth-pipelined", "AUTH PLAIN (accept_any) pipelined with MAIL", 0.10))
       for target in (
         ("S1E", server, "minismtp-discard", 1 + bound,
          f"{what}: server CPU per message <= {1 + bound:.2f}x without",
