@@ -683,13 +683,14 @@ def _exempt_warnings(per_client: PerClient) -> list[str]:
 
 def _check_tls(config: TlsConfig) -> list[str]:
     """Load what TLS needs as a worker would (files, pairs, cipher string): problems
-    raise ConfigError; a certificate past its dates is only a warning."""
+    raise ConfigError; a certificate past its dates, or one key type left without TLS 1.2
+    ciphers while another has them, is only a warning."""
     if not config.certificates:
         return []
     from minismtp import tls  # ssl only where TLS is configured
 
-    tls.server_context(config)
-    return tls.certificate_warnings(config)
+    context = tls.server_context(config)
+    return tls.certificate_warnings(config) + tls.tls12_warnings(context, config)
 
 
 def _default_tls(certificates: object) -> str:

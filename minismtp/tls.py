@@ -34,7 +34,8 @@ from minismtp.config import ConfigError, TlsConfig
 from minismtp.smallfile import NotRegularFile, TooLarge, read_small_file
 from minismtp.values import got
 
-__all__ = ["certificate_warnings", "describe", "reloaded_context", "server_context"]
+__all__ = ["certificate_warnings", "describe", "reloaded_context", "server_context",
+           "tls12_warnings"]
 
 log = logging.getLogger("minismtp.master")
 
@@ -118,18 +119,41 @@ def _tls12_problems(context: ssl.SSLContext, config: TlsConfig) -> list[str]:
     client fails with a handshake alert while TLS 1.3 works: a silent half-outage. One
     handshake per key type, the client offering only the ciphers that type signs for;
     the first that succeeds ends it (one handshake, a few ms, when all is well)."""
-    kinds: dict[str, list[str]] = {}
-    for pair in config.certificates:
-        kind = _key_type(pair.key)
-        names = kinds.setdefault(_AUTH.get(kind, _ANY_CIPHER), [])
-        if (kind or "another type") not in names:
-            names.append(kind or "another type")
+    kinds = _tls12_kinds(config)
     if any(_tls12_handshake(context, auth) for auth in kinds):
         return []
     named = ", ".join(name for names in kinds.values() for name in names)
     return [f"tls.ciphers: {got(config.ciphers)} leaves TLS 1.2 clients no cipher usable "
             f"with the certificates ({named}); only TLS 1.3 clients would get through "
             "(TLS 1.3 suites are OpenSSL's, not set here)"]
+
+
+def _tls12_kinds(config: TlsConfig) -> dict[str, list[str]]:
+    """The TLS 1.2 ciphers each pair's key type signs for -> those types' names."""
+    kinds: dict[str, list[str]] = {}
+    for pair in config.certificates:
+        kind = _key_type(pair.key)
+        names = kinds.setdefault(_AUTH.get(kind, _ANY_CIPHER), [])
+        if (kind or "another type") not in names:
+            names.append(kind or "another type")
+    return kinds
+
+
+def tls12_warnings(context: ssl.SSLContext, config: TlsConfig) -> list[str]:
+    """With pairs of several key types, one line per type that no TLS 1.2 cipher of
+    tls.ciphers can serve while another type's can (aRSA with an RSA and an ECDSA pair):
+    that pair serves TLS 1.3 clients only, and a TLS 1.2 client offering only ciphers
+    for its type fails its handshake. A handshake per type, at check and reload."""
+    kinds = _tls12_kinds(config)
+    if config.min_version != "TLSv1.2" or len(kinds) < 2:
+        return []
+    unserved = [auth for auth in kinds if not _tls12_handshake(context, auth)]
+    if len(unserved) == len(kinds):
+        return []  # none at all: server_context refuses it
+    return [f"tls.ciphers: {got(config.ciphers)} leaves the {name} certificate no TLS 1.2 "
+            f"cipher: it serves TLS 1.3 clients only, and a TLS 1.2 client that offers "
+            f"only {name} ciphers fails its handshake"
+            for auth in unserved for name in kinds[auth]]
 
 
 _HANDSHAKE_ROUNDS = 8  # a TLS 1.2 full handshake takes two round trips
@@ -334,7 +358,7 @@ def reloaded_context(current: ssl.SSLContext | None, config: TlsConfig
             log.error("TLS reload refused: %s", problem)
         log.error("TLS reload refused: keeping the previous certificates")
         return current
-    for warning in certificate_warnings(config):
+    for warning in certificate_warnings(config) + tls12_warnings(context, config):
         log.warning("%s", warning)
     return context
 

@@ -391,6 +391,38 @@ def test_expired_certificate_is_a_warning(tmp_path, ca, capsys):
     assert capsys.readouterr().err == f"minismtp: warning: {config.warnings[0]}\n"
 
 
+def test_a_key_type_left_without_tls_1_2_ciphers_is_a_warning(tmp_path, pair, rsa_pair,
+                                                               capsys, caplog):
+    """aRSA with an ECDSA and an RSA pair: accepted (the RSA pair serves TLS 1.2), but the
+    ECDSA certificate serves TLS 1.3 clients only: check-config and a reload say so."""
+    cert, key = pair
+    path = with_certs(tmp_path, rsa_pair, '    - "127.0.0.1:25"',
+                      f'    - {{cert: "{cert}", key: "{key}"}}\n  ciphers: "aRSA"\n')
+    warning = ('tls.ciphers: "aRSA" leaves the ECDSA certificate no TLS 1.2 cipher: it '
+               "serves TLS 1.3 clients only, and a TLS 1.2 client that offers only ECDSA "
+               "ciphers fails its handshake")
+    config = load_config(path)
+    assert config.warnings == (warning,)
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == f"minismtp: warning: {warning}\n"
+    current = tls.server_context(config.tls)
+    assert tls.reloaded_context(current, config.tls) is not current
+    assert warning in caplog.text
+
+
+@pytest.mark.parametrize("ciphers, version, pairs", [
+    (None, "TLSv1.2", "ecdsa rsa"),  # OpenSSL's default: both types served
+    ("aRSA", "TLSv1.3", "ecdsa rsa"),  # no TLS 1.2 client to serve
+    ("aRSA", "TLSv1.2", "rsa"),  # one type, served
+])
+def test_no_key_type_warning_where_each_type_is_served(pair, rsa_pair, ciphers, version,
+                                                       pairs):
+    chosen = tuple(CertificatePair(*{"ecdsa": pair, "rsa": rsa_pair}[name])
+                   for name in pairs.split())
+    config = TlsConfig(chosen, version, ciphers)
+    assert tls.tls12_warnings(tls.server_context(config), config) == []
+
+
 def test_certificate_not_yet_valid_is_a_warning(tmp_path, ca):
     future = datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc)
     early = write_pair(tmp_path, ca.issue_cert("mx.test", not_before=future,
