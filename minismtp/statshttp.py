@@ -13,10 +13,11 @@ for 5 s windows). So a client must send its whole request head within
 `request_timeout_s`, one address holds at most `max_per_address` connections, and a new
 connection that finds either limit reached closes an older one (of its address, or of
 all) rather than waiting itself: the oldest that has its whole answer and lingers (below),
-else the oldest still waiting for its request. Only when every place is taken by an answer
-still being written do new connections wait in the listen backlog. A new connection is
-read at once: a request already sent with it is answered in the same turn, before later
-connections can push it out.
+else the oldest still waiting for its request, once a last read finds that request not
+there or not whole (one that has come is answered instead). Only when every place is taken
+by an answer still being written do new connections wait in the listen backlog. A new
+connection is read at once: a request already sent with it is answered in the same turn,
+before later connections can push it out.
 
 Closing a socket that still has unread input makes the kernel send RST, which can
 destroy the response before the client reads it (an oversized request, say). So after
@@ -178,17 +179,27 @@ class StatsHttpServer:
     def _make_room(self, address: str) -> bool:
         """Free a place for a new client from `address`: close the `_first_to_go` client,
         of that address if it has all its places, else of all if the table is full.
-        False if each such place is still writing an answer."""
-        if self._per_address.get(address, 0) >= self.max_per_address:
-            leaving = self._first_to_go(address)
-        elif len(self._clients) >= self.max_clients:
-            leaving = self._first_to_go()
-        else:
-            return True
-        if leaving is None:
-            return False
-        self._drop(leaving)
-        return True
+        False if each such place is still writing an answer.
+
+        A client waiting for its request may have sent it already: the accepts of this
+        turn can come before its read event. So it is read first, as that event would
+        read it, and closed only if it is still waiting (nothing or part of a request
+        came). Each pass frees a place (the next one returns) or answers a waiting
+        client, which never waits again: the passes are bounded by the clients."""
+        while True:
+            if self._per_address.get(address, 0) >= self.max_per_address:
+                leaving = self._first_to_go(address)
+            elif len(self._clients) >= self.max_clients:
+                leaving = self._first_to_go()
+            else:
+                return True
+            if leaving is None:
+                return False
+            if not leaving.lingering:
+                self._serve(leaving, _READ)  # never raises; may answer or drop it
+                if leaving.answered or leaving.sock.fileno() < 0:
+                    continue  # answered (no longer waiting), or closed (a place freed)
+            self._drop(leaving)
 
     def _add(self, sock: socket.socket, address: str) -> None:
         now = self._clock()

@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import re
+import select
 import selectors
 import socket
 import struct
@@ -250,6 +251,52 @@ def test_a_full_table_closes_the_client_waiting_longest(harness):
     response, closed = harness.run(client)
     assert response.startswith(b"HTTP/1.1 200 OK")  # at once: not after the idle deadline
     assert closed == [True, False, False]
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    """All the server sent before closing (b"" if it reset the connection)."""
+    sock.settimeout(5)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b""
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("full", ["table", "address"])
+@pytest.mark.parametrize(("sent", "answer"), [
+    (b"GET /stats HTTP/1.0\r\n\r\n", b"HTTP/1.1 200 OK"),  # whole: answered first
+    (b"GET /stats HTTP/1.0\r\n", b""),  # a part: still waiting, so it goes
+    (b"", b""),  # nothing: it goes
+])
+def test_a_request_already_sent_is_read_before_its_place_is_taken(full, sent, answer):
+    # The oldest client sends its request once accepted, but the listener's event comes
+    # before that client's read event in the same turn: the new connection must not cost
+    # it an answer that is already in the kernel.
+    for harness in make_harness(max_clients=4, max_per_address=2):
+        server, socks = harness.server, []
+        listener = harness.sel.get_key(server.sock)
+        try:
+            socks.append(oldest := connect(harness.port, "127.0.0.2"))
+            server.handle(listener, selectors.EVENT_READ)  # accepted: nothing to read yet
+            [held] = server._clients.values()
+            oldest.sendall(sent)
+            if sent:
+                assert select.select([held.sock], [], [], 5)[0]  # in the kernel, unread
+            socks += [connect(harness.port, a) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")]
+            server.handle(listener, selectors.EVENT_READ)  # the table is full now
+            newcomer = "127.0.0.2" if full == "address" else "127.0.0.5"
+            socks.append(connect(harness.port, newcomer))
+            server.handle(listener, selectors.EVENT_READ)  # not the oldest's read event
+            got = read_to_eof(oldest)
+            assert (got[:len(answer)] if answer else got) == answer
+            assert [kept_by_server(harness, sock) for sock in socks[1:]] == [True] * 4
+            assert sum(server._per_address.values()) == len(server._clients) == 4
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def wait_until_accepted(harness: Harness, count: int) -> None:
