@@ -344,16 +344,36 @@ def _response(status: HTTPStatus, body: bytes | None = None, content_type: str =
     return head if head_only else head + body
 
 
-def pages(current: Callable[[], tuple[Totals, Sequence[RuleName]]]) -> GetBody:
-    """A `get_body` serving /metrics and /stats from `current()` -> (totals, rule names)."""
+PAGE_MAX_AGE_S = 0.25  # workers publish once a second: a page this old lags little
+_PAGES: dict[str, tuple[str, Callable[[Totals, Sequence[RuleName]], bytes]]] = {
+    "/metrics": (PROMETHEUS_CONTENT_TYPE, lambda t, n: render_prometheus(t, n).encode()),
+    "/stats": (JSON_CONTENT_TYPE, json_body),
+}
+
+
+def pages(current: Callable[[], tuple[Totals, Sequence[RuleName]]],
+          shape: Callable[[], object] = lambda: None, *, max_age_s: float = PAGE_MAX_AGE_S,
+          clock: Callable[[], float] = time.monotonic) -> GetBody:
+    """A `get_body` serving /metrics and /stats from `current()` -> (totals, rule names).
+
+    Rendering reads and sums every worker's slot and formats the lot (about 20 ms with
+    512 workers), and a flood of requests must not keep the master from its workers: each
+    page, once rendered, is served again for `max_age_s`, unless `shape()` (what names
+    the counters: rules, listeners, workers) has changed since, which renders it anew."""
+    rendered: dict[str, tuple[float, object, tuple[int, str, bytes]]] = {}
 
     def get_body(path: str) -> tuple[int, str, bytes] | None:
-        if path == "/metrics":
-            totals, names = current()
-            return 200, PROMETHEUS_CONTENT_TYPE, render_prometheus(totals, names).encode()
-        if path == "/stats":
-            totals, names = current()
-            return 200, JSON_CONTENT_TYPE, json_body(totals, names)
-        return None
+        page = _PAGES.get(path)
+        if page is None:
+            return None
+        now, key = clock(), shape()
+        last = rendered.get(path)
+        if last is not None and now - last[0] < max_age_s and last[1] == key:
+            return last[2]
+        content_type, render = page
+        totals, names = current()
+        found = 200, content_type, render(totals, names)
+        rendered[path] = (now, key, found)
+        return found
 
     return get_body

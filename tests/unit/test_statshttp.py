@@ -491,6 +491,26 @@ def test_a_large_answer_to_a_slow_reader_is_written_in_parts():
         assert head.startswith(b"HTTP/1.1 200 OK") and got == body
 
 
+def test_a_page_is_rendered_again_after_its_age_or_a_new_shape():
+    now, shape, renders = [100.0], ["generation 1"], []
+
+    def current() -> tuple[Totals, list[str]]:
+        renders.append(now[0])
+        return sample_totals(), NAMES
+
+    get_body = pages(current, lambda: shape[0], clock=lambda: now[0])  # max_age_s=0.25
+    first = get_body("/metrics")
+    now[0] += 0.125
+    assert get_body("/metrics") is first and renders == [100.0]  # young: as it was
+    assert get_body("/stats")[1] == "application/json"  # each page has its own age
+    assert get_body("/nope") is None
+    now[0] += 0.125  # the first is 0.25 s old now
+    assert get_body("/metrics") == first and get_body("/metrics")
+    shape[0] = "generation 2"  # a reload, a worker started or gone: at once
+    assert get_body("/metrics") == first and get_body("/stats")
+    assert renders == [100.0, 100.125, 100.25, 100.25, 100.25]
+
+
 # --- minismtp stats -------------------------------------------------------------------
 
 
