@@ -5,8 +5,9 @@ headers, timing). The master supervises every worker, so nothing here may block 
 let a client grow its memory: the request head is read into a buffer of at most 8 KiB
 (431 beyond), every client has a deadline enforced by `expire()`, at most `max_clients`
 are open at once, and no client behaviour makes `handle()` raise. Only `GET` is served,
-and `HEAD` (its answer without the body); the response is written without blocking, then
-the connection is closed. Request bodies and extra bytes are ignored.
+and `HEAD` (every answer to it without a body, errors too), in HTTP/1.x (505 for another
+major version); the response is written without blocking, then the connection is closed.
+Empty lines before the request line, request bodies and extra bytes are ignored.
 
 Idle connections must not lock a dashboard out (hundreds of them used to fill the table
 for 5 s windows). So a client must send its whole request head within
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import selectors
 import socket
 import time
@@ -54,6 +56,10 @@ _LINGER_S = 1.0  # after responding, how long to wait for the client's EOF
 _LINGER_BYTES = 65536  # and how much to read and drop meanwhile
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _TEXT = "text/plain; charset=utf-8"  # our own answers: errors
+# RFC 9112 section 2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive. Any 1.x
+# is served as 1.1 (RFC 9110 section 2.5: a higher minor version is processed as the
+# highest one the recipient implements); other majors get 505.
+_HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.[0-9]")
 
 
 class _Client:
@@ -229,13 +235,18 @@ class StatsHttpServer:
             self._drop(client)  # gone before finishing its request
             return
         client.buf += data
+        if client.buf[:1] in (b"\r", b"\n"):
+            # Empty lines before the request line are ignored (RFC 9112 section 2.2), and
+            # a CR alone, since a CRLF may come in two reads. They never pile up.
+            client.buf = client.buf.lstrip(b"\r\n")
         end = _head_end(client.buf)
         if end < 0 and len(client.buf) <= MAX_REQUEST_BYTES:
             return  # wait for the rest of the head
         client.answered = True
         client.deadline = client.accepted + self.timeout_s
         if end < 0 or end > MAX_REQUEST_BYTES:
-            client.out = memoryview(_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
+            client.out = memoryview(_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                              head_only=client.buf.startswith(b"HEAD ")))
         else:
             client.out = memoryview(self._respond(bytes(client.buf[:end])))
         client.buf = bytearray()
@@ -244,14 +255,17 @@ class StatsHttpServer:
     def _respond(self, head: bytes) -> bytes:
         lines = head.replace(b"\r\n", b"\n").split(b"\n")
         parts = lines[0].split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
-            return _response(HTTPStatus.BAD_REQUEST)
-        if any(line and b":" not in line for line in lines[1:]):
-            return _response(HTTPStatus.BAD_REQUEST)
+        head_only = parts[0] == b"HEAD"  # its answer has no body, whatever the status
+        version = _HTTP_VERSION.fullmatch(parts[2]) if len(parts) == 3 else None
+        if version is None or not parts[0].isalpha() \
+                or any(line and b":" not in line for line in lines[1:]):
+            return _response(HTTPStatus.BAD_REQUEST, head_only=head_only)
+        if version[1] != b"1":  # RFC 9110 section 15.6.6: 505 refuses a major version
+            return _response(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, head_only=head_only)
         if parts[0] not in (b"GET", b"HEAD"):
             return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra="Allow: GET, HEAD\r\n")
         status, body, content_type = self._page(parts[1].decode("latin-1"))
-        return _response(status, body, content_type, head_only=parts[0] == b"HEAD")
+        return _response(status, body, content_type, head_only=head_only)
 
     def _page(self, target: str) -> tuple[HTTPStatus, bytes | None, str]:
         """GET `target`'s answer: (status, body or None for the status's own, type)."""

@@ -174,8 +174,16 @@ def test_head_is_answered_as_get_without_the_body(harness, path, status):
     (b"GET /stats HTTP/1.0\n\n", b"200"),  # bare LF line ends, as some tools send
     (b"GET http://127.0.0.1/metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
     (b"GET /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b"200"),
+    (b"\r\nGET /stats HTTP/1.1\r\n\r\n", b"200"),  # an empty line first (RFC 9112 2.2)
+    (b"\n\r\nGET /stats HTTP/1.0\n\n", b"200"),
+    (b"GET /stats HTTP/1.9\r\n\r\n", b"200"),  # served as 1.1 (RFC 9110 section 2.5)
     (b"GET /stats\r\n\r\n", b"400"),  # HTTP/0.9 style
-    (b"GET /stats HTTP/2.0\r\n\r\n", b"400"),
+    (b"GET /stats HTTP/2.0\r\n\r\n", b"505"),  # another major version (RFC 9110 15.6.6)
+    (b"GET /stats HTTP/0.9\r\n\r\n", b"505"),
+    (b"GET /stats HTTP/1.1junk\r\n\r\n", b"400"),  # not DIGIT "." DIGIT (RFC 9112 2.3)
+    (b"GET /stats HTTP/1.10\r\n\r\n", b"400"),
+    (b"GET /stats HTTP/1.\r\n\r\n", b"400"),
+    (b"GET /stats http/1.1\r\n\r\n", b"400"),  # HTTP-name is case-sensitive
     (b"GET stats HTTP/1.1\r\n\r\n", b"400"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400"),  # TLS hello
     (b"GET /stats HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
@@ -185,6 +193,26 @@ def test_head_is_answered_as_get_without_the_body(harness, path, status):
 def test_raw_requests(harness, data, status):
     response = harness.run(lambda: exchange(harness.port, data))
     assert response.startswith(b"HTTP/1.1 " + status + b" ")
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    (b"HEAD stats HTTP/1.1\r\n\r\n", b"400"),
+    (b"HEAD /stats HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"HEAD /stats HTTP/1.1junk\r\n\r\n", b"400"),
+    (b"HEAD /stats HTTP/2.0\r\n\r\n", b"505"),
+    (b"HEAD /stats HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n", b"431"),
+    (b"\r\nHEAD /stats HTTP/1.1\r\n\r\n", b"200"),
+], ids=["target", "header", "version", "major", "too-large", "empty-line-first"])
+def test_an_answer_to_head_never_has_a_body(harness, data, status):
+    response = harness.run(lambda: exchange(harness.port, data))
+    head, end, rest = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status + b" ") and end and rest == b""
+
+
+def test_an_empty_line_before_the_request_may_come_apart_from_it(harness):
+    response = harness.run(lambda: exchange(harness.port, b"\r\nGET /stats HTTP/1.0\r\n\r\n",
+                                            pause_s=0.002))  # one byte at a time
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 def test_oversized_headers_never_complete(harness):
