@@ -622,13 +622,19 @@ class Arbiter:
             sock = bind(address, 64, reuse_port=False)
         except OSError as exc:
             raise OSError(f"cannot listen on {address} (stats.listen): {exc.strerror}") from exc
-        return StatsHttpServer(sock, pages(self._current_stats))
+        return StatsHttpServer(sock, pages(self._current_stats, self._stats_shape))
 
     def _start_stats_http(self, server: StatsHttpServer | None) -> None:
         if server is not None:
             self.stats_http = server
             server.register(self.sel)
             log.info("statistics on http://%s/metrics and /stats", bound_address(server.sock))
+
+    def _stats_shape(self) -> tuple[object, ...]:
+        """What the names in the statistics depend on: the configuration (its fault rules)
+        and the workers (each one's listeners, kept when it exits). A page is rendered
+        anew when this changes, so a reload's names show in the very next answer."""
+        return self.config, tuple(self.workers)
 
     def _current_stats(self) -> tuple[Totals, tuple[RuleName, ...]]:
         records = self.workers.values()

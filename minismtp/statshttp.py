@@ -5,18 +5,20 @@ headers, timing). The master supervises every worker, so nothing here may block 
 let a client grow its memory: the request head is read into a buffer of at most 8 KiB
 (431 beyond), every client has a deadline enforced by `expire()`, at most `max_clients`
 are open at once, and no client behaviour makes `handle()` raise. Only `GET` is served,
-and `HEAD` (its answer without the body); the response is written without blocking, then
-the connection is closed. Request bodies and extra bytes are ignored.
+and `HEAD` (every answer to it without a body, errors too), in HTTP/1.x (505 for another
+major version); the response is written without blocking, then the connection is closed.
+Empty lines before the request line, request bodies and extra bytes are ignored.
 
 Idle connections must not lock a dashboard out (hundreds of them used to fill the table
 for 5 s windows). So a client must send its whole request head within
 `request_timeout_s`, one address holds at most `max_per_address` connections, and a new
 connection that finds either limit reached closes an older one (of its address, or of
 all) rather than waiting itself: the oldest that has its whole answer and lingers (below),
-else the oldest still waiting for its request. Only when every place is taken by an answer
-still being written do new connections wait in the listen backlog. A new connection is
-read at once: a request already sent with it is answered in the same turn, before later
-connections can push it out.
+else the oldest still waiting for its request, once a last read finds that request not
+there or not whole (one that has come is answered instead). Only when every place is taken
+by an answer still being written do new connections wait in the listen backlog. A new
+connection is read at once: a request already sent with it is answered in the same turn,
+before later connections can push it out.
 
 Closing a socket that still has unread input makes the kernel send RST, which can
 destroy the response before the client reads it (an oversized request, say). So after
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import selectors
 import socket
 import time
@@ -53,6 +56,10 @@ _LINGER_S = 1.0  # after responding, how long to wait for the client's EOF
 _LINGER_BYTES = 65536  # and how much to read and drop meanwhile
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _TEXT = "text/plain; charset=utf-8"  # our own answers: errors
+# RFC 9112 section 2.3: HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive. Any 1.x
+# is served as 1.1 (RFC 9110 section 2.5: a higher minor version is processed as the
+# highest one the recipient implements); other majors get 505.
+_HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.[0-9]")
 
 
 class _Client:
@@ -178,17 +185,27 @@ class StatsHttpServer:
     def _make_room(self, address: str) -> bool:
         """Free a place for a new client from `address`: close the `_first_to_go` client,
         of that address if it has all its places, else of all if the table is full.
-        False if each such place is still writing an answer."""
-        if self._per_address.get(address, 0) >= self.max_per_address:
-            leaving = self._first_to_go(address)
-        elif len(self._clients) >= self.max_clients:
-            leaving = self._first_to_go()
-        else:
-            return True
-        if leaving is None:
-            return False
-        self._drop(leaving)
-        return True
+        False if each such place is still writing an answer.
+
+        A client waiting for its request may have sent it already: the accepts of this
+        turn can come before its read event. So it is read first, as that event would
+        read it, and closed only if it is still waiting (nothing or part of a request
+        came). Each pass frees a place (the next one returns) or answers a waiting
+        client, which never waits again: the passes are bounded by the clients."""
+        while True:
+            if self._per_address.get(address, 0) >= self.max_per_address:
+                leaving = self._first_to_go(address)
+            elif len(self._clients) >= self.max_clients:
+                leaving = self._first_to_go()
+            else:
+                return True
+            if leaving is None:
+                return False
+            if not leaving.lingering:
+                self._serve(leaving, _READ)  # never raises; may answer or drop it
+                if leaving.answered or leaving.sock.fileno() < 0:
+                    continue  # answered (no longer waiting), or closed (a place freed)
+            self._drop(leaving)
 
     def _add(self, sock: socket.socket, address: str) -> None:
         now = self._clock()
@@ -218,13 +235,18 @@ class StatsHttpServer:
             self._drop(client)  # gone before finishing its request
             return
         client.buf += data
+        if client.buf[:1] in (b"\r", b"\n"):
+            # Empty lines before the request line are ignored (RFC 9112 section 2.2), and
+            # a CR alone, since a CRLF may come in two reads. They never pile up.
+            client.buf = client.buf.lstrip(b"\r\n")
         end = _head_end(client.buf)
         if end < 0 and len(client.buf) <= MAX_REQUEST_BYTES:
             return  # wait for the rest of the head
         client.answered = True
         client.deadline = client.accepted + self.timeout_s
         if end < 0 or end > MAX_REQUEST_BYTES:
-            client.out = memoryview(_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
+            client.out = memoryview(_response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                              head_only=client.buf.startswith(b"HEAD ")))
         else:
             client.out = memoryview(self._respond(bytes(client.buf[:end])))
         client.buf = bytearray()
@@ -233,14 +255,17 @@ class StatsHttpServer:
     def _respond(self, head: bytes) -> bytes:
         lines = head.replace(b"\r\n", b"\n").split(b"\n")
         parts = lines[0].split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
-            return _response(HTTPStatus.BAD_REQUEST)
-        if any(line and b":" not in line for line in lines[1:]):
-            return _response(HTTPStatus.BAD_REQUEST)
+        head_only = parts[0] == b"HEAD"  # its answer has no body, whatever the status
+        version = _HTTP_VERSION.fullmatch(parts[2]) if len(parts) == 3 else None
+        if version is None or not parts[0].isalpha() \
+                or any(line and b":" not in line for line in lines[1:]):
+            return _response(HTTPStatus.BAD_REQUEST, head_only=head_only)
+        if version[1] != b"1":  # RFC 9110 section 15.6.6: 505 refuses a major version
+            return _response(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, head_only=head_only)
         if parts[0] not in (b"GET", b"HEAD"):
             return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra="Allow: GET, HEAD\r\n")
         status, body, content_type = self._page(parts[1].decode("latin-1"))
-        return _response(status, body, content_type, head_only=parts[0] == b"HEAD")
+        return _response(status, body, content_type, head_only=head_only)
 
     def _page(self, target: str) -> tuple[HTTPStatus, bytes | None, str]:
         """GET `target`'s answer: (status, body or None for the status's own, type)."""
@@ -333,16 +358,36 @@ def _response(status: HTTPStatus, body: bytes | None = None, content_type: str =
     return head if head_only else head + body
 
 
-def pages(current: Callable[[], tuple[Totals, Sequence[RuleName]]]) -> GetBody:
-    """A `get_body` serving /metrics and /stats from `current()` -> (totals, rule names)."""
+PAGE_MAX_AGE_S = 0.25  # workers publish once a second: a page this old lags little
+_PAGES: dict[str, tuple[str, Callable[[Totals, Sequence[RuleName]], bytes]]] = {
+    "/metrics": (PROMETHEUS_CONTENT_TYPE, lambda t, n: render_prometheus(t, n).encode()),
+    "/stats": (JSON_CONTENT_TYPE, json_body),
+}
+
+
+def pages(current: Callable[[], tuple[Totals, Sequence[RuleName]]],
+          shape: Callable[[], object] = lambda: None, *, max_age_s: float = PAGE_MAX_AGE_S,
+          clock: Callable[[], float] = time.monotonic) -> GetBody:
+    """A `get_body` serving /metrics and /stats from `current()` -> (totals, rule names).
+
+    Rendering reads and sums every worker's slot and formats the lot (about 20 ms with
+    512 workers), and a flood of requests must not keep the master from its workers: each
+    page, once rendered, is served again for `max_age_s`, unless `shape()` (what names
+    the counters: rules, listeners, workers) has changed since, which renders it anew."""
+    rendered: dict[str, tuple[float, object, tuple[int, str, bytes]]] = {}
 
     def get_body(path: str) -> tuple[int, str, bytes] | None:
-        if path == "/metrics":
-            totals, names = current()
-            return 200, PROMETHEUS_CONTENT_TYPE, render_prometheus(totals, names).encode()
-        if path == "/stats":
-            totals, names = current()
-            return 200, JSON_CONTENT_TYPE, json_body(totals, names)
-        return None
+        page = _PAGES.get(path)
+        if page is None:
+            return None
+        now, key = clock(), shape()
+        last = rendered.get(path)
+        if last is not None and now - last[0] < max_age_s and last[1] == key:
+            return last[2]
+        content_type, render = page
+        totals, names = current()
+        found = 200, content_type, render(totals, names)
+        rendered[path] = (now, key, found)
+        return found
 
     return get_body

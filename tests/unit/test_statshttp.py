@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import re
+import select
 import selectors
 import socket
 import struct
@@ -173,8 +174,16 @@ def test_head_is_answered_as_get_without_the_body(harness, path, status):
     (b"GET /stats HTTP/1.0\n\n", b"200"),  # bare LF line ends, as some tools send
     (b"GET http://127.0.0.1/metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
     (b"GET /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", b"200"),
+    (b"\r\nGET /stats HTTP/1.1\r\n\r\n", b"200"),  # an empty line first (RFC 9112 2.2)
+    (b"\n\r\nGET /stats HTTP/1.0\n\n", b"200"),
+    (b"GET /stats HTTP/1.9\r\n\r\n", b"200"),  # served as 1.1 (RFC 9110 section 2.5)
     (b"GET /stats\r\n\r\n", b"400"),  # HTTP/0.9 style
-    (b"GET /stats HTTP/2.0\r\n\r\n", b"400"),
+    (b"GET /stats HTTP/2.0\r\n\r\n", b"505"),  # another major version (RFC 9110 15.6.6)
+    (b"GET /stats HTTP/0.9\r\n\r\n", b"505"),
+    (b"GET /stats HTTP/1.1junk\r\n\r\n", b"400"),  # not DIGIT "." DIGIT (RFC 9112 2.3)
+    (b"GET /stats HTTP/1.10\r\n\r\n", b"400"),
+    (b"GET /stats HTTP/1.\r\n\r\n", b"400"),
+    (b"GET /stats http/1.1\r\n\r\n", b"400"),  # HTTP-name is case-sensitive
     (b"GET stats HTTP/1.1\r\n\r\n", b"400"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400"),  # TLS hello
     (b"GET /stats HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
@@ -184,6 +193,26 @@ def test_head_is_answered_as_get_without_the_body(harness, path, status):
 def test_raw_requests(harness, data, status):
     response = harness.run(lambda: exchange(harness.port, data))
     assert response.startswith(b"HTTP/1.1 " + status + b" ")
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    (b"HEAD stats HTTP/1.1\r\n\r\n", b"400"),
+    (b"HEAD /stats HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"HEAD /stats HTTP/1.1junk\r\n\r\n", b"400"),
+    (b"HEAD /stats HTTP/2.0\r\n\r\n", b"505"),
+    (b"HEAD /stats HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n", b"431"),
+    (b"\r\nHEAD /stats HTTP/1.1\r\n\r\n", b"200"),
+], ids=["target", "header", "version", "major", "too-large", "empty-line-first"])
+def test_an_answer_to_head_never_has_a_body(harness, data, status):
+    response = harness.run(lambda: exchange(harness.port, data))
+    head, end, rest = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status + b" ") and end and rest == b""
+
+
+def test_an_empty_line_before_the_request_may_come_apart_from_it(harness):
+    response = harness.run(lambda: exchange(harness.port, b"\r\nGET /stats HTTP/1.0\r\n\r\n",
+                                            pause_s=0.002))  # one byte at a time
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 def test_oversized_headers_never_complete(harness):
@@ -250,6 +279,52 @@ def test_a_full_table_closes_the_client_waiting_longest(harness):
     response, closed = harness.run(client)
     assert response.startswith(b"HTTP/1.1 200 OK")  # at once: not after the idle deadline
     assert closed == [True, False, False]
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    """All the server sent before closing (b"" if it reset the connection)."""
+    sock.settimeout(5)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b""
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("full", ["table", "address"])
+@pytest.mark.parametrize(("sent", "answer"), [
+    (b"GET /stats HTTP/1.0\r\n\r\n", b"HTTP/1.1 200 OK"),  # whole: answered first
+    (b"GET /stats HTTP/1.0\r\n", b""),  # a part: still waiting, so it goes
+    (b"", b""),  # nothing: it goes
+])
+def test_a_request_already_sent_is_read_before_its_place_is_taken(full, sent, answer):
+    # The oldest client sends its request once accepted, but the listener's event comes
+    # before that client's read event in the same turn: the new connection must not cost
+    # it an answer that is already in the kernel.
+    for harness in make_harness(max_clients=4, max_per_address=2):
+        server, socks = harness.server, []
+        listener = harness.sel.get_key(server.sock)
+        try:
+            socks.append(oldest := connect(harness.port, "127.0.0.2"))
+            server.handle(listener, selectors.EVENT_READ)  # accepted: nothing to read yet
+            [held] = server._clients.values()
+            oldest.sendall(sent)
+            if sent:
+                assert select.select([held.sock], [], [], 5)[0]  # in the kernel, unread
+            socks += [connect(harness.port, a) for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")]
+            server.handle(listener, selectors.EVENT_READ)  # the table is full now
+            newcomer = "127.0.0.2" if full == "address" else "127.0.0.5"
+            socks.append(connect(harness.port, newcomer))
+            server.handle(listener, selectors.EVENT_READ)  # not the oldest's read event
+            got = read_to_eof(oldest)
+            assert (got[:len(answer)] if answer else got) == answer
+            assert [kept_by_server(harness, sock) for sock in socks[1:]] == [True] * 4
+            assert sum(server._per_address.values()) == len(server._clients) == 4
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def wait_until_accepted(harness: Harness, count: int) -> None:
@@ -442,6 +517,26 @@ def test_a_large_answer_to_a_slow_reader_is_written_in_parts():
         response = harness.run(client)
         head, _, got = response.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK") and got == body
+
+
+def test_a_page_is_rendered_again_after_its_age_or_a_new_shape():
+    now, shape, renders = [100.0], ["generation 1"], []
+
+    def current() -> tuple[Totals, list[str]]:
+        renders.append(now[0])
+        return sample_totals(), NAMES
+
+    get_body = pages(current, lambda: shape[0], clock=lambda: now[0])  # max_age_s=0.25
+    first = get_body("/metrics")
+    now[0] += 0.125
+    assert get_body("/metrics") is first and renders == [100.0]  # young: as it was
+    assert get_body("/stats")[1] == "application/json"  # each page has its own age
+    assert get_body("/nope") is None
+    now[0] += 0.125  # the first is 0.25 s old now
+    assert get_body("/metrics") == first and get_body("/metrics")
+    shape[0] = "generation 2"  # a reload, a worker started or gone: at once
+    assert get_body("/metrics") == first and get_body("/stats")
+    assert renders == [100.0, 100.125, 100.25, 100.25, 100.25]
 
 
 # --- minismtp stats -------------------------------------------------------------------
