@@ -52,6 +52,10 @@ def setup_logging(level: str, form: str = "text") -> None:
             handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
+    # Python's warnings (a library's DeprecationWarning, a ResourceWarning) would be
+    # written to sys.stderr directly, and block on a stalled reader: they go through the
+    # handler instead, as records of the "py.warnings" logger.
+    logging.captureWarnings(True)
     apply_level(level)
     apply_format(form)
 

@@ -10,6 +10,8 @@ import logging
 import os
 import pty
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -440,3 +442,31 @@ def test_another_thread_s_record_waits_for_the_rest_of_a_line_a_socket_took_in_p
         root.handlers[0].out.close()
         ours.close()
         reader.close()
+
+
+def test_python_warnings_do_not_wait_for_a_stalled_stream(tmp_path):
+    """A warning (a library's, say) goes through the non-blocking handler: with standard
+    error a full pipe nobody reads, warnings.warn returns, and the record is held."""
+    script = tmp_path / "warn.py"
+    script.write_text(
+        "import fcntl, os, sys, warnings\n"
+        "from minismtp.logsetup import setup_logging\n"
+        "fcntl.fcntl(2, fcntl.F_SETFL, fcntl.fcntl(2, fcntl.F_GETFL) | os.O_NONBLOCK)\n"
+        "try:\n"
+        "    while True:\n"
+        "        os.write(2, b'x' * 65536)\n"  # fill the pipe: its reader has stalled
+        "except BlockingIOError:\n"
+        "    pass\n"
+        "fcntl.fcntl(2, fcntl.F_SETFL, fcntl.fcntl(2, fcntl.F_GETFL) & ~os.O_NONBLOCK)\n"
+        "setup_logging('info')\n"
+        "for n in range(3):\n"
+        "    warnings.warn(f'warning {n}', UserWarning)\n"
+        "os.write(1, b'returned')\n")
+    read_end, write_end = os.pipe()
+    try:
+        ran = subprocess.run([sys.executable, str(script)], stderr=write_end,
+                             stdout=subprocess.PIPE, timeout=20)
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert ran.stdout == b"returned"
