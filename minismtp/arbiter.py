@@ -37,6 +37,7 @@ from dataclasses import replace
 
 from minismtp import exitcodes
 from minismtp.anvil import ClientTable
+from minismtp.balance import queued
 from minismtp.config import Config, ConfigError
 from minismtp.debris import Sweeper, remove_orphans
 from minismtp.delivery import DeliveryError
@@ -44,7 +45,9 @@ from minismtp.delivery.maildir import this_host
 from minismtp.descriptors import fit_connections
 from minismtp.faults import MAX_RULES
 from minismtp.heartbeat import NOT_ACCEPTING, HeartbeatBoard
-from minismtp.listeners import ListenerPool, bind, bound_address, switch_reuse_port
+from minismtp.listeners import (
+    ListenerPool, bind, bound_address, is_listening, shares_port, switch_reuse_port,
+)
 from minismtp.logboard import LogBoard
 from minismtp.logsetup import apply_format, apply_level
 from minismtp.logstream import log_handler
@@ -60,8 +63,8 @@ from minismtp.stats import StatsBoard, Totals
 from minismtp.statsformat import RuleName, summary_line
 from minismtp.statshttp import StatsHttpServer, pages
 from minismtp.supervision import (
-    Backoff, Plan, WorkerRecord, free_index, generation_ready, overdue, resized, stale_signals,
-    workers_missing, workers_to_retire,
+    Backoff, Plan, WorkerRecord, attended, free_index, generation_ready, overdue,
+    places_missing, resized, stale_signals, workers_missing, workers_to_retire,
 )
 from minismtp.tls import reloaded_context
 from minismtp.values import MAX_WORKERS
@@ -229,9 +232,12 @@ class Arbiter:
             self.serving = self.generation
             self.serving_plan = self._current_plan()  # TTIN/TTOU may have moved the target
             self.has_been_ready = True
-        for record in workers_to_retire(records, self.generation, self.target, self.serving):
+        retiring = workers_to_retire(records, self.generation, self.target, self.serving)
+        for record in retiring:
             self._signal(record, signal.SIGTERM)
             record.retiring_since = now
+        if retiring:
+            self._close_unattended()
         for record in overdue(records, now, _KILL_GRACE_S):
             log.warning("worker %d did not stop in %.0fs, killing it", record.pid,
                         record.shutdown_timeout_s + _KILL_GRACE_S)
@@ -288,13 +294,14 @@ class Arbiter:
             self._signal(record, signum)
 
     def _reap(self) -> None:
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             record = self.workers.pop(pid, None)
             if record is None:
                 continue  # not ours (or already forgotten): reaped, not reported
@@ -308,6 +315,48 @@ class Arbiter:
             if record.tmp_dir is not None and status != 0:  # 0: exited with status 0
                 self.sweeper.add(record.tmp_dir, pid, record.host)  # died mid-DATA?
             self._report_exit(record, status)
+            reaped = True
+        if reaped:  # a worker told to stop may have made its sockets listen meanwhile
+            self._close_unattended()
+
+    def _close_unattended(self) -> None:
+        """Close each socket that listens with no worker to accept from it, putting in
+        its place one bound as it was, which listens once the worker that takes it is
+        set up (listeners.py).
+
+        A worker makes the sockets it takes listen once set up, and a socket stops
+        listening only when closed. So a generation dropped before it was ready (a TTOU
+        or HUP while one of its workers crashes at every start) leaves listening the
+        sockets its set-up workers took, as does a set-up worker of a generation not yet
+        serving that dies: where no working worker holds one (a worker crashing at every
+        start holds it only until it dies, when this is called again) and the serving
+        generation does not take it for a replacement, the kernel goes on sending it its
+        share of new connections, to wait unanswered until a later generation is ready.
+        Those waiting on it are reset instead (a client tries again, or its next MX, at
+        once). A socket without SO_REUSEPORT is left as it is: it could not be bound again
+        while a worker still holds it.
+        """
+        if self.stopping:
+            return  # the sockets are closed (_stop_listening): nothing to renew
+        records = list(self.workers.values())
+        kept = attended(records)
+        plan = self.serving_plan  # its dead are replaced, taking their sockets and queues
+        for index in places_missing(records, plan.generation, plan.target):
+            kept.update(self.listeners.share(plan.config, index, plan.target))
+        for sock in self.listeners.all():
+            if sock in kept or not shares_port(sock) or not is_listening(sock):
+                continue
+            address, waiting = bound_address(sock), queued(sock)
+            try:
+                self.listeners.renew(sock)
+            except OSError as exc:
+                log.error("%s: a socket no worker accepts from goes on listening: it could "
+                          "not be replaced: %s", address, exc.strerror or exc)
+                continue
+            reset = f"; {waiting} connection(s) waiting on it reset" if waiting else ""
+            log.warning("%s: closed a socket listening with no worker to accept from it%s; "
+                        "one bound in its place listens once a worker that takes it is set "
+                        "up", address, reset)
 
     def _reap_killed(self, deadline: float) -> None:
         """After SIGKILL to every worker on the way out: reap them, and so write the log
@@ -428,7 +477,7 @@ class Arbiter:
                 pid, slot, plan.generation, now, index=index, tmp_dir=tmp_dir(config),
                 shutdown_timeout_s=config.server.shutdown_timeout,
                 listener_names=tuple(entry.name for entry in config.server.listen),
-                rule_names=rule_names(config), host=this_host())
+                rule_names=rule_names(config), host=this_host(), listeners=tuple(listeners))
             return True
         code = exitcodes.WORKER_CRASHED
         try:

@@ -19,7 +19,9 @@ the same sockets: no queue is ever dropped by a reload.
   connections from listen() on, so the worker that takes it calls listen() once it is
   set up (acceptor.py). A new generation that cannot start (TTIN, its workers crashing)
   so leaves no socket taking connections that no worker accepts, while the old one serves
-  on the sockets it has.
+  on the sockets it has. A socket cannot stop listening but by being closed: one that a
+  generation dropped before it was ready made listen, and that nobody accepts from now,
+  is `renew`ed by the master (arbiter.py): closed, with one bound as it was in its place.
 
 Where the client speaks first (a PROXY header, a ClientHello: `client_speaks_first`), a
 socket is set to defer accepting (Linux's TCP_DEFER_ACCEPT): the kernel hands a
@@ -240,14 +242,35 @@ class ListenerPool:
 
     def for_worker(self, config: Config, index: int, target: int) -> list[socket.socket]:
         """The sockets worker `index` of `target` on `config` accepts from; grows groups
-        as needed. Only `config`'s addresses: the worker may be replacing one of an older
-        generation, which serves while a reload's is starting, and keeps to its own."""
+        as needed."""
+        if config.server.reuse_port:
+            self.grow(config, index + 1)
+        return self.share(config, index, target)
+
+    def share(self, config: Config, index: int, target: int) -> list[socket.socket]:
+        """The sockets worker `index` of `target` on `config` would take from the groups
+        as they are. Only `config`'s addresses: the worker may be replacing one of an
+        older generation, which serves while a reload's is starting, and keeps to its own."""
         groups = [self.groups[key] for key, _ in keyed(config) if key in self.groups]
         if not config.server.reuse_port:
             return [sock for group in groups for sock in group]
-        self.grow(config, index + 1)
         return [group[position] for group in groups
                 for position in worker_positions(len(group), index, target)]
+
+    def renew(self, sock: socket.socket) -> socket.socket:
+        """Close `sock`, one of a SO_REUSEPORT group, and put in its place in the group
+        a socket bound as it was but not listening; return that one. A socket cannot
+        stop listening but by being closed, and a sibling leaves the others' queues as
+        they are. Raises OSError, having changed nothing, if the new one cannot be bound
+        (it is bound first: the port stays held throughout)."""
+        group = next(group for group in self.groups.values() if sock in group)
+        host, port = sock.getsockname()[:2]
+        # The backlog is the worker's to give, with its listen() (Acceptor.open_queues).
+        fresh = bind(ListenAddress(host, port, sock.family), 0, reuse_port=True,
+                     listen=False, defer_accept=defers_accept(sock))
+        group[group.index(sock)] = fresh
+        sock.close()
+        return fresh
 
     def entries(self, config: Config, socks: list[socket.socket]
                 ) -> list[tuple[socket.socket, Listener]]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from minismtp.values import MAX_WORKERS
 
 if TYPE_CHECKING:
+    import socket
     import ssl
 
     from minismtp.config import Config
@@ -37,6 +38,9 @@ class WorkerRecord:
     rule_names: tuple[RuleName, ...] = ()
     host: str = ""  # this host's name when it was started: its Maildir files carry it
     ready: bool = False  # seen accepting (the heartbeat board) at least once
+    # The master's listening sockets it took (listeners.for_worker): it makes them listen
+    # once set up, and closes them when told to stop.
+    listeners: tuple[socket.socket, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,20 @@ def workers_to_retire(records: list[WorkerRecord], generation: int, target: int,
     old = [r for r in active if r.generation not in (generation, keep)]
     current = sorted((r for r in active if r.generation == generation), key=lambda r: r.started)
     return old + current[: max(0, len(current) - target)]
+
+
+def attended(records: list[WorkerRecord]) -> set[socket.socket]:
+    """The sockets a working member (not retiring) accepts from, or will once set up.
+    One that crashes at every start holds its sockets only until it dies: a check made
+    then counts its sockets no longer."""
+    return {sock for r in records if r.retiring_since is None for sock in r.listeners}
+
+
+def places_missing(records: list[WorkerRecord], generation: int, target: int) -> list[int]:
+    """The places in `generation` of `target` that no working member holds: each gets a
+    worker that takes the sockets of that place (free_index)."""
+    taken = {r.index for r in records if r.generation == generation and r.retiring_since is None}
+    return [index for index in range(target) if index not in taken]
 
 
 def workers_missing(records: list[WorkerRecord], generation: int, target: int) -> int:

@@ -98,6 +98,43 @@ def test_with_reuse_port_a_new_socket_takes_no_connection_until_its_worker_is_up
     assert server.stop() == 0
 
 
+def test_with_reuse_port_a_socket_only_a_dropped_generation_listened_on_is_closed(
+        make_server, hook):
+    """TTIN with reuse_port: in the new generation of three, the first worker crashes at
+    every start and the third one is set up, so the socket grown for it listens. TTOU
+    before that generation is ready drops it, and the one after it crashes the same way.
+    The serving generation takes two sockets: the third must not go on listening with
+    nobody to accept from it (the kernel would send it a third of the new connections,
+    to wait unanswered until a generation is ready), and once the crash is gone the next
+    generation's worker makes it listen again."""
+    server = make_server({"server": {"workers": 2, "reuse_port": True}}, env=hook.env)
+    server.wait_until(lambda: _listening_sockets(server.port) == 2, 10, interval=0.05,
+                      message="each worker's socket to listen, once it is set up")
+    hook.on(index=0)
+    mark = server.mark()
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for_log(r"workers: 3, as generation 1$", since=mark)
+    server.wait_for_log(r"crash at start \(test hook\)", since=mark)
+    server.wait_until(lambda: _listening_sockets(server.port) == 3, 10, interval=0.02,
+                      message="the third worker to be set up and make its socket listen")
+    mark = server.mark()
+    server.send_signal(signal.SIGTTOU)
+    server.wait_for_log(r"workers: 2, as generation 2$", since=mark)
+    server.wait_until(lambda: _listening_sockets(server.port) == 2, 5, interval=0.05,
+                      message="the dropped generation's third socket to stop listening")
+    server.wait_for_log(r"closed a socket listening with no worker to accept from it",
+                        since=mark)
+    for _ in range(30):  # whichever socket the kernel picks, a worker answers at once
+        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    hook.off()
+    server.wait_until(lambda: _listening_sockets(server.port) == 3, 40, interval=0.2,
+                      message="the new generation's first worker to take the third socket")
+    server.wait_for_workers(2, 10)
+    for _ in range(30):
+        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    assert server.stop() == 0
+
+
 def test_an_address_a_crash_looping_reload_adds_refuses_connections(make_server, hook):
     """A reload adds an address and its new generation crashes at every start: the old
     generation serves on its own addresses, and the new one, which no started worker

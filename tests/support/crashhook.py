@@ -3,8 +3,9 @@
 A `sitecustomize` module for the server (support/sitehook.py): while the flag file
 exists, a process forked by the master (a new worker) gets a `Worker.run` that raises at
 once, as a worker hitting a bug in its set-up would; only those serving the hostname
-written in the flag, if one is. Nothing of it is in the server's code: only the test's
-server process imports it.
+written in the flag, if one is, and only those at the place in their generation written
+after it, if one is. Nothing of it is in the server's code: only the test's server
+process imports it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from support.sitehook import site_env
 
 _HOOK = '''\
+import inspect
 import os
 import sys
 
@@ -24,16 +26,26 @@ def _maybe_crash_at_start():
     worker = sys.modules.get("minismtp.worker")
     try:
         with open(_FLAG) as flag:
-            hostname = flag.read()
+            hostname, _, index = flag.read().partition("\\n")
     except FileNotFoundError:
         return
-    run = worker.Worker.run
+    init, run = worker.Worker.__init__, worker.Worker.run
+    places = {{}}  # each Worker's place in its generation (its `index` argument)
+
+    def note_place(self, *args, **kwargs):
+        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        places[id(self)] = bound.arguments["index"]
+        init(self, *args, **kwargs)
 
     def crash(self):
         if hostname and self.config.server.hostname != hostname:
             return run(self)
+        if index and places[id(self)] != int(index):
+            return run(self)
         raise RuntimeError("crash at start (test hook)")
 
+    worker.Worker.__init__ = note_place
     worker.Worker.run = crash
 
 
@@ -46,9 +58,10 @@ class CrashHook:
         self.flag = tmp_path / "crash-at-start"
         self.env = site_env(tmp_path, _HOOK.format(flag=str(self.flag)))
 
-    def on(self, hostname: str = "") -> None:
-        """Workers started from now on crash at start: those serving `hostname`, or all."""
-        self.flag.write_text(hostname)
+    def on(self, hostname: str = "", index: int | None = None) -> None:
+        """Workers started from now on crash at start: those serving `hostname`, or all;
+        of those, the one at `index` in its generation, or all."""
+        self.flag.write_text(hostname if index is None else f"{hostname}\n{index}")
 
     def off(self) -> None:
         self.flag.unlink(missing_ok=True)

@@ -10,7 +10,8 @@ import pytest
 from minismtp.config import load_config
 from minismtp.config import ListenAddress
 from minismtp.listeners import (
-    ListenerPool, bind, defers_accept, shares_port, switch_reuse_port, worker_positions,
+    ListenerPool, bind, defers_accept, is_listening, shares_port, switch_reuse_port,
+    worker_positions,
 )
 from minismtp.values import Listener
 
@@ -61,6 +62,30 @@ def test_without_reuse_port_every_worker_takes_every_socket(pool):
     pool.for_worker(on, 1, 2)
     assert pool.for_worker(off, 0, 2) == pool.for_worker(off, 1, 2) == pool.all()
     assert pool.count() == 2
+
+
+@pytest.mark.parametrize("proxy", [False, True], ids=["plain", "proxy"])
+def test_a_renewed_socket_keeps_its_place_and_port_and_waits_for_its_worker(pool, proxy):
+    """A socket that listened for nobody is closed, and one bound as it was, but not
+    listening, takes its place: every new connection goes to its listening sibling."""
+    on = listening(PROXY if proxy else "127.0.0.1:0", reuse_port=True)
+    pool.bind_missing(on)
+    [first], [second] = pool.for_worker(on, 0, 2), pool.for_worker(on, 1, 2)
+    second.listen()
+    fresh = pool.renew(second)
+    assert pool.all() == [first, fresh]
+    assert second.fileno() == -1
+    assert fresh.getsockname() == first.getsockname()
+    assert shares_port(fresh) and not is_listening(fresh)
+    deferring = proxy and hasattr(socket, "TCP_DEFER_ACCEPT")
+    assert defers_accept(fresh) == defers_accept(first) == deferring
+    assert pool.for_worker(on, 1, 2) == [fresh]
+    first.settimeout(5.0)
+    for _ in range(8):
+        with socket.create_connection(first.getsockname()) as client:
+            client.sendall(b"\r\n")  # first bytes: a deferring socket hands it over
+            accepted, _ = first.accept()
+            accepted.close()
 
 
 def test_turning_reuse_port_on_lets_the_first_socket_take_siblings(pool):

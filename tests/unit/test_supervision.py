@@ -9,8 +9,8 @@ import pytest
 
 from minismtp.listeners import worker_positions
 from minismtp.supervision import (
-    WorkerRecord, free_index, generation_ready, overdue, resized, spawn_delay,
-    stale_signals, stale_workers, workers_missing, workers_to_retire,
+    WorkerRecord, attended, free_index, generation_ready, overdue, places_missing, resized,
+    spawn_delay, stale_signals, stale_workers, workers_missing, workers_to_retire,
 )
 from minismtp.values import MAX_WORKERS
 
@@ -135,6 +135,29 @@ def test_free_index_is_the_lowest_place_no_working_member_holds():
     assert free_index(records, generation=1) == 1
     assert free_index([], generation=0) == 0
     assert free_index([record(1, index=0), record(2, index=1)], generation=0) == 2
+
+
+def test_places_missing_are_those_of_the_target_no_working_member_holds():
+    records = [record(1, generation=1, index=0), record(2, generation=1, index=2),
+               record(3, generation=0, index=1),  # another generation's
+               record(4, generation=1, index=1, retiring_since=5.0)]  # a leaver's
+    assert places_missing(records, generation=1, target=3) == [1]
+    assert places_missing(records, generation=1, target=2) == [1]
+    assert places_missing([], generation=0, target=2) == [0, 1]
+
+
+def test_attended_sockets_are_those_of_working_members_of_every_generation():
+    """Set up or starting (crashing at start, maybe: it holds them until it dies), not
+    told to stop."""
+    s0, s1, s2, s3 = (object() for _ in range(4))
+    records = [
+        record(1, generation=0, ready=True, listeners=(s0,)),
+        record(2, generation=1, listeners=(s0, s1)),
+        record(3, generation=1, ready=True, retiring_since=5.0, listeners=(s2,)),
+        record(4, generation=2, retiring_since=5.0, listeners=(s3,)),
+    ]
+    assert attended(records) == {s0, s1}
+    assert attended([]) == set()
 
 
 def test_each_worker_is_given_its_own_shutdown_timeout():
