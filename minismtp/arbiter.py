@@ -236,8 +236,6 @@ class Arbiter:
         for record in retiring:
             self._signal(record, signal.SIGTERM)
             record.retiring_since = now
-        if retiring:
-            self._close_unattended()
         for record in overdue(records, now, _KILL_GRACE_S):
             log.warning("worker %d did not stop in %.0fs, killing it", record.pid,
                         record.shutdown_timeout_s + _KILL_GRACE_S)
@@ -251,6 +249,11 @@ class Arbiter:
             for _ in range(workers_missing(records, self.generation, self.target)):
                 if not self._spawn(now, plan):
                     break
+        if retiring:
+            # After the spawns: a generation retired by a second TTIN, TTOU or HUP may
+            # have made a socket listen that the new generation's workers, started just
+            # now, take; checked before them it would be renewed, and its queue reset.
+            self._close_unattended()
 
     def _current_plan(self) -> Plan:
         return Plan(self.generation, self.config, self.worker_config, self.target,

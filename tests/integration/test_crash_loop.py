@@ -135,6 +135,32 @@ def test_with_reuse_port_a_socket_only_a_dropped_generation_listened_on_is_close
     assert server.stop() == 0
 
 
+def test_with_reuse_port_a_generation_left_for_the_next_loses_no_queue_to_it(
+        make_server, hook):
+    """A healthy server, two TTINs in a row: the first generation's worker 0 is slow to
+    set up, so that generation is not ready when the second TTIN leaves it, and its
+    worker 2 has made the socket grown for it listen. The next generation's worker 2
+    takes that socket: it is not closed (nor what waits on it reset), and every
+    connection is answered throughout."""
+    server = make_server({"server": {"workers": 2, "reuse_port": True}}, env=hook.env)
+    server.wait_until(lambda: _listening_sockets(server.port) == 2, 10, interval=0.05,
+                      message="each worker's socket to listen, once it is set up")
+    hook.on(index=0, slow_s=3.0)
+    mark = server.mark()
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for_log(r"workers: 3, as generation 1$", since=mark)
+    server.wait_until(lambda: _listening_sockets(server.port) == 3, 10, interval=0.02,
+                      message="the third worker to be set up and make its socket listen")
+    hook.off()
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for_log(r"workers: 4, as generation 2$", since=mark)
+    server.wait_for_workers(4, 15)
+    for _ in range(40):
+        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    assert "closed a socket listening" not in server.log_text()
+    assert server.stop() == 0
+
+
 def test_an_address_a_crash_looping_reload_adds_refuses_connections(make_server, hook):
     """A reload adds an address and its new generation crashes at every start: the old
     generation serves on its own addresses, and the new one, which no started worker
