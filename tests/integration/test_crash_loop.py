@@ -29,6 +29,13 @@ def _hostname(port: int, timeout: float = 3.0) -> str:
     return data[4:].split(b" ", 1)[0].decode()
 
 
+def _every_connection_answered(port: int, count: int = 30) -> None:
+    """`count` new connections, each greeted at once: whichever of the port's sockets
+    the kernel picks, a worker accepts from it."""
+    for _ in range(count):
+        assert _hostname(port, timeout=2.0) == "mx.test.invalid"
+
+
 @pytest.fixture
 def hook(tmp_path):
     hook = CrashHook(tmp_path)
@@ -73,6 +80,17 @@ def _listening_sockets(port: int) -> int:
                    and int(row.split()[1].split(":")[1], 16) == port)
 
 
+def _once_the_crash_is_gone(server, hook, workers: int) -> None:
+    """The crash stops: the next generation's worker takes the third socket and makes it
+    listen, `workers` serve, every connection is answered, and the server stops cleanly."""
+    hook.off()
+    server.wait_until(lambda: _listening_sockets(server.port) == 3, 40, interval=0.2,
+                      message="a worker of the new generation to take the third socket")
+    server.wait_for_workers(workers, 10)
+    _every_connection_answered(server.port)
+    assert server.stop() == 0
+
+
 def test_with_reuse_port_a_new_socket_takes_no_connection_until_its_worker_is_up(
         make_server, hook):
     """TTIN with reuse_port: a new generation of three, whose workers crash at start. The
@@ -86,16 +104,9 @@ def test_with_reuse_port_a_new_socket_takes_no_connection_until_its_worker_is_up
     server.send_signal(signal.SIGTTIN)
     server.wait_for_log(r"workers: 3, as generation 1$", since=mark)
     server.wait_for_log(r"crash at start \(test hook\)", since=mark)
-    for _ in range(30):  # whichever socket the kernel picks, a worker answers at once
-        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    _every_connection_answered(server.port)
     assert _listening_sockets(server.port) == 2
-    hook.off()
-    server.wait_until(lambda: _listening_sockets(server.port) == 3, 40, interval=0.2,
-                      message="the new generation's third socket to listen")
-    server.wait_for_workers(3, 10)
-    for _ in range(30):
-        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
-    assert server.stop() == 0
+    _once_the_crash_is_gone(server, hook, workers=3)
 
 
 def test_with_reuse_port_a_socket_only_a_dropped_generation_listened_on_is_closed(
@@ -124,15 +135,8 @@ def test_with_reuse_port_a_socket_only_a_dropped_generation_listened_on_is_close
                       message="the dropped generation's third socket to stop listening")
     server.wait_for_log(r"closed a socket listening with no worker to accept from it",
                         since=mark)
-    for _ in range(30):  # whichever socket the kernel picks, a worker answers at once
-        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
-    hook.off()
-    server.wait_until(lambda: _listening_sockets(server.port) == 3, 40, interval=0.2,
-                      message="the new generation's first worker to take the third socket")
-    server.wait_for_workers(2, 10)
-    for _ in range(30):
-        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
-    assert server.stop() == 0
+    _every_connection_answered(server.port)
+    _once_the_crash_is_gone(server, hook, workers=2)
 
 
 def test_with_reuse_port_a_generation_left_for_the_next_loses_no_queue_to_it(
@@ -155,8 +159,7 @@ def test_with_reuse_port_a_generation_left_for_the_next_loses_no_queue_to_it(
     server.send_signal(signal.SIGTTIN)
     server.wait_for_log(r"workers: 4, as generation 2$", since=mark)
     server.wait_for_workers(4, 15)
-    for _ in range(40):
-        assert _hostname(server.port, timeout=2.0) == "mx.test.invalid"
+    _every_connection_answered(server.port, 40)
     assert "closed a socket listening" not in server.log_text()
     assert server.stop() == 0
 
